@@ -1,0 +1,1 @@
+"""Instance segmentation architectures; importing registers them."""

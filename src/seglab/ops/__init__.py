@@ -1,0 +1,4 @@
+"""Tensor-to-tensor building blocks; nothing here knows about models."""
+from seglab.ops.conv import ConvNormAct
+
+__all__ = ["ConvNormAct"]
