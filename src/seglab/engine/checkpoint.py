@@ -1,0 +1,79 @@
+"""Checkpoints: safetensors weights next to a JSON file that says how to rebuild the model.
+
+A checkpoint `best` in a run directory is the pair `best.safetensors` + `best.json`. Loading
+never unpickles anything: weights come from safetensors, the rest is JSON.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from seglab.files import atomic_write, atomic_write_json
+from seglab.models import create_model
+
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "resolve_checkpoint", "read_checkpoint_config"]
+
+CHECKPOINT_FORMAT = "seglab-checkpoint-v1"
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any]) -> Path:
+    """Write `<path>.safetensors` and `<path>.json`. `config` must hold "model" and "kwargs"."""
+    stem = Path(path).with_suffix("")
+    if "model" not in config or "kwargs" not in config:
+        raise ValueError("checkpoint config needs the model name and its kwargs")
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    weights = stem.with_suffix(".safetensors")
+    atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT}))
+    atomic_write_json(stem.with_suffix(".json"), {"format": CHECKPOINT_FORMAT, **config})
+    return weights
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a run directory (its best checkpoint), a .safetensors or a .json; return the stem."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best", "last"):
+            if (path / f"{name}.safetensors").is_file():
+                return path / name
+        raise FileNotFoundError(f"no checkpoint (best.safetensors or last.safetensors) in run directory {path}")
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    weights, config = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if not weights.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not config.is_file():
+        raise ValueError(f"{weights} is not a seglab checkpoint: {config.name} is missing beside it")
+    return stem
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    stem = resolve_checkpoint(path)
+    config_file = stem.with_suffix(".json")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_file} is not a seglab checkpoint config ({error})") from None
+    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{config_file} is not a seglab checkpoint config")
+    return config
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from the JSON config and load its safetensors weights (eval mode)."""
+    stem = resolve_checkpoint(path)
+    config = read_checkpoint_config(stem)
+    model = create_model(config["model"], **config["kwargs"])
+    weights = stem.with_suffix(".safetensors")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{weights} is not a readable safetensors file ({error})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not match model {config['model']!r}: {len(missing)} missing, {len(unexpected)} unexpected tensors")
+    return model.to(map_location).eval(), config

@@ -1,0 +1,102 @@
+"""Training configuration: one flat, documented set of options.
+
+A YAML file (`--config`) and the command line fill the same fields; the command line wins.
+The defaults are the main job: a U-Net on the built-in synthetic shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["TrainConfig", "load_yaml"]
+
+
+@dataclass
+class TrainConfig:
+    name: str | None = None  # run name; default: <model>-<data>
+    out: str = "runs"  # runs are written to <out>/<name>/
+    task: str = "semantic"
+    model: str = "unet"
+    encoder: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=lambda: {"base_channels": 16, "depth": 4})
+    data: str = "synthetic"
+    format: str | None = None
+    num_classes: int | None = None  # synthetic only; real data sets know their classes
+    image_size: int | list[int] | None = 64
+    train_samples: int = 1200  # synthetic only
+    val_samples: int = 200  # synthetic only
+    augment: dict[str, Any] | None = None
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    scheduler: str = "cosine"
+    warmup_epochs: float = 0.0
+    loss: str = "ce"
+    class_weights: list[float] | str | None = None
+    aux_weight: float = 0.4
+    max_minutes: float | None = None  # stop after the epoch that crosses this budget
+    workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    num_overlays: int = 4
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be a positive number, not {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be a positive number, not {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, not {self.lr}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be 0 or more, not {self.workers}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"--optimizer must be adamw or sgd, not {self.optimizer!r}")
+        if self.scheduler not in ("cosine", "poly", "constant"):
+            raise ValueError(f"--scheduler must be cosine, poly or constant, not {self.scheduler!r}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"--max-minutes must be positive, not {self.max_minutes}")
+        size = self.image_size
+        if size is not None:
+            sizes = [size] if isinstance(size, int) else list(size)
+            if len(sizes) not in (1, 2) or any(not isinstance(s, int) or s < 8 for s in sizes):
+                raise ValueError(f"--image-size must be one or two integers of at least 8, not {size}")
+
+    @property
+    def run_name(self) -> str:
+        data = "synthetic" if self.data == "synthetic" else Path(self.data).name
+        return self.name or f"{self.model}-{data}"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option: value")
+    return values
