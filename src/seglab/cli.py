@@ -1,4 +1,4 @@
-"""The `seglab` command line: train | eval | predict | models.
+"""The `seglab` command line: train | eval | predict | export | models | bench.
 
 Every command takes `--help`. Bad input (missing files, unknown names, invalid values) ends
 with one line `seglab: error: ...` and exit code 2; set SEGLAB_DEBUG=1 to see the traceback.
@@ -39,6 +39,47 @@ def _image_size(text: str) -> int | list[int]:
         raise argparse.ArgumentTypeError(f"must be N or WIDTHxHEIGHT, not {text!r}") from None
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _float_list(text: str) -> list[float]:
+    """`0.75,1,1.25` -> [0.75, 1.0, 1.25]."""
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, not {text!r}") from None
+
+
+def _class_weights(text: str) -> str | list[float]:
+    return text if text == "median_frequency" else _float_list(text)
+
+
+def _without_option(argv: Sequence[str], flag: str) -> list[str]:
+    """argv minus `flag VALUE` / `flag=VALUE` (how `--nproc` hands the command to its workers)."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == flag:
+            skip = True
+        elif not item.startswith(flag + "="):
+            kept.append(item)
+    return kept
+
+
+def _launch_workers(args: argparse.Namespace) -> int | None:
+    """With `--nproc N` (N > 1) outside a distributed job, run the command in N processes."""
+    if getattr(args, "nproc", None) in (None, 1) or "WORLD_SIZE" in os.environ:
+        return None
+    from seglab.engine.distributed import launch
+
+    return launch(args.nproc, _without_option(args.argv, "--nproc"))
+
+
 # ----------------------------------------------------------------------------------- train
 TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--name", dict(help="run name (default: <model>-<data>); the run goes to <out>/<name>")),
@@ -59,6 +100,15 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--optimizer", dict(choices=["adamw", "sgd"], help="adamw (default) or sgd with momentum 0.9")),
     ("--scheduler", dict(choices=["cosine", "poly", "constant"], help="learning-rate schedule")),
     ("--loss", dict(help="loss, e.g. ce, dice, ce+dice, 0.5*ce+lovasz")),
+    ("--class-weights", dict(type=_class_weights, help="per-class loss weights: w0,w1,... or median_frequency")),
+    ("--warmup-epochs", dict(type=float, help="linear learning-rate warm-up (epochs, may be fractional)")),
+    ("--precision", dict(choices=["32", "bf16", "16"], help="32 (default), bf16 autocast (CPU or CUDA), 16 (CUDA)")),
+    ("--accumulate", dict(type=int, help="gradient accumulation: one optimiser step every N batches")),
+    ("--clip-grad-norm", dict(type=_positive_float, help="clip the gradient norm to this value")),
+    ("--ema-decay", dict(type=float, help="keep and evaluate an EMA of the weights, e.g. 0.999")),
+    ("--patience", dict(type=int, help="early stopping: stop after N epochs without a better mIoU")),
+    ("--sync-bn", dict(action="store_const", const=True, help="multi-process: BatchNorm over the global batch")),
+    ("--tensorboard", dict(action="store_const", const=True, help="also log to <run>/tensorboard")),
     ("--max-minutes", dict(type=float, help="stop after the epoch that crosses this time budget")),
     ("--workers", dict(type=int, help="data loader processes")),
     ("--seed", dict(type=int, help="random seed (default 0)")),
@@ -69,17 +119,33 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
 def _train(args: argparse.Namespace, console: Console) -> int:
     from seglab.engine.config import TrainConfig, load_yaml
 
-    values = load_yaml(args.config) if args.config else {}
+    workers_code = _launch_workers(args)
+    if workers_code is not None:
+        return workers_code
+    given = {}
     for flag, _ in TRAIN_OPTIONS:
         key = flag.lstrip("-").replace("-", "_")
         if getattr(args, key, None) is not None:
-            values[key] = getattr(args, key)
-    config = TrainConfig.from_dict(values, source=str(args.config or "options"))
-    if config.task != "semantic":
-        raise CommandError(f"--task {config.task} is not available in this version")
+            given[key] = getattr(args, key)
+    from seglab.engine.distributed import shutdown_distributed
     from seglab.engine.trainer import Trainer
 
-    summary = Trainer(config, console=console).fit()
+    if args.resume:
+        if args.config:
+            raise CommandError("--resume takes its options from the run directory; drop --config")
+        trainer = Trainer.resume(args.resume, given, console=console)
+    else:
+        values = {**(load_yaml(args.config) if args.config else {}), **given}
+        config = TrainConfig.from_dict(values, source=str(args.config or "options"))
+        if config.task != "semantic":
+            raise CommandError(f"--task {config.task} is not available in this version")
+        trainer = Trainer(config, console=console)
+    try:
+        summary = trainer.fit()
+    finally:
+        shutdown_distributed()
+    if not trainer.dist.is_main:
+        return 0
     out = Console()
     out.print(f"Best validation mIoU {summary['miou']:.4f} (epoch {summary['best_epoch']}), pixel accuracy {summary['pixel_accuracy']:.4f}, {summary['seconds']:.0f} s")
     out.print(f"Results in {summary['run_dir']}/  (best.safetensors, metrics.jsonl, curves.png, overlays/)")
@@ -93,9 +159,9 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     from seglab.data import open_dataset
     from seglab.engine.checkpoint import load_checkpoint
     from seglab.engine.evaluator import Normalize, evaluate
-    from seglab.engine.report import metrics_table
+    from seglab.engine.precision import resolve_precision
     from seglab.engine.trainer import resolve_device
-    from seglab.files import atomic_write_json
+    from seglab.metrics.report import format_report, results_to_json
 
     model, config = load_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
@@ -111,23 +177,49 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     results = evaluate(
         model.to(device), loader, num_classes=len(config["classes"]), ignore_index=config.get("ignore_index", 255),
         normalize=Normalize(config["mean"], config["std"]), device=device,
+        autocast=resolve_precision(args.precision, device).autocast,
     )
-    Console().print(metrics_table(results, config["classes"], title=f"{args.split} split of {source} ({len(dataset)} images)"))
+    Console().print(format_report(results, config["classes"], title=f"{args.split} split of {source} ({len(dataset)} images)"))
     if args.json:
-        atomic_write_json(args.json, {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in results.items()})
+        results_to_json(results, args.json, class_names=config["classes"])
         console.print(f"metrics written to {args.json}")
     return 0
 
 
 # --------------------------------------------------------------------------------- predict
 def _predict(args: argparse.Namespace, console: Console) -> int:
+    workers_code = _launch_workers(args)
+    if workers_code is not None:
+        return workers_code
+    from seglab.engine.distributed import env_rank
     from seglab.engine.predictor import Predictor
     from seglab.engine.trainer import progress_bar
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
-    with progress_bar(console) as progress:
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, device=args.device, tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch,
+        tta_flips=list(args.tta_flips or ""), tta_scales=args.tta_scales or [1.0], precision=args.precision,
+        batch_size=args.batch_size,
+    )
+    is_main = env_rank().is_main
+    with progress_bar(console, disable=not is_main) as progress:
         written = predictor.predict_files(args.images, args.out, progress=progress)
-    Console().print(f"{len(written) // 2} image(s) predicted; masks and overlays in {args.out}/")
+    if is_main:
+        Console().print(f"{len(written) // 2} image(s) predicted; masks and overlays in {args.out}/")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- export
+def _export(args: argparse.Namespace, console: Console) -> int:
+    from pathlib import Path
+
+    from seglab.engine.checkpoint import load_checkpoint
+    from seglab.engine.exporting import export_checkpoint
+
+    model, config = load_checkpoint(args.checkpoint)
+    out = Path(args.out or Path(args.checkpoint).with_suffix("").name + (".onnx" if args.format == "onnx" else ".pt"))
+    export_checkpoint(model, config, out, format=args.format, image_size=args.image_size, dynamic=not args.static,
+                      legacy_onnx=args.legacy_onnx)
+    Console().print(f"exported {config['model']} ({args.format}, input: float image in [0, 1], output: logits) to {out}")
     return 0
 
 
@@ -147,6 +239,24 @@ def _models(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------- bench
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, not {text!r}") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive integers, not {text!r}")
+    return values
+
+
+def _bench(args: argparse.Namespace, console: Console) -> int:
+    from seglab.bench import bench_command
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+    return bench_command(options, console)
+
+
 # ---------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seglab", description="Image segmentation: train, evaluate, predict.")
@@ -156,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file of training options (the command line wins)")
     for flag, options in TRAIN_OPTIONS:
         train.add_argument(flag, **options)
+    train.add_argument("--resume", metavar="RUN", help="continue the run in this run directory from its last epoch")
+    train.add_argument("--nproc", type=_positive_int, help="data-parallel processes on this machine (like torchrun)")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on a data set split")
@@ -167,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, default=8)
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="autocast precision")
     evaluate.set_defaults(run=_eval)
 
     predict = commands.add_parser("predict", help="predict masks for images or folders of images")
@@ -174,17 +287,56 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files or folders")
     predict.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     predict.add_argument("--device", default="auto")
+    predict.add_argument("--batch-size", type=_positive_int, default=4, help="images of equal size per forward pass")
+    predict.add_argument("--tile", type=_positive_int, help="sliding-window inference with tiles of this side")
+    predict.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
+    predict.add_argument("--tile-batch", type=_positive_int, default=4, help="tiles per forward pass (bounds memory)")
+    predict.add_argument("--tta-flips", choices=["h", "v", "hv"], help="test-time flips: h, v or hv")
+    predict.add_argument("--tta-scales", type=_float_list, help="test-time scales, e.g. 0.75,1,1.25")
+    predict.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="autocast precision")
+    predict.add_argument("--nproc", type=_positive_int, help="processes, each predicting a shard of the images")
     predict.set_defaults(run=_predict)
+
+    export = commands.add_parser("export", help="export a checkpoint to ONNX or TorchScript")
+    export.add_argument("--checkpoint", required=True, help="run directory or .safetensors checkpoint")
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    export.add_argument("--out", help="output file (default: <checkpoint name>.onnx or .pt)")
+    export.add_argument("--image-size", type=_image_size, help="example input size (default: the training size)")
+    export.add_argument("--static", action="store_true", help="fix batch, height and width to the example input")
+    export.add_argument("--legacy-onnx", action="store_true", help="use the TorchScript-based ONNX exporter (faster)")
+    export.set_defaults(run=_export)
 
     models = commands.add_parser("models", help="list the registered models")
     models.add_argument("--task", choices=["semantic", "instance", "image2image"], help="only this task")
     models.set_defaults(run=_models)
+
+    bench = commands.add_parser("bench", help="throughput benchmarks, side by side with smp and torchvision")
+    bench.add_argument("--models", type=lambda t: t.split(","), help="architectures, e.g. unet-r34,fpn-r34 (default: all 7)")
+    bench.add_argument("--size", type=_positive_int, help="image side in pixels (default 512)")
+    bench.add_argument("--batch", dest="batches", type=_int_list, help="inference batch sizes (default 1,8)")
+    bench.add_argument("--train-batch", type=_positive_int, help="training batch size (default 8)")
+    bench.add_argument("--repeats", type=_positive_int, help="timed runs per figure; the median is reported (default 5)")
+    bench.add_argument("--warmup", type=int, help="untimed runs before timing (default 1)")
+    bench.add_argument("--precision", choices=["auto", "32", "bf16", "16"], help="fast path precision (default auto)")
+    bench.add_argument("--device", dest="devices", type=lambda t: t.split(","), default=["auto"],
+                       help="cpu, cuda or cpu,cuda (default: cpu, plus cuda when present)")
+    bench.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    bench.add_argument("--no-peers", dest="peers", action="store_false", default=None, help="skip smp / torchvision")
+    bench.add_argument("--no-train", dest="train", action="store_false", default=None, help="skip training throughput")
+    bench.add_argument("--ablation", type=lambda t: t.split(","), help="architectures that get one-optimisation-at-a-time rows")
+    bench.add_argument("--compile", action="store_true", default=None, help="add a torch.compile row to the ablation")
+    bench.add_argument("--accuracy", action="store_true", default=None,
+                       help="train the first model on synthetic shapes; compare fast path and fp32 mIoU")
+    bench.add_argument("--out", default="bench-results", help="folder for bench.json and bench.md (default: bench-results)")
+    bench.set_defaults(run=_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     console = Console(stderr=True)
     try:
         return args.run(args, console)

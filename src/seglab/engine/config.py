@@ -44,6 +44,13 @@ class TrainConfig:
     workers: int = 0
     seed: int = 0
     device: str = "auto"
+    precision: str = "32"  # 32, bf16 (CPU with native support, or CUDA) or 16 (CUDA, with loss scaling)
+    accumulate: int = 1  # gradient accumulation: optimiser step every N batches
+    clip_grad_norm: float | None = None  # clip the global gradient norm to this value
+    ema_decay: float | None = None  # evaluate and save an exponential moving average of the weights
+    patience: int | None = None  # early stopping: stop after this many epochs without a better mIoU
+    sync_bn: bool = False  # multi-process runs: BatchNorm statistics over the global batch
+    tensorboard: bool = False  # also log to <run>/tensorboard (needs the tensorboard package)
     num_overlays: int = 4
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -64,6 +71,17 @@ class TrainConfig:
             raise ValueError(f"--optimizer must be adamw or sgd, not {self.optimizer!r}")
         if self.scheduler not in ("cosine", "poly", "constant"):
             raise ValueError(f"--scheduler must be cosine, poly or constant, not {self.scheduler!r}")
+        self.precision = str(self.precision).lower()
+        if self.precision not in ("32", "bf16", "16"):
+            raise ValueError(f"--precision must be 32, bf16 or 16, not {self.precision!r}")
+        if self.accumulate < 1:
+            raise ValueError(f"--accumulate must be a positive number, not {self.accumulate}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"--clip-grad-norm must be positive, not {self.clip_grad_norm}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must lie strictly between 0 and 1, not {self.ema_decay}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"--patience must be a positive number of epochs, not {self.patience}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"--max-minutes must be positive, not {self.max_minutes}")
         size = self.image_size

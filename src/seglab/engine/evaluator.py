@@ -1,12 +1,14 @@
 """Evaluation: stream a model's predictions over a data set into the confusion matrix."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from seglab.engine.distributed import all_reduce_sum
 from seglab.metrics.confusion import ConfusionMatrix
 
 __all__ = ["Normalize", "evaluate", "logits_of"]
@@ -44,24 +46,33 @@ def evaluate(
     device: torch.device,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     on_batch: Callable[[], None] | None = None,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> dict[str, Any]:
-    """Confusion-matrix metrics (and the mean loss when `loss_fn` is given) over `loader`."""
+    """Confusion-matrix metrics (and the mean loss when `loss_fn` is given) over `loader`.
+
+    In a multi-process run each process passes its shard of the data; the confusion matrix and
+    the loss are summed over processes, so every rank returns the figures of the whole set.
+    """
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
-    loss_sum, pixels = 0.0, 0
+    loss_sum, images_seen = 0.0, 0
     for batch in loader:
         images = normalize(batch["image"].to(device, non_blocking=True))
         target = batch["mask"].to(device, non_blocking=True)
-        logits = logits_of(model(images))
+        with autocast():
+            logits = logits_of(model(images))
+        logits = logits.float()
         matrix.update(logits, target)
         if loss_fn is not None:
             loss_sum += float(loss_fn(logits, target)) * images.shape[0]
-            pixels += images.shape[0]
+            images_seen += images.shape[0]
         if on_batch is not None:
             on_batch()
     model.train(was_training)
     results = matrix.compute()
-    if loss_fn is not None and pixels:
-        results["loss"] = loss_sum / pixels
+    if loss_fn is not None:
+        totals = all_reduce_sum(torch.tensor([loss_sum, float(images_seen)], dtype=torch.float64, device=device))
+        if totals[1] > 0:
+            results["loss"] = float(totals[0] / totals[1])
     return results

@@ -1,8 +1,8 @@
 """Training, evaluation and prediction for instance segmentation models (Mask R-CNN, YOLACT).
 
 The same run directory as semantic training (config.yaml, best/last checkpoints as safetensors
-+ JSON, metrics.jsonl, curves.png, overlays/), the same optimiser, schedule and progress bar
-(inherited from :class:`~seglab.engine.trainer.Trainer`); what differs is the data (lists of
++ JSON, metrics.jsonl, curves.png, overlays/), the same options (:class:`TrainConfig`), progress
+bar and checkpoint helpers as :mod:`seglab.engine.trainer`; what differs is the data (lists of
 images and target dicts), the model's own loss dict, and the validation metric: COCO mask AP
 (pycocotools, through :class:`seglab.metrics.COCOMaskEvaluator`), the best checkpoint being the
 one with the highest mask AP.
@@ -13,13 +13,15 @@ in [0, 1] and the checkpoint's mean/std are informative only.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
+import yaml
 from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.progress import Progress
@@ -29,8 +31,8 @@ from torch.utils.data import DataLoader
 from seglab.data.instance import collate_instances, instance_transforms, load_rgb, open_instance_dataset
 from seglab.engine.checkpoint import save_checkpoint
 from seglab.engine.config import TrainConfig
-from seglab.engine.trainer import Trainer, _json_safe, progress_bar, resolve_device, seed_everything, unique_run_dir
-from seglab.files import append_line, atomic_write
+from seglab.engine.trainer import _json_safe, progress_bar, resolve_device, seed_everything, unique_run_dir
+from seglab.files import append_line, atomic_write, atomic_write_text
 from seglab.metrics import COCOMaskEvaluator, save_coco_results
 from seglab.metrics.coco import coco_results
 from seglab.models import create_model
@@ -83,12 +85,17 @@ def model_kwargs_for(model: str, image_size: int | Sequence[int] | None, user_kw
     return {**defaults, **user_kwargs}
 
 
-class InstanceTrainer(Trainer):
-    """Builds instance data, model and optimiser from a :class:`TrainConfig` and runs `fit()`."""
+class InstanceTrainer:
+    """Builds instance data, model and optimiser from a :class:`TrainConfig` and runs `fit()`.
 
-    def __init__(self, config: TrainConfig, console: Console | None = None) -> None:
+    Single process; AdamW or SGD (momentum 0.9), per-iteration linear warm-up then cosine,
+    poly or constant learning rate, gradient norm clipped at 10 (detection losses spike early).
+    """
+
+    def __init__(self, config: TrainConfig, console: Console | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
         self.config = config
         self.console = console or Console(stderr=True)
+        self.clock = clock  # what --max-minutes measures: wall time, or e.g. time.process_time
         seed_everything(config.seed)
         self.device = resolve_device(config.device)
         crop = config.image_size if config.data != "synthetic" and isinstance(config.image_size, int) else None
@@ -113,6 +120,36 @@ class InstanceTrainer(Trainer):
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.run_dir = unique_run_dir(config.out, config.run_name)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        config = self.config
+        if config.optimizer == "sgd":
+            return torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    def _build_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        config = self.config
+        total = max(1, config.epochs * len(self.train_loader))
+        warmup = int(config.warmup_epochs * len(self.train_loader))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if config.scheduler == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * progress))
+            if config.scheduler == "poly":
+                return (1 - progress) ** 0.9
+            return 1.0
+
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    def _prepare_run_dir(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True)
+        except OSError as error:
+            raise ValueError(f"cannot write the run directory {self.run_dir}: {error.strerror or error}") from None
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
 
     def _data_options(self, train: bool) -> dict[str, Any]:
         config = self.config
@@ -179,7 +216,7 @@ class InstanceTrainer(Trainer):
         history: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
         best_state: dict[str, torch.Tensor] | None = None
-        start = time.perf_counter()
+        start, budget_start = time.perf_counter(), self.clock()
         with progress_bar(self.console) as progress:
             for epoch in range(1, config.epochs + 1):
                 epoch_start = time.perf_counter()
@@ -193,6 +230,7 @@ class InstanceTrainer(Trainer):
                     "train_images_per_second": speed,
                     "epoch_seconds": time.perf_counter() - epoch_start,
                     "elapsed_seconds": time.perf_counter() - start,
+                    "budget_seconds": self.clock() - budget_start,
                 }
                 history.append(row)
                 append_line(self.run_dir / "metrics.jsonl", json.dumps({k: _json_safe(v) for k, v in row.items()}))
@@ -206,7 +244,7 @@ class InstanceTrainer(Trainer):
                     f"epoch {epoch}: train loss {train_loss:.4f}  mask AP {results['ap']:.4f}  AP50 {results['ap50']:.4f}  "
                     f"boundary AP {results['boundary_ap']:.4f}  ({row['epoch_seconds']:.0f} s)"
                 )
-                if config.max_minutes is not None and time.perf_counter() - start > 60 * config.max_minutes:
+                if config.max_minutes is not None and self.clock() - budget_start > 60 * config.max_minutes:
                     self.console.print(f"time budget of {config.max_minutes} min reached after epoch {epoch}")
                     break
         assert best is not None and best_state is not None
@@ -254,7 +292,8 @@ def evaluate_instances(
     """COCO mask AP / AP50 / AP75 / APs/m/l / AR and boundary AP of `model` on `loader`.
 
     Adds ``images_per_second`` (inference only) and, with ``results_json``, writes the
-    predictions as a COCO results file whose image ids are the data set's ``image_id``.
+    predictions as a COCO results file whose image ids are the data set's ``image_id`` (and whose
+    category ids are the annotation file's, for COCO data).
     """
     model.eval()
     evaluator = COCOMaskEvaluator(list(classes))
@@ -276,6 +315,9 @@ def evaluate_instances(
     results = evaluator.compute()
     results["images_per_second"] = images_seen / max(inference_seconds, 1e-9)
     if results_json is not None:
+        category_of_label = getattr(loader.dataset, "category_of_label", None)
+        if category_of_label:
+            records = [{**r, "category_id": category_of_label[r["category_id"]]} for r in records]
         save_coco_results(records, results_json)
     return results
 

@@ -1,44 +1,109 @@
-"""Inference with a trained checkpoint: probabilities and masks for images, files or folders."""
+"""Inference with a trained checkpoint: probabilities and masks for images, files or folders.
+
+Options a :class:`Predictor` applies to every image:
+- `tile` (with `overlap`, `tile_batch`): sliding-window inference for images larger than the
+  tile (seglab.engine.sliding), memory bounded by the tile batch;
+- `tta_flips` ("h", "v") and `tta_scales`: test-time augmentation, every view's probabilities
+  mapped back to the image and averaged (in probability space, not logits);
+- `precision`: "32", "bf16" ("16" on CUDA);
+- `optimize`: seglab.engine.fastpath's inference path (conv-BN folding, channels_last, the
+  whole model in the chosen precision), on by default for checkpoints.
+
+`predict_files` writes a palette mask and an overlay per image; in a multi-process job
+(torchrun or `seglab predict --nproc N`) each rank takes a disjoint shard of the files.
+"""
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 from seglab.data.io import list_images, read_image
 from seglab.engine.checkpoint import load_checkpoint
+from seglab.engine.distributed import env_rank, shard
 from seglab.engine.evaluator import Normalize, logits_of
+from seglab.engine.fastpath import optimize_for_inference
+from seglab.engine.precision import resolve_precision
+from seglab.engine.sliding import sliding_window
 from seglab.engine.trainer import resolve_device
 from seglab.files import atomic_write
 from seglab.viz import overlay, palette_image
 
-__all__ = ["Predictor"]
+__all__ = ["Predictor", "output_stems"]
 
 ImageLike = torch.Tensor | np.ndarray | Image.Image
+FLIP_DIMS = {"h": (-1,), "v": (-2,)}
+
+
+def output_stems(files: Sequence[Path]) -> list[str]:
+    """One output name per input file, unique even when two folders hold the same file name."""
+    counts = Counter(path.stem for path in files)
+    stems, taken = [], set()
+    for path in files:
+        stem = path.stem if counts[path.stem] == 1 else f"{path.parent.name}_{path.stem}"
+        candidate, number = stem, 1
+        while candidate in taken:
+            number += 1
+            candidate = f"{stem}_{number}"
+        taken.add(candidate)
+        stems.append(candidate)
+    return stems
 
 
 class Predictor:
     """Wraps a semantic segmentation model with its normalisation, classes and palette."""
 
-    def __init__(self, model: nn.Module, config: dict[str, Any], device: str | torch.device = "auto") -> None:
-        self.device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    def __init__(
+        self,
+        model: nn.Module,
+        config: dict[str, Any],
+        device: str | torch.device = "auto",
+        *,
+        tile: int | tuple[int, int] | None = None,
+        overlap: float = 0.25,
+        tile_batch: int = 4,
+        tta_flips: Sequence[str] = (),
+        tta_scales: Sequence[float] = (1.0,),
+        precision: str = "32",
+        batch_size: int = 4,
+        optimize: bool = False,
+    ) -> None:
+        self.device = resolve_device(str(device), env_rank().local_rank) if not isinstance(device, torch.device) else device
+        autocast = resolve_precision(precision, self.device).autocast
         self.model = model.to(self.device).eval()
+        if optimize:  # the fast path casts the model itself, so no autocast on top
+            self.model, autocast = optimize_for_inference(self.model, precision=precision), contextlib.nullcontext
+        self.autocast = autocast
         self.config = config
         self.classes: list[str] = list(config.get("classes", []))
         self.palette: list[list[int]] = config.get("palette", [])
         self.in_channels = int(config.get("kwargs", {}).get("in_channels", 3))
         self.normalize = Normalize(config.get("mean", [0.5] * 3), config.get("std", [0.5] * 3)).to(self.device)
+        unknown = sorted(set(tta_flips) - set(FLIP_DIMS))
+        if unknown:
+            raise ValueError(f"--tta-flips takes h (horizontal) and v (vertical), not {', '.join(unknown)}")
+        if not tta_scales or any(not scale > 0 for scale in tta_scales):
+            raise ValueError(f"--tta-scales must be positive numbers, not {list(tta_scales)}")
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be a positive number, not {batch_size}")
+        self.tile, self.overlap, self.tile_batch = tile, overlap, tile_batch
+        self.views = [(float(scale), flip) for scale in tta_scales for flip in (None, *tta_flips)]
+        self.batch_size = batch_size
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> "Predictor":
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", optimize: bool = True, **options: Any) -> "Predictor":
+        """Load a checkpoint (run directory, .safetensors or .json); `options` as in the constructor."""
         model, config = load_checkpoint(path)
         if config.get("task", "semantic") != "semantic":
             raise ValueError(f"checkpoint {path} is a {config.get('task')} model; this predictor is for semantic models")
-        return cls(model, config, device)
+        return cls(model, config, device, optimize=optimize, **options)
 
     def _as_batch(self, image: ImageLike) -> torch.Tensor:
         """PIL image, H x W x C uint8/float array or C x H x W / N x C x H x W tensor in [0, 1]."""
@@ -46,7 +111,8 @@ class Predictor:
             image = np.asarray(image.convert("L" if self.in_channels == 1 else "RGB"))
         if isinstance(image, np.ndarray):
             array = image[..., None] if image.ndim == 2 else image
-            tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+            array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()  # PIL's arrays are read-only
+            tensor = torch.from_numpy(array).permute(2, 0, 1)
             image = tensor.float() / 255 if array.dtype == np.uint8 else tensor.float()
         if not isinstance(image, torch.Tensor):
             raise ValueError(f"cannot predict on a {type(image).__name__}; give a PIL image, a numpy array or a tensor")
@@ -55,11 +121,42 @@ class Predictor:
             raise ValueError(f"expected an image with {self.in_channels} channels, got a tensor of shape {tuple(image.shape)}")
         return batch.to(self.device, torch.float32)
 
+    def _model_probabilities(self, normalized: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits = logits_of(self.model(normalized))
+        return logits.float().softmax(dim=1)
+
+    def _view_probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """One view, whole-image or tiled when the image is larger than the tile."""
+        normalized = self.normalize(batch)
+        tile = self.tile
+        if tile is not None:
+            tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
+            if batch.shape[-2] > tile_h or batch.shape[-1] > tile_w:
+                return sliding_window(self._model_probabilities, normalized, (tile_h, tile_w), self.overlap, self.tile_batch)
+        return self._model_probabilities(normalized)
+
     @torch.inference_mode()
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """N x K x H x W class probabilities of an N x C x H x W batch in [0, 1], over all TTA views."""
+        size = batch.shape[-2:]
+        total: torch.Tensor | None = None
+        for scale, flip in self.views:
+            view = batch if scale == 1.0 else F.interpolate(batch, scale_factor=scale, mode="bilinear", align_corners=False)
+            if flip is not None:
+                view = view.flip(FLIP_DIMS[flip])
+            probabilities = self._view_probabilities(view)
+            if flip is not None:
+                probabilities = probabilities.flip(FLIP_DIMS[flip])
+            if probabilities.shape[-2:] != size:
+                probabilities = F.interpolate(probabilities, size=size, mode="bilinear", align_corners=False)
+            total = probabilities if total is None else total.add_(probabilities)
+        assert total is not None
+        return total.div_(len(self.views))
+
     def predict_proba(self, image: ImageLike) -> torch.Tensor:
         """Class probabilities, K x H x W (or N x K x H x W for a batch)."""
-        batch = self._as_batch(image)
-        probabilities = logits_of(self.model(self.normalize(batch))).float().softmax(dim=1)
+        probabilities = self.probabilities(self._as_batch(image))
         batched = isinstance(image, torch.Tensor) and image.dim() == 4
         return probabilities if batched else probabilities[0]
 
@@ -68,23 +165,50 @@ class Predictor:
         probabilities = self.predict_proba(image)
         return probabilities.argmax(dim=-3).cpu()
 
-    def predict_files(self, paths: Sequence[str | Path], out_dir: str | Path, progress=None) -> list[Path]:
-        """For each image: `<stem>_mask.png` (palette PNG of class indices) and `<stem>_overlay.png`."""
+    def _batches(self, jobs: list[tuple[Path, str]]) -> Iterator[list[tuple[Path, str, torch.Tensor]]]:
+        """Consecutive images of equal size, up to `batch_size` at a time."""
+        pending: list[tuple[Path, str, torch.Tensor]] = []
+        for path, stem in jobs:
+            image = read_image(path, channels=self.in_channels)
+            if pending and (len(pending) == self.batch_size or pending[0][2].shape != image.shape):
+                yield pending
+                pending = []
+            pending.append((path, stem, image))
+        if pending:
+            yield pending
+
+    def predict_files(
+        self,
+        paths: Sequence[str | Path],
+        out_dir: str | Path,
+        progress: Any = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> list[Path]:
+        """For each image: `<stem>_mask.png` (palette PNG of class indices) and `<stem>_overlay.png`.
+
+        `rank` of `world_size` processes (default: from torchrun's environment) predicts only
+        its shard of the files; output names are chosen from the full list, so shards never
+        write the same file.
+        """
         files = list_images(list(paths))
         if not files:
             raise ValueError("no images to predict: the given folders hold no image files")
+        if rank is None or world_size is None:
+            context = env_rank()
+            rank, world_size = context.rank, context.world_size
+        jobs = shard(list(zip(files, output_stems(files))), rank, world_size)
         out_dir = Path(out_dir)
         written: list[Path] = []
-        task = progress.add_task("predict", total=len(files), info="") if progress is not None else None
-        for path in files:
-            image = read_image(path, channels=self.in_channels)
-            mask = self.predict(image)
-            mask_path = out_dir / f"{path.stem}_mask.png"
-            overlay_path = out_dir / f"{path.stem}_overlay.png"
-            atomic_write(mask_path, lambda tmp: palette_image(mask, self.palette).save(tmp, format="PNG"))
-            blended = overlay(image, mask, self.palette)
-            atomic_write(overlay_path, lambda tmp: Image.fromarray(blended).save(tmp, format="PNG"))
-            written += [mask_path, overlay_path]
-            if task is not None:
-                progress.update(task, advance=1, info=path.name)
+        task = progress.add_task("predict", total=len(jobs), info="") if progress is not None else None
+        for batch in self._batches(jobs):
+            masks = self.probabilities(torch.stack([image for _, _, image in batch]).to(self.device)).argmax(dim=1).cpu()
+            for (path, stem, image), mask in zip(batch, masks):
+                mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
+                atomic_write(mask_path, lambda tmp: palette_image(mask, self.palette).save(tmp, format="PNG"))
+                blended = overlay(image, mask, self.palette)
+                atomic_write(overlay_path, lambda tmp: Image.fromarray(blended).save(tmp, format="PNG"))
+                written += [mask_path, overlay_path]
+                if task is not None:
+                    progress.update(task, advance=1, info=path.name)
         return written

@@ -1,39 +1,59 @@
 """The training loop: plain PyTorch, one epoch of training then one evaluation pass.
 
 A run directory `<out>/<name>/` receives the config (YAML), `last` and `best` checkpoints
-(safetensors + JSON), `metrics.jsonl` (one line per epoch), `curves.png` and overlay PNGs of a
-few validation predictions next to their ground truth.
+(safetensors + JSON), `resume.pt` (the full training state for `--resume`), `metrics.jsonl`
+(one line per epoch), `curves.png`, overlay PNGs of a few validation predictions next to their
+ground truth and, with `--tensorboard`, TensorBoard event files.
+
+Multi-process runs (torchrun, or `seglab train --nproc N`) wrap the model in
+DistributedDataParallel; `batch_size` stays the global batch, split evenly over the processes,
+so the same recipe gives the same optimisation on any number of processes. Only rank 0 writes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from seglab.data import open_dataset
+from seglab.data.stats import median_frequency_weights
 from seglab.engine.checkpoint import save_checkpoint
-from seglab.engine.config import TrainConfig
+from seglab.engine.config import TrainConfig, load_yaml
+from seglab.engine.distributed import agree, all_reduce_sum, init_distributed
+from seglab.engine.ema import ModelEMA
 from seglab.engine.evaluator import Normalize, evaluate, logits_of
-from seglab.engine.report import metrics_table
+from seglab.engine.precision import resolve_precision
+from seglab.engine.syncbn import convert_sync_batchnorm
+from seglab.engine.state import load_training_state, rng_state, save_training_state, set_rng_state
 from seglab.files import append_line, atomic_write, atomic_write_text
+from seglab.losses import build_loss
+from seglab.metrics.report import format_report
 from seglab.models import create_model
 from seglab.viz import plot_curves, prediction_panel
 
-__all__ = ["Trainer", "seed_everything", "resolve_device", "progress_bar", "unique_run_dir"]
+__all__ = ["Trainer", "seed_everything", "resolve_device", "progress_bar", "unique_run_dir", "RESUMABLE_OPTIONS"]
+
+# What `--resume` may change in a run's saved config; the rest would make it a different run.
+RESUMABLE_OPTIONS = ("epochs", "max_minutes", "workers", "device", "tensorboard", "patience")
+SUMMARY_KEYS = ("pixel_accuracy", "mean_accuracy", "miou", "mdice", "fwiou")
 
 
 def seed_everything(seed: int) -> None:
@@ -42,20 +62,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` is CUDA when present; a multi-process job puts each process on its own GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     return device
 
 
-def progress_bar(console: Console) -> Progress:
-    """The progress bar used everywhere: description, bar, count, extra fields, elapsed, ETA."""
+def progress_bar(console: Console, disable: bool = False) -> Progress:
+    """The progress bar used everywhere: description, bar, count, extra fields, elapsed, ETA.
+
+    Transient: it disappears when done, so an error message stays the last, single line.
+    """
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -65,6 +91,8 @@ def progress_bar(console: Console) -> Progress:
         TextColumn("eta"),
         TimeRemainingColumn(),
         console=console,
+        disable=disable,
+        transient=True,
     )
 
 
@@ -90,13 +118,26 @@ def _json_safe(value: Any) -> Any:
 
 
 class Trainer:
-    """Builds data, model and optimiser from a :class:`TrainConfig` and runs `fit()`."""
+    """Builds data, model and optimiser from a :class:`TrainConfig` and runs `fit()`.
 
-    def __init__(self, config: TrainConfig, console: Console | None = None) -> None:
+    `resume_dir` continues that run from its `resume.pt` (see :meth:`resume`).
+    """
+
+    def __init__(self, config: TrainConfig, console: Console | None = None, resume_dir: str | Path | None = None) -> None:
         self.config = config
-        self.console = console or Console(stderr=True)
-        seed_everything(config.seed)
         self.device = resolve_device(config.device)
+        self.dist = init_distributed(self.device.type)
+        if self.device.type == "cuda":
+            self.device = resolve_device(config.device, self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.console = console or Console(stderr=True)
+        if not self.dist.is_main:
+            self.console = Console(stderr=True, quiet=True)
+        if config.batch_size % self.dist.world_size:
+            raise ValueError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the {self.dist.world_size} processes")
+        self.precision = resolve_precision(config.precision, self.device)
+        self.summary_writer_class = self._tensorboard_writer_class() if config.tensorboard else None
+        seed_everything(config.seed)
         self.train_set = open_dataset(config.data, "train", **self._data_options(train=True))
         self.val_set = open_dataset(config.data, "val", **self._data_options(train=False))
         self.num_classes = self.train_set.num_classes
@@ -104,23 +145,72 @@ class Trainer:
         self.model_kwargs = {**config.model_kwargs, "num_classes": self.num_classes, "in_channels": self.train_set.in_channels}
         if config.encoder:
             self.model_kwargs["encoder"] = config.encoder
-        self.model = create_model(config.model, **self.model_kwargs).to(self.device)
+        model = create_model(config.model, **self.model_kwargs)
+        if config.sync_bn and self.dist.enabled:
+            model = convert_sync_batchnorm(model, self.device.type)
+        self.model = model.to(self.device)
+        # DDP averages gradients over processes; evaluation and checkpoints use the bare model.
+        self.train_model: nn.Module = DistributedDataParallel(self.model) if self.dist.enabled else self.model
+        self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
         self.normalize = Normalize(config.mean, config.std).to(self.device)
-        self.loss_fn = self._build_loss()
-        generator = torch.Generator().manual_seed(config.seed)
+        self.class_weights = self._class_weights()
+        self.loss_fn = build_loss(
+            config.loss, num_classes=self.num_classes, ignore_index=self.ignore_index, class_weights=self.class_weights
+        ).to(self.device)
+        self.per_process_batch = config.batch_size // self.dist.world_size
+        self.sampler = DistributedSampler(
+            self.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True, seed=config.seed
+        )
         self.train_loader = DataLoader(
             self.train_set,
-            batch_size=config.batch_size,
-            shuffle=True,
-            drop_last=len(self.train_set) > config.batch_size,
+            batch_size=self.per_process_batch,
+            sampler=self.sampler,
+            drop_last=len(self.sampler) > self.per_process_batch,
             num_workers=config.workers,
-            generator=generator,
             persistent_workers=config.workers > 0,
         )
-        self.val_loader = DataLoader(self.val_set, batch_size=config.batch_size, num_workers=config.workers)
+        # Each process evaluates its own slice (no padding, so no image counts twice).
+        val_shard = Subset(self.val_set, range(self.dist.rank, len(self.val_set), self.dist.world_size))
+        self.val_loader = DataLoader(val_shard, batch_size=self.per_process_batch, num_workers=config.workers)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
-        self.run_dir = unique_run_dir(config.out, config.run_name)
+        self.start_epoch, self.elapsed_before = 0, 0.0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.epochs_without_improvement = 0
+        self.resumed = resume_dir is not None
+        self.run_dir = Path(resume_dir) if resume_dir is not None else self._new_run_dir()
+        if resume_dir is not None:
+            self._load_state(load_training_state(resume_dir))
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: dict[str, Any] | None = None, console: Console | None = None) -> "Trainer":
+        """Continue the run in `run_dir` with its saved config; `overrides` may change RESUMABLE_OPTIONS."""
+        run_dir = Path(run_dir)
+        config_file = run_dir / "config.yaml"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"--resume: {run_dir} is not a seglab run directory (no config.yaml)")
+        values = load_yaml(config_file)
+        for key, value in (overrides or {}).items():
+            if key not in RESUMABLE_OPTIONS and values.get(key) != value:
+                allowed = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_OPTIONS)
+                raise ValueError(f"--resume continues a run with its saved options; only {allowed} may change, not --{key.replace('_', '-')}")
+            values[key] = value
+        return cls(TrainConfig.from_dict(values, source=str(config_file)), console=console, resume_dir=run_dir)
+
+    def _new_run_dir(self) -> Path:
+        """Rank 0 picks the run directory and tells the others (they must agree on one)."""
+        chosen = [unique_run_dir(self.config.out, self.config.run_name)]
+        if self.dist.enabled:
+            dist.broadcast_object_list(chosen, src=0)
+        return Path(chosen[0])
+
+    def _tensorboard_writer_class(self) -> type:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard (or seglab[tensorboard])") from None
+        return SummaryWriter
 
     def _data_options(self, train: bool) -> dict[str, Any]:
         config = self.config
@@ -135,14 +225,18 @@ class Trainer:
             return options
         return {"format": config.format, "image_size": config.image_size, "augment": config.augment if train else None}
 
-    def _build_loss(self) -> nn.Module:
+    def _class_weights(self) -> list[float] | None:
+        """Per-class loss weights: a list from the config, or median frequency balancing."""
         weights = self.config.class_weights
+        if weights is None:
+            return None
         if isinstance(weights, str):
-            raise ValueError(f"class_weights {weights!r} is not supported yet; give a list of numbers")
-        weight = torch.tensor(weights, dtype=torch.float32, device=self.device) if weights else None
-        if weight is not None and weight.numel() != self.num_classes:
-            raise ValueError(f"class_weights has {weight.numel()} values for {self.num_classes} classes")
-        return nn.CrossEntropyLoss(weight=weight, ignore_index=self.ignore_index)
+            if weights != "median_frequency":
+                raise ValueError(f"class_weights must be a list of numbers or 'median_frequency', not {weights!r}")
+            computed = median_frequency_weights(self.train_set)
+            self.console.print("median frequency class weights: " + ", ".join(f"{w:.3f}" for w in computed))
+            return computed
+        return [float(w) for w in weights]
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
@@ -150,11 +244,16 @@ class Trainer:
             return torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
         return torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch (batches divided by gradient accumulation, rounded up)."""
+        return max(1, math.ceil(len(self.train_loader) / self.config.accumulate))
+
     def _build_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
-        """Per-iteration schedule: linear warm-up, then cosine, poly (power 0.9) or constant."""
+        """Per-step schedule: linear warm-up, then cosine, poly (power 0.9) or constant."""
         config = self.config
-        total = max(1, config.epochs * len(self.train_loader))
-        warmup = int(config.warmup_epochs * len(self.train_loader))
+        total = max(1, config.epochs * self.steps_per_epoch)
+        warmup = int(config.warmup_epochs * self.steps_per_epoch)
 
         def factor(step: int) -> float:
             if step < warmup:
@@ -168,14 +267,19 @@ class Trainer:
 
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is evaluated and saved: the EMA weights when enabled, else the trained ones."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _loss(self, output: torch.Tensor | dict[str, Any], target: torch.Tensor) -> torch.Tensor:
-        """Main loss plus `aux_weight` times each auxiliary (deep supervision) loss."""
-        loss = self.loss_fn(logits_of(output), target)
+        """Main loss plus `aux_weight` times each auxiliary (deep supervision) loss, in float32."""
+        loss = self.loss_fn(logits_of(output).float(), target)
         if isinstance(output, dict):
             for aux in output.get("aux", []):
                 if aux.shape[-2:] != target.shape[-2:]:
                     aux = F.interpolate(aux, size=target.shape[-2:], mode="bilinear", align_corners=False)
-                loss = loss + self.config.aux_weight * self.loss_fn(aux, target)
+                loss = loss + self.config.aux_weight * self.loss_fn(aux.float(), target)
         return loss
 
     def checkpoint_config(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -194,96 +298,222 @@ class Trainer:
             "metrics": {k: _json_safe(v) for k, v in metrics.items() if k != "confusion_matrix"},
         }
 
-    def _prepare_run_dir(self) -> None:
+    # ------------------------------------------------------------------ state for --resume
+    def _training_state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.precision.scaler.state_dict(),
+            "rng": rng_state(),
+            "history": self.history,
+            "best": self.best,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "elapsed": self.elapsed_before + time.perf_counter() - self.fit_start,
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.best = state["best"]
+        self.epochs_without_improvement = int(state["epochs_without_improvement"])
+        self.elapsed_before = float(state["elapsed"])
+        set_rng_state(state["rng"])  # last: building the trainer above drew random numbers
+
+    # ------------------------------------------------------------------------ the run dir
+    def _check_run_dir(self) -> str | None:
+        """Create (or, resuming, reopen) the run directory; a reason when it cannot take the run."""
         try:
-            self.run_dir.mkdir(parents=True)
+            self.run_dir.mkdir(parents=True, exist_ok=self.resumed)
             probe = self.run_dir / ".write-test"
             probe.write_text("ok")
             probe.unlink()
         except OSError as error:
-            raise ValueError(f"cannot write the run directory {self.run_dir}: {error.strerror or error}") from None
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+            return f"cannot write the run directory {self.run_dir}: {error.strerror or error}"
+        # Two checkpoints, the resume state (weights, optimiser moments, EMA) and small files.
+        weight_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        needed = 8 * weight_bytes + 20 * 2**20
+        free = shutil.disk_usage(self.run_dir).free
+        if free < needed:
+            return f"not enough free disk space for the run directory {self.run_dir}: {free / 2**20:.0f} MiB free, about {needed / 2**20:.0f} MiB needed"
+        return None
+
+    def _prepare_run_dir(self) -> None:
+        """Fail before training starts, on every rank, when rank 0 cannot write the run."""
+        problem = self._check_run_dir() if self.dist.is_main else None
+        if agree(problem is not None):
+            raise ValueError(problem or "rank 0 cannot write the run directory")
+        if self.dist.is_main:
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+            # metrics.jsonl may hold a line past the saved state when the run was killed in between.
+            lines = "".join(json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n" for row in self.history)
+            atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+
+    # ---------------------------------------------------------------------------- training
+    def _stop_on_bad_loss(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
+        bad = not bool(torch.isfinite(loss.detach()))
+        if self.dist.enabled:
+            bad = agree(bad)
+        if bad:
+            kept = (
+                f"the last good checkpoint is {self.run_dir / 'last'} (epoch {len(self.history) and self.history[-1]['epoch']})"
+                if self.history else "no checkpoint was written yet"
+            )
+            raise FloatingPointError(
+                f"the training loss became {float(loss)} in epoch {epoch}, batch {batch + 1}; training stopped and {kept}. "
+                "Lower --lr or set --clip-grad-norm"
+            )
+
+    def _optimizer_step(self) -> None:
+        scaler = self.precision.scaler
+        if self.config.clip_grad_norm is not None:
+            scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad_norm)
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
 
     def train_one_epoch(self, progress: Progress, epoch: int) -> tuple[float, float]:
-        """One pass over the training set; returns (mean loss, images per second)."""
-        self.model.train()
-        task = progress.add_task(f"epoch {epoch}/{self.config.epochs}", total=len(self.train_loader), info="")
+        """One pass over the training set; returns (mean loss, images per second, all processes)."""
+        self.train_model.train()
+        self.sampler.set_epoch(epoch)  # a new, rank-consistent shuffle every epoch
+        batches, accumulate = len(self.train_loader), self.config.accumulate
+        task = progress.add_task(f"epoch {epoch}/{self.config.epochs}", total=batches, info="")
         loss_sum, images_seen, start = 0.0, 0, time.perf_counter()
-        for batch in self.train_loader:
+        self.optimizer.zero_grad(set_to_none=True)
+        for index, batch in enumerate(self.train_loader):
             images = self.normalize(batch["image"].to(self.device, non_blocking=True))
             target = batch["mask"].to(self.device, non_blocking=True)
-            loss = self._loss(self.model(images), target)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the training loss became {float(loss)} in epoch {epoch}; lower --lr (the last good checkpoint is kept)")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            loss_sum += float(loss) * images.shape[0]
+            group_start = index - index % accumulate
+            group_size = min(accumulate, batches - group_start)
+            steps_now = index == group_start + group_size - 1
+            # Between optimiser steps, DDP need not average gradients: skip the all-reduce.
+            no_sync = self.train_model.no_sync() if self.dist.enabled and not steps_now else contextlib.nullcontext()
+            with no_sync:
+                with self.precision.autocast():
+                    output = self.train_model(images)
+                loss = self._loss(output, target)
+                self._stop_on_bad_loss(loss, epoch, index)
+                self.precision.scaler.scale(loss / group_size).backward()
+            if steps_now:
+                self._optimizer_step()
+            loss_sum += float(loss.detach()) * images.shape[0]
             images_seen += images.shape[0]
-            speed = images_seen / (time.perf_counter() - start)
+            speed = images_seen * self.dist.world_size / (time.perf_counter() - start)
             progress.update(task, advance=1, info=f"loss {loss_sum / images_seen:.4f}  {speed:.1f} img/s")
         progress.remove_task(task)
-        return loss_sum / max(1, images_seen), images_seen / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        totals = all_reduce_sum(torch.tensor([loss_sum, float(images_seen)], dtype=torch.float64))
+        return float(totals[0] / max(1.0, float(totals[1]))), float(totals[1]) / seconds
+
+    def _save_epoch(self, epoch: int, results: dict[str, Any], row: dict[str, Any], improved: bool, writer: Any) -> None:
+        """Rank 0: checkpoints, then the resume state, then the logs (a crash in between is harmless)."""
+        save_checkpoint(self.run_dir / "last", self.eval_model, self.checkpoint_config(epoch, results))
+        if improved:
+            save_checkpoint(self.run_dir / "best", self.eval_model, self.checkpoint_config(epoch, results))
+        append_line(self.run_dir / "metrics.jsonl", json.dumps({k: _json_safe(v) for k, v in row.items()}))
+        plot_curves(self.history, self.run_dir / "curves.png")
+        if writer is not None:
+            for key in ("train_loss", "val_loss", *SUMMARY_KEYS, "lr", "train_images_per_second"):
+                if isinstance(row.get(key), float):
+                    writer.add_scalar(key, row[key], epoch)
+            writer.flush()
+        save_training_state(self.run_dir, self._training_state(epoch))
 
     def fit(self) -> dict[str, Any]:
         """Train, evaluate every epoch, keep the best checkpoint by validation mIoU."""
         config = self.config
         self._prepare_run_dir()
+        processes = f" x {self.dist.world_size} processes" if self.dist.enabled else ""
         self.console.print(
             f"Training [bold]{config.model}[/] on {config.data} ({len(self.train_set)} train / {len(self.val_set)} val images, "
-            f"{self.num_classes} classes) on {self.device}; run directory {self.run_dir}"
+            f"{self.num_classes} classes) on {self.device}{processes}, precision {self.precision.name}; run directory {self.run_dir}"
         )
-        history: list[dict[str, Any]] = []
-        best: dict[str, Any] | None = None
-        best_state: dict[str, torch.Tensor] | None = None
-        start = time.perf_counter()
-        with progress_bar(self.console) as progress:
-            for epoch in range(1, config.epochs + 1):
-                epoch_start = time.perf_counter()
-                train_loss, speed = self.train_one_epoch(progress, epoch)
-                results = evaluate(
-                    self.model, self.val_loader, num_classes=self.num_classes, ignore_index=self.ignore_index,
-                    normalize=self.normalize, device=self.device, loss_fn=self.loss_fn,
-                )
-                row = {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "val_loss": results["loss"],
-                    **{k: results[k] for k in ("pixel_accuracy", "mean_accuracy", "miou", "mdice", "fwiou")},
-                    "iou": _json_safe(results["iou"]),
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "train_images_per_second": speed,
-                    "epoch_seconds": time.perf_counter() - epoch_start,
-                }
-                history.append(row)
-                append_line(self.run_dir / "metrics.jsonl", json.dumps({k: _json_safe(v) for k, v in row.items()}))
-                save_checkpoint(self.run_dir / "last", self.model, self.checkpoint_config(epoch, results))
-                if best is None or results["miou"] > best["miou"]:
-                    best = {**results, "epoch": epoch}
-                    best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                    save_checkpoint(self.run_dir / "best", self.model, self.checkpoint_config(epoch, results))
-                plot_curves(history, self.run_dir / "curves.png")
-                self.console.print(
-                    f"epoch {epoch}: train loss {train_loss:.4f}  val loss {results['loss']:.4f}  "
-                    f"mIoU {results['miou']:.4f}  pixel acc {results['pixel_accuracy']:.4f}"
-                )
-                if config.max_minutes is not None and time.perf_counter() - start > 60 * config.max_minutes:
-                    self.console.print(f"time budget of {config.max_minutes} min reached after epoch {epoch}")
-                    break
-        assert best is not None and best_state is not None
-        self.model.load_state_dict(best_state)
-        self.save_overlays(self.run_dir / "overlays")
-        seconds = time.perf_counter() - start
-        summary = {
+        if self.resumed:
+            self.console.print(f"resuming after epoch {self.start_epoch} of {config.epochs}")
+        writer = self.summary_writer_class(str(self.run_dir / "tensorboard")) if self.summary_writer_class and self.dist.is_main else None
+        self.fit_start = time.perf_counter()
+        try:
+            with progress_bar(self.console, disable=not self.dist.is_main) as progress:
+                for epoch in range(self.start_epoch + 1, config.epochs + 1):
+                    if self._run_epoch(progress, epoch, writer):
+                        break
+        finally:
+            if writer is not None:
+                writer.close()
+        return self._finish()
+
+    def _run_epoch(self, progress: Progress, epoch: int, writer: Any) -> bool:
+        """Train and evaluate one epoch, save it; True when the run should stop now."""
+        config = self.config
+        epoch_start = time.perf_counter()
+        train_loss, speed = self.train_one_epoch(progress, epoch)
+        results = evaluate(
+            self.eval_model, self.val_loader, num_classes=self.num_classes, ignore_index=self.ignore_index,
+            normalize=self.normalize, device=self.device, loss_fn=self.loss_fn, autocast=self.precision.autocast,
+        )
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": results["loss"],
+            **{k: results[k] for k in SUMMARY_KEYS},
+            "iou": _json_safe(results["iou"]),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_images_per_second": speed,
+            "epoch_seconds": time.perf_counter() - epoch_start,
+        }
+        self.history.append(row)
+        improved = self.best is None or results["miou"] > self.best["miou"]
+        if improved:
+            self.best = {"epoch": epoch, **{k: v for k, v in results.items() if k != "confusion_matrix"}}
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        if self.dist.is_main:
+            self._save_epoch(epoch, results, row, improved, writer)
+        self.console.print(
+            f"epoch {epoch}: train loss {train_loss:.4f}  val loss {results['loss']:.4f}  "
+            f"mIoU {results['miou']:.4f}  pixel acc {results['pixel_accuracy']:.4f}"
+        )
+        if config.patience is not None and self.epochs_without_improvement >= config.patience:
+            self.console.print(f"early stop: no better mIoU for {config.patience} epoch(s) (best {self.best['miou']:.4f} at epoch {self.best['epoch']})")
+            return True
+        elapsed = self.elapsed_before + time.perf_counter() - self.fit_start
+        # Ranks' clocks differ slightly; they must still stop after the same epoch.
+        if agree(config.max_minutes is not None and elapsed > 60 * config.max_minutes):
+            self.console.print(f"time budget of {config.max_minutes} min reached after epoch {epoch}")
+            return True
+        return False
+
+    def _finish(self) -> dict[str, Any]:
+        """Load the best weights, write overlays (rank 0) and summarise the run."""
+        if self.best is None:
+            raise ValueError(f"the run in {self.run_dir} has no finished epoch to report")
+        best = self.best
+        if self.dist.is_main:
+            self.model.load_state_dict(load_file(str(self.run_dir / "best.safetensors"), device=str(self.device)))
+            self.save_overlays(self.run_dir / "overlays")
+            shown = {k: v for k, v in best.items() if k != "epoch"}
+            self.console.print(format_report(shown, self.train_set.classes, title=f"Validation, best epoch {best['epoch']}"))
+        return {
             "run_dir": str(self.run_dir),
             "best_epoch": best["epoch"],
-            "epochs_run": len(history),
-            "seconds": seconds,
-            **{k: best[k] for k in ("pixel_accuracy", "mean_accuracy", "miou", "mdice", "fwiou")},
+            "epochs_run": len(self.history),
+            "seconds": self.elapsed_before + time.perf_counter() - self.fit_start,
+            **{k: best[k] for k in SUMMARY_KEYS},
         }
-        self.console.print(metrics_table(best, self.train_set.classes, title=f"Validation, best epoch {best['epoch']}"))
-        return summary
 
     @torch.inference_mode()
     def save_overlays(self, folder: Path) -> None:
@@ -292,7 +522,8 @@ class Trainer:
         for index in range(min(self.config.num_overlays, len(self.val_set))):
             sample = self.val_set[index]
             image = sample["image"]
-            logits = logits_of(self.model(self.normalize(image[None].to(self.device))))
-            prediction = logits.argmax(1)[0].cpu()
+            with self.precision.autocast():
+                logits = logits_of(self.model(self.normalize(image[None].to(self.device))))
+            prediction = logits.float().argmax(1)[0].cpu()
             panel = prediction_panel(image, sample["mask"], prediction, self.train_set.palette)
             atomic_write(folder / f"val_{index:03d}.png", lambda tmp, p=panel: Image.fromarray(p).save(tmp, format="PNG"))

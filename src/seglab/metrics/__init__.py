@@ -1,4 +1,31 @@
-"""Segmentation metrics, streaming (`update`, `compute`, `reset`) and usable on their own."""
-from seglab.metrics.confusion import ConfusionMatrix
+"""Segmentation metrics, streaming (`update`, `compute`, `reset`) and usable on their own.
 
-__all__ = ["ConfusionMatrix"]
+Every metric sums its state over processes when torch.distributed is initialised. NaN marks a
+figure whose denominator is zero (a class absent from both prediction and target); NaNs are
+left out of every mean. See docs/metrics.md.
+"""
+from seglab.metrics.ap import AveragePrecision, average_precision, precision_recall_curve
+from seglab.metrics.boundary import BoundaryIoU, TrimapIoU, boundary_iou, mask_to_boundary
+from seglab.metrics.coco import COCOMaskEvaluator, coco_results, save_coco_results
+from seglab.metrics.confusion import ConfusionMatrix
+from seglab.metrics.report import format_report, results_to_json
+from seglab.metrics.soft import SoftOverlap, soft_dice, soft_iou
+
+__all__ = [
+    "ConfusionMatrix",
+    "SoftOverlap",
+    "soft_iou",
+    "soft_dice",
+    "BoundaryIoU",
+    "TrimapIoU",
+    "boundary_iou",
+    "mask_to_boundary",
+    "AveragePrecision",
+    "average_precision",
+    "precision_recall_curve",
+    "COCOMaskEvaluator",
+    "coco_results",
+    "save_coco_results",
+    "format_report",
+    "results_to_json",
+]

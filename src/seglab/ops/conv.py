@@ -41,3 +41,34 @@ class ConvNormAct(nn.Sequential):
             norm_layer(norm, out_channels),
             act(inplace=True) if act is not None else nn.Identity(),
         )
+
+
+class SeparableConvNormAct(nn.Sequential):
+    """Depthwise-separable convolution (Chollet, CVPR 2017 "Xception"; used in DeepLabv3+'s
+    ASPP and decoder): a per-channel spatial kxk convolution, then a 1x1 pointwise one mixing
+    channels, then norm and activation — about k*k times fewer weights than a full conv."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        dilation: int = 1,
+        norm: str | None = "batch",
+        act: type[nn.Module] | None = nn.ReLU,
+    ) -> None:
+        has_norm = norm not in (None, "none")
+        padding = dilation * (kernel_size - 1) // 2
+        super().__init__(
+            nn.Conv2d(in_channels, in_channels, kernel_size, padding=padding, dilation=dilation, groups=in_channels, bias=False),
+            nn.Conv2d(in_channels, out_channels, 1, bias=not has_norm),
+            norm_layer(norm, out_channels),
+            act(inplace=True) if act is not None else nn.Identity(),
+        )
+
+
+def atrous_conv(in_channels: int, out_channels: int, rate: int, norm: str | None = "batch") -> ConvNormAct:
+    """3x3 atrous (dilated) convolution (Chen et al., "DeepLab", TPAMI 2017): the kernel's taps are
+    `rate` pixels apart, so the field of view grows to 2*rate+1 with no extra weights and no loss
+    of resolution; padding = rate keeps the map size."""
+    return ConvNormAct(in_channels, out_channels, 3, padding=rate, dilation=rate, norm=norm)

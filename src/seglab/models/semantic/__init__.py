@@ -1,2 +1,13 @@
 """Semantic segmentation architectures, one file each; importing registers them."""
-from seglab.models.semantic import unet  # noqa: F401
+from seglab.models.semantic import (  # noqa: F401
+    deconvnet,
+    deeplab,
+    fcn,
+    fpn,
+    hourglass,
+    hrnet,
+    pspnet,
+    segformer,
+    segnet,
+    unet,
+)

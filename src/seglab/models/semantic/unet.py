@@ -9,6 +9,13 @@ a final 1x1 convolution to the classes.
 `padding="same"` (default) keeps sizes with padded 3x3 convs, the common modern variant.
 `padding="valid"` is the paper's unpadded network; its output is smaller than its input, so
 the input is mirrored at the border (the paper's overlap-tile strategy) to predict every pixel.
+
+`encoder="resnet34"` (any name `seglab.encoders.create_encoder` knows) builds instead the
+U-Net-like decoder on that encoder: from the deepest map up, upsample to the next skip's size,
+concatenate it, two 3x3 conv blocks; blocks without skip carry on to full resolution.
+
+`task="image2image"` makes the head a regression head: `num_classes` output channels of
+unbounded values to be trained with an L1 or L2 loss (colorisation, inpainting, denoising).
 """
 from __future__ import annotations
 
@@ -16,8 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seglab.encoders import create_encoder
 from seglab.models.registry import register_model
 from seglab.ops.conv import ConvNormAct
+from seglab.ops.padding import crop_to, pad_to_multiple
+from seglab.ops.upsample import make_upsample
 
 
 class DoubleConv(nn.Sequential):
@@ -31,11 +41,17 @@ class DoubleConv(nn.Sequential):
 
 
 class UpBlock(nn.Module):
-    """2x2 up-convolution halving the channels, concatenation with the skip, DoubleConv."""
+    """2x2 up-convolution halving the channels, concatenation with the skip, DoubleConv.
+    `upsample` names another upsampler of `seglab.ops.upsample` to use instead."""
 
-    def __init__(self, in_channels: int, out_channels: int, padding: int, norm: str | None) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, padding: int, norm: str | None, upsample: str | None = None
+    ) -> None:
         super().__init__()
-        self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        if upsample is None:
+            self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        else:
+            self.up = make_upsample(upsample, in_channels, out_channels, 2)
         self.conv = DoubleConv(2 * out_channels, out_channels, padding, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -61,6 +77,7 @@ class UNet(nn.Module):
         depth: int = 5,
         padding: str = "same",
         norm: str | None = "batch",
+        upsample: str | None = None,
     ) -> None:
         super().__init__()
         if padding not in ("same", "valid"):
@@ -78,7 +95,7 @@ class UNet(nn.Module):
             previous = width
         self.pool = nn.MaxPool2d(2)
         self.decoder = nn.ModuleList(
-            UpBlock(widths[i + 1], widths[i], pad, norm) for i in reversed(range(depth - 1))
+            UpBlock(widths[i + 1], widths[i], pad, norm, upsample) for i in reversed(range(depth - 1))
         )
         self.head = nn.Conv2d(widths[0], num_classes, kernel_size=1)
 
@@ -144,6 +161,64 @@ def _valid_output_size(size: int, depth: int) -> int | None:
     return size
 
 
+class DecoderBlock(nn.Module):
+    """Upsample to the skip's size, concatenate the skip (if any), two 3x3 conv blocks."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, upsample: str, norm: str | None) -> None:
+        super().__init__()
+        self.up = make_upsample(upsample, in_channels, in_channels, 2)
+        self.conv = DoubleConv(in_channels + skip_channels, out_channels, 1, norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        if skip is None:
+            return self.conv(self.up(x))
+        return self.conv(torch.cat([self.up(x, size=skip.shape[-2:]), skip], dim=1))
+
+
+class EncoderUNet(nn.Module):
+    """The U-Net decoder on any encoder of the `seglab.encoders` contract."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_classes: int,
+        decoder_channels: list[int] | tuple[int, ...] = (256, 128, 64, 32, 16),
+        upsample: str = "nearest",
+        norm: str | None = "batch",
+    ) -> None:
+        super().__init__()
+        if upsample == "max_unpool":
+            raise ValueError("the encoder U-Net has no pooling indices; choose another upsample than 'max_unpool'")
+        self.encoder = encoder
+        skips = list(reversed(encoder.channels[:-1]))
+        # Blocks without skip bring the shallowest map (stride strides[0]) to full resolution.
+        extra = max(0, encoder.strides[0].bit_length() - 1)
+        needed = len(skips) + extra
+        if len(decoder_channels) != needed:
+            raise ValueError(
+                f"decoder_channels needs {needed} entries for this encoder (strides {encoder.strides}), "
+                f"got {list(decoder_channels)}"
+            )
+        self.multiple = max(encoder.strides)
+        previous = encoder.channels[-1]
+        self.blocks = nn.ModuleList()
+        for i, out in enumerate(decoder_channels):
+            skip = skips[i] if i < len(skips) else 0
+            self.blocks.append(DecoderBlock(previous, skip, out, upsample, norm))
+            previous = out
+        self.head = nn.Conv2d(previous, num_classes, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        x = pad_to_multiple(x, self.multiple)
+        features = self.encoder(x)
+        skips = list(reversed(features[:-1]))
+        y = features[-1]
+        for i, block in enumerate(self.blocks):
+            y = block(y, skips[i] if i < len(skips) else None)
+        return crop_to(self.head(y), size)
+
+
 @register_model("unet", paper="Ronneberger et al., MICCAI 2015")
 def unet(
     *,
@@ -153,6 +228,33 @@ def unet(
     depth: int = 5,
     padding: str = "same",
     norm: str | None = "batch",
+    encoder: str | None = None,
+    encoder_weights: str | None = None,
+    decoder_channels: list[int] | None = None,
+    upsample: str | None = None,
+    task: str = "semantic",
 ) -> nn.Module:
-    """U-Net: contracting/expanding paths with skip concatenation (64..1024 channels by default)."""
-    return UNet(num_classes, in_channels, base_channels, depth, padding, norm)
+    """U-Net: contracting/expanding paths with skip concatenation (64..1024 channels by default).
+
+    With `encoder`, the U-Net-like decoder on that encoder (`depth` stages of it,
+    `decoder_channels` widths, default 256..16). `upsample` picks the decoder's upsampler
+    (default: the paper's 2x2 up-convolution, nearest for the encoder variant).
+    `task="image2image"` returns `num_classes` regression channels instead of class logits.
+    """
+    if task not in ("semantic", "image2image"):
+        raise ValueError(f"task must be 'semantic' or 'image2image', not {task!r}")
+    if encoder is None:
+        if encoder_weights is not None or decoder_channels is not None:
+            raise ValueError("encoder_weights and decoder_channels apply only with an encoder=")
+        model: nn.Module = UNet(num_classes, in_channels, base_channels, depth, padding, norm, upsample)
+    else:
+        if padding != "same":
+            raise ValueError("the encoder U-Net supports only padding='same'")
+        backbone = create_encoder(encoder, in_channels=in_channels, weights=encoder_weights, depth=depth)
+        channels = decoder_channels
+        if channels is None:
+            extra = max(0, backbone.strides[0].bit_length() - 1)
+            channels = [256, 128, 64, 32, 16][-(len(backbone.channels) - 1 + extra):]
+        model = EncoderUNet(backbone, num_classes, channels, upsample or "nearest", norm)
+    model.task = task
+    return model

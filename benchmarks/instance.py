@@ -1,0 +1,167 @@
+"""Instance segmentation benchmarks: accuracy within a CPU time budget, and inference speed.
+
+    python benchmarks/instance.py synthetic --model yolact --minutes 15
+    python benchmarks/instance.py dsb2018 --model mask_rcnn --minutes 20
+    python benchmarks/instance.py speed --size 512 --encoder resnet50
+
+`synthetic` and `dsb2018` train with seglab's instance trainer, one thread, until the budget of
+process CPU time is spent (checked after each epoch; the machine is shared, so wall time is
+longer and reported beside it), then evaluate the best checkpoint on the validation split with COCO
+mask AP (pycocotools). DSB2018's split is fixed: images sorted by COCO id, every 5th is val
+(132 val / 532 train). `speed` times eval-mode inference (batch 1, median of repeats, after
+warm-up) of YOLACT, our Mask R-CNN and torchvision's maskrcnn_resnet50_fpn in one process at the
+same input size, all randomly initialised (no download). Results are printed and appended as
+JSON lines to benchmarks/results/instance.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+RESULTS = Path(__file__).parent / "results" / "instance.jsonl"
+DSB2018 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018" / "instances.json"
+
+
+def _record(row: dict) -> None:
+    row = {**row, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as stream:
+        stream.write(json.dumps(row) + "\n")
+    print(json.dumps(row, indent=1))
+
+
+def _train_and_evaluate(values: dict, final_val: dict, label: str) -> None:
+    from seglab.data.instance import collate_instances, open_instance_dataset
+    from seglab.engine.config import TrainConfig
+    from seglab.engine.instance import InstanceTrainer, evaluate_instances
+
+    # The machine is shared: the budget is this process's CPU time (one thread), what an idle
+    # core would spend, not the wall time, which other jobs stretch.
+    trainer = InstanceTrainer(TrainConfig.from_dict(values), clock=time.process_time)
+    cpu_start = time.process_time()
+    summary = trainer.fit()
+    cpu_minutes = (time.process_time() - cpu_start) / 60
+    dataset = open_instance_dataset(values["data"], "val", **final_val)
+    loader = DataLoader(dataset, batch_size=4, collate_fn=collate_instances)
+    results = evaluate_instances(trainer.model, loader, trainer.train_set.classes, trainer.device)
+    _record(
+        {
+            "benchmark": label,
+            "model": values["model"],
+            "encoder": values["encoder"],
+            "train_cpu_minutes": round(cpu_minutes, 2),
+            "train_wall_minutes": round(summary["seconds"] / 60, 2),
+            "epochs": summary["epochs_run"],
+            "best_epoch": summary["best_epoch"],
+            "val_images": len(dataset),
+            **{k: round(results[k], 4) for k in ("ap", "ap50", "ap75", "aps", "apm", "apl", "ar", "boundary_ap")},
+            "val_images_per_second": round(results["images_per_second"], 2),
+            "run_dir": summary["run_dir"],
+        }
+    )
+
+
+def synthetic(args: argparse.Namespace) -> None:
+    values = {
+        "task": "instance", "model": args.model, "encoder": args.encoder, "name": f"bench-{args.model}-synthetic",
+        "out": args.out, "data": "synthetic", "image_size": 128, "train_samples": args.epoch_images, "val_samples": 48,
+        "epochs": 200, "batch_size": 8, "lr": args.lr, "scheduler": "constant", "warmup_epochs": 0.5,
+        "max_minutes": args.minutes, "model_kwargs": {"detections_per_image": 20, "fpn_channels": 128}, "seed": args.seed,
+    }
+    _train_and_evaluate(values, {"num_samples": 200, "image_size": 128, "seed": args.seed}, "synthetic-128")
+
+
+def dsb2018(args: argparse.Namespace) -> None:
+    if not DSB2018.is_file():
+        raise SystemExit(f"DSB2018 not found at {DSB2018}")
+    values = {
+        "task": "instance", "model": args.model, "encoder": args.encoder, "name": f"bench-{args.model}-dsb2018",
+        "out": args.out, "data": str(DSB2018), "image_size": 256, "epochs": 200, "batch_size": 4, "lr": args.lr,
+        "scheduler": "constant", "warmup_epochs": 0.2, "max_minutes": args.minutes, "model_kwargs": {"anchor_size": 8},
+        "seed": args.seed,
+    }
+    _train_and_evaluate(values, {}, "dsb2018")
+
+
+def _median_seconds(model: torch.nn.Module, image: torch.Tensor, repeats: int) -> float:
+    timings = []
+    with torch.inference_mode():
+        for step in range(repeats + 2):
+            start = time.perf_counter()
+            model([image])
+            if step >= 2:  # two warm-up calls
+                timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+def speed(args: argparse.Namespace) -> None:
+    import seglab
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    size = args.size
+    image = torch.rand(3, size, size)
+    common = {"num_classes": 91, "encoder": args.encoder}
+    models = {
+        "yolact": seglab.create_model("yolact", **common, anchor_size=max(8, size // 6)).eval(),
+        "mask_rcnn": seglab.create_model("mask_rcnn", **common, min_size=size, max_size=size).eval(),
+    }
+    if args.encoder == "resnet50":
+        models["torchvision_maskrcnn_resnet50_fpn"] = maskrcnn_resnet50_fpn(
+            weights=None, weights_backbone=None, num_classes=91, min_size=size, max_size=size
+        ).eval()
+    # Random weights give arbitrary scores; the RoI stages' cost depends on how many boxes
+    # survive, so every model is made to return exactly `detections` boxes per image.
+    for model in models.values():
+        _force_detections(model, args.detections)
+    seconds = {name: _median_seconds(model, image, args.repeats) for name, model in models.items()}
+    row = {"benchmark": f"speed-{size}", "encoder": args.encoder, "detections": args.detections, "repeats": args.repeats}
+    row.update({f"{name}_ms": round(1000 * s, 1) for name, s in seconds.items()})
+    row["yolact_speedup_vs_mask_rcnn"] = round(seconds["mask_rcnn"] / seconds["yolact"], 2)
+    if "torchvision_maskrcnn_resnet50_fpn" in seconds:
+        row["mask_rcnn_speedup_vs_torchvision"] = round(seconds["torchvision_maskrcnn_resnet50_fpn"] / seconds["mask_rcnn"], 3)
+    _record(row)
+
+
+def _force_detections(model: torch.nn.Module, detections: int) -> None:
+    if hasattr(model, "roi_heads"):
+        model.roi_heads.score_thresh = 0.0
+        model.roi_heads.nms_thresh = 1.0
+        model.roi_heads.detections_per_img = detections
+    else:
+        model.score_threshold = 0.0
+        model.detections_per_image = detections
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, function, minutes, lr in (("synthetic", synthetic, 15.0, 5e-4), ("dsb2018", dsb2018, 20.0, 5e-4)):
+        command = commands.add_parser(name)
+        command.add_argument("--model", choices=["mask_rcnn", "yolact"], required=True)
+        command.add_argument("--encoder", default="resnet18")
+        command.add_argument("--minutes", type=float, default=minutes)
+        command.add_argument("--lr", type=float, default=lr)
+        command.add_argument("--epoch-images", type=int, default=160)
+        command.add_argument("--seed", type=int, default=0)
+        command.add_argument("--out", default="runs")
+        command.set_defaults(run=function)
+    command = commands.add_parser("speed")
+    command.add_argument("--size", type=int, default=512)
+    command.add_argument("--encoder", default="resnet50")
+    command.add_argument("--detections", type=int, default=20)
+    command.add_argument("--repeats", type=int, default=5)
+    command.set_defaults(run=speed)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,546 @@
+"""Throughput benchmarks, side by side with the peer libraries, in one run on this machine.
+
+For each architecture: inference images/s (eval mode) at the asked batch sizes and training
+images/s (forward, backward, optimizer step), for seglab's fast path, seglab used plainly
+(eval, no_grad, float32) and the same architecture from segmentation_models_pytorch or
+torchvision used the way their READMEs show (eval, no_grad, float32; random init, nothing is
+downloaded). Every figure is the median of `repeats` timed runs after `warmup` untimed ones.
+
+A calibration kernel (a large 3x3 convolution in channels_last, float32 and bfloat16) measures
+what the machine reaches in the same run; each model's achieved GFLOP/s (FLOPs counted by
+torch.utils.flop_counter, 2 per multiply-add) is reported as a fraction of it. Ablation rows
+switch on one optimisation at a time. An optional accuracy check trains a small model on the
+synthetic shapes and compares the fast path's predictions and mIoU with float32.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seglab.engine.fastpath import (
+    autocast_context,
+    default_precision,
+    optimize_for_inference,
+    optimizer_options,
+    to_channels_last,
+)
+from seglab.engine.precision import cpu_supports_bf16
+from seglab.models.profile import count_flops
+from seglab.models.registry import create_model
+
+__all__ = ["ARCHITECTURES", "Architecture", "BenchSettings", "run_bench", "to_markdown", "machine_description"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture as seglab builds it and, where one exists, as a peer library does."""
+
+    key: str
+    title: str
+    seglab_model: str
+    seglab_kwargs: dict[str, Any]
+    peer: str | None = None  # "smp" or "torchvision"
+    peer_builder: Callable[[int], nn.Module] | None = None
+
+
+def _smp(class_name: str, encoder: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        import segmentation_models_pytorch as smp
+
+        return getattr(smp, class_name)(encoder, encoder_weights=None, classes=num_classes)
+
+    return build
+
+
+def _torchvision(function_name: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        from torchvision.models import segmentation
+
+        return getattr(segmentation, function_name)(weights=None, weights_backbone=None, num_classes=num_classes)
+
+    return build
+
+
+# PSPNet has no auxiliary head here because neither peer computes one in training.
+ARCHITECTURES: dict[str, Architecture] = {
+    a.key: a
+    for a in (
+        Architecture("unet-r34", "UNet-R34", "unet", {"encoder": "resnet34"}, "smp", _smp("Unet", "resnet34")),
+        Architecture("fpn-r34", "FPN-R34", "fpn", {"encoder": "resnet34"}, "smp", _smp("FPN", "resnet34")),
+        Architecture("pspnet-r34", "PSPNet-R34", "pspnet", {"encoder": "resnet34", "aux": False}, "smp",
+                     _smp("PSPNet", "resnet34")),
+        Architecture("deeplabv3plus-r34", "DeepLabV3+-R34", "deeplabv3plus", {"encoder": "resnet34"}, "smp",
+                     _smp("DeepLabV3Plus", "resnet34")),
+        Architecture("segformer-b0", "SegFormer-B0", "segformer", {"variant": "b0"}, "smp", _smp("Segformer", "mit_b0")),
+        Architecture("fcn-r50", "FCN-R50", "fcn8s", {"encoder": "resnet50"}, "torchvision", _torchvision("fcn_resnet50")),
+        Architecture("deeplabv3-r50", "DeepLabV3-R50", "deeplabv3", {"encoder": "resnet50", "output_stride": 8},
+                     "torchvision", _torchvision("deeplabv3_resnet50")),
+    )
+}
+
+# One optimisation at a time on top of plain float32 eager inference (all run under no_grad).
+INFERENCE_ABLATION: dict[str, dict[str, Any]] = {
+    "+inference_mode": dict(precision="32", fold_bn=False, channels_last=False, inference_mode=True),
+    "+channels_last": dict(precision="32", fold_bn=False, channels_last=True, inference_mode=False),
+    "+fold_conv_bn": dict(precision="32", fold_bn=True, channels_last=False, inference_mode=False),
+    "+bf16": dict(precision="bf16", fold_bn=False, channels_last=False, inference_mode=False),
+    "fast, fp32 (--precision 32)": dict(precision="32"),
+}
+TRAINING_ABLATION: dict[str, dict[str, Any]] = {
+    "+channels_last": dict(channels_last=True, precision="32", fused=False),
+    "+bf16 autocast": dict(channels_last=False, precision="bf16", fused=False),
+    "+fused optimizer": dict(channels_last=False, precision="32", fused=True),
+}
+
+
+@dataclass
+class BenchSettings:
+    models: list[str] = field(default_factory=lambda: list(ARCHITECTURES))
+    size: int = 512
+    batches: list[int] = field(default_factory=lambda: [1, 8])
+    train_batch: int = 8
+    repeats: int = 5
+    warmup: int = 1
+    num_classes: int = 21
+    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    precision: str = "auto"
+    peers: bool = True
+    train: bool = True
+    ablation: list[str] = field(default_factory=list)  # architecture keys that get ablation rows
+    compile: bool = False
+    accuracy: bool = False
+    accuracy_epochs: int = 4
+    calibration_size: int = 128
+    seed: int = 0
+
+    def validate(self) -> None:
+        unknown = [m for m in [*self.models, *self.ablation] if m not in ARCHITECTURES]
+        if unknown:
+            raise ValueError(f"--models: unknown architecture {unknown[0]!r}; known: {', '.join(ARCHITECTURES)}")
+        if self.size < 32 or self.size % 32:
+            raise ValueError(f"--size must be a multiple of 32 of at least 32, not {self.size}")
+        if not self.batches or min(self.batches) < 1:
+            raise ValueError(f"--batch sizes must be positive integers, not {self.batches}")
+        if self.train and self.train_batch < 2:
+            raise ValueError(f"--train-batch must be at least 2 (BatchNorm needs two samples), not {self.train_batch}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"--repeats must be at least 1 and --warmup at least 0, not {self.repeats} / {self.warmup}")
+        for device in self.devices:
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                raise ValueError(f"--device {device}: no CUDA device is available")
+            if not device.startswith(("cpu", "cuda")):
+                raise ValueError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
+
+
+# ------------------------------------------------------------------------------ measuring
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn`, after `warmup` untimed calls."""
+    return time_interleaved([fn], device, warmup, repeats)[0]
+
+
+def time_interleaved(fns: list[Callable[[], Any]], device: torch.device, warmup: int, repeats: int) -> list[list[float]]:
+    """Seconds of `repeats` calls of each of `fns`, timed in rounds (one call of each per
+    round), so that a change of machine load in the middle hits every candidate alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    _synchronize(device)
+    seconds: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, times in zip(fns, seconds):
+            start = time.perf_counter()
+            fn()
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+    return seconds
+
+
+def calibrate(device: torch.device, size: int, warmup: int, repeats: int) -> dict[str, float]:
+    """GFLOP/s of a 3x3, 256 -> 256 channel convolution on a `size` x `size` map in
+    channels_last, in float32 and (where the device has it natively) bfloat16."""
+    channels = 256
+    flops = 2 * channels * channels * 9 * size * size
+    dtypes = {"fp32": torch.float32}
+    if device.type == "cuda" or cpu_supports_bf16():
+        dtypes["bf16"] = torch.bfloat16
+    rates = {}
+    for name, dtype in dtypes.items():
+        conv = to_channels_last(nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device, dtype))
+        x = to_channels_last(torch.randn(1, channels, size, size, device=device, dtype=dtype))
+        with torch.inference_mode():
+            seconds = time_call(lambda: conv(x), device, max(warmup, 1), max(repeats, 3))
+        rates[name] = flops / statistics.median(seconds) / 1e9
+    return rates
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output["out"] if isinstance(output, dict) else output
+
+
+def _flops(build: Callable[[], nn.Module], size: int) -> int:
+    """FLOPs of one image, counted on the meta device (no arithmetic) when the model allows."""
+    try:
+        with torch.device("meta"):
+            return count_flops(build(), size)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return count_flops(build(), size)
+
+
+def _inference_call(model: nn.Module, batch: int, settings: BenchSettings, device: torch.device) -> Callable[[], Any]:
+    images = torch.randn(batch, 3, settings.size, settings.size, device=device)
+
+    def call() -> Any:
+        with torch.no_grad():
+            return model(images)
+
+    return call
+
+
+def _training_call(model: nn.Module, settings: BenchSettings, device: torch.device, *, channels_last: bool,
+                   precision: str, fused: bool) -> Callable[[], None]:
+    """One training step (forward, cross-entropy, backward, AdamW step) on a fixed random batch."""
+    model = model.to(device).train()
+    if channels_last:
+        model = to_channels_last(model)
+    options = optimizer_options("adamw", device) if fused else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **options)
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+    images = torch.randn(settings.train_batch, 3, settings.size, settings.size, generator=generator).to(device)
+    if channels_last:
+        images = to_channels_last(images)
+    target = torch.randint(0, settings.num_classes, (settings.train_batch, settings.size, settings.size),
+                           generator=generator).to(device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_context(device, precision):
+            logits = _logits(model(images))
+        F.cross_entropy(logits.float(), target).backward()
+        optimizer.step()
+
+    return step
+
+
+class _Recorder:
+    """Collects result rows and advances the progress bar."""
+
+    def __init__(self, progress: Any | None, total: int) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.progress = progress
+        self.task = progress.add_task("bench", total=total, info="") if progress is not None else None
+
+    def announce(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, info=text)
+
+    def add(self, candidate: _Candidate, seconds: list[float], batch: int, peaks: dict[str, float],
+            **fields: Any) -> None:
+        images_per_s = batch / statistics.median(seconds)
+        # Training costs about 3x the forward FLOPs (forward, gradients of inputs and of weights).
+        flops_per_image = candidate.flops * (3 if fields["mode"] == "train" else 1)
+        achieved = flops_per_image * images_per_s / 1e9
+        peak = peaks.get({"32": "fp32", "bf16": "bf16"}.get(candidate.precision, ""))  # fp16 is not calibrated
+        self.rows.append({**fields, "library": candidate.library, "variant": candidate.variant,
+                          "precision": candidate.precision, "batch": batch, "images_per_s": images_per_s,
+                          "seconds": seconds, "gflops_per_image": flops_per_image / 1e9, "achieved_gflops": achieved,
+                          "fraction_of_peak": achieved / peak if peak else None})
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1)
+
+
+def _count_steps(settings: BenchSettings) -> int:
+    per_model = len(settings.batches) * (2 + settings.peers) + settings.train * (2 + settings.peers)
+    ablation = len(settings.ablation) * (
+        len(settings.batches) * (len(INFERENCE_ABLATION) + settings.compile) + settings.train * len(TRAINING_ABLATION)
+    )
+    return len(settings.devices) * (len(settings.models) * per_model + ablation)
+
+
+@dataclass
+class _Candidate:
+    library: str
+    variant: str
+    flops: int  # of one image's forward pass
+    precision: str
+    build: Callable[[], Any]  # -> the callable to time (built lazily: training holds optimizer state)
+
+
+def _inference_candidates(arch: Architecture, settings: BenchSettings, device: torch.device, precision: str,
+                          build_seglab: Callable[[], nn.Module], flops: int, peer_flops: int | None) -> list[_Candidate]:
+    torch.manual_seed(settings.seed)
+    seglab_model = build_seglab().to(device).eval()
+    candidates = [
+        _Candidate("seglab", "eager fp32", flops, "32", lambda: seglab_model),
+        _Candidate("seglab", f"fast ({precision})", flops, precision, lambda: optimize_for_inference(seglab_model, precision)),
+    ]
+    if peer_flops is not None:
+        candidates.append(_Candidate(arch.peer, "eager fp32", peer_flops, "32",
+                                     lambda: arch.peer_builder(settings.num_classes).to(device).eval()))
+    if arch.key in settings.ablation:
+        for variant, options in INFERENCE_ABLATION.items():
+            candidates.append(_Candidate("seglab", variant, flops, options["precision"],
+                                         lambda options=options: optimize_for_inference(seglab_model, **options)))
+        if settings.compile:
+            candidates.append(_Candidate("seglab", f"fast ({precision}) + torch.compile", flops, precision,
+                                         lambda: optimize_for_inference(seglab_model, precision, compile=True)))
+    return candidates
+
+
+def _training_candidates(arch: Architecture, settings: BenchSettings, device: torch.device, precision: str,
+                         build_seglab: Callable[[], nn.Module], flops: int, peer_flops: int | None) -> list[_Candidate]:
+    def trainer(build: Callable[[], nn.Module], **options: Any) -> Callable[[], Callable[[], None]]:
+        def make() -> Callable[[], None]:
+            torch.manual_seed(settings.seed)
+            return _training_call(build(), settings, device, **options)
+
+        return make
+
+    candidates = [
+        _Candidate("seglab", "eager fp32", flops, "32", trainer(build_seglab, channels_last=False, precision="32", fused=False)),
+        _Candidate("seglab", f"fast ({precision})", flops, precision,
+                   trainer(build_seglab, channels_last=True, precision=precision, fused=True)),
+    ]
+    if peer_flops is not None:
+        candidates.append(_Candidate(arch.peer, "eager fp32", peer_flops, "32",
+                                     trainer(lambda: arch.peer_builder(settings.num_classes), channels_last=False,
+                                             precision="32", fused=False)))
+    if arch.key in settings.ablation:
+        for variant, options in TRAINING_ABLATION.items():
+            candidates.append(_Candidate("seglab", variant, flops, options["precision"], trainer(build_seglab, **options)))
+    return candidates
+
+
+def _bench_architecture(arch: Architecture, settings: BenchSettings, device: torch.device, peaks: dict[str, float],
+                        precision: str, record: "_Recorder") -> None:
+    """Time every candidate of one architecture, interleaved per batch size and mode."""
+
+    def build_seglab() -> nn.Module:
+        return create_model(arch.seglab_model, num_classes=settings.num_classes, **arch.seglab_kwargs)
+
+    record.announce(f"{arch.title}: counting FLOPs")
+    flops = _flops(build_seglab, settings.size)
+    with_peer = settings.peers and arch.peer_builder is not None
+    peer_flops = _flops(lambda: arch.peer_builder(settings.num_classes), settings.size) if with_peer else None
+    available = [c for c in _inference_candidates(arch, settings, device, precision, build_seglab, flops, peer_flops)
+                 if c.precision != "bf16" or "bf16" in peaks]
+    models = [c.build() for c in available]
+    for batch in settings.batches:
+        record.announce(f"{arch.title}: inference, batch {batch}")
+        calls = [_inference_call(model, batch, settings, device) for model in models]
+        for candidate, seconds in zip(available, time_interleaved(calls, device, settings.warmup, settings.repeats)):
+            record.add(candidate, seconds, batch, peaks, model=arch.key, mode="inference", device=str(device))
+    del models, calls
+    if not settings.train:
+        return
+    record.announce(f"{arch.title}: training, batch {settings.train_batch}")
+    available = [c for c in _training_candidates(arch, settings, device, precision, build_seglab, flops, peer_flops)
+                 if c.precision != "bf16" or "bf16" in peaks]
+    steps = [c.build() for c in available]
+    for candidate, seconds in zip(available, time_interleaved(steps, device, settings.warmup, settings.repeats)):
+        record.add(candidate, seconds, settings.train_batch, peaks, model=arch.key, mode="train", device=str(device))
+
+
+def machine_description() -> dict[str, Any]:
+    """CPU model, cores, threads, library versions, bf16 support, load average, GPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import torchvision
+
+    description = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_bf16": cpu_supports_bf16(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import segmentation_models_pytorch as smp
+
+        description["segmentation_models_pytorch"] = smp.__version__
+    except ImportError:
+        description["segmentation_models_pytorch"] = None
+    if hasattr(os, "getloadavg"):
+        description["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    return description
+
+
+def run_bench(settings: BenchSettings, progress: Any | None = None) -> dict[str, Any]:
+    """Run every measurement `settings` asks for; returns the JSON-ready results."""
+    settings.validate()
+    if settings.peers and any(ARCHITECTURES[m].peer == "smp" for m in settings.models):
+        try:
+            import segmentation_models_pytorch  # noqa: F401
+        except ImportError:
+            raise ValueError("the peer comparison needs segmentation_models_pytorch: pip install 'seglab[bench]' "
+                             "(or pass --no-peers)") from None
+    results: dict[str, Any] = {"machine": machine_description(), "settings": asdict(settings), "calibration": {},
+                               "rows": []}
+    record = _Recorder(progress, _count_steps(settings))
+    for device_name in settings.devices:
+        device = torch.device(device_name)
+        record.announce(f"calibration kernel on {device}")
+        peaks = calibrate(device, settings.calibration_size, settings.warmup, settings.repeats)
+        results["calibration"][str(device)] = peaks
+        precision = default_precision(device) if settings.precision == "auto" else settings.precision
+        for key in settings.models:
+            _bench_architecture(ARCHITECTURES[key], settings, device, peaks, precision, record)
+        for key in settings.ablation:
+            if key not in settings.models:
+                _bench_architecture(ARCHITECTURES[key], settings, device, peaks, precision, record)
+    results["rows"] = record.rows
+    results["machine"]["load_average_after"] = results["machine"].get("load_average") and [
+        round(x, 2) for x in os.getloadavg()]
+    if settings.accuracy:
+        from seglab.bench_accuracy import accuracy_check
+
+        record.announce("accuracy check: training on the synthetic shapes")
+        results["accuracy"] = accuracy_check(settings.models[0], settings.devices[0], settings.precision,
+                                             epochs=settings.accuracy_epochs, seed=settings.seed)
+    return results
+
+
+# ------------------------------------------------------------------------------ reporting
+def _find(rows: list[dict[str, Any]], **where: Any) -> dict[str, Any] | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in where.items())), None)
+
+
+def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One line per (device, architecture) and measurement (inference at each batch, training):
+    images/s of seglab's fast path, of seglab in plain fp32 and of the peer, the ratio
+    fast / peer, and the fast path's fraction of the calibration kernel's rate."""
+    rows = results["rows"]
+    lines = []
+    for device in results["calibration"]:
+        for key in dict.fromkeys(r["model"] for r in rows if r["device"] == device):
+            arch = ARCHITECTURES[key]
+            for mode in ("inference", "train"):
+                for batch in dict.fromkeys(r["batch"] for r in rows if r["model"] == key and r["mode"] == mode):
+                    where = dict(device=device, model=key, mode=mode, batch=batch)
+                    fast = next((r for r in rows if all(r[k] == v for k, v in where.items()) and r["library"] == "seglab"
+                                 and r["variant"].startswith("fast (") and "compile" not in r["variant"]), None)
+                    plain = _find(rows, library="seglab", variant="eager fp32", **where)
+                    peer = _find(rows, library=arch.peer, **where) if arch.peer else None
+                    if fast is None:
+                        continue
+                    lines.append({
+                        "device": device, "model": arch.title, "mode": mode, "batch": batch,
+                        "seglab fast": fast["images_per_s"], "seglab fp32": plain["images_per_s"] if plain else None,
+                        "peer": f"{arch.peer}" if peer else None, "peer fp32": peer["images_per_s"] if peer else None,
+                        "ratio": fast["images_per_s"] / peer["images_per_s"] if peer else None,
+                        "GFLOPs seglab/peer": f"{fast['gflops_per_image']:.1f} / {peer['gflops_per_image']:.1f}"
+                        if peer else f"{fast['gflops_per_image']:.1f}",
+                        # A ratio between networks of different cost is not a like-for-like speed-up.
+                        "same net": None if peer is None else
+                        abs(fast["gflops_per_image"] - peer["gflops_per_image"]) <= 0.05 * peer["gflops_per_image"],
+                        "fraction of peak": fast["fraction_of_peak"],
+                    })
+    return lines
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    """The results as Markdown: machine, calibration, comparison, ablation, accuracy."""
+    machine = results["machine"]
+    settings = results["settings"]
+    out = ["## Machine", ""]
+    out += [f"- {k}: {_fmt(v)}" for k, v in machine.items()]
+    out += ["", "## Calibration kernel (3x3 conv 256->256, channels_last)", "", "| device | precision | GFLOP/s |",
+            "|---|---|---|"]
+    for device, peaks in results["calibration"].items():
+        out += [f"| {device} | {name} | {rate:.1f} |" for name, rate in peaks.items()]
+    out += ["", f"## seglab vs peers ({settings['size']}x{settings['size']}, {settings['num_classes']} classes, "
+            f"median of {settings['repeats']} after {settings['warmup']} warm-up)", "",
+            "images/s; ratio = seglab fast path / peer used as its README shows (eval, no_grad, fp32); "
+            "peak = achieved GFLOP/s of the fast path / calibration kernel of the same precision.", ""]
+    lines = comparison_rows(results)
+    if lines:
+        columns = list(lines[0])
+        out += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        out += ["| " + " | ".join(_fmt(line.get(c)) for c in columns) + " |" for line in lines]
+    ablation = [r for r in results["rows"] if r["model"] in settings["ablation"] and r["library"] == "seglab"]
+    if ablation:
+        out += ["", "## Ablation: one optimisation at a time", "",
+                "| device | model | mode | variant | batch | images/s | GFLOP/s | fraction of peak |", "|---|---|---|---|---|---|---|---|"]
+        for r in ablation:
+            out.append(f"| {r['device']} | {ARCHITECTURES[r['model']].title} | {r['mode']} | {r['variant']} | {r['batch']} | "
+                       f"{r['images_per_s']:.2f} | {r['achieved_gflops']:.1f} | {_fmt(r['fraction_of_peak'])} |")
+    accuracy = results.get("accuracy")
+    if accuracy:
+        out += ["", "## Accuracy of the fast path", ""]
+        out += [f"- {k}: {_fmt(v, 4)}" for k, v in accuracy.items()]
+    return "\n".join(out) + "\n"
+
+
+def _comparison_table(results: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    settings = results["settings"]
+    table = Table(title=f"seglab fast path vs peers, images/s at {settings['size']}x{settings['size']}")
+    lines = comparison_rows(results)
+    columns = [c for c in (lines[0] if lines else {}) if c not in ("device", "seglab fp32")]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("model", "mode", "peer") else "right")
+    for line in lines:
+        table.add_row(*(_fmt(line.get(c)) for c in columns))
+    return table
+
+
+def bench_command(options: dict[str, Any], console: Any) -> int:
+    """`seglab bench`: run, print the comparison, write `bench.json` and `bench.md` to `out`."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from seglab.engine.trainer import progress_bar
+    from seglab.files import atomic_write_json, atomic_write_text
+
+    out = Path(options.pop("out"))
+    threads = options.pop("threads")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    devices = options.pop("devices")
+    if devices == ["auto"]:
+        devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    known = {f.name for f in fields(BenchSettings)}
+    settings = BenchSettings(devices=devices, **{k: v for k, v in options.items() if k in known and v is not None})
+    settings.validate()
+    with progress_bar(console) as progress:
+        results = run_bench(settings, progress)
+    atomic_write_json(out / "bench.json", results)
+    atomic_write_text(out / "bench.md", to_markdown(results))
+    Console().print(_comparison_table(results))
+    if "accuracy" in results:
+        accuracy = results["accuracy"]
+        Console().print(f"accuracy ({accuracy['model']}): mIoU fp32 {accuracy['miou_fp32']:.2f}, fast inference "
+                        f"{accuracy['miou_fast_inference']:.2f}, fast training {accuracy['miou_fast_training']:.2f}, "
+                        f"argmax agreement {accuracy['argmax_agreement']:.4f}")
+    Console().print(f"results in {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0

@@ -1,0 +1,118 @@
+"""Does the fast path change results? A small model trained on the synthetic shapes, twice.
+
+1. Trained in plain float32, evaluated in float32 and through the fast inference path
+   (bfloat16 where available): mIoU of both and the share of pixels whose predicted class
+   agrees.
+2. Trained through the fast training path (channels_last, bf16 autocast, fused optimizer) from
+   the same seed and data order, evaluated in float32: its mIoU against run 1's.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seglab.data.synthetic import SyntheticShapes
+from seglab.engine.fastpath import (
+    autocast_context,
+    default_precision,
+    optimize_for_inference,
+    optimizer_options,
+    prepare_batch,
+    to_channels_last,
+)
+from seglab.metrics.confusion import ConfusionMatrix
+from seglab.models.registry import create_model
+
+__all__ = ["accuracy_check"]
+
+_MEAN, _STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def _stacked(dataset: SyntheticShapes) -> tuple[torch.Tensor, torch.Tensor]:
+    samples = [dataset[i] for i in range(len(dataset))]
+    images = prepare_batch([s["image"] for s in samples], _MEAN, _STD, channels_last=False)
+    return images, torch.stack([s["mask"] for s in samples])
+
+
+def _train(build: Callable[[], nn.Module], images: torch.Tensor, masks: torch.Tensor, device: torch.device,
+           *, fast: bool, precision: str, epochs: int, batch_size: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build().to(device).train()
+    if fast:
+        model = to_channels_last(model)
+    options = optimizer_options("adamw", device) if fast else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, **options)
+    order = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        permutation = torch.randperm(len(images), generator=order)
+        for start in range(0, len(images) - batch_size + 1, batch_size):
+            index = permutation[start : start + batch_size]
+            x, y = images[index].to(device), masks[index].to(device)
+            if fast:
+                x = to_channels_last(x)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast_context(device, precision if fast else "32"):
+                output = model(x)
+            logits = output["out"] if isinstance(output, dict) else output
+            F.cross_entropy(logits.float(), y).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def _predict(model: Callable[[torch.Tensor], Any], images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(images), 16):
+            output = model(images[start : start + 16].to(device))
+            predictions.append((output["out"] if isinstance(output, dict) else output).argmax(1).cpu())
+    return torch.cat(predictions)
+
+
+def _miou(predictions: torch.Tensor, masks: torch.Tensor, num_classes: int) -> float:
+    matrix = ConfusionMatrix(num_classes, ignore_index=255)
+    matrix.update(predictions, masks)
+    return 100.0 * float(matrix.compute()["miou"])
+
+
+def accuracy_check(model_key: str, device: str = "cpu", precision: str = "auto", *, epochs: int = 4,
+                   image_size: int = 64, train_samples: int = 192, val_samples: int = 64, batch_size: int = 16,
+                   seed: int = 0) -> dict[str, Any]:
+    """Train the benchmark architecture `model_key` (e.g. "unet-r34") twice on the synthetic
+    shapes and compare the fast paths with float32. mIoU figures are in points (0-100)."""
+    from seglab.bench import ARCHITECTURES
+
+    if model_key not in ARCHITECTURES:
+        raise ValueError(f"unknown benchmark architecture {model_key!r}; known: {', '.join(ARCHITECTURES)}")
+    arch = ARCHITECTURES[model_key]
+    torch_device = torch.device(device)
+    precision = default_precision(torch_device) if precision == "auto" else precision
+    num_classes = 6
+    train_images, train_masks = _stacked(SyntheticShapes(train_samples, image_size, num_classes, "train", seed))
+    val_images, val_masks = _stacked(SyntheticShapes(val_samples, image_size, num_classes, "val", seed))
+
+    def build() -> nn.Module:
+        return create_model(arch.seglab_model, num_classes=num_classes, **arch.seglab_kwargs)
+
+    common = dict(precision=precision, epochs=epochs, batch_size=batch_size, seed=seed)
+    plain = _train(build, train_images, train_masks, torch_device, fast=False, **common)
+    fast_trained = _train(build, train_images, train_masks, torch_device, fast=True, **common)
+    reference = _predict(plain, val_images, torch_device)
+    fast_inference = _predict(optimize_for_inference(plain, precision), val_images, torch_device)
+    fast_trained_predictions = _predict(fast_trained, val_images, torch_device)
+    miou_fp32 = _miou(reference, val_masks, num_classes)
+    miou_fast_inference = _miou(fast_inference, val_masks, num_classes)
+    miou_fast_training = _miou(fast_trained_predictions, val_masks, num_classes)
+    return {
+        "model": arch.title,
+        "setup": f"{train_samples} synthetic {image_size}x{image_size} images, {epochs} epochs, batch {batch_size}, "
+                 f"{val_samples} validation images, fast precision {precision}",
+        "miou_fp32": miou_fp32,
+        "miou_fast_inference": miou_fast_inference,
+        "miou_fast_inference_delta": miou_fast_inference - miou_fp32,
+        "argmax_agreement": float((fast_inference == reference).float().mean()),
+        "miou_fast_training": miou_fast_training,
+        "miou_fast_training_delta": miou_fast_training - miou_fp32,
+    }

@@ -1,0 +1,9 @@
+"""Dense CRF post-processing: a fully connected CRF with mean-field inference over a
+permutohedral lattice (Krähenbühl & Koltun 2011; Adams et al. 2010), and its trainable
+CRF-as-RNN form (Zheng et al. 2015). Pure PyTorch, batched, any device."""
+from seglab.crf.dense import DenseCRF
+from seglab.crf.lattice import PermutohedralLattice
+from seglab.crf.refine import DEFAULT_CRF_PARAMS, parse_crf_params, refine
+from seglab.crf.rnn import CRFasRNN
+
+__all__ = ["CRFasRNN", "DEFAULT_CRF_PARAMS", "DenseCRF", "PermutohedralLattice", "parse_crf_params", "refine"]

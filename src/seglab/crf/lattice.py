@@ -1,0 +1,221 @@
+"""The permutohedral lattice: fast high-dimensional Gaussian filtering in linear time.
+
+Adams, Baek & Davis, "Fast High-Dimensional Filtering Using the Permutohedral Lattice",
+Eurographics 2010. Each point with a d-dimensional feature vector is embedded in the
+hyperplane sum(x) = 0 of R^(d+1), which the lattice (d+1)A*_d tiles with simplices; the
+filter is three linear maps:
+
+    splat  -- every point spreads its value onto the d+1 vertices of its simplex,
+              with barycentric weights;
+    blur   -- each vertex is blurred with its two neighbours, [1/2, 1, 1/2], along each of
+              the d+1 lattice directions in turn;
+    slice  -- every point reads back the barycentric mix of its simplex's vertices.
+
+Only vertices that some point touches exist, so cost and memory grow with the number of
+points, not with the volume of feature space. Here the lattice is built once per set of
+features, fully vectorised: vertex keys are packed into one int64 each and deduplicated with
+one sort; splat, blur and slice are sparse CSR matrices, so filtering C channels (all K
+labels of a CRF) is a handful of sparse-dense products, differentiable by autograd.
+
+The constants (the elevation scale, the 1/(1 + 2^-d) slice factor) follow Krähenbühl &
+Koltun's implementation, so a feature difference of 1 is about one standard deviation of the
+Gaussian: pass features already divided by the kernel widths.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+__all__ = ["PermutohedralLattice", "sparse_csr"]
+
+
+class PermutohedralLattice:
+    """A lattice over `features` (P x d); `filter(values)` Gaussian-filters P x C values.
+
+    `filter` returns, for every point i, approximately sum_j exp(-|f_i - f_j|^2 / 2) v_j,
+    the point itself included (the lattice is an approximation: the response of a point to
+    itself is below 1 and the kernel a little wider than the exact Gaussian).
+
+    `batch_index` (P, integer) keeps points of different images on separate lattices, so one
+    lattice serves a whole batch and points only ever interact within their own image.
+    """
+
+    def __init__(self, features: torch.Tensor, batch_index: torch.Tensor | None = None) -> None:
+        if features.dim() != 2 or features.shape[1] < 1:
+            raise ValueError(f"lattice features must be P x d with d >= 1, got shape {tuple(features.shape)}")
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("lattice features must be finite")
+        if batch_index is not None and batch_index.shape != features.shape[:1]:
+            raise ValueError(f"batch_index must have one entry per point ({features.shape[0]}), got {tuple(batch_index.shape)}")
+        with torch.no_grad():
+            self._build(features.detach().float(), batch_index)
+
+    @property
+    def alpha(self) -> float:
+        """Adams et al.'s correction of the blur's total mass, applied when slicing."""
+        return 1.0 / (1.0 + 2.0 ** (-self.dim))
+
+    def filter(self, values: torch.Tensor) -> torch.Tensor:
+        """Gaussian-filter `values` (P x C); differentiable in `values` (plain autograd)."""
+        if values.dim() != 2 or values.shape[0] != self.num_points:
+            raise ValueError(
+                f"values to filter must be {self.num_points} x C (one row per lattice point), got shape {tuple(values.shape)}"
+            )
+        vertices = self.splat_matrix(self.weights) @ values.float()
+        for step in self.blur_matrices():
+            vertices = step @ vertices
+        return self.slice_matrix(self.alpha * self.weights) @ vertices
+
+    def row_sums(self, blurs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """filter(ones), P x 1: the kernel's row sums, cheaply (splatting ones is a bincount)."""
+        vertices = torch.bincount(self.vertices.reshape(-1), self.weights.reshape(-1), minlength=self.num_vertices)
+        vertices = vertices.float()[:, None]
+        for blur in self.blur_matrices() if blurs is None else blurs:
+            vertices = blur @ vertices
+        return self.alpha * (self.weights * vertices[self.vertices, 0]).sum(dim=1, keepdim=True)
+
+    def splat_matrix(self, point_weights: torch.Tensor) -> torch.Tensor:
+        """M x P sparse matrix: each vertex gathers its points' values times `point_weights`
+        (P x (d+1), one weight per point and vertex of its simplex, as in `vertices`)."""
+        values = point_weights.reshape(-1)[self._splat_pairs]
+        return _csr_from_crow(self._splat_crow, self._splat_cols, values, (self.num_vertices, self.num_points))
+
+    def slice_matrix(self, point_weights: torch.Tensor) -> torch.Tensor:
+        """P x M sparse matrix: each point reads its simplex's vertices times `point_weights`."""
+        rows = torch.arange(self.num_points, device=self.vertices.device).repeat_interleave(self.dim + 1)
+        return sparse_csr(rows, self.vertices.reshape(-1), point_weights.reshape(-1), (self.num_points, self.num_vertices))
+
+    def blur_matrices(self) -> list[torch.Tensor]:
+        """d+1 sparse M x M matrices, the [1/2, 1, 1/2] blur along each lattice direction."""
+        return [sparse_csr(*triplet, (self.num_vertices, self.num_vertices)) for triplet in self.blur_triplets]
+
+    def _build(self, features: torch.Tensor, batch_index: torch.Tensor | None) -> None:
+        num_points, d = features.shape
+        device = features.device
+        self.num_points, self.dim = num_points, d
+
+        # Elevate onto the hyperplane sum(x) = 0 (the matrix E of Adams et al., p. 5), scaled so
+        # that the blur below has standard deviation about 1 in feature units.
+        dims = torch.arange(1, d + 1, device=device, dtype=torch.float32)
+        scaled = features * (math.sqrt(2.0 / 3.0) * (d + 1) / torch.sqrt(dims * (dims + 1)))
+        elevated = torch.cat([scaled.flip(1).cumsum(1).flip(1), scaled.new_zeros(num_points, 1)], dim=1)
+        elevated[:, 1:] -= dims * scaled
+
+        # The nearest remainder-0 point and the simplex holding the point: the rank of each
+        # coordinate of the offset from that point (descending, ties to the earlier coordinate).
+        rounded = _round_half_away(elevated / (d + 1))
+        remainder0 = rounded * (d + 1)
+        difference = elevated - remainder0
+        order = torch.sort(difference, dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(d + 1, device=device).expand(num_points, d + 1))
+        rank += rounded.sum(dim=1, keepdim=True).long()
+        wrap = (rank < 0).long() - (rank > d).long()  # bring points that rounded off the plane back
+        rank += (d + 1) * wrap
+        remainder0 = remainder0.long() + (d + 1) * wrap
+
+        # Barycentric coordinates (p. 10): differences of consecutive sorted offsets.
+        offset = (elevated - remainder0) / (d + 1)
+        barycentric = features.new_zeros(num_points, d + 2)
+        barycentric.scatter_add_(1, d - rank, offset)
+        barycentric.scatter_add_(1, d - rank + 1, -offset)
+        barycentric[:, 0] += 1.0 + barycentric[:, d + 1]
+        self.weights = barycentric[:, : d + 1].contiguous()
+
+        # Points that share a simplex (same remainder-0 corner, same rank permutation) share
+        # its d+1 vertices: find the distinct simplexes with a lexicographic sort of P keys.
+        if batch_index is None:
+            batch_index = torch.zeros(num_points, dtype=torch.long, device=device)
+        corner, strides = _pack(batch_index.to(device=device, dtype=torch.long), remainder0[:, :d], margin=2 * (d + 1))
+        permutation = (rank * (d + 1) ** torch.arange(d + 1, device=device)).sum(dim=1)
+        by_permutation = torch.argsort(permutation, stable=True)
+        point_order = by_permutation[torch.argsort(corner[by_permutation], stable=True)]
+        sorted_corner, sorted_permutation = corner[point_order], permutation[point_order]
+        starts_simplex = torch.ones(num_points, dtype=torch.bool, device=device)
+        starts_simplex[1:] = (sorted_corner[1:] != sorted_corner[:-1]) | (sorted_permutation[1:] != sorted_permutation[:-1])
+        simplex_in_order = starts_simplex.cumsum(0) - 1
+        representative = point_order[starts_simplex]
+        num_simplexes = int(representative.shape[0])
+
+        # Their vertices as packed keys: vertex r is corner + r, less d+1 on each coordinate
+        # whose rank exceeds d - r (the last coordinate is implied by sum = 0; the image index
+        # is the top digit, so images never share a vertex). Deduplicate with one more sort.
+        jumps = torch.zeros(num_simplexes, d + 2, dtype=torch.long, device=device)
+        jumps.scatter_add_(1, d + 1 - rank[representative, :d], strides.expand(num_simplexes, d))
+        remainders = torch.arange(d + 1, device=device)
+        slot_codes = corner[representative, None] + remainders * strides.sum() - (d + 1) * jumps.cumsum(dim=1)[:, : d + 1]
+        sorted_codes, slot_order = torch.sort(slot_codes.reshape(-1))
+        starts_vertex = torch.ones_like(sorted_codes, dtype=torch.bool)
+        starts_vertex[1:] = sorted_codes[1:] != sorted_codes[:-1]
+        vertex_in_order = starts_vertex.cumsum(0) - 1
+        vertex_codes = sorted_codes[starts_vertex]
+        self.num_vertices = int(vertex_codes.shape[0])
+        slot_vertex = torch.empty_like(vertex_in_order).scatter_(0, slot_order, vertex_in_order).reshape(num_simplexes, d + 1)
+        simplex_of_point = torch.empty_like(simplex_in_order).scatter_(0, point_order, simplex_in_order)
+        self.vertices = slot_vertex[simplex_of_point]
+
+        # The splat matrix lists, for each vertex, the (point, vertex-of-simplex) pairs that
+        # land on it: a stable sort of the pairs' vertex ids, which fit in 32 bits (sorting
+        # those is several times faster than sorting the 64-bit keys).
+        vertex_of_pair = self.vertices.reshape(-1)
+        self._splat_pairs = torch.argsort(vertex_of_pair.int() if self.num_vertices < 2**31 else vertex_of_pair, stable=True)
+        self._splat_cols = torch.div(self._splat_pairs, d + 1, rounding_mode="floor")
+        pairs_per_vertex = torch.bincount(vertex_of_pair, minlength=self.num_vertices)
+        self._splat_crow = torch.cat([pairs_per_vertex.new_zeros(1), pairs_per_vertex.cumsum(0)])
+
+        # Blur neighbours: a step along lattice direction j adds 1 to every coordinate and
+        # subtracts d+1 from coordinate j (direction d moves only the implied one), which is a
+        # fixed offset of the packed key; the margin in the packing keeps it collision free.
+        offsets = (strides.sum() - (d + 1) * torch.cat([strides, strides.new_zeros(1)])).abs()
+        queries = torch.cat([vertex_codes[None, :] - offsets[:, None], vertex_codes[None, :] + offsets[:, None]])
+        position = torch.searchsorted(vertex_codes, queries).clamp_(max=self.num_vertices - 1)
+        neighbour = torch.where(vertex_codes[position] == queries, position, -1)
+        self.blur_triplets = [_blur_triplet(neighbour[j], neighbour[j + d + 1]) for j in range(d + 1)]
+
+
+def _blur_triplet(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, values) of I + (lower + upper) / 2, sorted; absent neighbours (-1) dropped,
+    as if they held zero (no point touched them)."""
+    own = torch.arange(lower.shape[0], device=lower.device)
+    cols = torch.stack([lower, own, upper], dim=1)  # lower < own < upper: packing preserves order
+    values = torch.tensor([0.5, 1.0, 0.5], device=own.device).expand_as(cols)
+    present = cols >= 0
+    return own.repeat_interleave(present.sum(dim=1)), cols[present], values[present]
+
+
+def _pack(batch_index: torch.Tensor, coordinates: torch.Tensor, margin: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixed-radix int64 packing of (image, k_1..k_d) over the observed ranges widened by
+    `margin`, so nearby keys pack without collision: (packed keys, strides of k_1..k_d)."""
+    low = coordinates.min(dim=0).values - margin
+    sizes = (coordinates.max(dim=0).values + margin - low + 1).tolist()
+    num_images = int(batch_index.max()) - int(batch_index.min()) + 1
+    if math.prod(sizes) * num_images >= 2**62:
+        raise ValueError(
+            "permutohedral lattice keys do not fit in 64 bits for these features; use larger kernel widths (theta)"
+        )
+    strides = [1]
+    for size in reversed(sizes[1:]):
+        strides.insert(0, strides[0] * size)
+    strides = torch.tensor(strides, dtype=torch.long, device=coordinates.device)
+    packed = ((coordinates - low) * strides).sum(dim=1) + (batch_index - batch_index.min()) * (strides[0] * sizes[0])
+    return packed, strides
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's round(): halves go away from zero (torch.round goes to even), as the reference does."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def _csr_from_crow(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if int(crow[-1]) < 2**31 and max(size) < 2**31:  # 32-bit indices spare a conversion per product
+        crow, cols = crow.int(), cols.int()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, cols, values.float(), size, check_invariants=False)
+
+
+def sparse_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A CSR matrix from triplets whose `rows` are already sorted (not checked)."""
+    counts = torch.bincount(rows, minlength=size[0])
+    return _csr_from_crow(torch.cat([counts.new_zeros(1), counts.cumsum(0)]), cols, values, size)

@@ -1,0 +1,320 @@
+"""The data doctor: read every file of a data set once and report what would hurt training.
+
+``check_dataset`` decodes every image and mask of every split (fully, so truncated files are
+caught), and collects counts, image sizes, the histogram of stored label values, class
+frequencies and each problem with the file it concerns. ``preflight`` is the same check
+condensed to one line per kind of problem, for ``seglab train`` to refuse bad data before the
+first epoch instead of failing in the middle of one.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from seglab.data import FORMATS, _coco_annotation_file, detect_format
+from seglab.data.ade20k import ade_splits
+from seglab.data.camvid import camvid_splits
+from seglab.data.cityscapes import cityscapes_splits
+from seglab.data.coco import CocoSemantic
+from seglab.data.files import UNDEFINED, FileDataset, read_raw_mask
+from seglab.data.folder import folder_splits
+from seglab.data.voc import voc_splits
+
+__all__ = ["Problem", "DataReport", "check_dataset", "preflight", "render_report", "PROBLEM_KINDS"]
+
+# kind -> how one line of the summary describes it
+PROBLEM_KINDS = {
+    "missing partner": "files without their image or mask partner",
+    "unreadable": "corrupt or truncated files that cannot be decoded",
+    "size mismatch": "images whose mask has a different size",
+    "unknown label": "masks with label values outside the classes that are not ignore",
+    "unknown colour": "RGB masks with colours missing from the class table",
+    "empty mask": "masks without a single labelled pixel",
+    "empty split": "splits with no usable image/mask pair",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str
+    file: Path
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.detail}"
+
+
+@dataclass
+class DataReport:
+    """Everything the doctor found; ``ok`` is True when there is no problem."""
+
+    path: Path
+    format: str
+    classes: list[str]
+    ignore_index: int
+    counts: dict[str, int] = field(default_factory=dict)
+    image_sizes: Counter = field(default_factory=Counter)
+    label_histogram: Counter = field(default_factory=Counter)
+    class_pixels: list[int] = field(default_factory=list)
+    ignored_pixels: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def class_frequencies(self) -> list[float]:
+        total = sum(self.class_pixels)
+        return [pixels / total if total else 0.0 for pixels in self.class_pixels]
+
+    def problems_by_kind(self) -> dict[str, list[Problem]]:
+        grouped: dict[str, list[Problem]] = defaultdict(list)
+        for problem in self.problems:
+            grouped[problem.kind].append(problem)
+        return dict(grouped)
+
+    def summary_lines(self) -> list[str]:
+        """One line per kind of problem: count, what it means, and the first example."""
+        return [
+            f"{len(found)} {PROBLEM_KINDS.get(kind, kind)} (e.g. {found[0]})"
+            for kind, found in self.problems_by_kind().items()
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "classes": self.classes,
+            "ignore_index": self.ignore_index,
+            "counts": self.counts,
+            "image_sizes": {f"{w}x{h}": n for (w, h), n in self.image_sizes.most_common()},
+            "label_histogram": {str(value): n for value, n in sorted(self.label_histogram.items(), key=_value_order)},
+            "class_pixels": dict(zip(self.classes, self.class_pixels)),
+            "class_frequencies": dict(zip(self.classes, self.class_frequencies)),
+            "ignored_pixels": self.ignored_pixels,
+            "problems": [{"kind": p.kind, "file": str(p.file), "detail": p.detail} for p in self.problems],
+        }
+
+
+def check_dataset(path: str | Path, format: str | None = None, splits: Sequence[str] | None = None, **options: Any) -> DataReport:
+    """Check every split of the data set at ``path`` (or only ``splits``).
+
+    ``format`` as in :func:`seglab.data.open_dataset` (None detects it); ``options`` go to the
+    format's class (e.g. ``classes=`` for the folder format).
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"data set folder {root} does not exist")
+    if format is None and root.suffix == ".json":
+        format = "coco"
+    fmt = detect_format(root) if format is None else format.lower()
+    if fmt == "coco":
+        return _check_coco(root, **options)
+    if fmt not in FORMATS:
+        raise ValueError(f"the data doctor knows the formats {', '.join(FORMATS)}, coco, not {format!r}")
+    chosen = list(splits) if splits is not None else _available_splits(fmt, root)
+    report: DataReport | None = None
+    seen: set[Problem] = set()
+    checked: set[tuple[Path, Path]] = set()
+    for split in chosen:
+        dataset = FORMATS[fmt](root, split, **options)
+        if report is None:
+            report = DataReport(root, fmt, list(dataset.classes), dataset.ignore_index, class_pixels=[0] * dataset.num_classes)
+        report.counts[split] = len(dataset)
+        found = [Problem("missing partner", file, reason) for file, reason in dataset.unpaired]
+        if not len(dataset):
+            found.append(Problem("empty split", root, f"split {split!r} has no usable image/mask pair"))
+        for pair in dataset.pairs:
+            if pair not in checked:  # a file shared by two splits (e.g. trainval) is read once
+                checked.add(pair)
+                found += _check_pair(dataset, pair, report)
+        for problem in found:
+            if problem not in seen:
+                seen.add(problem)
+                report.problems.append(problem)
+    if report is None:
+        raise ValueError(f"{root} has no split to check")
+    return report
+
+
+def _check_coco(root: Path, **options: Any) -> DataReport:
+    """COCO JSON sets: every listed image exists, decodes, has the size the file says, and every
+    object's category is declared; masks are rasterised as the semantic view does."""
+    files = {found[0] for found in (_coco_annotation_file(root, split) for split in ("train", "val")) if found}
+    if not files:
+        raise FileNotFoundError(f"no COCO annotation file under {root} (annotations/instances_<split>*.json or one *.json beside images/)")
+    report: DataReport | None = None
+    for annotation_file in sorted(files):
+        dataset = CocoSemantic(annotation_file, split=None, **{k: v for k, v in options.items() if k == "image_dir"})
+        coco = dataset.file.coco
+        if report is None:
+            report = DataReport(root, "coco", list(dataset.classes), dataset.ignore_index, class_pixels=[0] * dataset.num_classes)
+        report.counts[annotation_file.name] = len(dataset)
+        declared = set(coco.cats)
+        for annotation in coco.dataset.get("annotations", []):
+            if annotation.get("category_id") not in declared:
+                report.problems.append(Problem("unknown label", annotation_file, f"annotation {annotation.get('id')} has category {annotation.get('category_id')}, which the file does not declare"))
+        for index, image_id in enumerate(dataset.file.image_ids):
+            info = coco.imgs[image_id]
+            path = dataset.file.image_dir / info["file_name"]
+            if not path.is_file():
+                report.problems.append(Problem("missing partner", path, f"is listed in {annotation_file.name} (image id {image_id}) but does not exist"))
+                continue
+            size, problem = _image_size(path)
+            if problem:
+                report.problems.append(problem)
+                continue
+            report.image_sizes[size] += 1
+            if (info.get("width"), info.get("height")) != size:
+                report.problems.append(Problem("size mismatch", path, f"is {size[0]}x{size[1]} but {annotation_file.name} says {info.get('width')}x{info.get('height')}"))
+                continue
+            if any(a.get("category_id") not in declared for a in dataset.file.objects(image_id)):
+                continue  # reported above, and the semantic view cannot rasterise it
+            mask = dataset[index]["mask"].numpy()
+            _count(mask, mask, report)
+            if not ((mask >= 0) & (mask < len(report.classes))).any():
+                report.problems.append(Problem("empty mask", path, "has no labelled pixel (crowd regions only)"))
+    assert report is not None
+    return report
+
+
+def preflight(path: str | Path, format: str | None = None, **options: Any) -> list[str]:
+    """The doctor's findings as one line per kind of problem; empty when the data is fit to train."""
+    report = check_dataset(path, format, **options)
+    lines = report.summary_lines()
+    if lines:
+        lines.append(f"run `seglab data check {path}` for every file concerned")
+    return lines
+
+
+def _value_order(item: tuple[Any, int]) -> tuple[bool, Any]:
+    """Index values in numeric order, colour codes (strings) after them."""
+    return isinstance(item[0], str), item[0]
+
+
+def _available_splits(fmt: str, root: Path) -> list[str]:
+    finder = {"folder": folder_splits, "voc": voc_splits, "camvid": camvid_splits, "cityscapes": cityscapes_splits, "ade20k": ade_splits}
+    splits = list(finder[fmt](root))
+    if not splits:
+        raise ValueError(f"{root} holds no split of the {fmt} format")
+    return splits
+
+
+def _image_size(path: Path) -> tuple[tuple[int, int] | None, Problem | None]:
+    """(width, height) after a full decode, or the problem that stopped it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.size, None
+    except (OSError, SyntaxError, ValueError) as error:
+        return None, Problem("unreadable", path, f"cannot be decoded ({error})")
+
+
+def _check_pair(dataset: FileDataset, pair: tuple[Path, Path], report: DataReport) -> list[Problem]:
+    image_path, mask_path = pair
+    problems: list[Problem] = []
+    image_size, problem = _image_size(image_path)
+    if problem:
+        problems.append(problem)
+    try:
+        raw = read_raw_mask(mask_path)
+    except (OSError, SyntaxError, ValueError) as error:
+        return problems + [Problem("unreadable", mask_path, f"cannot be decoded ({error})")]
+    report.image_sizes[(raw.shape[1], raw.shape[0]) if image_size is None else image_size] += 1
+    if image_size is not None and image_size != (raw.shape[1], raw.shape[0]):
+        problems.append(Problem("size mismatch", mask_path, f"is {raw.shape[1]}x{raw.shape[0]} but its image {image_path.name} is {image_size[0]}x{image_size[1]} (W x H)"))
+    if raw.ndim == 3 and not dataset.decoder.colours:
+        return problems + [Problem("unknown colour", mask_path, "is an RGB colour-coded mask but the data set has no colour table (classes.yaml)")]
+    labels = dataset.decoder.labels(raw)
+    _count(raw, labels, report)
+    undefined = labels == UNDEFINED
+    if undefined.any():
+        problems.append(_unknown_values(raw, undefined, mask_path, report))
+    valid = (labels >= 0) & (labels < len(report.classes))
+    if not valid.any():
+        problems.append(Problem("empty mask", mask_path, "has no labelled pixel (all ignore or unknown)"))
+    return problems
+
+
+def _count(raw: np.ndarray, labels: np.ndarray, report: DataReport) -> None:
+    if raw.ndim == 3:
+        codes, counts = np.unique((raw[..., 0].astype(np.int64) << 16) | (raw[..., 1].astype(np.int64) << 8) | raw[..., 2], return_counts=True)
+        report.label_histogram.update({f"#{int(code):06x}": int(n) for code, n in zip(codes, counts)})
+    elif raw.dtype in (np.uint8, np.uint16):  # bincount is far cheaper than sorting for small values
+        counts = np.bincount(raw.ravel())
+        report.label_histogram.update({int(v): int(counts[v]) for v in np.flatnonzero(counts)})
+    else:
+        values, counts = np.unique(raw, return_counts=True)
+        report.label_histogram.update({int(v): int(n) for v, n in zip(values, counts)})
+    num_classes = len(report.classes)
+    valid = (labels >= 0) & (labels < num_classes)
+    per_class = np.bincount(labels[valid].ravel(), minlength=num_classes)
+    report.class_pixels = [total + int(n) for total, n in zip(report.class_pixels, per_class)]
+    report.ignored_pixels += int((~valid).sum())
+
+
+def _unknown_values(raw: np.ndarray, undefined: np.ndarray, mask_path: Path, report: DataReport) -> Problem:
+    pixels = int(undefined.sum())
+    if raw.ndim == 3:
+        colours = np.unique(raw[undefined], axis=0)[:5]
+        shown = ", ".join(f"({r}, {g}, {b})" for r, g, b in colours.tolist())
+        return Problem("unknown colour", mask_path, f"has {pixels} pixels in colours not in the class table: {shown}")
+    values = np.unique(raw[undefined])[:8]
+    return Problem(
+        "unknown label",
+        mask_path,
+        f"has {pixels} pixels with values {', '.join(map(str, values.tolist()))}, outside classes 0..{len(report.classes) - 1} and not ignore ({report.ignore_index})",
+    )
+
+
+def render_report(report: DataReport, console: Any = None) -> None:
+    """Print the report as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    console.print(f"[bold]{report.path}[/bold]  format: {report.format}  classes: {len(report.classes)}  ignore: {report.ignore_index}")
+    splits = Table(title="pairs per split")
+    splits.add_column("split")
+    splits.add_column("pairs", justify="right")
+    for split, count in report.counts.items():
+        splits.add_row(split, str(count))
+    console.print(splits)
+    sizes = Table(title="image sizes (W x H)")
+    sizes.add_column("size")
+    sizes.add_column("images", justify="right")
+    for (width, height), count in report.image_sizes.most_common(10):
+        sizes.add_row(f"{width}x{height}", str(count))
+    if len(report.image_sizes) > 10:
+        sizes.add_row("...", f"{len(report.image_sizes) - 10} more sizes")
+    console.print(sizes)
+    histogram = Table(title="stored label values")
+    histogram.add_column("value")
+    histogram.add_column("pixels", justify="right")
+    histogram.add_column("share", justify="right")
+    total = sum(report.label_histogram.values()) or 1
+    for value, count in sorted(report.label_histogram.items(), key=_value_order):
+        histogram.add_row(str(value), str(count), f"{100 * count / total:.2f}%")
+    console.print(histogram)
+    classes = Table(title="class frequencies (share of labelled pixels)")
+    classes.add_column("id", justify="right")
+    classes.add_column("class")
+    classes.add_column("pixels", justify="right")
+    classes.add_column("share", justify="right")
+    for index, (name, pixels, share) in enumerate(zip(report.classes, report.class_pixels, report.class_frequencies)):
+        classes.add_row(str(index), name, str(pixels), f"{100 * share:.2f}%")
+    classes.add_row("", "ignored", str(report.ignored_pixels), "")
+    console.print(classes)
+    if report.ok:
+        console.print("[green]no problems found[/green]")
+        return
+    for kind, found in report.problems_by_kind().items():
+        console.print(f"[red bold]{kind}[/red bold]: {len(found)} {PROBLEM_KINDS.get(kind, kind)}")
+        for problem in found:
+            console.print(f"  {problem.file}: {problem.detail}", markup=False, highlight=False)

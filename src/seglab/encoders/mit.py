@@ -1,0 +1,178 @@
+"""Mix Transformer encoders MiT-B0..B5 (Xie et al., NeurIPS 2021 "SegFormer", Sec. 3.1).
+
+Four stages at strides 4, 8, 16, 32. Each starts with an overlapping patch embedding (a strided
+convolution: 7x7 stride 4 first, 3x3 stride 2 after) and stacks transformer blocks made of
+- efficient self-attention: keys and values come from the sequence shrunk by a factor R^2 with
+  a RxR stride-R convolution (R = 8, 4, 2, 1), cutting the cost from O(N^2) to O(N^2 / R^2);
+- Mix-FFN: Linear, 3x3 depthwise conv, GELU, Linear. The depthwise conv leaks enough
+  position information that no positional encoding is needed, so any input size works.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["MixTransformer", "MIT_CONFIGS"]
+
+
+@dataclass(frozen=True)
+class MiTConfig:
+    widths: tuple[int, int, int, int]
+    depths: tuple[int, int, int, int]
+    heads: tuple[int, int, int, int] = (1, 2, 5, 8)
+    reductions: tuple[int, int, int, int] = (8, 4, 2, 1)
+    mlp_ratio: int = 4
+
+
+# Table 6 of the paper (encoder hyper-parameters per size).
+MIT_CONFIGS = {
+    "mit_b0": MiTConfig((32, 64, 160, 256), (2, 2, 2, 2)),
+    "mit_b1": MiTConfig((64, 128, 320, 512), (2, 2, 2, 2)),
+    "mit_b2": MiTConfig((64, 128, 320, 512), (3, 4, 6, 3)),
+    "mit_b3": MiTConfig((64, 128, 320, 512), (3, 4, 18, 3)),
+    "mit_b4": MiTConfig((64, 128, 320, 512), (3, 8, 27, 3)),
+    "mit_b5": MiTConfig((64, 128, 320, 512), (3, 6, 40, 3)),
+}
+
+
+class OverlapPatchEmbed(nn.Module):
+    def __init__(self, in_channels: int, dim: int, patch: int, stride: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, patch, stride, padding=patch // 2)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x = self.proj(x)
+        height, width = x.shape[-2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), height, width
+
+
+class EfficientSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, reduction: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.reduction = reduction
+        if reduction > 1:
+            self.sr = nn.Conv2d(dim, dim, reduction, reduction)
+            self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        n, length, dim = x.shape
+        q = self.q(x).reshape(n, length, self.heads, dim // self.heads).transpose(1, 2)
+        context = x
+        if self.reduction > 1:
+            grid = x.transpose(1, 2).reshape(n, dim, height, width)
+            context = self.norm(self.sr(grid).flatten(2).transpose(1, 2))
+        k, v = self.kv(context).reshape(n, -1, 2, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(n, length, dim))
+
+
+class MixFFN(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        x = self.fc1(x)
+        n, length, hidden = x.shape
+        x = self.dwconv(x.transpose(1, 2).reshape(n, hidden, height, width)).flatten(2).transpose(1, 2)
+        return self.fc2(self.act(x))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability `p`."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, reduction: int, mlp_ratio: int, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = EfficientSelfAttention(dim, heads, reduction)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = MixFFN(dim, dim * mlp_ratio)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
+        return x + self.drop_path(self.ffn(self.norm2(x), height, width))
+
+
+class MiTStage(nn.Module):
+    def __init__(self, in_channels: int, dim: int, first: bool, depth: int, heads: int, reduction: int,
+                 mlp_ratio: int, drop_paths: list[float]) -> None:
+        super().__init__()
+        self.embed = OverlapPatchEmbed(in_channels, dim, patch=7 if first else 3, stride=4 if first else 2)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, heads, reduction, mlp_ratio, drop_paths[i]) for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, height, width = self.embed(x)
+        for block in self.blocks:
+            tokens = block(tokens, height, width)
+        return self.norm(tokens).transpose(1, 2).reshape(x.shape[0], -1, height, width)
+
+
+class MixTransformer(nn.Module):
+    """MiT encoder; `forward` returns the four stage maps (strides 4, 8, 16, 32)."""
+
+    def __init__(self, variant: str = "mit_b0", in_channels: int = 3, depth: int = 4, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        if variant not in MIT_CONFIGS:
+            raise ValueError(f"unknown Mix Transformer {variant!r}; choose one of {', '.join(MIT_CONFIGS)}")
+        if not 1 <= depth <= 4:
+            raise ValueError(f"MiT has 4 stages; depth must be 1..4, not {depth}")
+        cfg = MIT_CONFIGS[variant]
+        # Stochastic depth grows linearly with the block index over the whole network.
+        blocks = sum(cfg.depths)
+        rates = [drop_path_rate * i / max(blocks - 1, 1) for i in range(blocks)]
+        self.stages = nn.ModuleList()
+        previous, start = in_channels, 0
+        for i in range(depth):
+            self.stages.append(
+                MiTStage(previous, cfg.widths[i], i == 0, cfg.depths[i], cfg.heads[i], cfg.reductions[i],
+                         cfg.mlp_ratio, rates[start : start + cfg.depths[i]])
+            )
+            previous, start = cfg.widths[i], start + cfg.depths[i]
+        self.channels: list[int] = list(cfg.widths[:depth])
+        self.strides: list[int] = [4, 8, 16, 32][:depth]
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+def _init_weights(module: nn.Module) -> None:
+    # The paper's initialisation: truncated normal (std 0.02) for linear layers, fan-out normal for convs.
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+        nn.init.normal_(module.weight, 0.0, (2.0 / fan_out) ** 0.5)
+        nn.init.zeros_(module.bias)

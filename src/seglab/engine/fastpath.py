@@ -1,0 +1,314 @@
+"""The fast path: the same network, computed faster.
+
+Each step is independent, so the benchmark can measure each on its own:
+
+- `fold_conv_bn`: in eval mode a BatchNorm after a convolution is an affine map per channel;
+  it is folded into the convolution's weight and bias (one kernel and one pass over the
+  activations fewer). Which BatchNorm follows which convolution is *observed* on one forward
+  pass, not guessed from module names: a pair is folded only when the BatchNorm's input is the
+  convolution's output and nothing else reads that tensor.
+- `to_channels_last`: oneDNN's convolutions run natively on NHWC; NCHW costs reorders.
+- bfloat16 (`optimize_for_inference(..., precision="bf16")`): weights and activations in
+  bfloat16, which AVX-512 BF16 / AMX processors and recent GPUs multiply at about twice the
+  float32 rate. For inference the whole model is cast (no per-call casts, which autocast
+  repeats at every convolution); the logits come back as float32.
+- inference_mode instead of no_grad (no version counters, no autograd bookkeeping).
+- `torch.compile`, opt-in: it fuses the element-wise tails, but its first call compiles for
+  minutes on a small CPU, which only pays off for long runs.
+- Training: channels_last, bf16 autocast (`autocast_context`) over float32 master weights,
+  and a fused optimizer step (`optimizer_options`).
+
+`precision="32"` keeps float32 arithmetic: folding and the memory layout change results only
+at float32 rounding level (below 1e-4).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import Counter
+from typing import Any, ContextManager
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+from seglab.engine.precision import cpu_supports_bf16
+
+__all__ = [
+    "InferenceModel",
+    "autocast_context",
+    "default_precision",
+    "fold_conv_bn",
+    "optimize_for_inference",
+    "optimizer_options",
+    "prepare_batch",
+    "to_channels_last",
+]
+
+_DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
+# Reads of a tensor's metadata: they do not use its values, so folding cannot change them.
+_METADATA_READS = {"__get__", "dim", "size", "stride", "numel", "is_contiguous", "is_floating_point", "get_device"}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def default_precision(device: torch.device | str) -> str:
+    """"bf16" where the device computes bfloat16 natively (AVX-512 BF16 / AMX CPUs, CUDA with
+    bf16 support), "32" elsewhere: the precision the fast path uses when none is asked for."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "16"
+    return "bf16" if device.type == "cpu" and cpu_supports_bf16() else "32"
+
+
+def _check_precision(precision: str | int, device: torch.device) -> str:
+    name = str(precision).lower()
+    if name == "auto":
+        return default_precision(device)
+    if name not in _DTYPES:
+        raise ValueError(f"precision must be auto, 32, bf16 or 16, not {precision!r}")
+    if name == "16" and device.type != "cuda":
+        raise ValueError("precision 16 (float16) needs a CUDA device; on the CPU use bf16")
+    if name == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
+        raise ValueError("precision bf16: this CPU has no native bfloat16 support; use 32")
+    return name
+
+
+def autocast_context(device: torch.device | str, precision: str | int) -> ContextManager:
+    """Autocast for training at `precision` ("32" gives a context that changes nothing)."""
+    device = torch.device(device)
+    name = _check_precision(precision, device)
+    if name == "32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_DTYPES[name])
+
+
+def optimizer_options(optimizer: str, device: torch.device | str) -> dict[str, Any]:
+    """Keyword arguments that make `torch.optim.<optimizer>` take one fused step over all
+    parameters instead of a loop of small kernels (a large share of a CPU training step)."""
+    if optimizer.lower() in ("adam", "adamw", "sgd") and torch.device(device).type in ("cpu", "cuda"):
+        return {"fused": True}
+    return {}
+
+
+def to_channels_last(value: Any) -> Any:
+    """A model or a 4-d tensor in channels_last (NHWC) memory format; other tensors unchanged."""
+    if isinstance(value, nn.Module):
+        return value.to(memory_format=torch.channels_last)
+    if isinstance(value, torch.Tensor) and value.dim() == 4:
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
+# ------------------------------------------------------------------------- conv-BN folding
+class _DataflowRecorder(TorchFunctionMode):
+    """Counts, during one forward pass, how often each convolution output is read outside the
+    BatchNorm that consumes it (any read would see different values once the BN is folded)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.conv_outputs: dict[int, tuple[str, torch.Tensor]] = {}  # keeps tensors alive: ids stay unique
+        self.bn_inputs: list[tuple[str, int]] = []
+        self.reads: Counter[int] = Counter()
+        self.calls: Counter[str] = Counter()
+        self.inside_bn = 0
+        self.handles = []
+        for name, module in model.named_modules():
+            if type(module) is nn.Conv2d:
+                self.handles.append(module.register_forward_hook(self._conv_hook(name)))
+            elif type(module) is nn.BatchNorm2d:
+                self.handles.append(module.register_forward_pre_hook(self._bn_enter(name)))
+                self.handles.append(module.register_forward_hook(self._bn_exit))
+
+    def _conv_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.calls[name] += 1
+            self.conv_outputs[id(output)] = (name, output)
+
+        return hook
+
+    def _bn_enter(self, name: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            self.calls[name] += 1
+            # Matched now, while the tensor is alive: a freed input's id may be reused later.
+            if id(inputs[0]) in self.conv_outputs:
+                self.bn_inputs.append((name, id(inputs[0])))
+            self.inside_bn += 1
+
+        return hook
+
+    def _bn_exit(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.inside_bn -= 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.inside_bn and getattr(func, "__name__", "") not in _METADATA_READS:
+            for value in [*args, *kwargs.values()]:
+                for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(tensor, torch.Tensor) and id(tensor) in self.conv_outputs:
+                        self.reads[id(tensor)] += 1
+        return func(*args, **kwargs)
+
+    def count_returned(self, output: Any) -> None:
+        """A convolution output handed back to the caller is read there, unfolded."""
+        if isinstance(output, torch.Tensor) and id(output) in self.conv_outputs:
+            self.reads[id(output)] += 1
+        elif isinstance(output, dict):
+            for value in output.values():
+                self.count_returned(value)
+        elif isinstance(output, (list, tuple)):
+            for value in output:
+                self.count_returned(value)
+
+    def foldable_pairs(self) -> list[tuple[str, str]]:
+        pairs = []
+        for bn_name, tensor_id in self.bn_inputs:
+            if self.reads[tensor_id]:
+                continue
+            conv_name = self.conv_outputs[tensor_id][0]
+            if self.calls[conv_name] == 1 and self.calls[bn_name] == 1:
+                pairs.append((conv_name, bn_name))
+        return pairs
+
+    def remove_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _example_input(model: nn.Module) -> torch.Tensor:
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first_conv.in_channels if first_conv is not None else 3
+    parameter = next(model.parameters())
+    return torch.zeros(1, channels, 64, 64, device=parameter.device, dtype=parameter.dtype)
+
+
+@torch.no_grad()
+def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+    conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype), requires_grad=False)
+    conv.bias = nn.Parameter((bias * scale + shift).to(conv.weight.dtype), requires_grad=False)
+
+
+@torch.no_grad()
+def fold_conv_bn(model: nn.Module, example_input: torch.Tensor | None = None) -> int:
+    """Fold every BatchNorm2d that directly follows a Conv2d into it, in place, and replace the
+    BatchNorm by nn.Identity. Only for inference (the model is put in eval mode). The pairs are
+    found by running `example_input` (default: one 64x64 image of zeros) through the model.
+    Returns the number of folded pairs."""
+    model.eval()
+    recorder = _DataflowRecorder(model)
+    try:
+        with recorder:
+            output = model(example_input if example_input is not None else _example_input(model))
+        recorder.count_returned(output)
+    finally:
+        recorder.remove_hooks()
+    pairs = recorder.foldable_pairs()
+    modules = dict(model.named_modules())
+    for conv_name, bn_name in pairs:
+        bn = modules[bn_name]
+        if not bn.track_running_stats or bn.running_mean is None:
+            continue  # a BatchNorm without running statistics normalises with the batch's own
+        _fold_into(modules[conv_name], bn)
+        parent_name, _, attribute = bn_name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, attribute, nn.Identity())
+    return len(pairs)
+
+
+# ------------------------------------------------------------------------------ inference
+def _outputs_to_float(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    if isinstance(output, dict):
+        return {key: _outputs_to_float(value) for key, value in output.items()}
+    if isinstance(output, (list, tuple)):
+        return type(output)(_outputs_to_float(value) for value in output)
+    return output
+
+
+class InferenceModel(nn.Module):
+    """A model prepared by `optimize_for_inference`: takes float32 NCHW images like the
+    original, casts and re-lays them out for the prepared model, and returns float32 logits."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, channels_last: bool, inference_mode: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.inference_mode = inference_mode
+
+    def forward(self, images: torch.Tensor) -> Any:
+        images = images.to(self.dtype)
+        if self.channels_last:
+            images = to_channels_last(images)
+        with torch.inference_mode() if self.inference_mode else contextlib.nullcontext():
+            return _outputs_to_float(self.model(images))
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    precision: str | int = "auto",
+    *,
+    fold_bn: bool = True,
+    channels_last: bool = True,
+    inference_mode: bool = True,
+    compile: bool = False,
+    inplace: bool = False,
+    example_input: torch.Tensor | None = None,
+) -> InferenceModel:
+    """The fast inference path of `model` (eval mode): conv-BN folding, channels_last,
+    inference_mode and `precision` ("auto": bf16 where the hardware runs it natively, else 32;
+    "32", "bf16", "16"), optionally torch.compile. The argument model is left untouched unless
+    `inplace`. Each switch can be turned off to measure the others on their own."""
+    device = _device_of(model)
+    name = _check_precision(precision, device)
+    prepared = model if inplace else copy.deepcopy(model)
+    prepared.eval()
+    for parameter in prepared.parameters():
+        parameter.requires_grad_(False)
+    if fold_bn:
+        fold_conv_bn(prepared, example_input)
+    if channels_last:
+        prepared = to_channels_last(prepared)
+    dtype = _DTYPES[name]
+    prepared = prepared.to(dtype)
+    if compile:
+        prepared = torch.compile(prepared, dynamic=False)
+    return InferenceModel(prepared, dtype, channels_last, inference_mode)
+
+
+def prepare_batch(
+    images: list[torch.Tensor] | torch.Tensor,
+    mean: list[float] | tuple[float, ...],
+    std: list[float] | tuple[float, ...],
+    *,
+    device: torch.device | str = "cpu",
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """Batched pre-processing: C x H x W uint8 (0..255) or float (0..1) images of one size ->
+    one normalised float32 N x C x H x W batch on `device`, in one pass over the whole batch
+    (uint8 goes to the device before the conversion, four times fewer bytes to move)."""
+    batch = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+    if batch.dim() == 3:
+        batch = batch[None]
+    if batch.dim() != 4:
+        raise ValueError(f"prepare_batch takes C x H x W images, not a tensor of shape {tuple(batch.shape)}")
+    batch = batch.to(device, non_blocking=True)
+    if channels_last:
+        batch = to_channels_last(batch)
+    scale = 1 / 255 if batch.dtype == torch.uint8 else 1.0
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    if mean_t.shape[1] != batch.shape[1]:
+        raise ValueError(f"mean/std have {mean_t.shape[1]} values but the images have {batch.shape[1]} channels")
+    # (x * scale - mean) / std as one multiply-add per pixel.
+    return torch.addcmul(-mean_t / std_t, batch.float(), scale / std_t)

@@ -1,0 +1,87 @@
+"""Export a model for deployment: ONNX (run it with onnxruntime) or TorchScript.
+
+Both trace one forward pass of an eval-mode model on a dummy ``1 x C x H x W`` input. Every
+seglab semantic model pads its input to a multiple of its stride and crops its output without
+branching on the size, so one trace serves any batch and image size (``dynamic=True``).
+
+Two ONNX exporters: ``dynamo=True`` (default) uses ``torch.export`` (PyTorch's supported path,
+needs onnxscript) and handles every semantic model; ``dynamo=False`` is the older
+TorchScript-based exporter, 5-10x faster to run but unable to export max-unpooling with an
+output size (SegNet, DeconvNet) or adaptive pooling to a grid on a padded input (PSPNet).
+The original U-Net computes its centre padding in Python from the image size, so it exports
+for the traced size only (``dynamic=False``).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+__all__ = ["export_onnx", "export_torchscript"]
+
+
+def _dummy_input(model: nn.Module, image_size: int | tuple[int, int] | list[int], in_channels: int) -> torch.Tensor:
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    if len(image_size) != 2 or min(image_size) < 1:
+        raise ValueError(f"image_size must be N or (height, width) with positive sides, not {image_size!r}")
+    device = next(model.parameters()).device
+    return torch.zeros(1, in_channels, int(image_size[0]), int(image_size[1]), device=device)
+
+
+def _output_path(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.parent.exists():
+        raise FileNotFoundError(f"export folder {str(path.parent)!r} does not exist")
+    return path
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    image_size: int | tuple[int, int] = 512,
+    in_channels: int = 3,
+    dynamic: bool = True,
+    opset: int = 18,
+    dynamo: bool = True,
+) -> Path:
+    """Write `model` as ONNX to `path` with input ``image`` and output ``logits``; with
+    `dynamic`, batch, height and width are free axes. Returns the path."""
+    path = _output_path(path)
+    model = model.eval()
+    example = _dummy_input(model, image_size, in_channels)
+    with warnings.catch_warnings():
+        # Both exporters warn about things that do not concern a user (deprecation, tracer notes).
+        warnings.simplefilter("ignore")
+        if dynamo:
+            free = torch.export.Dim.AUTO
+            shapes = ({0: free, 2: free, 3: free},) if dynamic else None
+            program = torch.onnx.export(
+                model, (example,), input_names=["image"], output_names=["logits"], opset_version=opset,
+                dynamo=True, dynamic_shapes=shapes, verbose=False,
+            )
+            program.save(str(path), external_data=False)
+        else:
+            axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}}
+            torch.onnx.export(
+                model, (example,), str(path), input_names=["image"], output_names=["logits"], opset_version=opset,
+                dynamo=False, dynamic_axes=axes if dynamic else None,
+            )
+    return path
+
+
+def export_torchscript(
+    model: nn.Module, path: str | Path, *, image_size: int | tuple[int, int] = 512, in_channels: int = 3
+) -> Path:
+    """Trace `model` with torch.jit.trace and save it to `path` (load with torch.jit.load)."""
+    path = _output_path(path)
+    model = model.eval()
+    example = _dummy_input(model, image_size, in_channels)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, example, check_trace=False)
+    traced.save(str(path))
+    return path

@@ -1,0 +1,133 @@
+"""Per-pixel losses: cross-entropy, binary cross-entropy and focal loss.
+
+Focal loss (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017):
+    FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t),
+where p_t is the probability given to the true class; gamma = 0 and no alpha is plain CE.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seglab.losses._inputs import binary_view, check_mode, masked_mean, valid_mask
+
+__all__ = ["CrossEntropyLoss", "BCELoss", "FocalLoss"]
+
+
+def _weights(class_weights: Sequence[float] | torch.Tensor | None) -> torch.Tensor | None:
+    return None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+
+
+class CrossEntropyLoss(nn.Module):
+    """Multiclass cross-entropy with class weights, ignore_index and label smoothing.
+
+    Identical to torch.nn.functional.cross_entropy with reduction="mean" (the weighted mean,
+    divided by the summed weights of the counted pixels; label smoothing as Szegedy et al. 2016
+    mixes the one-hot target with the uniform distribution), except that a batch whose pixels
+    are all ignored gives 0 instead of NaN.
+    """
+
+    def __init__(
+        self,
+        class_weights: Sequence[float] | torch.Tensor | None = None,
+        ignore_index: int | None = 255,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.register_buffer("class_weights", _weights(class_weights), persistent=False)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ignore = -100 if self.ignore_index is None else self.ignore_index
+        weight = None if self.class_weights is None else self.class_weights.to(logits.dtype)
+        per_pixel = F.cross_entropy(
+            logits, target.long(), weight=weight, ignore_index=ignore, reduction="none", label_smoothing=self.label_smoothing
+        )
+        valid = valid_mask(target, self.ignore_index)
+        if weight is None:
+            return masked_mean(per_pixel, valid)
+        counted = weight[target.masked_fill(~valid, 0).long()] * valid
+        return per_pixel.sum() / counted.sum().clamp(min=torch.finfo(logits.dtype).tiny)
+
+
+class BCELoss(nn.Module):
+    """Binary cross-entropy on logits for the binary and multilabel modes.
+
+    pos_weight multiplies the positive term (as in torch's BCEWithLogitsLoss); label smoothing
+    moves targets to y (1 - eps) + eps / 2. Mean over the entries that are not ignored.
+    """
+
+    def __init__(
+        self,
+        mode: str = "binary",
+        ignore_index: int | None = 255,
+        pos_weight: float | Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if check_mode(mode) == "multiclass":
+            raise ValueError("BCE is for the binary and multilabel modes; use 'ce' for multiclass")
+        self.mode = mode
+        self.ignore_index = ignore_index
+        self.register_buffer("pos_weight", None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32).view(-1, 1), persistent=False)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits, target = binary_view(logits, target, self.mode)
+        valid = valid_mask(target, self.ignore_index)
+        soft_target = target.masked_fill(~valid, 0).to(logits.dtype)
+        soft_target = soft_target * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+        per_entry = F.binary_cross_entropy_with_logits(
+            logits, soft_target, pos_weight=None if self.pos_weight is None else self.pos_weight.to(logits.dtype), reduction="none"
+        )
+        return masked_mean(per_entry, valid)
+
+
+class FocalLoss(nn.Module):
+    """Focal loss, mean over the pixels (entries) that are not ignored.
+
+    multiclass: softmax focal loss, p_t = softmax probability of the true class, alpha_t =
+    class_weights[t] when given (else 1). binary / multilabel: sigmoid focal loss of Lin et al.,
+    alpha_t = alpha for positives and 1 - alpha for negatives (alpha=None: no weighting).
+    """
+
+    def __init__(
+        self,
+        mode: str = "multiclass",
+        gamma: float = 2.0,
+        alpha: float | None = None,
+        class_weights: Sequence[float] | torch.Tensor | None = None,
+        ignore_index: int | None = 255,
+    ) -> None:
+        super().__init__()
+        self.mode = check_mode(mode)
+        if gamma < 0:
+            raise ValueError(f"focal gamma must be >= 0, got {gamma}")
+        self.gamma = gamma
+        self.alpha = alpha
+        self.register_buffer("class_weights", _weights(class_weights), persistent=False)
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.mode == "multiclass":
+            valid = valid_mask(target, self.ignore_index)
+            labels = target.masked_fill(~valid, 0).long().unsqueeze(1)
+            log_pt = logits.log_softmax(1).gather(1, labels).squeeze(1)
+            loss = -((1 - log_pt.exp()) ** self.gamma) * log_pt
+            if self.class_weights is not None:
+                loss = loss * self.class_weights.to(logits.dtype)[labels.squeeze(1)]
+            return masked_mean(loss, valid)
+        logits, target = binary_view(logits, target, self.mode)
+        valid = valid_mask(target, self.ignore_index)
+        y = target.masked_fill(~valid, 0).to(logits.dtype)
+        log_pt = -F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        loss = -((1 - log_pt.exp()) ** self.gamma) * log_pt
+        if self.alpha is not None:
+            loss = loss * (self.alpha * y + (1 - self.alpha) * (1 - y))
+        return masked_mean(loss, valid)

@@ -1,0 +1,90 @@
+"""Semantic FPN (Kirillov, Girshick, He & Dollar, CVPR 2019 "Panoptic Feature Pyramid
+Networks", Fig. 3) on a Feature Pyramid Network (Lin et al., CVPR 2017, Fig. 3).
+
+Top-down pathway: lateral 1x1 convolutions bring the encoder's maps at strides 4, 8, 16, 32
+to 256 channels; from the deepest, each level is upsampled x2 and added to the next lateral.
+Semantic head: each pyramid level goes through as many (3x3 conv 128, GroupNorm, ReLU, x2
+upsampling) steps as it needs to reach stride 4 (one 3x3 conv for P2); the four maps are
+summed, a 1x1 conv predicts the classes, and a x4 bilinear upsampling returns to input size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seglab.encoders import create_encoder
+from seglab.models.registry import register_model
+from seglab.ops.conv import ConvNormAct
+from seglab.ops.padding import crop_to, pad_to_multiple
+from seglab.ops.upsample import make_upsample
+
+__all__ = ["FPN", "fpn"]
+
+
+class LevelHead(nn.Module):
+    """(3x3 conv, GN, ReLU, x2 upsample) repeated `steps` times; one conv when steps == 0."""
+
+    def __init__(self, in_channels: int, out_channels: int, steps: int, upsample: str) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            ConvNormAct(in_channels if i == 0 else out_channels, out_channels, 3, norm="group")
+            for i in range(max(steps, 1))
+        )
+        self.ups = nn.ModuleList(make_upsample(upsample, out_channels, out_channels, 2) for _ in range(steps))
+
+    def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if i < len(self.ups):
+                # The last step lands exactly on the stride-4 size, the others double.
+                x = self.ups[i](x, size=size if i == len(self.ups) - 1 else None)
+        return x
+
+
+class FPN(nn.Module):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_classes: int,
+        pyramid_channels: int = 256,
+        head_channels: int = 128,
+        upsample: str = "bilinear",
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        levels = [i for i, s in enumerate(encoder.strides) if s >= 4][-4:]
+        strides = [encoder.strides[i] for i in levels]
+        if strides != [4, 8, 16, 32]:
+            raise ValueError(f"FPN needs encoder maps at strides 4, 8, 16, 32; this encoder has {encoder.strides}")
+        self.encoder = encoder
+        self.levels = levels
+        self.laterals = nn.ModuleList(nn.Conv2d(encoder.channels[i], pyramid_channels, 1) for i in levels)
+        # The top-down pathway upsamples by nearest neighbour, as in FPN; `upsample` is the heads'.
+        self.top_down = nn.ModuleList(make_upsample("nearest", pyramid_channels) for _ in levels[1:])
+        self.heads = nn.ModuleList(
+            LevelHead(pyramid_channels, head_channels, steps, upsample) for steps in range(len(levels))
+        )
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(head_channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        x = pad_to_multiple(x, 32)
+        features = self.encoder(x)
+        laterals = [lateral(features[i]) for lateral, i in zip(self.laterals, self.levels)]
+        pyramid = [laterals[-1]]
+        for up, lateral in zip(self.top_down, reversed(laterals[:-1])):
+            pyramid.insert(0, lateral + up(pyramid[0], size=lateral.shape[-2:]))
+        stride4 = pyramid[0].shape[-2:]
+        merged = sum(head(level, stride4) for head, level in zip(self.heads, pyramid))
+        logits = self.classifier(self.dropout(merged))
+        return crop_to(F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False), size)
+
+
+@register_model("fpn", paper="Kirillov et al., CVPR 2019")
+def fpn(*, num_classes: int, in_channels: int = 3, encoder: str = "resnet50", encoder_weights: str | None = None,
+        pyramid_channels: int = 256, head_channels: int = 128, upsample: str = "bilinear") -> nn.Module:
+    """Semantic FPN: top-down pyramid, per-level 3x3 heads upsampled to stride 4 and summed."""
+    backbone = create_encoder(encoder, in_channels=in_channels, weights=encoder_weights)
+    return FPN(backbone, num_classes, pyramid_channels, head_channels, upsample)

@@ -1,0 +1,70 @@
+"""SegFormer (Xie et al., NeurIPS 2021 "SegFormer: Simple and Efficient Design for Semantic
+Segmentation with Transformers"), Fig. 2.
+
+A Mix Transformer encoder (`seglab.encoders.mit`, MiT-B0..B5) and the all-MLP decoder: each of
+the four stage maps is projected to a common width by a linear layer (a 1x1 conv), upsampled
+to stride 4 and concatenated; a linear layer fuses them (here 1x1 conv + BN + ReLU, as in the
+reference implementation) and a last linear layer predicts the classes, upsampled x4.
+The decoder width is 256 for B0/B1 and 768 for B2..B5; stochastic depth 0.1 (Sec. 4.1).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seglab.encoders.mit import MIT_CONFIGS, MixTransformer
+from seglab.encoders.weights import load_weights_file
+from seglab.models.registry import register_model
+from seglab.ops.conv import ConvNormAct
+from seglab.ops.padding import crop_to, pad_to_multiple
+
+__all__ = ["SegFormer", "segformer"]
+
+
+class AllMLPDecoder(nn.Module):
+    def __init__(self, in_channels: list[int], dim: int, num_classes: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.project = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in in_channels)
+        self.fuse = ConvNormAct(len(in_channels) * dim, dim, 1)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(dim, num_classes, 1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        size = features[0].shape[-2:]
+        maps = [
+            F.interpolate(project(f), size=size, mode="bilinear", align_corners=False)
+            for project, f in zip(self.project, features)
+        ]
+        return self.classifier(self.dropout(self.fuse(torch.cat(maps, dim=1))))
+
+
+class SegFormer(nn.Module):
+    def __init__(self, variant: str, num_classes: int, in_channels: int = 3, decoder_dim: int | None = None,
+                 drop_path_rate: float = 0.1) -> None:
+        super().__init__()
+        self.encoder = MixTransformer(variant, in_channels, drop_path_rate=drop_path_rate)
+        decoder_dim = decoder_dim or (256 if variant in ("mit_b0", "mit_b1") else 768)
+        self.decoder = AllMLPDecoder(self.encoder.channels, decoder_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        # Stage 1's key/value reduction is an 8x8 stride-8 conv on the stride-4 map: the input
+        # must be a multiple of 32 for every stage to tile exactly.
+        x = pad_to_multiple(x, 32)
+        logits = self.decoder(self.encoder(x))
+        return crop_to(F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False), size)
+
+
+@register_model("segformer", paper="Xie et al., NeurIPS 2021")
+def segformer(*, num_classes: int, in_channels: int = 3, variant: str = "b0", encoder: str | None = None,
+              encoder_weights: str | None = None, decoder_dim: int | None = None,
+              drop_path_rate: float = 0.1) -> nn.Module:
+    """SegFormer-B0..B5: Mix Transformer encoder, all-MLP decoder (`variant` b0..b5 or `encoder` mit_b0..)."""
+    name = encoder or f"mit_{variant.lower()}"
+    if name not in MIT_CONFIGS:
+        raise ValueError(f"SegFormer takes variant b0..b5 (or encoder mit_b0..mit_b5), not {encoder or variant!r}")
+    model = SegFormer(name, num_classes, in_channels, decoder_dim, drop_path_rate)
+    if encoder_weights is not None:
+        load_weights_file(model.encoder, encoder_weights, first_conv="stages.0.embed.proj.weight")
+    return model

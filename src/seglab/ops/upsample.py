@@ -1,0 +1,177 @@
+"""The upsampling family behind one interface: ``make_upsample(kind, in_channels, out_channels, scale)``.
+
+Every module returned maps N x in_channels x H x W to N x out_channels x (scale*H) x (scale*W),
+or exactly to `size` when one is given (decoders pass the skip connection's size, so odd sizes
+line up). Max-unpooling also needs the pooling `indices`.
+
+Kinds (the lecture's list, "unpooling" to "learnable upsampling"):
+- ``bed_of_nails``: each value goes to the top-left corner of its scale x scale cell, zeros elsewhere.
+- ``nearest``, ``bilinear``, ``bicubic``: fixed interpolation (F.interpolate).
+- ``transposed``: learnable transposed convolution initialised to bilinear interpolation
+  (Long et al., CVPR 2015 "Fully Convolutional Networks"), kernel 2*scale - scale % 2.
+- ``resize_conv``: nearest resize then a 3x3 convolution (Odena et al., Distill 2016
+  "Deconvolution and Checkerboard Artifacts"), which cannot produce the checkerboard pattern.
+- ``max_unpool``: values go back to where the encoder's max-pooling found them
+  (Badrinarayanan et al., TPAMI 2017 "SegNet"; Noh et al., ICCV 2015 "DeconvNet").
+- ``pixel_shuffle``: a 3x3 conv to out*scale^2 channels rearranged into space
+  (Shi et al., CVPR 2016 "Sub-pixel convolution").
+
+Fixed kinds add a 1x1 convolution when the channel count changes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["UPSAMPLE_KINDS", "Upsample", "make_upsample", "bilinear_kernel"]
+
+UPSAMPLE_KINDS = (
+    "bed_of_nails",
+    "nearest",
+    "bilinear",
+    "bicubic",
+    "transposed",
+    "resize_conv",
+    "max_unpool",
+    "pixel_shuffle",
+)
+
+Size = tuple[int, int] | torch.Size | None
+
+
+class Upsample(nn.Module):
+    """Base class: `forward(x, size=None, indices=None)`; subclasses implement `_upsample`."""
+
+    def __init__(self, in_channels: int, out_channels: int, scale: int) -> None:
+        super().__init__()
+        if scale < 1:
+            raise ValueError(f"upsampling scale must be a positive integer, not {scale}")
+        self.in_channels, self.out_channels, self.scale = in_channels, out_channels, scale
+
+    def forward(self, x: torch.Tensor, size: Size = None, indices: torch.Tensor | None = None) -> torch.Tensor:
+        if size is None:
+            size = (x.shape[-2] * self.scale, x.shape[-1] * self.scale)
+        return self._upsample(x, tuple(size), indices)
+
+    def _upsample(self, x: torch.Tensor, size: tuple[int, int], indices: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _fit(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Crop (or replicate-pad) the bottom/right edge to `size`; a learnt upsampler produces
+    exactly scale*H, and the target may be a pixel smaller or larger for odd sizes."""
+    dh, dw = size[0] - x.shape[-2], size[1] - x.shape[-1]
+    if dh == 0 and dw == 0:
+        return x
+    x = x[..., : size[0], : size[1]]
+    if dh > 0 or dw > 0:
+        x = F.pad(x, (0, max(dw, 0), 0, max(dh, 0)), mode="replicate")
+    return x
+
+
+def _channel_projection(in_channels: int, out_channels: int) -> nn.Module:
+    return nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+
+class BedOfNails(Upsample):
+    def __init__(self, in_channels: int, out_channels: int, scale: int) -> None:
+        super().__init__(in_channels, out_channels, scale)
+        self.project = _channel_projection(in_channels, out_channels)
+
+    def _upsample(self, x, size, indices):
+        n, c, h, w = x.shape
+        # Placing x on the strided grid of a zero tensor: a sum with zeros, so it stays traceable.
+        nails = x.new_zeros(n, c, h, self.scale, w, self.scale)
+        nails[:, :, :, 0, :, 0] = x
+        return self.project(_fit(nails.reshape(n, c, h * self.scale, w * self.scale), size))
+
+
+class Interpolate(Upsample):
+    def __init__(self, in_channels: int, out_channels: int, scale: int, mode: str) -> None:
+        super().__init__(in_channels, out_channels, scale)
+        self.mode = mode
+        self.project = _channel_projection(in_channels, out_channels)
+
+    def _upsample(self, x, size, indices):
+        align = {} if self.mode == "nearest" else {"align_corners": False}
+        return self.project(F.interpolate(x, size=size, mode=self.mode, **align))
+
+
+def bilinear_kernel(in_channels: int, out_channels: int, kernel_size: int) -> torch.Tensor:
+    """Transposed-conv weight (in, out, k, k) performing bilinear interpolation channel by
+    channel — FCN's initialisation; channels beyond min(in, out) start at zero."""
+    factor = (kernel_size + 1) // 2
+    center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    taps = 1 - (torch.arange(kernel_size, dtype=torch.float32) - center).abs() / factor
+    weight = torch.zeros(in_channels, out_channels, kernel_size, kernel_size)
+    for channel in range(min(in_channels, out_channels)):
+        weight[channel, channel] = taps[:, None] * taps[None, :]
+    return weight
+
+
+class TransposedConv(Upsample):
+    def __init__(self, in_channels: int, out_channels: int, scale: int, kernel_size: int | None = None) -> None:
+        super().__init__(in_channels, out_channels, scale)
+        kernel_size = kernel_size or 2 * scale - scale % 2
+        # padding/output_padding chosen so that the output is exactly scale * input.
+        padding = max(0, (kernel_size - scale + 1) // 2)
+        output_padding = scale - kernel_size + 2 * padding
+        self.conv = nn.ConvTranspose2d(
+            in_channels, out_channels, kernel_size, stride=scale, padding=padding, output_padding=output_padding, bias=False
+        )
+        with torch.no_grad():
+            self.conv.weight.copy_(bilinear_kernel(in_channels, out_channels, kernel_size))
+
+    def _upsample(self, x, size, indices):
+        return _fit(self.conv(x), size)
+
+
+class ResizeConv(Upsample):
+    def __init__(self, in_channels: int, out_channels: int, scale: int) -> None:
+        super().__init__(in_channels, out_channels, scale)
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+    def _upsample(self, x, size, indices):
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class MaxUnpool(Upsample):
+    def __init__(self, in_channels: int, out_channels: int, scale: int) -> None:
+        super().__init__(in_channels, out_channels, scale)
+        self.project = _channel_projection(in_channels, out_channels)
+
+    def _upsample(self, x, size, indices):
+        if indices is None:
+            raise ValueError("max_unpool upsampling needs the indices of the matching max-pooling")
+        return self.project(F.max_unpool2d(x, indices, self.scale, self.scale, output_size=size))
+
+
+class PixelShuffle(Upsample):
+    def __init__(self, in_channels: int, out_channels: int, scale: int) -> None:
+        super().__init__(in_channels, out_channels, scale)
+        self.conv = nn.Conv2d(in_channels, out_channels * scale * scale, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(scale)
+
+    def _upsample(self, x, size, indices):
+        return _fit(self.shuffle(self.conv(x)), size)
+
+
+def make_upsample(kind: str, in_channels: int, out_channels: int | None = None, scale: int = 2, **options) -> Upsample:
+    """Build an upsampler of `kind` (one of UPSAMPLE_KINDS); `options` go to the transposed
+    convolution (`kernel_size`, e.g. 3 to reproduce checkerboard artifacts with stride 2)."""
+    out_channels = out_channels or in_channels
+    if options and kind != "transposed":
+        raise ValueError(f"upsample kind {kind!r} takes no options, got {sorted(options)}")
+    if kind in ("nearest", "bilinear", "bicubic"):
+        return Interpolate(in_channels, out_channels, scale, kind)
+    builders = {
+        "bed_of_nails": BedOfNails,
+        "transposed": TransposedConv,
+        "resize_conv": ResizeConv,
+        "max_unpool": MaxUnpool,
+        "pixel_shuffle": PixelShuffle,
+    }
+    if kind not in builders:
+        raise ValueError(f"unknown upsample kind {kind!r}; choose one of {', '.join(UPSAMPLE_KINDS)}")
+    return builders[kind](in_channels, out_channels, scale, **options)

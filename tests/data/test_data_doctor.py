@@ -1,0 +1,115 @@
+"""The data doctor finds every kind of problem, names the file, and passes clean data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from seglab.data.doctor import check_dataset, preflight, render_report
+
+
+@pytest.fixture
+def clean(tmp_path, helpers, rng):
+    (tmp_path / "classes.yaml").write_text("classes: [road, car, sky]\n")
+    for k in range(4):
+        image, labels = helpers.pair(rng, values=(0, 1, 2, 255))
+        helpers.rgb(tmp_path / "images" / f"ok{k}.png", image)
+        helpers.index(tmp_path / "masks" / f"ok{k}.png", labels)
+    return tmp_path
+
+
+def test_clean_data_reports_counts_sizes_and_histograms(clean):
+    report = check_dataset(clean)
+    assert report.ok and report.format == "folder" and preflight(clean) == []
+    assert sum(report.counts.values()) == 4
+    assert report.image_sizes == {(16, 12): 4}
+    assert sum(report.label_histogram.values()) == 4 * 12 * 16
+    assert set(report.label_histogram) <= {0, 1, 2, 255}
+    assert sum(report.class_pixels) + report.ignored_pixels == 4 * 12 * 16
+    assert sum(report.class_frequencies) == pytest.approx(1.0)
+    assert report.to_dict()["class_pixels"]["road"] == report.class_pixels[0]
+
+
+def test_every_problem_is_found_with_its_file(clean, helpers, rng):
+    root = clean
+    image, labels = helpers.pair(rng)
+    helpers.rgb(root / "images" / "lonely.png", image)  # no mask
+    helpers.index(root / "masks" / "ghost.png", labels)  # no image
+    helpers.rgb(root / "images" / "small.png", image)
+    helpers.index(root / "masks" / "small.png", labels[:6])  # size mismatch
+    helpers.rgb(root / "images" / "seven.png", image)
+    helpers.index(root / "masks" / "seven.png", np.where(labels == 2, 7, labels))  # unknown label 7
+    helpers.rgb(root / "images" / "blank.png", image)
+    helpers.index(root / "masks" / "blank.png", np.full_like(labels, 255))  # nothing labelled
+    helpers.rgb(root / "images" / "cut.png", image)
+    helpers.index(root / "masks" / "cut.png", labels)
+    data = (root / "images" / "cut.png").read_bytes()
+    (root / "images" / "cut.png").write_bytes(data[: len(data) // 2])  # truncated
+    helpers.rgb(root / "images" / "junk.png", image)
+    (root / "masks" / "junk.png").write_bytes(b"not a png at all")  # corrupt
+
+    report = check_dataset(root)
+    found = {(p.kind, p.file.name) for p in report.problems}
+    assert found == {
+        ("missing partner", "lonely.png"),
+        ("missing partner", "ghost.png"),
+        ("size mismatch", "small.png"),
+        ("unknown label", "seven.png"),
+        ("empty mask", "blank.png"),
+        ("unreadable", "cut.png"),
+        ("unreadable", "junk.png"),
+    }
+    assert "7" in next(p.detail for p in report.problems if p.kind == "unknown label")
+    lines = preflight(root)
+    assert len(lines) == 5 + 1  # one per kind (5 kinds here), and where to look for the full list
+    assert any(line.startswith("2 corrupt or truncated") for line in lines)
+    console = Console(record=True, width=200)
+    render_report(report, console)
+    text = console.export_text()
+    assert "seven.png" in text and "size mismatch" in text
+
+
+def test_unknown_colours_in_rgb_masks(tmp_path, helpers, rng):
+    (tmp_path / "classes.yaml").write_text("classes: {sky: [0, 0, 255], road: [128, 64, 128]}\n")
+    colours = np.array([(0, 0, 255), (128, 64, 128), (255, 0, 0)])
+    helpers.rgb(tmp_path / "images" / "a.png", rng.integers(0, 256, size=(8, 8, 3)))
+    helpers.rgb(tmp_path / "masks" / "a.png", colours[rng.integers(0, 3, size=(8, 8))])
+    report = check_dataset(tmp_path)
+    (problem,) = report.problems
+    assert problem.kind == "unknown colour" and "(255, 0, 0)" in problem.detail
+    assert all(isinstance(key, str) and key.startswith("#") for key in report.label_histogram)
+
+
+def test_missing_folder_and_unknown_format_are_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        check_dataset(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="'kitti'"):
+        check_dataset(tmp_path, format="kitti")
+
+
+def test_coco_sets_are_checked_image_by_image(tmp_path, helpers, rng):
+    import json
+
+    helpers.rgb(tmp_path / "images" / "a.png", rng.integers(0, 256, size=(10, 10, 3)))
+    helpers.rgb(tmp_path / "images" / "b.png", rng.integers(0, 256, size=(10, 12, 3)))
+    square = [[2, 2, 6, 2, 6, 6, 2, 6]]
+    content = {
+        "images": [
+            {"id": 1, "file_name": "a.png", "height": 10, "width": 10},
+            {"id": 2, "file_name": "b.png", "height": 10, "width": 10},  # really 12 wide
+            {"id": 3, "file_name": "gone.png", "height": 10, "width": 10},
+        ],
+        "categories": [{"id": 1, "name": "cell"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 16, "bbox": [2, 2, 4, 4], "segmentation": square},
+            {"id": 2, "image_id": 1, "category_id": 9, "iscrowd": 0, "area": 16, "bbox": [2, 2, 4, 4], "segmentation": square},
+        ],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(content))
+    report = check_dataset(tmp_path)
+    assert report.format == "coco" and report.counts == {"instances.json": 3}
+    assert {(p.kind, p.file.name) for p in report.problems} == {
+        ("unknown label", "instances.json"),
+        ("size mismatch", "b.png"),
+        ("missing partner", "gone.png"),
+    }

@@ -1,0 +1,126 @@
+"""The folder format: index, palette and RGB colour-coded masks, split lists, hold-out split."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seglab.data import FolderDataset, detect_format, open_dataset
+from seglab.data.files import UNDEFINED, LabelDecoder, index_lookup, read_image
+
+
+def _folder(tmp_path, helpers, rng, count=3, palette=False):
+    labels_by_stem = {}
+    for k in range(count):
+        image, labels = helpers.pair(rng, values=(0, 1, 2, 255))
+        helpers.rgb(tmp_path / "images" / f"img{k}.jpg", image)
+        helpers.index(tmp_path / "masks" / f"img{k}.png", labels, palette=palette)
+        labels_by_stem[f"img{k}"] = labels
+    return labels_by_stem
+
+
+@pytest.mark.parametrize("palette", [False, True])
+def test_index_and_palette_masks_keep_their_values(tmp_path, helpers, rng, palette):
+    labels = _folder(tmp_path, helpers, rng, palette=palette)
+    (tmp_path / "classes.yaml").write_text("classes: [background, cat, dog]\n")
+    (tmp_path / "train.txt").write_text("img0\nimg2\n")
+    dataset = open_dataset(tmp_path, "train", augment=False)
+    assert isinstance(dataset, FolderDataset)
+    assert dataset.classes == ("background", "cat", "dog")
+    assert [p[0].stem for p in dataset.pairs] == ["img0", "img2"]
+    sample = dataset[1]
+    assert sample["image"].dtype == torch.float32 and sample["image"].shape == (3, 12, 16)
+    assert 0.0 <= sample["image"].min() and sample["image"].max() <= 1.0
+    assert sample["mask"].dtype == torch.int64
+    assert torch.equal(sample["mask"], torch.from_numpy(labels["img2"]).long())
+
+
+def test_rgb_masks_decode_through_the_colour_table(tmp_path, helpers, rng):
+    colours = {"sky": (128, 128, 128), "road": (128, 64, 128), "car": (64, 0, 128)}
+    (tmp_path / "classes.yaml").write_text(
+        "classes:\n" + "".join(f"  {name}: [{r}, {g}, {b}]\n" for name, (r, g, b) in colours.items())
+        + "ignore_colors: [[0, 0, 0]]\n"
+    )
+    labels = rng.integers(0, 4, size=(12, 16))  # 3 = the ignore colour
+    table = np.array(list(colours.values()) + [(0, 0, 0)])
+    helpers.rgb(tmp_path / "images" / "a.png", rng.integers(0, 256, size=(12, 16, 3)))
+    helpers.rgb(tmp_path / "masks" / "a.png", table[labels])
+    dataset = FolderDataset(tmp_path, "train")
+    expected = np.where(labels == 3, 255, labels)
+    assert dataset.palette == list(colours.values())
+    assert torch.equal(dataset.load_mask(0), torch.from_numpy(expected))
+
+
+def test_rgb_masks_without_table_are_refused(tmp_path, helpers, rng):
+    helpers.rgb(tmp_path / "images" / "a.png", rng.integers(0, 256, size=(8, 8, 3)))
+    helpers.rgb(tmp_path / "masks" / "a.png", rng.integers(0, 256, size=(8, 8, 3)))
+    with pytest.raises(ValueError, match="classes.yaml"):
+        FolderDataset(tmp_path)
+
+
+def test_class_count_is_inferred_without_a_table(tmp_path, helpers, rng):
+    helpers.rgb(tmp_path / "images" / "a.png", rng.integers(0, 256, size=(8, 8, 3)))
+    helpers.index(tmp_path / "masks" / "a.png", np.array([[0, 4, 255, 1]] * 8)[:, :4])
+    dataset = FolderDataset(tmp_path)
+    assert dataset.num_classes == 5 and len(dataset.palette) == 5
+
+
+def test_holdout_split_is_disjoint_and_covers_everything(tmp_path, helpers, rng):
+    _folder(tmp_path, helpers, rng, count=12)
+    train = {p[0].stem for p in FolderDataset(tmp_path, "train").pairs}
+    val = {p[0].stem for p in FolderDataset(tmp_path, "val").pairs}
+    in_name_order = sorted(f"img{k}" for k in range(12))  # img0, img1, img10, img11, img2, ...
+    assert val == {in_name_order[0], in_name_order[10]} == {"img0", "img8"}
+    assert not train & val and len(train | val) == 12
+
+
+def test_split_subfolders_and_missing_partners(tmp_path, helpers, rng):
+    for split in ("train", "val"):
+        image, labels = helpers.pair(rng)
+        helpers.rgb(tmp_path / "images" / split / "a.png", image)
+        helpers.index(tmp_path / "masks" / split / "a.png", labels)
+    helpers.rgb(tmp_path / "images" / "val" / "orphan.png", rng.integers(0, 256, size=(12, 16, 3)))
+    val = FolderDataset(tmp_path, "val")
+    assert len(val) == 1
+    assert [p.name for p, _ in val.unpaired] == ["orphan.png"]
+    with pytest.raises(FileNotFoundError, match="split list"):
+        (tmp_path / "splits").mkdir()
+        (tmp_path / "splits" / "train.txt").write_text("a\n")
+        FolderDataset(tmp_path, "test")
+
+
+def test_detects_folder_and_bad_class_tables(tmp_path, helpers, rng):
+    _folder(tmp_path, helpers, rng, count=1)
+    assert detect_format(tmp_path) == "folder"
+    (tmp_path / "classes.yaml").write_text("classes: {a: [1, 2, 3], b: [1, 2, 3]}\n")
+    with pytest.raises(ValueError, match="share a colour"):
+        FolderDataset(tmp_path)
+    (tmp_path / "classes.yaml").write_text("classes: {a: [1, 2], b: [1, 2, 4]}\n")
+    with pytest.raises(ValueError, match="'a'"):
+        FolderDataset(tmp_path)
+
+
+def test_label_decoder_marks_unknown_values(tmp_path):
+    decoder = LabelDecoder(index_lookup(3))
+    raw = np.array([[0, 2, 3, 255], [1, 7, 0, 0]], np.uint8)
+    assert decoder.labels(raw).tolist() == [[0, 2, UNDEFINED, 255], [1, UNDEFINED, 0, 0]]
+    assert decoder.mask(raw).tolist() == [[0, 2, 255, 255], [1, 255, 0, 0]]
+    wide = np.array([[1, 70000]], np.int32)
+    assert decoder.labels(wide).tolist() == [[1, UNDEFINED]]
+
+
+def test_read_image_turns_grey_and_rgba_into_rgb(tmp_path):
+    Image.fromarray(np.full((5, 6), 200, np.uint8), "L").save(tmp_path / "grey.png")
+    Image.fromarray(np.full((5, 6, 4), 100, np.uint8), "RGBA").save(tmp_path / "rgba.png")
+    for name, value in (("grey.png", 200), ("rgba.png", 100)):
+        image = read_image(tmp_path / name)
+        assert image.shape == (3, 5, 6) and image.dtype == torch.uint8 and int(image[0, 0, 0]) == value
+
+
+def test_size_mismatch_is_a_clear_error_not_a_crash(tmp_path, helpers, rng):
+    image, labels = helpers.pair(rng)
+    helpers.rgb(tmp_path / "images" / "a.png", image)
+    helpers.index(tmp_path / "masks" / "a.png", labels[:5])
+    with pytest.raises(ValueError, match="seglab data check"):
+        FolderDataset(tmp_path)[0]

@@ -1,0 +1,57 @@
+"""Checkpoints: save/load round trip and clear errors for files that are not seglab checkpoints."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from seglab.engine.checkpoint import load_checkpoint, read_checkpoint_config, resolve_checkpoint, save_checkpoint
+from seglab.models import create_model
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("unet", num_classes=3, in_channels=3, base_channels=4, depth=2).eval()
+
+
+def test_round_trip_gives_the_same_outputs(tmp_path: Path) -> None:
+    model = _model()
+    with torch.no_grad():  # move BatchNorm statistics away from their defaults
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+    config = {"model": "unet", "kwargs": {"num_classes": 3, "in_channels": 3, "base_channels": 4, "depth": 2},
+              "classes": ["a", "b", "c"], "mean": [0.5] * 3, "std": [0.2] * 3}
+    save_checkpoint(tmp_path / "ckpt", model, config)
+    loaded, loaded_config = load_checkpoint(tmp_path / "ckpt.safetensors")
+    image = torch.rand(2, 3, 24, 40)
+    with torch.no_grad():
+        assert torch.equal(model(image), loaded(image))
+    assert loaded_config["classes"] == ["a", "b", "c"] and not loaded.training
+    # A run directory resolves to its best checkpoint.
+    save_checkpoint(tmp_path / "run" / "best", model, config)
+    assert resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / "best"
+
+
+def test_missing_checkpoint_is_a_file_not_found_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nothing.safetensors")
+    (tmp_path / "empty-run").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "empty-run")
+
+
+def test_foreign_files_are_rejected_with_one_sentence(tmp_path: Path) -> None:
+    weights = save_checkpoint(tmp_path / "ok", _model(), {"model": "unet", "kwargs": {"num_classes": 3, "base_channels": 4, "depth": 2}})
+    (tmp_path / "ok.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="is not a seglab checkpoint config"):
+        read_checkpoint_config(weights)
+    (tmp_path / "lonely.safetensors").write_bytes(weights.read_bytes())
+    with pytest.raises(ValueError, match="is missing beside it"):
+        load_checkpoint(tmp_path / "lonely.safetensors")
+    save_checkpoint(tmp_path / "broken", _model(), {"model": "unet", "kwargs": {"num_classes": 3, "base_channels": 4, "depth": 2}})
+    (tmp_path / "broken.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_checkpoint(tmp_path / "broken")

@@ -1,0 +1,199 @@
+"""The fast path computes the same network: folding, memory layout and bf16 checked against fp32."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seglab.data.synthetic import SyntheticShapes
+from seglab.engine.fastpath import (
+    InferenceModel,
+    autocast_context,
+    fold_conv_bn,
+    optimize_for_inference,
+    optimizer_options,
+    prepare_batch,
+    to_channels_last,
+)
+from seglab.engine.precision import cpu_supports_bf16
+from seglab.models import create_model
+
+needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bfloat16")
+
+
+def _randomise_batchnorm(model: nn.Module) -> None:
+    """Non-trivial running statistics, so that a wrong fold shows in the outputs."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            shape = module.running_mean.shape
+            module.running_mean.copy_(torch.rand(shape, generator=generator) - 0.5)
+            module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(shape, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.rand(shape, generator=generator) - 0.5)
+
+
+def _small_unet() -> nn.Module:
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=4, base_channels=8, depth=3).eval()
+    _randomise_batchnorm(model)
+    return model
+
+
+def _batchnorms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_fold_conv_bn_keeps_outputs_within_1e_4():
+    model = _small_unet()
+    x = torch.randn(2, 3, 40, 48)
+    with torch.no_grad():
+        expected = model(x)
+    before = _batchnorms(model)
+    folded = fold_conv_bn(model)
+    assert folded == before > 0
+    assert _batchnorms(model) == 0
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-4, rtol=1e-4)
+
+
+class _ConvReadTwice(nn.Module):
+    """conv -> bn, but the conv output is also added to the result: folding would change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 3, 1)
+        self.bn2 = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y + self.bn2(self.conv2(x))
+
+
+class _ConvReturned(nn.Module):
+    """The conv output is handed back untouched beside the normalised one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = self.conv(x)
+        return [y, self.bn(y)]
+
+
+@pytest.mark.parametrize("module_class, expected_folds", [(_ConvReadTwice, 1), (_ConvReturned, 0)])
+def test_fold_conv_bn_leaves_convolutions_whose_output_is_read_elsewhere(module_class, expected_folds):
+    torch.manual_seed(0)
+    model = module_class().eval()
+    _randomise_batchnorm(model)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        assert fold_conv_bn(model) == expected_folds
+        got = model(x)
+    for a, b in zip(expected if isinstance(expected, list) else [expected], got if isinstance(got, list) else [got]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_channels_last_and_fp32_fast_path_give_the_same_outputs():
+    model = _small_unet()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    layout_only = optimize_for_inference(model, "32", fold_bn=False)
+    full_fp32 = optimize_for_inference(model, "32")
+    assert torch.allclose(layout_only(x), expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(full_fp32(x), expected, atol=1e-4, rtol=1e-4)
+    assert full_fp32(x).dtype == torch.float32
+    # The argument model is left as it was (inplace=False).
+    assert _batchnorms(model) > 0 and model.encoder[0][0][0].weight.requires_grad
+
+
+@needs_bf16
+def test_bf16_fast_path_agrees_with_fp32_on_a_trained_model():
+    torch.manual_seed(0)
+    data = SyntheticShapes(48, 32, num_classes=4, split="train", seed=0)
+    images = torch.stack([data[i]["image"] for i in range(len(data))])
+    masks = torch.stack([data[i]["mask"] for i in range(len(data))])
+    model = create_model("unet", num_classes=4, base_channels=8, depth=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(24):
+        index = torch.arange(step * 8, step * 8 + 8) % len(images)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(images[index]), masks[index])
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        reference = model(images).argmax(1)
+    fast = optimize_for_inference(model, "bf16")
+    assert isinstance(fast, InferenceModel) and fast.dtype == torch.bfloat16
+    prediction = fast(images).argmax(1)
+    assert (reference == masks).float().mean() > 0.6  # the model did learn something
+    assert (prediction == reference).float().mean() > 0.98
+
+
+def test_inference_model_returns_float32_for_dict_outputs():
+    class DictModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return {"out": self.conv(x), "aux": [self.conv(x)]}
+
+    out = optimize_for_inference(DictModel(), "32")(torch.randn(1, 3, 8, 8))
+    assert out["out"].dtype == torch.float32 and out["aux"][0].shape == (1, 2, 8, 8)
+
+
+def test_autocast_context_and_precision_checks():
+    assert isinstance(autocast_context("cpu", "32"), contextlib.nullcontext)
+    with pytest.raises(ValueError, match="precision"):
+        autocast_context("cpu", "8")
+    with pytest.raises(ValueError, match="CUDA"):
+        optimize_for_inference(nn.Conv2d(3, 3, 1), "16")
+    if cpu_supports_bf16():
+        conv = nn.Conv2d(3, 3, 1)
+        with autocast_context("cpu", "bf16"):
+            assert conv(torch.randn(1, 3, 4, 4)).dtype == torch.bfloat16
+
+
+def test_fused_optimizer_options_train_like_the_plain_optimizer():
+    torch.manual_seed(0)
+    plain = nn.Conv2d(3, 2, 3)
+    fused = nn.Conv2d(3, 2, 3)
+    fused.load_state_dict(plain.state_dict())
+    options = optimizer_options("adamw", "cpu")
+    assert options == {"fused": True}
+    x = torch.randn(2, 3, 8, 8)
+    for model, kwargs in ((plain, {}), (fused, options)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, **kwargs)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    assert torch.allclose(plain.weight, fused.weight, atol=1e-5)
+
+
+def test_prepare_batch_normalises_uint8_and_float_alike():
+    generator = torch.Generator().manual_seed(0)
+    raw = [torch.randint(0, 256, (3, 6, 5), dtype=torch.uint8, generator=generator) for _ in range(3)]
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    expected = (torch.stack(raw).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    from_uint8 = prepare_batch(raw, mean, std)
+    from_float = prepare_batch(torch.stack(raw).float() / 255, mean, std, channels_last=False)
+    assert torch.allclose(from_uint8, expected, atol=1e-5) and torch.allclose(from_float, expected, atol=1e-5)
+    assert from_uint8.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="channels"):
+        prepare_batch(raw, [0.5], [0.5, 0.5])
+
+
+def test_to_channels_last_leaves_non_image_tensors_alone():
+    vector = torch.randn(5)
+    assert to_channels_last(vector) is vector
+    assert to_channels_last(torch.randn(1, 3, 4, 4)).is_contiguous(memory_format=torch.channels_last)

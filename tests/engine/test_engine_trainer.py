@@ -1,0 +1,140 @@
+"""The training loop's options and failure handling, on tiny runs of about a second per epoch."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import quiet_console, tiny_options, train_tiny
+
+from seglab.data.stats import median_frequency_weights
+from seglab.engine import trainer as trainer_module
+from seglab.engine.config import TrainConfig
+from seglab.engine.ema import ModelEMA
+from seglab.engine.precision import cpu_supports_bf16
+from seglab.engine.trainer import Trainer
+from seglab.losses import WeightedSum
+
+NO_NORM = {"base_channels": 4, "depth": 2, "norm": None}
+
+
+def make_trainer(tmp_path: Path, **overrides) -> Trainer:
+    torch.set_num_threads(1)
+    return Trainer(TrainConfig.from_dict(tiny_options(out=str(tmp_path), **overrides)), console=quiet_console())
+
+
+def test_loss_comes_from_build_loss_with_median_frequency_weights(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, loss="ce+dice", class_weights="median_frequency")
+    assert isinstance(trainer.loss_fn, WeightedSum)
+    assert trainer.class_weights == pytest.approx(median_frequency_weights(trainer.train_set))
+    with pytest.raises(ValueError, match="median_frequency"):
+        make_trainer(tmp_path, class_weights="inverse")
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path: Path) -> None:
+    """Two accumulated batches of 4 take the same step as one batch of 8 (no BatchNorm)."""
+    common = dict(model_kwargs=NO_NORM, train_samples=8, val_samples=4, optimizer="sgd", scheduler="constant")
+    large = make_trainer(tmp_path / "a", batch_size=8, **common)
+    accumulated = make_trainer(tmp_path / "b", batch_size=4, accumulate=2, **common)
+    for trainer in (large, accumulated):
+        trainer.fit_start = 0.0
+        with trainer_module.progress_bar(quiet_console(), disable=True) as progress:
+            trainer.train_one_epoch(progress, 1)
+    assert large.scheduler.last_epoch == accumulated.scheduler.last_epoch == 1
+    for a, b in zip(large.model.parameters(), accumulated.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_clipping_bounds_the_sgd_step(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, model_kwargs=NO_NORM, train_samples=8, batch_size=8, optimizer="sgd",
+                           scheduler="constant", lr=0.1, weight_decay=0.0, clip_grad_norm=1e-3)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with trainer_module.progress_bar(quiet_console(), disable=True) as progress:
+        trainer.train_one_epoch(progress, 1)
+    step = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(trainer.model.parameters(), before)))
+    assert 0 < float(step.detach()) <= 0.1 * 1e-3 * 1.001
+
+
+def test_ema_follows_the_weights_with_a_warm_up() -> None:
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = ModelEMA(model, decay=0.9)
+    torch.nn.init.ones_(model.weight)
+    ema.update(model)  # first update: decay min(0.9, 2/11)
+    assert float(ema.module.weight[0, 0]) == pytest.approx(1 - 2 / 11)
+    with pytest.raises(ValueError, match="ema-decay"):
+        ModelEMA(model, decay=1.0)
+
+
+def test_ema_run_saves_the_averaged_weights(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, ema_decay=0.5)
+    trainer.fit()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(trainer.run_dir / "last.safetensors"))
+    ema_state = trainer.ema.module.state_dict()
+    assert all(torch.equal(saved[k], ema_state[k]) for k in saved)
+    raw = torch.load(trainer.run_dir / "resume.pt", weights_only=True)["model"]  # the trained, unaveraged weights
+    assert any(not torch.equal(saved[k], v) for k, v in raw.items() if v.is_floating_point())
+
+
+def test_early_stopping_ends_a_run_that_stops_improving(tmp_path: Path) -> None:
+    summary = train_tiny(tmp_path, epochs=6, lr=1e-12, scheduler="constant", patience=1)
+    assert summary["epochs_run"] == 2  # epoch 2 is no better than epoch 1 with a frozen model
+    lines = (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, epochs=3)
+    loss_fn, calls = trainer.loss_fn, []
+    batches_per_epoch = len(trainer.train_loader)
+
+    def poisoned(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls.append(logits.requires_grad)
+        training_calls = sum(calls)
+        loss = loss_fn(logits, target)
+        return loss * float("nan") if logits.requires_grad and training_calls > batches_per_epoch + 1 else loss
+
+    trainer.loss_fn = poisoned
+    with pytest.raises(FloatingPointError, match=r"epoch 2, batch 2.*last good checkpoint .*last \(epoch 1\)"):
+        trainer.fit()
+    saved = json.loads((trainer.run_dir / "last.json").read_text())
+    assert saved["epoch"] == 1
+
+
+def test_unwritable_run_directory_fails_before_training(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    trainer = make_trainer(blocker / "runs")
+    with pytest.raises(ValueError, match="cannot write the run directory"):
+        trainer.fit()
+    assert trainer.history == []
+
+
+def test_full_disk_fails_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = make_trainer(tmp_path)
+    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1024})())
+    with pytest.raises(ValueError, match="not enough free disk space"):
+        trainer.fit()
+    assert trainer.history == [] and not (trainer.run_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bfloat16 support")
+def test_bf16_training_runs_and_learns(tmp_path: Path) -> None:
+    summary = train_tiny(tmp_path, precision="bf16", epochs=2)
+    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["train_loss"] == row["train_loss"] for row in rows)  # finite, not NaN
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_float16_on_the_cpu_is_refused_with_advice(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs a CUDA device; on the CPU use --precision bf16"):
+        make_trainer(tmp_path, precision="16")
+
+
+def test_tensorboard_logs_when_installed(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra")
+    summary = train_tiny(tmp_path, tensorboard=True)
+    assert list((Path(summary["run_dir"]) / "tensorboard").glob("events.out.tfevents.*"))

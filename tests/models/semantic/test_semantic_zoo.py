@@ -1,0 +1,74 @@
+"""Every semantic architecture honours the model contract: logits N x K x H x W at the input
+size for odd sizes, batch 1 and > 1, train and eval; gradients reach every parameter."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import seglab
+from conftest import TINY, build_tiny, main_output
+
+
+def test_every_registered_semantic_model_has_a_tiny_config():
+    names = {cfg.get("model", key) for key, cfg in TINY.items()}
+    assert set(seglab.list_models(task="semantic")) <= names
+
+
+@pytest.mark.parametrize("key", sorted(TINY))
+def test_logits_at_input_size_and_gradients_reach_every_parameter(key):
+    model = build_tiny(key, num_classes=3)
+    # timm zero-initialises the last norm of each residual branch (and FCN its skip scores),
+    # which by design blocks the gradient to that branch at step 0; wake them up so that the
+    # check below sees every path.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.fill_(0.5)
+
+    model.train()
+    output = model(torch.rand(2, 3, 37, 29))
+    logits = main_output(output)
+    assert logits.shape == (2, 3, 37, 29)
+    aux = output["aux"] if isinstance(output, dict) else []
+    for extra in aux:
+        assert extra.shape == (2, 3, 37, 29)
+    loss = logits.square().mean() + sum(a.square().mean() for a in aux)
+    loss.backward()
+    unreached = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not unreached, f"no gradient reaches {unreached[:5]}"
+
+    model.eval()
+    with torch.no_grad():
+        single = model(torch.rand(1, 3, 33, 47))
+    assert torch.is_tensor(single) and single.shape == (1, 3, 33, 47)
+    assert torch.isfinite(single).all()
+
+
+@pytest.mark.parametrize("key", ["unet_resnet", "pspnet"])
+def test_any_number_of_input_channels(key):
+    model = build_tiny(key, num_classes=2, in_channels=1).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 40, 40)).shape == (1, 2, 40, 40)
+
+
+def test_eval_output_does_not_depend_on_the_rest_of_the_batch():
+    # A padded-and-cropped model must predict an image the same alone or in a batch.
+    model = build_tiny("deeplabv3plus").eval()
+    images = torch.rand(3, 3, 35, 45)
+    with torch.no_grad():
+        together = model(images)
+        alone = model(images[1:2])
+    torch.testing.assert_close(together[1:2], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_encoder_is_a_clear_error():
+    with pytest.raises(ValueError, match="not_a_backbone"):
+        seglab.create_model("fpn", num_classes=2, encoder="not_a_backbone")
+
+
+def test_unet_image2image_regression_head():
+    model = build_tiny("unet_resnet", num_classes=5, task="image2image")
+    assert model.task == "image2image"
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 5, 32, 32)
+    with pytest.raises(ValueError, match="task"):
+        seglab.create_model("unet", num_classes=2, task="depth")

@@ -1,0 +1,96 @@
+"""Mask R-CNN and its keypoint variant on seglab encoders: parts, shapes, losses, learning."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import seglab
+from seglab.data.instance import SyntheticInstances, collate_instances
+
+TINY = {"encoder": "resnet10t", "fpn_channels": 32, "anchor_size": 8, "min_size": 0, "proposals": 30, "rois_per_image": 16, "num_classes": 4}
+
+
+def _batch(count: int = 2, size: int = 64):
+    data = SyntheticInstances(num_samples=count, image_size=size, num_classes=4, seed=5)
+    return collate_instances([data[i] for i in range(count)])
+
+
+def test_registered_as_instance_models():
+    assert {"mask_rcnn", "yolact"} <= set(seglab.list_models(task="instance"))
+    assert "keypoint_rcnn" in seglab.list_models(task="keypoint")
+
+
+def test_mask_head_gives_one_28x28_mask_per_class_from_14x14_roi_features():
+    model = seglab.create_model("mask_rcnn", **TINY)
+    heads = model.roi_heads
+    assert heads.mask_roi_pool.output_size == (14, 14) and heads.box_roi_pool.output_size == (7, 7)
+    assert heads.mask_roi_pool.sampling_ratio == 2  # RoIAlign: bilinear samples, no quantisation
+    logits = heads.mask_predictor(heads.mask_head(torch.randn(3, TINY["fpn_channels"], 14, 14)))
+    assert logits.shape == (3, TINY["num_classes"], 28, 28)
+    # The RPN sees every pyramid level: P2..P5 and the pooled P6, one anchor size per level.
+    assert len(model.rpn.anchor_generator.sizes) == 5
+
+
+def test_losses_in_training_and_native_size_detections_in_eval():
+    torch.manual_seed(0)
+    model = seglab.create_model("mask_rcnn", **TINY)
+    images, targets = _batch()
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_mask"] > 0
+    model.eval()
+    model.roi_heads.score_thresh = 0.0
+    with torch.no_grad():
+        outputs = model([torch.rand(3, 64, 64), torch.rand(3, 40, 72)])
+    for output, size in zip(outputs, [(64, 64), (40, 72)]):
+        count = len(output["scores"])
+        assert count > 0
+        assert output["masks"].shape == (count, 1, *size)  # min_size=0: no resizing
+        assert output["boxes"].shape == (count, 4) and output["labels"].min() >= 1
+
+
+def test_a_few_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    model = seglab.create_model("mask_rcnn", **TINY)
+    images, targets = _batch(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    totals = []
+    for _ in range(6):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        totals.append(float(loss.detach()))
+    assert totals[-1] < 0.7 * totals[0], totals
+
+
+def test_another_encoder_family_serves_as_backbone():
+    model = seglab.create_model("mask_rcnn", **{**TINY, "encoder": "mit_b0"})
+    model.eval()
+    with torch.no_grad():
+        output = model([torch.rand(3, 64, 64)])[0]
+    assert output["masks"].shape[1:] == (1, 64, 64)
+
+
+def test_keypoint_variant_predicts_one_heat_map_per_keypoint():
+    torch.manual_seed(0)
+    num_keypoints = 3
+    model = seglab.create_model(
+        "keypoint_rcnn", **{**TINY, "num_classes": 2}, num_keypoints=num_keypoints, head_channels=16
+    )
+    boxes = torch.tensor([[8.0, 8.0, 40.0, 40.0]])
+    keypoints = torch.tensor([[[10.0, 10.0, 1.0], [24.0, 24.0, 1.0], [38.0, 30.0, 1.0]]])
+    losses = model([torch.rand(3, 64, 64)], [{"boxes": boxes, "labels": torch.tensor([1]), "keypoints": keypoints}])
+    assert "loss_keypoint" in losses and torch.isfinite(losses["loss_keypoint"])
+    heat_maps = model.roi_heads.keypoint_predictor(model.roi_heads.keypoint_head(torch.randn(2, TINY["fpn_channels"], 14, 14)))
+    assert heat_maps.shape == (2, num_keypoints, 56, 56)
+    model.eval()
+    model.roi_heads.score_thresh = 0.0
+    with torch.no_grad():
+        output = model([torch.rand(3, 64, 64)])[0]
+    assert output["keypoints"].shape[1:] == (num_keypoints, 3)
+
+
+def test_bad_encoder_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="encoder"):
+        seglab.create_model("mask_rcnn", **{**TINY, "encoder": "no_such_backbone"})

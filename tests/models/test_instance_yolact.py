@@ -1,0 +1,102 @@
+"""YOLACT: mask crop and Fast NMS on hand-worked cases, box coding, shapes, losses, learning."""
+from __future__ import annotations
+
+import torch
+
+import seglab
+from seglab.data.instance import SyntheticInstances, collate_instances
+from seglab.models.instance.yolact import crop_masks, decode_boxes, encode_boxes, fast_nms
+
+TINY = {"encoder": "resnet10t", "fpn_channels": 32, "num_prototypes": 8, "anchor_size": 12, "num_classes": 4}
+
+
+def _batch(count: int = 2, size: int = 64):
+    data = SyntheticInstances(num_samples=count, image_size=size, num_classes=4, seed=3)
+    return collate_instances([data[i] for i in range(count)])
+
+
+def test_crop_keeps_exactly_the_pixels_whose_centres_lie_in_the_box():
+    masks = torch.ones(2, 4, 5)
+    boxes = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 2.0, 5.0, 2.9]])
+    cropped = crop_masks(masks, boxes)
+    expected_first = torch.zeros(4, 5)
+    expected_first[1:3, 1:3] = 1  # rows 1-2, columns 1-2
+    expected_second = torch.zeros(4, 5)
+    expected_second[2, :] = 1  # only row 2's centre (2.5) lies within [2, 2.9]
+    assert torch.equal(cropped[0], expected_first)
+    assert torch.equal(cropped[1], expected_second)
+
+
+def test_fast_nms_lets_suppressed_boxes_suppress_unlike_greedy_nms():
+    # B overlaps A (IoU 0.54) and C overlaps B (IoU 0.54) but not A (IoU 0.25). Greedy NMS keeps
+    # A and C; Fast NMS also drops C, because the already suppressed B still counts.
+    boxes = torch.tensor([[0.0, 0, 10, 10], [3, 0, 13, 10], [6, 0, 16, 10]])
+    scores = torch.tensor([[0.7, 0.8, 0.9]])  # reversed order: NMS must sort by score itself
+    classes, index = fast_nms(boxes[None], scores, iou_threshold=0.5)
+    assert classes.tolist() == [0]
+    assert index.tolist() == [2]  # the highest-scored box, the one at [6, 0, 16, 10]
+
+
+def test_fast_nms_treats_classes_independently_and_respects_top_k():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]]).expand(2, -1, -1)
+    scores = torch.tensor([[0.9, 0.8, 0.7], [0.1, 0.95, 0.2]])
+    classes, index = fast_nms(boxes, scores, iou_threshold=0.5)
+    kept = sorted(zip(classes.tolist(), index.tolist()))
+    assert kept == [(0, 0), (0, 2), (1, 1), (1, 2)]  # box 1 suppressed in class 0 only
+    classes, index = fast_nms(boxes, scores, iou_threshold=0.5, top_k=1)
+    assert sorted(zip(classes.tolist(), index.tolist())) == [(0, 0), (1, 1)]
+
+
+def test_box_encoding_round_trips_and_is_zero_for_the_anchor_itself():
+    anchors = torch.tensor([[0.0, 0, 16, 16], [10, 20, 42, 36]])
+    boxes = torch.tensor([[2.0, 1, 20, 15], [5, 25, 40, 30]])
+    assert torch.allclose(decode_boxes(encode_boxes(boxes, anchors), anchors), boxes, atol=1e-4)
+    assert torch.allclose(encode_boxes(anchors, anchors), torch.zeros(2, 4), atol=1e-6)
+
+
+def test_every_ground_truth_claims_its_best_anchor():
+    model = seglab.create_model("yolact", **TINY)
+    anchors = torch.tensor([[0.0, 0, 10, 10], [0, 0, 40, 40], [50, 50, 60, 60]])
+    boxes = torch.tensor([[0.0, 0, 12, 12], [45, 45, 64, 64]])  # the second overlaps nothing by 0.5
+    gt_index, state = model.match(anchors, boxes)
+    assert state.tolist() == [1, 0, 1]
+    assert gt_index[0] == 0 and gt_index[2] == 1
+
+
+def test_training_returns_finite_losses_and_eval_returns_masks_per_image_size():
+    torch.manual_seed(0)
+    model = seglab.create_model("yolact", **TINY)
+    images, targets = _batch()
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box", "loss_mask"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    model.eval()
+    model.score_threshold = 0.0  # random weights: let some detections through
+    with torch.no_grad():
+        outputs = model([torch.rand(3, 64, 64), torch.rand(3, 40, 72)])
+    for output, (height, width) in zip(outputs, [(64, 64), (40, 72)]):
+        count = len(output["scores"])
+        assert 0 < count <= model.detections_per_image
+        assert output["masks"].shape == (count, 1, height, width)
+        assert output["boxes"].shape == (count, 4)
+        assert output["labels"].min() >= 1 and output["labels"].max() < TINY["num_classes"]
+        assert (output["boxes"][:, 2] <= width).all() and (output["boxes"][:, 3] <= height).all()
+        # Masks are cropped: nothing outside a detection's box.
+        outside = crop_masks(torch.ones_like(output["masks"][:, 0]), output["boxes"]) == 0
+        assert (output["masks"][:, 0][outside] == 0).all()
+
+
+def test_a_few_steps_reduce_the_loss_with_either_classification_loss():
+    images, targets = _batch(1)
+    for class_loss in ("ohem", "focal"):
+        torch.manual_seed(0)
+        model = seglab.create_model("yolact", **TINY, class_loss=class_loss)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        totals = []
+        for _ in range(5):
+            loss = sum(model(images, targets).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            totals.append(float(loss.detach()))
+        assert totals[-1] < 0.7 * totals[0], (class_loss, totals)

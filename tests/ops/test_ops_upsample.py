@@ -1,0 +1,86 @@
+"""The upsampling family: one interface, exact output sizes, and each kind's defining property."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seglab.ops.upsample import UPSAMPLE_KINDS, bilinear_kernel, make_upsample
+
+
+@pytest.mark.parametrize("kind", [k for k in UPSAMPLE_KINDS if k != "max_unpool"])
+@pytest.mark.parametrize("scale", [2, 4])
+def test_every_kind_scales_and_hits_a_requested_size(kind, scale):
+    up = make_upsample(kind, 4, 6, scale)
+    x = torch.rand(2, 4, 5, 7)
+    assert up(x).shape == (2, 6, 5 * scale, 7 * scale)
+    # A decoder asks for its skip's size, which is one pixel short for odd images.
+    assert up(x, size=(5 * scale - 1, 7 * scale - 1)).shape == (2, 6, 5 * scale - 1, 7 * scale - 1)
+
+
+def test_bed_of_nails_puts_each_value_in_the_top_left_corner():
+    x = torch.arange(1.0, 5.0).reshape(1, 1, 2, 2)
+    y = make_upsample("bed_of_nails", 1, 1, 2)(x)
+    expected = torch.tensor([[1.0, 0, 2, 0], [0, 0, 0, 0], [3, 0, 4, 0], [0, 0, 0, 0]])
+    assert torch.equal(y[0, 0], expected)
+
+
+def test_nearest_repeats_values():
+    x = torch.rand(1, 2, 3, 3)
+    y = make_upsample("nearest", 2, 2, 2)(x)
+    assert torch.equal(y[..., ::2, ::2], x) and torch.equal(y[..., 1::2, 1::2], x)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 8])
+def test_transposed_conv_starts_as_bilinear_interpolation(scale):
+    up = make_upsample("transposed", 3, 3, scale)
+    x = torch.rand(1, 3, 6, 6)
+    reference = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+    margin = scale  # the borders differ: the transposed conv sees zeros beyond the image
+    torch.testing.assert_close(up(x)[..., margin:-margin, margin:-margin], reference[..., margin:-margin, margin:-margin])
+    assert up.conv.weight.requires_grad
+
+
+def test_bilinear_kernel_is_separable_and_peaks_at_one():
+    kernel = bilinear_kernel(2, 2, 4)
+    assert kernel[0, 1].abs().sum() == 0  # channels do not mix
+    assert torch.isclose(kernel[0, 0].max(), torch.tensor(0.5625))  # 0.75 * 0.75 for k=4
+    torch.testing.assert_close(kernel[1, 1], kernel[1, 1].T)
+
+
+def test_transposed_kernel_option_reproduces_the_stride2_kernel3_layout():
+    up = make_upsample("transposed", 2, 2, 2, kernel_size=3)
+    assert up.conv.kernel_size == (3, 3)
+    assert up(torch.rand(1, 2, 5, 5)).shape == (1, 2, 10, 10)
+
+
+def test_max_unpool_puts_values_back_where_the_maxima_were():
+    x = torch.rand(2, 3, 9, 11)
+    pooled, indices = F.max_pool2d(x, 2, 2, return_indices=True)
+    y = make_upsample("max_unpool", 3, 3, 2)(pooled, size=x.shape[-2:], indices=indices)
+    assert y.shape == x.shape
+    kept = y != 0
+    assert kept.sum() == pooled.numel()
+    assert torch.equal(y[kept], x[kept])
+    with pytest.raises(ValueError, match="indices"):
+        make_upsample("max_unpool", 3, 3, 2)(pooled)
+
+
+def test_pixel_shuffle_rearranges_channels_into_space():
+    up = make_upsample("pixel_shuffle", 2, 3, 2)
+    assert up.conv.out_channels == 3 * 4
+    assert up(torch.rand(1, 2, 4, 4)).shape == (1, 3, 8, 8)
+
+
+def test_fixed_kinds_project_channels_only_when_they_change():
+    assert sum(p.numel() for p in make_upsample("bilinear", 8, 8, 2).parameters()) == 0
+    assert sum(p.numel() for p in make_upsample("bilinear", 8, 4, 2).parameters()) == 8 * 4 + 4
+
+
+def test_bad_kind_and_options_are_clear_errors():
+    with pytest.raises(ValueError, match="wavelet"):
+        make_upsample("wavelet", 2, 2, 2)
+    with pytest.raises(ValueError, match="kernel_size"):
+        make_upsample("nearest", 2, 2, 2, kernel_size=3)
+    with pytest.raises(ValueError, match="scale"):
+        make_upsample("nearest", 2, 2, 0)

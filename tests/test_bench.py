@@ -1,0 +1,81 @@
+"""`seglab bench` machinery on tiny settings: one small model, 64x64, one repeat."""
+import json
+
+import pytest
+import torch
+
+from seglab.bench import ARCHITECTURES, BenchSettings, comparison_rows, run_bench, time_interleaved, to_markdown
+from seglab.bench_accuracy import accuracy_check
+from seglab.cli import main
+from seglab.models.profile import count_flops
+
+
+def test_time_interleaved_times_each_call_in_rounds():
+    calls = []
+    seconds = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], torch.device("cpu"), 1, 3)
+    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-up of each, then rounds
+    assert [len(s) for s in seconds] == [3, 3] and all(t >= 0 for s in seconds for t in s)
+
+
+def test_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="unknown architecture 'unet-r99'"):
+        BenchSettings(models=["unet-r99"]).validate()
+    with pytest.raises(ValueError, match="--size"):
+        BenchSettings(size=100).validate()
+    with pytest.raises(ValueError, match="--train-batch"):
+        BenchSettings(train_batch=1).validate()
+    with pytest.raises(ValueError, match="--device"):
+        BenchSettings(devices=["tpu"]).validate()
+
+
+def test_cli_rejects_an_unknown_model_with_exit_code_2(capsys):
+    assert main(["bench", "--models", "nope", "--out", "unused"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_bench_command_writes_json_and_markdown_with_peer_ratios(tmp_path):
+    code = main(["bench", "--models", "segformer-b0", "--size", "64", "--batch", "1", "--train-batch", "2",
+                 "--repeats", "1", "--warmup", "0", "--ablation", "segformer-b0", "--device", "cpu",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    results = json.loads((tmp_path / "bench.json").read_text())
+    rows = results["rows"]
+    peaks = results["calibration"]["cpu"]
+    assert peaks["fp32"] > 0
+    kinds = {(r["library"], r["variant"], r["mode"]) for r in rows}
+    assert ("smp", "eager fp32", "inference") in kinds and ("smp", "eager fp32", "train") in kinds
+    assert ("seglab", "eager fp32", "inference") in kinds and ("seglab", "+fold_conv_bn", "inference") in kinds
+    assert ("seglab", "+fused optimizer", "train") in kinds
+    assert all(r["images_per_s"] > 0 and len(r["seconds"]) == 1 for r in rows)
+    # FLOPs are those of the profile module; GFLOP/s follow from them and the measured rate.
+    flops = count_flops(ARCHITECTURES["segformer-b0"].seglab_model and _segformer(), 64)
+    plain = next(r for r in rows if r["library"] == "seglab" and r["variant"] == "eager fp32" and r["mode"] == "inference")
+    assert plain["gflops_per_image"] == pytest.approx(flops / 1e9)
+    assert plain["achieved_gflops"] == pytest.approx(plain["gflops_per_image"] * plain["images_per_s"])
+    assert plain["fraction_of_peak"] == pytest.approx(plain["achieved_gflops"] / peaks["fp32"])
+    line = next(c for c in comparison_rows(results) if c["mode"] == "inference")
+    assert line["ratio"] == pytest.approx(line["seglab fast"] / line["peer fp32"])
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "SegFormer-B0" in markdown and "| ratio |" in markdown.replace("| ratio | GFLOPs", "| ratio |")
+    assert "Ablation" in markdown and markdown == to_markdown(results)
+
+
+def _segformer():
+    return ARCHITECTURES["segformer-b0"] and __import__("seglab").create_model("segformer", num_classes=21, variant="b0")
+
+
+def test_run_bench_without_peers_or_training_measures_only_seglab():
+    settings = BenchSettings(models=["segformer-b0"], size=32, batches=[2], peers=False, train=False, repeats=1,
+                             warmup=0, calibration_size=16)
+    results = run_bench(settings)
+    assert {r["library"] for r in results["rows"]} == {"seglab"}
+    assert {r["mode"] for r in results["rows"]} == {"inference"}
+    assert [r["batch"] for r in results["rows"]] == [2, 2]
+
+
+def test_accuracy_check_reports_consistent_figures():
+    report = accuracy_check("segformer-b0", epochs=1, image_size=32, train_samples=16, val_samples=8, batch_size=8)
+    for key in ("miou_fp32", "miou_fast_inference", "miou_fast_training"):
+        assert 0.0 <= report[key] <= 100.0
+    assert report["miou_fast_inference_delta"] == pytest.approx(report["miou_fast_inference"] - report["miou_fp32"])
+    assert 0.9 <= report["argmax_agreement"] <= 1.0

@@ -1,0 +1,100 @@
+"""The command line end to end on a tiny setting, and bad input -> one line + exit code 2."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from seglab.cli import main
+
+TINY = {
+    "model_kwargs": {"base_channels": 4, "depth": 2},
+    "image_size": 64,
+    "train_samples": 16,
+    "val_samples": 8,
+    "batch_size": 8,
+    "num_overlays": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`seglab train` for one epoch on a few 64x64 synthetic images; returns the run directory."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("cli")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    assert main(["train", "--config", str(root / "tiny.yaml"), "--epochs", "1", "--out", str(root / "runs"), "--name", "tiny"]) == 0
+    return root / "runs" / "tiny"
+
+
+def _one_error_line(capsys: pytest.CaptureFixture, code: int, fragment: str) -> None:
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("seglab: error:") and fragment in err, err
+
+
+def test_train_writes_a_complete_run(trained: Path) -> None:
+    for name in ("best.safetensors", "best.json", "last.safetensors", "resume.pt", "config.yaml", "metrics.jsonl", "curves.png"):
+        assert (trained / name).is_file(), name
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1] and 0 <= rows[0]["miou"] <= 1
+    assert list((trained / "overlays").glob("*.png"))
+
+
+def test_eval_prints_the_table_and_writes_json(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--checkpoint", str(trained), "--json", str(out)]) == 0
+    assert "mean" in capsys.readouterr().out
+    metrics = json.loads(out.read_text())
+    saved = json.loads((trained / "best.json").read_text())["metrics"]
+    assert metrics["miou"] == pytest.approx(saved["miou"], abs=1e-6)  # same val split as in training
+    assert set(metrics["iou"]) == set(json.loads((trained / "best.json").read_text())["classes"])
+
+
+def test_predict_writes_a_mask_and_an_overlay_per_image(trained: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(3):
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(images / f"{index}.png")
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(trained), str(images), "--out", str(out), "--tile", "48", "--tta-flips", "h"]) == 0
+    masks = sorted(out.glob("*_mask.png"))
+    assert [p.name for p in masks] == ["0_mask.png", "1_mask.png", "2_mask.png"]
+    assert np.asarray(Image.open(masks[0])).shape == (64, 80) and len(list(out.glob("*_overlay.png"))) == 3
+
+
+def test_missing_image(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["predict", "--checkpoint", str(trained), str(tmp_path / "nope.png"), "--out", str(tmp_path)])
+    _one_error_line(capsys, code, "nope.png does not exist")
+
+
+def test_unreadable_and_non_image_files(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    code = main(["predict", "--checkpoint", str(trained), str(tmp_path / "broken.png"), "--out", str(tmp_path / "o")])
+    _one_error_line(capsys, code, "broken.png is not a readable image")
+    (tmp_path / "notes.txt").write_text("hello")
+    code = main(["predict", "--checkpoint", str(trained), str(tmp_path / "notes.txt"), "--out", str(tmp_path / "o")])
+    _one_error_line(capsys, code, "notes.txt is not a readable image")
+
+
+def test_missing_and_foreign_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _one_error_line(capsys, main(["eval", "--checkpoint", str(tmp_path / "none.safetensors")]), "does not exist")
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 16)
+    (tmp_path / "model.json").write_text('{"hello": 1}')
+    _one_error_line(capsys, main(["eval", "--checkpoint", str(tmp_path / "model.safetensors")]), "is not a seglab checkpoint")
+
+
+def test_unknown_model_and_negative_epochs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _one_error_line(capsys, main(["train", "--model", "no-such-net", "--out", str(tmp_path)]), "no-such-net")
+    _one_error_line(capsys, main(["train", "--epochs", "-1", "--out", str(tmp_path)]), "--epochs must be a positive number")
+    assert not any(tmp_path.iterdir())  # nothing written for a refused run
+
+
+def test_bad_resume_and_precision(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _one_error_line(capsys, main(["train", "--resume", str(tmp_path / "gone")]), "not a seglab run directory")
+    _one_error_line(capsys, main(["train", "--precision", "16", "--out", str(tmp_path)]), "needs a CUDA device")
