@@ -8,8 +8,8 @@
 process CPU time is spent (checked after each epoch; the machine is shared, so wall time is
 longer and reported beside it), then evaluate the best checkpoint on the validation split with COCO
 mask AP (pycocotools). DSB2018's split is fixed: images sorted by COCO id, every 5th is val
-(132 val / 532 train). `speed` times eval-mode inference (batch 1, median of repeats, after
-warm-up) of YOLACT, our Mask R-CNN and torchvision's maskrcnn_resnet50_fpn in one process at the
+(132 val / 532 train). `speed` times eval-mode inference (batch 1, median CPU time of repeats,
+one thread, after warm-up) of YOLACT, our Mask R-CNN and torchvision's maskrcnn_resnet50_fpn in one process at the
 same input size, all randomly initialised (no download). Results are printed and appended as
 JSON lines to benchmarks/results/instance.jsonl.
 """
@@ -84,26 +84,29 @@ def dsb2018(args: argparse.Namespace) -> None:
     values = {
         "task": "instance", "model": args.model, "encoder": args.encoder, "name": f"bench-{args.model}-dsb2018",
         "out": args.out, "data": str(DSB2018), "image_size": 256, "epochs": 200, "batch_size": 4, "lr": args.lr,
-        "scheduler": "constant", "warmup_epochs": 0.2, "max_minutes": args.minutes, "model_kwargs": {"anchor_size": 8},
+        "scheduler": "constant", "warmup_epochs": 0.2, "max_minutes": args.minutes, "val_samples": 16,
+        "model_kwargs": {"anchor_size": 8, "fpn_channels": 128},
         "seed": args.seed,
     }
     _train_and_evaluate(values, {}, "dsb2018")
 
 
 def _median_seconds(model: torch.nn.Module, image: torch.Tensor, repeats: int) -> float:
+    """Median CPU time of one call (process time: other jobs on a shared machine do not count)."""
     timings = []
     with torch.inference_mode():
         for step in range(repeats + 2):
-            start = time.perf_counter()
+            start = time.process_time()
             model([image])
             if step >= 2:  # two warm-up calls
-                timings.append(time.perf_counter() - start)
+                timings.append(time.process_time() - start)
     return statistics.median(timings)
 
 
 def speed(args: argparse.Namespace) -> None:
-    import seglab
     from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    import seglab
 
     torch.manual_seed(0)
     size = args.size

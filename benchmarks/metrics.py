@@ -62,7 +62,7 @@ def confusion_updates(repeats: int, updates: int = 5) -> dict[str, float]:
 
 def opencv_boundary(mask: np.ndarray, dilation_ratio: float) -> np.ndarray:
     h, w = mask.shape
-    d = max(1, int(round(dilation_ratio * math.sqrt(h * h + w * w))))
+    d = max(1, round(dilation_ratio * math.sqrt(h * h + w * w)))
     padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     eroded = cv2.erode(padded, np.ones((3, 3), np.uint8), iterations=d)[1 : h + 1, 1 : w + 1]
     return mask - eroded

@@ -136,6 +136,10 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         trainer = Trainer.resume(args.resume, given, console=console)
     else:
         values = {**(load_yaml(args.config) if args.config else {}), **given}
+        if values.get("task") == "instance":
+            from seglab.engine.instance import train_instance
+
+            return train_instance(values, console)
         config = TrainConfig.from_dict(values, source=str(args.config or "options"))
         if config.task != "semantic":
             raise CommandError(f"--task {config.task} is not available in this version")
@@ -164,6 +168,10 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     from seglab.metrics.report import format_report, results_to_json
 
     model, config = load_checkpoint(args.checkpoint)
+    if config.get("task") == "instance":
+        from seglab.engine.instance import eval_instance
+
+        return eval_instance(model, config, args, console)
     device = resolve_device(args.device)
     # By default, the data set (and options) the model was trained on.
     data = dict(config.get("data", {"source": "synthetic"}))
@@ -191,20 +199,27 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     workers_code = _launch_workers(args)
     if workers_code is not None:
         return workers_code
+    from seglab.engine.checkpoint import read_checkpoint_config
     from seglab.engine.distributed import env_rank
     from seglab.engine.predictor import Predictor
     from seglab.engine.trainer import progress_bar
+
+    if read_checkpoint_config(args.checkpoint).get("task") == "instance":
+        from seglab.engine.instance import predict_instance
+
+        return predict_instance(args, console)
 
     predictor = Predictor.from_checkpoint(
         args.checkpoint, device=args.device, tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch,
         tta_flips=list(args.tta_flips or ""), tta_scales=args.tta_scales or [1.0], precision=args.precision,
         batch_size=args.batch_size,
     )
-    is_main = env_rank().is_main
-    with progress_bar(console, disable=not is_main) as progress:
+    context = env_rank()
+    with progress_bar(console, disable=not context.is_main) as progress:
         written = predictor.predict_files(args.images, args.out, progress=progress)
-    if is_main:
-        Console().print(f"{len(written) // 2} image(s) predicted; masks and overlays in {args.out}/")
+    if context.is_main:
+        share = f" by rank 0 of {context.world_size} (each rank its own shard)" if context.enabled else ""
+        Console().print(f"{len(written) // 2} image(s) predicted{share}; masks and overlays in {args.out}/")
     return 0
 
 

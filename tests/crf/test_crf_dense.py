@@ -1,4 +1,6 @@
 """DenseCRF: agreement with pydensecrf (Krähenbühl's C++), energy, layouts, input checks."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -25,8 +27,8 @@ def synthetic_scene(h: int, w: int, k: int, seed: int = 0, noise: float = 1.0):
 @pytest.mark.parametrize(
     "size, k, kernels",
     [
-        ((48, 64), 21, dict(theta_alpha=80.0, theta_beta=13.0, w1=10.0, theta_gamma=3.0, w2=3.0)),
-        ((40, 56), 5, dict(theta_alpha=20.0, theta_beta=8.0, w1=4.0, theta_gamma=1.5, w2=2.0)),
+        ((48, 64), 21, {"theta_alpha": 80.0, "theta_beta": 13.0, "w1": 10.0, "theta_gamma": 3.0, "w2": 3.0}),
+        ((40, 56), 5, {"theta_alpha": 20.0, "theta_beta": 8.0, "w1": 4.0, "theta_gamma": 1.5, "w2": 2.0}),
     ],
 )
 def test_labels_agree_with_pydensecrf(size, k, kernels):
@@ -53,7 +55,7 @@ def test_energy_decreases_every_iteration():
     image, scores = torch.from_numpy(image), torch.from_numpy(probabilities)[None]
     energies = [float(crf.energy(image, scores, q)[0]) for q in crf.steps(image, scores)]
     assert len(energies) == 7
-    assert all(after < before for before, after in zip(energies, energies[1:])), energies
+    assert all(after < before for before, after in itertools.pairwise(energies)), energies
 
 
 def test_batched_equals_one_by_one_and_layouts_agree():
@@ -83,6 +85,19 @@ def test_potts_matrix_equals_potts_and_other_matrices_matter():
     torch.testing.assert_close(as_matrix, potts, rtol=1e-4, atol=1e-5)
     no_pairwise = DenseCRF(iterations=3, compatibility=torch.zeros(3, 3))(image, scores)
     torch.testing.assert_close(no_pairwise, scores, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_potts_path_matches_the_general_one():
+    image, probabilities, _ = synthetic_scene(24, 32, 3, seed=8)
+    image, scores = torch.from_numpy(image), torch.from_numpy(probabilities)[None]
+    crf = DenseCRF(iterations=3)
+    fused = crf(image, scores)  # inference: both kernels fused, exp-normalise
+    general = crf(image, scores.clone().requires_grad_(True))  # autograd: kernel by kernel, log_softmax
+    assert general.requires_grad
+    torch.testing.assert_close(general.detach(), fused, rtol=1e-4, atol=1e-5)
+    strong = DenseCRF(w1=30.0, w2=3.0, iterations=3)(image, scores)  # weights too large for the fused path
+    assert bool(torch.isfinite(strong).all())
+    torch.testing.assert_close(strong.sum(dim=1), torch.ones(1, 24, 32))
 
 
 def test_bad_inputs_raise_clear_errors():

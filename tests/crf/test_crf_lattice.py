@@ -68,7 +68,7 @@ def test_matches_brute_force_gaussian_on_a_tiny_image():
     approx = lattice.filter(values) / lattice.filter(torch.ones(h * w, 1))
     relative_error = float((approx - expected).norm() / expected.norm())
     assert relative_error < 0.05
-    centred = lambda t: (t - t.mean(dim=0)).reshape(-1)  # noqa: E731
+    centred = lambda t: (t - t.mean(dim=0)).reshape(-1)
     assert float(torch.nn.functional.cosine_similarity(centred(approx), centred(expected), dim=0)) > 0.9
 
 
@@ -97,6 +97,10 @@ def test_normalised_kernel_adjoint_is_the_transpose():
 def test_bad_features_raise():
     with pytest.raises(ValueError, match="P x d"):
         PermutohedralLattice(torch.rand(10))
+    with pytest.raises(ValueError, match="P x d"):
+        PermutohedralLattice(torch.rand(10, 15))
+    with pytest.raises(ValueError, match="P x d"):
+        PermutohedralLattice(torch.rand(0, 3))
     with pytest.raises(ValueError, match="finite"):
         PermutohedralLattice(torch.tensor([[0.0, float("nan")]]))
     with pytest.raises(ValueError, match="one row per lattice point"):

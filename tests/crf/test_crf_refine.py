@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from seglab.crf import DEFAULT_CRF_PARAMS, DenseCRF, parse_crf_params, refine
+from seglab.crf import DEFAULT_CRF_PARAMS, DenseCRF, make_crf, parse_crf_params, refine
 
 
 def test_parse_crf_params():
@@ -29,3 +29,5 @@ def test_refine_uses_defaults_and_overrides():
     torch.testing.assert_close(one_step, expected)
     with pytest.raises(ValueError, match="unknown CRF parameter"):
         refine(image, probabilities, {"bogus": 1})
+    with pytest.raises(ValueError, match="theta_beta must be positive"):
+        make_crf({"theta_beta": 0.0})

@@ -32,7 +32,7 @@ def test_gradients_reach_logits_and_parameters():
 def test_gradient_matches_finite_differences():
     image, logits, target = toy_batch(1)
     layer = CRFasRNN(3, theta_alpha=10.0, theta_beta=20.0, w1=2.0, w2=1.0, iterations=2)
-    loss = lambda: torch.nn.functional.cross_entropy(layer(image, logits), target)  # noqa: E731
+    loss = lambda: torch.nn.functional.cross_entropy(layer(image, logits), target)
     loss().backward()
     analytic = float(layer.compatibility.grad[0, 1])
     eps = 1e-2

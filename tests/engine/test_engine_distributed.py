@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_tiny, write_config
+from engine_helpers import train_tiny, write_config
 
 from seglab.engine.distributed import env_rank, launch, shard
 

@@ -11,6 +11,7 @@ from seglab.engine.fastpath import (
     InferenceModel,
     autocast_context,
     fold_conv_bn,
+    fuse_conv_relu,
     optimize_for_inference,
     optimizer_options,
     prepare_batch,
@@ -56,6 +57,47 @@ def test_fold_conv_bn_keeps_outputs_within_1e_4():
     assert _batchnorms(model) == 0
     with torch.no_grad():
         assert torch.allclose(model(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fuse_conv_relu_after_folding_keeps_outputs():
+    model = _small_unet()
+    x = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        expected = model(x)
+    fold_conv_bn(model)
+    relus = sum(isinstance(m, nn.ReLU) for m in model.modules())
+    fused = fuse_conv_relu(model)
+    assert fused == relus > 0  # every ReLU of this U-Net directly follows a convolution
+    with torch.inference_mode():
+        assert torch.allclose(model(x), expected, atol=1e-4, rtol=1e-4)
+
+
+class _ReLUSharedWithSkip(nn.Module):
+    """conv -> in-place ReLU, whose result is also kept as a skip: fusable (the skip reads the
+    ReLU's result); the pre-ReLU output read by the sum in the second branch is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(3, 3, 1)
+        self.act2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.act(self.conv(x))
+        y = self.conv2(skip)
+        return self.act2(y) + y + skip
+
+
+def test_fuse_conv_relu_respects_other_readers():
+    torch.manual_seed(0)
+    model = _ReLUSharedWithSkip().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    assert fuse_conv_relu(model) == 1
+    with torch.inference_mode():
+        assert torch.allclose(model(x), expected, atol=1e-5)
 
 
 class _ConvReadTwice(nn.Module):

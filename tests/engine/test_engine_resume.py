@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quiet_console, tiny_options, write_config
+from engine_helpers import quiet_console, tiny_options, write_config
 
 from seglab.engine.config import TrainConfig
 from seglab.engine.trainer import Trainer

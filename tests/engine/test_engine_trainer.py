@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quiet_console, tiny_options, train_tiny
+from engine_helpers import quiet_console, tiny_options, train_tiny
 
 from seglab.data.stats import median_frequency_weights
 from seglab.engine import trainer as trainer_module

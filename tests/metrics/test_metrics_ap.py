@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from seglab.metrics import AveragePrecision, average_precision, precision_recall_curve
 
-FAST = settings(max_examples=25, deadline=None)
+FAST = settings(max_examples=20, deadline=None)
 
 
 def test_hand_computed_curve_and_ap():

@@ -13,7 +13,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seglab.metrics import BoundaryIoU, ConfusionMatrix, TrimapIoU, boundary_iou, mask_to_boundary
+from seglab.metrics import (
+    BoundaryIoU,
+    ConfusionMatrix,
+    TrimapIoU,
+    boundary_iou,
+    mask_to_boundary,
+)
 from seglab.metrics.boundary import boundary_distance
 
 cv2 = pytest.importorskip("cv2")
@@ -22,7 +28,7 @@ FAST = settings(max_examples=25, deadline=None)
 
 def opencv_boundary(mask: np.ndarray, dilation_ratio: float) -> np.ndarray:
     h, w = mask.shape
-    d = max(1, int(round(dilation_ratio * math.sqrt(h * h + w * w))))
+    d = max(1, round(dilation_ratio * math.sqrt(h * h + w * w)))
     padded = cv2.copyMakeBorder(mask.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     eroded = cv2.erode(padded, np.ones((3, 3), np.uint8), iterations=d)[1 : h + 1, 1 : w + 1]
     return mask.astype(np.uint8) - eroded
@@ -49,7 +55,7 @@ def test_boundary_distance_is_ratio_of_diagonal():
 
 @st.composite
 def blob_masks(draw):
-    h, w = draw(st.integers(3, 40)), draw(st.integers(3, 40))
+    h, w = draw(st.integers(3, 40)), draw(st.integers(3, 140))  # > 64: several words per row
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     noise = torch.rand(1, 1, h // 3 + 1, w // 3 + 1, generator=g)
@@ -62,7 +68,26 @@ def blob_masks(draw):
 def test_torch_boundary_equals_opencv_reference(case):
     mask, ratio = case
     ours = mask_to_boundary(mask, ratio).numpy().astype(np.uint8)
-    assert np.array_equal(ours, opencv_boundary(mask.numpy(), ratio))
+    reference = opencv_boundary(mask.numpy(), ratio)
+    assert np.array_equal(ours, reference)
+    # Boundary IoU against a shifted copy, from the same OpenCV bands.
+    other = torch.roll(mask, 1, dims=1)
+    other_band = opencv_boundary(other.numpy(), ratio)
+    union = ((reference + other_band) > 0).sum()
+    expected = ((reference * other_band) > 0).sum() / union if union else float("nan")
+    assert float(boundary_iou(mask, other, ratio)) == pytest.approx(expected, nan_ok=True)
+
+
+def test_torch_fallback_used_off_cpu_gives_the_same_bands(monkeypatch):
+    from seglab.metrics import boundary
+
+    g = torch.Generator().manual_seed(7)
+    masks = torch.nn.functional.interpolate(torch.rand(6, 1, 9, 20, generator=g), size=(36, 150), mode="bilinear")[:, 0] > 0.5
+    fast = mask_to_boundary(masks)
+    fast_iou = boundary_iou(masks, masks.roll(2, dims=2))
+    monkeypatch.setattr(boundary, "NUMPY_ON_CPU", False)
+    assert torch.equal(mask_to_boundary(masks), fast)
+    assert torch.allclose(boundary_iou(masks, masks.roll(2, dims=2)), fast_iou, equal_nan=True)
 
 
 def test_boundary_iou_hand_and_edge_cases():

@@ -16,7 +16,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from seglab.metrics import COCOMaskEvaluator, boundary_iou, coco_results, save_coco_results
+from seglab.metrics import (
+    COCOMaskEvaluator,
+    boundary_iou,
+    coco_results,
+    save_coco_results,
+)
 
 
 def _instances(seed, n_images=3, size=48):

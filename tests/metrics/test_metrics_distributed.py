@@ -7,7 +7,13 @@ import math
 import torch
 import torch.multiprocessing as mp
 
-from seglab.metrics import AveragePrecision, BoundaryIoU, COCOMaskEvaluator, ConfusionMatrix, SoftOverlap
+from seglab.metrics import (
+    AveragePrecision,
+    BoundaryIoU,
+    COCOMaskEvaluator,
+    ConfusionMatrix,
+    SoftOverlap,
+)
 
 
 def _data():

@@ -5,7 +5,13 @@ import math
 import torch
 from rich.console import Console
 
-from seglab.metrics import BoundaryIoU, COCOMaskEvaluator, ConfusionMatrix, format_report, results_to_json
+from seglab.metrics import (
+    BoundaryIoU,
+    COCOMaskEvaluator,
+    ConfusionMatrix,
+    format_report,
+    results_to_json,
+)
 
 
 def _render(table) -> str:

@@ -7,7 +7,7 @@ import torch
 import seglab
 from seglab.data.instance import SyntheticInstances, collate_instances
 
-TINY = {"encoder": "resnet10t", "fpn_channels": 32, "anchor_size": 8, "min_size": 0, "proposals": 30, "rois_per_image": 16, "num_classes": 4}
+TINY = {"encoder": "resnet10t", "fpn_channels": 32, "anchor_size": 8, "min_size": 0, "proposals": 30, "rois_per_image": 16, "detections_per_image": 10, "num_classes": 4}
 
 
 def _batch(count: int = 2, size: int = 64):

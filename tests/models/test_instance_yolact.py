@@ -5,7 +5,12 @@ import torch
 
 import seglab
 from seglab.data.instance import SyntheticInstances, collate_instances
-from seglab.models.instance.yolact import crop_masks, decode_boxes, encode_boxes, fast_nms
+from seglab.models.instance.yolact import (
+    crop_masks,
+    decode_boxes,
+    encode_boxes,
+    fast_nms,
+)
 
 TINY = {"encoder": "resnet10t", "fpn_channels": 32, "num_prototypes": 8, "anchor_size": 12, "num_classes": 4}
 

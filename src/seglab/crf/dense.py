@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from seglab.crf.kernels import PairwiseKernels
+from seglab.crf.kernels import KernelSum, PairwiseKernels
 
 __all__ = ["DenseCRF", "log_probabilities", "prepare_image", "prepare_scores"]
 
@@ -121,14 +121,23 @@ class DenseCRF(nn.Module):
         appearance, smoothness = self.kernels.build(image_nchw)
         q = torch.log_softmax(log_p, dim=1).exp_()  # the floor on probabilities can break their sum
         yield q
+        differentiable = torch.is_grad_enabled() and log_p.requires_grad
+        fast_potts = self.compatibility is None and not differentiable and self.w1 + self.w2 <= 20
+        if fast_potts:
+            both = KernelSum([appearance, smoothness], [self.w1, self.w2])
+            shifted_log_p = log_p - log_p.amax(dim=1, keepdim=True)
         for _ in range(self.iterations):
-            if self.compatibility is None:  # Potts: reward agreement, added as the slices run
-                scores_now = smoothness(q, appearance(q, log_p, self.w1), self.w2)
+            if fast_potts:
+                # Potts: reward agreement, added to the unary as the slice runs. The messages
+                # are >= 0 and at most a few times w1 + w2, so with w1 + w2 <= 20 exp cannot
+                # overflow float32 and needs no max-shift beyond the unary's own.
+                q = both(q, shifted_log_p).exp_()
+                q *= q.sum(dim=1, keepdim=True).reciprocal_()
             else:
                 messages = smoothness(q, appearance(q, weight=self.w1), self.w2)
-                scores_now = log_p - messages @ self.compatibility.to(q).T
-            # exp(log_softmax) rather than softmax: several times faster over a short last dim on CPU.
-            q = torch.log_softmax(scores_now, dim=1).exp_()
+                pairwise = -messages if self.compatibility is None else messages @ self.compatibility.to(q).T
+                # exp(log_softmax) rather than softmax: several times faster over a short last dim on CPU.
+                q = torch.log_softmax(log_p - pairwise, dim=1).exp_()
             yield q
 
     def _log_probabilities_and_image(self, image, scores, scores_are) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,14 +8,15 @@ implementation's default (NORMALIZE_SYMMETRIC).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-from seglab.crf.lattice import PermutohedralLattice, sparse_csr
+from seglab.crf.lattice import PermutohedralLattice
 
-__all__ = ["NormalisedKernel", "PairwiseKernels"]
+__all__ = ["KernelSum", "NormalisedKernel", "PairwiseKernels"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,58 @@ class NormalisedKernel:
         for blur in reversed(self.blurs) if reverse else self.blurs:
             vertices = blur @ vertices
         return vertices
+
+
+class KernelSum:
+    """sum_m w_m kernel_m, applied with one splat and one slice for all the kernels.
+
+    The kernels' splat matrices are stacked (rows), their slice matrices joined (columns), so
+    a mean-field step reads Q once and writes the messages once, however many kernels there
+    are; each kernel still blurs its own block of vertices. Inference only (no autograd):
+    differentiable callers apply the kernels one by one.
+    """
+
+    def __init__(self, kernels: list[NormalisedKernel], weights: list[float]) -> None:
+        sizes = [kernel.splat.shape[0] for kernel in kernels]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        num_points = kernels[0].num_points
+        splat_crow = torch.cat(
+            [kernels[0].splat.crow_indices()[:1]] + [k.splat.crow_indices()[1:] + k_start for k, k_start in zip(kernels, _cumulative_nnz(kernels))]
+        )
+        self.splat = _csr(
+            splat_crow,
+            torch.cat([k.splat.col_indices() for k in kernels]),
+            torch.cat([k.splat.values() for k in kernels]),
+            (sum(sizes), num_points),
+        )
+        per_point = [k.slice.values().numel() // num_points for k in kernels]
+        cols = torch.cat([(k.slice.col_indices() + start).view(num_points, n) for k, start, n in zip(kernels, starts, per_point)], dim=1)
+        values = torch.cat([(w * k.slice.values()).view(num_points, n) for k, w, n in zip(kernels, weights, per_point)], dim=1)
+        crow = torch.arange(0, cols.numel() + 1, cols.shape[1], dtype=cols.dtype, device=cols.device)
+        self.slice = _csr(crow, cols.reshape(-1), values.reshape(-1), (num_points, sum(sizes)))
+        self.blocks = [(start, start + size, kernel.blurs) for start, size, kernel in zip(starts, sizes, kernels)]
+
+    def __call__(self, values: torch.Tensor, add_to: torch.Tensor) -> torch.Tensor:
+        """add_to + sum_m w_m kernel_m(values), for P x C `values`."""
+        vertices = self.splat @ values.float()
+        blurred = []
+        for start, end, blurs in self.blocks:
+            block = vertices[start:end]
+            for blur in blurs:
+                block = blur @ block
+            blurred.append(block)
+        return torch.addmm(add_to, self.slice, torch.cat(blurred))
+
+
+def _cumulative_nnz(kernels: list[NormalisedKernel]) -> list[int]:
+    counts = [int(kernel.splat.values().numel()) for kernel in kernels]
+    return [sum(counts[:i]) for i in range(len(counts))]
+
+
+def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False)
 
 
 class _ApplyKernel(torch.autograd.Function):

@@ -13,9 +13,11 @@ filter is three linear maps:
 
 Only vertices that some point touches exist, so cost and memory grow with the number of
 points, not with the volume of feature space. Here the lattice is built once per set of
-features, fully vectorised: vertex keys are packed into one int64 each and deduplicated with
-one sort; splat, blur and slice are sparse CSR matrices, so filtering C channels (all K
-labels of a CRF) is a handful of sparse-dense products, differentiable by autograd.
+features, fully vectorised (no loop over points): lattice keys are packed into one int64
+each, points sharing a simplex are grouped by a sort of P keys, the vertices deduplicated by
+a sort of the distinct simplexes' keys, and blur neighbours found by binary search. Splat,
+blur and slice are sparse CSR matrices, so filtering C channels (all K labels of a CRF) is a
+handful of sparse-dense products, differentiable by autograd.
 
 The constants (the elevation scale, the 1/(1 + 2^-d) slice factor) follow Krähenbühl &
 Koltun's implementation, so a feature difference of 1 is about one standard deviation of the
@@ -28,7 +30,7 @@ import warnings
 
 import torch
 
-__all__ = ["PermutohedralLattice", "sparse_csr"]
+__all__ = ["PermutohedralLattice"]
 
 
 class PermutohedralLattice:
@@ -43,8 +45,8 @@ class PermutohedralLattice:
     """
 
     def __init__(self, features: torch.Tensor, batch_index: torch.Tensor | None = None) -> None:
-        if features.dim() != 2 or features.shape[1] < 1:
-            raise ValueError(f"lattice features must be P x d with d >= 1, got shape {tuple(features.shape)}")
+        if features.dim() != 2 or features.shape[0] < 1 or not 1 <= features.shape[1] <= 14:
+            raise ValueError(f"lattice features must be P x d with P >= 1 and 1 <= d <= 14, got shape {tuple(features.shape)}")
         if not bool(torch.isfinite(features).all()):
             raise ValueError("lattice features must be finite")
         if batch_index is not None and batch_index.shape != features.shape[:1]:
@@ -84,12 +86,12 @@ class PermutohedralLattice:
 
     def slice_matrix(self, point_weights: torch.Tensor) -> torch.Tensor:
         """P x M sparse matrix: each point reads its simplex's vertices times `point_weights`."""
-        rows = torch.arange(self.num_points, device=self.vertices.device).repeat_interleave(self.dim + 1)
-        return sparse_csr(rows, self.vertices.reshape(-1), point_weights.reshape(-1), (self.num_points, self.num_vertices))
+        crow = torch.arange(0, self.num_points * (self.dim + 1) + 1, self.dim + 1, device=self.vertices.device)
+        return _csr_from_crow(crow, self.vertices.reshape(-1), point_weights.reshape(-1), (self.num_points, self.num_vertices))
 
     def blur_matrices(self) -> list[torch.Tensor]:
         """d+1 sparse M x M matrices, the [1/2, 1, 1/2] blur along each lattice direction."""
-        return [sparse_csr(*triplet, (self.num_vertices, self.num_vertices)) for triplet in self.blur_triplets]
+        return [_csr_from_triplets(*triplet, (self.num_vertices, self.num_vertices)) for triplet in self.blur_triplets]
 
     def _build(self, features: torch.Tensor, batch_index: torch.Tensor | None) -> None:
         num_points, d = features.shape
@@ -111,9 +113,9 @@ class PermutohedralLattice:
         order = torch.sort(difference, dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(d + 1, device=device).expand(num_points, d + 1))
         rank += rounded.sum(dim=1, keepdim=True).long()
-        wrap = (rank < 0).long() - (rank > d).long()  # bring points that rounded off the plane back
-        rank += (d + 1) * wrap
-        remainder0 = remainder0.long() + (d + 1) * wrap
+        wrap = torch.div(rank, d + 1, rounding_mode="floor")  # -1, 0 or 1: points that rounded off the plane
+        rank -= (d + 1) * wrap
+        remainder0 = remainder0.long() - (d + 1) * wrap
 
         # Barycentric coordinates (p. 10): differences of consecutive sorted offsets.
         offset = (elevated - remainder0) / (d + 1)
@@ -128,7 +130,7 @@ class PermutohedralLattice:
         if batch_index is None:
             batch_index = torch.zeros(num_points, dtype=torch.long, device=device)
         corner, strides = _pack(batch_index.to(device=device, dtype=torch.long), remainder0[:, :d], margin=2 * (d + 1))
-        permutation = (rank * (d + 1) ** torch.arange(d + 1, device=device)).sum(dim=1)
+        permutation = (rank * (d + 1) ** torch.arange(d + 1, device=device)).sum(dim=1)  # < 2^63 for d <= 14
         by_permutation = torch.argsort(permutation, stable=True)
         point_order = by_permutation[torch.argsort(corner[by_permutation], stable=True)]
         sorted_corner, sorted_permutation = corner[point_order], permutation[point_order]
@@ -156,10 +158,11 @@ class PermutohedralLattice:
         self.vertices = slot_vertex[simplex_of_point]
 
         # The splat matrix lists, for each vertex, the (point, vertex-of-simplex) pairs that
-        # land on it: a stable sort of the pairs' vertex ids, which fit in 32 bits (sorting
-        # those is several times faster than sorting the 64-bit keys).
+        # land on it: a stable sort of the pairs' vertex ids, in the narrowest integer type
+        # that holds them (sorting 16-bit keys is several times faster than 64-bit ones).
         vertex_of_pair = self.vertices.reshape(-1)
-        self._splat_pairs = torch.argsort(vertex_of_pair.int() if self.num_vertices < 2**31 else vertex_of_pair, stable=True)
+        narrow = torch.int16 if self.num_vertices < 2**15 else torch.int32 if self.num_vertices < 2**31 else torch.int64
+        self._splat_pairs = torch.argsort(vertex_of_pair.to(narrow), stable=True)
         self._splat_cols = torch.div(self._splat_pairs, d + 1, rounding_mode="floor")
         pairs_per_vertex = torch.bincount(vertex_of_pair, minlength=self.num_vertices)
         self._splat_crow = torch.cat([pairs_per_vertex.new_zeros(1), pairs_per_vertex.cumsum(0)])
@@ -215,7 +218,7 @@ def _csr_from_crow(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
         return torch.sparse_csr_tensor(crow, cols, values.float(), size, check_invariants=False)
 
 
-def sparse_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _csr_from_triplets(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A CSR matrix from triplets whose `rows` are already sorted (not checked)."""
     counts = torch.bincount(rows, minlength=size[0])
     return _csr_from_crow(torch.cat([counts.new_zeros(1), counts.cumsum(0)]), cols, values, size)

@@ -20,7 +20,7 @@ import torch
 
 from seglab.crf.dense import DenseCRF
 
-__all__ = ["DEFAULT_CRF_PARAMS", "parse_crf_params", "refine"]
+__all__ = ["DEFAULT_CRF_PARAMS", "make_crf", "parse_crf_params", "refine"]
 
 # The setting of pydensecrf's example, widely used on DeepLab outputs: a wide appearance
 # kernel (80 px, 13 grey levels, weight 10) and a narrow smoothness kernel (3 px, weight 3).
@@ -55,6 +55,14 @@ def parse_crf_params(text: str | None) -> dict[str, float | int]:
     return params
 
 
+def make_crf(params: Mapping[str, float | int] | None = None) -> DenseCRF:
+    """A DenseCRF with `DEFAULT_CRF_PARAMS` overridden by `params` (names checked)."""
+    unknown = set(params or {}) - set(DEFAULT_CRF_PARAMS)
+    if unknown:
+        raise ValueError(f"unknown CRF parameter(s) {sorted(unknown)}; known: {', '.join(DEFAULT_CRF_PARAMS)}")
+    return DenseCRF(**{**DEFAULT_CRF_PARAMS, **(params or {})})
+
+
 def refine(
     image: torch.Tensor | np.ndarray,
     probabilities: torch.Tensor,
@@ -62,7 +70,4 @@ def refine(
 ) -> torch.Tensor:
     """Refine N x K x H x W probabilities (or logits) with a dense CRF over `image` (see
     `DenseCRF` for accepted layouts); `params` override `DEFAULT_CRF_PARAMS`."""
-    unknown = set(params or {}) - set(DEFAULT_CRF_PARAMS)
-    if unknown:
-        raise ValueError(f"unknown CRF parameter(s) {sorted(unknown)}; known: {', '.join(DEFAULT_CRF_PARAMS)}")
-    return DenseCRF(**{**DEFAULT_CRF_PARAMS, **(params or {})})(image, probabilities)
+    return make_crf(params)(image, probabilities)

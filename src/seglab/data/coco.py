@@ -25,7 +25,7 @@ from torchvision import tv_tensors
 from seglab.data.base import SegmentationDataset, default_palette
 from seglab.data.instance import load_rgb, make_target
 
-__all__ = ["CocoSemantic", "CocoInstances", "coco_split_ids", "decode_segmentation"]
+__all__ = ["CocoInstances", "CocoSemantic", "coco_split_ids", "decode_segmentation"]
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:

@@ -12,8 +12,9 @@ masks, and COCO JSON (:mod:`seglab.data.coco`).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,14 +27,14 @@ from seglab.data.base import default_palette
 from seglab.data.synthetic import SyntheticShapes
 
 __all__ = [
+    "InstanceFolder",
+    "SyntheticInstances",
+    "collate_instances",
+    "instance_transforms",
+    "load_rgb",
     "make_target",
     "masks_from_instance_map",
-    "SyntheticInstances",
-    "InstanceFolder",
-    "instance_transforms",
-    "collate_instances",
     "open_instance_dataset",
-    "load_rgb",
 ]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

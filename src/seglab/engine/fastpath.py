@@ -30,15 +30,18 @@ from typing import Any, ContextManager
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from seglab.engine.precision import cpu_supports_bf16
 
 __all__ = [
+    "ConvReLU",
     "InferenceModel",
     "autocast_context",
     "default_precision",
     "fold_conv_bn",
+    "fuse_conv_relu",
     "optimize_for_inference",
     "optimizer_options",
     "prepare_batch",
@@ -103,25 +106,27 @@ def to_channels_last(value: Any) -> Any:
     return value
 
 
-# ------------------------------------------------------------------------- conv-BN folding
+# -------------------------------------------------------------- conv-BN folding, conv+ReLU
 class _DataflowRecorder(TorchFunctionMode):
-    """Counts, during one forward pass, how often each convolution output is read outside the
-    BatchNorm that consumes it (any read would see different values once the BN is folded)."""
+    """Watches one forward pass: which `consumer` module (BatchNorm2d, ReLU) takes a Conv2d's
+    output as its input, and how often that output is read anywhere else (any other read would
+    see different values once the consumer is merged into the convolution)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, consumer: type[nn.Module]) -> None:
         super().__init__()
         self.conv_outputs: dict[int, tuple[str, torch.Tensor]] = {}  # keeps tensors alive: ids stay unique
-        self.bn_inputs: list[tuple[str, int]] = []
+        self.consumer_inputs: list[tuple[str, int]] = []
         self.reads: Counter[int] = Counter()
         self.calls: Counter[str] = Counter()
-        self.inside_bn = 0
+        self.inside_consumer = 0
+        self.consumed: set[int] = set()
         self.handles = []
         for name, module in model.named_modules():
             if type(module) is nn.Conv2d:
                 self.handles.append(module.register_forward_hook(self._conv_hook(name)))
-            elif type(module) is nn.BatchNorm2d:
-                self.handles.append(module.register_forward_pre_hook(self._bn_enter(name)))
-                self.handles.append(module.register_forward_hook(self._bn_exit))
+            elif type(module) is consumer:
+                self.handles.append(module.register_forward_pre_hook(self._consumer_enter(name)))
+                self.handles.append(module.register_forward_hook(self._consumer_exit))
 
     def _conv_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -130,31 +135,38 @@ class _DataflowRecorder(TorchFunctionMode):
 
         return hook
 
-    def _bn_enter(self, name: str):
+    def _consumer_enter(self, name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
             self.calls[name] += 1
             # Matched now, while the tensor is alive: a freed input's id may be reused later.
             if id(inputs[0]) in self.conv_outputs:
-                self.bn_inputs.append((name, id(inputs[0])))
-            self.inside_bn += 1
+                self.consumer_inputs.append((name, id(inputs[0])))
+            self.inside_consumer += 1
 
         return hook
 
-    def _bn_exit(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.inside_bn -= 1
+    def _consumer_exit(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.inside_consumer -= 1
+        if output is inputs[0]:
+            # An in-place consumer (ReLU(inplace=True)) hands back the same tensor: later reads
+            # see the consumer's result, which the merged module computes just the same.
+            self.consumed.add(id(output))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self.inside_bn and getattr(func, "__name__", "") not in _METADATA_READS:
+        if not self.inside_consumer and getattr(func, "__name__", "") not in _METADATA_READS:
             for value in [*args, *kwargs.values()]:
                 for tensor in value if isinstance(value, (list, tuple)) else (value,):
-                    if isinstance(tensor, torch.Tensor) and id(tensor) in self.conv_outputs:
+                    if self._is_unconsumed_conv_output(tensor):
                         self.reads[id(tensor)] += 1
         return func(*args, **kwargs)
 
+    def _is_unconsumed_conv_output(self, value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and id(value) in self.conv_outputs and id(value) not in self.consumed
+
     def count_returned(self, output: Any) -> None:
-        """A convolution output handed back to the caller is read there, unfolded."""
-        if isinstance(output, torch.Tensor) and id(output) in self.conv_outputs:
+        """A convolution output handed back to the caller is read there."""
+        if self._is_unconsumed_conv_output(output):
             self.reads[id(output)] += 1
         elif isinstance(output, dict):
             for value in output.values():
@@ -163,14 +175,12 @@ class _DataflowRecorder(TorchFunctionMode):
             for value in output:
                 self.count_returned(value)
 
-    def foldable_pairs(self) -> list[tuple[str, str]]:
+    def mergeable_pairs(self) -> list[tuple[str, str]]:
         pairs = []
-        for bn_name, tensor_id in self.bn_inputs:
-            if self.reads[tensor_id]:
-                continue
+        for consumer_name, tensor_id in self.consumer_inputs:
             conv_name = self.conv_outputs[tensor_id][0]
-            if self.calls[conv_name] == 1 and self.calls[bn_name] == 1:
-                pairs.append((conv_name, bn_name))
+            if not self.reads[tensor_id] and self.calls[conv_name] == 1 and self.calls[consumer_name] == 1:
+                pairs.append((conv_name, consumer_name))
         return pairs
 
     def remove_hooks(self) -> None:
@@ -186,6 +196,24 @@ def _example_input(model: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _conv_consumer_pairs(model: nn.Module, consumer: type[nn.Module], example_input: torch.Tensor | None) -> list[tuple[str, str]]:
+    model.eval()
+    recorder = _DataflowRecorder(model, consumer)
+    try:
+        with recorder:
+            output = model(example_input if example_input is not None else _example_input(model))
+        recorder.count_returned(output)
+    finally:
+        recorder.remove_hooks()
+    return recorder.mergeable_pairs()
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attribute, module)
+
+
+@torch.no_grad()
 def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
@@ -198,30 +226,58 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter((bias * scale + shift).to(conv.weight.dtype), requires_grad=False)
 
 
-@torch.no_grad()
 def fold_conv_bn(model: nn.Module, example_input: torch.Tensor | None = None) -> int:
     """Fold every BatchNorm2d that directly follows a Conv2d into it, in place, and replace the
     BatchNorm by nn.Identity. Only for inference (the model is put in eval mode). The pairs are
     found by running `example_input` (default: one 64x64 image of zeros) through the model.
     Returns the number of folded pairs."""
-    model.eval()
-    recorder = _DataflowRecorder(model)
-    try:
-        with recorder:
-            output = model(example_input if example_input is not None else _example_input(model))
-        recorder.count_returned(output)
-    finally:
-        recorder.remove_hooks()
-    pairs = recorder.foldable_pairs()
-    modules = dict(model.named_modules())
-    for conv_name, bn_name in pairs:
-        bn = modules[bn_name]
+    folded = 0
+    for conv_name, bn_name in _conv_consumer_pairs(model, nn.BatchNorm2d, example_input):
+        bn = model.get_submodule(bn_name)
         if not bn.track_running_stats or bn.running_mean is None:
             continue  # a BatchNorm without running statistics normalises with the batch's own
-        _fold_into(modules[conv_name], bn)
-        parent_name, _, attribute = bn_name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, attribute, nn.Identity())
-    return len(pairs)
+        _fold_into(model.get_submodule(conv_name), bn)
+        _replace(model, bn_name, nn.Identity())
+        folded += 1
+    return folded
+
+
+class ConvReLU(nn.Module):
+    """A convolution whose ReLU oneDNN applies in the same kernel, as a post-op, on the CPU
+    (one pass over the output instead of two); elsewhere the two run one after the other."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and conv.weight.requires_grad):
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+                "relu", [], "",
+            )
+        return F.relu(conv(x))
+
+
+def _fusable(conv: nn.Conv2d) -> bool:
+    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
+def fuse_conv_relu(model: nn.Module, example_input: torch.Tensor | None = None) -> int:
+    """Replace every Conv2d directly followed by a ReLU module with a `ConvReLU` (and the ReLU
+    with nn.Identity), in place, for CPU inference; best after `fold_conv_bn`, which removes
+    the BatchNorm between them. Returns the number of fused pairs."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        return 0
+    fused = 0
+    for conv_name, relu_name in _conv_consumer_pairs(model, nn.ReLU, example_input):
+        conv = model.get_submodule(conv_name)
+        if _fusable(conv):
+            _replace(model, conv_name, ConvReLU(conv))
+            _replace(model, relu_name, nn.Identity())
+            fused += 1
+    return fused
 
 
 # ------------------------------------------------------------------------------ inference
@@ -259,14 +315,15 @@ def optimize_for_inference(
     precision: str | int = "auto",
     *,
     fold_bn: bool = True,
+    fuse_relu: bool = True,
     channels_last: bool = True,
     inference_mode: bool = True,
     compile: bool = False,
     inplace: bool = False,
     example_input: torch.Tensor | None = None,
 ) -> InferenceModel:
-    """The fast inference path of `model` (eval mode): conv-BN folding, channels_last,
-    inference_mode and `precision` ("auto": bf16 where the hardware runs it natively, else 32;
+    """The fast inference path of `model` (eval mode): conv-BN folding, conv+ReLU fusion (CPU),
+    channels_last, inference_mode and `precision` ("auto": bf16 where the hardware runs it natively, else 32;
     "32", "bf16", "16"), optionally torch.compile. The argument model is left untouched unless
     `inplace`. Each switch can be turned off to measure the others on their own."""
     device = _device_of(model)
@@ -277,12 +334,16 @@ def optimize_for_inference(
         parameter.requires_grad_(False)
     if fold_bn:
         fold_conv_bn(prepared, example_input)
+    if fuse_relu and device.type == "cpu" and not compile:  # inductor does its own fusion
+        fuse_conv_relu(prepared, example_input)
     if channels_last:
         prepared = to_channels_last(prepared)
     dtype = _DTYPES[name]
     prepared = prepared.to(dtype)
     if compile:
-        prepared = torch.compile(prepared, dynamic=False)
+        # Freezing lets inductor treat the weights as constants: it pre-packs them for oneDNN
+        # and fuses the convolutions with their activations.
+        prepared = torch.compile(prepared, dynamic=False, options={"freezing": True})
     return InferenceModel(prepared, dtype, channels_last, inference_mode)
 
 

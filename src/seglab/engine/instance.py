@@ -15,23 +15,35 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 import yaml
 from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from torch import nn
 from torch.utils.data import DataLoader
 
-from seglab.data.instance import collate_instances, instance_transforms, load_rgb, open_instance_dataset
+from seglab.data.instance import (
+    collate_instances,
+    instance_transforms,
+    load_rgb,
+    open_instance_dataset,
+)
 from seglab.engine.checkpoint import save_checkpoint
 from seglab.engine.config import TrainConfig
-from seglab.engine.trainer import _json_safe, progress_bar, resolve_device, seed_everything, unique_run_dir
+from seglab.engine.trainer import (
+    _json_safe,
+    progress_bar,
+    resolve_device,
+    seed_everything,
+    unique_run_dir,
+)
 from seglab.files import append_line, atomic_write, atomic_write_text
 from seglab.metrics import COCOMaskEvaluator, save_coco_results
 from seglab.metrics.coco import coco_results
@@ -41,11 +53,14 @@ from seglab.viz import plot_curves, to_uint8_image
 __all__ = [
     "INSTANCE_DEFAULTS",
     "InstanceTrainer",
+    "eval_instance",
     "evaluate_instances",
     "instance_metrics_table",
     "instance_overlay",
-    "predict_instance_files",
     "model_kwargs_for",
+    "predict_instance",
+    "predict_instance_files",
+    "train_instance",
 ]
 
 # What `seglab train --task instance` uses where the command line and config say nothing:
@@ -101,8 +116,11 @@ class InstanceTrainer:
         crop = config.image_size if config.data != "synthetic" and isinstance(config.image_size, int) else None
         self.train_set = open_instance_dataset(config.data, "train", transforms=instance_transforms(True, crop), **self._data_options(train=True))
         self.val_set = open_instance_dataset(config.data, "val", **self._data_options(train=False))
+        if config.data != "synthetic" and config.val_samples < len(self.val_set):
+            # Per-epoch validation on the first `val_samples` images keeps epochs affordable on
+            # large real images; `seglab eval` measures the whole split afterwards.
+            self.val_set = _Head(self.val_set, config.val_samples)
         self.num_classes = self.train_set.num_classes
-        self.ignore_index = 255
         self.model_kwargs = {
             **model_kwargs_for(config.model, config.image_size, config.model_kwargs),
             "num_classes": self.num_classes,
@@ -275,9 +293,17 @@ class InstanceTrainer:
             atomic_write(folder / f"val_{index:03d}.png", lambda tmp, p=panel: Image.fromarray(p).save(tmp, format="PNG"))
 
 
+class _Head(torch.utils.data.Subset):
+    """The first `count` samples of a data set, keeping its class names and palette."""
+
+    def __init__(self, dataset: Any, count: int) -> None:
+        super().__init__(dataset, range(count))
+        self.classes, self.palette = dataset.classes, dataset.palette
+
+
 def _score(results: dict[str, Any]) -> float:
     """Mask AP, with NaN (nothing to evaluate yet) below every number."""
-    return results["ap"] if results["ap"] == results["ap"] else -1.0
+    return -1.0 if math.isnan(results["ap"]) else results["ap"]
 
 
 @torch.inference_mode()
@@ -336,7 +362,7 @@ def instance_metrics_table(results: dict[str, Any], title: str = "Validation") -
 
 
 def _fmt(value: float) -> str:
-    return "-" if value != value else f"{value:.4f}"
+    return "-" if math.isnan(value) else f"{value:.4f}"
 
 
 def instance_overlay(image: torch.Tensor, prediction: dict[str, torch.Tensor], classes: Sequence[str], score_threshold: float = 0.5, alpha: float = 0.5) -> np.ndarray:
@@ -416,3 +442,54 @@ def _image_files(paths: Sequence[str | Path]) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no images found in {', '.join(map(str, paths))}")
     return files
+
+
+# --- the command line's entry points (seglab train/eval/predict hand instance work here) ------
+
+
+def train_instance(values: dict[str, Any], console: Console) -> int:
+    """`seglab train --task instance`: the instance defaults, overridden by config file and flags."""
+    config = TrainConfig.from_dict({**INSTANCE_DEFAULTS, **values}, source="options")
+    summary = InstanceTrainer(config, console=console).fit()
+    out = Console()
+    out.print(
+        f"Best validation mask AP {summary['ap']:.4f}, AP50 {summary['ap50']:.4f}, boundary AP {summary['boundary_ap']:.4f} "
+        f"(epoch {summary['best_epoch']}), {summary['seconds']:.0f} s"
+    )
+    out.print(f"Results in {summary['run_dir']}/  (best.safetensors, metrics.jsonl, curves.png, overlays/)")
+    return 0
+
+
+def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: Console) -> int:
+    """`seglab eval` of an instance checkpoint: COCO mask AP table, optionally JSON files.
+
+    ``args`` carries data, split, batch_size, device and json (as `seglab eval` parses them);
+    with --json, the COCO results records are written beside it as ``<name>.results.json``.
+    """
+    data = dict(config.get("data", {"source": "synthetic"}))
+    source = data.pop("source")
+    if getattr(args, "data", None) and args.data != source:
+        source, data = args.data, {}
+    dataset = open_instance_dataset(source, args.split, **data)
+    device = resolve_device(args.device)
+    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_instances)
+    results_json = Path(args.json).with_suffix(".results.json") if getattr(args, "json", None) else None
+    with progress_bar(console) as progress:
+        results = evaluate_instances(model.to(device), loader, config["classes"], device, progress=progress, results_json=results_json)
+    Console().print(instance_metrics_table(results, title=f"{args.split} split of {source} ({len(dataset)} images)"))
+    if getattr(args, "json", None):
+        atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps({k: _json_safe(v) if not isinstance(v, dict) else v for k, v in results.items()}, indent=2)))
+        console.print(f"metrics written to {args.json}, COCO results to {results_json}")
+    return 0
+
+
+def predict_instance(args: Any, console: Console) -> int:
+    """`seglab predict` with an instance checkpoint: overlays and a COCO results JSON in --out."""
+    from seglab.engine.checkpoint import load_checkpoint
+
+    model, config = load_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    with progress_bar(console) as progress:
+        written = predict_instance_files(model, config, args.images, args.out, device, progress=progress)
+    Console().print(f"{len(written) - 1} image(s) predicted; overlays and results.json (COCO results) in {args.out}/")
+    return 0

@@ -369,7 +369,7 @@ class Trainer:
                 if self.history else "no checkpoint was written yet"
             )
             raise FloatingPointError(
-                f"the training loss became {float(loss)} in epoch {epoch}, batch {batch + 1}; training stopped and {kept}. "
+                f"the training loss became {float(loss.detach())} in epoch {epoch}, batch {batch + 1}; training stopped and {kept}. "
                 "Lower --lr or set --clip-grad-norm"
             )
 

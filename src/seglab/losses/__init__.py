@@ -11,15 +11,15 @@ from seglab.losses.overlap import DiceLoss, JaccardLoss, TverskyLoss
 from seglab.losses.pixelwise import BCELoss, CrossEntropyLoss, FocalLoss
 
 __all__ = [
-    "build_loss",
     "LOSS_NAMES",
-    "WeightedSum",
-    "CrossEntropyLoss",
     "BCELoss",
-    "FocalLoss",
+    "CrossEntropyLoss",
     "DiceLoss",
+    "FocalLoss",
     "JaccardLoss",
-    "TverskyLoss",
-    "LovaszSoftmaxLoss",
     "LovaszHingeLoss",
+    "LovaszSoftmaxLoss",
+    "TverskyLoss",
+    "WeightedSum",
+    "build_loss",
 ]

@@ -25,7 +25,7 @@ from seglab.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss
 from seglab.losses.overlap import DiceLoss, JaccardLoss, TverskyLoss
 from seglab.losses.pixelwise import BCELoss, CrossEntropyLoss, FocalLoss
 
-__all__ = ["WeightedSum", "build_loss", "LOSS_NAMES"]
+__all__ = ["LOSS_NAMES", "WeightedSum", "build_loss"]
 
 
 class WeightedSum(nn.Module):

@@ -19,7 +19,7 @@ from torch import nn
 
 from seglab.losses._inputs import binary_view, check_mode, valid_mask
 
-__all__ = ["lovasz_grad", "LovaszSoftmaxLoss", "LovaszHingeLoss"]
+__all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss", "lovasz_grad"]
 
 
 def lovasz_grad(sorted_foreground: torch.Tensor) -> torch.Tensor:

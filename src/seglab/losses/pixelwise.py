@@ -14,7 +14,7 @@ from torch import nn
 
 from seglab.losses._inputs import binary_view, check_mode, masked_mean, valid_mask
 
-__all__ = ["CrossEntropyLoss", "BCELoss", "FocalLoss"]
+__all__ = ["BCELoss", "CrossEntropyLoss", "FocalLoss"]
 
 
 def _weights(class_weights: Sequence[float] | torch.Tensor | None) -> torch.Tensor | None:

@@ -18,7 +18,7 @@ import torch
 from seglab.metrics._distributed import gather_objects, sum_over_processes
 from seglab.metrics.confusion import TASKS, nan_divide, nanmean
 
-__all__ = ["precision_recall_curve", "average_precision", "AveragePrecision"]
+__all__ = ["AveragePrecision", "average_precision", "precision_recall_curve"]
 
 
 def _valid_pairs(scores: torch.Tensor, target: torch.Tensor, ignore_index: int | None) -> tuple[torch.Tensor, torch.Tensor]:

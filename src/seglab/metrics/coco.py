@@ -29,7 +29,7 @@ from pycocotools.cocoeval import COCOeval
 from seglab.metrics._distributed import gather_objects
 from seglab.metrics.boundary import mask_to_boundary
 
-__all__ = ["COCOMaskEvaluator", "BoundaryCOCOeval", "coco_results", "save_coco_results", "encode_masks"]
+__all__ = ["BoundaryCOCOeval", "COCOMaskEvaluator", "coco_results", "encode_masks", "save_coco_results"]
 
 # Order of COCOeval.stats for iouType "segm" (pycocotools summarize()).
 _STAT_NAMES = ("ap", "ap50", "ap75", "aps", "apm", "apl", "ar1", "ar10", "ar", "ars", "arm", "arl")
@@ -106,7 +106,7 @@ class BoundaryCOCOeval(COCOeval):
     Boundary IoU is the IoU of those bands, so pycocotools' own RLE IoU computes it.
     """
 
-    def computeIoU(self, imgId: int, catId: int):  # noqa: N802 - pycocotools' name
+    def computeIoU(self, imgId: int, catId: int):
         mask_iou = super().computeIoU(imgId, catId)
         if len(mask_iou) == 0:
             return mask_iou

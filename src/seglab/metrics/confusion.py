@@ -140,10 +140,9 @@ class ConfusionMatrix:
         if self.ignore_index is not None and 0 <= self.ignore_index < k:
             valid &= target != self.ignore_index
         if pred.numel():
-            low, high = torch.aminmax(pred)
-            if low < 0 or high >= k:
-                if bool((valid & ((pred < 0) | (pred >= k))).any()):
-                    raise ValueError(f"predicted class outside 0..{k - 1}")
+            low, high = torch.aminmax(pred)  # cheap check first; the exact one only if it fails
+            if (low < 0 or high >= k) and bool((valid & ((pred < 0) | (pred >= k))).any()):
+                raise ValueError(f"predicted class outside 0..{k - 1}")
         # Uncounted pixels go to one extra bin that is dropped: cheaper than boolean indexing.
         flat = torch.where(valid, target * k + pred, k * k)
         counts = torch.bincount(flat, minlength=k * k + 1)[: k * k]

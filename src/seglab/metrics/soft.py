@@ -17,7 +17,7 @@ import torch
 from seglab.metrics._distributed import sum_over_processes
 from seglab.metrics.confusion import TASKS, nan_divide, nanmean
 
-__all__ = ["NORMS", "overlap_terms", "soft_iou", "soft_dice", "SoftOverlap"]
+__all__ = ["NORMS", "SoftOverlap", "overlap_terms", "soft_dice", "soft_iou"]
 
 NORMS = ("l1", "l2")
 

@@ -1,8 +1,8 @@
 """Tiny configurations of every semantic architecture, shared by the tests in this folder.
 
 Each keeps the architecture's structure (every box of the paper's figure) but shrinks widths
-or picks the smallest encoder, so a forward/backward pass on a 32-48 px image takes a fraction
-of a second on a CPU.
+or picks a tiny encoder (timm's `test_resnet`, 0.4M parameters, and `test_efficientnet`), so
+a forward/backward pass on a 32-48 px image takes a fraction of a second on a CPU.
 """
 from __future__ import annotations
 
@@ -15,18 +15,18 @@ TINY = {
     "fcn32s": dict(width=0.125),
     "fcn16s": dict(width=0.125),
     "fcn8s": dict(width=0.125),
-    "fcn8s_resnet": dict(model="fcn8s", encoder="resnet18"),
+    "fcn8s_resnet": dict(model="fcn8s", encoder="test_resnet"),
     "segnet": dict(width=0.125),
     "deconvnet": dict(width=0.125),
     "unet": dict(base_channels=8, depth=4),
     "unet_valid": dict(model="unet", base_channels=4, depth=3, padding="valid"),
-    "unet_resnet": dict(model="unet", encoder="resnet18"),
+    "unet_resnet": dict(model="unet", encoder="test_resnet"),
     "unet_mit": dict(model="unet", encoder="mit_b0", decoder_channels=[32, 16, 16, 8, 8]),
-    "fpn": dict(encoder="resnet18", pyramid_channels=32, head_channels=16),
-    "pspnet": dict(encoder="resnet18"),
-    "deeplabv2": dict(encoder="resnet18"),
-    "deeplabv3": dict(encoder="resnet18", output_stride=8),
-    "deeplabv3plus": dict(encoder="resnet18"),
+    "fpn": dict(encoder="test_efficientnet", pyramid_channels=32, head_channels=16),
+    "pspnet": dict(encoder="test_resnet"),
+    "deeplabv2": dict(encoder="test_resnet"),
+    "deeplabv3": dict(encoder="test_efficientnet", output_stride=8),
+    "deeplabv3plus": dict(encoder="test_resnet"),
     "hrnet": dict(encoder="hrnet_w18_small"),
     "segformer": dict(variant="b0", drop_path_rate=0.0),  # stochastic depth would zero some gradients
     "hourglass": dict(channels=16, order=2, stacks=2),

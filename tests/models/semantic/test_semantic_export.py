@@ -43,6 +43,7 @@ def test_original_unet_exports_at_a_fixed_size(tmp_path):
     _onnx_matches(model, tmp_path / "unet.onnx", torch.rand(1, 3, 64, 64), dynamo=False, dynamic=False)
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.*:FutureWarning")
 def test_torchscript_trace_serves_other_sizes(tmp_path):
     model = build_tiny("fpn").eval()
     path = export_torchscript(model, tmp_path / "fpn.pt", image_size=64)

@@ -58,7 +58,10 @@ smp = pytest.importorskip("segmentation_models_pytorch", reason="reference count
 
 
 def _smp_params(cls, **kwargs) -> int:
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            model = cls(encoder_weights=None, **kwargs)
+    except RuntimeError:  # smp's Segformer reads tensor values while building: build it for real
         model = cls(encoder_weights=None, **kwargs)
     return sum(p.numel() for p in model.parameters())
 

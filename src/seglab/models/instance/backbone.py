@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 

@@ -23,11 +23,14 @@ keeps every image at its own size) and normalises internally, as torchvision's d
 """
 from __future__ import annotations
 
-import torch.nn as nn
+from torch import nn
 from torchvision.models.detection import KeypointRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
+from torchvision.models.detection.keypoint_rcnn import (
+    KeypointRCNNHeads,
+    KeypointRCNNPredictor,
+)
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
@@ -35,7 +38,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from seglab.models.instance.backbone import EncoderFPN, encoder_fpn
 from seglab.models.registry import register_model
 
-__all__ = ["mask_rcnn", "keypoint_rcnn", "pyramid_anchors", "normalisation", "NativeSizeTransform"]
+__all__ = ["NativeSizeTransform", "keypoint_rcnn", "mask_rcnn", "normalisation", "pyramid_anchors"]
 
 _PYRAMID_LEVELS = ("0", "1", "2", "3")  # P2..P5; RoIs are pooled from these, never from P6
 

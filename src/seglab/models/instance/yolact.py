@@ -24,15 +24,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from seglab.models.instance.backbone import encoder_fpn
 from seglab.models.instance.mask_rcnn import normalisation
 from seglab.models.registry import register_model
 
-__all__ = ["Yolact", "ProtoNet", "PredictionHead", "crop_masks", "fast_nms", "encode_boxes", "decode_boxes", "yolact"]
+__all__ = ["PredictionHead", "ProtoNet", "Yolact", "crop_masks", "decode_boxes", "encode_boxes", "fast_nms", "yolact"]
 
 _BOX_VARIANCES = (0.1, 0.2)  # SSD's scaling of centre and log-size offsets
 _SIZE_DIVISOR = 32
@@ -265,7 +265,6 @@ class Yolact(nn.Module):
     def loss(self, offsets, logits, coefficients, prototypes, anchors, targets, padded_size) -> dict[str, torch.Tensor]:
         class_terms, box_terms, mask_terms = [], [], []
         num_positive = 0
-        proto_h, proto_w = prototypes.shape[-2:]
         for i, target in enumerate(targets):
             boxes, labels = target["boxes"].as_subclass(torch.Tensor).float(), target["labels"]
             gt_index, state = self.match(anchors, boxes)

@@ -1,0 +1,41 @@
+"""Helpers shared by the engine tests: tiny training settings (a 2-level U-Net on 32x32 shapes)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from seglab.engine.config import TrainConfig
+from seglab.engine.trainer import Trainer
+
+
+def tiny_options(**overrides: Any) -> dict[str, Any]:
+    """Options of a run that takes about a second per epoch on one thread."""
+    options = {
+        "model_kwargs": {"base_channels": 4, "depth": 2},
+        "image_size": 32,
+        "train_samples": 32,
+        "val_samples": 16,
+        "batch_size": 8,
+        "epochs": 1,
+        "lr": 0.01,
+        "num_overlays": 1,
+    }
+    options.update(overrides)
+    return options
+
+
+def write_config(path: Path, **overrides: Any) -> Path:
+    path.write_text(yaml.safe_dump(tiny_options(**overrides)))
+    return path
+
+
+def quiet_console() -> Console:
+    return Console(quiet=True)
+
+
+def train_tiny(out: Path, **overrides: Any) -> dict[str, Any]:
+    config = TrainConfig.from_dict(tiny_options(out=str(out), **overrides))
+    return Trainer(config, console=quiet_console()).fit()
