@@ -91,6 +91,36 @@ def dsb2018(args: argparse.Namespace) -> None:
     _train_and_evaluate(values, {}, "dsb2018")
 
 
+def evaluate(args: argparse.Namespace) -> None:
+    """The best checkpoint of a (possibly interrupted) benchmark run on a whole validation split."""
+    from seglab.data.instance import collate_instances, open_instance_dataset
+    from seglab.engine.checkpoint import load_checkpoint
+    from seglab.engine.instance import evaluate_instances
+
+    model, config = load_checkpoint(args.run_dir)
+    data = dict(config["data"])
+    source = data.pop("source")
+    if source == "synthetic":
+        data["num_samples"] = args.val_images
+    dataset = open_instance_dataset(source, "val", **data)
+    results = evaluate_instances(model, DataLoader(dataset, batch_size=4, collate_fn=collate_instances), config["classes"])
+    epochs = [json.loads(line) for line in (Path(args.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    _record(
+        {
+            "benchmark": f"evaluate-{Path(args.run_dir).name}",
+            "model": config["model"],
+            "encoder": config["kwargs"].get("encoder"),
+            "best_epoch": config["epoch"],
+            "epochs_run": len(epochs),
+            "train_cpu_minutes_at_best": round(epochs[config["epoch"] - 1]["budget_seconds"] / 60, 2),
+            "train_cpu_minutes_total": round(epochs[-1]["budget_seconds"] / 60, 2),
+            "train_wall_minutes_total": round(epochs[-1]["elapsed_seconds"] / 60, 2),
+            "val_images": len(dataset),
+            **{k: round(results[k], 4) for k in ("ap", "ap50", "ap75", "aps", "apm", "apl", "ar", "boundary_ap")},
+        }
+    )
+
+
 def _median_seconds(model: torch.nn.Module, image: torch.Tensor, repeats: int) -> float:
     """Median CPU time of one call (process time: other jobs on a shared machine do not count)."""
     timings = []
@@ -156,6 +186,10 @@ def main() -> None:
         command.add_argument("--seed", type=int, default=0)
         command.add_argument("--out", default="runs")
         command.set_defaults(run=function)
+    command = commands.add_parser("evaluate")
+    command.add_argument("--run-dir", required=True, help="a benchmark run directory (its best checkpoint)")
+    command.add_argument("--val-images", type=int, default=200, help="synthetic validation images")
+    command.set_defaults(run=evaluate)
     command = commands.add_parser("speed")
     command.add_argument("--size", type=int, default=512)
     command.add_argument("--encoder", default="resnet50")

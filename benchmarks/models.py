@@ -68,8 +68,9 @@ ROWS: list[tuple[str, dict[str, Callable[[], nn.Module] | None]]] = [
 NOTES = [
     "PSPNet: smp's PSPNet has no dilated backbone (encoder at stride 32 here) and a 1-conv head; "
     "seglab's runs the paper's dilated ResNet at output stride 8, hence the FLOPs gap.",
-    "DeepLabV3: torchvision's head and seglab's are the same design (ASPP + 3x3 conv + classifier).",
-    "DeepLabV3+, U-Net/ResNet34 and SegFormer-B0 have exactly the same parameter count as smp's.",
+    "DeepLabV3: torchvision's head and seglab's are the same design (ASPP + 3x3 conv + classifier), "
+    "with exactly the same parameter count.",
+    "U-Net/ResNet34, FPN/ResNet34, DeepLabV3+/ResNet50 and SegFormer-B0 have exactly smp's parameter count.",
 ]
 
 

@@ -52,7 +52,7 @@ class SmallDecoder(nn.Module):
 
 def checkerboard_energy(decoder: nn.Module, size: int = 16) -> float:
     with torch.no_grad():
-        flat = decoder(torch.full((1, 3, size, size), 0.5))[..., 4:-4, 4:-4]
+        flat = decoder(torch.full((1, 3, size, size), 0.5))[..., 8:-8, 8:-8]
         smooth = F.avg_pool2d(F.pad(flat, (0, 1, 0, 1), mode="replicate"), 2, stride=1)
     return (flat - smooth).abs().mean().item()
 
@@ -93,7 +93,7 @@ def main() -> None:
     for column, (kind, decoder) in enumerate(decoders.items(), start=1):
         with torch.no_grad():
             output = decoder(F.interpolate(probe, scale_factor=0.25, mode="area"))[0]
-            flat = decoder(torch.full((1, 3, 16, 16), 0.5))[0, 0, 4:-4, 4:-4]
+            flat = decoder(torch.full((1, 3, 16, 16), 0.5))[0, 0, 8:-8, 8:-8]
         label = "transposed conv k3 s2" if kind == "transposed" else "resize + conv 3x3"
         axes[0, column].imshow(output.permute(1, 2, 0).clamp(0, 1))
         axes[0, column].set_title(label)

@@ -88,11 +88,15 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 # One optimisation at a time on top of plain float32 eager inference (all run under no_grad).
+_NOTHING = dict(precision="32", fold_bn=False, fuse_relu=False, channels_last=False, inference_mode=False)
 INFERENCE_ABLATION: dict[str, dict[str, Any]] = {
-    "+inference_mode": dict(precision="32", fold_bn=False, channels_last=False, inference_mode=True),
-    "+channels_last": dict(precision="32", fold_bn=False, channels_last=True, inference_mode=False),
-    "+fold_conv_bn": dict(precision="32", fold_bn=True, channels_last=False, inference_mode=False),
-    "+bf16": dict(precision="bf16", fold_bn=False, channels_last=False, inference_mode=False),
+    "+inference_mode": {**_NOTHING, "inference_mode": True},
+    "+channels_last": {**_NOTHING, "channels_last": True},
+    "+fold_conv_bn": {**_NOTHING, "fold_bn": True},
+    # Most ReLUs follow a BatchNorm, so the fusion is measured on top of the folding.
+    "+fold_conv_bn +fuse_conv_relu": {**_NOTHING, "fold_bn": True, "fuse_relu": True},
+    "+bf16": {**_NOTHING, "precision": "bf16"},
+    "+bf16 +channels_last": {**_NOTHING, "precision": "bf16", "channels_last": True},
     "fast, fp32 (--precision 32)": dict(precision="32"),
 }
 TRAINING_ABLATION: dict[str, dict[str, Any]] = {
@@ -393,9 +397,13 @@ def machine_description() -> dict[str, Any]:
         description["segmentation_models_pytorch"] = smp.__version__
     except ImportError:
         description["segmentation_models_pytorch"] = None
-    if hasattr(os, "getloadavg"):
-        description["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    description["load_average"] = _load_average()
     return description
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages: how busy the machine was (other processes included)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def run_bench(settings: BenchSettings, progress: Any | None = None) -> dict[str, Any]:
@@ -425,8 +433,7 @@ def run_bench(settings: BenchSettings, progress: Any | None = None) -> dict[str,
         results["calibration"][str(device)] = {**peaks, "before": before, "after": after}
         record.set_fractions(str(device), peaks)
     results["rows"] = record.rows
-    results["machine"]["load_average_after"] = results["machine"].get("load_average") and [
-        round(x, 2) for x in os.getloadavg()]
+    results["machine"]["load_average_after"] = _load_average()
     if settings.accuracy:
         from seglab.bench_accuracy import accuracy_check
 

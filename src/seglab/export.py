@@ -6,10 +6,10 @@ branching on the size, so one trace serves any batch and image size (``dynamic=T
 
 Two ONNX exporters: ``dynamo=True`` (default) uses ``torch.export`` (PyTorch's supported path,
 needs onnxscript) and handles every semantic model; ``dynamo=False`` is the older
-TorchScript-based exporter, 5-10x faster to run but unable to export max-unpooling with an
-output size (SegNet, DeconvNet) or adaptive pooling to a grid on a padded input (PSPNet).
-The original U-Net computes its centre padding in Python from the image size, so it exports
-for the traced size only (``dynamic=False``).
+TorchScript-based exporter, 5-10x faster to run, which cannot export adaptive pooling to a grid
+of an input whose size it does not know (PSPNet's pyramid pooling). The original U-Net computes
+its centre padding in Python from the image size, so its ONNX export is valid for the traced
+size only (``dynamic=False``).
 """
 from __future__ import annotations
 

@@ -62,6 +62,7 @@ def test_max_unpool_puts_values_back_where_the_maxima_were():
     kept = y != 0
     assert kept.sum() == pooled.numel()
     assert torch.equal(y[kept], x[kept])
+    assert torch.equal(y, F.max_unpool2d(pooled, indices, 2, 2, output_size=x.shape[-2:]))
     with pytest.raises(ValueError, match="indices"):
         make_upsample("max_unpool", 3, 3, 2)(pooled)
 

@@ -5,21 +5,24 @@ Each step is independent, so the benchmark can measure each on its own:
 - `fold_conv_bn`: in eval mode a BatchNorm after a convolution is an affine map per channel;
   it is folded into the convolution's weight and bias (one kernel and one pass over the
   activations fewer). Which BatchNorm follows which convolution is *observed* on one forward
-  pass, not guessed from module names: a pair is folded only when the BatchNorm's input is the
+  pass, not guessed from module names: a pair is merged only when the BatchNorm's input is the
   convolution's output and nothing else reads that tensor.
+- `fuse_conv_relu` (CPU inference): a convolution and the ReLU that follows it run as one
+  oneDNN kernel with the ReLU as a post-op; the pairs are found the same way.
 - `to_channels_last`: oneDNN's convolutions run natively on NHWC; NCHW costs reorders.
 - bfloat16 (`optimize_for_inference(..., precision="bf16")`): weights and activations in
-  bfloat16, which AVX-512 BF16 / AMX processors and recent GPUs multiply at about twice the
-  float32 rate. For inference the whole model is cast (no per-call casts, which autocast
+  bfloat16, which AVX-512 BF16 / AMX processors and recent GPUs multiply several times faster
+  than float32. For inference the whole model is cast (no per-call casts, which autocast
   repeats at every convolution); the logits come back as float32.
 - inference_mode instead of no_grad (no version counters, no autograd bookkeeping).
-- `torch.compile`, opt-in: it fuses the element-wise tails, but its first call compiles for
-  minutes on a small CPU, which only pays off for long runs.
+- `torch.compile` with freezing, opt-in: it pre-packs the weights and fuses the element-wise
+  tails, but its first call compiles for a minute or more on a small CPU (and again for each
+  new input shape), which only pays off for long runs.
 - Training: channels_last, bf16 autocast (`autocast_context`) over float32 master weights,
   and a fused optimizer step (`optimizer_options`).
 
-`precision="32"` keeps float32 arithmetic: folding and the memory layout change results only
-at float32 rounding level (below 1e-4).
+`precision="32"` keeps float32 arithmetic: folding, fusion and the memory layout change
+results only at float32 rounding level (below 1e-4).
 """
 from __future__ import annotations
 

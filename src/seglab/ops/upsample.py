@@ -144,7 +144,11 @@ class MaxUnpool(Upsample):
     def _upsample(self, x, size, indices):
         if indices is None:
             raise ValueError("max_unpool upsampling needs the indices of the matching max-pooling")
-        return self.project(F.max_unpool2d(x, indices, self.scale, self.scale, output_size=size))
+        # max_pool2d's indices are flat positions in the pre-pooling plane: scatter the values
+        # back there. Same result as F.max_unpool2d, whose size checks cannot be traced for export.
+        n, c = x.shape[:2]
+        plane = x.new_zeros(n, c, size[0] * size[1]).scatter(2, indices.flatten(2), x.flatten(2))
+        return self.project(plane.view(n, c, size[0], size[1]))
 
 
 class PixelShuffle(Upsample):

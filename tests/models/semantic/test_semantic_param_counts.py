@@ -78,3 +78,17 @@ def test_deeplabv3plus_resnet50_equals_smp():
 def test_unet_decoder_on_resnet34_equals_smp():
     ours = _params("unet", num_classes=3, encoder="resnet34")
     assert ours == _smp_params(smp.Unet, encoder_name="resnet34", classes=3)
+
+
+def test_fpn_resnet34_equals_smp():
+    ours = _params("fpn", num_classes=21, encoder="resnet34")
+    assert ours == _smp_params(smp.FPN, encoder_name="resnet34", classes=21)
+
+
+def test_deeplabv3_resnet50_equals_torchvision():
+    from torchvision.models.segmentation import deeplabv3_resnet50
+
+    with torch.device("meta"):
+        reference = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=21, aux_loss=False)
+    ours = _params("deeplabv3", num_classes=21, encoder="resnet50", output_stride=8)
+    assert ours == sum(p.numel() for p in reference.parameters())
