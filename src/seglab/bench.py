@@ -173,22 +173,33 @@ def time_interleaved(fns: list[Callable[[], Any]], device: torch.device, warmup:
     return seconds
 
 
-def calibrate(device: torch.device, size: int, warmup: int, repeats: int) -> dict[str, float]:
-    """GFLOP/s of a 3x3, 256 -> 256 channel convolution on a `size` x `size` map in
-    channels_last, in float32 and (where the device has it natively) bfloat16."""
+def calibration_kernels(device: torch.device, size: int) -> dict[str, tuple[Callable[[], Any], int]]:
+    """The calibration kernel per precision: a 3x3, 256 -> 256 channel convolution on a `size` x
+    `size` map in channels_last, float32 and (where the device has it natively) bfloat16.
+    Returns name -> (call, FLOPs of one call)."""
     channels = 256
     flops = 2 * channels * channels * 9 * size * size
     dtypes = {"fp32": torch.float32}
     if device.type == "cuda" or cpu_supports_bf16():
         dtypes["bf16"] = torch.bfloat16
-    rates = {}
+    kernels = {}
     for name, dtype in dtypes.items():
         conv = to_channels_last(nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device, dtype))
         x = to_channels_last(torch.randn(1, channels, size, size, device=device, dtype=dtype))
-        with torch.inference_mode():
-            seconds = time_call(lambda: conv(x), device, max(warmup, 1), max(repeats, 3))
-        rates[name] = flops / statistics.median(seconds) / 1e9
-    return rates
+
+        def call(conv: nn.Module = conv, x: torch.Tensor = x) -> Any:
+            with torch.inference_mode():
+                return conv(x)
+
+        kernels[name] = (call, flops)
+    return kernels
+
+
+def calibrate(device: torch.device, size: int, warmup: int, repeats: int) -> dict[str, float]:
+    """GFLOP/s of each calibration kernel (median of `repeats` timed calls)."""
+    kernels = calibration_kernels(device, size)
+    seconds = time_interleaved([call for call, _ in kernels.values()], device, max(warmup, 1), max(repeats, 3))
+    return {name: flops / statistics.median(times) / 1e9 for (name, (_, flops)), times in zip(kernels.items(), seconds)}
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -260,23 +271,20 @@ class _Recorder:
         if self.progress is not None:
             self.progress.update(self.task, info=text)
 
-    def add(self, candidate: _Candidate, seconds: list[float], batch: int, **fields: Any) -> None:
+    def add(self, candidate: _Candidate, seconds: list[float], batch: int, peaks: dict[str, float],
+            **fields: Any) -> None:
+        """A result row; `peaks` are the calibration kernels' GFLOP/s timed alongside it."""
         images_per_s = batch / statistics.median(seconds)
         # Training costs about 3x the forward FLOPs (forward, gradients of inputs and of weights).
         flops_per_image = candidate.flops * (3 if fields["mode"] == "train" else 1)
+        achieved = flops_per_image * images_per_s / 1e9
+        peak = peaks.get({"32": "fp32", "bf16": "bf16"}.get(candidate.precision, ""))  # fp16 is not calibrated
         self.rows.append({**fields, "library": candidate.library, "variant": candidate.variant,
                           "precision": candidate.precision, "batch": batch, "images_per_s": images_per_s,
-                          "seconds": seconds, "gflops_per_image": flops_per_image / 1e9,
-                          "achieved_gflops": flops_per_image * images_per_s / 1e9, "fraction_of_peak": None})
+                          "seconds": seconds, "gflops_per_image": flops_per_image / 1e9, "achieved_gflops": achieved,
+                          "peak_gflops": peak, "fraction_of_peak": achieved / peak if peak else None})
         if self.progress is not None:
             self.progress.update(self.task, advance=1)
-
-    def set_fractions(self, device: str, peaks: dict[str, float]) -> None:
-        """Achieved GFLOP/s over the calibration kernel's rate at the row's precision."""
-        for row in self.rows:
-            peak = peaks.get({"32": "fp32", "bf16": "bf16"}.get(row["precision"], ""))  # fp16 is not calibrated
-            if row["device"] == device and peak:
-                row["fraction_of_peak"] = row["achieved_gflops"] / peak
 
 
 def _count_steps(settings: BenchSettings) -> int:
@@ -341,34 +349,49 @@ def _training_candidates(arch: Architecture, settings: BenchSettings, device: to
     return candidates
 
 
-def _bench_architecture(arch: Architecture, settings: BenchSettings, device: torch.device, peaks: dict[str, float],
-                        precision: str, record: "_Recorder") -> None:
+def _time_with_calibration(calls: list[Callable[[], Any]], kernels: dict[str, tuple[Callable[[], Any], int]],
+                           device: torch.device, settings: BenchSettings) -> tuple[list[list[float]], dict[str, float]]:
+    """Time `calls` interleaved with the calibration kernels, so that each fraction of peak
+    compares rates measured under the same machine load. Returns the calls' seconds and the
+    kernels' GFLOP/s."""
+    seconds = time_interleaved([*calls, *(call for call, _ in kernels.values())], device, settings.warmup,
+                               settings.repeats)
+    peaks = {name: flops / statistics.median(times) / 1e9
+             for (name, (_, flops)), times in zip(kernels.items(), seconds[len(calls):])}
+    return seconds[: len(calls)], peaks
+
+
+def _bench_architecture(arch: Architecture, settings: BenchSettings, device: torch.device, precision: str,
+                        record: "_Recorder") -> None:
     """Time every candidate of one architecture, interleaved per batch size and mode."""
 
     def build_seglab() -> nn.Module:
         return create_model(arch.seglab_model, num_classes=settings.num_classes, **arch.seglab_kwargs)
 
+    kernels = calibration_kernels(device, settings.calibration_size)
     record.announce(f"{arch.title}: counting FLOPs")
     flops = _flops(build_seglab, settings.size)
     with_peer = settings.peers and arch.peer_builder is not None
     peer_flops = _flops(lambda: arch.peer_builder(settings.num_classes), settings.size) if with_peer else None
     available = [c for c in _inference_candidates(arch, settings, device, precision, build_seglab, flops, peer_flops)
-                 if c.precision != "bf16" or "bf16" in peaks]
+                 if c.precision != "bf16" or "bf16" in kernels]
     models = [c.build() for c in available]
     for batch in settings.batches:
         record.announce(f"{arch.title}: inference, batch {batch}")
         calls = [_inference_call(model, batch, settings, device) for model in models]
-        for candidate, seconds in zip(available, time_interleaved(calls, device, settings.warmup, settings.repeats)):
-            record.add(candidate, seconds, batch, model=arch.key, mode="inference", device=str(device))
+        seconds, peaks = _time_with_calibration(calls, kernels, device, settings)
+        for candidate, times in zip(available, seconds):
+            record.add(candidate, times, batch, peaks, model=arch.key, mode="inference", device=str(device))
     del models, calls
     if not settings.train:
         return
     record.announce(f"{arch.title}: training, batch {settings.train_batch}")
     available = [c for c in _training_candidates(arch, settings, device, precision, build_seglab, flops, peer_flops)
-                 if c.precision != "bf16" or "bf16" in peaks]
+                 if c.precision != "bf16" or "bf16" in kernels]
     steps = [c.build() for c in available]
-    for candidate, seconds in zip(available, time_interleaved(steps, device, settings.warmup, settings.repeats)):
-        record.add(candidate, seconds, settings.train_batch, model=arch.key, mode="train", device=str(device))
+    seconds, peaks = _time_with_calibration(steps, kernels, device, settings)
+    for candidate, times in zip(available, seconds):
+        record.add(candidate, times, settings.train_batch, peaks, model=arch.key, mode="train", device=str(device))
 
 
 def machine_description() -> dict[str, Any]:
@@ -424,14 +447,12 @@ def run_bench(settings: BenchSettings, progress: Any | None = None) -> dict[str,
         before = calibrate(device, settings.calibration_size, settings.warmup, settings.repeats)
         precision = default_precision(device) if settings.precision == "auto" else settings.precision
         for key in [*settings.models, *(k for k in settings.ablation if k not in settings.models)]:
-            _bench_architecture(ARCHITECTURES[key], settings, device, before, precision, record)
-        # Measured again at the end: on a shared machine the load may have changed meanwhile;
-        # the higher of the two is the peak (so fractions are, if anything, understated).
+            _bench_architecture(ARCHITECTURES[key], settings, device, precision, record)
+        # Alone, before and after the models: what the machine reaches when the kernel runs
+        # by itself (the fractions of peak use the kernel timed among each model's rounds).
         record.announce(f"calibration kernel on {device}, again")
         after = calibrate(device, settings.calibration_size, settings.warmup, settings.repeats)
-        peaks = {name: max(rate, after.get(name, 0.0)) for name, rate in before.items()}
-        results["calibration"][str(device)] = {**peaks, "before": before, "after": after}
-        record.set_fractions(str(device), peaks)
+        results["calibration"][str(device)] = {"before": before, "after": after}
     results["rows"] = record.rows
     results["machine"]["load_average_after"] = _load_average()
     if settings.accuracy:
@@ -497,14 +518,16 @@ def to_markdown(results: dict[str, Any]) -> str:
     out += [f"- {k}: {_fmt(v)}" for k, v in machine.items()]
     size = settings["calibration_size"]
     out += ["", f"## Calibration kernel (3x3 conv 256->256 on {size}x{size}, channels_last), GFLOP/s", "",
-            "| device | precision | before the models | after | peak used |", "|---|---|---|---|---|"]
+            "Alone before and after the models; each fraction of peak below divides by the same kernel timed in "
+            "the rounds of that very measurement (same machine load).", "",
+            "| device | precision | before the models | after |", "|---|---|---|---|"]
     for device, peaks in results["calibration"].items():
-        out += [f"| {device} | {name} | {peaks['before'][name]:.1f} | {peaks['after'][name]:.1f} | {peaks[name]:.1f} |"
+        out += [f"| {device} | {name} | {peaks['before'][name]:.1f} | {peaks['after'][name]:.1f} |"
                 for name in peaks["before"]]
     out += ["", f"## seglab vs peers ({settings['size']}x{settings['size']}, {settings['num_classes']} classes, "
             f"median of {settings['repeats']} after {settings['warmup']} warm-up)", "",
             "images/s; ratio = seglab fast path / peer used as its README shows (eval, no_grad, fp32); "
-            "fraction of peak = achieved GFLOP/s of the fast path / calibration kernel of the same precision "
+            "fraction of peak = achieved GFLOP/s of the fast path / calibration kernel of the same precision, timed in the same rounds "
             "(training counted as 3x the forward FLOPs); same net = the two networks' FLOPs agree within 5%.", ""]
     lines = comparison_rows(results)
     if lines:

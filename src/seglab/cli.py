@@ -1,4 +1,4 @@
-"""The `seglab` command line: train | eval | predict | export | models | bench.
+"""The `seglab` command line: train | eval | predict | export | models | bench | data check.
 
 Every command takes `--help`. Bad input (missing files, unknown names, invalid values) ends
 with one line `seglab: error: ...` and exit code 2; set SEGLAB_DEBUG=1 to see the traceback.
@@ -185,13 +185,31 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     results = evaluate(
         model.to(device), loader, num_classes=len(config["classes"]), ignore_index=config.get("ignore_index", 255),
         normalize=Normalize(config["mean"], config["std"]), device=device,
-        autocast=resolve_precision(args.precision, device).autocast,
+        autocast=resolve_precision(args.precision, device).autocast, crf=_crf_option(args),
     )
     Console().print(format_report(results, config["classes"], title=f"{args.split} split of {source} ({len(dataset)} images)"))
     if args.json:
         results_to_json(results, args.json, class_names=config["classes"])
         console.print(f"metrics written to {args.json}")
     return 0
+
+
+def _crf_params(args: argparse.Namespace) -> dict[str, float | int] | None:
+    """--crf / --crf-params (which implies --crf): the dense CRF's parameter overrides, or None."""
+    if not (args.crf or args.crf_params):
+        return None
+    from seglab.crf import parse_crf_params
+
+    return parse_crf_params(args.crf_params)
+
+
+def _crf_option(args: argparse.Namespace) -> Any:
+    params = _crf_params(args)
+    if params is None:
+        return None
+    from seglab.crf import make_crf
+
+    return make_crf(params)
 
 
 # --------------------------------------------------------------------------------- predict
@@ -212,7 +230,7 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     predictor = Predictor.from_checkpoint(
         args.checkpoint, device=args.device, tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch,
         tta_flips=list(args.tta_flips or ""), tta_scales=args.tta_scales or [1.0], precision=args.precision,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, crf=_crf_params(args),
     )
     context = env_rank()
     with progress_bar(console, disable=not context.is_main) as progress:
@@ -272,6 +290,19 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     return bench_command(options, console)
 
 
+# ------------------------------------------------------------------------------ data check
+def _data_check(args: argparse.Namespace, console: Console) -> int:
+    from seglab.data.doctor import check_dataset, render_report
+    from seglab.files import atomic_write_json
+
+    report = check_dataset(args.path, args.format)
+    render_report(report, Console())
+    if args.json:
+        atomic_write_json(args.json, report.to_dict())
+        console.print(f"report written to {args.json}")
+    return 0 if report.ok else 1
+
+
 # ---------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seglab", description="Image segmentation: train, evaluate, predict.")
@@ -295,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="autocast precision")
+    evaluate.add_argument("--crf", action="store_true", help="refine predictions with a dense CRF (docs/crf.md)")
+    evaluate.add_argument("--crf-params", help="dense CRF parameters, e.g. theta_alpha=60,w1=5 (implies --crf)")
     evaluate.set_defaults(run=_eval)
 
     predict = commands.add_parser("predict", help="predict masks for images or folders of images")
@@ -310,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tta-scales", type=_float_list, help="test-time scales, e.g. 0.75,1,1.25")
     predict.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="autocast precision")
     predict.add_argument("--nproc", type=_positive_int, help="processes, each predicting a shard of the images")
+    predict.add_argument("--crf", action="store_true", help="refine predictions with a dense CRF (docs/crf.md)")
+    predict.add_argument("--crf-params", help="dense CRF parameters, e.g. theta_alpha=60,w1=5 (implies --crf)")
     predict.set_defaults(run=_predict)
 
     export = commands.add_parser("export", help="export a checkpoint to ONNX or TorchScript")
@@ -344,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train the first model on synthetic shapes; compare fast path and fp32 mIoU")
     bench.add_argument("--out", default="bench-results", help="folder for bench.json and bench.md (default: bench-results)")
     bench.set_defaults(run=_bench)
+
+    data = commands.add_parser("data", help="data set tools: `seglab data check PATH`")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    check = data_commands.add_parser("check", help="read every file of a data set and report each problem (exit 1 if any)")
+    check.add_argument("path", help="data set folder (or a COCO JSON file)")
+    check.add_argument("--format", help="folder, voc, camvid, cityscapes, ade20k or coco (default: detected)")
+    check.add_argument("--json", help="also write the report to this JSON file")
+    check.set_defaults(run=_data_check)
     return parser
 
 

@@ -62,7 +62,7 @@ def test_every_problem_is_found_with_its_file(clean, helpers, rng):
     assert "7" in next(p.detail for p in report.problems if p.kind == "unknown label")
     lines = preflight(root)
     assert len(lines) == 5 + 1  # one per kind (5 kinds here), and where to look for the full list
-    assert any(line.startswith("2 corrupt or truncated") for line in lines)
+    assert any(line.startswith("unreadable: 2 (corrupt or truncated") for line in lines)
     console = Console(record=True, width=200)
     render_report(report, console)
     text = console.export_text()
@@ -113,3 +113,39 @@ def test_coco_sets_are_checked_image_by_image(tmp_path, helpers, rng):
         ("size mismatch", "b.png"),
         ("missing partner", "gone.png"),
     }
+
+
+def test_cli_data_check_exit_codes(clean, helpers, rng, tmp_path_factory, capsys):
+    from seglab.cli import main
+
+    assert main(["data", "check", str(clean)]) == 0
+    assert "no problems found" in capsys.readouterr().out
+    report_file = tmp_path_factory.mktemp("report") / "report.json"
+    helpers.index(clean / "masks" / "ok0.png", np.full((12, 16), 9))
+    assert main(["data", "check", str(clean), "--format", "folder", "--json", str(report_file)]) == 1
+    assert "ok0.png" in capsys.readouterr().out and "unknown label" in report_file.read_text()
+    assert main(["data", "check", str(clean / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_train_refuses_bad_data_with_one_line_per_kind(clean, helpers, rng, capsys):
+    from seglab.cli import main
+
+    for name in ("a", "b"):
+        helpers.rgb(clean / "images" / f"{name}.png", rng.integers(0, 256, size=(12, 16, 3)))
+        helpers.index(clean / "masks" / f"{name}.png", np.full((12, 16), 7))
+    helpers.rgb(clean / "images" / "alone.png", rng.integers(0, 256, size=(12, 16, 3)))
+    code = main(["train", "--data", str(clean), "--epochs", "1", "--out", str(clean / "runs")])
+    error = capsys.readouterr().err
+    assert code == 2 and "not fit to train on" in error
+    assert "unknown label: 2 (masks with label values outside the classes" in error
+    assert "missing partner: 1 (files without their image or mask partner)" in error
+    assert not (clean / "runs").exists()
+
+
+def test_train_runs_on_a_clean_folder_data_set(clean, capsys):
+    from seglab.cli import main
+
+    code = main(["train", "--data", str(clean), "--epochs", "1", "--image-size", "16", "--batch-size", "2", "--out", str(clean / "runs")])
+    assert code == 0, capsys.readouterr().err
+    assert list((clean / "runs").glob("*/metrics.jsonl"))

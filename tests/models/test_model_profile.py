@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.nn as nn
 
 from seglab.models.profile import count_flops, count_parameters, describe_model

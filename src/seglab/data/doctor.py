@@ -82,7 +82,7 @@ class DataReport:
     def summary_lines(self) -> list[str]:
         """One line per kind of problem: count, what it means, and the first example."""
         return [
-            f"{len(found)} {PROBLEM_KINDS.get(kind, kind)} (e.g. {found[0]})"
+            f"{kind}: {len(found)} ({PROBLEM_KINDS.get(kind, kind)}), e.g. {found[0]}"
             for kind, found in self.problems_by_kind().items()
         ]
 

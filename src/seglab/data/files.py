@@ -8,9 +8,10 @@ table holds a class id, the ignore index, or ``UNDEFINED`` for values the format
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -160,15 +161,36 @@ class FileDataset(SegmentationDataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self.pairs):
             raise IndexError(index)
-        image, mask = self.load_image(index), self.load_mask(index)
-        if image.shape[1:] != mask.shape:
-            raise ValueError(
-                f"image {self.pairs[index][0]} is {tuple(image.shape[1:])} but its mask "
-                f"{self.pairs[index][1]} is {tuple(mask.shape)} (H x W); run `seglab data check`"
-            )
-        if self.transform is not None:
-            return self.transform({"image": image, "mask": mask})
-        return {"image": image.float().div_(255), "mask": mask}
+        with one_thread():
+            image, mask = self.load_image(index), self.load_mask(index)
+            if image.shape[1:] != mask.shape:
+                raise ValueError(
+                    f"image {self.pairs[index][0]} is {tuple(image.shape[1:])} but its mask "
+                    f"{self.pairs[index][1]} is {tuple(mask.shape)} (H x W); run `seglab data check`"
+                )
+            if self.transform is not None:
+                return self.transform({"image": image, "mask": mask})
+            return {"image": image.float().div_(255), "mask": mask}
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run per-sample work on one intra-op thread, then restore the count.
+
+    Resizing and jittering one image gains nothing from several threads, but when samples are
+    loaded in the training process (``workers=0``) on a busy CPU, the thread pool's barriers
+    stall: CamVid's training loader measured 1.0 images/s with 2 threads against 22 with 1 on
+    this 2-core machine under load (docs/data.md). DataLoader workers already use one thread.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -200,5 +222,6 @@ class TransformedDataset(SegmentationDataset):
         return self.dataset[index]["mask"]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        sample = self.dataset[index]
-        return self.transform(sample) if self.transform is not None else sample
+        with one_thread():
+            sample = self.dataset[index]
+            return self.transform(sample) if self.transform is not None else sample

@@ -47,6 +47,7 @@ def evaluate(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     on_batch: Callable[[], None] | None = None,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    crf: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Confusion-matrix metrics (and the mean loss when `loss_fn` is given) over `loader`.
 
@@ -63,6 +64,8 @@ def evaluate(
         with autocast():
             logits = logits_of(model(images))
         logits = logits.float()
+        if crf is not None:  # e.g. seglab.crf.make_crf(): refine on the raw images; log-probabilities stand in for logits
+            logits = crf(batch["image"].to(device), logits.softmax(dim=1)).clamp_min(1e-8).log()
         matrix.update(logits, target)
         if loss_fn is not None:
             loss_sum += float(loss_fn(logits, target)) * images.shape[0]

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from seglab.crf import make_crf
 from seglab.data.io import list_images, read_image
 from seglab.engine.checkpoint import load_checkpoint
 from seglab.engine.distributed import env_rank, shard
@@ -74,6 +75,7 @@ class Predictor:
         precision: str = "32",
         batch_size: int = 4,
         optimize: bool = False,
+        crf: dict[str, float | int] | None = None,
     ) -> None:
         self.device = resolve_device(str(device), env_rank().local_rank) if not isinstance(device, torch.device) else device
         autocast = resolve_precision(precision, self.device).autocast
@@ -96,6 +98,7 @@ class Predictor:
         self.tile, self.overlap, self.tile_batch = tile, overlap, tile_batch
         self.views = [(float(scale), flip) for scale in tta_scales for flip in (None, *tta_flips)]
         self.batch_size = batch_size
+        self.crf = None if crf is None else make_crf(crf)  # dense CRF on the averaged probabilities (seglab.crf)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", optimize: bool = True, **options: Any) -> "Predictor":
@@ -152,7 +155,8 @@ class Predictor:
                 probabilities = F.interpolate(probabilities, size=size, mode="bilinear", align_corners=False)
             total = probabilities if total is None else total.add_(probabilities)
         assert total is not None
-        return total.div_(len(self.views))
+        total = total.div_(len(self.views))
+        return total if self.crf is None else self.crf(batch, total)
 
     def predict_proba(self, image: ImageLike) -> torch.Tensor:
         """Class probabilities, K x H x W (or N x K x H x W for a batch)."""

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from seglab.data import open_dataset
+from seglab.data.doctor import preflight
 from seglab.data.stats import median_frequency_weights
 from seglab.engine.checkpoint import save_checkpoint
 from seglab.engine.config import TrainConfig, load_yaml
@@ -138,6 +139,10 @@ class Trainer:
         self.precision = resolve_precision(config.precision, self.device)
         self.summary_writer_class = self._tensorboard_writer_class() if config.tensorboard else None
         seed_everything(config.seed)
+        if config.data != "synthetic":  # refuse bad data now, not with a traceback mid-epoch
+            problems = preflight(config.data, config.format)
+            if problems:
+                raise ValueError(f"the data set {config.data} is not fit to train on:\n  " + "\n  ".join(problems))
         self.train_set = open_dataset(config.data, "train", **self._data_options(train=True))
         self.val_set = open_dataset(config.data, "val", **self._data_options(train=False))
         self.num_classes = self.train_set.num_classes
@@ -353,6 +358,8 @@ class Trainer:
         if agree(problem is not None):
             raise ValueError(problem or "rank 0 cannot write the run directory")
         if self.dist.is_main:
+            for stale in self.run_dir.glob(".*.tmp"):  # half-written files of a killed run
+                stale.unlink()
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
             # metrics.jsonl may hold a line past the saved state when the run was killed in between.
             lines = "".join(json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n" for row in self.history)

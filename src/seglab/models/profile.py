@@ -7,7 +7,8 @@ what FlopCounterMode reports). Many papers (and fvcore, ptflops) report GMACs un
 attention are counted; element-wise ops, norms and interpolation are not.
 
 The model is built and run on the ``meta`` device: no memory is allocated and no arithmetic is
-done, so even a 250M-parameter model at 512x512 is profiled in well under a second.
+done, so even a 250M-parameter model at 512x512 is profiled in well under a second. Models with
+data-dependent operations (instance segmentation's NMS) fall back to a real CPU forward pass.
 """
 from __future__ import annotations
 
@@ -50,11 +51,18 @@ def describe_model(name: str, *, num_classes: int = 21, image_size: int | tuple[
         model = create_model(name, num_classes=num_classes, **kwargs)
     in_channels = kwargs.get("in_channels", 3)
     height, width = _size(image_size)
+    params = count_parameters(model)
+    try:
+        flops = count_flops(model, (height, width), in_channels)
+    except (NotImplementedError, RuntimeError):
+        # Data-dependent operations (a detector's NMS) cannot run on meta tensors: run for real.
+        model = create_model(name, num_classes=num_classes, **kwargs)
+        flops = count_flops(model, (height, width), in_channels)
     return {
         "name": entry.name,
         "task": entry.task,
         "paper": entry.paper,
-        "params": count_parameters(model),
-        "gflops": count_flops(model, (height, width), in_channels) / 1e9,
+        "params": params,
+        "gflops": flops / 1e9,
         "image_size": [height, width],
     }

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from seglab.encoders import VGG16Encoder, create_encoder
+from seglab.encoders.weights import load_weights_file
 from seglab.models.registry import register_model
 from seglab.ops.padding import crop_to, pad_to_multiple
 from seglab.ops.upsample import make_upsample
@@ -66,8 +67,6 @@ def _build(output_stride: int, num_classes: int, in_channels: int, encoder: str,
     if encoder in ("vgg16", "vgg16_bn"):
         backbone: nn.Module = VGG16Encoder(in_channels, batch_norm=encoder == "vgg16_bn", with_fc=True, width=width)
         if encoder_weights is not None:
-            from seglab.encoders.weights import load_weights_file
-
             load_weights_file(backbone, encoder_weights, first_conv="stages.0.0.0.weight")
     else:
         if width != 1.0:

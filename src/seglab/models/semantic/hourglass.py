@@ -29,6 +29,7 @@ class Residual(nn.Module):
         super().__init__()
         half = out_channels // 2
         self.body = nn.Sequential(
+            # Not in place: the un-activated input is still needed by the skip branch.
             nn.BatchNorm2d(in_channels), nn.ReLU(inplace=False), nn.Conv2d(in_channels, half, 1),
             nn.BatchNorm2d(half), nn.ReLU(inplace=True), nn.Conv2d(half, half, 3, padding=1),
             nn.BatchNorm2d(half), nn.ReLU(inplace=True), nn.Conv2d(half, out_channels, 1),
