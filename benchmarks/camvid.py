@@ -175,9 +175,9 @@ def loader_speed(recipe: dict[str, Any], workers: int, batches: int) -> dict[str
     return {"workers": workers, "images": count, "seconds": round(seconds, 2), "images_per_second": round(count / seconds, 1)}
 
 
-def save(key: str, value: Any) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+def save(key: str, value: Any, path: Path = RESULTS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(path.read_text()) if path.is_file() else {}
     results[key] = value
     results["conditions"] = {
         "cpu_count": os.cpu_count(),
@@ -186,7 +186,7 @@ def save(key: str, value: Any) -> None:
         "loadavg_at_save": os.getloadavg(),
         "saved": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
-    RESULTS.write_text(json.dumps(results, indent=2))
+    path.write_text(json.dumps(results, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--libraries", nargs="+", default=["seglab", "smp"], choices=["seglab", "smp"])
     train.add_argument("--minutes", type=float, default=4.0, help="training budget per run (default 4)")
     train.add_argument("--val-images", type=int, help="evaluate on the first N val images only (smoke runs)")
+    train.add_argument("--results", type=Path, default=RESULTS, help=f"JSON file to merge the runs into (default {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args(argv)
 
     if args.command == "loader":
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loader, {row['workers']} workers: {row['images_per_second']} images/s ({row['images']} images in {row['seconds']} s)")
         save("loader", {"image_size": recipe["image_size"], "batch_size": recipe["batch_size"], "augment": recipe["augment"], "rows": rows})
         return 0
-    runs = json.loads(RESULTS.read_text()).get("runs", {}) if RESULTS.is_file() else {}
+    runs = json.loads(args.results.read_text()).get("runs", {}) if args.results.is_file() else {}
     for name in args.recipes:
         recipe = load_recipe(name)
         for library in args.libraries:
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             row = train_and_evaluate(recipe, library, args.minutes, args.val_images)
             print(json.dumps({k: v for k, v in row.items() if k != "val_iou"}), flush=True)
             runs[f"{name}/{library}"] = row
-            save("runs", runs)
+            save("runs", runs, args.results)
     return 0
 
 

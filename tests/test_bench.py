@@ -26,6 +26,8 @@ def test_settings_reject_bad_values():
         BenchSettings(train_batch=1).validate()
     with pytest.raises(ValueError, match="--device"):
         BenchSettings(devices=["tpu"]).validate()
+    with pytest.raises(ValueError, match="float16"):
+        BenchSettings(devices=["cpu"], precision="16").validate()
 
 
 def test_cli_rejects_an_unknown_model_with_exit_code_2(capsys):

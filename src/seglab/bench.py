@@ -143,6 +143,10 @@ class BenchSettings:
                 raise ValueError(f"--device {device}: no CUDA device is available")
             if not device.startswith(("cpu", "cuda")):
                 raise ValueError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
+            if device == "cpu" and self.precision == "16":
+                raise ValueError("--precision 16 (float16) needs a CUDA device; on the CPU use bf16 or auto")
+            if device == "cpu" and self.precision == "bf16" and not cpu_supports_bf16():
+                raise ValueError("--precision bf16: this CPU has no native bfloat16 support; use 32 or auto")
 
 
 # ------------------------------------------------------------------------------ measuring

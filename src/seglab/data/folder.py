@@ -178,7 +178,7 @@ def _find_pairs(root: Path, split: str) -> tuple[list[tuple[Path, Path]], list[t
     stems = sorted(set(images) & set(masks))
     if image_dir == root / "images" and len(stems) > 1:
         held_out = stems[::HOLDOUT_EVERY]
-        stems = [s for s in stems if s not in set(held_out)] if split == "train" else held_out
+        stems = sorted(set(stems) - set(held_out)) if split == "train" else held_out
     return [(images[s], masks[s]) for s in stems], unpaired
 
 
