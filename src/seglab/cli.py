@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tile-batch", type=_positive_int, default=4, help="tiles per forward pass (bounds memory)")
     predict.add_argument("--tta-flips", choices=["h", "v", "hv"], help="test-time flips: h, v or hv")
     predict.add_argument("--tta-scales", type=_float_list, help="test-time scales, e.g. 0.75,1,1.25")
-    predict.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="autocast precision")
+    predict.add_argument("--precision", choices=["auto", "32", "bf16", "16"], default="auto",
+                         help="auto (default: bf16 where the hardware runs it natively, else 32), 32, bf16, 16 (CUDA)")
     predict.add_argument("--nproc", type=_positive_int, help="processes, each predicting a shard of the images")
     predict.add_argument("--crf", action="store_true", help="refine predictions with a dense CRF (docs/crf.md)")
     predict.add_argument("--crf-params", help="dense CRF parameters, e.g. theta_alpha=60,w1=5 (implies --crf)")
@@ -357,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     models = commands.add_parser("models", help="list the registered models")
-    models.add_argument("--task", choices=["semantic", "instance", "image2image"], help="only this task")
+    models.add_argument("--task", choices=["semantic", "instance", "keypoint", "image2image"], help="only this task")
     models.set_defaults(run=_models)
 
     bench = commands.add_parser("bench", help="throughput benchmarks, side by side with smp and torchvision")

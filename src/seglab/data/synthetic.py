@@ -119,7 +119,7 @@ def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> np.
 
 
 def _shape_mask(rng: np.random.Generator, shape: str, height: int, width: int) -> np.ndarray:
-    radius = rng.uniform(0.1, 0.25) * min(height, width)
+    radius = rng.uniform(0.14, 0.3) * min(height, width)
     cx = rng.uniform(0.1, 0.9) * width
     cy = rng.uniform(0.1, 0.9) * height
     rotation = rng.uniform(0, 2 * math.pi)

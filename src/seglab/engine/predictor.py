@@ -5,7 +5,7 @@ Options a :class:`Predictor` applies to every image:
   tile (seglab.engine.sliding), memory bounded by the tile batch;
 - `tta_flips` ("h", "v") and `tta_scales`: test-time augmentation, every view's probabilities
   mapped back to the image and averaged (in probability space, not logits);
-- `precision`: "32", "bf16" ("16" on CUDA);
+- `precision`: "32", "bf16" ("16" on CUDA), "auto" (bf16 where the hardware runs it natively);
 - `optimize`: seglab.engine.fastpath's inference path (conv-BN folding, channels_last, the
   whole model in the chosen precision), on by default for checkpoints.
 
@@ -30,7 +30,7 @@ from seglab.data.io import list_images, read_image
 from seglab.engine.checkpoint import load_checkpoint
 from seglab.engine.distributed import env_rank, shard
 from seglab.engine.evaluator import Normalize, logits_of
-from seglab.engine.fastpath import optimize_for_inference
+from seglab.engine.fastpath import default_precision, optimize_for_inference
 from seglab.engine.precision import resolve_precision
 from seglab.engine.sliding import sliding_window
 from seglab.engine.trainer import resolve_device
@@ -78,6 +78,8 @@ class Predictor:
         crf: dict[str, float | int] | None = None,
     ) -> None:
         self.device = resolve_device(str(device), env_rank().local_rank) if not isinstance(device, torch.device) else device
+        if str(precision) == "auto":  # the fast path's choice: bf16 where the hardware runs it natively
+            precision = default_precision(self.device)
         autocast = resolve_precision(precision, self.device).autocast
         self.model = model.to(self.device).eval()
         if optimize:  # the fast path casts the model itself, so no autocast on top

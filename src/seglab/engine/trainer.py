@@ -41,6 +41,7 @@ from seglab.engine.config import TrainConfig, load_yaml
 from seglab.engine.distributed import agree, all_reduce_sum, init_distributed
 from seglab.engine.ema import ModelEMA
 from seglab.engine.evaluator import Normalize, evaluate, logits_of
+from seglab.engine.fastpath import optimizer_options, to_channels_last
 from seglab.engine.precision import resolve_precision
 from seglab.engine.syncbn import convert_sync_batchnorm
 from seglab.engine.state import load_training_state, rng_state, save_training_state, set_rng_state
@@ -153,7 +154,7 @@ class Trainer:
         model = create_model(config.model, **self.model_kwargs)
         if config.sync_bn and self.dist.enabled:
             model = convert_sync_batchnorm(model, self.device.type)
-        self.model = model.to(self.device)
+        self.model = to_channels_last(model.to(self.device))  # oneDNN's / cuDNN's native layout
         # DDP averages gradients over processes; evaluation and checkpoints use the bare model.
         self.train_model: nn.Module = DistributedDataParallel(self.model) if self.dist.enabled else self.model
         self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
@@ -245,9 +246,10 @@ class Trainer:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
+        fused = optimizer_options(config.optimizer, self.device)  # one kernel per step, not one per tensor
         if config.optimizer == "sgd":
-            return torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-        return torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+            return torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, **fused)
+        return torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, **fused)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -5,6 +5,7 @@ keyword arguments it was built with, so `create_model(name, **kwargs)` rebuilds 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -60,7 +61,13 @@ def get_model_entry(name: str) -> ModelEntry:
 
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered model by name, e.g. ``create_model("unet", num_classes=6)``."""
-    return get_model_entry(name).builder(**kwargs)
+    entry = get_model_entry(name)
+    parameters = inspect.signature(entry.builder).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(kwargs) - set(parameters))
+        if unknown:
+            raise ValueError(f"model {entry.name!r} does not take the option(s) {', '.join(unknown)}")
+    return entry.builder(**kwargs)
 
 
 def list_models(task: str | None = None) -> list[str]:
