@@ -577,16 +577,20 @@ def bench_command(options: dict[str, Any], console: Any) -> int:
 
     out = Path(options.pop("out"))
     threads = options.pop("threads")
-    if threads is not None:
-        torch.set_num_threads(threads)
+    previous_threads = torch.get_num_threads()
     devices = options.pop("devices")
     if devices == ["auto"]:
         devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     known = {f.name for f in fields(BenchSettings)}
     settings = BenchSettings(devices=devices, **{k: v for k, v in options.items() if k in known and v is not None})
     settings.validate()
-    with progress_bar(console) as progress:
-        results = run_bench(settings, progress)
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with progress_bar(console) as progress:
+            results = run_bench(settings, progress)
+    finally:  # the caller's thread count, e.g. when called from Python or a test session
+        torch.set_num_threads(previous_threads)
     atomic_write_json(out / "bench.json", results)
     atomic_write_text(out / "bench.md", to_markdown(results))
     Console().print(_comparison_table(results))

@@ -26,7 +26,7 @@ class TrainConfig:
     data: str = "synthetic"
     format: str | None = None
     num_classes: int | None = None  # synthetic only; real data sets know their classes
-    image_size: int | list[int] | None = 64
+    image_size: int | list[int] | None = None  # synthetic: 64; real data: native size unless given
     train_samples: int = 1200  # synthetic only
     val_samples: int = 200  # synthetic only
     augment: dict[str, Any] | None = None
