@@ -102,7 +102,7 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--loss", dict(help="loss, e.g. ce, dice, ce+dice, 0.5*ce+lovasz")),
     ("--class-weights", dict(type=_class_weights, help="per-class loss weights: w0,w1,... or median_frequency")),
     ("--warmup-epochs", dict(type=float, help="linear learning-rate warm-up (epochs, may be fractional)")),
-    ("--precision", dict(choices=["32", "bf16", "16"], help="32 (default), bf16 autocast (CPU or CUDA), 16 (CUDA)")),
+    ("--precision", dict(choices=["auto", "32", "bf16", "16"], help="auto (default: bf16 where the hardware runs it natively, else 32), 32, bf16, 16 (CUDA)")),
     ("--accumulate", dict(type=int, help="gradient accumulation: one optimiser step every N batches")),
     ("--clip-grad-norm", dict(type=_positive_float, help="clip the gradient norm to this value")),
     ("--ema-decay", dict(type=float, help="keep and evaluate an EMA of the weights, e.g. 0.999")),

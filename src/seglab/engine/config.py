@@ -27,24 +27,24 @@ class TrainConfig:
     format: str | None = None
     num_classes: int | None = None  # synthetic only; real data sets know their classes
     image_size: int | list[int] | None = None  # synthetic: 64; real data: native size unless given
-    train_samples: int = 1200  # synthetic only
+    train_samples: int = 3000  # synthetic only
     val_samples: int = 200  # synthetic only
     augment: dict[str, Any] | None = None
-    epochs: int = 10
+    epochs: int = 12
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     scheduler: str = "cosine"
     warmup_epochs: float = 0.0
-    loss: str = "ce"
+    loss: str = "ce+dice"
     class_weights: list[float] | str | None = None
     aux_weight: float = 0.4
     max_minutes: float | None = None  # stop after the epoch that crosses this budget
     workers: int = 0
     seed: int = 0
     device: str = "auto"
-    precision: str = "32"  # 32, bf16 (CPU with native support, or CUDA) or 16 (CUDA, with loss scaling)
+    precision: str = "auto"  # auto (bf16 where native), 32, bf16 (CPU with native support, or CUDA) or 16 (CUDA, with loss scaling)
     accumulate: int = 1  # gradient accumulation: optimiser step every N batches
     clip_grad_norm: float | None = None  # clip the global gradient norm to this value
     ema_decay: float | None = None  # evaluate and save an exponential moving average of the weights
@@ -72,8 +72,8 @@ class TrainConfig:
         if self.scheduler not in ("cosine", "poly", "constant"):
             raise ValueError(f"--scheduler must be cosine, poly or constant, not {self.scheduler!r}")
         self.precision = str(self.precision).lower()
-        if self.precision not in ("32", "bf16", "16"):
-            raise ValueError(f"--precision must be 32, bf16 or 16, not {self.precision!r}")
+        if self.precision not in ("auto", "32", "bf16", "16"):
+            raise ValueError(f"--precision must be auto, 32, bf16 or 16, not {self.precision!r}")
         if self.accumulate < 1:
             raise ValueError(f"--accumulate must be a positive number, not {self.accumulate}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from seglab.engine.precision import cpu_supports_bf16
+from seglab.engine.precision import auto_precision, resolve_precision
 
 __all__ = [
     "ConvReLU",
@@ -62,25 +62,12 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def default_precision(device: torch.device | str) -> str:
-    """"bf16" where the device computes bfloat16 natively (AVX-512 BF16 / AMX CPUs, CUDA with
-    bf16 support), "32" elsewhere: the precision the fast path uses when none is asked for."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "16"
-    return "bf16" if device.type == "cpu" and cpu_supports_bf16() else "32"
+    """The precision the fast path uses when none is asked for (see `auto_precision`)."""
+    return auto_precision(torch.device(device))
 
 
 def _check_precision(precision: str | int, device: torch.device) -> str:
-    name = str(precision).lower()
-    if name == "auto":
-        return default_precision(device)
-    if name not in _DTYPES:
-        raise ValueError(f"precision must be auto, 32, bf16 or 16, not {precision!r}")
-    if name == "16" and device.type != "cuda":
-        raise ValueError("precision 16 (float16) needs a CUDA device; on the CPU use bf16")
-    if name == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
-        raise ValueError("precision bf16: this CPU has no native bfloat16 support; use 32")
-    return name
+    return resolve_precision(precision, device).name
 
 
 def autocast_context(device: torch.device | str, precision: str | int) -> ContextManager:

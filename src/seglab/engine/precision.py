@@ -12,7 +12,7 @@ from typing import ContextManager
 
 import torch
 
-__all__ = ["PRECISIONS", "Precision", "resolve_precision", "cpu_supports_bf16"]
+__all__ = ["PRECISIONS", "Precision", "auto_precision", "resolve_precision", "cpu_supports_bf16"]
 
 PRECISIONS = ("32", "bf16", "16")
 _DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
@@ -41,12 +41,22 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
+def auto_precision(device: torch.device) -> str:
+    """bf16 where the device computes it natively (AVX-512 BF16 / AMX CPUs, CUDA with bf16
+    support), float16 on older CUDA devices, float32 elsewhere."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "16"
+    return "bf16" if device.type == "cpu" and cpu_supports_bf16() else "32"
+
+
 def resolve_precision(name: str | int, device: torch.device) -> Precision:
-    """Check that `name` (32, bf16 or 16) runs on `device` and build its :class:`Precision`."""
+    """Check that `name` (auto, 32, bf16 or 16) runs on `device` and build its :class:`Precision`."""
     name = str(name).lower().replace("fp", "").replace("float", "")
+    if name == "auto":
+        name = auto_precision(device)
     name = {"bfloat16": "bf16", "b16": "bf16"}.get(name, name)
     if name not in PRECISIONS:
-        raise ValueError(f"--precision must be 32, bf16 or 16, not {name!r}")
+        raise ValueError(f"--precision must be auto, 32, bf16 or 16, not {name!r}")
     if name == "16" and device.type != "cuda":
         raise ValueError("--precision 16 (float16) needs a CUDA device; on the CPU use --precision bf16")
     if name == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
