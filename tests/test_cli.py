@@ -19,6 +19,7 @@ TINY = {
     "val_samples": 8,
     "batch_size": 8,
     "num_overlays": 1,
+    "precision": "32",  # `seglab eval` defaults to exact float32; train in it too so figures compare exactly
 }
 
 

@@ -22,6 +22,9 @@ def tiny_options(**overrides: Any) -> dict[str, Any]:
         "epochs": 1,
         "lr": 0.01,
         "num_overlays": 1,
+        # exact float32 arithmetic and plain CE, so that equivalence tests can compare to 1e-6
+        "precision": "32",
+        "loss": "ce",
     }
     options.update(overrides)
     return options

@@ -39,6 +39,7 @@ from seglab.engine.checkpoint import save_checkpoint
 from seglab.engine.config import TrainConfig
 from seglab.engine.trainer import (
     _json_safe,
+    build_scheduler,
     progress_bar,
     resolve_device,
     seed_everything,
@@ -146,21 +147,7 @@ class InstanceTrainer:
         return torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     def _build_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
-        config = self.config
-        total = max(1, config.epochs * len(self.train_loader))
-        warmup = int(config.warmup_epochs * len(self.train_loader))
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            if config.scheduler == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * progress))
-            if config.scheduler == "poly":
-                return (1 - progress) ** 0.9
-            return 1.0
-
-        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        return build_scheduler(self.optimizer, self.config, len(self.train_loader))
 
     def _prepare_run_dir(self) -> None:
         try:

@@ -119,6 +119,24 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule: linear warm-up, then cosine, poly (power 0.9, DeepLab) or constant."""
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if config.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if config.scheduler == "poly":
+            return (1 - progress) ** 0.9
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 class Trainer:
     """Builds data, model and optimiser from a :class:`TrainConfig` and runs `fit()`.
 
@@ -257,22 +275,7 @@ class Trainer:
         return max(1, math.ceil(len(self.train_loader) / self.config.accumulate))
 
     def _build_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
-        """Per-step schedule: linear warm-up, then cosine, poly (power 0.9) or constant."""
-        config = self.config
-        total = max(1, config.epochs * self.steps_per_epoch)
-        warmup = int(config.warmup_epochs * self.steps_per_epoch)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            if config.scheduler == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * progress))
-            if config.scheduler == "poly":
-                return (1 - progress) ** 0.9
-            return 1.0
-
-        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        return build_scheduler(self.optimizer, self.config, self.steps_per_epoch)
 
     @property
     def eval_model(self) -> nn.Module:
