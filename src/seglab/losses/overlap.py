@@ -42,50 +42,48 @@ class _OverlapLoss(nn.Module):
         return probs * valid, onehot * valid, dims
 
 
-class DiceLoss(_OverlapLoss):
+class _NormedOverlapLoss(_OverlapLoss):
+    """1 - a soft overlap score built from <Y,P>, |P| and |Y| in the L1 or squared-L2 norm."""
+
+    name = ""
+
+    def __init__(
+        self,
+        mode: str = "multiclass",
+        norm: str = "l1",
+        smooth: float = 1.0,
+        per_image: bool = False,
+        ignore_index: int | None = 255,
+    ) -> None:
+        super().__init__(mode, smooth, per_image, ignore_index)
+        if norm not in NORMS:
+            raise ValueError(f"{self.name} norm must be 'l1' or 'l2', got {norm!r}")
+        self.norm = norm
+
+    def _score(self, intersection: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        probs, onehot, dims = self._inputs(logits, target)
+        return 1 - self._score(*overlap_terms(probs, onehot, self.norm, dims)).mean()
+
+
+class DiceLoss(_NormedOverlapLoss):
     """1 - soft Dice, L1 or squared-L2 denominators (see module docstring)."""
 
-    def __init__(
-        self,
-        mode: str = "multiclass",
-        norm: str = "l1",
-        smooth: float = 1.0,
-        per_image: bool = False,
-        ignore_index: int | None = 255,
-    ) -> None:
-        super().__init__(mode, smooth, per_image, ignore_index)
-        if norm not in NORMS:
-            raise ValueError(f"dice norm must be 'l1' or 'l2', got {norm!r}")
-        self.norm = norm
+    name = "dice"
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        probs, onehot, dims = self._inputs(logits, target)
-        intersection, p, y = overlap_terms(probs, onehot, self.norm, dims)
-        score = (2 * intersection + self.smooth) / (p + y + self.smooth).clamp(min=self.eps)
-        return 1 - score.mean()
+    def _score(self, intersection: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (2 * intersection + self.smooth) / (p + y + self.smooth).clamp(min=self.eps)
 
 
-class JaccardLoss(_OverlapLoss):
+class JaccardLoss(_NormedOverlapLoss):
     """1 - soft Jaccard (IoU), L1 or squared-L2 norms (see module docstring)."""
 
-    def __init__(
-        self,
-        mode: str = "multiclass",
-        norm: str = "l1",
-        smooth: float = 1.0,
-        per_image: bool = False,
-        ignore_index: int | None = 255,
-    ) -> None:
-        super().__init__(mode, smooth, per_image, ignore_index)
-        if norm not in NORMS:
-            raise ValueError(f"jaccard norm must be 'l1' or 'l2', got {norm!r}")
-        self.norm = norm
+    name = "jaccard"
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        probs, onehot, dims = self._inputs(logits, target)
-        intersection, p, y = overlap_terms(probs, onehot, self.norm, dims)
-        score = (intersection + self.smooth) / (p + y - intersection + self.smooth).clamp(min=self.eps)
-        return 1 - score.mean()
+    def _score(self, intersection: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (intersection + self.smooth) / (p + y - intersection + self.smooth).clamp(min=self.eps)
 
 
 class TverskyLoss(_OverlapLoss):
