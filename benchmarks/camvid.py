@@ -38,7 +38,9 @@ from torch.utils.data import DataLoader
 from seglab import create_model
 from seglab.data import open_dataset
 from seglab.data.stats import median_frequency_weights
+from seglab.engine.checkpoint import save_checkpoint
 from seglab.engine.evaluator import Normalize
+from seglab.engine.fastpath import autocast_context, default_precision, optimizer_options, to_channels_last
 from seglab.metrics import ConfusionMatrix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +81,8 @@ def logits_of(output: Any) -> torch.Tensor:
     return output["out"] if isinstance(output, dict) else output
 
 
-def train_and_evaluate(recipe: dict[str, Any], library: str, minutes: float, val_images: int | None = None) -> dict[str, Any]:
+def train_and_evaluate(recipe: dict[str, Any], library: str, minutes: float, val_images: int | None = None,
+                       checkpoint: Path | None = None) -> dict[str, Any]:
     seed_everything(recipe["seed"])
     size, fmt = recipe["image_size"], recipe.get("format")
     train_set = open_dataset(recipe["data"], "train", format=fmt, image_size=size, augment=recipe.get("augment"))
@@ -94,7 +97,14 @@ def train_and_evaluate(recipe: dict[str, Any], library: str, minutes: float, val
     seed_everything(recipe["seed"])
     model = build_model(recipe, library, train_set.num_classes)
     normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    # Each library as its users run it: seglab with its default fast path (precision "auto":
+    # bf16 autocast + channels_last where the CPU has native bf16, fused AdamW), the peer in fp32
+    # as its README shows. Both are evaluated in fp32.
+    precision = default_precision("cpu") if library == "seglab" else "32"
+    fused = optimizer_options("adamw", "cpu") if library == "seglab" else {}
+    if precision != "32":
+        model = to_channels_last(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"], **fused)
     loader = DataLoader(
         train_set, batch_size=recipe["batch_size"], shuffle=True, drop_last=True, num_workers=recipe.get("workers", 0),
         generator=torch.Generator().manual_seed(recipe["seed"]), persistent_workers=recipe.get("workers", 0) > 0,
@@ -114,7 +124,10 @@ def train_and_evaluate(recipe: dict[str, Any], library: str, minutes: float, val
                 break
             for group in optimizer.param_groups:  # cosine over the time budget
                 group["lr"] = recipe["lr"] * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
-            loss = F.cross_entropy(logits_of(model(normalize(batch["image"]))), batch["mask"], weight=weights, ignore_index=255)
+            images_in = normalize(batch["image"])
+            with autocast_context("cpu", precision):
+                logits = logits_of(model(to_channels_last(images_in) if precision != "32" else images_in))
+            loss = F.cross_entropy(logits.float(), batch["mask"], weight=weights, ignore_index=255)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -123,10 +136,21 @@ def train_and_evaluate(recipe: dict[str, Any], library: str, minutes: float, val
             fetch = time.perf_counter()
             compute_seconds += fetch - begin
     train_seconds = time.perf_counter() - start
+    model = model.to(memory_format=torch.contiguous_format)
     metrics = evaluate(model, val_set, normalize)
+    if checkpoint is not None and library == "seglab":  # for benchmarks/crf_camvid.py
+        save_checkpoint(checkpoint, model, {
+            "task": "semantic", "model": recipe["model"],
+            "kwargs": {"num_classes": train_set.num_classes, "in_channels": 3, **({"encoder": recipe["encoder"]} if recipe.get("encoder") else {}),
+                       **(recipe.get("model_kwargs") or {})},
+            "classes": list(train_set.classes), "palette": [list(c) for c in train_set.palette],
+            "ignore_index": train_set.ignore_index, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "image_size": list(size), "data": {"image_size": list(size)}, "metrics": {k: v for k, v in metrics.items() if k != "val_iou"},
+        })
     return {
         "recipe": recipe["model"],
         "library": library,
+        "precision": precision,
         "encoder": recipe.get("encoder"),
         "image_size": size,
         "budget_minutes": minutes,
@@ -199,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--libraries", nargs="+", default=["seglab", "smp"], choices=["seglab", "smp"])
     train.add_argument("--minutes", type=float, default=4.0, help="training budget per run (default 4)")
     train.add_argument("--val-images", type=int, help="evaluate on the first N val images only (smoke runs)")
+    train.add_argument("--checkpoints", type=Path, default=ROOT / "runs" / "camvid-bench",
+                       help="where the seglab models are saved, e.g. for benchmarks/crf_camvid.py (default runs/camvid-bench)")
     train.add_argument("--results", type=Path, default=RESULTS, help=f"JSON file to merge the runs into (default {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args(argv)
 
@@ -216,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             if library == "smp" and name == "segnet":
                 continue
             print(f"training {name} with {library} for {args.minutes} min ...", flush=True)
-            row = train_and_evaluate(recipe, library, args.minutes, args.val_images)
+            row = train_and_evaluate(recipe, library, args.minutes, args.val_images, args.checkpoints / name)
             print(json.dumps({k: v for k, v in row.items() if k != "val_iou"}), flush=True)
             runs[f"{name}/{library}"] = row
             save("runs", runs, args.results)

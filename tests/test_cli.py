@@ -99,3 +99,19 @@ def test_unknown_model_and_negative_epochs(tmp_path: Path, capsys: pytest.Captur
 def test_bad_resume_and_precision(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _one_error_line(capsys, main(["train", "--resume", str(tmp_path / "gone")]), "not a seglab run directory")
     _one_error_line(capsys, main(["train", "--precision", "16", "--out", str(tmp_path)]), "needs a CUDA device")
+
+
+def test_model_options_merge_over_the_config(tmp_path: Path) -> None:
+    """--model-option KEY=VALUE (YAML values) wins over the config's model_kwargs, key by key."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "train_samples": 8, "val_samples": 4}))
+    args = ["train", "--config", str(tmp_path / "tiny.yaml"), "--epochs", "1", "--out", str(tmp_path / "runs"), "--name", "opt"]
+    assert main([*args, "--model-option", "base_channels=6"]) == 0
+    kwargs = json.loads((tmp_path / "runs" / "opt" / "best.json").read_text())["kwargs"]
+    assert kwargs["base_channels"] == 6 and kwargs["depth"] == 2
+
+
+def test_bad_model_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses the shape of the flag itself
+        main(["train", "--model-option", "no-equals-sign", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err
+    _one_error_line(capsys, main(["train", "--model-option", "wings=3", "--out", str(tmp_path)]), "wings")

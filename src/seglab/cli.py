@@ -80,6 +80,19 @@ def _launch_workers(args: argparse.Namespace) -> int | None:
     return launch(args.nproc, _without_option(args.argv, "--nproc"))
 
 
+def parse_model_option(text: str) -> tuple[str, Any]:
+    """KEY=VALUE with VALUE read as YAML (8 -> int, 0.5 -> float, true -> bool, [1,2] -> list)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE with KEY an option name, not {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"cannot read the value of {text!r}") from None
+
+
 # ----------------------------------------------------------------------------------- train
 TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--name", dict(help="run name (default: <model>-<data>); the run goes to <out>/<name>")),
@@ -87,6 +100,9 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--task", dict(choices=["semantic", "instance"], help="semantic (default) or instance segmentation")),
     ("--model", dict(help="registered model name (see `seglab models`; default: unet)")),
     ("--encoder", dict(help="encoder/backbone name for models that take one (e.g. resnet34)")),
+    ("--model-option", dict(dest="model_option", metavar="KEY=VALUE", action="append", type=parse_model_option,
+                            help="an option of the model's builder, e.g. output_stride=8 or mask_head_width=128 (repeatable; "
+                                 "merged over the config's model_kwargs; see `seglab models`)")),
     ("--data", dict(help="'synthetic' (default, built in) or a data set folder")),
     ("--format", dict(help="data set layout of --data (default: detected)")),
     ("--num-classes", dict(type=_positive_int, help="classes of the synthetic set (2-6)")),
@@ -127,15 +143,18 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         key = flag.lstrip("-").replace("-", "_")
         if getattr(args, key, None) is not None:
             given[key] = getattr(args, key)
+    model_options = dict(given.pop("model_option", None) or [])
     from seglab.engine.distributed import shutdown_distributed
     from seglab.engine.trainer import Trainer
 
     if args.resume:
-        if args.config:
-            raise CommandError("--resume takes its options from the run directory; drop --config")
+        if args.config or model_options:
+            raise CommandError("--resume takes its options from the run directory; drop --config and --model-option")
         trainer = Trainer.resume(args.resume, given, console=console)
     else:
         values = {**(load_yaml(args.config) if args.config else {}), **given}
+        if model_options:
+            values["model_kwargs"] = {**(values.get("model_kwargs") or {}), **model_options}
         if values.get("task") == "instance":
             from seglab.engine.instance import train_instance
 

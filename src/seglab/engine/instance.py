@@ -37,6 +37,8 @@ from seglab.data.instance import (
 )
 from seglab.engine.checkpoint import save_checkpoint
 from seglab.engine.config import TrainConfig
+from seglab.engine.fastpath import to_channels_last
+from seglab.engine.precision import resolve_precision
 from seglab.engine.trainer import (
     _json_safe,
     build_scheduler,
@@ -129,7 +131,9 @@ class InstanceTrainer:
         }
         if config.encoder:
             self.model_kwargs["encoder"] = config.encoder
-        self.model = create_model(config.model, **self.model_kwargs).to(self.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        # channels_last: oneDNN's / cuDNN's native layout, kept through the backbone and heads
+        self.model = to_channels_last(create_model(config.model, **self.model_kwargs).to(self.device))
         generator = torch.Generator().manual_seed(config.seed)
         self.train_loader = DataLoader(
             self.train_set, batch_size=config.batch_size, shuffle=True, drop_last=len(self.train_set) > config.batch_size,
@@ -192,15 +196,19 @@ class InstanceTrainer:
         for images, targets in self.train_loader:
             images = [image.to(self.device) for image in images]
             targets = [{k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
-            losses = self.model(images, targets)
-            loss = sum(losses.values())
+            with self.precision.autocast():
+                losses = self.model(images, targets)
+            loss = sum(loss.float() for loss in losses.values())
             if not torch.isfinite(loss):
                 parts = ", ".join(f"{k} {float(v):.3g}" for k, v in losses.items())
                 raise FloatingPointError(f"the training loss became {float(loss)} in epoch {epoch} ({parts}); lower --lr")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler = self.precision.scaler  # a no-op except for float16 on CUDA
+            scaler.scale(loss).backward()
+            scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)  # detection losses spike early on
-            self.optimizer.step()
+            scaler.step(self.optimizer)
+            scaler.update()
             self.scheduler.step()
             loss_sum += float(loss.detach()) * len(images)
             images_seen += len(images)
@@ -216,7 +224,7 @@ class InstanceTrainer:
         self.console.print(
             f"Training [bold]{config.model}[/] ({self.model_kwargs.get('encoder', 'default encoder')}) on {config.data} "
             f"({len(self.train_set)} train / {len(self.val_set)} val images, {self.num_classes - 1} object classes) "
-            f"on {self.device}; run directory {self.run_dir}"
+            f"on {self.device}, precision {self.precision.name}; run directory {self.run_dir}"
         )
         history: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
@@ -226,7 +234,8 @@ class InstanceTrainer:
             for epoch in range(1, config.epochs + 1):
                 epoch_start = time.perf_counter()
                 train_loss, speed = self.train_one_epoch(progress, epoch)
-                results = evaluate_instances(self.model, self.val_loader, self.train_set.classes, self.device, progress=progress)
+                with self.precision.autocast():  # validate as trained; `seglab eval` chooses its own
+                    results = evaluate_instances(self.model, self.val_loader, self.train_set.classes, self.device, progress=progress)
                 row = {
                     "epoch": epoch,
                     "train_loss": train_loss,

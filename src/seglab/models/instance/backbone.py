@@ -19,6 +19,20 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 __all__ = ["EncoderFPN", "encoder_fpn"]
 
 
+class Float32P6P7(LastLevelP6P7):
+    """RetinaNet's P6/P7 (two stride-2 3x3 convs), always in float32.
+
+    Under CPU bf16 autocast, oneDNN's weight gradient of these stride-2 convs on the one- or
+    two-pixel maps of small inputs came back NaN at random (uninitialised memory: the same step
+    gave NaN or not from run to run), poisoning every parameter; the maps are tiny, so float32
+    costs nothing measurable.
+    """
+
+    def forward(self, p: list[torch.Tensor], c: list[torch.Tensor], names: list[str]):
+        with torch.autocast(p[-1].device.type, enabled=False):
+            return super().forward([t.float() for t in p], [t.float() for t in c], names)
+
+
 class EncoderFPN(nn.Module):
     """Encoder -> FPN levels ``{"0": P_first, ..., "pool" or "p6"/"p7": extra}`` of ``out_channels`` each."""
 
@@ -33,7 +47,7 @@ class EncoderFPN(nn.Module):
         if extra == "maxpool":
             extra_blocks = LastLevelMaxPool()
         elif extra == "p6p7":
-            extra_blocks = LastLevelP6P7(out_channels, out_channels)
+            extra_blocks = Float32P6P7(out_channels, out_channels)
         else:
             raise ValueError(f"extra must be 'maxpool' or 'p6p7', not {extra!r}")
         self.fpn = FeaturePyramidNetwork([encoder.channels[i] for i in stages], out_channels, extra_blocks=extra_blocks)

@@ -74,7 +74,10 @@ def _finish(model: nn.Module, min_size: int, in_channels: int) -> nn.Module:
     return model
 
 
-def _two_stage_options(backbone: EncoderFPN, anchor_size: int, min_size: int, max_size: int, proposals: int, rois_per_image: int, detections_per_image: int, in_channels: int) -> dict:
+def _two_stage_options(
+    backbone: EncoderFPN, anchor_size: int, min_size: int, max_size: int, proposals: int, rois_per_image: int,
+    detections_per_image: int, in_channels: int, box_head_width: int = 1024,
+) -> dict:
     mean, std = normalisation(in_channels)
     return dict(
         min_size=min_size or 1,
@@ -87,7 +90,7 @@ def _two_stage_options(backbone: EncoderFPN, anchor_size: int, min_size: int, ma
         rpn_pre_nms_top_n_test=proposals,
         rpn_post_nms_top_n_test=proposals,
         box_roi_pool=MultiScaleRoIAlign(list(_PYRAMID_LEVELS), output_size=7, sampling_ratio=2),
-        box_head=TwoMLPHead(backbone.out_channels * 7 * 7, 1024),
+        box_head=TwoMLPHead(backbone.out_channels * 7 * 7, box_head_width),
         box_batch_size_per_image=rois_per_image,
         box_detections_per_img=detections_per_image,
     )
@@ -107,6 +110,8 @@ def mask_rcnn(
     proposals: int = 1000,
     rois_per_image: int = 512,
     detections_per_image: int = 100,
+    box_head_width: int = 1024,
+    mask_head_width: int = 256,
 ) -> nn.Module:
     """Mask R-CNN: RPN over FPN levels, RoIAlign, box head and a class-specific 28x28 mask head.
 
@@ -119,15 +124,20 @@ def mask_rcnn(
         proposals: RPN proposals kept per image after NMS at test time (twice that in training).
         rois_per_image: RoIs sampled per image for the box/mask losses (512 in the paper).
         detections_per_image: at most this many detections per image in eval mode.
+        box_head_width: width of the box head's two fully connected layers (1024 in the paper).
+        mask_head_width: channels of the mask head's four convs and transposed conv (256 in the
+            paper); the mask head is most of the cost per RoI, so small-image CPU recipes narrow it.
     """
     backbone = encoder_fpn(encoder, in_channels=in_channels, encoder_weights=encoder_weights, out_channels=fpn_channels, min_stride=4, extra="maxpool")
-    options = _two_stage_options(backbone, anchor_size, min_size, max_size, proposals, rois_per_image, detections_per_image, in_channels)
+    options = _two_stage_options(
+        backbone, anchor_size, min_size, max_size, proposals, rois_per_image, detections_per_image, in_channels, box_head_width
+    )
     model = MaskRCNN(
         backbone,
-        box_predictor=FastRCNNPredictor(1024, num_classes),
+        box_predictor=FastRCNNPredictor(box_head_width, num_classes),
         mask_roi_pool=MultiScaleRoIAlign(list(_PYRAMID_LEVELS), output_size=14, sampling_ratio=2),
-        mask_head=MaskRCNNHeads(fpn_channels, [256, 256, 256, 256], dilation=1),
-        mask_predictor=MaskRCNNPredictor(256, 256, num_classes),
+        mask_head=MaskRCNNHeads(fpn_channels, [mask_head_width] * 4, dilation=1),
+        mask_predictor=MaskRCNNPredictor(mask_head_width, mask_head_width, num_classes),
         **options,
     )
     return _finish(model, min_size, in_channels)

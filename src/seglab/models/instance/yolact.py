@@ -239,9 +239,13 @@ class Yolact(nn.Module):
         prototypes = self.protonet(pyramid[0])  # N x k x H/4 x W/4
         offsets, logits, coefficients = (torch.cat(parts, 1) for parts in zip(*(self.head(level) for level in pyramid)))
         anchors = self.anchors([tuple(p.shape[-2:]) for p in pyramid], tuple(batch.shape[-2:]), batch.device)
-        if self.training:
-            return self.loss(offsets, logits, coefficients, prototypes, anchors, targets, tuple(batch.shape[-2:]))
-        return self.postprocess(offsets, logits, coefficients, prototypes, anchors, sizes, tuple(batch.shape[-2:]))
+        # Losses and decoding in float32 whatever the autocast: under bf16 the matching, OHEM
+        # ranking and per-box mask normalisation lose too many digits (training went NaN).
+        offsets, logits, coefficients, prototypes = (t.float() for t in (offsets, logits, coefficients, prototypes))
+        with torch.autocast(batch.device.type, enabled=False):
+            if self.training:
+                return self.loss(offsets, logits, coefficients, prototypes, anchors, targets, tuple(batch.shape[-2:]))
+            return self.postprocess(offsets, logits, coefficients, prototypes, anchors, sizes, tuple(batch.shape[-2:]))
 
     # --- training ---
 
