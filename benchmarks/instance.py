@@ -179,10 +179,12 @@ def speed(args: argparse.Namespace) -> None:
 
 def _forward_flops(model: torch.nn.Module, image: torch.Tensor) -> float:
     """FLOPs (2 per multiply-add) of one inference call, counted by torch.utils.flop_counter:
-    convolutions, matrix products and RoIAlign-free heads; NMS and pasting count nothing."""
+    convolutions and matrix products; RoIAlign (as torchvision's op), NMS and pasting count nothing."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+    from seglab.models.profile import counting_roi_align_as_torchvision
+
+    with counting_roi_align_as_torchvision(model), FlopCounterMode(display=False) as counter, torch.inference_mode():
         model([image])
     return counter.get_total_flops()
 

@@ -239,3 +239,34 @@ def test_to_channels_last_leaves_non_image_tensors_alone():
     vector = torch.randn(5)
     assert to_channels_last(vector) is vector
     assert to_channels_last(torch.randn(1, 3, 4, 4)).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dilation, bias, channels_last", [(6, True, False), (12, False, True), (30, True, True)])
+def test_large_dilation_as_one_gemm_equals_the_convolution(dilation, bias, channels_last):
+    """Taps partly outside the 20x24 map (12) and entirely outside it (30, skipped) included."""
+    from seglab.engine.fastpath import DilatedConvAsGemm
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, padding=dilation, dilation=dilation, bias=bias).eval()
+    x = torch.randn(2, 16, 20, 24)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(DilatedConvAsGemm(conv)(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_dilated_rewrite_takes_only_same_padded_stride_1_convs_and_keeps_deeplab_outputs():
+    from seglab import create_model
+    from seglab.engine.fastpath import DilatedConvAsGemm, rewrite_dilated_convs
+
+    assert not DilatedConvAsGemm.applies_to(nn.Conv2d(4, 4, 3, padding=1, dilation=8), 6)  # not "same"
+    assert not DilatedConvAsGemm.applies_to(nn.Conv2d(4, 4, 3, stride=2, padding=8, dilation=8), 6)
+    assert not DilatedConvAsGemm.applies_to(nn.Conv2d(4, 4, 3, padding=2, dilation=2), 6)  # small dilation: oneDNN is fast
+    assert DilatedConvAsGemm.applies_to(nn.Conv2d(4, 4, 3, padding=8, dilation=8), 6)
+    torch.manual_seed(0)
+    model = create_model("deeplabv3", num_classes=3, encoder="resnet18", output_stride=8).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+        assert rewrite_dilated_convs(model) == 3  # the ASPP's three atrous branches (12, 24, 36)
+        torch.testing.assert_close(model(x), reference, atol=1e-4, rtol=1e-4)

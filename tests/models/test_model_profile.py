@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.nn as nn
 
 from seglab.models.profile import count_flops, count_parameters, describe_model
@@ -40,3 +41,20 @@ def test_profiling_leaves_the_mode_alone():
 def test_unknown_model_is_an_error():
     with pytest.raises(KeyError, match="nonexistent"):
         describe_model("nonexistent")
+
+
+def test_roi_align_counts_as_torchvisions_op_not_as_a_dense_product():
+    """seglab's RoIAlign is a sparse product; the FLOP count must not see it as a dense one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from seglab.models.profile import counting_roi_align_as_torchvision
+    from seglab.ops.roi_align import SampledMultiScaleRoIAlign
+
+    pooler = SampledMultiScaleRoIAlign(["0"], 7, 2)
+    features = {"0": torch.randn(1, 8, 32, 32)}
+    boxes = [torch.tensor([[0.0, 0.0, 60.0, 60.0]])]
+    with counting_roi_align_as_torchvision(pooler), FlopCounterMode(display=False) as counter:
+        counted = pooler(features, boxes, [(128, 128)])
+    assert counter.get_total_flops() == 0
+    torch.testing.assert_close(counted, pooler(features, boxes, [(128, 128)]), atol=1e-5, rtol=1e-5)  # restored afterwards
+    assert "forward" not in vars(pooler)

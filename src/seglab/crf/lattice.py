@@ -99,11 +99,9 @@ class PermutohedralLattice:
         self.num_points, self.dim = num_points, d
 
         # Elevate onto the hyperplane sum(x) = 0 (the matrix E of Adams et al., p. 5), scaled so
-        # that the blur below has standard deviation about 1 in feature units.
-        dims = torch.arange(1, d + 1, device=device, dtype=torch.float32)
-        scaled = features * (math.sqrt(2.0 / 3.0) * (d + 1) / torch.sqrt(dims * (dims + 1)))
-        elevated = torch.cat([scaled.flip(1).cumsum(1).flip(1), scaled.new_zeros(num_points, 1)], dim=1)
-        elevated[:, 1:] -= dims * scaled
+        # that the blur below has standard deviation about 1 in feature units: one small matrix
+        # product, elevated = features @ E^T.
+        elevated = features @ _elevation_matrix(d, device).T
 
         # The nearest remainder-0 point and the simplex holding the point: the rank of each
         # coordinate of the offset from that point (descending, ties to the earlier coordinate).
@@ -203,6 +201,16 @@ def _pack(batch_index: torch.Tensor, coordinates: torch.Tensor, margin: int) -> 
     strides = torch.tensor(strides, dtype=torch.long, device=coordinates.device)
     packed = ((coordinates - low) * strides).sum(dim=1) + (batch_index - batch_index.min()) * (strides[0] * sizes[0])
     return packed, strides
+
+
+def _elevation_matrix(d: int, device: torch.device) -> torch.Tensor:
+    """(d+1) x d: row k maps a feature vector to elevated coordinate k, sum_{j >= k} s_j - k s_{k-1},
+    with s_j = f_j sqrt(2/3) (d+1) / sqrt((j+1)(j+2)) (Adams et al.'s E with the blur's scale)."""
+    dims = torch.arange(1, d + 1, dtype=torch.float64)
+    scale = math.sqrt(2.0 / 3.0) * (d + 1) / torch.sqrt(dims * (dims + 1))
+    matrix = torch.ones(d + 1, d, dtype=torch.float64).triu()  # [k, j] = 1 for j >= k
+    matrix[torch.arange(1, d + 1), torch.arange(d)] -= dims
+    return (matrix * scale).float().to(device)
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,14 @@ attention are counted; element-wise ops, norms and interpolation are not.
 The model is built and run on the ``meta`` device: no memory is allocated and no arithmetic is
 done, so even a 250M-parameter model at 512x512 is profiled in well under a second. Models with
 data-dependent operations (instance segmentation's NMS) fall back to a real CPU forward pass.
+RoIAlign is counted as torchvision's op (zero FLOPs, like every sampling op): seglab computes it
+as a sparse matrix product, which the counter would take for a dense one.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from types import MethodType
 
 import torch
 import torch.nn as nn
@@ -18,7 +24,25 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from seglab.models.registry import create_model, get_model_entry
 
-__all__ = ["count_parameters", "count_flops", "describe_model"]
+__all__ = ["count_parameters", "count_flops", "counting_roi_align_as_torchvision", "describe_model"]
+
+
+@contextlib.contextmanager
+def counting_roi_align_as_torchvision(model: nn.Module) -> Iterator[None]:
+    """Within the block, seglab's RoIAlign poolers run torchvision's (same numbers), so that
+    FlopCounterMode does not count their sparse product as a dense matrix product."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from seglab.ops.roi_align import SampledMultiScaleRoIAlign
+
+    poolers = [m for m in model.modules() if isinstance(m, SampledMultiScaleRoIAlign)]
+    for pooler in poolers:
+        pooler.forward = MethodType(MultiScaleRoIAlign.forward, pooler)
+    try:
+        yield
+    finally:
+        for pooler in poolers:
+            del pooler.forward
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -36,7 +60,7 @@ def count_flops(model: nn.Module, image_size: int | tuple[int, int] = 512, in_ch
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with counting_roi_align_as_torchvision(model), FlopCounterMode(display=False) as counter, torch.no_grad():
             model(torch.zeros(1, in_channels, height, width, device=device))
     finally:
         model.train(was_training)
