@@ -98,7 +98,8 @@ def dsb2018(args: argparse.Namespace) -> None:
         "task": "instance", "model": args.model, "encoder": args.encoder, "name": f"bench-{args.model}-dsb2018",
         "out": args.out, "data": str(DSB2018), "image_size": 256, "epochs": args.epochs, "batch_size": 4, "lr": args.lr,
         "scheduler": "cosine", "warmup_epochs": 0.2, "max_minutes": args.minutes, "val_samples": 16,
-        "model_kwargs": {**SMALL_HEADS[args.model], "anchor_size": 8, **dict(args.model_option or [])},
+        # nuclei images hold up to a few hundred objects: keep up to 300 detections per image
+        "model_kwargs": {**SMALL_HEADS[args.model], "anchor_size": 8, "detections_per_image": 300, **dict(args.model_option or [])},
         "seed": args.seed,
     }
     _train_and_evaluate(values, {}, "dsb2018")
@@ -111,6 +112,8 @@ def evaluate(args: argparse.Namespace) -> None:
     from seglab.engine.instance import evaluate_instances
 
     model, config = load_checkpoint(args.run_dir)
+    if args.detections:
+        _set_detection_limit(model, args.detections)
     data = dict(config["data"])
     source = data.pop("source")
     if source == "synthetic":
@@ -121,6 +124,7 @@ def evaluate(args: argparse.Namespace) -> None:
     _record(
         {
             "benchmark": f"evaluate-{Path(args.run_dir).name}",
+            "detections_per_image": args.detections or config["kwargs"].get("detections_per_image"),
             "model": config["model"],
             "encoder": config["kwargs"].get("encoder"),
             "best_epoch": config["epoch"],
@@ -189,6 +193,13 @@ def _forward_flops(model: torch.nn.Module, image: torch.Tensor) -> float:
     return counter.get_total_flops()
 
 
+def _set_detection_limit(model: torch.nn.Module, detections: int) -> None:
+    if hasattr(model, "roi_heads"):
+        model.roi_heads.detections_per_img = detections
+    else:
+        model.detections_per_image = detections
+
+
 def _force_detections(model: torch.nn.Module, detections: int) -> None:
     if hasattr(model, "roi_heads"):
         model.roi_heads.score_thresh = 0.0
@@ -218,6 +229,7 @@ def main() -> None:
     command = commands.add_parser("evaluate")
     command.add_argument("--run-dir", required=True, help="a benchmark run directory (its best checkpoint)")
     command.add_argument("--val-images", type=int, default=200, help="synthetic validation images")
+    command.add_argument("--detections", type=int, help="override the checkpoint's detections per image")
     command.set_defaults(run=evaluate)
     command = commands.add_parser("speed")
     command.add_argument("--size", type=int, default=512)

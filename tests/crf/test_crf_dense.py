@@ -55,7 +55,12 @@ def test_energy_decreases_every_iteration():
     image, scores = torch.from_numpy(image), torch.from_numpy(probabilities)[None]
     energies = [float(crf.energy(image, scores, q)[0]) for q in crf.steps(image, scores)]
     assert len(energies) == 7
-    assert all(after < before for before, after in itertools.pairwise(energies)), energies
+    # Every iteration lowers the energy until it has converged to float32 precision (here the
+    # last two iterations agree to all seven digits); none ever raises it beyond rounding.
+    rounding = 1e-6 * abs(energies[-1])
+    assert all(after <= before + rounding for before, after in itertools.pairwise(energies)), energies
+    assert all(after < before for before, after in itertools.pairwise(energies[:5])), energies
+    assert energies[-1] < energies[0] / 2, energies
 
 
 def test_batched_equals_one_by_one_and_layouts_agree():
