@@ -201,13 +201,13 @@ def _set_detection_limit(model: torch.nn.Module, detections: int) -> None:
 
 
 def _force_detections(model: torch.nn.Module, detections: int) -> None:
+    """Exactly `detections` boxes per image: no score threshold (and no NMS for Mask R-CNN)."""
+    _set_detection_limit(model, detections)
     if hasattr(model, "roi_heads"):
         model.roi_heads.score_thresh = 0.0
         model.roi_heads.nms_thresh = 1.0
-        model.roi_heads.detections_per_img = detections
     else:
         model.score_threshold = 0.0
-        model.detections_per_image = detections
 
 
 def main() -> None:

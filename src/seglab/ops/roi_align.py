@@ -11,7 +11,7 @@ feature map as a (N H W) x C matrix, a free view of a channels_last map; the gra
 ``A^T @ G``, which autograd derives. torchvision's CPU kernel instead scatters its gradient one
 box and channel at a time on one thread: in the synthetic Mask R-CNN recipe its backward was
 60% of a training step; on 1,024 boxes over 8 x 128 x 32 x 32 features, forward + backward took
-380 ms with torchvision and 58 ms here (2 threads).
+373 ms with torchvision and 65 ms here (2 threads).
 
 Coordinates follow torchvision's ``aligned=False`` convention: a box corner x maps to
 ``x * spatial_scale`` in feature-map pixel indices, boxes are at least one pixel wide and tall,

@@ -239,8 +239,9 @@ class Yolact(nn.Module):
         prototypes = self.protonet(pyramid[0])  # N x k x H/4 x W/4
         offsets, logits, coefficients = (torch.cat(parts, 1) for parts in zip(*(self.head(level) for level in pyramid)))
         anchors = self.anchors([tuple(p.shape[-2:]) for p in pyramid], tuple(batch.shape[-2:]), batch.device)
-        # Losses and decoding in float32 whatever the autocast: under bf16 the matching, OHEM
-        # ranking and per-box mask normalisation lose too many digits (training went NaN).
+        # Losses and decoding in float32 whatever the autocast (as the semantic trainer computes
+        # its loss): box coding, OHEM ranking and the per-box mask normalisation are sums and
+        # small differences that bf16's 8-bit mantissa would round away.
         offsets, logits, coefficients, prototypes = (t.float() for t in (offsets, logits, coefficients, prototypes))
         with torch.autocast(batch.device.type, enabled=False):
             if self.training:
