@@ -154,3 +154,35 @@ def test_trimap_wide_band_is_plain_confusion_matrix():
     trimap.update(pred, target)
     plain.update(pred, target)
     assert torch.equal(trimap.compute()["confusion_matrix"], plain.compute()["confusion_matrix"])
+
+
+@pytest.mark.parametrize(
+    "height, width, ratio",
+    [(20, 37, 0.05), (33, 129, 0.02), (64, 64, 0.1), (40, 200, 0.1), (50, 300, 0.06), (100, 100, 0.15)],
+)
+def test_cpu_word_layout_matches_the_torch_path(monkeypatch, height, width, ratio):
+    """The numpy words-with-margins path (radius <= MAX_RADIUS, several chunks in threads) and
+    the torch packed path count the same pixels, with and without ignored pixels; the last case
+    has a radius past MAX_RADIUS, so both calls take the torch path and must agree trivially."""
+    from seglab.metrics import _boundary_cpu, boundary
+
+    monkeypatch.setattr(_boundary_cpu, "CHUNK_PIXELS", 3 * height * width)  # several chunks
+    g = torch.Generator().manual_seed(height * width)
+    noise = torch.rand(10, 1, height // 4 + 2, width // 4 + 2, generator=g)
+    masks = torch.nn.functional.interpolate(noise, size=(height, width), mode="bilinear")[:, 0]
+    pred, target = masks > 0.5, masks.roll(1, dims=0) > 0.45
+    labels = (masks * 3).long().clamp(max=2)
+    labels[:, : height // 3, : width // 2] = 255
+    scores = torch.rand(10, 3, height, width, generator=g)
+
+    def counts():
+        semantic = BoundaryIoU(3, ratio)
+        semantic.update(scores, labels)
+        return boundary_iou(pred, target, ratio), semantic.intersection.clone(), semantic.union.clone()
+
+    fast = counts()
+    monkeypatch.setattr(boundary, "NUMPY_ON_CPU", False)
+    slow = counts()
+    assert torch.allclose(fast[0], slow[0], equal_nan=True)
+    assert torch.equal(fast[1], slow[1]) and torch.equal(fast[2], slow[2])
+    assert (boundary_distance(height, width, ratio) <= _boundary_cpu.MAX_RADIUS) == (height < 100)

@@ -10,7 +10,8 @@ Image Segmentation Evaluation", CVPR 2021) compares only the pixels near each co
 
 As in the authors' reference code, the image is padded with background before eroding, so a
 mask touching the image border has a boundary along that border too. Everything here is batched
-on torch tensors (bit-packed erosion, below), never a per-mask loop.
+on bit-packed masks, never a per-mask loop: torch tensors on any device (below), and on the CPU
+a numpy layout whose words carry margins, run in threads (`_boundary_cpu`).
 
 Trimap IoU (Kohli et al. 2009, used by DeepLab, Chen et al. 2015/2018) is the confusion-matrix
 IoU restricted to a band of `width` pixels around the label boundaries of the ground truth.
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from seglab.metrics import _boundary_cpu
 from seglab.metrics._distributed import sum_over_processes
 from seglab.metrics.confusion import ConfusionMatrix, nan_divide
 
@@ -161,8 +163,36 @@ def mask_to_boundary(masks: torch.Tensor, dilation_ratio: float = 0.02) -> torch
     return band[0] if single else band
 
 
-# Masks per chunk: about 1 MB of bool pixels (128 KB packed), so the intermediates stay in cache.
+# Masks per chunk of the torch path: about 1 MB of bool pixels (128 KB packed), so the
+# intermediates stay in cache.
 _CHUNK_PIXELS = 1 << 20
+
+
+def _band_counts(
+    pred: torch.Tensor, target: torch.Tensor, radius: int, counted: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """|P_d & G_d| and |P_d | G_d| of each pair of bool masks B x H x W (int64, B each), counting
+    only pixels where the H x W mask `counted` is set (every pixel when None)."""
+    if _numpy_ok(pred) and _boundary_cpu.available(radius):
+        as_numpy = lambda masks: masks.bool().contiguous().numpy()  # noqa: E731
+        return _boundary_cpu.band_counts(
+            as_numpy(pred), as_numpy(target), radius, None if counted is None else as_numpy(counted)
+        )
+    chunk = max(1, _CHUNK_PIXELS // max(1, pred.shape[-2] * pred.shape[-1]))
+    kept = None if counted is None else _pack_bits(counted[None])
+    intersection, union = [], []
+    for start in range(0, pred.shape[0], chunk):
+        # Packing reads each chunk in place; only the 8x smaller packed words are concatenated.
+        words = torch.cat([_pack_bits(pred[start : start + chunk]), _pack_bits(target[start : start + chunk])])
+        pred_band, target_band = (words & ~_erode_packed(words, radius)).chunk(2)
+        both, either = pred_band & target_band, pred_band | target_band
+        if kept is not None:
+            both, either = both & kept, either & kept
+        intersection.append(_popcount(both))
+        union.append(_popcount(either))
+    if not intersection:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(intersection), torch.cat(union)
 
 
 def boundary_iou(pred: torch.Tensor, target: torch.Tensor, dilation_ratio: float = 0.02) -> torch.Tensor:
@@ -177,18 +207,9 @@ def boundary_iou(pred: torch.Tensor, target: torch.Tensor, dilation_ratio: float
     pred, target = (pred.unsqueeze(0), target.unsqueeze(0)) if single else (pred, target)
     if pred.dim() != 3:
         raise ValueError(f"masks must be H x W or B x H x W, got shape {tuple(pred.shape)}")
-    chunk = max(1, _CHUNK_PIXELS // max(1, pred.shape[-2] * pred.shape[-1]))
     radius = boundary_distance(pred.shape[-2], pred.shape[-1], dilation_ratio)
-    intersection, union = [], []
-    for start in range(0, pred.shape[0], chunk):
-        # Packing reads each chunk in place; only the 8x smaller packed words are concatenated.
-        words = torch.cat([_pack_bits(pred[start : start + chunk]), _pack_bits(target[start : start + chunk])])
-        pred_band, target_band = (words & ~_erode_packed(words, radius)).chunk(2)
-        intersection.append(_popcount(pred_band & target_band))
-        union.append(_popcount(pred_band | target_band))
-    if not intersection:
-        return torch.zeros(0, dtype=torch.float64, device=pred.device)
-    iou = nan_divide(torch.cat(intersection).double(), torch.cat(union).double())
+    intersection, union = _band_counts(pred, target, radius)
+    iou = nan_divide(intersection.double(), union.double()).to(pred.device)
     return iou[0] if single else iou
 
 
@@ -244,16 +265,15 @@ class BoundaryIoU:
             raise ValueError(f"prediction shape {tuple(pred.shape)} and target shape {tuple(target.shape)} must both be N x H x W")
         device = self.intersection.device
         pred, target = pred.to(device), target.to(device)
-        valid = torch.ones_like(target, dtype=torch.bool) if self.ignore_index is None else target != self.ignore_index
+        valid = [None] * len(target) if self.ignore_index is None else target != self.ignore_index
         k = self.num_classes
+        radius = boundary_distance(pred.shape[-2], pred.shape[-1], self.dilation_ratio)
         for image_pred, image_target, image_valid in zip(pred, target, valid):
             # One image at a time bounds memory at K masks; the K classes are one batch.
             pred_masks, target_masks = _class_masks(image_pred[None], image_target[None], k)
-            bands = _boundary_packed(torch.cat([pred_masks[0], target_masks[0]]), self.dilation_ratio)
-            pred_band, target_band = bands.chunk(2)
-            counted = _pack_bits(image_valid[None])
-            self.intersection += _popcount(pred_band & target_band & counted)
-            self.union += _popcount((pred_band | target_band) & counted)
+            intersection, union = _band_counts(pred_masks[0], target_masks[0], radius, image_valid)
+            self.intersection += intersection.to(device)
+            self.union += union.to(device)
 
     def compute(self) -> dict[str, torch.Tensor | float]:
         intersection = sum_over_processes(self.intersection).double()
