@@ -93,7 +93,7 @@ class DenseCRF(nn.Module):
         )
 
     def forward(self, image: torch.Tensor | np.ndarray, scores: torch.Tensor, scores_are: str = "auto") -> torch.Tensor:
-        for q in self._mean_field(image, scores, scores_are, keep_steps=False):
+        for q in self._mean_field(image, scores, scores_are):
             pass
         return _to_scores_layout(q, scores)
 
@@ -115,9 +115,8 @@ class DenseCRF(nn.Module):
         per_pixel = (q * (torch.log(q.clamp_min(1e-30)) - log_p) + 0.5 * q * pairwise).sum(dim=1)
         return per_pixel.reshape(image_nchw.shape[0], -1).sum(dim=1)
 
-    def _mean_field(self, image, scores, scores_are, keep_steps: bool = True) -> Iterator[torch.Tensor]:
-        """Q as P x K rows (pixel-major), before the first iteration and after each; without
-        `keep_steps` a yielded Q is overwritten two iterations later (its memory is reused)."""
+    def _mean_field(self, image, scores, scores_are) -> Iterator[torch.Tensor]:
+        """Q as P x K rows (pixel-major), before the first iteration and after each."""
         log_p, image_nchw = self._log_probabilities_and_image(image, scores, scores_are)
         appearance, smoothness = self.kernels.build(image_nchw)
         # Q before the first iteration: softmax of the unary (the floor on probabilities can
@@ -130,13 +129,13 @@ class DenseCRF(nn.Module):
         fast_potts = self.compatibility is None and not differentiable and self.w1 + self.w2 <= 20
         if fast_potts:
             both = KernelSum([appearance, smoothness], [self.w1, self.w2])
-        spare = None  # the Q before last, whose memory the next Q reuses unless steps are kept
         for _ in range(self.iterations):
             if fast_potts:
                 # Potts: reward agreement, added to the unary as the slice runs. The messages
                 # are >= 0 and at most a few times w1 + w2, so with w1 + w2 <= 20 exp cannot
                 # overflow float32 and needs no max-shift beyond the unary's own.
-                q, spare = both(q, shifted_log_p, out=spare, then=_normalised_exp), None if keep_steps else q
+                q = both(q, shifted_log_p).exp_()
+                q *= q.sum(dim=1, keepdim=True).reciprocal_()
             else:
                 messages = smoothness(q, appearance(q, weight=self.w1), self.w2)
                 pairwise = -messages if self.compatibility is None else messages @ self.compatibility.to(q).T
@@ -153,12 +152,6 @@ class DenseCRF(nn.Module):
             )
         log_p = _to_rows(log_probabilities(scores_nkhw, scores_are))
         return log_p, image_nchw.to(log_p.device)
-
-
-def _normalised_exp(rows: torch.Tensor) -> None:
-    """Softmax of rows of log-potentials, in place (no max-shift: see the Potts loop)."""
-    rows.exp_()
-    rows *= rows.sum(dim=1, keepdim=True).reciprocal_()
 
 
 def log_probabilities(scores: torch.Tensor, scores_are: str = "auto") -> torch.Tensor:

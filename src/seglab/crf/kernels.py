@@ -11,17 +11,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import torch
 
 from seglab.crf.lattice import PermutohedralLattice
 
 __all__ = ["KernelSum", "NormalisedKernel", "PairwiseKernels"]
-
-# Rows of a block of messages that is finished while it stays in the L2 cache
-# (4096 pixels x 21 labels x 4 bytes = 344 KB).
-_BLOCK_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -75,7 +70,7 @@ class NormalisedKernel:
             return filtered if add_to is None else add_to + filtered
         vertices = self._splat_and_blur(values.float(), self.splat)
         if add_to is None:
-            return spmm(self.slice, vertices).mul_(weight)
+            return weight * (self.slice @ vertices)
         return torch.addmm(add_to, self.slice, vertices, alpha=weight)
 
     def adjoint(self, values: torch.Tensor) -> torch.Tensor:
@@ -83,13 +78,12 @@ class NormalisedKernel:
         if self._adjoint is None:
             self._adjoint = (self.lattice.splat_matrix(self.out_of_lattice), self.lattice.slice_matrix(self.into_lattice))
         splat, slice_ = self._adjoint
-        return spmm(slice_, self._splat_and_blur(values.float(), splat, reverse=True))
+        return slice_ @ self._splat_and_blur(values.float(), splat, reverse=True)
 
     def _splat_and_blur(self, values: torch.Tensor, splat: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-        vertices = spmm(splat, values)
-        spare = torch.empty_like(vertices)
+        vertices = splat @ values
         for blur in reversed(self.blurs) if reverse else self.blurs:
-            vertices, spare = spmm(blur, vertices, out=spare), vertices
+            vertices = blur @ vertices
         return vertices
 
 
@@ -118,62 +112,25 @@ class KernelSum:
         per_point = [k.slice.values().numel() // num_points for k in kernels]
         cols = torch.cat([(k.slice.col_indices() + start).view(num_points, n) for k, start, n in zip(kernels, starts, per_point)], dim=1)
         values = torch.cat([(w * k.slice.values()).view(num_points, n) for k, w, n in zip(kernels, weights, per_point)], dim=1)
-        # The slice in row blocks (every row has the same number of entries, so a block is a
-        # plain slice of the arrays): a block of messages is finished while it is in cache.
-        self.slice_blocks = []
-        for start in range(0, num_points, _BLOCK_ROWS):
-            block_cols, block_values = cols[start : start + _BLOCK_ROWS], values[start : start + _BLOCK_ROWS]
-            crow = torch.arange(0, block_cols.numel() + 1, cols.shape[1], dtype=cols.dtype, device=cols.device)
-            block = _csr(crow, block_cols.reshape(-1), block_values.reshape(-1), (block_cols.shape[0], sum(sizes)))
-            self.slice_blocks.append((start, start + block_cols.shape[0], block))
+        crow = torch.arange(0, cols.numel() + 1, cols.shape[1], dtype=cols.dtype, device=cols.device)
+        self.slice = _csr(crow, cols.reshape(-1), values.reshape(-1), (num_points, sum(sizes)))
         self.blocks = [(start, start + size, kernel.blurs) for start, size, kernel in zip(starts, sizes, kernels)]
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def __call__(
-        self,
-        values: torch.Tensor,
-        add_to: torch.Tensor,
-        out: torch.Tensor | None = None,
-        then: Callable[[torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        """add_to + sum_m w_m kernel_m(values), for P x C `values`, into `out` when given;
-        `then` is applied in place to each block of rows as soon as it is written (while it is
-        still in cache, instead of one more pass over P x C from memory).
-
-        The vertex values live in two buffers kept from call to call (each blur reads one and
-        writes the other): fresh tensors this size would cost page faults on every product."""
-        shape = (self.splat.shape[0], values.shape[1])
-        if self._buffers is None or self._buffers[0].shape != shape or self._buffers[0].device != values.device:
-            self._buffers = (values.new_empty(shape, dtype=torch.float32), values.new_empty(shape, dtype=torch.float32))
-        vertices, spare = self._buffers
-        spmm(self.splat, values.float(), out=vertices)
+    def __call__(self, values: torch.Tensor, add_to: torch.Tensor) -> torch.Tensor:
+        """add_to + sum_m w_m kernel_m(values), for P x C `values`."""
+        vertices = self.splat @ values.float()
+        blurred = []
         for start, end, blurs in self.blocks:
-            block, other = vertices[start:end], spare[start:end]
+            block = vertices[start:end]
             for blur in blurs:
-                block, other = spmm(blur, block, out=other), block
-            if len(blurs) % 2:  # the result is in the spare buffer
-                vertices[start:end] = block
-        if out is None:
-            out = torch.empty_like(add_to)
-        for start, end, slice_block in self.slice_blocks:
-            rows = torch.addmm(add_to[start:end], slice_block, vertices, out=out[start:end])
-            if then is not None:
-                then(rows)
-        return out
+                block = blur @ block
+            blurred.append(block)
+        return torch.addmm(add_to, self.slice, torch.cat(blurred))
 
 
 def _cumulative_nnz(kernels: list[NormalisedKernel]) -> list[int]:
     counts = [int(kernel.splat.values().numel()) for kernel in kernels]
     return [sum(counts[:i]) for i in range(len(counts))]
-
-
-def spmm(sparse: torch.Tensor, dense: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """sparse @ dense into `out` (a new tensor when None), not differentiable. `sparse @ dense`
-    zero-fills a result and copies it before the product (addmm with beta 1); with beta 0 the
-    sparse kernel writes the result directly, several times faster on large lattices."""
-    if out is None:
-        out = dense.new_empty(sparse.shape[0], dense.shape[1])
-    return torch.addmm(out, sparse, dense, beta=0, out=out)
 
 
 def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -186,7 +143,7 @@ class _ApplyKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: torch.Tensor, kernel: NormalisedKernel) -> torch.Tensor:
         ctx.kernel = kernel
-        return spmm(kernel.slice, kernel._splat_and_blur(values.float(), kernel.splat))
+        return kernel.slice @ kernel._splat_and_blur(values.float(), kernel.splat)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
