@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from seglab.data import FolderDataset, detect_format, open_dataset
-from seglab.data.files import UNDEFINED, LabelDecoder, index_lookup, read_image
+from seglab.data.files import UNDEFINED, LabelDecoder, index_lookup
+from seglab.data.io import decode_rgb
 
 
 def _folder(tmp_path, helpers, rng, count=3, palette=False):
@@ -114,7 +115,7 @@ def test_read_image_turns_grey_and_rgba_into_rgb(tmp_path):
     Image.fromarray(np.full((5, 6), 200, np.uint8), "L").save(tmp_path / "grey.png")
     Image.fromarray(np.full((5, 6, 4), 100, np.uint8), "RGBA").save(tmp_path / "rgba.png")
     for name, value in (("grey.png", 200), ("rgba.png", 100)):
-        image = read_image(tmp_path / name)
+        image = decode_rgb(tmp_path / name)
         assert image.shape == (3, 5, 6) and image.dtype == torch.uint8 and int(image[0, 0, 0]) == value
 
 

@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 
 from seglab.data.base import default_palette
-from seglab.data.files import UNDEFINED, FileDataset, LabelDecoder, list_images
+from seglab.data.files import UNDEFINED, FileDataset, LabelDecoder
+from seglab.data.io import images_in
 
 __all__ = ["ADE20K", "ADE20K_CLASSES", "find_ade_root"]
 
@@ -79,9 +80,9 @@ class ADE20K(FileDataset):
         images, masks = ade / "images" / _SPLIT_FOLDERS[split], ade / "annotations" / _SPLIT_FOLDERS[split]
         if not images.is_dir():
             raise FileNotFoundError(f"ADE20K split folder {images} does not exist")
-        mask_by_stem = {p.stem: p for p in list_images(masks)} if masks.is_dir() else {}
+        mask_by_stem = {p.stem: p for p in images_in(masks)} if masks.is_dir() else {}
         pairs, unpaired = [], []
-        for image in list_images(images):
+        for image in images_in(images):
             if image.stem in mask_by_stem:
                 pairs.append((image, mask_by_stem[image.stem]))
             else:

@@ -17,7 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from seglab.data.files import FileDataset, LabelDecoder, index_lookup, list_images, read_split_list
+from seglab.data.files import FileDataset, LabelDecoder, index_lookup, read_split_list
+from seglab.data.io import images_in
 
 __all__ = ["CamVid", "CAMVID_CLASSES", "CAMVID_PALETTE", "UNLABELLED"]
 
@@ -82,10 +83,10 @@ def _pairs_from_list(root: Path, split_list: Path) -> tuple[list[tuple[Path, Pat
 
 
 def _pairs_from_folders(images: Path, masks: Path) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
-    by_name = {p.name: p for p in list_images(masks)}
-    pairs = [(p, by_name[p.name]) for p in list_images(images) if p.name in by_name]
+    by_name = {p.name: p for p in images_in(masks)}
+    pairs = [(p, by_name[p.name]) for p in images_in(images) if p.name in by_name]
     paired = {image.name for image, _ in pairs}
-    unpaired = [(p, f"has no mask in {masks}") for p in list_images(images) if p.name not in paired]
+    unpaired = [(p, f"has no mask in {masks}") for p in images_in(images) if p.name not in paired]
     unpaired += [(p, f"has no image in {images}") for name, p in by_name.items() if name not in paired]
     return pairs, unpaired
 

