@@ -14,7 +14,6 @@ synthetic shapes and compares the fast path's predictions and mIoU with float32.
 """
 from __future__ import annotations
 
-import copy
 import os
 import platform
 import statistics

@@ -23,7 +23,8 @@ import torch
 from torchvision import tv_tensors
 
 from seglab.data.base import SegmentationDataset, default_palette
-from seglab.data.instance import load_rgb, make_target
+from seglab.data.instance import make_target
+from seglab.data.io import read_image
 
 __all__ = ["CocoInstances", "CocoSemantic", "coco_split_ids", "decode_segmentation"]
 
@@ -91,7 +92,7 @@ class _CocoFile:
         path = self.image_dir / info["file_name"]
         if not path.is_file():
             raise FileNotFoundError(f"image listed in {self.annotation_file.name} not found: {path}")
-        return load_rgb(path)
+        return read_image(path)
 
     def objects(self, image_id: int) -> list[dict]:
         return self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))

@@ -24,7 +24,7 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
 from seglab.data.base import default_palette
-from seglab.data.io import IMAGE_SUFFIXES
+from seglab.data.io import IMAGE_SUFFIXES, read_image
 from seglab.data.synthetic import SyntheticShapes
 
 __all__ = [
@@ -32,22 +32,10 @@ __all__ = [
     "SyntheticInstances",
     "collate_instances",
     "instance_transforms",
-    "load_rgb",
     "make_target",
     "masks_from_instance_map",
     "open_instance_dataset",
 ]
-
-
-
-def load_rgb(path: str | Path) -> torch.Tensor:
-    """An image file as a float 3 x H x W tensor in [0, 1] (grey and RGBA converted to RGB)."""
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    except OSError as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def make_target(masks: torch.Tensor, labels: torch.Tensor, image_id: int) -> dict[str, Any]:
@@ -156,7 +144,7 @@ class InstanceFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
         image_path, mask_path = self.pairs[index]
-        pixels = load_rgb(image_path)
+        pixels = read_image(image_path)
         instances = _read_index_png(mask_path)
         if instances.shape != pixels.shape[-2:]:
             raise ValueError(f"mask {mask_path} is {tuple(instances.shape)} but its image is {tuple(pixels.shape[-2:])}")

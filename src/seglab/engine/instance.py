@@ -29,12 +29,8 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
-from seglab.data.instance import (
-    collate_instances,
-    instance_transforms,
-    load_rgb,
-    open_instance_dataset,
-)
+from seglab.data.instance import collate_instances, instance_transforms, open_instance_dataset
+from seglab.data.io import list_images, read_image
 from seglab.engine.checkpoint import save_checkpoint
 from seglab.engine.config import TrainConfig
 from seglab.engine.fastpath import to_channels_last
@@ -411,7 +407,7 @@ def predict_instance_files(
     written: list[Path] = []
     task = progress.add_task("predicting", total=len(files), info="") if progress is not None else None
     for image_id, path in enumerate(files, start=1):
-        image = load_rgb(path)
+        image = read_image(path)
         prediction = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
         records += coco_results([prediction], [image_id])
         panel = instance_overlay(image, prediction, classes, score_threshold)
@@ -426,15 +422,7 @@ def predict_instance_files(
 
 
 def _image_files(paths: Sequence[str | Path]) -> list[Path]:
-    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-    files: list[Path] = []
-    for entry in map(Path, paths):
-        if entry.is_dir():
-            files += sorted(p for p in entry.iterdir() if p.suffix.lower() in suffixes)
-        elif entry.is_file():
-            files.append(entry)
-        else:
-            raise FileNotFoundError(f"image or folder not found: {entry}")
+    files = list_images(list(paths))
     if not files:
         raise FileNotFoundError(f"no images found in {', '.join(map(str, paths))}")
     return files

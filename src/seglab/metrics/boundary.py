@@ -11,7 +11,7 @@ Image Segmentation Evaluation", CVPR 2021) compares only the pixels near each co
 As in the authors' reference code, the image is padded with background before eroding, so a
 mask touching the image border has a boundary along that border too. Everything here is batched
 on bit-packed masks, never a per-mask loop: torch tensors on any device (below), and on the CPU
-a numpy layout whose words carry margins, run in threads (`_boundary_cpu`).
+a numpy layout whose words carry margins (`_boundary_cpu`).
 
 Trimap IoU (Kohli et al. 2009, used by DeepLab, Chen et al. 2015/2018) is the confusion-matrix
 IoU restricted to a band of `width` pixels around the label boundaries of the ground truth.
