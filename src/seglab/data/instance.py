@@ -24,7 +24,7 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
 from seglab.data.base import default_palette
-from seglab.data.io import IMAGE_SUFFIXES, read_image
+from seglab.data.io import images_in, read_image
 from seglab.data.synthetic import SyntheticShapes
 
 __all__ = [
@@ -122,8 +122,8 @@ class InstanceFolder(torch.utils.data.Dataset):
         for folder in (image_dir, mask_dir):
             if not folder.is_dir():
                 raise FileNotFoundError(f"instance folder data set needs {folder}")
-        masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        masks = {p.stem: p for p in images_in(mask_dir)}
+        images = images_in(image_dir)
         missing = [p.name for p in images if p.stem not in masks]
         if missing:
             raise FileNotFoundError(f"no instance mask in {mask_dir} for image {missing[0]} ({len(missing)} missing)")
