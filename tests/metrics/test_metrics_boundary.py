@@ -161,12 +161,15 @@ def test_trimap_wide_band_is_plain_confusion_matrix():
     [(20, 37, 0.05), (33, 129, 0.02), (64, 64, 0.1), (40, 200, 0.1), (50, 300, 0.06), (100, 100, 0.15)],
 )
 def test_cpu_word_layout_matches_the_torch_path(monkeypatch, height, width, ratio):
-    """The numpy words-with-margins path (radius <= MAX_RADIUS, several chunks in threads) and
-    the torch packed path count the same pixels, with and without ignored pixels; the last case
-    has a radius past MAX_RADIUS, so both calls take the torch path and must agree trivially."""
+    """The numpy word planes (several chunks) and the torch packed path count the same pixels,
+    with and without ignored pixels; the last case has a radius of 21 pixels (carries of more
+    than a word's worth of shifts in the doubling)."""
     from seglab.metrics import _boundary_cpu, boundary
 
     monkeypatch.setattr(_boundary_cpu, "CHUNK_PIXELS", 3 * height * width)  # several chunks
+    numpy_calls = []
+    counting = _boundary_cpu.band_counts
+    monkeypatch.setattr(_boundary_cpu, "band_counts", lambda *a, **k: numpy_calls.append(1) or counting(*a, **k))
     g = torch.Generator().manual_seed(height * width)
     noise = torch.rand(10, 1, height // 4 + 2, width // 4 + 2, generator=g)
     masks = torch.nn.functional.interpolate(noise, size=(height, width), mode="bilinear")[:, 0]
@@ -181,8 +184,9 @@ def test_cpu_word_layout_matches_the_torch_path(monkeypatch, height, width, rati
         return boundary_iou(pred, target, ratio), semantic.intersection.clone(), semantic.union.clone()
 
     fast = counts()
+    assert len(numpy_calls) == 1 + len(labels)  # boundary_iou, then BoundaryIoU.update per image
     monkeypatch.setattr(boundary, "NUMPY_ON_CPU", False)
     slow = counts()
+    assert len(numpy_calls) == 1 + len(labels)
     assert torch.allclose(fast[0], slow[0], equal_nan=True)
     assert torch.equal(fast[1], slow[1]) and torch.equal(fast[2], slow[2])
-    assert (boundary_distance(height, width, ratio) <= _boundary_cpu.MAX_RADIUS) == (height < 100)

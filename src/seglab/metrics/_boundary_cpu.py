@@ -1,14 +1,13 @@
-"""Boundary-band pixel counts on the CPU: bit-packed words with margins, in numpy.
+"""Boundary-band pixel counts on the CPU: bit-packed word planes, in numpy.
 
-Layout. Masks are bit-packed along rows (64 pixels per uint64) into word planes, K x (masks *
-rows), the rows of all masks one after another in each plane. Word k of a row holds pixels
-[u k - r, u k - r + 64), u = 64 - 2r: u pixels of its own and r pixels of each neighbouring word
-on either side. With that margin, eroding a row by radius r is a few shifts and ANDs inside each
-word, with no carries between words; bits that the shifts bring in from outside a word only
-ever reach the margins, and margins are masked off before counting. Eroding columns is ANDs of
-each plane with itself shifted by whole rows; the rows within r of a mask's top or bottom (which
-that reads across into the neighbouring mask) erode to nothing, since outside the image is
-background, and are set so.
+Layout. Masks are bit-packed along rows (64 pixels per uint64, pixel 64 j + i in bit i of word
+j) into word planes, K x (masks * rows): plane j holds word j of every row of every mask, one
+mask's rows after another. Shifting a row by s pixels is then two whole-plane shifts and an OR,
+the second carrying the bits that cross from one word into the next; eroding a row by radius r
+is log2(2r) such shift-and-AND doublings. Eroding columns is ANDs of each plane with itself
+shifted by whole rows; the rows within r of a mask's top or bottom (where that reads across into
+the neighbouring mask) erode to nothing, since outside the image is background, and are set so.
+Band = mask XOR erosion (the erosion lies inside the mask), counted with `bitwise_count`.
 
 Why numpy: its uint64 shifts are vectorised (torch's int64 shifts are not, on the CPU), and
 packbits and bitwise_count are single passes.
@@ -19,28 +18,26 @@ import numpy as np
 import torch
 
 WORD_BITS = 64
-# Past this radius the margins leave under 24 own pixels per word and the plain packed layout
-# of boundary.py is faster.
-MAX_RADIUS = 20
-# Pixels per mask group in a chunk (256 KB packed): the fastest of 2^19 .. 2^22 measured here,
-# big enough to amortise numpy's cost per call, small enough for the words to stay in cache.
+# Pixels per mask group in a chunk (256 KB packed): big enough to amortise numpy's cost per
+# call, small enough for the words to stay in cache.
 CHUNK_PIXELS = 1 << 21
 
 
-def available(radius: int) -> bool:
-    return radius <= MAX_RADIUS and hasattr(np, "bitwise_count")  # bitwise_count: numpy >= 2.0
+def available() -> bool:
+    return hasattr(np, "bitwise_count")  # numpy >= 2.0
 
 
-def _aligned_planes(groups: list[np.ndarray]) -> np.ndarray:
-    """bool arrays n_i x H x W -> uint64 ceil(W/64) x (sum n_i H): plane j holds pixels 64j ..
-    64j + 63 of every row (pixel 64j + i is bit i: little-endian bit and byte order)."""
+def _planes(groups: list[np.ndarray]) -> np.ndarray:
+    """bool arrays n_i x H x W -> uint64 ceil(W/64) x (sum n_i H), zero past the last column."""
     height, width = groups[0].shape[1:]
     per_row = -(-width // WORD_BITS)
     planes = np.empty((per_row, sum(len(g) for g in groups) * height), dtype=np.uint64)
     start = 0
     for masks in groups:
-        packed = np.packbits(masks, axis=-1, bitorder="little")  # pixel 8i + j -> bit j of byte i
-        if packed.shape[-1] != 8 * per_row:
+        if width % WORD_BITS == 0:  # rows end on word boundaries: pack the flat array (faster)
+            packed = np.packbits(masks.reshape(-1), bitorder="little")
+        else:
+            packed = np.packbits(masks, axis=-1, bitorder="little")  # pixel 8i + j -> bit j of byte i
             packed = np.pad(packed, ((0, 0), (0, 0), (0, 8 * per_row - packed.shape[-1])))
         # Transposing the packed words is cheap (packbits on a transposed view is not).
         planes[:, start : start + len(masks) * height] = packed.view(np.uint64).reshape(-1, per_row).T
@@ -48,17 +45,29 @@ def _aligned_planes(groups: list[np.ndarray]) -> np.ndarray:
     return planes
 
 
-def _with_margins(aligned: np.ndarray, radius: int, width: int) -> np.ndarray:
-    """Aligned planes -> planes of words with r-pixel margins, zero outside the image."""
-    own = WORD_BITS - 2 * radius
-    words = np.zeros((-(-width // own), aligned.shape[1]), dtype=np.uint64)
-    for k, word in enumerate(words):
-        j, offset = divmod(own * k - radius, WORD_BITS)  # its first pixel is bit `offset` of word j
-        if j >= 0:
-            np.right_shift(aligned[j], offset, out=word)
-        if offset and j + 1 < len(aligned):
-            word |= aligned[j + 1] << (WORD_BITS - offset)
-    return words
+def _shifted(planes: np.ndarray, shift: int) -> np.ndarray:
+    """Bit p of the result is pixel p + shift of the same row for shift > 0, pixel p - |shift|
+    for shift < 0; background beyond the row's ends."""
+    whole, bits = divmod(abs(shift), WORD_BITS)
+    kept = len(planes) - whole
+    out = np.empty_like(planes)
+    if kept <= 0:
+        out[:] = 0
+        return out
+    # Towards the row's start, plane j reads planes j + whole (and the carry from j + whole + 1).
+    to_start = shift > 0
+    dest, source = (slice(0, kept), slice(whole, None)) if to_start else (slice(whole, None), slice(0, kept))
+    out[slice(kept, None) if to_start else slice(0, whole)] = 0
+    if bits == 0:
+        out[dest] = planes[source]
+        return out
+    (np.right_shift if to_start else np.left_shift)(planes[source], np.uint64(bits), out=out[dest])
+    carry = np.uint64(WORD_BITS - bits)
+    if to_start:
+        out[: kept - 1] |= planes[whole + 1 :] << carry
+    else:
+        out[whole + 1 :] |= planes[: kept - 1] >> carry
+    return out
 
 
 def _window(radius: int) -> tuple[int, int]:
@@ -68,15 +77,18 @@ def _window(radius: int) -> tuple[int, int]:
     return window, 1 << (window.bit_length() - 1)
 
 
-def _erode_rows(words: np.ndarray, radius: int) -> np.ndarray:
+def _erode_rows(planes: np.ndarray, radius: int) -> np.ndarray:
     window, span = _window(radius)
     run = 1
     while run < span:  # bit p becomes the AND of pixels p .. p + 2 run - 1
-        words = words & (words >> run)
-        run *= 2
+        shifted = _shifted(planes, run)
+        shifted &= planes
+        planes, run = shifted, run * 2
     # [p - r, p + r] is the window starting at p - r and the one ending at p + r.
+    eroded = _shifted(planes, -radius)
     second = radius + 1 - span
-    return (words << radius) & (words >> second if second >= 0 else words << -second)
+    eroded &= _shifted(planes, second) if second else planes
+    return eroded
 
 
 def _erode_columns(rows: np.ndarray, radius: int, height: int) -> np.ndarray:
@@ -99,13 +111,11 @@ def _erode_columns(rows: np.ndarray, radius: int, height: int) -> np.ndarray:
 
 def _chunk_counts(pred: np.ndarray, target: np.ndarray, counted: np.ndarray | None, radius: int) -> tuple[np.ndarray, np.ndarray]:
     n, height, width = pred.shape
-    words = _with_margins(_aligned_planes([pred, target]), radius, width)
-    eroded = _erode_columns(_erode_rows(words, radius), radius, height)
-    # The erosion lies inside the mask, so mask minus erosion is an XOR.
-    band = (words ^ eroded).reshape(len(words), 2 * n, height)
-    band &= np.uint64(((1 << (WORD_BITS - 2 * radius)) - 1) << radius)  # margins: neighbours' pixels
+    planes = _planes([pred, target])
+    band = planes ^ _erode_columns(_erode_rows(planes, radius), radius, height)
+    band = band.reshape(len(planes), 2 * n, height)
     if counted is not None:
-        band &= _with_margins(_aligned_planes([counted[None]]), radius, width)[:, None, :]
+        band &= _planes([counted[None]])[:, None, :]
 
     def per_mask(bits: np.ndarray) -> np.ndarray:
         # A row's count is at most 64 K, so uint16 holds it (summing in int64 is 4x slower).

@@ -11,7 +11,7 @@ Image Segmentation Evaluation", CVPR 2021) compares only the pixels near each co
 As in the authors' reference code, the image is padded with background before eroding, so a
 mask touching the image border has a boundary along that border too. Everything here is batched
 on bit-packed masks, never a per-mask loop: torch tensors on any device (below), and on the CPU
-a numpy layout whose words carry margins (`_boundary_cpu`).
+the same words in numpy, whose uint64 shifts are vectorised (`_boundary_cpu`).
 
 Trimap IoU (Kohli et al. 2009, used by DeepLab, Chen et al. 2015/2018) is the confusion-matrix
 IoU restricted to a band of `width` pixels around the label boundaries of the ground truth.
@@ -173,7 +173,7 @@ def _band_counts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """|P_d & G_d| and |P_d | G_d| of each pair of bool masks B x H x W (int64, B each), counting
     only pixels where the H x W mask `counted` is set (every pixel when None)."""
-    if _numpy_ok(pred) and _boundary_cpu.available(radius):
+    if _numpy_ok(pred) and _boundary_cpu.available():
         as_numpy = lambda masks: masks.bool().contiguous().numpy()  # noqa: E731
         return _boundary_cpu.band_counts(
             as_numpy(pred), as_numpy(target), radius, None if counted is None else as_numpy(counted)
