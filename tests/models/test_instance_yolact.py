@@ -130,3 +130,12 @@ def test_bf16_autocast_training_keeps_every_gradient_finite():
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         assert torch.isfinite(norm), f"non-finite gradient at step {step}"
         optimizer.step()
+
+
+def test_protonet_width_sets_its_convolutions_and_keeps_k_prototypes():
+    model = seglab.create_model("yolact", **TINY, proto_width=16)
+    convs = [m for m in model.protonet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 16, 16, 16, TINY["num_prototypes"]]
+    assert convs[0].in_channels == TINY["fpn_channels"]
+    images, targets = _batch()
+    assert all(torch.isfinite(v) for v in model(images, targets).values())

@@ -157,6 +157,7 @@ class Yolact(nn.Module):
         backbone: nn.Module,
         num_classes: int,
         num_prototypes: int = 32,
+        proto_width: int = 256,
         anchor_size: int = 24,
         aspect_ratios: tuple[float, ...] = (1.0, 0.5, 2.0),
         image_mean: list[float] | None = None,
@@ -184,7 +185,7 @@ class Yolact(nn.Module):
         self.detections_per_image = detections_per_image
         self.max_masks_per_image = max_masks_per_image
         channels = backbone.out_channels
-        self.protonet = ProtoNet(channels, num_prototypes)
+        self.protonet = ProtoNet(channels, num_prototypes, proto_width)
         self.head = PredictionHead(channels, num_classes, num_prototypes, len(aspect_ratios))
         mean, std = image_mean or [0.485, 0.456, 0.406], image_std or [0.229, 0.224, 0.225]
         self.register_buffer("image_mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)
@@ -371,6 +372,7 @@ def yolact(
     encoder_weights: str | None = None,
     fpn_channels: int = 256,
     num_prototypes: int = 32,
+    proto_width: int = 256,
     anchor_size: int = 24,
     class_loss: str = "ohem",
     score_threshold: float = 0.05,
@@ -383,6 +385,9 @@ def yolact(
         num_classes: object classes including background (label 0).
         encoder: any seglab encoder name, e.g. "resnet18", "resnet50".
         num_prototypes: k, the number of prototype masks (32 in the paper).
+        proto_width: channels of ProtoNet's 3x3 convolutions (256 in the paper). The last one
+            runs at stride 4, so on a CPU ProtoNet costs more than a ResNet-18 encoder: at 256 x
+            256 it is about 8 GFLOPs per image forward at width 256, a quarter of that at 128.
         anchor_size: anchor side on P3 (24 for the paper's 550-pixel input); doubles per level.
         class_loss: "ohem" (softmax + 3:1 hard negative mining, the paper's) or "focal".
     """
@@ -392,6 +397,7 @@ def yolact(
         backbone,
         num_classes,
         num_prototypes=num_prototypes,
+        proto_width=proto_width,
         anchor_size=anchor_size,
         image_mean=mean,
         image_std=std,
