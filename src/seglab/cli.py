@@ -190,6 +190,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     if config.get("task") == "instance":
         from seglab.engine.instance import eval_instance
 
+        _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "format", "image_size"))
         return eval_instance(model, config, args, console)
     device = resolve_device(args.device)
     # By default, the data set (and options) the model was trained on.
@@ -211,6 +212,13 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         results_to_json(results, args.json, class_names=config["classes"])
         console.print(f"metrics written to {args.json}")
     return 0
+
+
+def _reject_semantic_options(args: argparse.Namespace, checkpoint: str, names: tuple[str, ...]) -> None:
+    """Options that only semantic models use are an error, not silently ignored, for an instance checkpoint."""
+    given = ["--" + name.replace("_", "-") for name in names if getattr(args, name, None)]
+    if given:
+        raise CommandError(f"{', '.join(given)}: for semantic models only; {checkpoint} is an instance model")
 
 
 def _crf_params(args: argparse.Namespace) -> dict[str, float | int] | None:
@@ -241,7 +249,13 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     from seglab.engine.predictor import Predictor
     from seglab.engine.trainer import progress_bar
 
-    if read_checkpoint_config(args.checkpoint).get("task") == "instance":
+    from seglab.files import output_folder
+
+    is_instance = read_checkpoint_config(args.checkpoint).get("task") == "instance"
+    if is_instance:
+        _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "tile", "tta_flips", "tta_scales"))
+    output_folder(args.out)  # before any progress bar, so a bad --out is the only line printed
+    if is_instance:
         from seglab.engine.instance import predict_instance
 
         return predict_instance(args, console)

@@ -7,7 +7,19 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "append_line"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "append_line", "output_folder"]
+
+
+def output_folder(path: str | Path) -> Path:
+    """Create the folder results go to (and its parents); one clear error when it cannot be."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"cannot use {path} as the output folder: it exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot use {path} as the output folder: {error.strerror or error}") from None
+    return path
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

@@ -55,3 +55,6 @@ def test_foreign_files_are_rejected_with_one_sentence(tmp_path: Path) -> None:
     (tmp_path / "broken.safetensors").write_bytes(b"not safetensors at all")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_checkpoint(tmp_path / "broken")
+    (tmp_path / "photo.png").write_bytes(b"an image, not a checkpoint")  # exists: not "does not exist"
+    with pytest.raises(ValueError, match="photo.png is not a seglab checkpoint: give a run directory"):
+        load_checkpoint(tmp_path / "photo.png")

@@ -43,6 +43,19 @@ def test_train_eval_predict_an_instance_model(tmp_path, capsys):
     records = json.loads((out / "results.json").read_text())
     assert all(r["image_id"] == 1 and {"segmentation", "score", "category_id", "bbox"} <= set(r) for r in records)
 
+    # Semantic-only options are refused for an instance model (one error line, exit 2), not ignored;
+    # so is an output folder that is a file.
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run), str(image_file), "--out", str(out), "--crf", "--tile", "32"]) == 2
+    assert main(["eval", "--checkpoint", str(run), "--crf-params", "w1=3"]) == 2
+    assert main(["predict", "--checkpoint", str(run), str(image_file), "--out", str(image_file)]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == [
+        f"seglab: error: --crf, --tile: for semantic models only; {run} is an instance model",
+        f"seglab: error: --crf-params: for semantic models only; {run} is an instance model",
+        f"seglab: error: cannot use {image_file} as the output folder: it exists and is not a folder",
+    ]
+
 
 def test_overlay_colours_each_instance_and_skips_low_scores():
     image = torch.zeros(3, 20, 20)

@@ -42,6 +42,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
             if (path / f"{name}.safetensors").is_file():
                 return path / name
         raise FileNotFoundError(f"no checkpoint (best.safetensors or last.safetensors) in run directory {path}")
+    if path.suffix not in (".safetensors", ".json") and path.is_file():
+        raise ValueError(f"{path} is not a seglab checkpoint: give a run directory, or its .safetensors or .json file")
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
     weights, config = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if not weights.is_file():

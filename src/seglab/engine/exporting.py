@@ -44,7 +44,7 @@ def export_checkpoint(
     if format not in ("onnx", "torchscript"):
         raise ValueError(f"--format must be onnx or torchscript, not {format!r}")
     if config.get("task", "semantic") != "semantic":
-        raise ValueError(f"export handles semantic models; this checkpoint is a {config.get('task')} model")
+        raise ValueError(f"export handles semantic models; this checkpoint's task is {config.get('task')!r}")
     wrapped = NormalizedModel(model.cpu().eval(), config["mean"], config["std"]).eval()
     size = image_size or config.get("image_size") or 256
     in_channels = int(config.get("kwargs", {}).get("in_channels", 3))

@@ -43,7 +43,7 @@ from seglab.engine.trainer import (
     seed_everything,
     unique_run_dir,
 )
-from seglab.files import append_line, atomic_write, atomic_write_text
+from seglab.files import append_line, atomic_write, atomic_write_text, output_folder
 from seglab.metrics import COCOMaskEvaluator, save_coco_results
 from seglab.metrics.coco import coco_results
 from seglab.models import create_model
@@ -399,8 +399,7 @@ def predict_instance_files(
     1, 2, ... in the order of ``images.json``, which maps each id to its file.
     """
     files = _image_files(paths)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out_dir)
     model = model.to(device).eval()
     classes = config["classes"]
     records: list[dict[str, Any]] = []

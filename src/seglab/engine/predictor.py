@@ -34,7 +34,7 @@ from seglab.engine.fastpath import default_precision, optimize_for_inference
 from seglab.engine.precision import resolve_precision
 from seglab.engine.sliding import sliding_window
 from seglab.engine.trainer import resolve_device
-from seglab.files import atomic_write
+from seglab.files import atomic_write, output_folder
 from seglab.viz import overlay, palette_image
 
 __all__ = ["Predictor", "output_stems"]
@@ -107,7 +107,7 @@ class Predictor:
         """Load a checkpoint (run directory, .safetensors or .json); `options` as in the constructor."""
         model, config = load_checkpoint(path)
         if config.get("task", "semantic") != "semantic":
-            raise ValueError(f"checkpoint {path} is a {config.get('task')} model; this predictor is for semantic models")
+            raise ValueError(f"checkpoint {path} is for task {config.get('task')!r}; this predictor is for semantic models")
         return cls(model, config, device, optimize=optimize, **options)
 
     def _as_batch(self, image: ImageLike) -> torch.Tensor:
@@ -204,7 +204,7 @@ class Predictor:
             context = env_rank()
             rank, world_size = context.rank, context.world_size
         jobs = shard(list(zip(files, output_stems(files))), rank, world_size)
-        out_dir = Path(out_dir)
+        out_dir = output_folder(out_dir)
         written: list[Path] = []
         task = progress.add_task("predict", total=len(jobs), info="") if progress is not None else None
         for batch in self._batches(jobs):
