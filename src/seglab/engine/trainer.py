@@ -82,7 +82,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def progress_bar(console: Console, disable: bool = False) -> Progress:
     """The progress bar used everywhere: description, bar, count, extra fields, elapsed, ETA.
 
-    Transient: it disappears when done, so an error message stays the last, single line.
+    Transient: it disappears when done, so an error message stays the last, single line. Off
+    when the console is not a terminal: there rich would draw nothing but leave an empty line.
     """
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -93,7 +94,7 @@ def progress_bar(console: Console, disable: bool = False) -> Progress:
         TextColumn("eta"),
         TimeRemainingColumn(),
         console=console,
-        disable=disable,
+        disable=disable or not console.is_terminal,
         transient=True,
     )
 
