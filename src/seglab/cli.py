@@ -248,7 +248,6 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     from seglab.engine.distributed import env_rank
     from seglab.engine.predictor import Predictor
     from seglab.engine.trainer import progress_bar
-
     from seglab.files import output_folder
 
     is_instance = read_checkpoint_config(args.checkpoint).get("task") == "instance"
