@@ -58,3 +58,11 @@ def test_foreign_files_are_rejected_with_one_sentence(tmp_path: Path) -> None:
     (tmp_path / "photo.png").write_bytes(b"an image, not a checkpoint")  # exists: not "does not exist"
     with pytest.raises(ValueError, match="photo.png is not a seglab checkpoint: give a run directory"):
         load_checkpoint(tmp_path / "photo.png")
+
+
+def test_dots_in_a_checkpoint_name_belong_to_the_name(tmp_path: Path) -> None:
+    weights = save_checkpoint(tmp_path / "model.v2", _model(), {"model": "unet", "kwargs": {"num_classes": 3, "base_channels": 4, "depth": 2}})
+    assert weights == tmp_path / "model.v2.safetensors" and (tmp_path / "model.v2.json").is_file()
+    for given in ("model.v2", "model.v2.safetensors", "model.v2.json"):
+        model, config = load_checkpoint(tmp_path / given)
+        assert config["model"] == "unet" and not model.training

@@ -21,16 +21,28 @@ __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "resolve_c
 CHECKPOINT_FORMAT = "seglab-checkpoint-v1"
 
 
+_SUFFIXES = (".safetensors", ".json")
+
+
+def _stem(path: Path) -> Path:
+    """The checkpoint's name without .safetensors / .json; other dots belong to the name ("model.v2")."""
+    return path.with_suffix("") if path.suffix in _SUFFIXES else path
+
+
+def _file(stem: Path, suffix: str) -> Path:
+    return stem.with_name(stem.name + suffix)
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any]) -> Path:
     """Write `<path>.safetensors` and `<path>.json`. `config` must hold "model" and "kwargs"."""
-    stem = Path(path).with_suffix("")
+    stem = _stem(Path(path))
     if "model" not in config or "kwargs" not in config:
         raise ValueError("checkpoint config needs the model name and its kwargs")
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-    weights = stem.with_suffix(".safetensors")
+    weights = _file(stem, ".safetensors")
     atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT}))
-    atomic_write_json(stem.with_suffix(".json"), {"format": CHECKPOINT_FORMAT, **config})
+    atomic_write_json(_file(stem, ".json"), {"format": CHECKPOINT_FORMAT, **config})
     return weights
 
 
@@ -42,10 +54,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
             if (path / f"{name}.safetensors").is_file():
                 return path / name
         raise FileNotFoundError(f"no checkpoint (best.safetensors or last.safetensors) in run directory {path}")
-    if path.suffix not in (".safetensors", ".json") and path.is_file():
+    if path.suffix not in _SUFFIXES and path.is_file():
         raise ValueError(f"{path} is not a seglab checkpoint: give a run directory, or its .safetensors or .json file")
-    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    weights, config = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    stem = _stem(path)
+    weights, config = _file(stem, ".safetensors"), _file(stem, ".json")
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not config.is_file():
@@ -55,7 +67,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     stem = resolve_checkpoint(path)
-    config_file = stem.with_suffix(".json")
+    config_file = _file(stem, ".json")
     try:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -70,7 +82,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     stem = resolve_checkpoint(path)
     config = read_checkpoint_config(stem)
     model = create_model(config["model"], **config["kwargs"])
-    weights = stem.with_suffix(".safetensors")
+    weights = _file(stem, ".safetensors")
     try:
         state = load_file(str(weights), device=str(map_location))
     except Exception as error:  # safetensors raises its own error types for corrupt files
