@@ -158,12 +158,13 @@ def test_trimap_wide_band_is_plain_confusion_matrix():
 
 @pytest.mark.parametrize(
     "height, width, ratio",
-    [(20, 37, 0.05), (33, 129, 0.02), (64, 64, 0.1), (40, 200, 0.1), (50, 300, 0.06), (100, 100, 0.15)],
+    [(20, 37, 0.05), (33, 129, 0.02), (64, 64, 0.1), (40, 200, 0.1), (50, 300, 0.06), (100, 100, 0.15),
+     (120, 260, 0.25), (150, 400, 0.3)],
 )
 def test_cpu_word_layout_matches_the_torch_path(monkeypatch, height, width, ratio):
     """The numpy word planes (several chunks) and the torch packed path count the same pixels,
-    with and without ignored pixels; the last case has a radius of 21 pixels (carries of more
-    than a word's worth of shifts in the doubling)."""
+    with and without ignored pixels; the last cases have radii of 21, 72 and 128 pixels (shifts
+    of more than a word, and of exactly two words)."""
     from seglab.metrics import _boundary_cpu, boundary
 
     monkeypatch.setattr(_boundary_cpu, "CHUNK_PIXELS", 3 * height * width)  # several chunks

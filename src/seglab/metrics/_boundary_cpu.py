@@ -46,27 +46,23 @@ def _planes(groups: list[np.ndarray]) -> np.ndarray:
 
 
 def _shifted(planes: np.ndarray, shift: int) -> np.ndarray:
-    """Bit p of the result is pixel p + shift of the same row for shift > 0, pixel p - |shift|
-    for shift < 0; background beyond the row's ends."""
+    """Bit p of the result is pixel p + shift of the same row (shift > 0 moves pixels towards the
+    row's start, shift < 0 towards its end); background beyond the row's ends."""
     whole, bits = divmod(abs(shift), WORD_BITS)
-    kept = len(planes) - whole
-    out = np.empty_like(planes)
+    kept = len(planes) - whole  # planes that receive pixels
     if kept <= 0:
-        out[:] = 0
-        return out
-    # Towards the row's start, plane j reads planes j + whole (and the carry from j + whole + 1).
-    to_start = shift > 0
-    dest, source = (slice(0, kept), slice(whole, None)) if to_start else (slice(whole, None), slice(0, kept))
-    out[slice(kept, None) if to_start else slice(0, whole)] = 0
-    if bits == 0:
-        out[dest] = planes[source]
-        return out
-    (np.right_shift if to_start else np.left_shift)(planes[source], np.uint64(bits), out=out[dest])
-    carry = np.uint64(WORD_BITS - bits)
-    if to_start:
-        out[: kept - 1] |= planes[whole + 1 :] << carry
-    else:
-        out[whole + 1 :] |= planes[: kept - 1] >> carry
+        return np.zeros_like(planes)
+    out = np.empty_like(planes)
+    if shift > 0:  # plane j reads plane j + whole, and the bits carried from plane j + whole + 1
+        out[kept:] = 0
+        np.right_shift(planes[whole:], np.uint64(bits), out=out[:kept])
+        if bits:
+            out[: kept - 1] |= planes[whole + 1 :] << np.uint64(WORD_BITS - bits)
+    else:  # plane j reads plane j - whole, and the bits carried from plane j - whole - 1
+        out[:whole] = 0
+        np.left_shift(planes[:kept], np.uint64(bits), out=out[whole:])
+        if bits:
+            out[whole + 1 :] |= planes[: kept - 1] >> np.uint64(WORD_BITS - bits)
     return out
 
 
