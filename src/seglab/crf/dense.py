@@ -150,13 +150,14 @@ class DenseCRF(nn.Module):
             raise ValueError(
                 f"compatibility is {tuple(self.compatibility.shape)} but scores have {scores_nkhw.shape[1]} labels"
             )
-        log_p = _to_rows(log_probabilities(scores_nkhw, scores_are))
+        log_p = log_probabilities(_to_rows(scores_nkhw.float()), scores_are)  # rows first: one copy fewer
         return log_p, image_nchw.to(log_p.device)
 
 
 def log_probabilities(scores: torch.Tensor, scores_are: str = "auto") -> torch.Tensor:
     """log P (the negated unary potential) from probabilities, floored at MIN_PROBABILITY,
-    or from logits (log_softmax). `scores` must already be checked finite (prepare_scores)."""
+    or from logits (log_softmax), labels on dim 1 (N x K x H x W, or P x K rows). `scores`
+    must already be checked finite (prepare_scores)."""
     if scores_are not in ("auto", "probabilities", "logits"):
         raise ValueError(f"scores_are must be 'auto', 'probabilities' or 'logits', got {scores_are!r}")
     scores = scores.float()
@@ -168,7 +169,8 @@ def log_probabilities(scores: torch.Tensor, scores_are: str = "auto") -> torch.T
         return torch.log_softmax(scores, dim=1)
     if not in_unit_range:
         raise ValueError("probabilities must lie in [0, 1]; pass scores_are='logits' for unnormalised scores")
-    return torch.log(scores.clamp_min(MIN_PROBABILITY))
+    floored = scores.clamp_min(MIN_PROBABILITY)
+    return floored.log() if floored.requires_grad else floored.log_()
 
 
 def _sums_to_one(scores: torch.Tensor) -> bool:
