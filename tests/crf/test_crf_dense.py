@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from seglab.crf import DenseCRF
+from seglab.crf import lattice as lattice_module
+from seglab.crf.kernels import _smoothness_kernel
 
 
 def synthetic_scene(h: int, w: int, k: int, seed: int = 0, noise: float = 1.0):
@@ -103,6 +105,19 @@ def test_fast_potts_path_matches_the_general_one():
     strong = DenseCRF(w1=30.0, w2=3.0, iterations=3)(image, scores)  # weights too large for the fused path
     assert bool(torch.isfinite(strong).all())
     torch.testing.assert_close(strong.sum(dim=1), torch.ones(1, 24, 32))
+
+
+def test_splat_blocks_do_not_change_the_result(monkeypatch):
+    image, probabilities, _ = synthetic_scene(40, 48, 4, seed=9)
+    image, scores = torch.from_numpy(image), torch.from_numpy(probabilities)[None]
+    crf = DenseCRF(iterations=4)
+    whole = crf(image, scores)
+    # Blocks of 100 points for both kernels (the smoothness kernel is cached per size: clear it).
+    monkeypatch.setattr(lattice_module, "_points_per_splat_block", lambda num_points, num_vertices: 100)
+    _smoothness_kernel.cache_clear()
+    blocked = crf(image, scores)
+    _smoothness_kernel.cache_clear()
+    torch.testing.assert_close(blocked, whole, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_inputs_raise_clear_errors():

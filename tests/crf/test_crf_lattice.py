@@ -183,6 +183,16 @@ def test_wide_keys_group_points_with_two_sorts(monkeypatch):
     check_against_reference(5)
 
 
+def test_splat_in_blocks_of_points_gives_the_same_filter(monkeypatch):
+    # Large images split the splat by blocks of points (see _points_per_splat_block); here with
+    # blocks of 16 points, including a last, shorter block.
+    monkeypatch.setattr(lattice_module, "_points_per_splat_block", lambda num_points, num_vertices: 16)
+    check_against_reference(5)
+    lattice = PermutohedralLattice(torch.rand(100, 3) * 3)
+    assert lattice.point_blocks == 7
+    test_normalised_kernel_adjoint_is_the_transpose()
+
+
 def check_against_reference(d: int) -> None:
     # Spread-out features (many simplexes, points that round off the plane both ways),
     # clustered ones (many points per simplex) and a grid of zeros and halves (ties between

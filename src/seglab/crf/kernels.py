@@ -81,7 +81,7 @@ class NormalisedKernel:
         return slice_ @ self._splat_and_blur(values.float(), splat, reverse=True)
 
     def _splat_and_blur(self, values: torch.Tensor, splat: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-        vertices = splat @ values
+        vertices = self.lattice.fold(splat @ values)
         for blur in reversed(self.blurs) if reverse else self.blurs:
             vertices = blur @ vertices
         return vertices
@@ -97,8 +97,10 @@ class KernelSum:
     """
 
     def __init__(self, kernels: list[NormalisedKernel], weights: list[float]) -> None:
-        sizes = [kernel.splat.shape[0] for kernel in kernels]
+        splat_rows = [kernel.splat.shape[0] for kernel in kernels]  # blocks x vertices, see PermutohedralLattice.fold
+        sizes = [kernel.lattice.num_vertices for kernel in kernels]
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        splat_starts = [sum(splat_rows[:i]) for i in range(len(splat_rows))]
         num_points = kernels[0].num_points
         splat_crow = torch.cat(
             [kernels[0].splat.crow_indices()[:1]] + [k.splat.crow_indices()[1:] + k_start for k, k_start in zip(kernels, _cumulative_nnz(kernels))]
@@ -107,25 +109,25 @@ class KernelSum:
             splat_crow,
             torch.cat([k.splat.col_indices() for k in kernels]),
             torch.cat([k.splat.values() for k in kernels]),
-            (sum(sizes), num_points),
+            (sum(splat_rows), num_points),
         )
         per_point = [k.slice.values().numel() // num_points for k in kernels]
         cols = torch.cat([(k.slice.col_indices() + start).view(num_points, n) for k, start, n in zip(kernels, starts, per_point)], dim=1)
         values = torch.cat([(w * k.slice.values()).view(num_points, n) for k, w, n in zip(kernels, weights, per_point)], dim=1)
         crow = torch.arange(0, cols.numel() + 1, cols.shape[1], dtype=cols.dtype, device=cols.device)
         self.slice = _csr(crow, cols.reshape(-1), values.reshape(-1), (num_points, sum(sizes)))
-        self.blocks = [(start, start + size, kernel.blurs) for start, size, kernel in zip(starts, sizes, kernels)]
+        self.blocks = [(start, start + rows, kernel) for start, rows, kernel in zip(splat_starts, splat_rows, kernels)]
 
-    def __call__(self, values: torch.Tensor, add_to: torch.Tensor) -> torch.Tensor:
-        """add_to + sum_m w_m kernel_m(values), for P x C `values`."""
+    def __call__(self, values: torch.Tensor, add_to: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """add_to + sum_m w_m kernel_m(values), for P x C `values` (written into `out` if given)."""
         vertices = self.splat @ values.float()
         blurred = []
-        for start, end, blurs in self.blocks:
-            block = vertices[start:end]
-            for blur in blurs:
+        for start, end, kernel in self.blocks:
+            block = kernel.lattice.fold(vertices[start:end])
+            for blur in kernel.blurs:
                 block = blur @ block
             blurred.append(block)
-        return torch.addmm(add_to, self.slice, torch.cat(blurred))
+        return torch.addmm(add_to, self.slice, torch.cat(blurred), out=out)
 
 
 def _cumulative_nnz(kernels: list[NormalisedKernel]) -> list[int]:

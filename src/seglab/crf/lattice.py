@@ -66,7 +66,7 @@ class PermutohedralLattice:
             raise ValueError(
                 f"values to filter must be {self.num_points} x C (one row per lattice point), got shape {tuple(values.shape)}"
             )
-        vertices = self.splat_matrix(self.weights) @ values.float()
+        vertices = self.fold(self.splat_matrix(self.weights) @ values.float())
         for step in self.blur_matrices():
             vertices = step @ vertices
         return self.slice_matrix(self.alpha * self.weights) @ vertices
@@ -80,10 +80,17 @@ class PermutohedralLattice:
         return self.alpha * (self.weights * torch.take(vertices, self.vertices)).sum(dim=1, keepdim=True)  # take: 2x faster than [] here
 
     def splat_matrix(self, point_weights: torch.Tensor) -> torch.Tensor:
-        """M x P sparse matrix: each vertex gathers its points' values times `point_weights`
-        (P x (d+1), one weight per point and vertex of its simplex, as in `vertices`)."""
+        """(point_blocks x M) x P sparse matrix: each vertex gathers its points' values times
+        `point_weights` (P x (d+1), one weight per point and vertex of its simplex, as in
+        `vertices`), one row per vertex and block of points; `fold` sums the blocks."""
         values = torch.index_select(point_weights.reshape(-1), 0, self._splat_pairs)  # 2x faster than []
-        return _csr_from_crow(self._splat_crow, self._splat_cols, values, (self.num_vertices, self.num_points))
+        return _csr_from_crow(self._splat_crow, self._splat_cols, values, (self.point_blocks * self.num_vertices, self.num_points))
+
+    def fold(self, splatted: torch.Tensor) -> torch.Tensor:
+        """(point_blocks x M) x C, a splat matrix's product -> M x C vertex values."""
+        if self.point_blocks == 1:
+            return splatted
+        return splatted.view(self.point_blocks, self.num_vertices, -1).sum(dim=0)
 
     def slice_matrix(self, point_weights: torch.Tensor) -> torch.Tensor:
         """P x M sparse matrix: each point reads its simplex's vertices times `point_weights`."""
@@ -182,15 +189,24 @@ class PermutohedralLattice:
 
         # The splat matrix lists, for each vertex, the (point, vertex-of-simplex) pairs that
         # land on it: a stable sort of the pairs' vertex ids, in the narrowest integer type
-        # that holds them (sorting 16-bit keys is several times faster than 64-bit ones).
+        # that holds them (sorting 16-bit keys is several times faster than 64-bit ones). With
+        # many points and few vertices it is cut into blocks of points, one row per vertex and
+        # block: the product then reads the values block by block, which stay in cache while
+        # their vertices gather them (1.8x faster at 1280 x 960 for the CRF's appearance
+        # kernel), for a small sum of the blocks' vertex rows afterwards.
+        block = _points_per_splat_block(num_points, self.num_vertices)
+        self.point_blocks = -(-num_points // block)
         vertex_of_pair = self.vertices.reshape(-1)
         narrow = torch.int16 if self.num_vertices < 2**15 else torch.int32 if self.num_vertices < 2**31 else torch.int64
-        self._splat_pairs = torch.argsort(vertex_of_pair.to(narrow), stable=True)
+        pair_blocks = vertex_of_pair.to(narrow).split(block * (d + 1))
+        self._splat_pairs = torch.cat(
+            [torch.argsort(pairs, stable=True).add_(b * block * (d + 1)) for b, pairs in enumerate(pair_blocks)]
+        )
         point_of_pair = torch.arange(num_points, dtype=torch.int32 if num_points < 2**31 else torch.long, device=device)
         point_of_pair = point_of_pair[:, None].expand(num_points, d + 1).reshape(-1)
         self._splat_cols = torch.index_select(point_of_pair, 0, self._splat_pairs)  # pair // (d+1), without a division
-        pairs_per_vertex = torch.bincount(vertex_of_pair, minlength=self.num_vertices)
-        self._splat_crow = torch.cat([pairs_per_vertex.new_zeros(1), pairs_per_vertex.cumsum(0)])
+        pairs_per_row = torch.cat([torch.bincount(pairs, minlength=self.num_vertices) for pairs in vertex_of_pair.split(block * (d + 1))])
+        self._splat_crow = torch.cat([pairs_per_row.new_zeros(1), pairs_per_row.cumsum(0)])
 
         # Blur neighbours: a step along lattice direction j adds 1 to every coordinate and
         # subtracts d+1 from coordinate j (direction d moves only the implied one), which is a
@@ -210,6 +226,19 @@ def _blur_triplet(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tenso
     values = torch.tensor([0.5, 1.0, 0.5], device=own.device).expand_as(cols)
     present = cols >= 0
     return own.repeat_interleave(present.sum(dim=1)), cols[present], values[present]
+
+
+# Points per block of the splat matrix, when blocks pay (see `_points_per_splat_block`):
+# 64K rows of 21 labels are 5.5 MB, within a small L3 cache.
+SPLAT_BLOCK = 65536
+
+
+def _points_per_splat_block(num_points: int, num_vertices: int) -> int:
+    """Block the splat when there are several blocks and the blocks' vertex rows (to be
+    summed) stay below a quarter of the points: the CRF's appearance lattice on large images,
+    not its smoothness lattice, whose vertices grow with the pixels."""
+    blocks = -(-num_points // SPLAT_BLOCK)
+    return SPLAT_BLOCK if blocks > 1 and blocks * num_vertices <= num_points // 4 else num_points
 
 
 # Below this many distinct (image, k, permutation) keys, one int64 sort groups the points.
