@@ -116,18 +116,39 @@ class KernelSum:
         values = torch.cat([(w * k.slice.values()).view(num_points, n) for k, w, n in zip(kernels, weights, per_point)], dim=1)
         crow = torch.arange(0, cols.numel() + 1, cols.shape[1], dtype=cols.dtype, device=cols.device)
         self.slice = _csr(crow, cols.reshape(-1), values.reshape(-1), (num_points, sum(sizes)))
-        self.blocks = [(start, start + rows, kernel) for start, rows, kernel in zip(splat_starts, splat_rows, kernels)]
+        self.blocks = [
+            (start, start + rows, vertex_start, kernel) for start, rows, vertex_start, kernel in zip(splat_starts, splat_rows, starts, kernels)
+        ]
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def __call__(self, values: torch.Tensor, add_to: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """add_to + sum_m w_m kernel_m(values), for P x C `values` (written into `out` if given)."""
-        vertices = self.splat @ values.float()
-        blurred = []
-        for start, end, kernel in self.blocks:
+        """add_to + sum_m w_m kernel_m(values), for P x C `values` (written into `out` if given).
+
+        The vertex values go through buffers kept from call to call: `sparse @ dense` would zero
+        a fresh result and copy it (a third of a blur's time), and fresh large tensors cost
+        page faults; `addmm(beta=0, out=...)` writes the product straight into the buffer."""
+        channels = values.shape[1]
+        vertices = _product(self.splat, values.float(), self._buffer("splat", self.splat.shape[0], channels, values))
+        blurred = self._buffer("blurred", self.slice.shape[1], channels, values)
+        for start, end, vertex_start, kernel in self.blocks:
             block = kernel.lattice.fold(vertices[start:end])
-            for blur in kernel.blurs:
-                block = blur @ block
-            blurred.append(block)
-        return torch.addmm(add_to, self.slice, torch.cat(blurred), out=out)
+            ping_pong = [self._buffer(name, block.shape[0], channels, values) for name in (f"{start}a", f"{start}b")]
+            for step, blur in enumerate(kernel.blurs):
+                last = step == len(kernel.blurs) - 1
+                target = blurred[vertex_start : vertex_start + block.shape[0]] if last else ping_pong[step % 2]
+                block = _product(blur, block, target)
+        return torch.addmm(add_to, self.slice, blurred, out=out)
+
+    def _buffer(self, name: str, rows: int, channels: int, like: torch.Tensor) -> torch.Tensor:
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != (rows, channels) or buffer.device != like.device:
+            buffer = self._buffers[name] = torch.empty(rows, channels, dtype=torch.float32, device=like.device)
+        return buffer
+
+
+def _product(matrix: torch.Tensor, dense: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """matrix @ dense written into `out` (beta = 0: whatever `out` held is ignored, NaN included)."""
+    return torch.addmm(out, matrix, dense, beta=0, out=out)
 
 
 def _cumulative_nnz(kernels: list[NormalisedKernel]) -> list[int]:
