@@ -277,11 +277,12 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
 def _export(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
-    from seglab.engine.checkpoint import load_checkpoint
+    from seglab.engine.checkpoint import checkpoint_stem, load_checkpoint
     from seglab.engine.exporting import export_checkpoint
 
     model, config = load_checkpoint(args.checkpoint)
-    out = Path(args.out or Path(args.checkpoint).with_suffix("").name + (".onnx" if args.format == "onnx" else ".pt"))
+    # Default: the run's or checkpoint's name in the current folder ("model.v2" keeps its dot).
+    out = Path(args.out or checkpoint_stem(Path(args.checkpoint)).name + (".onnx" if args.format == "onnx" else ".pt"))
     export_checkpoint(model, config, out, format=args.format, image_size=args.image_size, dynamic=not args.static,
                       legacy_onnx=args.legacy_onnx)
     Console().print(f"exported {config['model']} ({args.format}, input: float image in [0, 1], output: logits) to {out}")

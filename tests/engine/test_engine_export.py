@@ -42,3 +42,16 @@ def test_export_to_a_missing_folder_is_one_line(tiny_run: Path, tmp_path: Path, 
     code = main(["export", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "nowhere" / "m.onnx")])
     assert code == 2
     assert capsys.readouterr().err.strip().startswith("seglab: error: export folder")
+
+
+def test_default_export_name_keeps_the_checkpoints_dots(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A checkpoint named "model.v2" exports as model.v2.pt in the current folder, not model.pt.
+    from seglab.engine.checkpoint import resolve_checkpoint
+
+    stem = resolve_checkpoint(tiny_run)
+    for suffix in (".safetensors", ".json"):
+        (tmp_path / f"model.v2{suffix}").write_bytes(stem.with_name(stem.name + suffix).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--checkpoint", "model.v2", "--format", "torchscript"]) == 0
+    assert (tmp_path / "model.v2.pt").is_file() and not (tmp_path / "model.pt").exists()
+    assert main(["export", "--checkpoint", "model.v2.safetensors", "--format", "torchscript"]) == 0

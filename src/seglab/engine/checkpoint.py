@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from seglab.files import atomic_write, atomic_write_json
 from seglab.models import create_model
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "resolve_checkpoint", "read_checkpoint_config"]
+__all__ = ["CHECKPOINT_FORMAT", "checkpoint_stem", "save_checkpoint", "load_checkpoint", "resolve_checkpoint", "read_checkpoint_config"]
 
 CHECKPOINT_FORMAT = "seglab-checkpoint-v1"
 
@@ -24,7 +24,7 @@ CHECKPOINT_FORMAT = "seglab-checkpoint-v1"
 _SUFFIXES = (".safetensors", ".json")
 
 
-def _stem(path: Path) -> Path:
+def checkpoint_stem(path: Path) -> Path:
     """The checkpoint's name without .safetensors / .json; other dots belong to the name ("model.v2")."""
     return path.with_suffix("") if path.suffix in _SUFFIXES else path
 
@@ -35,7 +35,7 @@ def _file(stem: Path, suffix: str) -> Path:
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any]) -> Path:
     """Write `<path>.safetensors` and `<path>.json`. `config` must hold "model" and "kwargs"."""
-    stem = _stem(Path(path))
+    stem = checkpoint_stem(Path(path))
     if "model" not in config or "kwargs" not in config:
         raise ValueError("checkpoint config needs the model name and its kwargs")
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
@@ -56,7 +56,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(f"no checkpoint (best.safetensors or last.safetensors) in run directory {path}")
     if path.suffix not in _SUFFIXES and path.is_file():
         raise ValueError(f"{path} is not a seglab checkpoint: give a run directory, or its .safetensors or .json file")
-    stem = _stem(path)
+    stem = checkpoint_stem(path)
     weights, config = _file(stem, ".safetensors"), _file(stem, ".json")
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
