@@ -108,8 +108,10 @@ def test_fast_potts_path_matches_the_general_one():
 
 
 def test_splat_blocks_do_not_change_the_result(monkeypatch):
-    image, probabilities, _ = synthetic_scene(40, 48, 4, seed=9)
-    image, scores = torch.from_numpy(image), torch.from_numpy(probabilities)[None]
+    # Two images in one batch: blocks of points straddle the boundary between them.
+    scenes = [synthetic_scene(40, 48, 4, seed=seed) for seed in (9, 10)]
+    image = torch.stack([torch.from_numpy(s[0]).permute(2, 0, 1) for s in scenes])
+    scores = torch.stack([torch.from_numpy(s[1]) for s in scenes])
     crf = DenseCRF(iterations=4)
     whole = crf(image, scores)
     # Blocks of 100 points for both kernels (the smoothness kernel is cached per size: clear it).
