@@ -131,7 +131,10 @@ class MiTStage(nn.Module):
         tokens, height, width = self.embed(x)
         for block in self.blocks:
             tokens = block(tokens, height, width)
-        return self.norm(tokens).transpose(1, 2).reshape(x.shape[0], -1, height, width)
+        # Tokens (N, HW, C) to a channels_last map (N, C, H, W): split HW, then permute, which keeps
+        # the canonical batch stride even for N = 1 (transposing first gave stride C there, and
+        # ops such as bilinear upsampling then fall back to NCHW outputs and layout copies).
+        return self.norm(tokens).reshape(x.shape[0], height, width, -1).permute(0, 3, 1, 2)
 
 
 class MixTransformer(nn.Module):

@@ -1,0 +1,46 @@
+"""SegFormer's all-MLP decoder runs in a re-associated order (upsample the stage maps, then one
+composed 1x1 convolution): it must be the paper's function, forward and backward."""
+from __future__ import annotations
+
+import torch
+
+import seglab
+
+
+def _model_and_features(batch: int, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(0)
+    model = seglab.create_model("segformer", num_classes=5, variant="b0", drop_path_rate=0.0).to(dtype)
+    with torch.no_grad():
+        features = model.encoder(torch.rand(batch, 3, 64, 96, dtype=dtype))
+    return model, [f.detach() for f in features]
+
+
+def test_decoder_equals_the_papers_order_in_eval_and_training():
+    model, features = _model_and_features(batch=2)
+    decoder = model.decoder
+    decoder.eval()
+    torch.testing.assert_close(decoder(features), decoder.forward_plain(features), rtol=1e-5, atol=1e-5)
+
+    # Gradients in float64: training-mode BatchNorm amplifies float32 rounding (0.3% here).
+    model, features = _model_and_features(batch=2, dtype=torch.float64)
+    decoder = model.decoder
+    decoder.train()
+    decoder.dropout.p = 0.0  # the same function: no random channel drops
+    gradients = []
+    for forward in (decoder.forward, decoder.forward_plain):
+        decoder.zero_grad()
+        output = forward(features)
+        (output * torch.linspace(-1, 1, output.numel(), dtype=output.dtype).view_as(output)).sum().backward()
+        gradients.append({name: p.grad.clone() for name, p in decoder.named_parameters()})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[0][name], gradients[1][name], rtol=1e-8, atol=1e-9, msg=name)
+
+
+def test_stage_maps_are_canonical_channels_last_even_for_one_image():
+    # A batch stride other than C*H*W on a one-image map makes torch treat it as NCHW
+    # (upsampling then returns NCHW and every later op copies layouts).
+    _, features = _model_and_features(batch=1)
+    for f in features:
+        n, c, h, w = f.shape
+        assert f.stride() == (c * h * w, 1, w * c, c)
