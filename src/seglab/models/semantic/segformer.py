@@ -28,13 +28,13 @@ class AllMLPDecoder(nn.Module):
 
     Computed in an equivalent, cheaper order: projection, bilinear upsampling and the fusing
     linear layer are all linear, and bilinear weights sum to one, so
-        fuse(concat_i up(P_i x_i + b_i)) = sum_i (F_i P_i) up(x_i) + sum_i F_i b_i
-    with F_i the fuse weights' block for stage i. The forward upsamples the stages' own maps
-    (32/64/160/256 channels for B0 instead of 4 x 256), concatenates those, and applies the
-    composed weights in one 1x1 convolution: for B0 at 512x512 that halves the decoder's
-    multiply-adds (the fusing layer alone was over half the model's) and the memory it moves.
-    The parameters are the paper's (and smp's), so weights load either way; the plain order is
-    kept as `forward_plain` (tested equal).
+        fuse(concat_i up(P_i x_i + b_i)) = sum_i up((F_i P_i) x_i + F_i b_i)
+    with F_i the fuse weights' block for stage i. Each stage's share of the fused map is one
+    1x1 convolution with the composed weights at the stage's own resolution, upsampled and
+    summed: the fusing layer's big convolution over the 4 x `dim` concatenation at stride 4
+    (over half of B0's multiply-adds at 512x512) and the concatenation itself disappear. The
+    parameters are the paper's (and smp's), so weights load either way; the paper's order is
+    kept as `forward_plain` (tested equal, outputs and gradients).
     """
 
     def __init__(self, in_channels: list[int], dim: int, num_classes: int, dropout: float = 0.1) -> None:
@@ -46,15 +46,19 @@ class AllMLPDecoder(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[-2:]
-        upsampled = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                     for f in features]
         fuse_conv, norm, act = self.fuse
         fuse_blocks = fuse_conv.weight.flatten(1).split(fuse_conv.out_channels, dim=1)
-        weight = torch.cat([block @ project.weight.flatten(1) for block, project in zip(fuse_blocks, self.project)], dim=1)
-        bias = sum(block @ project.bias for block, project in zip(fuse_blocks, self.project))
+        fused = None
+        for block, project, f in zip(fuse_blocks, self.project, features):
+            # This stage's share of the fused map: projection and fuse composed, at the stage's
+            # own resolution, then upsampled (linear maps commute with bilinear upsampling).
+            weight = (block @ project.weight.flatten(1))[:, :, None, None]
+            part = F.conv2d(f, weight, block @ project.bias)
+            if part.shape[-2:] != size:
+                part = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
+            fused = part if fused is None else fused.add_(part)
         if fuse_conv.bias is not None:
-            bias = bias + fuse_conv.bias
-        fused = F.conv2d(torch.cat(upsampled, dim=1), weight[:, :, None, None], bias)
+            fused = fused + fuse_conv.bias[:, None, None]
         return self.classifier(self.dropout(act(norm(fused))))
 
     def forward_plain(self, features: list[torch.Tensor]) -> torch.Tensor:
