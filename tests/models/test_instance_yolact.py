@@ -73,7 +73,7 @@ def test_training_returns_finite_losses_and_eval_returns_masks_per_image_size():
     model = seglab.create_model("yolact", **TINY)
     images, targets = _batch()
     losses = model(images, targets)
-    assert set(losses) == {"loss_classifier", "loss_box", "loss_mask"}
+    assert set(losses) == {"loss_classifier", "loss_box", "loss_mask", "loss_semantic"}
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
     model.eval()
     model.score_threshold = 0.0  # random weights: let some detections through
@@ -139,3 +139,36 @@ def test_protonet_width_sets_its_convolutions_and_keeps_k_prototypes():
     assert convs[0].in_channels == TINY["fpn_channels"]
     images, targets = _batch()
     assert all(torch.isfinite(v) for v in model(images, targets).values())
+
+
+def test_semantic_loss_against_a_hand_computed_case():
+    # 2 images, 3 object classes, P3 logits all zero except one pixel: the BCE is log 2 per
+    # element, plus the difference at the one pixel whose logit is +4 where its class is present.
+    model = seglab.create_model("yolact", **TINY)
+    logits = torch.zeros(2, 3, 4, 4)
+    logits[0, 1, 0, 0] = 4.0
+    mask = torch.zeros(1, 32, 32, dtype=torch.bool)
+    mask[0, :8, :8] = True  # the top-left P3 cell (of 4 x 4 over a 32-pixel padded image)
+    targets = [{"labels": torch.tensor([2]), "masks": mask}, {"labels": torch.zeros(0, dtype=torch.long), "masks": mask[:0]}]
+    loss = model.semantic_loss(logits, targets, (32, 32))
+    log2 = torch.log(torch.tensor(2.0))
+    one_pixel = torch.nn.functional.softplus(torch.tensor(-4.0))  # BCE of logit 4 with target 1
+    expected = (2 * 3 * 16 * log2 - log2 + one_pixel) / (16 * 2)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_semantic_head_is_training_only_and_optional_in_checkpoints():
+    torch.manual_seed(0)
+    with_head = seglab.create_model("yolact", **TINY)
+    without = seglab.create_model("yolact", **TINY, semantic_weight=0)
+    assert without.semantic is None
+    images, targets = _batch()
+    assert "loss_semantic" not in without(images, targets)
+    # Either state dict loads into either model (the head only serves training).
+    assert with_head.load_state_dict(without.state_dict()) is not None
+    without.load_state_dict(with_head.state_dict())
+    torch.testing.assert_close(without.head.box.weight, with_head.head.box.weight)
+    with_head.eval(), without.eval()
+    with torch.no_grad():
+        a, b = with_head([images[0]]), without([images[0]])
+    torch.testing.assert_close(a[0]["scores"], b[0]["scores"])

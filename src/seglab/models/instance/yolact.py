@@ -164,6 +164,7 @@ class Yolact(nn.Module):
         image_std: list[float] | None = None,
         class_loss: str = "ohem",
         loss_weights: tuple[float, float, float] = (1.0, 1.5, 6.125),
+        semantic_weight: float = 1.0,
         score_threshold: float = 0.05,
         nms_threshold: float = 0.5,
         nms_top_k: int = 200,
@@ -187,6 +188,11 @@ class Yolact(nn.Module):
         channels = backbone.out_channels
         self.protonet = ProtoNet(channels, num_prototypes, proto_width)
         self.head = PredictionHead(channels, num_classes, num_prototypes, len(aspect_ratios))
+        # The paper's training-only semantic segmentation loss (Sec. 3.3, "+0.4 mAP"): a 1x1 conv
+        # on P3 predicting, per pixel, which classes are present (sigmoid, no background).
+        self.semantic_weight = float(semantic_weight)
+        self.semantic = nn.Conv2d(channels, num_classes - 1, 1) if self.semantic_weight > 0 else None
+        self.register_load_state_dict_post_hook(_semantic_head_is_optional)
         mean, std = image_mean or [0.485, 0.456, 0.406], image_std or [0.229, 0.224, 0.225]
         self.register_buffer("image_mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(std).view(-1, 1, 1), persistent=False)
@@ -239,6 +245,7 @@ class Yolact(nn.Module):
         pyramid = list(self.backbone(batch).values())
         prototypes = self.protonet(pyramid[0])  # N x k x H/4 x W/4
         offsets, logits, coefficients = (torch.cat(parts, 1) for parts in zip(*(self.head(level) for level in pyramid)))
+        semantic = self.semantic(pyramid[0]).float() if self.training and self.semantic is not None else None
         anchors = self.anchors([tuple(p.shape[-2:]) for p in pyramid], tuple(batch.shape[-2:]), batch.device)
         # Losses and decoding in float32 whatever the autocast (as the semantic trainer computes
         # its loss): box coding, OHEM ranking and the per-box mask normalisation are sums and
@@ -246,7 +253,10 @@ class Yolact(nn.Module):
         offsets, logits, coefficients, prototypes = (t.float() for t in (offsets, logits, coefficients, prototypes))
         with torch.autocast(batch.device.type, enabled=False):
             if self.training:
-                return self.loss(offsets, logits, coefficients, prototypes, anchors, targets, tuple(batch.shape[-2:]))
+                losses = self.loss(offsets, logits, coefficients, prototypes, anchors, targets, tuple(batch.shape[-2:]))
+                if semantic is not None:
+                    losses["loss_semantic"] = self.semantic_weight * self.semantic_loss(semantic, targets, tuple(batch.shape[-2:]))
+                return losses
             return self.postprocess(offsets, logits, coefficients, prototypes, anchors, sizes, tuple(batch.shape[-2:]))
 
     # --- training ---
@@ -324,6 +334,20 @@ class Yolact(nn.Module):
         per_instance = crop_masks(bce, boxes).sum((1, 2)) / area
         return per_instance.sum() * (total / len(gt_index))
 
+    def semantic_loss(self, logits: torch.Tensor, targets: list[dict[str, torch.Tensor]], padded_size: tuple[int, int]) -> torch.Tensor:
+        """Per-pixel sigmoid cross-entropy of the P3 class maps against the union of each class's
+        masks (downsampled to P3), summed over classes, averaged over pixels and images."""
+        height, width = logits.shape[-2:]
+        wanted = torch.zeros_like(logits)
+        for i, target in enumerate(targets):
+            if len(target["labels"]) == 0:
+                continue
+            masks = target["masks"].as_subclass(torch.Tensor).float()
+            masks = F.pad(masks, (0, padded_size[1] - masks.shape[-1], 0, padded_size[0] - masks.shape[-2]))
+            small = (F.interpolate(masks[None], size=(height, width), mode="bilinear", align_corners=False)[0] > 0.5).float()
+            wanted[i].index_add_(0, target["labels"] - 1, small).clamp_(max=1.0)  # union of the class's masks
+        return F.binary_cross_entropy_with_logits(logits, wanted, reduction="sum") / (height * width * len(targets))
+
     # --- inference ---
 
     @torch.no_grad()
@@ -375,6 +399,7 @@ def yolact(
     proto_width: int = 256,
     anchor_size: int = 24,
     class_loss: str = "ohem",
+    semantic_weight: float = 1.0,
     score_threshold: float = 0.05,
     nms_threshold: float = 0.5,
     detections_per_image: int = 100,
@@ -390,6 +415,8 @@ def yolact(
             256 it is about 8 GFLOPs per image forward at width 256, a quarter of that at 128.
         anchor_size: anchor side on P3 (24 for the paper's 550-pixel input); doubles per level.
         class_loss: "ohem" (softmax + 3:1 hard negative mining, the paper's) or "focal".
+        semantic_weight: weight of the training-only semantic segmentation loss on P3 (the
+            paper's 1; 0 leaves the layer out).
     """
     backbone = encoder_fpn(encoder, in_channels=in_channels, encoder_weights=encoder_weights, out_channels=fpn_channels, min_stride=8, extra="p6p7")
     mean, std = normalisation(in_channels)
@@ -402,7 +429,15 @@ def yolact(
         image_mean=mean,
         image_std=std,
         class_loss=class_loss,
+        semantic_weight=semantic_weight,
         score_threshold=score_threshold,
         nms_threshold=nms_threshold,
         detections_per_image=detections_per_image,
     )
+
+
+def _semantic_head_is_optional(module: nn.Module, incompatible_keys) -> None:
+    """Checkpoints saved before the semantic head existed (or with it left out) still load: it
+    only serves training, and a resumed run starts it from its initialisation."""
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith("semantic.")]
+    incompatible_keys.unexpected_keys[:] = [k for k in incompatible_keys.unexpected_keys if not k.startswith("semantic.")]
