@@ -33,8 +33,8 @@ class AllMLPDecoder(nn.Module):
     1x1 convolution with the composed weights at the stage's own resolution, upsampled and
     summed: the fusing layer's big convolution over the 4 x `dim` concatenation at stride 4
     (over half of B0's multiply-adds at 512x512) and the concatenation itself disappear. The
-    parameters are the paper's (and smp's), so weights load either way; the paper's order is
-    kept as `forward_plain` (tested equal, outputs and gradients).
+    parameters are the paper's (and smp's), so weights load either way (tests check outputs and
+    gradients against the paper's order).
     """
 
     def __init__(self, in_channels: list[int], dim: int, num_classes: int, dropout: float = 0.1) -> None:
@@ -47,7 +47,7 @@ class AllMLPDecoder(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[-2:]
         fuse_conv, norm, act = self.fuse
-        fuse_blocks = fuse_conv.weight.flatten(1).split(fuse_conv.out_channels, dim=1)
+        fuse_blocks = fuse_conv.weight.flatten(1).split(self.project[0].out_channels, dim=1)  # one block per stage
         fused = None
         for block, project, f in zip(fuse_blocks, self.project, features):
             # This stage's share of the fused map: projection and fuse composed, at the stage's
@@ -60,15 +60,6 @@ class AllMLPDecoder(nn.Module):
         if fuse_conv.bias is not None:
             fused = fused + fuse_conv.bias[:, None, None]
         return self.classifier(self.dropout(act(norm(fused))))
-
-    def forward_plain(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """The decoder in the paper's order (reference for the test of `forward`)."""
-        size = features[0].shape[-2:]
-        maps = [
-            F.interpolate(project(f), size=size, mode="bilinear", align_corners=False)
-            for project, f in zip(self.project, features)
-        ]
-        return self.classifier(self.dropout(self.fuse(torch.cat(maps, dim=1))))
 
 
 class SegFormer(nn.Module):
