@@ -29,6 +29,19 @@ def test_an_option_the_builder_does_not_take_is_a_clear_error():
         seglab.create_model("segnet", num_classes=2, encoder="resnet18")
 
 
+def test_an_option_of_the_wrong_type_is_a_clear_error():
+    # Scalar options are checked against the builder's type hints before any layer is built.
+    with pytest.raises(ValueError, match="'yolact' option proto_width must be int, got 'abc'"):
+        seglab.create_model("yolact", num_classes=3, proto_width="abc")
+    with pytest.raises(ValueError, match="option output_stride must be int, got '8'"):
+        seglab.create_model("deeplabv3plus", num_classes=3, encoder="resnet18", output_stride="8")
+    with pytest.raises(ValueError, match="option detections_per_image must be int, got 2.5"):
+        seglab.create_model("yolact", num_classes=3, detections_per_image=2.5)
+    # An int is a float; None where the hint allows it; lists for tuple options are not checked.
+    seglab.create_model("yolact", num_classes=3, encoder="resnet10t", fpn_channels=16, semantic_weight=2, encoder_weights=None)
+    seglab.create_model("unet", num_classes=3, encoder="resnet18", decoder_channels=[64, 32, 16, 8, 4])
+
+
 def test_names_are_registered_once():
     with pytest.raises(ValueError, match="registered twice"):
         register_model("unet")(lambda **kwargs: torch.nn.Identity())

@@ -6,6 +6,8 @@ keyword arguments it was built with, so `create_model(name, **kwargs)` rebuilds 
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from dataclasses import dataclass
 from typing import Callable
 
@@ -67,7 +69,30 @@ def create_model(name: str, **kwargs) -> nn.Module:
         unknown = sorted(set(kwargs) - set(parameters))
         if unknown:
             raise ValueError(f"model {entry.name!r} does not take the option(s) {', '.join(unknown)}")
+    _check_option_types(entry, kwargs)
     return entry.builder(**kwargs)
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _check_option_types(entry: ModelEntry, kwargs: dict) -> None:
+    """A value of the wrong scalar type ("proto_width=abc") is one clear error here, not a
+    TypeError deep inside a layer. Only int / float / str / bool hints (or their unions with
+    None) are checked; an int passes for a float."""
+    try:
+        hints = typing.get_type_hints(entry.builder)
+    except Exception:  # unresolvable annotations: nothing to check against
+        return
+    for key, value in kwargs.items():
+        hint = hints.get(key)
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+        if not allowed or not all(t in _SCALARS or t is type(None) for t in allowed):
+            continue
+        accepted = set(allowed) | ({int} if float in allowed else set())
+        if type(value) not in accepted and not (value is None and type(None) in allowed):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"model {entry.name!r} option {key} must be {names}, got {value!r}")
 
 
 def list_models(task: str | None = None) -> list[str]:

@@ -174,6 +174,8 @@ class Yolact(nn.Module):
         super().__init__()
         if class_loss not in ("ohem", "focal"):
             raise ValueError(f"class_loss must be 'ohem' or 'focal', not {class_loss!r}")
+        if not semantic_weight >= 0:
+            raise ValueError(f"semantic_weight must be >= 0 (0 leaves the semantic loss out), not {semantic_weight!r}")
         self.backbone = backbone
         self.num_classes = num_classes
         self.anchor_size = anchor_size
