@@ -82,7 +82,7 @@ def _check_option_types(entry: ModelEntry, kwargs: dict) -> None:
     None) are checked; an int passes for a float."""
     try:
         hints = typing.get_type_hints(entry.builder)
-    except Exception:  # unresolvable annotations: nothing to check against
+    except (NameError, TypeError):  # unresolvable annotations: nothing to check against
         return
     for key, value in kwargs.items():
         hint = hints.get(key)
