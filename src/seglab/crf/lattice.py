@@ -178,8 +178,7 @@ class PermutohedralLattice:
         vertex_codes_in_r = corner[:, None] + remainders * strides.sum() - (d + 1) * jumps.cumsum(dim=1)[:, : d + 1]
         slot_codes = vertex_codes_in_r.gather(1, torch.remainder(d - remainders - s, d + 1))
         sorted_codes, slot_order = torch.sort(slot_codes.reshape(-1))
-        starts_vertex = torch.ones_like(sorted_codes, dtype=torch.bool)
-        starts_vertex[1:] = sorted_codes[1:] != sorted_codes[:-1]
+        starts_vertex = _run_starts(sorted_codes)
         vertex_in_order = starts_vertex.cumsum(0) - 1
         vertex_codes = sorted_codes[starts_vertex]
         self.num_vertices = int(vertex_codes.shape[0])
@@ -205,7 +204,7 @@ class PermutohedralLattice:
         point_of_pair = torch.arange(num_points, dtype=torch.int32 if num_points < 2**31 else torch.long, device=device)
         point_of_pair = point_of_pair[:, None].expand(num_points, d + 1).reshape(-1)
         self._splat_cols = torch.index_select(point_of_pair, 0, self._splat_pairs)  # pair // (d+1), without a division
-        pairs_per_row = torch.cat([torch.bincount(pairs, minlength=self.num_vertices) for pairs in vertex_of_pair.split(block * (d + 1))])
+        pairs_per_row = torch.cat([torch.bincount(pairs, minlength=self.num_vertices) for pairs in pair_blocks])
         self._splat_crow = torch.cat([pairs_per_row.new_zeros(1), pairs_per_row.cumsum(0)])
 
         # Blur neighbours: a step along lattice direction j adds 1 to every coordinate and
@@ -257,17 +256,18 @@ def _group_by_simplex(batch_index: torch.Tensor, digits: torch.Tensor, coordinat
     if (int(corner.max()) + 1) * n**n < SINGLE_KEY_LIMIT:
         key = (corner * n**n).add_(permutation)
         point_order = torch.argsort(key)
-        sorted_key = key[point_order]
-        starts = torch.ones_like(sorted_key, dtype=torch.bool)
-        starts[1:] = sorted_key[1:] != sorted_key[:-1]
-        return point_order, starts
+        return point_order, _run_starts(key[point_order])
     # Too wide for one key: a lexicographic order from two stable sorts.
     by_permutation = torch.argsort(permutation, stable=True)
     point_order = by_permutation[torch.argsort(corner[by_permutation], stable=True)]
-    sorted_corner, sorted_permutation = corner[point_order], permutation[point_order]
-    starts = torch.ones_like(sorted_corner, dtype=torch.bool)
-    starts[1:] = (sorted_corner[1:] != sorted_corner[:-1]) | (sorted_permutation[1:] != sorted_permutation[:-1])
-    return point_order, starts
+    return point_order, _run_starts(corner[point_order]) | _run_starts(permutation[point_order])
+
+
+def _run_starts(sorted_values: torch.Tensor) -> torch.Tensor:
+    """True where a run of equal values begins in a sorted 1-D tensor (always at index 0)."""
+    starts = torch.ones_like(sorted_values, dtype=torch.bool)
+    starts[1:] = sorted_values[1:] != sorted_values[:-1]
+    return starts
 
 
 def _pack(batch_index: torch.Tensor, coordinates: torch.Tensor, margin: int) -> tuple[torch.Tensor, torch.Tensor]:
