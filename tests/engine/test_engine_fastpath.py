@@ -242,8 +242,11 @@ def test_to_channels_last_leaves_non_image_tensors_alone():
 
 
 @pytest.mark.parametrize("dilation, bias, channels_last", [(6, True, False), (12, False, True), (30, True, True)])
-def test_large_dilation_as_one_gemm_equals_the_convolution(dilation, bias, channels_last):
-    """Taps partly outside the 20x24 map (12) and entirely outside it (30, skipped) included."""
+def test_large_dilation_as_per_tap_gemms_equals_the_convolution(dilation, bias, channels_last):
+    """Taps partly outside the 20x24 map (12) and entirely outside it (30, skipped) included;
+    each tap multiplies only the pixels whose product lands inside the map."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from seglab.engine.fastpath import DilatedConvAsGemm
 
     torch.manual_seed(0)
@@ -251,8 +254,13 @@ def test_large_dilation_as_one_gemm_equals_the_convolution(dilation, bias, chann
     x = torch.randn(2, 16, 20, 24)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        ours = DilatedConvAsGemm(conv)(x)
     with torch.no_grad():
-        torch.testing.assert_close(DilatedConvAsGemm(conv)(x), conv(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours, conv(x), atol=1e-5, rtol=1e-5)
+    rows = sum(max(0, 20 - abs(d)) for d in (-dilation, 0, dilation))
+    columns = sum(max(0, 24 - abs(d)) for d in (-dilation, 0, dilation))
+    assert flops.get_total_flops() == 2 * 16 * 8 * 2 * rows * columns
 
 
 def test_dilated_rewrite_takes_only_same_padded_stride_1_convs_and_keeps_deeplab_outputs():
@@ -270,3 +278,20 @@ def test_dilated_rewrite_takes_only_same_padded_stride_1_convs_and_keeps_deeplab
         reference = model(x)
         assert rewrite_dilated_convs(model) == 3  # the ASPP's three atrous branches (12, 24, 36)
         torch.testing.assert_close(model(x), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_unet_folds_the_batchnorm_after_its_low_resolution_convolutions():
+    from seglab.ops.nearest_conv import NearestUpsampleConv
+
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=3, encoder="resnet18", decoder_channels=[32, 16, 16, 8, 8]).eval()
+    _randomise_batchnorm(model)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = model(x)
+    before = _batchnorms(model)
+    assert fold_conv_bn(model) == before
+    fuse_conv_relu(model)  # leaves NearestUpsampleConv (two convolutions and a sum) and its ReLU alone
+    assert sum(isinstance(m, NearestUpsampleConv) for m in model.modules()) == 5
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)

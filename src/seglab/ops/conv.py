@@ -19,7 +19,8 @@ def norm_layer(kind: str | None, channels: int) -> nn.Module:
 
 
 class ConvNormAct(nn.Sequential):
-    """Conv2d -> normalisation -> activation; the bias is dropped when a norm follows."""
+    """Conv2d -> normalisation -> activation; the bias is dropped when a norm follows.
+    `conv` is the convolution's class (an nn.Conv2d subclass taking the same arguments)."""
 
     def __init__(
         self,
@@ -32,12 +33,13 @@ class ConvNormAct(nn.Sequential):
         groups: int = 1,
         norm: str | None = "batch",
         act: type[nn.Module] | None = nn.ReLU,
+        conv: type[nn.Conv2d] = nn.Conv2d,
     ) -> None:
         if padding is None:
             padding = dilation * (kernel_size - 1) // 2
         has_norm = norm not in (None, "none")
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=not has_norm),
+            conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=not has_norm),
             norm_layer(norm, out_channels),
             act(inplace=True) if act is not None else nn.Identity(),
         )

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seglab.ops.nearest_conv import NearestUpsampleConv
+
 __all__ = ["UPSAMPLE_KINDS", "Upsample", "make_upsample", "bilinear_kernel"]
 
 UPSAMPLE_KINDS = (
@@ -130,10 +132,11 @@ class TransposedConv(Upsample):
 class ResizeConv(Upsample):
     def __init__(self, in_channels: int, out_channels: int, scale: int) -> None:
         super().__init__(in_channels, out_channels, scale)
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        # At scale 2 the convolution reads x at its own resolution (same function, fewer FLOPs).
+        self.conv = NearestUpsampleConv(in_channels, out_channels, 3, padding=1)
 
     def _upsample(self, x, size, indices):
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+        return self.conv(x, size=size)
 
 
 class MaxUnpool(Upsample):

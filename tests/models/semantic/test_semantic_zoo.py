@@ -72,3 +72,41 @@ def test_unet_image2image_regression_head():
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 5, 32, 32)
     with pytest.raises(ValueError, match="task"):
         seglab.create_model("unet", num_classes=2, task="depth")
+
+
+def test_encoder_unet_first_decoder_convs_read_the_low_resolution_map():
+    """The nearest decoder's first convolutions skip the upsampled map (seglab.ops.nearest_conv);
+    the network is the one of the figure: upsample, concatenate, convolve."""
+    import torch.nn.functional as F
+
+    from seglab.ops.nearest_conv import NearestUpsampleConv
+
+    torch.manual_seed(0)
+    model = build_tiny("unet_resnet").double().train()
+    assert all(isinstance(block.conv[0][0], NearestUpsampleConv) for block in model.blocks)
+    images = torch.rand(2, 3, 37, 50, dtype=torch.float64)
+
+    def plain_forward(x):
+        from seglab.ops.padding import crop_to, pad_to_multiple
+
+        size = x.shape[-2:]
+        features = model.encoder(pad_to_multiple(x, model.multiple))
+        skips = list(reversed(features[:-1]))
+        y = features[-1]
+        for i, block in enumerate(model.blocks):
+            (conv, norm, act), second = block.conv
+            up = F.interpolate(y, scale_factor=2, mode="nearest")
+            joined = torch.cat([up, skips[i]], 1) if i < len(skips) else up
+            y = second(act(norm(F.conv2d(joined, conv.weight, conv.bias, padding=1))))
+        return crop_to(model.head(y), size)
+
+    torch.manual_seed(1)
+    ours = model(images)
+    torch.manual_seed(1)
+    expected = plain_forward(images)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-10)
+    upstream = torch.randn_like(expected)
+    grads = torch.autograd.grad((ours * upstream).sum(), list(model.parameters()))
+    reference = torch.autograd.grad((expected * upstream).sum(), list(model.parameters()))
+    for a, b in zip(grads, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)

@@ -26,16 +26,20 @@ import torch.nn.functional as F
 from seglab.encoders import create_encoder
 from seglab.models.registry import register_model
 from seglab.ops.conv import ConvNormAct
+from seglab.ops.nearest_conv import NearestUpsampleConv
 from seglab.ops.padding import crop_to, pad_to_multiple
 from seglab.ops.upsample import make_upsample
 
 
 class DoubleConv(nn.Sequential):
-    """(3x3 conv -> norm -> ReLU) twice: one box of the figure."""
+    """(3x3 conv -> norm -> ReLU) twice: one box of the figure. `first_conv`: the class of the
+    first convolution."""
 
-    def __init__(self, in_channels: int, out_channels: int, padding: int, norm: str | None) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, padding: int, norm: str | None, first_conv: type[nn.Conv2d] = nn.Conv2d
+    ) -> None:
         super().__init__(
-            ConvNormAct(in_channels, out_channels, 3, padding=padding, norm=norm),
+            ConvNormAct(in_channels, out_channels, 3, padding=padding, norm=norm, conv=first_conv),
             ConvNormAct(out_channels, out_channels, 3, padding=padding, norm=norm),
         )
 
@@ -162,14 +166,24 @@ def _valid_output_size(size: int, depth: int) -> int | None:
 
 
 class DecoderBlock(nn.Module):
-    """Upsample to the skip's size, concatenate the skip (if any), two 3x3 conv blocks."""
+    """Upsample to the skip's size, concatenate the skip (if any), two 3x3 conv blocks.
+
+    With nearest upsampling the first convolution reads x at its own resolution
+    (`seglab.ops.nearest_conv`: the same function and parameters, 2.25x fewer multiply-adds
+    for x's share, no upsampled map).
+    """
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, upsample: str, norm: str | None) -> None:
         super().__init__()
         self.up = make_upsample(upsample, in_channels, in_channels, 2)
-        self.conv = DoubleConv(in_channels + skip_channels, out_channels, 1, norm)
+        self.reads_low_resolution = upsample == "nearest"
+        first_conv = NearestUpsampleConv if self.reads_low_resolution else nn.Conv2d
+        self.conv = DoubleConv(in_channels + skip_channels, out_channels, 1, norm, first_conv)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        if self.reads_low_resolution:
+            (conv, norm, act), second = self.conv
+            return second(act(norm(conv(x, skip))))
         if skip is None:
             return self.conv(self.up(x))
         return self.conv(torch.cat([self.up(x, size=skip.shape[-2:]), skip], dim=1))
