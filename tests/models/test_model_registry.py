@@ -42,6 +42,19 @@ def test_an_option_of_the_wrong_type_is_a_clear_error():
     seglab.create_model("unet", num_classes=3, encoder="resnet18", decoder_channels=[64, 32, 16, 8, 4])
 
 
+def test_integer_sizes_below_one_are_a_clear_error():
+    # Before the check: "negative dimension" or "weight of size [0, ...]" RuntimeErrors from a layer.
+    with pytest.raises(ValueError, match="'yolact' option proto_width must be at least 1, got -1"):
+        seglab.create_model("yolact", num_classes=3, proto_width=-1)
+    with pytest.raises(ValueError, match="option num_prototypes must be at least 1, got 0"):
+        seglab.create_model("yolact", num_classes=3, num_prototypes=0)
+    with pytest.raises(ValueError, match="'unet' option num_classes must be at least 1, got 0"):
+        seglab.create_model("unet", num_classes=0)
+    with pytest.raises(ValueError, match="option min_size must be at least 0, got -1"):
+        seglab.create_model("mask_rcnn", num_classes=3, min_size=-1)
+    seglab.create_model("mask_rcnn", num_classes=3, encoder="resnet10t", fpn_channels=16, min_size=0)  # 0: no resizing
+
+
 def test_names_are_registered_once():
     with pytest.raises(ValueError, match="registered twice"):
         register_model("unet")(lambda **kwargs: torch.nn.Identity())

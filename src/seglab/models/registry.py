@@ -29,6 +29,7 @@ class ModelEntry:
     builder: Callable[..., nn.Module]
     task: str  # "semantic", "instance" or "image2image"
     paper: str
+    zero_allowed: tuple[str, ...] = ()  # integer options for which 0 means something (else >= 1)
 
     @property
     def summary(self) -> str:
@@ -39,14 +40,16 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, *, task: str = "semantic", paper: str = "") -> Callable:
-    """Decorator registering `builder` under `name` (lower case, unique)."""
+def register_model(name: str, *, task: str = "semantic", paper: str = "", zero_allowed: tuple[str, ...] = ()) -> Callable:
+    """Decorator registering `builder` under `name` (lower case, unique). Integer options are
+    sizes and counts, checked to be >= 1 by `create_model`, except those in `zero_allowed`
+    (>= 0, e.g. Mask R-CNN's min_size=0: no resizing)."""
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         key = name.lower()
         if key in _REGISTRY:
             raise ValueError(f"model name {name!r} is registered twice")
-        _REGISTRY[key] = ModelEntry(key, builder, task, paper)
+        _REGISTRY[key] = ModelEntry(key, builder, task, paper, tuple(zero_allowed))
         return builder
 
     return decorator
@@ -77,9 +80,10 @@ _SCALARS = (bool, int, float, str)
 
 
 def _check_option_types(entry: ModelEntry, kwargs: dict) -> None:
-    """A value of the wrong scalar type ("proto_width=abc") is one clear error here, not a
-    TypeError deep inside a layer. Only int / float / str / bool hints (or their unions with
-    None) are checked; an int passes for a float."""
+    """A value of the wrong scalar type ("proto_width=abc") or an integer size below 1
+    ("proto_width=-1") is one clear error here, not a RuntimeError deep inside a layer. Only
+    int / float / str / bool hints (or their unions with None) are checked; an int passes for
+    a float."""
     try:
         hints = typing.get_type_hints(entry.builder)
     except (NameError, TypeError):  # unresolvable annotations: nothing to check against
@@ -93,6 +97,10 @@ def _check_option_types(entry: ModelEntry, kwargs: dict) -> None:
         if type(value) not in accepted and not (value is None and type(None) in allowed):
             names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
             raise ValueError(f"model {entry.name!r} option {key} must be {names}, got {value!r}")
+        if int in allowed and type(value) is int:
+            least = 0 if key in entry.zero_allowed else 1
+            if value < least:
+                raise ValueError(f"model {entry.name!r} option {key} must be at least {least}, got {value}")
 
 
 def list_models(task: str | None = None) -> list[str]:

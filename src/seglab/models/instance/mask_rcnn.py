@@ -98,7 +98,7 @@ def _two_stage_options(
     )
 
 
-@register_model("mask_rcnn", task="instance", paper="He et al. 2017, Mask R-CNN (ICCV)")
+@register_model("mask_rcnn", task="instance", paper="He et al. 2017, Mask R-CNN (ICCV)", zero_allowed=("min_size",))
 def mask_rcnn(
     *,
     num_classes: int = 6,
@@ -145,7 +145,7 @@ def mask_rcnn(
     return _finish(model, min_size, in_channels)
 
 
-@register_model("keypoint_rcnn", task="keypoint", paper="He et al. 2017, Mask R-CNN (ICCV), section 5")
+@register_model("keypoint_rcnn", task="keypoint", paper="He et al. 2017, Mask R-CNN (ICCV), section 5", zero_allowed=("min_size",))
 def keypoint_rcnn(
     *,
     num_classes: int = 2,
