@@ -33,7 +33,7 @@ from seglab.engine.fastpath import (
     optimizer_options,
     to_channels_last,
 )
-from seglab.engine.precision import cpu_supports_bf16, resolve_precision
+from seglab.engine.precision import cpu_supports_bf16
 from seglab.models.registry import create_model
 
 __all__ = ["ARCHITECTURES", "Architecture", "BenchSettings", "run_bench", "to_markdown", "machine_description"]
@@ -345,8 +345,7 @@ def _training_candidates(arch: Architecture, settings: BenchSettings, device: to
     candidates = [
         _Candidate("seglab", "eager fp32", flops, "32", trainer(build_seglab, channels_last=False, precision="32", fused=False)),
         _Candidate("seglab", f"fast ({precision})", flops, precision,
-                   trainer(build_seglab, channels_last=resolve_precision(precision, device).trains_channels_last,
-                           precision=precision, fused=True)),
+                   trainer(build_seglab, channels_last=True, precision=precision, fused=True)),
     ]
     if peer_flops is not None:
         candidates.append(_Candidate(arch.peer, "eager fp32", peer_flops, "32",

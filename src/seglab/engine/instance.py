@@ -128,10 +128,8 @@ class InstanceTrainer:
         if config.encoder:
             self.model_kwargs["encoder"] = config.encoder
         self.precision = resolve_precision(config.precision, self.device)
-        self.model = create_model(config.model, **self.model_kwargs).to(self.device)
-        if self.precision.trains_channels_last:
-            # oneDNN's (bf16) / cuDNN's native layout, kept through the backbone and heads
-            self.model = to_channels_last(self.model)
+        # channels_last: oneDNN's / cuDNN's native layout, kept through the backbone and heads
+        self.model = to_channels_last(create_model(config.model, **self.model_kwargs).to(self.device))
         generator = torch.Generator().manual_seed(config.seed)
         self.train_loader = DataLoader(
             self.train_set, batch_size=config.batch_size, shuffle=True, drop_last=len(self.train_set) > config.batch_size,

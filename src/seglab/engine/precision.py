@@ -40,15 +40,6 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    @property
-    def trains_channels_last(self) -> bool:
-        """Whether training runs in channels_last (NHWC): on CUDA and with bf16 autocast on the
-        CPU, where oneDNN's reduced-precision kernels want it. In float32 on the CPU, oneDNN's
-        NHWC backward passes measured slower on an AVX2 processor (512x512, batch 4, fp32
-        training steps, NHWC against NCHW: FPN-R34 +17%, UNet-R34 +8%, SegFormer-B0 +3% time),
-        so training keeps NCHW there. Inference (`optimize_for_inference`) is not affected."""
-        return not (self.device_type == "cpu" and self.dtype is None)
-
 
 def auto_precision(device: torch.device) -> str:
     """bf16 where the device computes it natively (AVX-512 BF16 / AMX CPUs, CUDA with bf16

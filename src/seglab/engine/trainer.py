@@ -173,9 +173,7 @@ class Trainer:
         model = create_model(config.model, **self.model_kwargs)
         if config.sync_bn and self.dist.enabled:
             model = convert_sync_batchnorm(model, self.device.type)
-        self.model = model.to(self.device)
-        if self.precision.trains_channels_last:
-            self.model = to_channels_last(self.model)  # oneDNN's / cuDNN's native layout for bf16 / CUDA
+        self.model = to_channels_last(model.to(self.device))  # oneDNN's / cuDNN's native layout
         # DDP averages gradients over processes; evaluation and checkpoints use the bare model.
         self.train_model: nn.Module = DistributedDataParallel(self.model) if self.dist.enabled else self.model
         self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
