@@ -295,3 +295,31 @@ def test_encoder_unet_folds_the_batchnorm_after_its_low_resolution_convolutions(
     assert sum(isinstance(m, NearestUpsampleConv) for m in model.modules()) == 5
     with torch.inference_mode():
         torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_fuse_conv_relu_also_fuses_gelu(approximate):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.GELU(approximate=approximate), nn.Conv2d(6, 3, 1)).eval()
+    x = torch.randn(2, 4, 9, 11).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+    assert fuse_conv_relu(model) == 1
+    assert isinstance(model[1], nn.Identity)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_segformer_fast_path_fuses_the_mix_ffn_gelu_and_keeps_outputs():
+    torch.manual_seed(0)
+    model = create_model("segformer", num_classes=4, variant="b0").eval()
+    _randomise_batchnorm(model)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = model(x)
+    fast = optimize_for_inference(model, "32")
+    from seglab.engine.fastpath import ConvReLU
+
+    fused = [m for m in fast.modules() if isinstance(m, ConvReLU) and isinstance(m.activation, nn.GELU)]
+    assert len(fused) == 8  # the depthwise conv + GELU of every Mix-FFN (2 blocks x 4 stages)
+    torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-4)

@@ -7,8 +7,8 @@ Each step is independent, so the benchmark can measure each on its own:
   activations fewer). Which BatchNorm follows which convolution is *observed* on one forward
   pass, not guessed from module names: a pair is merged only when the BatchNorm's input is the
   convolution's output and nothing else reads that tensor.
-- `fuse_conv_relu` (CPU inference): a convolution and the ReLU that follows it run as one
-  oneDNN kernel with the ReLU as a post-op; the pairs are found the same way.
+- `fuse_conv_relu` (CPU inference): a convolution and the ReLU (or GELU) that follows it run as one
+  oneDNN kernel with the activation as a post-op; the pairs are found the same way.
 - `to_channels_last`: oneDNN's convolutions run natively on NHWC; NCHW costs reorders.
 - bfloat16 (`optimize_for_inference(..., precision="bf16")`): weights and activations in
   bfloat16, which AVX-512 BF16 / AMX processors and recent GPUs multiply several times faster
@@ -234,21 +234,28 @@ def fold_conv_bn(model: nn.Module, example_input: torch.Tensor | None = None) ->
 
 
 class ConvReLU(nn.Module):
-    """A convolution whose ReLU oneDNN applies in the same kernel, as a post-op, on the CPU
-    (one pass over the output instead of two); elsewhere the two run one after the other."""
+    """A convolution whose activation (ReLU, or GELU: exact or tanh) oneDNN applies in the same
+    kernel, as a post-op, on the CPU (one pass over the output instead of two); elsewhere the two
+    run one after the other."""
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, activation: nn.Module | None = None) -> None:
         super().__init__()
         self.conv = conv
+        self.activation = activation if activation is not None else nn.ReLU()
+        if isinstance(self.activation, nn.GELU):
+            self.post_op = ("gelu", self.activation.approximate)  # "none" (erf) or "tanh"
+        else:
+            self.post_op = ("relu", "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
         if x.device.type == "cpu" and not (torch.is_grad_enabled() and conv.weight.requires_grad):
+            attr, algorithm = self.post_op
             return torch.ops.mkldnn._convolution_pointwise(
                 x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-                "relu", [], "",
+                attr, [], algorithm,
             )
-        return F.relu(conv(x))
+        return self.activation(conv(x))
 
 
 def _fusable(conv: nn.Conv2d) -> bool:
@@ -257,18 +264,19 @@ def _fusable(conv: nn.Conv2d) -> bool:
 
 
 def fuse_conv_relu(model: nn.Module, example_input: torch.Tensor | None = None) -> int:
-    """Replace every Conv2d directly followed by a ReLU module with a `ConvReLU` (and the ReLU
-    with nn.Identity), in place, for CPU inference; best after `fold_conv_bn`, which removes
-    the BatchNorm between them. Returns the number of fused pairs."""
+    """Replace every Conv2d directly followed by a ReLU or GELU module with a `ConvReLU` (and the
+    activation with nn.Identity), in place, for CPU inference; best after `fold_conv_bn`, which
+    removes the BatchNorm between them. Returns the number of fused pairs."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
         return 0
     fused = 0
-    for conv_name, relu_name in _conv_consumer_pairs(model, nn.ReLU, example_input):
-        conv = model.get_submodule(conv_name)
-        if _fusable(conv):
-            _replace(model, conv_name, ConvReLU(conv))
-            _replace(model, relu_name, nn.Identity())
-            fused += 1
+    for activation in (nn.ReLU, nn.GELU):
+        for conv_name, act_name in _conv_consumer_pairs(model, activation, example_input):
+            conv = model.get_submodule(conv_name)
+            if _fusable(conv):
+                _replace(model, conv_name, ConvReLU(conv, model.get_submodule(act_name)))
+                _replace(model, act_name, nn.Identity())
+                fused += 1
     return fused
 
 

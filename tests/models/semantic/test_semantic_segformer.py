@@ -27,7 +27,14 @@ def test_decoder_equals_the_papers_order_in_eval_and_training():
     model, features = _model_and_features(batch=2)
     decoder = model.decoder
     decoder.eval()
-    torch.testing.assert_close(decoder(features), papers_order(decoder, features), rtol=1e-5, atol=1e-5)
+    # Running statistics and affine parameters away from the identity: in eval mode the decoder
+    # folds the BatchNorm into its composed weights (and the constants into one bias).
+    norm = decoder.fuse[1]
+    generator = torch.Generator().manual_seed(1)
+    for tensor, low, high in ((norm.running_mean, -1, 1), (norm.running_var, 0.5, 2), (norm.weight.data, 0.5, 1.5), (norm.bias.data, -1, 1)):
+        tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(features), papers_order(decoder, features), rtol=1e-5, atol=1e-5)
 
     # Gradients in float64: training-mode BatchNorm amplifies float32 rounding (0.3% here).
     model, features = _model_and_features(batch=2, dtype=torch.float64)
@@ -52,3 +59,14 @@ def test_stage_maps_are_canonical_channels_last_even_for_one_image():
     for f in features:
         n, c, h, w = f.shape
         assert f.stride() == (c * h * w, 1, w * c, c)
+
+
+def test_token_maps_are_canonical_channels_last_even_for_one_image():
+    from seglab.encoders.mit import tokens_to_map
+
+    tokens = torch.rand(1, 6 * 10, 8)
+    grid = tokens_to_map(tokens, 6, 10)
+    assert grid.stride() == (8 * 6 * 10, 1, 10 * 8, 8)
+    torch.testing.assert_close(grid, tokens.transpose(1, 2).reshape(1, 8, 6, 10))
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    assert conv(grid).is_contiguous(memory_format=torch.channels_last)  # not a fall-back to NCHW

@@ -48,18 +48,31 @@ class AllMLPDecoder(nn.Module):
         size = features[0].shape[-2:]
         fuse_conv, norm, act = self.fuse
         fuse_blocks = fuse_conv.weight.flatten(1).split(self.project[0].out_channels, dim=1)  # one block per stage
+        # A constant per channel (the fuse bias; in eval mode also BatchNorm's affine map, whose
+        # scale multiplies the rows of each composed weight) is added once, to the first stage's
+        # share: bilinear upsampling keeps constants, so no pass over the fused map is needed.
+        scale, shift = None, fuse_conv.bias
+        folds_norm = isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.running_var is not None
+        if folds_norm:
+            scale = torch.rsqrt(norm.running_var + norm.eps) * (norm.weight if norm.weight is not None else 1.0)
+            shift = (0.0 if shift is None else shift) - norm.running_mean
+            shift = shift * scale + (norm.bias if norm.bias is not None else 0.0)
         fused = None
         for block, project, f in zip(fuse_blocks, self.project, features):
             # This stage's share of the fused map: projection and fuse composed, at the stage's
             # own resolution, then upsampled (linear maps commute with bilinear upsampling).
-            weight = (block @ project.weight.flatten(1))[:, :, None, None]
-            part = F.conv2d(f, weight, block @ project.bias)
+            weight, bias = block @ project.weight.flatten(1), block @ project.bias
+            if scale is not None:
+                weight, bias = weight * scale[:, None], bias * scale
+            if fused is None and shift is not None:
+                bias = bias + shift
+            part = F.conv2d(f, weight[:, :, None, None], bias)
             if part.shape[-2:] != size:
                 part = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
             fused = part if fused is None else fused.add_(part)
-        if fuse_conv.bias is not None:
-            fused = fused + fuse_conv.bias[:, None, None]
-        return self.classifier(self.dropout(act(norm(fused))))
+        if not folds_norm:
+            fused = norm(fused)
+        return self.classifier(self.dropout(act(fused)))
 
 
 class SegFormer(nn.Module):
