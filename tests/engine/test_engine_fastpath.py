@@ -323,3 +323,38 @@ def test_segformer_fast_path_fuses_the_mix_ffn_gelu_and_keeps_outputs():
     fused = [m for m in fast.modules() if isinstance(m, ConvReLU) and isinstance(m.activation, nn.GELU)]
     assert len(fused) == 8  # the depthwise conv + GELU of every Mix-FFN (2 blocks x 4 stages)
     torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["yolact", "mask_rcnn"])
+def test_instance_models_keep_their_detections_on_the_fast_path(name):
+    import copy
+
+    from seglab.engine.fastpath import optimize_instance_model
+
+    torch.manual_seed(0)
+    options = {"encoder": "resnet10t", "fpn_channels": 32, "num_classes": 4, "detections_per_image": 10}
+    options.update({"anchor_size": 12} if name == "yolact" else {"anchor_size": 8, "min_size": 0, "proposals": 30})
+    model = create_model(name, **options).eval()
+    _randomise_batchnorm(model)
+    if name == "yolact":
+        model.score_threshold = 0.0  # detections from random weights
+    else:
+        model.roi_heads.score_thresh = 0.0
+    images = [torch.rand(3, 64, 80)]
+    with torch.no_grad():
+        expected = model(images)[0]
+    fast = optimize_instance_model(copy.deepcopy(model))
+    assert _batchnorms(fast) < _batchnorms(model)  # the backbone's BatchNorms are folded
+    with torch.inference_mode():
+        got = fast(images)[0]
+    assert len(got["scores"]) == len(expected["scores"]) > 0
+    # Matched by class and box, not by rank: near-equal scores of random weights may swap places.
+    def keys(detections):
+        return torch.cat([detections["boxes"], 1000.0 * detections["labels"][:, None].float()], 1)
+
+    match = torch.cdist(keys(expected), keys(got)).argmin(1)
+    torch.testing.assert_close(got["boxes"][match], expected["boxes"], atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(got["scores"][match], expected["scores"], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(got["labels"][match], expected["labels"])
+    agree = (got["masks"][match] > 0.5).eq(expected["masks"] > 0.5).float().mean()
+    assert agree > 0.999

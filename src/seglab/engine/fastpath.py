@@ -46,6 +46,7 @@ __all__ = [
     "fold_conv_bn",
     "fuse_conv_relu",
     "optimize_for_inference",
+    "optimize_instance_model",
     "optimizer_options",
     "prepare_batch",
     "to_channels_last",
@@ -407,6 +408,26 @@ def optimize_for_inference(
         # and fuses the convolutions with their activations.
         prepared = torch.compile(prepared, dynamic=False, options={"freezing": True})
     return InferenceModel(prepared, dtype, channels_last, inference_mode)
+
+
+@torch.no_grad()
+def optimize_instance_model(model: nn.Module, example_size: int = 64) -> nn.Module:
+    """The float32 steps of the fast path for an instance model (a list of C x H x W images in,
+    a list of detections out), in place: conv-BN folding, conv+activation fusion (CPU) and
+    channels_last; eval mode, no gradients. The merged pairs are observed on one blank
+    `example_size` image, so modules that image does not reach (a mask head with no detection,
+    a head shared by several pyramid levels) are left as they are. Returns the model."""
+    device = _device_of(model)
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first_conv.in_channels if first_conv is not None else 3
+    example = [torch.zeros(channels, example_size, example_size, device=device)]
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    fold_conv_bn(model, example)
+    if device.type == "cpu":
+        fuse_conv_relu(model, example)
+    return to_channels_last(model)
 
 
 def prepare_batch(

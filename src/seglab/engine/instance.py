@@ -33,7 +33,7 @@ from seglab.data.instance import collate_instances, instance_transforms, open_in
 from seglab.data.io import list_images, read_image
 from seglab.engine.checkpoint import save_checkpoint
 from seglab.engine.config import TrainConfig
-from seglab.engine.fastpath import to_channels_last
+from seglab.engine.fastpath import optimize_instance_model, to_channels_last
 from seglab.engine.precision import resolve_precision
 from seglab.engine.trainer import (
     _json_safe,
@@ -457,8 +457,9 @@ def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: 
     device = resolve_device(args.device)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_instances)
     results_json = Path(args.json).with_suffix(".results.json") if getattr(args, "json", None) else None
+    model = optimize_instance_model(model.to(device))  # conv-BN folding, fused activations, channels_last
     with progress_bar(console) as progress:
-        results = evaluate_instances(model.to(device), loader, config["classes"], device, progress=progress, results_json=results_json)
+        results = evaluate_instances(model, loader, config["classes"], device, progress=progress, results_json=results_json)
     Console().print(instance_metrics_table(results, title=f"{args.split} split of {source} ({len(dataset)} images)"))
     if getattr(args, "json", None):
         atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps({k: _json_safe(v) if not isinstance(v, dict) else v for k, v in results.items()}, indent=2)))
@@ -472,6 +473,7 @@ def predict_instance(args: Any, console: Console) -> int:
 
     model, config = load_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
+    model = optimize_instance_model(model.to(device))  # conv-BN folding, fused activations, channels_last
     with progress_bar(console) as progress:
         written = predict_instance_files(model, config, args.images, args.out, device, progress=progress)
     Console().print(f"{len(written) - 1} image(s) predicted; overlays and results.json (COCO results) in {args.out}/")
