@@ -194,6 +194,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "format", "image_size"))
         return eval_instance(model, config, args, console)
     device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device).name  # refused here, before any data is read
     # By default, the data set (and options) the model was trained on.
     data = dict(config.get("data", {"source": "synthetic"}))
     source = data.pop("source")
@@ -205,7 +206,6 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size)
     # The fast inference path (conv-BN folding, fused activations, channels_last) in the chosen
     # precision; at the default 32 it changes outputs only at rounding level.
-    precision = resolve_precision(args.precision, device).name
     results = evaluate(
         optimize_for_inference(model.to(device), precision), loader, num_classes=len(config["classes"]),
         ignore_index=config.get("ignore_index", 255), normalize=Normalize(config["mean"], config["std"]), device=device,

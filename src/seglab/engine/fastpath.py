@@ -180,11 +180,18 @@ class _DataflowRecorder(TorchFunctionMode):
             handle.remove()
 
 
-def _example_input(model: nn.Module) -> torch.Tensor:
+def _example_input(model: nn.Module, size: int = 64) -> torch.Tensor:
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     channels = first_conv.in_channels if first_conv is not None else 3
     parameter = next(model.parameters())
-    return torch.zeros(1, channels, 64, 64, device=parameter.device, dtype=parameter.dtype)
+    return torch.zeros(1, channels, size, size, device=parameter.device, dtype=parameter.dtype)
+
+
+def _freeze(model: nn.Module) -> None:
+    """Eval mode, no gradients: what every inference rewrite below assumes."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -390,9 +397,7 @@ def optimize_for_inference(
     device = _device_of(model)
     name = _check_precision(precision, device)
     prepared = model if inplace else copy.deepcopy(model)
-    prepared.eval()
-    for parameter in prepared.parameters():
-        parameter.requires_grad_(False)
+    _freeze(prepared)
     if fold_bn:
         fold_conv_bn(prepared, example_input)
     if dilated_as_gemm and device.type == "cpu" and not compile:  # before the fusion, which takes plain convs
@@ -417,15 +422,10 @@ def optimize_instance_model(model: nn.Module, example_size: int = 64) -> nn.Modu
     channels_last; eval mode, no gradients. The merged pairs are observed on one blank
     `example_size` image, so modules that image does not reach (a mask head with no detection,
     a head shared by several pyramid levels) are left as they are. Returns the model."""
-    device = _device_of(model)
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    channels = first_conv.in_channels if first_conv is not None else 3
-    example = [torch.zeros(channels, example_size, example_size, device=device)]
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    example = [_example_input(model, example_size)[0]]
+    _freeze(model)
     fold_conv_bn(model, example)
-    if device.type == "cpu":
+    if _device_of(model).type == "cpu":
         fuse_conv_relu(model, example)
     return to_channels_last(model)
 

@@ -175,13 +175,14 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, upsample: str, norm: str | None) -> None:
         super().__init__()
-        self.up = make_upsample(upsample, in_channels, in_channels, 2)
-        self.reads_low_resolution = upsample == "nearest"
-        first_conv = NearestUpsampleConv if self.reads_low_resolution else nn.Conv2d
+        nearest = upsample == "nearest"
+        # Nearest upsampling happens inside the first convolution; other kinds are a module.
+        self.up = None if nearest else make_upsample(upsample, in_channels, in_channels, 2)
+        first_conv = NearestUpsampleConv if nearest else nn.Conv2d
         self.conv = DoubleConv(in_channels + skip_channels, out_channels, 1, norm, first_conv)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
-        if self.reads_low_resolution:
+        if self.up is None:
             (conv, norm, act), second = self.conv
             return second(act(norm(conv(x, skip))))
         if skip is None:
