@@ -99,11 +99,11 @@ def to_channels_last(value: Any) -> Any:
 
 # -------------------------------------------------------------- conv-BN folding, conv+ReLU
 class _DataflowRecorder(TorchFunctionMode):
-    """Watches one forward pass: which `consumer` module (BatchNorm2d, ReLU) takes a Conv2d's
+    """Watches one forward pass: which `consumer` module (BatchNorm2d; ReLU or GELU) takes a Conv2d's
     output as its input, and how often that output is read anywhere else (any other read would
     see different values once the consumer is merged into the convolution)."""
 
-    def __init__(self, model: nn.Module, consumer: type[nn.Module]) -> None:
+    def __init__(self, model: nn.Module, consumer: tuple[type[nn.Module], ...]) -> None:
         super().__init__()
         self.conv_outputs: dict[int, tuple[str, torch.Tensor]] = {}  # keeps tensors alive: ids stay unique
         self.consumer_inputs: list[tuple[str, int]] = []
@@ -116,7 +116,7 @@ class _DataflowRecorder(TorchFunctionMode):
             # Subclasses too (e.g. NearestUpsampleConv): folding only rescales weight and bias.
             if isinstance(module, nn.Conv2d):
                 self.handles.append(module.register_forward_hook(self._conv_hook(name)))
-            elif type(module) is consumer:
+            elif type(module) in consumer:
                 self.handles.append(module.register_forward_pre_hook(self._consumer_enter(name)))
                 self.handles.append(module.register_forward_hook(self._consumer_exit))
 
@@ -195,7 +195,7 @@ def _freeze(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _conv_consumer_pairs(model: nn.Module, consumer: type[nn.Module], example_input: torch.Tensor | None) -> list[tuple[str, str]]:
+def _conv_consumer_pairs(model: nn.Module, consumer: tuple[type[nn.Module], ...], example_input: torch.Tensor | None) -> list[tuple[str, str]]:
     model.eval()
     recorder = _DataflowRecorder(model, consumer)
     try:
@@ -231,7 +231,7 @@ def fold_conv_bn(model: nn.Module, example_input: torch.Tensor | None = None) ->
     found by running `example_input` (default: one 64x64 image of zeros) through the model.
     Returns the number of folded pairs."""
     folded = 0
-    for conv_name, bn_name in _conv_consumer_pairs(model, nn.BatchNorm2d, example_input):
+    for conv_name, bn_name in _conv_consumer_pairs(model, (nn.BatchNorm2d,), example_input):
         bn = model.get_submodule(bn_name)
         if not bn.track_running_stats or bn.running_mean is None:
             continue  # a BatchNorm without running statistics normalises with the batch's own
@@ -278,13 +278,12 @@ def fuse_conv_relu(model: nn.Module, example_input: torch.Tensor | None = None) 
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
         return 0
     fused = 0
-    for activation in (nn.ReLU, nn.GELU):
-        for conv_name, act_name in _conv_consumer_pairs(model, activation, example_input):
-            conv = model.get_submodule(conv_name)
-            if _fusable(conv):
-                _replace(model, conv_name, ConvReLU(conv, model.get_submodule(act_name)))
-                _replace(model, act_name, nn.Identity())
-                fused += 1
+    for conv_name, act_name in _conv_consumer_pairs(model, (nn.ReLU, nn.GELU), example_input):  # one observed pass
+        conv = model.get_submodule(conv_name)
+        if _fusable(conv):
+            _replace(model, conv_name, ConvReLU(conv, model.get_submodule(act_name)))
+            _replace(model, act_name, nn.Identity())
+            fused += 1
     return fused
 
 
