@@ -71,6 +71,9 @@ def _train_and_evaluate(values: dict, final_val: dict, label: str) -> None:
             "train_cpu_minutes": round(cpu_minutes, 2),
             "precision": trainer.precision.name,
             "model_kwargs": values["model_kwargs"],
+            "anchor_size": trainer.model_kwargs.get("anchor_size"),  # the data-derived one where not given
+            "fit_to_budget": values.get("fit_to_budget", False),
+            "lr": values["lr"],
             "train_images_per_epoch": len(trainer.train_set),
             "epochs": summary["epochs_run"],
             "best_epoch": summary["best_epoch"],
@@ -87,7 +90,8 @@ def synthetic(args: argparse.Namespace) -> None:
         "task": "instance", "model": args.model, "encoder": args.encoder, "name": f"bench-{args.model}-synthetic",
         "out": args.out, "data": "synthetic", "image_size": 128, "train_samples": args.epoch_images, "val_samples": 48,
         "epochs": args.epochs, "batch_size": 8, "lr": args.lr, "scheduler": "cosine", "warmup_epochs": 0.5,
-        "max_minutes": args.minutes, "model_kwargs": {**SMALL_HEADS[args.model], **dict(args.model_option or [])}, "seed": args.seed,
+        "max_minutes": args.minutes, "fit_to_budget": args.fit_to_budget,
+        "model_kwargs": {**SMALL_HEADS[args.model], **dict(args.model_option or [])}, "seed": args.seed,
     }
     _train_and_evaluate(values, {"num_samples": 200, "image_size": 128, "seed": args.seed}, "synthetic-128")
 
@@ -98,9 +102,13 @@ def dsb2018(args: argparse.Namespace) -> None:
     values = {
         "task": "instance", "model": args.model, "encoder": args.encoder, "name": f"bench-{args.model}-dsb2018",
         "out": args.out, "data": str(DSB2018), "image_size": 256, "epochs": args.epochs, "batch_size": 4, "lr": args.lr,
-        "scheduler": "cosine", "warmup_epochs": 0.2, "max_minutes": args.minutes, "val_samples": 16,
-        # nuclei images hold up to a few hundred objects: keep up to 300 detections per image
-        "model_kwargs": {**SMALL_HEADS[args.model], "anchor_size": 8, "detections_per_image": 300, **dict(args.model_option or [])},
+        "scheduler": "cosine", "warmup_epochs": 0.2, "max_minutes": args.minutes, "fit_to_budget": args.fit_to_budget, "val_samples": 16,
+        # nuclei images hold up to a few hundred objects: keep up to 300 detections per image;
+        # Mask R-CNN's anchors from 8 px, YOLACT's from the training boxes (the trainer's default)
+        "model_kwargs": {
+            **SMALL_HEADS[args.model], **({"anchor_size": 8} if args.model == "mask_rcnn" else {}),
+            "detections_per_image": 300, **dict(args.model_option or []),
+        },
         "seed": args.seed,
     }
     _train_and_evaluate(values, {}, "dsb2018")
@@ -222,6 +230,7 @@ def main() -> None:
         command.add_argument("--lr", type=float, default=lr)
         command.add_argument("--epoch-images", type=int, default=1000, help="synthetic training images (one epoch)")
         command.add_argument("--epochs", type=int, default=12, help="epochs of the cosine schedule (the budget may stop it earlier)")
+        command.add_argument("--fit-to-budget", action="store_true", help="end the cosine with the last epoch that fits --minutes")
         command.add_argument("--model-option", action="append", type=parse_model_option, metavar="KEY=VALUE",
                              help="override a model option, e.g. mask_head_width=256 (repeatable)")
         command.add_argument("--seed", type=int, default=0)

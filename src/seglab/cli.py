@@ -126,6 +126,7 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--sync-bn", dict(action="store_const", const=True, help="multi-process: BatchNorm over the global batch")),
     ("--tensorboard", dict(action="store_const", const=True, help="also log to <run>/tensorboard")),
     ("--max-minutes", dict(type=float, help="stop after the epoch that crosses this time budget")),
+    ("--fit-to-budget", dict(action="store_const", const=True, help="end the learning-rate schedule with the last epoch that fits --max-minutes (re-estimated after each epoch)")),
     ("--workers", dict(type=int, help="data loader processes")),
     ("--seed", dict(type=int, help="random seed (default 0)")),
     ("--device", dict(help="auto (default), cpu, cuda, cuda:N")),

@@ -24,6 +24,9 @@ def test_train_eval_predict_an_instance_model(tmp_path, capsys):
         assert (run / name).is_file(), name
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert {"ap", "ap50", "ap75", "boundary_ap", "train_loss"} <= set(row)
+    terms = {"train_loss_classifier", "train_loss_box", "train_loss_mask", "train_loss_semantic"}
+    assert terms <= set(row)  # each of YOLACT's loss terms, per epoch
+    assert abs(sum(row[t] for t in terms) - row["train_loss"]) < 1e-4 * max(1.0, row["train_loss"])
     model, config = load_checkpoint(run)
     assert isinstance(model, torch.nn.Module) and not model.training
     assert config["task"] == "instance" and config["model"] == "yolact" and config["kwargs"]["encoder"] == "resnet10t"
@@ -74,3 +77,43 @@ def test_overlay_colours_each_instance_and_skips_low_scores():
     first, second = picture[5, 5], picture[14, 14]
     assert first.any() and second.any() and not np.array_equal(first, second)  # one colour per instance
     assert not picture[5, 15].any()  # the 0.1-score instance is not drawn
+
+
+def test_yolact_anchors_follow_the_training_boxes_unless_given():
+    from seglab.data.box_stats import anchor_size_for, object_sides
+    from seglab.data.instance import instance_transforms, open_instance_dataset
+    from seglab.engine.config import TrainConfig
+    from seglab.engine.instance import INSTANCE_DEFAULTS, InstanceTrainer
+
+    values = {**INSTANCE_DEFAULTS, "model": "yolact", "encoder": "resnet10t", "image_size": 96, "train_samples": 6, "val_samples": 2}
+    torch.manual_seed(0)
+    train_set = open_instance_dataset("synthetic", "train", transforms=instance_transforms(True), num_samples=6, image_size=96, seed=0)
+    expected = anchor_size_for(object_sides(train_set))
+    assert expected != 96 // 6  # the image-size rule would give another size here
+    assert InstanceTrainer(TrainConfig.from_dict(values)).model_kwargs["anchor_size"] == expected
+    given = {**values, "model_kwargs": {"anchor_size": 12}}
+    trainer = InstanceTrainer(TrainConfig.from_dict(given))
+    assert trainer.model_kwargs["anchor_size"] == 12 and trainer.model.anchor_size == 12
+
+
+def test_instance_run_ends_its_schedule_within_the_budget(tmp_path):
+    from seglab.engine.config import TrainConfig
+    from seglab.engine.instance import INSTANCE_DEFAULTS, InstanceTrainer
+
+    values = {
+        **INSTANCE_DEFAULTS, "model": "yolact", "encoder": "resnet10t", "image_size": 64, "train_samples": 4, "val_samples": 2,
+        "batch_size": 2, "epochs": 10, "max_minutes": 10, "fit_to_budget": True, "out": str(tmp_path), "warmup_epochs": 0,
+    }
+    now = [0.0]
+    trainer = InstanceTrainer(TrainConfig.from_dict(values), clock=lambda: now[0])
+    one_epoch = trainer.train_one_epoch
+
+    def slow_epoch(*args):  # each epoch takes 190 s of the 600 on the budget's clock
+        now[0] += 190.0
+        return one_epoch(*args)
+
+    trainer.train_one_epoch = slow_epoch
+    summary = trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "yolact-synthetic" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["epochs_run"] == len(rows) == 3  # three fit in 600 s; the cosine ends with the third
+    assert rows[-1]["lr"] == 0.0 and rows[0]["lr"] > 0

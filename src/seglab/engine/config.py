@@ -41,6 +41,7 @@ class TrainConfig:
     class_weights: list[float] | str | None = None
     aux_weight: float = 0.4
     max_minutes: float | None = None  # stop after the epoch that crosses this budget
+    fit_to_budget: bool = False  # end the learning-rate schedule with the last epoch that fits max_minutes
     workers: int = 0
     seed: int = 0
     device: str = "auto"
@@ -84,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"--patience must be a positive number of epochs, not {self.patience}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"--max-minutes must be positive, not {self.max_minutes}")
+        if self.fit_to_budget and self.max_minutes is None:
+            raise ValueError("--fit-to-budget needs a time budget: give --max-minutes too")
         size = self.image_size
         if size is not None:
             sizes = [size] if isinstance(size, int) else list(size)

@@ -29,6 +29,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
+from seglab.data.box_stats import ANCHOR_PERCENTILE, anchor_size_for, object_sides
 from seglab.data.instance import collate_instances, instance_transforms, open_instance_dataset
 from seglab.data.io import list_images, read_image
 from seglab.engine.checkpoint import save_checkpoint
@@ -38,6 +39,7 @@ from seglab.engine.precision import resolve_precision
 from seglab.engine.trainer import (
     _json_safe,
     build_scheduler,
+    end_schedule_within_budget,
     progress_bar,
     resolve_device,
     seed_everything,
@@ -89,6 +91,8 @@ def model_kwargs_for(model: str, image_size: int | Sequence[int] | None, user_kw
     The papers' anchors suit 800-pixel (Mask R-CNN) and 550-pixel (YOLACT) inputs; here images
     keep their own size, so the smallest anchor follows the training size (side / 8 for Mask
     R-CNN's P2, side / 6 for YOLACT's P3, clamped to at least 8 pixels). The user's kwargs win.
+    :class:`InstanceTrainer` then replaces YOLACT's by one fitted to the training boxes
+    (:mod:`seglab.data.box_stats`) unless the user gave one.
     """
     side = min(image_size) if isinstance(image_size, (list, tuple)) else (image_size or 512)
     defaults: dict[str, Any] = {}
@@ -125,6 +129,9 @@ class InstanceTrainer:
             "num_classes": self.num_classes,
             "in_channels": 3,
         }
+        self.anchor_note = ""
+        if config.model == "yolact" and "anchor_size" not in config.model_kwargs:
+            self._fit_anchors_to_data()
         if config.encoder:
             self.model_kwargs["encoder"] = config.encoder
         self.precision = resolve_precision(config.precision, self.device)
@@ -139,6 +146,17 @@ class InstanceTrainer:
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.run_dir = unique_run_dir(config.out, config.run_name)
+
+    def _fit_anchors_to_data(self) -> None:
+        """YOLACT's anchor scale from the training boxes (see :mod:`seglab.data.box_stats`); the
+        image-size rule of :func:`model_kwargs_for` stays when the samples hold no objects."""
+        sides = object_sides(self.train_set)
+        size = anchor_size_for(sides)
+        if size is not None:
+            self.model_kwargs["anchor_size"] = size
+            self.anchor_note = (
+                f"; anchors {size} px on P3 (the {ANCHOR_PERCENTILE:g}th percentile of {len(sides)} training box sides)"
+            )
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
@@ -184,11 +202,13 @@ class InstanceTrainer:
             "metrics": {k: _json_safe(metrics[k]) for k in _METRIC_KEYS if k in metrics},
         }
 
-    def train_one_epoch(self, progress: Progress, epoch: int) -> tuple[float, float]:
-        """One pass over the training set; returns (mean total loss, images per second)."""
+    def train_one_epoch(self, progress: Progress, epoch: int) -> tuple[float, float, dict[str, float]]:
+        """One pass over the training set; returns (mean total loss, images per second, mean of
+        each loss term by its model's name, e.g. loss_classifier), per image."""
         self.model.train()
         task = progress.add_task(f"epoch {epoch}/{self.config.epochs}", total=len(self.train_loader), info="")
         loss_sum, images_seen, start = 0.0, 0, time.perf_counter()
+        term_sums: dict[str, float] = {}
         for images, targets in self.train_loader:
             images = [image.to(self.device) for image in images]
             targets = [{k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
@@ -207,11 +227,14 @@ class InstanceTrainer:
             scaler.update()
             self.scheduler.step()
             loss_sum += float(loss.detach()) * len(images)
+            for name, term in losses.items():
+                term_sums[name] = term_sums.get(name, 0.0) + float(term.detach()) * len(images)
             images_seen += len(images)
             speed = images_seen / (time.perf_counter() - start)
             progress.update(task, advance=1, info=f"loss {loss_sum / images_seen:.4f}  {speed:.1f} img/s")
         progress.remove_task(task)
-        return loss_sum / max(1, images_seen), images_seen / (time.perf_counter() - start)
+        seen = max(1, images_seen)
+        return loss_sum / seen, images_seen / (time.perf_counter() - start), {name: total / seen for name, total in term_sums.items()}
 
     def fit(self) -> dict[str, Any]:
         """Train, evaluate COCO mask AP every epoch, keep the best checkpoint by mask AP."""
@@ -220,7 +243,7 @@ class InstanceTrainer:
         self.console.print(
             f"Training [bold]{config.model}[/] ({self.model_kwargs.get('encoder', 'default encoder')}) on {config.data} "
             f"({len(self.train_set)} train / {len(self.val_set)} val images, {self.num_classes - 1} object classes) "
-            f"on {self.device}, precision {self.precision.name}; run directory {self.run_dir}"
+            f"on {self.device}, precision {self.precision.name}{self.anchor_note}; run directory {self.run_dir}"
         )
         history: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
@@ -228,13 +251,14 @@ class InstanceTrainer:
         start, budget_start = time.perf_counter(), self.clock()
         with progress_bar(self.console) as progress:
             for epoch in range(1, config.epochs + 1):
-                epoch_start = time.perf_counter()
-                train_loss, speed = self.train_one_epoch(progress, epoch)
+                epoch_start, epoch_budget_start = time.perf_counter(), self.clock()
+                train_loss, speed, loss_terms = self.train_one_epoch(progress, epoch)
                 with self.precision.autocast():  # validate as trained; `seglab eval` chooses its own
                     results = evaluate_instances(self.model, self.val_loader, self.train_set.classes, self.device, progress=progress)
                 row = {
                     "epoch": epoch,
                     "train_loss": train_loss,
+                    **{f"train_{name}": value for name, value in loss_terms.items()},
                     **{k: results[k] for k in _METRIC_KEYS},
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "train_images_per_second": speed,
@@ -256,6 +280,11 @@ class InstanceTrainer:
                 )
                 if config.max_minutes is not None and self.clock() - budget_start > 60 * config.max_minutes:
                     self.console.print(f"time budget of {config.max_minutes} min reached after epoch {epoch}")
+                    break
+                if config.fit_to_budget and end_schedule_within_budget(
+                    self.scheduler, config, len(self.train_loader), epoch, self.clock() - epoch_budget_start,
+                    self.clock() - budget_start, self.console,
+                ):
                     break
         assert best is not None and best_state is not None
         self.model.load_state_dict(best_state)

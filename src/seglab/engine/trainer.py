@@ -51,10 +51,22 @@ from seglab.metrics.report import format_report
 from seglab.models import create_model
 from seglab.viz import plot_curves, prediction_panel
 
-__all__ = ["Trainer", "seed_everything", "resolve_device", "progress_bar", "unique_run_dir", "RESUMABLE_OPTIONS"]
+__all__ = [
+    "LearningRateShape",
+    "RESUMABLE_OPTIONS",
+    "Trainer",
+    "build_scheduler",
+    "end_schedule_within_budget",
+    "epochs_within_budget",
+    "progress_bar",
+    "resolve_device",
+    "seed_everything",
+    "set_schedule_end",
+    "unique_run_dir",
+]
 
 # What `--resume` may change in a run's saved config; the rest would make it a different run.
-RESUMABLE_OPTIONS = ("epochs", "max_minutes", "workers", "device", "tensorboard", "patience")
+RESUMABLE_OPTIONS = ("epochs", "max_minutes", "fit_to_budget", "workers", "device", "tensorboard", "patience")
 SUMMARY_KEYS = ("pixel_accuracy", "mean_accuracy", "miou", "mdice", "fwiou")
 
 
@@ -120,22 +132,76 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule: linear warm-up, then cosine, poly (power 0.9, DeepLab) or constant."""
-    total = max(1, config.epochs * steps_per_epoch)
-    warmup = int(config.warmup_epochs * steps_per_epoch)
+class LearningRateShape:
+    """The factor of the base learning rate at each optimiser step: linear warm-up, then cosine,
+    poly (power 0.9, DeepLab) or constant until ``total_steps``.
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if config.scheduler == "cosine":
+    A callable object rather than a closure, so LambdaLR's state dict keeps ``total_steps`` and a
+    resumed run continues the same curve after :func:`set_schedule_end` moved its end.
+    """
+
+    def __init__(self, kind: str, warmup_steps: int, total_steps: int) -> None:
+        self.kind, self.warmup_steps, self.total_steps = kind, warmup_steps, total_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        if self.kind == "cosine":
             return 0.5 * (1 + math.cos(math.pi * progress))
-        if config.scheduler == "poly":
+        if self.kind == "poly":
             return (1 - progress) ** 0.9
         return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule over ``config.epochs`` (see :class:`LearningRateShape`)."""
+    total = max(1, config.epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LearningRateShape(config.scheduler, int(config.warmup_epochs * steps_per_epoch), total))
+
+
+def epochs_within_budget(epochs_done: int, last_epoch_seconds: float, elapsed_seconds: float, budget_seconds: float, planned: int) -> int:
+    """The epochs a run can finish within its time budget at the last epoch's pace: at least the
+    ones already done, at most the planned ones."""
+    if last_epoch_seconds <= 0:
+        return planned
+    more = int(max(0.0, budget_seconds - elapsed_seconds) // last_epoch_seconds)
+    return max(epochs_done, min(planned, epochs_done + more))
+
+
+def set_schedule_end(scheduler: torch.optim.lr_scheduler.LambdaLR, epochs: int, steps_per_epoch: int) -> bool:
+    """End the learning-rate curve after ``epochs`` epochs; True when that moved it.
+
+    A cosine cut short by a time budget stops at a high learning rate; ending the curve where the
+    budget ends lets the run anneal as planned, only sooner. (The factor changes a little at the
+    move: the current step now sits further along a shorter curve.)
+    """
+    total = max(1, epochs * steps_per_epoch)
+    moved = False
+    for shape in scheduler.lr_lambdas:
+        if isinstance(shape, LearningRateShape) and shape.total_steps != total:
+            shape.total_steps, moved = total, True
+    return moved
+
+
+def end_schedule_within_budget(
+    scheduler: torch.optim.lr_scheduler.LambdaLR, config: TrainConfig, steps_per_epoch: int, epoch: int,
+    epoch_seconds: float, elapsed_seconds: float, console: Console,
+) -> bool:
+    """After each epoch of a ``fit_to_budget`` run: end the learning-rate curve with the last epoch
+    that fits ``max_minutes`` at the last epoch's pace; True when this epoch is that last one.
+
+    Processes average their clocks first, so every rank anneals along the same curve and stops
+    after the same epoch.
+    """
+    sums = all_reduce_sum(torch.tensor([epoch_seconds, elapsed_seconds, 1.0], dtype=torch.float64))
+    epoch_seconds, elapsed_seconds = (sums[:2] / sums[2]).tolist()
+    fitted = epochs_within_budget(epoch, epoch_seconds, elapsed_seconds, 60 * config.max_minutes, config.epochs)
+    if set_schedule_end(scheduler, fitted, steps_per_epoch):
+        console.print(f"learning-rate schedule now ends after epoch {fitted}: what fits the {config.max_minutes:g}-minute budget")
+    if fitted <= epoch < config.epochs:
+        console.print(f"time budget of {config.max_minutes:g} min: no further epoch fits")
+    return fitted <= epoch
 
 
 class Trainer:
@@ -331,6 +397,8 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if not self.config.fit_to_budget:  # the curve ends with --epochs, which a resume may change
+            set_schedule_end(self.scheduler, self.config.epochs, self.steps_per_epoch)
         if state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
@@ -508,6 +576,8 @@ class Trainer:
         if agree(config.max_minutes is not None and elapsed > 60 * config.max_minutes):
             self.console.print(f"time budget of {config.max_minutes} min reached after epoch {epoch}")
             return True
+        if config.fit_to_budget:
+            return end_schedule_within_budget(self.scheduler, config, self.steps_per_epoch, epoch, row["epoch_seconds"], elapsed, self.console)
         return False
 
     def _finish(self) -> dict[str, Any]:
