@@ -83,3 +83,28 @@ def test_fit_to_budget_needs_a_budget(capsys: pytest.CaptureFixture[str]) -> Non
         TrainConfig.from_dict(tiny_options(fit_to_budget=True))
     assert main(["train", "--fit-to-budget", "--epochs", "1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["seglab: error: --fit-to-budget needs a time budget: give --max-minutes too"]
+
+
+@pytest.mark.parametrize("fit", [False, True])
+def test_resume_keeps_a_fitted_curve_and_follows_new_epochs_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fit: bool
+) -> None:
+    torch.set_num_threads(1)
+    clock = _FakeTime()
+    monkeypatch.setattr(trainer_module, "time", clock)
+    options = tiny_options(out=str(tmp_path), epochs=4, max_minutes=10, fit_to_budget=fit, train_samples=16)
+    first = Trainer(TrainConfig.from_dict(options), console=quiet_console())
+    one_epoch = first.train_one_epoch
+
+    def epoch_then_crash(progress, epoch):
+        if epoch == 2:
+            raise RuntimeError("killed in epoch 2")
+        clock.now += 190.0  # 190 s of the 600: the fit ends the curve after epoch 3
+        return one_epoch(progress, epoch)
+
+    first.train_one_epoch = epoch_then_crash
+    with pytest.raises(RuntimeError, match="killed"):
+        first.fit()
+    resumed = Trainer.resume(first.run_dir, {"epochs": 6}, console=quiet_console())
+    # A fitted run resumes on its fitted curve; otherwise the curve ends with the new --epochs.
+    assert resumed.scheduler.lr_lambdas[0].total_steps == (3 if fit else 6) * first.steps_per_epoch

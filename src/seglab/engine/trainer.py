@@ -562,12 +562,17 @@ class Trainer:
             self.epochs_without_improvement = 0
         else:
             self.epochs_without_improvement += 1
-        if self.dist.is_main:
-            self._save_epoch(epoch, results, row, improved, writer)
         self.console.print(
             f"epoch {epoch}: train loss {train_loss:.4f}  val loss {results['loss']:.4f}  "
             f"mIoU {results['miou']:.4f}  pixel acc {results['pixel_accuracy']:.4f}"
         )
+        # Fitted before the save, so resume.pt holds the curve the next epoch follows.
+        last_within_budget = config.fit_to_budget and end_schedule_within_budget(
+            self.scheduler, config, self.steps_per_epoch, epoch, row["epoch_seconds"],
+            self.elapsed_before + time.perf_counter() - self.fit_start, self.console,
+        )
+        if self.dist.is_main:
+            self._save_epoch(epoch, results, row, improved, writer)
         if config.patience is not None and self.epochs_without_improvement >= config.patience:
             self.console.print(f"early stop: no better mIoU for {config.patience} epoch(s) (best {self.best['miou']:.4f} at epoch {self.best['epoch']})")
             return True
@@ -576,9 +581,7 @@ class Trainer:
         if agree(config.max_minutes is not None and elapsed > 60 * config.max_minutes):
             self.console.print(f"time budget of {config.max_minutes} min reached after epoch {epoch}")
             return True
-        if config.fit_to_budget:
-            return end_schedule_within_budget(self.scheduler, config, self.steps_per_epoch, epoch, row["epoch_seconds"], elapsed, self.console)
-        return False
+        return last_within_budget
 
     def _finish(self) -> dict[str, Any]:
         """Load the best weights, write overlays (rank 0) and summarise the run."""
