@@ -52,21 +52,28 @@ class _FakeTime:
         return self.now
 
 
-@pytest.mark.parametrize("fit", [False, True])
-def test_a_budgeted_run_anneals_within_its_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fit: bool) -> None:
+def _budgeted_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_in_epoch: int | None = None, **options) -> Trainer:
+    """A tiny run with a 10-minute budget whose epochs take 190 s on the trainer's clock, and
+    which raises in epoch `crash_in_epoch` (as a killed run would stop)."""
     torch.set_num_threads(1)
     clock = _FakeTime()
     monkeypatch.setattr(trainer_module, "time", clock)
-    options = tiny_options(out=str(tmp_path), epochs=10, max_minutes=10, fit_to_budget=fit, train_samples=16)
-    trainer = Trainer(TrainConfig.from_dict(options), console=quiet_console())
+    trainer = Trainer(TrainConfig.from_dict(tiny_options(out=str(tmp_path), max_minutes=10, train_samples=16, **options)), console=quiet_console())
     one_epoch = trainer.train_one_epoch
 
-    def slow_epoch(*args):
+    def slow_epoch(progress, epoch):
+        if epoch == crash_in_epoch:
+            raise RuntimeError(f"killed in epoch {epoch}")
         clock.now += 190.0
-        return one_epoch(*args)
+        return one_epoch(progress, epoch)
 
     trainer.train_one_epoch = slow_epoch
-    summary = trainer.fit()
+    return trainer
+
+
+@pytest.mark.parametrize("fit", [False, True])
+def test_a_budgeted_run_anneals_within_its_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fit: bool) -> None:
+    summary = _budgeted_trainer(tmp_path, monkeypatch, epochs=10, fit_to_budget=fit).fit()
     rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     # Two steps per epoch. Without the fit the run stops after the epoch that crosses 600 s (the
     # 4th, 760 s), 8 steps down a 20-step cosine; with it, after epoch 1 (190 s) two more fit, so
@@ -89,22 +96,9 @@ def test_fit_to_budget_needs_a_budget(capsys: pytest.CaptureFixture[str]) -> Non
 def test_resume_keeps_a_fitted_curve_and_follows_new_epochs_otherwise(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fit: bool
 ) -> None:
-    torch.set_num_threads(1)
-    clock = _FakeTime()
-    monkeypatch.setattr(trainer_module, "time", clock)
-    options = tiny_options(out=str(tmp_path), epochs=4, max_minutes=10, fit_to_budget=fit, train_samples=16)
-    first = Trainer(TrainConfig.from_dict(options), console=quiet_console())
-    one_epoch = first.train_one_epoch
-
-    def epoch_then_crash(progress, epoch):
-        if epoch == 2:
-            raise RuntimeError("killed in epoch 2")
-        clock.now += 190.0  # 190 s of the 600: the fit ends the curve after epoch 3
-        return one_epoch(progress, epoch)
-
-    first.train_one_epoch = epoch_then_crash
+    first = _budgeted_trainer(tmp_path, monkeypatch, crash_in_epoch=2, epochs=4, fit_to_budget=fit)
     with pytest.raises(RuntimeError, match="killed"):
-        first.fit()
+        first.fit()  # after epoch 1 (190 s of 600) the fit ends the curve after epoch 3
     resumed = Trainer.resume(first.run_dir, {"epochs": 6}, console=quiet_console())
     # A fitted run resumes on its fitted curve; otherwise the curve ends with the new --epochs.
     assert resumed.scheduler.lr_lambdas[0].total_steps == (3 if fit else 6) * first.steps_per_epoch
