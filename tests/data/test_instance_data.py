@@ -176,3 +176,22 @@ def test_ground_truth_as_predictions_round_trips_to_coco_ap_one(tmp_path):
         evaluation.summarize()
     assert evaluation.stats[0] == pytest.approx(1.0)  # AP@[.5:.95]
     assert evaluation.stats[1] == pytest.approx(1.0)  # AP50
+
+
+def test_instance_augment_options_parse_and_refuse():
+    import pytest
+
+    from seglab.data.instance import instance_augment_options
+
+    assert instance_augment_options(None) == {} and instance_augment_options(True) == {}
+    assert instance_augment_options(False) is None
+    assert instance_augment_options({"scale": [0.5, 1.5], "copy_paste": 1}) == {"scale": (0.5, 1.5), "copy_paste": 1.0}
+    for bad, message in [
+        ({"hflip": 0.5}, "unknown augment option"),
+        ({"scale": [1.5, 0.5]}, "'scale' must be"),
+        ({"copy_paste": -0.1}, "'copy_paste' must be a probability"),
+        ({"copy_paste": True}, "'copy_paste' must be a probability"),
+        ("strong", "must be a mapping"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            instance_augment_options(bad)

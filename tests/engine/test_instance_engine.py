@@ -117,3 +117,32 @@ def test_instance_run_ends_its_schedule_within_the_budget(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "yolact-synthetic" / "metrics.jsonl").read_text().splitlines()]
     assert summary["epochs_run"] == len(rows) == 3  # three fit in 600 s; the cosine ends with the third
     assert rows[-1]["lr"] == 0.0 and rows[0]["lr"] > 0
+
+
+def test_instance_training_reads_the_augment_options():
+    from seglab.data.copy_paste import CopyPaste
+    from seglab.data.instance import SyntheticInstances
+    from seglab.engine.config import TrainConfig
+    from seglab.engine.instance import INSTANCE_DEFAULTS, InstanceTrainer
+
+    values = {**INSTANCE_DEFAULTS, "model": "yolact", "encoder": "resnet10t", "image_size": 64, "train_samples": 4, "val_samples": 2,
+              "model_kwargs": {"anchor_size": 12}}
+    plain = InstanceTrainer(TrainConfig.from_dict(values)).train_set
+    assert isinstance(plain, SyntheticInstances) and plain.transforms is not None
+    pasting = InstanceTrainer(TrainConfig.from_dict({**values, "augment": {"copy_paste": 0.5, "scale": [0.9, 1.1]}})).train_set
+    assert isinstance(pasting, CopyPaste) and pasting.probability == 0.5
+    assert pasting.dataset.transforms.transforms[2].scale == (0.9, 1.1)  # the affine zoom's range
+    assert InstanceTrainer(TrainConfig.from_dict({**values, "augment": False})).train_set.transforms is None
+
+
+def test_unknown_or_bad_instance_augment_options_get_one_error_line(tmp_path, capsys):
+    base = ["train", "--task", "instance", "--model", "yolact", "--encoder", "resnet10t", "--image-size", "64",
+            "--train-samples", "2", "--val-samples", "2", "--epochs", "1", "--out", str(tmp_path)]
+    for augment, message in [
+        ("augment: {rotation: 10}", "unknown augment option(s) for instance data: rotation; known: scale, copy_paste"),
+        ("augment: {copy_paste: 2}", "augment option 'copy_paste' must be a probability between 0 and 1, not 2"),
+    ]:
+        config = tmp_path / "recipe.yaml"
+        config.write_text(augment + "\n")
+        assert main([*base, "--config", str(config)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"seglab: error: {message}"

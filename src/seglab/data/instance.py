@@ -31,6 +31,8 @@ __all__ = [
     "InstanceFolder",
     "SyntheticInstances",
     "collate_instances",
+    "INSTANCE_AUGMENT_KEYS",
+    "instance_augment_options",
     "instance_transforms",
     "make_target",
     "masks_from_instance_map",
@@ -178,6 +180,38 @@ def instance_transforms(train: bool, crop_size: int | None = None, scale: tuple[
         steps.append(v2.RandomCrop(crop_size, pad_if_needed=True))
     steps += [v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2), _boxes_from_masks]
     return v2.Compose(steps)
+
+
+INSTANCE_AUGMENT_KEYS = ("scale", "copy_paste")
+
+
+def instance_augment_options(augment: Any) -> dict[str, Any] | None:
+    """The training config's ``augment`` for instance data: ``None``/``True`` the defaults,
+    ``False`` no augmentation (native images, no crop), or a mapping of ``scale: [low, high]``
+    (the affine zoom of :func:`instance_transforms`) and ``copy_paste: p`` (the chance that a
+    sample receives objects of another, :class:`seglab.data.copy_paste.CopyPaste`; 0 = off, the
+    default). Returns the keyword options, or ``None`` for no augmentation."""
+    if augment is None or augment is True:
+        return {}
+    if augment is False:
+        return None
+    if not isinstance(augment, dict):
+        raise ValueError(f"augment must be a mapping of options, not {augment!r}")
+    unknown = sorted(set(augment) - set(INSTANCE_AUGMENT_KEYS))
+    if unknown:
+        raise ValueError(f"unknown augment option(s) for instance data: {', '.join(unknown)}; known: {', '.join(INSTANCE_AUGMENT_KEYS)}")
+    options: dict[str, Any] = {}
+    if "scale" in augment:
+        scale = augment["scale"]
+        if not isinstance(scale, (list, tuple)) or len(scale) != 2 or not 0 < float(scale[0]) <= float(scale[1]):
+            raise ValueError(f"augment option 'scale' must be [low, high] with 0 < low <= high, not {scale!r}")
+        options["scale"] = (float(scale[0]), float(scale[1]))
+    if "copy_paste" in augment:
+        chance = augment["copy_paste"]
+        if isinstance(chance, bool) or not isinstance(chance, (int, float)) or not 0 <= chance <= 1:
+            raise ValueError(f"augment option 'copy_paste' must be a probability between 0 and 1, not {chance!r}")
+        options["copy_paste"] = float(chance)
+    return options
 
 
 def _boxes_from_masks(image: tv_tensors.Image, target: dict[str, Any]) -> tuple[tv_tensors.Image, dict[str, Any]]:

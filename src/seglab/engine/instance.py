@@ -30,7 +30,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from seglab.data.box_stats import ANCHOR_PERCENTILE, anchor_size_for, object_sides
-from seglab.data.instance import collate_instances, instance_transforms, open_instance_dataset
+from seglab.data.copy_paste import CopyPaste
+from seglab.data.instance import collate_instances, instance_augment_options, instance_transforms, open_instance_dataset
 from seglab.data.io import list_images, read_image
 from seglab.engine.checkpoint import save_checkpoint
 from seglab.engine.config import TrainConfig
@@ -117,7 +118,11 @@ class InstanceTrainer:
         seed_everything(config.seed)
         self.device = resolve_device(config.device)
         crop = config.image_size if config.data != "synthetic" and isinstance(config.image_size, int) else None
-        self.train_set = open_instance_dataset(config.data, "train", transforms=instance_transforms(True, crop), **self._data_options(train=True))
+        augment = instance_augment_options(config.augment)
+        transforms = None if augment is None else instance_transforms(True, crop, **({"scale": augment["scale"]} if "scale" in augment else {}))
+        self.train_set = open_instance_dataset(config.data, "train", transforms=transforms, **self._data_options(train=True))
+        if augment and augment.get("copy_paste"):
+            self.train_set = CopyPaste(self.train_set, augment["copy_paste"])
         self.val_set = open_instance_dataset(config.data, "val", **self._data_options(train=False))
         if config.data != "synthetic" and config.val_samples < len(self.val_set):
             # Per-epoch validation on the first `val_samples` images keeps epochs affordable on
