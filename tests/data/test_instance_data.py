@@ -183,8 +183,10 @@ def test_instance_augment_options_parse_and_refuse():
 
     from seglab.data.instance import instance_augment_options
 
-    assert instance_augment_options(None) == {} and instance_augment_options(True) == {}
+    defaults = {"scale": (0.75, 1.25), "copy_paste": 0.0}
+    assert instance_augment_options(None) == defaults and instance_augment_options(True) == defaults
     assert instance_augment_options(False) is None
+    assert instance_augment_options({"copy_paste": 0.5}) == {**defaults, "copy_paste": 0.5}
     assert instance_augment_options({"scale": [0.5, 1.5], "copy_paste": 1}) == {"scale": (0.5, 1.5), "copy_paste": 1.0}
     for bad, message in [
         ({"hflip": 0.5}, "unknown augment option"),

@@ -26,12 +26,15 @@ from torchvision.transforms import v2
 from seglab.data.base import default_palette
 from seglab.data.io import images_in, read_image
 from seglab.data.synthetic import SyntheticShapes
+from seglab.data.transforms import range_option
+
+DEFAULT_SCALE = (0.75, 1.25)  # the affine zoom around the native scale (small objects keep their size on average)
 
 __all__ = [
     "InstanceFolder",
     "SyntheticInstances",
-    "collate_instances",
     "INSTANCE_AUGMENT_KEYS",
+    "collate_instances",
     "instance_augment_options",
     "instance_transforms",
     "make_target",
@@ -164,7 +167,7 @@ def _read_index_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.int64))
 
 
-def instance_transforms(train: bool, crop_size: int | None = None, scale: tuple[float, float] = (0.75, 1.25)) -> v2.Compose | None:
+def instance_transforms(train: bool, crop_size: int | None = None, scale: tuple[float, float] = DEFAULT_SCALE) -> v2.Compose | None:
     """Joint image/box/mask augmentation for training (``None`` for evaluation: nothing to do).
 
     Random flips, scale jitter around the native scale (an affine zoom, so small objects such
@@ -190,9 +193,10 @@ def instance_augment_options(augment: Any) -> dict[str, Any] | None:
     ``False`` no augmentation (native images, no crop), or a mapping of ``scale: [low, high]``
     (the affine zoom of :func:`instance_transforms`) and ``copy_paste: p`` (the chance that a
     sample receives objects of another, :class:`seglab.data.copy_paste.CopyPaste`; 0 = off, the
-    default). Returns the keyword options, or ``None`` for no augmentation."""
+    default). Returns both options, or ``None`` for no augmentation."""
+    options: dict[str, Any] = {"scale": DEFAULT_SCALE, "copy_paste": 0.0}
     if augment is None or augment is True:
-        return {}
+        return options
     if augment is False:
         return None
     if not isinstance(augment, dict):
@@ -200,12 +204,8 @@ def instance_augment_options(augment: Any) -> dict[str, Any] | None:
     unknown = sorted(set(augment) - set(INSTANCE_AUGMENT_KEYS))
     if unknown:
         raise ValueError(f"unknown augment option(s) for instance data: {', '.join(unknown)}; known: {', '.join(INSTANCE_AUGMENT_KEYS)}")
-    options: dict[str, Any] = {}
     if "scale" in augment:
-        scale = augment["scale"]
-        if not isinstance(scale, (list, tuple)) or len(scale) != 2 or not 0 < float(scale[0]) <= float(scale[1]):
-            raise ValueError(f"augment option 'scale' must be [low, high] with 0 < low <= high, not {scale!r}")
-        options["scale"] = (float(scale[0]), float(scale[1]))
+        options["scale"] = range_option(augment["scale"], "scale")
     if "copy_paste" in augment:
         chance = augment["copy_paste"]
         if isinstance(chance, bool) or not isinstance(chance, (int, float)) or not 0 <= chance <= 1:

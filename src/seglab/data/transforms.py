@@ -27,7 +27,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-__all__ = ["DEFAULT_TRAIN_AUGMENT", "build_transform", "image_size_pair"]
+__all__ = ["DEFAULT_TRAIN_AUGMENT", "build_transform", "image_size_pair", "range_option"]
 
 DEFAULT_TRAIN_AUGMENT: dict[str, Any] = {"scale": [0.5, 2.0], "hflip": 0.5, "rotation": 0, "color_jitter": 0.2}
 _KEYS = {"scale", "hflip", "vflip", "rotation", "color_jitter"}
@@ -72,7 +72,7 @@ def build_transform(
     steps: list[v2.Transform] = [_Wrap()]
     fill = {tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}
     if config.get("scale"):
-        low, high = _pair(config["scale"], "scale")
+        low, high = range_option(config["scale"], "scale")
         steps += [v2.ScaleJitter(size, scale_range=(low, high)), v2.RandomCrop(size, pad_if_needed=True, fill=fill)]
     elif size is not None:
         steps.append(v2.Resize(size))
@@ -106,7 +106,8 @@ def _resolve(augment: Mapping[str, Any] | bool | None, train: bool, size: tuple[
     return dict(augment)
 
 
-def _pair(value: Any, name: str) -> tuple[float, float]:
+def range_option(value: Any, name: str) -> tuple[float, float]:
+    """An augment option [low, high] (0 < low <= high) as two floats; one error line otherwise."""
     if not isinstance(value, Sequence) or len(value) != 2 or not 0 < float(value[0]) <= float(value[1]):
         raise ValueError(f"augment option {name!r} must be [low, high] with 0 < low <= high, not {value!r}")
     return float(value[0]), float(value[1])

@@ -119,7 +119,7 @@ class InstanceTrainer:
         self.device = resolve_device(config.device)
         crop = config.image_size if config.data != "synthetic" and isinstance(config.image_size, int) else None
         augment = instance_augment_options(config.augment)
-        transforms = None if augment is None else instance_transforms(True, crop, **({"scale": augment["scale"]} if "scale" in augment else {}))
+        transforms = None if augment is None else instance_transforms(True, crop, scale=augment["scale"])
         self.train_set = open_instance_dataset(config.data, "train", transforms=transforms, **self._data_options(train=True))
         if augment and augment.get("copy_paste"):
             self.train_set = CopyPaste(self.train_set, augment["copy_paste"])
