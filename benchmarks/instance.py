@@ -65,8 +65,10 @@ def _train_and_evaluate(values: dict, final_val: dict, label: str) -> None:
     results = evaluate_instances(trainer.model, loader, trainer.train_set.classes, trainer.device)
     # The last epoch's weights too: where the cosine ends at zero they are what a fixed schedule
     # gives without any choice, while "best" is chosen on a few validation images per epoch.
-    last_model, _ = load_checkpoint(Path(summary["run_dir"]) / "last")
-    last = evaluate_instances(last_model, loader, trainer.train_set.classes)
+    last = results
+    if summary["best_epoch"] != summary["epochs_run"]:  # otherwise the same weights, already evaluated
+        last_model, _ = load_checkpoint(Path(summary["run_dir"]) / "last")
+        last = evaluate_instances(last_model, loader, trainer.train_set.classes)
     _record(
         {
             "benchmark": label,
