@@ -52,12 +52,57 @@ def test_train_eval_predict_an_instance_model(tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(run), str(image_file), "--out", str(out), "--crf", "--tile", "32"]) == 2
     assert main(["eval", "--checkpoint", str(run), "--crf-params", "w1=3"]) == 2
     assert main(["predict", "--checkpoint", str(run), str(image_file), "--out", str(image_file)]) == 2
+    # --precision is honoured, so a precision the device cannot run is refused, not ignored.
+    assert main(["eval", "--checkpoint", str(run), "--precision", "16"]) == 2
+    assert main(["predict", "--checkpoint", str(run), str(image_file), "--out", str(out), "--precision", "16"]) == 2
     errors = capsys.readouterr().err.splitlines()
+    fp16_on_cpu = "seglab: error: --precision 16 (float16) needs a CUDA device; on the CPU use --precision bf16"
     assert errors == [
         f"seglab: error: --crf, --tile: for semantic models only; {run} is an instance model",
         f"seglab: error: --crf-params: for semantic models only; {run} is an instance model",
         f"seglab: error: cannot use {image_file} as the output folder: it exists and is not a folder",
+        fp16_on_cpu,
+        fp16_on_cpu,
     ]
+
+
+class _AutocastRecorder(torch.nn.Module):
+    """Runs an instance model and notes the autocast dtype each call ran under (None: off)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.dtypes = model, []
+
+    def forward(self, images):
+        self.dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return self.model(images)
+
+
+def test_instance_evaluation_and_prediction_run_under_the_given_autocast(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from seglab.data.instance import SyntheticInstances, collate_instances
+    from seglab.engine.instance import evaluate_instances, predict_instance_files
+    from seglab.models import create_model
+
+    torch.manual_seed(0)
+    # Mask R-CNN's masks and scores come out of bf16 autocast in bf16, which NumPy cannot read.
+    model = create_model("mask_rcnn", encoder="resnet10t", fpn_channels=32, anchor_size=8, min_size=0, proposals=30,
+                         detections_per_image=5, num_classes=3).eval()
+    model.roi_heads.score_thresh = 0.0
+    recorder = _AutocastRecorder(model)
+    data = SyntheticInstances(num_samples=2, image_size=64, num_classes=3, seed=1)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731 (emulated where not native)
+    results = evaluate_instances(recorder, DataLoader(data, batch_size=2, collate_fn=collate_instances), data.classes,
+                                 results_json=tmp_path / "results.json", autocast=bf16)
+    assert recorder.dtypes == [torch.bfloat16] and 0.0 <= results["ap50"] <= 1.0
+    assert all(isinstance(r["score"], float) for r in json.loads((tmp_path / "results.json").read_text()))
+    image_file = tmp_path / "picture.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(image_file)
+    predict_instance_files(recorder, {"classes": data.classes}, [image_file], tmp_path / "out", autocast=bf16)
+    assert recorder.dtypes == [torch.bfloat16] * 2 and (tmp_path / "out" / "picture_instances.png").is_file()
+    predict_instance_files(recorder, {"classes": data.classes}, [image_file], tmp_path / "out")
+    assert recorder.dtypes[-1] is None  # no autocast unless asked
 
 
 def test_overlay_colours_each_instance_and_skips_low_scores():

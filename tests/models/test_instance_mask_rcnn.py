@@ -94,3 +94,20 @@ def test_keypoint_variant_predicts_one_heat_map_per_keypoint():
 def test_bad_encoder_name_is_a_clear_error():
     with pytest.raises(ValueError, match="encoder"):
         seglab.create_model("mask_rcnn", **{**TINY, "encoder": "no_such_backbone"})
+
+
+def test_boxes_are_decoded_in_float32_under_bf16_autocast():
+    # torchvision's BoxCoder casts anchors and proposals to the deltas' dtype; with bf16 deltas
+    # every box would sit on bf16's grid (steps of 0.5 px between 64 and 128 px).
+    torch.manual_seed(0)
+    model = seglab.create_model("mask_rcnn", **{**TINY, "detections_per_image": 30}).eval()
+    model.roi_heads.score_thresh = 0.0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        objectness, deltas = model.rpn.head([torch.randn(1, TINY["fpn_channels"], 8, 8)])
+        scores, box_deltas = model.roi_heads.box_predictor(torch.randn(5, 1024))
+        output = model([torch.rand(3, 128, 128)])[0]
+    assert {objectness[0].dtype, deltas[0].dtype, scores.dtype, box_deltas.dtype} == {torch.float32}
+    boxes = output["boxes"]
+    assert boxes.dtype == torch.float32 and len(boxes) > 0
+    off_grid = boxes[(boxes > 64) & (boxes < 128)]
+    assert len(off_grid) > 0 and (off_grid != off_grid.bfloat16().float()).any()

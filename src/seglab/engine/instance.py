@@ -12,12 +12,13 @@ in [0, 1] and the checkpoint's mean/std are informative only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import numpy as np
 import torch
@@ -258,8 +259,9 @@ class InstanceTrainer:
             for epoch in range(1, config.epochs + 1):
                 epoch_start, epoch_budget_start = time.perf_counter(), self.clock()
                 train_loss, speed, loss_terms = self.train_one_epoch(progress, epoch)
-                with self.precision.autocast():  # validate as trained; `seglab eval` chooses its own
-                    results = evaluate_instances(self.model, self.val_loader, self.train_set.classes, self.device, progress=progress)
+                # Validated as trained; `seglab eval` chooses its own precision.
+                results = evaluate_instances(self.model, self.val_loader, self.train_set.classes, self.device,
+                                             progress=progress, autocast=self.precision.autocast)
                 row = {
                     "epoch": epoch,
                     "train_loss": train_loss,
@@ -310,7 +312,7 @@ class InstanceTrainer:
         self.model.eval()
         for index in range(min(self.config.num_overlays, len(self.val_set))):
             image, target = self.val_set[index]
-            prediction = {k: v.cpu() for k, v in self.model([image.to(self.device)])[0].items()}
+            prediction = _on_cpu(self.model([image.to(self.device)])[0])
             truth = {"masks": target["masks"], "labels": target["labels"], "boxes": target["boxes"], "scores": torch.ones(len(target["labels"]))}
             panel = np.concatenate(
                 [instance_overlay(image, truth, self.train_set.classes), np.full((image.shape[-2], 2, 3), 255, np.uint8),
@@ -340,12 +342,14 @@ def evaluate_instances(
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
     results_json: str | Path | None = None,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> dict[str, Any]:
     """COCO mask AP / AP50 / AP75 / APs/m/l / AR and boundary AP of `model` on `loader`.
 
     Adds ``images_per_second`` (inference only) and, with ``results_json``, writes the
     predictions as a COCO results file whose image ids are the data set's ``image_id`` (and whose
-    category ids are the annotation file's, for COCO data).
+    category ids are the annotation file's, for COCO data). The model runs inside `autocast`
+    (e.g. ``resolve_precision("bf16", device).autocast``); its outputs come back in float32.
     """
     model.eval()
     evaluator = COCOMaskEvaluator(list(classes))
@@ -354,7 +358,8 @@ def evaluate_instances(
     inference_seconds, images_seen = 0.0, 0
     for images, targets in loader:
         tic = time.perf_counter()
-        predictions = [{k: v.cpu() for k, v in p.items()} for p in model([image.to(device) for image in images])]
+        with autocast():
+            predictions = [_on_cpu(p) for p in model([image.to(device) for image in images])]
         inference_seconds += time.perf_counter() - tic
         images_seen += len(images)
         evaluator.update(predictions, targets)
@@ -372,6 +377,12 @@ def evaluate_instances(
             records = [{**r, "category_id": category_of_label[r["category_id"]]} for r in records]
         save_coco_results(records, results_json)
     return results
+
+
+def _on_cpu(prediction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One image's detections on the CPU, floating-point fields in float32 (under bf16 autocast
+    masks and scores may come out in bfloat16, which NumPy and pycocotools cannot read)."""
+    return {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in prediction.items()}
 
 
 def instance_metrics_table(results: dict[str, Any], title: str = "Validation") -> Table:
@@ -426,11 +437,13 @@ def predict_instance_files(
     device: torch.device | str = "cpu",
     score_threshold: float = 0.5,
     progress: Progress | None = None,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> list[Path]:
     """Overlay PNGs (one colour per instance, class and score labels) and ``results.json``.
 
     ``results.json`` holds COCO results records (all detections, every score) with image ids
-    1, 2, ... in the order of ``images.json``, which maps each id to its file.
+    1, 2, ... in the order of ``images.json``, which maps each id to its file. The model runs
+    inside `autocast`, as in :func:`evaluate_instances`.
     """
     files = _image_files(paths)
     out_dir = output_folder(out_dir)
@@ -441,7 +454,8 @@ def predict_instance_files(
     task = progress.add_task("predicting", total=len(files), info="") if progress is not None else None
     for image_id, path in enumerate(files, start=1):
         image = read_image(path)
-        prediction = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        with autocast():
+            prediction = _on_cpu(model([image.to(device)])[0])
         records += coco_results([prediction], [image_id])
         panel = instance_overlay(image, prediction, classes, score_threshold)
         target = out_dir / f"{path.stem}_instances.png"
@@ -491,9 +505,11 @@ def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: 
     device = resolve_device(args.device)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_instances)
     results_json = Path(args.json).with_suffix(".results.json") if getattr(args, "json", None) else None
+    precision = resolve_precision(getattr(args, "precision", "32"), device)  # refused here, before any work
     model = optimize_instance_model(model.to(device))  # conv-BN folding, fused activations, channels_last
     with progress_bar(console) as progress:
-        results = evaluate_instances(model, loader, config["classes"], device, progress=progress, results_json=results_json)
+        results = evaluate_instances(model, loader, config["classes"], device, progress=progress, results_json=results_json,
+                                     autocast=precision.autocast)
     Console().print(instance_metrics_table(results, title=f"{args.split} split of {source} ({len(dataset)} images)"))
     if getattr(args, "json", None):
         atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps({k: _json_safe(v) if not isinstance(v, dict) else v for k, v in results.items()}, indent=2)))
@@ -507,8 +523,10 @@ def predict_instance(args: Any, console: Console) -> int:
 
     model, config = load_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
+    precision = resolve_precision(getattr(args, "precision", "auto"), device)  # auto: bf16 where native, else 32
     model = optimize_instance_model(model.to(device))  # conv-BN folding, fused activations, channels_last
     with progress_bar(console) as progress:
-        written = predict_instance_files(model, config, args.images, args.out, device, progress=progress)
+        written = predict_instance_files(model, config, args.images, args.out, device, progress=progress,
+                                         autocast=precision.autocast)
     Console().print(f"{len(written) - 1} image(s) predicted; overlays and results.json (COCO results) in {args.out}/")
     return 0

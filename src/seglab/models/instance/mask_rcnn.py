@@ -25,10 +25,12 @@ keeps every image at its own size) and normalises internally, as torchvision's d
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torchvision.models.detection import KeypointRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.keypoint_rcnn import (
     KeypointRCNNHeads,
     KeypointRCNNPredictor,
@@ -40,9 +42,35 @@ from seglab.ops.roi_align import SampledMultiScaleRoIAlign
 from seglab.models.instance.backbone import EncoderFPN, encoder_fpn
 from seglab.models.registry import register_model
 
-__all__ = ["NativeSizeTransform", "keypoint_rcnn", "mask_rcnn", "normalisation", "pyramid_anchors"]
+__all__ = [
+    "Float32BoxPredictor", "Float32RPNHead", "NativeSizeTransform", "keypoint_rcnn", "mask_rcnn", "normalisation",
+    "pyramid_anchors",
+]
 
 _PYRAMID_LEVELS = ("0", "1", "2", "3")  # P2..P5; RoIs are pooled from these, never from P6
+_ASPECT_RATIOS = (0.5, 1.0, 2.0)
+
+# Why float32 box deltas: torchvision's BoxCoder casts the reference boxes (anchors, proposals)
+# to the deltas' dtype before decoding. Under bf16 autocast the heads' deltas are bf16, so every
+# proposal and detected box would carry 8 significant bits: coordinates in steps of 0.5 px from
+# 64 px on, 2 px from 256 px on. Casting the deltas (relative offsets, where 8 bits cost a small
+# fraction of a pixel) back to float32 keeps box arithmetic exact; the heads still run in bf16.
+
+
+class Float32RPNHead(RPNHead):
+    """torchvision's RPN head (3x3 conv, objectness and box-delta 1x1 convs) with float32 outputs."""
+
+    def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+class Float32BoxPredictor(FastRCNNPredictor):
+    """torchvision's box predictor (class scores, per-class box deltas) with float32 outputs."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, deltas = super().forward(x)
+        return scores.float(), deltas.float()
 
 
 class NativeSizeTransform(GeneralizedRCNNTransform):
@@ -59,7 +87,7 @@ class NativeSizeTransform(GeneralizedRCNNTransform):
 def pyramid_anchors(anchor_size: int, num_levels: int = 5) -> AnchorGenerator:
     """One anchor size per level (doubling from P2), three aspect ratios (1:2, 1:1, 2:1) each."""
     sizes = tuple((anchor_size * 2**level,) for level in range(num_levels))
-    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * num_levels)
+    return AnchorGenerator(sizes, (_ASPECT_RATIOS,) * num_levels)
 
 
 def normalisation(in_channels: int) -> tuple[list[float], list[float]]:
@@ -87,6 +115,7 @@ def _two_stage_options(
         image_mean=mean,
         image_std=std,
         rpn_anchor_generator=pyramid_anchors(anchor_size),
+        rpn_head=Float32RPNHead(backbone.out_channels, len(_ASPECT_RATIOS)),
         rpn_pre_nms_top_n_train=proposals * 2,
         rpn_post_nms_top_n_train=proposals * 2,
         rpn_pre_nms_top_n_test=proposals,
@@ -136,7 +165,7 @@ def mask_rcnn(
     )
     model = MaskRCNN(
         backbone,
-        box_predictor=FastRCNNPredictor(box_head_width, num_classes),
+        box_predictor=Float32BoxPredictor(box_head_width, num_classes),
         mask_roi_pool=SampledMultiScaleRoIAlign(list(_PYRAMID_LEVELS), output_size=14, sampling_ratio=2),
         mask_head=MaskRCNNHeads(fpn_channels, [mask_head_width] * 4, dilation=1),
         mask_predictor=MaskRCNNPredictor(mask_head_width, mask_head_width, num_classes),
@@ -172,7 +201,7 @@ def keypoint_rcnn(
     options = _two_stage_options(backbone, anchor_size, min_size, max_size, proposals, rois_per_image, detections_per_image, in_channels)
     model = KeypointRCNN(
         backbone,
-        box_predictor=FastRCNNPredictor(1024, num_classes),
+        box_predictor=Float32BoxPredictor(1024, num_classes),
         keypoint_roi_pool=SampledMultiScaleRoIAlign(list(_PYRAMID_LEVELS), output_size=14, sampling_ratio=2),
         keypoint_head=KeypointRCNNHeads(fpn_channels, [head_channels] * 8),
         keypoint_predictor=KeypointRCNNPredictor(head_channels, num_keypoints),
