@@ -497,15 +497,15 @@ def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: 
     ``args`` carries data, split, batch_size, device and json (as `seglab eval` parses them);
     with --json, the COCO results records are written beside it as ``<name>.results.json``.
     """
+    device = resolve_device(args.device)
+    precision = resolve_precision(getattr(args, "precision", "32"), device)  # refused here, before any data is read
     data = dict(config.get("data", {"source": "synthetic"}))
     source = data.pop("source")
     if getattr(args, "data", None) and args.data != source:
         source, data = args.data, {}
     dataset = open_instance_dataset(source, args.split, **data)
-    device = resolve_device(args.device)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_instances)
     results_json = Path(args.json).with_suffix(".results.json") if getattr(args, "json", None) else None
-    precision = resolve_precision(getattr(args, "precision", "32"), device)  # refused here, before any work
     model = optimize_instance_model(model.to(device))  # conv-BN folding, fused activations, channels_last
     with progress_bar(console) as progress:
         results = evaluate_instances(model, loader, config["classes"], device, progress=progress, results_json=results_json,
