@@ -30,17 +30,17 @@ from torch import nn
 from torchvision.models.detection import KeypointRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.keypoint_rcnn import (
     KeypointRCNNHeads,
     KeypointRCNNPredictor,
 )
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from seglab.ops.roi_align import SampledMultiScaleRoIAlign
 
 from seglab.models.instance.backbone import EncoderFPN, encoder_fpn
 from seglab.models.registry import register_model
+from seglab.ops.roi_align import SampledMultiScaleRoIAlign
 
 __all__ = [
     "Float32BoxPredictor", "Float32RPNHead", "NativeSizeTransform", "keypoint_rcnn", "mask_rcnn", "normalisation",
