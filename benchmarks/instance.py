@@ -12,7 +12,7 @@ otherwise idle machine: the budget is wall time. DSB2018's split is fixed: image
 id, every 5th is val (132 val / 532 train). `speed` times eval-mode inference (batch 1, median
 CPU time of interleaved repeats, one thread, after warm-up) of YOLACT, our Mask R-CNN and torchvision's
 maskrcnn_resnet50_fpn in one process at the same input size, all randomly initialised (no
-download), in float32 or (`--precision bf16`) all three under bf16 autocast in channels_last.
+download; our Mask R-CNN takes torchvision's random weights), in float32 or (`--precision bf16`) all three under bf16 autocast in channels_last.
 Results are printed and appended as JSON lines to benchmarks/results/instance.jsonl.
 """
 from __future__ import annotations
@@ -182,6 +182,7 @@ def speed(args: argparse.Namespace) -> None:
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
     import seglab
+    from seglab.models.instance.mask_rcnn import load_torchvision_weights
 
     torch.manual_seed(0)
     size = args.size
@@ -192,9 +193,11 @@ def speed(args: argparse.Namespace) -> None:
         "mask_rcnn": seglab.create_model("mask_rcnn", **common, min_size=size, max_size=size).eval(),
     }
     if args.encoder == "resnet50":
-        models["torchvision_maskrcnn_resnet50_fpn"] = maskrcnn_resnet50_fpn(
-            weights=None, weights_backbone=None, num_classes=91, min_size=size, max_size=size
-        ).eval()
+        torchvision_model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=size, max_size=size)
+        models["torchvision_maskrcnn_resnet50_fpn"] = torchvision_model.eval()
+        # The same (random) weights in both Mask R-CNNs: the same proposals and boxes reach the
+        # RoI stages' NMS, so the two do equal work and only the implementations differ.
+        load_torchvision_weights(models["mask_rcnn"], torchvision_model.state_dict())
     # Random weights give arbitrary scores; the RoI stages' cost depends on how many boxes
     # survive, so every model is made to return exactly `detections` boxes per image.
     for model in models.values():

@@ -66,3 +66,21 @@ def test_dots_in_a_checkpoint_name_belong_to_the_name(tmp_path: Path) -> None:
     for given in ("model.v2", "model.v2.safetensors", "model.v2.json"):
         model, config = load_checkpoint(tmp_path / given)
         assert config["model"] == "unet" and not model.training
+
+
+def test_a_checkpoint_loads_without_the_weights_file_it_started_from(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from seglab.encoders import create_encoder
+
+    start = tmp_path / "resnet18.safetensors"
+    save_file(create_encoder("resnet18").model.state_dict(), str(start))  # timm's names
+    kwargs = {"num_classes": 3, "encoder": "resnet18", "encoder_weights": str(start)}
+    model = create_model("unet", **kwargs).eval()
+    save_checkpoint(tmp_path / "ckpt", model, {"model": "unet", "kwargs": kwargs})
+    start.unlink()  # the run's own tensors are in the checkpoint; the starting file is not needed
+    loaded, config = load_checkpoint(tmp_path / "ckpt")
+    assert config["kwargs"]["encoder_weights"] == str(start)  # still recorded: where the run began
+    image = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(image), loaded(image))

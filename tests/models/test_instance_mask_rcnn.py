@@ -111,3 +111,39 @@ def test_boxes_are_decoded_in_float32_under_bf16_autocast():
     assert boxes.dtype == torch.float32 and len(boxes) > 0
     off_grid = boxes[(boxes > 64) & (boxes < 128)]
     assert len(off_grid) > 0 and (off_grid != off_grid.bfloat16().float()).any()
+
+
+def test_torchvision_weights_give_torchvision_detections(tmp_path):
+    """torchvision's maskrcnn_resnet50_fpn weights, saved as a file, load into seglab's
+    Mask R-CNN (timm ResNet-50 encoder) and give the same detections: same network, renamed."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    sizes = {"min_size": 96, "max_size": 96}
+    theirs = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5, box_score_thresh=0.0, **sizes).eval()
+    with torch.no_grad():  # BatchNorm statistics away from their defaults, so a lost tensor shows
+        for module in theirs.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+    file = tmp_path / "maskrcnn.pth"
+    torch.save(theirs.state_dict(), file)
+    ours = seglab.create_model("mask_rcnn", num_classes=5, torchvision_weights=str(file), **sizes).eval()
+    ours.roi_heads.score_thresh = 0.0
+    image = torch.rand(3, 96, 96)
+    with torch.no_grad():
+        expected, got = theirs([image])[0], ours([image])[0]
+    assert len(got["boxes"]) == len(expected["boxes"]) > 0
+    for key in ("boxes", "scores", "labels", "masks"):
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4)
+    # Another class count: everything but the class-specific predictors is taken.
+    other = seglab.create_model("mask_rcnn", num_classes=3, **sizes)
+    kept = seglab.models.instance.mask_rcnn.load_torchvision_weights(other, theirs.state_dict())
+    assert sorted(kept) == sorted(
+        f"roi_heads.{part}.{p}" for part in ("box_predictor.cls_score", "box_predictor.bbox_pred", "mask_predictor.mask_fcn_logits")
+        for p in ("weight", "bias")
+    )
+    assert torch.equal(other.rpn.head.conv[0][0].weight, theirs.rpn.head.conv[0][0].weight)
+    # Another backbone: one sentence naming the first tensor that does not fit.
+    with pytest.raises(ValueError, match=r"torchvision weights file .*maskrcnn.pth' have backbone.encoder.* encoder resnet50"):
+        seglab.create_model("mask_rcnn", num_classes=5, encoder="resnet18", torchvision_weights=str(file), **sizes)

@@ -18,10 +18,11 @@ def looks_like_path(weights: str) -> bool:
     return "/" in weights or "\\" in weights or Path(weights).suffix in (".safetensors", ".pt", ".pth", ".bin")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, what: str = "encoder weights file") -> dict[str, torch.Tensor]:
+    """The tensors of a weights file; `what` names the file in error messages."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"encoder weights file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -31,7 +32,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ValueError(f"encoder weights file {str(path)!r} does not hold a state dict")
+        raise ValueError(f"{what} {str(path)!r} does not hold a state dict")
     return state
 
 

@@ -22,6 +22,7 @@ CHECKPOINT_FORMAT = "seglab-checkpoint-v1"
 
 
 _SUFFIXES = (".safetensors", ".json")
+_STARTING_WEIGHTS = ("encoder_weights", "torchvision_weights")  # model options that only initialise
 
 
 def checkpoint_stem(path: Path) -> Path:
@@ -81,7 +82,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Rebuild the model from the JSON config and load its safetensors weights (eval mode)."""
     stem = resolve_checkpoint(path)
     config = read_checkpoint_config(stem)
-    model = create_model(config["model"], **config["kwargs"])
+    # Options naming starting weights (a file, or a download) only initialise a model; the
+    # checkpoint's own tensors replace them, so rebuilding never reads (or needs) those again.
+    kwargs = {key: value for key, value in config["kwargs"].items() if key not in _STARTING_WEIGHTS}
+    model = create_model(config["model"], **kwargs)
     weights = _file(stem, ".safetensors")
     try:
         state = load_file(str(weights), device=str(map_location))

@@ -25,6 +25,9 @@ keeps every image at its own size) and normalises internally, as torchvision's d
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 import torch
 from torch import nn
 from torchvision.models.detection import KeypointRCNN, MaskRCNN
@@ -38,13 +41,14 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from seglab.encoders import read_state_dict
 from seglab.models.instance.backbone import EncoderFPN, encoder_fpn
 from seglab.models.registry import register_model
 from seglab.ops.roi_align import SampledMultiScaleRoIAlign
 
 __all__ = [
-    "Float32BoxPredictor", "Float32RPNHead", "NativeSizeTransform", "keypoint_rcnn", "mask_rcnn", "normalisation",
-    "pyramid_anchors",
+    "Float32BoxPredictor", "Float32RPNHead", "NativeSizeTransform", "keypoint_rcnn", "load_torchvision_weights", "mask_rcnn",
+    "normalisation", "pyramid_anchors",
 ]
 
 _PYRAMID_LEVELS = ("0", "1", "2", "3")  # P2..P5; RoIs are pooled from these, never from P6
@@ -71,6 +75,42 @@ class Float32BoxPredictor(FastRCNNPredictor):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores, deltas = super().forward(x)
         return scores.float(), deltas.float()
+
+
+# The tensors whose shape follows the number of classes: kept from the seglab model when a
+# torchvision checkpoint was trained on another class count (fine-tuning from COCO's 91).
+_CLASS_SPECIFIC = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+def load_torchvision_weights(model: nn.Module, weights: str | Path | Mapping[str, torch.Tensor]) -> list[str]:
+    """Load torchvision Mask R-CNN weights (``maskrcnn_resnet50_fpn``'s state dict, or a local file
+    of it such as its COCO checkpoint) into a seglab :func:`mask_rcnn` with ``encoder="resnet50"``.
+
+    The two share every part but the backbone's container: torchvision's ResNet-50 body and the
+    timm ResNet-50 encoder have the same layers under other names (``backbone.body.`` here is
+    ``backbone.encoder.model.``), and FrozenBatchNorm2d stores no batch counter. The
+    class-specific predictors are kept from ``model`` when their shapes differ (a checkpoint of
+    another class count: fine-tuning); their names are returned. Any other missing or misshaped
+    tensor is an error naming it.
+    """
+    source = "torchvision weights" if isinstance(weights, Mapping) else f"torchvision weights file {str(weights)!r}"
+    state = dict(weights) if isinstance(weights, Mapping) else read_state_dict(weights, "torchvision weights file")
+    state = {key.replace("backbone.body.", "backbone.encoder.model.", 1): value for key, value in state.items()}
+    own = model.state_dict()
+    needs = "(they fit a Mask R-CNN with encoder resnet50 and the default widths)"
+    kept: list[str] = []
+    for key, value in own.items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
+        elif key not in state:
+            raise ValueError(f"{source} lack {key} {needs}")
+        elif state[key].shape != value.shape:
+            if not key.startswith(_CLASS_SPECIFIC):
+                raise ValueError(f"{source} have {key} of shape {tuple(state[key].shape)}, not {tuple(value.shape)} {needs}")
+            state[key] = value
+            kept.append(key)
+    model.load_state_dict({key: state[key] for key in own})
+    return kept
 
 
 class NativeSizeTransform(GeneralizedRCNNTransform):
@@ -143,6 +183,7 @@ def mask_rcnn(
     detections_per_image: int = 100,
     box_head_width: int = 1024,
     mask_head_width: int = 256,
+    torchvision_weights: str | None = None,
 ) -> nn.Module:
     """Mask R-CNN: RPN over FPN levels, RoIAlign, box head and a class-specific 28x28 mask head.
 
@@ -158,6 +199,9 @@ def mask_rcnn(
         box_head_width: width of the box head's two fully connected layers (1024 in the paper).
         mask_head_width: channels of the mask head's four convs and transposed conv (256 in the
             paper); the mask head is most of the cost per RoI, so small-image CPU recipes narrow it.
+        torchvision_weights: a local file of torchvision ``maskrcnn_resnet50_fpn`` weights (e.g.
+            its COCO checkpoint) to start from; needs ``encoder="resnet50"`` and the default
+            widths. The class-specific predictors start fresh when ``num_classes`` differs.
     """
     backbone = encoder_fpn(encoder, in_channels=in_channels, encoder_weights=encoder_weights, out_channels=fpn_channels, min_stride=4, extra="maxpool")
     options = _two_stage_options(
@@ -171,6 +215,8 @@ def mask_rcnn(
         mask_predictor=MaskRCNNPredictor(mask_head_width, mask_head_width, num_classes),
         **options,
     )
+    if torchvision_weights:
+        load_torchvision_weights(model, torchvision_weights)
     return _finish(model, min_size, in_channels)
 
 
