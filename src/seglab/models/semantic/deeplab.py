@@ -27,6 +27,7 @@ from seglab.models.registry import register_model
 from seglab.ops.context import ASPP
 from seglab.ops.conv import ConvNormAct, SeparableConvNormAct
 from seglab.ops.padding import crop_to, pad_to_multiple
+from seglab.ops.upsample import upsample_scores
 
 __all__ = ["DeepLabV2", "DeepLabV3", "DeepLabV3Plus", "deeplabv2", "deeplabv3", "deeplabv3plus"]
 
@@ -55,7 +56,7 @@ class DeepLabV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
         x = pad_to_multiple(x, 32)
-        return crop_to(_resize(self.aspp(self.encoder(x)[-1]), x.shape[-2:]), size)
+        return crop_to(upsample_scores(self.aspp(self.encoder(x)[-1]), x.shape[-2:]), size)
 
 
 class DeepLabV3(nn.Module):
@@ -68,7 +69,7 @@ class DeepLabV3(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
         x = pad_to_multiple(x, 32)
-        return crop_to(_resize(self.head(self.aspp(self.encoder(x)[-1])), x.shape[-2:]), size)
+        return crop_to(upsample_scores(self.head(self.aspp(self.encoder(x)[-1])), x.shape[-2:]), size)
 
 
 class DeepLabV3Plus(nn.Module):
@@ -94,7 +95,7 @@ class DeepLabV3Plus(nn.Module):
         low = self.reduce(features[self.low_level])
         high = _resize(self.aspp(features[-1]), low.shape[-2:])
         logits = self.classifier(self.refine(torch.cat([high, low], dim=1)))
-        return crop_to(_resize(logits, x.shape[-2:]), size)
+        return crop_to(upsample_scores(logits, x.shape[-2:]), size)
 
 
 def _rates(output_stride: int, rates: tuple[int, ...] = (6, 12, 18)) -> tuple[int, ...]:

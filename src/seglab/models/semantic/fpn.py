@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from seglab.encoders import create_encoder
 from seglab.models.registry import register_model
 from seglab.ops.conv import ConvNormAct
 from seglab.ops.padding import crop_to, pad_to_multiple
-from seglab.ops.upsample import make_upsample
+from seglab.ops.upsample import make_upsample, upsample_scores
 
 __all__ = ["FPN", "fpn"]
 
@@ -79,7 +78,7 @@ class FPN(nn.Module):
         stride4 = pyramid[0].shape[-2:]
         merged = sum(head(level, stride4) for head, level in zip(self.heads, pyramid))
         logits = self.classifier(self.dropout(merged))
-        return crop_to(F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False), size)
+        return crop_to(upsample_scores(logits, x.shape[-2:]), size)
 
 
 @register_model("fpn", paper="Kirillov et al., CVPR 2019")

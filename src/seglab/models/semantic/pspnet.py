@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from seglab.encoders import create_encoder
 from seglab.models.registry import register_model
 from seglab.ops.context import PyramidPooling
 from seglab.ops.conv import ConvNormAct
 from seglab.ops.padding import crop_to, pad_to_multiple
+from seglab.ops.upsample import upsample_scores
 
 __all__ = ["PSPNet", "pspnet"]
 
@@ -45,7 +45,7 @@ class PSPNet(nn.Module):
 
     @staticmethod
     def _to_input(logits: torch.Tensor, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
-        return crop_to(F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False), size)
+        return crop_to(upsample_scores(logits, x.shape[-2:]), size)
 
 
 @register_model("pspnet", paper="Zhao et al., CVPR 2017")

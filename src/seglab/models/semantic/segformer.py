@@ -18,6 +18,7 @@ from seglab.encoders.weights import load_weights_file
 from seglab.models.registry import register_model
 from seglab.ops.conv import ConvNormAct
 from seglab.ops.padding import crop_to, pad_to_multiple
+from seglab.ops.upsample import upsample_scores
 
 __all__ = ["SegFormer", "segformer"]
 
@@ -89,7 +90,7 @@ class SegFormer(nn.Module):
         # must be a multiple of 32 for every stage to tile exactly.
         x = pad_to_multiple(x, 32)
         logits = self.decoder(self.encoder(x))
-        return crop_to(F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False), size)
+        return crop_to(upsample_scores(logits, x.shape[-2:]), size)
 
 
 @register_model("segformer", paper="Xie et al., NeurIPS 2021")
