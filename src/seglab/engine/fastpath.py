@@ -444,7 +444,8 @@ def optimize_for_inference(
     example_input: torch.Tensor | None = None,
 ) -> InferenceModel:
     """The fast inference path of `model` (eval mode): conv-BN folding, large-dilation convs as
-    one GEMM + shifts (CPU, `DilatedConvAsGemm`), conv+ReLU fusion (CPU), channels_last,
+    one GEMM + shifts (CPU, `DilatedConvAsGemm`; depthwise ones as shifted multiply-adds,
+    `DilatedDepthwiseAsShifts`), conv+ReLU fusion (CPU), channels_last,
     inference_mode and `precision` ("auto": bf16 where the hardware runs it natively, else 32;
     "32", "bf16", "16"), optionally torch.compile. The argument model is left untouched unless
     `inplace`. Each switch can be turned off to measure the others on their own."""
