@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, default=8)
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="autocast precision")
+    evaluate.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="precision of the fast inference path (32: float32)")
     evaluate.add_argument("--crf", action="store_true", help="refine predictions with a dense CRF (docs/crf.md)")
     evaluate.add_argument("--crf-params", help="dense CRF parameters, e.g. theta_alpha=60,w1=5 (implies --crf)")
     evaluate.set_defaults(run=_eval)
