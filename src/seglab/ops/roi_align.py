@@ -114,10 +114,12 @@ class SampledMultiScaleRoIAlign(MultiScaleRoIAlign):
             level_of_box = self.map_levels(boxes)
         else:
             level_of_box = torch.zeros(len(all_boxes), dtype=torch.long, device=all_boxes.device)
-        result = levels[0].new_zeros((len(all_boxes), levels[0].shape[1]) + tuple(self.output_size))
+        # Every box is read from exactly one level (the mapper clamps k), so every row of the
+        # result is written below: no zero fill, and each level's rows are put in place.
+        result = levels[0].new_empty((len(all_boxes), levels[0].shape[1]) + tuple(self.output_size))
         for level, (feature, scale) in enumerate(zip(levels, self.scales)):
             chosen = torch.where(level_of_box == level)[0]
             if len(chosen):
                 pooled = roi_align_sampled(feature, all_boxes[chosen], image_index[chosen], tuple(self.output_size), scale, self.sampling_ratio)
-                result = result.to(pooled.dtype).index_put((chosen,), pooled)
+                result.index_put_((chosen,), pooled)
         return result
