@@ -372,8 +372,7 @@ class DilatedDepthwiseAsShifts(nn.Module):
 
     @staticmethod
     def applies_to(conv: nn.Module, min_dilation: int) -> bool:
-        depthwise = isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels > 1
-        return depthwise and _same_padded_stride_1(conv, min_dilation)
+        return _same_padded_stride_1(conv, min_dilation) and conv.groups == conv.in_channels == conv.out_channels > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
