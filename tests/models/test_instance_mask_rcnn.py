@@ -147,3 +147,28 @@ def test_torchvision_weights_give_torchvision_detections(tmp_path):
     # Another backbone: one sentence naming the first tensor that does not fit.
     with pytest.raises(ValueError, match=r"torchvision weights file .*maskrcnn.pth' have backbone.encoder.* encoder resnet50"):
         seglab.create_model("mask_rcnn", num_classes=5, encoder="resnet18", torchvision_weights=str(file), **sizes)
+
+
+def test_torchvision_keypoint_weights_give_torchvision_keypoints():
+    from torchvision.models.detection import keypointrcnn_resnet50_fpn
+
+    from seglab.models.instance.mask_rcnn import load_torchvision_weights
+
+    torch.manual_seed(0)
+    sizes = {"min_size": 96, "max_size": 96}
+    theirs = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, box_score_thresh=0.0, **sizes).eval()
+    ours = seglab.create_model("keypoint_rcnn", **sizes).eval()
+    assert load_torchvision_weights(ours, theirs.state_dict()) == []  # same classes and keypoints: all taken
+    ours.roi_heads.score_thresh = 0.0
+    image = torch.rand(3, 96, 96)
+    with torch.no_grad():
+        expected, got = theirs([image])[0], ours([image])[0]
+    assert len(got["boxes"]) == len(expected["boxes"]) > 0
+    for key in ("boxes", "scores", "keypoints", "keypoints_scores"):
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-3, atol=1e-3)
+    # Another keypoint count: the keypoint predictor starts fresh, the rest is taken.
+    other = seglab.create_model("keypoint_rcnn", num_keypoints=5, **sizes)
+    assert load_torchvision_weights(other, theirs.state_dict()) == [
+        "roi_heads.keypoint_predictor.kps_score_lowres.weight", "roi_heads.keypoint_predictor.kps_score_lowres.bias"
+    ]
+

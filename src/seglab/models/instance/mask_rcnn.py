@@ -77,14 +77,18 @@ class Float32BoxPredictor(FastRCNNPredictor):
         return scores.float(), deltas.float()
 
 
-# The tensors whose shape follows the number of classes: kept from the seglab model when a
-# torchvision checkpoint was trained on another class count (fine-tuning from COCO's 91).
-_CLASS_SPECIFIC = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.", "roi_heads.mask_predictor.mask_fcn_logits.")
+# The tensors whose shape follows the number of classes (or keypoints): kept from the seglab
+# model when a torchvision checkpoint was trained on another count (fine-tuning from COCO's 91).
+_CLASS_SPECIFIC = (
+    "roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.", "roi_heads.mask_predictor.mask_fcn_logits.",
+    "roi_heads.keypoint_predictor.kps_score_lowres.",
+)
 
 
 def load_torchvision_weights(model: nn.Module, weights: str | Path | Mapping[str, torch.Tensor]) -> list[str]:
     """Load torchvision Mask R-CNN weights (``maskrcnn_resnet50_fpn``'s state dict, or a local file
-    of it such as its COCO checkpoint) into a seglab :func:`mask_rcnn` with ``encoder="resnet50"``.
+    of it such as its COCO checkpoint) into a seglab :func:`mask_rcnn` with ``encoder="resnet50"``;
+    likewise ``keypointrcnn_resnet50_fpn``'s into :func:`keypoint_rcnn`.
 
     The two share every part but the backbone's container: torchvision's ResNet-50 body and the
     timm ResNet-50 encoder have the same layers under other names (``backbone.body.`` here is
@@ -236,12 +240,14 @@ def keypoint_rcnn(
     proposals: int = 1000,
     rois_per_image: int = 512,
     detections_per_image: int = 100,
+    torchvision_weights: str | None = None,
 ) -> nn.Module:
     """Keypoint R-CNN: Mask R-CNN with a keypoint head, one 56x56 heat map per keypoint.
 
     Targets carry ``keypoints`` (N x K x 3: x, y, visibility); the head is eight 3x3 convs of
     ``head_channels`` on 14x14 RoI features and a 2x transposed conv, upsampled to 56x56, as the
-    paper describes. Other arguments as :func:`mask_rcnn`.
+    paper describes. Other arguments as :func:`mask_rcnn`; ``torchvision_weights`` is a file of
+    torchvision ``keypointrcnn_resnet50_fpn`` weights (its COCO person-keypoint checkpoint).
     """
     backbone = encoder_fpn(encoder, in_channels=in_channels, encoder_weights=encoder_weights, out_channels=fpn_channels, min_stride=4, extra="maxpool")
     options = _two_stage_options(backbone, anchor_size, min_size, max_size, proposals, rois_per_image, detections_per_image, in_channels)
@@ -253,4 +259,6 @@ def keypoint_rcnn(
         keypoint_predictor=KeypointRCNNPredictor(head_channels, num_keypoints),
         **options,
     )
+    if torchvision_weights:
+        load_torchvision_weights(model, torchvision_weights)
     return _finish(model, min_size, in_channels)
