@@ -113,6 +113,17 @@ def test_boxes_are_decoded_in_float32_under_bf16_autocast():
     assert len(off_grid) > 0 and (off_grid != off_grid.bfloat16().float()).any()
 
 
+def _assert_same_detections(ours, theirs, keys, tolerance):
+    """Both models in eval mode keep every box (score threshold 0) of one random 96x96 image."""
+    ours.eval().roi_heads.score_thresh = 0.0
+    image = torch.rand(3, 96, 96)
+    with torch.no_grad():
+        expected, got = theirs([image])[0], ours([image])[0]
+    assert len(got["boxes"]) == len(expected["boxes"]) > 0
+    for key in keys:
+        torch.testing.assert_close(got[key], expected[key], rtol=tolerance, atol=tolerance)
+
+
 def test_torchvision_weights_give_torchvision_detections(tmp_path):
     """torchvision's maskrcnn_resnet50_fpn weights, saved as a file, load into seglab's
     Mask R-CNN (timm ResNet-50 encoder) and give the same detections: same network, renamed."""
@@ -128,14 +139,8 @@ def test_torchvision_weights_give_torchvision_detections(tmp_path):
                 module.running_var.uniform_(0.5, 2.0)
     file = tmp_path / "maskrcnn.pth"
     torch.save(theirs.state_dict(), file)
-    ours = seglab.create_model("mask_rcnn", num_classes=5, torchvision_weights=str(file), **sizes).eval()
-    ours.roi_heads.score_thresh = 0.0
-    image = torch.rand(3, 96, 96)
-    with torch.no_grad():
-        expected, got = theirs([image])[0], ours([image])[0]
-    assert len(got["boxes"]) == len(expected["boxes"]) > 0
-    for key in ("boxes", "scores", "labels", "masks"):
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4)
+    ours = seglab.create_model("mask_rcnn", num_classes=5, torchvision_weights=str(file), **sizes)
+    _assert_same_detections(ours, theirs, ("boxes", "scores", "labels", "masks"), tolerance=1e-4)
     # Another class count: everything but the class-specific predictors is taken.
     other = seglab.create_model("mask_rcnn", num_classes=3, **sizes)
     kept = seglab.models.instance.mask_rcnn.load_torchvision_weights(other, theirs.state_dict())
@@ -157,15 +162,9 @@ def test_torchvision_keypoint_weights_give_torchvision_keypoints():
     torch.manual_seed(0)
     sizes = {"min_size": 96, "max_size": 96}
     theirs = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, box_score_thresh=0.0, **sizes).eval()
-    ours = seglab.create_model("keypoint_rcnn", **sizes).eval()
+    ours = seglab.create_model("keypoint_rcnn", **sizes)
     assert load_torchvision_weights(ours, theirs.state_dict()) == []  # same classes and keypoints: all taken
-    ours.roi_heads.score_thresh = 0.0
-    image = torch.rand(3, 96, 96)
-    with torch.no_grad():
-        expected, got = theirs([image])[0], ours([image])[0]
-    assert len(got["boxes"]) == len(expected["boxes"]) > 0
-    for key in ("boxes", "scores", "keypoints", "keypoints_scores"):
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-3, atol=1e-3)
+    _assert_same_detections(ours, theirs, ("boxes", "scores", "keypoints", "keypoints_scores"), tolerance=1e-3)
     # Another keypoint count: the keypoint predictor starts fresh, the rest is taken.
     other = seglab.create_model("keypoint_rcnn", num_keypoints=5, **sizes)
     assert load_torchvision_weights(other, theirs.state_dict()) == [
