@@ -141,7 +141,9 @@ def normalisation(in_channels: int) -> tuple[list[float], list[float]]:
     return [0.5] * in_channels, [0.25] * in_channels
 
 
-def _finish(model: nn.Module, min_size: int, in_channels: int) -> nn.Module:
+def _finish(model: nn.Module, min_size: int, in_channels: int, torchvision_weights: str | None) -> nn.Module:
+    if torchvision_weights:
+        load_torchvision_weights(model, torchvision_weights)
     if min_size == 0:
         mean, std = normalisation(in_channels)
         model.transform = NativeSizeTransform(1, 1, mean, std)
@@ -219,9 +221,7 @@ def mask_rcnn(
         mask_predictor=MaskRCNNPredictor(mask_head_width, mask_head_width, num_classes),
         **options,
     )
-    if torchvision_weights:
-        load_torchvision_weights(model, torchvision_weights)
-    return _finish(model, min_size, in_channels)
+    return _finish(model, min_size, in_channels, torchvision_weights)
 
 
 @register_model("keypoint_rcnn", task="keypoint", paper="He et al. 2017, Mask R-CNN (ICCV), section 5", zero_allowed=("min_size",))
@@ -259,6 +259,4 @@ def keypoint_rcnn(
         keypoint_predictor=KeypointRCNNPredictor(head_channels, num_keypoints),
         **options,
     )
-    if torchvision_weights:
-        load_torchvision_weights(model, torchvision_weights)
-    return _finish(model, min_size, in_channels)
+    return _finish(model, min_size, in_channels, torchvision_weights)
