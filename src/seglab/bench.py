@@ -87,10 +87,13 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 # One optimisation at a time on top of plain float32 eager inference (all run under no_grad).
-_NOTHING = dict(precision="32", fold_bn=False, fuse_relu=False, dilated_as_gemm=False, channels_last=False, inference_mode=False)
+_NOTHING = dict(precision="32", fold_bn=False, fuse_relu=False, dilated_as_gemm=False, channels_last=False,
+                inference_mode=False, prepack=False)
 INFERENCE_ABLATION: dict[str, dict[str, Any]] = {
     "+inference_mode": {**_NOTHING, "inference_mode": True},
     "+channels_last": {**_NOTHING, "channels_last": True},
+    # Packed weights are used for channels-last input, so they are measured against "+channels_last".
+    "+channels_last +prepack": {**_NOTHING, "channels_last": True, "prepack": True},
     "+fold_conv_bn": {**_NOTHING, "fold_bn": True},
     # Most ReLUs follow a BatchNorm, so the fusion is measured on top of the folding.
     "+fold_conv_bn +fuse_conv_relu": {**_NOTHING, "fold_bn": True, "fuse_relu": True},

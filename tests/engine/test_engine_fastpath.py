@@ -356,9 +356,9 @@ def test_segformer_fast_path_fuses_the_mix_ffn_gelu_and_keeps_outputs():
     with torch.no_grad():
         expected = model(x)
     fast = optimize_for_inference(model, "32")
-    from seglab.engine.fastpath import ConvReLU
+    from seglab.engine.fastpath import FusedConv
 
-    fused = [m for m in fast.modules() if isinstance(m, ConvReLU) and isinstance(m.activation, nn.GELU)]
+    fused = [m for m in fast.modules() if isinstance(m, FusedConv) and isinstance(m.activation, nn.GELU)]
     assert len(fused) == 8  # the depthwise conv + GELU of every Mix-FFN (2 blocks x 4 stages)
     torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-4)
 

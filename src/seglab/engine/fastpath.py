@@ -9,6 +9,8 @@ Each step is independent, so the benchmark can measure each on its own:
   convolution's output and nothing else reads that tensor.
 - `fuse_conv_relu` (CPU inference): a convolution and the ReLU (or GELU) that follows it run as one
   oneDNN kernel with the activation as a post-op; the pairs are found the same way.
+- `prepack_conv_weights` (CPU inference, `seglab.engine.onednn`): every convolution keeps its
+  weight in oneDNN's blocked layout instead of reordering it at each call.
 - `to_channels_last`: oneDNN's convolutions run natively on NHWC; NCHW costs reorders.
 - bfloat16 (`optimize_for_inference(..., precision="bf16")`): weights and activations in
   bfloat16, which AVX-512 BF16 / AMX processors and recent GPUs multiply several times faster
@@ -36,12 +38,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from seglab.engine.onednn import (
+    FusedConv,
+    fusable_conv,
+    onednn_available,
+    prepack_conv_weights,
+    replace_submodule,
+)
 from seglab.engine.precision import auto_precision, resolve_precision
 
 __all__ = [
-    "ConvReLU",
     "DilatedConvAsGemm",
     "DilatedDepthwiseAsShifts",
+    "FusedConv",
     "InferenceModel",
     "autocast_context",
     "default_precision",
@@ -50,6 +59,7 @@ __all__ = [
     "optimize_for_inference",
     "optimize_instance_model",
     "optimizer_options",
+    "prepack_conv_weights",
     "prepare_batch",
     "to_channels_last",
 ]
@@ -209,11 +219,6 @@ def _conv_consumer_pairs(model: nn.Module, consumer: tuple[type[nn.Module], ...]
     return recorder.mergeable_pairs()
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attribute = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attribute, module)
-
-
 @torch.no_grad()
 def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     scale = torch.rsqrt(bn.running_var + bn.eps)
@@ -238,53 +243,23 @@ def fold_conv_bn(model: nn.Module, example_input: torch.Tensor | None = None) ->
         if not bn.track_running_stats or bn.running_mean is None:
             continue  # a BatchNorm without running statistics normalises with the batch's own
         _fold_into(model.get_submodule(conv_name), bn)
-        _replace(model, bn_name, nn.Identity())
+        replace_submodule(model, bn_name, nn.Identity())
         folded += 1
     return folded
 
 
-class ConvReLU(nn.Module):
-    """A convolution whose activation (ReLU, or GELU: exact or tanh) oneDNN applies in the same
-    kernel, as a post-op, on the CPU (one pass over the output instead of two); elsewhere the two
-    run one after the other."""
-
-    def __init__(self, conv: nn.Conv2d, activation: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv = conv
-        self.activation = activation if activation is not None else nn.ReLU()
-        if isinstance(self.activation, nn.GELU):
-            self.post_op = ("gelu", self.activation.approximate)  # "none" (erf) or "tanh"
-        else:
-            self.post_op = ("relu", "")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.conv
-        if x.device.type == "cpu" and not (torch.is_grad_enabled() and conv.weight.requires_grad):
-            attr, algorithm = self.post_op
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-                attr, [], algorithm,
-            )
-        return self.activation(conv(x))
-
-
-def _fusable(conv: nn.Conv2d) -> bool:
-    # ConvReLU calls oneDNN's plain convolution: not for subclasses with their own forward.
-    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-
-
 def fuse_conv_relu(model: nn.Module, example_input: torch.Tensor | None = None) -> int:
-    """Replace every Conv2d directly followed by a ReLU or GELU module with a `ConvReLU` (and the
+    """Replace every Conv2d directly followed by a ReLU or GELU module with a `FusedConv` (and the
     activation with nn.Identity), in place, for CPU inference; best after `fold_conv_bn`, which
     removes the BatchNorm between them. Returns the number of fused pairs."""
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+    if not onednn_available():
         return 0
     fused = 0
     for conv_name, act_name in _conv_consumer_pairs(model, (nn.ReLU, nn.GELU), example_input):  # one observed pass
         conv = model.get_submodule(conv_name)
-        if _fusable(conv):
-            _replace(model, conv_name, ConvReLU(conv, model.get_submodule(act_name)))
-            _replace(model, act_name, nn.Identity())
+        if fusable_conv(conv):
+            replace_submodule(model, conv_name, FusedConv(conv, model.get_submodule(act_name)))
+            replace_submodule(model, act_name, nn.Identity())
             fused += 1
     return fused
 
@@ -390,9 +365,9 @@ def rewrite_dilated_convs(model: nn.Module, min_dilation: int = 6, min_depthwise
     replaced = 0
     for name, module in list(model.named_modules()):
         if DilatedConvAsGemm.applies_to(module, min_dilation):
-            _replace(model, name, DilatedConvAsGemm(module))
+            replace_submodule(model, name, DilatedConvAsGemm(module))
         elif DilatedDepthwiseAsShifts.applies_to(module, min_depthwise_dilation):
-            _replace(model, name, DilatedDepthwiseAsShifts(module))
+            replace_submodule(model, name, DilatedDepthwiseAsShifts(module))
         else:
             continue
         replaced += 1
@@ -435,6 +410,7 @@ def optimize_for_inference(
     *,
     fold_bn: bool = True,
     fuse_relu: bool = True,
+    prepack: bool = True,
     dilated_as_gemm: bool = True,
     channels_last: bool = True,
     inference_mode: bool = True,
@@ -444,8 +420,8 @@ def optimize_for_inference(
 ) -> InferenceModel:
     """The fast inference path of `model` (eval mode): conv-BN folding, large-dilation convs as
     one GEMM + shifts (CPU, `DilatedConvAsGemm`; depthwise ones as shifted multiply-adds,
-    `DilatedDepthwiseAsShifts`), conv+ReLU fusion (CPU), channels_last,
-    inference_mode and `precision` ("auto": bf16 where the hardware runs it natively, else 32;
+    `DilatedDepthwiseAsShifts`), conv+ReLU fusion (CPU), convolution weights kept in oneDNN's
+    layout (CPU, `prepack_conv_weights`), channels_last, inference_mode and `precision` ("auto": bf16 where the hardware runs it natively, else 32;
     "32", "bf16", "16"), optionally torch.compile. The argument model is left untouched unless
     `inplace`. Each switch can be turned off to measure the others on their own."""
     device = _device_of(model)
@@ -456,8 +432,11 @@ def optimize_for_inference(
         fold_conv_bn(prepared, example_input)
     if dilated_as_gemm and device.type == "cpu" and not compile:  # before the fusion, which takes plain convs
         rewrite_dilated_convs(prepared)
-    if fuse_relu and device.type == "cpu" and not compile:  # inductor does its own fusion
+    on_onednn = device.type == "cpu" and not compile  # inductor does its own fusion and packing
+    if fuse_relu and on_onednn:
         fuse_conv_relu(prepared, example_input)
+    if prepack and on_onednn:
+        prepack_conv_weights(prepared)
     if channels_last:
         prepared = to_channels_last(prepared)
     dtype = _DTYPES[name]
@@ -472,8 +451,8 @@ def optimize_for_inference(
 @torch.no_grad()
 def optimize_instance_model(model: nn.Module, example_size: int = 64) -> nn.Module:
     """The float32 steps of the fast path for an instance model (a list of C x H x W images in,
-    a list of detections out), in place: conv-BN folding, conv+activation fusion (CPU) and
-    channels_last; eval mode, no gradients. The merged pairs are observed on one blank
+    a list of detections out), in place: conv-BN folding, conv+activation fusion and weights
+    kept in oneDNN's layout (CPU), and channels_last; eval mode, no gradients. The merged pairs are observed on one blank
     `example_size` image, so modules that image does not reach (a mask head with no detection,
     a head shared by several pyramid levels) are left as they are. Returns the model."""
     example = [_example_input(model, example_size)[0]]
@@ -481,6 +460,7 @@ def optimize_instance_model(model: nn.Module, example_size: int = 64) -> nn.Modu
     fold_conv_bn(model, example)
     if _device_of(model).type == "cpu":
         fuse_conv_relu(model, example)
+        prepack_conv_weights(model)
     return to_channels_last(model)
 
 
