@@ -34,6 +34,7 @@ from seglab.engine.fastpath import (
     to_channels_last,
 )
 from seglab.engine.precision import cpu_supports_bf16
+from seglab.memory import keeps_freed_memory
 from seglab.models.registry import create_model
 
 __all__ = ["ARCHITECTURES", "Architecture", "BenchSettings", "run_bench", "to_markdown", "machine_description"]
@@ -436,6 +437,8 @@ def machine_description() -> dict[str, Any]:
         description["segmentation_models_pytorch"] = smp.__version__
     except ImportError:
         description["segmentation_models_pytorch"] = None
+    # Whether freed activation maps are reused or mapped afresh (seglab's command sets it; both sides share it).
+    description["malloc_keeps_freed_memory"] = keeps_freed_memory()
     description["load_average"] = _load_average()
     return description
 

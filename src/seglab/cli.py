@@ -430,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # run as the `seglab` program: the process is seglab's own
+        from seglab.memory import keep_freed_memory
+
+        keep_freed_memory()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
