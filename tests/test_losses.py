@@ -244,3 +244,63 @@ def test_build_loss_errors_name_the_culprit(spec, culprit):
 def test_class_weights_length_is_checked():
     with pytest.raises(ValueError, match="class_weights"):
         build_loss("ce", num_classes=3, class_weights=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("classes", [3, 20])  # the channel-plane and the pixels x classes kernels
+@pytest.mark.parametrize("options", [{}, {"weighted": True}, {"ignore_index": 255, "label_smoothing": 0.1}])
+def test_pixel_cross_entropy_reads_channels_last_logits_like_nchw(options, classes):
+    from seglab.losses.pixelwise import pixel_cross_entropy
+
+    torch.manual_seed(0)
+    if options.pop("weighted", False):
+        options = {"weight": torch.rand(classes) + 0.5}
+    logits = torch.randn(2, classes, 5, 7)
+    target = torch.randint(0, classes, (2, 5, 7))
+    target[0, 0, :3] = 255 if "ignore_index" in options else 0
+    nchw = logits.clone().requires_grad_()
+    channels_last = logits.contiguous(memory_format=torch.channels_last).requires_grad_()
+    expected = F.cross_entropy(nchw, target, reduction="none", **options)
+    per_pixel = pixel_cross_entropy(channels_last, target, **options)
+    assert per_pixel.shape == target.shape
+    torch.testing.assert_close(per_pixel, expected)
+    expected.sum().backward()
+    per_pixel.sum().backward()
+    torch.testing.assert_close(channels_last.grad, nchw.grad)
+
+
+def test_focal_loss_is_the_same_on_channels_last_logits():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6, 6)
+    target = torch.randint(0, 4, (2, 6, 6))
+    loss = FocalLoss("multiclass", gamma=2.0, class_weights=[1.0, 2.0, 0.5, 1.0])
+    torch.testing.assert_close(loss(logits.contiguous(memory_format=torch.channels_last), target), loss(logits, target))
+
+
+def _overlap_by_one_hot(logits, target, ignore_index, per_image):
+    """<Y,P>, |P|_1, |P|_2^2, |Y| per class, computed the plain way (one-hot built)."""
+    valid = (target != ignore_index).unsqueeze(1)
+    probs = logits.softmax(1) * valid
+    onehot = F.one_hot(target.masked_fill(~valid[:, 0], 0), logits.shape[1]).permute(0, 3, 1, 2) * valid
+    dims = (2, 3) if per_image else (0, 2, 3)
+    return (probs * onehot).sum(dims), probs.sum(dims), (probs * probs).sum(dims), onehot.sum(dims).float()
+
+
+@pytest.mark.parametrize("classes", [3, 20])
+@pytest.mark.parametrize("per_image", [False, True])
+def test_overlap_losses_match_the_one_hot_formulas_in_either_layout(classes, per_image):
+    torch.manual_seed(1)
+    logits = torch.randn(2, classes, 6, 5)
+    target = torch.randint(0, classes, (2, 6, 5))
+    target[1, :2] = 255
+    intersection, l1, l2, count = _overlap_by_one_hot(logits, target, 255, per_image)
+    s = 1.0
+    expected = {
+        DiceLoss(norm="l1", per_image=per_image): 1 - ((2 * intersection + s) / (l1 + count + s)).mean(),
+        DiceLoss(norm="l2", per_image=per_image): 1 - ((2 * intersection + s) / (l2 + count + s)).mean(),
+        JaccardLoss(per_image=per_image): 1 - ((intersection + s) / (l1 + count - intersection + s)).mean(),
+        TverskyLoss(alpha=0.3, beta=0.7, per_image=per_image):
+            1 - ((intersection + s) / (intersection + 0.3 * (l1 - intersection) + 0.7 * (count - intersection) + s)).mean(),
+    }
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for loss, value in expected.items():
+            torch.testing.assert_close(loss(logits.contiguous(memory_format=layout), target), value)

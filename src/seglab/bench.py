@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from seglab.engine.fastpath import (
@@ -34,6 +33,7 @@ from seglab.engine.fastpath import (
     to_channels_last,
 )
 from seglab.engine.precision import cpu_supports_bf16
+from seglab.losses.pixelwise import pixel_cross_entropy
 from seglab.memory import keeps_freed_memory
 from seglab.models.registry import create_model
 
@@ -265,7 +265,9 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
         optimizer.zero_grad(set_to_none=True)
         with autocast_context(device, precision):
             logits = _logits(model(images))
-        F.cross_entropy(logits.float(), target).backward()
+        # Cross-entropy read in the logits' own layout (channels-last ones as a pixels x classes
+        # matrix, as seglab's losses do); NCHW logits, the peers', go to F.cross_entropy as they are.
+        pixel_cross_entropy(logits.float(), target).mean().backward()
         optimizer.step()
 
     return step

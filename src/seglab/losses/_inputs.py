@@ -61,6 +61,45 @@ def probabilities_and_onehot(
     return logits.sigmoid(), target.masked_fill(~valid, 0).to(logits.dtype), valid
 
 
+def pixel_major_softmax(num_classes: int) -> bool:
+    """Whether a softmax over classes runs faster with each pixel's classes contiguous (pixels x
+    classes) than across the channel planes: when the classes fill a vector register. On a
+    2-core Zen 4, cross-entropy forward + backward: 21 classes on 4 x 512 x 512, channels-last
+    logits 353 -> 167 ms as pixels x classes; 6 classes on 8 x 128 x 128, 5.1 -> 12.6 ms."""
+    return num_classes >= 16
+
+
+def multiclass_overlap_sums(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None, norm: str, per_image: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """<Y,P>, |P| and |Y| per class (N x K per image, else K) of the softmax P and the one-hot Y
+    of the class-index target, ignored pixels left out; |P| in the L1 or squared-L2 norm, |Y|
+    the same in both (Y is 0/1). The one-hot is never built: <Y,P> adds each pixel's probability
+    of its true class to that class, |Y| counts the pixels per class. (Built, it and its
+    products were ~10 passes over N x K x S: ce+dice on a 4 x 21 x 512 x 512 batch took ~1 s.)
+    The softmax runs with each pixel's classes contiguous, a view of channels-last logits."""
+    if logits.dim() != target.dim() + 1:
+        raise ValueError(f"multiclass loss needs logits N x K x ... and target N x ..., got {tuple(logits.shape)} and {tuple(target.shape)}")
+    n, num_classes = logits.shape[:2]
+    if pixel_major_softmax(num_classes):
+        probs = logits.movedim(1, -1).reshape(n, -1, num_classes).softmax(-1)  # N x S x K
+    else:
+        probs = logits.softmax(1).movedim(1, -1).reshape(n, -1, num_classes)
+    valid = valid_mask(target, ignore_index).reshape(n, -1)
+    labels = target.reshape(n, -1).masked_fill(~valid, 0).long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"target class outside 0..{num_classes - 1} (and not ignore_index={ignore_index})")
+    counted = valid.to(probs.dtype)
+    if ignore_index is not None:
+        probs = probs * counted.unsqueeze(-1)
+    true_class = probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # N x S, 0 where ignored
+    intersection = probs.new_zeros(n, num_classes).scatter_add(1, labels, true_class)
+    target_mass = probs.new_zeros(n, num_classes).scatter_add(1, labels, counted)
+    predicted_mass = (probs if norm == "l1" else probs * probs).sum(1)
+    sums = (intersection, predicted_mass, target_mass)
+    return sums if per_image else tuple(term.sum(0) for term in sums)
+
+
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean over valid entries; 0 (still attached to the graph) when none is valid."""
     values = values * valid

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seglab.losses._inputs import check_mode, probabilities_and_onehot
+from seglab.losses._inputs import check_mode, multiclass_overlap_sums, probabilities_and_onehot
 from seglab.metrics.soft import NORMS, overlap_terms
 
 __all__ = ["DiceLoss", "JaccardLoss", "TverskyLoss"]
@@ -36,10 +36,12 @@ class _OverlapLoss(nn.Module):
         self.ignore_index = ignore_index
         self.eps = eps  # only guards 0/0 when smooth = 0
 
-    def _inputs(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    def _sums(self, logits: torch.Tensor, target: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """<Y,P>, |P|, |Y| per class (and image, with per_image)."""
+        if self.mode == "multiclass":
+            return multiclass_overlap_sums(logits, target, self.ignore_index, norm, self.per_image)
         probs, onehot, valid = probabilities_and_onehot(logits, target, self.mode, self.ignore_index)
-        dims = (2,) if self.per_image else (0, 2)
-        return probs * valid, onehot * valid, dims
+        return overlap_terms(probs * valid, onehot * valid, norm, (2,) if self.per_image else (0, 2))
 
 
 class _NormedOverlapLoss(_OverlapLoss):
@@ -64,8 +66,7 @@ class _NormedOverlapLoss(_OverlapLoss):
         raise NotImplementedError
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        probs, onehot, dims = self._inputs(logits, target)
-        return 1 - self._score(*overlap_terms(probs, onehot, self.norm, dims)).mean()
+        return 1 - self._score(*self._sums(logits, target, self.norm)).mean()
 
 
 class DiceLoss(_NormedOverlapLoss):
@@ -107,10 +108,9 @@ class TverskyLoss(_OverlapLoss):
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        probs, onehot, dims = self._inputs(logits, target)
-        true_positive = (probs * onehot).sum(dims)
-        false_positive = probs.sum(dims) - true_positive
-        false_negative = onehot.sum(dims) - true_positive
+        true_positive, predicted, actual = self._sums(logits, target, "l1")
+        false_positive = predicted - true_positive
+        false_negative = actual - true_positive
         denominator = true_positive + self.alpha * false_positive + self.beta * false_negative + self.smooth
         index = (true_positive + self.smooth) / denominator.clamp(min=self.eps)
         return ((1 - index).clamp(min=0) ** self.gamma).mean()

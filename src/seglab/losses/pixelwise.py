@@ -12,13 +12,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seglab.losses._inputs import binary_view, check_mode, masked_mean, valid_mask
+from seglab.losses._inputs import binary_view, check_mode, masked_mean, pixel_major_softmax, valid_mask
 
-__all__ = ["BCELoss", "CrossEntropyLoss", "FocalLoss"]
+__all__ = ["BCELoss", "CrossEntropyLoss", "FocalLoss", "pixel_cross_entropy"]
 
 
 def _weights(class_weights: Sequence[float] | torch.Tensor | None) -> torch.Tensor | None:
     return None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+
+
+def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, **options) -> torch.Tensor:
+    """F.cross_entropy(logits, target, reduction="none", **options) per pixel (N x H x W), also
+    fast for channels-last logits with many classes: PyTorch's log-softmax over dim 1 first
+    copies those into NCHW and then reduces across strided channels (a x4-upsampled 21-class
+    512 x 512 batch of 4: 240 ms forward + backward with the upsampling), while as a (pixels x
+    classes) matrix the classes of a pixel are contiguous (94 ms). With few classes (under 16)
+    the channel-plane kernel stays faster."""
+    channels_last = logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last)
+    if not (channels_last and pixel_major_softmax(logits.shape[1])):
+        return F.cross_entropy(logits, target, reduction="none", **options)
+    n, k, h, w = logits.shape
+    per_pixel = F.cross_entropy(logits.permute(0, 2, 3, 1).reshape(-1, k), target.reshape(-1), reduction="none", **options)
+    return per_pixel.view(n, h, w)
 
 
 class CrossEntropyLoss(nn.Module):
@@ -46,8 +61,8 @@ class CrossEntropyLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ignore = -100 if self.ignore_index is None else self.ignore_index
         weight = None if self.class_weights is None else self.class_weights.to(logits.dtype)
-        per_pixel = F.cross_entropy(
-            logits, target.long(), weight=weight, ignore_index=ignore, reduction="none", label_smoothing=self.label_smoothing
+        per_pixel = pixel_cross_entropy(
+            logits, target.long(), weight=weight, ignore_index=ignore, label_smoothing=self.label_smoothing
         )
         valid = valid_mask(target, self.ignore_index)
         if weight is None:
@@ -117,11 +132,11 @@ class FocalLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.mode == "multiclass":
             valid = valid_mask(target, self.ignore_index)
-            labels = target.masked_fill(~valid, 0).long().unsqueeze(1)
-            log_pt = logits.log_softmax(1).gather(1, labels).squeeze(1)
+            labels = target.masked_fill(~valid, 0).long()
+            log_pt = -pixel_cross_entropy(logits, labels)
             loss = -((1 - log_pt.exp()) ** self.gamma) * log_pt
             if self.class_weights is not None:
-                loss = loss * self.class_weights.to(logits.dtype)[labels.squeeze(1)]
+                loss = loss * self.class_weights.to(logits.dtype)[labels]
             return masked_mean(loss, valid)
         logits, target = binary_view(logits, target, self.mode)
         valid = valid_mask(target, self.ignore_index)
