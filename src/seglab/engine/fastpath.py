@@ -421,8 +421,9 @@ def optimize_for_inference(
     """The fast inference path of `model` (eval mode): conv-BN folding, large-dilation convs as
     one GEMM + shifts (CPU, `DilatedConvAsGemm`; depthwise ones as shifted multiply-adds,
     `DilatedDepthwiseAsShifts`), conv+ReLU fusion (CPU), convolution weights kept in oneDNN's
-    layout (CPU, `prepack_conv_weights`), channels_last, inference_mode and `precision` ("auto": bf16 where the hardware runs it natively, else 32;
-    "32", "bf16", "16"), optionally torch.compile. The argument model is left untouched unless
+    layout (CPU, `prepack_conv_weights`), channels_last, inference_mode and `precision`
+    ("auto": bf16 where the hardware runs it natively, else 32; "32", "bf16", "16"),
+    optionally torch.compile. The argument model is left untouched unless
     `inplace`. Each switch can be turned off to measure the others on their own."""
     device = _device_of(model)
     name = _check_precision(precision, device)

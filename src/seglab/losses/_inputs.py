@@ -11,7 +11,6 @@ used for means, and a batch where everything is ignored gives a loss of 0 (not N
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 MODES = ("multiclass", "binary", "multilabel")
 
@@ -39,23 +38,11 @@ def valid_mask(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
     return torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
 
 
-def probabilities_and_onehot(
+def sigmoid_probabilities_and_targets(
     logits: torch.Tensor, target: torch.Tensor, mode: str, ignore_index: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(probabilities, 0/1 targets, validity) as N x C x S, C = K (multiclass/multilabel) or 1.
-
-    Multiclass: softmax and one-hot; binary/multilabel: sigmoid per channel.
-    """
-    if mode == "multiclass":
-        if logits.dim() != target.dim() + 1:
-            raise ValueError(f"multiclass loss needs logits N x K x ... and target N x ..., got {tuple(logits.shape)} and {tuple(target.shape)}")
-        num_classes = logits.shape[1]
-        valid = valid_mask(target, ignore_index).flatten(1).unsqueeze(1)
-        labels = target.flatten(1).masked_fill(~valid[:, 0], 0).long()
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"target class outside 0..{num_classes - 1} (and not ignore_index={ignore_index})")
-        onehot = F.one_hot(labels, num_classes).transpose(1, 2).to(logits.dtype)
-        return logits.flatten(2).softmax(1), onehot, valid
+    """(probabilities, 0/1 targets, validity) as N x C x S of the binary (C = 1) and multilabel
+    modes: a sigmoid per channel. The multiclass mode's sums are `multiclass_overlap_sums`."""
     logits, target = binary_view(logits, target, mode)
     valid = valid_mask(target, ignore_index)
     return logits.sigmoid(), target.masked_fill(~valid, 0).to(logits.dtype), valid
@@ -65,7 +52,7 @@ def pixel_major_softmax(num_classes: int) -> bool:
     """Whether a softmax over classes runs faster with each pixel's classes contiguous (pixels x
     classes) than across the channel planes: when the classes fill a vector register. On a
     2-core Zen 4, cross-entropy forward + backward: 21 classes on 4 x 512 x 512, channels-last
-    logits 353 -> 167 ms as pixels x classes; 6 classes on 8 x 128 x 128, 5.1 -> 12.6 ms."""
+    logits 353 -> 167 ms as pixels x classes; but 6 classes on 8 x 128 x 128, 5.1 -> 12.6 ms."""
     return num_classes >= 16
 
 
@@ -77,7 +64,8 @@ def multiclass_overlap_sums(
     the same in both (Y is 0/1). The one-hot is never built: <Y,P> adds each pixel's probability
     of its true class to that class, |Y| counts the pixels per class. (Built, it and its
     products were ~10 passes over N x K x S: ce+dice on a 4 x 21 x 512 x 512 batch took ~1 s.)
-    The softmax runs with each pixel's classes contiguous, a view of channels-last logits."""
+    With 16 or more classes the softmax runs with each pixel's classes contiguous
+    (`pixel_major_softmax`), a view of channels-last logits."""
     if logits.dim() != target.dim() + 1:
         raise ValueError(f"multiclass loss needs logits N x K x ... and target N x ..., got {tuple(logits.shape)} and {tuple(target.shape)}")
     n, num_classes = logits.shape[:2]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seglab.losses._inputs import check_mode, multiclass_overlap_sums, probabilities_and_onehot
+from seglab.losses._inputs import check_mode, multiclass_overlap_sums, sigmoid_probabilities_and_targets
 from seglab.metrics.soft import NORMS, overlap_terms
 
 __all__ = ["DiceLoss", "JaccardLoss", "TverskyLoss"]
@@ -40,8 +40,8 @@ class _OverlapLoss(nn.Module):
         """<Y,P>, |P|, |Y| per class (and image, with per_image)."""
         if self.mode == "multiclass":
             return multiclass_overlap_sums(logits, target, self.ignore_index, norm, self.per_image)
-        probs, onehot, valid = probabilities_and_onehot(logits, target, self.mode, self.ignore_index)
-        return overlap_terms(probs * valid, onehot * valid, norm, (2,) if self.per_image else (0, 2))
+        probs, targets, valid = sigmoid_probabilities_and_targets(logits, target, self.mode, self.ignore_index)
+        return overlap_terms(probs * valid, targets * valid, norm, (2,) if self.per_image else (0, 2))
 
 
 class _NormedOverlapLoss(_OverlapLoss):
