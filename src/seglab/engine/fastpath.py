@@ -453,9 +453,10 @@ def optimize_for_inference(
 def optimize_instance_model(model: nn.Module, example_size: int = 64) -> nn.Module:
     """The float32 steps of the fast path for an instance model (a list of C x H x W images in,
     a list of detections out), in place: conv-BN folding, conv+activation fusion and weights
-    kept in oneDNN's layout (CPU), and channels_last; eval mode, no gradients. The merged pairs are observed on one blank
-    `example_size` image, so modules that image does not reach (a mask head with no detection,
-    a head shared by several pyramid levels) are left as they are. Returns the model."""
+    kept in oneDNN's layout (CPU), and channels_last; eval mode, no gradients. The merged pairs
+    are observed on one blank `example_size` image, so modules that image does not reach (a
+    mask head with no detection, a head shared by several pyramid levels) are left as they are.
+    Returns the model."""
     example = [_example_input(model, example_size)[0]]
     _freeze(model)
     fold_conv_bn(model, example)
