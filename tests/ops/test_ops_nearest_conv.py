@@ -2,12 +2,14 @@
 plain computation (upsample, concatenate, convolve)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seglab.ops.nearest_conv import NearestUpsampleConv, conv3x3_of_nearest2x, nearest2x_phase_weight
+from seglab.ops.nearest_conv import NearestUpsampleConv, conv3x3_of_nearest2x, nearest2x_transposed_weight
 
 
 def _plain(conv: nn.Conv2d, x: torch.Tensor, skip: torch.Tensor | None, size=None) -> torch.Tensor:
@@ -17,15 +19,18 @@ def _plain(conv: nn.Conv2d, x: torch.Tensor, skip: torch.Tensor | None, size=Non
     return F.conv2d(up if skip is None else torch.cat([up, skip], 1), conv.weight, conv.bias, padding=1)
 
 
-def test_phase_kernels_add_the_taps_that_read_the_same_source_pixel():
+def test_transposed_kernel_adds_the_taps_that_read_the_same_source_pixel():
     weight = torch.arange(9.0).view(1, 1, 3, 3)  # rows [0 1 2] [3 4 5] [6 7 8]
-    phases = nearest2x_phase_weight(weight)
-    assert phases.shape == (4, 1, 2, 2)
-    # even row: low row i-1 <- kernel row 0, low row i <- kernel rows 1 + 2; odd row: i <- 0 + 1, i+1 <- 2
-    torch.testing.assert_close(phases[0, 0], torch.tensor([[0.0, 1 + 2], [3 + 6, 4 + 5 + 7 + 8]]))
-    torch.testing.assert_close(phases[1, 0], torch.tensor([[0.0 + 1, 2], [3 + 4 + 6 + 7, 5 + 8]]))
-    torch.testing.assert_close(phases[2, 0], torch.tensor([[0.0 + 3, 1 + 2 + 4 + 5], [6, 7 + 8]]))
-    torch.testing.assert_close(phases[3, 0], torch.tensor([[0.0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]]))
+    transposed = nearest2x_transposed_weight(weight)
+    assert transposed.shape == (1, 1, 4, 4)
+    # low row i reaches output rows 2i-1 (tap 2), 2i (taps 1 + 2), 2i+1 (taps 0 + 1), 2i+2 (tap 0);
+    # columns alike: [a b c] -> [c, b + c, a + b, a]
+    expected = torch.tensor([[8.0, 7 + 8, 6 + 7, 6],
+                             [5 + 8, 4 + 5 + 7 + 8, 3 + 4 + 6 + 7, 3 + 6],
+                             [2 + 5, 1 + 2 + 4 + 5, 0 + 1 + 3 + 4, 0 + 3],
+                             [2, 1 + 2, 0 + 1, 0]])
+    torch.testing.assert_close(transposed[0, 0], expected)
+    assert nearest2x_transposed_weight(torch.randn(5, 3, 3, 3)).shape == (3, 5, 4, 4)  # C_in x C_out
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -79,3 +84,25 @@ def test_bf16_in_bf16_out():
     reference = F.conv2d(F.interpolate(x.double(), scale_factor=2), weight.double(), padding=1)
     # bf16 arithmetic, a few units of its 8-bit mantissa at most
     torch.testing.assert_close(out.double(), reference, rtol=0.05, atol=0.05)
+
+
+def test_inference_keeps_the_derived_kernels_until_the_weight_changes():
+    torch.manual_seed(0)
+    conv = NearestUpsampleConv(7, 4)
+    x, skip = torch.randn(1, 4, 5, 5), torch.randn(1, 3, 10, 10)
+    with torch.no_grad():
+        first = conv(x, skip)
+        kept = conv._kept
+        torch.testing.assert_close(conv(x, skip), first)
+        assert conv._kept is kept  # not rebuilt
+        conv.weight.mul_(2)  # an in-place change (an optimizer step) bumps the version
+        torch.testing.assert_close(conv(x, skip), _plain(conv, x, skip))
+        assert conv._kept is not kept
+    copied = copy.deepcopy(conv)
+    assert copied._kept is None
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x, skip), conv(x, skip))
+    # with gradients the kernels come from the parameter at every call, and nothing is kept
+    conv._kept = conv._kept_for = None
+    conv(x, skip).sum().backward()
+    assert conv._kept is None and conv.weight.grad is not None
