@@ -110,3 +110,22 @@ def test_encoder_unet_first_decoder_convs_read_the_low_resolution_map():
     reference = torch.autograd.grad((expected * upstream).sum(), list(model.parameters()))
     for a, b in zip(grads, reference):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+
+
+def test_fpn_sums_the_deeper_levels_before_upsampling_once():
+    """Upsampling each deeper level and summing at stride 4, as in the paper's figure, equals
+    summing at stride 8 and upsampling once (bilinear is linear): values and gradients."""
+    torch.manual_seed(0)
+    model = build_tiny("fpn").double().train()
+    model.dropout.p = 0.0  # the same function in both forms, without random channel drops
+    assert model.sum_at_stride8
+    images = torch.rand(2, 3, 37, 50, dtype=torch.float64)
+    ours = model(images)
+    ours_grads = torch.autograd.grad(ours.square().sum(), list(model.parameters()))
+    model.sum_at_stride8 = False  # every head upsamples to stride 4 on its own
+    figure = model(images)
+    figure_grads = torch.autograd.grad(figure.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(ours, figure, rtol=0, atol=1e-10)
+    for a, b in zip(ours_grads, figure_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert not seglab.create_model("fpn", num_classes=2, encoder="test_efficientnet", upsample="transposed").sum_at_stride8

@@ -6,6 +6,11 @@ to 256 channels; from the deepest, each level is upsampled x2 and added to the n
 Semantic head: each pyramid level goes through as many (3x3 conv 128, GroupNorm, ReLU, x2
 upsampling) steps as it needs to reach stride 4 (one 3x3 conv for P2); the four maps are
 summed, a 1x1 conv predicts the classes, and a x4 bilinear upsampling returns to input size.
+
+With a fixed interpolation in the heads (bilinear, the default), the three deeper levels'
+maps are summed at stride 8 and upsampled once: interpolation is linear and the same for
+every level, so up(a) + up(b) + up(c) = up(a + b + c) up to float rounding, with two
+upsamplings and two stride-4 additions fewer.
 """
 from __future__ import annotations
 
@@ -32,10 +37,11 @@ class LevelHead(nn.Module):
         )
         self.ups = nn.ModuleList(make_upsample(upsample, out_channels, out_channels, 2) for _ in range(steps))
 
-    def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: torch.Size, last_upsample: bool = True) -> torch.Tensor:
+        """`last_upsample=False` stops before the final upsampling (at stride 8)."""
         for i, conv in enumerate(self.convs):
             x = conv(x)
-            if i < len(self.ups):
+            if i < len(self.ups) - (0 if last_upsample else 1):
                 # The last step lands exactly on the stride-4 size, the others double.
                 x = self.ups[i](x, size=size if i == len(self.ups) - 1 else None)
         return x
@@ -64,6 +70,8 @@ class FPN(nn.Module):
         self.heads = nn.ModuleList(
             LevelHead(pyramid_channels, head_channels, steps, upsample) for steps in range(len(levels))
         )
+        # Fixed interpolations are linear and alike in every head: sum before the last one.
+        self.sum_at_stride8 = upsample in ("nearest", "bilinear", "bicubic", "bed_of_nails")
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(head_channels, num_classes, 1)
 
@@ -76,7 +84,11 @@ class FPN(nn.Module):
         for up, lateral in zip(self.top_down, reversed(laterals[:-1])):
             pyramid.insert(0, lateral + up(pyramid[0], size=lateral.shape[-2:]))
         stride4 = pyramid[0].shape[-2:]
-        merged = sum(head(level, stride4) for head, level in zip(self.heads, pyramid))
+        if self.sum_at_stride8:
+            deeper = sum(head(level, stride4, last_upsample=False) for head, level in zip(self.heads[1:], pyramid[1:]))
+            merged = self.heads[0](pyramid[0], stride4) + self.heads[-1].ups[-1](deeper, size=stride4)
+        else:
+            merged = sum(head(level, stride4) for head, level in zip(self.heads, pyramid))
         logits = self.classifier(self.dropout(merged))
         return crop_to(upsample_scores(logits, x.shape[-2:]), size)
 
