@@ -44,6 +44,20 @@ def test_aspp_image_pooling_branch_is_constant_over_space():
     assert torch.allclose(pooled, pooled[..., :1, :1].expand_as(pooled))
 
 
+def test_aspp_keeps_the_input_layout_through_the_concatenation():
+    # A channels-last input gives a channels-last concatenation (the pooled branch included),
+    # which the projection reads without a copy; NCHW stays NCHW. Same values either way.
+    torch.manual_seed(0)
+    aspp = ASPP(8, 4, rates=(1, 2, 3)).eval()
+    x = torch.rand(2, 8, 6, 5)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert aspp.branches[-1](cl).is_contiguous(memory_format=torch.channels_last)
+    assert aspp.branches[-1](x).is_contiguous()
+    joined = torch.cat([branch(cl) for branch in aspp.branches], 1)
+    assert joined.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(aspp(cl), aspp(x))
+
+
 def test_aspp_pooled_branch_normalises_like_bn_on_the_pooled_vector():
     # Normalising the broadcast map must equal normalising the 1x1 map for a batch > 1.
     aspp = ASPP(4, 3).train()
