@@ -81,3 +81,11 @@ def test_pad_to_multiple_and_crop_round_trip():
     assert padded.shape[-2:] == (48, 32)
     assert torch.equal(crop_to(padded, x.shape[-2:]), x)
     assert pad_to_multiple(torch.rand(1, 1, 32, 32), 32).shape[-2:] == (32, 32)
+
+
+def test_pad_to_multiple_skips_the_copy_in_eager_code_only():
+    exact = torch.rand(1, 1, 32, 32)
+    assert pad_to_multiple(exact, 32) is exact  # nothing to pad: no copy
+    # A trace made on an exact size must still pad other sizes (no branch frozen into it).
+    traced = torch.jit.trace(lambda x: pad_to_multiple(x, 32), (exact,))
+    assert traced(torch.rand(1, 1, 33, 40)).shape[-2:] == (64, 64)
