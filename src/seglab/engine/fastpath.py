@@ -46,6 +46,7 @@ from seglab.engine.onednn import (
     replace_submodule,
 )
 from seglab.engine.precision import auto_precision, resolve_precision
+from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
 
 __all__ = [
     "DilatedConvAsGemm",
@@ -264,21 +265,6 @@ def fuse_conv_relu(model: nn.Module, example_input: torch.Tensor | None = None) 
     return fused
 
 
-def _taps_inside(height: int, width: int, kernel_size: tuple[int, int], dilation: tuple[int, int]):
-    """For each tap of a stride-1, "same"-padded dilated kernel that reads inside a `height` x
-    `width` map: (tap index, the input rows and columns it reads, the output rows and columns
-    they land on); out[y, x] += W_tap . in[y + dy, x + dx]. Taps entirely outside are skipped."""
-    (kh, kw), (dh, dw) = kernel_size, dilation
-    for i in range(kh):
-        for j in range(kw):
-            dy, dx = (i - kh // 2) * dh, (j - kw // 2) * dw
-            if abs(dy) >= height or abs(dx) >= width:
-                continue
-            source = (slice(max(0, dy), height + min(0, dy)), slice(max(0, dx), width + min(0, dx)))
-            target = (slice(max(0, -dy), height - max(0, dy)), slice(max(0, -dx), width - max(0, dx)))
-            yield i * kw + j, source, target
-
-
 def _same_padded_stride_1(conv: nn.Module, min_dilation: int) -> bool:
     if type(conv) is not nn.Conv2d or tuple(conv.stride) != (1, 1) or conv.padding_mode != "zeros":
         return False
@@ -317,7 +303,7 @@ class DilatedConvAsGemm(nn.Module):
         c = self.out_channels
         out = torch.zeros((x.shape[0], c, height, width), dtype=torch.float32, device=x.device)  # accumulate in fp32
         out = to_channels_last(out) if x.is_contiguous(memory_format=torch.channels_last) else out
-        for tap, (rows, cols), (out_rows, out_cols) in _taps_inside(height, width, self.kernel_size, self.dilation):
+        for tap, (rows, cols), (out_rows, out_cols) in taps_inside(height, width, self.kernel_size, self.dilation):
             out[:, :, out_rows, out_cols] += F.conv2d(x[:, :, rows, cols], self.weight[tap * c : (tap + 1) * c])
         if self.bias is not None:
             out += self.bias.view(1, -1, 1, 1)
@@ -327,8 +313,10 @@ class DilatedConvAsGemm(nn.Module):
 class DilatedDepthwiseAsShifts(nn.Module):
     """A stride-1, "same"-padded depthwise k x k convolution with a large dilation (the atrous
     half of a separable convolution, DeepLab v3+'s ASPP) computed as a per-channel
-    multiply-add of each tap's shifted window, in float32 on the channels-last layout (so the
-    channel scales run along contiguous memory). Equal to the convolution up to summation order.
+    multiply-add of each tap's shifted window (`seglab.ops.atrous_depthwise`), in float32 on
+    the channels-last layout (so the channel scales run along contiguous memory). Equal to the
+    convolution up to summation order. seglab's own separable convolutions do this by
+    themselves (`AtrousDepthwiseConv2d`); this rewrite serves plain Conv2d modules.
 
     oneDNN's depthwise kernel slows with the dilation's padding: on the 32 x 32, 512-channel
     maps of DeepLab v3+'s ASPP at a 512 input (bf16, one thread), dilation 6 took 0.2 ms,
@@ -338,25 +326,16 @@ class DilatedDepthwiseAsShifts(nn.Module):
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
-        channels, _, kh, kw = conv.weight.shape
-        self.kernel_size, self.dilation = (kh, kw), tuple(conv.dilation)
-        taps = conv.weight.detach().reshape(channels, kh * kw).t().contiguous()  # tap x channel
-        self.weight = nn.Parameter(taps, requires_grad=False)
-        bias = conv.weight.new_zeros(channels) if conv.bias is None else conv.bias.detach().clone()
-        self.bias = nn.Parameter(bias, requires_grad=False)
+        self.dilation = tuple(conv.dilation)
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
     @staticmethod
     def applies_to(conv: nn.Module, min_dilation: int) -> bool:
         return _same_padded_stride_1(conv, min_dilation) and conv.groups == conv.in_channels == conv.out_channels > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        pixels = x.permute(0, 2, 3, 1).float()  # N H W C: a view of a channels-last input
-        taps = self.weight.float()  # the weights in the model's dtype (as a convolution's), sums in float32
-        out = torch.empty_like(pixels).copy_(self.bias.float())
-        for tap, (rows, cols), (out_rows, out_cols) in _taps_inside(height, width, self.kernel_size, self.dilation):
-            out[:, out_rows, out_cols].addcmul_(pixels[:, rows, cols], taps[tap])
-        return out.to(x.dtype).permute(0, 3, 1, 2)
+        return shifted_depthwise_conv(x, self.weight, self.bias, self.dilation)
 
 
 def rewrite_dilated_convs(model: nn.Module, min_dilation: int = 6, min_depthwise_dilation: int = 12) -> int:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from seglab.ops.atrous_depthwise import AtrousDepthwiseConv2d
+
 
 def norm_layer(kind: str | None, channels: int) -> nn.Module:
     """`"batch"`, `"group"` (32 groups or fewer), `"instance"` or `None` (identity)."""
@@ -62,7 +64,9 @@ class SeparableConvNormAct(nn.Sequential):
         has_norm = norm not in (None, "none")
         padding = dilation * (kernel_size - 1) // 2
         super().__init__(
-            nn.Conv2d(in_channels, in_channels, kernel_size, padding=padding, dilation=dilation, groups=in_channels, bias=False),
+            # Dilated: the same convolution, as shifted windows where those are the faster.
+            AtrousDepthwiseConv2d(in_channels, kernel_size, dilation) if dilation > 1 else
+            nn.Conv2d(in_channels, in_channels, kernel_size, padding=padding, groups=in_channels, bias=False),
             nn.Conv2d(in_channels, out_channels, 1, bias=not has_norm),
             norm_layer(norm, out_channels),
             act(inplace=True) if act is not None else nn.Identity(),

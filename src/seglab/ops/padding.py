@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from seglab.ops.tracing import being_traced
+
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Replicate-pad the bottom and right edges so that H and W are multiples of `multiple`."""
@@ -18,8 +20,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     # A zero-width pad still copies the image (about 1 ms at 512 x 512), so eager code skips
     # it; traced and compiled code always pads: a branch on the size would be frozen into the
     # trace (TorchScript, ONNX) or guard the graph on it (torch.export's free sizes).
-    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
-    if not tracing and isinstance(pad_width, int) and pad_width == 0 and pad_height == 0:
+    if not being_traced() and isinstance(pad_width, int) and pad_width == 0 and pad_height == 0:
         return x
     return F.pad(x, (0, pad_width, 0, pad_height), mode="replicate")
 
