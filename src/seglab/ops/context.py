@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seglab.ops.conv import ConvNormAct, SeparableConvNormAct, norm_layer
+from seglab.ops.gradient_layout import contiguous_gradient
 
 __all__ = ["ASPP", "PyramidPooling"]
 
@@ -39,7 +40,8 @@ class PooledBranch(nn.Module):
             layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
             return self.act(self.norm(pooled.expand(-1, -1, *x.shape[-2:]).contiguous(memory_format=layout)))
         pooled = self.act(self.norm(pooled))
-        return F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        # Concatenated next: a contiguous gradient for the upsampling's backward.
+        return contiguous_gradient(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
 
 
 class ASPP(nn.Module):

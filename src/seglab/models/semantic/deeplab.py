@@ -26,6 +26,7 @@ from seglab.encoders import create_encoder
 from seglab.models.registry import register_model
 from seglab.ops.context import ASPP
 from seglab.ops.conv import ConvNormAct, SeparableConvNormAct
+from seglab.ops.gradient_layout import contiguous_gradient
 from seglab.ops.padding import crop_to, pad_to_multiple
 from seglab.ops.upsample import upsample_scores
 
@@ -93,7 +94,8 @@ class DeepLabV3Plus(nn.Module):
         x = pad_to_multiple(x, 32)
         features = self.encoder(x)
         low = self.reduce(features[self.low_level])
-        high = _resize(self.aspp(features[-1]), low.shape[-2:])
+        # The concatenation's gradient slice, made contiguous, for the upsampling's backward.
+        high = contiguous_gradient(_resize(self.aspp(features[-1]), low.shape[-2:]))
         logits = self.classifier(self.refine(torch.cat([high, low], dim=1)))
         return crop_to(upsample_scores(logits, x.shape[-2:]), size)
 

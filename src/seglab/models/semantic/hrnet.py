@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from seglab.encoders.timm import TimmEncoder
 from seglab.models.registry import register_model
 from seglab.ops.conv import ConvNormAct
+from seglab.ops.gradient_layout import contiguous_gradient
 from seglab.ops.padding import crop_to, pad_to_multiple
-from seglab.ops.upsample import make_upsample
+from seglab.ops.upsample import make_upsample, upsample_scores
 
 __all__ = ["HRNetSeg", "hrnet"]
 
@@ -39,9 +39,10 @@ class HRNetSeg(nn.Module):
         x = pad_to_multiple(x, 32)
         features = self.encoder(x)
         high = features[self.streams[0]]
-        upsampled = [up(features[i], size=high.shape[-2:]) for up, i in zip(self.ups, self.streams[1:])]
+        # Contiguous gradients for the upsamplings' backward (the concatenation hands back slices).
+        upsampled = [contiguous_gradient(up(features[i], size=high.shape[-2:])) for up, i in zip(self.ups, self.streams[1:])]
         logits = self.classifier(self.mix(torch.cat([high, *upsampled], dim=1)))
-        return crop_to(F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False), size)
+        return crop_to(upsample_scores(logits, x.shape[-2:]), size)
 
 
 @register_model("hrnet", paper="Wang et al., TPAMI 2020")

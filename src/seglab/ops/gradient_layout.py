@@ -1,0 +1,35 @@
+"""Hand a contiguous gradient to an operator whose backward is slow on strided ones.
+
+The gradient that torch.cat passes back to each of its inputs is a slice of the output's
+gradient: along the channels of a channels-last map, a strided view. Bilinear upsampling's
+backward on such a view took 118-125 ms where a contiguous one took 19-22 ms (4 x 256 x 32 x
+32 -> 128 x 128 as a slice of 304 channels, DeepLab v3+-R34's decoder at batch 4, 2 threads of
+a Xeon; bf16 and float32): the copy costs far less than it saves. Placed between an upsampling
+and the concatenation that reads it; the forward is the identity.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["contiguous_gradient"]
+
+
+class _ContiguousGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
+
+
+def contiguous_gradient(x: torch.Tensor) -> torch.Tensor:
+    """x, unchanged; in the backward pass its gradient is made contiguous (in x's own memory
+    layout) before it flows on. Nothing happens without gradients."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x
+    return _ContiguousGradient.apply(x)
