@@ -112,20 +112,50 @@ def test_encoder_unet_first_decoder_convs_read_the_low_resolution_map():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
 
 
-def test_fpn_sums_the_deeper_levels_before_upsampling_once():
-    """Upsampling each deeper level and summing at stride 4, as in the paper's figure, equals
-    summing at stride 8 and upsampling once (bilinear is linear): values and gradients."""
+@pytest.mark.parametrize("rewrite", ["sum_at_stride8", "compose_stride4"])
+def test_fpn_rewrites_compute_the_function_of_the_figure(rewrite):
+    """Summing the deeper levels at stride 8 and upsampling once (bilinear is linear), and the
+    stride-4 head's convolution read straight from C2 and P3 (the lateral composed into the
+    kernel, up(P3) as a transposed convolution): the same function as building every map of
+    the paper's figure. Values and gradients, float64."""
     torch.manual_seed(0)
     model = build_tiny("fpn").double().train()
     model.dropout.p = 0.0  # the same function in both forms, without random channel drops
+    with torch.no_grad():
+        for parameter in model.parameters():  # non-zero biases, so that the moved lateral bias shows
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    model.compose_stride4 = True  # the tiny encoder's C2 is as wide as its pyramid: off by cost
     assert model.sum_at_stride8
     images = torch.rand(2, 3, 37, 50, dtype=torch.float64)
     ours = model(images)
     ours_grads = torch.autograd.grad(ours.square().sum(), list(model.parameters()))
-    model.sum_at_stride8 = False  # every head upsamples to stride 4 on its own
+    setattr(model, rewrite, False)
     figure = model(images)
     figure_grads = torch.autograd.grad(figure.square().sum(), list(model.parameters()))
     torch.testing.assert_close(ours, figure, rtol=0, atol=1e-10)
     for a, b in zip(ours_grads, figure_grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
     assert not seglab.create_model("fpn", num_classes=2, encoder="test_efficientnet", upsample="transposed").sum_at_stride8
+    # composed where it multiplies less: ResNet-34's 64-channel C2, not ResNet-50's 256
+    assert seglab.create_model("fpn", num_classes=2, encoder="resnet34").compose_stride4
+    assert not seglab.create_model("fpn", num_classes=2, encoder="resnet50").compose_stride4
+
+
+def test_fpn_keeps_its_composed_stride4_kernels_in_inference_until_the_weights_change():
+    import copy
+
+    torch.manual_seed(0)
+    model = build_tiny("fpn").eval()
+    model.compose_stride4 = True
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        model(images)
+        kept = model._kept
+        model(images)
+        assert model._kept is kept
+        model.laterals[0].weight.mul_(1.5)  # an in-place change (an optimizer step) bumps the version
+        ours = model(images)
+        assert model._kept is not kept
+        model.compose_stride4 = False
+        torch.testing.assert_close(ours, model(images), rtol=1e-4, atol=1e-5)
+    assert not hasattr(copy.deepcopy(model), "_kept")
