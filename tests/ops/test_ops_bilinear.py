@@ -47,18 +47,25 @@ def test_whole_scale():
     assert whole_scale(x, (12, 15)) is None  # not a whole factor
 
 
-def test_upsample_scores_takes_the_fast_route_only_in_cpu_inference():
+def test_upsample_scores_takes_the_fast_route_only_in_inference_mode():
+    from torch.utils.flop_counter import FlopCounterMode
+
     torch.manual_seed(0)
     scores = _channels_last(1, 21, 16, 16, dtype=torch.bfloat16)
     expected = F.interpolate(scores.float(), size=(64, 64), mode="bilinear", align_corners=False)
-    with torch.no_grad():
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         fast = upsample_scores(scores, (64, 64))
+    assert counter.get_total_flops() > 0  # the width pass's matrix product ran
     assert fast.dtype == torch.float32
     torch.testing.assert_close(fast, expected, rtol=1e-6, atol=1e-6)
-    # with gradients (training) F.interpolate runs, and gradients flow
+    # no_grad (FLOP counting, plain evaluation) and training see F.interpolate, which is not counted
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        torch.testing.assert_close(upsample_scores(scores, (64, 64)), expected, rtol=1e-6, atol=1e-6)
+    assert counter.get_total_flops() == 0
     trained = scores.float().requires_grad_()
     upsample_scores(trained, (64, 64)).sum().backward()
     assert trained.grad is not None
     # other sizes fall back to F.interpolate
-    torch.testing.assert_close(upsample_scores(scores, (50, 70)),
-                               F.interpolate(scores.float(), size=(50, 70), mode="bilinear", align_corners=False))
+    with torch.inference_mode():
+        torch.testing.assert_close(upsample_scores(scores, (50, 70)),
+                                   F.interpolate(scores.float(), size=(50, 70), mode="bilinear", align_corners=False))

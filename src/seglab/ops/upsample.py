@@ -190,12 +190,13 @@ def upsample_scores(scores: torch.Tensor, size: tuple[int, int] | torch.Size) ->
     dtype. Scores have few channels, so the cast is cheap before the upsampling; the full-size
     map is rounded once less; and on the CPU the float32 kernel is the faster one (21 channels
     in channels-last bf16, 128 -> 512: 8.1 ms plus 0.5 ms to cast the result, against 5.0 ms
-    in float32; 2 threads, Zen 4). In CPU inference on a channels-last map enlarged by a whole
-    factor, `bilinear_upsample_by` computes the same values in about half the time."""
+    in float32; 2 threads, Zen 4). In CPU inference mode on a channels-last map enlarged by a
+    whole factor, `bilinear_upsample_by` computes the same values in about half the time."""
     scores = scores.float()
     scale = whole_scale(scores, size)
-    if (scale is not None and scores.device.type == "cpu" and scores.dim() == 4
-            and scores.is_contiguous(memory_format=torch.channels_last)
-            and not (torch.is_grad_enabled() and scores.requires_grad)):
+    # Inference mode only (the fast path's): training, plain no_grad evaluation and FLOP
+    # counting see F.interpolate, which FlopCounterMode does not count, like the peers' models.
+    if (scale is not None and torch.is_inference_mode_enabled() and scores.device.type == "cpu"
+            and scores.dim() == 4 and scores.is_contiguous(memory_format=torch.channels_last)):
         return bilinear_upsample_by(scores, scale)
     return F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
