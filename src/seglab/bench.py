@@ -88,8 +88,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 # One optimisation at a time on top of plain float32 eager inference (all run under no_grad).
-_NOTHING = dict(precision="32", fold_bn=False, fuse_relu=False, dilated_as_gemm=False, channels_last=False,
-                inference_mode=False, prepack=False)
+_NOTHING = dict(precision="32", fold_bn=False, fuse_relu=False, fuse_residual=False, dilated_as_gemm=False,
+                channels_last=False, inference_mode=False, prepack=False)
 INFERENCE_ABLATION: dict[str, dict[str, Any]] = {
     "+inference_mode": {**_NOTHING, "inference_mode": True},
     "+channels_last": {**_NOTHING, "channels_last": True},
@@ -98,6 +98,9 @@ INFERENCE_ABLATION: dict[str, dict[str, Any]] = {
     "+fold_conv_bn": {**_NOTHING, "fold_bn": True},
     # Most ReLUs follow a BatchNorm, so the fusion is measured on top of the folding.
     "+fold_conv_bn +fuse_conv_relu": {**_NOTHING, "fold_bn": True, "fuse_relu": True},
+    # The shortcut fusion takes the convolutions the folding left bare; measured on top of both.
+    "+fold_conv_bn +fuse_conv_relu +fuse_residual": {**_NOTHING, "fold_bn": True, "fuse_relu": True,
+                                                     "fuse_residual": True},
     "+dilated_as_gemm": {**_NOTHING, "dilated_as_gemm": True},
     "+bf16": {**_NOTHING, "precision": "bf16"},
     "+bf16 +channels_last": {**_NOTHING, "precision": "bf16", "channels_last": True},

@@ -92,3 +92,40 @@ def test_fused_conv_refuses_what_onednn_cannot_run():
         FusedConv(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(ValueError, match="ReLU or GELU"):
         FusedConv(nn.Conv2d(3, 3, 1), nn.Sigmoid())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_residual_is_added_before_the_activation_inside_the_kernel(dtype, stride):
+    conv = _conv(dtype, stride=stride)
+    fused = FusedConv(conv, nn.ReLU(), prepack=True)
+    x = _channels_last(2, 16, 20, 24, dtype=dtype)
+    residual = _channels_last(2, 24, 20 // stride, 24 // stride, dtype=dtype)
+    with torch.inference_mode():
+        got = fused(x, residual)
+        expected = torch.relu(conv(x).float() + residual.float())
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    torch.testing.assert_close(got.float(), expected, **tolerance)
+    assert (got == 0).any() and (got > 0).any()  # the ReLU acted on the sum
+
+
+def test_residual_without_activation_and_operands_oneDNN_cannot_take():
+    conv = _conv()
+    x = _channels_last(1, 16, 10, 10)
+    residual = _channels_last(1, 24, 10, 10)
+    with torch.inference_mode():
+        expected = conv(x) + residual
+        torch.testing.assert_close(FusedConv(conv, prepack=True)(x, residual), expected)
+        # NCHW residual, GELU after the addition: computed step by step, same values
+        torch.testing.assert_close(FusedConv(conv)(x, residual.contiguous()), expected)
+        torch.testing.assert_close(FusedConv(conv, nn.GELU())(x, residual), nn.functional.gelu(expected))
+
+
+def test_residual_with_gradients_takes_the_plain_path():
+    conv = _conv()
+    conv.requires_grad_(True)
+    fused = FusedConv(conv, nn.ReLU())
+    x, residual = torch.randn(1, 16, 8, 8), torch.randn(1, 24, 8, 8, requires_grad=True)
+    fused(x, residual).sum().backward()
+    assert conv.weight.grad is not None and residual.grad is not None

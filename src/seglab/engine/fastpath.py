@@ -9,6 +9,8 @@ Each step is independent, so the benchmark can measure each on its own:
   convolution's output and nothing else reads that tensor.
 - `fuse_conv_relu` (CPU inference): a convolution and the ReLU (or GELU) that follows it run as one
   oneDNN kernel with the activation as a post-op; the pairs are found the same way.
+- `fuse_residual_additions` (CPU inference, `seglab.engine.residual`): a ResNet block's
+  shortcut addition and final ReLU become post-ops of its last convolution.
 - `prepack_conv_weights` (CPU inference, `seglab.engine.onednn`): every convolution keeps its
   weight in oneDNN's blocked layout instead of reordering it at each call.
 - `to_channels_last`: oneDNN's convolutions run natively on NHWC; NCHW costs reorders.
@@ -46,6 +48,7 @@ from seglab.engine.onednn import (
     replace_submodule,
 )
 from seglab.engine.precision import auto_precision, resolve_precision
+from seglab.engine.residual import fuse_residual_additions
 from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
 
 __all__ = [
@@ -389,6 +392,7 @@ def optimize_for_inference(
     *,
     fold_bn: bool = True,
     fuse_relu: bool = True,
+    fuse_residual: bool = True,
     prepack: bool = True,
     dilated_as_gemm: bool = True,
     channels_last: bool = True,
@@ -399,7 +403,8 @@ def optimize_for_inference(
 ) -> InferenceModel:
     """The fast inference path of `model` (eval mode): conv-BN folding, large-dilation convs as
     one GEMM + shifts (CPU, `DilatedConvAsGemm`; depthwise ones as shifted multiply-adds,
-    `DilatedDepthwiseAsShifts`), conv+ReLU fusion (CPU), convolution weights kept in oneDNN's
+    `DilatedDepthwiseAsShifts`), conv+ReLU fusion (CPU), ResNet blocks' shortcut addition and
+    ReLU inside their last convolution (CPU, `fuse_residual_additions`), convolution weights kept in oneDNN's
     layout (CPU, `prepack_conv_weights`), channels_last, inference_mode and `precision`
     ("auto": bf16 where the hardware runs it natively, else 32; "32", "bf16", "16"),
     optionally torch.compile. The argument model is left untouched unless
@@ -415,6 +420,8 @@ def optimize_for_inference(
     on_onednn = device.type == "cpu" and not compile  # inductor does its own fusion and packing
     if fuse_relu and on_onednn:
         fuse_conv_relu(prepared, example_input)
+    if fuse_residual and on_onednn:  # after the folding, which leaves the blocks' last convs bare
+        fuse_residual_additions(prepared)
     if prepack and on_onednn:
         prepack_conv_weights(prepared)
     if channels_last:
