@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from seglab.ops.atrous_gemm import AtrousConv2d
+
 __all__ = ["FusedConv", "fusable_conv", "onednn_available", "prepack_conv_weights", "replace_submodule"]
 
 
@@ -40,9 +42,10 @@ def onednn_available() -> bool:
 
 
 def fusable_conv(conv: nn.Module) -> bool:
-    """A plain Conv2d that `FusedConv` can take over: not a subclass with its own forward, zero
+    """A plain Conv2d that `FusedConv` can take over: not a subclass with its own inference forward, zero
     padding given as numbers (oneDNN's fused operator has no "same" or reflect padding)."""
-    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+    # AtrousConv2d is a Conv2d that only trains differently.
+    return type(conv) in (nn.Conv2d, AtrousConv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.conv import ConvNormAct, SeparableConvNormAct, norm_layer
 from seglab.ops.gradient_layout import contiguous_gradient
 
@@ -65,7 +66,7 @@ class ASPP(nn.Module):
             if separable:
                 branches.append(SeparableConvNormAct(in_channels, out_channels, 3, dilation=rate))
             else:
-                branches.append(ConvNormAct(in_channels, out_channels, 3, dilation=rate))
+                branches.append(ConvNormAct(in_channels, out_channels, 3, dilation=rate, conv=AtrousConv2d))
         branches.append(PooledBranch(in_channels, out_channels, bins=1))
         self.branches = nn.ModuleList(branches)
         self.project = nn.Sequential(

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from seglab.ops.atrous_depthwise import AtrousDepthwiseConv2d
+from seglab.ops.atrous_gemm import AtrousConv2d
 
 
 def norm_layer(kind: str | None, channels: int) -> nn.Module:
@@ -76,5 +77,5 @@ class SeparableConvNormAct(nn.Sequential):
 def atrous_conv(in_channels: int, out_channels: int, rate: int, norm: str | None = "batch") -> ConvNormAct:
     """3x3 atrous (dilated) convolution (Chen et al., "DeepLab", TPAMI 2017): the kernel's taps are
     `rate` pixels apart, so the field of view grows to 2*rate+1 with no extra weights and no loss
-    of resolution; padding = rate keeps the map size."""
-    return ConvNormAct(in_channels, out_channels, 3, padding=rate, dilation=rate, norm=norm)
+    of resolution; padding = rate keeps the map size. (`AtrousConv2d` trains large rates faster.)"""
+    return ConvNormAct(in_channels, out_channels, 3, padding=rate, dilation=rate, norm=norm, conv=AtrousConv2d)

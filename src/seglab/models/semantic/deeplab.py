@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from seglab.encoders import create_encoder
 from seglab.models.registry import register_model
+from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.context import ASPP
 from seglab.ops.conv import ConvNormAct, SeparableConvNormAct
 from seglab.ops.gradient_layout import contiguous_gradient
@@ -42,7 +43,7 @@ class ASPPL(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, rates: tuple[int, ...] = (6, 12, 18, 24)) -> None:
         super().__init__()
-        self.branches = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r) for r in rates)
+        self.branches = nn.ModuleList(AtrousConv2d(in_channels, num_classes, 3, padding=r, dilation=r) for r in rates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sum(branch(x) for branch in self.branches)

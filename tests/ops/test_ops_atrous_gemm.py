@@ -1,0 +1,89 @@
+"""The dense dilated convolution as per-tap matrix products, against F.conv2d: values,
+gradients, autocast, when the module takes that route, and the fast path's view of it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seglab.ops.atrous_gemm import AtrousConv2d, shifted_gemm_conv
+
+
+def _grads(output: torch.Tensor, upstream: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad((output.float() * upstream).sum(), inputs)
+
+
+@pytest.mark.parametrize("dilation", [(1, 1), (6, 6), (2, 5), (30, 30)])  # 30: only the centre tap inside
+@pytest.mark.parametrize("bias", [False, True])
+def test_values_and_gradients_equal_the_convolution(dilation, bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 9, 13, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(4, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True) if bias else None
+    ours = shifted_gemm_conv(x, weight, b, dilation)
+    expected = F.conv2d(x, weight, b, padding=dilation, dilation=dilation)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+    upstream = torch.randn(expected.shape, dtype=torch.float64)
+    inputs = [x, weight] + ([b] if bias else [])
+    for a, e in zip(_grads(ours, upstream, inputs), _grads(expected, upstream, inputs)):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-11)
+
+
+def test_five_by_five_kernel():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 11, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    expected = F.conv2d(x, weight, padding=(4, 6), dilation=(2, 3))
+    torch.testing.assert_close(shifted_gemm_conv(x, weight, None, (2, 3)), expected, rtol=0, atol=1e-12)
+
+
+def test_bf16_under_autocast_matches_the_autocast_convolution():
+    torch.manual_seed(0)
+    conv = AtrousConv2d(32, 8, 3, dilation=12)
+    x = torch.randn(2, 32, 20, 20).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        ours = conv(x)
+        expected = F.conv2d(x, conv.weight, conv.bias, padding=12, dilation=12)
+    assert ours.dtype == torch.bfloat16 and ours.grad_fn.name().startswith("_ShiftedGemmConv")
+    torch.testing.assert_close(ours.float(), expected.float(), atol=0.05, rtol=0.02)
+    upstream = torch.randn(expected.shape)
+    inputs = [x, conv.weight, conv.bias]
+    for a, e in zip(_grads(ours, upstream, inputs), _grads(expected, upstream, inputs)):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, atol=0.05 * e.abs().max().item(), rtol=0.05)
+
+
+def test_module_is_a_conv2d_and_takes_the_products_only_to_train():
+    conv = AtrousConv2d(8, 4, 3, dilation=6)
+    plain = nn.Conv2d(8, 4, 3, padding=6, dilation=6)
+    assert conv.padding == (6, 6) and list(conv.state_dict()) == list(plain.state_dict())
+    x = torch.randn(1, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    assert conv(x).grad_fn.name().startswith("_ShiftedGemmConv")
+    assert conv(x.contiguous()).grad_fn.name().startswith("Convolution")  # NCHW: the plain kernel
+    assert AtrousConv2d(8, 4, 3, dilation=2)(x).grad_fn.name().startswith("Convolution")  # small dilation
+    with torch.no_grad():
+        plain.load_state_dict(conv.state_dict())
+        torch.testing.assert_close(conv(x), plain(x))  # inference: the plain convolution
+
+
+@pytest.mark.parametrize("options", [dict(kernel_size=2), dict(kernel_size=3, stride=2), dict(kernel_size=3, groups=2),
+                                     dict(kernel_size=3, padding=1, dilation=6)])
+def test_refuses_what_it_does_not_compute(options):
+    with pytest.raises(ValueError):
+        AtrousConv2d(8, 4, **options)
+
+
+def test_fast_path_still_rewrites_the_aspp_for_inference():
+    from seglab.engine.fastpath import DilatedConvAsGemm, optimize_for_inference
+    from seglab.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model("deeplabv3", num_classes=3, encoder="resnet18").eval()
+    assert sum(isinstance(m, AtrousConv2d) for m in model.modules()) == 3
+    fast = optimize_for_inference(model, "32")
+    assert sum(isinstance(m, DilatedConvAsGemm) for m in fast.modules()) == 3
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
