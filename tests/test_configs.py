@@ -30,3 +30,13 @@ def test_recipe_reads_and_builds_its_model(path: Path) -> None:
         kwargs["encoder"] = config.encoder
     model = create_model(config.model, num_classes=3, **kwargs)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("model, encoder", [("unet", None), ("deeplabv3plus", "resnet18"), ("fpn", "resnet18"),
+                                            ("segformer", None)])
+def test_the_default_options_build_any_model_named_on_the_command_line(model: str, encoder: str | None) -> None:
+    """`seglab train --model M [--encoder E]`: the main job's U-Net widths go to the U-Net only."""
+    config = TrainConfig.from_dict({"model": model, **({"encoder": encoder} if encoder else {})})
+    assert config.model_kwargs == ({"base_channels": 16, "depth": 4} if model == "unet" else {})
+    kwargs = {**config.model_kwargs, **({"encoder": encoder} if encoder else {})}
+    assert create_model(model, num_classes=3, **kwargs) is not None

@@ -12,7 +12,9 @@ from typing import Any
 
 import yaml
 
-__all__ = ["TrainConfig", "load_yaml"]
+__all__ = ["MAIN_JOB_UNET", "TrainConfig", "load_yaml"]
+
+MAIN_JOB_UNET = {"base_channels": 16, "depth": 4}
 
 
 @dataclass
@@ -22,7 +24,7 @@ class TrainConfig:
     task: str = "semantic"
     model: str = "unet"
     encoder: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=lambda: {"base_channels": 16, "depth": 4})
+    model_kwargs: dict[str, Any] | None = None  # default: the main job's small U-Net for "unet", else none
     data: str = "synthetic"
     format: str | None = None
     num_classes: int | None = None  # synthetic only; real data sets know their classes
@@ -57,6 +59,9 @@ class TrainConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
     def __post_init__(self) -> None:
+        if self.model_kwargs is None:
+            # The main job's narrow U-Net; these options mean nothing to other models.
+            self.model_kwargs = dict(MAIN_JOB_UNET) if str(self.model).lower() == "unet" else {}
         self.validate()
 
     def validate(self) -> None:
