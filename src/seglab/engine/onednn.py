@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from seglab.ops.atrous_gemm import AtrousConv2d
+from seglab.ops.conv import PointwiseConv2d
 
 __all__ = ["FusedConv", "fusable_conv", "onednn_available", "prepack_conv_weights", "replace_submodule"]
 
@@ -44,8 +45,8 @@ def onednn_available() -> bool:
 def fusable_conv(conv: nn.Module) -> bool:
     """A plain Conv2d that `FusedConv` can take over: not a subclass with its own inference forward, zero
     padding given as numbers (oneDNN's fused operator has no "same" or reflect padding)."""
-    # AtrousConv2d is a Conv2d that only trains differently.
-    return type(conv) in (nn.Conv2d, AtrousConv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+    # AtrousConv2d and PointwiseConv2d are Conv2d modules that only train differently.
+    return type(conv) in (nn.Conv2d, AtrousConv2d, PointwiseConv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

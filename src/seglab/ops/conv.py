@@ -1,7 +1,9 @@
 """Convolution blocks shared by the architectures."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from seglab.ops.atrous_depthwise import AtrousDepthwiseConv2d
 from seglab.ops.atrous_gemm import AtrousConv2d
@@ -79,3 +81,21 @@ def atrous_conv(in_channels: int, out_channels: int, rate: int, norm: str | None
     `rate` pixels apart, so the field of view grows to 2*rate+1 with no extra weights and no loss
     of resolution; padding = rate keeps the map size. (`AtrousConv2d` trains large rates faster.)"""
     return ConvNormAct(in_channels, out_channels, 3, padding=rate, dilation=rate, norm=norm, conv=AtrousConv2d)
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 Conv2d (same parameters and state dict) that trains on the CPU as a matrix product
+    over the pixels. oneDNN's bf16 weight-gradient kernel for a 1x1 convolution with many input
+    channels and few outputs corrupts the heap (PyTorch 2.14.1 on a Xeon with AMX: 4096 -> 6 or
+    3000 -> 6 aborts with "free(): invalid next size"; 2048 -> 6 and 4096 -> 16 do not), which
+    FCN's class scoring of VGG's 4096-channel fc7 hits; the matrix product takes another kernel.
+    Inference and other devices get the plain convolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.is_grad_enabled() and x.dim() == 4:
+            pixels = x.permute(0, 2, 3, 1)  # N H W C: the product runs along the channels
+            return F.linear(pixels, self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        return self._conv_forward(x, self.weight, self.bias)

@@ -159,3 +159,18 @@ def test_fpn_keeps_its_composed_stride4_kernels_in_inference_until_the_weights_c
         model.compose_stride4 = False
         torch.testing.assert_close(ours, model(images), rtol=1e-4, atol=1e-5)
     assert not hasattr(copy.deepcopy(model), "_kept")
+
+
+def test_fcn_on_vgg_holds_each_parameter_once_so_its_checkpoint_saves(tmp_path):
+    """fc6/fc7 belong to the encoder only: safetensors refuses tensors saved under two names."""
+    from safetensors.torch import save_file
+
+    from seglab.models.registry import create_model
+    from seglab.ops.conv import PointwiseConv2d
+
+    model = create_model("fcn8s", num_classes=3, width=0.125)
+    state = model.state_dict()
+    assert any(key.startswith("encoder.fc.") for key in state) and not any(key.startswith("fc.") for key in state)
+    assert isinstance(model.score_fr, PointwiseConv2d)
+    save_file({key: value.contiguous() for key, value in state.items()}, str(tmp_path / "fcn.safetensors"))
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)

@@ -17,6 +17,7 @@ import torch.nn as nn
 from seglab.encoders import VGG16Encoder, create_encoder
 from seglab.encoders.weights import load_weights_file
 from seglab.models.registry import register_model
+from seglab.ops.conv import PointwiseConv2d
 from seglab.ops.padding import crop_to, pad_to_multiple
 from seglab.ops.upsample import make_upsample
 
@@ -34,10 +35,11 @@ class FCN(nn.Module):
         self.encoder = encoder
         self.output_stride = output_stride
         self.level = {s: encoder.strides.index(s) for s in (8, 16, 32) if s >= output_stride}
-        vgg_fc = getattr(encoder, "fc", None)
-        top_channels = encoder.fc_channels if vgg_fc is not None else encoder.channels[self.level[32]]
-        self.fc = vgg_fc if vgg_fc is not None else nn.Identity()
-        self.score_fr = nn.Conv2d(top_channels, num_classes, 1)
+        # VGG's fc6/fc7 stay the encoder's own modules (registered once: a second name for the
+        # same parameters would make the checkpoint hold them twice, which safetensors refuses).
+        has_fc = getattr(encoder, "fc", None) is not None
+        top_channels = encoder.fc_channels if has_fc else encoder.channels[self.level[32]]
+        self.score_fr = PointwiseConv2d(top_channels, num_classes)
         self.skip_scores = nn.ModuleDict()
         self.skip_ups = nn.ModuleDict()
         for stride in (16, 8):
@@ -53,7 +55,9 @@ class FCN(nn.Module):
         size = x.shape[-2:]
         x = pad_to_multiple(x, 32)
         features = self.encoder(x)
-        score = self.score_fr(self.fc(features[self.level[32]]))
+        top = features[self.level[32]]
+        fc = getattr(self.encoder, "fc", None)
+        score = self.score_fr(top if fc is None else fc(top))
         for stride in (16, 8):
             key = f"pool{stride}"
             if key in self.skip_scores:
