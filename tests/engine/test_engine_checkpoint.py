@@ -84,3 +84,19 @@ def test_a_checkpoint_loads_without_the_weights_file_it_started_from(tmp_path: P
     image = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(image), loaded(image))
+
+
+def test_a_module_reachable_under_two_names_saves_and_loads(tmp_path: Path) -> None:
+    """Tied weights list one tensor under two names; safetensors refuses shared memory."""
+    from safetensors.torch import load_file
+
+    model = _model()
+    model.tied = model.head  # the same module, a second name in the state dict
+    config = {"model": "unet", "kwargs": {"num_classes": 3, "in_channels": 3, "base_channels": 4, "depth": 2}}
+    weights = save_checkpoint(tmp_path / "tied", model, config)
+    saved = load_file(str(weights))
+    assert torch.equal(saved["tied.weight"], saved["head.weight"])
+    fresh = create_model("unet", num_classes=3, in_channels=3, base_channels=4, depth=2)
+    fresh.tied = fresh.head
+    fresh.load_state_dict(saved)  # strict: every name is there
+    assert torch.equal(fresh.head.weight, model.head.weight)

@@ -40,7 +40,16 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any]) 
     if "model" not in config or "kwargs" not in config:
         raise ValueError("checkpoint config needs the model name and its kwargs")
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        # A module reachable under two names (tied weights) lists one tensor twice; safetensors
+        # refuses shared memory, so later names get a copy and the state dict loads as it was.
+        pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        tensors[name] = tensor.clone() if pointer in seen else tensor
+        if pointer is not None:
+            seen.add(pointer)
     weights = _file(stem, ".safetensors")
     atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT}))
     atomic_write_json(_file(stem, ".json"), {"format": CHECKPOINT_FORMAT, **config})
