@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from seglab.engine.onednn import (
+    PLAIN_IN_INFERENCE,
     FusedConv,
     fusable_conv,
     onednn_available,
@@ -49,7 +50,6 @@ from seglab.engine.onednn import (
 )
 from seglab.engine.precision import auto_precision, resolve_precision
 from seglab.engine.residual import fuse_residual_additions
-from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
 
 __all__ = [
@@ -270,7 +270,7 @@ def fuse_conv_relu(model: nn.Module, example_input: torch.Tensor | None = None) 
 
 
 def _same_padded_stride_1(conv: nn.Module, min_dilation: int) -> bool:
-    if type(conv) not in (nn.Conv2d, AtrousConv2d) or tuple(conv.stride) != (1, 1) or conv.padding_mode != "zeros":
+    if type(conv) not in PLAIN_IN_INFERENCE or tuple(conv.stride) != (1, 1) or conv.padding_mode != "zeros":
         return False
     (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
     same = isinstance(conv.padding, tuple) and conv.padding == (dh * (kh - 1) // 2, dw * (kw - 1) // 2)

@@ -33,7 +33,7 @@ import torch.nn as nn
 from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.conv import PointwiseConv2d
 
-__all__ = ["FusedConv", "fusable_conv", "onednn_available", "prepack_conv_weights", "replace_submodule"]
+__all__ = ["PLAIN_IN_INFERENCE", "FusedConv", "fusable_conv", "onednn_available", "prepack_conv_weights", "replace_submodule"]
 
 
 def onednn_available() -> bool:
@@ -42,11 +42,15 @@ def onednn_available() -> bool:
         and hasattr(mkldnn, "_reorder_convolution_weight")
 
 
+# Conv2d subclasses whose inference forward is the plain convolution (they only train
+# differently), so inference rewrites may take them like nn.Conv2d.
+PLAIN_IN_INFERENCE = (nn.Conv2d, AtrousConv2d, PointwiseConv2d)
+
+
 def fusable_conv(conv: nn.Module) -> bool:
-    """A plain Conv2d that `FusedConv` can take over: not a subclass with its own inference forward, zero
+    """A plain Conv2d (or one of `PLAIN_IN_INFERENCE`) that `FusedConv` can take over, zero
     padding given as numbers (oneDNN's fused operator has no "same" or reflect padding)."""
-    # AtrousConv2d and PointwiseConv2d are Conv2d modules that only train differently.
-    return type(conv) in (nn.Conv2d, AtrousConv2d, PointwiseConv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+    return type(conv) in PLAIN_IN_INFERENCE and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -49,7 +49,8 @@ def taps_inside(height: int, width: int, kernel_size: tuple[int, int], dilation:
             yield i * kw + j, source, target
 
 
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the shifted sums run in: float32, or float64 for float64 input."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -81,12 +82,12 @@ class _ShiftedDepthwise(torch.autograd.Function):
                 dilation: tuple[int, int]) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.dilation, ctx.has_bias = dilation, bias is not None
-        return _forward(x, _taps(weight, _accumulator(x.dtype)), bias, tuple(weight.shape[-2:]), dilation)
+        return _forward(x, _taps(weight, accumulator_dtype(x.dtype)), bias, tuple(weight.shape[-2:]), dilation)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        accumulate = _accumulator(x.dtype)
+        accumulate = accumulator_dtype(x.dtype)
         kernel_size = tuple(weight.shape[-2:])
         taps = _taps(weight, accumulate)
         grad_out = grad.permute(0, 2, 3, 1).to(accumulate)

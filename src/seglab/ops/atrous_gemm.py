@@ -1,4 +1,4 @@
-"""A dense atrous convolution with a large dilation as one matrix product per tap (CPU training).
+"""A dense atrous convolution with a large dilation as one matrix product for all taps (CPU training).
 
 DeepLab v3's ASPP at output stride 8 runs 3x3 convolutions 2048 -> 256 at dilations 12, 24 and
 36 on a 64 x 64 map (a 512 input). oneDNN has fast kernels for small dilations only: in a bf16
@@ -7,8 +7,9 @@ forward and 1.2 s backward, about 60 GFLOP/s, over half the 5.9 s step. A stride
 dilated convolution is a sum over its taps: out[y, x] += W_tap . in[y + dy, x + dx], and on the
 channels-last layout all taps together are one (pixels x C_in) @ (C_in x taps C_out) matrix
 product, whose tap columns are then added at the taps' shifts; the backward, likewise, one
-product for the input's gradient and one for the weight's (`_ShiftedGemmConv`). `seglab.engine.fastpath.DilatedConvAsGemm` does the forward
-for inference; this module trains.
+product for the input's gradient and one for the weight's (`_ShiftedGemmConv`).
+`seglab.engine.fastpath.DilatedConvAsGemm` does the forward for inference (per tap, over only
+the in-map windows); this module trains.
 
 Products run in the input's dtype (autocast's when autocast is on, as a convolution would);
 sums are float32. Equal to F.conv2d up to summation order (tested, values and gradients).
@@ -20,12 +21,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from seglab.ops.atrous_depthwise import taps_inside
+from seglab.ops.atrous_depthwise import accumulator_dtype, taps_inside
 from seglab.ops.tracing import being_traced
 
 __all__ = ["AtrousConv2d", "shifted_gemm_conv"]
 
-# From this dilation on the per-tap products replace oneDNN's kernel (see AtrousConv2d).
+# From this dilation on the matrix products replace oneDNN's kernel (docs/bench.md: faster from 6).
 MIN_DILATION = 6
 
 
@@ -33,10 +34,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
-
-
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _stacked_taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -58,7 +55,7 @@ class _ShiftedGemmConv(torch.autograd.Function):
         out_channels, in_channels, kh, kw = weight.shape
         pixels = x.to(dtype).permute(0, 2, 3, 1)  # N H W C_in: a view of a channels-last input
         per_tap = torch.matmul(pixels, _stacked_taps(weight, dtype).t()).unflatten(-1, (kh * kw, out_channels))
-        out = torch.zeros((*pixels.shape[:3], out_channels), dtype=_accumulator(dtype), device=x.device)
+        out = torch.zeros((*pixels.shape[:3], out_channels), dtype=accumulator_dtype(dtype), device=x.device)
         if bias is not None:
             out += bias.to(out.dtype)
         for tap, (rows, cols), (out_rows, out_cols) in taps_inside(*x.shape[-2:], (kh, kw), dilation):
@@ -81,21 +78,21 @@ class _ShiftedGemmConv(torch.autograd.Function):
         grad_pixels = torch.matmul(shifted, _stacked_taps(weight, dtype))
         grad_taps = torch.matmul(shifted.reshape(-1, shifted.shape[-1]).t(), pixels.reshape(-1, in_channels))
         grad_weight = grad_taps.view(kh, kw, out_channels, in_channels).permute(2, 3, 0, 1).to(weight.dtype)
-        grad_bias = grad_out.sum((0, 1, 2), dtype=_accumulator(dtype)).to(weight.dtype) if ctx.has_bias else None
+        grad_bias = grad_out.sum((0, 1, 2), dtype=accumulator_dtype(dtype)).to(weight.dtype) if ctx.has_bias else None
         return grad_pixels.to(x.dtype).permute(0, 3, 1, 2), grad_weight, grad_bias, None
 
 
 def shifted_gemm_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       dilation: tuple[int, int]) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=dilation * (k - 1) // 2, dilation=dilation) for a
-    C_out x C_in x k x k kernel (odd k), as one matrix product per tap; differentiable. Takes
+    C_out x C_in x k x k kernel (odd k), as one matrix product for all taps; differentiable. Takes
     and returns channels-last tensors."""
     return _ShiftedGemmConv.apply(x, weight, bias, tuple(dilation))
 
 
 class AtrousConv2d(nn.Conv2d):
     """A dense (groups=1), stride-1, "same"-padded dilated Conv2d (same parameters and state
-    dict) that trains as per-tap matrix products on the CPU for channels-last input from
+    dict) that trains as matrix products (`shifted_gemm_conv`) on the CPU for channels-last input from
     dilation `MIN_DILATION`; inference, other devices, NCHW input and tracing get the plain
     convolution (the fast path rewrites it for inference, `DilatedConvAsGemm`)."""
 

@@ -35,8 +35,7 @@ class FCN(nn.Module):
         self.encoder = encoder
         self.output_stride = output_stride
         self.level = {s: encoder.strides.index(s) for s in (8, 16, 32) if s >= output_stride}
-        # VGG's fc6/fc7 stay the encoder's own modules (registered once: a second name for the
-        # same parameters would make the checkpoint hold them twice, which safetensors refuses).
+        # VGG's fc6/fc7 stay the encoder's own modules, registered once: one name per parameter.
         has_fc = getattr(encoder, "fc", None) is not None
         top_channels = encoder.fc_channels if has_fc else encoder.channels[self.level[32]]
         self.score_fr = PointwiseConv2d(top_channels, num_classes)
