@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gradient_checks import assert_values_and_gradients_equal
+
 from seglab.ops.atrous_depthwise import AtrousDepthwiseConv2d, shifted_depthwise_conv
 
 
@@ -19,12 +21,7 @@ def test_values_and_gradients_equal_the_convolution(dilation, bias):
     b = torch.randn(5, dtype=torch.float64, requires_grad=True) if bias else None
     ours = shifted_depthwise_conv(x, weight, b, (dilation, dilation))
     expected = F.conv2d(x, weight, b, padding=dilation, dilation=dilation, groups=5)
-    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
-    upstream = torch.randn_like(expected)
-    inputs = [x, weight] + ([b] if bias else [])
-    for a, e in zip(torch.autograd.grad((ours * upstream).sum(), inputs),
-                    torch.autograd.grad((expected * upstream).sum(), inputs)):
-        torch.testing.assert_close(a, e, rtol=0, atol=1e-11)
+    assert_values_and_gradients_equal(ours, expected, [x, weight] + ([b] if bias else []))
 
 
 def test_five_by_five_kernel_and_unequal_dilations():

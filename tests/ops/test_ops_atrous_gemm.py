@@ -7,11 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gradient_checks import assert_values_and_gradients_equal, gradients
+
 from seglab.ops.atrous_gemm import AtrousConv2d, shifted_gemm_conv
-
-
-def _grads(output: torch.Tensor, upstream: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    return torch.autograd.grad((output.float() * upstream).sum(), inputs)
 
 
 @pytest.mark.parametrize("dilation", [(1, 1), (6, 6), (2, 5), (30, 30)])  # 30: only the centre tap inside
@@ -24,11 +22,7 @@ def test_values_and_gradients_equal_the_convolution(dilation, bias):
     ours = shifted_gemm_conv(x, weight, b, dilation)
     expected = F.conv2d(x, weight, b, padding=dilation, dilation=dilation)
     assert ours.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
-    upstream = torch.randn(expected.shape, dtype=torch.float64)
-    inputs = [x, weight] + ([b] if bias else [])
-    for a, e in zip(_grads(ours, upstream, inputs), _grads(expected, upstream, inputs)):
-        torch.testing.assert_close(a, e, rtol=0, atol=1e-11)
+    assert_values_and_gradients_equal(ours, expected, [x, weight] + ([b] if bias else []))
 
 
 def test_five_by_five_kernel():
@@ -50,7 +44,7 @@ def test_bf16_under_autocast_matches_the_autocast_convolution():
     torch.testing.assert_close(ours.float(), expected.float(), atol=0.05, rtol=0.02)
     upstream = torch.randn(expected.shape)
     inputs = [x, conv.weight, conv.bias]
-    for a, e in zip(_grads(ours, upstream, inputs), _grads(expected, upstream, inputs)):
+    for a, e in zip(gradients(ours, upstream, inputs), gradients(expected, upstream, inputs)):
         assert a.dtype == e.dtype
         torch.testing.assert_close(a, e, atol=0.05 * e.abs().max().item(), rtol=0.05)
 

@@ -110,6 +110,18 @@ def shifted_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return _ShiftedDepthwise.apply(x, weight, bias, tuple(dilation))
 
 
+def trains(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether this call of `conv` on `x` records gradients."""
+    return torch.is_grad_enabled() and (conv.weight.requires_grad or x.requires_grad)
+
+
+def shifted_route(x: torch.Tensor, dilation: tuple[int, ...], min_dilation: int) -> bool:
+    """Whether a dilated convolution takes the shifted-window route: CPU, channels-last input,
+    dilation from `min_dilation`, eager code (a tracer gets the plain convolution)."""
+    return (x.device.type == "cpu" and max(dilation) >= min_dilation
+            and x.is_contiguous(memory_format=torch.channels_last) and not being_traced())
+
+
 class AtrousDepthwiseConv2d(nn.Conv2d):
     """A depthwise, stride-1, "same"-padded dilated Conv2d (same parameters and state dict)
     that runs as shifted windows on the CPU for a channels-last input from the dilations where
@@ -123,10 +135,8 @@ class AtrousDepthwiseConv2d(nn.Conv2d):
                          dilation=dilation, groups=channels, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        training = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
         half = x.element_size() < 4  # bf16 / fp16 activations (autocast)
-        threshold = HALF_PRECISION_TRAINING_MIN_DILATION if training and half else MIN_DILATION
-        if x.device.type == "cpu" and max(self.dilation) >= threshold \
-                and x.is_contiguous(memory_format=torch.channels_last) and not being_traced():
+        threshold = HALF_PRECISION_TRAINING_MIN_DILATION if trains(self, x) and half else MIN_DILATION
+        if shifted_route(x, self.dilation, threshold):
             return shifted_depthwise_conv(x, self.weight, self.bias, self.dilation)
         return self._conv_forward(x, self.weight, self.bias)

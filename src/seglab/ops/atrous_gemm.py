@@ -21,8 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from seglab.ops.atrous_depthwise import accumulator_dtype, taps_inside
-from seglab.ops.tracing import being_traced
+from seglab.ops.atrous_depthwise import accumulator_dtype, shifted_route, taps_inside, trains
 
 __all__ = ["AtrousConv2d", "shifted_gemm_conv"]
 
@@ -106,8 +105,6 @@ class AtrousConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, padding=same, dilation=dilation, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        training = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
-        if training and x.device.type == "cpu" and max(self.dilation) >= MIN_DILATION \
-                and x.is_contiguous(memory_format=torch.channels_last) and not being_traced():
+        if trains(self, x) and shifted_route(x, self.dilation, MIN_DILATION):
             return shifted_gemm_conv(x, self.weight, self.bias, self.dilation)
         return self._conv_forward(x, self.weight, self.bias)
