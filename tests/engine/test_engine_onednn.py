@@ -28,7 +28,7 @@ def test_packed_weight_gives_the_plain_convolutions_result(dtype):
     with torch.inference_mode():
         expected = torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
         first, again = packed(x), packed(x)
-    assert packed._packed is not None and packed._packed.layout != torch.strided  # oneDNN's own layout
+    assert packed._packed.value is not None and packed._packed.value.layout != torch.strided  # oneDNN's own layout
     assert torch.equal(first, expected) and torch.equal(again, expected)
     torch.testing.assert_close(first.float(), torch.relu(conv(x)).float(), atol=1e-5 if dtype == torch.float32 else 0.05, rtol=0.02)
 
@@ -63,7 +63,7 @@ def test_copies_repack_and_gradients_take_the_plain_path():
     with torch.inference_mode():
         expected = packed(x)
     twin = copy.deepcopy(packed)  # oneDNN's opaque tensor is not copied
-    assert twin._packed is None
+    assert twin._packed.value is None
     with torch.inference_mode():
         assert torch.equal(twin(x), expected)
     packed.weight.requires_grad_(True)

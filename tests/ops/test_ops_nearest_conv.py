@@ -92,17 +92,17 @@ def test_inference_keeps_the_derived_kernels_until_the_weight_changes():
     x, skip = torch.randn(1, 4, 5, 5), torch.randn(1, 3, 10, 10)
     with torch.no_grad():
         first = conv(x, skip)
-        kept = conv._kept
+        kept = conv._kept.value
         torch.testing.assert_close(conv(x, skip), first)
-        assert conv._kept is kept  # not rebuilt
+        assert conv._kept.value is kept  # not rebuilt
         conv.weight.mul_(2)  # an in-place change (an optimizer step) bumps the version
         torch.testing.assert_close(conv(x, skip), _plain(conv, x, skip))
-        assert conv._kept is not kept
+        assert conv._kept.value is not kept
     copied = copy.deepcopy(conv)
-    assert copied._kept is None
+    assert copied._kept.value is None
     with torch.no_grad():
         torch.testing.assert_close(copied(x, skip), conv(x, skip))
     # with gradients the kernels come from the parameter at every call, and nothing is kept
-    conv._kept = conv._kept_for = None
+    conv._kept.clear()
     conv(x, skip).sum().backward()
-    assert conv._kept is None and conv.weight.grad is not None
+    assert conv._kept.value is None and conv.weight.grad is not None

@@ -25,13 +25,12 @@ plain PyTorch operators. The packed weight gives bitwise the same results as the
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn as nn
 
 from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.conv import PointwiseConv2d
+from seglab.ops.kept import KeptFromWeights
 
 __all__ = ["PLAIN_IN_INFERENCE", "FusedConv", "fusable_conv", "onednn_available", "prepack_conv_weights", "replace_submodule"]
 
@@ -90,26 +89,15 @@ class FusedConv(nn.Conv2d):
         self.activation = activation
         self.post_op = _post_op(activation)
         self.prepack = prepack
-        self._packed: torch.Tensor | None = None
-        self._packed_for: tuple | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        # oneDNN's opaque tensor cannot be copied or pickled; a copy packs its own at its first call.
-        state = dict(super().__getstate__())
-        state["_packed"], state["_packed_for"] = None, None
-        return state
+        self._packed: KeptFromWeights[torch.Tensor] = KeptFromWeights()
 
     def _onednn_weight(self, x: torch.Tensor) -> torch.Tensor:
         # The blocked layout suits channels-last input; an NCHW input keeps NCHW with the plain weight.
         if not self.prepack or not x.is_contiguous(memory_format=torch.channels_last):
             return self.weight
-        weight = self.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype)
-        if self._packed_for != key:
-            self._packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
-            self._packed_for = key
-        return self._packed
+        # The packed layout does not depend on the input's size: one serves all (x's shape only hints).
+        return self._packed.get([self.weight], lambda: torch.ops.mkldnn._reorder_convolution_weight(
+            self.weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """activation(conv(x)), or activation(conv(x) + residual) with a residual."""

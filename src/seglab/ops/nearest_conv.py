@@ -25,11 +25,11 @@ both in every U-Net-R34 decoder shape, in inference and in training.)
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from seglab.ops.kept import KeptFromWeights
 
 
 def _nearest2x_taps(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -73,28 +73,21 @@ class NearestUpsampleConv(nn.Conv2d):
         if (kernel_size, stride, padding, dilation, groups) not in ((3, 1, 1, 1, 1), ((3, 3), 1, 1, 1, 1)):
             raise ValueError("NearestUpsampleConv is a 3x3 convolution with stride 1, padding 1, dilation 1, one group")
         super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
-        self._kept: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._kept_for: tuple | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())
-        state["_kept"], state["_kept_for"] = None, None  # derived from the weight; a copy builds its own
-        return state
+        self._kept: KeptFromWeights[tuple[torch.Tensor, torch.Tensor]] = KeptFromWeights()
 
     def _split_weights(self, low_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(transposed kernel for x's channels, 3x3 kernel for the skip's channels)."""
         weight = self.weight
         if torch.is_grad_enabled() and weight.requires_grad:  # training: rebuilt from the parameter at every call
             return nearest2x_transposed_weight(weight[:, :low_channels]), weight[:, low_channels:]
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, low_channels)
-        if self._kept_for != key:
-            skip_weight = weight[:, low_channels:]
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) \
                 else torch.contiguous_format
-            self._kept = (nearest2x_transposed_weight(weight[:, :low_channels]).contiguous(memory_format=layout),
-                          skip_weight.contiguous(memory_format=layout))
-            self._kept_for = key
-        return self._kept
+            return (nearest2x_transposed_weight(weight[:, :low_channels]).contiguous(memory_format=layout),
+                    weight[:, low_channels:].contiguous(memory_format=layout))
+
+        return self._kept.get([weight], build, low_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, size: tuple[int, int] | torch.Size | None = None) -> torch.Tensor:
         height, width = x.shape[-2:]

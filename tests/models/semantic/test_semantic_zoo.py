@@ -150,15 +150,15 @@ def test_fpn_keeps_its_composed_stride4_kernels_in_inference_until_the_weights_c
     images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         model(images)
-        kept = model._kept
+        kept = model._stride4_kept.value
         model(images)
-        assert model._kept is kept
+        assert model._stride4_kept.value is kept
         model.laterals[0].weight.mul_(1.5)  # an in-place change (an optimizer step) bumps the version
         ours = model(images)
-        assert model._kept is not kept
+        assert model._stride4_kept.value is not kept
         model.compose_stride4 = False
         torch.testing.assert_close(ours, model(images), rtol=1e-4, atol=1e-5)
-    assert not hasattr(copy.deepcopy(model), "_kept")
+    assert copy.deepcopy(model)._stride4_kept.value is None
 
 
 def test_fcn_on_vgg_holds_each_parameter_once_so_its_checkpoint_saves(tmp_path):
