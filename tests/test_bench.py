@@ -83,3 +83,30 @@ def test_accuracy_check_reports_consistent_figures():
         assert 0.0 <= report[key] <= 100.0
     assert report["miou_fast_inference_delta"] == pytest.approx(report["miou_fast_inference"] - report["miou_fp32"])
     assert 0.9 <= report["argmax_agreement"] <= 1.0
+
+
+def test_pspnet_os8_peer_runs_the_papers_dilated_encoder():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from seglab import create_model
+    from seglab.bench import ARCHITECTURES
+
+    pytest.importorskip("segmentation_models_pytorch")
+    arch = ARCHITECTURES["pspnet-r34-os8"]
+    peer = arch.peer_builder(5).eval()
+    ours = create_model(arch.seglab_model, num_classes=5, **arch.seglab_kwargs).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert peer.encoder(x)[-1].shape[-2:] == (8, 8)  # all five stages, output stride 8
+        assert ours.encoder(x)[-1].shape[-2:] == (8, 8)
+        flops = []
+        for net in (ours, peer):
+            with FlopCounterMode(display=False) as counter:
+                assert net(x).shape == (1, 5, 64, 64)
+            flops.append(counter.get_total_flops())
+    # The one difference left: the paper's 3x3 fusion of the pyramid where smp has a 1x1.
+    assert 1.1 < flops[0] / flops[1] < 1.3
+    smp_default = ARCHITECTURES["pspnet-r34"].peer_builder(5).eval()
+    with torch.no_grad():
+        assert smp_default.encoder(x)[-1].shape[-2:] == (8, 8)
+        assert len(smp_default.encoder(x)) < len(peer.encoder(x))  # cut after the stride-8 stage

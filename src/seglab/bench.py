@@ -52,11 +52,11 @@ class Architecture:
     peer_builder: Callable[[int], nn.Module] | None = None
 
 
-def _smp(class_name: str, encoder: str) -> Callable[[int], nn.Module]:
+def _smp(class_name: str, encoder: str, **settings: Any) -> Callable[[int], nn.Module]:
     def build(num_classes: int) -> nn.Module:
         import segmentation_models_pytorch as smp
 
-        return getattr(smp, class_name)(encoder, encoder_weights=None, classes=num_classes)
+        return getattr(smp, class_name)(encoder, encoder_weights=None, classes=num_classes, **settings)
 
     return build
 
@@ -70,7 +70,11 @@ def _torchvision(function_name: str) -> Callable[[int], nn.Module]:
     return build
 
 
-# PSPNet has no auxiliary head here because neither peer computes one in training.
+# PSPNet has no auxiliary head here because neither peer computes one in training. smp's
+# PSPNet by default is a light variant (the encoder cut after its stride-8 stage, no dilation);
+# "pspnet-r34-os8" sets smp to the paper's encoder (all five stages, dilated to output stride 8),
+# which leaves one difference: smp fuses the pyramid with a 1x1 convolution where the paper
+# (and seglab) use a 3x3, so seglab's network has 1.18x the FLOPs of that peer.
 ARCHITECTURES: dict[str, Architecture] = {
     a.key: a
     for a in (
@@ -78,6 +82,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("fpn-r34", "FPN-R34", "fpn", {"encoder": "resnet34"}, "smp", _smp("FPN", "resnet34")),
         Architecture("pspnet-r34", "PSPNet-R34", "pspnet", {"encoder": "resnet34", "aux": False}, "smp",
                      _smp("PSPNet", "resnet34")),
+        Architecture("pspnet-r34-os8", "PSPNet-R34 (smp at OS 8)", "pspnet", {"encoder": "resnet34", "aux": False},
+                     "smp", _smp("PSPNet", "resnet34", encoder_depth=5, output_stride=8)),
         Architecture("deeplabv3plus-r34", "DeepLabV3+-R34", "deeplabv3plus", {"encoder": "resnet34"}, "smp",
                      _smp("DeepLabV3Plus", "resnet34")),
         Architecture("segformer-b0", "SegFormer-B0", "segformer", {"variant": "b0"}, "smp", _smp("Segformer", "mit_b0")),

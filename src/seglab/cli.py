@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(run=_models)
 
     bench = commands.add_parser("bench", help="throughput benchmarks, side by side with smp and torchvision")
-    bench.add_argument("--models", type=lambda t: t.split(","), help="architectures, e.g. unet-r34,fpn-r34 (default: all 7)")
+    bench.add_argument("--models", type=lambda t: t.split(","), help="architectures, e.g. unet-r34,fpn-r34 (default: all 8)")
     bench.add_argument("--size", type=_positive_int, help="image side in pixels (default 512)")
     bench.add_argument("--batch", dest="batches", type=_int_list, help="inference batch sizes (default 1,8)")
     bench.add_argument("--train-batch", type=_positive_int, help="training batch size (default 8)")
