@@ -263,6 +263,30 @@ def test_large_dilation_as_per_tap_gemms_equals_the_convolution(dilation, bias, 
     assert flops.get_total_flops() == 2 * 16 * 8 * 2 * rows * columns
 
 
+@pytest.mark.parametrize("dilation, all_taps", [(6, True), (18, False)])
+def test_large_dilation_in_bf16_takes_one_product_where_most_taps_land_inside(dilation, all_taps):
+    """On a 40 x 40 map dilation 6 keeps 0.81 of the products inside (one product over the whole
+    map for all taps), 18 keeps 0.49 (per-tap windows); both equal the convolution."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from seglab.engine.fastpath import ALL_TAPS_ABOVE_SHARE, DilatedConvAsGemm
+    from seglab.ops.atrous_gemm import share_inside
+
+    assert (share_inside(40, 40, (3, 3), (dilation, dilation)) > ALL_TAPS_ABOVE_SHARE) == all_taps
+    assert share_inside(64, 64, (3, 3), (12, 12)) == pytest.approx(0.77, abs=0.01)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, padding=dilation, dilation=dilation).eval().to(torch.bfloat16)
+    x = torch.randn(2, 16, 40, 40).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        ours = DilatedConvAsGemm(conv)(x)
+    with torch.no_grad():
+        expected = F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), padding=dilation, dilation=dilation)
+    assert ours.dtype == torch.bfloat16 and ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours.float(), expected, atol=0.05, rtol=0.02)
+    whole_map = 2 * 16 * 8 * 9 * 2 * 40 * 40
+    assert (flops.get_total_flops() == whole_map) == all_taps
+
+
 def test_dilated_rewrite_takes_only_same_padded_stride_1_convs_and_keeps_deeplab_outputs():
     from seglab import create_model
     from seglab.engine.fastpath import DilatedConvAsGemm, rewrite_dilated_convs

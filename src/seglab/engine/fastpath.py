@@ -51,6 +51,7 @@ from seglab.engine.onednn import (
 from seglab.engine.precision import auto_precision, resolve_precision
 from seglab.engine.residual import fuse_residual_additions
 from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
+from seglab.ops.atrous_gemm import all_taps_product, share_inside
 
 __all__ = [
     "DilatedConvAsGemm",
@@ -277,6 +278,13 @@ def _same_padded_stride_1(conv: nn.Module, min_dilation: int) -> bool:
     return same and kh % 2 == 1 and kw % 2 == 1 and max(dh, dw) >= min_dilation
 
 
+# In bf16 / fp16, above this share of in-map products one product over the whole map beats
+# per-tap windows (AMX Xeon, docs/bench.md: 2048 -> 256 on 64 x 64 at dilation 6 / 12, shares
+# 0.88 / 0.77, and 1024 -> 256 at 18, share 0.66: 15-62% less time; at shares 0.56 about even
+# or slower). In float32 the windows won or tied at every share measured, so they stay.
+ALL_TAPS_ABOVE_SHARE = 0.6
+
+
 class DilatedConvAsGemm(nn.Module):
     """A stride-1, "same"-padded k x k convolution with a large dilation, computed as one 1x1
     convolution (a single large GEMM, C_in -> C_out) per tap, each over only the input pixels
@@ -288,6 +296,11 @@ class DilatedConvAsGemm(nn.Module):
     dilation 1. Large dilations also put much of a tap outside the map: at dilation 36 on 64x64,
     a corner tap reads 28 x 28 pixels, and the nine taps 0.39 of what the padded convolution
     multiplies (0.56 at dilation 24, 0.77 at 12); taps entirely outside are skipped.
+
+    Where most products land inside (more than `ALL_TAPS_ABOVE_SHARE` of them), the nine
+    windows' copies and calls cost more than the products they skip, and a channels-last bf16 /
+    fp16 input takes one product for all taps instead (`seglab.ops.atrous_gemm.all_taps_product`, the
+    forward `AtrousConv2d` trains with).
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
@@ -304,6 +317,9 @@ class DilatedConvAsGemm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
+        if x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous(memory_format=torch.channels_last) and \
+                share_inside(height, width, self.kernel_size, self.dilation) > ALL_TAPS_ABOVE_SHARE:
+            return all_taps_product(x, self.weight.flatten(1).to(x.dtype), self.bias, self.kernel_size, self.dilation)
         c = self.out_channels
         out = torch.zeros((x.shape[0], c, height, width), dtype=torch.float32, device=x.device)  # accumulate in fp32
         out = to_channels_last(out) if x.is_contiguous(memory_format=torch.channels_last) else out
