@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.conv import ConvNormAct, SeparableConvNormAct, norm_layer
 from seglab.ops.gradient_layout import contiguous_gradient
+from seglab.ops.layout import in_layout_of
 
 __all__ = ["ASPP", "PyramidPooling"]
 
@@ -38,8 +39,7 @@ class PooledBranch(nn.Module):
             # In x's memory layout: an NCHW branch among channels-last ones makes the
             # concatenation NCHW, and the next convolution copies it back (4 ms in bf16 for
             # DeepLabV3+-R34's 1280 x 32 x 32 at 512 x 512, about 4% of the forward).
-            layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-            return self.act(self.norm(pooled.expand(-1, -1, *x.shape[-2:]).contiguous(memory_format=layout)))
+            return self.act(self.norm(in_layout_of(pooled.expand(-1, -1, *x.shape[-2:]), x)))
         pooled = self.act(self.norm(pooled))
         # Concatenated next: a contiguous gradient for the upsampling's backward.
         return contiguous_gradient(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seglab.ops.kept import KeptFromWeights
+from seglab.ops.layout import in_layout_of
 
 
 def _nearest2x_taps(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -82,10 +83,8 @@ class NearestUpsampleConv(nn.Conv2d):
             return nearest2x_transposed_weight(weight[:, :low_channels]), weight[:, low_channels:]
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
-            layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) \
-                else torch.contiguous_format
-            return (nearest2x_transposed_weight(weight[:, :low_channels]).contiguous(memory_format=layout),
-                    weight[:, low_channels:].contiguous(memory_format=layout))
+            return (in_layout_of(nearest2x_transposed_weight(weight[:, :low_channels]), weight),
+                    in_layout_of(weight[:, low_channels:], weight))
 
         return self._kept.get([weight], build, low_channels)
 

@@ -31,6 +31,7 @@ from seglab.encoders import create_encoder
 from seglab.models.registry import register_model
 from seglab.ops.conv import ConvNormAct
 from seglab.ops.kept import KeptFromWeights
+from seglab.ops.layout import in_layout_of
 from seglab.ops.nearest_conv import conv3x3_of_nearest2x, nearest2x_transposed_weight
 from seglab.ops.padding import crop_to, pad_to_multiple
 from seglab.ops.upsample import make_upsample, upsample_scores
@@ -135,10 +136,7 @@ class FPN(nn.Module):
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             exact = weight.float() if weight.element_size() < 4 else weight  # sums in float32
             composed = torch.einsum("oikl,ij->ojkl", exact, lateral_weight.flatten(1).to(exact.dtype)).to(weight.dtype)
-            layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) \
-                else torch.contiguous_format
-            return (composed.contiguous(memory_format=layout),
-                    nearest2x_transposed_weight(weight).contiguous(memory_format=layout))
+            return in_layout_of(composed, weight), in_layout_of(nearest2x_transposed_weight(weight), weight)
 
         if torch.is_grad_enabled() and (weight.requires_grad or lateral_weight.requires_grad):
             return build()  # training: from the parameters at every call
