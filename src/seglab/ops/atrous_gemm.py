@@ -77,7 +77,7 @@ def all_taps_product(x: torch.Tensor, stacked_taps: torch.Tensor, bias: torch.Te
                      kernel_size: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
     """The forward of `shifted_gemm_conv` for a channels-last x and the taps already stacked,
     (kh kw C_out) x C_in, in x's dtype (no autograd): one product, then the shifted additions
-    in float32. Returns x's dtype, channels-last."""
+    in float32 (float64 for float64 input). Returns x's dtype, channels-last."""
     out_channels = stacked_taps.shape[0] // (kernel_size[0] * kernel_size[1])
     pixels = x.permute(0, 2, 3, 1)  # N H W C_in: a view of a channels-last input
     per_tap = torch.matmul(pixels, stacked_taps.t()).unflatten(-1, (-1, out_channels))
