@@ -1,14 +1,23 @@
-"""Helpers shared by the engine tests: tiny training settings (a 2-level U-Net on 32x32 shapes)."""
+"""Helpers shared by the engine tests: tiny training settings (a 2-level U-Net on 32x32 shapes),
+and the mark for tests that need a CPU with native bfloat16."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 import yaml
 from rich.console import Console
 
 from seglab.engine.config import TrainConfig
+from seglab.engine.precision import cpu_supports_bf16
 from seglab.engine.trainer import Trainer
+
+# oneDNN refuses bf16 kernels on processors without AVX-512 (or AVX-NE-CONVERT), and seglab
+# refuses `--precision bf16` there.
+needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bfloat16")
+BF16 = pytest.param(torch.bfloat16, marks=needs_bf16, id="bf16")
 
 
 def tiny_options(**overrides: Any) -> dict[str, Any]:

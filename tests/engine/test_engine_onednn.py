@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from engine_helpers import BF16
 
 from seglab.engine.onednn import FusedConv, onednn_available, prepack_conv_weights
 
@@ -20,7 +21,7 @@ def _channels_last(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Ten
     return torch.randn(*shape).to(dtype).contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
 def test_packed_weight_gives_the_plain_convolutions_result(dtype):
     conv = _conv(dtype)
     packed = FusedConv(conv, nn.ReLU(), prepack=True)
@@ -94,7 +95,7 @@ def test_fused_conv_refuses_what_onednn_cannot_run():
         FusedConv(nn.Conv2d(3, 3, 1), nn.Sigmoid())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_residual_is_added_before_the_activation_inside_the_kernel(dtype, stride):
     conv = _conv(dtype, stride=stride)

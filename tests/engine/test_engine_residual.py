@@ -3,6 +3,7 @@ import copy
 import pytest
 import timm
 import torch
+from engine_helpers import needs_bf16
 
 from seglab.engine.fastpath import fold_conv_bn, optimize_for_inference, to_channels_last
 from seglab.engine.onednn import FusedConv, onednn_available
@@ -48,13 +49,13 @@ def test_blocks_with_a_batchnorm_before_the_addition_are_left_alone():
     assert not any(type(m) is BasicBlockShortcutInConv for m in model.modules())
 
 
-def test_fast_path_gives_the_same_scores_with_and_without_the_fusion():
+@pytest.mark.parametrize("precision, atol", [("32", 1e-4), pytest.param("bf16", 0.15, marks=needs_bf16)])
+def test_fast_path_gives_the_same_scores_with_and_without_the_fusion(precision, atol):
     torch.manual_seed(0)
     model = create_model("fpn", num_classes=5, encoder="resnet18").eval()
     x = torch.randn(1, 3, 128, 128)
-    for precision, atol in (("32", 1e-4), ("bf16", 0.15)):
-        fused = optimize_for_inference(model, precision)
-        plain = optimize_for_inference(model, precision, fuse_residual=False)
-        assert sum(type(m) is BasicBlockShortcutInConv for m in fused.modules()) == 8
-        assert not any(type(m) is BasicBlockShortcutInConv for m in plain.modules())
-        torch.testing.assert_close(fused(x), plain(x), atol=atol, rtol=0.05)
+    fused = optimize_for_inference(model, precision)
+    plain = optimize_for_inference(model, precision, fuse_residual=False)
+    assert sum(type(m) is BasicBlockShortcutInConv for m in fused.modules()) == 8
+    assert not any(type(m) is BasicBlockShortcutInConv for m in plain.modules())
+    torch.testing.assert_close(fused(x), plain(x), atol=atol, rtol=0.05)
