@@ -95,7 +95,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 # One optimisation at a time on top of plain float32 eager inference (all run under no_grad).
 _NOTHING = dict(precision="32", fold_bn=False, fuse_relu=False, fuse_residual=False, dilated_as_gemm=False,
-                channels_last=False, inference_mode=False, prepack=False)
+                winograd=False, channels_last=False, inference_mode=False, prepack=False)
 INFERENCE_ABLATION: dict[str, dict[str, Any]] = {
     "+inference_mode": {**_NOTHING, "inference_mode": True},
     "+channels_last": {**_NOTHING, "channels_last": True},
@@ -108,6 +108,8 @@ INFERENCE_ABLATION: dict[str, dict[str, Any]] = {
     "+fold_conv_bn +fuse_conv_relu +fuse_residual": {**_NOTHING, "fold_bn": True, "fuse_relu": True,
                                                      "fuse_residual": True},
     "+dilated_as_gemm": {**_NOTHING, "dilated_as_gemm": True},
+    # Winograd's tiles are read channels last, so it is measured against "+channels_last".
+    "+channels_last +winograd": {**_NOTHING, "channels_last": True, "winograd": True},
     "+bf16": {**_NOTHING, "precision": "bf16"},
     "+bf16 +channels_last": {**_NOTHING, "precision": "bf16", "channels_last": True},
     "fast, fp32 (--precision 32)": dict(precision="32"),

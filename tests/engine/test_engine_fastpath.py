@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine_helpers import needs_bf16
+
 from seglab.data.synthetic import SyntheticShapes
 from seglab.engine.fastpath import (
     InferenceModel,
@@ -17,10 +19,10 @@ from seglab.engine.fastpath import (
     prepare_batch,
     to_channels_last,
 )
+from seglab.engine.onednn import FusedConv
 from seglab.engine.precision import cpu_supports_bf16
 from seglab.models import create_model
 
-needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bfloat16")
 
 
 def _randomise_batchnorm(model: nn.Module) -> None:
@@ -377,13 +379,18 @@ def test_fuse_conv_relu_also_fuses_gelu(approximate):
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_segformer_fast_path_fuses_the_mix_ffn_gelu_and_keeps_outputs():
+def _model_and_outputs(name: str, x: torch.Tensor, **options) -> tuple[nn.Module, torch.Tensor]:
+    """A seeded eval-mode model with non-trivial BatchNorm statistics, and its outputs for `x`."""
     torch.manual_seed(0)
-    model = create_model("segformer", num_classes=4, variant="b0").eval()
+    model = create_model(name, num_classes=3, **options).eval()
     _randomise_batchnorm(model)
-    x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        expected = model(x)
+        return model, model(x)
+
+
+def test_segformer_fast_path_fuses_the_mix_ffn_gelu_and_keeps_outputs():
+    x = torch.randn(1, 3, 64, 96)
+    model, expected = _model_and_outputs("segformer", x, variant="b0")
     fast = optimize_for_inference(model, "32")
     from seglab.engine.fastpath import FusedConv
 
@@ -425,3 +432,65 @@ def test_instance_models_keep_their_detections_on_the_fast_path(name):
     torch.testing.assert_close(got["labels"][match], expected["labels"])
     agree = (got["masks"][match] > 0.5).eq(expected["masks"] > 0.5).float().mean()
     assert agree > 0.999
+
+
+def test_winograd_takes_only_many_channel_3x3_stride_1_convs():
+    from seglab.engine.fastpath import winograd_pays
+
+    assert winograd_pays(nn.Conv2d(128, 256, 3, padding=1))
+    assert winograd_pays(FusedConv(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU()))
+    assert not winograd_pays(nn.Conv2d(64, 256, 3, padding=1))  # too few channels to pay for the transforms
+    assert not winograd_pays(nn.Conv2d(128, 128, 3, stride=2, padding=1))
+    assert winograd_pays(nn.Conv2d(128, 128, 3, padding=4, dilation=4))  # as 16 phases
+    assert not winograd_pays(nn.Conv2d(128, 128, 3, padding=2, dilation=4))  # not "same"
+    assert not winograd_pays(nn.Conv2d(128, 128, 3, padding=6, dilation=6))  # DilatedConvAsGemm's
+    assert not winograd_pays(nn.Conv2d(128, 128, 3, padding=0))
+    assert not winograd_pays(nn.Conv2d(128, 128, 3, padding=1, groups=2))
+    assert not winograd_pays(nn.Conv2d(128, 128, (3, 1), padding=(1, 0)))
+    assert not winograd_pays(nn.Conv2d(128, 128, 1))
+    assert not winograd_pays(nn.Conv2d(128, 128, 3, padding=1, padding_mode="reflect"))
+
+
+def _winograd_convs(model: nn.Module) -> int:
+    return sum(isinstance(m, FusedConv) and m.winograd for m in model.modules())
+
+
+def test_float32_fast_path_runs_winograd_within_the_stated_tolerance():
+    x = torch.randn(2, 3, 64, 48)
+    model, expected = _model_and_outputs("unet", x, encoder="resnet18")
+    direct, winograd = optimize_for_inference(model, "32", winograd=False), optimize_for_inference(model, "32")
+    assert _winograd_convs(direct) == 0
+    # ResNet-18's stages 2-4 (the three convs after each stage's strided one; the blocks' last
+    # convs take the shortcut and ReLU as well) and the second convs of the decoder's 256- and
+    # 128-channel blocks.
+    assert _winograd_convs(winograd) == 11
+    torch.testing.assert_close(winograd(x), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(winograd(x), direct(x), atol=1e-4, rtol=1e-4)
+
+
+def test_winograd_conv_keeps_the_direct_convolution_outside_float32_inference():
+    torch.manual_seed(0)
+    conv = FusedConv(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU())
+    conv.winograd = True
+    x = torch.randn(1, 128, 8, 8).contiguous(memory_format=torch.channels_last)
+    direct = F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1))
+    assert torch.equal(conv(x), direct)  # gradients enabled: the plain convolution
+    conv.requires_grad_(False)
+    assert not torch.equal(conv(x), direct)  # inference: Winograd, not bitwise the same ...
+    torch.testing.assert_close(conv(x), direct, atol=1e-4, rtol=1e-4)  # ... but close
+    with torch.autocast("cpu", torch.bfloat16):  # Winograd's transforms would lose bf16's few bits
+        conv.winograd = False
+        without = conv(x)
+        conv.winograd = True
+        assert torch.equal(conv(x), without)
+
+
+def test_float32_fast_path_runs_dilated_stages_as_winograd_phases():
+    x = torch.randn(1, 3, 64, 72)
+    model, expected = _model_and_outputs("pspnet", x, encoder="resnet18", aux=False)  # output stride 8
+    fast = optimize_for_inference(model, "32")
+    dilations = sorted(m.dilation[0] for m in fast.modules() if isinstance(m, FusedConv) and m.winograd)
+    # Stage 2 (3), stage 3 (its first conv undilated, then 3 at dilation 2), stage 4 (its first
+    # conv at 2, then 3 at 4) and the pyramid's fusion (1).
+    assert dilations == [1] * 5 + [2] * 4 + [4] * 3
+    torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-4)

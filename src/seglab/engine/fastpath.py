@@ -13,6 +13,9 @@ Each step is independent, so the benchmark can measure each on its own:
   shortcut addition and final ReLU become post-ops of its last convolution.
 - `prepack_conv_weights` (CPU inference, `seglab.engine.onednn`): every convolution keeps its
   weight in oneDNN's blocked layout instead of reordering it at each call.
+- `use_winograd` (CPU inference, float32): 3x3 convolutions with many channels computed by
+  Winograd's F(4x4, 3x3) (`seglab.ops.winograd`), 4x fewer multiply-adds than oneDNN's direct
+  convolution; it changes outputs at the same rounding level as the folding.
 - `to_channels_last`: oneDNN's convolutions run natively on NHWC; NCHW costs reorders.
 - bfloat16 (`optimize_for_inference(..., precision="bf16")`): weights and activations in
   bfloat16, which AVX-512 BF16 / AMX processors and recent GPUs multiply several times faster
@@ -68,6 +71,7 @@ __all__ = [
     "prepack_conv_weights",
     "prepare_batch",
     "to_channels_last",
+    "use_winograd",
 ]
 
 _DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
@@ -373,6 +377,46 @@ def rewrite_dilated_convs(model: nn.Module, min_dilation: int = 6, min_depthwise
     return replaced
 
 
+# Winograd's F(4x4, 3x3) against oneDNN's direct float32 convolution, channels last, 2 threads
+# (AVX2 EPYC, docs/bench.md): 1.1-2.7x faster from 128 channels in and out (128 on 64 x 64 up
+# to 1024 -> 512 on 64 x 64); 64 -> 64 on 128 x 128 took 1.2-1.4x as long: too few channels to
+# pay for the transforms. Dilated, as d x d undilated phases: 2.1x at 256 channels, dilation 2,
+# and 2.5x at 512, dilation 4 (a ResNet's stages 3 and 4 at output stride 8, on 64 x 64).
+# Dilations from `DilatedConvAsGemm`'s 6 up are that rewrite's.
+WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MAX_DILATION = 4
+
+
+def winograd_pays(conv: nn.Module) -> bool:
+    """A plain 3x3 convolution, stride 1, "same"-padded with zeros at a dilation up to
+    `WINOGRAD_MAX_DILATION`, not grouped, with at least `WINOGRAD_MIN_CHANNELS` channels in
+    and out."""
+    if not (fusable_conv(conv) or isinstance(conv, FusedConv)):
+        return False
+    dilation = conv.dilation[0]
+    return (tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1) and conv.groups == 1
+            and tuple(conv.dilation) == (dilation, dilation) <= (WINOGRAD_MAX_DILATION,) * 2
+            and tuple(conv.padding) == (dilation, dilation)
+            and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS)
+
+
+def use_winograd(model: nn.Module) -> int:
+    """Have every convolution `winograd_pays` for compute float32 CPU inference by Winograd's
+    F(4x4, 3x3), in place: `FusedConv`s switch, plain Conv2d modules become `FusedConv`s that
+    do (inference only; other dtypes, autocast and gradients keep the direct convolution).
+    Returns the number switched."""
+    switched = 0
+    for name, module in list(model.named_modules()):
+        if not name or not winograd_pays(module):
+            continue
+        if not isinstance(module, FusedConv):
+            module = FusedConv(module)
+            replace_submodule(model, name, module)
+        module.winograd = True
+        switched += 1
+    return switched
+
+
 # ------------------------------------------------------------------------------ inference
 def _outputs_to_float(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
@@ -412,6 +456,7 @@ def optimize_for_inference(
     fuse_residual: bool = True,
     prepack: bool = True,
     dilated_as_gemm: bool = True,
+    winograd: bool = True,
     channels_last: bool = True,
     inference_mode: bool = True,
     compile: bool = False,
@@ -422,7 +467,8 @@ def optimize_for_inference(
     one GEMM + shifts (CPU, `DilatedConvAsGemm`; depthwise ones as shifted multiply-adds,
     `DilatedDepthwiseAsShifts`), conv+ReLU fusion (CPU), ResNet blocks' shortcut addition and
     ReLU inside their last convolution (CPU, `fuse_residual_additions`), convolution weights kept in oneDNN's
-    layout (CPU, `prepack_conv_weights`), channels_last, inference_mode and `precision`
+    layout (CPU, `prepack_conv_weights`), many-channel 3x3 convolutions by Winograd's F(4x4, 3x3)
+    (CPU, float32, `use_winograd`), channels_last, inference_mode and `precision`
     ("auto": bf16 where the hardware runs it natively, else 32; "32", "bf16", "16"),
     optionally torch.compile. The argument model is left untouched unless
     `inplace`. Each switch can be turned off to measure the others on their own."""
@@ -441,9 +487,11 @@ def optimize_for_inference(
         fuse_residual_additions(prepared)
     if prepack and on_onednn:
         prepack_conv_weights(prepared)
+    dtype = _DTYPES[name]
+    if winograd and on_onednn and dtype == torch.float32:
+        use_winograd(prepared)
     if channels_last:
         prepared = to_channels_last(prepared)
-    dtype = _DTYPES[name]
     prepared = prepared.to(dtype)
     if compile:
         # Freezing lets inductor treat the weights as constants: it pre-packs them for oneDNN

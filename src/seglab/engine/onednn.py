@@ -20,6 +20,11 @@ once, ahead of time; here they are done without compiling:
   took as long as the three steps; on a Xeon with AMX, bf16, batch 1: 2.1 against 2.6 ms for
   64 channels at 128 x 128, and a whole ResNet-34 trunk 1% less time (4% at batch 8).
 
+- Winograd (`winograd = True`, set by `seglab.engine.fastpath.use_winograd`): a float32 3x3
+  convolution with many channels computed by Winograd's F(4x4, 3x3) (`seglab.ops.winograd`),
+  with the same residual and activation after it; 4x fewer multiply-adds than oneDNN's direct
+  kernel, which on a processor without bf16 is the whole budget (docs/bench.md).
+
 Outside CPU inference (a GPU, gradients enabled) the modules compute the same thing with
 plain PyTorch operators. The packed weight gives bitwise the same results as the plain one.
 """
@@ -31,6 +36,7 @@ import torch.nn as nn
 from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.conv import PointwiseConv2d
 from seglab.ops.kept import KeptFromWeights
+from seglab.ops.winograd import winograd_conv3x3, winograd_filters
 
 __all__ = ["PLAIN_IN_INFERENCE", "FusedConv", "fusable_conv", "onednn_available", "prepack_conv_weights", "replace_submodule"]
 
@@ -90,6 +96,8 @@ class FusedConv(nn.Conv2d):
         self.post_op = _post_op(activation)
         self.prepack = prepack
         self._packed: KeptFromWeights[torch.Tensor] = KeptFromWeights()
+        self.winograd = False  # float32 by Winograd's F(4x4, 3x3), set by `seglab.engine.fastpath.use_winograd`
+        self._winograd_filters: KeptFromWeights[torch.Tensor] = KeptFromWeights()
 
     def _onednn_weight(self, x: torch.Tensor) -> torch.Tensor:
         # The blocked layout suits channels-last input; an NCHW input keeps NCHW with the plain weight.
@@ -104,6 +112,9 @@ class FusedConv(nn.Conv2d):
         inference = not (torch.is_grad_enabled() and self.weight.requires_grad)
         if x.device.type != "cpu" or not inference or x.dtype != self.weight.dtype:
             return self._unfused(x, residual)
+        if self.winograd and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+            filters = self._winograd_filters.get([self.weight], lambda: winograd_filters(self.weight))
+            return self._finish(winograd_conv3x3(x, filters, self.bias, self.dilation[0]), residual)
         attr, algorithm = self.post_op
         weight, padding, stride, dilation = self._onednn_weight(x), list(self.padding), list(self.stride), list(self.dilation)
         if residual is None:
@@ -120,13 +131,17 @@ class FusedConv(nn.Conv2d):
             "add", 1.0, "relu" if attr == "relu" else None, [], "")
 
     def _unfused(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        y = self._conv_forward(x, self.weight, self.bias)
+        return self._finish(self._conv_forward(x, self.weight, self.bias), residual)
+
+    def _finish(self, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The residual and activation after the convolution's own fresh output `y`."""
         if residual is not None:
-            y += residual  # y is the convolution's own fresh output
+            y += residual
         return y if self.activation is None else self.activation(y)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, post_op={self.post_op[0]}, prepack={self.prepack}"
+        winograd = ", winograd=True" if self.winograd else ""
+        return f"{super().extra_repr()}, post_op={self.post_op[0]}, prepack={self.prepack}{winograd}"
 
 
 def prepack_conv_weights(model: nn.Module) -> int:
