@@ -14,6 +14,8 @@ synthetic shapes and compares the fast path's predictions and mIoU with float32.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import platform
 import statistics
@@ -31,6 +33,7 @@ from seglab.engine.fastpath import (
     optimize_for_inference,
     optimizer_options,
     to_channels_last,
+    training_convolutions,
 )
 from seglab.engine.precision import cpu_supports_bf16
 from seglab.losses.pixelwise import pixel_cross_entropy
@@ -115,9 +118,10 @@ INFERENCE_ABLATION: dict[str, dict[str, Any]] = {
     "fast, fp32 (--precision 32)": dict(precision="32"),
 }
 TRAINING_ABLATION: dict[str, dict[str, Any]] = {
-    "+channels_last": dict(channels_last=True, precision="32", fused=False),
-    "+bf16 autocast": dict(channels_last=False, precision="bf16", fused=False),
-    "+fused optimizer": dict(channels_last=False, precision="32", fused=True),
+    "+channels_last": dict(channels_last=True, precision="32", fused=False, winograd=False),
+    "+channels_last +winograd": dict(channels_last=True, precision="32", fused=False, winograd=True),
+    "+bf16 autocast": dict(channels_last=False, precision="bf16", fused=False, winograd=False),
+    "+fused optimizer": dict(channels_last=False, precision="32", fused=True, winograd=False),
 }
 
 
@@ -258,8 +262,10 @@ def _inference_call(model: nn.Module, batch: int, settings: BenchSettings, devic
 
 
 def _training_call(model: nn.Module, settings: BenchSettings, device: torch.device, *, channels_last: bool,
-                   precision: str, fused: bool) -> Callable[[], None]:
-    """One training step (forward, cross-entropy, backward, AdamW step) on a fixed random batch."""
+                   precision: str, fused: bool, winograd: bool) -> Callable[[], None]:
+    """One training step (forward, cross-entropy, backward, AdamW step) on a fixed random batch;
+    with `winograd`, under `training_convolutions` (Winograd's 3x3 convolutions in float32 on
+    the CPU), as seglab's trainer runs."""
     model = model.to(device).train()
     if channels_last:
         model = to_channels_last(model)
@@ -272,9 +278,11 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
     target = torch.randint(0, settings.num_classes, (settings.train_batch, settings.size, settings.size),
                            generator=generator).to(device)
 
+    convolutions = functools.partial(training_convolutions, device, precision) if winograd else contextlib.nullcontext
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device, precision):
+        with autocast_context(device, precision), convolutions():
             logits = _logits(model(images))
         # Cross-entropy read in the logits' own layout (channels-last ones as a pixels x classes
         # matrix, as seglab's losses do); NCHW logits, the peers', go to F.cross_entropy as they are.
@@ -360,14 +368,14 @@ def _training_candidates(arch: Architecture, settings: BenchSettings, device: to
         return make
 
     candidates = [
-        _Candidate("seglab", "eager fp32", flops, "32", trainer(build_seglab, channels_last=False, precision="32", fused=False)),
+        _Candidate("seglab", "eager fp32", flops, "32", trainer(build_seglab, channels_last=False, precision="32", fused=False, winograd=False)),
         _Candidate("seglab", f"fast ({precision})", flops, precision,
-                   trainer(build_seglab, channels_last=True, precision=precision, fused=True)),
+                   trainer(build_seglab, channels_last=True, precision=precision, fused=True, winograd=True)),
     ]
     if peer_flops is not None:
         candidates.append(_Candidate(arch.peer, "eager fp32", peer_flops, "32",
                                      trainer(lambda: arch.peer_builder(settings.num_classes), channels_last=False,
-                                             precision="32", fused=False)))
+                                             precision="32", fused=False, winograd=False)))
     if arch.key in settings.ablation:
         for variant, options in TRAINING_ABLATION.items():
             candidates.append(_Candidate("seglab", variant, flops, options["precision"], trainer(build_seglab, **options)))

@@ -3,11 +3,14 @@
 1. Trained in plain float32, evaluated in float32 and through the fast inference path
    (bfloat16 where available): mIoU of both and the share of pixels whose predicted class
    agrees.
-2. Trained through the fast training path (channels_last, bf16 autocast, fused optimizer) from
+2. Trained through the fast training path (channels_last, bf16 autocast, fused optimizer;
+   Winograd's 3x3 convolutions where it trains in float32 on the CPU) from
    the same seed and data order, evaluated in float32: its mIoU against run 1's.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any, Callable
 
 import torch
@@ -22,6 +25,7 @@ from seglab.engine.fastpath import (
     optimizer_options,
     prepare_batch,
     to_channels_last,
+    training_convolutions,
 )
 from seglab.metrics.confusion import ConfusionMatrix
 from seglab.models.registry import create_model
@@ -45,6 +49,7 @@ def _train(build: Callable[[], nn.Module], images: torch.Tensor, masks: torch.Te
         model = to_channels_last(model)
     options = optimizer_options("adamw", device) if fast else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, **options)
+    fast_convolutions = functools.partial(training_convolutions, device, precision) if fast else contextlib.nullcontext
     order = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         permutation = torch.randperm(len(images), generator=order)
@@ -54,7 +59,7 @@ def _train(build: Callable[[], nn.Module], images: torch.Tensor, masks: torch.Te
             if fast:
                 x = to_channels_last(x)
             optimizer.zero_grad(set_to_none=True)
-            with autocast_context(device, precision if fast else "32"):
+            with autocast_context(device, precision if fast else "32"), fast_convolutions():
                 output = model(x)
             logits = output["out"] if isinstance(output, dict) else output
             F.cross_entropy(logits.float(), y).backward()

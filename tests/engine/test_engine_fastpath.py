@@ -1,5 +1,6 @@
 """The fast path computes the same network: folding, memory layout and bf16 checked against fp32."""
 import contextlib
+from unittest import mock
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from seglab.engine.fastpath import (
 from seglab.engine.onednn import FusedConv
 from seglab.engine.precision import cpu_supports_bf16
 from seglab.models import create_model
+from seglab.ops.winograd import winograd_conv3x3
 
 
 
@@ -455,8 +457,22 @@ def _winograd_convs(model: nn.Module) -> int:
     return sum(isinstance(m, FusedConv) and m.winograd for m in model.modules())
 
 
+def _winograd_calls(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The model's output for `x` and the input channels of each convolution that took Winograd."""
+    import seglab.engine.onednn as onednn
+
+    calls = []
+
+    def counted(x: torch.Tensor, filters: torch.Tensor, *args) -> torch.Tensor:
+        calls.append(x.shape[1])
+        return winograd_conv3x3(x, filters, *args)
+
+    with mock.patch.object(onednn, "winograd_conv3x3", counted):
+        return model(x), calls
+
+
 def test_float32_fast_path_runs_winograd_within_the_stated_tolerance():
-    x = torch.randn(2, 3, 64, 48)
+    x = torch.randn(1, 3, 256, 256)
     model, expected = _model_and_outputs("unet", x, encoder="resnet18")
     direct, winograd = optimize_for_inference(model, "32", winograd=False), optimize_for_inference(model, "32")
     assert _winograd_convs(direct) == 0
@@ -464,33 +480,75 @@ def test_float32_fast_path_runs_winograd_within_the_stated_tolerance():
     # convs take the shortcut and ReLU as well) and the second convs of the decoder's 256- and
     # 128-channel blocks.
     assert _winograd_convs(winograd) == 11
-    torch.testing.assert_close(winograd(x), expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(winograd(x), direct(x), atol=1e-4, rtol=1e-4)
+    output, calls = _winograd_calls(winograd, x)
+    assert sorted(calls) == [128] * 4 + [256] * 4 + [512] * 3  # each input large enough to pay
+    torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(output, direct(x), atol=1e-4, rtol=1e-4)
+    # A small input: too few tiles for Winograd's products, every convolution direct.
+    small = x[:, :, :64, :64]
+    assert _winograd_calls(winograd, small)[1] == []
 
 
 def test_winograd_conv_keeps_the_direct_convolution_outside_float32_inference():
     torch.manual_seed(0)
     conv = FusedConv(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU())
     conv.winograd = True
-    x = torch.randn(1, 128, 8, 8).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, 128, 32, 32).contiguous(memory_format=torch.channels_last)
     direct = F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1))
-    assert torch.equal(conv(x), direct)  # gradients enabled: the plain convolution
+    assert _winograd_calls(conv, x)[1] == []  # gradients enabled: the plain convolution
     conv.requires_grad_(False)
-    assert not torch.equal(conv(x), direct)  # inference: Winograd, not bitwise the same ...
-    torch.testing.assert_close(conv(x), direct, atol=1e-4, rtol=1e-4)  # ... but close
+    output, calls = _winograd_calls(conv, x)
+    assert calls == [128]
+    torch.testing.assert_close(output, direct, atol=1e-4, rtol=1e-4)
     with torch.autocast("cpu", torch.bfloat16):  # Winograd's transforms would lose bf16's few bits
-        conv.winograd = False
-        without = conv(x)
-        conv.winograd = True
-        assert torch.equal(conv(x), without)
+        assert _winograd_calls(conv, x)[1] == []
 
 
 def test_float32_fast_path_runs_dilated_stages_as_winograd_phases():
-    x = torch.randn(1, 3, 64, 72)
+    x = torch.randn(1, 3, 128, 128)
     model, expected = _model_and_outputs("pspnet", x, encoder="resnet18", aux=False)  # output stride 8
     fast = optimize_for_inference(model, "32")
     dilations = sorted(m.dilation[0] for m in fast.modules() if isinstance(m, FusedConv) and m.winograd)
     # Stage 2 (3), stage 3 (its first conv undilated, then 3 at dilation 2), stage 4 (its first
     # conv at 2, then 3 at 4) and the pyramid's fusion (1).
     assert dilations == [1] * 5 + [2] * 4 + [4] * 3
-    torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-4)
+    output, calls = _winograd_calls(fast, x)
+    # On the 16 x 16 maps of stride 8, the convolutions that read 128 channels (stage 2's, stage
+    # 3's first) are too small to pay; the rest do.
+    assert sorted(calls) == [256] * 4 + [512] * 3 + [1024]
+    torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_training_convolutions_run_winograd_forward_and_backward_in_float32():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from seglab.engine.fastpath import WinogradConvolutions, training_convolutions
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=2, dilation=2),
+                          nn.Conv2d(128, 64, 3, padding=1))  # the last: too few output channels, direct
+    x = torch.randn(2, 128, 32, 32).contiguous(memory_format=torch.channels_last)  # 128 tiles: enough to pay
+
+    def step(context) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        model.zero_grad()
+        with FlopCounterMode(display=False) as flops, context:
+            y = model(x)
+            y.square().sum().backward()
+        return y, [p.grad.clone() for p in model.parameters()], flops.get_total_flops()
+
+    direct_y, direct_grads, direct_flops = step(contextlib.nullcontext())
+    y, grads, winograd_flops = step(training_convolutions("cpu", "32"))
+    assert isinstance(training_convolutions("cpu", "32"), WinogradConvolutions)
+    torch.testing.assert_close(y, direct_y, atol=1e-4, rtol=1e-4)
+    for grad, expected in zip(grads, direct_grads):
+        torch.testing.assert_close(grad, expected, atol=1e-3, rtol=1e-4)
+    # Forward and gradients of the two Winograd convolutions at about a quarter, the last conv's
+    # (half the others' products) direct.
+    assert winograd_flops < 0.5 * direct_flops
+    with torch.no_grad(), FlopCounterMode(display=False) as forward:
+        model(x)
+    with torch.autocast("cpu", torch.bfloat16), WinogradConvolutions(), FlopCounterMode(display=False) as under_autocast:
+        model(x)
+    assert under_autocast.get_total_flops() == forward.get_total_flops()  # all direct
+    if cpu_supports_bf16():
+        assert not isinstance(training_convolutions("cpu", "bf16"), WinogradConvolutions)

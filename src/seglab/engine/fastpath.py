@@ -15,7 +15,8 @@ Each step is independent, so the benchmark can measure each on its own:
   weight in oneDNN's blocked layout instead of reordering it at each call.
 - `use_winograd` (CPU inference, float32): 3x3 convolutions with many channels computed by
   Winograd's F(4x4, 3x3) (`seglab.ops.winograd`), 4x fewer multiply-adds than oneDNN's direct
-  convolution; it changes outputs at the same rounding level as the folding.
+  convolution, where the input is large enough to pay (`seglab.engine.winograd`); it changes
+  outputs at the same rounding level as the folding.
 - `to_channels_last`: oneDNN's convolutions run natively on NHWC; NCHW costs reorders.
 - bfloat16 (`optimize_for_inference(..., precision="bf16")`): weights and activations in
   bfloat16, which AVX-512 BF16 / AMX processors and recent GPUs multiply several times faster
@@ -26,10 +27,12 @@ Each step is independent, so the benchmark can measure each on its own:
   tails, but its first call compiles for a minute or more on a small CPU (and again for each
   new input shape), which only pays off for long runs.
 - Training: channels_last, bf16 autocast (`autocast_context`) over float32 master weights,
-  and a fused optimizer step (`optimizer_options`).
+  a fused optimizer step (`optimizer_options`), and in float32 on the CPU Winograd's 3x3
+  convolutions forward and backward (`training_convolutions`).
 
-`precision="32"` keeps float32 arithmetic: folding, fusion and the memory layout change
-results only at float32 rounding level (below 1e-4).
+`precision="32"` keeps float32 arithmetic: folding, fusion, the memory layout and Winograd
+change results only at float32 rounding level (below 1e-4); `winograd=False` keeps the direct
+convolutions.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ from seglab.engine.onednn import (
 )
 from seglab.engine.precision import auto_precision, resolve_precision
 from seglab.engine.residual import fuse_residual_additions
+from seglab.engine.winograd import WinogradConvolutions, training_convolutions, winograd_dilation
 from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
 from seglab.ops.atrous_gemm import all_taps_product, share_inside
 
@@ -61,6 +65,7 @@ __all__ = [
     "DilatedDepthwiseAsShifts",
     "FusedConv",
     "InferenceModel",
+    "WinogradConvolutions",
     "autocast_context",
     "default_precision",
     "fold_conv_bn",
@@ -71,7 +76,9 @@ __all__ = [
     "prepack_conv_weights",
     "prepare_batch",
     "to_channels_last",
+    "training_convolutions",
     "use_winograd",
+    "winograd_pays",
 ]
 
 _DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
@@ -377,27 +384,12 @@ def rewrite_dilated_convs(model: nn.Module, min_dilation: int = 6, min_depthwise
     return replaced
 
 
-# Winograd's F(4x4, 3x3) against oneDNN's direct float32 convolution, channels last, 2 threads
-# (AVX2 EPYC, docs/bench.md): 1.1-2.7x faster from 128 channels in and out (128 on 64 x 64 up
-# to 1024 -> 512 on 64 x 64); 64 -> 64 on 128 x 128 took 1.2-1.4x as long: too few channels to
-# pay for the transforms. Dilated, as d x d undilated phases: 2.1x at 256 channels, dilation 2,
-# and 2.5x at 512, dilation 4 (a ResNet's stages 3 and 4 at output stride 8, on 64 x 64).
-# Dilations from `DilatedConvAsGemm`'s 6 up are that rewrite's.
-WINOGRAD_MIN_CHANNELS = 128
-WINOGRAD_MAX_DILATION = 4
-
-
 def winograd_pays(conv: nn.Module) -> bool:
-    """A plain 3x3 convolution, stride 1, "same"-padded with zeros at a dilation up to
-    `WINOGRAD_MAX_DILATION`, not grouped, with at least `WINOGRAD_MIN_CHANNELS` channels in
-    and out."""
+    """A plain zero-padded Conv2d (or `FusedConv`) whose settings `winograd_dilation` takes
+    (`seglab.engine.winograd`; whether a given input pays is decided at each call)."""
     if not (fusable_conv(conv) or isinstance(conv, FusedConv)):
         return False
-    dilation = conv.dilation[0]
-    return (tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1) and conv.groups == 1
-            and tuple(conv.dilation) == (dilation, dilation) <= (WINOGRAD_MAX_DILATION,) * 2
-            and tuple(conv.padding) == (dilation, dilation)
-            and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS)
+    return winograd_dilation(conv.weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups) is not None
 
 
 def use_winograd(model: nn.Module) -> int:

@@ -22,8 +22,9 @@ once, ahead of time; here they are done without compiling:
 
 - Winograd (`winograd = True`, set by `seglab.engine.fastpath.use_winograd`): a float32 3x3
   convolution with many channels computed by Winograd's F(4x4, 3x3) (`seglab.ops.winograd`),
-  with the same residual and activation after it; 4x fewer multiply-adds than oneDNN's direct
-  kernel, which on a processor without bf16 is the whole budget (docs/bench.md).
+  with the same residual and activation after it, for inputs large enough to pay
+  (`seglab.engine.winograd`): 4x fewer multiply-adds than oneDNN's direct kernel, which on a
+  processor without bf16 already runs at the machine's float32 rate (docs/bench.md).
 
 Outside CPU inference (a GPU, gradients enabled) the modules compute the same thing with
 plain PyTorch operators. The packed weight gives bitwise the same results as the plain one.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from seglab.engine.winograd import pays_for_input
 from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.conv import PointwiseConv2d
 from seglab.ops.kept import KeptFromWeights
@@ -112,7 +114,8 @@ class FusedConv(nn.Conv2d):
         inference = not (torch.is_grad_enabled() and self.weight.requires_grad)
         if x.device.type != "cpu" or not inference or x.dtype != self.weight.dtype:
             return self._unfused(x, residual)
-        if self.winograd and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        if self.winograd and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") \
+                and pays_for_input(x.shape, self.weight.shape, self.dilation[0], training=False):
             filters = self._winograd_filters.get([self.weight], lambda: winograd_filters(self.weight))
             return self._finish(winograd_conv3x3(x, filters, self.bias, self.dilation[0]), residual)
         attr, algorithm = self.post_op

@@ -41,7 +41,7 @@ from seglab.engine.config import TrainConfig, load_yaml
 from seglab.engine.distributed import agree, all_reduce_sum, init_distributed
 from seglab.engine.ema import ModelEMA
 from seglab.engine.evaluator import Normalize, evaluate, logits_of
-from seglab.engine.fastpath import optimizer_options, to_channels_last
+from seglab.engine.fastpath import optimizer_options, to_channels_last, training_convolutions
 from seglab.engine.precision import resolve_precision
 from seglab.engine.syncbn import convert_sync_batchnorm
 from seglab.engine.state import load_training_state, rng_state, save_training_state, set_rng_state
@@ -483,7 +483,7 @@ class Trainer:
             # Between optimiser steps, DDP need not average gradients: skip the all-reduce.
             no_sync = self.train_model.no_sync() if self.dist.enabled and not steps_now else contextlib.nullcontext()
             with no_sync:
-                with self.precision.autocast():
+                with self.precision.autocast(), training_convolutions(self.device, self.precision.name):
                     output = self.train_model(images)
                 loss = self._loss(output, target)
                 self._stop_on_bad_loss(loss, epoch, index)

@@ -50,13 +50,16 @@ _A_T = torch.tensor([
 
 def winograd_filters(weight: torch.Tensor) -> torch.Tensor:
     """The 3x3 filters `weight` (C_out x C_in x 3 x 3) in Winograd's domain, `G g G^T`, laid out
-    as the 36 matrices the products take: 36 x C_in x C_out, in `weight`'s dtype (computed in
-    float64; differentiable)."""
+    as the 36 matrices the products take: 36 x C_in x C_out, in `weight`'s dtype
+    (differentiable)."""
     out_channels, in_channels, kh, kw = weight.shape
     if (kh, kw) != (3, 3):
         raise ValueError(f"Winograd F(4x4, 3x3) takes 3x3 filters, not {kh}x{kw}")
-    g = _G.to(weight.device)
-    transformed = torch.einsum("ij,ocjk,lk->ilco", g, weight.double(), g)
+    # At least float32, not float64 for float32 weights, so that training's backward through
+    # it stays cheap: G's rounding (1/6, 1/24) is ~1e-7, far below the method's own.
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    g = _G.to(weight.device, dtype)
+    transformed = torch.einsum("ij,ocjk,lk->ilco", g, weight.to(dtype), g)
     return transformed.reshape(36, in_channels, out_channels).to(weight.dtype).contiguous()
 
 

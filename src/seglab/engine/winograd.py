@@ -1,0 +1,116 @@
+"""When Winograd's F(4x4, 3x3) (`seglab.ops.winograd`) beats oneDNN's direct float32
+convolution on the CPU, and the training route through it.
+
+Winograd does a quarter of the multiply-adds, but pays for its transforms a cost per tile and
+channel, and its 36 matrix products are [tiles x C_in] @ [C_in x C_out]: few tiles or few
+channels make them small and slow. Measured against oneDNN, channels last, 2 threads, on an
+AVX2 EPYC (docs/bench.md), interleaved medians:
+
+- Inference: 64 channels lose at any size (0.7-0.8x on 128 x 128). From 128 channels the
+  product tiles x C_in x C_out decides: 128 ch on 64 x 64 (2^22) 1.31x, 256 on 16 x 16 (2^20)
+  1.27x, 512 on 8 x 8 (2^20) 1.05x; 128 on 16 x 16 (2^18) 0.80x, 512 on 4 x 4 (2^18) 0.84x.
+- Training (forward and both gradients, through autograd): the tiles decide, as the weight
+  gradient's products run over them: 16 tiles 0.40x, 64 tiles 0.99-1.00x, 256 tiles 1.29-1.79x
+  (128 to 256 channels), 1024 tiles 1.69x.
+- Dilated, as d x d undilated phases stacked on the batch: 256 ch at dilation 2 on 64 x 64
+  2.07x, 512 ch at 4 2.54x (a ResNet's stages 3 and 4 at output stride 8); dilations from 6
+  up are `DilatedConvAsGemm`'s.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any, ContextManager
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from seglab.engine.precision import resolve_precision
+from seglab.ops.winograd import TILE, winograd_conv3x3, winograd_filters
+
+__all__ = [
+    "MAX_DILATION",
+    "MIN_CHANNELS",
+    "MIN_INFERENCE_PRODUCTS",
+    "MIN_TRAINING_TILES",
+    "WinogradConvolutions",
+    "pays_for_input",
+    "training_convolutions",
+    "winograd_dilation",
+]
+
+MIN_CHANNELS = 128
+MAX_DILATION = 4
+MIN_INFERENCE_PRODUCTS = 1 << 20  # tiles x C_in x C_out
+MIN_TRAINING_TILES = 128
+
+
+def _pair(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def winograd_dilation(weight_shape: Sequence[int], stride: Any, padding: Any, dilation: Any, groups: int) -> int | None:
+    """The dilation at which Winograd computes a convolution of these settings (as F.conv2d
+    takes them), or None where it does not apply or cannot pay: a 3x3 kernel, stride 1,
+    "same" zero padding at a dilation up to `MAX_DILATION`, no groups, at least `MIN_CHANNELS`
+    channels in and out."""
+    out_channels, in_channels, *kernel = weight_shape
+    d = _pair(dilation)[0]
+    same = padding == "same" or _pair(padding) == (d, d)
+    if (list(kernel) != [3, 3] or _pair(stride) != (1, 1) or _pair(dilation) != (d, d) or not 1 <= d <= MAX_DILATION
+            or not same or groups != 1 or min(in_channels, out_channels) < MIN_CHANNELS):
+        return None
+    return d
+
+
+def tiles(input_shape: Sequence[int], dilation: int) -> int:
+    """The TILE x TILE output tiles of a convolution of an N x C x H x W input at `dilation`."""
+    n, _, height, width = input_shape
+    rows, cols = -(-height // dilation), -(-width // dilation)  # each phase's size
+    return n * dilation * dilation * -(-rows // TILE) * -(-cols // TILE)
+
+
+def pays_for_input(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int, training: bool) -> bool:
+    """Whether Winograd beats the direct convolution for this input (the weight's settings
+    already taken by `winograd_dilation`)."""
+    count = tiles(input_shape, dilation)
+    if training:
+        return count >= MIN_TRAINING_TILES
+    return count * weight_shape[0] * weight_shape[1] >= MIN_INFERENCE_PRODUCTS
+
+
+class WinogradConvolutions(TorchFunctionMode):
+    """Inside it, every float32 CPU convolution that Winograd pays for runs by F(4x4, 3x3), its
+    backward too (autograd through `seglab.ops.winograd`): the training counterpart of the fast
+    inference path's `use_winograd`, with no change to the model. Autocast, other dtypes and
+    devices keep the direct convolution."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv2d:
+            routed = _winograd_conv2d(*args, **kwargs)
+            if routed is not None:
+                return routed
+        return func(*args, **kwargs)
+
+
+def _winograd_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
+                     padding: Any = 0, dilation: Any = 1, groups: int = 1) -> torch.Tensor | None:
+    if (input.device.type != "cpu" or input.dtype != torch.float32 or weight.dtype != torch.float32
+            or input.dim() != 4 or torch.is_autocast_enabled("cpu")):
+        return None
+    d = winograd_dilation(weight.shape, stride, padding, dilation, groups)
+    training = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
+    if d is None or not pays_for_input(input.shape, weight.shape, d, training):
+        return None
+    return winograd_conv3x3(input, winograd_filters(weight), bias, d)
+
+
+def training_convolutions(device: torch.device | str, precision: str | int) -> ContextManager:
+    """`WinogradConvolutions` for float32 training on the CPU; elsewhere a context that changes
+    nothing (bf16 autocast has no bits to spare for Winograd's transforms; GPUs have their own
+    algorithms)."""
+    device = torch.device(device)
+    if device.type == "cpu" and resolve_precision(precision, device).name == "32":
+        return WinogradConvolutions()
+    return contextlib.nullcontext()
