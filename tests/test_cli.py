@@ -115,3 +115,25 @@ def test_bad_model_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
         main(["train", "--model-option", "no-equals-sign", "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err
     _one_error_line(capsys, main(["train", "--model-option", "wings=3", "--out", str(tmp_path)]), "wings")
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_direct_convolutions_reach_the_fast_path(command: str, trained: Path, tmp_path: Path, monkeypatch) -> None:
+    import seglab.engine.fastpath as fastpath
+    import seglab.engine.predictor as predictor
+
+    asked = []
+    real = fastpath.optimize_for_inference
+
+    def recording(model, precision="auto", **options):
+        asked.append(options.get("winograd", True))
+        return real(model, precision, **options)
+
+    monkeypatch.setattr(fastpath, "optimize_for_inference", recording)
+    monkeypatch.setattr(predictor, "optimize_for_inference", recording)
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    arguments = ["--checkpoint", str(trained)] + ([str(image), "--out", str(tmp_path / "out")] if command == "predict" else [])
+    assert main([command, *arguments]) == 0
+    assert main([command, *arguments, "--direct-convolutions"]) == 0
+    assert asked == [True, False]

@@ -94,6 +94,8 @@ def parse_model_option(text: str) -> tuple[str, Any]:
 
 
 # ----------------------------------------------------------------------------------- train
+DIRECT_CONVOLUTIONS_HELP = ("float32 on the CPU: keep the direct 3x3 convolutions instead of Winograd's (the same function, "
+                            "rounding-level differences; docs/bench.md)")
 TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--name", dict(help="run name (default: <model>-<data>); the run goes to <out>/<name>")),
     ("--out", dict(help="folder that holds the runs (default: runs)")),
@@ -119,6 +121,7 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--class-weights", dict(type=_class_weights, help="per-class loss weights: w0,w1,... or median_frequency")),
     ("--warmup-epochs", dict(type=float, help="linear learning-rate warm-up (epochs, may be fractional)")),
     ("--precision", dict(choices=["auto", "32", "bf16", "16"], help="auto (default: bf16 where the hardware runs it natively, else 32), 32, bf16, 16 (CUDA)")),
+    ("--direct-convolutions", dict(action="store_const", const=True, help=DIRECT_CONVOLUTIONS_HELP)),
     ("--accumulate", dict(type=int, help="gradient accumulation: one optimiser step every N batches")),
     ("--clip-grad-norm", dict(type=_positive_float, help="clip the gradient norm to this value")),
     ("--ema-decay", dict(type=float, help="keep and evaluate an EMA of the weights, e.g. 0.999")),
@@ -208,7 +211,8 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     # The fast inference path (conv-BN folding, fused activations, channels_last) in the chosen
     # precision; at the default 32 it changes outputs only at rounding level.
     results = evaluate(
-        optimize_for_inference(model.to(device), precision), loader, num_classes=len(config["classes"]),
+        optimize_for_inference(model.to(device), precision, winograd=not args.direct_convolutions), loader,
+        num_classes=len(config["classes"]),
         ignore_index=config.get("ignore_index", 255), normalize=Normalize(config["mean"], config["std"]), device=device,
         crf=_crf_option(args),
     )
@@ -267,7 +271,7 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     predictor = Predictor.from_checkpoint(
         args.checkpoint, device=args.device, tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch,
         tta_flips=list(args.tta_flips or ""), tta_scales=args.tta_scales or [1.0], precision=args.precision,
-        batch_size=args.batch_size, crf=_crf_params(args),
+        batch_size=args.batch_size, crf=_crf_params(args), winograd=not args.direct_convolutions,
     )
     context = env_rank()
     with progress_bar(console, disable=not context.is_main) as progress:
@@ -364,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="precision of the fast inference path (32: float32)")
+    evaluate.add_argument("--direct-convolutions", action="store_true", help=DIRECT_CONVOLUTIONS_HELP)
     evaluate.add_argument("--crf", action="store_true", help="refine predictions with a dense CRF (docs/crf.md)")
     evaluate.add_argument("--crf-params", help="dense CRF parameters, e.g. theta_alpha=60,w1=5 (implies --crf)")
     evaluate.set_defaults(run=_eval)
@@ -381,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tta-scales", type=_float_list, help="test-time scales, e.g. 0.75,1,1.25")
     predict.add_argument("--precision", choices=["auto", "32", "bf16", "16"], default="auto",
                          help="auto (default: bf16 where the hardware runs it natively, else 32), 32, bf16, 16 (CUDA)")
+    predict.add_argument("--direct-convolutions", action="store_true", help=DIRECT_CONVOLUTIONS_HELP)
     predict.add_argument("--nproc", type=_positive_int, help="processes, each predicting a shard of the images")
     predict.add_argument("--crf", action="store_true", help="refine predictions with a dense CRF (docs/crf.md)")
     predict.add_argument("--crf-params", help="dense CRF parameters, e.g. theta_alpha=60,w1=5 (implies --crf)")

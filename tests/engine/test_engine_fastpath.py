@@ -517,38 +517,3 @@ def test_float32_fast_path_runs_dilated_stages_as_winograd_phases():
     # 3's first) are too small to pay; the rest do.
     assert sorted(calls) == [256] * 4 + [512] * 3 + [1024]
     torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)
-
-
-def test_training_convolutions_run_winograd_forward_and_backward_in_float32():
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from seglab.engine.fastpath import WinogradConvolutions, training_convolutions
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=2, dilation=2),
-                          nn.Conv2d(128, 64, 3, padding=1))  # the last: too few output channels, direct
-    x = torch.randn(2, 128, 32, 32).contiguous(memory_format=torch.channels_last)  # 128 tiles: enough to pay
-
-    def step(context) -> tuple[torch.Tensor, list[torch.Tensor], int]:
-        model.zero_grad()
-        with FlopCounterMode(display=False) as flops, context:
-            y = model(x)
-            y.square().sum().backward()
-        return y, [p.grad.clone() for p in model.parameters()], flops.get_total_flops()
-
-    direct_y, direct_grads, direct_flops = step(contextlib.nullcontext())
-    y, grads, winograd_flops = step(training_convolutions("cpu", "32"))
-    assert isinstance(training_convolutions("cpu", "32"), WinogradConvolutions)
-    torch.testing.assert_close(y, direct_y, atol=1e-4, rtol=1e-4)
-    for grad, expected in zip(grads, direct_grads):
-        torch.testing.assert_close(grad, expected, atol=1e-3, rtol=1e-4)
-    # Forward and gradients of the two Winograd convolutions at about a quarter, the last conv's
-    # (half the others' products) direct.
-    assert winograd_flops < 0.5 * direct_flops
-    with torch.no_grad(), FlopCounterMode(display=False) as forward:
-        model(x)
-    with torch.autocast("cpu", torch.bfloat16), WinogradConvolutions(), FlopCounterMode(display=False) as under_autocast:
-        model(x)
-    assert under_autocast.get_total_flops() == forward.get_total_flops()  # all direct
-    if cpu_supports_bf16():
-        assert not isinstance(training_convolutions("cpu", "bf16"), WinogradConvolutions)

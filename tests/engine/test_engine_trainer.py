@@ -138,3 +138,11 @@ def test_tensorboard_logs_when_installed(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard", reason="tensorboard is an optional extra")
     summary = train_tiny(tmp_path, tensorboard=True)
     assert list((Path(summary["run_dir"]) / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_float32_cpu_training_runs_under_winograd_unless_direct_convolutions(tmp_path: Path) -> None:
+    from seglab.engine.winograd import WinogradConvolutions
+
+    assert isinstance(make_trainer(tmp_path, precision="32").convolutions(), WinogradConvolutions)
+    assert not isinstance(make_trainer(tmp_path, precision="32", direct_convolutions=True).convolutions(),
+                          WinogradConvolutions)

@@ -75,6 +75,7 @@ class Predictor:
         precision: str = "32",
         batch_size: int = 4,
         optimize: bool = False,
+        winograd: bool = True,
         crf: dict[str, float | int] | None = None,
     ) -> None:
         self.device = resolve_device(str(device), env_rank().local_rank) if not isinstance(device, torch.device) else device
@@ -83,7 +84,8 @@ class Predictor:
         autocast = resolve_precision(precision, self.device).autocast
         self.model = model.to(self.device).eval()
         if optimize:  # the fast path casts the model itself, so no autocast on top
-            self.model, autocast = optimize_for_inference(self.model, precision=precision), contextlib.nullcontext
+            self.model = optimize_for_inference(self.model, precision=precision, winograd=winograd)
+            autocast = contextlib.nullcontext
         self.autocast = autocast
         self.config = config
         self.classes: list[str] = list(config.get("classes", []))

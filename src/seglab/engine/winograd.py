@@ -10,8 +10,10 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   product tiles x C_in x C_out decides: 128 ch on 64 x 64 (2^22) 1.31x, 256 on 16 x 16 (2^20)
   1.27x, 512 on 8 x 8 (2^20) 1.05x; 128 on 16 x 16 (2^18) 0.80x, 512 on 4 x 4 (2^18) 0.84x.
 - Training (forward and both gradients, through autograd): the tiles decide, as the weight
-  gradient's products run over them: 16 tiles 0.40x, 64 tiles 0.99-1.00x, 256 tiles 1.29-1.79x
-  (128 to 256 channels), 1024 tiles 1.69x.
+  gradient's products run over them: 16 tiles 0.40x, 64 tiles 0.89-1.02x, 256 tiles 1.20-1.96x
+  (128 to 256 channels), 1024 tiles 1.69-1.92x. oneDNN's float32 backward is slow enough that
+  64 channels win too (1.26-1.40x on 128 x 128, batch 4): UNet-R34's training step at 512 x 512
+  took 1.34x less time with Winograd from 64 channels, 1.21x from 128.
 - Dilated, as d x d undilated phases stacked on the batch: 256 ch at dilation 2 on 64 x 64
   2.07x, 512 ch at 4 2.54x (a ResNet's stages 3 and 4 at output stride 8); dilations from 6
   up are `DilatedConvAsGemm`'s.
@@ -30,18 +32,21 @@ from seglab.ops.winograd import TILE, winograd_conv3x3, winograd_filters
 
 __all__ = [
     "MAX_DILATION",
-    "MIN_CHANNELS",
+    "MIN_INFERENCE_CHANNELS",
     "MIN_INFERENCE_PRODUCTS",
+    "MIN_TRAINING_CHANNELS",
     "MIN_TRAINING_TILES",
     "WinogradConvolutions",
     "pays_for_input",
+    "tiles",
     "training_convolutions",
     "winograd_dilation",
 ]
 
-MIN_CHANNELS = 128
 MAX_DILATION = 4
+MIN_INFERENCE_CHANNELS = 128  # in and out
 MIN_INFERENCE_PRODUCTS = 1 << 20  # tiles x C_in x C_out
+MIN_TRAINING_CHANNELS = 64
 MIN_TRAINING_TILES = 128
 
 
@@ -51,14 +56,12 @@ def _pair(value: Any) -> tuple:
 
 def winograd_dilation(weight_shape: Sequence[int], stride: Any, padding: Any, dilation: Any, groups: int) -> int | None:
     """The dilation at which Winograd computes a convolution of these settings (as F.conv2d
-    takes them), or None where it does not apply or cannot pay: a 3x3 kernel, stride 1,
-    "same" zero padding at a dilation up to `MAX_DILATION`, no groups, at least `MIN_CHANNELS`
-    channels in and out."""
-    out_channels, in_channels, *kernel = weight_shape
+    takes them), or None where it does not apply: a 3x3 kernel, stride 1, "same" zero padding
+    at a dilation up to `MAX_DILATION`, no groups."""
     d = _pair(dilation)[0]
     same = padding == "same" or _pair(padding) == (d, d)
-    if (list(kernel) != [3, 3] or _pair(stride) != (1, 1) or _pair(dilation) != (d, d) or not 1 <= d <= MAX_DILATION
-            or not same or groups != 1 or min(in_channels, out_channels) < MIN_CHANNELS):
+    if (list(weight_shape[2:]) != [3, 3] or _pair(stride) != (1, 1) or _pair(dilation) != (d, d)
+            or not 1 <= d <= MAX_DILATION or not same or groups != 1):
         return None
     return d
 
@@ -71,12 +74,12 @@ def tiles(input_shape: Sequence[int], dilation: int) -> int:
 
 
 def pays_for_input(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int, training: bool) -> bool:
-    """Whether Winograd beats the direct convolution for this input (the weight's settings
-    already taken by `winograd_dilation`)."""
-    count = tiles(input_shape, dilation)
+    """Whether Winograd beats the direct convolution for this input and weight (whose settings
+    `winograd_dilation` takes)."""
+    channels, count = min(weight_shape[0], weight_shape[1]), tiles(input_shape, dilation)
     if training:
-        return count >= MIN_TRAINING_TILES
-    return count * weight_shape[0] * weight_shape[1] >= MIN_INFERENCE_PRODUCTS
+        return channels >= MIN_TRAINING_CHANNELS and count >= MIN_TRAINING_TILES
+    return channels >= MIN_INFERENCE_CHANNELS and count * weight_shape[0] * weight_shape[1] >= MIN_INFERENCE_PRODUCTS
 
 
 class WinogradConvolutions(TorchFunctionMode):

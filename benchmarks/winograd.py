@@ -1,0 +1,102 @@
+"""Winograd's F(4x4, 3x3) (`seglab.ops.winograd`) against the direct float32 convolution
+(oneDNN through F.conv2d), one convolution at a time, channels last: the figures behind the
+thresholds of `seglab.engine.winograd`. Not a test: it prints a Markdown table.
+
+    python benchmarks/winograd.py                  # inference and training shapes
+    python benchmarks/winograd.py --rounds 15 --threads 2
+
+Each row times the two in interleaved rounds (one call of each per round) and reports the
+median over rounds of direct time / Winograd time, so that a change of machine load hits both.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from seglab.engine.winograd import pays_for_input, tiles, winograd_dilation
+from seglab.memory import keep_freed_memory
+from seglab.ops.winograd import winograd_conv3x3, winograd_filters
+
+# (batch, C_in, C_out, map size, dilation): a ResNet's stages at a 512 input (strides 4-32), at
+# output stride 8 (dilations 2 and 4), small maps where the rule says no, and a decoder's fusion.
+INFERENCE = [(1, 64, 64, 128, 1), (1, 128, 128, 64, 1), (8, 128, 128, 64, 1), (1, 128, 128, 16, 1),
+             (1, 256, 256, 32, 1), (8, 256, 256, 32, 1), (1, 256, 256, 16, 1), (1, 512, 512, 16, 1),
+             (8, 512, 512, 16, 1), (1, 512, 512, 8, 1), (1, 512, 512, 4, 1), (1, 256, 256, 64, 2),
+             (1, 512, 512, 64, 4), (1, 1024, 512, 64, 1)]
+TRAINING = [(4, 64, 64, 128, 1), (4, 128, 128, 64, 1), (4, 128, 128, 32, 1), (4, 256, 256, 32, 1),
+            (4, 256, 256, 16, 1), (4, 512, 512, 16, 1), (4, 512, 512, 8, 1), (4, 256, 256, 64, 2)]
+
+
+def ratio(direct: Callable[[], object], winograd: Callable[[], object], rounds: int) -> tuple[float, float]:
+    """Median direct seconds and median per-round direct / Winograd time."""
+    direct(), winograd()
+    seconds, ratios = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        direct()
+        middle = time.perf_counter()
+        winograd()
+        end = time.perf_counter()
+        seconds.append(middle - start)
+        ratios.append((middle - start) / (end - middle))
+    return statistics.median(seconds), statistics.median(ratios)
+
+
+def row(shape: tuple[int, ...], training: bool, rounds: int) -> str:
+    batch, in_channels, out_channels, size, dilation = shape
+    x = torch.randn(batch, in_channels, size, size).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(out_channels, in_channels, 3, 3) / math.sqrt(9 * in_channels)).contiguous(
+        memory_format=torch.channels_last)
+    bias = torch.randn(out_channels)
+    if training:
+        x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
+        upstream = torch.randn(batch, out_channels, size, size).contiguous(memory_format=torch.channels_last)
+
+        def direct() -> None:
+            F.conv2d(x, weight, bias, padding=dilation, dilation=dilation).backward(upstream)
+
+        def winograd() -> None:
+            winograd_conv3x3(x, winograd_filters(weight), bias, dilation).backward(upstream)
+    else:
+        filters = winograd_filters(weight)
+
+        def direct() -> torch.Tensor:
+            with torch.inference_mode():
+                return F.conv2d(x, weight, bias, padding=dilation, dilation=dilation)
+
+        def winograd() -> torch.Tensor:
+            with torch.inference_mode():
+                return winograd_conv3x3(x, filters, bias, dilation)
+    seconds, speedup = ratio(direct, winograd, rounds)
+    takes = winograd_dilation(weight.shape, 1, dilation, dilation, 1) is not None
+    rule = "winograd" if takes and pays_for_input(x.shape, weight.shape, dilation, training) else "direct"
+    mode = "train" if training else "infer"
+    return (f"| {mode} | {batch} | {in_channels} -> {out_channels} | {size} x {size} | {dilation} | "
+            f"{tiles(x.shape, dilation)} | {seconds * 1e3:.1f} | {speedup:.2f}x | {rule} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    keep_freed_memory()  # as seglab's commands run
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.rounds} interleaved rounds\n")
+    print("| mode | batch | channels | map | dilation | tiles | direct (ms) | direct / Winograd | rule picks |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape in INFERENCE:
+        print(row(shape, False, args.rounds), flush=True)
+    for shape in TRAINING:
+        print(row(shape, True, args.rounds), flush=True)
+
+
+if __name__ == "__main__":
+    main()

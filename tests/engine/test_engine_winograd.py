@@ -1,0 +1,75 @@
+"""When Winograd pays, and the training route through it: against the direct convolution."""
+import contextlib
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from seglab.engine.precision import cpu_supports_bf16
+from seglab.engine.winograd import (
+    MIN_INFERENCE_PRODUCTS,
+    WinogradConvolutions,
+    pays_for_input,
+    tiles,
+    training_convolutions,
+    winograd_dilation,
+)
+
+
+def test_winograd_takes_same_padded_stride_1_3x3_convolutions_up_to_dilation_4():
+    assert winograd_dilation((8, 8, 3, 3), 1, 1, 1, 1) == 1
+    assert winograd_dilation((8, 8, 3, 3), (1, 1), (4, 4), (4, 4), 1) == 4
+    assert winograd_dilation((8, 8, 3, 3), 1, "same", 2, 1) == 2
+    assert winograd_dilation((8, 8, 3, 3), 2, 1, 1, 1) is None  # strided
+    assert winograd_dilation((8, 8, 3, 3), 1, 0, 1, 1) is None  # not "same"
+    assert winograd_dilation((8, 8, 3, 3), 1, 6, 6, 1) is None  # DilatedConvAsGemm's
+    assert winograd_dilation((8, 4, 3, 3), 1, 1, 1, 2) is None  # grouped
+    assert winograd_dilation((8, 8, 5, 5), 1, 2, 1, 1) is None
+    assert winograd_dilation((8, 8, 3, 3), 1, (1, 2), (1, 2), 1) is None
+
+
+def test_tiles_count_each_phase_of_a_dilated_map():
+    assert tiles((2, 3, 64, 48), 1) == 2 * 16 * 12
+    assert tiles((1, 3, 65, 48), 1) == 17 * 12  # a partial tile counts
+    assert tiles((1, 3, 64, 64), 4) == 16 * 4 * 4  # 16 phases of 16 x 16
+
+
+def test_inference_pays_from_128_channels_and_enough_products_training_from_64_and_128_tiles():
+    assert pays_for_input((1, 256, 16, 16), (256, 256, 3, 3), 1, training=False)  # 16 tiles x 2^16
+    assert 16 * 128 * 128 < MIN_INFERENCE_PRODUCTS
+    assert not pays_for_input((1, 128, 16, 16), (128, 128, 3, 3), 1, training=False)
+    assert not pays_for_input((1, 64, 128, 128), (64, 64, 3, 3), 1, training=False)
+    assert pays_for_input((1, 64, 128, 128), (64, 64, 3, 3), 1, training=True)
+    assert not pays_for_input((4, 512, 16, 16), (512, 512, 3, 3), 1, training=True)  # 64 tiles
+    assert not pays_for_input((4, 32, 128, 128), (32, 32, 3, 3), 1, training=True)
+
+
+def test_training_convolutions_run_winograd_forward_and_backward_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=2, dilation=2),
+                          nn.Conv2d(128, 32, 3, padding=1))  # the last: too few output channels, direct
+    x = torch.randn(2, 128, 32, 32).contiguous(memory_format=torch.channels_last)  # 128 tiles: enough to pay
+
+    def step(context) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        model.zero_grad()
+        with FlopCounterMode(display=False) as flops, context:
+            y = model(x)
+            y.square().sum().backward()
+        return y, [p.grad.clone() for p in model.parameters()], flops.get_total_flops()
+
+    direct_y, direct_grads, direct_flops = step(contextlib.nullcontext())
+    y, grads, winograd_flops = step(training_convolutions("cpu", "32"))
+    assert isinstance(training_convolutions("cpu", "32"), WinogradConvolutions)
+    torch.testing.assert_close(y, direct_y, atol=1e-4, rtol=1e-4)
+    for grad, expected in zip(grads, direct_grads):
+        torch.testing.assert_close(grad, expected, atol=1e-3, rtol=1e-4)
+    # Forward and gradients of the two Winograd convolutions at about a quarter, the last conv's
+    # (a quarter of the others' products) direct.
+    assert winograd_flops < 0.5 * direct_flops
+    with torch.no_grad(), FlopCounterMode(display=False) as forward:
+        model(x)
+    with torch.autocast("cpu", torch.bfloat16), WinogradConvolutions(), FlopCounterMode(display=False) as under_autocast:
+        model(x)
+    assert under_autocast.get_total_flops() == forward.get_total_flops()  # all direct
+    if cpu_supports_bf16():
+        assert not isinstance(training_convolutions("cpu", "bf16"), WinogradConvolutions)
