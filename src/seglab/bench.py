@@ -14,8 +14,6 @@ synthetic shapes and compares the fast path's predictions and mIoU with float32.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import platform
 import statistics
@@ -278,11 +276,9 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
     target = torch.randint(0, settings.num_classes, (settings.train_batch, settings.size, settings.size),
                            generator=generator).to(device)
 
-    convolutions = functools.partial(training_convolutions, device, precision) if winograd else contextlib.nullcontext
-
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device, precision), convolutions():
+        with autocast_context(device, precision), training_convolutions(device, precision, enabled=winograd):
             logits = _logits(model(images))
         # Cross-entropy read in the logits' own layout (channels-last ones as a pixels x classes
         # matrix, as seglab's losses do); NCHW logits, the peers', go to F.cross_entropy as they are.

@@ -9,8 +9,6 @@
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Any, Callable
 
 import torch
@@ -49,7 +47,6 @@ def _train(build: Callable[[], nn.Module], images: torch.Tensor, masks: torch.Te
         model = to_channels_last(model)
     options = optimizer_options("adamw", device) if fast else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, **options)
-    fast_convolutions = functools.partial(training_convolutions, device, precision) if fast else contextlib.nullcontext
     order = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         permutation = torch.randperm(len(images), generator=order)
@@ -59,7 +56,7 @@ def _train(build: Callable[[], nn.Module], images: torch.Tensor, masks: torch.Te
             if fast:
                 x = to_channels_last(x)
             optimizer.zero_grad(set_to_none=True)
-            with autocast_context(device, precision if fast else "32"), fast_convolutions():
+            with autocast_context(device, precision if fast else "32"), training_convolutions(device, precision, fast):
                 output = model(x)
             logits = output["out"] if isinstance(output, dict) else output
             F.cross_entropy(logits.float(), y).backward()

@@ -140,9 +140,19 @@ def test_tensorboard_logs_when_installed(tmp_path: Path) -> None:
     assert list((Path(summary["run_dir"]) / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_float32_cpu_training_runs_under_winograd_unless_direct_convolutions(tmp_path: Path) -> None:
-    from seglab.engine.winograd import WinogradConvolutions
+def test_float32_cpu_training_runs_under_winograd_unless_direct_convolutions(tmp_path: Path, monkeypatch) -> None:
+    import seglab.engine.trainer as trainer_module
 
-    assert isinstance(make_trainer(tmp_path, precision="32").convolutions(), WinogradConvolutions)
-    assert not isinstance(make_trainer(tmp_path, precision="32", direct_convolutions=True).convolutions(),
-                          WinogradConvolutions)
+    asked = []
+    real = trainer_module.training_convolutions
+
+    def recording(device, precision, enabled=True):
+        asked.append((precision, enabled))
+        return real(device, precision, enabled)
+
+    monkeypatch.setattr(trainer_module, "training_convolutions", recording)
+    for direct in (False, True):
+        trainer = make_trainer(tmp_path / str(direct), precision="32", direct_convolutions=direct, epochs=1,
+                               train_samples=4, val_samples=2)
+        trainer.fit()
+    assert set(asked) == {("32", True), ("32", False)} and asked[0] == ("32", True)

@@ -482,7 +482,7 @@ def optimize_for_inference(
     if prepack and on_onednn:
         prepack_conv_weights(prepared)
     dtype = _DTYPES[name]
-    if winograd and on_onednn and dtype == torch.float32:
+    if winograd and on_onednn and dtype == torch.float32 and onednn_available():  # FusedConv's other route is oneDNN's
         use_winograd(prepared)
     if channels_last:
         prepared = to_channels_last(prepared)

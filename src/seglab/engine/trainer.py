@@ -12,7 +12,6 @@ so the same recipe gives the same optimisation on any number of processes. Only 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import random
@@ -224,9 +223,6 @@ class Trainer:
         if config.batch_size % self.dist.world_size:
             raise ValueError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the {self.dist.world_size} processes")
         self.precision = resolve_precision(config.precision, self.device)
-        # Winograd's 3x3 convolutions in float32 on the CPU (forward and backward), unless asked not to.
-        self.convolutions = contextlib.nullcontext if config.direct_convolutions else functools.partial(
-            training_convolutions, self.device, self.precision.name)
         self.summary_writer_class = self._tensorboard_writer_class() if config.tensorboard else None
         seed_everything(config.seed)
         if config.data != "synthetic":  # refuse bad data now, not with a traceback mid-epoch
@@ -487,7 +483,9 @@ class Trainer:
             # Between optimiser steps, DDP need not average gradients: skip the all-reduce.
             no_sync = self.train_model.no_sync() if self.dist.enabled and not steps_now else contextlib.nullcontext()
             with no_sync:
-                with self.precision.autocast(), self.convolutions():
+                # Winograd's 3x3 convolutions in float32 on the CPU, unless asked not to.
+                with self.precision.autocast(), training_convolutions(
+                        self.device, self.precision.name, enabled=not self.config.direct_convolutions):
                     output = self.train_model(images)
                 loss = self._loss(output, target)
                 self._stop_on_bad_loss(loss, epoch, index)

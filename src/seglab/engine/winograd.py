@@ -15,7 +15,7 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   64 channels win too (1.26-1.40x on 128 x 128, batch 4): UNet-R34's training step at 512 x 512
   took 1.34x less time with Winograd from 64 channels, 1.21x from 128.
 - Dilated, as d x d undilated phases stacked on the batch: 256 ch at dilation 2 on 64 x 64
-  2.07x, 512 ch at 4 2.54x (a ResNet's stages 3 and 4 at output stride 8); dilations from 6
+  2.1-2.3x, 512 ch at 4 2.4-2.5x (a ResNet's stages 3 and 4 at output stride 8); dilations from 6
   up are `DilatedConvAsGemm`'s.
 """
 from __future__ import annotations
@@ -109,11 +109,11 @@ def _winograd_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return winograd_conv3x3(input, winograd_filters(weight), bias, d)
 
 
-def training_convolutions(device: torch.device | str, precision: str | int) -> ContextManager:
-    """`WinogradConvolutions` for float32 training on the CPU; elsewhere a context that changes
-    nothing (bf16 autocast has no bits to spare for Winograd's transforms; GPUs have their own
-    algorithms)."""
+def training_convolutions(device: torch.device | str, precision: str | int, enabled: bool = True) -> ContextManager:
+    """`WinogradConvolutions` for float32 training on the CPU (when `enabled`); elsewhere a
+    context that changes nothing (bf16 autocast has no bits to spare for Winograd's transforms;
+    GPUs have their own algorithms)."""
     device = torch.device(device)
-    if device.type == "cpu" and resolve_precision(precision, device).name == "32":
+    if enabled and device.type == "cpu" and resolve_precision(precision, device).name == "32":
         return WinogradConvolutions()
     return contextlib.nullcontext()
