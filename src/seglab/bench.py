@@ -278,7 +278,7 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device, precision), training_convolutions(device, precision, enabled=winograd):
+        with autocast_context(device, precision), training_convolutions(model, device, precision, enabled=winograd):
             logits = _logits(model(images))
         # Cross-entropy read in the logits' own layout (channels-last ones as a pixels x classes
         # matrix, as seglab's losses do); NCHW logits, the peers', go to F.cross_entropy as they are.

@@ -56,7 +56,7 @@ def _train(build: Callable[[], nn.Module], images: torch.Tensor, masks: torch.Te
             if fast:
                 x = to_channels_last(x)
             optimizer.zero_grad(set_to_none=True)
-            with autocast_context(device, precision if fast else "32"), training_convolutions(device, precision, fast):
+            with autocast_context(device, precision if fast else "32"), training_convolutions(model, device, precision, fast):
                 output = model(x)
             logits = output["out"] if isinstance(output, dict) else output
             F.cross_entropy(logits.float(), y).backward()

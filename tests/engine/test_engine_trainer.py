@@ -146,9 +146,9 @@ def test_float32_cpu_training_runs_under_winograd_unless_direct_convolutions(tmp
     asked = []
     real = trainer_module.training_convolutions
 
-    def recording(device, precision, enabled=True):
+    def recording(model, device, precision, enabled=True):
         asked.append((precision, enabled))
-        return real(device, precision, enabled)
+        return real(model, device, precision, enabled)
 
     monkeypatch.setattr(trainer_module, "training_convolutions", recording)
     for direct in (False, True):

@@ -34,7 +34,7 @@ def test_tiles_count_each_phase_of_a_dilated_map():
     assert tiles((1, 3, 64, 64), 4) == 16 * 4 * 4  # 16 phases of 16 x 16
 
 
-def test_inference_pays_from_128_channels_and_enough_products_training_from_64_and_128_tiles():
+def test_inference_pays_from_128_channels_and_enough_products_training_from_64_channels_and_128_tiles():
     assert pays_for_input((1, 256, 16, 16), (256, 256, 3, 3), 1, training=False)  # 16 tiles x 2^16
     assert 16 * 128 * 128 < MIN_INFERENCE_PRODUCTS
     assert not pays_for_input((1, 128, 16, 16), (128, 128, 3, 3), 1, training=False)
@@ -42,13 +42,15 @@ def test_inference_pays_from_128_channels_and_enough_products_training_from_64_a
     assert pays_for_input((1, 64, 128, 128), (64, 64, 3, 3), 1, training=True)
     assert not pays_for_input((4, 512, 16, 16), (512, 512, 3, 3), 1, training=True)  # 64 tiles
     assert not pays_for_input((4, 32, 128, 128), (32, 32, 3, 3), 1, training=True)
+    assert not pays_for_input((16, 64, 16, 16), (64, 64, 3, 3), 1, training=True)  # 256 tiles but 2^20 products
+    assert pays_for_input((4, 128, 32, 32), (128, 128, 3, 3), 1, training=True)  # 256 tiles, 2^22
 
 
 def test_training_convolutions_run_winograd_forward_and_backward_in_float32():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=2, dilation=2),
                           nn.Conv2d(128, 32, 3, padding=1))  # the last: too few output channels, direct
-    x = torch.randn(2, 128, 32, 32).contiguous(memory_format=torch.channels_last)  # 128 tiles: enough to pay
+    x = torch.randn(4, 128, 32, 32).contiguous(memory_format=torch.channels_last)  # 256 tiles: enough to pay
 
     def step(context) -> tuple[torch.Tensor, list[torch.Tensor], int]:
         model.zero_grad()
@@ -57,9 +59,11 @@ def test_training_convolutions_run_winograd_forward_and_backward_in_float32():
             y.square().sum().backward()
         return y, [p.grad.clone() for p in model.parameters()], flops.get_total_flops()
 
+    assert len(WinogradConvolutions(model).convs) == 2  # the 32-channel one is never taken
     direct_y, direct_grads, direct_flops = step(contextlib.nullcontext())
-    y, grads, winograd_flops = step(training_convolutions("cpu", "32"))
-    assert isinstance(training_convolutions("cpu", "32"), WinogradConvolutions)
+    y, grads, winograd_flops = step(training_convolutions(model, "cpu", "32"))
+    assert isinstance(training_convolutions(model, "cpu", "32"), WinogradConvolutions)
+    assert not any("_conv_forward" in vars(m) for m in model)  # the modules as they were outside
     torch.testing.assert_close(y, direct_y, atol=1e-4, rtol=1e-4)
     for grad, expected in zip(grads, direct_grads):
         torch.testing.assert_close(grad, expected, atol=1e-3, rtol=1e-4)
@@ -68,8 +72,8 @@ def test_training_convolutions_run_winograd_forward_and_backward_in_float32():
     assert winograd_flops < 0.5 * direct_flops
     with torch.no_grad(), FlopCounterMode(display=False) as forward:
         model(x)
-    with torch.autocast("cpu", torch.bfloat16), WinogradConvolutions(), FlopCounterMode(display=False) as under_autocast:
+    with torch.autocast("cpu", torch.bfloat16), WinogradConvolutions(model), FlopCounterMode(display=False) as under_autocast:
         model(x)
     assert under_autocast.get_total_flops() == forward.get_total_flops()  # all direct
     if cpu_supports_bf16():
-        assert not isinstance(training_convolutions("cpu", "bf16"), WinogradConvolutions)
+        assert not isinstance(training_convolutions(model, "cpu", "bf16"), WinogradConvolutions)

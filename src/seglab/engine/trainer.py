@@ -485,7 +485,7 @@ class Trainer:
             with no_sync:
                 # Winograd's 3x3 convolutions in float32 on the CPU, unless asked not to.
                 with self.precision.autocast(), training_convolutions(
-                        self.device, self.precision.name, enabled=not self.config.direct_convolutions):
+                        self.model, self.device, self.precision.name, enabled=not self.config.direct_convolutions):
                     output = self.train_model(images)
                 loss = self._loss(output, target)
                 self._stop_on_bad_loss(loss, epoch, index)

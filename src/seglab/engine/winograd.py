@@ -12,8 +12,11 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
 - Training (forward and both gradients, through autograd): the tiles decide, as the weight
   gradient's products run over them: 16 tiles 0.40x, 64 tiles 0.89-1.02x, 256 tiles 1.20-1.96x
   (128 to 256 channels), 1024 tiles 1.69-1.92x. oneDNN's float32 backward is slow enough that
-  64 channels win too (1.26-1.40x on 128 x 128, batch 4): UNet-R34's training step at 512 x 512
-  took 1.34x less time with Winograd from 64 channels, 1.21x from 128.
+  64 channels win too on large maps (1.26-1.40x on 128 x 128, batch 4, 2^24 tiles x C_in x
+  C_out): UNet-R34's training step at 512 x 512 took 1.34x less time with Winograd from 64
+  channels, 1.21x from 128. On small ones they lose: `seglab train`'s default U-Net (64
+  channels on 16 x 16, batch 16: 256 tiles, 2^20) took 4% longer, hence also a minimum of
+  2^22 for tiles x C_in x C_out (128 channels over 256 tiles, 1.20x, just pass it).
 - Dilated, as d x d undilated phases stacked on the batch: 256 ch at dilation 2 on 64 x 64
   2.1-2.3x, 512 ch at 4 2.4-2.5x (a ResNet's stages 3 and 4 at output stride 8); dilations from 6
   up are `DilatedConvAsGemm`'s.
@@ -21,11 +24,12 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from typing import Any, ContextManager
 
 import torch
-from torch.overrides import TorchFunctionMode
+import torch.nn as nn
 
 from seglab.engine.precision import resolve_precision
 from seglab.ops.winograd import TILE, winograd_conv3x3, winograd_filters
@@ -35,6 +39,7 @@ __all__ = [
     "MIN_INFERENCE_CHANNELS",
     "MIN_INFERENCE_PRODUCTS",
     "MIN_TRAINING_CHANNELS",
+    "MIN_TRAINING_PRODUCTS",
     "MIN_TRAINING_TILES",
     "WinogradConvolutions",
     "pays_for_input",
@@ -48,6 +53,7 @@ MIN_INFERENCE_CHANNELS = 128  # in and out
 MIN_INFERENCE_PRODUCTS = 1 << 20  # tiles x C_in x C_out
 MIN_TRAINING_CHANNELS = 64
 MIN_TRAINING_TILES = 128
+MIN_TRAINING_PRODUCTS = 1 << 22  # tiles x C_in x C_out
 
 
 def _pair(value: Any) -> tuple:
@@ -77,43 +83,51 @@ def pays_for_input(input_shape: Sequence[int], weight_shape: Sequence[int], dila
     """Whether Winograd beats the direct convolution for this input and weight (whose settings
     `winograd_dilation` takes)."""
     channels, count = min(weight_shape[0], weight_shape[1]), tiles(input_shape, dilation)
+    products = count * weight_shape[0] * weight_shape[1]
     if training:
-        return channels >= MIN_TRAINING_CHANNELS and count >= MIN_TRAINING_TILES
-    return channels >= MIN_INFERENCE_CHANNELS and count * weight_shape[0] * weight_shape[1] >= MIN_INFERENCE_PRODUCTS
+        return channels >= MIN_TRAINING_CHANNELS and count >= MIN_TRAINING_TILES and products >= MIN_TRAINING_PRODUCTS
+    return channels >= MIN_INFERENCE_CHANNELS and products >= MIN_INFERENCE_PRODUCTS
 
 
-class WinogradConvolutions(TorchFunctionMode):
-    """Inside it, every float32 CPU convolution that Winograd pays for runs by F(4x4, 3x3), its
-    backward too (autograd through `seglab.ops.winograd`): the training counterpart of the fast
-    inference path's `use_winograd`, with no change to the model. Autocast, other dtypes and
-    devices keep the direct convolution."""
+class WinogradConvolutions:
+    """A context in which the plain 3x3 convolutions of `model` that Winograd applies to compute
+    float32 CPU calls by F(4x4, 3x3) where the input pays, backward too (autograd through
+    `seglab.ops.winograd`): the training counterpart of the fast inference path's
+    `use_winograd`. Only those modules change, and only inside the context (their
+    `_conv_forward` is routed and restored), so the rest of the model runs as it is, with no
+    per-operator dispatch. Autocast, other dtypes and devices keep the direct convolution."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.conv2d:
-            routed = _winograd_conv2d(*args, **kwargs)
-            if routed is not None:
-                return routed
-        return func(*args, **kwargs)
+    def __init__(self, model: nn.Module) -> None:
+        self.convs = [m for m in model.modules() if type(m) is nn.Conv2d and m.padding_mode == "zeros"
+                      and winograd_dilation(m.weight.shape, m.stride, m.padding, m.dilation, m.groups) is not None
+                      and min(m.in_channels, m.out_channels) >= MIN_TRAINING_CHANNELS]
+
+    def __enter__(self) -> WinogradConvolutions:
+        for conv in self.convs:
+            conv._conv_forward = functools.partial(_winograd_or_direct, conv)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for conv in self.convs:
+            del conv._conv_forward  # the class's own again
 
 
-def _winograd_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
-                     padding: Any = 0, dilation: Any = 1, groups: int = 1) -> torch.Tensor | None:
-    if (input.device.type != "cpu" or input.dtype != torch.float32 or weight.dtype != torch.float32
-            or input.dim() != 4 or torch.is_autocast_enabled("cpu")):
-        return None
-    d = winograd_dilation(weight.shape, stride, padding, dilation, groups)
+def _winograd_or_direct(conv: nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    d = conv.dilation[0]
     training = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
-    if d is None or not pays_for_input(input.shape, weight.shape, d, training):
-        return None
-    return winograd_conv3x3(input, winograd_filters(weight), bias, d)
+    if (input.device.type == "cpu" and input.dtype == weight.dtype == torch.float32 and input.dim() == 4
+            and not torch.is_autocast_enabled("cpu") and pays_for_input(input.shape, weight.shape, d, training)):
+        return winograd_conv3x3(input, winograd_filters(weight), bias, d)
+    return nn.Conv2d._conv_forward(conv, input, weight, bias)
 
 
-def training_convolutions(device: torch.device | str, precision: str | int, enabled: bool = True) -> ContextManager:
-    """`WinogradConvolutions` for float32 training on the CPU (when `enabled`); elsewhere a
-    context that changes nothing (bf16 autocast has no bits to spare for Winograd's transforms;
-    GPUs have their own algorithms)."""
+def training_convolutions(model: nn.Module, device: torch.device | str, precision: str | int,
+                          enabled: bool = True) -> ContextManager:
+    """`WinogradConvolutions(model)` for float32 training on the CPU (when `enabled`); elsewhere
+    a context that changes nothing (bf16 autocast has no bits to spare for Winograd's
+    transforms; GPUs have their own algorithms)."""
     device = torch.device(device)
     if enabled and device.type == "cpu" and resolve_precision(precision, device).name == "32":
-        return WinogradConvolutions()
+        return WinogradConvolutions(model)
     return contextlib.nullcontext()
