@@ -276,9 +276,11 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
     target = torch.randint(0, settings.num_classes, (settings.train_batch, settings.size, settings.size),
                            generator=generator).to(device)
 
+    convolutions = training_convolutions(model, device, precision, enabled=winograd)
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device, precision), training_convolutions(model, device, precision, enabled=winograd):
+        with autocast_context(device, precision), convolutions:
             logits = _logits(model(images))
         # Cross-entropy read in the logits' own layout (channels-last ones as a pixels x classes
         # matrix, as seglab's losses do); NCHW logits, the peers', go to F.cross_entropy as they are.

@@ -47,6 +47,7 @@ def _train(build: Callable[[], nn.Module], images: torch.Tensor, masks: torch.Te
         model = to_channels_last(model)
     options = optimizer_options("adamw", device) if fast else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, **options)
+    convolutions = training_convolutions(model, device, precision, enabled=fast)
     order = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         permutation = torch.randperm(len(images), generator=order)
@@ -56,7 +57,7 @@ def _train(build: Callable[[], nn.Module], images: torch.Tensor, masks: torch.Te
             if fast:
                 x = to_channels_last(x)
             optimizer.zero_grad(set_to_none=True)
-            with autocast_context(device, precision if fast else "32"), training_convolutions(model, device, precision, fast):
+            with autocast_context(device, precision if fast else "32"), convolutions:
                 output = model(x)
             logits = output["out"] if isinstance(output, dict) else output
             F.cross_entropy(logits.float(), y).backward()

@@ -56,7 +56,7 @@ from seglab.engine.onednn import (
 )
 from seglab.engine.precision import auto_precision, resolve_precision
 from seglab.engine.residual import fuse_residual_additions
-from seglab.engine.winograd import MIN_INFERENCE_CHANNELS, WinogradConvolutions, training_convolutions, winograd_dilation
+from seglab.engine.winograd import MIN_INFERENCE_CHANNELS, WinogradConvolutions, conv_takes_winograd, training_convolutions
 from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
 from seglab.ops.atrous_gemm import all_taps_product, share_inside
 
@@ -385,13 +385,10 @@ def rewrite_dilated_convs(model: nn.Module, min_dilation: int = 6, min_depthwise
 
 
 def winograd_pays(conv: nn.Module) -> bool:
-    """A plain zero-padded Conv2d (or `FusedConv`) whose settings `winograd_dilation` takes,
-    with enough channels in and out for inference (`seglab.engine.winograd`; whether a given
+    """A plain zero-padded Conv2d (or `FusedConv`) that `conv_takes_winograd` with enough
+    channels in and out for inference (`seglab.engine.winograd`; whether a given
     input pays is decided at each call)."""
-    if not (fusable_conv(conv) or isinstance(conv, FusedConv)):
-        return False
-    settings = winograd_dilation(conv.weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return settings is not None and min(conv.in_channels, conv.out_channels) >= MIN_INFERENCE_CHANNELS
+    return (fusable_conv(conv) or isinstance(conv, FusedConv)) and conv_takes_winograd(conv, MIN_INFERENCE_CHANNELS)
 
 
 def use_winograd(model: nn.Module) -> int:

@@ -242,6 +242,9 @@ class Trainer:
         self.model = to_channels_last(model.to(self.device))  # oneDNN's / cuDNN's native layout
         # DDP averages gradients over processes; evaluation and checkpoints use the bare model.
         self.train_model: nn.Module = DistributedDataParallel(self.model) if self.dist.enabled else self.model
+        # Winograd's 3x3 convolutions in float32 on the CPU, unless asked not to; entered at each step.
+        self.convolutions = training_convolutions(self.model, self.device, self.precision.name,
+                                                  enabled=not config.direct_convolutions)
         self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
         self.normalize = Normalize(config.mean, config.std).to(self.device)
         self.class_weights = self._class_weights()
@@ -483,9 +486,7 @@ class Trainer:
             # Between optimiser steps, DDP need not average gradients: skip the all-reduce.
             no_sync = self.train_model.no_sync() if self.dist.enabled and not steps_now else contextlib.nullcontext()
             with no_sync:
-                # Winograd's 3x3 convolutions in float32 on the CPU, unless asked not to.
-                with self.precision.autocast(), training_convolutions(
-                        self.model, self.device, self.precision.name, enabled=not self.config.direct_convolutions):
+                with self.precision.autocast(), self.convolutions:
                     output = self.train_model(images)
                 loss = self._loss(output, target)
                 self._stop_on_bad_loss(loss, epoch, index)

@@ -42,6 +42,7 @@ __all__ = [
     "MIN_TRAINING_PRODUCTS",
     "MIN_TRAINING_TILES",
     "WinogradConvolutions",
+    "conv_takes_winograd",
     "pays_for_input",
     "tiles",
     "training_convolutions",
@@ -72,6 +73,13 @@ def winograd_dilation(weight_shape: Sequence[int], stride: Any, padding: Any, di
     return d
 
 
+def conv_takes_winograd(conv: nn.Conv2d, min_channels: int) -> bool:
+    """A zero-padded convolution whose settings `winograd_dilation` takes, with at least
+    `min_channels` channels in and out."""
+    return (conv.padding_mode == "zeros" and min(conv.in_channels, conv.out_channels) >= min_channels
+            and winograd_dilation(conv.weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups) is not None)
+
+
 def tiles(input_shape: Sequence[int], dilation: int) -> int:
     """The TILE x TILE output tiles of a convolution of an N x C x H x W input at `dilation`."""
     n, _, height, width = input_shape
@@ -98,9 +106,7 @@ class WinogradConvolutions:
     per-operator dispatch. Autocast, other dtypes and devices keep the direct convolution."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.convs = [m for m in model.modules() if type(m) is nn.Conv2d and m.padding_mode == "zeros"
-                      and winograd_dilation(m.weight.shape, m.stride, m.padding, m.dilation, m.groups) is not None
-                      and min(m.in_channels, m.out_channels) >= MIN_TRAINING_CHANNELS]
+        self.convs = [m for m in model.modules() if type(m) is nn.Conv2d and conv_takes_winograd(m, MIN_TRAINING_CHANNELS)]
 
     def __enter__(self) -> WinogradConvolutions:
         for conv in self.convs:
@@ -124,8 +130,8 @@ def _winograd_or_direct(conv: nn.Conv2d, input: torch.Tensor, weight: torch.Tens
 
 def training_convolutions(model: nn.Module, device: torch.device | str, precision: str | int,
                           enabled: bool = True) -> ContextManager:
-    """`WinogradConvolutions(model)` for float32 training on the CPU (when `enabled`); elsewhere
-    a context that changes nothing (bf16 autocast has no bits to spare for Winograd's
+    """`WinogradConvolutions(model)` for float32 training on the CPU (when `enabled`; build it
+    once and enter it at each step); elsewhere a context that changes nothing (bf16 autocast has no bits to spare for Winograd's
     transforms; GPUs have their own algorithms)."""
     device = torch.device(device)
     if enabled and device.type == "cpu" and resolve_precision(precision, device).name == "32":
