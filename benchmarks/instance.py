@@ -12,12 +12,15 @@ otherwise idle machine: the budget is wall time. DSB2018's split is fixed: image
 id, every 5th is val (132 val / 532 train). `speed` times eval-mode inference (batch 1, median
 CPU time of interleaved repeats, one thread, after warm-up) of YOLACT, our Mask R-CNN and torchvision's
 maskrcnn_resnet50_fpn in one process at the same input size, all randomly initialised (no
-download; our Mask R-CNN takes torchvision's random weights), in float32 or (`--precision bf16`) all three under bf16 autocast in channels_last.
+download; our Mask R-CNN takes torchvision's random weights), in float32 or (`--precision bf16`) all three under bf16 autocast in channels_last; `--fast`
+adds seglab's two models as its commands run them (`optimize_instance_model`), with Winograd's
+3x3 convolutions and without.
 Results are printed and appended as JSON lines to benchmarks/results/instance.jsonl.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -28,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from seglab.cli import parse_model_option
-from seglab.engine.fastpath import to_channels_last
+from seglab.engine.fastpath import optimize_instance_model, to_channels_last
 from seglab.engine.precision import resolve_precision
 
 RESULTS = Path(__file__).parent / "results" / "instance.jsonl"
@@ -204,12 +207,21 @@ def speed(args: argparse.Namespace) -> None:
         _force_detections(model, args.detections)
     if args.precision != "32":  # the same treatment for all three: channels_last, bf16 autocast
         models = {name: to_channels_last(model) for name, model in models.items()}
+    if args.fast:  # seglab's own models as `seglab eval` / `predict` run them, with and without Winograd
+        for name in ("yolact", "mask_rcnn"):
+            for label, winograd in (("fast", True), ("fast_direct", False)):
+                models[f"{name}_{label}"] = optimize_instance_model(copy.deepcopy(models[name]), winograd=winograd)
     seconds = _median_seconds(models, image, args.repeats, args.precision)
     row = {"benchmark": f"speed-{size}", "encoder": args.encoder, "detections": args.detections, "repeats": args.repeats,
            "precision": args.precision, "threads": torch.get_num_threads()}
     row.update({f"{name}_ms": round(1000 * s, 1) for name, s in seconds.items()})
-    row.update({f"{name}_gflops": round(_forward_flops(model, image) / 1e9, 1) for name, model in models.items()})
+    row.update({f"{name}_gflops": round(_forward_flops(model, image) / 1e9, 1) for name, model in models.items()
+                if "_fast" not in name})  # the fast rows compute the same network
     row["yolact_speedup_vs_mask_rcnn"] = round(seconds["mask_rcnn"] / seconds["yolact"], 2)
+    if args.fast:
+        for name in ("yolact", "mask_rcnn"):
+            row[f"{name}_fast_speedup_vs_eager"] = round(seconds[name] / seconds[f"{name}_fast"], 3)
+            row[f"{name}_winograd_speedup"] = round(seconds[f"{name}_fast_direct"] / seconds[f"{name}_fast"], 3)
     if "torchvision_maskrcnn_resnet50_fpn" in seconds:
         row["mask_rcnn_speedup_vs_torchvision"] = round(seconds["torchvision_maskrcnn_resnet50_fpn"] / seconds["mask_rcnn"], 3)
     _record(row)
@@ -274,6 +286,8 @@ def main() -> None:
     command.add_argument("--repeats", type=int, default=5)
     command.add_argument("--precision", choices=["32", "bf16"], default="32",
                          help="32 (default), or bf16 autocast + channels_last for every model (CPUs with native bf16)")
+    command.add_argument("--fast", action="store_true",
+                         help="also time seglab's models after optimize_instance_model, with and without Winograd")
     command.set_defaults(run=speed)
     args = parser.parse_args()
     args.run(args)

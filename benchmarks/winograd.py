@@ -24,13 +24,16 @@ from seglab.memory import keep_freed_memory
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters
 
 # (batch, C_in, C_out, map size, dilation): a ResNet's stages at a 512 input (strides 4-32), at
-# output stride 8 (dilations 2 and 4), small maps where the rule says no, and a decoder's fusion.
+# output stride 8 (dilations 2 and 4), small maps where the rule says no, a decoder's fusion, and
+# a Mask R-CNN mask head's RoIs (14 x 14, which fill 77% of their tiles, against 28 x 28).
 INFERENCE = [(1, 64, 64, 128, 1), (1, 128, 128, 64, 1), (8, 128, 128, 64, 1), (1, 128, 128, 16, 1),
              (1, 256, 256, 32, 1), (8, 256, 256, 32, 1), (1, 256, 256, 16, 1), (1, 512, 512, 16, 1),
              (8, 512, 512, 16, 1), (1, 512, 512, 8, 1), (1, 512, 512, 4, 1), (1, 256, 256, 64, 2),
-             (1, 512, 512, 64, 4), (1, 1024, 512, 64, 1)]
+             (1, 512, 512, 64, 4), (1, 1024, 512, 64, 1),
+             (200, 128, 128, 14, 1), (50, 128, 128, 28, 1), (200, 256, 256, 14, 1)]
 TRAINING = [(4, 64, 64, 128, 1), (4, 128, 128, 64, 1), (4, 128, 128, 32, 1), (4, 256, 256, 32, 1),
-            (4, 256, 256, 16, 1), (4, 512, 512, 16, 1), (4, 512, 512, 8, 1), (4, 256, 256, 64, 2)]
+            (4, 256, 256, 16, 1), (4, 512, 512, 16, 1), (4, 512, 512, 8, 1), (4, 256, 256, 64, 2),
+            (128, 64, 64, 14, 1), (128, 128, 128, 14, 1), (32, 128, 128, 28, 1), (128, 256, 256, 14, 1)]
 
 
 def ratio(direct: Callable[[], object], winograd: Callable[[], object], rounds: int) -> tuple[float, float]:

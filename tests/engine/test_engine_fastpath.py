@@ -401,14 +401,10 @@ def test_segformer_fast_path_fuses_the_mix_ffn_gelu_and_keeps_outputs():
     torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["yolact", "mask_rcnn"])
-def test_instance_models_keep_their_detections_on_the_fast_path(name):
-    import copy
-
-    from seglab.engine.fastpath import optimize_instance_model
-
+def _instance_model(name: str, **extra) -> nn.Module:
+    """A small random instance model in eval mode that returns detections from random weights."""
     torch.manual_seed(0)
-    options = {"encoder": "resnet10t", "fpn_channels": 32, "num_classes": 4, "detections_per_image": 10}
+    options = {"encoder": "resnet10t", "fpn_channels": 32, "num_classes": 4, "detections_per_image": 10, **extra}
     options.update({"anchor_size": 12} if name == "yolact" else {"anchor_size": 8, "min_size": 0, "proposals": 30})
     model = create_model(name, **options).eval()
     _randomise_batchnorm(model)
@@ -416,13 +412,10 @@ def test_instance_models_keep_their_detections_on_the_fast_path(name):
         model.score_threshold = 0.0  # detections from random weights
     else:
         model.roi_heads.score_thresh = 0.0
-    images = [torch.rand(3, 64, 80)]
-    with torch.no_grad():
-        expected = model(images)[0]
-    fast = optimize_instance_model(copy.deepcopy(model))
-    assert _batchnorms(fast) < _batchnorms(model)  # the backbone's BatchNorms are folded
-    with torch.inference_mode():
-        got = fast(images)[0]
+    return model
+
+
+def _assert_same_detections(got: dict, expected: dict) -> None:
     assert len(got["scores"]) == len(expected["scores"]) > 0
     # Matched by class and box, not by rank: near-equal scores of random weights may swap places.
     def keys(detections):
@@ -434,6 +427,55 @@ def test_instance_models_keep_their_detections_on_the_fast_path(name):
     torch.testing.assert_close(got["labels"][match], expected["labels"])
     agree = (got["masks"][match] > 0.5).eq(expected["masks"] > 0.5).float().mean()
     assert agree > 0.999
+
+
+@pytest.mark.parametrize("name", ["yolact", "mask_rcnn"])
+def test_instance_models_keep_their_detections_on_the_fast_path(name):
+    import copy
+
+    from seglab.engine.fastpath import optimize_instance_model
+
+    model = _instance_model(name)
+    images = [torch.rand(3, 64, 80)]
+    with torch.no_grad():
+        expected = model(images)[0]
+    fast = optimize_instance_model(copy.deepcopy(model))
+    assert _batchnorms(fast) < _batchnorms(model)  # the backbone's BatchNorms are folded
+    with torch.inference_mode():
+        got = fast(images)[0]
+    _assert_same_detections(got, expected)
+
+
+def test_instance_fast_path_runs_winograd_in_the_fpn_and_mask_head():
+    import copy
+
+    from seglab.engine.fastpath import optimize_instance_model
+
+    # The papers' 256-channel FPN and mask head.
+    model = _instance_model("mask_rcnn", fpn_channels=256, mask_head_width=256)
+    images = [torch.rand(3, 128, 128)]
+    with torch.no_grad():
+        expected = model(images)[0]
+    direct = optimize_instance_model(copy.deepcopy(model), winograd=False)
+    fast = optimize_instance_model(copy.deepcopy(model))
+    assert _winograd_convs(direct) == 0
+    # The backbone's three wide 3x3 convs (ResNet-10t's stages 2-4), the FPN's four output
+    # convs, the RPN head's conv and the mask head's four convs.
+    assert _winograd_convs(fast) == 12
+    with torch.inference_mode():
+        got, calls = _winograd_calls(fast, images)
+    # The mask head's four convs on the 10 detections' 14 x 14 RoIs, and the FPN's output conv
+    # and the RPN head on the stride-4 and stride-8 levels (32 x 32, 16 x 16); the backbone's
+    # maps and the coarser levels are too small to pay.
+    assert calls == [256] * 8
+    _assert_same_detections(got[0], expected)
+    with torch.inference_mode():
+        _assert_same_detections(got[0], direct(images)[0])
+    # At 128 channels the 14 x 14 RoIs, which fill 77% of their tiles, stay direct (they lose
+    # there); the stride-4 level's FPN and RPN convs still take Winograd.
+    narrow = optimize_instance_model(_instance_model("mask_rcnn", fpn_channels=128, mask_head_width=128))
+    with torch.inference_mode():
+        assert _winograd_calls(narrow, images)[1] == [128] * 2
 
 
 def test_winograd_takes_only_many_channel_3x3_stride_1_convs():

@@ -46,6 +46,17 @@ def test_inference_pays_from_128_channels_and_enough_products_training_from_64_c
     assert pays_for_input((4, 128, 32, 32), (128, 128, 3, 3), 1, training=True)  # 256 tiles, 2^22
 
 
+def test_maps_that_fill_their_tiles_poorly_pay_only_from_256_channels():
+    # A mask head's 14 x 14 RoIs fill 196 of their 256 tile outputs.
+    for training in (False, True):
+        assert not pays_for_input((200, 128, 14, 14), (128, 128, 3, 3), 1, training=training)
+        assert pays_for_input((200, 256, 14, 14), (256, 256, 3, 3), 1, training=training)
+        assert pays_for_input((50, 128, 28, 28), (128, 128, 3, 3), 1, training=training)  # whole tiles
+    assert not pays_for_input((200, 128, 7, 7), (128, 128, 3, 3), 1, training=False)
+    # Dilated maps are counted per phase: 64 x 64 at dilation 4 is 16 x 16 per phase, whole tiles.
+    assert pays_for_input((1, 128, 64, 64), (128, 128, 3, 3), 4, training=False)
+
+
 def test_training_convolutions_run_winograd_forward_and_backward_in_float32():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=2, dilation=2),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from seglab.engine.checkpoint import load_checkpoint
 from seglab.engine.instance import instance_overlay
 
 
-def test_train_eval_predict_an_instance_model(tmp_path, capsys):
+def test_train_eval_predict_an_instance_model(tmp_path, capsys, monkeypatch):
     code = main([
         "train", "--task", "instance", "--model", "yolact", "--encoder", "resnet10t", "--image-size", "64",
         "--train-samples", "4", "--val-samples", "2", "--epochs", "1", "--batch-size", "2",
@@ -64,6 +65,21 @@ def test_train_eval_predict_an_instance_model(tmp_path, capsys):
         fp16_on_cpu,
         fp16_on_cpu,
     ]
+
+    # --direct-convolutions reaches the fast path of both commands.
+    import seglab.engine.instance as instance
+
+    asked = []
+    real = instance.optimize_instance_model
+
+    def recording(model, *args, winograd=True, **kwargs):
+        asked.append(winograd)
+        return real(model, *args, winograd=winograd, **kwargs)
+
+    monkeypatch.setattr(instance, "optimize_instance_model", recording)
+    for command in (["eval", "--checkpoint", str(run)], ["predict", "--checkpoint", str(run), str(image_file), "--out", str(out)]):
+        assert main(command) == 0 and main([*command, "--direct-convolutions"]) == 0
+    assert asked == [True, False, True, False]
 
 
 class _AutocastRecorder(torch.nn.Module):
@@ -191,3 +207,41 @@ def test_unknown_or_bad_instance_augment_options_get_one_error_line(tmp_path, ca
         config.write_text(augment + "\n")
         assert main([*base, "--config", str(config)]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == f"seglab: error: {message}"
+
+
+def test_float32_instance_training_runs_its_wide_3x3_convs_by_winograd_unless_direct(tmp_path, monkeypatch):
+    import contextlib
+
+    import seglab.engine.winograd as winograd
+    from seglab.engine.config import TrainConfig
+    from seglab.engine.instance import INSTANCE_DEFAULTS, InstanceTrainer
+
+    values = {**INSTANCE_DEFAULTS, "model": "yolact", "encoder": "resnet10t", "image_size": 64, "train_samples": 4,
+              "val_samples": 2, "batch_size": 2, "epochs": 1, "precision": "32", "out": str(tmp_path)}
+    direct = InstanceTrainer(TrainConfig.from_dict({**values, "direct_convolutions": True}))
+    assert isinstance(direct.convolutions, contextlib.nullcontext)
+    trainer = InstanceTrainer(TrainConfig.from_dict(values))
+    routed = {name for name, module in trainer.model.named_modules() if module in trainer.convolutions.convs}
+    # The FPN's output convs, the ProtoNet's 3x3 convs and the prediction head's (the backbone's
+    # wide 3x3 convs too).
+    assert {"backbone.fpn.layer_blocks.0.0", "protonet.before_upsampling.0", "head.shared.0"} <= routed
+    # At 64 x 64 no map is large enough to pay, so force the route to see that a step runs
+    # through it, forward and backward, and trains.
+    calls = []
+    real = winograd.winograd_conv3x3
+
+    def counted(x, *args):
+        calls.append(x.shape[1])
+        return real(x, *args)
+
+    monkeypatch.setattr(winograd, "pays_for_input", lambda *args, **kwargs: True)
+    monkeypatch.setattr(winograd, "winograd_conv3x3", counted)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    summary = trainer.fit()
+    assert calls and min(calls) >= 64
+    row = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(row["train_loss"])
+    changed = [not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters())]
+    assert sum(changed) > 0.9 * len(changed)
+    # Outside the steps the modules are as they were.
+    assert not any("_conv_forward" in vars(m) for m in trainer.model.modules())

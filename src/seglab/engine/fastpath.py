@@ -492,19 +492,22 @@ def optimize_for_inference(
 
 
 @torch.no_grad()
-def optimize_instance_model(model: nn.Module, example_size: int = 64) -> nn.Module:
+def optimize_instance_model(model: nn.Module, example_size: int = 64, *, winograd: bool = True) -> nn.Module:
     """The float32 steps of the fast path for an instance model (a list of C x H x W images in,
     a list of detections out), in place: conv-BN folding, conv+activation fusion and weights
-    kept in oneDNN's layout (CPU), and channels_last; eval mode, no gradients. The merged pairs
-    are observed on one blank `example_size` image, so modules that image does not reach (a
-    mask head with no detection, a head shared by several pyramid levels) are left as they are.
-    Returns the model."""
+    kept in oneDNN's layout (CPU), Winograd's 3x3 convolutions where they pay (CPU, float32
+    calls; `winograd=False` keeps the direct ones), and channels_last; eval mode, no gradients.
+    The merged pairs are observed on one blank `example_size` image, so modules that image does
+    not reach (a mask head with no detection, a head shared by several pyramid levels) are left
+    unfused; Winograd needs no observation and takes those too. Returns the model."""
     example = [_example_input(model, example_size)[0]]
     _freeze(model)
     fold_conv_bn(model, example)
     if _device_of(model).type == "cpu":
         fuse_conv_relu(model, example)
         prepack_conv_weights(model)
+        if winograd and onednn_available():
+            use_winograd(model)
     return to_channels_last(model)
 
 

@@ -36,7 +36,7 @@ from seglab.data.instance import collate_instances, instance_augment_options, in
 from seglab.data.io import list_images, read_image
 from seglab.engine.checkpoint import save_checkpoint
 from seglab.engine.config import TrainConfig
-from seglab.engine.fastpath import optimize_instance_model, to_channels_last
+from seglab.engine.fastpath import optimize_instance_model, to_channels_last, training_convolutions
 from seglab.engine.precision import resolve_precision
 from seglab.engine.trainer import (
     _json_safe,
@@ -143,6 +143,10 @@ class InstanceTrainer:
         self.precision = resolve_precision(config.precision, self.device)
         # channels_last: oneDNN's / cuDNN's native layout, kept through the backbone and heads
         self.model = to_channels_last(create_model(config.model, **self.model_kwargs).to(self.device))
+        # Winograd's 3x3 convolutions in float32 on the CPU (the FPN's, the RPN's and the mask
+        # head's, where the input pays), unless asked not to; entered at each step.
+        self.convolutions = training_convolutions(self.model, self.device, self.precision.name,
+                                                  enabled=not config.direct_convolutions)
         generator = torch.Generator().manual_seed(config.seed)
         self.train_loader = DataLoader(
             self.train_set, batch_size=config.batch_size, shuffle=True, drop_last=len(self.train_set) > config.batch_size,
@@ -218,7 +222,7 @@ class InstanceTrainer:
         for images, targets in self.train_loader:
             images = [image.to(self.device) for image in images]
             targets = [{k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
-            with self.precision.autocast():
+            with self.precision.autocast(), self.convolutions:
                 losses = self.model(images, targets)
             loss = sum(loss.float() for loss in losses.values())
             if not torch.isfinite(loss):
@@ -506,7 +510,8 @@ def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: 
     dataset = open_instance_dataset(source, args.split, **data)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_instances)
     results_json = Path(args.json).with_suffix(".results.json") if getattr(args, "json", None) else None
-    model = optimize_instance_model(model.to(device))  # conv-BN folding, fused activations, channels_last
+    # conv-BN folding, fused activations, Winograd's 3x3 convolutions (float32), channels_last
+    model = optimize_instance_model(model.to(device), winograd=not getattr(args, "direct_convolutions", False))
     with progress_bar(console) as progress:
         results = evaluate_instances(model, loader, config["classes"], device, progress=progress, results_json=results_json,
                                      autocast=precision.autocast)
@@ -524,7 +529,8 @@ def predict_instance(args: Any, console: Console) -> int:
     model, config = load_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
     precision = resolve_precision(getattr(args, "precision", "auto"), device)  # auto: bf16 where native, else 32
-    model = optimize_instance_model(model.to(device))  # conv-BN folding, fused activations, channels_last
+    # conv-BN folding, fused activations, Winograd's 3x3 convolutions (float32), channels_last
+    model = optimize_instance_model(model.to(device), winograd=not getattr(args, "direct_convolutions", False))
     with progress_bar(console) as progress:
         written = predict_instance_files(model, config, args.images, args.out, device, progress=progress,
                                          autocast=precision.autocast)

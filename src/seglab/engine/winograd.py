@@ -20,6 +20,12 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
 - Dilated, as d x d undilated phases stacked on the batch: 256 ch at dilation 2 on 64 x 64
   2.1-2.3x, 512 ch at 4 2.4-2.5x (a ResNet's stages 3 and 4 at output stride 8); dilations from 6
   up are `DilatedConvAsGemm`'s.
+- Maps that fill their 4 x 4 tiles poorly: a Mask R-CNN mask head's 14 x 14 RoIs (and 7 x 7
+  ones) fill 77% of theirs, so Winograd computes 1.31x the outputs, while oneDNN's direct kernel
+  runs fastest on such small maps (they stay in cache). At 128 channels Winograd then lost:
+  200 RoIs of 14 x 14 0.72x in inference, 128 RoIs 0.99x in training (64 channels 0.57x), where
+  28 x 28 maps won 1.24x and 1.49x; from 256 channels it still won (1.40x, 1.47x). Hence below
+  `MIN_TILE_COVERAGE` only convolutions of `WIDE_CHANNELS` take it.
 """
 from __future__ import annotations
 
@@ -40,7 +46,9 @@ __all__ = [
     "MIN_INFERENCE_PRODUCTS",
     "MIN_TRAINING_CHANNELS",
     "MIN_TRAINING_PRODUCTS",
+    "MIN_TILE_COVERAGE",
     "MIN_TRAINING_TILES",
+    "WIDE_CHANNELS",
     "WinogradConvolutions",
     "conv_takes_winograd",
     "pays_for_input",
@@ -55,6 +63,8 @@ MIN_INFERENCE_PRODUCTS = 1 << 20  # tiles x C_in x C_out
 MIN_TRAINING_CHANNELS = 64
 MIN_TRAINING_TILES = 128
 MIN_TRAINING_PRODUCTS = 1 << 22  # tiles x C_in x C_out
+MIN_TILE_COVERAGE = 0.9  # the share of the tiles' outputs inside the map below which ...
+WIDE_CHANNELS = 256  # ... only this many channels in and out pay
 
 
 def _pair(value: Any) -> tuple:
@@ -92,6 +102,9 @@ def pays_for_input(input_shape: Sequence[int], weight_shape: Sequence[int], dila
     `winograd_dilation` takes)."""
     channels, count = min(weight_shape[0], weight_shape[1]), tiles(input_shape, dilation)
     products = count * weight_shape[0] * weight_shape[1]
+    n, _, height, width = input_shape
+    if n * height * width < MIN_TILE_COVERAGE * TILE * TILE * count and channels < WIDE_CHANNELS:
+        return False
     if training:
         return channels >= MIN_TRAINING_CHANNELS and count >= MIN_TRAINING_TILES and products >= MIN_TRAINING_PRODUCTS
     return channels >= MIN_INFERENCE_CHANNELS and products >= MIN_INFERENCE_PRODUCTS
