@@ -498,7 +498,8 @@ def train_instance(values: dict[str, Any], console: Console) -> int:
 def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: Console) -> int:
     """`seglab eval` of an instance checkpoint: COCO mask AP table, optionally JSON files.
 
-    ``args`` carries data, split, batch_size, device and json (as `seglab eval` parses them);
+    ``args`` carries data, split, batch_size, device, json, precision and direct_convolutions
+    (as `seglab eval` parses them);
     with --json, the COCO results records are written beside it as ``<name>.results.json``.
     """
     device = resolve_device(args.device)
