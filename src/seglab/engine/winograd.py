@@ -23,8 +23,8 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
 - Maps that fill their 4 x 4 tiles poorly: a Mask R-CNN mask head's 14 x 14 RoIs (and 7 x 7
   ones) fill 77% of theirs, so Winograd computes 1.31x the outputs, while oneDNN's direct kernel
   runs fastest on such small maps (they stay in cache). At 128 channels Winograd then lost:
-  200 RoIs of 14 x 14 0.72x in inference, 128 RoIs 0.99x in training (64 channels 0.57x), where
-  28 x 28 maps won 1.24x and 1.49x; from 256 channels it still won (1.40x, 1.47x). Hence below
+  200 RoIs of 14 x 14 0.78x in inference, 128 RoIs 0.97x in training (64 channels 0.63x), where
+  28 x 28 maps won 1.11x and 1.42x; from 256 channels it still won (1.18x, 1.52x). Hence below
   `MIN_TILE_COVERAGE` only convolutions of `WIDE_CHANNELS` take it.
 """
 from __future__ import annotations
@@ -44,9 +44,9 @@ __all__ = [
     "MAX_DILATION",
     "MIN_INFERENCE_CHANNELS",
     "MIN_INFERENCE_PRODUCTS",
+    "MIN_TILE_COVERAGE",
     "MIN_TRAINING_CHANNELS",
     "MIN_TRAINING_PRODUCTS",
-    "MIN_TILE_COVERAGE",
     "MIN_TRAINING_TILES",
     "WIDE_CHANNELS",
     "WinogradConvolutions",
