@@ -395,7 +395,9 @@ def use_winograd(model: nn.Module) -> int:
     """Have every convolution `winograd_pays` for compute float32 CPU inference by Winograd's
     F(4x4, 3x3), in place: `FusedConv`s switch, plain Conv2d modules become `FusedConv`s that
     do (inference only; other dtypes, autocast and gradients keep the direct convolution).
-    Returns the number switched."""
+    Returns the number switched: none without oneDNN, which `FusedConv`'s other route needs."""
+    if not onednn_available():
+        return 0
     switched = 0
     for name, module in list(model.named_modules()):
         if not name or not winograd_pays(module):
@@ -479,7 +481,7 @@ def optimize_for_inference(
     if prepack and on_onednn:
         prepack_conv_weights(prepared)
     dtype = _DTYPES[name]
-    if winograd and on_onednn and dtype == torch.float32 and onednn_available():  # FusedConv's other route is oneDNN's
+    if winograd and on_onednn and dtype == torch.float32:
         use_winograd(prepared)
     if channels_last:
         prepared = to_channels_last(prepared)
@@ -506,7 +508,7 @@ def optimize_instance_model(model: nn.Module, example_size: int = 64, *, winogra
     if _device_of(model).type == "cpu":
         fuse_conv_relu(model, example)
         prepack_conv_weights(model)
-        if winograd and onednn_available():
+        if winograd:
             use_winograd(model)
     return to_channels_last(model)
 

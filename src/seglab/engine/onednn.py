@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from seglab.engine.winograd import pays_for_input
+from seglab.engine.winograd import call_takes_winograd
 from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.conv import PointwiseConv2d
 from seglab.ops.kept import KeptFromWeights
@@ -114,8 +114,7 @@ class FusedConv(nn.Conv2d):
         inference = not (torch.is_grad_enabled() and self.weight.requires_grad)
         if x.device.type != "cpu" or not inference or x.dtype != self.weight.dtype:
             return self._unfused(x, residual)
-        if self.winograd and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") \
-                and pays_for_input(x.shape, self.weight.shape, self.dilation[0], training=False):
+        if self.winograd and call_takes_winograd(x, self.weight, self.dilation[0], training=False):
             filters = self._winograd_filters.get([self.weight], lambda: winograd_filters(self.weight))
             return self._finish(winograd_conv3x3(x, filters, self.bias, self.dilation[0]), residual)
         attr, algorithm = self.post_op

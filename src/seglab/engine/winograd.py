@@ -50,6 +50,7 @@ __all__ = [
     "MIN_TRAINING_TILES",
     "WIDE_CHANNELS",
     "WinogradConvolutions",
+    "call_takes_winograd",
     "conv_takes_winograd",
     "pays_for_input",
     "tiles",
@@ -131,12 +132,19 @@ class WinogradConvolutions:
             del conv._conv_forward  # the class's own again
 
 
+def call_takes_winograd(input: torch.Tensor, weight: torch.Tensor, dilation: int, training: bool) -> bool:
+    """Whether this call of a convolution Winograd applies to runs through it: a batched float32
+    input on the CPU outside autocast (bf16 has no bits to spare for the transforms), large
+    enough to pay. The one check of the inference route (`FusedConv`) and the training one."""
+    return (input.device.type == "cpu" and input.dtype == weight.dtype == torch.float32 and input.dim() == 4
+            and not torch.is_autocast_enabled("cpu") and pays_for_input(input.shape, weight.shape, dilation, training))
+
+
 def _winograd_or_direct(conv: nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
     d = conv.dilation[0]
     training = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
-    if (input.device.type == "cpu" and input.dtype == weight.dtype == torch.float32 and input.dim() == 4
-            and not torch.is_autocast_enabled("cpu") and pays_for_input(input.shape, weight.shape, d, training)):
+    if call_takes_winograd(input, weight, d, training):
         return winograd_conv3x3(input, winograd_filters(weight), bias, d)
     return nn.Conv2d._conv_forward(conv, input, weight, bias)
 
