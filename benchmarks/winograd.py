@@ -7,6 +7,9 @@ thresholds of `seglab.engine.winograd`. Not a test: it prints a Markdown table.
 
 Each row times the two in interleaved rounds (one call of each per round) and reports the
 median over rounds of direct time / Winograd time, so that a change of machine load hits both.
+In training, "direct" is the convolution as the training route runs those Winograd does not
+take: oneDNN's forward and input gradient, the weight gradient by the kernel timed fastest
+(`seglab.ops.weight_gradient`); "eager backward" is eager PyTorch's (oneDNN's throughout).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 
 from seglab.engine.winograd import pays_for_input, tiles, winograd_dilation
 from seglab.memory import keep_freed_memory
+from seglab.ops.weight_gradient import ConvSettings, tuned_convolution
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters
 
 # (batch, C_in, C_out, map size, dilation): a ResNet's stages at a 512 input (strides 4-32), at
@@ -36,19 +40,19 @@ TRAINING = [(4, 64, 64, 128, 1), (4, 128, 128, 64, 1), (4, 128, 128, 32, 1), (4,
             (128, 64, 64, 14, 1), (128, 128, 128, 14, 1), (32, 128, 128, 28, 1), (128, 256, 256, 14, 1)]
 
 
-def ratio(direct: Callable[[], object], winograd: Callable[[], object], rounds: int) -> tuple[float, float]:
-    """Median direct seconds and median per-round direct / Winograd time."""
-    direct(), winograd()
-    seconds, ratios = [], []
+def interleaved(calls: list[Callable[[], object]], rounds: int) -> tuple[list[float], list[float]]:
+    """Median seconds of each call and the median per-round ratio of the first call's time to
+    each one's."""
+    for call in calls:
+        call()
+    seconds: list[list[float]] = [[] for _ in calls]
     for _ in range(rounds):
-        start = time.perf_counter()
-        direct()
-        middle = time.perf_counter()
-        winograd()
-        end = time.perf_counter()
-        seconds.append(middle - start)
-        ratios.append((middle - start) / (end - middle))
-    return statistics.median(seconds), statistics.median(ratios)
+        for times, call in zip(seconds, calls):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+    ratios = [statistics.median(a / b for a, b in zip(seconds[0], times)) for times in seconds]
+    return [statistics.median(times) for times in seconds], ratios
 
 
 def row(shape: tuple[int, ...], training: bool, rounds: int) -> str:
@@ -57,15 +61,23 @@ def row(shape: tuple[int, ...], training: bool, rounds: int) -> str:
     weight = (torch.randn(out_channels, in_channels, 3, 3) / math.sqrt(9 * in_channels)).contiguous(
         memory_format=torch.channels_last)
     bias = torch.randn(out_channels)
+    eager = "-"
     if training:
         x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
         upstream = torch.randn(batch, out_channels, size, size).contiguous(memory_format=torch.channels_last)
+        settings = ConvSettings((1, 1), (dilation, dilation), (dilation, dilation))
 
-        def direct() -> None:
+        def direct() -> None:  # as the training route runs a convolution Winograd does not take
+            tuned_convolution(x, weight, bias, settings).backward(upstream)
+
+        def eager_direct() -> None:
             F.conv2d(x, weight, bias, padding=dilation, dilation=dilation).backward(upstream)
 
         def winograd() -> None:
             winograd_conv3x3(x, winograd_filters(weight), bias, dilation).backward(upstream)
+
+        (seconds, eager_seconds, _), (_, _, speedup) = interleaved([direct, eager_direct, winograd], rounds)
+        eager = f"{eager_seconds * 1e3:.1f}"
     else:
         filters = winograd_filters(weight)
 
@@ -76,12 +88,13 @@ def row(shape: tuple[int, ...], training: bool, rounds: int) -> str:
         def winograd() -> torch.Tensor:
             with torch.inference_mode():
                 return winograd_conv3x3(x, filters, bias, dilation)
-    seconds, speedup = ratio(direct, winograd, rounds)
+
+        (seconds, _), (_, speedup) = interleaved([direct, winograd], rounds)
     takes = winograd_dilation(weight.shape, 1, dilation, dilation, 1) is not None
     rule = "winograd" if takes and pays_for_input(x.shape, weight.shape, dilation, training) else "direct"
     mode = "train" if training else "infer"
     return (f"| {mode} | {batch} | {in_channels} -> {out_channels} | {size} x {size} | {dilation} | "
-            f"{tiles(x.shape, dilation)} | {seconds * 1e3:.1f} | {speedup:.2f}x | {rule} |")
+            f"{tiles(x.shape, dilation)} | {seconds * 1e3:.1f} | {eager} | {speedup:.2f}x | {rule} |")
 
 
 def main() -> None:
@@ -93,8 +106,8 @@ def main() -> None:
     torch.manual_seed(0)
     keep_freed_memory()  # as seglab's commands run
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.rounds} interleaved rounds\n")
-    print("| mode | batch | channels | map | dilation | tiles | direct (ms) | direct / Winograd | rule picks |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| mode | batch | channels | map | dilation | tiles | direct (ms) | eager backward (ms) | direct / Winograd | rule picks |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for shape in INFERENCE:
         print(row(shape, False, args.rounds), flush=True)
     for shape in TRAINING:

@@ -118,6 +118,9 @@ INFERENCE_ABLATION: dict[str, dict[str, Any]] = {
 TRAINING_ABLATION: dict[str, dict[str, Any]] = {
     "+channels_last": dict(channels_last=True, precision="32", fused=False, winograd=False),
     "+channels_last +winograd": dict(channels_last=True, precision="32", fused=False, winograd=True),
+    # oneDNN's weight gradient is slow on channels-last maps: measured against "+channels_last".
+    "+channels_last +tuned weight gradients": dict(channels_last=True, precision="32", fused=False, winograd=False,
+                                                   tuned_gradients=True),
     "+bf16 autocast": dict(channels_last=False, precision="bf16", fused=False, winograd=False),
     "+fused optimizer": dict(channels_last=False, precision="32", fused=True, winograd=False),
 }
@@ -260,10 +263,11 @@ def _inference_call(model: nn.Module, batch: int, settings: BenchSettings, devic
 
 
 def _training_call(model: nn.Module, settings: BenchSettings, device: torch.device, *, channels_last: bool,
-                   precision: str, fused: bool, winograd: bool) -> Callable[[], None]:
+                   precision: str, fused: bool, winograd: bool, tuned_gradients: bool = False) -> Callable[[], None]:
     """One training step (forward, cross-entropy, backward, AdamW step) on a fixed random batch;
-    with `winograd`, under `training_convolutions` (Winograd's 3x3 convolutions in float32 on
-    the CPU), as seglab's trainer runs."""
+    with `winograd` and `tuned_gradients`, under `training_convolutions` (in float32 on the CPU
+    Winograd's 3x3 convolutions, the other convolutions' weight gradients by the kernel timed
+    fastest), as seglab's trainer runs."""
     model = model.to(device).train()
     if channels_last:
         model = to_channels_last(model)
@@ -276,7 +280,8 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
     target = torch.randint(0, settings.num_classes, (settings.train_batch, settings.size, settings.size),
                            generator=generator).to(device)
 
-    convolutions = training_convolutions(model, device, precision, enabled=winograd)
+    convolutions = training_convolutions(model, device, precision, enabled=winograd or tuned_gradients,
+                                         winograd=winograd, tuned_weight_gradients=tuned_gradients)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -368,7 +373,8 @@ def _training_candidates(arch: Architecture, settings: BenchSettings, device: to
     candidates = [
         _Candidate("seglab", "eager fp32", flops, "32", trainer(build_seglab, channels_last=False, precision="32", fused=False, winograd=False)),
         _Candidate("seglab", f"fast ({precision})", flops, precision,
-                   trainer(build_seglab, channels_last=True, precision=precision, fused=True, winograd=True)),
+                   trainer(build_seglab, channels_last=True, precision=precision, fused=True, winograd=True,
+                           tuned_gradients=True)),
     ]
     if peer_flops is not None:
         candidates.append(_Candidate(arch.peer, "eager fp32", peer_flops, "32",

@@ -1,19 +1,5 @@
-"""When Winograd pays, and the training route through it: against the direct convolution."""
-import contextlib
-
-import torch
-import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
-
-from seglab.engine.precision import cpu_supports_bf16
-from seglab.engine.winograd import (
-    MIN_INFERENCE_PRODUCTS,
-    WinogradConvolutions,
-    pays_for_input,
-    tiles,
-    training_convolutions,
-    winograd_dilation,
-)
+"""When Winograd pays (the training route through it: test_engine_convolutions.py)."""
+from seglab.engine.winograd import MIN_INFERENCE_PRODUCTS, pays_for_input, tiles, winograd_dilation
 
 
 def test_winograd_takes_same_padded_stride_1_3x3_convolutions_up_to_dilation_4():
@@ -55,36 +41,3 @@ def test_maps_that_fill_their_tiles_poorly_pay_only_from_256_channels():
     assert not pays_for_input((200, 128, 7, 7), (128, 128, 3, 3), 1, training=False)
     # Dilated maps are counted per phase: 64 x 64 at dilation 4 is 16 x 16 per phase, whole tiles.
     assert pays_for_input((1, 128, 64, 64), (128, 128, 3, 3), 4, training=False)
-
-
-def test_training_convolutions_run_winograd_forward_and_backward_in_float32():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=2, dilation=2),
-                          nn.Conv2d(128, 32, 3, padding=1))  # the last: too few output channels, direct
-    x = torch.randn(4, 128, 32, 32).contiguous(memory_format=torch.channels_last)  # 256 tiles: enough to pay
-
-    def step(context) -> tuple[torch.Tensor, list[torch.Tensor], int]:
-        model.zero_grad()
-        with FlopCounterMode(display=False) as flops, context:
-            y = model(x)
-            y.square().sum().backward()
-        return y, [p.grad.clone() for p in model.parameters()], flops.get_total_flops()
-
-    assert len(WinogradConvolutions(model).convs) == 2  # the 32-channel one is never taken
-    direct_y, direct_grads, direct_flops = step(contextlib.nullcontext())
-    y, grads, winograd_flops = step(training_convolutions(model, "cpu", "32"))
-    assert isinstance(training_convolutions(model, "cpu", "32"), WinogradConvolutions)
-    assert not any("_conv_forward" in vars(m) for m in model)  # the modules as they were outside
-    torch.testing.assert_close(y, direct_y, atol=1e-4, rtol=1e-4)
-    for grad, expected in zip(grads, direct_grads):
-        torch.testing.assert_close(grad, expected, atol=1e-3, rtol=1e-4)
-    # Forward and gradients of the two Winograd convolutions at about a quarter, the last conv's
-    # (a quarter of the others' products) direct.
-    assert winograd_flops < 0.5 * direct_flops
-    with torch.no_grad(), FlopCounterMode(display=False) as forward:
-        model(x)
-    with torch.autocast("cpu", torch.bfloat16), WinogradConvolutions(model), FlopCounterMode(display=False) as under_autocast:
-        model(x)
-    assert under_autocast.get_total_flops() == forward.get_total_flops()  # all direct
-    if cpu_supports_bf16():
-        assert not isinstance(training_convolutions(model, "cpu", "bf16"), WinogradConvolutions)

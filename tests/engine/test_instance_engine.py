@@ -212,6 +212,7 @@ def test_unknown_or_bad_instance_augment_options_get_one_error_line(tmp_path, ca
 def test_float32_instance_training_runs_its_wide_3x3_convs_by_winograd_unless_direct(tmp_path, monkeypatch):
     import contextlib
 
+    import seglab.engine.convolutions as convolutions
     import seglab.engine.winograd as winograd
     from seglab.engine.config import TrainConfig
     from seglab.engine.instance import INSTANCE_DEFAULTS, InstanceTrainer
@@ -221,21 +222,21 @@ def test_float32_instance_training_runs_its_wide_3x3_convs_by_winograd_unless_di
     direct = InstanceTrainer(TrainConfig.from_dict({**values, "direct_convolutions": True}))
     assert isinstance(direct.convolutions, contextlib.nullcontext)
     trainer = InstanceTrainer(TrainConfig.from_dict(values))
-    routed = {name for name, module in trainer.model.named_modules() if module in trainer.convolutions.convs}
+    routed = {name for name, module in trainer.model.named_modules() if id(module) in trainer.convolutions.winograd_convs}
     # The FPN's output convs, the ProtoNet's 3x3 convs and the prediction head's (the backbone's
     # wide 3x3 convs too).
     assert {"backbone.fpn.layer_blocks.0.0", "protonet.before_upsampling.0", "head.shared.0"} <= routed
     # At 64 x 64 no map is large enough to pay, so force the route to see that a step runs
     # through it, forward and backward, and trains.
     calls = []
-    real = winograd.winograd_conv3x3
+    real = convolutions.winograd_conv3x3
 
     def counted(x, *args):
         calls.append(x.shape[1])
         return real(x, *args)
 
     monkeypatch.setattr(winograd, "pays_for_input", lambda *args, **kwargs: True)
-    monkeypatch.setattr(winograd, "winograd_conv3x3", counted)
+    monkeypatch.setattr(convolutions, "winograd_conv3x3", counted)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     summary = trainer.fit()
     assert calls and min(calls) >= 64

@@ -65,3 +65,17 @@ def test_refuses_other_kernels_and_mismatched_channels():
         winograd_filters(torch.randn(4, 4, 5, 5))
     with pytest.raises(ValueError, match="input channels"):
         winograd_conv3x3(torch.randn(1, 3, 8, 8), winograd_filters(torch.randn(4, 4, 3, 3)))
+
+
+def test_tiles_gradient_adds_the_overlaps_as_unfolds_gradient_does():
+    from seglab.ops.winograd import _InputTiles
+
+    for n, rows, cols, channels in [(2, 3, 5, 4), (1, 1, 1, 3), (3, 4, 2, 1)]:
+        padded = torch.randn(n, 4 * rows + 2, 4 * cols + 2, channels, requires_grad=True)
+        upstream = torch.randn(6, 6, n * rows * cols, channels)
+        tiles = _InputTiles.apply(padded)
+        expected = padded.unfold(1, 6, 4).unfold(2, 6, 4).permute(4, 5, 0, 1, 2, 3).reshape(6, 6, -1, channels)
+        assert torch.equal(tiles, expected)
+        got, = torch.autograd.grad(tiles, padded, upstream)
+        want, = torch.autograd.grad(expected, padded, upstream)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # the same sums, in another order

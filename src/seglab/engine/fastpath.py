@@ -28,7 +28,8 @@ Each step is independent, so the benchmark can measure each on its own:
   new input shape), which only pays off for long runs.
 - Training: channels_last, bf16 autocast (`autocast_context`) over float32 master weights,
   a fused optimizer step (`optimizer_options`), and in float32 on the CPU Winograd's 3x3
-  convolutions forward and backward (`training_convolutions`).
+  convolutions forward and backward where they pay, the other convolutions' weight gradients by
+  the kernel timed fastest (`training_convolutions`).
 
 `precision="32"` keeps float32 arithmetic: folding, fusion, the memory layout and Winograd
 change results only at float32 rounding level (below 1e-4); `winograd=False` keeps the direct
@@ -56,7 +57,8 @@ from seglab.engine.onednn import (
 )
 from seglab.engine.precision import auto_precision, resolve_precision
 from seglab.engine.residual import fuse_residual_additions
-from seglab.engine.winograd import MIN_INFERENCE_CHANNELS, WinogradConvolutions, conv_takes_winograd, training_convolutions
+from seglab.engine.convolutions import TrainingConvolutions, training_convolutions
+from seglab.engine.winograd import MIN_INFERENCE_CHANNELS, conv_takes_winograd
 from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
 from seglab.ops.atrous_gemm import all_taps_product, share_inside
 
@@ -65,7 +67,7 @@ __all__ = [
     "DilatedDepthwiseAsShifts",
     "FusedConv",
     "InferenceModel",
-    "WinogradConvolutions",
+    "TrainingConvolutions",
     "autocast_context",
     "default_precision",
     "fold_conv_bn",

@@ -1,5 +1,6 @@
 """When Winograd's F(4x4, 3x3) (`seglab.ops.winograd`) beats oneDNN's direct float32
-convolution on the CPU, and the training route through it.
+convolution on the CPU: the rule of the fast inference path (`FusedConv`) and of the training
+route (`seglab.engine.convolutions`).
 
 Winograd does a quarter of the multiply-adds, but pays for its transforms a cost per tile and
 channel, and its 36 matrix products are [tiles x C_in] @ [C_in x C_out]: few tiles or few
@@ -29,16 +30,13 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 from collections.abc import Sequence
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from seglab.engine.precision import resolve_precision
-from seglab.ops.winograd import TILE, winograd_conv3x3, winograd_filters
+from seglab.ops.winograd import TILE
 
 __all__ = [
     "MAX_DILATION",
@@ -49,12 +47,10 @@ __all__ = [
     "MIN_TRAINING_PRODUCTS",
     "MIN_TRAINING_TILES",
     "WIDE_CHANNELS",
-    "WinogradConvolutions",
     "call_takes_winograd",
     "conv_takes_winograd",
     "pays_for_input",
     "tiles",
-    "training_convolutions",
     "winograd_dilation",
 ]
 
@@ -111,50 +107,9 @@ def pays_for_input(input_shape: Sequence[int], weight_shape: Sequence[int], dila
     return channels >= MIN_INFERENCE_CHANNELS and products >= MIN_INFERENCE_PRODUCTS
 
 
-class WinogradConvolutions:
-    """A context in which the plain 3x3 convolutions of `model` that Winograd applies to compute
-    float32 CPU calls by F(4x4, 3x3) where the input pays, backward too (autograd through
-    `seglab.ops.winograd`): the training counterpart of the fast inference path's
-    `use_winograd`. Only those modules change, and only inside the context (their
-    `_conv_forward` is routed and restored), so the rest of the model runs as it is, with no
-    per-operator dispatch. Autocast, other dtypes and devices keep the direct convolution."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.convs = [m for m in model.modules() if type(m) is nn.Conv2d and conv_takes_winograd(m, MIN_TRAINING_CHANNELS)]
-
-    def __enter__(self) -> WinogradConvolutions:
-        for conv in self.convs:
-            conv._conv_forward = functools.partial(_winograd_or_direct, conv)
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        for conv in self.convs:
-            del conv._conv_forward  # the class's own again
-
-
 def call_takes_winograd(input: torch.Tensor, weight: torch.Tensor, dilation: int, training: bool) -> bool:
     """Whether this call of a convolution Winograd applies to runs through it: a batched float32
     input on the CPU outside autocast (bf16 has no bits to spare for the transforms), large
     enough to pay. The one check of the inference route (`FusedConv`) and the training one."""
     return (input.device.type == "cpu" and input.dtype == weight.dtype == torch.float32 and input.dim() == 4
             and not torch.is_autocast_enabled("cpu") and pays_for_input(input.shape, weight.shape, dilation, training))
-
-
-def _winograd_or_direct(conv: nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
-                        bias: torch.Tensor | None) -> torch.Tensor:
-    d = conv.dilation[0]
-    training = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
-    if call_takes_winograd(input, weight, d, training):
-        return winograd_conv3x3(input, winograd_filters(weight), bias, d)
-    return nn.Conv2d._conv_forward(conv, input, weight, bias)
-
-
-def training_convolutions(model: nn.Module, device: torch.device | str, precision: str | int,
-                          enabled: bool = True) -> ContextManager:
-    """`WinogradConvolutions(model)` for float32 training on the CPU (when `enabled`; build it
-    once and enter it at each step); elsewhere a context that changes nothing (bf16 autocast has no bits to spare for Winograd's
-    transforms; GPUs have their own algorithms)."""
-    device = torch.device(device)
-    if enabled and device.type == "cpu" and resolve_precision(precision, device).name == "32":
-        return WinogradConvolutions(model)
-    return contextlib.nullcontext()

@@ -88,6 +88,12 @@ class NearestUpsampleConv(nn.Conv2d):
 
         return self._kept.get([weight], build, low_channels)
 
+    @staticmethod
+    def _upsampling_conv(x: torch.Tensor, transposed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The stride-2 transposed convolution that computes the upsampled part (a training
+        route may replace it per instance, as it does `_conv_forward`)."""
+        return F.conv_transpose2d(x, transposed_weight, bias, stride=2, padding=1)
+
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, size: tuple[int, int] | torch.Size | None = None) -> torch.Tensor:
         height, width = x.shape[-2:]
         if skip is not None:
@@ -98,8 +104,9 @@ class NearestUpsampleConv(nn.Conv2d):
             up = F.interpolate(x, size=size, mode="nearest")
             return self._conv_forward(up if skip is None else torch.cat([up, skip], 1), self.weight, self.bias)
         transposed_weight, skip_weight = self._split_weights(x.shape[1])
-        out = conv3x3_of_nearest2x(x, self.weight, self.bias, transposed_weight=transposed_weight)
+        out = self._upsampling_conv(x, transposed_weight, self.bias)
         if skip is not None:
-            # In place: the transposed convolution's backward does not need its output.
-            out = out.add_(F.conv2d(skip, skip_weight, padding=1))
+            # In place: the transposed convolution's backward does not need its output. The skip's
+            # share has this module's settings (3x3, padding 1).
+            out = out.add_(self._conv_forward(skip, skip_weight, None))
         return out

@@ -16,6 +16,8 @@ convolution. So this serves float32, where those bits are spare; bfloat16 has no
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -100,6 +102,42 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
     return out.permute(0, 3, 1, 2)
 
 
+class _InputTiles(torch.autograd.Function):
+    """The overlapping 6 x 6 tiles at a stride of 4 of a padded N x H x W x C map, tile axes
+    first: 6 x 6 x (N rows cols) x C. Its gradient adds each tile's two overlapping rows and
+    columns onto its neighbour's with whole-slice additions; autograd's gradient of `unfold`
+    (a generic scatter) took 4x as long (63 against 15 ms, forward and backward, for 64
+    channels on 128 x 128 at batch 4)."""
+
+    @staticmethod
+    def forward(ctx: Any, padded: torch.Tensor) -> torch.Tensor:
+        n, height, width, channels = padded.shape
+        rows, cols = (height - 2) // TILE, (width - 2) // TILE
+        ctx.dims = (n, rows, cols, channels)
+        tiles = padded.unfold(1, TILE + 2, TILE).unfold(2, TILE + 2, TILE).permute(4, 5, 0, 1, 2, 3)
+        return tiles.reshape(TILE + 2, TILE + 2, n * rows * cols, channels)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        n, rows, cols, channels = ctx.dims
+        overlap = slice(TILE, TILE + 2)
+        # Columns: tile column j of tile c lands on map column TILE c + j; j = 4, 5 are the next
+        # tile's 0, 1. Blocks of TILE columns, one more than the tiles for the last overlap.
+        per_row = grad.reshape(TILE + 2, TILE + 2, n, rows, cols, channels).permute(0, 2, 3, 4, 1, 5)
+        blocks = grad.new_empty(TILE + 2, n, rows, cols + 1, TILE, channels)
+        blocks[:, :, :, :cols] = per_row[..., :TILE, :]
+        blocks[:, :, :, cols, :2] = 0
+        blocks[:, :, :, 1:, :2] += per_row[..., overlap, :]
+        width = TILE * cols + 2
+        by_row = blocks.view(TILE + 2, n, rows, TILE * (cols + 1), channels)[:, :, :, :width].permute(1, 2, 0, 3, 4)
+        # Rows likewise.
+        out = grad.new_empty(n, rows + 1, TILE, width, channels)
+        out[:, :rows] = by_row[:, :, :TILE]
+        out[:, rows, :2] = 0
+        out[:, 1:, :2] += by_row[:, :, overlap]
+        return out.view(n, TILE * (rows + 1), width, channels)[:, :TILE * rows + 2]
+
+
 def _undilated(nhwc: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     """The undilated 3x3 convolution, zero padding 1, of the channels-last map `nhwc`
     (N x H x W x C_in): N x H x W x C_out, not necessarily contiguous."""
@@ -108,10 +146,8 @@ def _undilated(nhwc: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     rows, cols = -(-height // TILE), -(-width // TILE)
     # Zero-pad to whole tiles plus the filter's border.
     padded = F.pad(nhwc, (0, 0, 1, cols * TILE + 1 - width, 1, rows * TILE + 1 - height))
-    # Overlapping 6 x 6 tiles at a stride of 4: N x rows x cols x C x 6 x 6, tile axes moved first.
-    tiles = padded.unfold(1, TILE + 2, TILE).unfold(2, TILE + 2, TILE).permute(4, 5, 0, 1, 2, 3)
     count = n * rows * cols
-    inputs = _transform(_B_T.to(nhwc), tiles.reshape(TILE + 2, TILE + 2, count, in_channels))
+    inputs = _transform(_B_T.to(nhwc), _InputTiles.apply(padded))
     products = torch.bmm(inputs.view(36, count, in_channels), filters)
     outputs = _transform(_A_T.to(nhwc), products.view(TILE + 2, TILE + 2, count, out_channels))
     # TILE x TILE x N x rows x cols x C_out -> N x (rows, TILE) x (cols, TILE) x C_out

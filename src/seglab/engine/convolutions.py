@@ -1,0 +1,98 @@
+"""The training route of a model's float32 convolutions on the CPU.
+
+Two rewrites, each exact up to float32 rounding, chosen per call:
+
+- Winograd's F(4x4, 3x3) (`seglab.ops.winograd`) for the 3x3 convolutions where it pays
+  (`seglab.engine.winograd`): a quarter of the multiply-adds, forward and backward.
+- Elsewhere oneDNN's forward and input gradient, with the weight gradient by the kernel timed
+  fastest for the shape (`seglab.ops.weight_gradient`): oneDNN's own float32 weight gradient on
+  channels-last maps is the slowest part of a training step on processors without bf16.
+
+`TrainingConvolutions(model)` is a context: inside it the model's convolution modules route
+their calls (the module's `_conv_forward`, and a U-Net decoder's `_upsampling_conv`, are
+replaced per instance and restored on exit), so the rest of the model runs as it is, with no
+per-operator dispatch. Autocast, other dtypes, other devices and calls without gradients keep
+the plain convolution; so does `--direct-convolutions` (no context at all).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, ContextManager
+
+import torch
+import torch.nn as nn
+
+from seglab.engine.precision import resolve_precision
+from seglab.engine.winograd import MIN_TRAINING_CHANNELS, call_takes_winograd, conv_takes_winograd
+from seglab.ops.nearest_conv import NearestUpsampleConv
+from seglab.ops.weight_gradient import ConvSettings, takes_tuned_weight_gradient, tuned_convolution
+from seglab.ops.winograd import winograd_conv3x3, winograd_filters
+
+__all__ = ["TrainingConvolutions", "training_convolutions"]
+
+_UPSAMPLING = ConvSettings(stride=(2, 2), padding=(1, 1), dilation=(1, 1), transposed=True)
+
+
+def _routable(module: nn.Module) -> bool:
+    """A Conv2d computed by the base class's `_conv_forward` with numeric zero padding."""
+    return (isinstance(module, nn.Conv2d) and type(module)._conv_forward is nn.Conv2d._conv_forward
+            and module.padding_mode == "zeros" and isinstance(module.padding, tuple))
+
+
+def _trains(input: torch.Tensor, weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
+
+
+class TrainingConvolutions:
+    """A context in which `model`'s convolutions take the training route above: `winograd` for
+    the 3x3 convolutions where it pays, `tuned_weight_gradients` for the rest."""
+
+    def __init__(self, model: nn.Module, *, winograd: bool = True, tuned_weight_gradients: bool = True) -> None:
+        self.winograd, self.tuned_weight_gradients = winograd, tuned_weight_gradients
+        self.convs = [m for m in model.modules() if _routable(m)]
+        self.winograd_convs = {id(m) for m in self.convs if winograd and conv_takes_winograd(m, MIN_TRAINING_CHANNELS)}
+        self.upsampling_convs = [m for m in model.modules() if isinstance(m, NearestUpsampleConv)] \
+            if tuned_weight_gradients else []
+
+    def __enter__(self) -> TrainingConvolutions:
+        for conv in self.convs:
+            conv._conv_forward = functools.partial(self._conv_forward, conv)
+        for conv in self.upsampling_convs:
+            conv._upsampling_conv = self._upsampling_conv
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for conv in self.convs:
+            del conv._conv_forward  # the class's own again
+        for conv in self.upsampling_convs:
+            del conv._upsampling_conv
+
+    def _conv_forward(self, conv: nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+        training = _trains(input, weight)
+        if id(conv) in self.winograd_convs and call_takes_winograd(input, weight, conv.dilation[0], training):
+            return winograd_conv3x3(input, winograd_filters(weight), bias, conv.dilation[0])
+        if self.tuned_weight_gradients and training and takes_tuned_weight_gradient(input, weight, conv.groups):
+            settings = ConvSettings(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), groups=conv.groups)
+            return tuned_convolution(input, weight, bias, settings)
+        return nn.Conv2d._conv_forward(conv, input, weight, bias)
+
+    def _upsampling_conv(self, x: torch.Tensor, transposed_weight: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+        if _trains(x, transposed_weight) and takes_tuned_weight_gradient(x, transposed_weight, 1):
+            return tuned_convolution(x, transposed_weight, bias, _UPSAMPLING)
+        return NearestUpsampleConv._upsampling_conv(x, transposed_weight, bias)
+
+
+def training_convolutions(model: nn.Module, device: torch.device | str, precision: str | int,
+                          enabled: bool = True, *, winograd: bool = True,
+                          tuned_weight_gradients: bool = True) -> ContextManager:
+    """`TrainingConvolutions(model)` for float32 training on the CPU (when `enabled`; build it
+    once and enter it at each step); elsewhere a context that changes nothing (bf16 autocast
+    has no bits to spare for Winograd's transforms, and its convolutions were not measured
+    here; GPUs have their own algorithms)."""
+    device = torch.device(device)
+    if enabled and device.type == "cpu" and resolve_precision(precision, device).name == "32":
+        return TrainingConvolutions(model, winograd=winograd, tuned_weight_gradients=tuned_weight_gradients)
+    return contextlib.nullcontext()

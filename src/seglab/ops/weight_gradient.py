@@ -1,0 +1,208 @@
+"""A convolution whose weight gradient runs by the fastest of three CPU kernels, chosen by
+timing the first call of each shape (as cuDNN's benchmark mode chooses its algorithms).
+
+A convolution's backward computes two gradients. oneDNN's float32 gradient of the weight on a
+channels-last input runs far below its forward: on an AVX2 EPYC (Zen 3, 2 threads) 29-33
+GFLOP/s for 3x3 convolutions of 16-64 channels, against 94-151 for the forward and 53-69 for the
+same gradient on NCHW input (docs/bench.md). The same gradient three ways:
+
+- `"onednn"`: as eager PyTorch computes it, together with the input's gradient in one call;
+- `"channels_first"`: the input and the output's gradient copied to NCHW, then oneDNN; the
+  copies cost a pass over two maps;
+- `"im2col"`: PyTorch's own kernel (oneDNN off for the call): per image, the input's patches
+  as columns, then one BLAS product with the output's gradient.
+
+Which is fastest depends on the channels, the map and the processor. Backward of a UNet-R34
+decoder convolution, 64 -> 32 channels on 256 x 256 at batch 4: 500 ms by oneDNN, 299 ms
+through NCHW, 274 ms by im2col; 32 -> 16 on 512 x 512: 357, 373 and 1028 ms. So the first
+backward of each shape (channels, kernel, settings, and the batch's pixels to a power of two)
+times each kernel in interleaved rounds and keeps the fastest for the process; small
+gradients, where the timing costs more than any kernel could save, keep oneDNN's. The input's
+gradient is oneDNN's in every case.
+
+The kernels sum in different orders, so the weight gradient differs from eager PyTorch's at
+float32 rounding level, and a choice made by timing can differ between runs.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+__all__ = [
+    "METHODS",
+    "MIN_TUNED_FLOPS",
+    "ConvSettings",
+    "chosen_methods",
+    "clear_choices",
+    "takes_tuned_weight_gradient",
+    "tuned_convolution",
+    "weight_gradient",
+    "weight_gradient_by",
+]
+
+METHODS = ("onednn", "channels_first", "im2col")
+MIN_TUNED_FLOPS = 50_000_000  # a weight gradient below this keeps oneDNN's kernel, untimed
+_TIMED_ROUNDS = 2  # after one untimed call of each kernel (allocations, caches)
+
+
+@dataclass(frozen=True)
+class ConvSettings:
+    """A convolution's settings, as `torch.ops.aten.convolution` takes them."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    transposed: bool = False
+    output_padding: tuple[int, int] = (0, 0)
+    groups: int = 1
+
+    def arguments(self) -> tuple[Any, ...]:
+        return (list(self.stride), list(self.padding), list(self.dilation), self.transposed,
+                list(self.output_padding), self.groups)
+
+
+@dataclass
+class _Choice:
+    method: str
+    seconds: dict[str, float]  # the fastest timed call of each kernel; empty when untimed
+
+
+_choices: dict[tuple[Any, ...], _Choice] = {}
+
+
+def chosen_methods() -> dict[tuple[Any, ...], tuple[str, dict[str, float]]]:
+    """Every shape's choice so far: key -> (method, seconds per kernel as timed)."""
+    return {key: (choice.method, dict(choice.seconds)) for key, choice in _choices.items()}
+
+
+def clear_choices() -> None:
+    """Forget the choices (the next backward of each shape times the kernels again)."""
+    _choices.clear()
+
+
+def _key(input: torch.Tensor, weight: torch.Tensor, settings: ConvSettings) -> tuple[Any, ...]:
+    n, channels, height, width = input.shape
+    pixel_scale = (n * height * width).bit_length()  # shapes within 2x of each other share a choice
+    layout = input.is_contiguous(memory_format=torch.channels_last)
+    return (channels, tuple(weight.shape), settings, pixel_scale, layout, input.dtype, torch.get_num_threads())
+
+
+def weight_gradient_by(method: str, grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                       settings: ConvSettings) -> torch.Tensor:
+    """The convolution's weight gradient by one of `METHODS`."""
+    mask = [False, True, False]
+    if method == "channels_first":
+        grad_output, input, weight = grad_output.contiguous(), input.contiguous(), weight.contiguous()
+    if method == "im2col":
+        enabled = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False  # (its `flags()` context also resets TF32, with a warning)
+        try:
+            return torch.ops.aten.convolution_backward(grad_output, input, weight, None, *settings.arguments(), mask)[1]
+        finally:
+            torch.backends.mkldnn.enabled = enabled
+    return torch.ops.aten.convolution_backward(grad_output, input, weight, None, *settings.arguments(), mask)[1]
+
+
+def _weight_gradient_flops(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                           settings: ConvSettings) -> int:
+    # One multiply-add per weight element and per pixel of the map on the convolution's output side.
+    map_pixels = input[:, 0].numel() if settings.transposed else grad_output[:, 0].numel()
+    return 2 * weight.numel() * map_pixels
+
+
+def _timed(call: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    result = call()
+    return time.perf_counter() - start, result
+
+
+def _tune(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+          settings: ConvSettings) -> tuple[_Choice, torch.Tensor]:
+    """Time every kernel in interleaved rounds; the fastest one's choice and its gradient."""
+    calls = {method: (lambda method=method: weight_gradient_by(method, grad_output, input, weight, settings))
+             for method in METHODS}
+    seconds: dict[str, float] = {}
+    results: dict[str, torch.Tensor] = {}
+    for method, call in list(calls.items()):
+        try:
+            call()
+        except RuntimeError:  # a kernel that does not take these settings drops out
+            del calls[method]
+    for _ in range(_TIMED_ROUNDS):
+        for method, call in calls.items():
+            elapsed, results[method] = _timed(call)
+            seconds[method] = min(elapsed, seconds.get(method, math.inf))
+    fastest = min(seconds, key=seconds.__getitem__)
+    return _Choice(fastest, seconds), results[fastest]
+
+
+def weight_gradient(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                    settings: ConvSettings) -> torch.Tensor:
+    """The convolution's weight gradient by the kernel chosen for this shape (timed at its first
+    call), in the weight's memory layout."""
+    key = _key(input, weight, settings)
+    choice = _choices.get(key)
+    if choice is None:
+        if _weight_gradient_flops(grad_output, input, weight, settings) < MIN_TUNED_FLOPS:
+            choice, result = _Choice("onednn", {}), None
+        else:
+            choice, result = _tune(grad_output, input, weight, settings)
+        _choices[key] = choice
+        if result is not None:
+            return result.contiguous(memory_format=_memory_format(weight))
+    result = weight_gradient_by(choice.method, grad_output, input, weight, settings)
+    return result.contiguous(memory_format=_memory_format(weight))
+
+
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if tensor.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+class _TunedConvolution(torch.autograd.Function):
+    """oneDNN's forward and input gradient; the weight gradient by `weight_gradient`."""
+
+    @staticmethod
+    def forward(ctx: Any, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                settings: ConvSettings) -> torch.Tensor:
+        ctx.save_for_backward(input, weight)
+        ctx.settings, ctx.has_bias = settings, bias is not None
+        return torch.ops.aten.convolution(input, weight, bias, *settings.arguments())
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        input, weight = ctx.saved_tensors
+        settings = ctx.settings
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        choice = _choices.get(_key(input, weight, settings))
+        # oneDNN computes both gradients in one call where its weight gradient is the choice.
+        joint = needs_weight and choice is not None and choice.method == "onednn"
+        grad_input = grad_weight = None
+        if needs_input or joint:
+            grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad_output, input, weight, None, *settings.arguments(), [needs_input, joint, False])
+        if needs_weight and not joint:
+            grad_weight = weight_gradient(grad_output, input, weight, settings)
+        # The bias's gradient as a sum: asked of oneDNN, it runs its weight-gradient kernel
+        # (input + bias gradient: 199 ms against 35 without the bias, 64 channels on 128 x 128).
+        grad_bias = grad_output.sum((0, 2, 3)) if ctx.has_bias and needs_bias else None
+        return grad_input, grad_weight, grad_bias, None
+
+
+def takes_tuned_weight_gradient(input: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    """Whether a convolution call is one the tuning is for: a batched float32 input on the CPU
+    outside autocast, a dense (ungrouped) kernel. Grouped and depthwise convolutions, bf16 and
+    other devices were not measured and keep their kernels."""
+    return (input.device.type == "cpu" and input.dtype == weight.dtype == torch.float32 and input.dim() == 4
+            and groups == 1 and not torch.is_autocast_enabled("cpu"))
+
+
+def tuned_convolution(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      settings: ConvSettings) -> torch.Tensor:
+    """`torch.ops.aten.convolution(input, weight, bias, ...settings)` (a 2-D convolution, or a
+    transposed one), differentiable, whose weight gradient runs by the kernel timed fastest for
+    its shape (`weight_gradient`)."""
+    return _TunedConvolution.apply(input, weight, bias, settings)

@@ -1,0 +1,102 @@
+"""The training route of float32 CPU convolutions: Winograd where it pays, elsewhere the weight
+gradient by the kernel timed fastest; against eager PyTorch."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import seglab.engine.convolutions as convolutions
+from seglab.engine.convolutions import TrainingConvolutions, training_convolutions
+from seglab.engine.precision import cpu_supports_bf16
+from seglab.models import create_model
+from seglab.ops.nearest_conv import NearestUpsampleConv
+from seglab.ops.weight_gradient import clear_choices
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices():
+    clear_choices()
+    yield
+    clear_choices()
+
+
+def _step(model: nn.Module, x: torch.Tensor, context) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    model.zero_grad()
+    with FlopCounterMode(display=False) as flops, context:
+        y = model(x)
+        y.square().sum().backward()
+    return y, [p.grad.clone() for p in model.parameters()], flops.get_total_flops()
+
+
+def test_training_convolutions_run_winograd_forward_and_backward_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=2, dilation=2),
+                          nn.Conv2d(128, 32, 3, padding=1))  # the last: too few output channels, direct
+    x = torch.randn(4, 128, 32, 32).contiguous(memory_format=torch.channels_last)  # 256 tiles: enough to pay
+
+    route = training_convolutions(model, "cpu", "32", tuned_weight_gradients=False)
+    assert isinstance(route, TrainingConvolutions) and len(route.convs) == 3 and len(route.winograd_convs) == 2
+    direct_y, direct_grads, direct_flops = _step(model, x, contextlib.nullcontext())
+    y, grads, winograd_flops = _step(model, x, route)
+    assert not any("_conv_forward" in vars(m) for m in model)  # the modules as they were outside
+    torch.testing.assert_close(y, direct_y, atol=1e-4, rtol=1e-4)
+    for grad, expected in zip(grads, direct_grads):
+        torch.testing.assert_close(grad, expected, atol=1e-3, rtol=1e-4)
+    # Forward and gradients of the two Winograd convolutions at about a quarter, the last conv's
+    # (a quarter of the others' products) direct.
+    assert winograd_flops < 0.5 * direct_flops
+    with torch.no_grad(), FlopCounterMode(display=False) as forward:
+        model(x)
+    with torch.autocast("cpu", torch.bfloat16), route, FlopCounterMode(display=False) as under_autocast:
+        model(x)
+    assert under_autocast.get_total_flops() == forward.get_total_flops()  # all direct
+    if cpu_supports_bf16():
+        assert not isinstance(training_convolutions(model, "cpu", "bf16"), TrainingConvolutions)
+    assert isinstance(training_convolutions(model, "cpu", "32", enabled=False), contextlib.nullcontext)
+
+
+def test_the_other_convolutions_train_with_their_weight_gradient_by_the_tuned_kernel(monkeypatch):
+    torch.manual_seed(0)
+    # A U-Net decoder: its first convolution of each step a NearestUpsampleConv (a transposed 4x4
+    # convolution for the upsampled part, a 3x3 one for the skip); a ResNet-18 with its strided
+    # convolutions, 1x1 shortcuts and stem. At 64 x 64 no convolution takes Winograd.
+    model = create_model("unet", num_classes=3, encoder="resnet18").train().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    calls = []
+    real = convolutions.tuned_convolution
+
+    def recorded(input, weight, bias, settings):
+        calls.append(settings)
+        return real(input, weight, bias, settings)
+
+    monkeypatch.setattr(convolutions, "tuned_convolution", recorded)
+    route = training_convolutions(model, "cpu", "32")
+    upsampling = [m for m in model.modules() if isinstance(m, NearestUpsampleConv)]
+    assert upsampling and all(m in route.upsampling_convs for m in upsampling)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(route.convs) == len(convs)  # every Conv2d of this model computes by `_conv_forward`
+
+    expected_y, expected_grads, _ = _step(model, x, contextlib.nullcontext())
+    assert calls == []
+    y, grads, _ = _step(model, x, route)
+    torch.testing.assert_close(y, expected_y, atol=0, rtol=0)  # the same forward kernels
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, atol=1e-4, rtol=1e-4)
+    assert sum(s.transposed for s in calls) == len(upsampling)
+    assert {s.stride for s in calls} == {(1, 1), (2, 2)}
+    # One call per convolution: the plain ones, each upsampling step's transposed part and its
+    # skip's share (the last step, to the full resolution, has no skip).
+    plain = len(convs) - len(upsampling)
+    assert len(calls) == plain + len(upsampling) + len(upsampling) - 1
+    assert not any({"_conv_forward", "_upsampling_conv"} & set(vars(m)) for m in model.modules())
+
+    # Without gradients, under autocast, or when asked not to: the plain convolutions.
+    calls.clear()
+    with torch.no_grad(), route:
+        model(x)
+    with torch.autocast("cpu", torch.bfloat16), route:
+        model(x).float().sum().backward()
+    _step(model, x, training_convolutions(model, "cpu", "32", tuned_weight_gradients=False))
+    assert calls == []
