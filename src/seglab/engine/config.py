@@ -48,7 +48,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto (bf16 where native), 32, bf16 (CPU with native support, or CUDA) or 16 (CUDA, with loss scaling)
-    direct_convolutions: bool = False  # float32 on the CPU: no Winograd 3x3 convolutions (rounding-level differences)
+    direct_convolutions: bool = False  # float32 on the CPU: eager convolutions, no Winograd, no tuned weight gradients
     accumulate: int = 1  # gradient accumulation: optimiser step every N batches
     clip_grad_norm: float | None = None  # clip the global gradient norm to this value
     ema_decay: float | None = None  # evaluate and save an exponential moving average of the weights
