@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from seglab.engine.precision import resolve_precision
 from seglab.engine.winograd import MIN_TRAINING_CHANNELS, call_takes_winograd, conv_takes_winograd
+from seglab.ops.atrous_depthwise import trains
 from seglab.ops.nearest_conv import NearestUpsampleConv
 from seglab.ops.weight_gradient import ConvSettings, takes_tuned_weight_gradient, tuned_convolution
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters
@@ -40,16 +41,12 @@ def _routable(module: nn.Module) -> bool:
             and module.padding_mode == "zeros" and isinstance(module.padding, tuple))
 
 
-def _trains(input: torch.Tensor, weight: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
-
-
 class TrainingConvolutions:
     """A context in which `model`'s convolutions take the training route above: `winograd` for
     the 3x3 convolutions where it pays, `tuned_weight_gradients` for the rest."""
 
     def __init__(self, model: nn.Module, *, winograd: bool = True, tuned_weight_gradients: bool = True) -> None:
-        self.winograd, self.tuned_weight_gradients = winograd, tuned_weight_gradients
+        self.tuned_weight_gradients = tuned_weight_gradients
         self.convs = [m for m in model.modules() if _routable(m)]
         self.winograd_convs = {id(m) for m in self.convs if winograd and conv_takes_winograd(m, MIN_TRAINING_CHANNELS)}
         self.upsampling_convs = [m for m in model.modules() if isinstance(m, NearestUpsampleConv)] \
@@ -59,7 +56,7 @@ class TrainingConvolutions:
         for conv in self.convs:
             conv._conv_forward = functools.partial(self._conv_forward, conv)
         for conv in self.upsampling_convs:
-            conv._upsampling_conv = self._upsampling_conv
+            conv._upsampling_conv = functools.partial(self._upsampling_conv, conv)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -70,7 +67,7 @@ class TrainingConvolutions:
 
     def _conv_forward(self, conv: nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
-        training = _trains(input, weight)
+        training = trains(conv, input)
         if id(conv) in self.winograd_convs and call_takes_winograd(input, weight, conv.dilation[0], training):
             return winograd_conv3x3(input, winograd_filters(weight), bias, conv.dilation[0])
         if self.tuned_weight_gradients and training and takes_tuned_weight_gradient(input, weight, conv.groups):
@@ -78,9 +75,9 @@ class TrainingConvolutions:
             return tuned_convolution(input, weight, bias, settings)
         return nn.Conv2d._conv_forward(conv, input, weight, bias)
 
-    def _upsampling_conv(self, x: torch.Tensor, transposed_weight: torch.Tensor,
+    def _upsampling_conv(self, conv: NearestUpsampleConv, x: torch.Tensor, transposed_weight: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor:
-        if _trains(x, transposed_weight) and takes_tuned_weight_gradient(x, transposed_weight, 1):
+        if trains(conv, x) and takes_tuned_weight_gradient(x, transposed_weight, 1):
             return tuned_convolution(x, transposed_weight, bias, _UPSAMPLING)
         return NearestUpsampleConv._upsampling_conv(x, transposed_weight, bias)
 
