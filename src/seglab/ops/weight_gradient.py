@@ -32,6 +32,8 @@ from typing import Any, Callable
 
 import torch
 
+from seglab.ops.layout import in_layout_of
+
 __all__ = [
     "METHODS",
     "MIN_TUNED_FLOPS",
@@ -152,20 +154,12 @@ def weight_gradient(grad_output: torch.Tensor, input: torch.Tensor, weight: torc
     call), in the weight's memory layout."""
     key = _key(input, weight, settings)
     choice = _choices.get(key)
+    if choice is None and _weight_gradient_flops(grad_output, input, weight, settings) >= MIN_TUNED_FLOPS:
+        _choices[key], result = _tune(grad_output, input, weight, settings)
+        return in_layout_of(result, weight)
     if choice is None:
-        if _weight_gradient_flops(grad_output, input, weight, settings) < MIN_TUNED_FLOPS:
-            choice, result = _Choice("onednn", {}), None
-        else:
-            choice, result = _tune(grad_output, input, weight, settings)
-        _choices[key] = choice
-        if result is not None:
-            return result.contiguous(memory_format=_memory_format(weight))
-    result = weight_gradient_by(choice.method, grad_output, input, weight, settings)
-    return result.contiguous(memory_format=_memory_format(weight))
-
-
-def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if tensor.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        choice = _choices[key] = _Choice("onednn", {})
+    return in_layout_of(weight_gradient_by(choice.method, grad_output, input, weight, settings), weight)
 
 
 class _TunedConvolution(torch.autograd.Function):
