@@ -9,28 +9,57 @@ import torch.nn.functional as F
 
 from gradient_checks import assert_values_and_gradients_equal, gradients
 
-from seglab.ops.atrous_gemm import AtrousConv2d, shifted_gemm_conv
+from seglab.ops.atrous_gemm import AtrousConv2d, shifted_gemm_conv, windowed_gemm_conv
 
 
+LAYOUTS = [shifted_gemm_conv, windowed_gemm_conv]
+
+
+@pytest.mark.parametrize("conv", LAYOUTS)
 @pytest.mark.parametrize("dilation", [(1, 1), (6, 6), (2, 5), (30, 30)])  # 30: only the centre tap inside
 @pytest.mark.parametrize("bias", [False, True])
-def test_values_and_gradients_equal_the_convolution(dilation, bias):
+def test_values_and_gradients_equal_the_convolution(conv, dilation, bias):
     torch.manual_seed(0)
     x = torch.randn(2, 6, 9, 13, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
     weight = torch.randn(4, 6, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True) if bias else None
-    ours = shifted_gemm_conv(x, weight, b, dilation)
+    ours = conv(x, weight, b, dilation)
     expected = F.conv2d(x, weight, b, padding=dilation, dilation=dilation)
     assert ours.is_contiguous(memory_format=torch.channels_last)
     assert_values_and_gradients_equal(ours, expected, [x, weight] + ([b] if bias else []))
 
 
-def test_five_by_five_kernel():
+@pytest.mark.parametrize("conv", LAYOUTS)
+def test_five_by_five_kernel(conv):
     torch.manual_seed(0)
     x = torch.randn(1, 3, 11, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     expected = F.conv2d(x, weight, padding=(4, 6), dilation=(2, 3))
-    torch.testing.assert_close(shifted_gemm_conv(x, weight, None, (2, 3)), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(conv(x, weight, None, (2, 3)), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("wanted", ["input", "weight"])
+def test_windows_compute_only_the_gradients_asked_for(wanted):
+    """A first layer's input needs no gradient, a frozen layer's weight none: each alone is right."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 10, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(4, 5, 3, 3, dtype=torch.float64)
+    leaf = (x if wanted == "input" else weight).requires_grad_()
+    upstream = torch.randn(3, 4, 10, 7, dtype=torch.float64)
+    ours = torch.autograd.grad(windowed_gemm_conv(x, weight, None, (4, 3)), leaf, upstream)[0]
+    expected = torch.autograd.grad(F.conv2d(x, weight, padding=(4, 3), dilation=(4, 3)), leaf, upstream)[0]
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+
+
+def test_windows_take_a_gradient_in_any_layout():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(3, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 3, 9, 9, dtype=torch.float64)  # NCHW, as a plain loss's gradient may be
+    ours = torch.autograd.grad(windowed_gemm_conv(x, weight, None, (6, 6)), [x, weight], upstream)
+    expected = torch.autograd.grad(F.conv2d(x, weight, padding=6, dilation=6), [x, weight], upstream)
+    for a, e in zip(ours, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
 
 
 def test_bf16_under_autocast_matches_the_autocast_convolution():
@@ -54,7 +83,9 @@ def test_module_is_a_conv2d_and_takes_the_products_only_to_train():
     plain = nn.Conv2d(8, 4, 3, padding=6, dilation=6)
     assert conv.padding == (6, 6) and list(conv.state_dict()) == list(plain.state_dict())
     x = torch.randn(1, 8, 16, 16).contiguous(memory_format=torch.channels_last)
-    assert conv(x).grad_fn.name().startswith("_ShiftedGemmConv")
+    assert conv(x).grad_fn.name().startswith("_WindowedGemmConv")  # float32, share 0.56: per-tap windows
+    wide = torch.randn(1, 8, 64, 64).contiguous(memory_format=torch.channels_last)
+    assert conv(wide).grad_fn.name().startswith("_ShiftedGemmConv")  # share 0.88: one product for all taps
     assert conv(x.contiguous()).grad_fn.name().startswith("Convolution")  # NCHW: the plain kernel
     assert AtrousConv2d(8, 4, 3, dilation=2)(x).grad_fn.name().startswith("Convolution")  # small dilation
     with torch.no_grad():

@@ -1,32 +1,48 @@
-"""A dense atrous convolution with a large dilation as one matrix product for all taps (CPU training).
+"""A dense atrous convolution with a large dilation as matrix products (CPU training).
 
 DeepLab v3's ASPP at output stride 8 runs 3x3 convolutions 2048 -> 256 at dilations 12, 24 and
 36 on a 64 x 64 map (a 512 input). oneDNN has fast kernels for small dilations only: in a bf16
 training step of DeepLabV3-R50 (batch 1, 2 threads of a Xeon with AMX) the three took 1.9 s
 forward and 1.2 s backward, about 60 GFLOP/s, over half the 5.9 s step. A stride-1, "same"-padded
-dilated convolution is a sum over its taps: out[y, x] += W_tap . in[y + dy, x + dx], and on the
-channels-last layout all taps together are one (pixels x C_in) @ (C_in x taps C_out) matrix
-product, whose tap columns are then added at the taps' shifts; the backward, likewise, one
-product for the input's gradient and one for the weight's (`_ShiftedGemmConv`).
+dilated convolution is a sum over its taps, out[y, x] += W_tap . in[y + dy, x + dx], and on the
+channels-last layout each tap is a (pixels x C_in) @ (C_in x C_out) matrix product added at the
+tap's shift; the backward likewise, one product per tap for the input's gradient and one for
+the weight's. Two layouts of those products, each equal to F.conv2d up to summation order
+(tested, values and gradients):
+
+- float32 (and float64), where at most `WINDOWS_UP_TO_SHARE` of the products land inside: per-tap
+  windows (`_WindowedGemmConv`). Each tap multiplies only the
+  pixels whose products land inside the map: at dilation 36 on 64 x 64 a corner tap reads
+  28 x 28 pixels, and the nine taps 0.39 of what the padded convolution multiplies (0.56 at 24,
+  0.77 at 12, `share_inside`). The taps of one kernel column read the same input columns, so
+  each column's window is copied once and its row windows are contiguous blocks of the copy.
+  Above that share the copies cost more than the products they skip.
+- elsewhere, and under bf16 / fp16 autocast: one product of all pixels with all taps stacked,
+  (pixels x C_in) @ (C_in x taps C_out), whose tap columns are added at the shifts in float32
+  (`_ShiftedGemmConv`): windows would need a float32 sum after each tap's half-precision
+  product, and the single product is the layout measured to pay there (AMX Xeon).
+
 `seglab.engine.fastpath.DilatedConvAsGemm` does the forward for inference (per tap, over only
 the in-map windows); this module trains.
-
-Products run in the input's dtype (autocast's when autocast is on, as a convolution would);
-sums are float32. Equal to F.conv2d up to summation order (tested, values and gradients).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
 from seglab.ops.atrous_depthwise import accumulator_dtype, shifted_route, taps_inside, trains
 
-__all__ = ["AtrousConv2d", "all_taps_product", "share_inside", "shifted_gemm_conv"]
+__all__ = ["AtrousConv2d", "all_taps_product", "share_inside", "shifted_gemm_conv", "windowed_gemm_conv"]
 
 # From this dilation on the matrix products replace oneDNN's kernel (docs/bench.md: faster from 6).
 MIN_DILATION = 6
+# float32 forward + backward, 2048 -> 256 on 64 x 64, batch 2, median of 3 interleaved rounds,
+# 2 cores of a Zen 3 EPYC (AVX2), oneDNN / all taps / windows: dilation 6 (share 0.88) 2.72 /
+# 1.84 / 2.02 s, 12 (0.77) 2.30 / 1.87 / 1.66 s, 24 (0.56) 1.97 / 1.73 / 1.25 s, 36 (0.39)
+# 1.66 / 1.83 / 0.90 s (docs/bench.md).
+WINDOWS_UP_TO_SHARE = 0.8
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -73,6 +89,96 @@ class _ShiftedGemmConv(torch.autograd.Function):
         return grad_pixels.to(x.dtype).permute(0, 3, 1, 2), grad_weight, grad_bias, None
 
 
+def _column_groups(height: int, width: int, kernel_size: tuple[int, int],
+                   dilation: tuple[int, int]) -> list[tuple[slice, slice, list[tuple[int, slice, slice]]]]:
+    """`taps_inside` grouped by kernel column: (input columns, output columns, [(tap, input rows,
+    output rows)]); the taps of one column read and write the same columns."""
+    groups: dict[tuple[int, ...], tuple[slice, slice, list[tuple[int, slice, slice]]]] = {}
+    for tap, (rows, cols), (out_rows, out_cols) in taps_inside(height, width, kernel_size, dilation):
+        key = (cols.start, cols.stop, out_cols.start, out_cols.stop)
+        groups.setdefault(key, (cols, out_cols, []))[2].append((tap, rows, out_rows))
+    return list(groups.values())
+
+
+def _columns(maps: torch.Tensor, cols: slice) -> torch.Tensor:
+    """maps[:, :, cols] of an N x H x W x C tensor, contiguous (maps itself for all columns)."""
+    return maps if cols.stop - cols.start == maps.shape[2] else maps[:, :, cols].contiguous()
+
+
+def _row_blocks(maps: torch.Tensor, rows: slice) -> Iterator[torch.Tensor]:
+    """maps[:, rows] of a contiguous N x H x W x C tensor as (pixels x C) matrices that share its
+    memory: one for the batch when the rows span the height, else one per image."""
+    if rows.stop - rows.start == maps.shape[1]:
+        yield maps.view(-1, maps.shape[-1])
+    else:
+        for image in maps:
+            yield image[rows].view(-1, maps.shape[-1])
+
+
+class _WindowedGemmConv(torch.autograd.Function):
+    """Per tap, over only the pixels whose products land inside the map: forward
+    out[target] += in[window] @ W_tap^T; backward grad_in[window] += grad_out[target] @ W_tap and
+    grad_W_tap = in[window]^T @ grad_out[target]. Products and sums in the input's dtype."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                dilation: tuple[int, int]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.dilation, ctx.has_bias = dilation, bias is not None
+        out_channels, _, kh, kw = weight.shape
+        taps = _tap_matrices(weight)
+        pixels = x.permute(0, 2, 3, 1)  # N H W C_in: a view of a channels-last input
+        n, height, width, _ = pixels.shape
+        out = torch.zeros((n, height, width, out_channels), dtype=x.dtype, device=x.device)
+        for cols, out_cols, column_taps in _column_groups(height, width, (kh, kw), dilation):
+            source = _columns(pixels, cols)
+            target = out if source is pixels else out.new_zeros((n, height, source.shape[2], out_channels))
+            for tap, rows, out_rows in column_taps:
+                for block, out_block in zip(_row_blocks(source, rows), _row_blocks(target, out_rows)):
+                    out_block.addmm_(block, taps[tap])
+            if target is not out:
+                out[:, :, out_cols] += target
+        if bias is not None:
+            out += bias
+        return out.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        wants_input, wants_weight = ctx.needs_input_grad[:2]
+        out_channels, in_channels, kh, kw = weight.shape
+        taps = _tap_matrices(weight)
+        pixels = x.permute(0, 2, 3, 1)
+        n, height, width, _ = pixels.shape
+        grad_out = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        grad_pixels = torch.zeros_like(pixels) if wants_input else None
+        grad_taps = taps.new_zeros(taps.shape) if wants_weight else None
+        for cols, out_cols, column_taps in _column_groups(height, width, (kh, kw), ctx.dilation):
+            source, grad_target = _columns(pixels, cols), _columns(grad_out, out_cols)
+            grad_source = None
+            if wants_input:
+                grad_source = grad_pixels if source is pixels else torch.zeros_like(source)
+            for tap, rows, out_rows in column_taps:
+                if wants_weight:
+                    for block, grad_block in zip(_row_blocks(source, rows), _row_blocks(grad_target, out_rows)):
+                        grad_taps[tap].addmm_(block.t(), grad_block)
+                if wants_input:
+                    for grad_block, grad_in_block in zip(_row_blocks(grad_target, out_rows), _row_blocks(grad_source, rows)):
+                        grad_in_block.addmm_(grad_block, taps[tap].t())
+            if wants_input and grad_source is not grad_pixels:
+                grad_pixels[:, :, cols] += grad_source
+        grad_input = grad_pixels.permute(0, 3, 1, 2) if wants_input else None
+        grad_weight = grad_taps.view(kh, kw, in_channels, out_channels).permute(3, 2, 0, 1) if wants_weight else None
+        grad_bias = grad_out.sum((0, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias, None
+
+
+def _tap_matrices(weight: torch.Tensor) -> torch.Tensor:
+    """C_out x C_in x kh x kw -> (kh kw) x C_in x C_out: each tap as the matrix pixels multiply."""
+    out_channels, in_channels, kh, kw = weight.shape
+    return weight.permute(2, 3, 1, 0).reshape(kh * kw, in_channels, out_channels)
+
+
 def all_taps_product(x: torch.Tensor, stacked_taps: torch.Tensor, bias: torch.Tensor | None,
                      kernel_size: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
     """The forward of `shifted_gemm_conv` for a channels-last x and the taps already stacked,
@@ -105,11 +211,20 @@ def shifted_gemm_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return _ShiftedGemmConv.apply(x, weight, bias, tuple(dilation))
 
 
+def windowed_gemm_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       dilation: tuple[int, int]) -> torch.Tensor:
+    """The same convolution as `shifted_gemm_conv`, as one matrix product per tap over only the
+    pixels it reads inside the map; differentiable. Takes and returns channels-last tensors;
+    float32 or float64 (no autocast), x and weight of one dtype."""
+    return _WindowedGemmConv.apply(x, weight, bias, tuple(dilation))
+
+
 class AtrousConv2d(nn.Conv2d):
     """A dense (groups=1), stride-1, "same"-padded dilated Conv2d (same parameters and state
-    dict) that trains as matrix products (`shifted_gemm_conv`) on the CPU for channels-last input from
-    dilation `MIN_DILATION`; inference, other devices, NCHW input and tracing get the plain
-    convolution (the fast path rewrites it for inference, `DilatedConvAsGemm`)."""
+    dict) that trains as matrix products on the CPU for channels-last input from dilation
+    `MIN_DILATION` (`windowed_gemm_conv` in float32 where most taps reach outside the map,
+    else `shifted_gemm_conv`); inference, other devices, NCHW input and tracing get the plain convolution (the
+    fast path rewrites it for inference, `DilatedConvAsGemm`)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int | None = None, dilation: int = 1, groups: int = 1, bias: bool = True) -> None:
@@ -122,5 +237,8 @@ class AtrousConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if trains(self, x) and shifted_route(x, self.dilation, MIN_DILATION):
+            if _compute_dtype(x) in (torch.float32, torch.float64) and x.dtype == self.weight.dtype and \
+                    share_inside(*x.shape[-2:], self.kernel_size, self.dilation) <= WINDOWS_UP_TO_SHARE:
+                return windowed_gemm_conv(x, self.weight, self.bias, self.dilation)
             return shifted_gemm_conv(x, self.weight, self.bias, self.dilation)
         return self._conv_forward(x, self.weight, self.bias)
