@@ -133,7 +133,10 @@ class BenchSettings:
     batches: list[int] = field(default_factory=lambda: [1, 8])
     train_batch: int = 8
     repeats: int = 5
-    warmup: int = 1
+    # Two untimed rounds: the first training step of a fast path times its weight-gradient
+    # kernels and touches fresh memory, and one more round was needed before the steps
+    # settled (UNet-R34: 1.19x after one warm-up round, 1.53x after two; docs/bench.md).
+    warmup: int = 2
     num_classes: int = 21
     devices: list[str] = field(default_factory=lambda: ["cpu"])
     precision: str = "auto"
