@@ -1,6 +1,8 @@
 """`seglab bench` machinery on tiny settings: one small model, 64x64, one repeat."""
 import json
+import mmap
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +17,36 @@ def test_time_interleaved_times_each_call_in_rounds():
     seconds = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], torch.device("cpu"), 1, 3)
     assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-up of each, then rounds
     assert [len(s) for s in seconds] == [3, 3] and all(t >= 0 for s in seconds for t in s)
+
+
+def test_timed_rounds_record_the_kernel_time_of_fresh_memory():
+    from seglab.bench import timed_rounds
+
+    def touch_fresh_memory():  # 256 MB mapped afresh (not from malloc's heap), written page by page
+        with mmap.mmap(-1, 1 << 28) as memory:
+            pages = np.frombuffer(memory, dtype=np.uint8)
+            pages[::4096] = 1
+            del pages
+
+    seconds, system = timed_rounds([touch_fresh_memory, lambda: None], torch.device("cpu"), 0, 2)
+    assert [len(s) for s in system] == [2, 2] and all(t >= 0 for s in system for t in s)
+    assert sum(system[0]) > 0  # faulting in 131072 fresh pages takes the kernel measurable time
+
+
+def test_markdown_names_rows_that_spent_their_time_in_the_kernel():
+    from seglab.bench import system_share
+
+    row = dict(device="cpu", model="unet-r34", mode="train", batch=4, library="seglab", variant="fast (32)",
+               seconds=[2.0, 2.0], system_seconds=[0.9, 0.1], images_per_s=2.0, gflops_per_image=1.0,
+               fraction_of_peak=None)
+    warm = {**row, "variant": "eager fp32", "system_seconds": [0.01, 0.01]}
+    assert system_share(row) == pytest.approx(0.25) and system_share({**row, "system_seconds": None}) is None
+    results = dict(machine={}, settings=dict(calibration_size=16, size=64, num_classes=21, repeats=2, warmup=0,
+                                             ablation=[]), calibration={"cpu": {"before": {}, "after": {}}},
+                   rows=[row, warm])
+    markdown = to_markdown(results)
+    assert "UNet-R34 train batch 4, seglab fast (32): 25% (0.90, 0.10)" in markdown
+    assert "seglab eager fp32:" not in markdown
 
 
 def test_settings_reject_bad_values():
@@ -48,7 +80,7 @@ def test_bench_command_writes_json_and_markdown_with_peer_ratios(tmp_path):
     assert ("smp", "eager fp32", "inference") in kinds and ("smp", "eager fp32", "train") in kinds
     assert ("seglab", "eager fp32", "inference") in kinds and ("seglab", "+fold_conv_bn", "inference") in kinds
     assert ("seglab", "+fused optimizer", "train") in kinds
-    assert all(r["images_per_s"] > 0 and len(r["seconds"]) == 1 for r in rows)
+    assert all(r["images_per_s"] > 0 and len(r["seconds"]) == len(r["system_seconds"]) == 1 for r in rows)
     # FLOPs agree with the model profile's count on the meta device (where attention runs as
     # plain matrix products), so the CPU attention kernel is counted; GFLOP/s follow from them.
     gflops = describe_model("segformer", num_classes=21, image_size=64, variant="b0")["gflops"]

@@ -186,18 +186,34 @@ def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, repeats:
 def time_interleaved(fns: list[Callable[[], Any]], device: torch.device, warmup: int, repeats: int) -> list[list[float]]:
     """Seconds of `repeats` calls of each of `fns`, timed in rounds (one call of each per
     round), so that a change of machine load in the middle hits every candidate alike."""
+    return timed_rounds(fns, device, warmup, repeats)[0]
+
+
+def _system_seconds() -> float:
+    """CPU seconds this process (all its threads) has spent in the kernel so far."""
+    return os.times().system
+
+
+def timed_rounds(fns: list[Callable[[], Any]], device: torch.device, warmup: int,
+                 repeats: int) -> tuple[list[list[float]], list[list[float]]]:
+    """`time_interleaved`'s seconds, and the system CPU seconds the process spent during each
+    timed call. On Linux those are mostly page faults on memory the process had not touched
+    before: a process still growing its heap runs slower than a warm one (on a VM whose host
+    backs each fresh page on its first touch, by about 6 s per GB; docs/bench.md)."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     _synchronize(device)
     seconds: list[list[float]] = [[] for _ in fns]
+    system: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, times in zip(fns, seconds):
-            start = time.perf_counter()
+        for fn, times, kernel_times in zip(fns, seconds, system):
+            start, kernel_start = time.perf_counter(), _system_seconds()
             fn()
             _synchronize(device)
             times.append(time.perf_counter() - start)
-    return seconds
+            kernel_times.append(_system_seconds() - kernel_start)
+    return seconds, system
 
 
 def calibration_kernels(device: torch.device, size: int) -> dict[str, tuple[Callable[[], Any], int]]:
@@ -310,8 +326,8 @@ class _Recorder:
         if self.progress is not None:
             self.progress.update(self.task, info=text)
 
-    def add(self, candidate: _Candidate, seconds: list[float], batch: int, peaks: dict[str, float],
-            **fields: Any) -> None:
+    def add(self, candidate: _Candidate, seconds: list[float], system_seconds: list[float], batch: int,
+            peaks: dict[str, float], **fields: Any) -> None:
         """A result row; `peaks` are the calibration kernels' GFLOP/s timed alongside it."""
         images_per_s = batch / statistics.median(seconds)
         # Training costs about 3x the forward FLOPs (forward, gradients of inputs and of weights).
@@ -320,7 +336,7 @@ class _Recorder:
         peak = peaks.get({"32": "fp32", "bf16": "bf16"}.get(candidate.precision, ""))  # fp16 is not calibrated
         self.rows.append({**fields, "library": candidate.library, "variant": candidate.variant,
                           "precision": candidate.precision, "batch": batch, "images_per_s": images_per_s,
-                          "seconds": seconds, "gflops_per_image": flops_per_image / 1e9, "achieved_gflops": achieved,
+                          "seconds": seconds, "system_seconds": system_seconds, "gflops_per_image": flops_per_image / 1e9, "achieved_gflops": achieved,
                           "peak_gflops": peak, "fraction_of_peak": achieved / peak if peak else None})
         if self.progress is not None:
             self.progress.update(self.task, advance=1)
@@ -390,15 +406,16 @@ def _training_candidates(arch: Architecture, settings: BenchSettings, device: to
 
 
 def _time_with_calibration(calls: list[Callable[[], Any]], kernels: dict[str, tuple[Callable[[], Any], int]],
-                           device: torch.device, settings: BenchSettings) -> tuple[list[list[float]], dict[str, float]]:
+                           device: torch.device, settings: BenchSettings
+                           ) -> tuple[list[list[float]], list[list[float]], dict[str, float]]:
     """Time `calls` interleaved with the calibration kernels, so that each fraction of peak
-    compares rates measured under the same machine load. Returns the calls' seconds and the
-    kernels' GFLOP/s."""
-    seconds = time_interleaved([*calls, *(call for call, _ in kernels.values())], device, settings.warmup,
-                               settings.repeats)
+    compares rates measured under the same machine load. Returns the calls' seconds, their
+    system seconds (`timed_rounds`) and the kernels' GFLOP/s."""
+    seconds, system = timed_rounds([*calls, *(call for call, _ in kernels.values())], device, settings.warmup,
+                                   settings.repeats)
     peaks = {name: flops / statistics.median(times) / 1e9
              for (name, (_, flops)), times in zip(kernels.items(), seconds[len(calls):])}
-    return seconds[: len(calls)], peaks
+    return seconds[: len(calls)], system[: len(calls)], peaks
 
 
 def _bench_architecture(arch: Architecture, settings: BenchSettings, device: torch.device, precision: str,
@@ -422,9 +439,9 @@ def _bench_architecture(arch: Architecture, settings: BenchSettings, device: tor
     for batch in settings.batches:
         record.announce(f"{arch.title}: inference, batch {batch}")
         calls = [_inference_call(model, batch, settings, device) for model in models]
-        seconds, peaks = _time_with_calibration(calls, kernels, device, settings)
-        for candidate, times in zip(available, seconds):
-            record.add(candidate, times, batch, peaks, model=arch.key, mode="inference", device=str(device),
+        seconds, system, peaks = _time_with_calibration(calls, kernels, device, settings)
+        for candidate, times, kernel_times in zip(available, seconds, system):
+            record.add(candidate, times, kernel_times, batch, peaks, model=arch.key, mode="inference", device=str(device),
                        parameters=parameters[candidate.library])
     del models, calls
     if not settings.train:
@@ -433,9 +450,9 @@ def _bench_architecture(arch: Architecture, settings: BenchSettings, device: tor
     available = [c for c in _training_candidates(arch, settings, device, precision, build_seglab, flops, peer_flops)
                  if c.precision != "bf16" or "bf16" in kernels]
     steps = [c.build() for c in available]
-    seconds, peaks = _time_with_calibration(steps, kernels, device, settings)
-    for candidate, times in zip(available, seconds):
-        record.add(candidate, times, settings.train_batch, peaks, model=arch.key, mode="train", device=str(device),
+    seconds, system, peaks = _time_with_calibration(steps, kernels, device, settings)
+    for candidate, times, kernel_times in zip(available, seconds, system):
+        record.add(candidate, times, kernel_times, settings.train_batch, peaks, model=arch.key, mode="train", device=str(device),
                    parameters=parameters[candidate.library])
 
 
@@ -550,6 +567,18 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return lines
 
 
+# A row whose timed calls spent more than this share of their wall time in the kernel is named
+# under the table: its process was still faulting in fresh memory, not yet in its steady state.
+NOTED_SYSTEM_SHARE = 0.1
+
+
+def system_share(row: dict[str, Any]) -> float | None:
+    """The system CPU seconds of a row's timed calls per second of their wall time (all
+    threads, so it can exceed 1); None for rows recorded without them."""
+    system = row.get("system_seconds")
+    return sum(system) / sum(row["seconds"]) if system is not None and sum(row["seconds"]) > 0 else None
+
+
 def _same_size(ours: int | None, theirs: int | None) -> bool | None:
     """Parameter counts within 5% (None when a row predates the count)."""
     if ours is None or theirs is None:
@@ -589,6 +618,13 @@ def to_markdown(results: dict[str, Any]) -> str:
         columns = list(lines[0])
         out += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         out += ["| " + " | ".join(_fmt(line.get(c)) for c in columns) + " |" for line in lines]
+    faulting = [r for r in results["rows"] if (system_share(r) or 0.0) > NOTED_SYSTEM_SHARE]
+    if faulting:
+        out += ["", f"Timed calls that spent over {NOTED_SYSTEM_SHARE:.0%} of their wall time in the kernel (mostly page "
+                "faults on fresh memory: that process had not reached its steady state), system seconds per call:", ""]
+        out += [f"- {r['device']} {ARCHITECTURES[r['model']].title} {r['mode']} batch {r['batch']}, {r['library']} "
+                f"{r['variant']}: {system_share(r):.0%} ({', '.join(f'{t:.2f}' for t in r['system_seconds'])})"
+                for r in faulting]
     ablation = [r for r in results["rows"] if r["model"] in settings["ablation"] and r["library"] == "seglab"]
     if ablation:
         out += ["", "## Ablation: one optimisation at a time", "",
