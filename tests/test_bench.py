@@ -33,6 +33,25 @@ def test_timed_rounds_record_the_kernel_time_of_fresh_memory():
     assert sum(system[0]) > 0  # faulting in 131072 fresh pages takes the kernel measurable time
 
 
+@pytest.mark.parametrize("settle_rounds, calls_made, timed_system", [(5, 6, [0.0, 0.0]), (1, 4, [1.0, 0.0])])
+def test_warm_up_goes_on_while_calls_still_fault(monkeypatch, settle_rounds, calls_made, timed_system):
+    """A call's first three runs take a (faked) second in the kernel each: the settling rounds
+    go on until a round is clean, or until they run out and the timed rounds show it."""
+    import seglab.bench as bench
+
+    kernel = [0.0]
+    monkeypatch.setattr(bench, "_system_seconds", lambda: kernel[0])
+    calls = []
+
+    def faulting_at_first():
+        calls.append(1)
+        if len(calls) <= 3:
+            kernel[0] += 1.0
+
+    seconds, system = bench.timed_rounds([faulting_at_first], torch.device("cpu"), 1, 2, settle_rounds)
+    assert len(calls) == calls_made and system == [timed_system] and len(seconds[0]) == 2
+
+
 def test_markdown_names_rows_that_spent_their_time_in_the_kernel():
     from seglab.bench import system_share
 
@@ -58,6 +77,8 @@ def test_settings_reject_bad_values():
         BenchSettings(train_batch=1).validate()
     with pytest.raises(ValueError, match="--device"):
         BenchSettings(devices=["tpu"]).validate()
+    with pytest.raises(ValueError, match="--settle-rounds"):
+        BenchSettings(settle_rounds=-1).validate()
     with pytest.raises(ValueError, match="float16"):
         BenchSettings(devices=["cpu"], precision="16").validate()
 

@@ -413,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--train-batch", type=_positive_int, help="training batch size (default 8)")
     bench.add_argument("--repeats", type=_positive_int, help="timed runs per figure; the median is reported (default 5)")
     bench.add_argument("--warmup", type=int, help="untimed runs before timing (default 2)")
+    bench.add_argument("--settle-rounds", type=int, help="up to this many more untimed runs while a call still spends "
+                       "over 10%% of its time in the kernel, faulting in fresh memory (default 3)")
     bench.add_argument("--precision", choices=["auto", "32", "bf16", "16"], help="fast path precision (default auto)")
     bench.add_argument("--device", dest="devices", type=lambda t: t.split(","), default=["auto"],
                        help="cpu, cuda or cpu,cuda (default: cpu, plus cuda when present)")
