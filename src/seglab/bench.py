@@ -362,7 +362,8 @@ class _Recorder:
         peak = peaks.get({"32": "fp32", "bf16": "bf16"}.get(candidate.precision, ""))  # fp16 is not calibrated
         self.rows.append({**fields, "library": candidate.library, "variant": candidate.variant,
                           "precision": candidate.precision, "batch": batch, "images_per_s": images_per_s,
-                          "seconds": seconds, "system_seconds": system_seconds, "gflops_per_image": flops_per_image / 1e9, "achieved_gflops": achieved,
+                          "seconds": seconds, "system_seconds": system_seconds,
+                          "gflops_per_image": flops_per_image / 1e9, "achieved_gflops": achieved,
                           "peak_gflops": peak, "fraction_of_peak": achieved / peak if peak else None})
         if self.progress is not None:
             self.progress.update(self.task, advance=1)
@@ -629,9 +630,9 @@ def to_markdown(results: dict[str, Any]) -> str:
     for device, peaks in results["calibration"].items():
         out += [f"| {device} | {name} | {peaks['before'][name]:.1f} | {peaks['after'][name]:.1f} |"
                 for name in peaks["before"]]
+    settling = f" + up to {settings['settle_rounds']} while faulting" if settings.get("settle_rounds") else ""
     out += ["", f"## seglab vs peers ({settings['size']}x{settings['size']}, {settings['num_classes']} classes, "
-            f"median of {settings['repeats']} after {settings['warmup']} warm-up"
-            f"{' + up to %d while faulting' % settings['settle_rounds'] if settings.get('settle_rounds') else ''})", "",
+            f"median of {settings['repeats']} after {settings['warmup']} warm-up{settling})", "",
             "images/s; ratio = seglab fast path / peer used as its README shows (eval, no_grad, fp32); "
             "fraction of peak = achieved GFLOP/s of the fast path / calibration kernel of the same precision, timed in the same rounds "
             "(training counted as 3x the forward FLOPs); same net = the two networks' parameter counts agree within 5%.", ""]
