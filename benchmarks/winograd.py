@@ -1,12 +1,12 @@
-"""Winograd's F(4x4, 3x3) (`seglab.ops.winograd`) against the direct float32 convolution
-(oneDNN through F.conv2d), one convolution at a time, channels last: the figures behind the
-thresholds of `seglab.engine.winograd`. Not a test: it prints a Markdown table.
+"""Winograd's F(4x4, 3x3) and F(6x6, 3x3) (`seglab.ops.winograd`) against the direct float32
+convolution (oneDNN through F.conv2d), one convolution at a time, channels last: the figures
+behind the thresholds of `seglab.engine.winograd`. Not a test: it prints a Markdown table.
 
     python benchmarks/winograd.py                  # inference and training shapes
     python benchmarks/winograd.py --rounds 15 --threads 2
 
-Each row times the two in interleaved rounds (one call of each per round) and reports the
-median over rounds of direct time / Winograd time, so that a change of machine load hits both.
+Each row times the three in interleaved rounds (one call of each per round) and reports the
+median over rounds of direct time / Winograd time, so that a change of machine load hits all.
 In training, "direct" is the convolution as the training route runs those Winograd does not
 take: oneDNN's forward and input gradient, the weight gradient by the kernel timed fastest
 (`seglab.ops.weight_gradient`); "eager backward" is eager PyTorch's (oneDNN's throughout).
@@ -22,15 +22,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from seglab.engine.winograd import pays_for_input, tiles, winograd_dilation
+from seglab.engine.winograd import output_tile, tiles, winograd_dilation
 from seglab.memory import keep_freed_memory
 from seglab.ops.weight_gradient import ConvSettings, tuned_convolution
-from seglab.ops.winograd import winograd_conv3x3, winograd_filters
+from seglab.ops.winograd import OUTPUT_TILES, winograd_conv3x3, winograd_filters
 
 # (batch, C_in, C_out, map size, dilation): a ResNet's stages at a 512 input (strides 4-32), at
 # output stride 8 (dilations 2 and 4), small maps where the rule says no, a decoder's fusion, and
 # a Mask R-CNN mask head's RoIs (14 x 14, which fill 77% of their tiles, against 28 x 28).
-INFERENCE = [(1, 64, 64, 128, 1), (1, 128, 128, 64, 1), (8, 128, 128, 64, 1), (1, 128, 128, 16, 1),
+INFERENCE = [(1, 64, 64, 128, 1), (8, 64, 64, 128, 1), (1, 128, 128, 64, 1), (8, 128, 128, 64, 1), (1, 128, 128, 16, 1),
              (1, 256, 256, 32, 1), (8, 256, 256, 32, 1), (1, 256, 256, 16, 1), (1, 512, 512, 16, 1),
              (8, 512, 512, 16, 1), (1, 512, 512, 8, 1), (1, 512, 512, 4, 1), (1, 256, 256, 64, 2),
              (1, 512, 512, 64, 4), (1, 1024, 512, 64, 1),
@@ -73,28 +73,33 @@ def row(shape: tuple[int, ...], training: bool, rounds: int) -> str:
         def eager_direct() -> None:
             F.conv2d(x, weight, bias, padding=dilation, dilation=dilation).backward(upstream)
 
-        def winograd() -> None:
-            winograd_conv3x3(x, winograd_filters(weight), bias, dilation).backward(upstream)
+        def winograd(tile: int) -> Callable[[], None]:
+            return lambda: winograd_conv3x3(x, winograd_filters(weight, tile), bias, dilation).backward(upstream)
 
-        (seconds, eager_seconds, _), (_, _, speedup) = interleaved([direct, eager_direct, winograd], rounds)
+        (seconds, eager_seconds, *_), (_, _, *speedups) = interleaved(
+            [direct, eager_direct] + [winograd(tile) for tile in OUTPUT_TILES], rounds)
         eager = f"{eager_seconds * 1e3:.1f}"
     else:
-        filters = winograd_filters(weight)
+        def winograd(tile: int) -> Callable[[], torch.Tensor]:
+            filters = winograd_filters(weight, tile)
+
+            def call() -> torch.Tensor:
+                with torch.inference_mode():
+                    return winograd_conv3x3(x, filters, bias, dilation)
+            return call
 
         def direct() -> torch.Tensor:
             with torch.inference_mode():
                 return F.conv2d(x, weight, bias, padding=dilation, dilation=dilation)
 
-        def winograd() -> torch.Tensor:
-            with torch.inference_mode():
-                return winograd_conv3x3(x, filters, bias, dilation)
-
-        (seconds, _), (_, speedup) = interleaved([direct, winograd], rounds)
+        (seconds, *_), (_, *speedups) = interleaved([direct] + [winograd(tile) for tile in OUTPUT_TILES], rounds)
     takes = winograd_dilation(weight.shape, 1, dilation, dilation, 1) is not None
-    rule = "winograd" if takes and pays_for_input(x.shape, weight.shape, dilation, training) else "direct"
+    tile = output_tile(x.shape, weight.shape, dilation, training) if takes else None
+    rule = "direct" if tile is None else f"F({tile}x{tile})"
     mode = "train" if training else "infer"
     return (f"| {mode} | {batch} | {in_channels} -> {out_channels} | {size} x {size} | {dilation} | "
-            f"{tiles(x.shape, dilation)} | {seconds * 1e3:.1f} | {eager} | {speedup:.2f}x | {rule} |")
+            f"{tiles(x.shape, dilation)} | {seconds * 1e3:.1f} | {eager} | "
+            + " | ".join(f"{speedup:.2f}x" for speedup in speedups) + f" | {rule} |")
 
 
 def main() -> None:
@@ -106,8 +111,9 @@ def main() -> None:
     torch.manual_seed(0)
     keep_freed_memory()  # as seglab's commands run
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.rounds} interleaved rounds\n")
-    print("| mode | batch | channels | map | dilation | tiles | direct (ms) | eager backward (ms) | direct / Winograd | rule picks |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| mode | batch | channels | map | dilation | 4 x 4 tiles | direct (ms) | eager backward (ms) | "
+          + " | ".join(f"direct / F({tile}x{tile})" for tile in OUTPUT_TILES) + " | rule picks |")
+    print("|---" * (9 + len(OUTPUT_TILES)) + "|")
     for shape in INFERENCE:
         print(row(shape, False, args.rounds), flush=True)
     for shape in TRAINING:

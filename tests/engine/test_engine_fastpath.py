@@ -546,6 +546,26 @@ def test_winograd_conv_keeps_the_direct_convolution_outside_float32_inference():
         assert _winograd_calls(conv, x)[1] == []
 
 
+def test_winograd_conv_takes_the_tile_the_map_fills_and_keeps_filters_for_each():
+    import seglab.engine.onednn as onednn
+
+    torch.manual_seed(0)
+    conv = FusedConv(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU()).requires_grad_(False)
+    conv.winograd = True
+    sides = []
+
+    def counted(x: torch.Tensor, filters: torch.Tensor, *args) -> torch.Tensor:
+        sides.append(filters.shape[0])
+        return winograd_conv3x3(x, filters, *args)
+
+    with mock.patch.object(onednn, "winograd_conv3x3", counted):
+        for size in (64, 32, 64):  # 6 x 6 tiles fill 64 x 64 (94%), not 32 x 32 (79%)
+            x = torch.randn(1, 128, size, size).contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(conv(x), F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1)),
+                                       atol=1e-4, rtol=1e-4)
+    assert sides == [64, 36, 64]
+
+
 def test_float32_fast_path_runs_dilated_stages_as_winograd_phases():
     x = torch.randn(1, 3, 128, 128)
     model, expected = _model_and_outputs("pspnet", x, encoder="resnet18", aux=False)  # output stride 8

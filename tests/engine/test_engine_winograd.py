@@ -1,5 +1,5 @@
 """When Winograd pays (the training route through it: test_engine_convolutions.py)."""
-from seglab.engine.winograd import MIN_INFERENCE_PRODUCTS, pays_for_input, tiles, winograd_dilation
+from seglab.engine.winograd import MIN_INFERENCE_PRODUCTS, output_tile, pays_for_input, tiles, winograd_dilation
 
 
 def test_winograd_takes_same_padded_stride_1_3x3_convolutions_up_to_dilation_4():
@@ -20,13 +20,14 @@ def test_tiles_count_each_phase_of_a_dilated_map():
     assert tiles((1, 3, 64, 64), 4) == 16 * 4 * 4  # 16 phases of 16 x 16
 
 
-def test_inference_pays_from_128_channels_and_enough_products_training_from_64_channels_and_128_tiles():
+def test_inference_pays_from_128_channels_and_enough_products_training_from_64_channels_and_64_tiles():
     assert pays_for_input((1, 256, 16, 16), (256, 256, 3, 3), 1, training=False)  # 16 tiles x 2^16
     assert 16 * 128 * 128 < MIN_INFERENCE_PRODUCTS
     assert not pays_for_input((1, 128, 16, 16), (128, 128, 3, 3), 1, training=False)
     assert not pays_for_input((1, 64, 128, 128), (64, 64, 3, 3), 1, training=False)
     assert pays_for_input((1, 64, 128, 128), (64, 64, 3, 3), 1, training=True)
-    assert not pays_for_input((4, 512, 16, 16), (512, 512, 3, 3), 1, training=True)  # 64 tiles
+    assert pays_for_input((4, 512, 16, 16), (512, 512, 3, 3), 1, training=True)  # 64 tiles
+    assert not pays_for_input((4, 512, 8, 8), (512, 512, 3, 3), 1, training=True)  # 16 tiles
     assert not pays_for_input((4, 32, 128, 128), (32, 32, 3, 3), 1, training=True)
     assert not pays_for_input((16, 64, 16, 16), (64, 64, 3, 3), 1, training=True)  # 256 tiles but 2^20 products
     assert pays_for_input((4, 128, 32, 32), (128, 128, 3, 3), 1, training=True)  # 256 tiles, 2^22
@@ -41,3 +42,14 @@ def test_maps_that_fill_their_tiles_poorly_pay_only_from_256_channels():
     assert not pays_for_input((200, 128, 7, 7), (128, 128, 3, 3), 1, training=False)
     # Dilated maps are counted per phase: 64 x 64 at dilation 4 is 16 x 16 per phase, whole tiles.
     assert pays_for_input((1, 128, 64, 64), (128, 128, 3, 3), 4, training=False)
+
+
+def test_six_by_six_tiles_where_they_fill_the_map_four_by_four_elsewhere():
+    assert tiles((1, 3, 64, 64), 1, tile=6) == 11 * 11
+    for training in (False, True):
+        assert output_tile((4, 128, 64, 64), (128, 128, 3, 3), 1, training) == 6  # 64 of 66: 94% filled
+        assert output_tile((4, 256, 32, 32), (256, 256, 3, 3), 1, training) == 4  # 32 of 36: 79%
+        assert output_tile((4, 256, 64, 64), (256, 256, 3, 3), 2, training) == 4  # phases of 32 x 32
+        assert output_tile((50, 128, 28, 28), (128, 128, 3, 3), 1, training) == 4  # 28 of 30: 87%
+        assert output_tile((4, 32, 128, 128), (32, 32, 3, 3), 1, training) is None  # does not pay
+    assert output_tile((4, 64, 128, 128), (64, 64, 3, 3), 1, training=True) == 6

@@ -2,8 +2,9 @@
 
 Two rewrites, each exact up to float32 rounding, chosen per call:
 
-- Winograd's F(4x4, 3x3) (`seglab.ops.winograd`) for the 3x3 convolutions where it pays
-  (`seglab.engine.winograd`): a quarter of the multiply-adds, forward and backward.
+- Winograd's F(4x4, 3x3) or F(6x6, 3x3) (`seglab.ops.winograd`) for the 3x3 convolutions
+  where it pays (`seglab.engine.winograd`): a quarter to a fifth of the multiply-adds, forward
+  and backward.
 - Elsewhere oneDNN's forward and input gradient, with the weight gradient by the kernel timed
   fastest for the shape (`seglab.ops.weight_gradient`): oneDNN's own float32 weight gradient on
   channels-last maps is the slowest part of a training step on processors without bf16.
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from seglab.engine.precision import resolve_precision
-from seglab.engine.winograd import MIN_TRAINING_CHANNELS, call_takes_winograd, conv_takes_winograd
+from seglab.engine.winograd import MIN_TRAINING_CHANNELS, call_output_tile, conv_takes_winograd
 from seglab.ops.atrous_depthwise import trains
 from seglab.ops.nearest_conv import NearestUpsampleConv
 from seglab.ops.weight_gradient import ConvSettings, takes_tuned_weight_gradient, tuned_convolution
@@ -68,8 +69,9 @@ class TrainingConvolutions:
     def _conv_forward(self, conv: nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
         training = trains(conv, input)
-        if id(conv) in self.winograd_convs and call_takes_winograd(input, weight, conv.dilation[0], training):
-            return winograd_conv3x3(input, winograd_filters(weight), bias, conv.dilation[0])
+        tile = call_output_tile(input, weight, conv.dilation[0], training) if id(conv) in self.winograd_convs else None
+        if tile is not None:
+            return winograd_conv3x3(input, winograd_filters(weight, tile), bias, conv.dilation[0])
         if self.tuned_weight_gradients and training and takes_tuned_weight_gradient(input, weight, conv.groups):
             settings = ConvSettings(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), groups=conv.groups)
             return tuned_convolution(input, weight, bias, settings)

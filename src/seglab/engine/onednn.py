@@ -21,9 +21,10 @@ once, ahead of time; here they are done without compiling:
   64 channels at 128 x 128, and a whole ResNet-34 trunk 1% less time (4% at batch 8).
 
 - Winograd (`winograd = True`, set by `seglab.engine.fastpath.use_winograd`): a float32 3x3
-  convolution with many channels computed by Winograd's F(4x4, 3x3) (`seglab.ops.winograd`),
-  with the same residual and activation after it, for inputs large enough to pay
-  (`seglab.engine.winograd`): 4x fewer multiply-adds than oneDNN's direct kernel, which on a
+  convolution with many channels computed by Winograd's F(4x4, 3x3) or F(6x6, 3x3)
+  (`seglab.ops.winograd`), with the same residual and activation after it, for inputs large
+  enough to pay (`seglab.engine.winograd`, which also picks the tile): 4-5x fewer
+  multiply-adds than oneDNN's direct kernel, which on a
   processor without bf16 already runs at the machine's float32 rate (docs/bench.md).
 
 Outside CPU inference (a GPU, gradients enabled) the modules compute the same thing with
@@ -34,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from seglab.engine.winograd import call_takes_winograd
+from seglab.engine.winograd import call_output_tile
 from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.conv import PointwiseConv2d
 from seglab.ops.kept import KeptFromWeights
@@ -98,7 +99,7 @@ class FusedConv(nn.Conv2d):
         self.post_op = _post_op(activation)
         self.prepack = prepack
         self._packed: KeptFromWeights[torch.Tensor] = KeptFromWeights()
-        self.winograd = False  # float32 by Winograd's F(4x4, 3x3), set by `seglab.engine.fastpath.use_winograd`
+        self.winograd = False  # float32 by Winograd, set by `seglab.engine.fastpath.use_winograd`
         self._winograd_filters: KeptFromWeights[torch.Tensor] = KeptFromWeights()
 
     def _onednn_weight(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,8 +115,9 @@ class FusedConv(nn.Conv2d):
         inference = not (torch.is_grad_enabled() and self.weight.requires_grad)
         if x.device.type != "cpu" or not inference or x.dtype != self.weight.dtype:
             return self._unfused(x, residual)
-        if self.winograd and call_takes_winograd(x, self.weight, self.dilation[0], training=False):
-            filters = self._winograd_filters.get([self.weight], lambda: winograd_filters(self.weight))
+        tile = call_output_tile(x, self.weight, self.dilation[0], training=False) if self.winograd else None
+        if tile is not None:
+            filters = self._winograd_filters.get([self.weight], lambda: winograd_filters(self.weight, tile), tile)
             return self._finish(winograd_conv3x3(x, filters, self.bias, self.dilation[0]), residual)
         attr, algorithm = self.post_op
         weight, padding, stride, dilation = self._onednn_weight(x), list(self.padding), list(self.stride), list(self.dilation)

@@ -1,6 +1,6 @@
-"""When Winograd's F(4x4, 3x3) (`seglab.ops.winograd`) beats oneDNN's direct float32
-convolution on the CPU: the rule of the fast inference path (`FusedConv`) and of the training
-route (`seglab.engine.convolutions`).
+"""When Winograd's F(4x4, 3x3) or F(6x6, 3x3) (`seglab.ops.winograd`) beats oneDNN's direct
+float32 convolution on the CPU, and which: the rule of the fast inference path (`FusedConv`)
+and of the training route (`seglab.engine.convolutions`).
 
 Winograd does a quarter of the multiply-adds, but pays for its transforms a cost per tile and
 channel, and its 36 matrix products are [tiles x C_in] @ [C_in x C_out]: few tiles or few
@@ -11,8 +11,11 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   product tiles x C_in x C_out decides: 128 ch on 64 x 64 (2^22) 1.31x, 256 on 16 x 16 (2^20)
   1.27x, 512 on 8 x 8 (2^20) 1.05x; 128 on 16 x 16 (2^18) 0.80x, 512 on 4 x 4 (2^18) 0.84x.
 - Training (forward and both gradients, through autograd): the tiles decide, as the weight
-  gradient's products run over them: 16 tiles 0.40x, 64 tiles 0.89-1.02x, 256 tiles 1.20-1.96x
-  (128 to 256 channels), 1024 tiles 1.69-1.92x. oneDNN's float32 backward is slow enough that
+  gradient's products run over them: 16 tiles 0.40-0.68x, 256 tiles 1.20-1.96x (128 to 256
+  channels), 1024 tiles 1.69-1.92x. 64 tiles (a ResNet's last stage at a 512 input, batch 4)
+  first measured 0.89-1.02x against oneDNN's eager convolution; against the training route's
+  own direct convolution (tuned weight gradients) 1.39-1.62x in 15 interleaved rounds (256 and
+  512 channels, two runs each), hence a minimum of 64 tiles. oneDNN's float32 backward is slow enough that
   64 channels win too on large maps (1.26-1.40x on 128 x 128, batch 4, 2^24 tiles x C_in x
   C_out): UNet-R34's training step at 512 x 512 took 1.34x less time with Winograd from 64
   channels, 1.21x from 128. On small ones they lose: `seglab train`'s default U-Net (64
@@ -27,6 +30,11 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   200 RoIs of 14 x 14 0.78x in inference, 128 RoIs 0.97x in training (64 channels 0.63x), where
   28 x 28 maps won 1.11x and 1.42x; from 256 channels it still won (1.18x, 1.52x). Hence below
   `MIN_TILE_COVERAGE` only convolutions of `WIDE_CHANNELS` take it.
+- F(6x6, 3x3) instead of F(4x4): 21% fewer products and 21% less data through the transforms
+  per output, but 6 x 6 output tiles: 32 x 32 and 16 x 16 maps (a ResNet's stages 4 and 5 at a
+  512 input, or any stage at output stride 8, per phase) fill only 79% of them, where F(4x4)'s
+  fill theirs. `output_tile` takes F(6x6) where its tiles are filled at least
+  `MIN_TILE_COVERAGE`.
 """
 from __future__ import annotations
 
@@ -38,6 +46,8 @@ import torch.nn as nn
 
 from seglab.ops.winograd import TILE
 
+LARGE_TILE = 6  # F(6x6, 3x3)
+
 __all__ = [
     "MAX_DILATION",
     "MIN_INFERENCE_CHANNELS",
@@ -47,8 +57,9 @@ __all__ = [
     "MIN_TRAINING_PRODUCTS",
     "MIN_TRAINING_TILES",
     "WIDE_CHANNELS",
-    "call_takes_winograd",
+    "call_output_tile",
     "conv_takes_winograd",
+    "output_tile",
     "pays_for_input",
     "tiles",
     "winograd_dilation",
@@ -58,7 +69,7 @@ MAX_DILATION = 4
 MIN_INFERENCE_CHANNELS = 128  # in and out
 MIN_INFERENCE_PRODUCTS = 1 << 20  # tiles x C_in x C_out
 MIN_TRAINING_CHANNELS = 64
-MIN_TRAINING_TILES = 128
+MIN_TRAINING_TILES = 64
 MIN_TRAINING_PRODUCTS = 1 << 22  # tiles x C_in x C_out
 MIN_TILE_COVERAGE = 0.9  # the share of the tiles' outputs inside the map below which ...
 WIDE_CHANNELS = 256  # ... only this many channels in and out pay
@@ -87,11 +98,17 @@ def conv_takes_winograd(conv: nn.Conv2d, min_channels: int) -> bool:
             and winograd_dilation(conv.weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups) is not None)
 
 
-def tiles(input_shape: Sequence[int], dilation: int) -> int:
-    """The TILE x TILE output tiles of a convolution of an N x C x H x W input at `dilation`."""
+def tiles(input_shape: Sequence[int], dilation: int, tile: int = TILE) -> int:
+    """The tile x tile output tiles of a convolution of an N x C x H x W input at `dilation`."""
     n, _, height, width = input_shape
     rows, cols = -(-height // dilation), -(-width // dilation)  # each phase's size
-    return n * dilation * dilation * -(-rows // TILE) * -(-cols // TILE)
+    return n * dilation * dilation * -(-rows // tile) * -(-cols // tile)
+
+
+def _coverage(input_shape: Sequence[int], dilation: int, tile: int) -> float:
+    """The share of the tiles' outputs that fall inside the map."""
+    n, _, height, width = input_shape
+    return n * height * width / (tile * tile * tiles(input_shape, dilation, tile))
 
 
 def pays_for_input(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int, training: bool) -> bool:
@@ -99,17 +116,27 @@ def pays_for_input(input_shape: Sequence[int], weight_shape: Sequence[int], dila
     `winograd_dilation` takes)."""
     channels, count = min(weight_shape[0], weight_shape[1]), tiles(input_shape, dilation)
     products = count * weight_shape[0] * weight_shape[1]
-    n, _, height, width = input_shape
-    if n * height * width < MIN_TILE_COVERAGE * TILE * TILE * count and channels < WIDE_CHANNELS:
+    if _coverage(input_shape, dilation, TILE) < MIN_TILE_COVERAGE and channels < WIDE_CHANNELS:
         return False
     if training:
         return channels >= MIN_TRAINING_CHANNELS and count >= MIN_TRAINING_TILES and products >= MIN_TRAINING_PRODUCTS
     return channels >= MIN_INFERENCE_CHANNELS and products >= MIN_INFERENCE_PRODUCTS
 
 
-def call_takes_winograd(input: torch.Tensor, weight: torch.Tensor, dilation: int, training: bool) -> bool:
-    """Whether this call of a convolution Winograd applies to runs through it: a batched float32
-    input on the CPU outside autocast (bf16 has no bits to spare for the transforms), large
-    enough to pay. The one check of the inference route (`FusedConv`) and the training one."""
-    return (input.device.type == "cpu" and input.dtype == weight.dtype == torch.float32 and input.dim() == 4
-            and not torch.is_autocast_enabled("cpu") and pays_for_input(input.shape, weight.shape, dilation, training))
+def output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int, training: bool) -> int | None:
+    """The output tile of the Winograd algorithm that computes this convolution (whose settings
+    `winograd_dilation` takes) fastest, or None where the direct one beats both."""
+    if not pays_for_input(input_shape, weight_shape, dilation, training):
+        return None
+    return LARGE_TILE if _coverage(input_shape, dilation, LARGE_TILE) >= MIN_TILE_COVERAGE else TILE
+
+
+def call_output_tile(input: torch.Tensor, weight: torch.Tensor, dilation: int, training: bool) -> int | None:
+    """The Winograd output tile this call of a convolution Winograd applies to runs with, or
+    None for the direct convolution: Winograd takes batched float32 input on the CPU outside
+    autocast (bf16 has no bits to spare for the transforms), large enough to pay. The one check
+    of the inference route (`FusedConv`) and the training one."""
+    if (input.device.type != "cpu" or input.dtype != torch.float32 or weight.dtype != torch.float32
+            or input.dim() != 4 or torch.is_autocast_enabled("cpu")):
+        return None
+    return output_tile(input.shape, weight.shape, dilation, training)

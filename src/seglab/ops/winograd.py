@@ -1,73 +1,127 @@
-"""3x3 convolutions by Winograd's minimal filtering, F(4x4, 3x3) (Lavin & Gray, "Fast
-Algorithms for Convolutional Neural Networks", CVPR 2016).
+"""3x3 convolutions by Winograd's minimal filtering, F(4x4, 3x3) and F(6x6, 3x3) (Lavin &
+Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016).
 
-A 4 x 4 tile of a 3x3 convolution's output depends on a 6 x 6 tile `d` of its input. Computed
-directly it takes 4 * 4 * 9 = 144 multiply-adds per pair of input and output channels; Winograd
-transforms the input tile (`B^T d B`) and the filter `g` (`G g G^T`, once) into 6 x 6 tiles
-whose elementwise product, transformed back (`A^T (.) A`), is the output tile: 36 products.
-Summed over the input channels, the 36 elementwise products become 36 independent matrix
-products, [tiles x C_in] @ [C_in x C_out], which a BLAS runs at full speed. The transforms
-cost a constant per channel, the products one per pair of channels, so the method pays where
-channels are many: 4x fewer multiply-adds than the direct convolution, minus the transforms.
+An m x m tile of a 3x3 convolution's output depends on an (m + 2) x (m + 2) tile `d` of its
+input. Computed directly it takes 9 m^2 multiply-adds per pair of input and output channels;
+Winograd transforms the input tile (`B^T d B`) and the filter `g` (`G g G^T`, once) into
+(m + 2) x (m + 2) tiles whose elementwise product, transformed back (`A^T (.) A`), is the output
+tile: (m + 2)^2 products. Summed over the input channels, the elementwise products become
+(m + 2)^2 independent matrix products, [tiles x C_in] @ [C_in x C_out], which a BLAS runs at full
+speed. The transforms cost a constant per channel, the products one per pair of channels, so
+the method pays where channels are many.
 
-The price is precision: the transforms' coefficients (up to 8 in `A`, 1/24 in `G`) cost a few
-bits, about 6e-6 of the largest output on random float32 data against ~1e-7 for a direct
-convolution. So this serves float32, where those bits are spare; bfloat16 has none to spare.
+- F(4x4, 3x3): 36 products per 16 outputs, 4x fewer multiply-adds than the direct convolution.
+- F(6x6, 3x3): 64 per 36, 5.06x fewer; and an input tile of 8 x 8 per 36 outputs instead of
+  6 x 6 per 16, so 21% less data through the transforms per output. Its tiles are coarser:
+  a 32 x 32 map takes 6 x 6 of them (36 x 36 outputs, 27% wasted) where F(4x4) wastes none.
+
+The matrices come from the Toom-Cook construction (`_toom_cook`): the transpose of
+multiplying two polynomials by evaluating them at m + 1 points and infinity. At the paper's
+points (0, +-1, +-2 for F(4x4); +-1/2 added for F(6x6)) it gives the paper's matrices.
+
+The price is precision: the transforms' coefficients (up to 8 in F(4x4)'s `A`, 32 in F(6x6)'s)
+cost a few bits, about 6e-6 of the largest output on random float32 data with F(4x4) and 1e-5
+with F(6x6), against ~1e-6 for a direct convolution. So this serves float32, where those bits
+are spare; bfloat16 has none to spare.
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+import math
+from fractions import Fraction
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TILE", "winograd_conv3x3", "winograd_filters"]
+__all__ = ["OUTPUT_TILES", "TILE", "winograd_conv3x3", "winograd_filters"]
 
-TILE = 4  # output pixels per tile side; the input tile is TILE + 2
-
-# The paper's matrices for F(4, 3), interpolating at 0, 1, -1, 2, -2 and infinity.
-_B_T = torch.tensor([
-    [4, 0, -5, 0, 1, 0],
-    [0, -4, -4, 1, 1, 0],
-    [0, 4, -4, -1, 1, 0],
-    [0, -2, -1, 2, 1, 0],
-    [0, 2, -1, -2, 1, 0],
-    [0, 4, 0, -5, 0, 1],
-], dtype=torch.float64)
-_G = torch.tensor([
-    [1 / 4, 0, 0],
-    [-1 / 6, -1 / 6, -1 / 6],
-    [-1 / 6, 1 / 6, -1 / 6],
-    [1 / 24, 1 / 12, 1 / 6],
-    [1 / 24, -1 / 12, 1 / 6],
-    [0, 0, 1],
-], dtype=torch.float64)
-_G_KRON_G = torch.kron(_G, _G)  # row 6 i + l, column 3 j + k: G[i, j] G[l, k]
-_A_T = torch.tensor([
-    [1, 1, 1, 1, 1, 0],
-    [0, 1, -1, 2, -2, 0],
-    [0, 1, 1, 4, 4, 0],
-    [0, 1, -1, 8, -8, 1],
-], dtype=torch.float64)
+TILE = 4  # the default output tile side: F(4x4, 3x3)
+# Output tile side -> interpolation points (infinity is the last, implied).
+_POINTS = {
+    4: (0, 1, -1, 2, -2),
+    6: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2)),
+}
+OUTPUT_TILES = tuple(_POINTS)
 
 
-def winograd_filters(weight: torch.Tensor) -> torch.Tensor:
-    """The 3x3 filters `weight` (C_out x C_in x 3 x 3) in Winograd's domain, `G g G^T`, laid out
-    as the 36 matrices the products take: 36 x C_in x C_out, in `weight`'s dtype
-    (differentiable)."""
+class _Matrices(NamedTuple):
+    b_t: torch.Tensor  # (m + 2) x (m + 2): input tile -> Winograd domain
+    g_kron_g: torch.Tensor  # (m + 2)^2 x 9: row (m + 2) i + l, column 3 j + k: G[i, j] G[l, k]
+    a_t: torch.Tensor  # m x (m + 2): Winograd domain -> output tile
+
+
+def _inverse(matrix: list[list[Fraction]]) -> list[list[Fraction]]:
+    """The exact inverse of a square matrix of fractions (Gauss-Jordan)."""
+    n = len(matrix)
+    rows = [list(row) + [Fraction(int(i == j)) for j in range(n)] for i, row in enumerate(matrix)]
+    for col in range(n):
+        pivot = next(r for r in range(col, n) if rows[r][col] != 0)
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        rows[col] = [v / rows[col][col] for v in rows[col]]
+        for r in range(n):
+            if r != col and rows[r][col] != 0:
+                rows[r] = [a - rows[r][col] * b for a, b in zip(rows[r], rows[col])]
+    return [row[n:] for row in rows]
+
+
+def _toom_cook(points: tuple) -> tuple[list[list[Fraction]], list[list[Fraction]], list[list[Fraction]]]:
+    """(B^T, G, A^T) of F(m x m, 3x3) for m + 1 finite points (infinity is added), exactly.
+
+    Multiplying a polynomial g of 3 coefficients with one h of m: evaluate both at the points
+    (V_g g, V_h h; at infinity the leading coefficient), multiply, interpolate the product's
+    m + 2 coefficients (V^-1). The correlation the convolution layer computes is that linear
+    map's transpose in h: y = V_h^T [(V_g g) . (V^-T d)]. Scaling row j of V^-T by
+    f_j = prod_(l != j) (a_j - a_l) and row j of V_g by 1 / f_j keeps B^T's entries small."""
+    points = tuple(Fraction(p) for p in points)
+    size = len(points) + 1
+
+    def vandermonde(columns: int) -> list[list[Fraction]]:
+        rows = [[p**k for k in range(columns)] for p in points]
+        return rows + [[Fraction(int(k == columns - 1)) for k in range(columns)]]
+
+    scale = [math.prod((p - q for q in points if q != p), start=Fraction(1)) for p in points] + [Fraction(1)]
+    v_inverse = _inverse(vandermonde(size))
+    b_t = [[scale[j] * v_inverse[i][j] for i in range(size)] for j in range(size)]
+    g = [[value / scale[j] for value in row] for j, row in enumerate(vandermonde(3))]
+    a_t = [list(column) for column in zip(*vandermonde(size - 2))]
+    return b_t, g, a_t
+
+
+@functools.cache
+def _matrices(tile: int) -> _Matrices:
+    if tile not in _POINTS:
+        raise ValueError(f"Winograd output tiles are {' or '.join(map(str, OUTPUT_TILES))} wide, not {tile}")
+    b_t, g, a_t = (torch.tensor([[float(v) for v in row] for row in m], dtype=torch.float64) for m in _toom_cook(_POINTS[tile]))
+    return _Matrices(b_t, torch.kron(g, g), a_t)
+
+
+def _tile_of(filters: torch.Tensor) -> int:
+    """The output tile side of filters in Winograd's domain ((m + 2)^2 x C_in x C_out)."""
+    side = math.isqrt(filters.shape[0])
+    if side * side != filters.shape[0] or side - 2 not in _POINTS:
+        raise ValueError(f"filters of shape {tuple(filters.shape)} are not in Winograd's domain")
+    return side - 2
+
+
+def winograd_filters(weight: torch.Tensor, tile: int = TILE) -> torch.Tensor:
+    """The 3x3 filters `weight` (C_out x C_in x 3 x 3) in the Winograd domain of F(tile x tile,
+    3x3), `G g G^T`, laid out as the (tile + 2)^2 matrices the products take:
+    (tile + 2)^2 x C_in x C_out, in `weight`'s dtype (differentiable)."""
     out_channels, in_channels, kh, kw = weight.shape
     if (kh, kw) != (3, 3):
-        raise ValueError(f"Winograd F(4x4, 3x3) takes 3x3 filters, not {kh}x{kw}")
+        raise ValueError(f"Winograd F(m x m, 3x3) takes 3x3 filters, not {kh}x{kw}")
+    g_kron_g = _matrices(tile).g_kron_g
     # At least float32, not float64 for float32 weights, so that training's backward through
     # it stays cheap: G's rounding (1/6, 1/24) is ~1e-7, far below the method's own.
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    # G g G^T for all filters at once: the 36 x 9 Kronecker product of G with itself times the
-    # filters laid out tap by tap (9 x (C_in C_out), a copy of the small weight), which writes
-    # the 36 matrices in place. An einsum of the two products took 3x as long forward and
+    # G g G^T for all filters at once: the (m + 2)^2 x 9 Kronecker product of G with itself times
+    # the filters laid out tap by tap (9 x (C_in C_out), a copy of the small weight), which writes
+    # the matrices in place. An einsum of the two products took 3x as long forward and
     # backward (256 x 768 filters: 70 against 24 ms), in copies of its large intermediate.
     taps = weight.to(dtype).permute(2, 3, 1, 0).reshape(9, in_channels * out_channels)
-    transformed = _G_KRON_G.to(weight.device, dtype) @ taps
-    return transformed.view(36, in_channels, out_channels).to(weight.dtype)
+    transformed = g_kron_g.to(weight.device, dtype) @ taps
+    return transformed.view(g_kron_g.shape[0], in_channels, out_channels).to(weight.dtype)
 
 
 def _transform(matrix: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
@@ -83,10 +137,11 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
                      dilation: int = 1) -> torch.Tensor:
     """The stride-1 3x3 convolution of `x` (N x C_in x H x W) with zero padding `dilation` (the
     size-preserving one) at `dilation`, given its filters in Winograd's domain
-    (`winograd_filters`), plus `bias`. Returns N x C_out x H x W in the channels-last layout.
+    (`winograd_filters`; their size picks F(4x4, 3x3) or F(6x6, 3x3)), plus `bias`. Returns N x C_out x H x W in the channels-last layout.
     Differentiable (every step is a PyTorch operator)."""
     n, in_channels, height, width = x.shape
-    if filters.shape[:2] != (36, in_channels):
+    _tile_of(filters)
+    if filters.shape[1] != in_channels:
         raise ValueError(f"filters of shape {tuple(filters.shape)} do not take {in_channels} input channels")
     nhwc = x.permute(0, 2, 3, 1)
     if dilation > 1:
@@ -108,53 +163,55 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
 
 
 class _InputTiles(torch.autograd.Function):
-    """The overlapping 6 x 6 tiles at a stride of 4 of a padded N x H x W x C map, tile axes
-    first: 6 x 6 x (N rows cols) x C. Its gradient adds each tile's two overlapping rows and
-    columns onto its neighbour's with whole-slice additions; autograd's gradient of `unfold`
-    (a generic scatter) took 4x as long (63 against 15 ms, forward and backward, for 64
-    channels on 128 x 128 at batch 4)."""
+    """The overlapping (m + 2) x (m + 2) tiles at a stride of m of a padded N x H x W x C map,
+    tile axes first: (m + 2) x (m + 2) x (N rows cols) x C. Its gradient adds each tile's two
+    overlapping rows and columns onto its neighbour's with whole-slice additions; autograd's
+    gradient of `unfold` (a generic scatter) took 4x as long (63 against 15 ms, forward and
+    backward, for 64 channels on 128 x 128 at batch 4, m = 4)."""
 
     @staticmethod
-    def forward(ctx: Any, padded: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, padded: torch.Tensor, tile: int = TILE) -> torch.Tensor:
         n, height, width, channels = padded.shape
-        rows, cols = (height - 2) // TILE, (width - 2) // TILE
-        ctx.dims = (n, rows, cols, channels)
-        tiles = padded.unfold(1, TILE + 2, TILE).unfold(2, TILE + 2, TILE).permute(4, 5, 0, 1, 2, 3)
-        return tiles.reshape(TILE + 2, TILE + 2, n * rows * cols, channels)
+        rows, cols = (height - 2) // tile, (width - 2) // tile
+        ctx.dims = (n, rows, cols, channels, tile)
+        tiles = padded.unfold(1, tile + 2, tile).unfold(2, tile + 2, tile).permute(4, 5, 0, 1, 2, 3)
+        return tiles.reshape(tile + 2, tile + 2, n * rows * cols, channels)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        n, rows, cols, channels = ctx.dims
-        overlap = slice(TILE, TILE + 2)
-        # Columns: tile column j of tile c lands on map column TILE c + j; j = 4, 5 are the next
-        # tile's 0, 1. Blocks of TILE columns, one more than the tiles for the last overlap.
-        per_row = grad.reshape(TILE + 2, TILE + 2, n, rows, cols, channels).permute(0, 2, 3, 4, 1, 5)
-        blocks = grad.new_empty(TILE + 2, n, rows, cols + 1, TILE, channels)
-        blocks[:, :, :, :cols] = per_row[..., :TILE, :]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        n, rows, cols, channels, tile = ctx.dims
+        overlap = slice(tile, tile + 2)
+        # Columns: tile column j of tile c lands on map column m c + j; j = m, m + 1 are the next
+        # tile's 0, 1. Blocks of m columns, one more than the tiles for the last overlap.
+        per_row = grad.reshape(tile + 2, tile + 2, n, rows, cols, channels).permute(0, 2, 3, 4, 1, 5)
+        blocks = grad.new_empty(tile + 2, n, rows, cols + 1, tile, channels)
+        blocks[:, :, :, :cols] = per_row[..., :tile, :]
         blocks[:, :, :, cols, :2] = 0
         blocks[:, :, :, 1:, :2] += per_row[..., overlap, :]
-        width = TILE * cols + 2
-        by_row = blocks.view(TILE + 2, n, rows, TILE * (cols + 1), channels)[:, :, :, :width].permute(1, 2, 0, 3, 4)
+        width = tile * cols + 2
+        by_row = blocks.view(tile + 2, n, rows, tile * (cols + 1), channels)[:, :, :, :width].permute(1, 2, 0, 3, 4)
         # Rows likewise.
-        out = grad.new_empty(n, rows + 1, TILE, width, channels)
-        out[:, :rows] = by_row[:, :, :TILE]
+        out = grad.new_empty(n, rows + 1, tile, width, channels)
+        out[:, :rows] = by_row[:, :, :tile]
         out[:, rows, :2] = 0
         out[:, 1:, :2] += by_row[:, :, overlap]
-        return out.view(n, TILE * (rows + 1), width, channels)[:, :TILE * rows + 2]
+        return out.view(n, tile * (rows + 1), width, channels)[:, :tile * rows + 2], None
 
 
 def _undilated(nhwc: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     """The undilated 3x3 convolution, zero padding 1, of the channels-last map `nhwc`
     (N x H x W x C_in): N x H x W x C_out, not necessarily contiguous."""
     n, height, width, in_channels = nhwc.shape
-    out_channels = filters.shape[-1]
-    rows, cols = -(-height // TILE), -(-width // TILE)
+    out_channels, tile = filters.shape[-1], _tile_of(filters)
+    side = tile + 2
+    b_t, _, a_t = _matrices(tile)
+    rows, cols = -(-height // tile), -(-width // tile)
     # Zero-pad to whole tiles plus the filter's border.
-    padded = F.pad(nhwc, (0, 0, 1, cols * TILE + 1 - width, 1, rows * TILE + 1 - height))
+    padded = F.pad(nhwc, (0, 0, 1, cols * tile + 1 - width, 1, rows * tile + 1 - height))
     count = n * rows * cols
-    inputs = _transform(_B_T.to(nhwc), _InputTiles.apply(padded))
-    products = torch.bmm(inputs.view(36, count, in_channels), filters)
-    outputs = _transform(_A_T.to(nhwc), products.view(TILE + 2, TILE + 2, count, out_channels))
-    # TILE x TILE x N x rows x cols x C_out -> N x (rows, TILE) x (cols, TILE) x C_out
-    outputs = outputs.view(TILE, TILE, n, rows, cols, out_channels).permute(2, 3, 0, 4, 1, 5)
-    return outputs.reshape(n, rows * TILE, cols * TILE, out_channels)[:, :height, :width]
+    inputs = _transform(b_t.to(nhwc), _InputTiles.apply(padded, tile))
+    products = torch.bmm(inputs.view(side * side, count, in_channels), filters)
+    outputs = _transform(a_t.to(nhwc), products.view(side, side, count, out_channels))
+    # m x m x N x rows x cols x C_out -> N x (rows, m) x (cols, m) x C_out
+    outputs = outputs.view(tile, tile, n, rows, cols, out_channels).permute(2, 3, 0, 4, 1, 5)
+    return outputs.reshape(n, rows * tile, cols * tile, out_channels)[:, :height, :width]
