@@ -149,6 +149,24 @@ def test_a_kernel_that_refuses_the_settings_drops_out_of_the_timing(monkeypatch)
     assert set(seconds) == {"onednn", "channels_first"} and method in seconds
 
 
+@pytest.mark.parametrize("name", ["3x3", "transposed"])
+def test_im2col_is_not_timed_where_its_column_buffer_is_large(name, monkeypatch):
+    from seglab.ops.weight_gradient import _im2col_bytes
+
+    monkeypatch.setattr(weight_gradient_module, "MIN_TUNED_FLOPS", 0)
+    x, weight, bias, settings = _case(name)
+    output = _eager(x, weight, bias, settings)
+    # One image's patches: 6 x 3 x 3 per output pixel; 5 x 4 x 4 per input pixel when transposed.
+    patch, pixels = (5 * 4 * 4, 13 * 11) if settings.transposed else (6 * 3 * 3, output[0, 0].numel())
+    assert _im2col_bytes(output, x, weight, settings) == 4 * patch * pixels
+    monkeypatch.setattr(weight_gradient_module, "MAX_IM2COL_BYTES", 4 * patch * pixels - 1)
+    got, = torch.autograd.grad(tuned_convolution(x, weight, bias, settings), weight, torch.ones_like(output))
+    expected, = torch.autograd.grad(output, weight, torch.ones_like(output))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    (method, seconds), = chosen_methods().values()
+    assert set(seconds) == {"onednn", "channels_first"} and method in seconds
+
+
 def test_the_tuning_is_for_dense_float32_cpu_convolutions_outside_autocast():
     x, weight = torch.randn(2, 6, 8, 8), torch.randn(5, 6, 3, 3)
     assert takes_tuned_weight_gradient(x, weight, groups=1)

@@ -20,6 +20,15 @@ times each kernel (twice where the first call came within 2x of the fastest) and
 fastest for the process; small gradients, where the timing costs more than any kernel could
 save, keep oneDNN's. The input's gradient is oneDNN's in every case.
 
+im2col writes the patches of one image into a buffer of C_in x k x k x output pixels floats
+(C_out x k x k x input pixels for a transposed convolution), fresh at every call. Above
+`MAX_IM2COL_BYTES` it is not timed: on a KVM guest whose freed memory goes back to the host,
+such a buffer is paged in again at some calls and not others, so a quick timing says nothing
+of the next step. Measured on a Zen 3 EPYC, 2 threads, six calls in a row: 32 -> 16 on 512 x 512
+(302 MB of columns) 772, 3010, 765, 3953, 817 ms; a UNet-R34 training step whose 64 -> 32
+convolution on 256 x 256 (151 MB) had been timed fastest by im2col ran it in 1.64 s, where
+oneDNN through NCHW took 0.14-0.16 s. Buffers of 64 MB and less timed steadily.
+
 The kernels sum in different orders, so the weight gradient differs from eager PyTorch's at
 float32 rounding level, and a choice made by timing can differ between runs.
 """
@@ -36,6 +45,7 @@ from seglab.ops.layout import in_layout_of
 
 __all__ = [
     "METHODS",
+    "MAX_IM2COL_BYTES",
     "MIN_TUNED_FLOPS",
     "RETIME_WITHIN",
     "ConvSettings",
@@ -50,6 +60,7 @@ __all__ = [
 METHODS = ("onednn", "channels_first", "im2col")
 MIN_TUNED_FLOPS = 50_000_000  # a weight gradient below this keeps oneDNN's kernel, untimed
 RETIME_WITHIN = 2.0  # kernels whose first call took at most this multiple of the fastest's run again
+MAX_IM2COL_BYTES = 64 << 20  # im2col's column buffer above which it is not a candidate
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,15 @@ def _weight_gradient_flops(grad_output: torch.Tensor, input: torch.Tensor, weigh
     return 2 * weight.numel() * map_pixels
 
 
+def _im2col_bytes(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                  settings: ConvSettings) -> int:
+    """The size of im2col's column buffer for one image: a patch of weight[0]'s size (C_in x k x k;
+    C_out x k x k for a transposed convolution's C_in x C_out x k x k weight) per pixel of the
+    output's map (of the input's, for a transposed convolution)."""
+    pixels = input[0, 0].numel() if settings.transposed else grad_output[0, 0].numel()
+    return weight[0].numel() * pixels * input.element_size()
+
+
 def _timed(call: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
     result = call()
@@ -135,7 +155,9 @@ def _tune(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
         elapsed, results[method] = _timed(lambda: weight_gradient_by(method, grad_output, input, weight, settings))
         seconds[method] = min(elapsed, seconds.get(method, math.inf))
 
-    for method in METHODS:
+    candidates = [m for m in METHODS if m != "im2col"
+                  or _im2col_bytes(grad_output, input, weight, settings) <= MAX_IM2COL_BYTES]
+    for method in candidates:
         try:
             time_call(method)
         except RuntimeError:  # another kernel that does not take these settings drops out
