@@ -15,9 +15,9 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   channels), 1024 tiles 1.69-1.92x. 64 tiles (a ResNet's last stage at a 512 input, batch 4)
   first measured 0.89-1.02x against oneDNN's eager convolution; against the training route's
   own direct convolution (tuned weight gradients) 1.39-1.62x in 15 interleaved rounds (256 and
-  512 channels, two runs each), hence a minimum of 64 tiles. oneDNN's float32 backward is slow enough that
-  64 channels win too on large maps (1.26-1.40x on 128 x 128, batch 4, 2^24 tiles x C_in x
-  C_out): UNet-R34's training step at 512 x 512 took 1.34x less time with Winograd from 64
+  512 channels, two runs each), hence a minimum of 64 tiles. oneDNN's float32 backward is slow
+  enough that 64 channels win too on large maps (1.26-1.40x on 128 x 128, batch 4, 2^24
+  tiles x C_in x C_out): UNet-R34's training step at 512 x 512 took 1.34x less time with Winograd from 64
   channels, 1.21x from 128. On small ones they lose: `seglab train`'s default U-Net (64
   channels on 16 x 16, batch 16: 256 tiles, 2^20) took 4% longer, hence also a minimum of
   2^22 for tiles x C_in x C_out (128 channels over 256 tiles, 1.20x, just pass it).
@@ -34,7 +34,11 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   per output, but 6 x 6 output tiles: 32 x 32 and 16 x 16 maps (a ResNet's stages 4 and 5 at a
   512 input, or any stage at output stride 8, per phase) fill only 79% of them, where F(4x4)'s
   fill theirs. `output_tile` takes F(6x6) where its tiles are filled at least
-  `MIN_TILE_COVERAGE`.
+  `MIN_TILE_COVERAGE`. Direct / F(4x4) / F(6x6), interleaved medians: inference 128 ch on
+  64 x 64 1.35x / 1.51x (batch 8 1.24x / 1.44x), 1024 -> 512 on 64 x 64 2.77x / 3.24x, 256 ch
+  on 32 x 32 1.58x / 1.42x; training (batch 4) 64 ch on 128 x 128 1.11x / 1.27x, 128 ch on
+  64 x 64 1.71x / 1.93x, 256 ch on 32 x 32 1.91x / 1.72x. 64 channels in inference stay
+  direct (128 x 128: 1.04x at batch 1, 0.80x at batch 8).
 """
 from __future__ import annotations
 
