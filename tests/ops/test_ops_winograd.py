@@ -13,7 +13,8 @@ from seglab.ops.winograd import OUTPUT_TILES, winograd_conv3x3, winograd_filters
 
 
 @pytest.mark.parametrize("tile", OUTPUT_TILES)
-@pytest.mark.parametrize("size", [(8, 8), (12, 12), (9, 14), (1, 5), (4, 3)])  # whole tiles, ragged, thinner than a tile
+# Whole tiles of both sizes, ragged, thinner than a tile.
+@pytest.mark.parametrize("size", [(8, 8), (12, 12), (9, 14), (1, 5), (4, 3)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_values_and_gradients_equal_the_convolution(tile, size, bias):
     torch.manual_seed(0)

@@ -17,8 +17,8 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   own direct convolution (tuned weight gradients) 1.39-1.62x in 15 interleaved rounds (256 and
   512 channels, two runs each), hence a minimum of 64 tiles. oneDNN's float32 backward is slow
   enough that 64 channels win too on large maps (1.26-1.40x on 128 x 128, batch 4, 2^24
-  tiles x C_in x C_out): UNet-R34's training step at 512 x 512 took 1.34x less time with Winograd from 64
-  channels, 1.21x from 128. On small ones they lose: `seglab train`'s default U-Net (64
+  tiles x C_in x C_out): UNet-R34's training step at 512 x 512 took 1.34x less time with
+  Winograd from 64 channels, 1.21x from 128. On small ones they lose: `seglab train`'s default U-Net (64
   channels on 16 x 16, batch 16: 256 tiles, 2^20) took 4% longer, hence also a minimum of
   2^22 for tiles x C_in x C_out (128 channels over 256 tiles, 1.20x, just pass it).
 - Dilated, as d x d undilated phases stacked on the batch: 256 ch at dilation 2 on 64 x 64

@@ -24,8 +24,8 @@ im2col writes the patches of one image into a buffer of C_in x k x k x output pi
 (C_out x k x k x input pixels for a transposed convolution), fresh at every call. Above
 `MAX_IM2COL_BYTES` it is not timed: on a KVM guest whose freed memory goes back to the host,
 such a buffer is paged in again at some calls and not others, so a quick timing says nothing
-of the next step. Measured on a Zen 3 EPYC, 2 threads, six calls in a row: 32 -> 16 on 512 x 512
-(302 MB of columns) 772, 3010, 765, 3953, 817 ms; a UNet-R34 training step whose 64 -> 32
+of the next step. Measured on a Zen 3 EPYC, 2 threads, six calls in a row: 32 -> 16 on
+512 x 512 (302 MB of columns) 7839 ms, then 772, 3010, 765, 3953, 817 ms; a UNet-R34 training step whose 64 -> 32
 convolution on 256 x 256 (151 MB) had been timed fastest by im2col ran it in 1.64 s, where
 oneDNN through NCHW took 0.14-0.16 s. Buffers of 64 MB and less timed steadily.
 

@@ -92,7 +92,8 @@ def _toom_cook(points: tuple) -> tuple[list[list[Fraction]], list[list[Fraction]
 def _matrices(tile: int) -> _Matrices:
     if tile not in _POINTS:
         raise ValueError(f"Winograd output tiles are {' or '.join(map(str, OUTPUT_TILES))} wide, not {tile}")
-    b_t, g, a_t = (torch.tensor([[float(v) for v in row] for row in m], dtype=torch.float64) for m in _toom_cook(_POINTS[tile]))
+    b_t, g, a_t = (torch.tensor([[float(v) for v in row] for row in matrix], dtype=torch.float64)
+                   for matrix in _toom_cook(_POINTS[tile]))
     return _Matrices(b_t, torch.kron(g, g), a_t)
 
 
@@ -137,8 +138,9 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
                      dilation: int = 1) -> torch.Tensor:
     """The stride-1 3x3 convolution of `x` (N x C_in x H x W) with zero padding `dilation` (the
     size-preserving one) at `dilation`, given its filters in Winograd's domain
-    (`winograd_filters`; their size picks F(4x4, 3x3) or F(6x6, 3x3)), plus `bias`. Returns N x C_out x H x W in the channels-last layout.
-    Differentiable (every step is a PyTorch operator)."""
+    (`winograd_filters`; their size picks F(4x4, 3x3) or F(6x6, 3x3)), plus `bias`. Returns
+    N x C_out x H x W in the channels-last layout. Differentiable (every step is a PyTorch
+    operator)."""
     n, in_channels, height, width = x.shape
     _tile_of(filters)
     if filters.shape[1] != in_channels:
