@@ -57,6 +57,18 @@ def test_nchw_input_keeps_nchw_output():
     torch.testing.assert_close(y, conv(x), atol=1e-5, rtol=1e-5)
 
 
+def test_unbatched_input_is_convolved_as_nn_conv2d_does():
+    conv = _conv()
+    fused = FusedConv(conv, nn.ReLU(), prepack=True)
+    x = torch.randn(16, 12, 10)  # C x H x W, no batch axis
+    with torch.inference_mode():
+        y = fused(x)
+        shortcut = torch.randn(24, 12, 10)
+        with_shortcut = fused(x, shortcut)
+    torch.testing.assert_close(y, torch.relu(conv(x)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_shortcut, torch.relu(conv(x) + shortcut), atol=1e-5, rtol=1e-5)
+
+
 def test_copies_repack_and_gradients_take_the_plain_path():
     conv = _conv()
     packed = FusedConv(conv, nn.ReLU(), prepack=True)

@@ -113,7 +113,8 @@ class FusedConv(nn.Conv2d):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """activation(conv(x)), or activation(conv(x) + residual) with a residual."""
         inference = not (torch.is_grad_enabled() and self.weight.requires_grad)
-        if x.device.type != "cpu" or not inference or x.dtype != self.weight.dtype:
+        # oneDNN's fused kernels take batched maps only; an unbatched C x H x W one goes as nn.Conv2d takes it.
+        if x.device.type != "cpu" or not inference or x.dtype != self.weight.dtype or x.dim() != 4:
             return self._unfused(x, residual)
         tile = call_output_tile(x, self.weight, self.dilation[0], training=False) if self.winograd else None
         if tile is not None:
