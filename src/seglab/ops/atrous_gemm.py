@@ -174,9 +174,10 @@ class _WindowedGemmConv(torch.autograd.Function):
 
 
 def _tap_matrices(weight: torch.Tensor) -> torch.Tensor:
-    """C_out x C_in x kh x kw -> (kh kw) x C_in x C_out: each tap as the matrix pixels multiply."""
+    """(kh kw) x C_in x C_out: each tap as the matrix pixels multiply, a transposed view of
+    `_stacked_taps`'s rows (BLAS reads either order)."""
     out_channels, in_channels, kh, kw = weight.shape
-    return weight.permute(2, 3, 1, 0).reshape(kh * kw, in_channels, out_channels)
+    return _stacked_taps(weight, weight.dtype).view(kh * kw, out_channels, in_channels).transpose(1, 2)
 
 
 def all_taps_product(x: torch.Tensor, stacked_taps: torch.Tensor, bias: torch.Tensor | None,
