@@ -57,6 +57,38 @@ def test_training_convolutions_run_winograd_forward_and_backward_in_float32():
     assert isinstance(training_convolutions(model, "cpu", "32", enabled=False), contextlib.nullcontext)
 
 
+def test_the_fpn_stride4_head_convolutions_take_the_route(monkeypatch):
+    # FPN-R18 computes its stride-4 head from C2 and P3 with kernels derived from its parameters
+    # (a 3x3 kernel composed with the lateral, a transposed one for the upsampled P3); both
+    # convolutions go through calls the route replaces, so they train by the tuned kernels too.
+    torch.manual_seed(0)
+    model = create_model("fpn", num_classes=3, encoder="resnet18").train().to(memory_format=torch.channels_last)
+    assert model.compose_stride4
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    weights = []
+    real = convolutions.tuned_convolution
+
+    def recorded(input, weight, bias, settings):
+        weights.append((tuple(weight.shape), settings.transposed))
+        return real(input, weight, bias, settings)
+
+    monkeypatch.setattr(convolutions, "tuned_convolution", recorded)
+    route = training_convolutions(model, "cpu", "32")
+    assert model in route.upsampling_convs
+    torch.manual_seed(1)  # the same dropout mask in both steps
+    expected_y, expected_grads, _ = _step(model, x, contextlib.nullcontext())
+    torch.manual_seed(1)
+    y, grads, _ = _step(model, x, route)
+    torch.testing.assert_close(y, expected_y, atol=1e-5, rtol=1e-5)
+    for grad, expected in zip(grads, expected_grads):
+        # Sums of thousands of terms in another order: float32 rounding of the largest entries.
+        torch.testing.assert_close(grad, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
+    head = model.heads[0].convs[0][0]
+    assert ((head.out_channels, 64, 3, 3), False) in weights  # the composed kernel reads C2's 64 channels
+    assert ((head.in_channels, head.out_channels, 4, 4), True) in weights  # P3's upsampled share
+    assert not any({"_conv_forward", "_upsampling_conv"} & set(vars(m)) for m in model.modules())
+
+
 def test_the_other_convolutions_train_with_their_weight_gradient_by_the_tuned_kernel(monkeypatch):
     torch.manual_seed(0)
     # A U-Net decoder: its first convolution of each step a NearestUpsampleConv (a transposed 4x4

@@ -10,9 +10,9 @@ Two rewrites, each exact up to float32 rounding, chosen per call:
   channels-last maps is the slowest part of a training step on processors without bf16.
 
 `TrainingConvolutions(model)` is a context: inside it the model's convolution modules route
-their calls (the module's `_conv_forward`, and a U-Net decoder's `_upsampling_conv`, are
-replaced per instance and restored on exit), so the rest of the model runs as it is, with no
-per-operator dispatch. Autocast, other dtypes, other devices and calls without gradients keep
+their calls (the module's `_conv_forward`, and the `_upsampling_conv` of a U-Net decoder's or
+an FPN's nearest-upsampling convolutions, are replaced per instance and restored on exit), so
+the rest of the model runs as it is, with no per-operator dispatch. Autocast, other dtypes, other devices and calls without gradients keep
 the plain convolution; so does `--direct-convolutions` (no context at all).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn as nn
 from seglab.engine.precision import resolve_precision
 from seglab.engine.winograd import MIN_TRAINING_CHANNELS, call_output_tile, conv_takes_winograd
 from seglab.ops.atrous_depthwise import trains
-from seglab.ops.nearest_conv import NearestUpsampleConv
+from seglab.ops.nearest_conv import UpsamplingConvCaller
 from seglab.ops.weight_gradient import ConvSettings, takes_tuned_weight_gradient, tuned_convolution
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters
 
@@ -50,7 +50,7 @@ class TrainingConvolutions:
         self.tuned_weight_gradients = tuned_weight_gradients
         self.convs = [m for m in model.modules() if _routable(m)]
         self.winograd_convs = {id(m) for m in self.convs if winograd and conv_takes_winograd(m, MIN_TRAINING_CHANNELS)}
-        self.upsampling_convs = [m for m in model.modules() if isinstance(m, NearestUpsampleConv)] \
+        self.upsampling_convs = [m for m in model.modules() if isinstance(m, UpsamplingConvCaller)] \
             if tuned_weight_gradients else []
 
     def __enter__(self) -> TrainingConvolutions:
@@ -77,11 +77,12 @@ class TrainingConvolutions:
             return tuned_convolution(input, weight, bias, settings)
         return nn.Conv2d._conv_forward(conv, input, weight, bias)
 
-    def _upsampling_conv(self, conv: NearestUpsampleConv, x: torch.Tensor, transposed_weight: torch.Tensor,
+    def _upsampling_conv(self, caller: UpsamplingConvCaller, x: torch.Tensor, transposed_weight: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor:
-        if trains(conv, x) and takes_tuned_weight_gradient(x, transposed_weight, 1):
+        records = torch.is_grad_enabled() and (x.requires_grad or transposed_weight.requires_grad)
+        if records and takes_tuned_weight_gradient(x, transposed_weight, 1):
             return tuned_convolution(x, transposed_weight, bias, _UPSAMPLING)
-        return NearestUpsampleConv._upsampling_conv(x, transposed_weight, bias)
+        return UpsamplingConvCaller._upsampling_conv(x, transposed_weight, bias)
 
 
 def training_convolutions(model: nn.Module, device: torch.device | str, precision: str | int,

@@ -54,10 +54,21 @@ def conv3x3_of_nearest2x(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     the caller keeps it. A channels_last x gives a channels_last result, NCHW gives NCHW."""
     if transposed_weight is None:
         transposed_weight = nearest2x_transposed_weight(weight)
-    return F.conv_transpose2d(x, transposed_weight, bias, stride=2, padding=1)
+    return UpsamplingConvCaller._upsampling_conv(x, transposed_weight, bias)
 
 
-class NearestUpsampleConv(nn.Conv2d):
+class UpsamplingConvCaller:
+    """A module that computes the 3x3 convolution of a nearest-upsampled map by calling its
+    `_upsampling_conv` (the stride-2 transposed convolution of `conv3x3_of_nearest2x`), so
+    that a training route may replace that call per instance, as it replaces a Conv2d's
+    `_conv_forward`."""
+
+    @staticmethod
+    def _upsampling_conv(x: torch.Tensor, transposed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv_transpose2d(x, transposed_weight, bias, stride=2, padding=1)
+
+
+class NearestUpsampleConv(nn.Conv2d, UpsamplingConvCaller):
     """The 3x3 convolution (stride 1, padding 1) of a U-Net decoder step over
     cat([nearest_upsample(x), skip]), with x read at its own resolution when the step doubles
     its size (`conv3x3_of_nearest2x`); otherwise upsampled to the skip's (or the given) size.
@@ -87,12 +98,6 @@ class NearestUpsampleConv(nn.Conv2d):
                     in_layout_of(weight[:, low_channels:], weight))
 
         return self._kept.get([weight], build, low_channels)
-
-    @staticmethod
-    def _upsampling_conv(x: torch.Tensor, transposed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The stride-2 transposed convolution that computes the upsampled part (a training
-        route may replace it per instance, as it does `_conv_forward`)."""
-        return F.conv_transpose2d(x, transposed_weight, bias, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, size: tuple[int, int] | torch.Size | None = None) -> torch.Tensor:
         height, width = x.shape[-2:]
