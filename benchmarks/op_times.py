@@ -1,0 +1,126 @@
+"""Where a model's inference call or training step spends its time, operator by operator: each
+ATen operator's wall time, taken around the operator itself by a dispatch mode. Not a test: it
+prints two tables, by operator and by operator and input shapes.
+
+    python benchmarks/op_times.py --model fpn-r34 --mode train       # seglab's training route
+    python benchmarks/op_times.py --model fpn-r34 --mode train --peer   # the peer library's model
+    python benchmarks/op_times.py --model unet-r34 --mode infer --batch 8 --top 40
+
+Why not torch.profiler: on a KVM guest (the 2-core Zen 3 EPYC of docs/bench.md) its figures
+for memory-bound operators came out 2-6x the operator's own time. A UNet-R34 training step
+(batch 4, 512 x 512) profiled at 7.3 s against 4.6 s unprofiled; the 16 -> 16 channel
+convolution's backward on 512 x 512 at 369 ms, where this timer measured 95-123 ms in the same
+step and 101-125 ms alone in the same process, and a 88 MB `fill_` at 250 ms against 4 ms
+alone. This timer adds a few microseconds per operator (a step's total stays within the run to
+run noise) and reports what each operator took, so the sum of a table is the step's time less
+Python's share.
+
+The model is built as `seglab bench` builds it (random weights, 21 classes); the training step
+is the bench's (`seglab.bench._training_call`: channels last, the training route, AdamW, the
+cross-entropy), inference the fast path at float32 (`optimize_for_inference(model, "32")`).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from seglab.bench import ARCHITECTURES, BenchSettings, _training_call
+from seglab.engine.fastpath import optimize_for_inference
+from seglab.memory import keep_freed_memory
+from seglab.models import create_model
+
+
+class OperatorTimes(TorchDispatchMode):
+    """Wall seconds per ATen operator, and per operator and the shapes of its first three
+    tensor arguments, of everything run inside the mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_operator: collections.Counter[str] = collections.Counter()
+        self.by_shapes: collections.Counter[tuple[str, tuple]] = collections.Counter()
+        self.calls: collections.Counter[tuple[str, tuple]] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        start = time.perf_counter()
+        result = func(*args, **(kwargs or {}))
+        elapsed = time.perf_counter() - start
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))[:3]
+        self.by_operator[func.__name__] += elapsed
+        self.by_shapes[(func.__name__, shapes)] += elapsed
+        self.calls[(func.__name__, shapes)] += 1
+        return result
+
+
+def _call(model_key: str, mode: str, batch: int, size: int, peer: bool) -> Callable[[], None]:
+    arch = ARCHITECTURES[model_key]
+    if peer and arch.peer_builder is None:
+        raise SystemExit(f"--peer: {model_key} has no peer model")
+    torch.manual_seed(0)
+    model = arch.peer_builder(21) if peer else create_model(arch.seglab_model, num_classes=21, **arch.seglab_kwargs)
+    if mode == "train":
+        settings = BenchSettings(models=[model_key], train_batch=batch, size=size)
+        ours = not peer
+        return _training_call(model, settings, torch.device("cpu"), channels_last=ours, precision="32", fused=ours,
+                              winograd=ours, tuned_gradients=ours)
+    runnable = model.eval() if peer else optimize_for_inference(model.eval(), "32")
+    images = torch.randn(batch, 3, size, size)
+
+    def infer() -> None:
+        with torch.no_grad():
+            runnable(images)
+
+    return infer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="unet-r34", choices=list(ARCHITECTURES))
+    parser.add_argument("--mode", default="train", choices=["train", "infer"])
+    parser.add_argument("--batch", type=int, default=None, help="default: 4 in training, 1 in inference")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--peer", action="store_true", help="the peer library's model, as `seglab bench` runs it")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed calls first (the tuning, fresh memory)")
+    parser.add_argument("--top", type=int, default=30, help="rows of the table by shapes")
+    parser.add_argument("--threads", type=int, default=None)
+    options = parser.parse_args()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    keep_freed_memory()  # as seglab's commands run
+    batch = options.batch or (4 if options.mode == "train" else 1)
+    call = _call(options.model, options.mode, batch, options.size, options.peer)
+    for _ in range(options.warmup):
+        call()
+    plain = []
+    for _ in range(3):
+        start = time.perf_counter()
+        call()
+        plain.append(time.perf_counter() - start)
+    # The faster of two timed calls: the other absorbed more of the machine's noise.
+    timed = []
+    for _ in range(2):
+        with OperatorTimes() as times:
+            start = time.perf_counter()
+            call()
+        timed.append((time.perf_counter() - start, times))
+    seconds, times = min(timed, key=lambda pair: pair[0])
+    who = f"{ARCHITECTURES[options.model].peer}'s" if options.peer else "seglab's"
+    print(f"{who} {options.model}, {options.mode}, batch {batch}, {options.size} x {options.size}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"untimed calls: median {statistics.median(plain):.3f} s; timed call {seconds:.3f} s, "
+          f"of which in operators {sum(times.by_operator.values()):.3f} s\n")
+    print("| operator | ms |\n|---|---|")
+    for name, spent in times.by_operator.most_common(15):
+        print(f"| {name} | {spent * 1e3:.1f} |")
+    print("\n| operator | input shapes | calls | ms |\n|---|---|---|---|")
+    for (name, shapes), spent in times.by_shapes.most_common(options.top):
+        print(f"| {name} | {shapes} | {times.calls[(name, shapes)]} | {spent * 1e3:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
