@@ -12,8 +12,9 @@ Two rewrites, each exact up to float32 rounding, chosen per call:
 `TrainingConvolutions(model)` is a context: inside it the model's convolution modules route
 their calls (the module's `_conv_forward`, and the `_upsampling_conv` of a U-Net decoder's or
 an FPN's nearest-upsampling convolutions, are replaced per instance and restored on exit), so
-the rest of the model runs as it is, with no per-operator dispatch. Autocast, other dtypes, other devices and calls without gradients keep
-the plain convolution; so does `--direct-convolutions` (no context at all).
+the rest of the model runs as it is, with no per-operator dispatch. Autocast, other dtypes,
+other devices and calls without gradients keep the plain convolution; so does
+`--direct-convolutions` (no context at all).
 """
 from __future__ import annotations
 
