@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from seglab.engine.precision import resolve_precision
 from seglab.engine.winograd import MIN_TRAINING_CHANNELS, call_output_tile, conv_takes_winograd
-from seglab.ops.atrous_depthwise import trains
+from seglab.ops.atrous_depthwise import records_gradients, trains
 from seglab.ops.nearest_conv import UpsamplingConvCaller
 from seglab.ops.weight_gradient import ConvSettings, takes_tuned_weight_gradient, tuned_convolution
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters
@@ -80,8 +80,7 @@ class TrainingConvolutions:
 
     def _upsampling_conv(self, caller: UpsamplingConvCaller, x: torch.Tensor, transposed_weight: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor:
-        records = torch.is_grad_enabled() and (x.requires_grad or transposed_weight.requires_grad)
-        if records and takes_tuned_weight_gradient(x, transposed_weight, 1):
+        if records_gradients(x, transposed_weight) and takes_tuned_weight_gradient(x, transposed_weight, 1):
             return tuned_convolution(x, transposed_weight, bias, _UPSAMPLING)
         return UpsamplingConvCaller._upsampling_conv(x, transposed_weight, bias)
 

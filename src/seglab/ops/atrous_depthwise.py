@@ -110,9 +110,15 @@ def shifted_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return _ShiftedDepthwise.apply(x, weight, bias, tuple(dilation))
 
 
+def records_gradients(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a convolution of `x` with `weight` (a parameter or a kernel derived from one)
+    records gradients."""
+    return torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+
+
 def trains(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether this call of `conv` on `x` records gradients."""
-    return torch.is_grad_enabled() and (conv.weight.requires_grad or x.requires_grad)
+    return records_gradients(x, conv.weight)
 
 
 def shifted_route(x: torch.Tensor, dilation: tuple[int, ...], min_dilation: int) -> bool:
