@@ -8,6 +8,7 @@ import seglab.ops.weight_gradient as weight_gradient_module
 from seglab.ops.weight_gradient import (
     METHODS,
     ConvSettings,
+    candidates,
     chosen_methods,
     clear_choices,
     takes_tuned_weight_gradient,
@@ -60,9 +61,32 @@ def test_every_kernel_computes_eager_pytorchs_weight_gradient(name, layout):
     out = _eager(x, weight, bias, settings)
     upstream = torch.randn_like(out)
     expected, = torch.autograd.grad(out, weight, upstream)
-    for method in METHODS:
+    methods = candidates(upstream, x, weight, settings)
+    assert ("taps" in methods) == (settings.stride == (1, 1) and not settings.transposed)
+    for method in methods:
         got = weight_gradient_by(method, upstream, x.detach(), weight.detach(), settings)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4, msg=f"{method}: {name}")
+
+
+def test_the_taps_kernel_refuses_what_it_does_not_compute():
+    x, weight, bias, settings = _case("strided")
+    upstream = torch.randn_like(_eager(x, weight, bias, settings))
+    with pytest.raises(ValueError, match="stride-1"):
+        weight_gradient_by("taps", upstream, x.detach(), weight.detach(), settings)
+
+
+@pytest.mark.parametrize("pixels", [1, 4096 * 2 + 7], ids=["no whole chunk", "chunks and a rest"])
+def test_the_taps_kernel_over_whole_chunks_and_the_rest(pixels):
+    # The padded grid's rows run in chunks of CHUNK_PIXELS and a remainder; both parts count.
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 1, pixels).contiguous(memory_format=CL)
+    weight = torch.randn(4, 3, 3, 3).contiguous(memory_format=CL)
+    settings = ConvSettings((1, 1), (1, 1), (1, 1))
+    upstream = torch.randn(1, 4, 1, pixels).contiguous(memory_format=CL)
+    expected = torch.ops.aten.convolution_backward(upstream, x, weight, None, *settings.arguments(),
+                                                   [False, True, False])[1]
+    got = weight_gradient_by("taps", upstream, x, weight, settings)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
@@ -83,7 +107,7 @@ def test_tuned_convolution_equals_the_convolution_and_its_three_gradients(name, 
     grad_weight = torch.autograd.grad(tuned_convolution(x, weight, b, settings), weight, upstream)[0]
     assert grad_weight.is_contiguous(memory_format=CL)  # in the weight's layout, as eager autograd keeps it
     (method, seconds), = chosen_methods().values()
-    assert set(seconds) == set(METHODS) and method == min(seconds, key=seconds.get)
+    assert set(seconds) == set(candidates(upstream, x, weight, settings)) and method == min(seconds, key=seconds.get)
 
 
 def test_first_layer_without_an_input_gradient():
@@ -164,7 +188,7 @@ def test_im2col_is_not_timed_where_its_column_buffer_is_large(name, monkeypatch)
     expected, = torch.autograd.grad(output, weight, torch.ones_like(output))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     (method, seconds), = chosen_methods().values()
-    assert set(seconds) == {"onednn", "channels_first"} and method in seconds
+    assert set(seconds) == {"onednn", "channels_first"} | ({"taps"} if name == "3x3" else set()) and method in seconds
 
 
 def test_the_tuning_is_for_dense_float32_cpu_convolutions_outside_autocast():

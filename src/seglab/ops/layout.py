@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["in_layout_of"]
+__all__ = ["channel_sums", "in_layout_of"]
+
+SUMMED_ROW_FLOATS = 512  # the width `channel_sums` folds a channels-last map's pixels into
 
 
 def in_layout_of(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -12,3 +14,21 @@ def in_layout_of(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     reorder them at every call otherwise); a branch joining channels-last maps stays channels-last."""
     channels_last = reference.dim() == 4 and reference.is_contiguous(memory_format=torch.channels_last)
     return tensor.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def channel_sums(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of an N x C x H x W float32 map over all but its channels (a bias's gradient).
+
+    On a channels-last map that is a sum down a matrix of C columns, which PyTorch vectorises
+    across the columns: for C not a multiple of 32 it ran far below the memory's rate (Zen 3,
+    2 threads, batch 4 x 512 x 512: 21 channels 47-50 ms, 16 channels 12 ms). Folding k
+    consecutive pixels into one row of k C >= `SUMMED_ROW_FLOATS` columns, then adding the k
+    partial sums, took 5-6 and 4-5 ms (and each sum adds k times fewer numbers)."""
+    channels = tensor.shape[1]
+    if channels % 32 == 0 or tensor.dtype != torch.float32 or not tensor.is_contiguous(memory_format=torch.channels_last):
+        return tensor.sum((0, 2, 3))
+    pixel_rows = tensor.permute(0, 2, 3, 1).view(-1, channels)
+    fold = -(-SUMMED_ROW_FLOATS // channels)
+    whole = pixel_rows.shape[0] // fold * fold
+    sums = pixel_rows[:whole].view(-1, fold * channels).sum(0).view(fold, channels).sum(0)
+    return sums + pixel_rows[whole:].sum(0)

@@ -1,4 +1,4 @@
-"""A convolution whose weight gradient runs by the fastest of three CPU kernels, chosen by
+"""A convolution whose weight gradient runs by the fastest of four CPU kernels, chosen by
 timing the first call of each shape (as cuDNN's benchmark mode chooses its algorithms).
 
 A convolution's backward computes two gradients. oneDNN's float32 gradient of the weight on a
@@ -10,14 +10,16 @@ same gradient on NCHW input (docs/bench.md). The same gradient three ways:
 - `"channels_first"`: the input and the output's gradient copied to NCHW, then oneDNN; the
   copies cost a pass over two maps;
 - `"im2col"`: PyTorch's own kernel (oneDNN off for the call): per image, the input's patches
-  as columns, then one BLAS product with the output's gradient.
+  as columns, then one BLAS product with the output's gradient;
+- `"taps"` (stride 1 only): one product per kernel tap over the padded channels-last map's
+  rows (`seglab.ops.tap_gradient`), no column buffer.
 
 Which is fastest depends on the channels, the map and the processor. Backward of a UNet-R34
 decoder convolution, 64 -> 32 channels on 256 x 256 at batch 4: 500 ms by oneDNN, 299 ms
 through NCHW, 274 ms by im2col; 32 -> 16 on 512 x 512: 357, 373 and 1028 ms. So the first
 backward of each shape (channels, kernel, settings, and the batch's pixels to a power of two)
 times each kernel (twice where the first call came within 2x of the fastest) and keeps the
-fastest for the process; small gradients, where the timing costs more than any kernel could
+fastest for the process (a kernel that does not take the settings is not timed); small gradients, where the timing costs more than any kernel could
 save, keep oneDNN's. The input's gradient is oneDNN's in every case.
 
 im2col writes the patches of one image into a buffer of C_in x k x k x output pixels floats
@@ -41,7 +43,8 @@ from typing import Any, Callable
 
 import torch
 
-from seglab.ops.layout import in_layout_of
+from seglab.ops.layout import channel_sums, in_layout_of
+from seglab.ops.tap_gradient import tap_weight_gradient
 
 __all__ = [
     "METHODS",
@@ -49,6 +52,7 @@ __all__ = [
     "MIN_TUNED_FLOPS",
     "RETIME_WITHIN",
     "ConvSettings",
+    "candidates",
     "chosen_methods",
     "clear_choices",
     "takes_tuned_weight_gradient",
@@ -57,7 +61,7 @@ __all__ = [
     "weight_gradient_by",
 ]
 
-METHODS = ("onednn", "channels_first", "im2col")
+METHODS = ("onednn", "channels_first", "im2col", "taps")
 MIN_TUNED_FLOPS = 50_000_000  # a weight gradient below this keeps oneDNN's kernel, untimed
 RETIME_WITHIN = 2.0  # kernels whose first call took at most this multiple of the fastest's run again
 MAX_IM2COL_BYTES = 64 << 20  # im2col's column buffer above which it is not a candidate
@@ -109,6 +113,10 @@ def weight_gradient_by(method: str, grad_output: torch.Tensor, input: torch.Tens
                        settings: ConvSettings) -> torch.Tensor:
     """The convolution's weight gradient by one of `METHODS`."""
     mask = [False, True, False]
+    if method == "taps":
+        if not _takes_taps(settings):
+            raise ValueError(f"the taps kernel computes stride-1 convolutions, not {settings}")
+        return tap_weight_gradient(grad_output, input, tuple(weight.shape[2:]), settings.padding, settings.dilation)
     if method == "channels_first":
         grad_output, input, weight = grad_output.contiguous(), input.contiguous(), weight.contiguous()
     if method == "im2col":
@@ -137,6 +145,22 @@ def _im2col_bytes(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.
     return weight[0].numel() * pixels * input.element_size()
 
 
+def _takes_taps(settings: ConvSettings) -> bool:
+    return not settings.transposed and settings.stride == (1, 1) and settings.groups == 1
+
+
+def candidates(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+               settings: ConvSettings) -> list[str]:
+    """The kernels timed for this convolution: im2col where its column buffer is at most
+    `MAX_IM2COL_BYTES`, the taps for stride-1 convolutions, the other two always."""
+    allowed = {"onednn", "channels_first"}
+    if _im2col_bytes(grad_output, input, weight, settings) <= MAX_IM2COL_BYTES:
+        allowed.add("im2col")
+    if _takes_taps(settings):
+        allowed.add("taps")
+    return [method for method in METHODS if method in allowed]
+
+
 def _timed(call: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
     result = call()
@@ -155,9 +179,7 @@ def _tune(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
         elapsed, results[method] = _timed(lambda: weight_gradient_by(method, grad_output, input, weight, settings))
         seconds[method] = min(elapsed, seconds.get(method, math.inf))
 
-    candidates = [m for m in METHODS if m != "im2col"
-                  or _im2col_bytes(grad_output, input, weight, settings) <= MAX_IM2COL_BYTES]
-    for method in candidates:
+    for method in candidates(grad_output, input, weight, settings):
         try:
             time_call(method)
         except RuntimeError:  # another kernel that does not take these settings drops out
@@ -210,7 +232,7 @@ class _TunedConvolution(torch.autograd.Function):
             grad_weight = weight_gradient(grad_output, input, weight, settings)
         # The bias's gradient as a sum: asked of oneDNN, it runs its weight-gradient kernel
         # (input + bias gradient: 199 ms against 35 without the bias, 64 channels on 128 x 128).
-        grad_bias = grad_output.sum((0, 2, 3)) if ctx.has_bias and needs_bias else None
+        grad_bias = channel_sums(grad_output) if ctx.has_bias and needs_bias else None
         return grad_input, grad_weight, grad_bias, None
 
 
