@@ -75,6 +75,23 @@ def test_the_taps_kernel_refuses_what_it_does_not_compute():
         weight_gradient_by("taps", upstream, x.detach(), weight.detach(), settings)
 
 
+@pytest.mark.parametrize("kernel, padding, dilation", [
+    ((1, 3), (0, 1), (1, 1)), ((3, 1), (1, 0), (1, 1)),  # separable halves
+    ((3, 3), (0, 0), (1, 1)), ((3, 3), (2, 2), (1, 1)),  # a smaller and a larger output than the map
+    ((5, 3), (4, 1), (2, 1)),  # dilated along one axis only
+])
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format], ids=["channels_last", "nchw"])
+def test_the_taps_kernel_for_any_stride_1_geometry(kernel, padding, dilation, layout):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 17, 23).contiguous(memory_format=layout)
+    weight = torch.randn(7, 5, *kernel).contiguous(memory_format=layout)
+    settings = ConvSettings((1, 1), padding, dilation)
+    upstream = torch.randn_like(torch.ops.aten.convolution(x, weight, None, *settings.arguments()))
+    expected = weight_gradient_by("onednn", upstream, x, weight, settings)
+    torch.testing.assert_close(weight_gradient_by("taps", upstream, x, weight, settings), expected,
+                               rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("pixels", [1, 4096 * 2 + 7], ids=["no whole chunk", "chunks and a rest"])
 def test_the_taps_kernel_over_whole_chunks_and_the_rest(pixels):
     # The padded grid's rows run in chunks of CHUNK_PIXELS and a remainder; both parts count.
