@@ -25,7 +25,8 @@ def channel_sums(tensor: torch.Tensor) -> torch.Tensor:
     consecutive pixels into one row of k C >= `SUMMED_ROW_FLOATS` columns, then adding the k
     partial sums, took 5-6 and 4-5 ms (and each sum adds k times fewer numbers)."""
     channels = tensor.shape[1]
-    if channels % 32 == 0 or tensor.dtype != torch.float32 or not tensor.is_contiguous(memory_format=torch.channels_last):
+    channels_last = tensor.is_contiguous(memory_format=torch.channels_last)
+    if channels % 32 == 0 or tensor.dtype != torch.float32 or not channels_last:
         return tensor.sum((0, 2, 3))
     pixel_rows = tensor.permute(0, 2, 3, 1).view(-1, channels)
     fold = -(-SUMMED_ROW_FLOATS // channels)

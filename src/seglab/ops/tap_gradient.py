@@ -10,8 +10,8 @@ of the padded map's rows: one copy of each map, and the products read them in pl
 im2col's k x k copies of the input.
 
 The products run over chunks of `CHUNK_PIXELS` rows batched together, then summed: one
-product with millions of rows in its inner dimension ran slower (MKL splits such a product
-poorly over two threads), and the partial sums add fewer numbers each.
+product per tap over all the rows ran slower (64 -> 32 channels on 256 x 256 at batch 4, Zen 3,
+2 threads: 164 against 146 ms), and each partial sum adds fewer numbers.
 """
 from __future__ import annotations
 

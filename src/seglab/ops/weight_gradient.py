@@ -4,7 +4,7 @@ timing the first call of each shape (as cuDNN's benchmark mode chooses its algor
 A convolution's backward computes two gradients. oneDNN's float32 gradient of the weight on a
 channels-last input runs far below its forward: on an AVX2 EPYC (Zen 3, 2 threads) 29-33
 GFLOP/s for 3x3 convolutions of 16-64 channels, against 94-151 for the forward and 53-69 for the
-same gradient on NCHW input (docs/bench.md). The same gradient three ways:
+same gradient on NCHW input (docs/bench.md). The same gradient four ways:
 
 - `"onednn"`: as eager PyTorch computes it, together with the input's gradient in one call;
 - `"channels_first"`: the input and the output's gradient copied to NCHW, then oneDNN; the
@@ -18,9 +18,9 @@ Which is fastest depends on the channels, the map and the processor. Backward of
 decoder convolution, 64 -> 32 channels on 256 x 256 at batch 4: 500 ms by oneDNN, 299 ms
 through NCHW, 274 ms by im2col; 32 -> 16 on 512 x 512: 357, 373 and 1028 ms. So the first
 backward of each shape (channels, kernel, settings, and the batch's pixels to a power of two)
-times each kernel (twice where the first call came within 2x of the fastest) and keeps the
-fastest for the process (a kernel that does not take the settings is not timed); small gradients, where the timing costs more than any kernel could
-save, keep oneDNN's. The input's gradient is oneDNN's in every case.
+times each kernel that takes its settings (twice where the first call came within 2x of the
+fastest) and keeps the fastest for the process; small gradients, where the timing costs more
+than any kernel could save, keep oneDNN's. The input's gradient is oneDNN's in every case.
 
 im2col writes the patches of one image into a buffer of C_in x k x k x output pixels floats
 (C_out x k x k x input pixels for a transposed convolution), fresh at every call. Above
