@@ -121,3 +121,18 @@ def test_tiles_gradient_adds_the_overlaps_as_unfolds_gradient_does(tile):
         got, = torch.autograd.grad(tiles, padded, upstream)
         want, = torch.autograd.grad(expected, padded, upstream)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # the same sums, in another order
+
+
+@pytest.mark.parametrize("tile", OUTPUT_TILES)
+def test_an_inference_call_first_leaves_the_cached_matrices_usable_for_training(tile):
+    # The transform matrices are cached per tile: made under inference_mode they used to be
+    # inference tensors, which a float64 call with gradients could not save for backward.
+    from seglab.ops.winograd import _matrices
+
+    _matrices.cache_clear()
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    with torch.inference_mode():
+        winograd_conv3x3(torch.randn(1, 2, 6, 6, dtype=torch.float64), winograd_filters(weight, tile))
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    winograd_conv3x3(x, winograd_filters(weight.requires_grad_(), tile)).sum().backward()
+    assert x.grad is not None and weight.grad is not None

@@ -90,11 +90,15 @@ def _toom_cook(points: tuple) -> tuple[list[list[Fraction]], list[list[Fraction]
 
 @functools.cache
 def _matrices(tile: int) -> _Matrices:
+    """The cached float64 matrices of F(tile x tile, 3x3), built outside inference mode: made
+    by a first call under `torch.inference_mode` they would be inference tensors, which a later
+    float64 training call (where `.to` returns them as they are) could not save for backward."""
     if tile not in _POINTS:
         raise ValueError(f"Winograd output tiles are {' or '.join(map(str, OUTPUT_TILES))} wide, not {tile}")
-    b_t, g, a_t = (torch.tensor([[float(v) for v in row] for row in matrix], dtype=torch.float64)
-                   for matrix in _toom_cook(_POINTS[tile]))
-    return _Matrices(b_t, torch.kron(g, g), a_t)
+    with torch.inference_mode(False):
+        b_t, g, a_t = (torch.tensor([[float(v) for v in row] for row in matrix], dtype=torch.float64)
+                       for matrix in _toom_cook(_POINTS[tile]))
+        return _Matrices(b_t, torch.kron(g, g), a_t)
 
 
 def _tile_of(filters: torch.Tensor) -> int:
