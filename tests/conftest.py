@@ -2,3 +2,20 @@
 import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["pytorch", "native"])
+def winograd_transforms(request, monkeypatch):
+    """Runs a test with Winograd's transforms by PyTorch's operators, then by the native
+    kernels (`seglab.ops.native`; skipped where they cannot be built). Returns which."""
+    from seglab.ops import native
+
+    if request.param == "native":
+        if not native.available():
+            pytest.skip(f"the native kernels are not available: {native.unavailable_reason()}")
+    else:
+        monkeypatch.setattr(native, "available", lambda: False)
+    return request.param

@@ -446,7 +446,7 @@ def test_instance_models_keep_their_detections_on_the_fast_path(name):
     _assert_same_detections(got, expected)
 
 
-def test_instance_fast_path_runs_winograd_in_the_fpn_and_mask_head():
+def test_instance_fast_path_runs_winograd_in_the_fpn_and_mask_head(winograd_transforms):
     import copy
 
     from seglab.engine.fastpath import optimize_instance_model
@@ -460,30 +460,41 @@ def test_instance_fast_path_runs_winograd_in_the_fpn_and_mask_head():
     fast = optimize_instance_model(copy.deepcopy(model))
     assert _winograd_convs(direct) == 0
     # The backbone's three wide 3x3 convs (ResNet-10t's stages 2-4), the FPN's four output
-    # convs, the RPN head's conv and the mask head's four convs.
-    assert _winograd_convs(fast) == 12
+    # convs, the RPN head's conv and the mask head's four convs; with the native transforms
+    # stage 1's two 64-channel convs as well.
+    native = winograd_transforms == "native"
+    assert _winograd_convs(fast) == (14 if native else 12)
     with torch.inference_mode():
         got, calls = _winograd_calls(fast, images)
-    # The mask head's four convs on the 10 detections' 14 x 14 RoIs, and the FPN's output conv
-    # and the RPN head on the stride-4 and stride-8 levels (32 x 32, 16 x 16); the backbone's
-    # maps and the coarser levels are too small to pay.
-    assert calls == [256] * 8
+    if native:
+        # Every one of them on every level: the backbone's stages (32 x 32 down to 4 x 4), the
+        # FPN's output convs on four levels, the RPN head on five, the mask head on the RoIs.
+        assert sorted(calls) == [64] * 2 + [128] + [256] * 14 + [512]
+    else:
+        # The mask head's four convs on the 10 detections' 14 x 14 RoIs, and the FPN's output
+        # conv and the RPN head on the stride-4 and stride-8 levels (32 x 32, 16 x 16); the
+        # backbone's maps and the coarser levels are too small to pay.
+        assert calls == [256] * 8
     _assert_same_detections(got[0], expected)
     with torch.inference_mode():
         _assert_same_detections(got[0], direct(images)[0])
     # At 128 channels the 14 x 14 RoIs, which fill 77% of their tiles, stay direct (they lose
-    # there); the stride-4 level's FPN and RPN convs still take Winograd.
+    # there); the FPN and RPN convs still take Winograd: on the stride-4 level, and with the
+    # native transforms on the stride-8 and -16 levels too, as does the backbone's stage 2.
     narrow = optimize_instance_model(_instance_model("mask_rcnn", fpn_channels=128, mask_head_width=128))
     with torch.inference_mode():
-        assert _winograd_calls(narrow, images)[1] == [128] * 2
+        narrow_calls = [c for c in _winograd_calls(narrow, images)[1] if c == 128]
+    assert narrow_calls == [128] * (7 if native else 2)
 
 
-def test_winograd_takes_only_many_channel_3x3_stride_1_convs():
+def test_winograd_takes_only_many_channel_3x3_stride_1_convs(winograd_transforms):
     from seglab.engine.fastpath import winograd_pays
 
     assert winograd_pays(nn.Conv2d(128, 256, 3, padding=1))
     assert winograd_pays(FusedConv(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU()))
-    assert not winograd_pays(nn.Conv2d(64, 256, 3, padding=1))  # too few channels to pay for the transforms
+    # Too few channels to pay for the transforms of PyTorch's operators; enough for the native ones.
+    assert winograd_pays(nn.Conv2d(64, 256, 3, padding=1)) == (winograd_transforms == "native")
+    assert not winograd_pays(nn.Conv2d(32, 256, 3, padding=1))
     assert not winograd_pays(nn.Conv2d(128, 128, 3, stride=2, padding=1))
     assert winograd_pays(nn.Conv2d(128, 128, 3, padding=4, dilation=4))  # as 16 phases
     assert not winograd_pays(nn.Conv2d(128, 128, 3, padding=2, dilation=4))  # not "same"
@@ -513,22 +524,26 @@ def _winograd_calls(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, li
         return model(x), calls
 
 
-def test_float32_fast_path_runs_winograd_within_the_stated_tolerance():
+def test_float32_fast_path_runs_winograd_within_the_stated_tolerance(winograd_transforms):
     x = torch.randn(1, 3, 256, 256)
     model, expected = _model_and_outputs("unet", x, encoder="resnet18")
     direct, winograd = optimize_for_inference(model, "32", winograd=False), optimize_for_inference(model, "32")
     assert _winograd_convs(direct) == 0
     # ResNet-18's stages 2-4 (the three convs after each stage's strided one; the blocks' last
     # convs take the shortcut and ReLU as well) and the second convs of the decoder's 256- and
-    # 128-channel blocks.
-    assert _winograd_convs(winograd) == 11
+    # 128-channel blocks; with the native transforms also stage 1's four 64-channel convs and
+    # the decoder's 64-channel block.
+    native = winograd_transforms == "native"
+    assert _winograd_convs(winograd) == (16 if native else 11)
     output, calls = _winograd_calls(winograd, x)
-    assert sorted(calls) == [128] * 4 + [256] * 4 + [512] * 3  # each input large enough to pay
+    # Each input large enough to pay.
+    assert sorted(calls) == [64] * (5 if native else 0) + [128] * 4 + [256] * 4 + [512] * 3
     torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(output, direct(x), atol=1e-4, rtol=1e-4)
-    # A small input: too few tiles for Winograd's products, every convolution direct.
-    small = x[:, :, :64, :64]
-    assert _winograd_calls(winograd, small)[1] == []
+    # A small input: too few tiles for Winograd's products, every convolution direct but, with
+    # the native transforms, the widest: 256 and 512 channels on 2 x 2 and 1 x 1 maps.
+    small = x[:, :, :32, :32]
+    assert sorted(_winograd_calls(winograd, small)[1]) == ([256] * 4 + [512] * 3 if native else [])
 
 
 def test_winograd_conv_keeps_the_direct_convolution_outside_float32_inference():
@@ -566,16 +581,19 @@ def test_winograd_conv_takes_the_tile_the_map_fills_and_keeps_filters_for_each()
     assert sides == [64, 36, 64]
 
 
-def test_float32_fast_path_runs_dilated_stages_as_winograd_phases():
+def test_float32_fast_path_runs_dilated_stages_as_winograd_phases(winograd_transforms):
     x = torch.randn(1, 3, 128, 128)
     model, expected = _model_and_outputs("pspnet", x, encoder="resnet18", aux=False)  # output stride 8
     fast = optimize_for_inference(model, "32")
     dilations = sorted(m.dilation[0] for m in fast.modules() if isinstance(m, FusedConv) and m.winograd)
     # Stage 2 (3), stage 3 (its first conv undilated, then 3 at dilation 2), stage 4 (its first
-    # conv at 2, then 3 at 4) and the pyramid's fusion (1).
-    assert dilations == [1] * 5 + [2] * 4 + [4] * 3
+    # conv at 2, then 3 at 4) and the pyramid's fusion (1); with the native transforms stage 1's
+    # four 64-channel convs too.
+    native = winograd_transforms == "native"
+    assert dilations == [1] * (9 if native else 5) + [2] * 4 + [4] * 3
     output, calls = _winograd_calls(fast, x)
     # On the 16 x 16 maps of stride 8, the convolutions that read 128 channels (stage 2's, stage
-    # 3's first) are too small to pay; the rest do.
-    assert sorted(calls) == [256] * 4 + [512] * 3 + [1024]
+    # 3's first) are too small to pay for the transforms of PyTorch's operators; the rest do.
+    expected_calls = [256] * 4 + [512] * 3 + [1024]
+    assert sorted(calls) == ([64] * 4 + [128] * 4 + expected_calls if native else expected_calls)
     torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)

@@ -1,5 +1,13 @@
 """When Winograd pays (the training route through it: test_engine_convolutions.py)."""
-from seglab.engine.winograd import MIN_INFERENCE_PRODUCTS, output_tile, pays_for_input, tiles, winograd_dilation
+from seglab.engine.winograd import (
+    MIN_INFERENCE_PRODUCTS,
+    min_channels,
+    output_tile,
+    pays_for_input,
+    tiles,
+    winograd_dilation,
+)
+from seglab.ops import native
 
 
 def test_winograd_takes_same_padded_stride_1_3x3_convolutions_up_to_dilation_4():
@@ -20,7 +28,9 @@ def test_tiles_count_each_phase_of_a_dilated_map():
     assert tiles((1, 3, 64, 64), 4) == 16 * 4 * 4  # 16 phases of 16 x 16
 
 
-def test_inference_pays_from_128_channels_and_enough_products_training_from_64_channels_and_64_tiles():
+def test_inference_pays_from_128_channels_and_enough_products_training_from_64_channels_and_64_tiles(monkeypatch):
+    monkeypatch.setattr(native, "available", lambda: False)  # the transforms of PyTorch's operators
+    assert min_channels(training=False) == 128
     assert pays_for_input((1, 256, 16, 16), (256, 256, 3, 3), 1, training=False)  # 16 tiles x 2^16
     assert 16 * 128 * 128 < MIN_INFERENCE_PRODUCTS
     assert not pays_for_input((1, 128, 16, 16), (128, 128, 3, 3), 1, training=False)
@@ -31,6 +41,20 @@ def test_inference_pays_from_128_channels_and_enough_products_training_from_64_c
     assert not pays_for_input((4, 32, 128, 128), (32, 32, 3, 3), 1, training=True)
     assert not pays_for_input((16, 64, 16, 16), (64, 64, 3, 3), 1, training=True)  # 256 tiles but 2^20 products
     assert pays_for_input((4, 128, 32, 32), (128, 128, 3, 3), 1, training=True)  # 256 tiles, 2^22
+
+
+def test_native_transforms_pay_in_inference_from_64_channels_and_2_to_16_products(monkeypatch):
+    monkeypatch.setattr(native, "available", lambda: True)  # the rule only, nothing is built
+    assert min_channels(training=False) == 64
+    assert pays_for_input((1, 64, 128, 128), (64, 64, 3, 3), 1, training=False)
+    assert pays_for_input((1, 64, 16, 16), (64, 64, 3, 3), 1, training=False)  # 16 tiles x 2^12
+    assert not pays_for_input((1, 64, 8, 8), (64, 64, 3, 3), 1, training=False)  # 4 tiles
+    assert pays_for_input((1, 128, 16, 16), (128, 128, 3, 3), 1, training=False)
+    assert pays_for_input((1, 512, 2, 2), (512, 512, 3, 3), 1, training=False)  # one tile x 2^18
+    assert not pays_for_input((1, 32, 256, 256), (32, 32, 3, 3), 1, training=False)
+    # Training keeps its rule.
+    assert min_channels(training=True) == 64
+    assert not pays_for_input((4, 512, 8, 8), (512, 512, 3, 3), 1, training=True)
 
 
 def test_maps_that_fill_their_tiles_poorly_pay_only_from_256_channels():

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from seglab.engine.precision import resolve_precision
-from seglab.engine.winograd import MIN_TRAINING_CHANNELS, call_output_tile, conv_takes_winograd
+from seglab.engine.winograd import call_output_tile, conv_takes_winograd, min_channels
 from seglab.ops.atrous_depthwise import records_gradients, trains
 from seglab.ops.nearest_conv import UpsamplingConvCaller
 from seglab.ops.weight_gradient import ConvSettings, takes_tuned_weight_gradient, tuned_convolution
@@ -50,7 +50,7 @@ class TrainingConvolutions:
     def __init__(self, model: nn.Module, *, winograd: bool = True, tuned_weight_gradients: bool = True) -> None:
         self.tuned_weight_gradients = tuned_weight_gradients
         self.convs = [m for m in model.modules() if _routable(m)]
-        self.winograd_convs = {id(m) for m in self.convs if winograd and conv_takes_winograd(m, MIN_TRAINING_CHANNELS)}
+        self.winograd_convs = {id(m) for m in self.convs if winograd and conv_takes_winograd(m, min_channels(training=True))}
         self.upsampling_convs = [m for m in model.modules() if isinstance(m, UpsamplingConvCaller)] \
             if tuned_weight_gradients else []
 

@@ -58,7 +58,7 @@ from seglab.engine.onednn import (
 from seglab.engine.precision import auto_precision, resolve_precision
 from seglab.engine.residual import fuse_residual_additions
 from seglab.engine.convolutions import TrainingConvolutions, training_convolutions
-from seglab.engine.winograd import MIN_INFERENCE_CHANNELS, conv_takes_winograd
+from seglab.engine.winograd import conv_takes_winograd, min_channels
 from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
 from seglab.ops.atrous_gemm import all_taps_product, share_inside
 
@@ -390,7 +390,7 @@ def winograd_pays(conv: nn.Module) -> bool:
     """A plain zero-padded Conv2d (or `FusedConv`) that `conv_takes_winograd` with enough
     channels in and out for inference (`seglab.engine.winograd`; whether a given
     input pays is decided at each call)."""
-    return (fusable_conv(conv) or isinstance(conv, FusedConv)) and conv_takes_winograd(conv, MIN_INFERENCE_CHANNELS)
+    return (fusable_conv(conv) or isinstance(conv, FusedConv)) and conv_takes_winograd(conv, min_channels(training=False))
 
 
 def use_winograd(model: nn.Module) -> int:

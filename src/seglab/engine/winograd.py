@@ -39,6 +39,13 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   on 32 x 32 1.58x / 1.42x; training (batch 4) 64 ch on 128 x 128 1.11x / 1.27x, 128 ch on
   64 x 64 1.71x / 1.93x, 256 ch on 32 x 32 1.91x / 1.72x. 64 channels in inference stay
   direct (128 x 128: 1.04x at batch 1, 0.80x at batch 8).
+- With the native transforms (`seglab.ops.native`, one pass over memory each) the transforms'
+  cost per tile and channel fell enough for 64 channels and small maps to win in inference:
+  against oneDNN's direct convolution, batch 1, 64 ch on 128 x 128 1.46x (F(6x6); batch 8
+  1.68x), 64 on 32 x 32 1.29-1.48x, 64 on 16 x 16 (2^16 tiles x C_in x C_out) 1.13-1.23x, 128
+  on 16 x 16 1.54-1.58x, 256 on 4 x 4 2.9x, 512 on 2 x 2 8.9x (F(4x4); oneDNN's packed kernel
+  takes 15 ms there); 32 channels still lose (256 x 256: 0.56x, F(6x6) 0.85x). Hence
+  `MIN_NATIVE_INFERENCE_CHANNELS` and `MIN_NATIVE_INFERENCE_PRODUCTS` where they are in use.
 """
 from __future__ import annotations
 
@@ -48,6 +55,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from seglab.ops import native
 from seglab.ops.winograd import TILE
 
 LARGE_TILE = 6  # F(6x6, 3x3)
@@ -56,6 +64,8 @@ __all__ = [
     "MAX_DILATION",
     "MIN_INFERENCE_CHANNELS",
     "MIN_INFERENCE_PRODUCTS",
+    "MIN_NATIVE_INFERENCE_CHANNELS",
+    "MIN_NATIVE_INFERENCE_PRODUCTS",
     "MIN_TILE_COVERAGE",
     "MIN_TRAINING_CHANNELS",
     "MIN_TRAINING_PRODUCTS",
@@ -63,6 +73,7 @@ __all__ = [
     "WIDE_CHANNELS",
     "call_output_tile",
     "conv_takes_winograd",
+    "min_channels",
     "output_tile",
     "pays_for_input",
     "tiles",
@@ -70,8 +81,10 @@ __all__ = [
 ]
 
 MAX_DILATION = 4
-MIN_INFERENCE_CHANNELS = 128  # in and out
+MIN_INFERENCE_CHANNELS = 128  # in and out, with the transforms of PyTorch's operators
 MIN_INFERENCE_PRODUCTS = 1 << 20  # tiles x C_in x C_out
+MIN_NATIVE_INFERENCE_CHANNELS = 64  # with the native transforms
+MIN_NATIVE_INFERENCE_PRODUCTS = 1 << 16
 MIN_TRAINING_CHANNELS = 64
 MIN_TRAINING_TILES = 64
 MIN_TRAINING_PRODUCTS = 1 << 22  # tiles x C_in x C_out
@@ -93,6 +106,14 @@ def winograd_dilation(weight_shape: Sequence[int], stride: Any, padding: Any, di
             or not 1 <= d <= MAX_DILATION or not same or groups != 1):
         return None
     return d
+
+
+def min_channels(training: bool) -> int:
+    """The fewest channels in and out for which Winograd can pay, in training or inference
+    (where it depends on whether the native transforms are in use)."""
+    if training:
+        return MIN_TRAINING_CHANNELS
+    return MIN_NATIVE_INFERENCE_CHANNELS if native.available() else MIN_INFERENCE_CHANNELS
 
 
 def conv_takes_winograd(conv: nn.Conv2d, min_channels: int) -> bool:
@@ -124,7 +145,8 @@ def pays_for_input(input_shape: Sequence[int], weight_shape: Sequence[int], dila
         return False
     if training:
         return channels >= MIN_TRAINING_CHANNELS and count >= MIN_TRAINING_TILES and products >= MIN_TRAINING_PRODUCTS
-    return channels >= MIN_INFERENCE_CHANNELS and products >= MIN_INFERENCE_PRODUCTS
+    min_products = MIN_NATIVE_INFERENCE_PRODUCTS if native.available() else MIN_INFERENCE_PRODUCTS
+    return channels >= min_channels(training=False) and products >= min_products
 
 
 def output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int, training: bool) -> int | None:

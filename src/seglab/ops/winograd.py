@@ -34,6 +34,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from seglab.ops import native
+from seglab.ops.layout import channel_sums
+
 __all__ = ["OUTPUT_TILES", "TILE", "winograd_conv3x3", "winograd_filters"]
 
 TILE = 4  # the default output tile side: F(4x4, 3x3)
@@ -160,6 +163,8 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
         out = _undilated(phases.reshape(n * dilation * dilation, rows, cols, in_channels), filters)
         out = out.view(n, dilation, dilation, rows, cols, -1).permute(0, 3, 1, 4, 2, 5)
         out = out.reshape(n, rows * dilation, cols * dilation, -1)[:, :height, :width]
+    elif _runs_natively(nhwc, filters):
+        return _undilated_natively(nhwc.contiguous(), filters, bias).permute(0, 3, 1, 2)
     else:
         out = _undilated(nhwc, filters)
     out = out.contiguous()
@@ -207,6 +212,8 @@ class _InputTiles(torch.autograd.Function):
 def _undilated(nhwc: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     """The undilated 3x3 convolution, zero padding 1, of the channels-last map `nhwc`
     (N x H x W x C_in): N x H x W x C_out, not necessarily contiguous."""
+    if _runs_natively(nhwc, filters):
+        return _undilated_natively(nhwc.contiguous(), filters, None)
     n, height, width, in_channels = nhwc.shape
     out_channels, tile = filters.shape[-1], _tile_of(filters)
     side = tile + 2
@@ -221,3 +228,72 @@ def _undilated(nhwc: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     # m x m x N x rows x cols x C_out -> N x (rows, m) x (cols, m) x C_out
     outputs = outputs.view(tile, tile, n, rows, cols, out_channels).permute(2, 3, 0, 4, 1, 5)
     return outputs.reshape(n, rows * tile, cols * tile, out_channels)[:, :height, :width]
+
+
+# The same convolution with each transform in one pass over memory (`seglab.ops.native`):
+# PyTorch's operators took 5-7 (the padding, the windows' copy, a product per axis, the layout
+# copies, the bias). Float32 on the CPU only; elsewhere, or without a C compiler, `_undilated`
+# runs the operators above.
+
+
+def _runs_natively(nhwc: torch.Tensor, filters: torch.Tensor) -> bool:
+    return (nhwc.device.type == "cpu" and nhwc.dtype == torch.float32 and filters.dtype == torch.float32
+            and native.available())
+
+
+@functools.cache
+def _native_matrices(tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """F(tile x tile)'s B^T and A^T in float32 for the native kernels, and their transposes
+    (the gradients' matrices), built outside inference mode like `_matrices`."""
+    with torch.inference_mode(False):
+        b_t, _, a_t = (m.float() for m in _matrices(tile))
+        return b_t.contiguous(), b_t.t().contiguous(), a_t.contiguous(), a_t.t().contiguous()
+
+
+class _NativeInputTransform(torch.autograd.Function):
+    """N x H x W x C_in (contiguous) -> (m + 2)^2 x tiles x C_in: `B^T d B` of every input tile,
+    zero padding 1. The gradient adds `B g B^T` of each tile back onto its (overlapping) window."""
+
+    @staticmethod
+    def forward(ctx: Any, nhwc: torch.Tensor, tile: int) -> torch.Tensor:
+        ctx.shape, ctx.tile = tuple(nhwc.shape), tile
+        return native.gather_tiles(nhwc, _native_matrices(tile)[0], step=tile, pad=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        n, height, width, channels = ctx.shape
+        tile = ctx.tile
+        out = grad.new_zeros(ctx.shape)
+        native.scatter_tiles(grad.contiguous(), _native_matrices(tile)[1], (n, height, width), step=tile, pad=1,
+                             grid=(-(-height // tile), -(-width // tile)), accumulate_into=out)
+        return out, None
+
+
+class _NativeOutputTransform(torch.autograd.Function):
+    """(m + 2)^2 x tiles x C_out -> N x H x W x C_out (contiguous): `A^T M A` of every tile,
+    cropped to the map, plus the bias. The gradient takes `A g A^T` of each output tile."""
+
+    @staticmethod
+    def forward(ctx: Any, products: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, int, int],
+                tile: int) -> torch.Tensor:
+        ctx.tile, ctx.has_bias = tile, bias is not None
+        n, height, width = shape
+        return native.scatter_tiles(products, _native_matrices(tile)[2], shape, step=tile, pad=0,
+                                    grid=(-(-height // tile), -(-width // tile)),
+                                    bias=None if bias is None else bias.detach().float().contiguous())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
+        grad = grad.contiguous()
+        products = native.gather_tiles(grad, _native_matrices(ctx.tile)[3], step=ctx.tile, pad=0)
+        bias = channel_sums(grad.permute(0, 3, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return products, bias, None, None
+
+
+def _undilated_natively(nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`_undilated` (plus `bias`) by the native transforms: N x H x W x C_out, contiguous."""
+    n, height, width, in_channels = nhwc.shape
+    tile = _tile_of(filters)
+    inputs = _NativeInputTransform.apply(nhwc, tile)
+    products = torch.bmm(inputs, filters)
+    return _NativeOutputTransform.apply(products, bias, (n, height, width), tile)

@@ -1,0 +1,211 @@
+"""seglab's few native kernels (`winograd_tiles.c`: Winograd's tile transforms, one pass over
+memory each), compiled on first use with the machine's C compiler and loaded with ctypes.
+
+Why compiled here, not shipped: the kernel is 250 lines of portable C that a compiler
+vectorises for the processor it runs on (`-march=native`), it builds in about a second, and a
+package without binary wheels stays one `pip install`. Where no compiler works the callers keep
+their PyTorch path, which computes the same thing: `available()` says which is in use, and
+`unavailable_reason()` why not.
+
+The library is cached under `$SEGLAB_CACHE` (default `~/.cache/seglab`), named by a hash of the
+source, the compiler's command and the processor's flags, and written under a temporary name
+then renamed, so processes building it at once (torchrun's workers) never load a half-written
+file. `SEGLAB_NATIVE=0` turns the kernels off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "gather_tiles", "scatter_tiles", "unavailable_reason"]
+
+_SOURCE = Path(__file__).with_name("winograd_tiles.c")
+_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
+_NATIVE_FLAGS = ("-march=native",)  # the processor's vector width; dropped where the compiler refuses it
+_COMPILE_SECONDS = 120
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_reason: str | None = None  # why there is no library; None until the first attempt
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SEGLAB_CACHE") or Path.home() / ".cache" / "seglab") / "native"
+
+
+def _processor_flags() -> str:
+    """What `-march=native` compiles for: the processor's feature flags where Linux lists them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile(compiler: str, target: Path) -> str | None:
+    """Builds the library at `target` (atomically); returns None, or why it could not."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in (_FLAGS + _NATIVE_FLAGS, _FLAGS):
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *flags, "-o", partial, str(_SOURCE)], capture_output=True,
+                                  text=True, timeout=_COMPILE_SECONDS)
+            if done.returncode == 0:
+                os.replace(partial, target)
+                return None
+            errors.append(done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"])
+        except (OSError, subprocess.SubprocessError) as error:
+            errors.append([str(error)])
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    return f"{compiler} failed: {errors[0][0]}"
+
+
+def _load() -> ctypes.CDLL | None:
+    global _library, _reason
+    with _lock:
+        if _library is not None or _reason is not None:
+            return _library
+        if os.environ.get("SEGLAB_NATIVE", "1") == "0":
+            _reason = "turned off by SEGLAB_NATIVE=0"
+            return None
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if compiler is None:
+            _reason = "no C compiler found (set CC)"
+            return None
+        key = hashlib.sha256("\n".join([_SOURCE.read_text(), compiler, " ".join(_FLAGS + _NATIVE_FLAGS),
+                                        platform.machine(), _processor_flags()]).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"winograd_tiles-{key}.so"
+        if not target.exists():
+            try:
+                _reason = _compile(compiler, target)
+            except OSError as error:  # an unwritable cache
+                _reason = f"cannot write {target.parent}: {error}"
+            if _reason is not None:
+                return None
+        try:
+            library = ctypes.CDLL(str(target))
+        except OSError as error:
+            _reason = f"cannot load {target}: {error}"
+            return None
+        pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        library.seglab_gather.argtypes = [pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i32, i32, i32]
+        library.seglab_scatter.argtypes = [pointer, pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i64,
+                                           i64, i32, i32, i32, i32]
+        library.seglab_gather.restype = library.seglab_scatter.restype = i32
+        library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
+        openmp = _torch_openmp()
+        if openmp is not None:
+            library.seglab_use_openmp(*openmp)
+        _library = library
+        return library
+
+
+def _torch_openmp() -> tuple[int, int, int] | None:
+    """The addresses of GOMP_parallel, omp_get_thread_num and omp_get_num_threads in the OpenMP
+    runtime this process's PyTorch runs on (found among the loaded libraries), or None: then
+    the kernels start threads of their own."""
+    if "OpenMP" not in torch.__config__.parallel_info().split("parallel backend:")[-1]:
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if line.rstrip().endswith(".so") or ".so." in line}
+    except OSError:  # not Linux
+        return None
+    for path in sorted(paths):
+        if Path(path).name.startswith(("libgomp", "libomp", "libiomp5")):
+            try:
+                runtime = ctypes.CDLL(path)  # already loaded: the same instance
+                return tuple(ctypes.cast(getattr(runtime, name), ctypes.c_void_p).value
+                             for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"))
+            except (OSError, AttributeError):
+                continue
+    return None
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loaded (building them on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernels are not in use, or None when they are."""
+    _load()
+    return _reason
+
+
+def _check(tensor: torch.Tensor, name: str) -> None:
+    if tensor.device.type != "cpu" or tensor.dtype != torch.float32 or not tensor.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous float32 CPU tensor, not {tensor.dtype} on "
+                         f"{tensor.device} with strides {tensor.stride()}")
+
+
+def gather_tiles(nhwc: torch.Tensor, matrix: torch.Tensor, step: int, pad: int) -> torch.Tensor:
+    """`L D L^T` for every in_side x in_side window D of the channels-last map `nhwc`
+    (N x H x W x C) at a stride of `step`, starting `pad` pixels before the map (zeros outside
+    it), over ceil(H / step) x ceil(W / step) windows per image; `matrix` L is out_side x
+    in_side. Returns out_side^2 x windows x C."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    _check(nhwc, "the map")
+    _check(matrix, "the matrix")
+    n, height, width, channels = nhwc.shape
+    out_side, in_side = matrix.shape
+    windows = n * -(-height // step) * -(-width // step)
+    out = nhwc.new_empty(out_side * out_side, windows, channels)
+    if library.seglab_gather(nhwc.data_ptr(), out.data_ptr(), matrix.data_ptr(), out_side, in_side, n, height,
+                             width, channels, step, pad, torch.get_num_threads()) != 0:
+        raise ValueError(f"no native kernel for {out_side} x {in_side} transforms")
+    return out
+
+
+def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, int, int], step: int, pad: int,
+                  grid: tuple[int, int], bias: torch.Tensor | None = None, accumulate_into: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """The transpose of `gather_tiles`' layout: `L T L^T` for every tile T of `tiles`
+    (in_side^2 x windows x C, windows = N x grid rows x grid columns) placed on an N x H x W x C
+    channels-last map (`shape` = (N, H, W)) at (step r - pad, step q - pad), cropped to the map.
+    Written to a new map plus `bias`, or, where windows overlap, added into `accumulate_into`."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    _check(tiles, "the tiles")
+    _check(matrix, "the matrix")
+    out_side, in_side = matrix.shape
+    n, height, width = shape
+    if tuple(tiles.shape[:2]) != (in_side * in_side, n * grid[0] * grid[1]):
+        raise ValueError(f"tiles of shape {tuple(tiles.shape)} do not fit {in_side} x {in_side} tiles on a "
+                         f"{n} x {grid[0]} x {grid[1]} grid")
+    if out_side > step and accumulate_into is None:
+        raise ValueError("overlapping windows are added into a map (accumulate_into)")
+    if accumulate_into is not None:
+        _check(accumulate_into, "the map to add into")
+        if tuple(accumulate_into.shape) != (n, height, width, tiles.shape[-1]):
+            raise ValueError(f"cannot add {tiles.shape[-1]}-channel tiles into a map of shape "
+                             f"{tuple(accumulate_into.shape)}")
+        out = accumulate_into
+    else:
+        out = tiles.new_empty(n, height, width, tiles.shape[-1])
+    if bias is not None:
+        _check(bias, "the bias")
+    if library.seglab_scatter(tiles.data_ptr(), out.data_ptr(), matrix.data_ptr(),
+                              None if bias is None else bias.data_ptr(), out_side, in_side, n, height, width,
+                              tiles.shape[-1], grid[0], grid[1], step, pad, int(accumulate_into is not None),
+                              torch.get_num_threads()) != 0:
+        raise ValueError(f"no native kernel for {out_side} x {in_side} transforms")
+    return out

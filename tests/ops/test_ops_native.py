@@ -1,0 +1,182 @@
+"""The native tile transforms (seglab.ops.native): each against a float64 reference, the two as
+each other's adjoint, Winograd through them against Winograd through PyTorch's operators, bad
+arguments, the threads, and how the library is built, cached and turned off."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seglab.ops import native
+from seglab.ops.winograd import winograd_conv3x3, winograd_filters
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"the native kernels are not available: {native.unavailable_reason()}")
+
+# (out_side, in_side, step, pad): F(4x4)'s and F(6x6)'s input transforms, their output
+# transforms' gradients (gather); their output transforms, their input transforms' gradients (scatter).
+GATHERS = [(6, 6, 4, 1), (8, 8, 6, 1), (6, 4, 4, 0), (8, 6, 6, 0)]
+SCATTERS = [(4, 6, 4, 0), (6, 8, 6, 0), (6, 6, 4, 1), (8, 8, 6, 1)]
+
+
+def _windows(nhwc: torch.Tensor, side: int, step: int, pad: int) -> torch.Tensor:
+    """side x side x windows x C: the windows `gather_tiles` reads, zeros outside the map."""
+    n, height, width, _ = nhwc.shape
+    rows, cols = -(-height // step), -(-width // step)
+    padded = F.pad(nhwc, (0, 0, pad, (cols - 1) * step + side - width - pad,
+                          pad, (rows - 1) * step + side - height - pad))
+    windows = padded.unfold(1, side, step).unfold(2, side, step)  # N x rows x cols x C x side x side
+    return windows.permute(4, 5, 0, 1, 2, 3).reshape(side, side, n * rows * cols, -1)
+
+
+@pytest.mark.parametrize("out_side, in_side, step, pad", GATHERS)
+@pytest.mark.parametrize("shape", [(2, 9, 14, 11), (1, 8, 8, 16), (1, 1, 1, 3)])
+def test_gather_transforms_every_window_of_the_map(out_side, in_side, step, pad, shape):
+    torch.manual_seed(0)
+    nhwc, matrix = torch.randn(shape), torch.randn(out_side, in_side)
+    got = native.gather_tiles(nhwc, matrix, step=step, pad=pad)
+    windows = _windows(nhwc.double(), in_side, step, pad)
+    expected = torch.einsum("ik,jl,klwc->ijwc", matrix.double(), matrix.double(), windows)
+    assert got.shape == (out_side * out_side, windows.shape[2], shape[-1])
+    torch.testing.assert_close(got.double(), expected.reshape(got.shape), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("out_side, in_side, step, pad", SCATTERS)
+@pytest.mark.parametrize("shape", [(2, 9, 14, 11), (1, 12, 12, 8)])
+def test_scatter_is_the_adjoint_of_gather(out_side, in_side, step, pad, shape):
+    torch.manual_seed(0)
+    n, height, width, channels = shape
+    grid = (-(-height // step), -(-width // step))
+    matrix = torch.randn(out_side, in_side)
+    tiles = torch.randn(in_side * in_side, n * grid[0] * grid[1], channels)
+    if out_side > step:  # overlapping windows: added into a map
+        placed = native.scatter_tiles(tiles, matrix, (n, height, width), step=step, pad=pad, grid=grid,
+                                      accumulate_into=torch.zeros(shape))
+    else:
+        placed = native.scatter_tiles(tiles, matrix, (n, height, width), step=step, pad=pad, grid=grid)
+    probe = torch.randn(shape)
+    gathered = native.gather_tiles(probe, matrix.t().contiguous(), step=step, pad=pad)
+    # <scatter_L(T), P> = <T, gather_{L^T}(P)>
+    lhs, rhs = (placed.double() * probe.double()).sum(), (tiles.double() * gathered.double()).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-3)
+
+
+def test_scatter_writes_the_bias_and_adds_into_a_map():
+    torch.manual_seed(0)
+    matrix, tiles, bias = torch.randn(4, 6), torch.randn(36, 2 * 3 * 2, 10), torch.randn(10)
+    shape, grid = (2, 10, 7), (3, 2)
+    plain = native.scatter_tiles(tiles, matrix, shape, step=4, pad=0, grid=grid)
+    torch.testing.assert_close(native.scatter_tiles(tiles, matrix, shape, step=4, pad=0, grid=grid, bias=bias),
+                               plain + bias)
+    start = torch.randn(*shape, 10)
+    added = native.scatter_tiles(tiles, matrix, shape, step=4, pad=0, grid=grid, accumulate_into=start.clone())
+    torch.testing.assert_close(added, start + plain)
+
+
+def test_the_same_results_on_one_thread_and_on_pytorchs_or_our_own_threads():
+    from ctypes import c_void_p
+
+    torch.manual_seed(0)
+    nhwc, matrix = torch.randn(3, 21, 17, 24), torch.randn(8, 8)
+    shape, grid = (3, 21, 17), (4, 3)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        gathered = native.gather_tiles(nhwc, matrix, step=6, pad=1)
+        return gathered, native.scatter_tiles(gathered, matrix.t().contiguous(), shape, step=6, pad=1, grid=grid,
+                                              accumulate_into=torch.zeros_like(nhwc))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = both()
+        torch.set_num_threads(max(threads, 2))
+        pooled = both()
+        native._load().seglab_use_openmp(c_void_p(), c_void_p(), c_void_p())  # threads of our own
+        own = both()
+    finally:
+        torch.set_num_threads(threads)
+        openmp = native._torch_openmp()
+        if openmp is not None:
+            native._load().seglab_use_openmp(*openmp)
+    for results in (pooled, own):
+        for a, b in zip(single, results):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("tile", [4, 6])
+@pytest.mark.parametrize("dilation, size", [(1, (12, 12)), (1, (9, 14)), (1, (1, 5)), (2, (13, 10)), (3, (7, 7))])
+@pytest.mark.parametrize("bias", [False, True])
+def test_winograd_through_them_equals_winograd_through_pytorchs_operators(tile, dilation, size, bias, monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, *size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = (torch.randn(10, 12, 3, 3) / 10).requires_grad_()
+    b = torch.randn(10, requires_grad=True) if bias else None
+    inputs = [x, weight] + ([b] if bias else [])
+    upstream = torch.randn(2, 10, *size)
+
+    def run() -> list[torch.Tensor]:
+        out = winograd_conv3x3(x, winograd_filters(weight, tile), b, dilation)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        return [out, *torch.autograd.grad((out * upstream).sum(), inputs)]
+
+    ours = run()
+    monkeypatch.setattr(native, "available", lambda: False)
+    for a, e in zip(ours, run()):  # both round differently: to Winograd's float32 error, ~1e-5 of the largest
+        torch.testing.assert_close(a, e, rtol=0, atol=3e-5 * e.abs().max().item())
+    expected = F.conv2d(x, weight, b, padding=dilation, dilation=dilation)
+    torch.testing.assert_close(ours[0], expected, rtol=0, atol=3e-5 * expected.abs().max().item())
+
+
+def test_bad_arguments_get_one_clear_error():
+    map_, matrix = torch.randn(1, 8, 8, 4), torch.randn(6, 6)
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
+        native.gather_tiles(map_.double(), matrix, step=4, pad=1)
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
+        native.gather_tiles(map_.transpose(1, 2), matrix, step=4, pad=1)
+    with pytest.raises(ValueError, match="no native kernel for 5 x 5"):
+        native.gather_tiles(map_, torch.randn(5, 5), step=3, pad=1)
+    tiles = native.gather_tiles(map_, matrix, step=4, pad=1)
+    with pytest.raises(ValueError, match="added into a map"):
+        native.scatter_tiles(tiles, matrix, (1, 8, 8), step=4, pad=1, grid=(2, 2))
+    with pytest.raises(ValueError, match="do not fit"):
+        native.scatter_tiles(tiles, matrix, (1, 8, 8), step=4, pad=1, grid=(3, 2), accumulate_into=torch.zeros(1, 8, 8, 4))
+    with pytest.raises(ValueError, match="cannot add 4-channel tiles"):
+        native.scatter_tiles(tiles, matrix, (1, 8, 8), step=4, pad=1, grid=(2, 2), accumulate_into=torch.zeros(1, 8, 8, 3))
+
+
+def _fresh_process(code: str, **environment: str) -> str:
+    env = {**os.environ, **environment}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+REPORT = "from seglab.ops import native; print(native.available(), native.unavailable_reason())"
+
+
+def test_built_once_into_the_cache_and_turned_off_by_the_environment(tmp_path):
+    assert _fresh_process(REPORT, SEGLAB_CACHE=str(tmp_path)) == "True None"
+    built = list((tmp_path / "native").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("winograd_tiles-") and built[0].suffix == ".so"
+    modified = built[0].stat().st_mtime_ns
+    assert _fresh_process(REPORT, SEGLAB_CACHE=str(tmp_path)) == "True None"  # loaded, not rebuilt
+    assert list((tmp_path / "native").iterdir()) == built and built[0].stat().st_mtime_ns == modified
+    assert _fresh_process(REPORT, SEGLAB_CACHE=str(tmp_path), SEGLAB_NATIVE="0") == \
+        "False turned off by SEGLAB_NATIVE=0"
+
+
+def test_a_failing_compiler_leaves_pytorchs_operators_in_use(tmp_path):
+    failing = tmp_path / "cc"
+    failing.write_text("#!/bin/sh\necho 'cc: no such thing' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    report = _fresh_process(REPORT + "\nimport torch\nfrom seglab.ops.winograd import winograd_conv3x3, winograd_filters\n"
+                            "print(winograd_conv3x3(torch.ones(1, 2, 5, 5), winograd_filters(torch.ones(3, 2, 3, 3)))"
+                            "[0, :, 2, 2].tolist())", SEGLAB_CACHE=str(tmp_path / "cache"), CC=str(failing))
+    first, values = report.splitlines()
+    assert first.startswith("False ") and "cc: no such thing" in first
+    assert [round(v, 4) for v in eval(values)] == [18.0] * 3  # 2 channels x 9 taps of ones
+    assert not list((tmp_path / "cache" / "native").iterdir())  # no half-written library left
