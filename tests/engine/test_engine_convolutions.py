@@ -30,22 +30,26 @@ def _step(model: nn.Module, x: torch.Tensor, context) -> tuple[torch.Tensor, lis
     return y, [p.grad.clone() for p in model.parameters()], flops.get_total_flops()
 
 
-def test_training_convolutions_run_winograd_forward_and_backward_in_float32():
+def test_training_convolutions_run_winograd_forward_and_backward_in_float32(winograd_transforms):
     torch.manual_seed(0)
+    # The last conv: too few output channels for the transforms of PyTorch's operators, direct;
+    # enough for the native ones.
     model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=2, dilation=2),
-                          nn.Conv2d(128, 32, 3, padding=1))  # the last: too few output channels, direct
+                          nn.Conv2d(128, 32, 3, padding=1))
     x = torch.randn(4, 128, 32, 32).contiguous(memory_format=torch.channels_last)  # 256 tiles: enough to pay
 
     route = training_convolutions(model, "cpu", "32", tuned_weight_gradients=False)
-    assert isinstance(route, TrainingConvolutions) and len(route.convs) == 3 and len(route.winograd_convs) == 2
+    assert isinstance(route, TrainingConvolutions) and len(route.convs) == 3
+    assert len(route.winograd_convs) == (3 if winograd_transforms == "native" else 2)
     direct_y, direct_grads, direct_flops = _step(model, x, contextlib.nullcontext())
     y, grads, winograd_flops = _step(model, x, route)
     assert not any("_conv_forward" in vars(m) for m in model)  # the modules as they were outside
     torch.testing.assert_close(y, direct_y, atol=1e-4, rtol=1e-4)
     for grad, expected in zip(grads, direct_grads):
         torch.testing.assert_close(grad, expected, atol=1e-3, rtol=1e-4)
-    # Forward and gradients of the two Winograd convolutions at about a quarter, the last conv's
-    # (a quarter of the others' products) direct.
+    # Forward and gradients of the Winograd convolutions at about a quarter (the native
+    # transforms are not counted), the last conv's (a quarter of the others' products) direct
+    # or Winograd.
     assert winograd_flops < 0.5 * direct_flops
     with torch.no_grad(), FlopCounterMode(display=False) as forward:
         model(x)

@@ -43,7 +43,7 @@ def test_inference_pays_from_128_channels_and_enough_products_training_from_64_c
     assert pays_for_input((4, 128, 32, 32), (128, 128, 3, 3), 1, training=True)  # 256 tiles, 2^22
 
 
-def test_native_transforms_pay_in_inference_from_64_channels_and_2_to_16_products(monkeypatch):
+def test_native_transforms_pay_from_64_channels_in_inference_16_in_training_and_fewer_products(monkeypatch):
     monkeypatch.setattr(native, "available", lambda: True)  # the rule only, nothing is built
     assert min_channels(training=False) == 64
     assert pays_for_input((1, 64, 128, 128), (64, 64, 3, 3), 1, training=False)
@@ -52,9 +52,12 @@ def test_native_transforms_pay_in_inference_from_64_channels_and_2_to_16_product
     assert pays_for_input((1, 128, 16, 16), (128, 128, 3, 3), 1, training=False)
     assert pays_for_input((1, 512, 2, 2), (512, 512, 3, 3), 1, training=False)  # one tile x 2^18
     assert not pays_for_input((1, 32, 256, 256), (32, 32, 3, 3), 1, training=False)
-    # Training keeps its rule.
-    assert min_channels(training=True) == 64
-    assert not pays_for_input((4, 512, 8, 8), (512, 512, 3, 3), 1, training=True)
+    assert min_channels(training=True) == 16
+    assert pays_for_input((4, 16, 512, 512), (21, 16, 3, 3), 1, training=True)
+    assert not pays_for_input((4, 8, 512, 512), (8, 8, 3, 3), 1, training=True)
+    assert pays_for_input((16, 64, 16, 16), (64, 64, 3, 3), 1, training=True)  # 256 tiles, 2^20 products
+    assert not pays_for_input((16, 32, 16, 16), (32, 32, 3, 3), 1, training=True)  # 2^18 products
+    assert not pays_for_input((4, 512, 8, 8), (512, 512, 3, 3), 1, training=True)  # 16 tiles
 
 
 def test_maps_that_fill_their_tiles_poorly_pay_only_from_256_channels():
@@ -75,5 +78,5 @@ def test_six_by_six_tiles_where_they_fill_the_map_four_by_four_elsewhere():
         assert output_tile((4, 256, 32, 32), (256, 256, 3, 3), 1, training) == 4  # 32 of 36: 79%
         assert output_tile((4, 256, 64, 64), (256, 256, 3, 3), 2, training) == 4  # phases of 32 x 32
         assert output_tile((50, 128, 28, 28), (128, 128, 3, 3), 1, training) == 4  # 28 of 30: 87%
-        assert output_tile((4, 32, 128, 128), (32, 32, 3, 3), 1, training) is None  # does not pay
+        assert output_tile((4, 8, 128, 128), (8, 8, 3, 3), 1, training) is None  # does not pay
     assert output_tile((4, 64, 128, 128), (64, 64, 3, 3), 1, training=True) == 6

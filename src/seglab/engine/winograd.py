@@ -46,6 +46,12 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   on 16 x 16 1.54-1.58x, 256 on 4 x 4 2.9x, 512 on 2 x 2 8.9x (F(4x4); oneDNN's packed kernel
   takes 15 ms there); 32 channels still lose (256 x 256: 0.56x, F(6x6) 0.85x). Hence
   `MIN_NATIVE_INFERENCE_CHANNELS` and `MIN_NATIVE_INFERENCE_PRODUCTS` where they are in use.
+  In training (forward and both gradients, batch 4, against the route's direct convolution
+  with its tuned weight gradient), few channels win as well: 32 ch on 256 x 256 1.51x, 64 -> 32
+  1.77x, 32 -> 16 1.22x, 16 on 512 x 512 1.13x, 16 -> 21 1.02x; and smaller products: batch 16,
+  64 ch on 16 x 16 (256 tiles, 2^20) 1.52x, 128 on 8 x 8 (64 tiles, 2^20) 1.33x, 16 on 64 x 64
+  1.03x. 16 tiles still lose (batch 4, 512 and 256 ch on 8 x 8: 0.77x, 0.78x). Hence
+  `MIN_NATIVE_TRAINING_CHANNELS` and `MIN_NATIVE_TRAINING_PRODUCTS`, the same minimum of tiles.
 """
 from __future__ import annotations
 
@@ -66,6 +72,8 @@ __all__ = [
     "MIN_INFERENCE_PRODUCTS",
     "MIN_NATIVE_INFERENCE_CHANNELS",
     "MIN_NATIVE_INFERENCE_PRODUCTS",
+    "MIN_NATIVE_TRAINING_CHANNELS",
+    "MIN_NATIVE_TRAINING_PRODUCTS",
     "MIN_TILE_COVERAGE",
     "MIN_TRAINING_CHANNELS",
     "MIN_TRAINING_PRODUCTS",
@@ -88,6 +96,8 @@ MIN_NATIVE_INFERENCE_PRODUCTS = 1 << 16
 MIN_TRAINING_CHANNELS = 64
 MIN_TRAINING_TILES = 64
 MIN_TRAINING_PRODUCTS = 1 << 22  # tiles x C_in x C_out
+MIN_NATIVE_TRAINING_CHANNELS = 16
+MIN_NATIVE_TRAINING_PRODUCTS = 1 << 20
 MIN_TILE_COVERAGE = 0.9  # the share of the tiles' outputs inside the map below which ...
 WIDE_CHANNELS = 256  # ... only this many channels in and out pay
 
@@ -110,10 +120,10 @@ def winograd_dilation(weight_shape: Sequence[int], stride: Any, padding: Any, di
 
 def min_channels(training: bool) -> int:
     """The fewest channels in and out for which Winograd can pay, in training or inference
-    (where it depends on whether the native transforms are in use)."""
-    if training:
-        return MIN_TRAINING_CHANNELS
-    return MIN_NATIVE_INFERENCE_CHANNELS if native.available() else MIN_INFERENCE_CHANNELS
+    (it depends on whether the native transforms are in use)."""
+    if native.available():
+        return MIN_NATIVE_TRAINING_CHANNELS if training else MIN_NATIVE_INFERENCE_CHANNELS
+    return MIN_TRAINING_CHANNELS if training else MIN_INFERENCE_CHANNELS
 
 
 def conv_takes_winograd(conv: nn.Conv2d, min_channels: int) -> bool:
@@ -143,10 +153,13 @@ def pays_for_input(input_shape: Sequence[int], weight_shape: Sequence[int], dila
     products = count * weight_shape[0] * weight_shape[1]
     if _coverage(input_shape, dilation, TILE) < MIN_TILE_COVERAGE and channels < WIDE_CHANNELS:
         return False
-    if training:
-        return channels >= MIN_TRAINING_CHANNELS and count >= MIN_TRAINING_TILES and products >= MIN_TRAINING_PRODUCTS
-    min_products = MIN_NATIVE_INFERENCE_PRODUCTS if native.available() else MIN_INFERENCE_PRODUCTS
-    return channels >= min_channels(training=False) and products >= min_products
+    if native.available():
+        min_products = MIN_NATIVE_TRAINING_PRODUCTS if training else MIN_NATIVE_INFERENCE_PRODUCTS
+    else:
+        min_products = MIN_TRAINING_PRODUCTS if training else MIN_INFERENCE_PRODUCTS
+    if training and count < MIN_TRAINING_TILES:
+        return False
+    return channels >= min_channels(training) and products >= min_products
 
 
 def output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int, training: bool) -> int | None:
