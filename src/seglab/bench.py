@@ -37,6 +37,7 @@ from seglab.engine.precision import cpu_supports_bf16
 from seglab.losses.pixelwise import pixel_cross_entropy
 from seglab.memory import keeps_freed_memory
 from seglab.models.registry import create_model
+from seglab.ops import native
 
 __all__ = ["ARCHITECTURES", "Architecture", "BenchSettings", "run_bench", "to_markdown", "machine_description"]
 
@@ -511,6 +512,8 @@ def machine_description() -> dict[str, Any]:
         description["segmentation_models_pytorch"] = None
     # Whether freed activation maps are reused or mapped afresh (seglab's command sets it; both sides share it).
     description["malloc_keeps_freed_memory"] = keeps_freed_memory()
+    # Winograd's transforms by the native kernels, or why by PyTorch's operators (seglab.ops.native).
+    description["native_transforms"] = native.unavailable_reason() or "in use"
     description["load_average"] = _load_average()
     return description
 

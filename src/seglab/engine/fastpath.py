@@ -50,6 +50,7 @@ from torch.overrides import TorchFunctionMode
 from seglab.engine.onednn import (
     PLAIN_IN_INFERENCE,
     FusedConv,
+    WinogradConvForward,
     fusable_conv,
     onednn_available,
     prepack_conv_weights,
@@ -61,6 +62,7 @@ from seglab.engine.convolutions import TrainingConvolutions, training_convolutio
 from seglab.engine.winograd import conv_takes_winograd, min_channels
 from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
 from seglab.ops.atrous_gemm import all_taps_product, share_inside
+from seglab.ops.nearest_conv import NearestUpsampleConv
 
 __all__ = [
     "DilatedConvAsGemm",
@@ -396,12 +398,17 @@ def winograd_pays(conv: nn.Module) -> bool:
 def use_winograd(model: nn.Module) -> int:
     """Have every convolution `winograd_pays` for compute float32 CPU inference by Winograd's
     F(4x4, 3x3), in place: `FusedConv`s switch, plain Conv2d modules become `FusedConv`s that
-    do (inference only; other dtypes, autocast and gradients keep the direct convolution).
+    do (inference only; other dtypes, autocast and gradients keep the direct convolution), and
+    a U-Net decoder's `NearestUpsampleConv` computes its skip's share so (`WinogradConvForward`).
     Returns the number switched: none without oneDNN, which `FusedConv`'s other route needs."""
     if not onednn_available():
         return 0
     switched = 0
     for name, module in list(model.named_modules()):
+        if isinstance(module, NearestUpsampleConv) and conv_takes_winograd(module, min_channels(training=False)):
+            module._conv_forward = WinogradConvForward(module)  # its skip's share of the convolution
+            switched += 1
+            continue
         if not name or not winograd_pays(module):
             continue
         if not isinstance(module, FusedConv):

@@ -41,7 +41,8 @@ from seglab.ops.conv import PointwiseConv2d
 from seglab.ops.kept import KeptFromWeights
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters
 
-__all__ = ["PLAIN_IN_INFERENCE", "FusedConv", "fusable_conv", "onednn_available", "prepack_conv_weights", "replace_submodule"]
+__all__ = ["PLAIN_IN_INFERENCE", "FusedConv", "WinogradConvForward", "fusable_conv", "onednn_available",
+           "prepack_conv_weights", "replace_submodule"]
 
 
 def onednn_available() -> bool:
@@ -147,6 +148,28 @@ class FusedConv(nn.Conv2d):
     def extra_repr(self) -> str:
         winograd = ", winograd=True" if self.winograd else ""
         return f"{super().extra_repr()}, post_op={self.post_op[0]}, prepack={self.prepack}{winograd}"
+
+
+class WinogradConvForward:
+    """A `_conv_forward` for one Conv2d subclass instance that `FusedConv` cannot take over
+    (`NearestUpsampleConv`, whose forward calls `_conv_forward` with a share of its weight):
+    float32 CPU inference by Winograd where the call pays (`call_output_tile`), with the
+    filters kept per weight tensor; anything else by the class's own `_conv_forward`."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        self.conv = conv
+        self._filters: KeptFromWeights[torch.Tensor] = KeptFromWeights()
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        inference = not (torch.is_grad_enabled() and weight.requires_grad)
+        tile = call_output_tile(x, weight, self.conv.dilation[0], training=False) if inference else None
+        if tile is None:
+            return type(self.conv)._conv_forward(self.conv, x, weight, bias)
+        # Kept per state of the module's parameter (the weight passed in may be a share of it
+        # built under inference mode, which has no version counter) and per passed tensor.
+        filters = self._filters.get([self.conv.weight], lambda: winograd_filters(weight, tile), tile,
+                                    weight.data_ptr(), tuple(weight.shape))
+        return winograd_conv3x3(x, filters, bias, self.conv.dilation[0])
 
 
 def prepack_conv_weights(model: nn.Module) -> int:
