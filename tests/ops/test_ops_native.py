@@ -180,3 +180,10 @@ def test_a_failing_compiler_leaves_pytorchs_operators_in_use(tmp_path):
     assert first.startswith("False ") and "cc: no such thing" in first
     assert [round(v, 4) for v in eval(values)] == [18.0] * 3  # 2 channels x 9 taps of ones
     assert not list((tmp_path / "cache" / "native").iterdir())  # no half-written library left
+
+
+def test_an_unusable_cache_leaves_pytorchs_operators_in_use(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    report = _fresh_process(REPORT, SEGLAB_CACHE=str(blocked))
+    assert report.startswith("False cannot build in the cache") and "set SEGLAB_CACHE" in report

@@ -19,6 +19,9 @@ The matrices come from the Toom-Cook construction (`_toom_cook`): the transpose 
 multiplying two polynomials by evaluating them at m + 1 points and infinity. At the paper's
 points (0, +-1, +-2 for F(4x4); +-1/2 added for F(6x6)) it gives the paper's matrices.
 
+The transforms run as PyTorch operators, or, for float32 on the CPU where a C compiler built
+them, as native kernels that make one pass over memory each (`seglab.ops.native`).
+
 The price is precision: the transforms' coefficients (up to 8 in F(4x4)'s `A`, 32 in F(6x6)'s)
 cost a few bits, about 6e-6 of the largest output on random float32 data with F(4x4) and 1e-5
 with F(6x6), against ~1e-6 for a direct convolution. So this serves float32, where those bits
@@ -292,7 +295,7 @@ class _NativeOutputTransform(torch.autograd.Function):
 
 def _undilated_natively(nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`_undilated` (plus `bias`) by the native transforms: N x H x W x C_out, contiguous."""
-    n, height, width, in_channels = nhwc.shape
+    n, height, width, _ = nhwc.shape
     tile = _tile_of(filters)
     inputs = _NativeInputTransform.apply(nhwc, tile)
     products = torch.bmm(inputs, filters)

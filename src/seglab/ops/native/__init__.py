@@ -1,16 +1,16 @@
 """seglab's few native kernels (`winograd_tiles.c`: Winograd's tile transforms, one pass over
 memory each), compiled on first use with the machine's C compiler and loaded with ctypes.
 
-Why compiled here, not shipped: the kernel is 250 lines of portable C that a compiler
+Why compiled here, not shipped: the kernel is under 300 lines of portable C that a compiler
 vectorises for the processor it runs on (`-march=native`), it builds in about a second, and a
 package without binary wheels stays one `pip install`. Where no compiler works the callers keep
 their PyTorch path, which computes the same thing: `available()` says which is in use, and
 `unavailable_reason()` why not.
 
-The library is cached under `$SEGLAB_CACHE` (default `~/.cache/seglab`), named by a hash of the
-source, the compiler's command and the processor's flags, and written under a temporary name
-then renamed, so processes building it at once (torchrun's workers) never load a half-written
-file. `SEGLAB_NATIVE=0` turns the kernels off.
+The library is cached under `$SEGLAB_CACHE` (default `$XDG_CACHE_HOME/seglab` or
+`~/.cache/seglab`), named by a hash of the source, the compiler's command and the processor's
+flags, and written under a temporary name then renamed, so processes building it at once
+(torchrun's workers) never load a half-written file. `SEGLAB_NATIVE=0` turns the kernels off.
 """
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ _reason: str | None = None  # why there is no library; None until the first atte
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("SEGLAB_CACHE") or Path.home() / ".cache" / "seglab") / "native"
+    if os.environ.get("SEGLAB_CACHE"):
+        return Path(os.environ["SEGLAB_CACHE"]) / "native"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seglab" / "native"
 
 
 def _processor_flags() -> str:
@@ -77,6 +79,8 @@ def _compile(compiler: str, target: Path) -> str | None:
 
 def _load() -> ctypes.CDLL | None:
     global _library, _reason
+    if _library is not None:  # every Winograd call asks: no lock once loaded
+        return _library
     with _lock:
         if _library is not None or _reason is not None:
             return _library
@@ -89,14 +93,14 @@ def _load() -> ctypes.CDLL | None:
             return None
         key = hashlib.sha256("\n".join([_SOURCE.read_text(), compiler, " ".join(_FLAGS + _NATIVE_FLAGS),
                                         platform.machine(), _processor_flags()]).encode()).hexdigest()[:16]
-        target = _cache_dir() / f"winograd_tiles-{key}.so"
-        if not target.exists():
-            try:
+        try:
+            target = _cache_dir() / f"winograd_tiles-{key}.so"
+            if not target.exists():
                 _reason = _compile(compiler, target)
-            except OSError as error:  # an unwritable cache
-                _reason = f"cannot write {target.parent}: {error}"
-            if _reason is not None:
-                return None
+        except (OSError, RuntimeError) as error:  # an unwritable cache, no home directory
+            _reason = f"cannot build in the cache ({error}; set SEGLAB_CACHE)"
+        if _reason is not None:
+            return None
         try:
             library = ctypes.CDLL(str(target))
         except OSError as error:
