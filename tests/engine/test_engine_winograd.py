@@ -55,8 +55,8 @@ def test_native_transforms_pay_from_64_channels_in_inference_16_in_training_and_
     assert min_channels(training=True) == 16
     assert pays_for_input((4, 16, 512, 512), (21, 16, 3, 3), 1, training=True)
     assert not pays_for_input((4, 8, 512, 512), (8, 8, 3, 3), 1, training=True)
-    assert pays_for_input((16, 64, 16, 16), (64, 64, 3, 3), 1, training=True)  # 256 tiles, 2^20 products
-    assert not pays_for_input((16, 32, 16, 16), (32, 32, 3, 3), 1, training=True)  # 2^18 products
+    assert not pays_for_input((16, 64, 16, 16), (64, 64, 3, 3), 1, training=True)  # 256 tiles, 2^20 products
+    assert pays_for_input((4, 32, 256, 256), (32, 32, 3, 3), 1, training=True)  # 2^24 products
     assert not pays_for_input((4, 512, 8, 8), (512, 512, 3, 3), 1, training=True)  # 16 tiles
 
 
