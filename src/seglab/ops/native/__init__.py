@@ -130,7 +130,9 @@ def _torch_openmp() -> tuple[int, int, int] | None:
             paths = {line.split()[-1] for line in maps if line.rstrip().endswith(".so") or ".so." in line}
     except OSError:  # not Linux
         return None
-    for path in sorted(paths):
+    # PyTorch's own copy first, where another library loaded a second runtime.
+    torch_dir = str(Path(torch.__file__).parent)
+    for path in sorted(paths, key=lambda path: (not path.startswith(torch_dir), path)):
         if Path(path).name.startswith(("libgomp", "libomp", "libiomp5")):
             try:
                 runtime = ctypes.CDLL(path)  # already loaded: the same instance
