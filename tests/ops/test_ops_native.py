@@ -54,10 +54,10 @@ def test_scatter_is_the_adjoint_of_gather(out_side, in_side, step, pad, shape):
     matrix = torch.randn(out_side, in_side)
     tiles = torch.randn(in_side * in_side, n * grid[0] * grid[1], channels)
     if out_side > step:  # overlapping windows: added into a map
-        placed = native.scatter_tiles(tiles, matrix, (n, height, width), step=step, pad=pad, grid=grid,
+        placed = native.scatter_tiles(tiles, matrix, (n, height, width), step=step, pad=pad,
                                       accumulate_into=torch.zeros(shape))
     else:
-        placed = native.scatter_tiles(tiles, matrix, (n, height, width), step=step, pad=pad, grid=grid)
+        placed = native.scatter_tiles(tiles, matrix, (n, height, width), step=step, pad=pad)
     probe = torch.randn(shape)
     gathered = native.gather_tiles(probe, matrix.t().contiguous(), step=step, pad=pad)
     # <scatter_L(T), P> = <T, gather_{L^T}(P)>
@@ -67,13 +67,13 @@ def test_scatter_is_the_adjoint_of_gather(out_side, in_side, step, pad, shape):
 
 def test_scatter_writes_the_bias_and_adds_into_a_map():
     torch.manual_seed(0)
-    matrix, tiles, bias = torch.randn(4, 6), torch.randn(36, 2 * 3 * 2, 10), torch.randn(10)
-    shape, grid = (2, 10, 7), (3, 2)
-    plain = native.scatter_tiles(tiles, matrix, shape, step=4, pad=0, grid=grid)
-    torch.testing.assert_close(native.scatter_tiles(tiles, matrix, shape, step=4, pad=0, grid=grid, bias=bias),
+    matrix, tiles, bias = torch.randn(4, 6), torch.randn(36, 2 * 3 * 2, 10), torch.randn(10)  # 3 x 2 tiles each
+    shape = (2, 10, 7)
+    plain = native.scatter_tiles(tiles, matrix, shape, step=4, pad=0)
+    torch.testing.assert_close(native.scatter_tiles(tiles, matrix, shape, step=4, pad=0, bias=bias),
                                plain + bias)
     start = torch.randn(*shape, 10)
-    added = native.scatter_tiles(tiles, matrix, shape, step=4, pad=0, grid=grid, accumulate_into=start.clone())
+    added = native.scatter_tiles(tiles, matrix, shape, step=4, pad=0, accumulate_into=start.clone())
     torch.testing.assert_close(added, start + plain)
 
 
@@ -82,11 +82,11 @@ def test_the_same_results_on_one_thread_and_on_pytorchs_or_our_own_threads():
 
     torch.manual_seed(0)
     nhwc, matrix = torch.randn(3, 21, 17, 24), torch.randn(8, 8)
-    shape, grid = (3, 21, 17), (4, 3)
+    shape = (3, 21, 17)
 
     def both() -> tuple[torch.Tensor, torch.Tensor]:
         gathered = native.gather_tiles(nhwc, matrix, step=6, pad=1)
-        return gathered, native.scatter_tiles(gathered, matrix.t().contiguous(), shape, step=6, pad=1, grid=grid,
+        return gathered, native.scatter_tiles(gathered, matrix.t().contiguous(), shape, step=6, pad=1,
                                               accumulate_into=torch.zeros_like(nhwc))
 
     threads = torch.get_num_threads()
@@ -141,11 +141,11 @@ def test_bad_arguments_get_one_clear_error():
         native.gather_tiles(map_, torch.randn(5, 5), step=3, pad=1)
     tiles = native.gather_tiles(map_, matrix, step=4, pad=1)
     with pytest.raises(ValueError, match="added into a map"):
-        native.scatter_tiles(tiles, matrix, (1, 8, 8), step=4, pad=1, grid=(2, 2))
+        native.scatter_tiles(tiles, matrix, (1, 8, 8), step=4, pad=1)
     with pytest.raises(ValueError, match="do not fit"):
-        native.scatter_tiles(tiles, matrix, (1, 8, 8), step=4, pad=1, grid=(3, 2), accumulate_into=torch.zeros(1, 8, 8, 4))
+        native.scatter_tiles(tiles, matrix, (1, 12, 8), step=4, pad=1, accumulate_into=torch.zeros(1, 12, 8, 4))
     with pytest.raises(ValueError, match="cannot add 4-channel tiles"):
-        native.scatter_tiles(tiles, matrix, (1, 8, 8), step=4, pad=1, grid=(2, 2), accumulate_into=torch.zeros(1, 8, 8, 3))
+        native.scatter_tiles(tiles, matrix, (1, 8, 8), step=4, pad=1, accumulate_into=torch.zeros(1, 8, 8, 3))
 
 
 def _fresh_process(code: str, **environment: str) -> str:

@@ -268,7 +268,7 @@ class _NativeInputTransform(torch.autograd.Function):
         tile = ctx.tile
         out = grad.new_zeros(ctx.shape)
         native.scatter_tiles(grad.contiguous(), _native_matrices(tile)[1], (n, height, width), step=tile, pad=1,
-                             grid=(-(-height // tile), -(-width // tile)), accumulate_into=out)
+                             accumulate_into=out)
         return out, None
 
 
@@ -280,9 +280,7 @@ class _NativeOutputTransform(torch.autograd.Function):
     def forward(ctx: Any, products: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, int, int],
                 tile: int) -> torch.Tensor:
         ctx.tile, ctx.has_bias = tile, bias is not None
-        n, height, width = shape
         return native.scatter_tiles(products, _native_matrices(tile)[2], shape, step=tile, pad=0,
-                                    grid=(-(-height // tile), -(-width // tile)),
                                     bias=None if bias is None else bias.detach().float().contiguous())
 
     @staticmethod

@@ -181,10 +181,11 @@ def gather_tiles(nhwc: torch.Tensor, matrix: torch.Tensor, step: int, pad: int) 
 
 
 def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, int, int], step: int, pad: int,
-                  grid: tuple[int, int], bias: torch.Tensor | None = None, accumulate_into: torch.Tensor | None = None
+                  bias: torch.Tensor | None = None, accumulate_into: torch.Tensor | None = None
                   ) -> torch.Tensor:
     """The transpose of `gather_tiles`' layout: `L T L^T` for every tile T of `tiles`
-    (in_side^2 x windows x C, windows = N x grid rows x grid columns) placed on an N x H x W x C
+    (in_side^2 x windows x C, over the same ceil(H / step) x ceil(W / step) windows per image)
+    placed on an N x H x W x C
     channels-last map (`shape` = (N, H, W)) at (step r - pad, step q - pad), cropped to the map.
     Written to a new map plus `bias`, or, where windows overlap, added into `accumulate_into`."""
     library = _load()
@@ -194,6 +195,7 @@ def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, i
     _check(matrix, "the matrix")
     out_side, in_side = matrix.shape
     n, height, width = shape
+    grid = (-(-height // step), -(-width // step))
     if tuple(tiles.shape[:2]) != (in_side * in_side, n * grid[0] * grid[1]):
         raise ValueError(f"tiles of shape {tuple(tiles.shape)} do not fit {in_side} x {in_side} tiles on a "
                          f"{n} x {grid[0]} x {grid[1]} grid")

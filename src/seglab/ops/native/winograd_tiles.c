@@ -265,7 +265,8 @@ int seglab_gather(const float *src, float *dst, const float *matrix, int out_sid
 
 /* dst is n x height x width x channels; with `accumulate` the results are added to it (it must
  * hold the starting values, zeros for a gradient), else written, plus `bias` when not NULL.
- * The tile grid is ceil((height + 2 pad - out_side) / step) + 1 rows (likewise columns). */
+ * `rows` x `cols` tiles per image (the loader passes gather's ceil(height / step) x
+ * ceil(width / step)). */
 int seglab_scatter(const float *src, float *dst, const float *matrix, const float *bias,
                    int out_side, int in_side, int64_t n, int64_t height, int64_t width,
                    int64_t channels, int64_t rows, int64_t cols, int step, int pad, int accumulate,
