@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from seglab.ops import native
-from seglab.ops.winograd import winograd_conv3x3, winograd_filters
+from seglab.ops.winograd import _native_matrices, winograd_conv3x3, winograd_filters
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"the native kernels are not available: {native.unavailable_reason()}")
@@ -33,11 +33,24 @@ def _windows(nhwc: torch.Tensor, side: int, step: int, pad: int) -> torch.Tensor
     return windows.permute(4, 5, 0, 1, 2, 3).reshape(side, side, n * rows * cols, -1)
 
 
+def _matrix(kind: str, out_side: int, in_side: int, step: int, pad: int, which: str) -> torch.Tensor:
+    """A random matrix (the general kernels), or Winograd's of that role (a kernel of its own)."""
+    if which == "random":
+        matrix = torch.randn(out_side, in_side)
+        assert not native.compiled_in(matrix, kind)
+        return matrix
+    b_t, b, a_t, a = _native_matrices(step)
+    matrix = (b_t if pad else a) if kind == "gather" else (b if pad else a_t)
+    assert tuple(matrix.shape) == (out_side, in_side) and native.compiled_in(matrix, kind)
+    return matrix
+
+
 @pytest.mark.parametrize("out_side, in_side, step, pad", GATHERS)
 @pytest.mark.parametrize("shape", [(2, 9, 14, 11), (1, 8, 8, 16), (1, 1, 1, 3)])
-def test_gather_transforms_every_window_of_the_map(out_side, in_side, step, pad, shape):
+@pytest.mark.parametrize("which", ["random", "winograd"])
+def test_gather_transforms_every_window_of_the_map(out_side, in_side, step, pad, shape, which):
     torch.manual_seed(0)
-    nhwc, matrix = torch.randn(shape), torch.randn(out_side, in_side)
+    nhwc, matrix = torch.randn(shape), _matrix("gather", out_side, in_side, step, pad, which)
     got = native.gather_tiles(nhwc, matrix, step=step, pad=pad)
     windows = _windows(nhwc.double(), in_side, step, pad)
     expected = torch.einsum("ik,jl,klwc->ijwc", matrix.double(), matrix.double(), windows)
@@ -47,11 +60,12 @@ def test_gather_transforms_every_window_of_the_map(out_side, in_side, step, pad,
 
 @pytest.mark.parametrize("out_side, in_side, step, pad", SCATTERS)
 @pytest.mark.parametrize("shape", [(2, 9, 14, 11), (1, 12, 12, 8)])
-def test_scatter_is_the_adjoint_of_gather(out_side, in_side, step, pad, shape):
+@pytest.mark.parametrize("which", ["random", "winograd"])
+def test_scatter_is_the_adjoint_of_gather(out_side, in_side, step, pad, shape, which):
     torch.manual_seed(0)
     n, height, width, channels = shape
     grid = (-(-height // step), -(-width // step))
-    matrix = torch.randn(out_side, in_side)
+    matrix = _matrix("scatter", out_side, in_side, step, pad, which)
     tiles = torch.randn(in_side * in_side, n * grid[0] * grid[1], channels)
     if out_side > step:  # overlapping windows: added into a map
         placed = native.scatter_tiles(tiles, matrix, (n, height, width), step=step, pad=pad,
@@ -63,6 +77,23 @@ def test_scatter_is_the_adjoint_of_gather(out_side, in_side, step, pad, shape):
     # <scatter_L(T), P> = <T, gather_{L^T}(P)>
     lhs, rhs = (placed.double() * probe.double()).sum(), (tiles.double() * gathered.double()).sum()
     torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("out_side, in_side, step, pad", SCATTERS)
+def test_a_compiled_in_scatter_places_each_tile_like_the_general_kernel(out_side, in_side, step, pad):
+    torch.manual_seed(0)
+    shape, channels = (2, 13, 10), 11  # ragged tiles at the edges, a partial vector of channels
+    grid = (-(-shape[1] // step), -(-shape[2] // step))
+    matrix = _matrix("scatter", out_side, in_side, step, pad, "winograd")
+    tiles = torch.randn(in_side * in_side, shape[0] * grid[0] * grid[1], channels)
+    start, bias = torch.randn(*shape, channels), torch.randn(channels)
+    if out_side > step:
+        runs = [native.scatter_tiles(tiles, matrix, shape, step=step, pad=pad, accumulate_into=start.clone(),
+                                     specialised=specialised) for specialised in (True, False)]
+    else:
+        runs = [native.scatter_tiles(tiles, matrix, shape, step=step, pad=pad, bias=bias, specialised=specialised)
+                for specialised in (True, False)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=1e-5 * runs[1].abs().max().item())
 
 
 def test_scatter_writes_the_bias_and_adds_into_a_map():

@@ -253,6 +253,19 @@ def _native_matrices(tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         return b_t.contiguous(), b_t.t().contiguous(), a_t.contiguous(), a_t.t().contiguous()
 
 
+def _register_native_matrices() -> None:
+    """Winograd's four matrices per tile, compiled into the native kernels (`native.specialise`)."""
+    gathers, scatters = [], []
+    for tile in OUTPUT_TILES:
+        b_t, b, a_t, a = _native_matrices(tile)
+        gathers += [b_t, a]  # the input transform; the output transform's gradient
+        scatters += [a_t, b]  # the output transform; the input transform's gradient
+    native.specialise(gathers=tuple(gathers), scatters=tuple(scatters))
+
+
+_register_native_matrices()
+
+
 class _NativeInputTransform(torch.autograd.Function):
     """N x H x W x C_in (contiguous) -> (m + 2)^2 x tiles x C_in: `B^T d B` of every input tile,
     zero padding 1. The gradient adds `B g B^T` of each tile back onto its (overlapping) window."""

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "gather_tiles", "scatter_tiles", "unavailable_reason"]
+from seglab.ops.native import specialise as _specialise
+
+__all__ = ["available", "compiled_in", "gather_tiles", "scatter_tiles", "specialise", "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("winograd_tiles.c")
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
@@ -36,6 +38,26 @@ _COMPILE_SECONDS = 120
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _reason: str | None = None  # why there is no library; None until the first attempt
+_known: dict[str, list[tuple[tuple[float, ...], ...]]] = {"gather": [], "scatter": []}  # compiled-in matrices
+
+
+def specialise(gathers: tuple[torch.Tensor, ...] = (), scatters: tuple[torch.Tensor, ...] = ()) -> None:
+    """Compile these matrices into kernels of their own (`specialise.py`: zeros skipped, sign
+    pairs shared), used whenever `gather_tiles` / `scatter_tiles` get a matrix with the same
+    float32 bits. Winograd's transforms register theirs at import. Only matrices registered
+    before the library is first built or loaded take effect: each set gets a library of its own
+    in the cache."""
+    if _library is not None or _reason is not None:
+        return
+    for kind, matrices in (("gather", gathers), ("scatter", scatters)):
+        for matrix in matrices:
+            rows = tuple(tuple(row) for row in matrix.detach().float().tolist())
+            if rows not in _known[kind]:
+                _known[kind].append(rows)
+
+
+def _full_source() -> str:
+    return _SOURCE.read_text() + "\n" + _specialise.kernels(_known["gather"], _known["scatter"])
 
 
 def _cache_dir() -> Path:
@@ -55,7 +77,7 @@ def _processor_flags() -> str:
     return platform.processor()
 
 
-def _compile(compiler: str, target: Path) -> str | None:
+def _compile(compiler: str, source: str, target: Path) -> str | None:
     """Builds the library at `target` (atomically); returns None, or why it could not."""
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = []
@@ -63,8 +85,8 @@ def _compile(compiler: str, target: Path) -> str | None:
         fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags, "-o", partial, str(_SOURCE)], capture_output=True,
-                                  text=True, timeout=_COMPILE_SECONDS)
+            done = subprocess.run([compiler, *flags, "-o", partial, "-x", "c", "-"], input=source,
+                                  capture_output=True, text=True, timeout=_COMPILE_SECONDS)
             if done.returncode == 0:
                 os.replace(partial, target)
                 return None
@@ -91,12 +113,13 @@ def _load() -> ctypes.CDLL | None:
         if compiler is None:
             _reason = "no C compiler found (set CC)"
             return None
-        key = hashlib.sha256("\n".join([_SOURCE.read_text(), compiler, " ".join(_FLAGS + _NATIVE_FLAGS),
+        source = _full_source()
+        key = hashlib.sha256("\n".join([source, compiler, " ".join(_FLAGS + _NATIVE_FLAGS),
                                         platform.machine(), _processor_flags()]).encode()).hexdigest()[:16]
         try:
             target = _cache_dir() / f"winograd_tiles-{key}.so"
             if not target.exists():
-                _reason = _compile(compiler, target)
+                _reason = _compile(compiler, source, target)
         except (OSError, RuntimeError) as error:  # an unwritable cache, no home directory
             _reason = f"cannot build in the cache ({error}; set SEGLAB_CACHE)"
         if _reason is not None:
@@ -107,10 +130,12 @@ def _load() -> ctypes.CDLL | None:
             _reason = f"cannot load {target}: {error}"
             return None
         pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        library.seglab_gather.argtypes = [pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i32, i32, i32]
+        library.seglab_gather.argtypes = [pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i32, i32, i32,
+                                          i32]
         library.seglab_scatter.argtypes = [pointer, pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i64,
-                                           i64, i32, i32, i32, i32]
-        library.seglab_gather.restype = library.seglab_scatter.restype = i32
+                                           i64, i32, i32, i32, i32, i32]
+        library.seglab_compiled_in.argtypes = [i32, i32, i32, pointer]
+        library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
         library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
         openmp = _torch_openmp()
         if openmp is not None:
@@ -160,11 +185,23 @@ def _check(tensor: torch.Tensor, name: str) -> None:
                          f"{tensor.device} with strides {tensor.stride()}")
 
 
-def gather_tiles(nhwc: torch.Tensor, matrix: torch.Tensor, step: int, pad: int) -> torch.Tensor:
+def compiled_in(matrix: torch.Tensor, kind: str = "gather") -> bool:
+    """Whether `kind` ("gather" or "scatter") runs `matrix` by a kernel with it compiled in."""
+    library = _load()
+    if library is None:
+        return False
+    _check(matrix, "the matrix")
+    out_side, in_side = matrix.shape
+    return bool(library.seglab_compiled_in(int(kind == "scatter"), out_side, in_side, matrix.data_ptr()))
+
+
+def gather_tiles(nhwc: torch.Tensor, matrix: torch.Tensor, step: int, pad: int, *,
+                 specialised: bool = True) -> torch.Tensor:
     """`L D L^T` for every in_side x in_side window D of the channels-last map `nhwc`
     (N x H x W x C) at a stride of `step`, starting `pad` pixels before the map (zeros outside
     it), over ceil(H / step) x ceil(W / step) windows per image; `matrix` L is out_side x
-    in_side. Returns out_side^2 x windows x C."""
+    in_side. Returns out_side^2 x windows x C. A matrix registered with `specialise` runs by its
+    own kernel unless `specialised` is False."""
     library = _load()
     if library is None:
         raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
@@ -175,19 +212,20 @@ def gather_tiles(nhwc: torch.Tensor, matrix: torch.Tensor, step: int, pad: int) 
     windows = n * -(-height // step) * -(-width // step)
     out = nhwc.new_empty(out_side * out_side, windows, channels)
     if library.seglab_gather(nhwc.data_ptr(), out.data_ptr(), matrix.data_ptr(), out_side, in_side, n, height,
-                             width, channels, step, pad, torch.get_num_threads()) != 0:
+                             width, channels, step, pad, torch.get_num_threads(), int(specialised)) != 0:
         raise ValueError(f"no native kernel for {out_side} x {in_side} transforms")
     return out
 
 
 def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, int, int], step: int, pad: int,
-                  bias: torch.Tensor | None = None, accumulate_into: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, accumulate_into: torch.Tensor | None = None, *,
+                  specialised: bool = True) -> torch.Tensor:
     """The transpose of `gather_tiles`' layout: `L T L^T` for every tile T of `tiles`
     (in_side^2 x windows x C, over the same ceil(H / step) x ceil(W / step) windows per image)
     placed on an N x H x W x C
     channels-last map (`shape` = (N, H, W)) at (step r - pad, step q - pad), cropped to the map.
-    Written to a new map plus `bias`, or, where windows overlap, added into `accumulate_into`."""
+    Written to a new map plus `bias`, or, where windows overlap, added into `accumulate_into`.
+    `specialised` as for `gather_tiles`."""
     library = _load()
     if library is None:
         raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
@@ -214,6 +252,6 @@ def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, i
     if library.seglab_scatter(tiles.data_ptr(), out.data_ptr(), matrix.data_ptr(),
                               None if bias is None else bias.data_ptr(), out_side, in_side, n, height, width,
                               tiles.shape[-1], grid[0], grid[1], step, pad, int(accumulate_into is not None),
-                              torch.get_num_threads()) != 0:
+                              torch.get_num_threads(), int(specialised)) != 0:
         raise ValueError(f"no native kernel for {out_side} x {in_side} transforms")
     return out

@@ -1,0 +1,140 @@
+"""C for the transforms with a known matrix: `L x` as straight-line code, the matrix's values
+compiled in (`winograd_tiles.c` keeps the general kernels for any other matrix).
+
+Why: with the matrix read at run time the kernels multiply every entry, zeros included, and
+broadcast each from memory first: an F(6x6) window cost about 2,500 cycles for 8 channels.
+Winograd's matrices are a third zeros, and their rows come in pairs, one per pair of
+interpolation points +p and -p, that share their products: row(-p) is row(+p) with the odd
+columns negated, so both are E + O and E - O of the same even part E and odd part O. Their
+transposes pair columns the same way: x_c and x_d enter every row as x_c + x_d or x_c - x_d.
+F(6x6)'s input transform takes 24 operations per column of 8 this way, against 64
+multiply-adds, the arrangement NNPACK and wincnn use, here derived from the matrix itself.
+
+Exact: a term is skipped only where its coefficient is zero, and +-1 are additions. The sums
+may round differently from the general kernel's (other order, fused multiply-adds); both are
+held to a float64 reference by the tests.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+Matrix = Sequence[Sequence[float]]
+
+__all__ = ["kernels", "linear_map"]
+
+
+def _literal(value: float) -> str:
+    return f"{float(value)!r}f"
+
+
+def _expression(terms: list[tuple[float, str]]) -> str:
+    """sum(coefficient * name) without zero terms; '(vec){0}' when there are none."""
+    parts = []
+    for coefficient, name in terms:
+        if coefficient == 0:
+            continue
+        magnitude = abs(coefficient)
+        product = name if magnitude == 1 else f"{_literal(magnitude)} * {name}"
+        sign = "-" if coefficient < 0 else "+"
+        parts.append((sign, product))
+    if not parts:
+        return "(vec){0}"
+    first_sign, first = parts[0]
+    text = f"-{first}" if first_sign == "-" else first
+    return text + "".join(f" {sign} {product}" for sign, product in parts[1:])
+
+
+def _mirrored(a: Sequence[float], b: Sequence[float]) -> list[int] | None:
+    """+1 / -1 per position where b is a with some signs flipped (the same zeros), with both
+    signs present; None otherwise."""
+    if len(a) != len(b) or any(abs(x) != abs(y) for x, y in zip(a, b)):
+        return None
+    signs = [0 if x == 0 else (1 if x == y else -1) for x, y in zip(a, b)]
+    return signs if 1 in signs and -1 in signs else None
+
+
+def _pairs(vectors: list[list[float]]) -> list[tuple[int, int, list[int]]]:
+    """Disjoint (i, j, signs) with vectors[j] a sign-flipped vectors[i], first match first."""
+    taken: set[int] = set()
+    pairs = []
+    for i, a in enumerate(vectors):
+        if i in taken:
+            continue
+        for j in range(i + 1, len(vectors)):
+            signs = None if j in taken else _mirrored(a, vectors[j])
+            if signs is not None:
+                pairs.append((i, j, signs))
+                taken.update((i, j))
+                break
+    return pairs
+
+
+def linear_map(name: str, matrix: Matrix) -> str:
+    """A C function `name(x, xs, y, ys)`: y[r * ys] = sum_c matrix[r][c] x[c * xs] for the
+    `vec` (VEC channels) values, with the rows' or the columns' sign pairs shared."""
+    rows = [[float(v) for v in row] for row in matrix]
+    out_size, in_size = len(rows), len(rows[0])
+    lines = [f"static inline __attribute__((always_inline)) void {name}(const vec *x, int xs, vec *y, int ys) {{"]
+    lines += [f"    const vec x{c} = x[{c} * xs];" for c in range(in_size)]
+    row_pairs = _pairs(rows)
+    if row_pairs:
+        # y_i = E + O, y_j = E - O: E over the columns where the two rows agree, O where not.
+        done = set()
+        for i, j, signs in row_pairs:
+            same = [(rows[i][c], f"x{c}") for c in range(in_size) if signs[c] == 1]
+            flipped = [(rows[i][c], f"x{c}") for c in range(in_size) if signs[c] == -1]
+            lines.append(f"    const vec e{i} = {_expression(same)}, o{i} = {_expression(flipped)};")
+            lines.append(f"    y[{i} * ys] = e{i} + o{i};")
+            lines.append(f"    y[{j} * ys] = e{i} - o{i};")
+            done.update((i, j))
+        for r in range(out_size):
+            if r not in done:
+                lines.append(f"    y[{r} * ys] = {_expression([(v, f'x{c}') for c, v in enumerate(rows[r])])};")
+    else:
+        # x_c and x_d enter every row as (x_c + x_d) or (x_c - x_d), scaled by the row's entry.
+        columns = [[rows[r][c] for r in range(out_size)] for c in range(in_size)]
+        column_pairs = _pairs(columns)
+        paired = {}
+        for c, d, _ in column_pairs:
+            lines.append(f"    const vec s{c} = x{c} + x{d}, t{c} = x{c} - x{d};")
+            paired[c] = d
+        seconds = set(paired.values())
+        for r in range(out_size):
+            terms = []
+            for c in range(in_size):
+                if c in seconds:
+                    continue
+                if c in paired:
+                    d = paired[c]
+                    terms.append((rows[r][c], f"s{c}" if rows[r][d] == rows[r][c] else f"t{c}"))
+                else:
+                    terms.append((rows[r][c], f"x{c}"))
+            lines.append(f"    y[{r} * ys] = {_expression(terms)};")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def kernels(gathers: Sequence[Matrix], scatters: Sequence[Matrix]) -> str:
+    """C appended to `winograd_tiles.c`: a gather kernel for each matrix of `gathers` and a
+    scatter kernel for each of `scatters` with the matrix compiled in, and the lookups
+    `specialised_gather` / `specialised_scatter` that find them by the matrix's bits."""
+    parts, lookups = ["/* Generated by seglab.ops.native.specialise. */"], {"gather": [], "scatter": []}
+    for kind, matrices in (("gather", gathers), ("scatter", scatters)):
+        for index, matrix in enumerate(matrices):
+            rows = [[float(v) for v in row] for row in matrix]
+            out_size, in_size = len(rows), len(rows[0])
+            name = f"{kind}_known_{index}"
+            values = ", ".join(f"{v.hex()}f" for row in rows for v in row)
+            parts += [linear_map(f"map_{name}", rows),
+                      f"#define TRANSFORM_{name}(OUT, IN, T, R) SEPARABLE_TRANSFORM(OUT, IN, map_{name}, T, R)",
+                      f"DEFINE_{kind.upper()}({name}, {out_size}, {in_size}, TRANSFORM_{name})",
+                      f"static const float matrix_{name}[{out_size * in_size}] = {{{values}}};"]
+            lookups[kind].append((out_size, in_size, name))
+    for kind, known in lookups.items():
+        parts.append(f"static RangeFn specialised_{kind}(int out_side, int in_side, const float *matrix) {{")
+        parts.append("    (void)out_side; (void)in_side; (void)matrix;")
+        for out_size, in_size, name in known:
+            parts.append(f"    if (out_side == {out_size} && in_side == {in_size} && "
+                         f"memcmp(matrix, matrix_{name}, sizeof matrix_{name}) == 0) return {name};")
+        parts += ["    return NULL;", "}"]
+    return "\n".join(parts) + "\n"
