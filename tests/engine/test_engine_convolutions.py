@@ -72,9 +72,9 @@ def test_the_fpn_stride4_head_convolutions_take_the_route(monkeypatch):
     weights = []
     real = convolutions.tuned_convolution
 
-    def recorded(input, weight, bias, settings):
+    def recorded(input, weight, bias, settings, timed):
         weights.append((tuple(weight.shape), settings.transposed))
-        return real(input, weight, bias, settings)
+        return real(input, weight, bias, settings, timed)
 
     monkeypatch.setattr(convolutions, "tuned_convolution", recorded)
     route = training_convolutions(model, "cpu", "32")
@@ -100,12 +100,13 @@ def test_the_other_convolutions_train_with_their_weight_gradient_by_the_tuned_ke
     # convolutions, 1x1 shortcuts and stem. At 64 x 64 no convolution takes Winograd.
     model = create_model("unet", num_classes=3, encoder="resnet18").train().to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    calls = []
+    calls, timings = [], []
     real = convolutions.tuned_convolution
 
-    def recorded(input, weight, bias, settings):
+    def recorded(input, weight, bias, settings, timed):
         calls.append(settings)
-        return real(input, weight, bias, settings)
+        timings.append(timed)
+        return real(input, weight, bias, settings, timed)
 
     monkeypatch.setattr(convolutions, "tuned_convolution", recorded)
     route = training_convolutions(model, "cpu", "32")
@@ -121,7 +122,7 @@ def test_the_other_convolutions_train_with_their_weight_gradient_by_the_tuned_ke
     for grad, expected in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected, atol=1e-4, rtol=1e-4)
     assert sum(s.transposed for s in calls) == len(upsampling)
-    assert {s.stride for s in calls} == {(1, 1), (2, 2)}
+    assert {s.stride for s in calls} == {(1, 1), (2, 2)} and all(timings)
     # One call per convolution: the plain ones, each upsampling step's transposed part and its
     # skip's share (the last step, to the full resolution, has no skip).
     plain = len(convs) - len(upsampling)
@@ -136,3 +137,8 @@ def test_the_other_convolutions_train_with_their_weight_gradient_by_the_tuned_ke
         model(x).float().sum().backward()
     _step(model, x, training_convolutions(model, "cpu", "32", tuned_weight_gradients=False))
     assert calls == []
+
+    # Deterministic: the same calls, none of them timed.
+    timings.clear()
+    _step(model, x, training_convolutions(model, "cpu", "32", deterministic=True))
+    assert len(timings) == plain + 2 * len(upsampling) - 1 and not any(timings)

@@ -146,13 +146,13 @@ def test_float32_cpu_training_runs_under_winograd_unless_direct_convolutions(tmp
     asked = []
     real = trainer_module.training_convolutions
 
-    def recording(model, device, precision, enabled=True):
-        asked.append((precision, enabled))
-        return real(model, device, precision, enabled)
+    def recording(model, device, precision, enabled=True, deterministic=False):
+        asked.append((precision, enabled, deterministic))
+        return real(model, device, precision, enabled, deterministic=deterministic)
 
     monkeypatch.setattr(trainer_module, "training_convolutions", recording)
-    for direct in (False, True):
-        trainer = make_trainer(tmp_path / str(direct), precision="32", direct_convolutions=direct, epochs=1,
-                               train_samples=4, val_samples=2)
+    for direct, deterministic in ((False, False), (True, False), (False, True)):
+        trainer = make_trainer(tmp_path / f"{direct}-{deterministic}", precision="32", direct_convolutions=direct,
+                               deterministic=deterministic, epochs=1, train_samples=4, val_samples=2)
         trainer.fit()
-    assert set(asked) == {("32", True), ("32", False)} and asked[0] == ("32", True)
+    assert asked == [("32", True, False), ("32", False, False), ("32", True, True)]

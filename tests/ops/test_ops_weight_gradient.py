@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import seglab.ops.weight_gradient as weight_gradient_module
 from seglab.ops.weight_gradient import (
+    FIXED_METHOD,
     METHODS,
     ConvSettings,
     candidates,
@@ -125,6 +126,39 @@ def test_tuned_convolution_equals_the_convolution_and_its_three_gradients(name, 
     assert grad_weight.is_contiguous(memory_format=CL)  # in the weight's layout, as eager autograd keeps it
     (method, seconds), = chosen_methods().values()
     assert set(seconds) == set(candidates(upstream, x, weight, settings)) and method == min(seconds, key=seconds.get)
+
+
+def test_untimed_the_kernel_is_fixed_and_the_same_bits_come_every_run(monkeypatch):
+    """Timing picks by the clock, so two runs can differ; untimed, nothing is timed and nothing
+    remembered, and the large gradients run by `FIXED_METHOD`, the small ones by oneDNN's."""
+    calls = []
+    real = weight_gradient_module.weight_gradient_by
+
+    def recording(method, *args):
+        calls.append(method)
+        return real(method, *args)
+
+    def no_clock(call):
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(weight_gradient_module, "weight_gradient_by", recording)
+    monkeypatch.setattr(weight_gradient_module, "_timed", no_clock)
+    torch.manual_seed(0)
+    x, weight, b, settings = _case("3x3")
+    upstream = torch.randn_like(_eager(x, weight, b, settings))
+    expected = torch.autograd.grad(_eager(x, weight, b, settings), [x, weight, b], upstream)
+    runs = []
+    for minimum in (10**12, 0):  # small: oneDNN's, with the input's gradient; large: FIXED_METHOD
+        monkeypatch.setattr(weight_gradient_module, "MIN_TUNED_FLOPS", minimum)
+        for _ in range(2):
+            calls.clear()
+            out = tuned_convolution(x, weight, b, settings, timed=False)
+            grads = torch.autograd.grad(out, [x, weight, b], upstream)
+            for got, want in zip(grads, expected):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+            assert calls == ([] if minimum else [FIXED_METHOD]) and not chosen_methods()
+            runs.append(grads[1])
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[2], runs[3])
 
 
 def test_first_layer_without_an_input_gradient():

@@ -45,10 +45,14 @@ def _routable(module: nn.Module) -> bool:
 
 class TrainingConvolutions:
     """A context in which `model`'s convolutions take the training route above: `winograd` for
-    the 3x3 convolutions where it pays, `tuned_weight_gradients` for the rest."""
+    the 3x3 convolutions where it pays, `tuned_weight_gradients` for the rest: their kernels
+    timed at the first step, or, `deterministic`, fixed without timing (the same bits in every
+    run from the same seed)."""
 
-    def __init__(self, model: nn.Module, *, winograd: bool = True, tuned_weight_gradients: bool = True) -> None:
+    def __init__(self, model: nn.Module, *, winograd: bool = True, tuned_weight_gradients: bool = True,
+                 deterministic: bool = False) -> None:
         self.tuned_weight_gradients = tuned_weight_gradients
+        self.timed = not deterministic
         self.convs = [m for m in model.modules() if _routable(m)]
         self.winograd_convs = {id(m) for m in self.convs if winograd and conv_takes_winograd(m, min_channels(training=True))}
         self.upsampling_convs = [m for m in model.modules() if isinstance(m, UpsamplingConvCaller)] \
@@ -75,24 +79,25 @@ class TrainingConvolutions:
             return winograd_conv3x3(input, winograd_filters(weight, tile), bias, conv.dilation[0])
         if self.tuned_weight_gradients and training and takes_tuned_weight_gradient(input, weight, conv.groups):
             settings = ConvSettings(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), groups=conv.groups)
-            return tuned_convolution(input, weight, bias, settings)
+            return tuned_convolution(input, weight, bias, settings, self.timed)
         return nn.Conv2d._conv_forward(conv, input, weight, bias)
 
     def _upsampling_conv(self, caller: UpsamplingConvCaller, x: torch.Tensor, transposed_weight: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor:
         if records_gradients(x, transposed_weight) and takes_tuned_weight_gradient(x, transposed_weight, 1):
-            return tuned_convolution(x, transposed_weight, bias, _UPSAMPLING)
+            return tuned_convolution(x, transposed_weight, bias, _UPSAMPLING, self.timed)
         return UpsamplingConvCaller._upsampling_conv(x, transposed_weight, bias)
 
 
 def training_convolutions(model: nn.Module, device: torch.device | str, precision: str | int,
                           enabled: bool = True, *, winograd: bool = True,
-                          tuned_weight_gradients: bool = True) -> ContextManager:
+                          tuned_weight_gradients: bool = True, deterministic: bool = False) -> ContextManager:
     """`TrainingConvolutions(model)` for float32 training on the CPU (when `enabled`; build it
     once and enter it at each step); elsewhere a context that changes nothing (bf16 autocast
     has no bits to spare for Winograd's transforms, and its convolutions were not measured
     here; GPUs have their own algorithms)."""
     device = torch.device(device)
     if enabled and device.type == "cpu" and resolve_precision(precision, device).name == "32":
-        return TrainingConvolutions(model, winograd=winograd, tuned_weight_gradients=tuned_weight_gradients)
+        return TrainingConvolutions(model, winograd=winograd, tuned_weight_gradients=tuned_weight_gradients,
+                                    deterministic=deterministic)
     return contextlib.nullcontext()

@@ -146,7 +146,8 @@ class InstanceTrainer:
         # Winograd's 3x3 convolutions in float32 on the CPU (the FPN's, the RPN's and the mask
         # head's, where the input pays), unless asked not to; entered at each step.
         self.convolutions = training_convolutions(self.model, self.device, self.precision.name,
-                                                  enabled=not config.direct_convolutions)
+                                                  enabled=not config.direct_convolutions,
+                                                  deterministic=config.deterministic)
         generator = torch.Generator().manual_seed(config.seed)
         self.train_loader = DataLoader(
             self.train_set, batch_size=config.batch_size, shuffle=True, drop_last=len(self.train_set) > config.batch_size,

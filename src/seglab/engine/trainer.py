@@ -244,7 +244,8 @@ class Trainer:
         self.train_model: nn.Module = DistributedDataParallel(self.model) if self.dist.enabled else self.model
         # Winograd's 3x3 convolutions in float32 on the CPU, unless asked not to; entered at each step.
         self.convolutions = training_convolutions(self.model, self.device, self.precision.name,
-                                                  enabled=not config.direct_convolutions)
+                                                  enabled=not config.direct_convolutions,
+                                                  deterministic=config.deterministic)
         self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
         self.normalize = Normalize(config.mean, config.std).to(self.device)
         self.class_weights = self._class_weights()

@@ -32,7 +32,11 @@ convolution on 256 x 256 (151 MB) had been timed fastest by im2col ran it in 1.6
 oneDNN through NCHW took 0.14-0.16 s. Buffers of 64 MB and less timed steadily.
 
 The kernels sum in different orders, so the weight gradient differs from eager PyTorch's at
-float32 rounding level, and a choice made by timing can differ between runs.
+float32 rounding level, and a choice made by timing can differ between runs: two processes
+training UNet-R34 for five steps from the same seed ended with different weights (in the last
+bits, which training then amplifies). With `timed=False` the kernel is fixed instead, by
+`FIXED_METHOD` for every gradient the timing would be for: the same run gives the same bits
+(the trainer's `--deterministic`).
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ __all__ = [
     "MAX_IM2COL_BYTES",
     "MIN_TUNED_FLOPS",
     "RETIME_WITHIN",
+    "FIXED_METHOD",
     "ConvSettings",
     "candidates",
     "chosen_methods",
@@ -65,6 +70,9 @@ METHODS = ("onednn", "channels_first", "im2col", "taps")
 MIN_TUNED_FLOPS = 50_000_000  # a weight gradient below this keeps oneDNN's kernel, untimed
 RETIME_WITHIN = 2.0  # kernels whose first call took at most this multiple of the fastest's run again
 MAX_IM2COL_BYTES = 64 << 20  # im2col's column buffer above which it is not a candidate
+# The kernel without timing: oneDNN's fast NCHW gradient, never far from the fastest where
+# im2col or the taps win and the one kernel with no column buffer to page in.
+FIXED_METHOD = "channels_first"
 
 
 @dataclass(frozen=True)
@@ -192,10 +200,20 @@ def _tune(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
     return _Choice(fastest, seconds), results[fastest]
 
 
+def _untimed_method(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                    settings: ConvSettings) -> str:
+    large = _weight_gradient_flops(grad_output, input, weight, settings) >= MIN_TUNED_FLOPS
+    return FIXED_METHOD if large else "onednn"
+
+
 def weight_gradient(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
-                    settings: ConvSettings) -> torch.Tensor:
+                    settings: ConvSettings, timed: bool = True) -> torch.Tensor:
     """The convolution's weight gradient by the kernel chosen for this shape (timed at its first
-    call), in the weight's memory layout."""
+    call; with `timed=False` by `FIXED_METHOD`, the same in every run), in the weight's memory
+    layout."""
+    if not timed:
+        method = _untimed_method(grad_output, input, weight, settings)
+        return in_layout_of(weight_gradient_by(method, grad_output, input, weight, settings), weight)
     key = _key(input, weight, settings)
     choice = _choices.get(key)
     if choice is None and _weight_gradient_flops(grad_output, input, weight, settings) >= MIN_TUNED_FLOPS:
@@ -211,9 +229,9 @@ class _TunedConvolution(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                settings: ConvSettings) -> torch.Tensor:
+                settings: ConvSettings, timed: bool) -> torch.Tensor:
         ctx.save_for_backward(input, weight)
-        ctx.settings, ctx.has_bias = settings, bias is not None
+        ctx.settings, ctx.has_bias, ctx.timed = settings, bias is not None, timed
         return torch.ops.aten.convolution(input, weight, bias, *settings.arguments())
 
     @staticmethod
@@ -221,19 +239,23 @@ class _TunedConvolution(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         settings = ctx.settings
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        choice = _choices.get(_key(input, weight, settings))
+        if ctx.timed:
+            choice = _choices.get(_key(input, weight, settings))
+            method = None if choice is None else choice.method
+        else:
+            method = _untimed_method(grad_output, input, weight, settings)
         # oneDNN computes both gradients in one call where its weight gradient is the choice.
-        joint = needs_weight and choice is not None and choice.method == "onednn"
+        joint = needs_weight and method == "onednn"
         grad_input = grad_weight = None
         if needs_input or joint:
             grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
                 grad_output, input, weight, None, *settings.arguments(), [needs_input, joint, False])
         if needs_weight and not joint:
-            grad_weight = weight_gradient(grad_output, input, weight, settings)
+            grad_weight = weight_gradient(grad_output, input, weight, settings, ctx.timed)
         # The bias's gradient as a sum: asked of oneDNN, it runs its weight-gradient kernel
         # (input + bias gradient: 199 ms against 35 without the bias, 64 channels on 128 x 128).
         grad_bias = channel_sums(grad_output) if ctx.has_bias and needs_bias else None
-        return grad_input, grad_weight, grad_bias, None
+        return grad_input, grad_weight, grad_bias, None, None
 
 
 def takes_tuned_weight_gradient(input: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
@@ -245,8 +267,8 @@ def takes_tuned_weight_gradient(input: torch.Tensor, weight: torch.Tensor, group
 
 
 def tuned_convolution(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      settings: ConvSettings) -> torch.Tensor:
+                      settings: ConvSettings, timed: bool = True) -> torch.Tensor:
     """`torch.ops.aten.convolution(input, weight, bias, ...settings)` (a 2-D convolution, or a
     transposed one), differentiable, whose weight gradient runs by the kernel timed fastest for
-    its shape (`weight_gradient`)."""
-    return _TunedConvolution.apply(input, weight, bias, settings)
+    its shape, or with `timed=False` by `FIXED_METHOD` (`weight_gradient`)."""
+    return _TunedConvolution.apply(input, weight, bias, settings, timed)
