@@ -10,10 +10,15 @@ their PyTorch path, which computes the same thing: `available()` says which is i
 The library is cached under `$SEGLAB_CACHE` (default `$XDG_CACHE_HOME/seglab` or
 `~/.cache/seglab`), named by a hash of the source, the compiler's command and the processor's
 flags, and written under a temporary name then renamed, so processes building it at once
-(torchrun's workers) never load a half-written file. `SEGLAB_NATIVE=0` turns the kernels off.
+(torchrun's workers) never load a half-written file. Each load marks its library as used (its
+modification time); a new build removes the libraries no process has loaded for
+`PRUNE_UNUSED_DAYS` (older source versions, other matrices; a cache shared by machines of
+different processors keeps each one's library while it is in use). `SEGLAB_NATIVE=0` turns the
+kernels off; any other reason they are missing is said once, as a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -22,6 +27,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,6 +41,7 @@ _SOURCE = Path(__file__).with_name("winograd_tiles.c")
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 _NATIVE_FLAGS = ("-march=native",)  # the processor's vector width; dropped where the compiler refuses it
 _COMPILE_SECONDS = 120
+PRUNE_UNUSED_DAYS = 30
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -99,49 +107,76 @@ def _compile(compiler: str, source: str, target: Path) -> str | None:
     return f"{compiler} failed: {errors[0][0]}"
 
 
+def _prune(directory: Path, keep: Path) -> None:
+    """Removes the libraries beside `keep` that no process loaded for `PRUNE_UNUSED_DAYS`."""
+    cutoff = time.time() - PRUNE_UNUSED_DAYS * 86400
+    for library in directory.glob("winograd_tiles-*.so"):
+        try:
+            if library != keep and library.stat().st_mtime < cutoff:
+                library.unlink()
+        except OSError:  # another process's, or removed meanwhile
+            pass
+
+
 def _load() -> ctypes.CDLL | None:
-    global _library, _reason
-    if _library is not None:  # every Winograd call asks: no lock once loaded
-        return _library
-    with _lock:
-        if _library is not None or _reason is not None:
-            return _library
-        if os.environ.get("SEGLAB_NATIVE", "1") == "0":
-            _reason = "turned off by SEGLAB_NATIVE=0"
-            return None
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-        if compiler is None:
-            _reason = "no C compiler found (set CC)"
-            return None
-        source = _full_source()
-        key = hashlib.sha256("\n".join([source, compiler, " ".join(_FLAGS + _NATIVE_FLAGS),
-                                        platform.machine(), _processor_flags()]).encode()).hexdigest()[:16]
-        try:
-            target = _cache_dir() / f"winograd_tiles-{key}.so"
-            if not target.exists():
-                _reason = _compile(compiler, source, target)
-        except (OSError, RuntimeError) as error:  # an unwritable cache, no home directory
-            _reason = f"cannot build in the cache ({error}; set SEGLAB_CACHE)"
-        if _reason is not None:
-            return None
-        try:
-            library = ctypes.CDLL(str(target))
-        except OSError as error:
-            _reason = f"cannot load {target}: {error}"
-            return None
-        pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        library.seglab_gather.argtypes = [pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i32, i32, i32,
-                                          i32]
-        library.seglab_scatter.argtypes = [pointer, pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i64,
-                                           i64, i32, i32, i32, i32, i32]
-        library.seglab_compiled_in.argtypes = [i32, i32, i32, pointer]
-        library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
-        library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
-        openmp = _torch_openmp()
-        if openmp is not None:
-            library.seglab_use_openmp(*openmp)
-        _library = library
+    library = _library
+    if library is not None:  # every Winograd call asks: no lock once loaded
         return library
+    with _lock:
+        first = _reason is None
+        library = _load_once()
+    if library is None and first and not _reason.startswith("turned off"):
+        warnings.warn(f"seglab's native Winograd transforms are not available ({_reason}); PyTorch's operators "
+                      "compute them instead, more slowly", RuntimeWarning, stacklevel=3)
+    return library
+
+
+def _load_once() -> ctypes.CDLL | None:
+    """Builds (or finds in the cache) and loads the library, once; the caller holds the lock."""
+    global _library, _reason
+    if _library is not None or _reason is not None:
+        return _library
+    if os.environ.get("SEGLAB_NATIVE", "1") == "0":
+        _reason = "turned off by SEGLAB_NATIVE=0"
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        _reason = "no C compiler found (set CC)"
+        return None
+    source = _full_source()
+    key = hashlib.sha256("\n".join([source, compiler, " ".join(_FLAGS + _NATIVE_FLAGS),
+                                    platform.machine(), _processor_flags()]).encode()).hexdigest()[:16]
+    try:
+        target = _cache_dir() / f"winograd_tiles-{key}.so"
+        if not target.exists():
+            _reason = _compile(compiler, source, target)
+            if _reason is None:
+                _prune(target.parent, target)
+        else:
+            with contextlib.suppress(OSError):  # (a read-only cache: nothing to prune there either)
+                os.utime(target)  # in use: kept by the pruning of other builds
+    except (OSError, RuntimeError) as error:  # an unwritable cache, no home directory
+        _reason = f"cannot build in the cache ({error}; set SEGLAB_CACHE)"
+    if _reason is not None:
+        return None
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError as error:
+        _reason = f"cannot load {target}: {error}"
+        return None
+    pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    library.seglab_gather.argtypes = [pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i32, i32, i32,
+                                      i32]
+    library.seglab_scatter.argtypes = [pointer, pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i64,
+                                       i64, i32, i32, i32, i32, i32]
+    library.seglab_compiled_in.argtypes = [i32, i32, i32, pointer]
+    library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
+    library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
+    openmp = _torch_openmp()
+    if openmp is not None:
+        library.seglab_use_openmp(*openmp)
+    _library = library
+    return library
 
 
 def _torch_openmp() -> tuple[int, int, int] | None:
