@@ -17,7 +17,8 @@ Python's share.
 
 The model is built as `seglab bench` builds it (random weights, 21 classes); the training step
 is the bench's (`seglab.bench._training_call`: channels last, the training route, AdamW, the
-cross-entropy), inference the fast path at float32 (`optimize_for_inference(model, "32")`).
+cross-entropy), inference the fast path (`optimize_for_inference`), both at float32 unless
+`--precision bf16` asks for seglab's bf16 fast path.
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ class OperatorTimes(TorchDispatchMode):
                 setattr(native, name, function)
 
 
-def _call(model_key: str, mode: str, batch: int, size: int, peer: bool) -> Callable[[], None]:
+def _call(model_key: str, mode: str, batch: int, size: int, peer: bool, precision: str) -> Callable[[], None]:
     arch = ARCHITECTURES[model_key]
     if peer and arch.peer_builder is None:
         raise SystemExit(f"--peer: {model_key} has no peer model")
@@ -93,9 +94,9 @@ def _call(model_key: str, mode: str, batch: int, size: int, peer: bool) -> Calla
     if mode == "train":
         settings = BenchSettings(models=[model_key], train_batch=batch, size=size)
         ours = not peer
-        return _training_call(model, settings, torch.device("cpu"), channels_last=ours, precision="32", fused=ours,
-                              winograd=ours, tuned_gradients=ours)
-    runnable = model.eval() if peer else optimize_for_inference(model.eval(), "32")
+        return _training_call(model, settings, torch.device("cpu"), channels_last=ours,
+                              precision=precision if ours else "32", fused=ours, winograd=ours, tuned_gradients=ours)
+    runnable = model.eval() if peer else optimize_for_inference(model.eval(), precision)
     images = torch.randn(batch, 3, size, size)
 
     def infer() -> None:
@@ -115,12 +116,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4, help="untimed calls first (the tuning, fresh memory)")
     parser.add_argument("--top", type=int, default=30, help="rows of the table by shapes")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--precision", default="32", choices=["32", "bf16"],
+                        help="seglab's precision (default 32; the peer always runs float32)")
     options = parser.parse_args()
     if options.threads:
         torch.set_num_threads(options.threads)
     keep_freed_memory()  # as seglab's commands run
     batch = options.batch or (4 if options.mode == "train" else 1)
-    call = _call(options.model, options.mode, batch, options.size, options.peer)
+    call = _call(options.model, options.mode, batch, options.size, options.peer, options.precision)
     for _ in range(options.warmup):
         call()
     plain = []
@@ -138,6 +141,7 @@ def main() -> None:
     seconds, times = min(timed, key=lambda pair: pair[0])
     who = f"{ARCHITECTURES[options.model].peer}'s" if options.peer else "seglab's"
     print(f"{who} {options.model}, {options.mode}, batch {batch}, {options.size} x {options.size}, "
+          f"{'float32' if options.peer else options.precision}, "
           f"{torch.get_num_threads()} threads")
     print(f"untimed calls: median {statistics.median(plain):.3f} s; timed call {seconds:.3f} s, "
           f"of which in operators {sum(times.by_operator.values()):.3f} s\n")
