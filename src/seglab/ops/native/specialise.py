@@ -7,8 +7,9 @@ Winograd's matrices are a third zeros, and their rows come in pairs, one per pai
 interpolation points +p and -p, that share their products: row(-p) is row(+p) with the odd
 columns negated, so both are E + O and E - O of the same even part E and odd part O. Their
 transposes pair columns the same way: x_c and x_d enter every row as x_c + x_d or x_c - x_d.
-F(6x6)'s input transform takes 24 operations per column of 8 this way, against 64
-multiply-adds, the arrangement NNPACK and wincnn use, here derived from the matrix itself.
+F(6x6)'s input transform takes 40 additions and multiplications per column of 8 this way
+(fewer once the compiler fuses a product into the next addition), against 64 multiply-adds;
+the pairs are found in the matrix itself, not written by hand.
 
 Exact: a term is skipped only where its coefficient is zero, and +-1 are additions. The sums
 may round differently from the general kernel's (other order, fused multiply-adds); both are

@@ -154,7 +154,7 @@ static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
 #define DEFINE_GATHER(NAME, OUT, IN, TRANSFORM)                                                 \
     static void NAME(const Job *job, int64_t begin, int64_t end) {                             \
         const int64_t C = job->channels, tiles = job->n * job->rows * job->cols;               \
-        vec window[IN][IN], result[OUT][OUT];                                      \
+        vec window[IN][IN], result[OUT][OUT];                                                  \
         for (int64_t t = begin; t < end; t++) {                                                \
             const int64_t q = t % job->cols, r = (t / job->cols) % job->rows;                  \
             const int64_t b = t / (job->cols * job->rows);                                     \
@@ -174,7 +174,7 @@ static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
                         else { window[i][j] = (vec){0}; memcpy(&window[i][j], p, width * sizeof(float)); } \
                     }                                                                          \
                 }                                                                              \
-                TRANSFORM(OUT, IN, window, result);                                  \
+                TRANSFORM(OUT, IN, window, result);                                            \
                 for (int i = 0; i < OUT; i++)                                                  \
                     for (int j = 0; j < OUT; j++) {                                            \
                         float *p = job->dst + ((int64_t)(i * OUT + j) * tiles + t) * C + c0;   \
@@ -190,7 +190,7 @@ static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
 #define DEFINE_SCATTER(NAME, OUT, IN, TRANSFORM)                                                \
     static void NAME(const Job *job, int64_t begin, int64_t end) {                             \
         const int64_t C = job->channels, tiles = job->n * job->rows * job->cols;               \
-        vec tile[IN][IN], result[OUT][OUT];                                        \
+        vec tile[IN][IN], result[OUT][OUT];                                                    \
         for (int64_t u = begin; u < end; u++) {                                                \
             int64_t b, r;                                                                      \
             if (job->parity >= 0) {                                                            \
@@ -213,7 +213,7 @@ static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
                             if (width == VEC) tile[i][j] = load(p);        \
                             else { tile[i][j] = (vec){0}; memcpy(&tile[i][j], p, width * sizeof(float)); } \
                         }                                                                      \
-                    TRANSFORM(OUT, IN, tile, result);                                \
+                    TRANSFORM(OUT, IN, tile, result);                                          \
                     for (int i = 0; i < OUT; i++) {                                            \
                         const int64_t y = y0 + i;                                              \
                         if (y < 0 || y >= job->height) continue;                               \
