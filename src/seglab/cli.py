@@ -124,8 +124,9 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--precision", dict(choices=["auto", "32", "bf16", "16"], help="auto (default: bf16 where the hardware runs it natively, else 32), 32, bf16, 16 (CUDA)")),
     ("--direct-convolutions", dict(action="store_const", const=True, help=DIRECT_CONVOLUTIONS_HELP)),
     ("--deterministic", dict(action="store_const", const=True,
-                             help="float32 on the CPU: the same bits in every run from the same seed on the same "
-                                  "machine (the weight-gradient kernels are fixed instead of timed at the first step)")),
+                             help="the same bits in every run from the same seed on the same machine: on the CPU "
+                                  "the float32 weight-gradient kernels are fixed instead of timed at the first step; "
+                                  "on a GPU cuDNN's and PyTorch's deterministic algorithms")),
     ("--accumulate", dict(type=int, help="gradient accumulation: one optimiser step every N batches")),
     ("--clip-grad-norm", dict(type=_positive_float, help="clip the gradient norm to this value")),
     ("--ema-decay", dict(type=float, help="keep and evaluate an EMA of the weights, e.g. 0.999")),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from seglab.engine import trainer as trainer_module
 from seglab.engine.config import TrainConfig
 from seglab.engine.ema import ModelEMA
 from seglab.engine.precision import cpu_supports_bf16
-from seglab.engine.trainer import Trainer
+from seglab.engine.trainer import Trainer, use_deterministic_kernels
 from seglab.losses import WeightedSum
 
 NO_NORM = {"base_channels": 4, "depth": 2, "norm": None}
@@ -156,3 +157,17 @@ def test_float32_cpu_training_runs_under_winograd_unless_direct_convolutions(tmp
                                deterministic=deterministic, epochs=1, train_samples=4, val_samples=2)
         trainer.fit()
     assert asked == [("32", True, False), ("32", False, False), ("32", True, True)]
+
+
+def test_deterministic_on_a_gpu_asks_for_cudnns_and_pytorchs_deterministic_algorithms(monkeypatch) -> None:
+    asked = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, warn_only=False: asked.append((mode, warn_only)))
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    use_deterministic_kernels(torch.device("cpu"))  # the CPU's side is the training route's fixed kernels
+    assert asked == [] and torch.backends.cudnn.benchmark and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    use_deterministic_kernels(torch.device("cuda", 0))
+    assert asked == [(True, True)]  # warn_only: an operator without a deterministic kernel warns, the run goes on
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

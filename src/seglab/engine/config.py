@@ -49,7 +49,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto (bf16 where native), 32, bf16 (CPU with native support, or CUDA) or 16 (CUDA, with loss scaling)
     direct_convolutions: bool = False  # float32 on the CPU: eager convolutions, no Winograd, no tuned weight gradients
-    deterministic: bool = False  # float32 on the CPU: weight-gradient kernels fixed, not timed: the same bits every run
+    deterministic: bool = False  # the same bits every run: fixed CPU weight-gradient kernels, cuDNN's deterministic ones
     accumulate: int = 1  # gradient accumulation: optimiser step every N batches
     clip_grad_norm: float | None = None  # clip the global gradient norm to this value
     ema_decay: float | None = None  # evaluate and save an exponential moving average of the weights

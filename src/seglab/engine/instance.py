@@ -46,6 +46,7 @@ from seglab.engine.trainer import (
     resolve_device,
     seed_everything,
     unique_run_dir,
+    use_deterministic_kernels,
 )
 from seglab.files import append_line, atomic_write, atomic_write_text, output_folder
 from seglab.metrics import COCOMaskEvaluator, save_coco_results
@@ -118,6 +119,8 @@ class InstanceTrainer:
         self.clock = clock  # what --max-minutes measures: wall time, or e.g. time.process_time
         seed_everything(config.seed)
         self.device = resolve_device(config.device)
+        if config.deterministic:
+            use_deterministic_kernels(self.device)
         crop = config.image_size if config.data != "synthetic" and isinstance(config.image_size, int) else None
         augment = instance_augment_options(config.augment)
         transforms = None if augment is None else instance_transforms(True, crop, scale=augment["scale"])

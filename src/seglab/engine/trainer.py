@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -63,6 +64,7 @@ __all__ = [
     "seed_everything",
     "set_schedule_end",
     "unique_run_dir",
+    "use_deterministic_kernels",
 ]
 
 # What `--resume` may change in a run's saved config; the rest would make it a different run.
@@ -74,6 +76,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def use_deterministic_kernels(device: torch.device) -> None:
+    """`--deterministic` on a GPU (on the CPU it fixes the float32 weight-gradient kernels,
+    `training_convolutions`): cuDNN's deterministic algorithms without autotuning, cuBLAS's
+    fixed workspace (read when its first handle is made, so before the first step), and
+    PyTorch's deterministic kernels where it has them; the operators without one (bilinear
+    upsampling's backward, for one) say so in a warning rather than stopping the run."""
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -225,6 +241,8 @@ class Trainer:
         self.precision = resolve_precision(config.precision, self.device)
         self.summary_writer_class = self._tensorboard_writer_class() if config.tensorboard else None
         seed_everything(config.seed)
+        if config.deterministic:
+            use_deterministic_kernels(self.device)
         if config.data != "synthetic":  # refuse bad data now, not with a traceback mid-epoch
             problems = preflight(config.data, config.format)
             if problems:
