@@ -114,6 +114,8 @@ INFERENCE_ABLATION: dict[str, dict[str, Any]] = {
     "+channels_last +winograd": {**_NOTHING, "channels_last": True, "winograd": True},
     "+bf16": {**_NOTHING, "precision": "bf16"},
     "+bf16 +channels_last": {**_NOTHING, "precision": "bf16", "channels_last": True},
+    # bf16's Winograd, F(2x2) for the widest convolutions, measured against "+bf16 +channels_last".
+    "+bf16 +channels_last +winograd": {**_NOTHING, "precision": "bf16", "channels_last": True, "winograd": True},
     "fast, fp32 (--precision 32)": dict(precision="32"),
 }
 TRAINING_ABLATION: dict[str, dict[str, Any]] = {

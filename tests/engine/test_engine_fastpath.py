@@ -599,3 +599,19 @@ def test_float32_fast_path_runs_dilated_stages_as_winograd_phases(winograd_trans
     expected_calls = [256] * 4 + [512] * 3 + [1024]
     assert sorted(calls) == ([64] * 4 + [128] * 4 + expected_calls if native else expected_calls)
     torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_fast_path_runs_the_widest_convolutions_by_f2x2_near_the_direct_ones(winograd_transforms):
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 128, 128)
+    model, expected = _model_and_outputs("pspnet", x, encoder="resnet18", aux=False)  # output stride 8
+    direct, fast = optimize_for_inference(model, "bf16", winograd=False), optimize_for_inference(model, "bf16")
+    output, calls = _winograd_calls(fast, x)
+    # Stage 4 (256 -> 512 at dilation 2, then 512 -> 512 three times at 4) and the pyramid's
+    # fusion (1024 -> 512); stage 3's 256 -> 256 stay direct (`bf16_pays`), and everything
+    # without the native transforms.
+    assert sorted(calls) == ([256, 512, 512, 512, 1024] if winograd_transforms == "native" else [])
+    assert output.dtype == torch.float32
+    direct_error = (direct(x) - expected).abs()
+    error = (output - expected).abs()
+    assert error.mean() < 3 * direct_error.mean() + 1e-6 and error.max() < 3 * direct_error.max() + 1e-6

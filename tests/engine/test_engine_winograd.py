@@ -1,6 +1,7 @@
 """When Winograd pays (the training route through it: test_engine_convolutions.py)."""
 from seglab.engine.winograd import (
     MIN_INFERENCE_PRODUCTS,
+    call_output_tile,
     min_channels,
     output_tile,
     pays_for_input,
@@ -8,6 +9,7 @@ from seglab.engine.winograd import (
     winograd_dilation,
 )
 from seglab.ops import native
+from seglab.ops.winograd import BF16_TILE
 
 
 def test_winograd_takes_same_padded_stride_1_3x3_convolutions_up_to_dilation_4():
@@ -80,3 +82,27 @@ def test_six_by_six_tiles_where_they_fill_the_map_four_by_four_elsewhere():
         assert output_tile((50, 128, 28, 28), (128, 128, 3, 3), 1, training) == 4  # 28 of 30: 87%
         assert output_tile((4, 8, 128, 128), (8, 8, 3, 3), 1, training) is None  # does not pay
     assert output_tile((4, 64, 128, 128), (64, 64, 3, 3), 1, training=True) == 6
+
+
+def test_bf16_inference_takes_f2x2_for_the_widest_convolutions_only(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(native, "available", lambda: True)  # the rule only, nothing is built
+
+    def tile(in_channels, out_channels, size=16, dtype=torch.bfloat16, training=False, weight_dtype=None):
+        x = torch.zeros(1, in_channels, size, size, dtype=dtype)
+        weight = torch.zeros(out_channels, in_channels, 3, 3, dtype=weight_dtype or dtype)
+        return call_output_tile(x, weight, 1, training)
+
+    assert tile(512, 512) == BF16_TILE == 2
+    assert tile(768, 256) == 2 and tile(256, 512) == 2  # C_in x C_out = 2^17 and more
+    assert tile(256, 256) is None  # 1.02-1.15x measured: not worth bf16's extra rounding
+    assert tile(384, 128) is None
+    assert tile(512, 512, training=True) is None  # training's bf16 is autocast's, direct
+    assert tile(512, 512, weight_dtype=torch.float32) is None
+    with torch.autocast("cpu", torch.bfloat16):
+        assert tile(512, 512) is None
+    assert tile(512, 512, dtype=torch.float32) in (4, 6)  # float32 keeps its own rule
+    assert tile(512, 512, dtype=torch.float16) is None
+    monkeypatch.setattr(native, "available", lambda: False)  # the operators' transforms do not pay
+    assert tile(512, 512) is None

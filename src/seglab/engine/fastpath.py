@@ -396,8 +396,8 @@ def winograd_pays(conv: nn.Module) -> bool:
 
 
 def use_winograd(model: nn.Module) -> int:
-    """Have every convolution `winograd_pays` for compute float32 CPU inference by Winograd's
-    F(4x4, 3x3), in place: `FusedConv`s switch, plain Conv2d modules become `FusedConv`s that
+    """Have every convolution `winograd_pays` for compute CPU inference by Winograd (float32:
+    F(4x4) or F(6x6); bf16, the widest: F(2x2); each call decides, `call_output_tile`), in place: `FusedConv`s switch, plain Conv2d modules become `FusedConv`s that
     do (inference only; other dtypes, autocast and gradients keep the direct convolution), and
     a U-Net decoder's `NearestUpsampleConv` computes its skip's share so (`WinogradConvForward`).
     Returns the number switched: none without oneDNN, which `FusedConv`'s other route needs."""
@@ -470,7 +470,7 @@ def optimize_for_inference(
     `DilatedDepthwiseAsShifts`), conv+ReLU fusion (CPU), ResNet blocks' shortcut addition and
     ReLU inside their last convolution (CPU, `fuse_residual_additions`), convolution weights kept in oneDNN's
     layout (CPU, `prepack_conv_weights`), many-channel 3x3 convolutions by Winograd's F(4x4, 3x3)
-    (CPU, float32, `use_winograd`), channels_last, inference_mode and `precision`
+    or F(6x6, 3x3) (CPU, float32; in bf16 the widest by F(2x2, 3x3); `use_winograd`), channels_last, inference_mode and `precision`
     ("auto": bf16 where the hardware runs it natively, else 32; "32", "bf16", "16"),
     optionally torch.compile. The argument model is left untouched unless
     `inplace`. Each switch can be turned off to measure the others on their own."""
@@ -490,8 +490,8 @@ def optimize_for_inference(
     if prepack and on_onednn:
         prepack_conv_weights(prepared)
     dtype = _DTYPES[name]
-    if winograd and on_onednn and dtype == torch.float32:
-        use_winograd(prepared)
+    if winograd and on_onednn and dtype in (torch.float32, torch.bfloat16):
+        use_winograd(prepared)  # each call picks its tile, or the direct convolution, by its dtype
     if channels_last:
         prepared = to_channels_last(prepared)
     prepared = prepared.to(dtype)

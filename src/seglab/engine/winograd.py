@@ -58,6 +58,14 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   convolutions reached 0.876 and 0.847: the tuned weight-gradient kernels, chosen by timing,
   differ from run to run and so do the trajectories. One run cannot show Winograd's rounding
   harmless to that recipe, so its convolutions stay direct until more runs do.
+- bf16 inference (AVX-512 BF16 Zen 4, 2 threads, against oneDNN's bf16 direct convolution,
+  medians): only F(2x2, 3x3) keeps bf16's precision (`seglab.ops.winograd`), with float32
+  transforms around bf16 products, by the native transforms (PyTorch's operators took as long
+  as the direct convolution). 512 ch on 8 x 8 1.35x, on 16 x 16 1.25x (batch 8 1.56x), on 32 x 32
+  1.43x, at dilation 4 on 64 x 64 1.61x; 768 -> 256 on 32 x 32 1.31x; 512 -> 256 at dilation 2
+  on 32 x 32 1.08x; 256 ch 1.02-1.15x (64 x 64, 128 x 128, batch 8 on 32 x 32); 384 -> 128 on
+  64 x 64 0.93x, 128 ch on 64 x 64 0.85x. Hence `MIN_BF16_CHANNELS` in and out and
+  `MIN_BF16_CHANNEL_PRODUCT` for C_in x C_out (512 x 256), in inference only.
 """
 from __future__ import annotations
 
@@ -68,12 +76,14 @@ import torch
 import torch.nn as nn
 
 from seglab.ops import native
-from seglab.ops.winograd import TILE
+from seglab.ops.winograd import BF16_TILE, TILE
 
 LARGE_TILE = 6  # F(6x6, 3x3)
 
 __all__ = [
     "MAX_DILATION",
+    "MIN_BF16_CHANNELS",
+    "MIN_BF16_CHANNEL_PRODUCT",
     "MIN_INFERENCE_CHANNELS",
     "MIN_INFERENCE_PRODUCTS",
     "MIN_NATIVE_INFERENCE_CHANNELS",
@@ -85,6 +95,7 @@ __all__ = [
     "MIN_TRAINING_PRODUCTS",
     "MIN_TRAINING_TILES",
     "WIDE_CHANNELS",
+    "bf16_pays",
     "call_output_tile",
     "conv_takes_winograd",
     "min_channels",
@@ -95,6 +106,8 @@ __all__ = [
 ]
 
 MAX_DILATION = 4
+MIN_BF16_CHANNELS = 256  # in and out: bf16 inference by F(2x2, 3x3)
+MIN_BF16_CHANNEL_PRODUCT = 1 << 17  # C_in x C_out
 MIN_INFERENCE_CHANNELS = 128  # in and out, with the transforms of PyTorch's operators
 MIN_INFERENCE_PRODUCTS = 1 << 20  # tiles x C_in x C_out
 MIN_NATIVE_INFERENCE_CHANNELS = 64  # with the native transforms
@@ -176,12 +189,25 @@ def output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], dilatio
     return LARGE_TILE if _coverage(input_shape, dilation, LARGE_TILE) >= MIN_TILE_COVERAGE else TILE
 
 
+def bf16_pays(weight_shape: Sequence[int]) -> bool:
+    """Whether F(2x2, 3x3) with bf16 products beats oneDNN's bf16 direct convolution in
+    inference for this weight (whose settings `winograd_dilation` takes): enough channels, and
+    the native transforms in use."""
+    out_channels, in_channels = weight_shape[0], weight_shape[1]
+    return (min(out_channels, in_channels) >= MIN_BF16_CHANNELS
+            and out_channels * in_channels >= MIN_BF16_CHANNEL_PRODUCT and native.available())
+
+
 def call_output_tile(input: torch.Tensor, weight: torch.Tensor, dilation: int, training: bool) -> int | None:
     """The Winograd output tile this call of a convolution Winograd applies to runs with, or
     None for the direct convolution: Winograd takes batched float32 input on the CPU outside
-    autocast (bf16 has no bits to spare for the transforms), large enough to pay. The one check
-    of the inference route (`FusedConv`) and the training one."""
-    if (input.device.type != "cpu" or input.dtype != torch.float32 or weight.dtype != torch.float32
-            or input.dim() != 4 or torch.is_autocast_enabled("cpu")):
+    autocast, large enough to pay (F(4x4) or F(6x6)), and bf16 input with bf16 weights in
+    inference where `bf16_pays` (F(2x2); autocast's bf16 is training's, which keeps the direct
+    convolution). The one check of the inference route (`FusedConv`) and the training one."""
+    if input.device.type != "cpu" or input.dim() != 4 or torch.is_autocast_enabled("cpu"):
+        return None
+    if input.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16:
+        return BF16_TILE if not training and bf16_pays(weight.shape) else None
+    if input.dtype != torch.float32 or weight.dtype != torch.float32:
         return None
     return output_tile(input.shape, weight.shape, dilation, training)

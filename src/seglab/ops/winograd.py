@@ -1,5 +1,5 @@
-"""3x3 convolutions by Winograd's minimal filtering, F(4x4, 3x3) and F(6x6, 3x3) (Lavin &
-Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016).
+"""3x3 convolutions by Winograd's minimal filtering, F(2x2, 3x3), F(4x4, 3x3) and F(6x6, 3x3)
+(Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016).
 
 An m x m tile of a 3x3 convolution's output depends on an (m + 2) x (m + 2) tile `d` of its
 input. Computed directly it takes 9 m^2 multiply-adds per pair of input and output channels;
@@ -10,22 +10,28 @@ tile: (m + 2)^2 products. Summed over the input channels, the elementwise produc
 speed. The transforms cost a constant per channel, the products one per pair of channels, so
 the method pays where channels are many.
 
-- F(4x4, 3x3): 36 products per 16 outputs, 4x fewer multiply-adds than the direct convolution.
+- F(2x2, 3x3): 16 products per 4 outputs, 2.25x fewer multiply-adds than the direct
+  convolution; its matrices hold only 0, +-1 and +-1/2.
+- F(4x4, 3x3): 36 products per 16 outputs, 4x fewer.
 - F(6x6, 3x3): 64 per 36, 5.06x fewer; and an input tile of 8 x 8 per 36 outputs instead of
   6 x 6 per 16, so 21% less data through the transforms per output. Its tiles are coarser:
   a 32 x 32 map takes 6 x 6 of them (36 x 36 outputs, 27% wasted) where F(4x4) wastes none.
 
 The matrices come from the Toom-Cook construction (`_toom_cook`): the transpose of
 multiplying two polynomials by evaluating them at m + 1 points and infinity. At the paper's
-points (0, +-1, +-2 for F(4x4); +-1/2 added for F(6x6)) it gives the paper's matrices.
+points (0, +-1 for F(2x2); +-2 added for F(4x4); +-1/2 for F(6x6)) it gives the paper's
+matrices.
 
-The transforms run as PyTorch operators, or, for float32 on the CPU where a C compiler built
-them, as native kernels that make one pass over memory each (`seglab.ops.native`).
+The transforms run as PyTorch operators, or, on the CPU where a C compiler built them, as
+native kernels that make one pass over memory each (`seglab.ops.native`).
 
 The price is precision: the transforms' coefficients (up to 8 in F(4x4)'s `A`, 32 in F(6x6)'s)
 cost a few bits, about 6e-6 of the largest output on random float32 data with F(4x4) and 1e-5
-with F(6x6), against ~1e-6 for a direct convolution. So this serves float32, where those bits
-are spare; bfloat16 has none to spare.
+with F(6x6), against ~1e-6 for a direct convolution. So F(4x4) and F(6x6) serve float32, where
+those bits are spare: with their products in bfloat16 the error reached 0.08-0.2 of the largest
+output. F(2x2)'s transforms add at most four values, so it also serves bfloat16 inference
+(`winograd_conv3x3` given bf16 input and filters): float32 transforms around bf16 products, an
+error about 2x (largest) to 3.5x (mean) a direct bf16 convolution's on random data.
 """
 from __future__ import annotations
 
@@ -40,11 +46,13 @@ import torch.nn.functional as F
 from seglab.ops import native
 from seglab.ops.layout import channel_sums
 
-__all__ = ["OUTPUT_TILES", "TILE", "winograd_conv3x3", "winograd_filters"]
+__all__ = ["BF16_TILE", "OUTPUT_TILES", "TILE", "winograd_conv3x3", "winograd_filters"]
 
 TILE = 4  # the default output tile side: F(4x4, 3x3)
+BF16_TILE = 2  # the one tile whose transforms bf16 products survive
 # Output tile side -> interpolation points (infinity is the last, implied).
 _POINTS = {
+    2: (0, 1, -1),
     4: (0, 1, -1, 2, -2),
     6: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2)),
 }
@@ -100,7 +108,8 @@ def _matrices(tile: int) -> _Matrices:
     by a first call under `torch.inference_mode` they would be inference tensors, which a later
     float64 training call (where `.to` returns them as they are) could not save for backward."""
     if tile not in _POINTS:
-        raise ValueError(f"Winograd output tiles are {' or '.join(map(str, OUTPUT_TILES))} wide, not {tile}")
+        sides = ", ".join(map(str, OUTPUT_TILES[:-1])) + f" or {OUTPUT_TILES[-1]}"
+        raise ValueError(f"Winograd output tiles are {sides} wide, not {tile}")
     with torch.inference_mode(False):
         b_t, g, a_t = (torch.tensor([[float(v) for v in row] for row in matrix], dtype=torch.float64)
                        for matrix in _toom_cook(_POINTS[tile]))
@@ -148,9 +157,10 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
                      dilation: int = 1) -> torch.Tensor:
     """The stride-1 3x3 convolution of `x` (N x C_in x H x W) with zero padding `dilation` (the
     size-preserving one) at `dilation`, given its filters in Winograd's domain
-    (`winograd_filters`; their size picks F(4x4, 3x3) or F(6x6, 3x3)), plus `bias`. Returns
-    N x C_out x H x W in the channels-last layout. Differentiable (every step is a PyTorch
-    operator)."""
+    (`winograd_filters`; their size picks F(2x2, 3x3), F(4x4, 3x3) or F(6x6, 3x3)), plus `bias`.
+    Returns N x C_out x H x W in the channels-last layout, in `x`'s dtype. The transforms run in
+    at least float32 and the products in the filters' dtype: bf16 `x` and filters give bf16
+    products between float32 transforms (with F(2x2) only: see above). Differentiable."""
     n, in_channels, height, width = x.shape
     _tile_of(filters)
     if filters.shape[1] != in_channels:
@@ -221,27 +231,28 @@ def _undilated(nhwc: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     out_channels, tile = filters.shape[-1], _tile_of(filters)
     side = tile + 2
     b_t, _, a_t = _matrices(tile)
+    work = torch.promote_types(nhwc.dtype, torch.float32)  # the transforms' dtype (bf16 has no bits to spare)
     rows, cols = -(-height // tile), -(-width // tile)
     # Zero-pad to whole tiles plus the filter's border.
-    padded = F.pad(nhwc, (0, 0, 1, cols * tile + 1 - width, 1, rows * tile + 1 - height))
+    padded = F.pad(nhwc.to(work), (0, 0, 1, cols * tile + 1 - width, 1, rows * tile + 1 - height))
     count = n * rows * cols
-    inputs = _transform(b_t.to(nhwc), _InputTiles.apply(padded, tile))
-    products = torch.bmm(inputs.view(side * side, count, in_channels), filters)
-    outputs = _transform(a_t.to(nhwc), products.view(side, side, count, out_channels))
+    inputs = _transform(b_t.to(nhwc.device, work), _InputTiles.apply(padded, tile))
+    products = torch.bmm(inputs.view(side * side, count, in_channels).to(filters.dtype), filters)
+    outputs = _transform(a_t.to(nhwc.device, work), products.view(side, side, count, out_channels).to(work))
     # m x m x N x rows x cols x C_out -> N x (rows, m) x (cols, m) x C_out
     outputs = outputs.view(tile, tile, n, rows, cols, out_channels).permute(2, 3, 0, 4, 1, 5)
-    return outputs.reshape(n, rows * tile, cols * tile, out_channels)[:, :height, :width]
+    return outputs.reshape(n, rows * tile, cols * tile, out_channels)[:, :height, :width].to(nhwc.dtype)
 
 
 # The same convolution with each transform in one pass over memory (`seglab.ops.native`):
 # PyTorch's operators took 5-7 (the padding, the windows' copy, a product per axis, the layout
-# copies, the bias). Float32 on the CPU only; elsewhere, or without a C compiler, `_undilated`
-# runs the operators above.
+# copies, the bias). On the CPU, float32 (or bf16: float32 transforms, bf16 products) only;
+# elsewhere, or without a C compiler, `_undilated` runs the operators above.
 
 
 def _runs_natively(nhwc: torch.Tensor, filters: torch.Tensor) -> bool:
-    return (nhwc.device.type == "cpu" and nhwc.dtype == torch.float32 and filters.dtype == torch.float32
-            and native.available())
+    return (nhwc.device.type == "cpu" and nhwc.dtype in (torch.float32, torch.bfloat16)
+            and filters.dtype == nhwc.dtype and native.available())
 
 
 @functools.cache
@@ -305,9 +316,10 @@ class _NativeOutputTransform(torch.autograd.Function):
 
 
 def _undilated_natively(nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`_undilated` (plus `bias`) by the native transforms: N x H x W x C_out, contiguous."""
+    """`_undilated` (plus `bias`) by the native transforms: N x H x W x C_out, contiguous, in
+    `nhwc`'s dtype (bf16: products in bf16, transforms in float32)."""
     n, height, width, _ = nhwc.shape
     tile = _tile_of(filters)
-    inputs = _NativeInputTransform.apply(nhwc, tile)
-    products = torch.bmm(inputs, filters)
-    return _NativeOutputTransform.apply(products, bias, (n, height, width), tile)
+    inputs = _NativeInputTransform.apply(nhwc.float(), tile)
+    products = torch.bmm(inputs.to(filters.dtype), filters)
+    return _NativeOutputTransform.apply(products.float(), bias, (n, height, width), tile).to(nhwc.dtype)

@@ -237,16 +237,22 @@ static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
         }                                                                                      \
     }
 
+DEFINE_GATHER(gather_4_4, 4, 4, GENERAL_TRANSFORM)  /* F(2x2) input transform */
 DEFINE_GATHER(gather_6_6, 6, 6, GENERAL_TRANSFORM)  /* F(4x4) input transform */
 DEFINE_GATHER(gather_8_8, 8, 8, GENERAL_TRANSFORM)  /* F(6x6) input transform */
+DEFINE_GATHER(gather_4_2, 4, 2, GENERAL_TRANSFORM)  /* F(2x2) output transform's gradient */
 DEFINE_GATHER(gather_6_4, 6, 4, GENERAL_TRANSFORM)  /* F(4x4) output transform's gradient */
 DEFINE_GATHER(gather_8_6, 8, 6, GENERAL_TRANSFORM)  /* F(6x6) output transform's gradient */
+DEFINE_SCATTER(scatter_2_4, 2, 4, GENERAL_TRANSFORM) /* F(2x2) output transform */
 DEFINE_SCATTER(scatter_4_6, 4, 6, GENERAL_TRANSFORM) /* F(4x4) output transform */
 DEFINE_SCATTER(scatter_6_8, 6, 8, GENERAL_TRANSFORM) /* F(6x6) output transform */
+DEFINE_SCATTER(scatter_4_4, 4, 4, GENERAL_TRANSFORM) /* F(2x2) input transform's gradient */
 DEFINE_SCATTER(scatter_6_6, 6, 6, GENERAL_TRANSFORM) /* F(4x4) input transform's gradient */
 DEFINE_SCATTER(scatter_8_8, 8, 8, GENERAL_TRANSFORM) /* F(6x6) input transform's gradient */
 
 static RangeFn gather_kernel(int out_side, int in_side) {
+    if (out_side == 4 && in_side == 4) return gather_4_4;
+    if (out_side == 4 && in_side == 2) return gather_4_2;
     if (out_side == 6 && in_side == 6) return gather_6_6;
     if (out_side == 8 && in_side == 8) return gather_8_8;
     if (out_side == 6 && in_side == 4) return gather_6_4;
@@ -255,6 +261,8 @@ static RangeFn gather_kernel(int out_side, int in_side) {
 }
 
 static RangeFn scatter_kernel(int out_side, int in_side) {
+    if (out_side == 2 && in_side == 4) return scatter_2_4;
+    if (out_side == 4 && in_side == 4) return scatter_4_4;
     if (out_side == 4 && in_side == 6) return scatter_4_6;
     if (out_side == 6 && in_side == 8) return scatter_6_8;
     if (out_side == 6 && in_side == 6) return scatter_6_6;
