@@ -161,7 +161,8 @@ def test_float32_cpu_training_runs_under_winograd_unless_direct_convolutions(tmp
 
 def test_deterministic_on_a_gpu_asks_for_cudnns_and_pytorchs_deterministic_algorithms(monkeypatch) -> None:
     asked = []
-    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, warn_only=False: asked.append((mode, warn_only)))
+    monkeypatch.setattr(torch, "use_deterministic_algorithms",
+                        lambda mode, warn_only=False: asked.append((mode, warn_only)))
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)

@@ -397,8 +397,9 @@ def winograd_pays(conv: nn.Module) -> bool:
 
 def use_winograd(model: nn.Module) -> int:
     """Have every convolution `winograd_pays` for compute CPU inference by Winograd (float32:
-    F(4x4) or F(6x6); bf16, the widest: F(2x2); each call decides, `call_output_tile`), in place: `FusedConv`s switch, plain Conv2d modules become `FusedConv`s that
-    do (inference only; other dtypes, autocast and gradients keep the direct convolution), and
+    F(4x4) or F(6x6); bf16, the widest: F(2x2); each call decides, `call_output_tile`), in
+    place: `FusedConv`s switch, plain Conv2d modules become `FusedConv`s that do (inference
+    only; other dtypes, autocast and gradients keep the direct convolution), and
     a U-Net decoder's `NearestUpsampleConv` computes its skip's share so (`WinogradConvForward`).
     Returns the number switched: none without oneDNN, which `FusedConv`'s other route needs."""
     if not onednn_available():
@@ -470,7 +471,8 @@ def optimize_for_inference(
     `DilatedDepthwiseAsShifts`), conv+ReLU fusion (CPU), ResNet blocks' shortcut addition and
     ReLU inside their last convolution (CPU, `fuse_residual_additions`), convolution weights kept in oneDNN's
     layout (CPU, `prepack_conv_weights`), many-channel 3x3 convolutions by Winograd's F(4x4, 3x3)
-    or F(6x6, 3x3) (CPU, float32; in bf16 the widest by F(2x2, 3x3); `use_winograd`), channels_last, inference_mode and `precision`
+    or F(6x6, 3x3) (CPU, float32; in bf16 the widest by F(2x2, 3x3); `use_winograd`),
+    channels_last, inference_mode and `precision`
     ("auto": bf16 where the hardware runs it natively, else 32; "32", "bf16", "16"),
     optionally torch.compile. The argument model is left untouched unless
     `inplace`. Each switch can be turned off to measure the others on their own."""
