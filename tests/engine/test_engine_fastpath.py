@@ -601,7 +601,11 @@ def test_float32_fast_path_runs_dilated_stages_as_winograd_phases(winograd_trans
     torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_fast_path_runs_the_widest_convolutions_by_f2x2_near_the_direct_ones(winograd_transforms):
+def test_bf16_fast_path_runs_the_widest_convolutions_by_f2x2_near_the_direct_ones(winograd_transforms,
+                                                                                 monkeypatch):
+    import seglab.engine.winograd as rule
+
+    monkeypatch.setattr(rule, "_has_amx", lambda: False)  # the rule's processors; the path runs anywhere
     torch.manual_seed(1)
     x = torch.randn(1, 3, 128, 128)
     model, expected = _model_and_outputs("pspnet", x, encoder="resnet18", aux=False)  # output stride 8

@@ -87,7 +87,10 @@ def test_six_by_six_tiles_where_they_fill_the_map_four_by_four_elsewhere():
 def test_bf16_inference_takes_f2x2_for_the_widest_convolutions_only(monkeypatch):
     import torch
 
+    import seglab.engine.winograd as rule
+
     monkeypatch.setattr(native, "available", lambda: True)  # the rule only, nothing is built
+    monkeypatch.setattr(rule, "_has_amx", lambda: False)
 
     def tile(in_channels, out_channels, size=16, dtype=torch.bfloat16, training=False, weight_dtype=None):
         x = torch.zeros(1, in_channels, size, size, dtype=dtype)
@@ -104,5 +107,8 @@ def test_bf16_inference_takes_f2x2_for_the_widest_convolutions_only(monkeypatch)
         assert tile(512, 512) is None
     assert tile(512, 512, dtype=torch.float32) in (4, 6)  # float32 keeps its own rule
     assert tile(512, 512, dtype=torch.float16) is None
+    monkeypatch.setattr(rule, "_has_amx", lambda: True)  # oneDNN's AMX kernel: not measured, direct
+    assert tile(512, 512) is None
+    monkeypatch.setattr(rule, "_has_amx", lambda: False)
     monkeypatch.setattr(native, "available", lambda: False)  # the operators' transforms do not pay
     assert tile(512, 512) is None

@@ -65,10 +65,13 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   1.43x, at dilation 4 on 64 x 64 1.61x; 768 -> 256 on 32 x 32 1.31x; 512 -> 256 at dilation 2
   on 32 x 32 1.08x; 256 ch 1.02-1.15x (64 x 64, 128 x 128, batch 8 on 32 x 32); 384 -> 128 on
   64 x 64 0.93x, 128 ch on 64 x 64 0.85x. Hence `MIN_BF16_CHANNELS` in and out and
-  `MIN_BF16_CHANNEL_PRODUCT` for C_in x C_out (512 x 256), in inference only.
+  `MIN_BF16_CHANNEL_PRODUCT` for C_in x C_out (512 x 256), in inference only. Not on processors
+  with AMX, where oneDNN's bf16 direct kernel runs at several times the AVX-512 rate
+  (docs/bench.md) and F(2x2) was not measured: there the direct convolution stays.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -189,13 +192,22 @@ def output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], dilatio
     return LARGE_TILE if _coverage(input_shape, dilation, LARGE_TILE) >= MIN_TILE_COVERAGE else TILE
 
 
+@functools.cache
+def _has_amx() -> bool:
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a PyTorch without the query
+        return False
+
+
 def bf16_pays(weight_shape: Sequence[int]) -> bool:
     """Whether F(2x2, 3x3) with bf16 products beats oneDNN's bf16 direct convolution in
-    inference for this weight (whose settings `winograd_dilation` takes): enough channels, and
-    the native transforms in use."""
+    inference for this weight (whose settings `winograd_dilation` takes): enough channels, the
+    native transforms in use, and a processor without AMX (the one kind measured)."""
     out_channels, in_channels = weight_shape[0], weight_shape[1]
     return (min(out_channels, in_channels) >= MIN_BF16_CHANNELS
-            and out_channels * in_channels >= MIN_BF16_CHANNEL_PRODUCT and native.available())
+            and out_channels * in_channels >= MIN_BF16_CHANNEL_PRODUCT and native.available()
+            and not _has_amx())
 
 
 def call_output_tile(input: torch.Tensor, weight: torch.Tensor, dilation: int, training: bool) -> int | None:
