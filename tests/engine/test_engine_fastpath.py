@@ -611,10 +611,10 @@ def test_bf16_fast_path_runs_the_widest_convolutions_by_f2x2_near_the_direct_one
     model, expected = _model_and_outputs("pspnet", x, encoder="resnet18", aux=False)  # output stride 8
     direct, fast = optimize_for_inference(model, "bf16", winograd=False), optimize_for_inference(model, "bf16")
     output, calls = _winograd_calls(fast, x)
-    # Stage 4 (256 -> 512 at dilation 2, then 512 -> 512 three times at 4) and the pyramid's
-    # fusion (1024 -> 512); stage 3's 256 -> 256 stay direct (`bf16_pays`), and everything
-    # without the native transforms.
-    assert sorted(calls) == ([256, 512, 512, 512, 1024] if winograd_transforms == "native" else [])
+    # Stage 3 but its first conv (128 -> 256: `bf16_pays`), three 256 -> 256 at dilation 2; stage 4
+    # (256 -> 512 at dilation 2, then 512 -> 512 three times at 4) and the pyramid's fusion
+    # (1024 -> 512); none without the native transforms.
+    assert sorted(calls) == ([256] * 4 + [512] * 3 + [1024] if winograd_transforms == "native" else [])
     assert output.dtype == torch.float32
     direct_error = (direct(x) - expected).abs()
     error = (output - expected).abs()

@@ -108,6 +108,68 @@ def test_scatter_writes_the_bias_and_adds_into_a_map():
     torch.testing.assert_close(added, start + plain)
 
 
+F2X2_GATHER, F2X2_SCATTER = (4, 4, 2, 1), (2, 4, 2, 0)  # bf16 inference's two transforms
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(torch.int16)
+
+
+@pytest.mark.parametrize("out_side, in_side, step, pad", [F2X2_GATHER, *GATHERS])
+@pytest.mark.parametrize("which", ["random", "winograd"])
+@pytest.mark.parametrize("channels", [16, 11])  # whole vectors, a partial one
+def test_a_bf16_gather_is_the_float32_one_rounded_to_bf16_bit_for_bit(out_side, in_side, step, pad, which,
+                                                                      channels):
+    torch.manual_seed(0)
+    nhwc, matrix = torch.randn(2, 9, 14, channels).bfloat16(), _matrix("gather", out_side, in_side, step, pad, which)
+    got = native.gather_tiles(nhwc, matrix, step=step, pad=pad)
+    expected = native.gather_tiles(nhwc.float(), matrix, step=step, pad=pad).bfloat16()
+    assert got.dtype == torch.bfloat16 and torch.equal(_bits(got), _bits(expected))
+
+
+@pytest.mark.parametrize("out_side, in_side, step, pad", [F2X2_SCATTER, *SCATTERS])
+@pytest.mark.parametrize("which", ["random", "winograd"])
+def test_a_bf16_scatter_is_the_float32_one_rounded_to_bf16(out_side, in_side, step, pad, which):
+    torch.manual_seed(0)
+    shape, channels = (2, 13, 10), 11
+    grid = (-(-shape[1] // step), -(-shape[2] // step))
+    matrix = _matrix("scatter", out_side, in_side, step, pad, which)
+    tiles = torch.randn(in_side * in_side, shape[0] * grid[0] * grid[1], channels).bfloat16()
+    if out_side > step:
+        # Overlapping windows add into a bf16 map: rounded after each tile, so only close.
+        start = torch.randn(*shape, channels).bfloat16()
+        got = native.scatter_tiles(tiles, matrix, shape, step=step, pad=pad, accumulate_into=start.clone())
+        expected = native.scatter_tiles(tiles.float(), matrix, shape, step=step, pad=pad,
+                                        accumulate_into=start.float())
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+        return
+    bias = torch.randn(channels)
+    got = native.scatter_tiles(tiles, matrix, shape, step=step, pad=pad, bias=bias)
+    expected = native.scatter_tiles(tiles.float(), matrix, shape, step=step, pad=pad, bias=bias).bfloat16()
+    assert got.dtype == torch.bfloat16 and torch.equal(_bits(got), _bits(expected))
+
+
+def test_bf16_rounding_is_pytorchs_for_ties_overflow_and_infinities_and_keeps_nans():
+    # The identity with its first entry 1 + 2^-8 scales each window's first row and column once:
+    # powers of two land exactly half way between two bf16 values (ties go to the even one), the
+    # largest bf16 values overflow.
+    special = [1.0, 2.0, 0.5, -4.0, 1.0078125, 3.0, 3.3895e38, -3.3895e38, float("inf"), float("-inf"),
+               float("nan"), 0.0, -0.0, 1e-40, 5.9e-39, -7.0]
+    nhwc = torch.tensor(special).repeat(16).view(1, 4, 4, 16).bfloat16()
+    matrix = torch.eye(4)
+    matrix[0, 0] += 2**-8
+    got = native.gather_tiles(nhwc, matrix, step=4, pad=0).float()
+    expected = native.gather_tiles(nhwc.float(), matrix, step=4, pad=0).bfloat16().float()
+    nan = expected.isnan()  # (PyTorch's NaN bits differ between its own code paths)
+    assert nan.any() and torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int32), expected[~nan].view(torch.int32))
+    # Tile entry (0, 1) of the one window: its first row, scaled once.
+    assert got[1, 0, 0] == 1.0 and got[1, 0, 1] == 2.0 and got[1, 0, 3] == -4.0  # ties to even
+    assert got[1, 0, 4] == 1.015625  # 1.0078125 (1 + 2^-7) scaled: above the half way, up
+    assert got[1, 0, 6] == float("inf") and got[1, 0, 7] == float("-inf")  # finite in float32
+
+
 def test_the_same_results_on_one_thread_and_on_pytorchs_or_our_own_threads():
     from ctypes import c_void_p
 
@@ -162,12 +224,45 @@ def test_winograd_through_them_equals_winograd_through_pytorchs_operators(tile, 
     torch.testing.assert_close(ours[0], expected, rtol=0, atol=3e-5 * expected.abs().max().item())
 
 
+# (The dilated path adds the bias after its phases: only undilated calls take one here.)
+@pytest.mark.parametrize("dilation, size, bias", [(1, (12, 12), True), (1, (9, 14), False), (1, (9, 14), True),
+                                                  (2, (13, 10), False), (3, (8, 11), False)])
+def test_bf16_winograd_reads_and_writes_bf16_with_the_float32_transforms_values(dilation, size, bias):
+    # The kernels' own bf16 reads and writes give, bit for bit, float32 transforms of a float32
+    # copy of the map, rounded to bf16 tiles, bf16 products, float32 output transform, rounded.
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, *size).bfloat16().contiguous(memory_format=torch.channels_last)
+    filters = winograd_filters(torch.randn(20, 24, 3, 3) / 10, 2).bfloat16()
+    b = torch.randn(20) if bias else None
+    b_t, _, a_t, _ = _native_matrices(2)
+
+    def with_float32_copies(nhwc: torch.Tensor) -> torch.Tensor:
+        n, height, width, _ = nhwc.shape
+        tiles = native.gather_tiles(nhwc.float().contiguous(), b_t, step=2, pad=1).bfloat16()
+        products = torch.bmm(tiles, filters).float()
+        return native.scatter_tiles(products, a_t, (n, height, width), step=2, pad=0, bias=b).bfloat16()
+
+    got = winograd_conv3x3(x, filters, b, dilation)
+    nhwc = x.permute(0, 2, 3, 1)
+    if dilation == 1:
+        expected = with_float32_copies(nhwc)
+    else:  # each phase by itself
+        expected = torch.empty_like(nhwc[..., :20])
+        for i in range(dilation):
+            for j in range(dilation):
+                expected[:, i::dilation, j::dilation] = with_float32_copies(nhwc[:, i::dilation, j::dilation])
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.permute(0, 2, 3, 1).view(torch.int16), expected.view(torch.int16))
+
+
 def test_bad_arguments_get_one_clear_error():
     map_, matrix = torch.randn(1, 8, 8, 4), torch.randn(6, 6)
-    with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
+    with pytest.raises(ValueError, match="the map must be a contiguous float32 or bfloat16 CPU tensor"):
         native.gather_tiles(map_.double(), matrix, step=4, pad=1)
-    with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
+    with pytest.raises(ValueError, match="contiguous float32 or bfloat16 CPU tensor"):
         native.gather_tiles(map_.transpose(1, 2), matrix, step=4, pad=1)
+    with pytest.raises(ValueError, match="the matrix must be a contiguous float32 CPU tensor"):
+        native.gather_tiles(map_.bfloat16(), matrix.bfloat16(), step=4, pad=1)
     with pytest.raises(ValueError, match="no native kernel for 5 x 5"):
         native.gather_tiles(map_, torch.randn(5, 5), step=3, pad=1)
     tiles = native.gather_tiles(map_, matrix, step=4, pad=1)
@@ -177,6 +272,9 @@ def test_bad_arguments_get_one_clear_error():
         native.scatter_tiles(tiles, matrix, (1, 12, 8), step=4, pad=1, accumulate_into=torch.zeros(1, 12, 8, 4))
     with pytest.raises(ValueError, match="cannot add 4-channel tiles"):
         native.scatter_tiles(tiles, matrix, (1, 8, 8), step=4, pad=1, accumulate_into=torch.zeros(1, 8, 8, 3))
+    with pytest.raises(ValueError, match="the map to add into must be a contiguous float32 CPU tensor"):
+        native.scatter_tiles(tiles, matrix, (1, 8, 8), step=4, pad=1,
+                             accumulate_into=torch.zeros(1, 8, 8, 4, dtype=torch.bfloat16))
 
 
 def _fresh_process(code: str, **environment: str) -> str:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from seglab.ops import native
 from seglab.ops.native.specialise import kernels, linear_map
@@ -32,26 +33,28 @@ def test_winograds_matrices_take_fewer_operations_than_their_entries(tile):
 
 def test_mirrored_rows_share_their_even_and_odd_parts():
     code = linear_map("f", [[1, 2, 3], [1, -2, 3], [0, 0, 5]])
-    assert "const vec e0 = x0 + 3.0f * x2, o0 = 2.0f * x1;" in code
+    assert "const vec8 e0 = x0 + 3.0f * x2, o0 = 2.0f * x1;" in code
     assert "y[0 * ys] = e0 + o0;" in code and "y[1 * ys] = e0 - o0;" in code
     assert "y[2 * ys] = 5.0f * x2;" in code
 
 
 def test_mirrored_columns_enter_as_a_sum_or_a_difference():
     code = linear_map("f", [[1, 1, 2], [4, -4, 0]])
-    assert "const vec s0 = x0 + x1, t0 = x0 - x1;" in code
+    assert "const vec8 s0 = x0 + x1, t0 = x0 - x1;" in code
     assert "y[0 * ys] = s0 + 2.0f * x2;" in code and "y[1 * ys] = 4.0f * t0;" in code
 
 
 def test_a_row_of_zeros_writes_zeros():
-    assert "y[1 * ys] = (vec){0};" in linear_map("f", [[1, 0], [0, 0]])
+    assert "y[1 * ys] = (vec16){0};" in linear_map("f", [[1, 0], [0, 0]], "vec16")
 
 
 def test_each_matrix_is_found_by_its_bits():
     code = kernels([[[1.0, 0.5], [0.25, -1.0]]], [])
     assert "static const float matrix_gather_known_0[4] = {0x1.0000000000000p+0f, 0x1.0000000000000p-1f," in code
-    assert "memcmp(matrix, matrix_gather_known_0, sizeof matrix_gather_known_0) == 0) return gather_known_0;" in code
-    assert "static RangeFn specialised_scatter(int out_side, int in_side, const float *matrix) {" in code
+    assert ("memcmp(matrix, matrix_gather_known_0, sizeof matrix_gather_known_0) == 0) return KERNEL(gather_known_0);"
+            in code)  # the float32 or the bf16 kernel, by the caller's `bf16`
+    assert "DEFINE_GATHERS(gather_known_0, 2, 2, 2, TRANSFORM_gather_known_0)" in code
+    assert "static RangeFn specialised_scatter(int out_side, int in_side, const float *matrix, int bf16) {" in code
 
 
 BUILD = """
@@ -81,8 +84,14 @@ def test_a_fresh_build_computes_what_the_general_kernel_does_for_any_pattern(tmp
     matrices = ("[[1., 2., 0., -3., 1., 0.], [1., -2., 0., 3., 1., 0.], [0., 0., 0., 0., 0., 0.],"  # row pair, zeros
                 " [0.5, 0.25, 1., 1., 1., 1.], [7., 0., 0., 0., 0., 1.], [1., 1., 1., 1., 1., 1.]]",
                 "[[1., 1., 2., 2., 0., 1.], [3., -3., 2., -2., 1., 0.], [0., 0., 1., 1., 1., 1.],"  # column pairs
-                " [1., -1., 0., 0., 2., 2.], [5., 5., -1., 1., 0., 0.], [1., 1., 1., 1., 1., 1.]]")
+                " [1., -1., 0., 0., 2., 2.], [5., 5., -1., 1., 0., 0.], [1., 1., 1., 1., 1., 1.]]",
+                "[[1., 0., -2., 0.], [1., 0., 2., 0.], [0., 3., 0., 1.], [0.5, 1., 1., -1.]]")  # 4 x 4: WIDE lanes
     env = {**os.environ, "SEGLAB_CACHE": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", BUILD.format(matrices=", ".join(matrices) + ",")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_matrices_wider_than_the_kernels_are_refused():
+    with pytest.raises(ValueError, match="sides 1 to 8, not \\(9, 9\\)"):
+        native.specialise(gathers=(torch.ones(9, 9),))

@@ -64,10 +64,19 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   as the direct convolution). 512 ch on 8 x 8 1.35x, on 16 x 16 1.25x (batch 8 1.56x), on 32 x 32
   1.43x, at dilation 4 on 64 x 64 1.61x; 768 -> 256 on 32 x 32 1.31x; 512 -> 256 at dilation 2
   on 32 x 32 1.08x; 256 ch 1.02-1.15x (64 x 64, 128 x 128, batch 8 on 32 x 32); 384 -> 128 on
-  64 x 64 0.93x, 128 ch on 64 x 64 0.85x. Hence `MIN_BF16_CHANNELS` in and out and
-  `MIN_BF16_CHANNEL_PRODUCT` for C_in x C_out (512 x 256), in inference only. Not on processors
-  with AMX, where oneDNN's bf16 direct kernel runs at several times the AVX-512 rate
-  (docs/bench.md) and F(2x2) was not measured: there the direct convolution stays.
+  64 x 64 0.93x, 128 ch on 64 x 64 0.85x. Those transforms read float32 copies of the map and
+  the products and wrote float32 tiles for another copy to bf16; with kernels that read and
+  write bf16 themselves (the same values, bit for bit) and run F(2x2) on 16-channel vectors
+  (`seglab.ops.native`), interleaved medians: 256 ch 1.41-1.56x (32 x 32, 64 x 64, batch 8 on
+  32 x 32, dilation 2 on 64 x 64), on 16 x 16 1.24x, on 8 x 8 1.11x; 512 ch at dilation 2 on
+  32 x 32 1.52x, at 4 on 64 x 64 1.66x, on 8 x 8 1.12x; 768 -> 256 1.59x, 512 -> 256 at dilation
+  2 1.45x, 1024 -> 512 on 64 x 64 1.88x. 128 channels win on large maps too (64 x 64 1.16x,
+  batch 8 1.27x, 128 x 128 1.17x, 32 x 32 1.08x; 16 x 16 0.95x, 8 x 8 0.73x), but taking them
+  from 1024 tiles changed whole models by 0.98-1.06x (UNet-R34, FPN-R34, DeepLabV3+-R34,
+  DeepLabV3-R50, PSPNet-R34: within noise), so they stay direct; 64 ch 0.82x. Hence
+  `MIN_BF16_CHANNELS` in and out, in inference only. Not on processors with AMX, where oneDNN's
+  bf16 direct kernel runs at several times the AVX-512 rate (docs/bench.md) and F(2x2) was not
+  measured: there the direct convolution stays.
 """
 from __future__ import annotations
 
@@ -86,7 +95,6 @@ LARGE_TILE = 6  # F(6x6, 3x3)
 __all__ = [
     "MAX_DILATION",
     "MIN_BF16_CHANNELS",
-    "MIN_BF16_CHANNEL_PRODUCT",
     "MIN_INFERENCE_CHANNELS",
     "MIN_INFERENCE_PRODUCTS",
     "MIN_NATIVE_INFERENCE_CHANNELS",
@@ -110,7 +118,6 @@ __all__ = [
 
 MAX_DILATION = 4
 MIN_BF16_CHANNELS = 256  # in and out: bf16 inference by F(2x2, 3x3)
-MIN_BF16_CHANNEL_PRODUCT = 1 << 17  # C_in x C_out
 MIN_INFERENCE_CHANNELS = 128  # in and out, with the transforms of PyTorch's operators
 MIN_INFERENCE_PRODUCTS = 1 << 20  # tiles x C_in x C_out
 MIN_NATIVE_INFERENCE_CHANNELS = 64  # with the native transforms
@@ -205,9 +212,7 @@ def bf16_pays(weight_shape: Sequence[int]) -> bool:
     inference for this weight (whose settings `winograd_dilation` takes): enough channels, the
     native transforms in use, and a processor without AMX (the one kind measured)."""
     out_channels, in_channels = weight_shape[0], weight_shape[1]
-    return (min(out_channels, in_channels) >= MIN_BF16_CHANNELS
-            and out_channels * in_channels >= MIN_BF16_CHANNEL_PRODUCT and native.available()
-            and not _has_amx())
+    return min(out_channels, in_channels) >= MIN_BF16_CHANNELS and native.available() and not _has_amx()
 
 
 def call_output_tile(input: torch.Tensor, weight: torch.Tensor, dilation: int, training: bool) -> int | None:

@@ -1,9 +1,10 @@
 """seglab's few native kernels (`winograd_tiles.c`: Winograd's tile transforms, one pass over
 memory each), compiled on first use with the machine's C compiler and loaded with ctypes.
 
-Why compiled here, not shipped: the kernel is under 300 lines of portable C that a compiler
-vectorises for the processor it runs on (`-march=native`), it builds in about a second, and a
-package without binary wheels stays one `pip install`. Where no compiler works the callers keep
+Why compiled here, not shipped: the kernel is about 400 lines of portable C that a compiler
+vectorises for the processor it runs on (`-march=native`), it builds in a few seconds, once
+(5 s on a 2-core Zen 4; then cached), and a package without binary wheels stays one
+`pip install`. Where no compiler works the callers keep
 their PyTorch path, which computes the same thing: `available()` says which is in use, and
 `unavailable_reason()` why not.
 
@@ -42,6 +43,7 @@ _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 _NATIVE_FLAGS = ("-march=native",)  # the processor's vector width; dropped where the compiler refuses it
 _COMPILE_SECONDS = 120
 PRUNE_UNUSED_DAYS = 30
+MAX_SIDE = 8  # of a matrix compiled in (winograd_tiles.c's LANES)
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -55,6 +57,9 @@ def specialise(gathers: tuple[torch.Tensor, ...] = (), scatters: tuple[torch.Ten
     float32 bits. Winograd's transforms register theirs at import. Only matrices registered
     before the library is first built or loaded take effect: each set gets a library of its own
     in the cache."""
+    for matrix in (*gathers, *scatters):
+        if matrix.dim() != 2 or max(matrix.shape) > MAX_SIDE or min(matrix.shape) < 1:
+            raise ValueError(f"a native kernel takes matrices of sides 1 to {MAX_SIDE}, not {tuple(matrix.shape)}")
     if _library is not None or _reason is not None:
         return
     for kind, matrices in (("gather", gathers), ("scatter", scatters)):
@@ -166,9 +171,9 @@ def _load_once() -> ctypes.CDLL | None:
         return None
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.seglab_gather.argtypes = [pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i32, i32, i32,
-                                      i32]
+                                      i32, i32]
     library.seglab_scatter.argtypes = [pointer, pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i64,
-                                       i64, i32, i32, i32, i32, i32]
+                                       i64, i32, i32, i32, i32, i32, i32]
     library.seglab_compiled_in.argtypes = [i32, i32, i32, pointer]
     library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
     library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
@@ -214,10 +219,15 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def _check(tensor: torch.Tensor, name: str) -> None:
-    if tensor.device.type != "cpu" or tensor.dtype != torch.float32 or not tensor.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous float32 CPU tensor, not {tensor.dtype} on "
+def _check(tensor: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> None:
+    if tensor.device.type != "cpu" or tensor.dtype not in dtypes or not tensor.is_contiguous():
+        kinds = " or ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
+        raise ValueError(f"{name} must be a contiguous {kinds} CPU tensor, not {tensor.dtype} on "
                          f"{tensor.device} with strides {tensor.stride()}")
+
+
+# The maps and tiles the kernels read and write: float32, or bf16 (transformed in float32).
+_VALUES = (torch.float32, torch.bfloat16)
 
 
 def compiled_in(matrix: torch.Tensor, kind: str = "gather") -> bool:
@@ -235,19 +245,21 @@ def gather_tiles(nhwc: torch.Tensor, matrix: torch.Tensor, step: int, pad: int, 
     """`L D L^T` for every in_side x in_side window D of the channels-last map `nhwc`
     (N x H x W x C) at a stride of `step`, starting `pad` pixels before the map (zeros outside
     it), over ceil(H / step) x ceil(W / step) windows per image; `matrix` L is out_side x
-    in_side. Returns out_side^2 x windows x C. A matrix registered with `specialise` runs by its
-    own kernel unless `specialised` is False."""
+    in_side. Returns out_side^2 x windows x C in `nhwc`'s dtype: float32, or bf16 (read,
+    transformed in float32 and rounded to bf16 in one pass). A matrix registered with
+    `specialise` runs by its own kernel unless `specialised` is False."""
     library = _load()
     if library is None:
         raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
-    _check(nhwc, "the map")
+    _check(nhwc, "the map", _VALUES)
     _check(matrix, "the matrix")
     n, height, width, channels = nhwc.shape
     out_side, in_side = matrix.shape
     windows = n * -(-height // step) * -(-width // step)
     out = nhwc.new_empty(out_side * out_side, windows, channels)
     if library.seglab_gather(nhwc.data_ptr(), out.data_ptr(), matrix.data_ptr(), out_side, in_side, n, height,
-                             width, channels, step, pad, torch.get_num_threads(), int(specialised)) != 0:
+                             width, channels, step, pad, torch.get_num_threads(), int(specialised),
+                             int(nhwc.dtype == torch.bfloat16)) != 0:
         raise ValueError(f"no native kernel for {out_side} x {in_side} transforms")
     return out
 
@@ -259,12 +271,13 @@ def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, i
     (in_side^2 x windows x C, over the same ceil(H / step) x ceil(W / step) windows per image)
     placed on an N x H x W x C
     channels-last map (`shape` = (N, H, W)) at (step r - pad, step q - pad), cropped to the map.
-    Written to a new map plus `bias`, or, where windows overlap, added into `accumulate_into`.
+    Written to a new map plus `bias` (float32), or, where windows overlap, added into
+    `accumulate_into`; the map has the tiles' dtype (float32 or bf16, transformed in float32).
     `specialised` as for `gather_tiles`."""
     library = _load()
     if library is None:
         raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
-    _check(tiles, "the tiles")
+    _check(tiles, "the tiles", _VALUES)
     _check(matrix, "the matrix")
     out_side, in_side = matrix.shape
     n, height, width = shape
@@ -275,7 +288,7 @@ def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, i
     if out_side > step and accumulate_into is None:
         raise ValueError("overlapping windows are added into a map (accumulate_into)")
     if accumulate_into is not None:
-        _check(accumulate_into, "the map to add into")
+        _check(accumulate_into, "the map to add into", (tiles.dtype,))
         if tuple(accumulate_into.shape) != (n, height, width, tiles.shape[-1]):
             raise ValueError(f"cannot add {tiles.shape[-1]}-channel tiles into a map of shape "
                              f"{tuple(accumulate_into.shape)}")
@@ -287,6 +300,6 @@ def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, i
     if library.seglab_scatter(tiles.data_ptr(), out.data_ptr(), matrix.data_ptr(),
                               None if bias is None else bias.data_ptr(), out_side, in_side, n, height, width,
                               tiles.shape[-1], grid[0], grid[1], step, pad, int(accumulate_into is not None),
-                              torch.get_num_threads(), int(specialised)) != 0:
+                              torch.get_num_threads(), int(specialised), int(tiles.dtype == torch.bfloat16)) != 0:
         raise ValueError(f"no native kernel for {out_side} x {in_side} transforms")
     return out
