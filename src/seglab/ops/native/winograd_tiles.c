@@ -15,7 +15,8 @@
  * per axis, the layout copies, the bias); here the window stays in registers and L1.
  *
  * Channels are processed a vector at a time (8 or 16: see LANES), so the compiler vectorises
- * the inner loops; the tile sides are compile-time constants in each instantiation. Threads split the tiles (gather) or
+ * the inner loops; the tile sides are compile-time constants in each instantiation. Threads
+ * split the tiles (gather) or
  * the tile rows (scatter; overlapping rows run in two rounds, even then odd rows).
  */
 #include <pthread.h>
@@ -215,12 +216,13 @@ DEFINE_MEMORY_OF(WIDE)
     ((y) >= 0 && (y) < (job)->height && (x) >= 0 && (x) < (job)->width                            \
          ? (base) + (((b) * (job)->height + (y)) * (job)->width + (x)) * (job)->channels : NULL)
 
-/* For 4 x 4 windows (F(2x2)), the addresses of the window's pixels (NULL outside the map:
- * zeros) are computed once per tile; the loop over the channels then only adds the channel
+/* For 4 x 4 windows (F(2x2): ADDRESSES_PER_TILE), the addresses of the window's pixels (NULL
+ * outside the map: zeros) are computed once per tile; the loop over the channels then only adds the channel
  * offset. Computing them for every vector of channels (multiplications and bounds checks for
  * each pixel) took up to 1.1x as long in a bf16 F(2x2) gather. For F(6x6)'s 8 x 8 windows the
  * array of 64 pointers cost more than it saved (its float32 gather 9-13% slower), and the
  * outputs' addresses the same way: those are computed where they are used. */
+#define ADDRESSES_PER_TILE(IN) ((IN) <= 4) /* (a constant: the compiler keeps one branch) */
 #define DEFINE_GATHER(NAME, OUT, IN, TRANSFORM, L, TYPE, MEM)                                  \
     static void NAME(const Job *job, int64_t begin, int64_t end) {                             \
         const int64_t C = job->channels, tiles = job->n * job->rows * job->cols;               \
@@ -232,14 +234,14 @@ DEFINE_MEMORY_OF(WIDE)
             const int64_t q = t % job->cols, r = (t / job->cols) % job->rows;                  \
             const int64_t b = t / (job->cols * job->rows);                                     \
             const int64_t y0 = r * job->step - job->pad, x0 = q * job->step - job->pad;        \
-            if (IN <= 4)                                                                       \
+            if (ADDRESSES_PER_TILE(IN))                                                        \
                 for (int i = 0; i < IN; i++)                                                   \
                     for (int j = 0; j < IN; j++) pixel[i][j] = place(job, src, b, y0 + i, x0 + j); \
             for (int64_t c0 = 0; c0 < C; c0 += L) {                                            \
                 const int width = C - c0 < L ? (int)(C - c0) : L;                              \
                 for (int i = 0; i < IN; i++)                                                   \
                     for (int j = 0; j < IN; j++) {                                             \
-                        const TYPE *p = IN <= 4 ? pixel[i][j] : place(job, src, b, y0 + i, x0 + j); \
+                        const TYPE *p = ADDRESSES_PER_TILE(IN) ? pixel[i][j] : place(job, src, b, y0 + i, x0 + j); \
                         window[i][j] = p ? MEMORY(load, MEM, L)(p + c0, width) : (VECTOR(L)){0}; \
                     }                                                                          \
                 TRANSFORM(OUT, IN, window, result);                                            \
@@ -252,8 +254,8 @@ DEFINE_MEMORY_OF(WIDE)
     }
 
 /* Scatter works on whole tile rows, `begin`/`end` counting the (image, tile row) pairs of one
- * parity when windows overlap (job->parity >= 0), all of them otherwise; addresses per tile
- * as in gather (NULL for outputs cropped off the map). */
+ * parity when windows overlap (job->parity >= 0), all of them otherwise; addresses as in
+ * gather (NULL for outputs cropped off the map). */
 #define DEFINE_SCATTER(NAME, OUT, IN, TRANSFORM, L, TYPE, MEM)                                 \
     static void NAME(const Job *job, int64_t begin, int64_t end) {                             \
         const int64_t C = job->channels, tiles = job->n * job->rows * job->cols;               \
@@ -276,7 +278,7 @@ DEFINE_MEMORY_OF(WIDE)
             for (int64_t q = 0; q < job->cols; q++) {                                          \
                 const int64_t t = (b * job->rows + r) * job->cols + q;                         \
                 const int64_t x0 = q * job->step - job->pad;                                   \
-                if (IN <= 4) { /* (constants: see DEFINE_GATHER) */                            \
+                if (ADDRESSES_PER_TILE(IN)) {                                                  \
                     for (int i = 0; i < IN; i++)                                               \
                         for (int j = 0; j < IN; j++) entry[i][j] = src + ((int64_t)(i * IN + j) * tiles + t) * C; \
                     for (int i = 0; i < OUT; i++)                                              \
@@ -286,7 +288,8 @@ DEFINE_MEMORY_OF(WIDE)
                     const int width = C - c0 < L ? (int)(C - c0) : L;                          \
                     for (int i = 0; i < IN; i++)                                               \
                         for (int j = 0; j < IN; j++) {                                         \
-                            const TYPE *e = IN <= 4 ? entry[i][j] : src + ((int64_t)(i * IN + j) * tiles + t) * C; \
+                            const TYPE *e = ADDRESSES_PER_TILE(IN) ? entry[i][j]               \
+                                                : src + ((int64_t)(i * IN + j) * tiles + t) * C; \
                             tile[i][j] = MEMORY(load, MEM, L)(e + c0, width);                  \
                         }                                                                      \
                     TRANSFORM(OUT, IN, tile, result);                                          \
@@ -294,10 +297,11 @@ DEFINE_MEMORY_OF(WIDE)
                     if (job->bias) bias = MEMORY(load, f32, L)(job->bias + c0, width);         \
                     for (int i = 0; i < OUT; i++)                                              \
                         for (int j = 0; j < OUT; j++) {                                        \
-                            TYPE *p = IN <= 4 ? pixel[i][j] : place(job, dst, b, y0 + i, x0 + j); \
+                            TYPE *p = ADDRESSES_PER_TILE(IN) ? pixel[i][j] : place(job, dst, b, y0 + i, x0 + j); \
                             if (!p) continue;                                                  \
                             if (job->accumulate)                                               \
-                                MEMORY(store, MEM, L)(p + c0, MEMORY(load, MEM, L)(p + c0, width) + result[i][j], width); \
+                                MEMORY(store, MEM, L)(p + c0, MEMORY(load, MEM, L)(p + c0, width) \
+                                                                  + result[i][j], width);      \
                             else MEMORY(store, MEM, L)(p + c0, result[i][j] + bias, width);    \
                         }                                                                      \
                 }                                                                              \
