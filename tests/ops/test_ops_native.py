@@ -255,6 +255,23 @@ def test_bf16_winograd_reads_and_writes_bf16_with_the_float32_transforms_values(
     assert torch.equal(got.permute(0, 2, 3, 1).view(torch.int16), expected.view(torch.int16))
 
 
+def test_bf16_winograd_differentiates_through_the_bf16_kernels():
+    # (bf16 inference never asks for it; the autograd functions still give bf16 gradients,
+    # computed by the float32 kernels, near float32's.)
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 16, 10, 12).contiguous(memory_format=torch.channels_last), torch.randn(8, 16, 3, 3) / 10
+    upstream = torch.randn(2, 8, 10, 12)
+
+    def run(dtype: torch.dtype) -> list[torch.Tensor]:
+        inputs = [x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()]
+        out = winograd_conv3x3(inputs[0], winograd_filters(inputs[1], 2))
+        return [out, *torch.autograd.grad((out.float() * upstream).sum(), inputs)]
+
+    for got, expected in zip(run(torch.bfloat16), run(torch.float32)):
+        assert got.dtype == torch.bfloat16  # measured within 0.7% of the largest value
+        torch.testing.assert_close(got.float(), expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+
+
 def test_bad_arguments_get_one_clear_error():
     map_, matrix = torch.randn(1, 8, 8, 4), torch.randn(6, 6)
     with pytest.raises(ValueError, match="the map must be a contiguous float32 or bfloat16 CPU tensor"):
