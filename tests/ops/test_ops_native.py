@@ -200,7 +200,7 @@ def test_the_same_results_on_one_thread_and_on_pytorchs_or_our_own_threads():
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("tile", [4, 6])
+@pytest.mark.parametrize("tile", [2, 4, 6])  # F(2x2): one autograd function, `_NativeF2x2`
 @pytest.mark.parametrize("dilation, size", [(1, (12, 12)), (1, (9, 14)), (1, (1, 5)), (2, (13, 10)), (3, (7, 7))])
 @pytest.mark.parametrize("bias", [False, True])
 def test_winograd_through_them_equals_winograd_through_pytorchs_operators(tile, dilation, size, bias, monkeypatch):
@@ -255,21 +255,31 @@ def test_bf16_winograd_reads_and_writes_bf16_with_the_float32_transforms_values(
     assert torch.equal(got.permute(0, 2, 3, 1).view(torch.int16), expected.view(torch.int16))
 
 
-def test_bf16_winograd_differentiates_through_the_bf16_kernels():
-    # (bf16 inference never asks for it; the autograd functions still give bf16 gradients,
-    # computed by the float32 kernels, near float32's.)
+@pytest.mark.parametrize("dilation, size", [(1, (10, 12)), (1, (9, 7)), (2, (13, 10))])
+def test_bf16_winograd_gradients_stay_near_a_direct_bf16_convolutions(dilation, size):
+    # bf16 training's F(2x2): the filters' gradient from the saved bf16 tiles, the input's as a
+    # forward convolution with the rotated filters, each rounded to bf16 once.
     torch.manual_seed(0)
-    x, weight = torch.randn(2, 16, 10, 12).contiguous(memory_format=torch.channels_last), torch.randn(8, 16, 3, 3) / 10
-    upstream = torch.randn(2, 8, 10, 12)
+    x, weight = torch.randn(2, 32, *size).contiguous(memory_format=torch.channels_last), torch.randn(24, 32, 3, 3) / 17
+    bias, upstream = torch.randn(24), torch.randn(2, 24, *size).contiguous(memory_format=torch.channels_last)
 
-    def run(dtype: torch.dtype) -> list[torch.Tensor]:
-        inputs = [x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()]
-        out = winograd_conv3x3(inputs[0], winograd_filters(inputs[1], 2))
-        return [out, *torch.autograd.grad((out.float() * upstream).sum(), inputs)]
+    def run(dtype: torch.dtype, convolution) -> list[torch.Tensor]:
+        inputs = [t.to(dtype).requires_grad_() for t in (x, weight, bias)]
+        out = convolution(*inputs)
+        return [out, *torch.autograd.grad(out, inputs, upstream.to(dtype))]
 
-    for got, expected in zip(run(torch.bfloat16), run(torch.float32)):
-        assert got.dtype == torch.bfloat16  # measured within 0.7% of the largest value
-        torch.testing.assert_close(got.float(), expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+    def winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return winograd_conv3x3(x, winograd_filters(weight, 2), bias, dilation)
+
+    def direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, padding=dilation, dilation=dilation)
+
+    reference = run(torch.float64, direct)
+    for ours, theirs, expected in zip(run(torch.bfloat16, winograd), run(torch.bfloat16, direct), reference):
+        assert ours.dtype == torch.bfloat16
+        error, direct_error = ((t.double() - expected).abs().max() for t in (ours, theirs))
+        # Measured 1-2x the direct convolution's error.
+        assert error <= 3 * direct_error and error < 2e-2 * expected.abs().max()
 
 
 def test_bad_arguments_get_one_clear_error():

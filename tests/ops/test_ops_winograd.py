@@ -161,3 +161,13 @@ def test_bf16_products_by_f2x2_stay_near_a_direct_bf16_convolution_where_larger_
     assert error(BF16_TILE).max() < 2e-2 * reference.abs().max()
     # F(4x4)'s carry differences of multiples up to 8 that bf16 rounds away (measured 21x).
     assert error(4).max() > 8 * direct_error.max()
+
+
+def test_the_input_gradients_filters_are_the_rotated_transposed_kernels_for_f2x2_only():
+    from seglab.ops.winograd import _flip, _input_gradient_filters
+
+    torch.manual_seed(0)
+    weight = torch.randint(-64, 64, (5, 7, 3, 3)).double()  # whole numbers: G's sums are exact in any order
+    rotated = winograd_filters(weight.flip(2, 3).transpose(0, 1), 2)
+    assert torch.equal(_input_gradient_filters(winograd_filters(weight, 2)), rotated)
+    assert _flip(4) is None and _flip(6) is None  # +-2 and +-1/2 have no such permutation

@@ -1,6 +1,6 @@
-"""The training route of a model's float32 convolutions on the CPU.
+"""The training route of a model's convolutions on the CPU.
 
-Two rewrites, each exact up to float32 rounding, chosen per call:
+In float32 two rewrites, each exact up to float32 rounding, chosen per call:
 
 - Winograd's F(4x4, 3x3) or F(6x6, 3x3) (`seglab.ops.winograd`) for the 3x3 convolutions
   where it pays (`seglab.engine.winograd`): a quarter to a fifth of the multiply-adds, forward
@@ -12,9 +12,11 @@ Two rewrites, each exact up to float32 rounding, chosen per call:
 `TrainingConvolutions(model)` is a context: inside it the model's convolution modules route
 their calls (the module's `_conv_forward`, and the `_upsampling_conv` of a U-Net decoder's or
 an FPN's nearest-upsampling convolutions, are replaced per instance and restored on exit), so
-the rest of the model runs as it is, with no per-operator dispatch. Autocast, other dtypes,
-other devices and calls without gradients keep the plain convolution; so does
-`--direct-convolutions` (no context at all).
+the rest of the model runs as it is, with no per-operator dispatch. Under bf16 autocast the
+widest 3x3 convolutions take F(2x2, 3x3) with bf16 products (`seglab.engine.winograd`'s
+`bf16_pays`), the others autocast's direct ones. Other dtypes, other devices and calls
+without gradients keep the plain convolution; so does `--direct-convolutions` (no context at
+all).
 """
 from __future__ import annotations
 
@@ -75,6 +77,8 @@ class TrainingConvolutions:
                       bias: torch.Tensor | None) -> torch.Tensor:
         training = trains(conv, input)
         tile = call_output_tile(input, weight, conv.dilation[0], training) if id(conv) in self.winograd_convs else None
+        if tile is not None and torch.is_autocast_enabled("cpu"):
+            return _autocast_winograd(input, weight, bias, conv.dilation[0], tile)
         if tile is not None:
             return winograd_conv3x3(input, winograd_filters(weight, tile), bias, conv.dilation[0])
         if self.tuned_weight_gradients and training and takes_tuned_weight_gradient(input, weight, conv.groups):
@@ -89,15 +93,30 @@ class TrainingConvolutions:
         return UpsamplingConvCaller._upsampling_conv(x, transposed_weight, bias)
 
 
+def _autocast_winograd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int,
+                       tile: int) -> torch.Tensor:
+    """Winograd's convolution as autocast would run the direct one: input, weight and bias cast
+    to autocast's dtype, the filters transformed from the cast weight (in float32, outside
+    autocast, which would round the transform's sums to bf16 as well)."""
+    dtype = torch.get_autocast_dtype("cpu")
+    with torch.autocast("cpu", enabled=False):
+        filters = winograd_filters(weight.to(dtype), tile)
+        return winograd_conv3x3(input.to(dtype), filters, None if bias is None else bias.to(dtype), dilation)
+
+
 def training_convolutions(model: nn.Module, device: torch.device | str, precision: str | int,
                           enabled: bool = True, *, winograd: bool = True,
                           tuned_weight_gradients: bool = True, deterministic: bool = False) -> ContextManager:
-    """`TrainingConvolutions(model)` for float32 training on the CPU (when `enabled`; build it
-    once and enter it at each step); elsewhere a context that changes nothing (bf16 autocast
-    has no bits to spare for Winograd's transforms, and its convolutions were not measured
-    here; GPUs have their own algorithms)."""
+    """`TrainingConvolutions(model)` for training on the CPU (when `enabled`; build it once and
+    enter it at each step): in float32 the whole route; under bf16 autocast Winograd's F(2x2)
+    for the widest 3x3 convolutions (`bf16_pays`), the rest autocast's (the tuned weight
+    gradients are float32's). Elsewhere a context that changes nothing (GPUs have their own
+    algorithms)."""
     device = torch.device(device)
-    if enabled and device.type == "cpu" and resolve_precision(precision, device).name == "32":
+    name = resolve_precision(precision, device).name if enabled and device.type == "cpu" else None
+    if name == "32":
         return TrainingConvolutions(model, winograd=winograd, tuned_weight_gradients=tuned_weight_gradients,
                                     deterministic=deterministic)
+    if name == "bf16" and winograd:
+        return TrainingConvolutions(model, tuned_weight_gradients=False)
     return contextlib.nullcontext()

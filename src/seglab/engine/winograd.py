@@ -95,6 +95,7 @@ LARGE_TILE = 6  # F(6x6, 3x3)
 __all__ = [
     "MAX_DILATION",
     "MIN_BF16_CHANNELS",
+    "MIN_BF16_TRAINING_TILES",
     "MIN_INFERENCE_CHANNELS",
     "MIN_INFERENCE_PRODUCTS",
     "MIN_NATIVE_INFERENCE_CHANNELS",
@@ -117,7 +118,8 @@ __all__ = [
 ]
 
 MAX_DILATION = 4
-MIN_BF16_CHANNELS = 256  # in and out: bf16 inference by F(2x2, 3x3)
+MIN_BF16_CHANNELS = 256  # in and out: bf16 by F(2x2, 3x3)
+MIN_BF16_TRAINING_TILES = 512  # F(2x2)'s 2 x 2 output tiles, in training
 MIN_INFERENCE_CHANNELS = 128  # in and out, with the transforms of PyTorch's operators
 MIN_INFERENCE_PRODUCTS = 1 << 20  # tiles x C_in x C_out
 MIN_NATIVE_INFERENCE_CHANNELS = 64  # with the native transforms
@@ -207,22 +209,28 @@ def _has_amx() -> bool:
         return False
 
 
-def bf16_pays(weight_shape: Sequence[int]) -> bool:
-    """Whether F(2x2, 3x3) with bf16 products beats oneDNN's bf16 direct convolution in
-    inference for this weight (whose settings `winograd_dilation` takes): enough channels, the
-    native transforms in use, and a processor without AMX (the one kind measured)."""
+def bf16_pays(weight_shape: Sequence[int], input_shape: Sequence[int] | None = None, dilation: int = 1) -> bool:
+    """Whether F(2x2, 3x3) with bf16 products beats oneDNN's bf16 direct convolution for this
+    weight (whose settings `winograd_dilation` takes): enough channels, the native transforms
+    in use, and a processor without AMX (the one kind measured); in training (`input_shape`
+    given) also enough tiles."""
     out_channels, in_channels = weight_shape[0], weight_shape[1]
+    if input_shape is not None and tiles(input_shape, dilation, BF16_TILE) < MIN_BF16_TRAINING_TILES:
+        return False
     return min(out_channels, in_channels) >= MIN_BF16_CHANNELS and native.available() and not _has_amx()
 
 
 def call_output_tile(input: torch.Tensor, weight: torch.Tensor, dilation: int, training: bool) -> int | None:
     """The Winograd output tile this call of a convolution Winograd applies to runs with, or
-    None for the direct convolution: Winograd takes batched float32 input on the CPU outside
-    autocast, large enough to pay (F(4x4) or F(6x6)), and bf16 input with bf16 weights in
-    inference where `bf16_pays` (F(2x2); autocast's bf16 is training's, which keeps the direct
-    convolution). The one check of the inference route (`FusedConv`) and the training one."""
-    if input.device.type != "cpu" or input.dim() != 4 or torch.is_autocast_enabled("cpu"):
+    None for the direct convolution: Winograd takes batched float32 input on the CPU, large
+    enough to pay (F(4x4) or F(6x6)); bf16 input with bf16 weights in inference, and
+    autocast's bf16 in training, where `bf16_pays` (F(2x2)). The one check of the inference
+    route (`FusedConv`) and the training one."""
+    if input.device.type != "cpu" or input.dim() != 4:
         return None
+    if torch.is_autocast_enabled("cpu"):  # the convolution runs in autocast's dtype, whatever the input's
+        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16
+        return BF16_TILE if training and bf16 and bf16_pays(weight.shape, input.shape, dilation) else None
     if input.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16:
         return BF16_TILE if not training and bf16_pays(weight.shape) else None
     if input.dtype != torch.float32 or weight.dtype != torch.float32:
