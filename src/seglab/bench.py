@@ -125,6 +125,9 @@ TRAINING_ABLATION: dict[str, dict[str, Any]] = {
     "+channels_last +tuned weight gradients": dict(channels_last=True, precision="32", fused=False, winograd=False,
                                                    tuned_gradients=True),
     "+bf16 autocast": dict(channels_last=False, precision="bf16", fused=False, winograd=False),
+    "+bf16 autocast +channels_last": dict(channels_last=True, precision="bf16", fused=False, winograd=False),
+    # bf16's Winograd, F(2x2) for the widest convolutions, measured against "+bf16 autocast +channels_last".
+    "+bf16 autocast +channels_last +winograd": dict(channels_last=True, precision="bf16", fused=False, winograd=True),
     "+fused optimizer": dict(channels_last=False, precision="32", fused=True, winograd=False),
 }
 

@@ -27,9 +27,10 @@ Each step is independent, so the benchmark can measure each on its own:
   tails, but its first call compiles for a minute or more on a small CPU (and again for each
   new input shape), which only pays off for long runs.
 - Training: channels_last, bf16 autocast (`autocast_context`) over float32 master weights,
-  a fused optimizer step (`optimizer_options`), and in float32 on the CPU Winograd's 3x3
-  convolutions forward and backward where they pay, the other convolutions' weight gradients by
-  the kernel timed fastest (`training_convolutions`).
+  a fused optimizer step (`optimizer_options`), and on the CPU Winograd's 3x3 convolutions
+  forward and backward where they pay (float32: F(4x4) or F(6x6), the other convolutions'
+  weight gradients by the kernel timed fastest; bf16 autocast: F(2x2) for the widest;
+  `training_convolutions`).
 
 `precision="32"` keeps float32 arithmetic: folding, fusion, the memory layout and Winograd
 change results only at float32 rounding level (below 1e-4); `winograd=False` keeps the direct

@@ -74,9 +74,17 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   batch 8 1.27x, 128 x 128 1.17x, 32 x 32 1.08x; 16 x 16 0.95x, 8 x 8 0.73x), but taking them
   from 1024 tiles changed whole models by 0.98-1.06x (UNet-R34, FPN-R34, DeepLabV3+-R34,
   DeepLabV3-R50, PSPNet-R34: within noise), so they stay direct; 64 ch 0.82x. Hence
-  `MIN_BF16_CHANNELS` in and out, in inference only. Not on processors with AMX, where oneDNN's
-  bf16 direct kernel runs at several times the AVX-512 rate (docs/bench.md) and F(2x2) was not
-  measured: there the direct convolution stays.
+  `MIN_BF16_CHANNELS` in and out. Not on processors with AMX, where oneDNN's bf16 direct kernel
+  runs at several times the AVX-512 rate (docs/bench.md) and F(2x2) was not measured: there
+  the direct convolution stays.
+- bf16 training (autocast; forward and both gradients by one autograd function that keeps to
+  the bf16 kernels, `seglab.ops.winograd`), against autocast's oneDNN bf16 direct convolution,
+  same Zen 4, interleaved medians: batch 4, 256 ch on 32 x 32 1.44x, on 64 x 64 1.54x, 512 ch
+  on 32 x 32 1.55x, 1024 -> 512 on 64 x 64 1.89x, batch 16 256 ch on 64 x 64 1.55x. Few tiles
+  lose it: 512 ch on 16 x 16 at batch 16 (1024 tiles) 1.47x, batch 8 1.32x, batch 4 (256 tiles)
+  1.03x; 256 ch on 32 x 32 at batch 2 (512 tiles) 1.11x, batch 1 0.89x; on 16 x 16 at batch 8
+  1.08x, 16 1.23x. Hence `MIN_BF16_TRAINING_TILES`. 128 ch win less (8 x 64 x 64 1.11x, 4 x
+  128 x 128 1.24x, 4 x 64 x 64 1.06x) and stay direct, as in inference.
 """
 from __future__ import annotations
 
