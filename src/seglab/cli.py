@@ -94,9 +94,9 @@ def parse_model_option(text: str) -> tuple[str, Any]:
 
 
 # ----------------------------------------------------------------------------------- train
-DIRECT_CONVOLUTIONS_HELP = ("float32 on the CPU: keep eager PyTorch's convolutions, without Winograd's 3x3 ones and, in "
-                            "training, the weight-gradient kernels timed per shape (the same function, rounding-level "
-                            "differences; docs/bench.md)")
+DIRECT_CONVOLUTIONS_HELP = ("on the CPU: keep eager PyTorch's convolutions, without Winograd's 3x3 ones (float32's, and "
+                            "bf16's for the widest) and, in float32 training, the weight-gradient kernels timed per "
+                            "shape (the same function, rounding-level differences; docs/bench.md)")
 TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--name", dict(help="run name (default: <model>-<data>); the run goes to <out>/<name>")),
     ("--out", dict(help="folder that holds the runs (default: runs)")),

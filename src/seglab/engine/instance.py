@@ -146,8 +146,9 @@ class InstanceTrainer:
         self.precision = resolve_precision(config.precision, self.device)
         # channels_last: oneDNN's / cuDNN's native layout, kept through the backbone and heads
         self.model = to_channels_last(create_model(config.model, **self.model_kwargs).to(self.device))
-        # Winograd's 3x3 convolutions in float32 on the CPU (the FPN's, the RPN's and the mask
-        # head's, where the input pays), unless asked not to; entered at each step.
+        # Winograd's 3x3 convolutions on the CPU (the FPN's, the RPN's and the mask head's, where
+        # the input pays; under bf16 autocast the widest, by F(2x2)), unless asked not to;
+        # entered at each step.
         self.convolutions = training_convolutions(self.model, self.device, self.precision.name,
                                                   enabled=not config.direct_convolutions,
                                                   deterministic=config.deterministic)

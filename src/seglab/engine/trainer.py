@@ -260,7 +260,8 @@ class Trainer:
         self.model = to_channels_last(model.to(self.device))  # oneDNN's / cuDNN's native layout
         # DDP averages gradients over processes; evaluation and checkpoints use the bare model.
         self.train_model: nn.Module = DistributedDataParallel(self.model) if self.dist.enabled else self.model
-        # Winograd's 3x3 convolutions in float32 on the CPU, unless asked not to; entered at each step.
+        # Winograd's 3x3 convolutions on the CPU (float32; under bf16 autocast the widest, by
+        # F(2x2)), unless asked not to; entered at each step.
         self.convolutions = training_convolutions(self.model, self.device, self.precision.name,
                                                   enabled=not config.direct_convolutions,
                                                   deterministic=config.deterministic)
