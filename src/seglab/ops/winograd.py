@@ -29,9 +29,10 @@ The price is precision: the transforms' coefficients (up to 8 in F(4x4)'s `A`, 3
 cost a few bits, about 6e-6 of the largest output on random float32 data with F(4x4) and 1e-5
 with F(6x6), against ~1e-6 for a direct convolution. So F(4x4) and F(6x6) serve float32, where
 those bits are spare: with their products in bfloat16 the error reached 0.08-0.2 of the largest
-output. F(2x2)'s transforms add at most four values, so it also serves bfloat16 inference
-(`winograd_conv3x3` given bf16 input and filters): float32 transforms around bf16 products, an
-error about 2x (largest) to 3.5x (mean) a direct bf16 convolution's on random data.
+output. F(2x2)'s transforms add at most four values, so it also serves bfloat16 inference and
+training (`winograd_conv3x3` given bf16 input and filters): float32 transforms around bf16
+products, an error about 2x (largest) to 3.5x (mean) a direct bf16 convolution's on random
+data, the gradients' 1.4-2x (`_NativeF2x2`).
 """
 from __future__ import annotations
 
