@@ -32,11 +32,14 @@ def test_recipe_reads_and_builds_its_model(path: Path) -> None:
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-@pytest.mark.parametrize("model, encoder", [("unet", None), ("deeplabv3plus", "resnet18"), ("fpn", "resnet18"),
-                                            ("segformer", None)])
+@pytest.mark.parametrize("model, encoder", [("unet", None), ("unet", "resnet34"), ("deeplabv3plus", "resnet18"),
+                                            ("fpn", "resnet18"), ("segformer", None)])
 def test_the_default_options_build_any_model_named_on_the_command_line(model: str, encoder: str | None) -> None:
-    """`seglab train --model M [--encoder E]`: the main job's U-Net widths go to the U-Net only."""
+    """`seglab train --model M [--encoder E]`: the main job's U-Net widths go to the plain U-Net only
+    (on an encoder U-Net its depth 4 would drop the encoder's last stage)."""
     config = TrainConfig.from_dict({"model": model, **({"encoder": encoder} if encoder else {})})
-    assert config.model_kwargs == ({"base_channels": 16, "depth": 4} if model == "unet" else {})
+    assert config.model_kwargs == ({"base_channels": 16, "depth": 4} if (model, encoder) == ("unet", None) else {})
     kwargs = {**config.model_kwargs, **({"encoder": encoder} if encoder else {})}
-    assert create_model(model, num_classes=3, **kwargs) is not None
+    model_built = create_model(model, num_classes=3, **kwargs)
+    if encoder == "resnet34":
+        assert model_built.encoder.channels[-1] == 512

@@ -24,7 +24,7 @@ class TrainConfig:
     task: str = "semantic"
     model: str = "unet"
     encoder: str | None = None
-    model_kwargs: dict[str, Any] | None = None  # default: the main job's small U-Net for "unet", else none
+    model_kwargs: dict[str, Any] | None = None  # default: the main job's small U-Net for a plain "unet", else none
     data: str = "synthetic"
     format: str | None = None
     num_classes: int | None = None  # synthetic only; real data sets know their classes
@@ -62,8 +62,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.model_kwargs is None:
-            # The main job's narrow U-Net; these options mean nothing to other models.
-            self.model_kwargs = dict(MAIN_JOB_UNET) if str(self.model).lower() == "unet" else {}
+            # The main job's narrow U-Net; these options mean nothing to other models, and on an
+            # encoder U-Net `depth` would silently cut the encoder short (R34 without its 512-channel stage).
+            plain_unet = str(self.model).lower() == "unet" and not self.encoder
+            self.model_kwargs = dict(MAIN_JOB_UNET) if plain_unet else {}
         self.validate()
 
     def validate(self) -> None:
