@@ -65,7 +65,7 @@ def _best_miou(run: Path) -> float | None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)  # --seed is train's
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--routes", default="forced,bf16,32", help=f"comma-separated, of {', '.join(ROUTES)}")
     parser.add_argument("--out", default="runs/f2x2-accuracy", help="folder of the runs (kept, with their metrics)")
