@@ -20,7 +20,6 @@ Arguments after `--` go to every `seglab train` call.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -57,11 +56,14 @@ def _one_run(route: str, train_args: list[str]) -> int:
 
 
 def _best_miou(run: Path) -> float | None:
-    metrics = run / "metrics.jsonl"
-    if not metrics.exists():
+    """The validation mIoU of the run's best checkpoint (as the trainer chose it); None where the
+    run saved none."""
+    from seglab.engine.checkpoint import read_checkpoint_config
+
+    try:
+        return float(read_checkpoint_config(run)["metrics"]["miou"])
+    except (FileNotFoundError, ValueError, KeyError):
         return None
-    values = [json.loads(line)["miou"] for line in metrics.read_text().splitlines() if line.strip()]
-    return max(values) if values else None
 
 
 def main() -> int:
@@ -79,7 +81,10 @@ def main() -> int:
     routes = args.routes.split(",")
     if unknown := [r for r in routes if r not in ROUTES]:
         parser.error(f"--routes: unknown {', '.join(unknown)}; known: {', '.join(ROUTES)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: comma-separated whole numbers, not {args.seeds!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(route, seed) for seed in seeds for route in routes]
