@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from seglab.ops.bilinear import bilinear_upsample_by, whole_scale
 from seglab.ops.nearest_conv import NearestUpsampleConv
+from seglab.ops.polyphase import PolyphaseConvTranspose2d
 
 __all__ = ["UPSAMPLE_KINDS", "Upsample", "make_upsample", "bilinear_kernel", "upsample_scores"]
 
@@ -117,10 +118,12 @@ class TransposedConv(Upsample):
     def __init__(self, in_channels: int, out_channels: int, scale: int, kernel_size: int | None = None) -> None:
         super().__init__(in_channels, out_channels, scale)
         kernel_size = kernel_size or 2 * scale - scale % 2
-        # padding/output_padding chosen so that the output is exactly scale * input.
+        # padding/output_padding chosen so that the output is exactly scale * input. At an even
+        # scale of 8 or more (kernel 2 * scale) CPU training computes it as one convolution at
+        # the input's size (seglab.ops.polyphase).
         padding = max(0, (kernel_size - scale + 1) // 2)
         output_padding = scale - kernel_size + 2 * padding
-        self.conv = nn.ConvTranspose2d(
+        self.conv = PolyphaseConvTranspose2d(
             in_channels, out_channels, kernel_size, stride=scale, padding=padding, output_padding=output_padding, bias=False
         )
         with torch.no_grad():
