@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from gradient_checks import assert_values_and_gradients_equal
 
 from seglab.ops.polyphase import (PolyphaseConvTranspose2d, polyphase_conv_transpose2d, polyphase_weight,
                                   takes_polyphase)
 from seglab.ops.upsample import make_upsample
-from tests.ops.gradient_checks import assert_values_and_gradients_equal
 
 
 def _inputs(stride: int, c_in: int = 3, c_out: int = 2, height: int = 5, width: int = 7, channels_last: bool = True):
