@@ -111,7 +111,7 @@ def polyphase_conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torc
                                stride: int) -> torch.Tensor:
     """F.conv_transpose2d(x, weight, bias, stride, padding=stride // 2) for a 2s x 2s `weight`
     and even `stride`, as the phase convolution (differentiable; autocast applies to it as to
-    any convolution). The result is channels-last, as oneDNN works; NCHW x gets NCHW back."""
+    any convolution). Computed channels-last, oneDNN's layout; an NCHW x gets an NCHW copy."""
     phases = F.conv2d(F.pad(x.contiguous(memory_format=torch.channels_last), (1, 1, 1, 1)),
                       polyphase_weight(weight, stride))
     output = _Interleave.apply(phases, stride)
