@@ -6,17 +6,17 @@ last: the figures behind `MIN_STRIDE`. Not a test: it prints a Markdown table.
     python benchmarks/polyphase.py --rounds 9 --batch 1
 
 Each row times forward and forward + backward (gradients of the input and the weight) of both,
-in interleaved rounds so that a change of machine load hits both, and prints the medians.
+in interleaved rounds so that a change of machine load hits both (`benchmarks/winograd.py`'s
+`interleaved`), and prints the medians.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from winograd import interleaved  # benchmarks/winograd.py: one warm-up call, then rounds of one call each
 
 from seglab.memory import keep_freed_memory
 from seglab.ops.polyphase import polyphase_conv_transpose2d
@@ -24,12 +24,6 @@ from seglab.ops.polyphase import polyphase_conv_transpose2d
 # (stride, input map size, channels): FCN-8s's, -16s's and -32s's final upsampling of 21 class
 # scores to 512 x 512, the x2 steps between them, and a wider map of scores.
 LAYERS = [(8, 64, 21), (16, 32, 21), (32, 16, 21), (2, 16, 21), (2, 32, 21), (4, 32, 21), (8, 64, 64)]
-
-
-def _timed(call: Callable[[], object], seconds: list[float]) -> None:
-    start = time.perf_counter()
-    call()
-    seconds.append(time.perf_counter() - start)
 
 
 def measure(stride: int, size: int, channels: int, batch: int, dtype: torch.dtype, rounds: int) -> dict[str, float]:
@@ -56,13 +50,8 @@ def measure(stride: int, size: int, channels: int, batch: int, dtype: torch.dtyp
 
     calls = {"forward, oneDNN": inference(False), "forward, phases": inference(True),
              "training, oneDNN": training(False), "training, phases": training(True)}
-    seconds: dict[str, list[float]] = {name: [] for name in calls}
-    for call in calls.values():  # warm-up: oneDNN's primitives, fresh memory
-        call()
-    for _ in range(rounds):
-        for name, call in calls.items():
-            _timed(call, seconds[name])
-    return {name: 1e3 * statistics.median(times) for name, times in seconds.items()}
+    seconds, _ = interleaved(list(calls.values()), rounds)
+    return {name: 1e3 * median for name, median in zip(calls, seconds)}
 
 
 def main() -> None:
