@@ -34,7 +34,7 @@ from seglab.engine.fastpath import (
     training_convolutions,
 )
 from seglab.engine.precision import cpu_supports_bf16
-from seglab.losses.pixelwise import pixel_cross_entropy
+from seglab.losses.pixelwise import CrossEntropyLoss, pixel_cross_entropy
 from seglab.memory import keeps_freed_memory
 from seglab.models.registry import create_model
 from seglab.ops import native
@@ -128,6 +128,9 @@ TRAINING_ABLATION: dict[str, dict[str, Any]] = {
     "+bf16 autocast +channels_last": dict(channels_last=True, precision="bf16", fused=False, winograd=False),
     # bf16's Winograd, F(2x2) for the widest convolutions, measured against "+bf16 autocast +channels_last".
     "+bf16 autocast +channels_last +winograd": dict(channels_last=True, precision="bf16", fused=False, winograd=True),
+    # seglab's CrossEntropyLoss (one native pass on the CPU) on the bf16 logits, against the row above.
+    "+bf16 autocast +channels_last +winograd +native cross-entropy": dict(channels_last=True, precision="bf16",
+                                                                         fused=False, winograd=True, native_loss=True),
     "+fused optimizer": dict(channels_last=False, precision="32", fused=True, winograd=False),
 }
 
@@ -314,11 +317,13 @@ def _inference_call(model: nn.Module, batch: int, settings: BenchSettings, devic
 
 
 def _training_call(model: nn.Module, settings: BenchSettings, device: torch.device, *, channels_last: bool,
-                   precision: str, fused: bool, winograd: bool, tuned_gradients: bool = False) -> Callable[[], None]:
+                   precision: str, fused: bool, winograd: bool, tuned_gradients: bool = False,
+                   native_loss: bool = False) -> Callable[[], None]:
     """One training step (forward, cross-entropy, backward, AdamW step) on a fixed random batch;
     with `winograd` and `tuned_gradients`, under `training_convolutions` (in float32 on the CPU
     Winograd's 3x3 convolutions, the other convolutions' weight gradients by the kernel timed
-    fastest), as seglab's trainer runs."""
+    fastest), and with `native_loss` the loss by seglab's `CrossEntropyLoss` on the logits as
+    they come (on the CPU one native pass), as seglab's trainer runs."""
     model = model.to(device).train()
     if channels_last:
         model = to_channels_last(model)
@@ -333,14 +338,19 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
 
     convolutions = training_convolutions(model, device, precision, enabled=winograd or tuned_gradients,
                                          winograd=winograd, tuned_weight_gradients=tuned_gradients)
+    seglab_loss = CrossEntropyLoss()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast_context(device, precision), convolutions:
             logits = _logits(model(images))
-        # Cross-entropy read in the logits' own layout (channels-last ones as a pixels x classes
-        # matrix, as seglab's losses do); NCHW logits, the peers', go to F.cross_entropy as they are.
-        pixel_cross_entropy(logits.float(), target).mean().backward()
+        if native_loss:
+            loss = seglab_loss(logits, target)
+        else:
+            # Cross-entropy read in the logits' own layout (channels-last ones as a pixels x classes
+            # matrix); NCHW logits, the peers', go to F.cross_entropy as they are.
+            loss = pixel_cross_entropy(logits.float(), target).mean()
+        loss.backward()
         optimizer.step()
 
     return step
@@ -426,7 +436,7 @@ def _training_candidates(arch: Architecture, settings: BenchSettings, device: to
         _Candidate("seglab", "eager fp32", flops, "32", trainer(build_seglab, channels_last=False, precision="32", fused=False, winograd=False)),
         _Candidate("seglab", f"fast ({precision})", flops, precision,
                    trainer(build_seglab, channels_last=True, precision=precision, fused=True, winograd=True,
-                           tuned_gradients=True)),
+                           tuned_gradients=True, native_loss=True)),
     ]
     if peer_flops is not None:
         candidates.append(_Candidate(arch.peer, "eager fp32", peer_flops, "32",

@@ -25,6 +25,7 @@ from seglab.engine.fastpath import (
     to_channels_last,
     training_convolutions,
 )
+from seglab.losses import CrossEntropyLoss
 from seglab.metrics.confusion import ConfusionMatrix
 from seglab.models.registry import create_model
 
@@ -48,6 +49,7 @@ def _train(build: Callable[[], nn.Module], images: torch.Tensor, masks: torch.Te
     options = optimizer_options("adamw", device) if fast else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, **options)
     convolutions = training_convolutions(model, device, precision, enabled=fast)
+    loss_fn = CrossEntropyLoss(ignore_index=None)
     order = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         permutation = torch.randperm(len(images), generator=order)
@@ -60,7 +62,8 @@ def _train(build: Callable[[], nn.Module], images: torch.Tensor, masks: torch.Te
             with autocast_context(device, precision if fast else "32"), convolutions:
                 output = model(x)
             logits = output["out"] if isinstance(output, dict) else output
-            F.cross_entropy(logits.float(), y).backward()
+            # seglab's loss (on the CPU one native pass over the logits as they come) as its trainer runs it
+            (loss_fn(logits, y) if fast else F.cross_entropy(logits.float(), y)).backward()
             optimizer.step()
     return model.eval()
 

@@ -321,7 +321,7 @@ REPORT = "from seglab.ops import native; print(native.available(), native.unavai
 def test_built_once_into_the_cache_and_turned_off_by_the_environment(tmp_path):
     assert _fresh_process(REPORT, SEGLAB_CACHE=str(tmp_path)) == "True None"
     built = list((tmp_path / "native").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("winograd_tiles-") and built[0].suffix == ".so"
+    assert len(built) == 1 and built[0].name.startswith("seglab_native-") and built[0].suffix == ".so"
     inode = built[0].stat().st_ino  # a rebuild is a new file, renamed over it
     assert _fresh_process(REPORT, SEGLAB_CACHE=str(tmp_path)) == "True None"  # loaded, not rebuilt
     assert list((tmp_path / "native").iterdir()) == built and built[0].stat().st_ino == inode
@@ -333,15 +333,17 @@ def test_a_new_build_removes_the_libraries_no_process_used_for_a_month(tmp_path)
     cache = tmp_path / "native"
     cache.mkdir()
     month = native.PRUNE_UNUSED_DAYS * 86400
-    unused, recent, other = (cache / "winograd_tiles-0unused.so", cache / "winograd_tiles-1recent.so",
-                             cache / "notes.txt")
-    for path in (unused, recent, other):
+    # (winograd_tiles-*.so: the name of the libraries before the cross-entropy kernel joined them)
+    unused, old_unused, recent, other = (cache / "seglab_native-0unused.so", cache / "winograd_tiles-0unused.so",
+                                         cache / "seglab_native-1recent.so", cache / "notes.txt")
+    for path in (unused, old_unused, recent, other):
         path.write_text("")
-    for path, age in ((unused, month + 3600), (recent, month - 3600), (other, 2 * month)):
+    for path, age in ((unused, month + 3600), (old_unused, month + 3600), (recent, month - 3600), (other, 2 * month)):
         os.utime(path, (path.stat().st_atime, path.stat().st_mtime - age))
     assert _fresh_process(REPORT, SEGLAB_CACHE=str(tmp_path)) == "True None"
     left = sorted(path.name for path in cache.iterdir())
-    assert unused.name not in left and recent.name in left and other.name in left and len(left) == 3
+    assert unused.name not in left and old_unused.name not in left and recent.name in left and other.name in left
+    assert len(left) == 3
     built = next(cache / name for name in left if name not in (recent.name, other.name))
     os.utime(built, (0, 0))  # long unused ...
     assert _fresh_process(REPORT, SEGLAB_CACHE=str(tmp_path)) == "True None"
@@ -356,7 +358,7 @@ def test_a_failing_compiler_leaves_pytorchs_operators_in_use(tmp_path):
                       "print(winograd_conv3x3(torch.ones(1, 2, 5, 5), winograd_filters(torch.ones(3, 2, 3, 3)))"
                       "[0, :, 2, 2].tolist())", SEGLAB_CACHE=str(tmp_path / "cache"), CC=str(failing))
     first, values = done.stdout.strip().splitlines()
-    assert done.stderr.count("RuntimeWarning: seglab's native Winograd transforms are not available (") == 1
+    assert done.stderr.count("RuntimeWarning: seglab's native kernels are not available (") == 1
     assert "cc: no such thing" in done.stderr
     assert first.startswith("False ") and "cc: no such thing" in first
     assert [round(v, 4) for v in eval(values)] == [18.0] * 3  # 2 channels x 9 taps of ones

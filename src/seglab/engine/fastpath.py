@@ -30,7 +30,8 @@ Each step is independent, so the benchmark can measure each on its own:
   a fused optimizer step (`optimizer_options`), and on the CPU Winograd's 3x3 convolutions
   forward and backward where they pay (float32: F(4x4) or F(6x6), the other convolutions'
   weight gradients by the kernel timed fastest; bf16 autocast: F(2x2) for the widest;
-  `training_convolutions`).
+  `training_convolutions`); cross-entropy's loss and gradient in one native pass
+  (seglab's `CrossEntropyLoss`).
 
 `precision="32"` keeps float32 arithmetic: folding, fusion, the memory layout and Winograd
 change results only at float32 rounding level (below 1e-4); `winograd=False` keeps the direct

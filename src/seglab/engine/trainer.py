@@ -47,7 +47,7 @@ from seglab.engine.precision import resolve_precision
 from seglab.engine.syncbn import convert_sync_batchnorm
 from seglab.engine.state import load_training_state, rng_state, save_training_state, set_rng_state
 from seglab.files import append_line, atomic_write, atomic_write_text
-from seglab.losses import build_loss
+from seglab.losses import build_loss, float32_logits_for
 from seglab.metrics.report import format_report
 from seglab.models import create_model
 from seglab.viz import plot_curves, prediction_panel
@@ -373,13 +373,14 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def _loss(self, output: torch.Tensor | dict[str, Any], target: torch.Tensor) -> torch.Tensor:
-        """Main loss plus `aux_weight` times each auxiliary (deep supervision) loss, in float32."""
-        loss = self.loss_fn(logits_of(output).float(), target)
+        """Main loss plus `aux_weight` times each auxiliary (deep supervision) loss, in float32
+        (bf16 logits go as they are to a loss that upcasts them itself: no float32 copy)."""
+        loss = self.loss_fn(float32_logits_for(self.loss_fn, logits_of(output)), target)
         if isinstance(output, dict):
             for aux in output.get("aux", []):
                 if aux.shape[-2:] != target.shape[-2:]:
                     aux = F.interpolate(aux, size=target.shape[-2:], mode="bilinear", align_corners=False)
-                loss = loss + self.config.aux_weight * self.loss_fn(aux.float(), target)
+                loss = loss + self.config.aux_weight * self.loss_fn(float32_logits_for(self.loss_fn, aux), target)
         return loss
 
     def checkpoint_config(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:

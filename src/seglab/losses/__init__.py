@@ -5,7 +5,7 @@ targets N x H x W; binary logits N x 1 x H x W with 0/1 targets; multilabel logi
 targets N x K x H x W. Every loss honours `ignore_index`. `build_loss("0.5*ce+dice", ...)`
 builds any weighted combination from a string (grammar in seglab.losses.factory).
 """
-from seglab.losses.factory import LOSS_NAMES, WeightedSum, build_loss
+from seglab.losses.factory import LOSS_NAMES, WeightedSum, build_loss, float32_logits_for, upcasts_itself
 from seglab.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss
 from seglab.losses.overlap import DiceLoss, JaccardLoss, TverskyLoss
 from seglab.losses.pixelwise import BCELoss, CrossEntropyLoss, FocalLoss
@@ -22,4 +22,6 @@ __all__ = [
     "TverskyLoss",
     "WeightedSum",
     "build_loss",
+    "float32_logits_for",
+    "upcasts_itself",
 ]

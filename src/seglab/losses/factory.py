@@ -25,7 +25,7 @@ from seglab.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss
 from seglab.losses.overlap import DiceLoss, JaccardLoss, TverskyLoss
 from seglab.losses.pixelwise import BCELoss, CrossEntropyLoss, FocalLoss
 
-__all__ = ["LOSS_NAMES", "WeightedSum", "build_loss"]
+__all__ = ["LOSS_NAMES", "WeightedSum", "build_loss", "float32_logits_for", "upcasts_itself"]
 
 
 class WeightedSum(nn.Module):
@@ -41,8 +41,24 @@ class WeightedSum(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return sum(w * loss(logits, target) for w, loss in zip(self.weights, self.losses))
 
+    @property
+    def upcasts_itself(self) -> bool:
+        return all(upcasts_itself(loss) for loss in self.losses)
+
     def extra_repr(self) -> str:
         return "weights=" + ", ".join(f"{w:g}" for w in self.weights)
+
+
+def upcasts_itself(loss_fn: Any) -> bool:
+    """Whether `loss_fn` computes in float32 from logits of any dtype (so a caller need not
+    copy bf16 logits to float32 first)."""
+    return bool(getattr(loss_fn, "upcasts_itself", False))
+
+
+def float32_logits_for(loss_fn: Any, logits: torch.Tensor) -> torch.Tensor:
+    """`logits` as `loss_fn` should get them to compute in float32: as they are where it
+    upcasts them itself, else as float32."""
+    return logits if upcasts_itself(loss_fn) else logits.float()
 
 
 def _ce(mode: str, ignore_index: int | None, class_weights: list[float] | None, **options: Any) -> nn.Module:

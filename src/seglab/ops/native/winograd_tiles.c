@@ -19,11 +19,8 @@
  * split the tiles (gather) or
  * the tile rows (scatter; overlapping rows run in two rounds, even then odd rows).
  */
-#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
-
-#define MAX_THREADS 64
 
 typedef struct {
     const void *src;  /* float, or bf16 (uint16_t) in the _bf16 kernels */
@@ -33,82 +30,6 @@ typedef struct {
     int64_t n, height, width, channels, rows, cols;
     int step, pad, accumulate, parity;
 } Job;
-
-typedef void (*RangeFn)(const Job *, int64_t, int64_t);
-
-typedef struct {
-    RangeFn fn;
-    const Job *job;
-    int64_t begin, end;
-} Range;
-
-static void *run_range(void *arg) {
-    Range *r = (Range *)arg;
-    r->fn(r->job, r->begin, r->end);
-    return NULL;
-}
-
-/* The OpenMP runtime PyTorch runs its own operators on, when the loader found it
- * (seglab_use_openmp). Its workers spin for a while after each of PyTorch's parallel regions;
- * threads of our own competed with them for the cores (UNet-R34's inference ran 14% slower
- * with the native transforms on pthreads than with PyTorch's operators, and 12-16% faster with
- * them when OMP_WAIT_POLICY=PASSIVE put the workers to sleep). Running on the same workers
- * through GNU OpenMP's entry point (which LLVM's and Intel's runtimes also export) avoids it. */
-typedef void (*GompParallel)(void (*)(void *), void *, unsigned, unsigned);
-typedef int (*OmpQuery)(void);
-static GompParallel gomp_parallel;
-static OmpQuery omp_thread_num, omp_num_threads;
-
-void seglab_use_openmp(void *parallel, void *thread_num, void *num_threads) {
-    gomp_parallel = (GompParallel)parallel;
-    omp_thread_num = (OmpQuery)thread_num;
-    omp_num_threads = (OmpQuery)num_threads;
-}
-
-typedef struct {
-    RangeFn fn;
-    const Job *job;
-    int64_t count;
-} Region;
-
-static void run_region(void *arg) {
-    const Region *region = (const Region *)arg;
-    const int64_t threads = omp_num_threads(), t = omp_thread_num();
-    const int64_t chunk = (region->count + threads - 1) / threads;
-    const int64_t begin = t * chunk, end = begin + chunk < region->count ? begin + chunk : region->count;
-    if (begin < end) region->fn(region->job, begin, end);
-}
-
-/* fn(job, begin, end) over [0, count) split in `threads` contiguous ranges: on PyTorch's
- * OpenMP workers, or else on POSIX threads, the calling thread running the first range
- * (threads that fail to start leave their range to the caller). */
-static void parallel_for(int64_t count, int threads, RangeFn fn, const Job *job) {
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > count) threads = (int)count;
-    if (threads <= 1) {
-        if (count > 0) fn(job, 0, count);
-        return;
-    }
-    if (gomp_parallel) {
-        Region region = {fn, job, count};
-        gomp_parallel(run_region, &region, (unsigned)threads, 0);
-        return;
-    }
-    pthread_t ids[MAX_THREADS];
-    Range ranges[MAX_THREADS];
-    int started[MAX_THREADS];
-    int64_t chunk = (count + threads - 1) / threads;
-    for (int t = 0; t < threads; t++) {
-        int64_t begin = t * chunk, end = begin + chunk < count ? begin + chunk : count;
-        ranges[t] = (Range){fn, job, begin, end < begin ? begin : end};
-        started[t] = t > 0 && pthread_create(&ids[t], NULL, run_range, &ranges[t]) == 0;
-    }
-    run_range(&ranges[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(ids[t], NULL);
-        else run_range(&ranges[t]);
-    }
-}
 
 /* Channels are processed in vectors of L floats (GCC/Clang vector extension): 8 (AVX's
  * register, or two SSE ones) for the 6 x 6 and 8 x 8 windows of F(4x4) and F(6x6); WIDE for
@@ -224,7 +145,8 @@ DEFINE_MEMORY_OF(WIDE)
  * outputs' addresses the same way: those are computed where they are used. */
 #define ADDRESSES_PER_TILE(IN) ((IN) <= 4) /* (a constant: the compiler keeps one branch) */
 #define DEFINE_GATHER(NAME, OUT, IN, TRANSFORM, L, TYPE, MEM)                                  \
-    static void NAME(const Job *job, int64_t begin, int64_t end) {                             \
+    static void NAME(const void *job_, int64_t begin, int64_t end) {                           \
+        const Job *job = (const Job *)job_;                                                    \
         const int64_t C = job->channels, tiles = job->n * job->rows * job->cols;               \
         const TYPE *src = (const TYPE *)job->src;                                              \
         TYPE *dst = (TYPE *)job->dst;                                                          \
@@ -257,7 +179,8 @@ DEFINE_MEMORY_OF(WIDE)
  * parity when windows overlap (job->parity >= 0), all of them otherwise; addresses as in
  * gather (NULL for outputs cropped off the map). */
 #define DEFINE_SCATTER(NAME, OUT, IN, TRANSFORM, L, TYPE, MEM)                                 \
-    static void NAME(const Job *job, int64_t begin, int64_t end) {                             \
+    static void NAME(const void *job_, int64_t begin, int64_t end) {                           \
+        const Job *job = (const Job *)job_;                                                    \
         const int64_t C = job->channels, tiles = job->n * job->rows * job->cols;               \
         const TYPE *src = (const TYPE *)job->src;                                              \
         TYPE *dst = (TYPE *)job->dst;                                                          \
