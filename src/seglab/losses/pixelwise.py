@@ -48,7 +48,7 @@ class CrossEntropyLoss(nn.Module):
 
     On the CPU, channels-last (or pixels x classes) logits without label smoothing take
     `seglab.ops.cross_entropy`'s native kernel: loss and gradient in one pass, 3x faster than
-    PyTorch's five (`takes_native_cross_entropy` says when).
+    PyTorch's six passes (`takes_native_cross_entropy` says when).
     """
 
     upcasts_itself = True

@@ -7,7 +7,7 @@
  *   loss_p = w (log sum_c exp x_c - x_t)      grad_p,c = w (softmax(x)_c - [c = t]) / W
  *
  * and the loss is sum_p loss_p / W, W = sum_p w (PyTorch's mean reduction). PyTorch computes
- * this in five passes over a 4 x 21 x 512 x 512 map (bf16 -> float32 copy, log-softmax,
+ * this in six passes over a 4 x 21 x 512 x 512 map (the bf16 -> float32 copy, log-softmax,
  * nll_loss, then their two backward kernels and the copy back: 48 ms of a 1.7 s FCN-R50
  * training step on a 2-core Zen 4); here one pass reads the logits and writes the gradient,
  * in the logits' dtype, computed in float32.
