@@ -25,7 +25,8 @@ def _problem(pixels: int, classes: int, dtype: torch.dtype, seed: int = 0) -> tu
     return logits, target
 
 
-def _reference(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference(logits: torch.Tensor, target: torch.Tensor,
+               weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     x = logits.double().requires_grad_()
     loss = F.cross_entropy(x, target, weight=None if weight is None else weight.double(), ignore_index=IGNORE)
     loss.backward()
@@ -130,7 +131,8 @@ def test_class_weights_and_a_scaled_loss_reach_the_gradient():
     weights = [0.5, 2.0, 1.0, 3.0]
     (0.25 * CrossEntropyLoss(class_weights=weights, ignore_index=IGNORE)(logits, target)).backward()
     x = logits.detach().double().requires_grad_()
-    (0.25 * F.cross_entropy(x, target, weight=torch.tensor(weights, dtype=torch.float64), ignore_index=IGNORE)).backward()
+    weight = torch.tensor(weights, dtype=torch.float64)
+    (0.25 * F.cross_entropy(x, target, weight=weight, ignore_index=IGNORE)).backward()
     torch.testing.assert_close(logits.grad.double(), x.grad, rtol=1e-5, atol=1e-9)
 
 
@@ -146,8 +148,12 @@ def test_without_gradients_only_the_loss_is_computed(monkeypatch):
     logits, target = _channels_last_map(torch.float32)
     asked = []
     original = native.cross_entropy
-    monkeypatch.setattr(native, "cross_entropy",
-                        lambda *args, gradient=True, **kwargs: asked.append(gradient) or original(*args, gradient=gradient, **kwargs))
+
+    def recording(*args, gradient=True, **kwargs):
+        asked.append(gradient)
+        return original(*args, gradient=gradient, **kwargs)
+
+    monkeypatch.setattr(native, "cross_entropy", recording)
     with torch.no_grad():
         loss = native_cross_entropy(logits, target, None, IGNORE)
     assert asked == [False] and not loss.requires_grad

@@ -38,7 +38,8 @@ import torch
 
 from seglab.ops.native import specialise as _specialise
 
-__all__ = ["MAX_CLASSES", "available", "compiled_in", "cross_entropy", "gather_tiles", "scatter_tiles", "specialise", "unavailable_reason"]
+__all__ = ["MAX_CLASSES", "available", "compiled_in", "cross_entropy", "gather_tiles", "scatter_tiles", "specialise",
+           "unavailable_reason"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c"))
@@ -75,7 +76,8 @@ def specialise(gathers: tuple[torch.Tensor, ...] = (), scatters: tuple[torch.Ten
 
 
 def _full_source() -> str:
-    return "\n".join(source.read_text() for source in _SOURCES) + "\n" + _specialise.kernels(_known["gather"], _known["scatter"])
+    kernels = "\n".join(source.read_text() for source in _SOURCES)
+    return kernels + "\n" + _specialise.kernels(_known["gather"], _known["scatter"])
 
 
 def _cache_dir() -> Path:
@@ -137,7 +139,8 @@ def _load() -> ctypes.CDLL | None:
         library = _load_once()
     if library is None and first and not _reason.startswith("turned off"):
         warnings.warn(f"seglab's native kernels are not available ({_reason}); PyTorch's operators compute "
-                      "the same instead (Winograd's transforms, cross-entropy), more slowly", RuntimeWarning, stacklevel=3)
+                      "the same instead (Winograd's transforms, cross-entropy), more slowly", RuntimeWarning,
+                      stacklevel=3)
     return library
 
 
