@@ -36,7 +36,7 @@ def _reference(logits: torch.Tensor, target: torch.Tensor,
 # Pixels: under one block of 16, blocks with a remainder, and more than one chunk of 4096 (the
 # first pixel is ignored: with 2 pixels one counts).
 @pytest.mark.parametrize("pixels", [2, 15, 33, 9001])
-@pytest.mark.parametrize("classes", [1, 3, 21, 150])
+@pytest.mark.parametrize("classes", [1, 3, 21, 79, 80, 150])  # (pixel by pixel from 80)
 @pytest.mark.parametrize("weighted", [False, True])
 def test_float32_loss_and_gradient_equal_pytorchs(pixels, classes, weighted):
     logits, target = _problem(pixels, classes, torch.float32)

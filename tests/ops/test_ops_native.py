@@ -329,6 +329,14 @@ def test_built_once_into_the_cache_and_turned_off_by_the_environment(tmp_path):
     assert off.stdout.strip() == "False turned off by SEGLAB_NATIVE=0" and "Warning" not in off.stderr  # as asked
 
 
+def test_a_process_whose_first_native_call_is_cross_entropy_still_builds_winograds_kernels(tmp_path):
+    code = ("import torch; from seglab.ops import native; "
+            "native.cross_entropy(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)); "
+            "from seglab.ops.winograd import OUTPUT_TILES, _native_matrices; "
+            "print(all(native.compiled_in(_native_matrices(tile)[0]) for tile in OUTPUT_TILES))")
+    assert _fresh_process(code, SEGLAB_CACHE=str(tmp_path)) == "True"
+
+
 def test_a_new_build_removes_the_libraries_no_process_used_for_a_month(tmp_path):
     cache = tmp_path / "native"
     cache.mkdir()

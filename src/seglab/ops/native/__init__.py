@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import importlib
 import os
 import platform
 import shutil
@@ -50,6 +51,10 @@ _COMPILE_SECONDS = 120
 PRUNE_UNUSED_DAYS = 30
 MAX_SIDE = 8  # of a matrix compiled in (winograd_tiles.c's LANES)
 MAX_CLASSES = 1024  # cross_entropy.c's
+# Modules whose import registers matrices to compile in (`specialise`): imported before the
+# first build, so that a process whose first native call is another kernel (cross-entropy,
+# from `seglab.losses` alone) still builds Winograd's own kernels.
+_REGISTERING_MODULES = ("seglab.ops.winograd",)
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -152,6 +157,8 @@ def _load_once() -> ctypes.CDLL | None:
     if os.environ.get("SEGLAB_NATIVE", "1") == "0":
         _reason = "turned off by SEGLAB_NATIVE=0"
         return None
+    for module in _REGISTERING_MODULES:
+        importlib.import_module(module)
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         _reason = "no C compiler found (set CC)"
