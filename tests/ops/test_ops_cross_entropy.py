@@ -136,6 +136,16 @@ def test_class_weights_and_a_scaled_loss_reach_the_gradient():
     torch.testing.assert_close(logits.grad.double(), x.grad, rtol=1e-5, atol=1e-9)
 
 
+def test_a_scaled_bf16_loss_scales_its_gradient_in_float32():
+    logits, target = _channels_last_map()
+    (0.4 * CrossEntropyLoss(ignore_index=IGNORE)(logits, target)).backward()
+    _, unscaled = native.cross_entropy(logits.detach().permute(0, 2, 3, 1).reshape(-1, 21), target.reshape(-1),
+                                       None, IGNORE)
+    # 0.4 times the float32 values, one rounding: not 0.4 first rounded to bf16 (0.40039...).
+    expected = (unscaled.float() * 0.4).to(torch.bfloat16)
+    assert torch.equal(logits.grad.permute(0, 2, 3, 1).reshape(-1, 21), expected)
+
+
 def test_the_gradient_is_handed_on_once():
     logits, target = _channels_last_map(torch.float32)
     loss = CrossEntropyLoss()(logits, target)

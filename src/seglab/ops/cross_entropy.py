@@ -56,7 +56,7 @@ class _NativeCrossEntropy(torch.autograd.Function):
             raise RuntimeError("seglab's native cross-entropy hands on its gradient once; compute the loss again "
                                "to backpropagate through it a second time")
         if float(grad_output) != 1.0:
-            gradient.mul_(grad_output.to(gradient.dtype))
+            gradient.mul_(grad_output)  # in float32, rounded once to a bf16 gradient's dtype
         return gradient, None, None, None
 
 
