@@ -87,9 +87,11 @@ static void parallel_for(int64_t count, int threads, RangeFn fn, const void *job
     }
 }
 
-/* 16 lanes (GCC/Clang vector extension): one AVX-512 register, or two AVX ones. */
-typedef float f32x16 __attribute__((vector_size(16 * sizeof(float))));
-typedef int32_t i32x16 __attribute__((vector_size(16 * sizeof(int32_t))));
+/* 16 lanes (GCC/Clang vector extension): one AVX-512 register, or two AVX ones. May alias
+ * their lanes' type, as the processor vendors' own vector types do (cross_entropy.c reads a
+ * row of vectors through a float pointer). */
+typedef float f32x16 __attribute__((vector_size(16 * sizeof(float)), __may_alias__));
+typedef int32_t i32x16 __attribute__((vector_size(16 * sizeof(int32_t)), __may_alias__));
 
 /* bf16 is the upper half of a float32. */
 static inline float bf16_to_float(uint16_t bits) {
