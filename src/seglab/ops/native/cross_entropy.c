@@ -136,11 +136,16 @@ static inline void store_block(void *grad, const block_f *x, int64_t offset, int
     }
 }
 
+/* One past the last pixel of `chunk`. */
+static inline int64_t chunk_end(const LossJob *job, int64_t chunk) {
+    return (chunk + 1) * CHUNK < job->pixels ? (chunk + 1) * CHUNK : job->pixels;
+}
+
 /* First pass: W's share and the invalid targets of chunks [begin, end). */
 static void count_chunks(const void *job_, int64_t begin, int64_t end) {
     const LossJob *job = (const LossJob *)job_;
     for (int64_t chunk = begin; chunk < end; chunk++) {
-        const int64_t first = chunk * CHUNK, last = first + CHUNK < job->pixels ? first + CHUNK : job->pixels;
+        const int64_t first = chunk * CHUNK, last = chunk_end(job, chunk);
         double counted = 0.0;
         int64_t invalid = 0;
         for (int64_t p = first; p < last; p++) {
@@ -160,7 +165,7 @@ static void loss_chunks(const void *job_, int64_t begin, int64_t end) {
     const int64_t K = job->classes;
     block_f x[K]; /* a block's logits, then their exp, then their gradient (at most 64 KB) */
     for (int64_t chunk = begin; chunk < end; chunk++) {
-        const int64_t first = chunk * CHUNK, last = first + CHUNK < job->pixels ? first + CHUNK : job->pixels;
+        const int64_t first = chunk * CHUNK, last = chunk_end(job, chunk);
         double loss = 0.0;
         for (int64_t p0 = first; p0 < last; p0 += BLOCK) {
             const int lanes = last - p0 < BLOCK ? (int)(last - p0) : BLOCK;
@@ -225,7 +230,7 @@ static void loss_rows_chunks(const void *job_, int64_t begin, int64_t end) {
     block_f x[vectors]; /* a pixel's scores, then their exp, then their gradient */
     float *scores = (float *)x;
     for (int64_t chunk = begin; chunk < end; chunk++) {
-        const int64_t first = chunk * CHUNK, last = first + CHUNK < job->pixels ? first + CHUNK : job->pixels;
+        const int64_t first = chunk * CHUNK, last = chunk_end(job, chunk);
         double loss = 0.0;
         for (int64_t p = first; p < last; p++) {
             const int64_t t = job->target[p]; /* a class or ignore: the first pass checked */
