@@ -12,14 +12,12 @@ and prints the medians.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Callable
 
 import torch
-from winograd import interleaved  # benchmarks/winograd.py: one warm-up call, then rounds of one call each
+from winograd import interleaved, interleaved_arguments  # benchmarks/winograd.py: one warm-up call, then rounds of one call each
 
 from seglab.losses.pixelwise import pixel_cross_entropy
-from seglab.memory import keep_freed_memory
 from seglab.ops.cross_entropy import native_cross_entropy, takes_native_cross_entropy
 
 # (batch, classes, size): the bench's training batch and a single image at 512 x 512 with VOC's
@@ -46,14 +44,7 @@ def measure(batch: int, classes: int, size: int, dtype: torch.dtype, rounds: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    keep_freed_memory()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"{torch.get_num_threads()} threads, median of {args.rounds} rounds, forward + backward, ms\n")
+    args = interleaved_arguments(__doc__.split("\n\n")[0])
     print("| scores | batch | classes | map | PyTorch | native | ratio |")
     print("|---|---|---|---|---|---|---|")
     for dtype in (torch.bfloat16, torch.float32):

@@ -55,6 +55,20 @@ def interleaved(calls: list[Callable[[], object]], rounds: int) -> tuple[list[fl
     return [statistics.median(times) for times in seconds], ratios
 
 
+def interleaved_arguments(description: str, rounds: int = 9) -> argparse.Namespace:
+    """`--rounds` and `--threads` as the interleaved forward + backward tables take them, applied
+    (with seglab's commands' memory setting), and the table's first line printed."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    keep_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{torch.get_num_threads()} threads, median of {args.rounds} rounds, forward + backward, ms\n")
+    return args
+
+
 def row(shape: tuple[int, ...], training: bool, rounds: int) -> str:
     batch, in_channels, out_channels, size, dilation = shape
     x = torch.randn(batch, in_channels, size, size).contiguous(memory_format=torch.channels_last)

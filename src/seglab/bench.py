@@ -32,6 +32,7 @@ from seglab.engine.fastpath import (
     optimizer_options,
     to_channels_last,
     training_convolutions,
+    training_norms,
 )
 from seglab.engine.precision import cpu_supports_bf16
 from seglab.losses.pixelwise import CrossEntropyLoss, pixel_cross_entropy
@@ -131,6 +132,10 @@ TRAINING_ABLATION: dict[str, dict[str, Any]] = {
     # seglab's CrossEntropyLoss (one native pass on the CPU) on the bf16 logits, against the row above.
     "+bf16 autocast +channels_last +winograd +native cross-entropy": dict(channels_last=True, precision="bf16",
                                                                          fused=False, winograd=True, native_loss=True),
+    # BatchNorm with the ReLU (or a ResNet block's shortcut addition and ReLU) after it in one
+    # native kernel, against the row above.
+    "+bf16 autocast +channels_last +winograd +native cross-entropy +native norms": dict(
+        channels_last=True, precision="bf16", fused=False, winograd=True, native_loss=True, native_norms=True),
     "+fused optimizer": dict(channels_last=False, precision="32", fused=True, winograd=False),
 }
 
@@ -318,12 +323,13 @@ def _inference_call(model: nn.Module, batch: int, settings: BenchSettings, devic
 
 def _training_call(model: nn.Module, settings: BenchSettings, device: torch.device, *, channels_last: bool,
                    precision: str, fused: bool, winograd: bool, tuned_gradients: bool = False,
-                   native_loss: bool = False) -> Callable[[], None]:
+                   native_loss: bool = False, native_norms: bool = False) -> Callable[[], None]:
     """One training step (forward, cross-entropy, backward, AdamW step) on a fixed random batch;
     with `winograd` and `tuned_gradients`, under `training_convolutions` (in float32 on the CPU
     Winograd's 3x3 convolutions, the other convolutions' weight gradients by the kernel timed
     fastest), and with `native_loss` the loss by seglab's `CrossEntropyLoss` on the logits as
-    they come (on the CPU one native pass), as seglab's trainer runs."""
+    they come (on the CPU one native pass), and with `native_norms` the BatchNorms with what
+    follows them by one native kernel (`training_norms`), as seglab's trainer runs."""
     model = model.to(device).train()
     if channels_last:
         model = to_channels_last(model)
@@ -338,11 +344,12 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
 
     convolutions = training_convolutions(model, device, precision, enabled=winograd or tuned_gradients,
                                          winograd=winograd, tuned_weight_gradients=tuned_gradients)
+    norms = training_norms(model, device, precision, enabled=native_norms)
     seglab_loss = CrossEntropyLoss()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device, precision), convolutions:
+        with autocast_context(device, precision), convolutions, norms:
             logits = _logits(model(images))
         if native_loss:
             loss = seglab_loss(logits, target)
@@ -436,7 +443,7 @@ def _training_candidates(arch: Architecture, settings: BenchSettings, device: to
         _Candidate("seglab", "eager fp32", flops, "32", trainer(build_seglab, channels_last=False, precision="32", fused=False, winograd=False)),
         _Candidate("seglab", f"fast ({precision})", flops, precision,
                    trainer(build_seglab, channels_last=True, precision=precision, fused=True, winograd=True,
-                           tuned_gradients=True, native_loss=True)),
+                           tuned_gradients=True, native_loss=True, native_norms=True)),
     ]
     if peer_flops is not None:
         candidates.append(_Candidate(arch.peer, "eager fp32", peer_flops, "32",

@@ -31,7 +31,8 @@ Each step is independent, so the benchmark can measure each on its own:
   forward and backward where they pay (float32: F(4x4) or F(6x6), the other convolutions'
   weight gradients by the kernel timed fastest; bf16 autocast: F(2x2) for the widest;
   `training_convolutions`); cross-entropy's loss and gradient in one native pass
-  (seglab's `CrossEntropyLoss`).
+  (seglab's `CrossEntropyLoss`); BatchNorm with the ReLU, or a ResNet block's shortcut
+  addition and ReLU, after it in one native kernel (`training_norms`).
 
 `precision="32"` keeps float32 arithmetic: folding, fusion, the memory layout and Winograd
 change results only at float32 rounding level (below 1e-4); `winograd=False` keeps the direct
@@ -61,6 +62,7 @@ from seglab.engine.onednn import (
 from seglab.engine.precision import auto_precision, resolve_precision
 from seglab.engine.residual import fuse_residual_additions
 from seglab.engine.convolutions import TrainingConvolutions, training_convolutions
+from seglab.engine.norms import training_norms
 from seglab.engine.winograd import conv_takes_winograd, min_channels
 from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
 from seglab.ops.atrous_gemm import all_taps_product, share_inside
@@ -83,6 +85,7 @@ __all__ = [
     "prepare_batch",
     "to_channels_last",
     "training_convolutions",
+    "training_norms",
     "use_winograd",
     "winograd_pays",
 ]

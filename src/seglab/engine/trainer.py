@@ -42,7 +42,7 @@ from seglab.engine.config import TrainConfig, load_yaml
 from seglab.engine.distributed import agree, all_reduce_sum, init_distributed
 from seglab.engine.ema import ModelEMA
 from seglab.engine.evaluator import Normalize, evaluate, logits_of
-from seglab.engine.fastpath import optimizer_options, to_channels_last, training_convolutions
+from seglab.engine.fastpath import optimizer_options, to_channels_last, training_convolutions, training_norms
 from seglab.engine.precision import resolve_precision
 from seglab.engine.syncbn import convert_sync_batchnorm
 from seglab.engine.state import load_training_state, rng_state, save_training_state, set_rng_state
@@ -265,6 +265,9 @@ class Trainer:
         self.convolutions = training_convolutions(self.model, self.device, self.precision.name,
                                                   enabled=not config.direct_convolutions,
                                                   deterministic=config.deterministic)
+        # On the CPU BatchNorm with the ReLU, or a ResNet block's shortcut addition and ReLU,
+        # after it in one native kernel (the same values to float32 rounding); entered at each step.
+        self.norms = training_norms(self.model, self.device, self.precision.name)
         self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
         self.normalize = Normalize(config.mean, config.std).to(self.device)
         self.class_weights = self._class_weights()
@@ -507,7 +510,7 @@ class Trainer:
             # Between optimiser steps, DDP need not average gradients: skip the all-reduce.
             no_sync = self.train_model.no_sync() if self.dist.enabled and not steps_now else contextlib.nullcontext()
             with no_sync:
-                with self.precision.autocast(), self.convolutions:
+                with self.precision.autocast(), self.convolutions, self.norms:
                     output = self.train_model(images)
                 loss = self._loss(output, target)
                 self._stop_on_bad_loss(loss, epoch, index)

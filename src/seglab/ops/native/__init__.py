@@ -1,9 +1,10 @@
 """seglab's few native kernels, compiled on first use with the machine's C compiler and loaded
 with ctypes: `winograd_tiles.c`, Winograd's tile transforms, one pass over memory each;
-`cross_entropy.c`, softmax cross-entropy and its gradient in one pass; `common.c`, the
-threads they run on and their bf16 conversions.
+`cross_entropy.c`, softmax cross-entropy and its gradient in one pass; `batch_norm.c`,
+training's BatchNorm with the shortcut addition and ReLU after it, two passes each way;
+`common.c`, the threads they run on and their bf16 conversions.
 
-Why compiled here, not shipped: the kernels are about 750 lines of portable C that a compiler
+Why compiled here, not shipped: the kernels are about 1000 lines of portable C that a compiler
 vectorises for the processor it runs on (`-march=native`), it builds in a few seconds, once
 (5 s on a 2-core Zen 4; then cached), and a package without binary wheels stays one
 `pip install`. Where no compiler works the callers keep
@@ -39,11 +40,12 @@ import torch
 
 from seglab.ops.native import specialise as _specialise
 
-__all__ = ["MAX_CLASSES", "available", "compiled_in", "cross_entropy", "gather_tiles", "scatter_tiles", "specialise",
-           "unavailable_reason"]
+__all__ = ["MAX_CLASSES", "available", "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy",
+           "gather_tiles", "scatter_tiles", "specialise", "unavailable_reason"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",
+                                                                "batch_norm.c"))
 _LIBRARY_PREFIXES = ("seglab_native-", "winograd_tiles-")  # the name, then the name of older versions
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 _NATIVE_FLAGS = ("-march=native",)  # the processor's vector width; dropped where the compiler refuses it
@@ -192,6 +194,12 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_compiled_in.argtypes = [i32, i32, i32, pointer]
     library.seglab_cross_entropy.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i32, i32, pointer]
     library.seglab_cross_entropy.restype = i32
+    library.seglab_batch_norm_forward.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, pointer,
+                                                  ctypes.c_double, ctypes.c_double, i64, i64, i32, i32, i32, pointer,
+                                                  pointer, pointer, pointer]
+    library.seglab_batch_norm_backward.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, pointer,
+                                                   pointer, pointer, i64, i64, i32, i32, i32, pointer, pointer]
+    library.seglab_batch_norm_forward.restype = library.seglab_batch_norm_backward.restype = i32
     library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
     library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
     openmp = _torch_openmp()
@@ -356,3 +364,91 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
         raise MemoryError("the native cross-entropy could not allocate its chunk sums")
     return torch.tensor(result[0], dtype=torch.float32), grad
 
+
+
+# BatchNorm in training on channels-last maps, as rows (N H W) x channels (batch_norm.c).
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _norm_maps(x: torch.Tensor, **others: torch.Tensor | None) -> None:
+    _check(x, "the map", _VALUES)
+    if x.dim() != 2:
+        raise ValueError(f"the map must be rows x channels, not of shape {tuple(x.shape)}")
+    for name, tensor in others.items():
+        if tensor is not None:
+            _check(tensor, name, (x.dtype,))
+            if tensor.shape != x.shape:
+                raise ValueError(f"{name} must be rows x channels like the map, not of shape {tuple(tensor.shape)}")
+
+
+def _norm_vectors(channels: int, **vectors: torch.Tensor | None) -> None:
+    for name, vector in vectors.items():
+        if vector is not None:
+            _check(vector, name)
+            if vector.shape != (channels,):
+                raise ValueError(f"{name} must have one entry per channel ({channels}), not shape {tuple(vector.shape)}")
+
+
+def batch_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, *,
+                       shortcut: torch.Tensor | None = None, relu: bool = False,
+                       running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
+                       momentum: float = 0.1, eps: float = 1e-5, out: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """relu(BatchNorm(x) + shortcut) with the batch's statistics (without `relu`, without a
+    `shortcut`: those left out), for `x` of rows x channels (float32 or bf16, at least one row;
+    the shortcut alike), the norm's `weight` and `bias` float32 (None: 1 and 0). The running
+    statistics, when given, are updated in place as nn.BatchNorm2d updates them with
+    `momentum`. Returns y (x's dtype; written to `out` when given) and the 4 x channels float32
+    rows the backward takes: the batch's mean, 1 / sqrt(var + eps), and the scale and shift of
+    y = a x + b (+ shortcut)."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    _norm_maps(x, shortcut=shortcut, out=out)
+    rows, channels = x.shape
+    if rows < 1:
+        raise ValueError("BatchNorm's statistics of a map without rows")
+    _norm_vectors(channels, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("the running mean and variance go together")
+    y = torch.empty_like(x) if out is None else out
+    saved = torch.empty(4, channels)
+    status = library.seglab_batch_norm_forward(
+        x.data_ptr(), _pointer(shortcut), y.data_ptr(), _pointer(weight), _pointer(bias), _pointer(running_mean),
+        _pointer(running_var), momentum, eps, rows, channels, int(relu), int(x.dtype == torch.bfloat16),
+        torch.get_num_threads(), *(row.data_ptr() for row in saved))
+    if status != 0:
+        raise MemoryError("the native batch norm could not allocate its chunk sums")
+    return y, saved
+
+
+def batch_norm_backward(grad: torch.Tensor, x: torch.Tensor, saved: torch.Tensor, *, relu: bool = False,
+                        y: torch.Tensor | None = None, input_gradient: bool = True,
+                        out: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The gradients of `batch_norm_forward` from `grad` (the output's), `x` and `saved` (its
+    4 x channels rows). `y`, the forward's output, is given when it had a shortcut: the ReLU's
+    mask is then read from y, else recomputed from x. Returns the gradients of x (None without
+    `input_gradient`), of the shortcut (None without `y`), of the weight and of the bias; those
+    of x and of the shortcut written to `out`'s tensors where given."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    _norm_maps(x, grad=grad, y=y, out=out[0], out_shortcut=out[1])
+    rows, channels = x.shape
+    if saved.shape != (4, channels):
+        raise ValueError(f"the forward's saved rows must be 4 x {channels}, not {tuple(saved.shape)}")
+    _check(saved, "the forward's saved rows")
+    grad_x = (torch.empty_like(x) if out[0] is None else out[0]) if input_gradient else None
+    grad_shortcut = (torch.empty_like(x) if out[1] is None else out[1]) if y is not None else None
+    grad_weight, grad_bias = torch.empty(2, channels)
+    mean, inverse_std, scale, shift = (row.data_ptr() for row in saved)
+    status = library.seglab_batch_norm_backward(
+        grad.data_ptr(), x.data_ptr(), _pointer(y), _pointer(grad_x), _pointer(grad_shortcut), scale, shift, mean,
+        inverse_std, rows, channels, int(relu), int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+        grad_weight.data_ptr(), grad_bias.data_ptr())
+    if status != 0:
+        raise MemoryError("the native batch norm could not allocate its chunk sums")
+    return grad_x, grad_shortcut, grad_weight, grad_bias
