@@ -7,6 +7,7 @@ default synthetic recipe (`seglab train`: the main job's U-Net, 3,000 shapes at 
   narrow U-Net's: at least 256 channels over 512 tiles) - a harsher exposure than any real
   route, and the only one a converged run on this CPU can afford;
 - `bf16`: the bf16 fast path as shipped (autocast's direct convolutions here);
+- `bf16-native-norms`: the same with `--native-norms` (`seglab.engine.norms`);
 - `32`: float32.
 
 Not a test: it prints a Markdown table of best validation mIoU per seed and the paired
@@ -28,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-ROUTES = {"forced": ["--precision", "bf16"], "bf16": ["--precision", "bf16"], "32": ["--precision", "32"]}
+ROUTES = {"forced": ["--precision", "bf16"], "bf16": ["--precision", "bf16"], "32": ["--precision", "32"],
+          "bf16-native-norms": ["--precision", "bf16", "--native-norms"]}
 
 
 def _one_run(route: str, train_args: list[str]) -> int:

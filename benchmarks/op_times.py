@@ -96,7 +96,7 @@ def _call(model_key: str, mode: str, batch: int, size: int, peer: bool, precisio
         ours = not peer
         return _training_call(model, settings, torch.device("cpu"), channels_last=ours,
                               precision=precision if ours else "32", fused=ours, winograd=ours, tuned_gradients=ours,
-                              native_loss=ours, native_norms=ours)
+                              native_loss=ours)
     runnable = model.eval() if peer else optimize_for_inference(model.eval(), precision)
     images = torch.randn(batch, 3, size, size)
 

@@ -4,8 +4,7 @@
    (bfloat16 where available): mIoU of both and the share of pixels whose predicted class
    agrees.
 2. Trained through the fast training path (channels_last, bf16 autocast, fused optimizer;
-   Winograd's 3x3 convolutions where it trains in float32 on the CPU, the native
-   cross-entropy and BatchNorms on the CPU) from
+   Winograd's 3x3 convolutions where it trains in float32 on the CPU) from
    the same seed and data order, evaluated in float32: its mIoU against run 1's.
 """
 from __future__ import annotations
@@ -25,7 +24,6 @@ from seglab.engine.fastpath import (
     prepare_batch,
     to_channels_last,
     training_convolutions,
-    training_norms,
 )
 from seglab.losses import CrossEntropyLoss
 from seglab.metrics.confusion import ConfusionMatrix
@@ -51,7 +49,6 @@ def _train(build: Callable[[], nn.Module], images: torch.Tensor, masks: torch.Te
     options = optimizer_options("adamw", device) if fast else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, **options)
     convolutions = training_convolutions(model, device, precision, enabled=fast)
-    norms = training_norms(model, device, precision, enabled=fast)
     loss_fn = CrossEntropyLoss(ignore_index=None)
     order = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -62,7 +59,7 @@ def _train(build: Callable[[], nn.Module], images: torch.Tensor, masks: torch.Te
             if fast:
                 x = to_channels_last(x)
             optimizer.zero_grad(set_to_none=True)
-            with autocast_context(device, precision if fast else "32"), convolutions, norms:
+            with autocast_context(device, precision if fast else "32"), convolutions:
                 output = model(x)
             logits = output["out"] if isinstance(output, dict) else output
             # seglab's loss (on the CPU one native pass over the logits as they come) as its trainer runs it

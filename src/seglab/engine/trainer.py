@@ -265,9 +265,9 @@ class Trainer:
         self.convolutions = training_convolutions(self.model, self.device, self.precision.name,
                                                   enabled=not config.direct_convolutions,
                                                   deterministic=config.deterministic)
-        # On the CPU BatchNorm with the ReLU, or a ResNet block's shortcut addition and ReLU,
-        # after it in one native kernel (the same values to float32 rounding); entered at each step.
-        self.norms = training_norms(self.model, self.device, self.precision.name)
+        # With `native_norms`, in bf16 on the CPU, BatchNorm with the ReLU, or a ResNet block's
+        # shortcut addition and ReLU, after it in one native kernel; entered at each step.
+        self.norms = training_norms(self.model, self.device, self.precision.name, enabled=config.native_norms)
         self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
         self.normalize = Normalize(config.mean, config.std).to(self.device)
         self.class_weights = self._class_weights()

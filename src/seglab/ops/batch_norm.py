@@ -8,7 +8,7 @@ own, each reading and writing whole maps; its backward adds threshold_backward's
 the ReLU's mask is recomputed from x (without a shortcut) or read from y (with one: y is the
 next block's input, kept anyway), so the addition and the ReLU cost no pass of their own. On a
 2-core Zen 4, forward and backward of BatchNorm + shortcut + ReLU on a 4 x 256 x 128 x 128
-bf16 map read from memory: 16.9 -> 10.7 ms (`benchmarks/batch_norm.py`, docs/bench.md).
+bf16 map read from memory: 14.9 -> 9.6 ms (`benchmarks/batch_norm.py`, docs/bench.md).
 
 `batch_norm_act(x, norm, relu=..., shortcut=...)` computes it for an `nn.BatchNorm2d` in
 training (its running statistics updated as the module would) when `takes_native_batch_norm`
