@@ -10,12 +10,14 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from engine_helpers import needs_bf16
+from engine_helpers import needs_bf16, quiet_console, tiny_options
 
 import seglab.engine.norms as norms_module
 import seglab.ops.batch_norm as batch_norm_module
+from seglab.engine.config import TrainConfig
 from seglab.engine.fastpath import to_channels_last
 from seglab.engine.norms import TrainingNorms, norm_relu_pairs, training_norms
+from seglab.engine.trainer import Trainer
 from seglab.models.registry import create_model
 from seglab.ops import native
 
@@ -163,3 +165,13 @@ def test_training_norms_only_for_bf16_on_the_cpu_when_enabled():
     assert not isinstance(training_norms(model, "cpu", "bf16", enabled=False), TrainingNorms)
     assert not isinstance(training_norms(model, "cpu", "32"), TrainingNorms)  # float32 maps: PyTorch's
     assert not isinstance(training_norms(model, "cuda", "bf16"), TrainingNorms)
+
+
+@needs_bf16
+def test_the_trainer_takes_the_route_only_when_asked(tmp_path):
+    def trainer(**overrides) -> Trainer:
+        config = TrainConfig.from_dict(tiny_options(out=str(tmp_path), precision="bf16", device="cpu", **overrides))
+        return Trainer(config, console=quiet_console())
+
+    assert not isinstance(trainer().norms, TrainingNorms)  # opt-in: docs/bench.md, fifteenth session
+    assert isinstance(trainer(native_norms=True).norms, TrainingNorms)
