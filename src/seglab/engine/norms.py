@@ -70,8 +70,9 @@ def _registered_once(model: nn.Module) -> set[int]:
     return {key for key, count in counts.items() if count == 1}
 
 
-def norm_relu_pairs(model: nn.Module) -> list[tuple[nn.BatchNorm2d, nn.ReLU]]:
-    """The (BatchNorm2d, ReLU) pairs of `model` in which the ReLU gets the norm's output as it is."""
+def norm_relu_pairs(model: nn.Module, once: set[int] | None = None) -> list[tuple[nn.BatchNorm2d, nn.ReLU]]:
+    """The (BatchNorm2d, ReLU) pairs of `model` in which the ReLU gets the norm's output as it is
+    (`once`: the ids of the modules registered once, when the caller has them already)."""
     pairs = []
     for parent in model.modules():
         if _runs_children_in_order(parent):
@@ -81,7 +82,7 @@ def norm_relu_pairs(model: nn.Module) -> list[tuple[nn.BatchNorm2d, nn.ReLU]]:
             norm, act = (getattr(parent, name, None) for name in names)
             if _plain_norm(norm) and _relu(act) and _passes_through(getattr(parent, "drop_block", None)):
                 pairs.append((norm, act))
-    once = _registered_once(model)
+    once = _registered_once(model) if once is None else once
     return [(norm, relu) for norm, relu in pairs if id(norm) in once and id(relu) in once]
 
 
@@ -123,7 +124,7 @@ class TrainingNorms:
     def __init__(self, model: nn.Module) -> None:
         once = _registered_once(model)
         self.blocks = [m for m in model.modules() if _fusable_block(m) and id(m) in once]
-        pairs = norm_relu_pairs(model)
+        pairs = norm_relu_pairs(model, once)
         self.relus = [relu for _, relu in pairs]
         followed = {id(norm): relu for norm, relu in pairs}
         self.norms = [(m, followed.get(id(m))) for m in model.modules() if _plain_norm(m) and id(m) in once]
