@@ -34,7 +34,7 @@ from seglab.engine.fastpath import (
     training_convolutions,
     training_norms,
 )
-from seglab.engine.precision import cpu_supports_bf16
+from seglab.engine.precision import cpu_runs_bf16, cpu_supports_bf16
 from seglab.losses.pixelwise import CrossEntropyLoss, pixel_cross_entropy
 from seglab.memory import keeps_freed_memory
 from seglab.models.registry import create_model
@@ -187,8 +187,8 @@ class BenchSettings:
                 raise ValueError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
             if device == "cpu" and self.precision == "16":
                 raise ValueError("--precision 16 (float16) needs a CUDA device; on the CPU use bf16 or auto")
-            if device == "cpu" and self.precision == "bf16" and not cpu_supports_bf16():
-                raise ValueError("--precision bf16: this CPU has no native bfloat16 support; use 32 or auto")
+            if device == "cpu" and self.precision == "bf16" and not cpu_runs_bf16():
+                raise ValueError("--precision bf16: this CPU has no bfloat16 support; use 32 or auto")
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -258,12 +258,12 @@ def _one_round(fns: list[Callable[[], Any]], device: torch.device) -> tuple[list
 
 def calibration_kernels(device: torch.device, size: int) -> dict[str, tuple[Callable[[], Any], int]]:
     """The calibration kernel per precision: a 3x3, 256 -> 256 channel convolution on a `size` x
-    `size` map in channels_last, float32 and (where the device has it natively) bfloat16.
-    Returns name -> (call, FLOPs of one call)."""
+    `size` map in channels_last, float32 and (where the device computes it, natively or not)
+    bfloat16. Returns name -> (call, FLOPs of one call)."""
     channels = 256
     flops = 2 * channels * channels * 9 * size * size
     dtypes = {"fp32": torch.float32}
-    if device.type == "cuda" or cpu_supports_bf16():
+    if device.type == "cuda" or cpu_runs_bf16():
         dtypes["bf16"] = torch.bfloat16
     kernels = {}
     for name, dtype in dtypes.items():
@@ -521,6 +521,7 @@ def machine_description() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_bf16": cpu_supports_bf16(),
+        "cpu_bf16_emulated": cpu_runs_bf16() and not cpu_supports_bf16(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Any, Sequence
 
 from rich.console import Console
@@ -446,11 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    """A warning as the program's users read it: one line, without the source line that raised it."""
+    return f"seglab: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # run as the `seglab` program: the process is seglab's own
         from seglab.memory import keep_freed_memory
 
         keep_freed_memory()
+        warnings.formatwarning = _one_line_warning
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

@@ -11,12 +11,12 @@ import yaml
 from rich.console import Console
 
 from seglab.engine.config import TrainConfig
-from seglab.engine.precision import cpu_supports_bf16
+from seglab.engine.precision import cpu_runs_bf16
 from seglab.engine.trainer import Trainer
 
 # oneDNN refuses bf16 kernels on processors without AVX-512 (or AVX-NE-CONVERT), and seglab
 # refuses `--precision bf16` there.
-needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bfloat16")
+needs_bf16 = pytest.mark.skipif(not cpu_runs_bf16(), reason="this CPU has no bfloat16 support")
 BF16 = pytest.param(torch.bfloat16, marks=needs_bf16, id="bf16")
 
 

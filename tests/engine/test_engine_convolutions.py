@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import seglab.engine.convolutions as convolutions
 from seglab.engine.convolutions import TrainingConvolutions, training_convolutions
-from seglab.engine.precision import cpu_supports_bf16
+from seglab.engine.precision import cpu_runs_bf16
 from seglab.models import create_model
 from seglab.ops.nearest_conv import NearestUpsampleConv
 from seglab.ops.weight_gradient import clear_choices
@@ -57,7 +57,7 @@ def test_training_convolutions_run_winograd_forward_and_backward_in_float32(wino
     with torch.autocast("cpu", torch.bfloat16), route, FlopCounterMode(display=False) as under_autocast:
         model(x)
     assert under_autocast.get_total_flops() == forward.get_total_flops()  # all direct
-    if cpu_supports_bf16():
+    if cpu_runs_bf16():
         assert not training_convolutions(model, "cpu", "bf16").tuned_weight_gradients  # float32's
         assert isinstance(training_convolutions(model, "cpu", "bf16", winograd=False), contextlib.nullcontext)
     assert isinstance(training_convolutions(model, "cpu", "32", enabled=False), contextlib.nullcontext)

@@ -21,7 +21,7 @@ from seglab.engine.fastpath import (
     to_channels_last,
 )
 from seglab.engine.onednn import FusedConv
-from seglab.engine.precision import cpu_supports_bf16
+from seglab.engine.precision import cpu_runs_bf16
 from seglab.models import create_model
 from seglab.ops.winograd import winograd_conv3x3
 
@@ -203,7 +203,7 @@ def test_autocast_context_and_precision_checks():
         autocast_context("cpu", "8")
     with pytest.raises(ValueError, match="CUDA"):
         optimize_for_inference(nn.Conv2d(3, 3, 1), "16")
-    if cpu_supports_bf16():
+    if cpu_runs_bf16():
         conv = nn.Conv2d(3, 3, 1)
         with autocast_context("cpu", "bf16"):
             assert conv(torch.randn(1, 3, 4, 4)).dtype == torch.bfloat16

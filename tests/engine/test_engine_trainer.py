@@ -13,7 +13,7 @@ from seglab.data.stats import median_frequency_weights
 from seglab.engine import trainer as trainer_module
 from seglab.engine.config import TrainConfig
 from seglab.engine.ema import ModelEMA
-from seglab.engine.precision import cpu_supports_bf16
+from seglab.engine.precision import cpu_runs_bf16
 from seglab.engine.trainer import Trainer, use_deterministic_kernels
 from seglab.losses import WeightedSum
 
@@ -122,7 +122,7 @@ def test_full_disk_fails_before_training(tmp_path: Path, monkeypatch: pytest.Mon
     assert trainer.history == [] and not (trainer.run_dir / "metrics.jsonl").exists()
 
 
-@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bfloat16 support")
+@pytest.mark.skipif(not cpu_runs_bf16(), reason="this CPU has no bfloat16 support")
 def test_bf16_training_runs_and_learns(tmp_path: Path) -> None:
     summary = train_tiny(tmp_path, precision="bf16", epochs=2)
     rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]

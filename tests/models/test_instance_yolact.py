@@ -112,10 +112,10 @@ def test_bf16_autocast_training_keeps_every_gradient_finite():
     maps came back NaN at random; those convs now run in float32 (backbone.Float32P6P7)."""
     import pytest
 
-    from seglab.engine.precision import cpu_supports_bf16
+    from seglab.engine.precision import cpu_runs_bf16
 
-    if not cpu_supports_bf16():
-        pytest.skip("this CPU has no native bfloat16")
+    if not cpu_runs_bf16():
+        pytest.skip("this CPU has no bfloat16 support")
     torch.manual_seed(0)
     model = seglab.create_model("yolact", num_classes=6, encoder="resnet18", anchor_size=10).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
