@@ -58,6 +58,15 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   convolutions reached 0.876 and 0.847: the tuned weight-gradient kernels, chosen by timing,
   differ from run to run and so do the trajectories. One run cannot show Winograd's rounding
   harmless to that recipe, so its convolutions stay direct until more runs do.
+- Few channels in float32 training on AVX-512 (an Intel Xeon without BF16, 2 threads, batch 4,
+  against the route's direct convolution): oneDNN's direct kernels hold 16 channels in one
+  vector there, and 16-channel convolutions lost to Winograd: 16 -> 21 on 512 x 512 0.71x
+  (F(4x4)) / 0.44x (F(6x6)), 16 -> 16 0.59x / 0.65x, 32 -> 16 on 256 x 256 0.65x / 0.72x, where
+  32 -> 32 won 0.98x / 1.09x and 64 -> 32 on 128 x 128 1.09x / 1.08x. UNet-R34's training step
+  (its decoder's last block and head have 16 channels) took 1.059x less time with a minimum of
+  32, 9 interleaved rounds. Hence `MIN_AVX512_TRAINING_CHANNELS` on processors with AVX-512
+  (float32 training on the AVX-512 BF16 Zen 4, which trains in bf16 by default, was not
+  measured).
 - bf16 inference (AVX-512 BF16 Zen 4, 2 threads, against oneDNN's bf16 direct convolution,
   medians): only F(2x2, 3x3) keeps bf16's precision (`seglab.ops.winograd`), with float32
   transforms around bf16 products, by the native transforms (PyTorch's operators took as long
@@ -102,6 +111,7 @@ LARGE_TILE = 6  # F(6x6, 3x3)
 
 __all__ = [
     "MAX_DILATION",
+    "MIN_AVX512_TRAINING_CHANNELS",
     "MIN_BF16_CHANNELS",
     "MIN_BF16_TRAINING_TILES",
     "MIN_INFERENCE_CHANNELS",
@@ -136,6 +146,7 @@ MIN_TRAINING_CHANNELS = 64
 MIN_TRAINING_TILES = 64
 MIN_TRAINING_PRODUCTS = 1 << 22  # tiles x C_in x C_out
 MIN_NATIVE_TRAINING_CHANNELS = 16
+MIN_AVX512_TRAINING_CHANNELS = 32  # the same, where oneDNN's direct kernels have AVX-512
 MIN_NATIVE_TRAINING_PRODUCTS = 1 << 22  # as with the operators: see the note on accuracy above
 MIN_TILE_COVERAGE = 0.9  # the share of the tiles' outputs inside the map below which ...
 WIDE_CHANNELS = 256  # ... only this many channels in and out pay
@@ -157,11 +168,21 @@ def winograd_dilation(weight_shape: Sequence[int], stride: Any, padding: Any, di
     return d
 
 
+@functools.cache
+def _has_avx512() -> bool:
+    try:
+        return bool(torch.cpu._is_avx512_supported())
+    except (AttributeError, RuntimeError):  # a PyTorch without the query
+        return False
+
+
 def min_channels(training: bool) -> int:
     """The fewest channels in and out for which Winograd can pay, in training or inference
-    (it depends on whether the native transforms are in use)."""
+    (it depends on whether the native transforms are in use and, in training, on AVX-512)."""
     if native.available():
-        return MIN_NATIVE_TRAINING_CHANNELS if training else MIN_NATIVE_INFERENCE_CHANNELS
+        if training:
+            return MIN_AVX512_TRAINING_CHANNELS if _has_avx512() else MIN_NATIVE_TRAINING_CHANNELS
+        return MIN_NATIVE_INFERENCE_CHANNELS
     return MIN_TRAINING_CHANNELS if training else MIN_INFERENCE_CHANNELS
 
 
