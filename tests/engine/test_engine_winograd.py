@@ -1,5 +1,5 @@
 """When Winograd pays (the training route through it: test_engine_convolutions.py)."""
-import seglab.engine.winograd as winograd_rule
+import seglab.engine.winograd as rule
 from seglab.engine.winograd import (
     MIN_INFERENCE_PRODUCTS,
     call_output_tile,
@@ -48,7 +48,7 @@ def test_inference_pays_from_128_channels_and_enough_products_training_from_64_c
 
 def test_native_transforms_pay_from_64_channels_in_inference_16_in_training_and_fewer_products(monkeypatch):
     monkeypatch.setattr(native, "available", lambda: True)  # the rule only, nothing is built
-    monkeypatch.setattr(winograd_rule, "_has_avx512", lambda: False)  # the AVX2 processor measured
+    monkeypatch.setattr(rule, "_has_avx512", lambda: False)  # the AVX2 processor measured
     assert min_channels(training=False) == 64
     assert pays_for_input((1, 64, 128, 128), (64, 64, 3, 3), 1, training=False)
     assert pays_for_input((1, 64, 16, 16), (64, 64, 3, 3), 1, training=False)  # 16 tiles x 2^12
@@ -66,7 +66,7 @@ def test_native_transforms_pay_from_64_channels_in_inference_16_in_training_and_
 
 def test_on_avx512_float32_training_takes_winograd_from_32_channels(monkeypatch):
     monkeypatch.setattr(native, "available", lambda: True)
-    monkeypatch.setattr(winograd_rule, "_has_avx512", lambda: True)
+    monkeypatch.setattr(rule, "_has_avx512", lambda: True)
     assert min_channels(training=True) == 32 and min_channels(training=False) == 64
     assert not pays_for_input((4, 16, 512, 512), (21, 16, 3, 3), 1, training=True)  # U-Net's head
     assert not pays_for_input((4, 32, 256, 256), (16, 32, 3, 3), 1, training=True)
@@ -98,8 +98,6 @@ def test_six_by_six_tiles_where_they_fill_the_map_four_by_four_elsewhere():
 
 def test_bf16_takes_f2x2_for_the_widest_convolutions_only(monkeypatch):
     import torch
-
-    import seglab.engine.winograd as rule
 
     monkeypatch.setattr(native, "available", lambda: True)  # the rule only, nothing is built
     monkeypatch.setattr(rule, "_has_amx", lambda: False)

@@ -169,11 +169,20 @@ def winograd_dilation(weight_shape: Sequence[int], stride: Any, padding: Any, di
 
 
 @functools.cache
-def _has_avx512() -> bool:
+def _cpu_has(feature: str) -> bool:
+    """PyTorch's probe `torch.cpu._is_<feature>_supported()`; False where this PyTorch lacks it."""
     try:
-        return bool(torch.cpu._is_avx512_supported())
-    except (AttributeError, RuntimeError):  # a PyTorch without the query
+        return bool(getattr(torch.cpu, f"_is_{feature}_supported")())
+    except (AttributeError, RuntimeError):
         return False
+
+
+def _has_avx512() -> bool:
+    return _cpu_has("avx512")
+
+
+def _has_amx() -> bool:
+    return _cpu_has("amx_tile")
 
 
 def min_channels(training: bool) -> int:
@@ -228,14 +237,6 @@ def output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], dilatio
     if not pays_for_input(input_shape, weight_shape, dilation, training):
         return None
     return LARGE_TILE if _coverage(input_shape, dilation, LARGE_TILE) >= MIN_TILE_COVERAGE else TILE
-
-
-@functools.cache
-def _has_amx() -> bool:
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):  # a PyTorch without the query
-        return False
 
 
 def bf16_pays(weight_shape: Sequence[int], input_shape: Sequence[int] | None = None, dilation: int = 1) -> bool:
