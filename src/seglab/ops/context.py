@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.conv import ConvNormAct, SeparableConvNormAct, norm_layer
+from seglab.ops.global_pool import global_average_pool
 from seglab.ops.gradient_layout import contiguous_gradient
 from seglab.ops.layout import in_layout_of
 
@@ -34,7 +35,8 @@ class PooledBranch(nn.Module):
         self.global_pool = bins == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.conv(self.pool(x))
+        # The global pool's gradient in x's layout (see seglab.ops.global_pool).
+        pooled = self.conv(global_average_pool(x) if self.global_pool else self.pool(x))
         if self.global_pool:
             # In x's memory layout: an NCHW branch among channels-last ones makes the
             # concatenation NCHW, and the next convolution copies it back (4 ms in bf16 for
