@@ -5,6 +5,7 @@ import torch
 from seglab.engine.precision import (
     EMULATED_BF16,
     auto_precision,
+    cpu_has,
     cpu_runs_bf16,
     cpu_supports_bf16,
     resolve_precision,
@@ -22,12 +23,12 @@ def processor(monkeypatch):
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: kind != "none")
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: kind == "native")
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: kind == "amx")
-        cpu_runs_bf16.cache_clear()
-        cpu_supports_bf16.cache_clear()
+        for probe in (cpu_has, cpu_runs_bf16, cpu_supports_bf16):
+            probe.cache_clear()
 
     yield pretend
-    cpu_runs_bf16.cache_clear()
-    cpu_supports_bf16.cache_clear()
+    for probe in (cpu_has, cpu_runs_bf16, cpu_supports_bf16):
+        probe.cache_clear()
 
 
 @pytest.mark.parametrize("kind", ["native", "amx"])

@@ -18,7 +18,7 @@ from typing import ContextManager
 
 import torch
 
-__all__ = ["PRECISIONS", "Precision", "auto_precision", "resolve_precision", "cpu_supports_bf16", "cpu_runs_bf16"]
+__all__ = ["PRECISIONS", "Precision", "auto_precision", "resolve_precision", "cpu_supports_bf16", "cpu_runs_bf16", "cpu_has"]
 
 PRECISIONS = ("32", "bf16", "16")
 EMULATED_BF16 = ("--precision bf16: this CPU has no AVX-512 BF16 or AMX, so bfloat16 is computed by "
@@ -36,15 +36,20 @@ def cpu_runs_bf16() -> bool:
 
 
 @functools.cache
+def cpu_has(feature: str) -> bool:
+    """PyTorch's probe `torch.cpu._is_<feature>_supported()` (avx512, avx512_bf16, amx_tile,
+    ...); False where this PyTorch lacks it."""
+    try:
+        return bool(getattr(torch.cpu, f"_is_{feature}_supported")())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.cache
 def cpu_supports_bf16() -> bool:
     """True when this processor multiplies bfloat16 natively (AVX-512 BF16 or AMX) and oneDNN
     has kernels for it: the only CPUs where bfloat16 is faster than float32."""
-    if not cpu_runs_bf16():
-        return False
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a PyTorch without the probes: trust oneDNN's answer
-        return True
+    return cpu_runs_bf16() and (cpu_has("avx512_bf16") or cpu_has("amx_tile"))
 
 
 @dataclass

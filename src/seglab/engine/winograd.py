@@ -97,13 +97,13 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from seglab.engine.precision import cpu_has
 from seglab.ops import native
 from seglab.ops.winograd import BF16_TILE, TILE
 
@@ -168,21 +168,12 @@ def winograd_dilation(weight_shape: Sequence[int], stride: Any, padding: Any, di
     return d
 
 
-@functools.cache
-def _cpu_has(feature: str) -> bool:
-    """PyTorch's probe `torch.cpu._is_<feature>_supported()`; False where this PyTorch lacks it."""
-    try:
-        return bool(getattr(torch.cpu, f"_is_{feature}_supported")())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def _has_avx512() -> bool:
-    return _cpu_has("avx512")
+    return cpu_has("avx512")
 
 
 def _has_amx() -> bool:
-    return _cpu_has("amx_tile")
+    return cpu_has("amx_tile")
 
 
 def min_channels(training: bool) -> int:
