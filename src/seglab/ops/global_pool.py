@@ -15,25 +15,21 @@ from typing import Any
 
 import torch
 
+from seglab.ops.layout import memory_format_of
+
 __all__ = ["global_average_pool"]
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 class _GlobalAveragePool(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.shape, ctx.layout = x.shape, _layout(x)
+        ctx.shape, ctx.memory_format = x.shape, memory_format_of(x)
         return x.mean((2, 3), keepdim=True)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         height, width = ctx.shape[-2:]
-        return (grad / (height * width)).expand(ctx.shape).contiguous(memory_format=ctx.layout)
+        return (grad / (height * width)).expand(ctx.shape).contiguous(memory_format=ctx.memory_format)
 
 
 def global_average_pool(x: torch.Tensor) -> torch.Tensor:

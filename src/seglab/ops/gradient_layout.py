@@ -13,18 +13,20 @@ from typing import Any
 
 import torch
 
+from seglab.ops.layout import memory_format_of
+
 __all__ = ["contiguous_gradient"]
 
 
 class _ContiguousGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.memory_format = memory_format_of(x)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
+        return grad.contiguous(memory_format=ctx.memory_format)
 
 
 def contiguous_gradient(x: torch.Tensor) -> torch.Tensor:

@@ -3,17 +3,22 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["channel_sums", "in_layout_of"]
+__all__ = ["channel_sums", "in_layout_of", "memory_format_of"]
 
 SUMMED_ROW_FLOATS = 512  # the width `channel_sums` folds a channels-last map's pixels into
+
+
+def memory_format_of(reference: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels-last 4-d tensor, otherwise the default format."""
+    channels_last = reference.dim() == 4 and reference.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def in_layout_of(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """`tensor` contiguous in `reference`'s memory format: channels-last if `reference` is,
     otherwise the default. Kernels derived from a weight keep the weight's layout (oneDNN would
     reorder them at every call otherwise); a branch joining channels-last maps stays channels-last."""
-    channels_last = reference.dim() == 4 and reference.is_contiguous(memory_format=torch.channels_last)
-    return tensor.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return tensor.contiguous(memory_format=memory_format_of(reference))
 
 
 def channel_sums(tensor: torch.Tensor) -> torch.Tensor:
