@@ -302,6 +302,32 @@ def test_bad_arguments_get_one_clear_error():
     with pytest.raises(ValueError, match="the map to add into must be a contiguous float32 CPU tensor"):
         native.scatter_tiles(tiles, matrix, (1, 8, 8), step=4, pad=1,
                              accumulate_into=torch.zeros(1, 8, 8, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="planes must each be contiguous"):
+        native.scatter_tiles(tiles.transpose(1, 2).contiguous().transpose(1, 2), matrix, (1, 8, 8), step=4, pad=1,
+                             accumulate_into=torch.zeros(1, 8, 8, 4))
+    with pytest.raises(ValueError, match="planes x windows x channels"):
+        native.scatter_tiles(tiles[0], matrix, (1, 8, 8), step=4, pad=1, accumulate_into=torch.zeros(1, 8, 8, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 32, 32, 256), (1, 16, 16, 512), (2, 9, 14, 11), (1, 1, 1, 3)])
+def test_gather_spaces_its_planes_2_mod_4_cache_lines_apart(shape, dtype):
+    """Contiguous planes of a power-of-two size would share the L1 cache's sets (`_planes`)."""
+    nhwc = torch.randn(shape).to(dtype)
+    tiles = native.gather_tiles(nhwc, _native_matrices(4)[0], step=4, pad=1)
+    windows, channels = tiles.shape[1:]
+    plane_bytes = tiles.stride(0) * tiles.element_size()
+    assert tiles.stride()[1:] == (channels, 1) and tiles.stride(0) >= windows * channels
+    assert plane_bytes % 64 == 0 and plane_bytes // 64 % 4 == 2
+    assert tiles.data_ptr() % 64 == 0
+    # The same values as laid out contiguously, and the scatter takes either layout.
+    torch.testing.assert_close(tiles, native.gather_tiles(nhwc.float(), _native_matrices(4)[0], step=4,
+                                                          pad=1).to(dtype), rtol=0, atol=0)
+    scatter_matrix = _native_matrices(4)[1]
+    starts = [torch.zeros(shape, dtype=dtype) for _ in range(2)]
+    for layout, start in zip((tiles, tiles.contiguous()), starts):
+        native.scatter_tiles(layout, scatter_matrix, shape[:3], step=4, pad=1, accumulate_into=start)
+    torch.testing.assert_close(starts[0], starts[1], rtol=0, atol=0)
 
 
 def _fresh_process(code: str, **environment: str) -> str:

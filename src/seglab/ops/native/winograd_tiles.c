@@ -4,9 +4,10 @@
  *
  *   gather:  out[p, t, c] = (L D_t L^T)[p] for every tile t of a channels-last map, D_t the
  *            in_side x in_side window at (row m r - pad, column m q - pad), zero outside the
- *            map; out is laid out (out_side^2) x tiles x C, the layout of the batched products.
+ *            map; out is laid out (out_side^2) x tiles x C, the layout of the batched products,
+ *            its planes `plane` values apart (the loader spaces them: see its `_planes`).
  *   scatter: the transpose: per tile, R = L T_t L^T (T_t read from the (in_side^2) x tiles x C
- *            layout), written to (or, for overlapping windows, added into) the channels-last
+ *            layout, planes `plane` apart), written to (or, for overlapping windows, added into) the channels-last
  *            map at (m r - pad, m q - pad), cropped to the map, plus an optional bias.
  *
  * The input transform (B^T d B) is a gather, the output one (A^T M A) a scatter; the
@@ -28,6 +29,7 @@ typedef struct {
     const float *matrix;  /* out_side x in_side, row major */
     const float *bias;    /* NULL or C floats (scatter only) */
     int64_t n, height, width, channels, rows, cols;
+    int64_t plane; /* elements from one plane of the tiles layout to the next (>= tiles x C) */
     int step, pad, accumulate, parity;
 } Job;
 
@@ -147,7 +149,7 @@ DEFINE_MEMORY_OF(WIDE)
 #define DEFINE_GATHER(NAME, OUT, IN, TRANSFORM, L, TYPE, MEM)                                  \
     static void NAME(const void *job_, int64_t begin, int64_t end) {                           \
         const Job *job = (const Job *)job_;                                                    \
-        const int64_t C = job->channels, tiles = job->n * job->rows * job->cols;               \
+        const int64_t C = job->channels;                                                       \
         const TYPE *src = (const TYPE *)job->src;                                              \
         TYPE *dst = (TYPE *)job->dst;                                                          \
         const TYPE *pixel[IN][IN];                                                             \
@@ -169,7 +171,7 @@ DEFINE_MEMORY_OF(WIDE)
                 TRANSFORM(OUT, IN, window, result);                                            \
                 for (int i = 0; i < OUT; i++)                                                  \
                     for (int j = 0; j < OUT; j++)                                              \
-                        MEMORY(store, MEM, L)(dst + ((int64_t)(i * OUT + j) * tiles + t) * C + c0, \
+                        MEMORY(store, MEM, L)(dst + (int64_t)(i * OUT + j) * job->plane + t * C + c0, \
                                               result[i][j], width);                            \
             }                                                                                  \
         }                                                                                      \
@@ -181,7 +183,7 @@ DEFINE_MEMORY_OF(WIDE)
 #define DEFINE_SCATTER(NAME, OUT, IN, TRANSFORM, L, TYPE, MEM)                                 \
     static void NAME(const void *job_, int64_t begin, int64_t end) {                           \
         const Job *job = (const Job *)job_;                                                    \
-        const int64_t C = job->channels, tiles = job->n * job->rows * job->cols;               \
+        const int64_t C = job->channels;                                                       \
         const TYPE *src = (const TYPE *)job->src;                                              \
         TYPE *dst = (TYPE *)job->dst;                                                          \
         const TYPE *entry[IN][IN];                                                             \
@@ -203,7 +205,7 @@ DEFINE_MEMORY_OF(WIDE)
                 const int64_t x0 = q * job->step - job->pad;                                   \
                 if (ADDRESSES_PER_TILE(IN)) {                                                  \
                     for (int i = 0; i < IN; i++)                                               \
-                        for (int j = 0; j < IN; j++) entry[i][j] = src + ((int64_t)(i * IN + j) * tiles + t) * C; \
+                        for (int j = 0; j < IN; j++) entry[i][j] = src + (int64_t)(i * IN + j) * job->plane + t * C; \
                     for (int i = 0; i < OUT; i++)                                              \
                         for (int j = 0; j < OUT; j++) pixel[i][j] = place(job, dst, b, y0 + i, x0 + j); \
                 }                                                                              \
@@ -212,7 +214,7 @@ DEFINE_MEMORY_OF(WIDE)
                     for (int i = 0; i < IN; i++)                                               \
                         for (int j = 0; j < IN; j++) {                                         \
                             const TYPE *e = ADDRESSES_PER_TILE(IN) ? entry[i][j]               \
-                                                : src + ((int64_t)(i * IN + j) * tiles + t) * C; \
+                                                : src + (int64_t)(i * IN + j) * job->plane + t * C; \
                             tile[i][j] = MEMORY(load, MEM, L)(e + c0, width);                  \
                         }                                                                      \
                     TRANSFORM(OUT, IN, tile, result);                                          \
@@ -285,15 +287,16 @@ static RangeFn specialised_scatter(int out_side, int in_side, const float *matri
 
 /* Returns 0, or -1 for sides without a kernel. `specialised` = 0 keeps the general kernel
  * even for a matrix compiled in (the tests compare the two). With `bf16` src and dst hold
- * bfloat16 values (uint16_t), the transform runs in float32 all the same. */
+ * bfloat16 values (uint16_t), the transform runs in float32 all the same. `plane`: the values
+ * from one plane of dst's tiles layout to the next, at least tiles x channels. */
 int seglab_gather(const void *src, void *dst, const float *matrix, int out_side, int in_side,
                   int64_t n, int64_t height, int64_t width, int64_t channels, int step, int pad,
-                  int threads, int specialised, int bf16) {
+                  int64_t plane, int threads, int specialised, int bf16) {
     RangeFn fn = specialised ? specialised_gather(out_side, in_side, matrix, bf16) : NULL;
     if (!fn) fn = gather_kernel(out_side, in_side, bf16);
     if (!fn) return -1;
     Job job = {src, dst, matrix, NULL, n, height, width, channels,
-               (height + step - 1) / step, (width + step - 1) / step, step, pad, 0, -1};
+               (height + step - 1) / step, (width + step - 1) / step, plane, step, pad, 0, -1};
     parallel_for(n * job.rows * job.cols, threads, fn, &job);
     return 0;
 }
@@ -301,15 +304,15 @@ int seglab_gather(const void *src, void *dst, const float *matrix, int out_side,
 /* dst is n x height x width x channels; with `accumulate` the results are added to it (it must
  * hold the starting values, zeros for a gradient), else written, plus `bias` when not NULL.
  * `rows` x `cols` tiles per image (the loader passes gather's ceil(height / step) x
- * ceil(width / step)); `bias` is float32 whatever `bf16` says. */
+ * ceil(width / step)), src's planes `plane` values apart; `bias` is float32 whatever `bf16` says. */
 int seglab_scatter(const void *src, void *dst, const float *matrix, const float *bias,
                    int out_side, int in_side, int64_t n, int64_t height, int64_t width,
-                   int64_t channels, int64_t rows, int64_t cols, int step, int pad, int accumulate,
-                   int threads, int specialised, int bf16) {
+                   int64_t channels, int64_t rows, int64_t cols, int64_t plane, int step, int pad,
+                   int accumulate, int threads, int specialised, int bf16) {
     RangeFn fn = specialised ? specialised_scatter(out_side, in_side, matrix, bf16) : NULL;
     if (!fn) fn = scatter_kernel(out_side, in_side, bf16);
     if (!fn) return -1;
-    Job job = {src, dst, matrix, bias, n, height, width, channels, rows, cols, step, pad,
+    Job job = {src, dst, matrix, bias, n, height, width, channels, rows, cols, plane, step, pad,
                accumulate, -1};
     const int overlap = out_side > step;
     if (!overlap) {
