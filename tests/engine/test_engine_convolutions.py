@@ -2,6 +2,7 @@
 weight gradient by the kernel timed fastest; under bf16 autocast F(2x2) for the widest; against
 eager PyTorch."""
 import contextlib
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import seglab.engine.convolutions as convolutions
 from seglab.engine.convolutions import TrainingConvolutions, training_convolutions
 from seglab.engine.precision import cpu_runs_bf16
 from seglab.models import create_model
+from seglab.ops import native
 from seglab.ops.nearest_conv import NearestUpsampleConv
 from seglab.ops.weight_gradient import clear_choices
 
@@ -178,3 +180,42 @@ def test_the_other_convolutions_train_with_their_weight_gradient_by_the_tuned_ke
     timings.clear()
     _step(model, x, training_convolutions(model, "cpu", "32", deterministic=True))
     assert len(timings) == plain + 2 * len(upsampling) - 1 and not any(timings)
+
+
+@pytest.mark.skipif(not native.available(), reason=f"the native kernels are not available: {native.unavailable_reason()}")
+def test_a_wide_decoder_step_trains_on_the_upsampled_grid_and_the_module_gets_its_rule_back(monkeypatch):
+    import seglab.ops.nearest_conv as nearest_conv
+
+    torch.manual_seed(0)
+    conv = NearestUpsampleConv(128 + 64, 128).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 128, 16, 16).contiguous(memory_format=torch.channels_last)  # 4 x 8 x 8 output tiles
+    skip = torch.randn(4, 64, 32, 32).contiguous(memory_format=torch.channels_last)
+    tiles, real = [], nearest_conv.winograd_conv3x3_of_nearest2x
+
+    def recorded(x, skip, filters, bias):
+        tiles.append(math.isqrt(filters.shape[0]) - 2)
+        return real(x, skip, filters, bias)
+
+    monkeypatch.setattr(nearest_conv, "winograd_conv3x3_of_nearest2x", recorded)
+
+    def step(context):
+        conv.zero_grad()
+        inputs = [t.detach().requires_grad_() for t in (x, skip)]
+        with context:
+            y = conv(*inputs)
+        y.square().sum().backward()
+        return [y] + [t.grad for t in inputs] + [p.grad.clone() for p in conv.parameters()]
+
+    expected = step(contextlib.nullcontext())
+    assert tiles == []
+    before = lambda x, weight: None  # noqa: E731 (a rule set earlier, e.g. by the inference path)
+    conv.winograd_tile = before
+    got = step(training_convolutions(conv, "cpu", "32"))
+    assert tiles == [4]  # F(4x4) on 32 x 32
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs, atol=2e-5 * theirs.abs().max().item(), rtol=1e-4)
+    assert conv.winograd_tile is before
+    # Under autocast the transposed convolution.
+    with torch.autocast("cpu", torch.bfloat16), TrainingConvolutions(conv, tuned_weight_gradients=False):
+        conv(x, skip)
+    assert tiles == [4]

@@ -24,6 +24,7 @@ from seglab.engine.onednn import FusedConv
 from seglab.engine.precision import cpu_runs_bf16
 from seglab.models import create_model
 from seglab.ops.winograd import winograd_conv3x3
+from seglab.ops.winograd_nearest import winograd_conv3x3_of_nearest2x
 
 
 
@@ -535,17 +536,33 @@ def test_float32_fast_path_runs_winograd_within_the_stated_tolerance(winograd_tr
     # the decoder's 64-channel block.
     native = winograd_transforms == "native"
     assert _winograd_convs(winograd) == (16 if native else 11)
-    output, calls = _winograd_calls(winograd, x)
-    # Each input large enough to pay, and the skips' shares of the decoder's first convs
-    # (NearestUpsampleConv; the 32-channel block's stays direct).
-    skips = [64, 128, 256] if native else [128, 256]
+    import seglab.ops.nearest_conv as nearest_conv
+
+    doubling = []
+
+    def counted(x: torch.Tensor, *args) -> torch.Tensor:
+        doubling.append(x.shape[1])
+        return winograd_conv3x3_of_nearest2x(x, *args)
+
+    with mock.patch.object(nearest_conv, "winograd_conv3x3_of_nearest2x", counted):
+        output, calls = _winograd_calls(winograd, x)
+    # Each input large enough to pay, and the decoder's first convs (NearestUpsampleConv): with
+    # the native transforms the 256- and 128-channel blocks' whole convolutions on the upsampled
+    # grid (from 512 and 256 channels), the 64-channel block's skip share; with PyTorch's
+    # operators the 256- and 128-channel blocks' skip shares. The 32-channel block's stays direct.
+    skips = [64] if native else [128, 256]
     assert sorted(calls) == sorted([64] * (5 if native else 0) + [128] * 4 + [256] * 4 + [512] * 3 + skips)
+    assert sorted(doubling) == ([256, 512] if native else [])
     torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(output, direct(x), atol=1e-4, rtol=1e-4)
     # A small input: too few tiles for Winograd's products, every convolution direct but, with
-    # the native transforms, the widest: 256 and 512 channels on 2 x 2 and 1 x 1 maps.
+    # the native transforms, the widest: 256 and 512 channels on 2 x 2 and 1 x 1 maps, and the
+    # 256-channel decoder block's whole convolution from 512 channels on 1 x 1.
     small = x[:, :, :32, :32]
-    assert sorted(_winograd_calls(winograd, small)[1]) == ([256] * 5 + [512] * 3 if native else [])
+    doubling.clear()
+    with mock.patch.object(nearest_conv, "winograd_conv3x3_of_nearest2x", counted):
+        assert sorted(_winograd_calls(winograd, small)[1]) == ([256] * 4 + [512] * 3 if native else [])
+    assert doubling == ([512] if native else [])
 
 
 def test_winograd_conv_keeps_the_direct_convolution_outside_float32_inference():

@@ -7,6 +7,7 @@ from seglab.engine.winograd import (
     output_tile,
     pays_for_input,
     tiles,
+    upsampling_output_tile,
     winograd_dilation,
 )
 from seglab.ops import native
@@ -128,3 +129,24 @@ def test_bf16_takes_f2x2_for_the_widest_convolutions_only(monkeypatch):
     monkeypatch.setattr(rule, "_has_amx", lambda: False)
     monkeypatch.setattr(native, "available", lambda: False)  # the operators' transforms do not pay
     assert tile(512, 512) is None
+
+
+def test_a_decoder_step_takes_winograd_on_the_upsampled_grid_from_128_channels(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(native, "available", lambda: True)
+    monkeypatch.setattr(rule, "_has_avx512", lambda: True)
+    x, weight = torch.empty(1, 512, 16, 16), torch.empty(256, 768, 3, 3)  # U-Net-R34's first step
+    assert upsampling_output_tile(x, weight, training=False) == 4  # 32 x 32: F(6x6) would fill 79%
+    assert upsampling_output_tile(torch.empty(1, 256, 32, 32), torch.empty(128, 384, 3, 3), training=False) == 6
+    assert upsampling_output_tile(torch.empty(4, 512, 16, 16), weight, training=True) == 4
+    # Fewer channels in x or out keep the transposed convolution (measured slower there).
+    assert upsampling_output_tile(torch.empty(1, 128, 64, 64), torch.empty(64, 192, 3, 3), training=False) is None
+    assert upsampling_output_tile(torch.empty(1, 64, 32, 32), torch.empty(256, 320, 3, 3), training=False) is None
+    # Too few tiles for training's products, bf16, autocast, no native transforms: None.
+    assert upsampling_output_tile(torch.empty(1, 512, 8, 8), weight, training=True) is None
+    assert upsampling_output_tile(x.bfloat16(), weight.bfloat16(), training=False) is None
+    with torch.autocast("cpu", torch.bfloat16):
+        assert upsampling_output_tile(x, weight, training=False) is None
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert upsampling_output_tile(x, weight, training=False) is None

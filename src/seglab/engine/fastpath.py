@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections import Counter
 from typing import Any, ContextManager
 
@@ -63,7 +64,7 @@ from seglab.engine.precision import auto_precision, resolve_precision
 from seglab.engine.residual import fuse_residual_additions
 from seglab.engine.convolutions import TrainingConvolutions, training_convolutions
 from seglab.engine.norms import training_norms
-from seglab.engine.winograd import conv_takes_winograd, min_channels
+from seglab.engine.winograd import conv_takes_winograd, min_channels, upsampling_output_tile
 from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
 from seglab.ops.atrous_gemm import all_taps_product, share_inside
 from seglab.ops.nearest_conv import NearestUpsampleConv
@@ -405,14 +406,18 @@ def use_winograd(model: nn.Module) -> int:
     F(4x4) or F(6x6); bf16, the widest: F(2x2); each call decides, `call_output_tile`), in
     place: `FusedConv`s switch, plain Conv2d modules become `FusedConv`s that do (inference
     only; other dtypes, autocast and gradients keep the direct convolution), and
-    a U-Net decoder's `NearestUpsampleConv` computes its skip's share so (`WinogradConvForward`).
-    Returns the number switched: none without oneDNN, which `FusedConv`'s other route needs."""
+    a U-Net decoder's `NearestUpsampleConv` computes its whole convolution on the upsampled grid
+    where `upsampling_output_tile` says it pays, and otherwise its skip's share by Winograd
+    (`WinogradConvForward`). Returns the number switched: none without oneDNN, which
+    `FusedConv`'s other route needs."""
     if not onednn_available():
         return 0
     switched = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, NearestUpsampleConv) and conv_takes_winograd(module, min_channels(training=False)):
-            module._conv_forward = WinogradConvForward(module)  # its skip's share of the convolution
+        if isinstance(module, NearestUpsampleConv):
+            module.winograd_tile = functools.partial(upsampling_output_tile, training=False)
+            if conv_takes_winograd(module, min_channels(training=False)):
+                module._conv_forward = WinogradConvForward(module)  # its skip's share of the convolution
             switched += 1
             continue
         if not name or not winograd_pays(module):

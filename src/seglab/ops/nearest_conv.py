@@ -18,6 +18,9 @@ high-resolution padding row -1 comes from low-resolution row -1, also padding. T
 share stays an ordinary 3x3 convolution at the high resolution, the two are summed. Equal to
 the plain computation up to summation order.
 
+Where channels are many, `seglab.ops.winograd_nearest` does fewer multiply-adds still, by
+Winograd on the upsampled grid (x's tiles gathered from x itself), the skip included.
+
 (An earlier form ran the four phases as one 2x2 convolution to 4 x C_out channels and
 interleaved them with strided copies; on a 2-core Xeon with AMX, bf16, the interleave made it
 slower than upsampling outright, while the transposed convolution was 1.1-2.5x faster than
@@ -25,12 +28,16 @@ both in every U-Net-R34 decoder shape, in inference and in training.)
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from seglab.ops.kept import KeptFromWeights
 from seglab.ops.layout import in_layout_of
+from seglab.ops.winograd import winograd_filters
+from seglab.ops.winograd_nearest import winograd_conv3x3_of_nearest2x
 
 
 def _nearest2x_taps(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -78,7 +85,14 @@ class NearestUpsampleConv(nn.Conv2d, UpsamplingConvCaller):
     `conv(x, size=...)`; plain `conv(x)` upsamples x by 2. Without gradients (inference) the
     transposed kernel and the skip's share of the kernel are built once and kept until the
     weight changes.
+
+    `winograd_tile`, set per instance by seglab's engine (the fast inference path, the training
+    route), gives for a call's x and weight the Winograd tile with which to compute the whole
+    convolution, skip included, on the upsampled grid (`winograd_conv3x3_of_nearest2x`), or
+    None for the transposed convolution.
     """
+
+    winograd_tile: Callable[[torch.Tensor, torch.Tensor], int | None] | None = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, padding: int = 1,
                  dilation: int = 1, groups: int = 1, bias: bool = True) -> None:
@@ -86,6 +100,7 @@ class NearestUpsampleConv(nn.Conv2d, UpsamplingConvCaller):
             raise ValueError("NearestUpsampleConv is a 3x3 convolution with stride 1, padding 1, dilation 1, one group")
         super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
         self._kept: KeptFromWeights[tuple[torch.Tensor, torch.Tensor]] = KeptFromWeights()
+        self._kept_filters: KeptFromWeights[torch.Tensor] = KeptFromWeights()
 
     def _split_weights(self, low_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(transposed kernel for x's channels, 3x3 kernel for the skip's channels)."""
@@ -99,6 +114,13 @@ class NearestUpsampleConv(nn.Conv2d, UpsamplingConvCaller):
 
         return self._kept.get([weight], build, low_channels)
 
+    def _winograd_filters(self, tile: int) -> torch.Tensor:
+        """The whole weight in Winograd's domain: from the parameter at every call in training,
+        kept until the weight changes otherwise."""
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return winograd_filters(self.weight, tile)
+        return self._kept_filters.get([self.weight], lambda: winograd_filters(self.weight, tile), tile)
+
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, size: tuple[int, int] | torch.Size | None = None) -> torch.Tensor:
         height, width = x.shape[-2:]
         if skip is not None:
@@ -108,6 +130,9 @@ class NearestUpsampleConv(nn.Conv2d, UpsamplingConvCaller):
         if tuple(size) != (2 * height, 2 * width):
             up = F.interpolate(x, size=size, mode="nearest")
             return self._conv_forward(up if skip is None else torch.cat([up, skip], 1), self.weight, self.bias)
+        tile = self.winograd_tile(x, self.weight) if self.winograd_tile is not None else None
+        if tile is not None:
+            return winograd_conv3x3_of_nearest2x(x, skip, self._winograd_filters(tile), self.bias)
         transposed_weight, skip_weight = self._split_weights(x.shape[1])
         out = self._upsampling_conv(x, transposed_weight, self.bias)
         if skip is not None:

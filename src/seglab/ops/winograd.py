@@ -279,23 +279,32 @@ _register_native_matrices()
 
 
 class _NativeInputTransform(torch.autograd.Function):
-    """N x H x W x C_in (contiguous) -> (m + 2)^2 x tiles x C_in: `B^T d B` of every input tile,
-    zero padding 1, in the map's dtype (float32, or bf16 transformed in float32). The gradient
-    adds `B g B^T` of each tile back onto its (overlapping) window, in float32."""
+    """N x H x W x C_in (contiguous) -> side^2 x tiles x C_in: `L d L^T` of every window `d` at
+    a stride of `step`, zero padding 1, `L` = `matrix` (side x the window's side): `B^T` and
+    the tile for Winograd's input tiles (`_input_transform`), `B^T` times nearest upsampling for
+    those of an upsampled map (`seglab.ops.winograd_nearest`). In the map's dtype (float32, or
+    bf16 transformed in float32). The gradient adds `L^T g L` of each tile back onto its
+    (overlapping) window, in float32; `gradient_matrix` is `L^T`, contiguous."""
 
     @staticmethod
-    def forward(ctx: Any, nhwc: torch.Tensor, tile: int) -> torch.Tensor:
-        ctx.shape, ctx.tile, ctx.dtype = tuple(nhwc.shape), tile, nhwc.dtype
-        return native.gather_tiles(nhwc, _native_matrices(tile)[0], step=tile, pad=1)
+    def forward(ctx: Any, nhwc: torch.Tensor, matrix: torch.Tensor, gradient_matrix: torch.Tensor,
+                step: int) -> torch.Tensor:
+        ctx.shape, ctx.dtype, ctx.gradient_matrix, ctx.step = tuple(nhwc.shape), nhwc.dtype, gradient_matrix, step
+        return native.gather_tiles(nhwc, matrix, step=step, pad=1)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        n, height, width, channels = ctx.shape
-        tile = ctx.tile
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        n, height, width, _ = ctx.shape
         out = grad.new_zeros(ctx.shape, dtype=torch.float32)
-        native.scatter_tiles(grad.float().contiguous(), _native_matrices(tile)[1], (n, height, width), step=tile,
+        native.scatter_tiles(grad.float().contiguous(), ctx.gradient_matrix, (n, height, width), step=ctx.step,
                              pad=1, accumulate_into=out)
-        return out.to(ctx.dtype), None
+        return out.to(ctx.dtype), None, None, None
+
+
+def _input_transform(nhwc: torch.Tensor, tile: int) -> torch.Tensor:
+    """Winograd's input tiles of F(tile x tile) by the native kernels (`_NativeInputTransform`)."""
+    b_t, b, _, _ = _native_matrices(tile)
+    return _NativeInputTransform.apply(nhwc, b_t, b, tile)
 
 
 class _NativeOutputTransform(torch.autograd.Function):
@@ -353,7 +362,7 @@ class _NativeF2x2(torch.autograd.Function):
     Forward: input tiles `V = B^T d B`, products `M = V F`, output `A^T M A` (+ bias). Backward:
     the filters' gradient `V^T (A dY A^T)`, from the saved tiles; the input's as a forward
     convolution of the output gradient with the rotated, transposed filters (`_flip`), by the
-    forward's own kernels. Autograd through the three steps (`_NativeInputTransform`, `bmm`,
+    forward's own kernels. Autograd through the three steps (`_input_transform`, `bmm`,
     `_NativeOutputTransform`) adds the input tiles' gradient back onto the overlapping windows
     instead, rounding a bf16 pixel up to four times (or taking float32 copies); this way each
     gradient is rounded once, like the forward's output. Against oneDNN's bf16 direct
@@ -400,6 +409,6 @@ def _undilated_natively(nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.T
     tile = _tile_of(filters)
     if tile == BF16_TILE:
         return _NativeF2x2.apply(nhwc, filters, bias)
-    inputs = _NativeInputTransform.apply(nhwc, tile)
+    inputs = _input_transform(nhwc, tile)
     products = torch.bmm(inputs, filters)
     return _NativeOutputTransform.apply(products, bias, (n, height, width), tile)

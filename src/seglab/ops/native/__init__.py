@@ -56,7 +56,7 @@ MAX_CLASSES = 1024  # cross_entropy.c's
 # Modules whose import registers matrices to compile in (`specialise`): imported before the
 # first build, so that a process whose first native call is another kernel (cross-entropy,
 # from `seglab.losses` alone) still builds Winograd's own kernels.
-_REGISTERING_MODULES = ("seglab.ops.winograd",)
+_REGISTERING_MODULES = ("seglab.ops.winograd", "seglab.ops.winograd_nearest")
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
