@@ -219,3 +219,34 @@ def test_a_wide_decoder_step_trains_on_the_upsampled_grid_and_the_module_gets_it
     with torch.autocast("cpu", torch.bfloat16), TrainingConvolutions(conv, tuned_weight_gradients=False):
         conv(x, skip)
     assert tiles == [4]
+
+
+@pytest.mark.skipif(not native.available(), reason=f"the native kernels are not available: {native.unavailable_reason()}")
+def test_the_fpn_stride4_head_trains_on_the_upsampled_grid_where_it_pays(monkeypatch):
+    # FPN-R18's stride-4 head reads up(P3) (256 channels) and C2 (64, through the kernel composed
+    # with the lateral) into 128: at 128 x 128, batch 2, 128 F(4x4) tiles, enough to train by
+    # Winograd on the stride-4 grid, one convolution over both.
+    import seglab.ops.nearest_conv as nearest_conv
+
+    torch.manual_seed(0)
+    model = create_model("fpn", num_classes=3, encoder="resnet18").train().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 128, 128).contiguous(memory_format=torch.channels_last)
+    shapes, real = [], nearest_conv.winograd_conv3x3_of_nearest2x
+
+    def recorded(x, skip, filters, bias):
+        shapes.append((x.shape[1], skip.shape[1], tuple(filters.shape)))
+        return real(x, skip, filters, bias)
+
+    monkeypatch.setattr(nearest_conv, "winograd_conv3x3_of_nearest2x", recorded)
+    route = training_convolutions(model, "cpu", "32")
+    assert model in route.doubling_convs
+    torch.manual_seed(1)  # the same dropout mask in both steps
+    expected_y, expected_grads, _ = _step(model, x, contextlib.nullcontext())
+    assert shapes == []
+    torch.manual_seed(1)
+    y, grads, _ = _step(model, x, route)
+    assert shapes == [(256, 64, (36, 256 + 64, 128))]
+    torch.testing.assert_close(y, expected_y, atol=1e-4, rtol=1e-4)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, atol=2e-5 * expected.abs().max().item(), rtol=1e-4)
+    assert "winograd_tile" not in vars(model)

@@ -5,8 +5,9 @@ In float32 two rewrites, each exact up to float32 rounding, chosen per call:
 - Winograd's F(4x4, 3x3) or F(6x6, 3x3) (`seglab.ops.winograd`) for the 3x3 convolutions
   where it pays (`seglab.engine.winograd`): a quarter to a fifth of the multiply-adds, forward
   and backward.
-- A U-Net decoder's convolution over its upsampled input and skip, on the upsampled grid by
-  Winograd (`seglab.ops.winograd_nearest`) where `upsampling_output_tile` says it pays.
+- A U-Net decoder's convolution over its upsampled input and skip (and an FPN's stride-4
+  head, over up(P3) and C2), on the upsampled grid by Winograd (`seglab.ops.winograd_nearest`)
+  where `upsampling_output_tile` says it pays.
 - Elsewhere oneDNN's forward and input gradient, with the weight gradient by the kernel timed
   fastest for the shape (`seglab.ops.weight_gradient`): oneDNN's own float32 weight gradient on
   channels-last maps is the slowest part of a training step on processors without bf16.
@@ -32,7 +33,7 @@ import torch.nn as nn
 from seglab.engine.precision import resolve_precision
 from seglab.engine.winograd import call_output_tile, conv_takes_winograd, min_channels, upsampling_output_tile
 from seglab.ops.atrous_depthwise import records_gradients, trains
-from seglab.ops.nearest_conv import NearestUpsampleConv, UpsamplingConvCaller
+from seglab.ops.nearest_conv import UpsamplingConvCaller
 from seglab.ops.weight_gradient import ConvSettings, takes_tuned_weight_gradient, tuned_convolution
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters
 
@@ -61,7 +62,7 @@ class TrainingConvolutions:
         self.winograd_convs = {id(m) for m in self.convs if winograd and conv_takes_winograd(m, min_channels(training=True))}
         self.upsampling_convs = [m for m in model.modules() if isinstance(m, UpsamplingConvCaller)] \
             if tuned_weight_gradients else []
-        self.doubling_convs = [m for m in model.modules() if isinstance(m, NearestUpsampleConv)] if winograd else []
+        self.doubling_convs = [m for m in model.modules() if isinstance(m, UpsamplingConvCaller)] if winograd else []
         self._previous_tiles: dict[int, Any] = {}
 
     def __enter__(self) -> TrainingConvolutions:
@@ -71,7 +72,7 @@ class TrainingConvolutions:
             conv._upsampling_conv = functools.partial(self._upsampling_conv, conv)
         for conv in self.doubling_convs:
             self._previous_tiles[id(conv)] = conv.__dict__.get("winograd_tile")
-            conv.winograd_tile = functools.partial(self._doubling_tile, conv)
+            conv.winograd_tile = _doubling_tile
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -97,15 +98,17 @@ class TrainingConvolutions:
             return tuned_convolution(input, weight, bias, settings, self.timed)
         return nn.Conv2d._conv_forward(conv, input, weight, bias)
 
-    @staticmethod
-    def _doubling_tile(conv: NearestUpsampleConv, x: torch.Tensor, weight: torch.Tensor) -> int | None:
-        return upsampling_output_tile(x, weight, trains(conv, x))
-
     def _upsampling_conv(self, caller: UpsamplingConvCaller, x: torch.Tensor, transposed_weight: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor:
         if records_gradients(x, transposed_weight) and takes_tuned_weight_gradient(x, transposed_weight, 1):
             return tuned_convolution(x, transposed_weight, bias, _UPSAMPLING, self.timed)
         return UpsamplingConvCaller._upsampling_conv(x, transposed_weight, bias)
+
+
+def _doubling_tile(x: torch.Tensor, weight: torch.Tensor) -> int | None:
+    """`UpsamplingConvCaller.winograd_tile` in the training route: the training rule for calls
+    that record gradients, the inference one for the others."""
+    return upsampling_output_tile(x, weight, records_gradients(x, weight))
 
 
 def _autocast_winograd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int,

@@ -67,7 +67,7 @@ from seglab.engine.norms import training_norms
 from seglab.engine.winograd import conv_takes_winograd, min_channels, upsampling_output_tile
 from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
 from seglab.ops.atrous_gemm import all_taps_product, share_inside
-from seglab.ops.nearest_conv import NearestUpsampleConv
+from seglab.ops.nearest_conv import NearestUpsampleConv, UpsamplingConvCaller
 
 __all__ = [
     "DilatedConvAsGemm",
@@ -406,19 +406,20 @@ def use_winograd(model: nn.Module) -> int:
     F(4x4) or F(6x6); bf16, the widest: F(2x2); each call decides, `call_output_tile`), in
     place: `FusedConv`s switch, plain Conv2d modules become `FusedConv`s that do (inference
     only; other dtypes, autocast and gradients keep the direct convolution), and
-    a U-Net decoder's `NearestUpsampleConv` computes its whole convolution on the upsampled grid
-    where `upsampling_output_tile` says it pays, and otherwise its skip's share by Winograd
-    (`WinogradConvForward`). Returns the number switched: none without oneDNN, which
+    a U-Net decoder's `NearestUpsampleConv` (and an FPN's stride-4 head) computes its whole
+    convolution on the upsampled grid where `upsampling_output_tile` says it pays, and otherwise
+    the decoder step its skip's share by Winograd (`WinogradConvForward`). Returns the number switched: none without oneDNN, which
     `FusedConv`'s other route needs."""
     if not onednn_available():
         return 0
     switched = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, NearestUpsampleConv):
+        if isinstance(module, UpsamplingConvCaller):  # a U-Net decoder step, an FPN's stride-4 head
             module.winograd_tile = functools.partial(upsampling_output_tile, training=False)
+            switched += 1
+        if isinstance(module, NearestUpsampleConv):
             if conv_takes_winograd(module, min_channels(training=False)):
                 module._conv_forward = WinogradConvForward(module)  # its skip's share of the convolution
-            switched += 1
             continue
         if not name or not winograd_pays(module):
             continue

@@ -65,14 +65,37 @@ def conv3x3_of_nearest2x(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 class UpsamplingConvCaller:
-    """A module that computes the 3x3 convolution of a nearest-upsampled map by calling its
-    `_upsampling_conv` (the stride-2 transposed convolution of `conv3x3_of_nearest2x`), so
-    that a training route may replace that call per instance, as it replaces a Conv2d's
-    `_conv_forward`."""
+    """A module that computes the 3x3 convolution of a nearest-upsampled map (and a skip) by
+    calling its `_upsampling_conv` (the stride-2 transposed convolution of
+    `conv3x3_of_nearest2x`), so that a training route may replace that call per instance, as
+    it replaces a Conv2d's `_conv_forward`; or, where its `winograd_tile` gives a tile for the
+    call, by Winograd on the upsampled grid (`_doubling_winograd`).
+
+    `winograd_tile`, set per instance by seglab's engine (the fast inference path, the training
+    route), takes a call's x and the whole convolution's weight (x's channels first, then the
+    skip's) and returns the Winograd tile, or None for the transposed convolution."""
+
+    winograd_tile: Callable[[torch.Tensor, torch.Tensor], int | None] | None = None
 
     @staticmethod
     def _upsampling_conv(x: torch.Tensor, transposed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.conv_transpose2d(x, transposed_weight, bias, stride=2, padding=1)
+
+    def _doubling_winograd(self, x: torch.Tensor, skip: torch.Tensor | None, weight: torch.Tensor,
+                           bias: torch.Tensor | None, kept: KeptFromWeights[torch.Tensor],
+                           parameters: list[torch.Tensor]) -> torch.Tensor | None:
+        """conv2d(cat([nearest_up(x), skip]), weight, bias, padding=1) by
+        `winograd_conv3x3_of_nearest2x` where `winograd_tile` gives a tile for this call, else
+        None. The filters come from `weight` at every call in training, and are otherwise kept
+        in `kept` until `parameters` (those `weight` is built from) change."""
+        tile = self.winograd_tile(x, weight) if self.winograd_tile is not None else None
+        if tile is None:
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in parameters):
+            filters = winograd_filters(weight, tile)
+        else:
+            filters = kept.get(parameters, lambda: winograd_filters(weight, tile), tile)
+        return winograd_conv3x3_of_nearest2x(x, skip, filters, bias)
 
 
 class NearestUpsampleConv(nn.Conv2d, UpsamplingConvCaller):
@@ -84,15 +107,9 @@ class NearestUpsampleConv(nn.Conv2d, UpsamplingConvCaller):
     its input channels are x's plus the skip's, x's first. Call it as `conv(x, skip)` or
     `conv(x, size=...)`; plain `conv(x)` upsamples x by 2. Without gradients (inference) the
     transposed kernel and the skip's share of the kernel are built once and kept until the
-    weight changes.
-
-    `winograd_tile`, set per instance by seglab's engine (the fast inference path, the training
-    route), gives for a call's x and weight the Winograd tile with which to compute the whole
-    convolution, skip included, on the upsampled grid (`winograd_conv3x3_of_nearest2x`), or
-    None for the transposed convolution.
+    weight changes. Where the engine set its `winograd_tile`, the whole convolution, skip
+    included, may go by Winograd on the upsampled grid instead (`UpsamplingConvCaller`).
     """
-
-    winograd_tile: Callable[[torch.Tensor, torch.Tensor], int | None] | None = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, padding: int = 1,
                  dilation: int = 1, groups: int = 1, bias: bool = True) -> None:
@@ -114,13 +131,6 @@ class NearestUpsampleConv(nn.Conv2d, UpsamplingConvCaller):
 
         return self._kept.get([weight], build, low_channels)
 
-    def _winograd_filters(self, tile: int) -> torch.Tensor:
-        """The whole weight in Winograd's domain: from the parameter at every call in training,
-        kept until the weight changes otherwise."""
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            return winograd_filters(self.weight, tile)
-        return self._kept_filters.get([self.weight], lambda: winograd_filters(self.weight, tile), tile)
-
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, size: tuple[int, int] | torch.Size | None = None) -> torch.Tensor:
         height, width = x.shape[-2:]
         if skip is not None:
@@ -130,9 +140,9 @@ class NearestUpsampleConv(nn.Conv2d, UpsamplingConvCaller):
         if tuple(size) != (2 * height, 2 * width):
             up = F.interpolate(x, size=size, mode="nearest")
             return self._conv_forward(up if skip is None else torch.cat([up, skip], 1), self.weight, self.bias)
-        tile = self.winograd_tile(x, self.weight) if self.winograd_tile is not None else None
-        if tile is not None:
-            return winograd_conv3x3_of_nearest2x(x, skip, self._winograd_filters(tile), self.bias)
+        out = self._doubling_winograd(x, skip, self.weight, self.bias, self._kept_filters, [self.weight])
+        if out is not None:
+            return out
         transposed_weight, skip_weight = self._split_weights(x.shape[1])
         out = self._upsampling_conv(x, transposed_weight, self.bias)
         if skip is not None:

@@ -20,6 +20,9 @@ a nearest-upsampled map, one stride-2 transposed convolution at stride 8
 and zero padding stays exact). FPN-R34 at 512 x 512: 51.5 GFLOPs instead of 54.9, and neither
 the 256-channel stride-4 sum nor its upsampled term is written; only where it multiplies less
 (C2 narrower than the pyramid, as ResNet-18/34's). Same function up to summation order.
+Where the engine sets `winograd_tile` (float32 on the CPU, `seglab.engine.winograd`'s
+`upsampling_output_tile`), that convolution goes by Winograd on the stride-4 grid instead, P3
+upsampled in its tiles and C2 as the skip (`seglab.ops.winograd_nearest`).
 """
 from __future__ import annotations
 
@@ -90,7 +93,8 @@ class FPN(nn.Module, UpsamplingConvCaller):
         # ResNet-18/34's 64-channel C2, not for ResNet-50's 256.
         c2, p, h = encoder.channels[levels[0]], pyramid_channels, head_channels
         self.compose_stride4 = 9 * c2 * h + 4 * p * h < c2 * p + 9 * p * h
-        self._stride4_kept: KeptFromWeights[tuple[torch.Tensor, torch.Tensor]] = KeptFromWeights()
+        self._stride4_kept: KeptFromWeights[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = KeptFromWeights()
+        self._stride4_filters: KeptFromWeights[torch.Tensor] = KeptFromWeights()
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(head_channels, num_classes, 1)
 
@@ -122,23 +126,30 @@ class FPN(nn.Module, UpsamplingConvCaller):
         """heads[0](lateral(c2) + nearest_up(p3)) without building P2 (module docstring)."""
         (conv, norm, act), = self.heads[0].convs
         lateral = self.laterals[0]
-        composed, transposed = self._stride4_kernels(conv.weight, lateral.weight)
+        composed, transposed, whole = self._stride4_kernels(conv.weight, lateral.weight)
         if lateral.bias is not None:
             p3 = p3 + lateral.bias.view(1, -1, 1, 1)
+        # Where the engine asks for it, Winograd on the upsampled grid, C2 as the skip.
+        out = self._doubling_winograd(p3, c2, whole, conv.bias, self._stride4_filters, [conv.weight, lateral.weight])
+        if out is not None:
+            return act(norm(out))
         # Both convolutions through the calls a training route replaces (the head convolution's
         # `_conv_forward`, which has the composed kernel's settings, and `_upsampling_conv`):
         # oneDNN's float32 weight gradients of these two took 1.0 s of a 4.4 s FPN-R34 step.
         out = self._upsampling_conv(p3, transposed, conv.bias)
         return act(norm(out.add_(conv._conv_forward(c2, composed, None))))
 
-    def _stride4_kernels(self, weight: torch.Tensor, lateral_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(3x3 kernel composed with the lateral, transposed kernel for up(P3)); without
-        gradients built once and kept until either weight changes (1.9 ms a call otherwise)."""
+    def _stride4_kernels(self, weight: torch.Tensor,
+                         lateral_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(3x3 kernel composed with the lateral, transposed kernel for up(P3), the whole 3x3
+        kernel over cat([up(P3), C2])); without gradients built once and kept until either
+        weight changes (1.9 ms a call otherwise)."""
 
-        def build() -> tuple[torch.Tensor, torch.Tensor]:
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             exact = weight.float() if weight.element_size() < 4 else weight  # sums in float32
             composed = torch.einsum("oikl,ij->ojkl", exact, lateral_weight.flatten(1).to(exact.dtype)).to(weight.dtype)
-            return in_layout_of(composed, weight), in_layout_of(nearest2x_transposed_weight(weight), weight)
+            return (in_layout_of(composed, weight), in_layout_of(nearest2x_transposed_weight(weight), weight),
+                    torch.cat([weight, composed], 1))
 
         if torch.is_grad_enabled() and (weight.requires_grad or lateral_weight.requires_grad):
             return build()  # training: from the parameters at every call
