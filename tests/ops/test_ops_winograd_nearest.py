@@ -53,6 +53,19 @@ def test_the_upsampled_tiles_are_gathered_from_x_by_kernels_of_their_own():
         assert native.compiled_in(matrix, "gather") and native.compiled_in(gradient_matrix, "scatter")
 
 
+@pytest.mark.skipif(not native.available(), reason=f"the native kernels are not available: {native.unavailable_reason()}")
+@pytest.mark.parametrize("tile", UPSAMPLED_TILES)
+def test_the_general_kernels_of_those_sides_agree_with_the_compiled_in_ones(tile):
+    torch.manual_seed(0)
+    matrix, gradient_matrix = winograd_nearest._upsampled_matrices(tile)
+    nhwc = torch.randn(2, 7, 5, 12)
+    runs = [native.gather_tiles(nhwc, matrix, step=tile // 2, pad=1, specialised=s) for s in (True, False)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-5)
+    added = [native.scatter_tiles(runs[0], gradient_matrix, (2, 7, 5), step=tile // 2, pad=1,
+                                  accumulate_into=torch.zeros(2, 7, 5, 12), specialised=s) for s in (True, False)]
+    torch.testing.assert_close(added[0], added[1], rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("tile", UPSAMPLED_TILES)
 @pytest.mark.parametrize("skip_channels", [0, 4])
 @pytest.mark.parametrize("size", [(5, 7), (1, 1), (6, 3)])

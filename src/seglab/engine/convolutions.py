@@ -60,9 +60,9 @@ class TrainingConvolutions:
         self.timed = not deterministic
         self.convs = [m for m in model.modules() if _routable(m)]
         self.winograd_convs = {id(m) for m in self.convs if winograd and conv_takes_winograd(m, min_channels(training=True))}
-        self.upsampling_convs = [m for m in model.modules() if isinstance(m, UpsamplingConvCaller)] \
-            if tuned_weight_gradients else []
-        self.doubling_convs = [m for m in model.modules() if isinstance(m, UpsamplingConvCaller)] if winograd else []
+        callers = [m for m in model.modules() if isinstance(m, UpsamplingConvCaller)]
+        self.upsampling_convs = callers if tuned_weight_gradients else []  # their `_upsampling_conv`
+        self.doubling_convs = callers if winograd else []  # their `winograd_tile`
         self._previous_tiles: dict[int, Any] = {}
 
     def __enter__(self) -> TrainingConvolutions:

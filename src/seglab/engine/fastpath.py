@@ -408,8 +408,8 @@ def use_winograd(model: nn.Module) -> int:
     only; other dtypes, autocast and gradients keep the direct convolution), and
     a U-Net decoder's `NearestUpsampleConv` (and an FPN's stride-4 head) computes its whole
     convolution on the upsampled grid where `upsampling_output_tile` says it pays, and otherwise
-    the decoder step its skip's share by Winograd (`WinogradConvForward`). Returns the number switched: none without oneDNN, which
-    `FusedConv`'s other route needs."""
+    the decoder step its skip's share by Winograd (`WinogradConvForward`). Returns the number
+    switched: none without oneDNN, which `FusedConv`'s other route needs."""
     if not onednn_available():
         return 0
     switched = 0

@@ -248,7 +248,8 @@ def _check(tensor: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...] = (t
            contiguous: bool = True) -> None:
     if tensor.device.type != "cpu" or tensor.dtype not in dtypes or (contiguous and not tensor.is_contiguous()):
         kinds = " or ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
-        raise ValueError(f"{name} must be a {'contiguous ' if contiguous else ''}{kinds} CPU tensor, not {tensor.dtype} on "
+        layout = "contiguous " if contiguous else ""
+        raise ValueError(f"{name} must be a {layout}{kinds} CPU tensor, not {tensor.dtype} on "
                          f"{tensor.device} with strides {tensor.stride()}")
 
 

@@ -7,8 +7,9 @@
  *            map; out is laid out (out_side^2) x tiles x C, the layout of the batched products,
  *            its planes `plane` values apart (the loader spaces them: see its `_planes`).
  *   scatter: the transpose: per tile, R = L T_t L^T (T_t read from the (in_side^2) x tiles x C
- *            layout, planes `plane` apart), written to (or, for overlapping windows, added into) the channels-last
- *            map at (m r - pad, m q - pad), cropped to the map, plus an optional bias.
+ *            layout, planes `plane` apart), written to (or, for overlapping windows, added
+ *            into) the channels-last map at (m r - pad, m q - pad), cropped to the map, plus an
+ *            optional bias.
  *
  * The input transform (B^T d B) is a gather, the output one (A^T M A) a scatter; the
  * gradient of each is the other kernel with the transposed matrix. Composed from PyTorch's
@@ -247,11 +248,13 @@ DEFINE_GATHERS(gather_4_4, 4, 4, 4, GENERAL_TRANSFORM)  /* F(2x2) input transfor
 DEFINE_GATHERS(gather_6_6, 6, 6, 6, GENERAL_TRANSFORM)  /* F(4x4) input transform */
 DEFINE_GATHERS(gather_8_8, 8, 8, 8, GENERAL_TRANSFORM)  /* F(6x6) input transform */
 DEFINE_GATHERS(gather_4_2, 4, 2, 4, GENERAL_TRANSFORM)  /* F(2x2) output transform's gradient */
-DEFINE_GATHERS(gather_6_4, 6, 4, 6, GENERAL_TRANSFORM)  /* F(4x4) output transform's gradient; input transform of an upsampled map */
+/* gather_6_4 also serves F(4x4)'s input transform of a 2x nearest-upsampled map, scatter_4_6
+ * its gradient (seglab.ops.winograd_nearest). */
+DEFINE_GATHERS(gather_6_4, 6, 4, 6, GENERAL_TRANSFORM)  /* F(4x4) output transform's gradient */
 DEFINE_GATHERS(gather_8_6, 8, 6, 8, GENERAL_TRANSFORM)  /* F(6x6) output transform's gradient */
-DEFINE_GATHERS(gather_8_5, 8, 5, 8, GENERAL_TRANSFORM)  /* F(6x6) input transform of a 2x nearest-upsampled map */
+DEFINE_GATHERS(gather_8_5, 8, 5, 8, GENERAL_TRANSFORM)  /* F(6x6) input transform, 2x upsampled map */
 DEFINE_SCATTERS(scatter_2_4, 2, 4, 4, GENERAL_TRANSFORM) /* F(2x2) output transform */
-DEFINE_SCATTERS(scatter_4_6, 4, 6, 6, GENERAL_TRANSFORM) /* F(4x4) output transform; the gradient of gather_6_4's upsampled one */
+DEFINE_SCATTERS(scatter_4_6, 4, 6, 6, GENERAL_TRANSFORM) /* F(4x4) output transform */
 DEFINE_SCATTERS(scatter_6_8, 6, 8, 8, GENERAL_TRANSFORM) /* F(6x6) output transform */
 DEFINE_SCATTERS(scatter_4_4, 4, 4, 4, GENERAL_TRANSFORM) /* F(2x2) input transform's gradient */
 DEFINE_SCATTERS(scatter_6_6, 6, 6, 6, GENERAL_TRANSFORM) /* F(4x4) input transform's gradient */
