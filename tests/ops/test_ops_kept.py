@@ -26,6 +26,24 @@ def test_built_once_and_again_when_a_weight_or_setting_changes():
     assert kept.value is None
 
 
+def test_rebuilt_at_every_call_while_gradients_flow_through_a_weight():
+    weight, other = torch.randn(3, 3), torch.randn(2, requires_grad=True)
+    builds = []
+    kept: KeptFromWeights[torch.Tensor] = KeptFromWeights()
+
+    def build() -> torch.Tensor:
+        builds.append(1)
+        return weight * other.sum()
+
+    trained = kept.get_unless_training([weight, other], build)
+    assert trained.requires_grad and kept.value is None  # training: fresh and differentiable, not kept
+    kept.get_unless_training([weight, other], build)
+    assert len(builds) == 2
+    with torch.no_grad():
+        first = kept.get_unless_training([weight, other], build)
+        assert kept.get_unless_training([weight, other], build) is first and len(builds) == 3
+
+
 def test_copies_and_pickles_start_empty():
     kept: KeptFromWeights[torch.Tensor] = KeptFromWeights()
     weight = torch.ones(2)

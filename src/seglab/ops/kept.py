@@ -38,6 +38,14 @@ class KeptFromWeights(Generic[Kept]):
             self.value, self._built_for = build(), key
         return self.value  # type: ignore[return-value]
 
+    def get_unless_training(self, weights: Sequence[torch.Tensor], build: Callable[[], Kept],
+                            *settings: Hashable) -> Kept:
+        """`build()` afresh while gradients are recorded through any of `weights` (training:
+        the value must be differentiable and current), else `get`."""
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return build()
+        return self.get(weights, build, *settings)
+
     def clear(self) -> None:
         self.value, self._built_for = None, None
 

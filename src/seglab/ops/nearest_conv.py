@@ -91,10 +91,7 @@ class UpsamplingConvCaller:
         tile = self.winograd_tile(x, weight) if self.winograd_tile is not None else None
         if tile is None:
             return None
-        if torch.is_grad_enabled() and any(p.requires_grad for p in parameters):
-            filters = winograd_filters(weight, tile)
-        else:
-            filters = kept.get(parameters, lambda: winograd_filters(weight, tile), tile)
+        filters = kept.get_unless_training(parameters, lambda: winograd_filters(weight, tile), tile)
         return winograd_conv3x3_of_nearest2x(x, skip, filters, bias)
 
 

@@ -151,9 +151,7 @@ class FPN(nn.Module, UpsamplingConvCaller):
             return (in_layout_of(composed, weight), in_layout_of(nearest2x_transposed_weight(weight), weight),
                     torch.cat([weight, composed], 1))
 
-        if torch.is_grad_enabled() and (weight.requires_grad or lateral_weight.requires_grad):
-            return build()  # training: from the parameters at every call
-        return self._stride4_kept.get([weight, lateral_weight], build)
+        return self._stride4_kept.get_unless_training([weight, lateral_weight], build)  # training: at every call
 
 
 @register_model("fpn", paper="Kirillov et al., CVPR 2019")
