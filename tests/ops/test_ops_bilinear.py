@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seglab.ops.bilinear import bilinear_upsample_by, whole_scale
+from seglab.ops.bilinear import add_bilinear_upsampled_, bilinear_upsample_by, whole_scale
 from seglab.ops.upsample import upsample_scores
 
 
@@ -69,3 +69,85 @@ def test_upsample_scores_takes_the_fast_route_only_in_inference_mode():
     with torch.inference_mode():
         torch.testing.assert_close(upsample_scores(scores, (50, 70)),
                                    F.interpolate(scores.float(), size=(50, 70), mode="bilinear", align_corners=False))
+
+
+def _summed_by_operators(out: torch.Tensor, parts: list[torch.Tensor], relu: bool) -> torch.Tensor:
+    total = out.double().clone()
+    for part in parts:
+        total += F.interpolate(part.double(), size=out.shape[-2:], mode="bilinear", align_corners=False)
+    return total.relu() if relu else total
+
+
+# Whole factors (SegFormer's 2, 4, 8), other ratios, a 1 x 1 map, a part larger than the map.
+SIZES = [(16, 16), (8, 8), (4, 4), (5, 7), (1, 1), (31, 45), (19, 3)]
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("channels", [256, 21, 3])
+def test_add_upsampled_equals_the_operators(relu, channels):
+    from seglab.ops import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    torch.manual_seed(0)
+    out = _channels_last(2, channels, 32, 24, dtype=torch.float32)
+    parts = [_channels_last(2, channels, h, w, dtype=torch.float32) for h, w in SIZES]
+    expected = _summed_by_operators(out, parts, relu)
+    with torch.no_grad():
+        result = add_bilinear_upsampled_(out, parts, relu=relu)
+    assert result is out and out.is_contiguous(memory_format=torch.channels_last)
+    # float32 sums of 8 terms, and float32 source positions (F.interpolate's own for float32)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    if relu:
+        assert (out >= 0).all() and (out == 0).any()
+
+
+def test_add_upsampled_in_bf16_rounds_once():
+    from seglab.ops import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    torch.manual_seed(0)
+    out = _channels_last(1, 40, 20, 20, dtype=torch.bfloat16)
+    parts = [_channels_last(1, 40, h, h, dtype=torch.bfloat16) for h in (10, 5, 3)]
+    expected = _summed_by_operators(out, parts, relu=True)
+    with torch.no_grad():
+        add_bilinear_upsampled_(out, parts, relu=True)
+    # Summed in float32 and rounded once: within half a bf16 step of the exact sum.
+    assert ((out.double() - expected).abs() <= expected.abs() * 2.0 ** -8 + 1e-30).all()
+
+
+def test_add_upsampled_keeps_nan_through_the_relu():
+    from seglab.ops import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    out = torch.zeros(1, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    out[0, 3, 1, 2] = float("nan")
+    part = -torch.ones(1, 16, 2, 2).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        add_bilinear_upsampled_(out, [part], relu=True)
+    assert torch.isnan(out[0, 3, 1, 2]) and torch.isnan(out).sum() == 1
+    assert (out.nan_to_num() == 0).all()
+
+
+def test_add_upsampled_with_gradients_takes_the_operators():
+    torch.manual_seed(0)
+    out = _channels_last(1, 8, 12, 12)
+    part = _channels_last(1, 8, 3, 3).requires_grad_()
+    total = add_bilinear_upsampled_(out.clone(), [part], relu=True)
+    total.sum().backward()
+    expected = _summed_by_operators(out, [part.detach()], relu=True)
+    torch.testing.assert_close(total.detach(), expected)
+    # Each input pixel's gradient: the bilinear weights it gave to the outputs the ReLU passed.
+    reference = part.detach().clone().requires_grad_()
+    (out + F.interpolate(reference, size=(12, 12), mode="bilinear", align_corners=False)).relu().sum().backward()
+    torch.testing.assert_close(part.grad, reference.grad)
+
+
+def test_add_upsampled_nchw_map_takes_the_operators():
+    torch.manual_seed(0)
+    out = torch.randn(2, 5, 9, 9)  # NCHW: the native kernel is for channels-last maps
+    parts = [_channels_last(2, 5, 3, 3)]
+    expected = _summed_by_operators(out, parts, relu=False)
+    torch.testing.assert_close(add_bilinear_upsampled_(out, parts), expected.float())

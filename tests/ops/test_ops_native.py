@@ -309,6 +309,37 @@ def test_bad_arguments_get_one_clear_error():
         native.scatter_tiles(tiles[0], matrix, (1, 8, 8), step=4, pad=1, accumulate_into=torch.zeros(1, 8, 8, 4))
 
 
+def test_add_upsampled_refuses_maps_it_cannot_add_with_one_clear_error():
+    out = torch.zeros(2, 8, 8, 4)
+    with pytest.raises(ValueError, match="the map to add into must be a contiguous float32 or bfloat16"):
+        native.add_upsampled_(out.transpose(1, 2), [torch.zeros(2, 4, 4, 4)])
+    with pytest.raises(ValueError, match="must be N x H x W x C"):
+        native.add_upsampled_(out[0], [torch.zeros(4, 4, 4)])
+    with pytest.raises(ValueError, match=r"map 1 to upsample must be 2 x h x w x 4, not of shape \(2, 4, 4, 3\)"):
+        native.add_upsampled_(out, [torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 4, 3)])
+    with pytest.raises(ValueError, match="map 0 to upsample must be 2 x h x w x 4"):
+        native.add_upsampled_(out, [torch.zeros(2, 0, 4, 4)])
+    with pytest.raises(ValueError, match="map 0 to upsample must be a contiguous float32 CPU tensor"):
+        native.add_upsampled_(out, [torch.zeros(2, 4, 4, 4, dtype=torch.bfloat16)])
+    with pytest.raises(ValueError, match="at most 8 maps"):
+        native.add_upsampled_(out, [torch.zeros(2, 4, 4, 4)] * 9)
+    assert native.add_upsampled_(out, []) is out and not out.any()
+
+
+def test_add_upsampled_gives_the_same_bits_on_one_thread_and_on_two():
+    torch.manual_seed(0)
+    out, parts = torch.randn(3, 17, 13, 40), [torch.randn(3, 5, 4, 40), torch.randn(3, 9, 7, 40)]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, max(threads, 2)):
+            torch.set_num_threads(count)
+            results.append(native.add_upsampled_(out.clone(), parts, relu=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*results)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 32, 32, 256), (1, 16, 16, 512), (2, 9, 14, 11), (1, 1, 1, 3)])
 def test_gather_spaces_its_planes_2_mod_4_cache_lines_apart(shape, dtype):

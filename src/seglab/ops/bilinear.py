@@ -18,6 +18,14 @@ Edges: PyTorch clamps source positions to the map, which is what replicating the
 last row / column gives. Same result as F.interpolate up to float rounding (tested); about
 half its time for few channels. With many channels (64 and more) F.interpolate's inner loop
 over channels is efficient already and this is slower, so only `upsample_scores` uses it.
+
+`add_bilinear_upsampled_` adds several maps, each upsampled to one size, into a map of that
+size, and can apply a ReLU to the sum: SegFormer's decoder sums its stages' shares so. In CPU
+inference on channels-last maps it runs as one pass of a native kernel (`seglab.ops.native`'s
+`bilinear.c`) that reads each output value once and writes it once, where PyTorch's operators
+wrote an upsampled copy of each share and read the sum back once per share and once for the
+ReLU: SegFormer-B0's three shares (256 channels, 64 x 64, 32 x 32 and 16 x 16 -> 128 x 128), 2
+threads of an AVX-512 Xeon, interleaved medians: batch 8 63 -> 16 ms, batch 1 5.3 -> 1.9 ms.
 """
 from __future__ import annotations
 
@@ -25,8 +33,11 @@ import math
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["bilinear_upsample_by", "whole_scale"]
+from seglab.ops import native
+
+__all__ = ["add_bilinear_upsampled_", "bilinear_upsample_by", "whole_scale"]
 
 
 @lru_cache(maxsize=None)
@@ -83,3 +94,28 @@ def bilinear_upsample_by(x: torch.Tensor, scale: int, block: int = 32) -> torch.
     for phase, (offset, weight) in enumerate(_phases(scale)):
         torch.lerp(rows[:, offset : offset + height], rows[:, offset + 1 : offset + 1 + height], weight, out=out[:, :, phase])
     return out.view(n, height * scale, width * scale, channels).permute(0, 3, 1, 2)
+
+
+def _adds_natively(out: torch.Tensor, parts: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> bool:
+    maps = (out, *parts)
+    needs_gradient = torch.is_grad_enabled() and any(m.requires_grad for m in maps)
+    return (not needs_gradient and out.device.type == "cpu" and out.dim() == 4 and 0 < len(parts) <= native.MAX_UPSAMPLED
+            and out.dtype in (torch.float32, torch.bfloat16) and out.is_contiguous(memory_format=torch.channels_last)
+            and all(p.device == out.device and p.dtype == out.dtype and p.dim() == 4 and p.shape[:2] == out.shape[:2]
+                    and min(p.shape[2:]) > 0 for p in parts)
+            and native.available())
+
+
+def add_bilinear_upsampled_(out: torch.Tensor, parts: list[torch.Tensor] | tuple[torch.Tensor, ...], *,
+                            relu: bool = False) -> torch.Tensor:
+    """out += sum(F.interpolate(p, out's H x W, mode="bilinear", align_corners=False) for p in
+    parts), then relu_ with `relu`: in place, `out` and each part N x C x H x W (the parts of
+    any size). One pass of the native kernel for a channels-last `out` (float32 or bf16) where
+    no gradient is needed; PyTorch's operators otherwise (differentiable). Returns out."""
+    if _adds_natively(out, parts):
+        nhwc = [p.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1) for p in parts]
+        native.add_upsampled_(out.permute(0, 2, 3, 1), nhwc, relu=relu)
+        return out
+    for part in parts:
+        out.add_(F.interpolate(part, size=out.shape[-2:], mode="bilinear", align_corners=False))
+    return out.relu_() if relu else out

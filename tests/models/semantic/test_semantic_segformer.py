@@ -2,6 +2,7 @@
 composed 1x1 convolution): it must be the paper's function, forward and backward."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -70,3 +71,24 @@ def test_token_maps_are_canonical_channels_last_even_for_one_image():
     torch.testing.assert_close(grid, tokens.transpose(1, 2).reshape(1, 8, 6, 10))
     conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
     assert conv(grid).is_contiguous(memory_format=torch.channels_last)  # not a fall-back to NCHW
+
+
+def test_eval_decoder_sums_the_shares_and_the_relu_in_one_native_pass(monkeypatch):
+    from seglab.ops import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    model, features = _model_and_features(batch=2)
+    decoder = model.decoder.eval()
+    calls = []
+    add = native.add_upsampled_
+
+    def counted(out, parts, *, relu=False):
+        calls.append((tuple(out.shape), [tuple(p.shape) for p in parts], relu))
+        return add(out, parts, relu=relu)
+
+    monkeypatch.setattr(native, "add_upsampled_", counted)
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(features), papers_order(decoder, features), rtol=1e-5, atol=1e-5)
+    # Stage 1's share (stride 4, 64 x 96 input) receives the three smaller ones, then the ReLU.
+    assert calls == [((2, 16, 24, 256), [(2, 8, 12, 256), (2, 4, 6, 256), (2, 2, 3, 256)], True)]

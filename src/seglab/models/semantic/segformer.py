@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from seglab.encoders.mit import MIT_CONFIGS, MixTransformer
 from seglab.encoders.weights import load_weights_file
 from seglab.models.registry import register_model
+from seglab.ops.bilinear import add_bilinear_upsampled_
 from seglab.ops.conv import ConvNormAct
 from seglab.ops.padding import crop_to, pad_to_multiple
 from seglab.ops.upsample import upsample_scores
@@ -58,22 +59,25 @@ class AllMLPDecoder(nn.Module):
             scale = torch.rsqrt(norm.running_var + norm.eps) * (norm.weight if norm.weight is not None else 1.0)
             shift = (0.0 if shift is None else shift) - norm.running_mean
             shift = shift * scale + (norm.bias if norm.bias is not None else 0.0)
-        fused = None
+        parts = []
         for block, project, f in zip(fuse_blocks, self.project, features):
             # This stage's share of the fused map: projection and fuse composed, at the stage's
-            # own resolution, then upsampled (linear maps commute with bilinear upsampling).
+            # own resolution, to be upsampled (linear maps commute with bilinear upsampling).
             weight, bias = block @ project.weight.flatten(1), block @ project.bias
             if scale is not None:
                 weight, bias = weight * scale[:, None], bias * scale
-            if fused is None and shift is not None:
+            if not parts and shift is not None:
                 bias = bias + shift
-            part = F.conv2d(f, weight[:, :, None, None], bias)
-            if part.shape[-2:] != size:
-                part = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
-            fused = part if fused is None else fused.add_(part)
+            parts.append(F.conv2d(f, weight[:, :, None, None], bias))
+        fused, smaller = parts[0], parts[1:]
+        if fused.shape[-2:] != size:  # (stage 1 is at stride 4: only a custom encoder gets here)
+            fused = F.interpolate(fused, size=size, mode="bilinear", align_corners=False)
+        # The shares summed in one pass, the ReLU too where the norm is folded.
+        relu_in_sum = folds_norm and isinstance(act, nn.ReLU)
+        fused = add_bilinear_upsampled_(fused, smaller, relu=relu_in_sum)
         if not folds_norm:
             fused = norm(fused)
-        return self.classifier(self.dropout(act(fused)))
+        return self.classifier(self.dropout(fused if relu_in_sum else act(fused)))
 
 
 class SegFormer(nn.Module):

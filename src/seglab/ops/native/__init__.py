@@ -2,7 +2,8 @@
 with ctypes: `winograd_tiles.c`, Winograd's tile transforms, one pass over memory each;
 `cross_entropy.c`, softmax cross-entropy and its gradient in one pass; `batch_norm.c`,
 training's BatchNorm with the shortcut addition and ReLU after it, two passes each way;
-`common.c`, the threads they run on and their bf16 conversions.
+`bilinear.c`, bilinearly upsampled maps added into a map in one pass; `common.c`, the threads
+they run on and their bf16 conversions.
 
 Why compiled here, not shipped: the kernels are about 1000 lines of portable C that a compiler
 vectorises for the processor it runs on (`-march=native`), it builds in a few seconds, once
@@ -40,12 +41,12 @@ import torch
 
 from seglab.ops.native import specialise as _specialise
 
-__all__ = ["MAX_CLASSES", "available", "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy",
+__all__ = ["MAX_CLASSES", "MAX_UPSAMPLED", "add_upsampled_", "available", "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy",
            "gather_tiles", "scatter_tiles", "specialise", "unavailable_reason"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",
-                                                                "batch_norm.c"))
+                                                                "batch_norm.c", "bilinear.c"))
 _LIBRARY_PREFIXES = ("seglab_native-", "winograd_tiles-")  # the name, then the name of older versions
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 _NATIVE_FLAGS = ("-march=native",)  # the processor's vector width; dropped where the compiler refuses it
@@ -53,6 +54,7 @@ _COMPILE_SECONDS = 120
 PRUNE_UNUSED_DAYS = 30
 MAX_SIDE = 8  # of a matrix compiled in (winograd_tiles.c's LANES)
 MAX_CLASSES = 1024  # cross_entropy.c's
+MAX_UPSAMPLED = 8  # bilinear.c's
 # Modules whose import registers matrices to compile in (`specialise`): imported before the
 # first build, so that a process whose first native call is another kernel (cross-entropy,
 # from `seglab.losses` alone) still builds Winograd's own kernels.
@@ -200,6 +202,9 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_batch_norm_backward.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, pointer,
                                                    pointer, pointer, i64, i64, i32, i32, i32, pointer, pointer]
     library.seglab_batch_norm_forward.restype = library.seglab_batch_norm_backward.restype = i32
+    library.seglab_add_upsampled.argtypes = [pointer, pointer, pointer, pointer, i32, i64, i64, i64, i64, i32, i32,
+                                             i32]
+    library.seglab_add_upsampled.restype = i32
     library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
     library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
     openmp = _torch_openmp()
@@ -490,3 +495,35 @@ def batch_norm_backward(grad: torch.Tensor, x: torch.Tensor, saved: torch.Tensor
     if status != 0:
         raise MemoryError("the native batch norm could not allocate its chunk sums")
     return grad_x, grad_shortcut, grad_weight, grad_bias
+
+
+def add_upsampled_(out: torch.Tensor, parts: list[torch.Tensor] | tuple[torch.Tensor, ...], *,
+                   relu: bool = False) -> torch.Tensor:
+    """out += the sum of `parts`, each bilinearly upsampled to out's size as
+    `F.interpolate(part, size, mode="bilinear", align_corners=False)` upsamples it, then
+    out = relu(out) with `relu`; in place, in one pass over `out` (`bilinear.c`). All are
+    channels-last maps given as N x H x W x C tensors (contiguous), float32 or bf16 alike (bf16
+    summed in float32 and rounded once), at most `MAX_UPSAMPLED` parts of out's N and C.
+    Returns out."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    _check(out, "the map to add into", _VALUES)
+    if out.dim() != 4:
+        raise ValueError(f"the map to add into must be N x H x W x C, not of shape {tuple(out.shape)}")
+    if len(parts) > MAX_UPSAMPLED:
+        raise ValueError(f"at most {MAX_UPSAMPLED} maps are added in one pass, not {len(parts)}")
+    n, height, width, channels = out.shape
+    for index, part in enumerate(parts):
+        _check(part, f"map {index} to upsample", (out.dtype,))
+        if part.dim() != 4 or part.shape[0] != n or part.shape[3] != channels or min(part.shape[1:3]) < 1:
+            raise ValueError(f"map {index} to upsample must be {n} x h x w x {channels}, not of shape "
+                             f"{tuple(part.shape)}")
+    sources = (ctypes.c_void_p * MAX_UPSAMPLED)(*(part.data_ptr() for part in parts))
+    heights = (ctypes.c_int64 * MAX_UPSAMPLED)(*(part.shape[1] for part in parts))
+    widths = (ctypes.c_int64 * MAX_UPSAMPLED)(*(part.shape[2] for part in parts))
+    if out.numel():
+        library.seglab_add_upsampled(out.data_ptr(), sources, heights, widths, len(parts), n, height, width,
+                                     channels, int(relu), torch.get_num_threads(), int(out.dtype == torch.bfloat16))
+    return out
+
