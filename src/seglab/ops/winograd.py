@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from seglab.ops import native
 from seglab.ops.layout import channel_sums
 
-__all__ = ["BF16_TILE", "OUTPUT_TILES", "TILE", "winograd_conv3x3", "winograd_filters"]
+__all__ = ["BF16_TILE", "OUTPUT_TILES", "TILE", "input_matrix", "input_tiles", "output_map", "runs_natively",
+           "tile_of", "transformed_windows", "winograd_conv3x3", "winograd_filters"]
 
 TILE = 4  # the default output tile side: F(4x4, 3x3)
 BF16_TILE = 2  # the one tile whose transforms bf16 products survive
@@ -117,7 +118,7 @@ def _matrices(tile: int) -> _Matrices:
         return _Matrices(b_t, torch.kron(g, g), a_t)
 
 
-def _tile_of(filters: torch.Tensor) -> int:
+def tile_of(filters: torch.Tensor) -> int:
     """The output tile side of filters in Winograd's domain ((m + 2)^2 x C_in x C_out)."""
     side = math.isqrt(filters.shape[0])
     if side * side != filters.shape[0] or side - 2 not in _POINTS:
@@ -163,7 +164,7 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
     at least float32 and the products in the filters' dtype: bf16 `x` and filters give bf16
     products between float32 transforms (with F(2x2) only: see above). Differentiable."""
     n, in_channels, height, width = x.shape
-    _tile_of(filters)
+    tile_of(filters)
     if filters.shape[1] != in_channels:
         raise ValueError(f"filters of shape {tuple(filters.shape)} do not take {in_channels} input channels")
     nhwc = x.permute(0, 2, 3, 1)
@@ -177,7 +178,7 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
         out = _undilated(phases.reshape(n * dilation * dilation, rows, cols, in_channels), filters)
         out = out.view(n, dilation, dilation, rows, cols, -1).permute(0, 3, 1, 4, 2, 5)
         out = out.reshape(n, rows * dilation, cols * dilation, -1)[:, :height, :width]
-    elif _runs_natively(nhwc, filters):
+    elif runs_natively(nhwc, filters):
         return _undilated_natively(nhwc.contiguous(), filters, bias).permute(0, 3, 1, 2)
     else:
         out = _undilated(nhwc, filters)
@@ -226,10 +227,10 @@ class _InputTiles(torch.autograd.Function):
 def _undilated(nhwc: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     """The undilated 3x3 convolution, zero padding 1, of the channels-last map `nhwc`
     (N x H x W x C_in): N x H x W x C_out, not necessarily contiguous."""
-    if _runs_natively(nhwc, filters):
+    if runs_natively(nhwc, filters):
         return _undilated_natively(nhwc.contiguous(), filters, None)
     n, height, width, in_channels = nhwc.shape
-    out_channels, tile = filters.shape[-1], _tile_of(filters)
+    out_channels, tile = filters.shape[-1], tile_of(filters)
     side = tile + 2
     b_t, _, a_t = _matrices(tile)
     work = torch.promote_types(nhwc.dtype, torch.float32)  # the transforms' dtype (bf16 has no bits to spare)
@@ -251,7 +252,7 @@ def _undilated(nhwc: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
 # elsewhere, or without a C compiler, `_undilated` runs the operators above.
 
 
-def _runs_natively(nhwc: torch.Tensor, filters: torch.Tensor) -> bool:
+def runs_natively(nhwc: torch.Tensor, filters: torch.Tensor) -> bool:
     return (nhwc.device.type == "cpu" and nhwc.dtype in (torch.float32, torch.bfloat16)
             and filters.dtype == nhwc.dtype and native.available())
 
@@ -281,7 +282,7 @@ _register_native_matrices()
 class _NativeInputTransform(torch.autograd.Function):
     """N x H x W x C_in (contiguous) -> side^2 x tiles x C_in: `L d L^T` of every window `d` at
     a stride of `step`, zero padding 1, `L` = `matrix` (side x the window's side): `B^T` and
-    the tile for Winograd's input tiles (`_input_transform`), `B^T` times nearest upsampling for
+    the tile for Winograd's input tiles (`input_tiles`), `B^T` times nearest upsampling for
     those of an upsampled map (`seglab.ops.winograd_nearest`). In the map's dtype (float32, or
     bf16 transformed in float32). The gradient adds `L^T g L` of each tile back onto its
     (overlapping) window, in float32; `gradient_matrix` is `L^T`, contiguous."""
@@ -301,10 +302,24 @@ class _NativeInputTransform(torch.autograd.Function):
         return out.to(ctx.dtype), None, None, None
 
 
-def _input_transform(nhwc: torch.Tensor, tile: int) -> torch.Tensor:
-    """Winograd's input tiles of F(tile x tile) by the native kernels (`_NativeInputTransform`)."""
+def transformed_windows(nhwc: torch.Tensor, matrix: torch.Tensor, gradient_matrix: torch.Tensor,
+                        step: int) -> torch.Tensor:
+    """`L d L^T` of every window `d` of the channels-last map `nhwc` (N x H x W x C,
+    contiguous) at a stride of `step`, zero padding 1, in the layout of the batched products;
+    differentiable (`_NativeInputTransform`). `matrix` is L (float32, contiguous, registered
+    with `native.specialise` to run at full speed) and `gradient_matrix` its transpose."""
+    return _NativeInputTransform.apply(nhwc, matrix, gradient_matrix, step)
+
+
+def input_matrix(tile: int) -> torch.Tensor:
+    """F(tile x tile)'s input transform `B^T`, float64 ((tile + 2) x (tile + 2))."""
+    return _matrices(tile).b_t
+
+
+def input_tiles(nhwc: torch.Tensor, tile: int) -> torch.Tensor:
+    """Winograd's input tiles of F(tile x tile) by the native kernels (`transformed_windows`)."""
     b_t, b, _, _ = _native_matrices(tile)
-    return _NativeInputTransform.apply(nhwc, b_t, b, tile)
+    return transformed_windows(nhwc, b_t, b, tile)
 
 
 class _NativeOutputTransform(torch.autograd.Function):
@@ -325,6 +340,14 @@ class _NativeOutputTransform(torch.autograd.Function):
         products = native.gather_tiles(grad, _native_matrices(ctx.tile)[3], step=ctx.tile, pad=0)
         bias = channel_sums(grad.permute(0, 3, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[1] else None
         return products.to(ctx.dtype), bias, None, None
+
+
+def output_map(products: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, int, int],
+               tile: int) -> torch.Tensor:
+    """The N x H x W x C_out map (`shape` = (N, H, W)) of F(tile x tile)'s products ((tile +
+    2)^2 x tiles x C_out) by the native kernels, plus `bias`; differentiable
+    (`_NativeOutputTransform`)."""
+    return _NativeOutputTransform.apply(products, bias, shape, tile)
 
 
 @functools.cache
@@ -350,7 +373,7 @@ def _input_gradient_filters(filters: torch.Tensor) -> torch.Tensor:
     """The Winograd-domain filters of a convolution's input gradient, the convolution of the
     output gradient with the rotated, transposed kernel (C_out in, C_in out), made from
     `filters` by `_flip`'s signed permutation: exact in any dtype."""
-    index, sign = _flip(_tile_of(filters))
+    index, sign = _flip(tile_of(filters))
     rotated = filters[index.to(filters.device)] * sign.to(filters.device, filters.dtype).view(-1, 1, 1)
     return rotated.transpose(1, 2).contiguous()
 
@@ -362,7 +385,7 @@ class _NativeF2x2(torch.autograd.Function):
     Forward: input tiles `V = B^T d B`, products `M = V F`, output `A^T M A` (+ bias). Backward:
     the filters' gradient `V^T (A dY A^T)`, from the saved tiles; the input's as a forward
     convolution of the output gradient with the rotated, transposed filters (`_flip`), by the
-    forward's own kernels. Autograd through the three steps (`_input_transform`, `bmm`,
+    forward's own kernels. Autograd through the three steps (`input_tiles`, `bmm`,
     `_NativeOutputTransform`) adds the input tiles' gradient back onto the overlapping windows
     instead, rounding a bf16 pixel up to four times (or taking float32 copies); this way each
     gradient is rounded once, like the forward's output. Against oneDNN's bf16 direct
@@ -401,14 +424,14 @@ class _NativeF2x2(torch.autograd.Function):
 
 def _undilated_natively(nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`_undilated` (plus `bias`) by the native transforms: N x H x W x C_out, contiguous, in
-    `nhwc`'s dtype, the filters' (`_runs_natively`). bf16: the kernels read and write bf16 and
+    `nhwc`'s dtype, the filters' (`runs_natively`). bf16: the kernels read and write bf16 and
     transform in float32, the products run in bf16; float32 copies of the map, the tiles and
     the products took 5-9% of a 512-channel convolution's time (32 x 32, 64 x 64) and 12% of a
     256-channel one's on 128 x 128. F(2x2) runs as one function (`_NativeF2x2`)."""
     n, height, width, _ = nhwc.shape
-    tile = _tile_of(filters)
+    tile = tile_of(filters)
     if tile == BF16_TILE:
         return _NativeF2x2.apply(nhwc, filters, bias)
-    inputs = _input_transform(nhwc, tile)
+    inputs = input_tiles(nhwc, tile)
     products = torch.bmm(inputs, filters)
-    return _NativeOutputTransform.apply(products, bias, (n, height, width), tile)
+    return output_map(products, bias, (n, height, width), tile)

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from seglab.ops import native
-from seglab.ops.winograd import (_input_transform, _matrices, _NativeInputTransform, _NativeOutputTransform,
-                                 _runs_natively, _tile_of, winograd_conv3x3)
+from seglab.ops.winograd import (input_matrix, input_tiles, output_map, runs_natively, tile_of, transformed_windows,
+                                 winograd_conv3x3)
 
 __all__ = ["UPSAMPLED_TILES", "winograd_conv3x3_of_nearest2x"]
 
@@ -49,12 +49,12 @@ UPSAMPLED_TILES = (4, 6)  # F(4x4) and F(6x6), float32's (an even tile covers wh
 @functools.cache
 def _upsampled_matrices(tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`B^T U` of F(tile x tile) (see above) and its transpose, float32 and contiguous, built
-    outside inference mode like `_matrices`."""
+    outside inference mode (a matrix made under it could not be saved for a backward)."""
     with torch.inference_mode(False):
         rows = torch.arange(tile + 2)
         upsample = torch.zeros(tile + 2, tile // 2 + 2, dtype=torch.float64)
         upsample[rows, (rows + 1) // 2] = 1
-        matrix = (_matrices(tile).b_t @ upsample).float()
+        matrix = (input_matrix(tile) @ upsample).float()
         return matrix.contiguous(), matrix.t().contiguous()
 
 
@@ -75,7 +75,7 @@ def winograd_conv3x3_of_nearest2x(x: torch.Tensor, skip: torch.Tensor | None, fi
     through the upsampled map). Returns N x C_out x 2H x 2W, channels last, in x's dtype.
     Float32 CPU maps go by the native kernels as above; anything else builds the upsampled,
     concatenated map for `winograd_conv3x3`. Differentiable."""
-    tile = _tile_of(filters)
+    tile = tile_of(filters)
     n, low_channels, height, width = x.shape
     size = (2 * height, 2 * width)
     skip_channels = 0 if skip is None else skip.shape[1]
@@ -85,15 +85,15 @@ def winograd_conv3x3_of_nearest2x(x: torch.Tensor, skip: torch.Tensor | None, fi
     if skip is not None and (tuple(skip.shape[-2:]) != size or skip.shape[0] != n):
         raise ValueError(f"a skip of shape {tuple(skip.shape)} is not the 2x upsampling of {tuple(x.shape)}")
     nhwc = x.permute(0, 2, 3, 1)
-    if (tile not in UPSAMPLED_TILES or not _runs_natively(nhwc, filters)
+    if (tile not in UPSAMPLED_TILES or not runs_natively(nhwc, filters)
             or (skip is not None and skip.dtype != x.dtype)):
         upsampled = F.interpolate(x, scale_factor=2, mode="nearest")
         return winograd_conv3x3(upsampled if skip is None else torch.cat([upsampled, skip], 1), filters, bias)
     matrix, gradient_matrix = _upsampled_matrices(tile)
-    tiles = _NativeInputTransform.apply(nhwc.contiguous(), matrix, gradient_matrix, tile // 2)
+    tiles = transformed_windows(nhwc.contiguous(), matrix, gradient_matrix, tile // 2)
     products = torch.bmm(tiles, filters[:, :low_channels])
     if skip is not None:
         # In place: neither product's gradient needs the products themselves.
-        products = products.baddbmm_(_input_transform(skip.permute(0, 2, 3, 1).contiguous(), tile),
+        products = products.baddbmm_(input_tiles(skip.permute(0, 2, 3, 1).contiguous(), tile),
                                      filters[:, low_channels:])
-    return _NativeOutputTransform.apply(products, bias, (n, *size), tile).permute(0, 3, 1, 2)
+    return output_map(products, bias, (n, *size), tile).permute(0, 3, 1, 2)
