@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from seglab.bench import BenchSettings, comparison_rows, run_bench, time_interleaved, to_markdown
+from seglab.bench import BenchSettings, comparison_rows, run_bench, speed_ratio, time_interleaved, to_markdown
 from seglab.bench_accuracy import accuracy_check
 from seglab.cli import main
 from seglab.models.profile import describe_model
@@ -114,7 +114,7 @@ def test_bench_command_writes_json_and_markdown_with_peer_ratios(tmp_path):
     assert plain["peak_gflops"] > 0
     assert plain["fraction_of_peak"] == pytest.approx(plain["achieved_gflops"] / plain["peak_gflops"])
     line = next(c for c in comparison_rows(results) if c["mode"] == "inference")
-    assert line["ratio"] == pytest.approx(line["seglab fast"] / line["peer fp32"])
+    assert line["ratio"] == pytest.approx(line["seglab fast"] / line["peer fp32"])  # one round: the same
     assert line["same net"] is True
     markdown = (tmp_path / "bench.md").read_text()
     assert "SegFormer-B0" in markdown and "| ratio |" in markdown
@@ -163,3 +163,12 @@ def test_pspnet_os8_peer_runs_the_papers_dilated_encoder():
     with torch.no_grad():
         assert smp_default.encoder(x)[-1].shape[-2:] == (8, 8)
         assert len(smp_default.encoder(x)) < len(peer.encoder(x))  # cut after the stride-8 stage
+
+
+def test_the_speed_ratio_is_the_median_of_the_rounds_ratios():
+    fast = dict(batch=2, seconds=[1.0, 2.0, 1.0], images_per_s=2.0)
+    peer = dict(batch=2, seconds=[2.0, 4.2, 3.0], images_per_s=2 / 3.0)
+    # Round 2 ran slow for both (a slow spell); per round the peer took 2x, 2.1x and 3x as long.
+    assert speed_ratio(fast, peer) == pytest.approx(2.1)
+    # Not timed in the same rounds: the ratio of the medians.
+    assert speed_ratio(fast, dict(peer, seconds=[3.0])) == pytest.approx(3.0)

@@ -586,6 +586,16 @@ def _find(rows: list[dict[str, Any]], **where: Any) -> dict[str, Any] | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in where.items())), None)
 
 
+def speed_ratio(fast: dict[str, Any], peer: dict[str, Any]) -> float:
+    """How many times the peer's images/s seglab's fast path ran: the median over the timed
+    rounds of the peer's seconds / the fast path's in the same round (both ran in each round,
+    at the same batch), so that a slow spell of the machine, which stretches one round, moves
+    both sides together; the ratio of the medians for rows not timed in the same rounds."""
+    if fast["batch"] == peer["batch"] and len(fast["seconds"]) == len(peer["seconds"]) > 0:
+        return statistics.median(theirs / ours for ours, theirs in zip(fast["seconds"], peer["seconds"]))
+    return fast["images_per_s"] / peer["images_per_s"]
+
+
 def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One line per (device, architecture) and measurement (inference at each batch, training):
     images/s of seglab's fast path, of seglab in plain fp32 and of the peer, the ratio
@@ -608,7 +618,7 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                         "device": device, "model": arch.title, "mode": mode, "batch": batch,
                         "seglab fast": fast["images_per_s"], "seglab fp32": plain["images_per_s"] if plain else None,
                         "peer": f"{arch.peer}" if peer else None, "peer fp32": peer["images_per_s"] if peer else None,
-                        "ratio": fast["images_per_s"] / peer["images_per_s"] if peer else None,
+                        "ratio": speed_ratio(fast, peer) if peer else None,
                         "GFLOPs seglab/peer": f"{fast['gflops_per_image']:.1f} / {peer['gflops_per_image']:.1f}"
                         if peer else f"{fast['gflops_per_image']:.1f}",
                         # A ratio between different networks is not a like-for-like speed-up. The
@@ -659,7 +669,8 @@ def to_markdown(results: dict[str, Any]) -> str:
     settling = f" + up to {settings['settle_rounds']} while faulting" if settings.get("settle_rounds") else ""
     out += ["", f"## seglab vs peers ({settings['size']}x{settings['size']}, {settings['num_classes']} classes, "
             f"median of {settings['repeats']} after {settings['warmup']} warm-up{settling})", "",
-            "images/s; ratio = seglab fast path / peer used as its README shows (eval, no_grad, fp32); "
+            "images/s (batch / median seconds); ratio = seglab fast path / peer used as its README shows (eval, "
+            "no_grad, fp32), the median of the per-round ratios (both run in every round); "
             "fraction of peak = achieved GFLOP/s of the fast path / calibration kernel of the same precision, timed in the same rounds "
             "(training counted as 3x the forward FLOPs); same net = the two networks' parameter counts agree within 5%.", ""]
     lines = comparison_rows(results)
