@@ -517,9 +517,9 @@ def _winograd_calls(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, li
 
     calls = []
 
-    def counted(x: torch.Tensor, filters: torch.Tensor, *args) -> torch.Tensor:
+    def counted(x: torch.Tensor, filters: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         calls.append(x.shape[1])
-        return winograd_conv3x3(x, filters, *args)
+        return winograd_conv3x3(x, filters, *args, **kwargs)
 
     with mock.patch.object(onednn, "winograd_conv3x3", counted):
         return model(x), calls
@@ -588,9 +588,9 @@ def test_winograd_conv_takes_the_tile_the_map_fills_and_keeps_filters_for_each()
     conv.winograd = True
     sides = []
 
-    def counted(x: torch.Tensor, filters: torch.Tensor, *args) -> torch.Tensor:
+    def counted(x: torch.Tensor, filters: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         sides.append(filters.shape[0])
-        return winograd_conv3x3(x, filters, *args)
+        return winograd_conv3x3(x, filters, *args, **kwargs)
 
     with mock.patch.object(onednn, "winograd_conv3x3", counted):
         for size in (64, 32, 64):  # 6 x 6 tiles fill 64 x 64 (94%), not 32 x 32 (79%)

@@ -309,6 +309,36 @@ def test_bad_arguments_get_one_clear_error():
         native.scatter_tiles(tiles[0], matrix, (1, 8, 8), step=4, pad=1, accumulate_into=torch.zeros(1, 8, 8, 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scatter_adds_a_residual_and_applies_the_relu_in_its_pass(dtype):
+    torch.manual_seed(0)
+    matrix = _native_matrices(4)[2]  # F(4x4)'s A^T
+    tiles = torch.randn(36, 2 * 3 * 4, 24).to(dtype)
+    residual = torch.randn(2, 11, 14, 24).to(dtype)
+    bias = torch.randn(24)
+    plain = native.scatter_tiles(tiles, matrix, (2, 11, 14), step=4, pad=0, bias=bias)
+    fused = native.scatter_tiles(tiles, matrix, (2, 11, 14), step=4, pad=0, bias=bias, residual=residual, relu=True)
+    expected = (plain.float() + residual.float()).relu()
+    tolerance = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(fused.float(), expected, **tolerance)
+    assert (fused == 0).any()
+    # The ReLU alone keeps NaN, as torch.relu does.
+    tiles[:, 0, 0] = float("nan")
+    assert torch.isnan(native.scatter_tiles(tiles, matrix, (2, 11, 14), step=4, pad=0, relu=True)[0, 0, 0, 0])
+
+
+def test_scatter_refuses_an_epilogue_it_cannot_apply():
+    tiles, matrix = torch.randn(36, 4, 8), _native_matrices(4)[2]
+    with pytest.raises(ValueError, match="does not fit the 1 x 8 x 8 x 8 map"):
+        native.scatter_tiles(tiles, matrix, (1, 8, 8), step=4, pad=0, residual=torch.zeros(1, 8, 8, 7))
+    with pytest.raises(ValueError, match="the residual must be a contiguous float32 CPU tensor"):
+        native.scatter_tiles(tiles, matrix, (1, 8, 8), step=4, pad=0, residual=torch.zeros(1, 8, 8, 8).double())
+    overlapping = torch.randn(36, 9, 8)
+    with pytest.raises(ValueError, match="not with accumulate_into"):
+        native.scatter_tiles(overlapping, torch.randn(6, 6), (1, 8, 8), step=3, pad=1, relu=True,
+                             accumulate_into=torch.zeros(1, 8, 8, 8))
+
+
 def test_add_upsampled_refuses_maps_it_cannot_add_with_one_clear_error():
     out = torch.zeros(2, 8, 8, 4)
     with pytest.raises(ValueError, match="the map to add into must be a contiguous float32 or bfloat16"):

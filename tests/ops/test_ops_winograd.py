@@ -171,3 +171,48 @@ def test_the_input_gradients_filters_are_the_rotated_transposed_kernels_for_f2x2
     rotated = winograd_filters(weight.flip(2, 3).transpose(0, 1), 2)
     assert torch.equal(_input_gradient_filters(winograd_filters(weight, 2)), rotated)
     assert _flip(4) is None and _flip(6) is None  # +-2 and +-1/2 have no such permutation
+
+
+def _channels_last(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("tile, dtype", [(4, torch.float32), (6, torch.float32), (BF16_TILE, torch.bfloat16)])
+@pytest.mark.parametrize("residual, relu", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("size", [(12, 12), (9, 14)])
+def test_the_residual_and_relu_in_the_output_transform_equal_separate_steps(tile, dtype, residual, relu, size):
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    torch.manual_seed(0)
+    x = _channels_last(2, 16, *size, dtype=dtype)
+    weight, b = torch.randn(24, 16, 3, 3).to(dtype), torch.randn(24)
+    shortcut = _channels_last(2, 24, *size, dtype=dtype) if residual else None
+    filters = winograd_filters(weight, tile)
+    with torch.no_grad():
+        fused = winograd_conv3x3(x, filters, b, residual=shortcut, relu=relu)
+        separate = winograd_conv3x3(x, filters, b)
+        separate = (separate.float() + (0 if shortcut is None else shortcut.float())).to(dtype)
+        separate = separate.relu() if relu else separate
+    assert fused.dtype == dtype and fused.is_contiguous(memory_format=torch.channels_last)
+    # float32: the same sums in another order; bf16: rounded once instead of twice.
+    tolerance = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(fused.float(), separate.float(), **tolerance)
+    if relu:
+        assert (fused >= 0).all() and (fused == 0).any()
+
+
+def test_the_epilogue_with_gradients_or_a_strided_residual_takes_separate_steps():
+    torch.manual_seed(0)
+    x = _channels_last(1, 8, 10, 10, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(8, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    shortcut = _channels_last(1, 8, 10, 10, dtype=torch.float64).requires_grad_()
+    ours = winograd_conv3x3(x, winograd_filters(weight, 4), None, residual=shortcut, relu=True)
+    expected = (F.conv2d(x, weight, padding=1) + shortcut).relu()
+    assert_values_and_gradients_equal(ours, expected, [x, weight, shortcut], values_atol=1e-10, gradients_atol=1e-10)
+    # An NCHW residual (not the output's layout) is added by its own step.
+    nchw = torch.randn(1, 8, 10, 10)
+    with torch.no_grad():
+        filters = winograd_filters(weight.detach().float(), 4)
+        ours = winograd_conv3x3(x.detach().float(), filters, residual=nchw)
+        expected = winograd_conv3x3(x.detach().float(), filters) + nchw
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)

@@ -122,7 +122,10 @@ class FusedConv(nn.Conv2d):
         tile = call_output_tile(x, self.weight, self.dilation[0], training=False) if self.winograd else None
         if tile is not None:
             filters = self._winograd_filters.get([self.weight], lambda: winograd_filters(self.weight, tile), tile)
-            return self._finish(winograd_conv3x3(x, filters, self.bias, self.dilation[0]), residual)
+            # The residual and a ReLU in the output transform's pass (`winograd_conv3x3`).
+            relu = isinstance(self.activation, nn.ReLU)
+            y = winograd_conv3x3(x, filters, self.bias, self.dilation[0], residual=residual, relu=relu)
+            return y if relu or self.activation is None else self.activation(y)
         attr, algorithm = self.post_op
         weight, padding, stride, dilation = self._onednn_weight(x), list(self.padding), list(self.stride), list(self.dilation)
         if residual is None:

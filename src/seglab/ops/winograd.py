@@ -156,18 +156,30 @@ def _transform(matrix: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
 
 
 def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None = None,
-                     dilation: int = 1) -> torch.Tensor:
+                     dilation: int = 1, *, residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
     """The stride-1 3x3 convolution of `x` (N x C_in x H x W) with zero padding `dilation` (the
     size-preserving one) at `dilation`, given its filters in Winograd's domain
-    (`winograd_filters`; their size picks F(2x2, 3x3), F(4x4, 3x3) or F(6x6, 3x3)), plus `bias`.
-    Returns N x C_out x H x W in the channels-last layout, in `x`'s dtype. The transforms run in
-    at least float32 and the products in the filters' dtype: bf16 `x` and filters give bf16
-    products between float32 transforms (with F(2x2) only: see above). Differentiable."""
+    (`winograd_filters`; their size picks F(2x2, 3x3), F(4x4, 3x3) or F(6x6, 3x3)), plus `bias`,
+    plus `residual` (N x C_out x H x W) when given, then the ReLU with `relu`. Returns
+    N x C_out x H x W in the channels-last layout, in `x`'s dtype. The transforms run in at
+    least float32 and the products in the filters' dtype: bf16 `x` and filters give bf16
+    products between float32 transforms (with F(2x2) only: see above). Differentiable; where no
+    gradient is needed the residual and the ReLU are added by the output transform's own pass
+    (`_epilogue_in_transform`)."""
     n, in_channels, height, width = x.shape
     tile_of(filters)
     if filters.shape[1] != in_channels:
         raise ValueError(f"filters of shape {tuple(filters.shape)} do not take {in_channels} input channels")
     nhwc = x.permute(0, 2, 3, 1)
+    if residual is not None or relu:
+        if dilation == 1 and _epilogue_in_transform(nhwc, filters, bias, residual):
+            fused = _undilated_natively(nhwc.contiguous(), filters, bias, epilogue=(
+                None if residual is None else residual.permute(0, 2, 3, 1), relu))
+            return fused.permute(0, 3, 1, 2)
+        out = winograd_conv3x3(x, filters, bias, dilation)  # a fresh map: in place is safe
+        if residual is not None:
+            out += residual
+        return out.relu_() if relu else out
     if dilation > 1:
         # A convolution at dilation d is d x d undilated ones, each over one phase of the map
         # (the pixels (i, j) with the same i mod d and j mod d) stacked along the batch. Zeros
@@ -422,16 +434,40 @@ class _NativeF2x2(torch.autograd.Function):
         return grad_input, grad_filters, grad_bias
 
 
-def _undilated_natively(nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _epilogue_in_transform(nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None,
+                           residual: torch.Tensor | None) -> bool:
+    """Whether the output transform can add `residual` (N x C_out x H x W) and apply the ReLU
+    itself: the native kernels, no gradient to compute, a residual of the output's dtype and
+    shape laid out channels-last."""
+    tensors = [t for t in (nhwc, filters, bias, residual) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if residual is not None and (residual.dtype != nhwc.dtype or residual.dim() != 4
+                                 or tuple(residual.shape) != (nhwc.shape[0], filters.shape[-1], *nhwc.shape[1:3])
+                                 or not residual.permute(0, 2, 3, 1).is_contiguous()):
+        return False
+    return runs_natively(nhwc, filters)
+
+
+def _undilated_natively(nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, *,
+                        epilogue: tuple[torch.Tensor | None, bool] | None = None) -> torch.Tensor:
     """`_undilated` (plus `bias`) by the native transforms: N x H x W x C_out, contiguous, in
     `nhwc`'s dtype, the filters' (`runs_natively`). bf16: the kernels read and write bf16 and
     transform in float32, the products run in bf16; float32 copies of the map, the tiles and
     the products took 5-9% of a 512-channel convolution's time (32 x 32, 64 x 64) and 12% of a
-    256-channel one's on 128 x 128. F(2x2) runs as one function (`_NativeF2x2`)."""
+    256-channel one's on 128 x 128. F(2x2) runs as one function (`_NativeF2x2`). With
+    `epilogue` = (residual, relu) (no gradient: `_epilogue_in_transform`) the output transform
+    also adds the residual (N x H x W x C_out, contiguous, or None) and applies the ReLU: a
+    ResNet block's addition and ReLU, or a convolution's ReLU, cost no pass of their own."""
     n, height, width, _ = nhwc.shape
     tile = tile_of(filters)
-    if tile == BF16_TILE:
-        return _NativeF2x2.apply(nhwc, filters, bias)
-    inputs = input_tiles(nhwc, tile)
-    products = torch.bmm(inputs, filters)
-    return output_map(products, bias, (n, height, width), tile)
+    if epilogue is None:
+        if tile == BF16_TILE:
+            return _NativeF2x2.apply(nhwc, filters, bias)
+        return output_map(torch.bmm(input_tiles(nhwc, tile), filters), bias, (n, height, width), tile)
+    residual, relu = epilogue
+    b_t, _, a_t, _ = _native_matrices(tile)
+    products = torch.bmm(native.gather_tiles(nhwc, b_t, step=tile, pad=1), filters)
+    return native.scatter_tiles(products, a_t, (n, height, width), step=tile, pad=0,
+                                bias=None if bias is None else bias.detach().float().contiguous(),
+                                residual=residual, relu=relu)

@@ -191,8 +191,8 @@ def _load_once() -> ctypes.CDLL | None:
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.seglab_gather.argtypes = [pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i32, i32, i64,
                                       i32, i32, i32]
-    library.seglab_scatter.argtypes = [pointer, pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i64,
-                                       i64, i64, i32, i32, i32, i32, i32, i32]
+    library.seglab_scatter.argtypes = [pointer, pointer, pointer, pointer, pointer, i32, i32, i32, i64, i64, i64,
+                                       i64, i64, i64, i64, i32, i32, i32, i32, i32, i32]
     library.seglab_compiled_in.argtypes = [i32, i32, i32, pointer]
     library.seglab_cross_entropy.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i32, i32, pointer]
     library.seglab_cross_entropy.restype = i32
@@ -332,14 +332,16 @@ def gather_tiles(nhwc: torch.Tensor, matrix: torch.Tensor, step: int, pad: int, 
 
 def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, int, int], step: int, pad: int,
                   bias: torch.Tensor | None = None, accumulate_into: torch.Tensor | None = None, *,
+                  residual: torch.Tensor | None = None, relu: bool = False,
                   specialised: bool = True) -> torch.Tensor:
     """The transpose of `gather_tiles`' layout: `L T L^T` for every tile T of `tiles`
     (in_side^2 x windows x C, over the same ceil(H / step) x ceil(W / step) windows per image;
     contiguous, or each plane contiguous as `gather_tiles` returns them) placed on an N x H x W x C
     channels-last map (`shape` = (N, H, W)) at (step r - pad, step q - pad), cropped to the map.
-    Written to a new map plus `bias` (float32), or, where windows overlap, added into
-    `accumulate_into`; the map has the tiles' dtype (float32 or bf16, transformed in float32).
-    `specialised` as for `gather_tiles`."""
+    Written to a new map plus `bias` (float32) plus `residual` (a contiguous N x H x W x C map
+    of the tiles' dtype), then their ReLU with `relu` (a convolution's epilogue in the same
+    pass); or, where windows overlap, added into `accumulate_into`. The map has the tiles' dtype
+    (float32 or bf16, transformed in float32). `specialised` as for `gather_tiles`."""
     library = _load()
     if library is None:
         raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
@@ -354,6 +356,13 @@ def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, i
                          f"{n} x {grid[0]} x {grid[1]} grid")
     if out_side > step and accumulate_into is None:
         raise ValueError("overlapping windows are added into a map (accumulate_into)")
+    if accumulate_into is not None and (residual is not None or relu):
+        raise ValueError("a residual or a ReLU goes with written values, not with accumulate_into")
+    if residual is not None:
+        _check(residual, "the residual", (tiles.dtype,))
+        if tuple(residual.shape) != (n, height, width, tiles.shape[-1]):
+            raise ValueError(f"a residual of shape {tuple(residual.shape)} does not fit the "
+                             f"{n} x {height} x {width} x {tiles.shape[-1]} map")
     if accumulate_into is not None:
         _check(accumulate_into, "the map to add into", (tiles.dtype,))
         if tuple(accumulate_into.shape) != (n, height, width, tiles.shape[-1]):
@@ -365,7 +374,8 @@ def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, i
     if bias is not None:
         _check(bias, "the bias")
     if library.seglab_scatter(tiles.data_ptr(), out.data_ptr(), matrix.data_ptr(),
-                              None if bias is None else bias.data_ptr(), out_side, in_side, n, height, width,
+                              None if bias is None else bias.data_ptr(), _pointer(residual), int(relu),
+                              out_side, in_side, n, height, width,
                               tiles.shape[-1], grid[0], grid[1], tiles.stride(0), step, pad,
                               int(accumulate_into is not None),
                               torch.get_num_threads(), int(specialised), int(tiles.dtype == torch.bfloat16)) != 0:

@@ -19,16 +19,6 @@
 
 #define MAX_UPSAMPLED 8
 
-typedef uint32_t lane_bits __attribute__((vector_size(WIDE * sizeof(uint32_t))));
-
-/* max(v, 0) per lane, NaN kept (as torch.relu keeps it). */
-static inline VECTOR(WIDE) relu_lanes(VECTOR(WIDE) v) {
-    lane_bits bits;
-    memcpy(&bits, &v, sizeof bits);
-    bits &= ~(lane_bits)(v < 0);
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
 
 typedef struct {
     void *dst;
@@ -95,7 +85,7 @@ static inline void source_of(int64_t out, int64_t out_size, int64_t in_size, int
                                                   + w[k][1] * MEMORY(load, MEM, WIDE)(p[k][3] + c, width); \
                         sum += row_weight[k][0] * top + row_weight[k][1] * bottom;                  \
                     }                                                                               \
-                    if (job->relu) sum = relu_lanes(sum);                                              \
+                    if (job->relu) RELU(WIDE, sum);                                                    \
                     MEMORY(store, MEM, WIDE)(out + c, sum, width);                                  \
                 }                                                                                   \
             }                                                                                       \

@@ -29,9 +29,11 @@ typedef struct {
     void *dst;
     const float *matrix;  /* out_side x in_side, row major */
     const float *bias;    /* NULL or C floats (scatter only) */
+    const void *residual; /* NULL, or a map like dst added to the written values (scatter only) */
     int64_t n, height, width, channels, rows, cols;
     int64_t plane; /* elements from one plane of the tiles layout to the next (>= tiles x C) */
     int step, pad, accumulate, parity;
+    int relu; /* the written values' ReLU (scatter only, not with accumulate) */
 } Job;
 
 /* Channels are processed in vectors of L floats (GCC/Clang vector extension): 8 (AVX's
@@ -104,6 +106,17 @@ DEFINE_MEMORY_OF(8)
 #if WIDE != 8
 DEFINE_MEMORY_OF(WIDE)
 #endif
+
+/* max(v, 0) in every lane of a VECTOR(L), NaN kept (as torch.relu keeps it). */
+#define BITS(L) BITS_(L)
+#define BITS_(L) bits##L
+#define RELU(L, v)                                           \
+    do {                                                     \
+        BITS(L) bits_;                                       \
+        memcpy(&bits_, &(v), sizeof bits_);                  \
+        bits_ &= ~(BITS(L))((v) < 0);                        \
+        memcpy(&(v), &bits_, sizeof bits_);                  \
+    } while (0)
 
 /* R = L T L^T for a vector of channels at once: T is IN x IN, L is OUT x IN, R is OUT x OUT;
  * the general form, L read at run time (job->matrix). */
@@ -225,10 +238,16 @@ DEFINE_MEMORY_OF(WIDE)
                         for (int j = 0; j < OUT; j++) {                                        \
                             TYPE *p = ADDRESSES_PER_TILE(IN) ? pixel[i][j] : place(job, dst, b, y0 + i, x0 + j); \
                             if (!p) continue;                                                  \
-                            if (job->accumulate)                                               \
+                            if (job->accumulate) {                                             \
                                 MEMORY(store, MEM, L)(p + c0, MEMORY(load, MEM, L)(p + c0, width) \
                                                                   + result[i][j], width);      \
-                            else MEMORY(store, MEM, L)(p + c0, result[i][j] + bias, width);    \
+                                continue;                                                      \
+                            }                                                                  \
+                            VECTOR(L) value = result[i][j] + bias;                             \
+                            if (job->residual)                                                 \
+                                value += MEMORY(load, MEM, L)((const TYPE *)job->residual + (p - dst) + c0, width); \
+                            if (job->relu) RELU(L, value);                                     \
+                            MEMORY(store, MEM, L)(p + c0, value, width);                       \
                         }                                                                      \
                 }                                                                              \
             }                                                                                  \
@@ -302,25 +321,28 @@ int seglab_gather(const void *src, void *dst, const float *matrix, int out_side,
     RangeFn fn = specialised ? specialised_gather(out_side, in_side, matrix, bf16) : NULL;
     if (!fn) fn = gather_kernel(out_side, in_side, bf16);
     if (!fn) return -1;
-    Job job = {src, dst, matrix, NULL, n, height, width, channels,
-               (height + step - 1) / step, (width + step - 1) / step, plane, step, pad, 0, -1};
+    Job job = {src, dst, matrix, NULL, NULL, n, height, width, channels,
+               (height + step - 1) / step, (width + step - 1) / step, plane, step, pad, 0, -1, 0};
     parallel_for(n * job.rows * job.cols, threads, fn, &job);
     return 0;
 }
 
 /* dst is n x height x width x channels; with `accumulate` the results are added to it (it must
- * hold the starting values, zeros for a gradient), else written, plus `bias` when not NULL.
+ * hold the starting values, zeros for a gradient), else written, plus `bias` when not NULL,
+ * plus `residual` (NULL, or a map laid out like dst) and then their ReLU with `relu`: a
+ * convolution's epilogue in the same pass (inference).
  * `rows` x `cols` tiles per image (the loader passes gather's ceil(height / step) x
  * ceil(width / step)), src's planes `plane` values apart; `bias` is float32 whatever `bf16` says. */
 int seglab_scatter(const void *src, void *dst, const float *matrix, const float *bias,
-                   int out_side, int in_side, int64_t n, int64_t height, int64_t width,
-                   int64_t channels, int64_t rows, int64_t cols, int64_t plane, int step, int pad,
-                   int accumulate, int threads, int specialised, int bf16) {
+                   const void *residual, int relu, int out_side, int in_side, int64_t n,
+                   int64_t height, int64_t width, int64_t channels, int64_t rows, int64_t cols,
+                   int64_t plane, int step, int pad, int accumulate, int threads, int specialised,
+                   int bf16) {
     RangeFn fn = specialised ? specialised_scatter(out_side, in_side, matrix, bf16) : NULL;
     if (!fn) fn = scatter_kernel(out_side, in_side, bf16);
     if (!fn) return -1;
-    Job job = {src, dst, matrix, bias, n, height, width, channels, rows, cols, plane, step, pad,
-               accumulate, -1};
+    Job job = {src, dst, matrix, bias, residual, n, height, width, channels, rows, cols, plane, step,
+               pad, accumulate, -1, relu};
     const int overlap = out_side > step;
     if (!overlap) {
         parallel_for(n * rows, threads, fn, &job);
