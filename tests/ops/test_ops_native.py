@@ -339,6 +339,39 @@ def test_scatter_refuses_an_epilogue_it_cannot_apply():
                              accumulate_into=torch.zeros(1, 8, 8, 8))
 
 
+@pytest.mark.parametrize("dilation, size", [(2, (13, 10)), (3, (7, 11)), (4, (16, 16))])
+@pytest.mark.parametrize("tile", [4, 6])
+def test_dilated_windows_are_each_phases_own_in_place(dilation, size, tile):
+    # A d-dilated convolution's windows: those of each of the map's d x d phases, gathered and
+    # scattered in place; bit for bit what the kernels give on each phase copied out.
+    torch.manual_seed(0)
+    b_t, _, a_t, _ = _native_matrices(tile)
+    side = tile + 2
+    nhwc = torch.randn(2, *size, 8)
+    phases = [nhwc[:, p::dilation, q::dilation] for p in range(dilation) for q in range(dilation)]
+    height, width = -(-size[0] // dilation), -(-size[1] // dilation)  # every phase padded to the largest
+    padded = [F.pad(phase, (0, 0, 0, width - phase.shape[2], 0, height - phase.shape[1])).contiguous()
+              for phase in phases]
+    gathered = native.gather_tiles(nhwc, b_t, step=tile, pad=1, dilation=dilation)
+    expected = torch.stack([native.gather_tiles(phase, b_t, step=tile, pad=1).reshape(side * side, 2, -1, 8)
+                            for phase in padded], 2)  # ordered image, phase, window
+    assert torch.equal(gathered, expected.view(gathered.shape))
+    # The output transform writes each phase's outputs onto its own pixels, cropped to the map.
+    products = torch.randn(gathered.shape)
+    written = native.scatter_tiles(products, a_t, (2, *size), step=tile, pad=0, dilation=dilation)
+    per_phase = products.view(side * side, 2, dilation * dilation, -1, 8)
+    for index, phase in enumerate(phases):
+        p, q = divmod(index, dilation)
+        tiles = per_phase[:, :, index].contiguous().view(side * side, -1, 8)
+        own = native.scatter_tiles(tiles, a_t, (2, height, width), step=tile, pad=0)
+        assert torch.equal(written[:, p::dilation, q::dilation], own[:, :phase.shape[1], :phase.shape[2]])
+    other = dilation + 1
+    with pytest.raises(ValueError, match=rf"on a 2 x {other * other} phases x"):
+        native.scatter_tiles(products, a_t, (2, *size), step=tile, pad=0, dilation=other)
+    with pytest.raises(ValueError, match="the dilation must be at least 1"):
+        native.gather_tiles(nhwc, b_t, step=tile, pad=1, dilation=0)
+
+
 def test_add_upsampled_refuses_maps_it_cannot_add_with_one_clear_error():
     out = torch.zeros(2, 8, 8, 4)
     with pytest.raises(ValueError, match="the map to add into must be a contiguous float32 or bfloat16"):

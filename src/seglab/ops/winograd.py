@@ -172,14 +172,18 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
         raise ValueError(f"filters of shape {tuple(filters.shape)} do not take {in_channels} input channels")
     nhwc = x.permute(0, 2, 3, 1)
     if residual is not None or relu:
-        if dilation == 1 and _epilogue_in_transform(nhwc, filters, bias, residual):
-            fused = _undilated_natively(nhwc.contiguous(), filters, bias, epilogue=(
+        if _epilogue_in_transform(nhwc, filters, bias, residual):
+            fused = _natively(nhwc.contiguous(), filters, bias, dilation, epilogue=(
                 None if residual is None else residual.permute(0, 2, 3, 1), relu))
             return fused.permute(0, 3, 1, 2)
         out = winograd_conv3x3(x, filters, bias, dilation)  # a fresh map: in place is safe
         if residual is not None:
             out += residual
         return out.relu_() if relu else out
+    if runs_natively(nhwc, filters):
+        # At dilation d the kernels gather each phase's windows and write each phase's outputs
+        # in place (`native.gather_tiles`).
+        return _natively(nhwc.contiguous(), filters, bias, dilation).permute(0, 3, 1, 2)
     if dilation > 1:
         # A convolution at dilation d is d x d undilated ones, each over one phase of the map
         # (the pixels (i, j) with the same i mod d and j mod d) stacked along the batch. Zeros
@@ -190,8 +194,6 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
         out = _undilated(phases.reshape(n * dilation * dilation, rows, cols, in_channels), filters)
         out = out.view(n, dilation, dilation, rows, cols, -1).permute(0, 3, 1, 4, 2, 5)
         out = out.reshape(n, rows * dilation, cols * dilation, -1)[:, :height, :width]
-    elif runs_natively(nhwc, filters):
-        return _undilated_natively(nhwc.contiguous(), filters, bias).permute(0, 3, 1, 2)
     else:
         out = _undilated(nhwc, filters)
     out = out.contiguous()
@@ -238,9 +240,7 @@ class _InputTiles(torch.autograd.Function):
 
 def _undilated(nhwc: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     """The undilated 3x3 convolution, zero padding 1, of the channels-last map `nhwc`
-    (N x H x W x C_in): N x H x W x C_out, not necessarily contiguous."""
-    if runs_natively(nhwc, filters):
-        return _undilated_natively(nhwc.contiguous(), filters, None)
+    (N x H x W x C_in) by PyTorch's operators: N x H x W x C_out, not necessarily contiguous."""
     n, height, width, in_channels = nhwc.shape
     out_channels, tile = filters.shape[-1], tile_of(filters)
     side = tile + 2
@@ -297,21 +297,23 @@ class _NativeInputTransform(torch.autograd.Function):
     the tile for Winograd's input tiles (`input_tiles`), `B^T` times nearest upsampling for
     those of an upsampled map (`seglab.ops.winograd_nearest`). In the map's dtype (float32, or
     bf16 transformed in float32). The gradient adds `L^T g L` of each tile back onto its
-    (overlapping) window, in float32; `gradient_matrix` is `L^T`, contiguous."""
+    (overlapping) window, in float32; `gradient_matrix` is `L^T`, contiguous. With `dilation`
+    d, the windows of each of the map's d x d phases (`native.gather_tiles`)."""
 
     @staticmethod
     def forward(ctx: Any, nhwc: torch.Tensor, matrix: torch.Tensor, gradient_matrix: torch.Tensor,
-                step: int) -> torch.Tensor:
+                step: int, dilation: int = 1) -> torch.Tensor:
         ctx.shape, ctx.dtype, ctx.gradient_matrix, ctx.step = tuple(nhwc.shape), nhwc.dtype, gradient_matrix, step
-        return native.gather_tiles(nhwc, matrix, step=step, pad=1)
+        ctx.dilation = dilation
+        return native.gather_tiles(nhwc, matrix, step=step, pad=1, dilation=dilation)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         n, height, width, _ = ctx.shape
         out = grad.new_zeros(ctx.shape, dtype=torch.float32)
         native.scatter_tiles(grad.float().contiguous(), ctx.gradient_matrix, (n, height, width), step=ctx.step,
-                             pad=1, accumulate_into=out)
-        return out.to(ctx.dtype), None, None, None
+                             pad=1, accumulate_into=out, dilation=ctx.dilation)
+        return out.to(ctx.dtype), None, None, None, None
 
 
 def transformed_windows(nhwc: torch.Tensor, matrix: torch.Tensor, gradient_matrix: torch.Tensor,
@@ -328,38 +330,42 @@ def input_matrix(tile: int) -> torch.Tensor:
     return _matrices(tile).b_t
 
 
-def input_tiles(nhwc: torch.Tensor, tile: int) -> torch.Tensor:
-    """Winograd's input tiles of F(tile x tile) by the native kernels (`transformed_windows`)."""
+def input_tiles(nhwc: torch.Tensor, tile: int, dilation: int = 1) -> torch.Tensor:
+    """Winograd's input tiles of F(tile x tile) by the native kernels (`_NativeInputTransform`),
+    those of a `dilation`-dilated convolution (all phases') with dilation > 1."""
     b_t, b, _, _ = _native_matrices(tile)
-    return transformed_windows(nhwc, b_t, b, tile)
+    return _NativeInputTransform.apply(nhwc, b_t, b, tile, dilation)
 
 
 class _NativeOutputTransform(torch.autograd.Function):
     """(m + 2)^2 x tiles x C_out -> N x H x W x C_out (contiguous): `A^T M A` of every tile,
     cropped to the map, plus the bias, in the products' dtype (float32, or bf16 transformed in
-    float32). The gradient takes `A g A^T` of each output tile, in float32."""
+    float32). The gradient takes `A g A^T` of each output tile, in float32. With `dilation` d
+    the tiles are those of the map's d x d phases, each output written in place."""
 
     @staticmethod
     def forward(ctx: Any, products: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, int, int],
-                tile: int) -> torch.Tensor:
-        ctx.tile, ctx.has_bias, ctx.dtype = tile, bias is not None, products.dtype
+                tile: int, dilation: int = 1) -> torch.Tensor:
+        ctx.tile, ctx.has_bias, ctx.dtype, ctx.dilation = tile, bias is not None, products.dtype, dilation
         return native.scatter_tiles(products, _native_matrices(tile)[2], shape, step=tile, pad=0,
-                                    bias=None if bias is None else bias.detach().float().contiguous())
+                                    bias=None if bias is None else bias.detach().float().contiguous(),
+                                    dilation=dilation)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None, None]:
         grad = grad.float().contiguous()
-        products = native.gather_tiles(grad, _native_matrices(ctx.tile)[3], step=ctx.tile, pad=0)
+        products = native.gather_tiles(grad, _native_matrices(ctx.tile)[3], step=ctx.tile, pad=0,
+                                       dilation=ctx.dilation)
         bias = channel_sums(grad.permute(0, 3, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[1] else None
-        return products.to(ctx.dtype), bias, None, None
+        return products.to(ctx.dtype), bias, None, None, None
 
 
 def output_map(products: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, int, int],
-               tile: int) -> torch.Tensor:
+               tile: int, dilation: int = 1) -> torch.Tensor:
     """The N x H x W x C_out map (`shape` = (N, H, W)) of F(tile x tile)'s products ((tile +
-    2)^2 x tiles x C_out) by the native kernels, plus `bias`; differentiable
-    (`_NativeOutputTransform`)."""
-    return _NativeOutputTransform.apply(products, bias, shape, tile)
+    2)^2 x tiles x C_out; with `dilation` d, those of the map's d x d phases) by the native
+    kernels, plus `bias`; differentiable (`_NativeOutputTransform`)."""
+    return _NativeOutputTransform.apply(products, bias, shape, tile, dilation)
 
 
 @functools.cache
@@ -407,31 +413,35 @@ class _NativeF2x2(torch.autograd.Function):
     1.4-2x the direct convolution's (as the forward's)."""
 
     @staticmethod
-    def forward(ctx: Any, nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx: Any, nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None,
+                dilation: int = 1) -> torch.Tensor:
         n, height, width, _ = nhwc.shape
         b_t, _, a_t, _ = _native_matrices(BF16_TILE)
-        inputs = native.gather_tiles(nhwc, b_t, step=BF16_TILE, pad=1)
+        inputs = native.gather_tiles(nhwc, b_t, step=BF16_TILE, pad=1, dilation=dilation)
         ctx.save_for_backward(inputs, filters)
-        ctx.shape, ctx.has_bias = (n, height, width), bias is not None
+        ctx.shape, ctx.has_bias, ctx.dilation = (n, height, width), bias is not None, dilation
         return native.scatter_tiles(torch.bmm(inputs, filters), a_t, ctx.shape, step=BF16_TILE, pad=0,
-                                    bias=None if bias is None else bias.detach().float().contiguous())
+                                    bias=None if bias is None else bias.detach().float().contiguous(),
+                                    dilation=dilation)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx: Any, grad: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
         inputs, filters = ctx.saved_tensors
         b_t, _, a_t, a = _native_matrices(BF16_TILE)
         grad = grad.to(inputs.dtype).contiguous()
         grad_input = grad_filters = grad_bias = None
+        phases = dict(dilation=ctx.dilation)
         if ctx.needs_input_grad[1]:
-            products = native.gather_tiles(grad, a, step=BF16_TILE, pad=0)  # A dY A^T
+            products = native.gather_tiles(grad, a, step=BF16_TILE, pad=0, **phases)  # A dY A^T
             grad_filters = torch.bmm(inputs.transpose(1, 2), products)
         if ctx.needs_input_grad[0]:
-            tiles = native.gather_tiles(grad, b_t, step=BF16_TILE, pad=1)
+            tiles = native.gather_tiles(grad, b_t, step=BF16_TILE, pad=1, **phases)
             grad_input = native.scatter_tiles(torch.bmm(tiles, _input_gradient_filters(filters)), a_t, ctx.shape,
-                                              step=BF16_TILE, pad=0)
+                                              step=BF16_TILE, pad=0, **phases)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = channel_sums(grad.permute(0, 3, 1, 2))
-        return grad_input, grad_filters, grad_bias
+        return grad_input, grad_filters, grad_bias, None
 
 
 def _epilogue_in_transform(nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None,
@@ -449,9 +459,10 @@ def _epilogue_in_transform(nhwc: torch.Tensor, filters: torch.Tensor, bias: torc
     return runs_natively(nhwc, filters)
 
 
-def _undilated_natively(nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, *,
-                        epilogue: tuple[torch.Tensor | None, bool] | None = None) -> torch.Tensor:
-    """`_undilated` (plus `bias`) by the native transforms: N x H x W x C_out, contiguous, in
+def _natively(nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, dilation: int = 1, *,
+              epilogue: tuple[torch.Tensor | None, bool] | None = None) -> torch.Tensor:
+    """The convolution (plus `bias`) by the native transforms, at `dilation` over the map's
+    phases in place (`native.gather_tiles`): N x H x W x C_out, contiguous, in
     `nhwc`'s dtype, the filters' (`runs_natively`). bf16: the kernels read and write bf16 and
     transform in float32, the products run in bf16; float32 copies of the map, the tiles and
     the products took 5-9% of a 512-channel convolution's time (32 x 32, 64 x 64) and 12% of a
@@ -463,11 +474,12 @@ def _undilated_natively(nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.T
     tile = tile_of(filters)
     if epilogue is None:
         if tile == BF16_TILE:
-            return _NativeF2x2.apply(nhwc, filters, bias)
-        return output_map(torch.bmm(input_tiles(nhwc, tile), filters), bias, (n, height, width), tile)
+            return _NativeF2x2.apply(nhwc, filters, bias, dilation)
+        return output_map(torch.bmm(input_tiles(nhwc, tile, dilation), filters), bias, (n, height, width), tile,
+                          dilation)
     residual, relu = epilogue
     b_t, _, a_t, _ = _native_matrices(tile)
-    products = torch.bmm(native.gather_tiles(nhwc, b_t, step=tile, pad=1), filters)
+    products = torch.bmm(native.gather_tiles(nhwc, b_t, step=tile, pad=1, dilation=dilation), filters)
     return native.scatter_tiles(products, a_t, (n, height, width), step=tile, pad=0,
                                 bias=None if bias is None else bias.detach().float().contiguous(),
-                                residual=residual, relu=relu)
+                                residual=residual, relu=relu, dilation=dilation)

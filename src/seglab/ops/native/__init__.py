@@ -189,10 +189,10 @@ def _load_once() -> ctypes.CDLL | None:
         _reason = f"cannot load {target}: {error}"
         return None
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    library.seglab_gather.argtypes = [pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i32, i32, i64,
+    library.seglab_gather.argtypes = [pointer, pointer, pointer, i32, i32, i64, i64, i64, i64, i32, i32, i64, i64,
                                       i32, i32, i32]
     library.seglab_scatter.argtypes = [pointer, pointer, pointer, pointer, pointer, i32, i32, i32, i64, i64, i64,
-                                       i64, i64, i64, i64, i32, i32, i32, i32, i32, i32]
+                                       i64, i64, i64, i64, i64, i32, i32, i32, i32, i32, i32]
     library.seglab_compiled_in.argtypes = [i32, i32, i32, pointer]
     library.seglab_cross_entropy.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i32, i32, pointer]
     library.seglab_cross_entropy.restype = i32
@@ -305,15 +305,25 @@ def compiled_in(matrix: torch.Tensor, kind: str = "gather") -> bool:
     return bool(library.seglab_compiled_in(int(kind == "scatter"), out_side, in_side, matrix.data_ptr()))
 
 
-def gather_tiles(nhwc: torch.Tensor, matrix: torch.Tensor, step: int, pad: int, *,
+def _phase_grid(height: int, width: int, step: int, dilation: int) -> tuple[int, int]:
+    """Windows per (image, phase) along each axis: over each phase's ceil(side / dilation) pixels."""
+    if dilation < 1:
+        raise ValueError(f"the dilation must be at least 1, not {dilation}")
+    return -(-(-(-height // dilation)) // step), -(-(-(-width // dilation)) // step)
+
+
+def gather_tiles(nhwc: torch.Tensor, matrix: torch.Tensor, step: int, pad: int, *, dilation: int = 1,
                  specialised: bool = True) -> torch.Tensor:
     """`L D L^T` for every in_side x in_side window D of the channels-last map `nhwc`
     (N x H x W x C) at a stride of `step`, starting `pad` pixels before the map (zeros outside
     it), over ceil(H / step) x ceil(W / step) windows per image; `matrix` L is out_side x
-    in_side. Returns out_side^2 x windows x C in `nhwc`'s dtype: float32, or bf16 (read,
-    transformed in float32 and rounded to bf16 in one pass), its planes apart in memory
-    (`_planes`; `torch.bmm` and `scatter_tiles` take them as they are). A matrix registered with
-    `specialise` runs by its own kernel unless `specialised` is False."""
+    in_side. With `dilation` d the windows are those of each of the map's d x d phases (the
+    pixels (d y + p, d x + q) of phase (p, q), ceil(H / d) x ceil(W / d) of them, zeros beyond
+    the map), ordered by image, phase, window: a d-dilated convolution's. Returns
+    out_side^2 x windows x C in `nhwc`'s dtype: float32, or bf16 (read, transformed in float32
+    and rounded to bf16 in one pass), its planes apart in memory (`_planes`; `torch.bmm` and
+    `scatter_tiles` take them as they are). A matrix registered with `specialise` runs by its
+    own kernel unless `specialised` is False."""
     library = _load()
     if library is None:
         raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
@@ -321,18 +331,19 @@ def gather_tiles(nhwc: torch.Tensor, matrix: torch.Tensor, step: int, pad: int, 
     _check(matrix, "the matrix")
     n, height, width, channels = nhwc.shape
     out_side, in_side = matrix.shape
-    windows = n * -(-height // step) * -(-width // step)
+    rows, cols = _phase_grid(height, width, step, dilation)
+    windows = n * dilation * dilation * rows * cols
     out = _planes(out_side * out_side, windows, channels, nhwc)
     if library.seglab_gather(nhwc.data_ptr(), out.data_ptr(), matrix.data_ptr(), out_side, in_side, n, height,
-                             width, channels, step, pad, out.stride(0), torch.get_num_threads(), int(specialised),
-                             int(nhwc.dtype == torch.bfloat16)) != 0:
+                             width, channels, step, pad, dilation, out.stride(0), torch.get_num_threads(),
+                             int(specialised), int(nhwc.dtype == torch.bfloat16)) != 0:
         raise ValueError(f"no native kernel for {out_side} x {in_side} transforms")
     return out
 
 
 def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, int, int], step: int, pad: int,
                   bias: torch.Tensor | None = None, accumulate_into: torch.Tensor | None = None, *,
-                  residual: torch.Tensor | None = None, relu: bool = False,
+                  residual: torch.Tensor | None = None, relu: bool = False, dilation: int = 1,
                   specialised: bool = True) -> torch.Tensor:
     """The transpose of `gather_tiles`' layout: `L T L^T` for every tile T of `tiles`
     (in_side^2 x windows x C, over the same ceil(H / step) x ceil(W / step) windows per image;
@@ -341,7 +352,8 @@ def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, i
     Written to a new map plus `bias` (float32) plus `residual` (a contiguous N x H x W x C map
     of the tiles' dtype), then their ReLU with `relu` (a convolution's epilogue in the same
     pass); or, where windows overlap, added into `accumulate_into`. The map has the tiles' dtype
-    (float32 or bf16, transformed in float32). `specialised` as for `gather_tiles`."""
+    (float32 or bf16, transformed in float32). `dilation` and `specialised` as for
+    `gather_tiles` (with dilation d, the windows of each of the map's d x d phases)."""
     library = _load()
     if library is None:
         raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
@@ -350,10 +362,11 @@ def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, i
     _check(matrix, "the matrix")
     out_side, in_side = matrix.shape
     n, height, width = shape
-    grid = (-(-height // step), -(-width // step))
-    if tuple(tiles.shape[:2]) != (in_side * in_side, n * grid[0] * grid[1]):
+    grid = _phase_grid(height, width, step, dilation)
+    if tuple(tiles.shape[:2]) != (in_side * in_side, n * dilation * dilation * grid[0] * grid[1]):
+        phases = f" x {dilation * dilation} phases" if dilation > 1 else ""
         raise ValueError(f"tiles of shape {tuple(tiles.shape)} do not fit {in_side} x {in_side} tiles on a "
-                         f"{n} x {grid[0]} x {grid[1]} grid")
+                         f"{n}{phases} x {grid[0]} x {grid[1]} grid")
     if out_side > step and accumulate_into is None:
         raise ValueError("overlapping windows are added into a map (accumulate_into)")
     if accumulate_into is not None and (residual is not None or relu):
@@ -376,7 +389,7 @@ def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, i
     if library.seglab_scatter(tiles.data_ptr(), out.data_ptr(), matrix.data_ptr(),
                               None if bias is None else bias.data_ptr(), _pointer(residual), int(relu),
                               out_side, in_side, n, height, width,
-                              tiles.shape[-1], grid[0], grid[1], tiles.stride(0), step, pad,
+                              tiles.shape[-1], grid[0], grid[1], dilation, tiles.stride(0), step, pad,
                               int(accumulate_into is not None),
                               torch.get_num_threads(), int(specialised), int(tiles.dtype == torch.bfloat16)) != 0:
         raise ValueError(f"no native kernel for {out_side} x {in_side} transforms")

@@ -31,6 +31,7 @@ typedef struct {
     const float *bias;    /* NULL or C floats (scatter only) */
     const void *residual; /* NULL, or a map like dst added to the written values (scatter only) */
     int64_t n, height, width, channels, rows, cols;
+    int64_t dilation; /* d > 1: windows over the map's d x d phases (see `geometry`), rows x cols per phase */
     int64_t plane; /* elements from one plane of the tiles layout to the next (>= tiles x C) */
     int step, pad, accumulate, parity;
     int relu; /* the written values' ReLU (scatter only, not with accumulate) */
@@ -147,11 +148,32 @@ DEFINE_MEMORY_OF(WIDE)
         for (int i = 0; i < OUT; i++) MAP(&half_[i][0], 1, &(R)[i][0], 1);        \
     } while (0)
 
-/* The address of pixel (y, x) of image b in the channels-last map `base` (float or bf16), or
+/* Where the pixels of one image's windows lie in the channels-last map: pixel (y, x) at
+ * `offset` + y `row_stride` + x `column_stride` values, inside the map for 0 <= y < `rows` and
+ * 0 <= x < `columns`. Without dilation that is image b itself. With dilation d, b counts
+ * (image, phase) pairs, d^2 per image, and phase (p, q) is the sub-map of the pixels
+ * (d y + p, d x + q): a d-dilated 3x3 convolution is the undilated one over each phase (zero
+ * padding 1 there is padding d in the map), so Winograd's windows are gathered and its outputs
+ * scattered in place, without copies of the map in phase order (PSPNet's and DeepLab's dilated
+ * stages). Computed once per tile (gather) or tile row (scatter), it costs the per-pixel
+ * address no more than plain indexing did. */
+typedef struct {
+    int64_t offset, row_stride, column_stride, rows, columns;
+} Geometry;
+
+static inline Geometry geometry(const Job *job, int64_t b) {
+    const int64_t d = job->dilation, C = job->channels;
+    if (d == 1) return (Geometry){b * job->height * job->width * C, job->width * C, C, job->height, job->width};
+    const int64_t image = b / (d * d), p = (b % (d * d)) / d, q = b % d;
+    return (Geometry){((image * job->height + p) * job->width + q) * C, d * job->width * C, d * C,
+                      (job->height - p + d - 1) / d, (job->width - q + d - 1) / d};
+}
+
+/* The address of pixel (y, x) of the windows' image `g` in the map `base` (float or bf16), or
  * NULL outside the map. */
-#define place(job, base, b, y, x)                                                                 \
-    ((y) >= 0 && (y) < (job)->height && (x) >= 0 && (x) < (job)->width                            \
-         ? (base) + (((b) * (job)->height + (y)) * (job)->width + (x)) * (job)->channels : NULL)
+#define place(g, base, y, x)                                                                     \
+    ((y) >= 0 && (y) < (g).rows && (x) >= 0 && (x) < (g).columns                                 \
+         ? (base) + (g).offset + (y) * (g).row_stride + (x) * (g).column_stride : NULL)
 
 /* For 4 x 4 windows (F(2x2): ADDRESSES_PER_TILE), the addresses of the window's pixels (NULL
  * outside the map: zeros) are computed once per tile; the loop over the channels then only adds the channel
@@ -172,14 +194,15 @@ DEFINE_MEMORY_OF(WIDE)
             const int64_t q = t % job->cols, r = (t / job->cols) % job->rows;                  \
             const int64_t b = t / (job->cols * job->rows);                                     \
             const int64_t y0 = r * job->step - job->pad, x0 = q * job->step - job->pad;        \
+            const Geometry g = geometry(job, b);                                               \
             if (ADDRESSES_PER_TILE(IN))                                                        \
                 for (int i = 0; i < IN; i++)                                                   \
-                    for (int j = 0; j < IN; j++) pixel[i][j] = place(job, src, b, y0 + i, x0 + j); \
+                    for (int j = 0; j < IN; j++) pixel[i][j] = place(g, src, y0 + i, x0 + j);  \
             for (int64_t c0 = 0; c0 < C; c0 += L) {                                            \
                 const int width = C - c0 < L ? (int)(C - c0) : L;                              \
                 for (int i = 0; i < IN; i++)                                                   \
                     for (int j = 0; j < IN; j++) {                                             \
-                        const TYPE *p = ADDRESSES_PER_TILE(IN) ? pixel[i][j] : place(job, src, b, y0 + i, x0 + j); \
+                        const TYPE *p = ADDRESSES_PER_TILE(IN) ? pixel[i][j] : place(g, src, y0 + i, x0 + j); \
                         window[i][j] = p ? MEMORY(load, MEM, L)(p + c0, width) : (VECTOR(L)){0}; \
                     }                                                                          \
                 TRANSFORM(OUT, IN, window, result);                                            \
@@ -214,6 +237,7 @@ DEFINE_MEMORY_OF(WIDE)
                 r = u % job->rows;                                                             \
             }                                                                                  \
             const int64_t y0 = r * job->step - job->pad;                                       \
+            const Geometry g = geometry(job, b);                                               \
             for (int64_t q = 0; q < job->cols; q++) {                                          \
                 const int64_t t = (b * job->rows + r) * job->cols + q;                         \
                 const int64_t x0 = q * job->step - job->pad;                                   \
@@ -221,7 +245,7 @@ DEFINE_MEMORY_OF(WIDE)
                     for (int i = 0; i < IN; i++)                                               \
                         for (int j = 0; j < IN; j++) entry[i][j] = src + (int64_t)(i * IN + j) * job->plane + t * C; \
                     for (int i = 0; i < OUT; i++)                                              \
-                        for (int j = 0; j < OUT; j++) pixel[i][j] = place(job, dst, b, y0 + i, x0 + j); \
+                        for (int j = 0; j < OUT; j++) pixel[i][j] = place(g, dst, y0 + i, x0 + j); \
                 }                                                                              \
                 for (int64_t c0 = 0; c0 < C; c0 += L) {                                        \
                     const int width = C - c0 < L ? (int)(C - c0) : L;                          \
@@ -236,7 +260,7 @@ DEFINE_MEMORY_OF(WIDE)
                     if (job->bias) bias = MEMORY(load, f32, L)(job->bias + c0, width);         \
                     for (int i = 0; i < OUT; i++)                                              \
                         for (int j = 0; j < OUT; j++) {                                        \
-                            TYPE *p = ADDRESSES_PER_TILE(IN) ? pixel[i][j] : place(job, dst, b, y0 + i, x0 + j); \
+                            TYPE *p = ADDRESSES_PER_TILE(IN) ? pixel[i][j] : place(g, dst, y0 + i, x0 + j); \
                             if (!p) continue;                                                  \
                             if (job->accumulate) {                                             \
                                 MEMORY(store, MEM, L)(p + c0, MEMORY(load, MEM, L)(p + c0, width) \
@@ -317,13 +341,14 @@ static RangeFn specialised_scatter(int out_side, int in_side, const float *matri
  * from one plane of dst's tiles layout to the next, at least tiles x channels. */
 int seglab_gather(const void *src, void *dst, const float *matrix, int out_side, int in_side,
                   int64_t n, int64_t height, int64_t width, int64_t channels, int step, int pad,
-                  int64_t plane, int threads, int specialised, int bf16) {
+                  int64_t dilation, int64_t plane, int threads, int specialised, int bf16) {
     RangeFn fn = specialised ? specialised_gather(out_side, in_side, matrix, bf16) : NULL;
     if (!fn) fn = gather_kernel(out_side, in_side, bf16);
-    if (!fn) return -1;
-    Job job = {src, dst, matrix, NULL, NULL, n, height, width, channels,
-               (height + step - 1) / step, (width + step - 1) / step, plane, step, pad, 0, -1, 0};
-    parallel_for(n * job.rows * job.cols, threads, fn, &job);
+    if (!fn || dilation < 1) return -1;
+    const int64_t phase_height = (height + dilation - 1) / dilation, phase_width = (width + dilation - 1) / dilation;
+    Job job = {src, dst, matrix, NULL, NULL, n, height, width, channels, (phase_height + step - 1) / step,
+               (phase_width + step - 1) / step, dilation, plane, step, pad, 0, -1, 0};
+    parallel_for(n * dilation * dilation * job.rows * job.cols, threads, fn, &job);
     return 0;
 }
 
@@ -336,21 +361,22 @@ int seglab_gather(const void *src, void *dst, const float *matrix, int out_side,
 int seglab_scatter(const void *src, void *dst, const float *matrix, const float *bias,
                    const void *residual, int relu, int out_side, int in_side, int64_t n,
                    int64_t height, int64_t width, int64_t channels, int64_t rows, int64_t cols,
-                   int64_t plane, int step, int pad, int accumulate, int threads, int specialised,
-                   int bf16) {
+                   int64_t dilation, int64_t plane, int step, int pad, int accumulate, int threads,
+                   int specialised, int bf16) {
     RangeFn fn = specialised ? specialised_scatter(out_side, in_side, matrix, bf16) : NULL;
     if (!fn) fn = scatter_kernel(out_side, in_side, bf16);
-    if (!fn) return -1;
-    Job job = {src, dst, matrix, bias, residual, n, height, width, channels, rows, cols, plane, step,
-               pad, accumulate, -1, relu};
+    if (!fn || dilation < 1) return -1;
+    Job job = {src, dst, matrix, bias, residual, n, height, width, channels, rows, cols, dilation, plane,
+               step, pad, accumulate, -1, relu};
+    const int64_t images = n * dilation * dilation; /* (image, phase) pairs: their outputs never meet */
     const int overlap = out_side > step;
     if (!overlap) {
-        parallel_for(n * rows, threads, fn, &job);
+        parallel_for(images * rows, threads, fn, &job);
         return 0;
     }
     for (int parity = 0; parity < 2; parity++) {
         job.parity = parity;
-        parallel_for(n * ((rows - parity + 1) / 2), threads, fn, &job);
+        parallel_for(images * ((rows - parity + 1) / 2), threads, fn, &job);
     }
     return 0;
 }
