@@ -97,12 +97,14 @@ def bilinear_upsample_by(x: torch.Tensor, scale: int, block: int = 32) -> torch.
 
 
 def _adds_natively(out: torch.Tensor, parts: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> bool:
-    maps = (out, *parts)
-    needs_gradient = torch.is_grad_enabled() and any(m.requires_grad for m in maps)
-    return (not needs_gradient and out.device.type == "cpu" and out.dim() == 4 and 0 < len(parts) <= native.MAX_UPSAMPLED
+    """Whether the native kernel takes the sum: no gradient, a channels-last float32 or bf16 CPU
+    map, and parts of its batch, channels and dtype."""
+    if torch.is_grad_enabled() and any(m.requires_grad for m in (out, *parts)):
+        return False
+    fits = all(p.device == out.device and p.dtype == out.dtype and p.dim() == 4 and p.shape[:2] == out.shape[:2]
+               and min(p.shape[2:]) > 0 for p in parts)
+    return (fits and out.device.type == "cpu" and out.dim() == 4 and 0 < len(parts) <= native.MAX_UPSAMPLED
             and out.dtype in (torch.float32, torch.bfloat16) and out.is_contiguous(memory_format=torch.channels_last)
-            and all(p.device == out.device and p.dtype == out.dtype and p.dim() == 4 and p.shape[:2] == out.shape[:2]
-                    and min(p.shape[2:]) > 0 for p in parts)
             and native.available())
 
 

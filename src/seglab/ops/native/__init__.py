@@ -41,8 +41,8 @@ import torch
 
 from seglab.ops.native import specialise as _specialise
 
-__all__ = ["MAX_CLASSES", "MAX_UPSAMPLED", "add_upsampled_", "available", "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy",
-           "gather_tiles", "scatter_tiles", "specialise", "unavailable_reason"]
+__all__ = ["MAX_CLASSES", "MAX_UPSAMPLED", "add_upsampled_", "available", "batch_norm_backward", "batch_norm_forward",
+           "compiled_in", "cross_entropy", "gather_tiles", "scatter_tiles", "specialise", "unavailable_reason"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",
@@ -306,10 +306,15 @@ def compiled_in(matrix: torch.Tensor, kind: str = "gather") -> bool:
 
 
 def _phase_grid(height: int, width: int, step: int, dilation: int) -> tuple[int, int]:
-    """Windows per (image, phase) along each axis: over each phase's ceil(side / dilation) pixels."""
+    """Windows per (image, phase) along each axis: ceil(ceil(side / dilation) / step), the
+    largest phase's (ceil(side / dilation) pixels) at a stride of `step`."""
     if dilation < 1:
         raise ValueError(f"the dilation must be at least 1, not {dilation}")
-    return -(-(-(-height // dilation)) // step), -(-(-(-width // dilation)) // step)
+
+    def ceil_div(a: int, b: int) -> int:
+        return -(-a // b)
+
+    return ceil_div(ceil_div(height, dilation), step), ceil_div(ceil_div(width, dilation), step)
 
 
 def gather_tiles(nhwc: torch.Tensor, matrix: torch.Tensor, step: int, pad: int, *, dilation: int = 1,
@@ -549,4 +554,3 @@ def add_upsampled_(out: torch.Tensor, parts: list[torch.Tensor] | tuple[torch.Te
         library.seglab_add_upsampled(out.data_ptr(), sources, heights, widths, len(parts), n, height, width,
                                      channels, int(relu), torch.get_num_threads(), int(out.dtype == torch.bfloat16))
     return out
-

@@ -19,7 +19,6 @@
 
 #define MAX_UPSAMPLED 8
 
-
 typedef struct {
     void *dst;
     const void *srcs[MAX_UPSAMPLED];
