@@ -317,12 +317,13 @@ class _NativeInputTransform(torch.autograd.Function):
 
 
 def transformed_windows(nhwc: torch.Tensor, matrix: torch.Tensor, gradient_matrix: torch.Tensor,
-                        step: int) -> torch.Tensor:
+                        step: int, dilation: int = 1) -> torch.Tensor:
     """`L d L^T` of every window `d` of the channels-last map `nhwc` (N x H x W x C,
-    contiguous) at a stride of `step`, zero padding 1, in the layout of the batched products;
-    differentiable (`_NativeInputTransform`). `matrix` is L (float32, contiguous, registered
-    with `native.specialise` to run at full speed) and `gradient_matrix` its transpose."""
-    return _NativeInputTransform.apply(nhwc, matrix, gradient_matrix, step)
+    contiguous) at a stride of `step`, zero padding 1 (with `dilation` d, the windows of each
+    of the map's d x d phases), in the layout of the batched products; differentiable
+    (`_NativeInputTransform`). `matrix` is L (float32, contiguous, registered with
+    `native.specialise` to run at full speed) and `gradient_matrix` its transpose."""
+    return _NativeInputTransform.apply(nhwc, matrix, gradient_matrix, step, dilation)
 
 
 def input_matrix(tile: int) -> torch.Tensor:
@@ -331,10 +332,10 @@ def input_matrix(tile: int) -> torch.Tensor:
 
 
 def input_tiles(nhwc: torch.Tensor, tile: int, dilation: int = 1) -> torch.Tensor:
-    """Winograd's input tiles of F(tile x tile) by the native kernels (`_NativeInputTransform`),
+    """Winograd's input tiles of F(tile x tile) by the native kernels (`transformed_windows`),
     those of a `dilation`-dilated convolution (all phases') with dilation > 1."""
     b_t, b, _, _ = _native_matrices(tile)
-    return _NativeInputTransform.apply(nhwc, b_t, b, tile, dilation)
+    return transformed_windows(nhwc, b_t, b, tile, dilation)
 
 
 class _NativeOutputTransform(torch.autograd.Function):
