@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from seglab.engine.winograd import output_tile, tiles, winograd_dilation
+from seglab.engine.winograd import call_output_tile, tiles, winograd_dilation
 from seglab.memory import keep_freed_memory
 from seglab.ops.weight_gradient import ConvSettings, tuned_convolution
 from seglab.ops.winograd import OUTPUT_TILES, winograd_conv3x3, winograd_filters
@@ -108,7 +108,7 @@ def row(shape: tuple[int, ...], training: bool, rounds: int) -> str:
 
         (seconds, *_), (_, *speedups) = interleaved([direct] + [winograd(tile) for tile in OUTPUT_TILES], rounds)
     takes = winograd_dilation(weight.shape, 1, dilation, dilation, 1) is not None
-    tile = output_tile(x.shape, weight.shape, dilation, training) if takes else None
+    tile = call_output_tile(x, weight, dilation, training) if takes else None
     rule = "direct" if tile is None else f"F({tile}x{tile})"
     mode = "train" if training else "infer"
     return (f"| {mode} | {batch} | {in_channels} -> {out_channels} | {size} x {size} | {dilation} | "

@@ -565,6 +565,32 @@ def test_float32_fast_path_runs_winograd_within_the_stated_tolerance(winograd_tr
     assert doubling == ([512] if native else [])
 
 
+def test_float32_fast_path_takes_f2x2_where_the_filters_bound_f4x4s_products():
+    import seglab.engine.onednn as onednn
+    from seglab.ops import native
+    from seglab.ops.winograd import tile_of
+
+    if not native.available():
+        pytest.skip(f"the native kernels are not available: {native.unavailable_reason()}")
+    torch.manual_seed(0)
+    conv = FusedConv(nn.Conv2d(512, 512, 3, padding=1), nn.ReLU()).requires_grad_(False)
+    conv.winograd = True
+    tiles = []
+
+    def counted(x: torch.Tensor, filters: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        tiles.append(tile_of(filters))
+        return winograd_conv3x3(x, filters, *args, **kwargs)
+
+    for batch, tile in ((1, 2), (8, 4)):  # 16 and 128 of F(4x4)'s tiles
+        x, residual = (torch.randn(batch, 512, 16, 16).contiguous(memory_format=torch.channels_last) for _ in range(2))
+        tiles.clear()
+        with mock.patch.object(onednn, "winograd_conv3x3", counted):
+            output = conv(x, residual)
+        assert tiles == [tile]
+        expected = F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1) + residual)
+        torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_winograd_conv_keeps_the_direct_convolution_outside_float32_inference():
     torch.manual_seed(0)
     conv = FusedConv(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU())

@@ -3,6 +3,7 @@ import seglab.engine.winograd as rule
 from seglab.engine.winograd import (
     MIN_INFERENCE_PRODUCTS,
     call_output_tile,
+    filter_bound,
     min_channels,
     output_tile,
     pays_for_input,
@@ -122,13 +123,35 @@ def test_bf16_takes_f2x2_for_the_widest_convolutions_only(monkeypatch):
         assert tile(128, 128, size=64, training=True) is None
     with torch.autocast("cpu", torch.float16):
         assert tile(512, 512, size=64, dtype=torch.float32, training=True) is None
-    assert tile(512, 512, dtype=torch.float32) in (4, 6)  # float32 keeps its own rule
+    assert tile(512, 512, size=32, dtype=torch.float32) == 4  # float32 keeps its own rule
     assert tile(512, 512, dtype=torch.float16) is None
     monkeypatch.setattr(rule, "_has_amx", lambda: True)  # oneDNN's AMX kernel: not measured, direct
     assert tile(512, 512) is None
     monkeypatch.setattr(rule, "_has_amx", lambda: False)
     monkeypatch.setattr(native, "available", lambda: False)  # the operators' transforms do not pay
     assert tile(512, 512) is None
+
+
+def test_float32_inference_takes_f2x2_where_f4x4s_products_wait_on_their_filters(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(native, "available", lambda: True)  # the rule only, nothing is built
+
+    def tile(channels, size, batch=1, training=False, dilation=1):
+        x, weight = torch.zeros(batch, channels, size, size), torch.zeros(channels, channels, 3, 3)
+        return call_output_tile(x, weight, dilation, training)
+
+    assert filter_bound((1, 512, 16, 16), (512, 512, 3, 3), 1)
+    assert tile(512, 16) == tile(512, 8) == tile(512, 4) == 2  # 16, 4 and 1 tiles: 1.22-1.58x measured
+    assert tile(512, 32) == 4 and tile(512, 16, batch=8) == 4  # 64 and 128 tiles: 0.60-0.62x
+    assert tile(256, 16) == 4  # 4x smaller filters: F(4x4) won 1.26x
+    assert tile(512, 16, training=True) is None  # training keeps its rule (16 tiles: direct)
+    assert tile(512, 32, dilation=2) == 4  # 4 phases of 16 x 16: 64 tiles
+    monkeypatch.setattr(native, "available", lambda: False)  # the operators' transforms: not measured
+    assert tile(512, 16) == 4
+    # The decoder's grid is F(4x4)'s or F(6x6)'s only (no F(2x2) kernels for it).
+    monkeypatch.setattr(native, "available", lambda: True)
+    assert upsampling_output_tile(torch.empty(1, 512, 8, 8), torch.empty(512, 1024, 3, 3), training=False) == 4
 
 
 def test_a_decoder_step_takes_winograd_on_the_upsampled_grid_from_128_channels(monkeypatch):

@@ -403,7 +403,8 @@ def winograd_pays(conv: nn.Module) -> bool:
 
 def use_winograd(model: nn.Module) -> int:
     """Have every convolution `winograd_pays` for compute CPU inference by Winograd (float32:
-    F(4x4) or F(6x6); bf16, the widest: F(2x2); each call decides, `call_output_tile`), in
+    F(4x4) or F(6x6), F(2x2) where few tiles leave F(4x4)'s products waiting on their filters;
+    bf16, the widest: F(2x2); each call decides, `call_output_tile`), in
     place: `FusedConv`s switch, plain Conv2d modules become `FusedConv`s that do (inference
     only; other dtypes, autocast and gradients keep the direct convolution), and
     a U-Net decoder's `NearestUpsampleConv` (and an FPN's stride-4 head) computes its whole

@@ -96,6 +96,18 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   `MIN_BF16_CHANNELS` in and out. Not on processors with AMX, where oneDNN's bf16 direct kernel
   runs at several times the AVX-512 rate (docs/bench.md) and F(2x2) was not measured: there
   the direct convolution stays.
+- float32 F(2x2, 3x3) where F(4x4)'s products wait on their filters: each of F(4x4)'s 36
+  products reads a C_in x C_out filter matrix and does 2 multiply-adds per tile with each
+  entry, so with few tiles the products run at the rate memory delivers the filters, not at
+  the processor's (512 ch, 16 tiles: 37.7 MB of filters for 1.2 GFLOP, 115 GFLOP/s against
+  270 with 64 tiles; Xeon with AVX-512, 2 threads). F(2x2)'s 16 products read 2.25x fewer
+  filter bytes and do 4x the work per byte. Direct / F(2x2) / F(4x4), interleaved medians,
+  batch 1: 512 ch on 16 x 16 2.00x / 1.64x (alone 1.29-1.35x F(2x2) over F(4x4)), on 8 x 8
+  1.38x / 0.93x, on 4 x 4 1.39x / 0.88x; 256 ch on 16 x 16 (filters 4x smaller) 1.64x / 2.06x,
+  512 ch on 32 x 32 (64 tiles) 0.62x F(2x2) over F(4x4), batch 8 on 16 x 16 0.60x. Hence F(2x2)
+  in float32 inference for `MIN_FILTER_BOUND_CHANNELS` in and out over at most
+  `MAX_FILTER_BOUND_TILES` 4 x 4 tiles (`call_output_tile`): a ResNet's last stage at batch 1
+  of 512 x 512 (UNet-R34's and FPN-R34's encoders).
 - bf16 training (autocast; forward and both gradients by one autograd function that keeps to
   the bf16 kernels, `seglab.ops.winograd`), against autocast's oneDNN bf16 direct convolution,
   same Zen 4, interleaved medians: batch 4, 256 ch on 32 x 32 1.44x, on 64 x 64 1.54x, 512 ch
@@ -121,9 +133,11 @@ LARGE_TILE = 6  # F(6x6, 3x3)
 
 __all__ = [
     "MAX_DILATION",
+    "MAX_FILTER_BOUND_TILES",
     "MIN_AVX512_TRAINING_CHANNELS",
     "MIN_BF16_CHANNELS",
     "MIN_BF16_TRAINING_TILES",
+    "MIN_FILTER_BOUND_CHANNELS",
     "MIN_INFERENCE_CHANNELS",
     "MIN_INFERENCE_PRODUCTS",
     "MIN_NATIVE_INFERENCE_CHANNELS",
@@ -138,6 +152,7 @@ __all__ = [
     "WIDE_CHANNELS",
     "bf16_pays",
     "call_output_tile",
+    "filter_bound",
     "conv_takes_winograd",
     "min_channels",
     "output_tile",
@@ -163,6 +178,8 @@ MIN_NATIVE_TRAINING_PRODUCTS = 1 << 22  # as with the operators: see the note on
 MIN_TILE_COVERAGE = 0.9  # the share of the tiles' outputs inside the map below which ...
 WIDE_CHANNELS = 256  # ... only this many channels in and out pay
 MIN_UPSAMPLING_CHANNELS = 128  # x's and the output's, for `upsampling_output_tile`
+MIN_FILTER_BOUND_CHANNELS = 512  # in and out: float32 inference by F(2x2) ...
+MAX_FILTER_BOUND_TILES = 16  # ... over at most this many of F(4x4)'s tiles
 
 
 def _pair(value: Any) -> tuple:
@@ -243,6 +260,13 @@ def output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], dilatio
     return LARGE_TILE if _coverage(input_shape, dilation, LARGE_TILE) >= MIN_TILE_COVERAGE else TILE
 
 
+def filter_bound(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int) -> bool:
+    """Whether F(4x4)'s products for this convolution would wait on reading their filters, so
+    that float32 inference runs faster by F(2x2) (with the native transforms: `call_output_tile`)."""
+    return (min(weight_shape[0], weight_shape[1]) >= MIN_FILTER_BOUND_CHANNELS
+            and tiles(input_shape, dilation) <= MAX_FILTER_BOUND_TILES)
+
+
 def bf16_pays(weight_shape: Sequence[int], input_shape: Sequence[int] | None = None, dilation: int = 1) -> bool:
     """Whether F(2x2, 3x3) with bf16 products beats oneDNN's bf16 direct convolution for this
     weight (whose settings `winograd_dilation` takes): enough channels, the native transforms
@@ -257,9 +281,9 @@ def bf16_pays(weight_shape: Sequence[int], input_shape: Sequence[int] | None = N
 def call_output_tile(input: torch.Tensor, weight: torch.Tensor, dilation: int, training: bool) -> int | None:
     """The Winograd output tile this call of a convolution Winograd applies to runs with, or
     None for the direct convolution: Winograd takes batched float32 input on the CPU, large
-    enough to pay (F(4x4) or F(6x6)); bf16 input with bf16 weights in inference, and
-    autocast's bf16 in training, where `bf16_pays` (F(2x2)). The one check of the inference
-    route (`FusedConv`) and the training one."""
+    enough to pay (F(4x4) or F(6x6); F(2x2) in inference where `filter_bound`); bf16 input
+    with bf16 weights in inference, and autocast's bf16 in training, where `bf16_pays`
+    (F(2x2)). The one check of the inference route (`FusedConv`) and the training one."""
     if input.device.type != "cpu" or input.dim() != 4:
         return None
     if torch.is_autocast_enabled("cpu"):  # the convolution runs in autocast's dtype, whatever the input's
@@ -269,7 +293,10 @@ def call_output_tile(input: torch.Tensor, weight: torch.Tensor, dilation: int, t
         return BF16_TILE if not training and bf16_pays(weight.shape) else None
     if input.dtype != torch.float32 or weight.dtype != torch.float32:
         return None
-    return output_tile(input.shape, weight.shape, dilation, training)
+    tile = output_tile(input.shape, weight.shape, dilation, training)
+    if tile is not None and not training and native.available() and filter_bound(input.shape, weight.shape, dilation):
+        return BF16_TILE  # F(2x2) in float32 (products and transforms)
+    return tile
 
 
 def upsampling_output_tile(x: torch.Tensor, weight: torch.Tensor, training: bool) -> int | None:
