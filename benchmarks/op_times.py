@@ -66,7 +66,8 @@ class OperatorTimes(TorchDispatchMode):
         """Times seglab's native kernels (`seglab.ops.native`, called through ctypes, which the
         dispatcher does not see) as operators named `native.<function>`; their output's
         allocation (`new_empty`) is counted both there and as its own operator."""
-        originals = {name: getattr(native, name) for name in ("gather_tiles", "scatter_tiles", "add_upsampled_")}
+        names = ("gather_tiles", "scatter_tiles", "add_upsampled_", "resize_bilinear")
+        originals = {name: getattr(native, name) for name in names}
 
         def timed(name: str, function: Callable) -> Callable:
             def call(*args: Any, **kwargs: Any) -> Any:

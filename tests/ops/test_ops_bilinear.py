@@ -47,16 +47,24 @@ def test_whole_scale():
     assert whole_scale(x, (12, 15)) is None  # not a whole factor
 
 
-def test_upsample_scores_takes_the_fast_route_only_in_inference_mode():
+@pytest.mark.parametrize("kernel", ["native", "two-pass"])
+def test_upsample_scores_takes_the_fast_route_only_in_inference_mode(kernel, monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 
+    from seglab.ops import native
+
+    if kernel == "native" and not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    if kernel == "two-pass":
+        monkeypatch.setattr(native, "available", lambda: False)
     torch.manual_seed(0)
     scores = _channels_last(1, 21, 16, 16, dtype=torch.bfloat16)
     expected = F.interpolate(scores.float(), size=(64, 64), mode="bilinear", align_corners=False)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         fast = upsample_scores(scores, (64, 64))
-    assert counter.get_total_flops() > 0  # the width pass's matrix product ran
-    assert fast.dtype == torch.float32
+    # The native kernel runs outside PyTorch's operators; the two passes' width pass is a matrix product.
+    assert (counter.get_total_flops() > 0) == (kernel == "two-pass")
+    assert fast.dtype == torch.float32 and fast.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast, expected, rtol=1e-6, atol=1e-6)
     # no_grad (FLOP counting, plain evaluation) and training see F.interpolate, which is not counted
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -65,10 +73,11 @@ def test_upsample_scores_takes_the_fast_route_only_in_inference_mode():
     trained = scores.float().requires_grad_()
     upsample_scores(trained, (64, 64)).sum().backward()
     assert trained.grad is not None
-    # other sizes fall back to F.interpolate
-    with torch.inference_mode():
-        torch.testing.assert_close(upsample_scores(scores, (50, 70)),
-                                   F.interpolate(scores.float(), size=(50, 70), mode="bilinear", align_corners=False))
+    # Other sizes: the native kernel takes any, the two passes fall back to F.interpolate
+    for size in ((50, 70), (9, 5)):
+        with torch.inference_mode():
+            torch.testing.assert_close(upsample_scores(scores, size), F.interpolate(
+                scores.float(), size=size, mode="bilinear", align_corners=False), rtol=1e-6, atol=1e-6)
 
 
 def _summed_by_operators(out: torch.Tensor, parts: list[torch.Tensor], relu: bool) -> torch.Tensor:

@@ -403,6 +403,47 @@ def test_add_upsampled_gives_the_same_bits_on_one_thread_and_on_two():
     assert torch.equal(*results)
 
 
+@pytest.mark.parametrize("sizes", [((16, 16), (64, 64)), ((64, 64), (512, 512)), ((7, 45), (21, 90)),
+                                   ((5, 9), (17, 13)), ((40, 30), (17, 13)), ((1, 1), (4, 6)), ((3, 4), (3, 4))])
+@pytest.mark.parametrize("channels", [21, 1, 40])
+def test_resize_bilinear_equals_f_interpolate(sizes, channels):
+    """Whole factors (class scores at strides 4 and 8), other ratios, shrinking, one pixel, the same size."""
+    torch.manual_seed(0)
+    (h, w), size = sizes
+    x = torch.randn(2, channels, h, w).contiguous(memory_format=torch.channels_last)
+    result = native.resize_bilinear(x.permute(0, 2, 3, 1).contiguous(), size)
+    assert result.shape == (2, *size, channels) and result.is_contiguous()
+    # F.interpolate's float32 source positions and weights, its order of blends (up to fused multiply-adds)
+    expected = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(result.permute(0, 3, 1, 2), expected, rtol=0, atol=1e-6)
+
+
+def test_resize_bilinear_gives_the_same_bits_on_one_thread_and_on_two():
+    torch.manual_seed(0)
+    x = torch.randn(3, 11, 9, 21)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, max(threads, 2)):
+            torch.set_num_threads(count)
+            results.append(native.resize_bilinear(x, (47, 37)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*results)
+
+
+def test_resize_bilinear_refuses_maps_it_cannot_resize_with_one_clear_error():
+    with pytest.raises(ValueError, match="the map to resize must be a contiguous float32 CPU tensor"):
+        native.resize_bilinear(torch.zeros(1, 4, 4, 3, dtype=torch.bfloat16), (8, 8))
+    with pytest.raises(ValueError, match="the map to resize must be a contiguous float32"):
+        native.resize_bilinear(torch.zeros(1, 4, 4, 3).transpose(1, 2), (8, 8))
+    with pytest.raises(ValueError, match=r"resize_bilinear takes an N x h x w x C map"):
+        native.resize_bilinear(torch.zeros(4, 4, 3), (8, 8))
+    with pytest.raises(ValueError, match=r"resize_bilinear takes an N x h x w x C map"):
+        native.resize_bilinear(torch.zeros(1, 0, 4, 3), (8, 8))
+    assert native.resize_bilinear(torch.zeros(1, 4, 4, 3), (0, 8)).shape == (1, 0, 8, 3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 32, 32, 256), (1, 16, 16, 512), (2, 9, 14, 11), (1, 1, 1, 3)])
 def test_gather_spaces_its_planes_2_mod_4_cache_lines_apart(shape, dtype):

@@ -42,7 +42,8 @@ import torch
 from seglab.ops.native import specialise as _specialise
 
 __all__ = ["MAX_CLASSES", "MAX_UPSAMPLED", "add_upsampled_", "available", "batch_norm_backward", "batch_norm_forward",
-           "compiled_in", "cross_entropy", "gather_tiles", "scatter_tiles", "specialise", "unavailable_reason"]
+           "compiled_in", "cross_entropy", "gather_tiles", "resize_bilinear", "scatter_tiles", "specialise",
+           "unavailable_reason"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",
@@ -205,6 +206,8 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_add_upsampled.argtypes = [pointer, pointer, pointer, pointer, i32, i64, i64, i64, i64, i32, i32,
                                              i32]
     library.seglab_add_upsampled.restype = i32
+    library.seglab_resize_bilinear.argtypes = [pointer, pointer, i64, i64, i64, i64, i64, i64, i32]
+    library.seglab_resize_bilinear.restype = i32
     library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
     library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
     openmp = _torch_openmp()
@@ -553,4 +556,25 @@ def add_upsampled_(out: torch.Tensor, parts: list[torch.Tensor] | tuple[torch.Te
     if out.numel():
         library.seglab_add_upsampled(out.data_ptr(), sources, heights, widths, len(parts), n, height, width,
                                      channels, int(relu), torch.get_num_threads(), int(out.dtype == torch.bfloat16))
+    return out
+
+
+def resize_bilinear(nhwc: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """A channels-last float32 map (N x h x w x C, contiguous) bilinearly resized to `size` as
+    `F.interpolate(map, size, mode="bilinear", align_corners=False)` resizes it (`bilinear.c`:
+    one pass writing the result, made for few channels such as class scores): N x H x W x C,
+    contiguous."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    _check(nhwc, "the map to resize", (torch.float32,))
+    height, width = (int(side) for side in size)
+    if nhwc.dim() != 4 or min(nhwc.shape[1:3]) < 1 or height < 0 or width < 0:
+        raise ValueError(f"resize_bilinear takes an N x h x w x C map (h, w >= 1) and a size of two sides >= 0, "
+                         f"not {tuple(nhwc.shape)} and {tuple(size)}")
+    n, in_height, in_width, channels = nhwc.shape
+    out = nhwc.new_empty(n, height, width, channels)
+    if out.numel() and library.seglab_resize_bilinear(out.data_ptr(), nhwc.data_ptr(), n, in_height, in_width,
+                                                      height, width, channels, torch.get_num_threads()):
+        raise MemoryError("resize_bilinear: no memory for a thread's row buffers")
     return out

@@ -110,3 +110,76 @@ int seglab_add_upsampled(void *dst, const void *const *srcs, const int64_t *heig
     parallel_for(n * height, threads, bf16 ? add_upsampled_bf16 : add_upsampled_f32, &job);
     return 0;
 }
+
+/* A few-channel map (class scores) bilinearly upsampled into a fresh one:
+ *
+ *   dst = F.interpolate(src, (H, W), mode="bilinear", align_corners=False),
+ *
+ * float32, channels-last. Each output row blends two rows of the source upsampled along the
+ * width, (1 - h1) wide(y0) + h1 wide(y1), the product order of `add_upsampled` above. A
+ * thread keeps the last two wide rows it computed, so consecutive output rows (which read the
+ * same source rows) reuse them, and every output row is then one contiguous blend of two
+ * cached rows: written once, nothing else of the output's size read or written. The separable
+ * passes of PyTorch's operators wrote the wide map and read it back (2-3 passes of the output's
+ * size); `add_upsampled`'s per-pixel vectors over 21 channels ran 2.3-3.2x slower than those. */
+typedef struct {
+    const float *src;
+    float *dst;
+    int64_t in_height, in_width, height, width, channels;
+    int *failed; /* set where a thread's buffers could not be allocated */
+} ResizeJob;
+
+static void widen_row(const ResizeJob *job, const float *row, const int64_t *first, const int64_t *second,
+                      const float *weight, float *wide) {
+    const int64_t C = job->channels;
+    for (int64_t x = 0; x < job->width; x++, wide += C) {
+        const float *a = row + first[x] * C, *b = row + second[x] * C, w1 = weight[x], w0 = 1.0f - w1;
+        for (int64_t c = 0; c < C; c++) wide[c] = w0 * a[c] + w1 * b[c];
+    }
+}
+
+static void resize_rows(const void *job_, int64_t begin, int64_t end) {
+    const ResizeJob *job = (const ResizeJob *)job_;
+    const int64_t C = job->channels, H = job->height, W = job->width, h = job->in_height, w = job->in_width;
+    const int64_t row_size = W * C;
+    int64_t *columns = malloc(2 * W * sizeof(int64_t));
+    float *weights = malloc(W * sizeof(float)), *cache = malloc(2 * row_size * sizeof(float));
+    if (!columns || !weights || !cache) {
+        *job->failed = 1;
+        free(columns), free(weights), free(cache);
+        return;
+    }
+    for (int64_t x = 0; x < W; x++) source_of(x, W, w, &columns[x], &columns[W + x], &weights[x]);
+    int64_t cached[2] = {-1, -1}; /* the source rows (image * h + row) in the two cache slots */
+    for (int64_t u = begin; u < end; u++) {
+        const int64_t b = u / H, y = u % H;
+        int64_t y0, y1;
+        float h1;
+        source_of(y, H, h, &y0, &y1, &h1);
+        const float *wide[2];
+        const int64_t wanted[2] = {b * h + y0, b * h + y1};
+        for (int k = 0; k < 2; k++) {
+            int slot = cached[0] == wanted[k] ? 0 : cached[1] == wanted[k] ? 1 : -1;
+            if (slot < 0) { /* the slot that does not hold the other row this output row reads */
+                slot = cached[0] == wanted[1 - k] ? 1 : 0;
+                widen_row(job, job->src + wanted[k] * w * C, columns, columns + W, weights, cache + slot * row_size);
+                cached[slot] = wanted[k];
+            }
+            wide[k] = cache + slot * row_size;
+        }
+        const float h0 = 1.0f - h1;
+        float *out = job->dst + u * row_size;
+        for (int64_t i = 0; i < row_size; i++) out[i] = h0 * wide[0][i] + h1 * wide[1][i];
+    }
+    free(columns), free(weights), free(cache);
+}
+
+/* dst (n x height x width x channels) = src (n x in_height x in_width x channels, each side at
+ * least 1) bilinearly resized; float32. Returns 0, or -1 where memory ran out. */
+int seglab_resize_bilinear(float *dst, const float *src, int64_t n, int64_t in_height, int64_t in_width,
+                           int64_t height, int64_t width, int64_t channels, int threads) {
+    int failed = 0;
+    ResizeJob job = {src, dst, in_height, in_width, height, width, channels, &failed};
+    parallel_for(n * height, threads, resize_rows, &job);
+    return failed ? -1 : 0;
+}
