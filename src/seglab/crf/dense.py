@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from seglab.crf.kernels import KernelSum, PairwiseKernels
+from seglab.ops.grad_mode import records_gradients
 
 __all__ = ["DenseCRF", "log_probabilities", "prepare_image", "prepare_scores"]
 
@@ -126,7 +127,7 @@ class DenseCRF(nn.Module):
         appearance, smoothness = self.kernels.build(image_nchw)
         # Q before the first iteration: softmax of the unary (the floor on probabilities can
         # break their sum), as exp of the max-shifted log P, which the Potts loop reuses.
-        differentiable = torch.is_grad_enabled() and log_p.requires_grad
+        differentiable = records_gradients(log_p)
         max_log_p = log_p.amax(dim=1, keepdim=True)
         shifted_log_p = log_p - max_log_p if differentiable else log_p.sub_(max_log_p)  # log_p is ours: a fresh tensor
         q = shifted_log_p.exp()

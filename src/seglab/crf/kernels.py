@@ -15,6 +15,7 @@ from functools import lru_cache
 import torch
 
 from seglab.crf.lattice import PermutohedralLattice
+from seglab.ops.grad_mode import records_gradients
 
 __all__ = ["KernelSum", "NormalisedKernel", "PairwiseKernels"]
 
@@ -65,7 +66,7 @@ class NormalisedKernel:
         """add_to + weight x kernel(values) (add_to defaults to zero)."""
         if values.dim() != 2 or values.shape[0] != self.num_points:
             raise ValueError(f"values must be {self.num_points} x C, got shape {tuple(values.shape)}")
-        if torch.is_grad_enabled() and (values.requires_grad or (add_to is not None and add_to.requires_grad)):
+        if records_gradients(values, add_to):
             filtered = weight * _ApplyKernel.apply(values, self)
             return filtered if add_to is None else add_to + filtered
         vertices = self._splat_and_blur(values.float(), self.splat)

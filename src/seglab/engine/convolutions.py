@@ -32,7 +32,8 @@ import torch.nn as nn
 
 from seglab.engine.precision import resolve_precision
 from seglab.engine.winograd import call_output_tile, conv_takes_winograd, min_channels, upsampling_output_tile
-from seglab.ops.atrous_depthwise import records_gradients, trains
+from seglab.ops.atrous_depthwise import trains
+from seglab.ops.grad_mode import records_gradients
 from seglab.ops.nearest_conv import UpsamplingConvCaller
 from seglab.ops.weight_gradient import ConvSettings, takes_tuned_weight_gradient, tuned_convolution
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters

@@ -40,6 +40,7 @@ import torch.nn as nn
 from seglab.engine.winograd import call_output_tile
 from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.conv import PointwiseConv2d
+from seglab.ops.grad_mode import records_gradients
 from seglab.ops.kept import KeptFromWeights
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters
 
@@ -115,7 +116,7 @@ class FusedConv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """activation(conv(x)), or activation(conv(x) + residual) with a residual."""
-        inference = not (torch.is_grad_enabled() and self.weight.requires_grad)
+        inference = not records_gradients(self.weight)
         # oneDNN's fused kernels take batched maps only; an unbatched C x H x W one goes as nn.Conv2d takes it.
         if x.device.type != "cpu" or not inference or x.dtype != self.weight.dtype or x.dim() != 4:
             return self._unfused(x, residual)
@@ -166,7 +167,7 @@ class WinogradConvForward:
         self._filters: KeptFromWeights[torch.Tensor] = KeptFromWeights()
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        inference = not (torch.is_grad_enabled() and weight.requires_grad)
+        inference = not records_gradients(weight)
         tile = call_output_tile(x, weight, self.conv.dilation[0], training=False) if inference else None
         if tile is None:
             return type(self.conv)._conv_forward(self.conv, x, weight, bias)

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from seglab.ops.grad_mode import records_gradients
 from seglab.ops.tracing import being_traced
 
 __all__ = ["AtrousDepthwiseConv2d", "shifted_depthwise_conv", "taps_inside"]
@@ -108,12 +109,6 @@ def shifted_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """F.conv2d(x, weight, bias, padding=dilation * (k - 1) // 2, dilation=dilation,
     groups=C) for a C x 1 x k x k kernel (odd k), as shifted windows; differentiable."""
     return _ShiftedDepthwise.apply(x, weight, bias, tuple(dilation))
-
-
-def records_gradients(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a convolution of `x` with `weight` (a parameter or a kernel derived from one)
-    records gradients."""
-    return torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
 
 
 def trains(conv: nn.Conv2d, x: torch.Tensor) -> bool:

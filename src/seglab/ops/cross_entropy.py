@@ -19,6 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from seglab.ops import native
+from seglab.ops.grad_mode import records_gradients
 from seglab.ops.tracing import being_traced
 
 __all__ = ["native_cross_entropy", "takes_native_cross_entropy"]
@@ -68,6 +69,6 @@ def native_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: tor
     target = target.reshape(-1).long().contiguous()
     if weight is not None:
         weight = weight.float().contiguous()
-    if torch.is_grad_enabled() and logits.requires_grad:
+    if records_gradients(logits):
         return _NativeCrossEntropy.apply(logits, target, weight, ignore_index)
     return native.cross_entropy(_pixels_by_classes(logits), target, weight, ignore_index, gradient=False)[0]

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from seglab.ops.grad_mode import records_gradients
 from seglab.ops.layout import memory_format_of
 
 __all__ = ["global_average_pool"]
@@ -35,6 +36,6 @@ class _GlobalAveragePool(torch.autograd.Function):
 def global_average_pool(x: torch.Tensor) -> torch.Tensor:
     """The mean of each channel of an N x C x H x W map, as N x C x 1 x 1 (what
     `nn.AdaptiveAvgPool2d(1)` computes); its gradient comes back in x's memory layout."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not records_gradients(x):
         return x.mean((2, 3), keepdim=True)
     return _GlobalAveragePool.apply(x)

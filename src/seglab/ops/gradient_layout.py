@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from seglab.ops.grad_mode import records_gradients
 from seglab.ops.layout import memory_format_of
 
 __all__ = ["contiguous_gradient"]
@@ -32,6 +33,6 @@ class _ContiguousGradient(torch.autograd.Function):
 def contiguous_gradient(x: torch.Tensor) -> torch.Tensor:
     """x, unchanged; in the backward pass its gradient is made contiguous (in x's own memory
     layout) before it flows on. Nothing happens without gradients."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not records_gradients(x):
         return x
     return _ContiguousGradient.apply(x)

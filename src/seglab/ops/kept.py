@@ -18,6 +18,8 @@ from typing import Generic, TypeVar
 
 import torch
 
+from seglab.ops.grad_mode import records_gradients
+
 __all__ = ["KeptFromWeights"]
 
 Kept = TypeVar("Kept")
@@ -42,7 +44,7 @@ class KeptFromWeights(Generic[Kept]):
                             *settings: Hashable) -> Kept:
         """`build()` afresh while gradients are recorded through any of `weights` (training:
         the value must be differentiable and current), else `get`."""
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        if records_gradients(*weights):
             return build()
         return self.get(weights, build, *settings)
 

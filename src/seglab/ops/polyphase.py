@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seglab.ops.atrous_depthwise import records_gradients
+from seglab.ops.grad_mode import records_gradients
 from seglab.ops.tracing import being_traced
 
 __all__ = ["MIN_STRIDE", "PolyphaseConvTranspose2d", "polyphase_conv_transpose2d", "polyphase_weight",

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from seglab.ops import native
+from seglab.ops.grad_mode import records_gradients
 from seglab.ops.layout import channel_sums
 
 __all__ = ["BF16_TILE", "OUTPUT_TILES", "TILE", "input_matrix", "input_tiles", "output_map", "runs_natively",
@@ -451,7 +452,7 @@ def _epilogue_in_transform(nhwc: torch.Tensor, filters: torch.Tensor, bias: torc
     itself: the native kernels, no gradient to compute, a residual of the output's dtype and
     shape laid out channels-last."""
     tensors = [t for t in (nhwc, filters, bias, residual) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if records_gradients(*tensors):
         return False
     if residual is not None and (residual.dtype != nhwc.dtype or residual.dim() != 4
                                  or tuple(residual.shape) != (nhwc.shape[0], filters.shape[-1], *nhwc.shape[1:3])
