@@ -19,3 +19,23 @@ def winograd_transforms(request, monkeypatch):
     else:
         monkeypatch.setattr(native, "available", lambda: False)
     return request.param
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The (C_in, C_out) of each convolution the one-pass F(4x4) kernel computes
+    (`seglab.ops.native.winograd_fused`), recorded while it still computes them; skips where
+    the native kernels cannot be built."""
+    from seglab.ops import native
+
+    if not native.available():
+        pytest.skip(f"the native kernels are not available: {native.unavailable_reason()}")
+    calls = []
+    one_pass = native.winograd_fused
+
+    def recorded(nhwc, filters, *args, **kwargs):
+        calls.append((nhwc.shape[-1], filters.shape[-1]))
+        return one_pass(nhwc, filters, *args, **kwargs)
+
+    monkeypatch.setattr(native, "winograd_fused", recorded)
+    return calls

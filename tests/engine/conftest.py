@@ -14,3 +14,13 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
     summary = train_tiny(tmp_path_factory.mktemp("runs"), name="tiny")
     return Path(summary["run_dir"])
+
+
+@pytest.fixture
+def separate_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float32 inference's rule without the one-pass F(4x4) (`seglab.engine.winograd.fused_pays`,
+    which only processors with AVX-512 take): the same counts of Winograd convolutions on any
+    machine."""
+    import seglab.engine.winograd as rule
+
+    monkeypatch.setattr(rule, "_fuses_natively", lambda: False)

@@ -447,7 +447,7 @@ def test_instance_models_keep_their_detections_on_the_fast_path(name):
     _assert_same_detections(got, expected)
 
 
-def test_instance_fast_path_runs_winograd_in_the_fpn_and_mask_head(winograd_transforms):
+def test_instance_fast_path_runs_winograd_in_the_fpn_and_mask_head(winograd_transforms, separate_passes):
     import copy
 
     from seglab.engine.fastpath import optimize_instance_model
@@ -488,7 +488,7 @@ def test_instance_fast_path_runs_winograd_in_the_fpn_and_mask_head(winograd_tran
     assert narrow_calls == [128] * (7 if native else 2)
 
 
-def test_winograd_takes_only_many_channel_3x3_stride_1_convs(winograd_transforms):
+def test_winograd_takes_only_many_channel_3x3_stride_1_convs(winograd_transforms, separate_passes):
     from seglab.engine.fastpath import winograd_pays
 
     assert winograd_pays(nn.Conv2d(128, 256, 3, padding=1))
@@ -525,7 +525,7 @@ def _winograd_calls(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, li
         return model(x), calls
 
 
-def test_float32_fast_path_runs_winograd_within_the_stated_tolerance(winograd_transforms):
+def test_float32_fast_path_runs_winograd_within_the_stated_tolerance(winograd_transforms, separate_passes):
     x = torch.randn(1, 3, 256, 256)
     model, expected = _model_and_outputs("unet", x, encoder="resnet18")
     direct, winograd = optimize_for_inference(model, "32", winograd=False), optimize_for_inference(model, "32")
@@ -563,6 +563,22 @@ def test_float32_fast_path_runs_winograd_within_the_stated_tolerance(winograd_tr
     with mock.patch.object(nearest_conv, "winograd_conv3x3_of_nearest2x", counted):
         assert sorted(_winograd_calls(winograd, small)[1]) == ([256] * 4 + [512] * 3 if native else [])
     assert doubling == ([512] if native else [])
+
+
+def test_float32_fast_path_runs_few_channel_convolutions_in_one_pass_on_avx512(fused_calls, monkeypatch):
+    import seglab.engine.winograd as rule
+
+    monkeypatch.setattr(rule, "_has_avx512", lambda: True)  # the processors measured (any runs the kernel)
+    x = torch.randn(1, 3, 256, 256)
+    model, expected = _model_and_outputs("unet", x, encoder="resnet18")
+    fast = optimize_for_inference(model, "32")
+    with torch.inference_mode():
+        output = fast(x)
+    # ResNet-18's stage 1 (four 64-channel convs on 64 x 64), the decoder's 64-channel block
+    # (its skip's share and its second conv) and the 32-channel block (the same, 64 -> 32 and
+    # 32 -> 32 on 128 x 128); the 16-channel block ties with the direct convolution and stays.
+    assert sorted(fused_calls) == sorted([(64, 64)] * 6 + [(64, 32), (32, 32)])
+    torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_float32_fast_path_takes_f2x2_where_the_filters_bound_f4x4s_products():

@@ -69,7 +69,7 @@ def test_native_transforms_pay_from_64_channels_in_inference_16_in_training_and_
 def test_on_avx512_float32_training_takes_winograd_from_32_channels(monkeypatch):
     monkeypatch.setattr(native, "available", lambda: True)
     monkeypatch.setattr(rule, "_has_avx512", lambda: True)
-    assert min_channels(training=True) == 32 and min_channels(training=False) == 64
+    assert min_channels(training=True) == 32 and min_channels(training=False) == 16  # the one-pass F(4x4)'s
     assert not pays_for_input((4, 16, 512, 512), (21, 16, 3, 3), 1, training=True)  # U-Net's head
     assert not pays_for_input((4, 32, 256, 256), (16, 32, 3, 3), 1, training=True)
     assert pays_for_input((4, 32, 256, 256), (32, 32, 3, 3), 1, training=True)
@@ -173,3 +173,31 @@ def test_a_decoder_step_takes_winograd_on_the_upsampled_grid_from_128_channels(m
         assert upsampling_output_tile(x, weight, training=False) is None
     monkeypatch.setattr(native, "available", lambda: False)
     assert upsampling_output_tile(x, weight, training=False) is None
+
+
+def test_float32_inference_takes_the_one_pass_f4x4_for_few_channels_on_avx512(monkeypatch):
+    from seglab.engine.winograd import fused_pays
+
+    monkeypatch.setattr(native, "available", lambda: True)  # the rule only, nothing is built
+    monkeypatch.setattr(rule, "_has_avx512", lambda: True)
+
+    def pays(in_channels, out_channels, size=128, batch=1, dilation=1):
+        return fused_pays((batch, in_channels, size, size), (out_channels, in_channels, 3, 3), dilation)
+
+    assert pays(32, 32, 256) and pays(64, 32, 256) and pays(64, 64) and pays(128, 64)  # 1.53-2.06x measured
+    assert pays(16, 32, 256) and pays(32, 16, 512)  # 1.22-1.23x
+    assert pays(64, 64, size=16) and pays(32, 32, size=8)  # small maps too: one call, no passes
+    assert not pays(16, 16, 512)  # a tie with the direct convolution (1.00-1.03x)
+    assert not pays(128, 128, 64) and not pays(96, 96, 64)  # the separate passes' products win
+    assert not pays(16, 21, 512)  # output channels in whole vectors only
+    assert not pays(64, 64, 128, dilation=2)  # undilated only
+    assert min_channels(training=False) == 16
+    for training in (False, True):  # training keeps its rule (the one pass has no backward)
+        tile = output_tile((1, 64, 128, 128), (64, 64, 3, 3), 1, training)
+        assert tile == (4 if not training else 6)
+    assert output_tile((1, 32, 256, 256), (32, 32, 3, 3), 1, training=False) == 4
+    assert output_tile((1, 16, 512, 512), (16, 16, 3, 3), 1, training=False) is None
+    monkeypatch.setattr(rule, "_has_avx512", lambda: False)  # not measured elsewhere: the separate passes' rule
+    assert not pays(64, 64) and min_channels(training=False) == 64
+    assert output_tile((1, 64, 128, 128), (64, 64, 3, 3), 1, training=False) == 6
+    assert output_tile((1, 32, 256, 256), (32, 32, 3, 3), 1, training=False) is None

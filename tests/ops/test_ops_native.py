@@ -403,6 +403,65 @@ def test_add_upsampled_gives_the_same_bits_on_one_thread_and_on_two():
     assert torch.equal(*results)
 
 
+def _fused_matrices() -> tuple[torch.Tensor, torch.Tensor]:
+    b_t, _, a_t, _ = _native_matrices(4)
+    return b_t, a_t
+
+
+# Partial vectors of input channels (24), partial tiles (37 x 37, 5 x 3), one pixel, a batch.
+@pytest.mark.parametrize("shape", [(1, 16, 16, 12, 12), (2, 24, 48, 37, 37), (1, 64, 64, 5, 3), (3, 8, 32, 1, 1)])
+@pytest.mark.parametrize("bias, residual, relu", [(False, False, False), (True, False, True), (True, True, True),
+                                                  (False, True, False)])
+def test_winograd_fused_equals_the_convolution(shape, bias, residual, relu):
+    torch.manual_seed(0)
+    n, in_channels, out_channels, height, width = shape
+    x = torch.randn(n, height, width, in_channels)
+    weight = torch.randn(out_channels, in_channels, 3, 3) / (9 * in_channels) ** 0.5
+    b = torch.randn(out_channels) if bias else None
+    shortcut = torch.randn(n, height, width, out_channels) if residual else None
+    result = native.winograd_fused(x, winograd_filters(weight, 4), *_fused_matrices(), bias=b, residual=shortcut,
+                                   relu=relu)
+    expected = F.conv2d(x.permute(0, 3, 1, 2).double(), weight.double(), None if b is None else b.double(), padding=1)
+    expected = expected.permute(0, 2, 3, 1) + (0 if shortcut is None else shortcut.double())
+    expected = expected.relu() if relu else expected
+    assert result.shape == (n, height, width, out_channels) and result.is_contiguous()
+    # F(4x4)'s float32 rounding: a few units in the last place of the largest output
+    torch.testing.assert_close(result.double(), expected, rtol=0, atol=2e-5 * expected.abs().max().item())
+
+
+def test_winograd_fused_gives_the_same_bits_on_one_thread_and_on_two():
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 21, 14, 32), torch.randn(16, 32, 3, 3)
+    filters, results = winograd_filters(weight, 4), []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, max(threads, 2)):
+            torch.set_num_threads(count)
+            results.append(native.winograd_fused(x, filters, *_fused_matrices(), relu=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*results)
+
+
+def test_winograd_fused_refuses_what_it_cannot_compute_with_one_clear_error():
+    x, filters = torch.zeros(1, 8, 8, 16), winograd_filters(torch.zeros(32, 16, 3, 3), 4)
+    b_t, a_t = _fused_matrices()
+    with pytest.raises(ValueError, match="a multiple of 16 output channels, not 24"):
+        native.winograd_fused(x, winograd_filters(torch.zeros(24, 16, 3, 3), 4), b_t, a_t)
+    with pytest.raises(ValueError, match="36 x C x C_out filters"):
+        native.winograd_fused(x, winograd_filters(torch.zeros(32, 16, 3, 3), 6), b_t, a_t)
+    with pytest.raises(ValueError, match="not the matrices compiled in"):
+        native.winograd_fused(x, filters, b_t * 2, a_t)
+    with pytest.raises(ValueError, match="a residual of shape"):
+        native.winograd_fused(x, filters, b_t, a_t, residual=torch.zeros(1, 8, 8, 16))
+    with pytest.raises(ValueError, match="a bias of shape"):
+        native.winograd_fused(x, filters, b_t, a_t, bias=torch.zeros(16))
+    with pytest.raises(ValueError, match="the map must be a contiguous float32"):
+        native.winograd_fused(x.to(torch.bfloat16), filters, b_t, a_t)
+    with pytest.raises(ValueError, match="takes F\\(4x4\\)'s 6 x 6 B\\^T and 4 x 6 A\\^T"):
+        native.specialise(fused=(a_t, b_t))
+
+
 @pytest.mark.parametrize("sizes", [((16, 16), (64, 64)), ((64, 64), (512, 512)), ((7, 45), (21, 90)),
                                    ((5, 9), (17, 13)), ((40, 30), (17, 13)), ((1, 1), (4, 6)), ((3, 4), (3, 4))])
 @pytest.mark.parametrize("channels", [21, 1, 40])

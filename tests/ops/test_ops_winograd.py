@@ -216,3 +216,29 @@ def test_the_epilogue_with_gradients_or_a_strided_residual_takes_separate_steps(
         ours = winograd_conv3x3(x.detach().float(), filters, residual=nchw)
         expected = winograd_conv3x3(x.detach().float(), filters) + nchw
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
+def test_few_channel_f4x4_runs_in_one_native_pass_where_no_gradient_is_needed(fused_calls):
+    from seglab.ops.winograd import MAX_FUSED_CHANNEL_PRODUCT, fuses
+
+    torch.manual_seed(0)
+    x, shortcut = _channels_last(2, 32, 13, 18), _channels_last(2, 48, 13, 18)
+    weight, b = torch.randn(48, 32, 3, 3) / (9 * 32) ** 0.5, torch.randn(48)
+    filters = winograd_filters(weight, 4)
+    expected = (F.conv2d(x.double(), weight.double(), b.double(), padding=1) + shortcut.double()).relu()
+    with torch.no_grad():
+        ours = winograd_conv3x3(x, filters, b, residual=shortcut, relu=True)
+    assert fused_calls == [(32, 48)] and ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours.double(), expected, rtol=0, atol=2e-5 * expected.abs().max().item())
+    # With gradients, F(6x6), a dilation, 24 output channels (not whole vectors) or wider
+    # products: the separate passes.
+    fused_calls.clear()
+    winograd_conv3x3(x, filters.requires_grad_(), b).sum().backward()
+    with torch.no_grad():
+        winograd_conv3x3(x, winograd_filters(weight, 6), b)
+        winograd_conv3x3(x, filters, b, dilation=2)
+        winograd_conv3x3(x, winograd_filters(weight[:24], 4))
+        wide = torch.randn(128, 128, 3, 3)
+        winograd_conv3x3(_channels_last(1, 128, 8, 8), winograd_filters(wide, 4))
+    assert fused_calls == [] and filters.grad is not None
+    assert fuses(128, 64, 1) and not fuses(128, 128, 1) and 128 * 64 == MAX_FUSED_CHANNEL_PRODUCT

@@ -127,7 +127,7 @@ import torch.nn as nn
 
 from seglab.engine.precision import cpu_has
 from seglab.ops import native
-from seglab.ops.winograd import BF16_TILE, TILE
+from seglab.ops.winograd import BF16_TILE, TILE, fuses
 
 LARGE_TILE = 6  # F(6x6, 3x3)
 
@@ -138,6 +138,8 @@ __all__ = [
     "MIN_BF16_CHANNELS",
     "MIN_BF16_TRAINING_TILES",
     "MIN_FILTER_BOUND_CHANNELS",
+    "MIN_FUSED_CHANNELS",
+    "MIN_FUSED_WIDEST",
     "MIN_INFERENCE_CHANNELS",
     "MIN_INFERENCE_PRODUCTS",
     "MIN_NATIVE_INFERENCE_CHANNELS",
@@ -153,6 +155,7 @@ __all__ = [
     "bf16_pays",
     "call_output_tile",
     "filter_bound",
+    "fused_pays",
     "conv_takes_winograd",
     "min_channels",
     "output_tile",
@@ -178,6 +181,8 @@ MIN_NATIVE_TRAINING_PRODUCTS = 1 << 22  # as with the operators: see the note on
 MIN_TILE_COVERAGE = 0.9  # the share of the tiles' outputs inside the map below which ...
 WIDE_CHANNELS = 256  # ... only this many channels in and out pay
 MIN_UPSAMPLING_CHANNELS = 128  # x's and the output's, for `upsampling_output_tile`
+MIN_FUSED_CHANNELS = 16  # in and out, with ...
+MIN_FUSED_WIDEST = 32  # ... at least this many on one side: F(4x4) in one pass (`fused_pays`)
 MIN_FILTER_BOUND_CHANNELS = 512  # in and out: float32 inference by F(2x2) ...
 MAX_FILTER_BOUND_TILES = 16  # ... over at most this many of F(4x4)'s tiles
 
@@ -208,12 +213,36 @@ def _has_amx() -> bool:
 
 def min_channels(training: bool) -> int:
     """The fewest channels in and out for which Winograd can pay, in training or inference
-    (it depends on whether the native transforms are in use and, in training, on AVX-512)."""
+    (it depends on whether the native transforms are in use, on AVX-512 and, in inference, on
+    the one-pass F(4x4): `fused_pays`)."""
+    if not training and _fuses_natively():
+        return MIN_FUSED_CHANNELS
+    return _min_separate_channels(training)
+
+
+def _min_separate_channels(training: bool) -> int:
+    """`min_channels` for Winograd by separate passes (transforms, batched products)."""
     if native.available():
         if training:
             return MIN_AVX512_TRAINING_CHANNELS if _has_avx512() else MIN_NATIVE_TRAINING_CHANNELS
         return MIN_NATIVE_INFERENCE_CHANNELS
     return MIN_TRAINING_CHANNELS if training else MIN_INFERENCE_CHANNELS
+
+
+def _fuses_natively() -> bool:
+    """Whether float32 inference may take the one-pass F(4x4): the native kernels, on a
+    processor with AVX-512 (the kind measured)."""
+    return native.available() and _has_avx512()
+
+
+def fused_pays(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int) -> bool:
+    """Whether float32 inference computes this convolution (whose settings `winograd_dilation`
+    takes) fastest by F(4x4) in one native pass (`seglab.ops.winograd.fuses`): few channels,
+    from `MIN_FUSED_CHANNELS` in and out and `MIN_FUSED_WIDEST` on one side, on any map."""
+    out_channels, in_channels = weight_shape[0], weight_shape[1]
+    return (_fuses_natively() and fuses(in_channels, out_channels, dilation)
+            and min(in_channels, out_channels) >= MIN_FUSED_CHANNELS
+            and max(in_channels, out_channels) >= MIN_FUSED_WIDEST)
 
 
 def conv_takes_winograd(conv: nn.Conv2d, min_channels: int) -> bool:
@@ -239,6 +268,8 @@ def _coverage(input_shape: Sequence[int], dilation: int, tile: int) -> float:
 def pays_for_input(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int, training: bool) -> bool:
     """Whether Winograd beats the direct convolution for this input and weight (whose settings
     `winograd_dilation` takes)."""
+    if not training and fused_pays(input_shape, weight_shape, dilation):
+        return True
     channels, count = min(weight_shape[0], weight_shape[1]), tiles(input_shape, dilation)
     products = count * weight_shape[0] * weight_shape[1]
     if _coverage(input_shape, dilation, TILE) < MIN_TILE_COVERAGE and channels < WIDE_CHANNELS:
@@ -249,7 +280,7 @@ def pays_for_input(input_shape: Sequence[int], weight_shape: Sequence[int], dila
         min_products = MIN_TRAINING_PRODUCTS if training else MIN_INFERENCE_PRODUCTS
     if training and count < MIN_TRAINING_TILES:
         return False
-    return channels >= min_channels(training) and products >= min_products
+    return channels >= _min_separate_channels(training) and products >= min_products
 
 
 def output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int, training: bool) -> int | None:
@@ -257,6 +288,8 @@ def output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], dilatio
     `winograd_dilation` takes) fastest, or None where the direct one beats both."""
     if not pays_for_input(input_shape, weight_shape, dilation, training):
         return None
+    if not training and fused_pays(input_shape, weight_shape, dilation):
+        return TILE  # in one pass
     return LARGE_TILE if _coverage(input_shape, dilation, LARGE_TILE) >= MIN_TILE_COVERAGE else TILE
 
 

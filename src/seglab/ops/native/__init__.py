@@ -41,13 +41,13 @@ import torch
 
 from seglab.ops.native import specialise as _specialise
 
-__all__ = ["MAX_CLASSES", "MAX_UPSAMPLED", "add_upsampled_", "available", "batch_norm_backward", "batch_norm_forward",
-           "compiled_in", "cross_entropy", "gather_tiles", "resize_bilinear", "scatter_tiles", "specialise",
-           "unavailable_reason"]
+__all__ = ["FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", "MAX_UPSAMPLED", "add_upsampled_", "available",
+           "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy", "gather_tiles",
+           "resize_bilinear", "scatter_tiles", "specialise", "unavailable_reason", "winograd_fused"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",
-                                                                "batch_norm.c", "bilinear.c"))
+                                                                "batch_norm.c", "bilinear.c", "winograd_fused.c"))
 _LIBRARY_PREFIXES = ("seglab_native-", "winograd_tiles-")  # the name, then the name of older versions
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 _NATIVE_FLAGS = ("-march=native",)  # the processor's vector width; dropped where the compiler refuses it
@@ -64,30 +64,44 @@ _REGISTERING_MODULES = ("seglab.ops.winograd", "seglab.ops.winograd_nearest")
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _reason: str | None = None  # why there is no library; None until the first attempt
-_known: dict[str, list[tuple[tuple[float, ...], ...]]] = {"gather": [], "scatter": []}  # compiled-in matrices
+# Compiled-in matrices: the transforms' kernels' each, and winograd_fused's B^T and A^T.
+_known: dict[str, list[tuple[tuple[float, ...], ...]]] = {"gather": [], "scatter": [], "fused": []}
 
 
-def specialise(gathers: tuple[torch.Tensor, ...] = (), scatters: tuple[torch.Tensor, ...] = ()) -> None:
+def specialise(gathers: tuple[torch.Tensor, ...] = (), scatters: tuple[torch.Tensor, ...] = (),
+               fused: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Compile these matrices into kernels of their own (`specialise.py`: zeros skipped, sign
     pairs shared), used whenever `gather_tiles` / `scatter_tiles` get a matrix with the same
-    float32 bits. Winograd's transforms register theirs at import. Only matrices registered
-    before the library is first built or loaded take effect: each set gets a library of its own
-    in the cache."""
+    float32 bits; `fused`, F(4x4)'s B^T (6 x 6) and A^T (4 x 6), into `winograd_fused` (the
+    first pair registered). Winograd's transforms register theirs at import. Only matrices
+    registered before the library is first built or loaded take effect: each set gets a
+    library of its own in the cache."""
     for matrix in (*gathers, *scatters):
         if matrix.dim() != 2 or max(matrix.shape) > MAX_SIDE or min(matrix.shape) < 1:
             raise ValueError(f"a native kernel takes matrices of sides 1 to {MAX_SIDE}, not {tuple(matrix.shape)}")
+    if fused is not None and (tuple(fused[0].shape), tuple(fused[1].shape)) != ((6, 6), (4, 6)):
+        raise ValueError(f"winograd_fused takes F(4x4)'s 6 x 6 B^T and 4 x 6 A^T, not matrices of shapes "
+                         f"{tuple(fused[0].shape)} and {tuple(fused[1].shape)}")
     if _library is not None or _reason is not None:
         return
     for kind, matrices in (("gather", gathers), ("scatter", scatters)):
         for matrix in matrices:
-            rows = tuple(tuple(row) for row in matrix.detach().float().tolist())
+            rows = _rows(matrix)
             if rows not in _known[kind]:
                 _known[kind].append(rows)
+    if fused is not None and not _known["fused"]:
+        _known["fused"] += [_rows(fused[0]), _rows(fused[1])]
+
+
+def _rows(matrix: torch.Tensor) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(row) for row in matrix.detach().float().tolist())
 
 
 def _full_source() -> str:
     kernels = "\n".join(source.read_text() for source in _SOURCES)
-    return kernels + "\n" + _specialise.kernels(_known["gather"], _known["scatter"])
+    fused = _known["fused"] or [None, None]
+    return (kernels + "\n" + _specialise.kernels(_known["gather"], _known["scatter"]) + "\n"
+            + _specialise.fused_maps(*fused))
 
 
 def _cache_dir() -> Path:
@@ -208,6 +222,8 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_add_upsampled.restype = i32
     library.seglab_resize_bilinear.argtypes = [pointer, pointer, i64, i64, i64, i64, i64, i64, i32]
     library.seglab_resize_bilinear.restype = i32
+    library.seglab_winograd_fused.argtypes = [pointer] * 7 + [i32, i64, i64, i64, i64, i64, i32]
+    library.seglab_winograd_fused.restype = i32
     library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
     library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
     openmp = _torch_openmp()
@@ -577,4 +593,55 @@ def resize_bilinear(nhwc: torch.Tensor, size: tuple[int, int] | torch.Size) -> t
     if out.numel() and library.seglab_resize_bilinear(out.data_ptr(), nhwc.data_ptr(), n, in_height, in_width,
                                                       height, width, channels, torch.get_num_threads()):
         raise MemoryError("resize_bilinear: no memory for a thread's row buffers")
+    return out
+
+
+
+FUSED_CHANNELS_MULTIPLE = 16  # winograd_fused's output channels: whole vectors (of 16 or 8 floats)
+
+
+def winograd_fused(nhwc: torch.Tensor, filters: torch.Tensor, b_t: torch.Tensor, a_t: torch.Tensor, *,
+                   bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                   relu: bool = False) -> torch.Tensor:
+    """The stride-1 3x3 convolution (zero padding 1) of the channels-last float32 map `nhwc`
+    (N x H x W x C_in, contiguous) by F(4x4, 3x3) in one pass (`winograd_fused.c`): `filters`
+    in Winograd's domain (36 x C_in x C_out, contiguous, C_out a multiple of
+    `FUSED_CHANNELS_MULTIPLE`), B^T `b_t` and A^T `a_t` the matrices registered with
+    `specialise(fused=...)`, plus `bias` (C_out) and `residual` (N x H x W x C_out, contiguous),
+    then the ReLU with `relu`. Returns N x H x W x C_out, contiguous."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    _check(nhwc, "the map")
+    _check(filters, "the filters")
+    _check(b_t, "B^T")
+    _check(a_t, "A^T")
+    if nhwc.dim() != 4 or filters.dim() != 3 or filters.shape[:2] != (36, nhwc.shape[-1]):
+        raise ValueError(f"winograd_fused takes an N x H x W x C map and 36 x C x C_out filters, not shapes "
+                         f"{tuple(nhwc.shape)} and {tuple(filters.shape)}")
+    n, height, width, _ = nhwc.shape
+    out_channels = filters.shape[-1]
+    if out_channels % FUSED_CHANNELS_MULTIPLE:
+        raise ValueError(f"winograd_fused takes a multiple of {FUSED_CHANNELS_MULTIPLE} output channels, "
+                         f"not {out_channels}")
+    if bias is not None:
+        _check(bias, "the bias")
+        if bias.shape != (out_channels,):
+            raise ValueError(f"a bias of shape {tuple(bias.shape)} does not fit {out_channels} output channels")
+    out = nhwc.new_empty(n, height, width, out_channels)
+    if residual is not None:
+        _check(residual, "the residual")
+        if residual.shape != out.shape:
+            raise ValueError(f"a residual of shape {tuple(residual.shape)} does not fit the output's {tuple(out.shape)}")
+    if not out.numel():
+        return out
+    code = library.seglab_winograd_fused(out.data_ptr(), nhwc.data_ptr(), filters.data_ptr(), b_t.data_ptr(),
+                                         a_t.data_ptr(), _pointer(bias), _pointer(residual), int(relu), n, height,
+                                         width, nhwc.shape[-1], out_channels, torch.get_num_threads())
+    if code == -1:
+        raise MemoryError("winograd_fused: no memory for a thread's buffers")
+    if code == -3:
+        raise ValueError("winograd_fused: B^T and A^T are not the matrices compiled in (specialise(fused=...))")
+    if code:
+        raise ValueError(f"winograd_fused: {out_channels} output channels are not whole vectors")
     return out

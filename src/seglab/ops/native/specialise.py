@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 Matrix = Sequence[Sequence[float]]
 
-__all__ = ["kernels", "linear_map"]
+__all__ = ["fused_maps", "kernels", "linear_map"]
 
 
 def _literal(value: float) -> str:
@@ -143,3 +143,24 @@ def kernels(gathers: Sequence[Matrix], scatters: Sequence[Matrix]) -> str:
                          f"memcmp(matrix, matrix_{name}, sizeof matrix_{name}) == 0) return KERNEL({name});")
         parts += ["    return NULL;", "}"]
     return "\n".join(parts) + "\n"
+
+
+def fused_maps(b_t: Matrix | None, a_t: Matrix | None) -> str:
+    """C appended for `winograd_fused.c`: its maps with F(4x4)'s B^T (6 x 6) and A^T (4 x 6)
+    compiled in and `fused_matrices_are`, which tells whether given matrices are those; with
+    no matrices, maps that are never called and a `fused_matrices_are` that says no."""
+    if b_t is None or a_t is None:
+        stub = "(const fvec *x, int xs, fvec *y, int ys) { (void)x; (void)xs; (void)y; (void)ys; }"
+        return "\n".join([f"static inline __attribute__((always_inline)) void fused_input_map{stub}",
+                          f"static inline __attribute__((always_inline)) void fused_output_map{stub}",
+                          "static int fused_matrices_are(const float *b_t, const float *a_t) { (void)b_t; (void)a_t; return 0; }",
+                          ""])
+    constants = []
+    for name, matrix in (("fused_b_t", b_t), ("fused_a_t", a_t)):
+        values = ", ".join(f"{float(v).hex()}f" for row in matrix for v in row)
+        constants.append(f"static const float {name}[{len(matrix) * len(matrix[0])}] = {{{values}}};")
+    return "\n".join([linear_map("fused_input_map", b_t, "fvec"), linear_map("fused_output_map", a_t, "fvec"),
+                      *constants,
+                      "static int fused_matrices_are(const float *b_t, const float *a_t) {",
+                      "    return memcmp(b_t, fused_b_t, sizeof fused_b_t) == 0 && memcmp(a_t, fused_a_t, sizeof fused_a_t) == 0;",
+                      "}", ""])
