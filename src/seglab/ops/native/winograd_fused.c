@@ -12,14 +12,15 @@
  * Why: with few channels the separate passes (`gather`, `torch.bmm`, `scatter`) move 2.25x
  * the map's size of tiles out to memory and back three times for small products, and lost to
  * oneDNN's direct convolution below 64 channels. One pass (2 threads, AVX-512 Xeon, against the
- * direct convolution): 32 -> 32 channels on 256 x 256 1.62x (the passes 0.94x), 64 -> 32 1.53x,
- * 64 -> 64 on 128 x 128 2.05x (the passes 1.58x, F(6x6) 1.44x), at batch 8 1.89x (1.24x). With
- * 128 channels and more the products, [C_in] x [C_in x C_out] per tile here against batched
- * matrix products there, decide, and the passes win (128 -> 128 on 64 x 64: 2.29x against 1.52x).
+ * direct convolution, interleaved): 32 -> 32 channels on 256 x 256 1.63x (the passes 0.95x),
+ * 128 -> 64 on 128 x 128 2.17x (1.54x), 64 -> 64 on 128 x 128 2.10-2.19x (F(4x4)'s passes
+ * 1.38-1.54x, F(6x6)'s 1.18-1.38x), at batch 8 1.92-2.03x (1.16-1.20x). With 128 channels in
+ * and out the passes' batched products win (64 x 64: 2.19-2.20x against 1.62-1.78x).
  */
 
 #define FUSED_TILES 4   /* tiles whose products share each load of a filter vector */
 #define FUSED_VECTORS 4 /* vectors of output channels whose products share each tile value */
+#define FUSED_GROUP_BYTES (512 * 1024) /* a group of tiles' inputs and products (see fused_rows) */
 
 typedef struct {
     const float *src, *filters, *bias, *residual;
@@ -115,9 +116,15 @@ static void fused_output_tiles(const FusedJob *job, int64_t b, int64_t r, int64_
 static void fused_rows(const void *job_, int64_t begin, int64_t end) {
     const FusedJob *job = (const FusedJob *)job_;
     const int64_t Ci = job->in_channels, Co = job->out_channels;
-    /* (calloc: the last group of a row may hold fewer tiles, whose products run but are not kept) */
-    float *inputs = calloc(FUSED_TILES * 36 * Ci, sizeof(float));
-    float *products = malloc(sizeof(float) * FUSED_TILES * 36 * Co);
+    /* Tiles per group: as many as keep the group's inputs and products near FUSED_GROUP_BYTES
+     * (within a core's L2), so that each position's filters (C_in x C_out) are read once per
+     * group; the products then take them FUSED_TILES tiles at a time. */
+    int64_t group = FUSED_GROUP_BYTES / (36 * (Ci + Co) * (int64_t)sizeof(float));
+    group = group < FUSED_TILES ? FUSED_TILES : group - group % FUSED_TILES;
+    if (group > job->cols + FUSED_TILES - 1) group = (job->cols + FUSED_TILES - 1) / FUSED_TILES * FUSED_TILES;
+    /* (calloc: a group's last FUSED_TILES may hold fewer tiles, whose products run but are not kept) */
+    float *inputs = calloc(group * 36 * Ci, sizeof(float));
+    float *products = malloc(sizeof(float) * group * 36 * Co);
     if (!inputs || !products) {
         *job->failed = 1;
         free(inputs), free(products);
@@ -125,18 +132,22 @@ static void fused_rows(const void *job_, int64_t begin, int64_t end) {
     }
     for (int64_t u = begin; u < end; u++) {
         const int64_t b = u / job->rows, r = u % job->rows;
-        for (int64_t q0 = 0; q0 < job->cols; q0 += FUSED_TILES) {
-            const int count = job->cols - q0 < FUSED_TILES ? (int)(job->cols - q0) : FUSED_TILES;
+        for (int64_t q0 = 0; q0 < job->cols; q0 += group) {
+            const int count = job->cols - q0 < group ? (int)(job->cols - q0) : (int)group;
             fused_input_tiles(job, job->src + b * job->height * job->width * Ci, r, q0, count, inputs);
             for (int p = 0; p < 36; p++)
                 for (int64_t o0 = 0; o0 < Co; o0 += FUSED_VECTORS * WIDE) {
-                    const float *w = job->filters + (int64_t)p * Ci * Co + o0, *v = inputs + (int64_t)p * Ci;
-                    float *out = products + (int64_t)p * Co + o0;
-                    switch ((Co - o0) / WIDE) { /* a constant number of vectors in each */
-                        case 1: fused_products(v, w, out, Ci, Co, count, 1); break;
-                        case 2: fused_products(v, w, out, Ci, Co, count, 2); break;
-                        case 3: fused_products(v, w, out, Ci, Co, count, 3); break;
-                        default: fused_products(v, w, out, Ci, Co, count, FUSED_VECTORS);
+                    const float *w = job->filters + (int64_t)p * Ci * Co + o0;
+                    for (int t0 = 0; t0 < count; t0 += FUSED_TILES) {
+                        const float *v = inputs + ((int64_t)t0 * 36 + p) * Ci;
+                        float *out = products + ((int64_t)t0 * 36 + p) * Co + o0;
+                        const int tiles = count - t0 < FUSED_TILES ? count - t0 : FUSED_TILES;
+                        switch ((Co - o0) / WIDE) { /* a constant number of vectors in each */
+                            case 1: fused_products(v, w, out, Ci, Co, tiles, 1); break;
+                            case 2: fused_products(v, w, out, Ci, Co, tiles, 2); break;
+                            case 3: fused_products(v, w, out, Ci, Co, tiles, 3); break;
+                            default: fused_products(v, w, out, Ci, Co, tiles, FUSED_VECTORS);
+                        }
                     }
                 }
             fused_output_tiles(job, b, r, q0, count, products);
