@@ -1,6 +1,8 @@
-"""Winograd's F(4x4, 3x3) and F(6x6, 3x3) (`seglab.ops.winograd`) against the direct float32
-convolution (oneDNN through F.conv2d), one convolution at a time, channels last: the figures
-behind the thresholds of `seglab.engine.winograd`. Not a test: it prints a Markdown table.
+"""Winograd's F(2x2, 3x3), F(4x4, 3x3) and F(6x6, 3x3) (`seglab.ops.winograd`) against the
+direct float32 convolution (oneDNN through F.conv2d), one convolution at a time, channels last:
+the figures behind the thresholds of `seglab.engine.winograd`. Not a test: it prints a Markdown
+table. In inference F(4x4) runs as `winograd_conv3x3` runs it, in one native pass for few
+channels (`seglab.ops.winograd.fuses`); the column "separate passes" times it without that.
 
     python benchmarks/winograd.py                  # inference and training shapes
     python benchmarks/winograd.py --rounds 15 --threads 2
@@ -14,10 +16,11 @@ take: oneDNN's forward and input gradient, the weight gradient by the kernel tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +28,14 @@ import torch.nn.functional as F
 from seglab.engine.winograd import call_output_tile, tiles, winograd_dilation
 from seglab.memory import keep_freed_memory
 from seglab.ops.weight_gradient import ConvSettings, tuned_convolution
-from seglab.ops.winograd import OUTPUT_TILES, winograd_conv3x3, winograd_filters
+import seglab.ops.winograd as ops_winograd
+from seglab.ops.winograd import OUTPUT_TILES, TILE, fuses, winograd_conv3x3, winograd_filters
 
 # (batch, C_in, C_out, map size, dilation): a ResNet's stages at a 512 input (strides 4-32), at
 # output stride 8 (dilations 2 and 4), small maps where the rule says no, a decoder's fusion, and
 # a Mask R-CNN mask head's RoIs (14 x 14, which fill 77% of their tiles, against 28 x 28).
-INFERENCE = [(1, 64, 64, 128, 1), (8, 64, 64, 128, 1), (1, 128, 128, 64, 1), (8, 128, 128, 64, 1), (1, 128, 128, 16, 1),
+INFERENCE = [(1, 16, 16, 512, 1), (1, 32, 32, 256, 1), (1, 64, 32, 256, 1), (1, 128, 64, 128, 1),
+             (1, 64, 64, 128, 1), (8, 64, 64, 128, 1), (1, 128, 128, 64, 1), (8, 128, 128, 64, 1), (1, 128, 128, 16, 1),
              (1, 256, 256, 32, 1), (8, 256, 256, 32, 1), (1, 256, 256, 16, 1), (1, 512, 512, 16, 1),
              (8, 512, 512, 16, 1), (1, 512, 512, 8, 1), (1, 512, 512, 4, 1), (1, 256, 256, 64, 2),
              (1, 512, 512, 64, 4), (1, 1024, 512, 64, 1),
@@ -75,7 +80,7 @@ def row(shape: tuple[int, ...], training: bool, rounds: int) -> str:
     weight = (torch.randn(out_channels, in_channels, 3, 3) / math.sqrt(9 * in_channels)).contiguous(
         memory_format=torch.channels_last)
     bias = torch.randn(out_channels)
-    eager = "-"
+    eager = passes = "-"
     if training:
         x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
         upstream = torch.randn(batch, out_channels, size, size).contiguous(memory_format=torch.channels_last)
@@ -106,14 +111,35 @@ def row(shape: tuple[int, ...], training: bool, rounds: int) -> str:
             with torch.inference_mode():
                 return F.conv2d(x, weight, bias, padding=dilation, dilation=dilation)
 
-        (seconds, *_), (_, *speedups) = interleaved([direct] + [winograd(tile) for tile in OUTPUT_TILES], rounds)
+        def separate_passes() -> torch.Tensor:
+            with torch.inference_mode(), _without_one_pass():
+                return winograd_conv3x3(x, filters_4x4, bias, dilation)
+
+        filters_4x4 = winograd_filters(weight, TILE)
+        (seconds, *_), (_, *speedups) = interleaved(
+            [direct] + [winograd(tile) for tile in OUTPUT_TILES] + [separate_passes], rounds)
+        passes = f"{speedups.pop():.2f}x"
     takes = winograd_dilation(weight.shape, 1, dilation, dilation, 1) is not None
     tile = call_output_tile(x, weight, dilation, training) if takes else None
     rule = "direct" if tile is None else f"F({tile}x{tile})"
+    if tile == TILE and not training and fuses(in_channels, out_channels, dilation):
+        rule += ", one pass"
     mode = "train" if training else "infer"
     return (f"| {mode} | {batch} | {in_channels} -> {out_channels} | {size} x {size} | {dilation} | "
             f"{tiles(x.shape, dilation)} | {seconds * 1e3:.1f} | {eager} | "
-            + " | ".join(f"{speedup:.2f}x" for speedup in speedups) + f" | {rule} |")
+            + " | ".join(f"{speedup:.2f}x" for speedup in speedups) + f" | {passes} | {rule} |")
+
+
+@contextlib.contextmanager
+def _without_one_pass() -> Iterator[None]:
+    """F(4x4) by the separate passes (native gather, batched products, native scatter) however
+    few the channels."""
+    limit = ops_winograd.MAX_FUSED_CHANNEL_PRODUCT
+    ops_winograd.MAX_FUSED_CHANNEL_PRODUCT = 0
+    try:
+        yield
+    finally:
+        ops_winograd.MAX_FUSED_CHANNEL_PRODUCT = limit
 
 
 def main() -> None:
@@ -126,8 +152,9 @@ def main() -> None:
     keep_freed_memory()  # as seglab's commands run
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.rounds} interleaved rounds\n")
     print("| mode | batch | channels | map | dilation | 4 x 4 tiles | direct (ms) | eager backward (ms) | "
-          + " | ".join(f"direct / F({tile}x{tile})" for tile in OUTPUT_TILES) + " | rule picks |")
-    print("|---" * (9 + len(OUTPUT_TILES)) + "|")
+          + " | ".join(f"direct / F({tile}x{tile})" for tile in OUTPUT_TILES)
+          + " | direct / F(4x4), separate passes | rule picks |")
+    print("|---" * (10 + len(OUTPUT_TILES)) + "|")
     for shape in INFERENCE:
         print(row(shape, False, args.rounds), flush=True)
     for shape in TRAINING:

@@ -108,6 +108,18 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   in float32 inference for `MIN_FILTER_BOUND_CHANNELS` in and out over at most
   `MAX_FILTER_BOUND_TILES` 4 x 4 tiles (`call_output_tile`): a ResNet's last stage at batch 1
   of 512 x 512 (UNet-R34's and FPN-R34's encoders).
+- Few channels in float32 inference by F(4x4) in one native pass (`seglab.ops.winograd.fuses`,
+  `winograd_fused.c`: transforms and products per group of tiles, nothing of the tiles' size
+  through memory), against oneDNN's direct convolution (Xeon with AVX-512, 2 threads,
+  interleaved): 32 -> 32 on 256 x 256 1.63x (the separate passes 0.95x), 64 -> 32 1.53x,
+  64 -> 64 on 128 x 128 2.10-2.19x (F(4x4)'s passes 1.38-1.54x, F(6x6)'s 1.18-1.38x; batch 8
+  1.92-2.03x against 1.16-1.20x), 128 -> 64 2.17x (1.54x), 16 -> 32 and 32 -> 16 1.22-1.23x,
+  64 -> 64 on 16 x 16 and 32 x 32 2.7-3.0x; 16 -> 16 on 512 x 512 1.00-1.03x; 128 -> 128 on
+  64 x 64 1.62-1.78x against the passes' 2.19-2.20x, 96 -> 96 a tie. Hence `fused_pays`: from
+  `MIN_FUSED_CHANNELS` in and out with `MIN_FUSED_WIDEST` on one side, C_in x C_out up to
+  `seglab.ops.winograd.MAX_FUSED_CHANNEL_PRODUCT`, any map, on processors with AVX-512 (the
+  kind measured; elsewhere the rule above). UNet-R34 inference 1.099x at batch 1 and 1.138x at
+  batch 8, FPN-R34 1.117x at batch 8 (interleaved).
 - bf16 training (autocast; forward and both gradients by one autograd function that keeps to
   the bf16 kernels, `seglab.ops.winograd`), against autocast's oneDNN bf16 direct convolution,
   same Zen 4, interleaved medians: batch 4, 256 ch on 32 x 32 1.44x, on 64 x 64 1.54x, 512 ch
