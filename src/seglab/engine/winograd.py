@@ -166,9 +166,9 @@ __all__ = [
     "WIDE_CHANNELS",
     "bf16_pays",
     "call_output_tile",
+    "conv_takes_winograd",
     "filter_bound",
     "fused_pays",
-    "conv_takes_winograd",
     "min_channels",
     "output_tile",
     "pays_for_input",
@@ -298,10 +298,10 @@ def pays_for_input(input_shape: Sequence[int], weight_shape: Sequence[int], dila
 def output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int, training: bool) -> int | None:
     """The output tile of the Winograd algorithm that computes this convolution (whose settings
     `winograd_dilation` takes) fastest, or None where the direct one beats both."""
-    if not pays_for_input(input_shape, weight_shape, dilation, training):
-        return None
     if not training and fused_pays(input_shape, weight_shape, dilation):
         return TILE  # in one pass
+    if not pays_for_input(input_shape, weight_shape, dilation, training):
+        return None
     return LARGE_TILE if _coverage(input_shape, dilation, LARGE_TILE) >= MIN_TILE_COVERAGE else TILE
 
 

@@ -285,6 +285,12 @@ def _native_matrices(tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         return b_t.contiguous(), b_t.t().contiguous(), a_t.contiguous(), a_t.t().contiguous()
 
 
+def _native_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A bias as the native kernels add it: float32, contiguous, outside autograd (their own
+    backward, where they have one, returns its gradient)."""
+    return None if bias is None else bias.detach().float().contiguous()
+
+
 def _register_native_matrices() -> None:
     """Winograd's four matrices per tile, compiled into the native kernels (`native.specialise`)."""
     gathers, scatters = [], []
@@ -357,7 +363,7 @@ class _NativeOutputTransform(torch.autograd.Function):
                 tile: int, dilation: int = 1) -> torch.Tensor:
         ctx.tile, ctx.has_bias, ctx.dtype, ctx.dilation = tile, bias is not None, products.dtype, dilation
         return native.scatter_tiles(products, _native_matrices(tile)[2], shape, step=tile, pad=0,
-                                    bias=None if bias is None else bias.detach().float().contiguous(),
+                                    bias=_native_bias(bias),
                                     dilation=dilation)
 
     @staticmethod
@@ -430,7 +436,7 @@ class _NativeF2x2(torch.autograd.Function):
         ctx.save_for_backward(inputs, filters)
         ctx.shape, ctx.has_bias, ctx.dilation = (n, height, width), bias is not None, dilation
         return native.scatter_tiles(torch.bmm(inputs, filters), a_t, ctx.shape, step=BF16_TILE, pad=0,
-                                    bias=None if bias is None else bias.detach().float().contiguous(),
+                                    bias=_native_bias(bias),
                                     dilation=dilation)
 
     @staticmethod
@@ -457,10 +463,12 @@ def fuses(in_channels: int, out_channels: int, dilation: int) -> bool:
     """Whether a float32 F(4x4) convolution of these channels runs as one native pass where no
     gradient is needed (`native.winograd_fused`: transforms and products per group of tiles,
     nothing of the tiles' size through memory), the undilated ones of few channels: up to
-    `MAX_FUSED_CHANNEL_PRODUCT` for C_in x C_out, there faster than the separate passes
-    (Xeon with AVX-512, 2 threads, interleaved: 32 -> 32 channels on 256 x 256 1.76x, 64 -> 64 on
-    128 x 128 1.49x, 24 -> 48 on 37 x 37 1.29x, 128 -> 64 on 128 x 128 1.33x; 128 -> 128 on 64 x 64
-    0.66x, where the separate passes' batched products win)."""
+    `MAX_FUSED_CHANNEL_PRODUCT` for C_in x C_out, there faster than the separate passes. Xeon
+    with AVX-512, 2 threads, interleaved (`python benchmarks/winograd.py`), direct / one pass
+    against direct / separate passes: 32 -> 32 channels on 256 x 256 1.72x against 1.04x,
+    64 -> 32 1.65x against 0.98x, 128 -> 64 on 128 x 128 1.97x against 1.62x, 64 -> 64 2.04x
+    against 1.48x (batch 8 2.02x against 1.24x); 128 -> 128 on 64 x 64 1.62-1.78x against
+    2.19-2.20x, where the separate passes' batched products win."""
     return (dilation == 1 and out_channels % native.FUSED_CHANNELS_MULTIPLE == 0
             and in_channels * out_channels <= MAX_FUSED_CHANNEL_PRODUCT)
 
@@ -470,7 +478,7 @@ def _fused(nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None,
     """The convolution by `native.winograd_fused` (`fuses`): N x H x W x C_out, contiguous."""
     b_t, _, a_t, _ = _native_matrices(TILE)
     return native.winograd_fused(nhwc, filters.contiguous(), b_t, a_t,
-                                 bias=None if bias is None else bias.detach().float().contiguous(),
+                                 bias=_native_bias(bias),
                                  residual=None if residual is None else residual.permute(0, 2, 3, 1),
                                  relu=relu)
 
@@ -515,5 +523,5 @@ def _natively(nhwc: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | No
     b_t, _, a_t, _ = _native_matrices(tile)
     products = torch.bmm(native.gather_tiles(nhwc, b_t, step=tile, pad=1, dilation=dilation), filters)
     return native.scatter_tiles(products, a_t, (n, height, width), step=tile, pad=0,
-                                bias=None if bias is None else bias.detach().float().contiguous(),
+                                bias=_native_bias(bias),
                                 residual=residual, relu=relu, dilation=dilation)

@@ -56,6 +56,7 @@ PRUNE_UNUSED_DAYS = 30
 MAX_SIDE = 8  # of a matrix compiled in (winograd_tiles.c's LANES)
 MAX_CLASSES = 1024  # cross_entropy.c's
 MAX_UPSAMPLED = 8  # bilinear.c's
+FUSED_CHANNELS_MULTIPLE = 16  # winograd_fused's output channels: whole vectors (of 16 or 8 floats)
 # Modules whose import registers matrices to compile in (`specialise`): imported before the
 # first build, so that a process whose first native call is another kernel (cross-entropy,
 # from `seglab.losses` alone) still builds Winograd's own kernels.
@@ -595,9 +596,6 @@ def resize_bilinear(nhwc: torch.Tensor, size: tuple[int, int] | torch.Size) -> t
         raise MemoryError("resize_bilinear: no memory for a thread's row buffers")
     return out
 
-
-
-FUSED_CHANNELS_MULTIPLE = 16  # winograd_fused's output channels: whole vectors (of 16 or 8 floats)
 
 
 def winograd_fused(nhwc: torch.Tensor, filters: torch.Tensor, b_t: torch.Tensor, a_t: torch.Tensor, *,

@@ -116,6 +116,12 @@ def linear_map(name: str, matrix: Matrix, vector: str = "vec8") -> str:
     return "\n".join(lines)
 
 
+def _float_array(name: str, matrix: Matrix) -> str:
+    """A C array `name` of the matrix's values row by row, written exactly (hexadecimal floats)."""
+    values = ", ".join(f"{float(v).hex()}f" for row in matrix for v in row)
+    return f"static const float {name}[{sum(len(row) for row in matrix)}] = {{{values}}};"
+
+
 def kernels(gathers: Sequence[Matrix], scatters: Sequence[Matrix]) -> str:
     """C appended to `winograd_tiles.c`: a gather kernel for each matrix of `gathers` and a
     scatter kernel for each of `scatters` with the matrix compiled in (each for float32 and for
@@ -128,12 +134,11 @@ def kernels(gathers: Sequence[Matrix], scatters: Sequence[Matrix]) -> str:
             rows = [[float(v) for v in row] for row in matrix]
             out_size, in_size = len(rows), len(rows[0])
             name = f"{kind}_known_{index}"
-            values = ", ".join(f"{v.hex()}f" for row in rows for v in row)
             side = max(out_size, in_size)
             parts += [linear_map(f"map_{name}", rows, f"VECTOR(LANES({side}))"),
                       f"#define TRANSFORM_{name}(OUT, IN, T, R) SEPARABLE_TRANSFORM(OUT, IN, map_{name}, T, R)",
                       f"DEFINE_{kind.upper()}S({name}, {out_size}, {in_size}, {side}, TRANSFORM_{name})",
-                      f"static const float matrix_{name}[{out_size * in_size}] = {{{values}}};"]
+                      _float_array(f"matrix_{name}", rows)]
             lookups[kind].append((out_size, in_size, name))
     for kind, known in lookups.items():
         parts.append(f"static RangeFn specialised_{kind}(int out_side, int in_side, const float *matrix, int bf16) {{")
@@ -155,12 +160,8 @@ def fused_maps(b_t: Matrix | None, a_t: Matrix | None) -> str:
                           f"static inline __attribute__((always_inline)) void fused_output_map{stub}",
                           "static int fused_matrices_are(const float *b_t, const float *a_t) { (void)b_t; (void)a_t; return 0; }",
                           ""])
-    constants = []
-    for name, matrix in (("fused_b_t", b_t), ("fused_a_t", a_t)):
-        values = ", ".join(f"{float(v).hex()}f" for row in matrix for v in row)
-        constants.append(f"static const float {name}[{len(matrix) * len(matrix[0])}] = {{{values}}};")
     return "\n".join([linear_map("fused_input_map", b_t, "fvec"), linear_map("fused_output_map", a_t, "fvec"),
-                      *constants,
+                      _float_array("fused_b_t", b_t), _float_array("fused_a_t", a_t),
                       "static int fused_matrices_are(const float *b_t, const float *a_t) {",
                       "    return memcmp(b_t, fused_b_t, sizeof fused_b_t) == 0 && memcmp(a_t, fused_a_t, sizeof fused_a_t) == 0;",
                       "}", ""])

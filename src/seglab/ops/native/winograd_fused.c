@@ -4,10 +4,11 @@
  *   dst = act(conv3x3(src, filters) + bias + residual),  zero padding 1, stride 1,
  *
  * channels-last float32 maps, act = ReLU or nothing. Each thread takes whole tile rows, and per
- * group of FUSED_TILES tiles: the input transform B^T d B into a small buffer, the 36 products
- * against the filters in Winograd's domain (36 x C_in x C_out) with the accumulators in
- * registers, and the output transform A^T m A with the bias, the residual and the ReLU,
- * written to the map. Nothing of the tiles' size goes through memory.
+ * group of tiles (as many as keep their buffers within FUSED_GROUP_BYTES): the input transform
+ * B^T d B into a small buffer, the 36 products against the filters in Winograd's domain
+ * (36 x C_in x C_out), FUSED_TILES tiles by FUSED_VECTORS vectors of output channels at a time
+ * with the accumulators in registers, and the output transform A^T m A with the bias, the
+ * residual and the ReLU, written to the map. Nothing of the tiles' size goes through memory.
  *
  * Why: with few channels the separate passes (`gather`, `torch.bmm`, `scatter`) move 2.25x
  * the map's size of tiles out to memory and back three times for small products, and lost to
