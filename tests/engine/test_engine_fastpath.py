@@ -10,19 +10,22 @@ import torch.nn.functional as F
 from engine_helpers import needs_bf16
 
 from seglab.data.synthetic import SyntheticShapes
+from seglab.encoders.mit import MixFFN
 from seglab.engine.fastpath import (
     InferenceModel,
     autocast_context,
     fold_conv_bn,
     fuse_conv_relu,
+    native_mix_ffn_pays,
     optimize_for_inference,
     optimizer_options,
     prepare_batch,
     to_channels_last,
 )
 from seglab.engine.onednn import FusedConv
-from seglab.engine.precision import cpu_runs_bf16
+from seglab.engine.precision import cpu_has, cpu_runs_bf16
 from seglab.models import create_model
+from seglab.ops import native
 from seglab.ops.winograd import winograd_conv3x3
 from seglab.ops.winograd_nearest import winograd_conv3x3_of_nearest2x
 
@@ -391,15 +394,41 @@ def _model_and_outputs(name: str, x: torch.Tensor, **options) -> tuple[nn.Module
         return model, model(x)
 
 
-def test_segformer_fast_path_fuses_the_mix_ffn_gelu_and_keeps_outputs():
+def _native_mix_ffns_expected() -> int:
+    """MiT-B0's Mix-FFNs the fast path runs natively: its first three stages' (2 blocks each, up to
+    160 -> 640 channels) where the native kernels run on AVX-512."""
+    return 6 if native.available() and cpu_has("avx512") else 0
+
+
+def test_segformer_fast_path_runs_the_mix_ffns_natively_or_fuses_their_gelu_and_keeps_outputs():
     x = torch.randn(1, 3, 64, 96)
     model, expected = _model_and_outputs("segformer", x, variant="b0")
     fast = optimize_for_inference(model, "32")
-    from seglab.engine.fastpath import FusedConv
-
+    natively = sum(m.native for m in fast.modules() if isinstance(m, MixFFN))
+    assert natively == _native_mix_ffns_expected()
     fused = [m for m in fast.modules() if isinstance(m, FusedConv) and isinstance(m.activation, nn.GELU)]
-    assert len(fused) == 8  # the depthwise conv + GELU of every Mix-FFN (2 blocks x 4 stages)
+    assert len(fused) == 8 - natively  # the others' depthwise conv + GELU (2 blocks x 4 stages in all)
     torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:--precision bf16")
+def test_segformer_fast_path_keeps_the_mix_ffns_operators_when_asked_and_in_bf16():
+    x = torch.randn(1, 3, 64, 64)
+    model, expected = _model_and_outputs("segformer", x, variant="b0")
+    for fast in (optimize_for_inference(model, "32", native_mix_ffn=False), optimize_for_inference(model, "bf16")):
+        assert not any(m.native for m in fast.modules() if isinstance(m, MixFFN))
+        assert sum(isinstance(m, FusedConv) and isinstance(m.activation, nn.GELU) for m in fast.modules()) == 8
+    torch.testing.assert_close(optimize_for_inference(model, "32", native_mix_ffn=False)(x), expected,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_native_mix_ffn_pays_up_to_mit_b0s_third_stage():
+    widths = (32, 64, 160, 256)  # MiT-B0's, 4x as many hidden channels each
+    with mock.patch("seglab.engine.fastpath.native.available", return_value=True), \
+            mock.patch("seglab.engine.fastpath.cpu_has", return_value=True):
+        assert [native_mix_ffn_pays(MixFFN(w, 4 * w)) for w in widths] == [True, True, True, False]
+    with mock.patch("seglab.engine.fastpath.cpu_has", return_value=False):  # unmeasured: the operators
+        assert not native_mix_ffn_pays(MixFFN(32, 128))
 
 
 def _instance_model(name: str, **extra) -> nn.Module:

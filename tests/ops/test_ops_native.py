@@ -598,3 +598,69 @@ def test_an_unusable_cache_leaves_pytorchs_operators_in_use(tmp_path):
     blocked.write_text("not a directory")
     report = _fresh_process(REPORT, SEGLAB_CACHE=str(blocked))
     assert report.startswith("False cannot build in the cache") and "set SEGLAB_CACHE" in report
+
+
+def _mix_ffn_weights(channels: int, hidden: int) -> dict[str, torch.Tensor]:
+    """Random Mix-FFN weights in `native.mix_ffn`'s layout, scaled as trained layers are."""
+    return {"fc1_weight": torch.randn(channels, hidden) / channels ** 0.5, "fc1_bias": torch.randn(hidden) / 4,
+            "dw_weight": torch.randn(9, hidden) / 3, "dw_bias": torch.randn(hidden) / 4,
+            "fc2_weight": torch.randn(hidden, channels) / hidden ** 0.5, "fc2_bias": torch.randn(channels) / 4}
+
+
+def _mix_ffn_reference(tokens: torch.Tensor, height: int, width: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """fc2(GELU(dwconv3x3(fc1(tokens)))) in float64, by PyTorch's operators."""
+    w = {name: value.double() for name, value in weights.items()}
+    hidden = w["fc1_bias"].shape[0]
+    x = tokens.double() @ w["fc1_weight"] + w["fc1_bias"]
+    x = x.reshape(tokens.shape[0], height, width, hidden).permute(0, 3, 1, 2)
+    x = F.conv2d(x, w["dw_weight"].t().reshape(hidden, 1, 3, 3), w["dw_bias"], padding=1, groups=hidden)
+    x = F.gelu(x).flatten(2).transpose(1, 2)
+    return x @ w["fc2_weight"] + w["fc2_bias"]
+
+
+# MiT's first stage (32 -> 128), rows of a width not a multiple of the kernel's 4 columns or 8
+# tokens, one column, one row, one token, a batch of several images, wider channels.
+@pytest.mark.parametrize("shape", [(1, 9, 13, 32, 128), (2, 5, 1, 16, 64), (1, 1, 7, 48, 32), (1, 1, 1, 16, 16),
+                                   (3, 4, 6, 64, 256), (1, 3, 3, 160, 640)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_mix_ffn_equals_its_four_operators(shape, residual):
+    torch.manual_seed(0)
+    n, height, width, channels, hidden = shape
+    tokens = torch.randn(n, height * width, channels)
+    weights = _mix_ffn_weights(channels, hidden)
+    shortcut = torch.randn_like(tokens) if residual else None
+    result = native.mix_ffn(tokens, height, width, **weights, residual=shortcut)
+    expected = _mix_ffn_reference(tokens, height, width, weights) + (0 if shortcut is None else shortcut.double())
+    assert result.shape == tokens.shape and result.is_contiguous()
+    # float32 rounding of sums over C and 4C products, and GELU's erf within 1.5e-7
+    torch.testing.assert_close(result.double(), expected, rtol=0, atol=2e-6 * expected.abs().max().item())
+
+
+def test_mix_ffn_gives_the_same_bits_on_one_thread_and_on_two():
+    """Each thread's first row recomputes fc1 of the rows above it: the same values either way."""
+    torch.manual_seed(0)
+    tokens, weights = torch.randn(3, 7 * 5, 32), _mix_ffn_weights(32, 128)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, max(threads, 2)):
+            torch.set_num_threads(count)
+            results.append(native.mix_ffn(tokens, 7, 5, **weights, residual=tokens))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*results)
+
+
+def test_mix_ffn_refuses_what_it_cannot_compute_with_one_clear_error():
+    tokens, weights = torch.zeros(1, 12, 32), _mix_ffn_weights(32, 128)
+    with pytest.raises(ValueError, match=r"N x \(height \* width\) x C tokens, not shape \(1, 12, 32\) for a 3 x 5 map"):
+        native.mix_ffn(tokens, 3, 5, **weights)
+    with pytest.raises(ValueError, match=r"fc2's weight of shape \(128, 16\) does not fit 32 channels"):
+        native.mix_ffn(tokens, 3, 4, **{**weights, "fc2_weight": torch.zeros(128, 16)})
+    with pytest.raises(ValueError, match="multiples of 16 channels, not 24 and 128 hidden"):
+        native.mix_ffn(torch.zeros(1, 12, 24), 3, 4, **{**_mix_ffn_weights(24, 128)})
+    with pytest.raises(ValueError, match="the tokens must be a contiguous float32 CPU tensor"):
+        native.mix_ffn(tokens.to(torch.bfloat16), 3, 4, **weights)
+    with pytest.raises(ValueError, match="a residual of shape"):
+        native.mix_ffn(tokens, 3, 4, **weights, residual=torch.zeros(1, 12, 16))
+    assert native.mix_ffn(torch.zeros(0, 12, 32), 3, 4, **weights).shape == (0, 12, 32)

@@ -15,6 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seglab.ops.kept import KeptFromWeights
+from seglab.ops.mix_ffn import NativeWeights, mix_ffn_fits, native_mix_ffn
+
 __all__ = ["MixTransformer", "MIT_CONFIGS"]
 
 
@@ -90,12 +93,20 @@ class MixFFN(nn.Module):
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
+        # The four operators (and the residual addition) in one native pass where they fit,
+        # set by the fast path (`seglab.engine.fastpath.use_native_mix_ffn`): CPU inference.
+        self.native = False
+        self._native_weights: KeptFromWeights[NativeWeights] = KeptFromWeights()
 
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int, width: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output for tokens x (N, H*W, C), plus `residual` if given."""
+        if self.native and mix_ffn_fits(x, self.fc1, self.dwconv, self.act, self.fc2):
+            return native_mix_ffn(x, height, width, self.fc1, self.dwconv, self.fc2, self._native_weights, residual)
         # GELU on the map, straight after the depthwise conv: the fast path runs the two as one
         # oneDNN kernel (the same function: GELU is element-wise).
         x = self.act(self.dwconv(tokens_to_map(self.fc1(x), height, width)))
-        return self.fc2(x.flatten(2).transpose(1, 2))
+        x = self.fc2(x.flatten(2).transpose(1, 2))
+        return x if residual is None else residual + x
 
 
 class DropPath(nn.Module):
@@ -123,6 +134,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), height, width))
+        if self.drop_path.p == 0.0 or not self.training:  # the Mix-FFN adds the shortcut (in its one pass)
+            return self.ffn(self.norm2(x), height, width, residual=x)
         return x + self.drop_path(self.ffn(self.norm2(x), height, width))
 
 

@@ -17,6 +17,9 @@ Each step is independent, so the benchmark can measure each on its own:
   Winograd's F(4x4, 3x3) (`seglab.ops.winograd`), 4x fewer multiply-adds than oneDNN's direct
   convolution, where the input is large enough to pay (`seglab.engine.winograd`); it changes
   outputs at the same rounding level as the folding.
+- `use_native_mix_ffn` (CPU inference, float32, `seglab.ops.mix_ffn`): SegFormer's Mix-FFN
+  (Linear, depthwise 3x3, GELU, Linear) and the residual addition after it in one native pass,
+  row by row, instead of four operators that write and read 4C channels per token.
 - `to_channels_last`: oneDNN's convolutions run natively on NHWC; NCHW costs reorders.
 - bfloat16 (`optimize_for_inference(..., precision="bf16")`): weights and activations in
   bfloat16, which AVX-512 BF16 / AMX processors and recent GPUs multiply several times faster
@@ -60,12 +63,14 @@ from seglab.engine.onednn import (
     prepack_conv_weights,
     replace_submodule,
 )
-from seglab.engine.precision import auto_precision, resolve_precision
+from seglab.encoders.mit import MixFFN
+from seglab.engine.precision import auto_precision, cpu_has, resolve_precision
 from seglab.engine.residual import fuse_residual_additions
 from seglab.engine.convolutions import TrainingConvolutions, training_convolutions
 from seglab.engine.norms import training_norms
 from seglab.engine.winograd import conv_takes_winograd, min_channels, upsampling_output_tile
 from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
+from seglab.ops import native
 from seglab.ops.atrous_gemm import all_taps_product, share_inside
 from seglab.ops.nearest_conv import NearestUpsampleConv, UpsamplingConvCaller
 
@@ -87,6 +92,8 @@ __all__ = [
     "to_channels_last",
     "training_convolutions",
     "training_norms",
+    "native_mix_ffn_pays",
+    "use_native_mix_ffn",
     "use_winograd",
     "winograd_pays",
 ]
@@ -432,6 +439,33 @@ def use_winograd(model: nn.Module) -> int:
     return switched
 
 
+# The Mix-FFNs whose linear layers' weights (C x 4C each) stay in a core's L2 beside the row
+# buffers: C up to 160 (MiT-B0's first three stages, the first two of B1-B5). With 256 channels
+# (B0's last stage, 2 MB of weights) each row's 16 tokens re-read them from the shared cache and
+# the one pass lost (0.86-0.95x); 160 -> 640 ran 1.0-1.2x, 32 -> 128 1.3-1.7x (Xeon, AVX-512).
+MAX_NATIVE_MIX_FFN_WEIGHTS = 160 * 640
+
+
+def native_mix_ffn_pays(ffn: MixFFN) -> bool:
+    """Whether CPU inference computes this Mix-FFN fastest in one native pass: the native kernels
+    built, on a processor with AVX-512 (the kind measured; the kernel is portable C), and
+    weights within `MAX_NATIVE_MIX_FFN_WEIGHTS`."""
+    return (native.available() and cpu_has("avx512")
+            and ffn.fc1.in_features * ffn.fc1.out_features <= MAX_NATIVE_MIX_FFN_WEIGHTS)
+
+
+def use_native_mix_ffn(model: nn.Module) -> int:
+    """Have every SegFormer Mix-FFN that `native_mix_ffn_pays` compute its four operators and
+    the residual addition after it in one native pass (`seglab.ops.mix_ffn`) in float32 CPU
+    inference, in place. Returns the number switched."""
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, MixFFN) and native_mix_ffn_pays(module):
+            module.native = True
+            switched += 1
+    return switched
+
+
 # ------------------------------------------------------------------------------ inference
 def _outputs_to_float(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
@@ -472,6 +506,7 @@ def optimize_for_inference(
     prepack: bool = True,
     dilated_as_gemm: bool = True,
     winograd: bool = True,
+    native_mix_ffn: bool = True,
     channels_last: bool = True,
     inference_mode: bool = True,
     compile: bool = False,
@@ -484,7 +519,7 @@ def optimize_for_inference(
     ReLU inside their last convolution (CPU, `fuse_residual_additions`), convolution weights kept in oneDNN's
     layout (CPU, `prepack_conv_weights`), many-channel 3x3 convolutions by Winograd's F(4x4, 3x3)
     or F(6x6, 3x3) (CPU, float32; in bf16 the widest by F(2x2, 3x3); `use_winograd`),
-    channels_last, inference_mode and `precision`
+    SegFormer's Mix-FFNs in one native pass (CPU, float32; `use_native_mix_ffn`), channels_last, inference_mode and `precision`
     ("auto": bf16 where the hardware runs it natively, else 32; "32", "bf16", "16"),
     optionally torch.compile. The argument model is left untouched unless
     `inplace`. Each switch can be turned off to measure the others on their own."""
@@ -497,13 +532,15 @@ def optimize_for_inference(
     if dilated_as_gemm and device.type == "cpu" and not compile:  # before the fusion, which takes plain convs
         rewrite_dilated_convs(prepared)
     on_onednn = device.type == "cpu" and not compile  # inductor does its own fusion and packing
+    dtype = _DTYPES[name]
+    if native_mix_ffn and on_onednn and dtype == torch.float32:  # before the fusion would take its conv + GELU
+        use_native_mix_ffn(prepared)
     if fuse_relu and on_onednn:
         fuse_conv_relu(prepared, example_input)
     if fuse_residual and on_onednn:  # after the folding, which leaves the blocks' last convs bare
         fuse_residual_additions(prepared)
     if prepack and on_onednn:
         prepack_conv_weights(prepared)
-    dtype = _DTYPES[name]
     if winograd and on_onednn and dtype in (torch.float32, torch.bfloat16):
         use_winograd(prepared)  # each call picks its tile, or the direct convolution, by its dtype
     if channels_last:

@@ -41,13 +41,14 @@ import torch
 
 from seglab.ops.native import specialise as _specialise
 
-__all__ = ["FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", "MAX_UPSAMPLED", "add_upsampled_", "available",
-           "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy", "gather_tiles",
-           "resize_bilinear", "scatter_tiles", "specialise", "unavailable_reason", "winograd_fused"]
+__all__ = ["FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", "MAX_UPSAMPLED", "MIX_FFN_CHANNELS_MULTIPLE", "add_upsampled_",
+           "available", "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy", "gather_tiles",
+           "mix_ffn", "resize_bilinear", "scatter_tiles", "specialise", "unavailable_reason", "winograd_fused"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",
-                                                                "batch_norm.c", "bilinear.c", "winograd_fused.c"))
+                                                                "batch_norm.c", "bilinear.c", "winograd_fused.c",
+                                                                "mix_ffn.c"))
 _LIBRARY_PREFIXES = ("seglab_native-", "winograd_tiles-")  # the name, then the name of older versions
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 _NATIVE_FLAGS = ("-march=native",)  # the processor's vector width; dropped where the compiler refuses it
@@ -56,6 +57,7 @@ PRUNE_UNUSED_DAYS = 30
 MAX_SIDE = 8  # of a matrix compiled in (winograd_tiles.c's LANES)
 MAX_CLASSES = 1024  # cross_entropy.c's
 MAX_UPSAMPLED = 8  # bilinear.c's
+MIX_FFN_CHANNELS_MULTIPLE = 16  # mix_ffn's channels and hidden channels: whole 16-float vectors
 FUSED_CHANNELS_MULTIPLE = 16  # winograd_fused's output channels: whole vectors (of 16 or 8 floats)
 # Modules whose import registers matrices to compile in (`specialise`): imported before the
 # first build, so that a process whose first native call is another kernel (cross-entropy,
@@ -225,6 +227,8 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_resize_bilinear.restype = i32
     library.seglab_winograd_fused.argtypes = [pointer] * 7 + [i32, i64, i64, i64, i64, i64, i32]
     library.seglab_winograd_fused.restype = i32
+    library.seglab_mix_ffn.argtypes = [pointer] * 9 + [i64, i64, i64, i64, i64, i32]
+    library.seglab_mix_ffn.restype = i32
     library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
     library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
     openmp = _torch_openmp()
@@ -642,4 +646,49 @@ def winograd_fused(nhwc: torch.Tensor, filters: torch.Tensor, b_t: torch.Tensor,
         raise ValueError("winograd_fused: B^T and A^T are not the matrices compiled in (specialise(fused=...))")
     if code:
         raise ValueError(f"winograd_fused: {out_channels} output channels are not whole vectors")
+    return out
+
+
+def mix_ffn(tokens: torch.Tensor, height: int, width: int, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
+            dw_weight: torch.Tensor, dw_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, *,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """SegFormer's Mix-FFN, `fc2(GELU(dwconv3x3(fc1(tokens)))) (+ residual)`, in one pass
+    (`mix_ffn.c`): `tokens` N x (height * width) x C float32, contiguous (a map's rows one after
+    another); `fc1_weight` C x D and `fc2_weight` D x C (nn.Linear's weights transposed),
+    `dw_weight` 9 x D (the depthwise convolution's 3 x 3 taps row by row), biases D, D and C,
+    C and D multiples of `MIX_FFN_CHANNELS_MULTIPLE`; `residual` like `tokens`. GELU is the
+    exact (erf) one. Returns N x (height * width) x C, contiguous."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    for tensor, name in ((tokens, "the tokens"), (fc1_weight, "fc1's weight"), (fc1_bias, "fc1's bias"),
+                         (dw_weight, "the depthwise weight"), (dw_bias, "the depthwise bias"),
+                         (fc2_weight, "fc2's weight"), (fc2_bias, "fc2's bias")):
+        _check(tensor, name)
+    if tokens.dim() != 3 or tokens.shape[1] != height * width:
+        raise ValueError(f"mix_ffn takes N x (height * width) x C tokens, not shape {tuple(tokens.shape)} "
+                         f"for a {height} x {width} map")
+    channels, hidden = tokens.shape[-1], fc1_weight.shape[-1]
+    expected = {"fc1's weight": (fc1_weight, (channels, hidden)), "fc1's bias": (fc1_bias, (hidden,)),
+                "the depthwise weight": (dw_weight, (9, hidden)), "the depthwise bias": (dw_bias, (hidden,)),
+                "fc2's weight": (fc2_weight, (hidden, channels)), "fc2's bias": (fc2_bias, (channels,))}
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} of shape {tuple(tensor.shape)} does not fit {channels} channels and "
+                             f"{hidden} hidden ones (expected {shape})")
+    if channels % MIX_FFN_CHANNELS_MULTIPLE or hidden % MIX_FFN_CHANNELS_MULTIPLE:
+        raise ValueError(f"mix_ffn takes multiples of {MIX_FFN_CHANNELS_MULTIPLE} channels, not {channels} "
+                         f"and {hidden} hidden")
+    if residual is not None:
+        _check(residual, "the residual")
+        if residual.shape != tokens.shape:
+            raise ValueError(f"a residual of shape {tuple(residual.shape)} does not fit the tokens' "
+                             f"{tuple(tokens.shape)}")
+    out = torch.empty_like(tokens)
+    if out.numel() and library.seglab_mix_ffn(out.data_ptr(), tokens.data_ptr(), fc1_weight.data_ptr(),
+                                              fc1_bias.data_ptr(), dw_weight.data_ptr(), dw_bias.data_ptr(),
+                                              fc2_weight.data_ptr(), fc2_bias.data_ptr(), _pointer(residual),
+                                              tokens.shape[0], height, width, channels, hidden,
+                                              torch.get_num_threads()):
+        raise MemoryError("mix_ffn: no memory for a thread's row buffers")
     return out

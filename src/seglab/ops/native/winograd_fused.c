@@ -40,25 +40,51 @@ static inline __attribute__((always_inline)) void fused_input_map(const fvec *x,
 static inline __attribute__((always_inline)) void fused_output_map(const fvec *x, int xs, fvec *y, int ys);
 static int fused_matrices_are(const float *b_t, const float *a_t);
 
-/* One position's products for FUSED_TILES tiles and `vectors` (a constant where inlined)
- * vectors of output channels: the accumulators stay in registers. `v` holds the tiles'
- * transformed inputs (36 C_in apart), `w` the filters' rows (C_out apart); `out` gets the
- * products (36 C_out apart). */
-static inline __attribute__((always_inline)) void fused_products(const float *v, const float *w, float *out,
-                                                                 int64_t Ci, int64_t Co, int count, const int vectors) {
-    fvec acc[FUSED_TILES][FUSED_VECTORS];
-    for (int t = 0; t < FUSED_TILES; t++)
-        for (int o = 0; o < vectors; o++) acc[t][o] = (fvec){0};
-    for (int64_t k = 0; k < Ci; k++) {
-        fvec wk[FUSED_VECTORS];
-        for (int o = 0; o < vectors; o++) memcpy(&wk[o], w + k * Co + o * WIDE, sizeof(fvec));
-        for (int t = 0; t < FUSED_TILES; t++) {
-            const float a = v[(int64_t)t * 36 * Ci + k];
-            for (int o = 0; o < vectors; o++) acc[t][o] += a * wk[o];
+/* out[t][o] = init[o] + sum_k a[t a_step + k] w[k w_step + o] + add[t out_step + o] for
+ * `count` <= `rows` rows t and `vectors` vectors o of WIDE floats (`rows` and `vectors`
+ * constants where inlined, at most REGISTER_ROWS x REGISTER_VECTORS; `init` and `add` may be
+ * NULL): every accumulator stays in a register, each load of a filter vector serves `rows`
+ * rows and each row's value `vectors` vectors. Rows from `count` on repeat the last one (their
+ * products are not stored), so `a` needs only `count` rows. Shared by the one-pass Winograd
+ * (a position's products for a few tiles) and mix_ffn.c (a row's linear layers). */
+#define REGISTER_ROWS 8
+#define REGISTER_VECTORS 4
+static inline __attribute__((always_inline)) void register_products(
+    const float *a, int64_t a_step, const float *w, int64_t w_step, float *out, int64_t out_step, int64_t depth,
+    int count, const int rows, const int vectors, const float *init, const float *add) {
+    const float *row[REGISTER_ROWS];
+    for (int t = 0; t < rows; t++) row[t] = a + (t < count ? t : count - 1) * a_step;
+    fvec acc[REGISTER_ROWS][REGISTER_VECTORS];
+    for (int o = 0; o < vectors; o++) {
+        fvec start = {0};
+        if (init) memcpy(&start, init + o * WIDE, sizeof start);
+        for (int t = 0; t < rows; t++) acc[t][o] = start;
+    }
+    for (int64_t k = 0; k < depth; k++) {
+        fvec wk[REGISTER_VECTORS];
+        for (int o = 0; o < vectors; o++) memcpy(&wk[o], w + k * w_step + o * WIDE, sizeof(fvec));
+        for (int t = 0; t < rows; t++) {
+            const float value = row[t][k];
+            for (int o = 0; o < vectors; o++) acc[t][o] += value * wk[o];
         }
     }
     for (int t = 0; t < count; t++)
-        for (int o = 0; o < vectors; o++) memcpy(out + (int64_t)t * 36 * Co + o * WIDE, &acc[t][o], sizeof(fvec));
+        for (int o = 0; o < vectors; o++) {
+            if (add) {
+                fvec extra;
+                memcpy(&extra, add + t * out_step + o * WIDE, sizeof extra);
+                acc[t][o] += extra;
+            }
+            memcpy(out + t * out_step + o * WIDE, &acc[t][o], sizeof(fvec));
+        }
+}
+
+/* One position's products for FUSED_TILES tiles and `vectors` vectors of output channels:
+ * `v` holds the tiles' transformed inputs (36 C_in apart), `w` the filters' rows (C_out
+ * apart); `out` gets the products (36 C_out apart). */
+static inline __attribute__((always_inline)) void fused_products(const float *v, const float *w, float *out,
+                                                                 int64_t Ci, int64_t Co, int count, const int vectors) {
+    register_products(v, 36 * Ci, w, Co, out, 36 * Co, Ci, count, FUSED_TILES, vectors, NULL, NULL);
 }
 
 /* Tiles t of a group: the input transform of each, a vector of input channels at a time. */

@@ -1,0 +1,198 @@
+/* SegFormer's Mix-FFN in one pass over memory (seglab.ops.native):
+ *
+ *   dst = fc2(GELU(dwconv3x3(fc1(src)))) + residual,
+ *
+ * src and dst N x H x W x C tokens (row-major, as the Mix Transformer keeps them), fc1 C -> D,
+ * the depthwise 3x3 convolution (zero padding 1) on D channels with its bias, GELU the exact
+ * (erf) form, fc2 D -> C; float32. Each thread takes whole rows of tokens and keeps three rows
+ * of fc1's output (D per token) in a ring: for output row y it computes fc1 of row y + 1 only
+ * (rows y - 1 and y are there from before), the depthwise convolution and GELU of row y into
+ * one more row buffer, and fc2 of that row, written with its bias and the residual.
+ *
+ * Why: the four operators one after another write and read fc1's and the convolution's
+ * outputs, D = 4C channels per token, through memory (67 MB each for MiT-B0's first stage at
+ * batch 8 on 512 x 512), and PyTorch's linear layers run few-channel products (C = 32) at a
+ * third of the float32 peak. Here the row buffers stay in a core's L2 and the products keep
+ * their accumulators in registers (register_products, winograd_fused.c).
+ */
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define MIX_TOKENS 4 /* tokens whose products share each load of a weight vector */
+
+typedef struct {
+    const float *src, *fc1_weight, *fc1_bias, *dw_weight, *dw_bias, *fc2_weight, *fc2_bias, *residual;
+    float *dst;
+    int64_t height, width, channels, hidden;
+    int *failed; /* set where a thread's row buffers could not be allocated */
+} MixJob;
+
+/* 1 / d for d >= 1: AVX-512's 14-bit estimate refined by one Newton step (a division takes
+ * several times longer and held GELU's loop back); plain division elsewhere. */
+static inline f32x16 reciprocal16(f32x16 d) {
+#if defined(__AVX512F__)
+    const f32x16 r = (f32x16)_mm512_rcp14_ps((__m512)d);
+    return r * (2.0f - d * r);
+#else
+    return 1.0f / d;
+#endif
+}
+
+/* GELU(x) = x Phi(x) with Phi(x) = 1 - erfc(x / sqrt 2) / 2 for x >= 0 and erfc(|x| / sqrt 2) / 2
+ * below: erfc(z) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-z^2), t = 1 / (1 + p z), within
+ * 1.5e-7 (Abramowitz and Stegun 7.1.26; PyTorch's vectorised erf takes the same form). */
+static inline f32x16 gelu16(f32x16 x) {
+    const f32x16 z = select_greater(x, -x) * 0.70710678118654752f;
+    const f32x16 t = reciprocal16(1.0f + 0.3275911f * z);
+    f32x16 poly = t * 1.061405429f - 1.453152027f;
+    poly = poly * t + 1.421413741f;
+    poly = poly * t - 0.284496736f;
+    poly = poly * t + 0.254829592f;
+    const f32x16 half_erfc = 0.5f * poly * t * exp_nonpositive(-z * z);
+    const i32x16 positive = x >= 0;
+    return x * (f32x16)(((i32x16)(1.0f - half_erfc) & positive) | ((i32x16)half_erfc & ~positive));
+}
+
+/* out (count x D) = fc1(tokens) for `count` tokens, fc1's bias included. */
+static void mix_fc1_row(const MixJob *job, const float *tokens, int64_t count, float *out) {
+    const int64_t C = job->channels, D = job->hidden;
+    for (int64_t o0 = 0; o0 < D; o0 += REGISTER_VECTORS * WIDE)
+        for (int64_t t0 = 0; t0 < count; t0 += MIX_TOKENS) {
+            const int tokens_here = count - t0 < MIX_TOKENS ? (int)(count - t0) : MIX_TOKENS;
+            const float *a = tokens + t0 * C, *w = job->fc1_weight + o0, *bias = job->fc1_bias + o0;
+            float *o = out + t0 * D + o0;
+            switch ((D - o0) / WIDE) { /* a constant number of vectors in each */
+                case 1: register_products(a, C, w, D, o, D, C, tokens_here, MIX_TOKENS, 1, bias, NULL); break;
+                case 2: register_products(a, C, w, D, o, D, C, tokens_here, MIX_TOKENS, 2, bias, NULL); break;
+                case 3: register_products(a, C, w, D, o, D, C, tokens_here, MIX_TOKENS, 3, bias, NULL); break;
+                default: register_products(a, C, w, D, o, D, C, tokens_here, MIX_TOKENS, REGISTER_VECTORS, bias, NULL);
+            }
+        }
+}
+
+/* dst (count x C) = fc2(hidden) + fc2's bias + residual (NULL: none). With fewer output vectors
+ * than REGISTER_VECTORS, twice the tokens share each weight load (C = 32: 8 tokens x 2 vectors). */
+static void mix_fc2_row(const MixJob *job, const float *hidden, int64_t count, const float *residual, float *dst) {
+    const int64_t C = job->channels, D = job->hidden;
+    for (int64_t o0 = 0; o0 < C; o0 += REGISTER_VECTORS * WIDE) {
+        const int vectors = (C - o0) / WIDE < REGISTER_VECTORS ? (int)((C - o0) / WIDE) : REGISTER_VECTORS;
+        const int step = vectors <= 2 ? REGISTER_ROWS : MIX_TOKENS;
+        for (int64_t t0 = 0; t0 < count; t0 += step) {
+            const int tokens_here = count - t0 < step ? (int)(count - t0) : step;
+            const float *a = hidden + t0 * D, *w = job->fc2_weight + o0, *bias = job->fc2_bias + o0;
+            const float *add = residual ? residual + t0 * C + o0 : NULL;
+            float *o = dst + t0 * C + o0;
+            switch (vectors) {
+                case 1: register_products(a, D, w, C, o, C, D, tokens_here, REGISTER_ROWS, 1, bias, add); break;
+                case 2: register_products(a, D, w, C, o, C, D, tokens_here, REGISTER_ROWS, 2, bias, add); break;
+                case 3: register_products(a, D, w, C, o, C, D, tokens_here, MIX_TOKENS, 3, bias, add); break;
+                default: register_products(a, D, w, C, o, C, D, tokens_here, MIX_TOKENS, REGISTER_VECTORS, bias, add);
+            }
+        }
+    }
+}
+
+/* The depthwise convolution at column x of a row whose rows above, at and below are `rows`
+ * (a zero row beyond the map), 16 channels from c0: `taps` its 9 weights, `bias` its bias. */
+static inline __attribute__((always_inline)) f32x16 mix_depthwise_at(const float *const rows[3], const f32x16 taps[9],
+                                                                     f32x16 bias, int64_t x, int64_t c0,
+                                                                     int64_t W, int64_t D) {
+    f32x16 acc = bias;
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 3; j++) {
+            const int64_t at = x + j - 1;
+            if (at < 0 || at >= W) continue;
+            f32x16 value;
+            memcpy(&value, rows[i] + at * D + c0, sizeof value);
+            acc += value * taps[3 * i + j];
+        }
+    return acc;
+}
+
+#define MIX_COLUMNS 4 /* columns whose sums (chains of 9 dependent multiply-adds) run interleaved */
+
+/* out (W x D) = GELU(the depthwise convolution of the row whose rows above, at and below are
+ * `rows`): the convolution 16 channels at a time with their 9 taps in registers, MIX_COLUMNS
+ * columns at once inside the map, then GELU over the row (apart: together the two loops'
+ * constants spilled out of the registers). */
+static void mix_depthwise_row(const MixJob *job, const float *const rows_[3], float *out) {
+    const int64_t W = job->width, D = job->hidden;
+    const float *const rows[3] = {rows_[0], rows_[1], rows_[2]}; /* (locals: the stores cannot alias them) */
+    for (int64_t c0 = 0; c0 < D; c0 += 16) {
+        f32x16 taps[9], bias;
+        for (int k = 0; k < 9; k++) memcpy(&taps[k], job->dw_weight + k * D + c0, sizeof(f32x16));
+        memcpy(&bias, job->dw_bias + c0, sizeof bias);
+        f32x16 first = mix_depthwise_at(rows, taps, bias, 0, c0, W, D);
+        memcpy(out + c0, &first, sizeof first);
+        int64_t x = 1;
+        for (; x + MIX_COLUMNS < W; x += MIX_COLUMNS) { /* every neighbour inside the map */
+            f32x16 value[MIX_COLUMNS];
+            for (int k = 0; k < MIX_COLUMNS; k++) value[k] = bias;
+            for (int i = 0; i < 3; i++)
+                for (int j = 0; j < 3; j++)
+                    for (int k = 0; k < MIX_COLUMNS; k++) {
+                        f32x16 source;
+                        memcpy(&source, rows[i] + (x + k + j - 1) * D + c0, sizeof source);
+                        value[k] += source * taps[3 * i + j];
+                    }
+            for (int k = 0; k < MIX_COLUMNS; k++) memcpy(out + (x + k) * D + c0, &value[k], sizeof(f32x16));
+        }
+        for (; x < W; x++) {
+            const f32x16 value = mix_depthwise_at(rows, taps, bias, x, c0, W, D);
+            memcpy(out + x * D + c0, &value, sizeof value);
+        }
+    }
+    for (int64_t i = 0; i < W * D; i += 16) {
+        f32x16 value;
+        memcpy(&value, out + i, sizeof value);
+        value = gelu16(value);
+        memcpy(out + i, &value, sizeof value);
+    }
+}
+
+static void mix_rows(const void *job_, int64_t begin, int64_t end) {
+    const MixJob *job = (const MixJob *)job_;
+    const int64_t H = job->height, W = job->width, C = job->channels, D = job->hidden;
+    /* fc1's rows r in ring[r % 3], the depthwise convolution's row, a row of zeros (beyond the map) */
+    float *buffer = malloc(sizeof(float) * 5 * W * D);
+    if (!buffer) {
+        *job->failed = 1;
+        return;
+    }
+    float *ring[3] = {buffer, buffer + W * D, buffer + 2 * W * D}, *activated = buffer + 3 * W * D;
+    float *zeros = buffer + 4 * W * D;
+    memset(zeros, 0, sizeof(float) * W * D);
+    int64_t ready_image = -1, ready_row = -2; /* the ring holds rows ready_row - 1 .. ready_row + 1 */
+    for (int64_t u = begin; u < end; u++) {
+        const int64_t b = u / H, y = u % H;
+        const float *image = job->src + b * H * W * C;
+        const int64_t first = b == ready_image && y == ready_row + 1 ? y + 1 : y - 1;
+        for (int64_t r = first < 0 ? 0 : first; r <= y + 1 && r < H; r++)
+            mix_fc1_row(job, image + r * W * C, W, ring[r % 3]);
+        ready_image = b, ready_row = y;
+        const float *const rows[3] = {y > 0 ? ring[(y - 1) % 3] : zeros, ring[y % 3],
+                                      y + 1 < H ? ring[(y + 1) % 3] : zeros};
+        mix_depthwise_row(job, rows, activated);
+        const int64_t at = (b * H + y) * W * C;
+        mix_fc2_row(job, activated, W, job->residual ? job->residual + at : NULL, job->dst + at);
+    }
+    free(buffer);
+}
+
+/* dst = the Mix-FFN above of src, both n x height x width x channels; fc1_weight channels x
+ * hidden and fc2_weight hidden x channels (nn.Linear's weights transposed), dw_weight 9 x hidden
+ * (the taps row by row), the biases and residual (like dst, optional) as named. Returns 0; -1
+ * where memory ran out; -2 for channels or hidden not a whole number of 16-float vectors. */
+int seglab_mix_ffn(float *dst, const float *src, const float *fc1_weight, const float *fc1_bias,
+                   const float *dw_weight, const float *dw_bias, const float *fc2_weight, const float *fc2_bias,
+                   const float *residual, int64_t n, int64_t height, int64_t width, int64_t channels, int64_t hidden,
+                   int threads) {
+    if (channels % 16 || hidden % 16) return -2;
+    int failed = 0;
+    MixJob job = {src, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual, dst,
+                  height, width, channels, hidden, &failed};
+    parallel_for(n * height, threads, mix_rows, &job);
+    return failed ? -1 : 0;
+}
