@@ -74,3 +74,17 @@ def test_native_mix_ffn_follows_weights_loaded_after_its_first_call():
         expected = other(tokens, 5, 3)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected, rtol=0, atol=2e-6 * expected.abs().max().item())
+
+
+def test_native_mix_ffn_normalises_its_input_first_where_given_a_layernorm():
+    ffn, tokens = _ffn(), torch.randn(2, 4 * 9, 32) * 2 + 1
+    norm = nn.LayerNorm(32, eps=1e-6)
+    nn.init.normal_(norm.weight, 1.0, 0.2), nn.init.normal_(norm.bias, 0.0, 0.2)
+    with torch.inference_mode():
+        expected = ffn(norm(tokens), 4, 9, residual=tokens)
+        ffn.native = True
+        assert mix_ffn_fits(tokens, ffn.fc1, ffn.dwconv, ffn.act, ffn.fc2, norm)
+        result = ffn(tokens, 4, 9, residual=tokens, norm=norm)
+        for other in (nn.LayerNorm(32, elementwise_affine=False), nn.LayerNorm(16), nn.BatchNorm1d(32)):
+            assert not mix_ffn_fits(tokens, ffn.fc1, ffn.dwconv, ffn.act, ffn.fc2, other)
+    torch.testing.assert_close(result, expected, rtol=0, atol=2e-6 * expected.abs().max().item())

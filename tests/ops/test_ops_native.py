@@ -611,7 +611,7 @@ def _mix_ffn_reference(tokens: torch.Tensor, height: int, width: int, weights: d
     """fc2(GELU(dwconv3x3(fc1(tokens)))) in float64, by PyTorch's operators."""
     w = {name: value.double() for name, value in weights.items()}
     hidden = w["fc1_bias"].shape[0]
-    x = tokens.double() @ w["fc1_weight"] + w["fc1_bias"]
+    x = tokens.double() @ w["fc1_weight"] + w["fc1_bias"]  # (float64 tokens stay as they are)
     x = x.reshape(tokens.shape[0], height, width, hidden).permute(0, 3, 1, 2)
     x = F.conv2d(x, w["dw_weight"].t().reshape(hidden, 1, 3, 3), w["dw_bias"], padding=1, groups=hidden)
     x = F.gelu(x).flatten(2).transpose(1, 2)
@@ -622,15 +622,19 @@ def _mix_ffn_reference(tokens: torch.Tensor, height: int, width: int, weights: d
 # tokens, one column, one row, one token, a batch of several images, wider channels.
 @pytest.mark.parametrize("shape", [(1, 9, 13, 32, 128), (2, 5, 1, 16, 64), (1, 1, 7, 48, 32), (1, 1, 1, 16, 16),
                                    (3, 4, 6, 64, 256), (1, 3, 3, 160, 640)])
-@pytest.mark.parametrize("residual", [False, True])
-def test_mix_ffn_equals_its_four_operators(shape, residual):
+@pytest.mark.parametrize("residual, norm", [(False, False), (True, False), (True, True)])
+def test_mix_ffn_equals_its_four_operators(shape, residual, norm):
+    """(and the LayerNorm before them: the tokens offset and scaled, as a block's input is)"""
     torch.manual_seed(0)
     n, height, width, channels, hidden = shape
-    tokens = torch.randn(n, height * width, channels)
+    tokens = torch.randn(n, height * width, channels) * 3 + 2
     weights = _mix_ffn_weights(channels, hidden)
     shortcut = torch.randn_like(tokens) if residual else None
-    result = native.mix_ffn(tokens, height, width, **weights, residual=shortcut)
-    expected = _mix_ffn_reference(tokens, height, width, weights) + (0 if shortcut is None else shortcut.double())
+    norms = {"norm_weight": torch.rand(channels) + 0.5, "norm_bias": torch.randn(channels) / 4} if norm else {}
+    result = native.mix_ffn(tokens, height, width, **weights, **norms, eps=1e-6, residual=shortcut)
+    inputs = F.layer_norm(tokens.double(), (channels,), norms["norm_weight"].double(), norms["norm_bias"].double(),
+                          eps=1e-6) if norm else tokens
+    expected = _mix_ffn_reference(inputs, height, width, weights) + (0 if shortcut is None else shortcut.double())
     assert result.shape == tokens.shape and result.is_contiguous()
     # float32 rounding of sums over C and 4C products, and GELU's erf within 1.5e-7
     torch.testing.assert_close(result.double(), expected, rtol=0, atol=2e-6 * expected.abs().max().item())
@@ -640,12 +644,13 @@ def test_mix_ffn_gives_the_same_bits_on_one_thread_and_on_two():
     """Each thread's first row recomputes fc1 of the rows above it: the same values either way."""
     torch.manual_seed(0)
     tokens, weights = torch.randn(3, 7 * 5, 32), _mix_ffn_weights(32, 128)
+    norms = {"norm_weight": torch.rand(32), "norm_bias": torch.randn(32)}
     results = []
     threads = torch.get_num_threads()
     try:
         for count in (1, max(threads, 2)):
             torch.set_num_threads(count)
-            results.append(native.mix_ffn(tokens, 7, 5, **weights, residual=tokens))
+            results.append(native.mix_ffn(tokens, 7, 5, **weights, **norms, residual=tokens))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(*results)
@@ -661,6 +666,10 @@ def test_mix_ffn_refuses_what_it_cannot_compute_with_one_clear_error():
         native.mix_ffn(torch.zeros(1, 12, 24), 3, 4, **{**_mix_ffn_weights(24, 128)})
     with pytest.raises(ValueError, match="the tokens must be a contiguous float32 CPU tensor"):
         native.mix_ffn(tokens.to(torch.bfloat16), 3, 4, **weights)
-    with pytest.raises(ValueError, match="a residual of shape"):
+    with pytest.raises(ValueError, match=r"the residual of shape \(1, 12, 16\) does not fit"):
         native.mix_ffn(tokens, 3, 4, **weights, residual=torch.zeros(1, 12, 16))
+    with pytest.raises(ValueError, match="the norm's weight and bias together"):
+        native.mix_ffn(tokens, 3, 4, **weights, norm_weight=torch.ones(32))
+    with pytest.raises(ValueError, match=r"the norm's bias of shape \(16,\) does not fit 32 channels"):
+        native.mix_ffn(tokens, 3, 4, **weights, norm_weight=torch.ones(32), norm_bias=torch.zeros(16))
     assert native.mix_ffn(torch.zeros(0, 12, 32), 3, 4, **weights).shape == (0, 12, 32)

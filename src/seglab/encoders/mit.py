@@ -98,10 +98,15 @@ class MixFFN(nn.Module):
         self.native = False
         self._native_weights: KeptFromWeights[NativeWeights] = KeptFromWeights()
 
-    def forward(self, x: torch.Tensor, height: int, width: int, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The block's output for tokens x (N, H*W, C), plus `residual` if given."""
-        if self.native and mix_ffn_fits(x, self.fc1, self.dwconv, self.act, self.fc2):
-            return native_mix_ffn(x, height, width, self.fc1, self.dwconv, self.fc2, self._native_weights, residual)
+    def forward(self, x: torch.Tensor, height: int, width: int, residual: torch.Tensor | None = None,
+                norm: nn.Module | None = None) -> torch.Tensor:
+        """The block's output for tokens x (N, H*W, C), normalised by `norm` first and plus
+        `residual` after, where given."""
+        if self.native and mix_ffn_fits(x, self.fc1, self.dwconv, self.act, self.fc2, norm):
+            return native_mix_ffn(x, height, width, self.fc1, self.dwconv, self.fc2, self._native_weights, residual,
+                                  norm)
+        if norm is not None:
+            x = norm(x)
         # GELU on the map, straight after the depthwise conv: the fast path runs the two as one
         # oneDNN kernel (the same function: GELU is element-wise).
         x = self.act(self.dwconv(tokens_to_map(self.fc1(x), height, width)))
@@ -134,8 +139,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), height, width))
-        if self.drop_path.p == 0.0 or not self.training:  # the Mix-FFN adds the shortcut (in its one pass)
-            return self.ffn(self.norm2(x), height, width, residual=x)
+        if self.drop_path.p == 0.0 or not self.training:  # the norm and the shortcut inside the Mix-FFN's pass
+            return self.ffn(x, height, width, residual=x, norm=self.norm2)
         return x + self.drop_path(self.ffn(self.norm2(x), height, width))
 
 

@@ -227,7 +227,8 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_resize_bilinear.restype = i32
     library.seglab_winograd_fused.argtypes = [pointer] * 7 + [i32, i64, i64, i64, i64, i64, i32]
     library.seglab_winograd_fused.restype = i32
-    library.seglab_mix_ffn.argtypes = [pointer] * 9 + [i64, i64, i64, i64, i64, i32]
+    library.seglab_mix_ffn.argtypes = [pointer] * 4 + [ctypes.c_float] + [pointer] * 7 + [i64, i64, i64, i64, i64,
+                                                                                           i32]
     library.seglab_mix_ffn.restype = i32
     library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
     library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
@@ -651,44 +652,46 @@ def winograd_fused(nhwc: torch.Tensor, filters: torch.Tensor, b_t: torch.Tensor,
 
 def mix_ffn(tokens: torch.Tensor, height: int, width: int, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
             dw_weight: torch.Tensor, dw_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, *,
+            norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None, eps: float = 1e-5,
             residual: torch.Tensor | None = None) -> torch.Tensor:
-    """SegFormer's Mix-FFN, `fc2(GELU(dwconv3x3(fc1(tokens)))) (+ residual)`, in one pass
+    """SegFormer's Mix-FFN, `fc2(GELU(dwconv3x3(fc1(norm(tokens))))) (+ residual)`, in one pass
     (`mix_ffn.c`): `tokens` N x (height * width) x C float32, contiguous (a map's rows one after
-    another); `fc1_weight` C x D and `fc2_weight` D x C (nn.Linear's weights transposed),
-    `dw_weight` 9 x D (the depthwise convolution's 3 x 3 taps row by row), biases D, D and C,
-    C and D multiples of `MIX_FFN_CHANNELS_MULTIPLE`; `residual` like `tokens`. GELU is the
-    exact (erf) one. Returns N x (height * width) x C, contiguous."""
+    another); norm the LayerNorm over C with `norm_weight`, `norm_bias` and `eps` where given;
+    `fc1_weight` C x D and `fc2_weight` D x C (nn.Linear's weights transposed), `dw_weight`
+    9 x D (the depthwise convolution's 3 x 3 taps row by row), biases D, D and C, C and D
+    multiples of `MIX_FFN_CHANNELS_MULTIPLE`; `residual` like `tokens`. GELU is the exact (erf)
+    one. Returns N x (height * width) x C, contiguous."""
     library = _load()
     if library is None:
         raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
-    for tensor, name in ((tokens, "the tokens"), (fc1_weight, "fc1's weight"), (fc1_bias, "fc1's bias"),
-                         (dw_weight, "the depthwise weight"), (dw_bias, "the depthwise bias"),
-                         (fc2_weight, "fc2's weight"), (fc2_bias, "fc2's bias")):
-        _check(tensor, name)
+    named = {"the tokens": tokens, "fc1's weight": fc1_weight, "fc1's bias": fc1_bias,
+             "the depthwise weight": dw_weight, "the depthwise bias": dw_bias, "fc2's weight": fc2_weight,
+             "fc2's bias": fc2_bias, "the norm's weight": norm_weight, "the norm's bias": norm_bias,
+             "the residual": residual}
+    for name, tensor in named.items():
+        if tensor is not None:
+            _check(tensor, name)
     if tokens.dim() != 3 or tokens.shape[1] != height * width:
         raise ValueError(f"mix_ffn takes N x (height * width) x C tokens, not shape {tuple(tokens.shape)} "
                          f"for a {height} x {width} map")
+    if (norm_weight is None) != (norm_bias is None):
+        raise ValueError("mix_ffn takes the norm's weight and bias together")
     channels, hidden = tokens.shape[-1], fc1_weight.shape[-1]
-    expected = {"fc1's weight": (fc1_weight, (channels, hidden)), "fc1's bias": (fc1_bias, (hidden,)),
-                "the depthwise weight": (dw_weight, (9, hidden)), "the depthwise bias": (dw_bias, (hidden,)),
-                "fc2's weight": (fc2_weight, (hidden, channels)), "fc2's bias": (fc2_bias, (channels,))}
-    for name, (tensor, shape) in expected.items():
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} of shape {tuple(tensor.shape)} does not fit {channels} channels and "
+    expected = {"fc1's weight": (channels, hidden), "fc1's bias": (hidden,), "the depthwise weight": (9, hidden),
+                "the depthwise bias": (hidden,), "fc2's weight": (hidden, channels), "fc2's bias": (channels,),
+                "the norm's weight": (channels,), "the norm's bias": (channels,), "the residual": tuple(tokens.shape)}
+    for name, shape in expected.items():
+        if named[name] is not None and tuple(named[name].shape) != shape:
+            raise ValueError(f"{name} of shape {tuple(named[name].shape)} does not fit {channels} channels and "
                              f"{hidden} hidden ones (expected {shape})")
     if channels % MIX_FFN_CHANNELS_MULTIPLE or hidden % MIX_FFN_CHANNELS_MULTIPLE:
         raise ValueError(f"mix_ffn takes multiples of {MIX_FFN_CHANNELS_MULTIPLE} channels, not {channels} "
                          f"and {hidden} hidden")
-    if residual is not None:
-        _check(residual, "the residual")
-        if residual.shape != tokens.shape:
-            raise ValueError(f"a residual of shape {tuple(residual.shape)} does not fit the tokens' "
-                             f"{tuple(tokens.shape)}")
     out = torch.empty_like(tokens)
-    if out.numel() and library.seglab_mix_ffn(out.data_ptr(), tokens.data_ptr(), fc1_weight.data_ptr(),
-                                              fc1_bias.data_ptr(), dw_weight.data_ptr(), dw_bias.data_ptr(),
-                                              fc2_weight.data_ptr(), fc2_bias.data_ptr(), _pointer(residual),
-                                              tokens.shape[0], height, width, channels, hidden,
-                                              torch.get_num_threads()):
+    if out.numel() and library.seglab_mix_ffn(out.data_ptr(), tokens.data_ptr(), _pointer(norm_weight),
+                                              _pointer(norm_bias), eps, fc1_weight.data_ptr(), fc1_bias.data_ptr(),
+                                              dw_weight.data_ptr(), dw_bias.data_ptr(), fc2_weight.data_ptr(),
+                                              fc2_bias.data_ptr(), _pointer(residual), tokens.shape[0], height,
+                                              width, channels, hidden, torch.get_num_threads()):
         raise MemoryError("mix_ffn: no memory for a thread's row buffers")
     return out

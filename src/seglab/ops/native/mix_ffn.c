@@ -1,10 +1,10 @@
 /* SegFormer's Mix-FFN in one pass over memory (seglab.ops.native):
  *
- *   dst = fc2(GELU(dwconv3x3(fc1(src)))) + residual,
+ *   dst = fc2(GELU(dwconv3x3(fc1(norm(src))))) + residual,
  *
  * src and dst N x H x W x C tokens (row-major, as the Mix Transformer keeps them), fc1 C -> D,
  * the depthwise 3x3 convolution (zero padding 1) on D channels with its bias, GELU the exact
- * (erf) form, fc2 D -> C; float32. Each thread takes whole rows of tokens and keeps three rows
+ * (erf) form, fc2 D -> C, norm a LayerNorm over the C channels or nothing; float32. Each thread takes whole rows of tokens and keeps three rows
  * of fc1's output (D per token) in a ring: for output row y it computes fc1 of row y + 1 only
  * (rows y - 1 and y are there from before), the depthwise convolution and GELU of row y into
  * one more row buffer, and fc2 of that row, written with its bias and the residual.
@@ -23,9 +23,11 @@
 #define MIX_TOKENS 4 /* tokens whose products share each load of a weight vector */
 
 typedef struct {
-    const float *src, *fc1_weight, *fc1_bias, *dw_weight, *dw_bias, *fc2_weight, *fc2_bias, *residual;
+    const float *src, *norm_weight, *norm_bias, *fc1_weight, *fc1_bias, *dw_weight, *dw_bias, *fc2_weight,
+        *fc2_bias, *residual;
     float *dst;
     int64_t height, width, channels, hidden;
+    float eps; /* the LayerNorm's (norm_weight NULL: no LayerNorm) */
     int *failed; /* set where a thread's row buffers could not be allocated */
 } MixJob;
 
@@ -55,9 +57,50 @@ static inline f32x16 gelu16(f32x16 x) {
     return x * (f32x16)(((i32x16)(1.0f - half_erfc) & positive) | ((i32x16)half_erfc & ~positive));
 }
 
-/* out (count x D) = fc1(tokens) for `count` tokens, fc1's bias included. */
-static void mix_fc1_row(const MixJob *job, const float *tokens, int64_t count, float *out) {
+/* normed (count x C) = the LayerNorm of `count` tokens: (x - mean) / sqrt(var + eps) w + b,
+ * mean and (biased) variance over the C channels, as nn.LayerNorm computes them. */
+static void mix_norm_row(const MixJob *job, const float *tokens, int64_t count, float *normed) {
+    const int64_t C = job->channels;
+    for (int64_t t = 0; t < count; t++) {
+        const float *x = tokens + t * C;
+        f32x16 total = {0};
+        for (int64_t c = 0; c < C; c += 16) {
+            f32x16 value;
+            memcpy(&value, x + c, sizeof value);
+            total += value;
+        }
+        float mean = 0.0f;
+        for (int l = 0; l < 16; l++) mean += total[l];
+        mean /= (float)C;
+        f32x16 squares = {0};
+        for (int64_t c = 0; c < C; c += 16) {
+            f32x16 value;
+            memcpy(&value, x + c, sizeof value);
+            value -= mean;
+            squares += value * value;
+        }
+        float variance = 0.0f;
+        for (int l = 0; l < 16; l++) variance += squares[l];
+        const float inverse = 1.0f / sqrtf(variance / (float)C + job->eps);
+        for (int64_t c = 0; c < C; c += 16) {
+            f32x16 value, weight, bias;
+            memcpy(&value, x + c, sizeof value);
+            memcpy(&weight, job->norm_weight + c, sizeof weight);
+            memcpy(&bias, job->norm_bias + c, sizeof bias);
+            value = (value - mean) * inverse * weight + bias;
+            memcpy(normed + t * C + c, &value, sizeof value);
+        }
+    }
+}
+
+/* out (count x D) = fc1(norm(tokens)) for `count` tokens, fc1's bias included; `normed` holds
+ * the LayerNorm's output (count x C) on the way. */
+static void mix_fc1_row(const MixJob *job, const float *tokens, int64_t count, float *normed, float *out) {
     const int64_t C = job->channels, D = job->hidden;
+    if (job->norm_weight) {
+        mix_norm_row(job, tokens, count, normed);
+        tokens = normed;
+    }
     for (int64_t o0 = 0; o0 < D; o0 += REGISTER_VECTORS * WIDE)
         for (int64_t t0 = 0; t0 < count; t0 += MIX_TOKENS) {
             const int tokens_here = count - t0 < MIX_TOKENS ? (int)(count - t0) : MIX_TOKENS;
@@ -155,14 +198,15 @@ static void mix_depthwise_row(const MixJob *job, const float *const rows_[3], fl
 static void mix_rows(const void *job_, int64_t begin, int64_t end) {
     const MixJob *job = (const MixJob *)job_;
     const int64_t H = job->height, W = job->width, C = job->channels, D = job->hidden;
-    /* fc1's rows r in ring[r % 3], the depthwise convolution's row, a row of zeros (beyond the map) */
-    float *buffer = malloc(sizeof(float) * 5 * W * D);
+    /* fc1's rows r in ring[r % 3], the depthwise convolution's row, a row of zeros (beyond the
+     * map), a row of normalised tokens */
+    float *buffer = malloc(sizeof(float) * (5 * W * D + W * C));
     if (!buffer) {
         *job->failed = 1;
         return;
     }
     float *ring[3] = {buffer, buffer + W * D, buffer + 2 * W * D}, *activated = buffer + 3 * W * D;
-    float *zeros = buffer + 4 * W * D;
+    float *zeros = buffer + 4 * W * D, *normed = buffer + 5 * W * D;
     memset(zeros, 0, sizeof(float) * W * D);
     int64_t ready_image = -1, ready_row = -2; /* the ring holds rows ready_row - 1 .. ready_row + 1 */
     for (int64_t u = begin; u < end; u++) {
@@ -170,7 +214,7 @@ static void mix_rows(const void *job_, int64_t begin, int64_t end) {
         const float *image = job->src + b * H * W * C;
         const int64_t first = b == ready_image && y == ready_row + 1 ? y + 1 : y - 1;
         for (int64_t r = first < 0 ? 0 : first; r <= y + 1 && r < H; r++)
-            mix_fc1_row(job, image + r * W * C, W, ring[r % 3]);
+            mix_fc1_row(job, image + r * W * C, W, normed, ring[r % 3]);
         ready_image = b, ready_row = y;
         const float *const rows[3] = {y > 0 ? ring[(y - 1) % 3] : zeros, ring[y % 3],
                                       y + 1 < H ? ring[(y + 1) % 3] : zeros};
@@ -181,18 +225,19 @@ static void mix_rows(const void *job_, int64_t begin, int64_t end) {
     free(buffer);
 }
 
-/* dst = the Mix-FFN above of src, both n x height x width x channels; fc1_weight channels x
- * hidden and fc2_weight hidden x channels (nn.Linear's weights transposed), dw_weight 9 x hidden
- * (the taps row by row), the biases and residual (like dst, optional) as named. Returns 0; -1
- * where memory ran out; -2 for channels or hidden not a whole number of 16-float vectors. */
-int seglab_mix_ffn(float *dst, const float *src, const float *fc1_weight, const float *fc1_bias,
-                   const float *dw_weight, const float *dw_bias, const float *fc2_weight, const float *fc2_bias,
-                   const float *residual, int64_t n, int64_t height, int64_t width, int64_t channels, int64_t hidden,
-                   int threads) {
+/* dst = the Mix-FFN above of src, both n x height x width x channels; norm_weight and norm_bias
+ * (channels; NULL: no LayerNorm) with eps, fc1_weight channels x hidden and fc2_weight hidden x
+ * channels (nn.Linear's weights transposed), dw_weight 9 x hidden (the taps row by row), the
+ * biases and residual (like dst, optional) as named. Returns 0; -1 where memory ran out; -2 for
+ * channels or hidden not a whole number of 16-float vectors. */
+int seglab_mix_ffn(float *dst, const float *src, const float *norm_weight, const float *norm_bias, float eps,
+                   const float *fc1_weight, const float *fc1_bias, const float *dw_weight, const float *dw_bias,
+                   const float *fc2_weight, const float *fc2_bias, const float *residual, int64_t n, int64_t height,
+                   int64_t width, int64_t channels, int64_t hidden, int threads) {
     if (channels % 16 || hidden % 16) return -2;
     int failed = 0;
-    MixJob job = {src, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual, dst,
-                  height, width, channels, hidden, &failed};
+    MixJob job = {src, norm_weight, norm_bias, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias,
+                  residual, dst, height, width, channels, hidden, eps, &failed};
     parallel_for(n * height, threads, mix_rows, &job);
     return failed ? -1 : 0;
 }
