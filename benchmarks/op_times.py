@@ -66,7 +66,7 @@ class OperatorTimes(TorchDispatchMode):
         """Times seglab's native kernels (`seglab.ops.native`, called through ctypes, which the
         dispatcher does not see) as operators named `native.<function>`; their output's
         allocation (`new_empty`) is counted both there and as its own operator."""
-        names = ("gather_tiles", "scatter_tiles", "add_upsampled_", "resize_bilinear", "winograd_fused", "mix_ffn")
+        names = ("gather_tiles", "scatter_tiles", "add_upsampled_", "resize_bilinear", "winograd_fused", "mix_ffn", "mlp_head")
         originals = {name: getattr(native, name) for name in names}
 
         def timed(name: str, function: Callable) -> Callable:

@@ -25,6 +25,7 @@ from seglab.engine.fastpath import (
 from seglab.engine.onednn import FusedConv
 from seglab.engine.precision import cpu_has, cpu_runs_bf16
 from seglab.models import create_model
+from seglab.models.semantic.segformer import AllMLPDecoder
 from seglab.ops import native
 from seglab.ops.winograd import winograd_conv3x3
 from seglab.ops.winograd_nearest import winograd_conv3x3_of_nearest2x
@@ -394,31 +395,37 @@ def _model_and_outputs(name: str, x: torch.Tensor, **options) -> tuple[nn.Module
         return model, model(x)
 
 
-def _native_mix_ffns_expected() -> int:
-    """MiT-B0's Mix-FFNs the fast path runs natively: its first three stages' (2 blocks each, up to
-    160 -> 640 channels) where the native kernels run on AVX-512."""
-    return 6 if native.available() and cpu_has("avx512") else 0
+def _native_blocks_expected() -> bool:
+    return native.available() and cpu_has("avx512")
 
 
-def test_segformer_fast_path_runs_the_mix_ffns_natively_or_fuses_their_gelu_and_keeps_outputs():
+def _natively(model: nn.Module) -> tuple[int, int]:
+    """(Mix-FFNs, decoders) the fast path runs natively."""
+    return (sum(m.native for m in model.modules() if isinstance(m, MixFFN)),
+            sum(m.native for m in model.modules() if isinstance(m, AllMLPDecoder)))
+
+
+def test_segformer_fast_path_runs_its_blocks_natively_or_fuses_their_gelu_and_keeps_outputs():
     x = torch.randn(1, 3, 64, 96)
     model, expected = _model_and_outputs("segformer", x, variant="b0")
     fast = optimize_for_inference(model, "32")
-    natively = sum(m.native for m in fast.modules() if isinstance(m, MixFFN))
-    assert natively == _native_mix_ffns_expected()
+    # MiT-B0's first three stages' Mix-FFNs (2 blocks each, up to 160 -> 640 channels) and the
+    # decoder, where the native kernels run on AVX-512 (the kind measured)
+    mix_ffns, decoders = _natively(fast)
+    assert (mix_ffns, decoders) == ((6, 1) if _native_blocks_expected() else (0, 0))
     fused = [m for m in fast.modules() if isinstance(m, FusedConv) and isinstance(m.activation, nn.GELU)]
-    assert len(fused) == 8 - natively  # the others' depthwise conv + GELU (2 blocks x 4 stages in all)
+    assert len(fused) == 8 - mix_ffns  # the others' depthwise conv + GELU (2 blocks x 4 stages in all)
     torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:--precision bf16")
-def test_segformer_fast_path_keeps_the_mix_ffns_operators_when_asked_and_in_bf16():
+def test_segformer_fast_path_keeps_its_operators_when_asked_and_in_bf16():
     x = torch.randn(1, 3, 64, 64)
     model, expected = _model_and_outputs("segformer", x, variant="b0")
-    for fast in (optimize_for_inference(model, "32", native_mix_ffn=False), optimize_for_inference(model, "bf16")):
-        assert not any(m.native for m in fast.modules() if isinstance(m, MixFFN))
+    for fast in (optimize_for_inference(model, "32", native_segformer=False), optimize_for_inference(model, "bf16")):
+        assert _natively(fast) == (0, 0)
         assert sum(isinstance(m, FusedConv) and isinstance(m.activation, nn.GELU) for m in fast.modules()) == 8
-    torch.testing.assert_close(optimize_for_inference(model, "32", native_mix_ffn=False)(x), expected,
+    torch.testing.assert_close(optimize_for_inference(model, "32", native_segformer=False)(x), expected,
                                atol=1e-4, rtol=1e-4)
 
 

@@ -673,3 +673,59 @@ def test_mix_ffn_refuses_what_it_cannot_compute_with_one_clear_error():
     with pytest.raises(ValueError, match=r"the norm's bias of shape \(16,\) does not fit 32 channels"):
         native.mix_ffn(tokens, 3, 4, **weights, norm_weight=torch.ones(32), norm_bias=torch.zeros(16))
     assert native.mix_ffn(torch.zeros(0, 12, 32), 3, 4, **weights).shape == (0, 12, 32)
+
+
+def _mlp_head_reference(nhwc, first_weight, first_bias, parts, classifier_weight, classifier_bias) -> torch.Tensor:
+    """classifier(ReLU(first(x) + the parts upsampled)) in float64, by PyTorch's operators."""
+    fused = (nhwc.double() @ first_weight.double() + first_bias.double()).permute(0, 3, 1, 2)
+    for part in parts:
+        fused = fused + F.interpolate(part.double().permute(0, 3, 1, 2), size=nhwc.shape[1:3], mode="bilinear",
+                                      align_corners=False)
+    return fused.relu().permute(0, 2, 3, 1) @ classifier_weight.double() + classifier_bias.double()
+
+
+# MiT-B0's head (32 -> 256 channels, three smaller stages, 21 classes), odd sizes and channel
+# counts (classes not whole vectors, more classes than one vector), one pixel and no parts.
+@pytest.mark.parametrize("shape", [(1, 16, 16, 32, 256, 21, [(8, 8), (4, 4), (2, 2)]), (2, 9, 13, 24, 32, 5, [(5, 7)]),
+                                   (1, 10, 6, 32, 48, 33, [(3, 2), (1, 1)]), (1, 1, 1, 16, 16, 16, [])])
+def test_mlp_head_equals_its_operators(shape):
+    torch.manual_seed(0)
+    n, height, width, in_channels, channels, classes, sizes = shape
+    x = torch.randn(n, height, width, in_channels)
+    first_weight, first_bias = torch.randn(in_channels, channels) / in_channels ** 0.5, torch.randn(channels)
+    parts = [torch.randn(n, h, w, channels) for h, w in sizes]
+    classifier_weight, classifier_bias = torch.randn(channels, classes) / channels ** 0.5, torch.randn(classes)
+    result = native.mlp_head(x, first_weight, first_bias, parts, classifier_weight, classifier_bias)
+    expected = _mlp_head_reference(x, first_weight, first_bias, parts, classifier_weight, classifier_bias)
+    assert result.shape == (n, height, width, classes) and result.is_contiguous()
+    torch.testing.assert_close(result.double(), expected, rtol=0, atol=2e-6 * expected.abs().max().item())
+
+
+def test_mlp_head_gives_the_same_bits_on_one_thread_and_on_two():
+    torch.manual_seed(0)
+    x, parts = torch.randn(3, 11, 7, 32), [torch.randn(3, 6, 4, 32), torch.randn(3, 3, 2, 32)]
+    weights = (torch.randn(32, 32), torch.randn(32), parts, torch.randn(32, 21), torch.randn(21))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, max(threads, 2)):
+            torch.set_num_threads(count)
+            results.append(native.mlp_head(x, *weights))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*results)
+
+
+def test_mlp_head_refuses_what_it_cannot_compute_with_one_clear_error():
+    x, first, bias, classifier, scores = torch.zeros(1, 4, 4, 8), torch.zeros(8, 32), torch.zeros(32), \
+        torch.zeros(32, 3), torch.zeros(3)
+    with pytest.raises(ValueError, match="do not chain from 8 channels"):
+        native.mlp_head(x, first, bias, [], torch.zeros(16, 3), scores)
+    with pytest.raises(ValueError, match="a multiple of 16 fused channels, not 24"):
+        native.mlp_head(x, torch.zeros(8, 24), torch.zeros(24), [], torch.zeros(24, 3), scores)
+    with pytest.raises(ValueError, match="map 0 to upsample must be 1 x h x w x 32"):
+        native.mlp_head(x, first, bias, [torch.zeros(1, 2, 2, 16)], classifier, scores)
+    with pytest.raises(ValueError, match="at most 8 maps"):
+        native.mlp_head(x, first, bias, [torch.zeros(1, 2, 2, 32)] * 9, classifier, scores)
+    with pytest.raises(ValueError, match="the map must be a contiguous float32"):
+        native.mlp_head(x.double(), first, bias, [], classifier, scores)

@@ -94,7 +94,7 @@ class MixFFN(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         # The four operators (and the residual addition) in one native pass where they fit,
-        # set by the fast path (`seglab.engine.fastpath.use_native_mix_ffn`): CPU inference.
+        # set by the fast path (`seglab.engine.fastpath.use_native_segformer`): CPU inference.
         self.native = False
         self._native_weights: KeptFromWeights[NativeWeights] = KeptFromWeights()
 

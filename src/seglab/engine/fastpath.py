@@ -17,9 +17,11 @@ Each step is independent, so the benchmark can measure each on its own:
   Winograd's F(4x4, 3x3) (`seglab.ops.winograd`), 4x fewer multiply-adds than oneDNN's direct
   convolution, where the input is large enough to pay (`seglab.engine.winograd`); it changes
   outputs at the same rounding level as the folding.
-- `use_native_mix_ffn` (CPU inference, float32, `seglab.ops.mix_ffn`): SegFormer's Mix-FFN
-  (Linear, depthwise 3x3, GELU, Linear) and the residual addition after it in one native pass,
-  row by row, instead of four operators that write and read 4C channels per token.
+- `use_native_segformer` (CPU inference, float32): SegFormer's Mix-FFN (LayerNorm, Linear,
+  depthwise 3x3, GELU, Linear, the residual addition; `seglab.ops.mix_ffn`) in one native pass,
+  row by row, instead of six operators that write and read up to 4C channels per token; and
+  its decoder from the first stage's share to the class scores (`native.mlp_head`), without the
+  fused 256-channel map in memory.
 - `to_channels_last`: oneDNN's convolutions run natively on NHWC; NCHW costs reorders.
 - bfloat16 (`optimize_for_inference(..., precision="bf16")`): weights and activations in
   bfloat16, which AVX-512 BF16 / AMX processors and recent GPUs multiply several times faster
@@ -54,6 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from seglab.encoders.mit import MixFFN
 from seglab.engine.onednn import (
     PLAIN_IN_INFERENCE,
     FusedConv,
@@ -63,14 +66,14 @@ from seglab.engine.onednn import (
     prepack_conv_weights,
     replace_submodule,
 )
-from seglab.encoders.mit import MixFFN
 from seglab.engine.precision import auto_precision, cpu_has, resolve_precision
 from seglab.engine.residual import fuse_residual_additions
 from seglab.engine.convolutions import TrainingConvolutions, training_convolutions
 from seglab.engine.norms import training_norms
 from seglab.engine.winograd import conv_takes_winograd, min_channels, upsampling_output_tile
-from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
+from seglab.models.semantic.segformer import AllMLPDecoder
 from seglab.ops import native
+from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
 from seglab.ops.atrous_gemm import all_taps_product, share_inside
 from seglab.ops.nearest_conv import NearestUpsampleConv, UpsamplingConvCaller
 
@@ -93,7 +96,7 @@ __all__ = [
     "training_convolutions",
     "training_norms",
     "native_mix_ffn_pays",
-    "use_native_mix_ffn",
+    "use_native_segformer",
     "use_winograd",
     "winograd_pays",
 ]
@@ -447,20 +450,27 @@ MAX_NATIVE_MIX_FFN_WEIGHTS = 160 * 640
 
 
 def native_mix_ffn_pays(ffn: MixFFN) -> bool:
-    """Whether CPU inference computes this Mix-FFN fastest in one native pass: the native kernels
-    built, on a processor with AVX-512 (the kind measured; the kernel is portable C), and
-    weights within `MAX_NATIVE_MIX_FFN_WEIGHTS`."""
-    return (native.available() and cpu_has("avx512")
-            and ffn.fc1.in_features * ffn.fc1.out_features <= MAX_NATIVE_MIX_FFN_WEIGHTS)
+    """Whether CPU inference computes this Mix-FFN fastest in one native pass: on the processors
+    measured, with weights within `MAX_NATIVE_MIX_FFN_WEIGHTS`."""
+    return _native_blocks_measured() and ffn.fc1.in_features * ffn.fc1.out_features <= MAX_NATIVE_MIX_FFN_WEIGHTS
 
 
-def use_native_mix_ffn(model: nn.Module) -> int:
-    """Have every SegFormer Mix-FFN that `native_mix_ffn_pays` compute its four operators and
-    the residual addition after it in one native pass (`seglab.ops.mix_ffn`) in float32 CPU
-    inference, in place. Returns the number switched."""
+def _native_blocks_measured() -> bool:
+    """The native kernels built, on a processor with AVX-512: the kind SegFormer's one-pass
+    blocks were measured on (they are portable C)."""
+    return native.available() and cpu_has("avx512")
+
+
+def use_native_segformer(model: nn.Module) -> int:
+    """Have SegFormer's blocks run as native passes in float32 CPU inference, in place: every
+    Mix-FFN that `native_mix_ffn_pays` with the LayerNorm before it and the residual addition after
+    it (`seglab.ops.mix_ffn`), and the all-MLP decoder from the first stage's share to the class
+    scores (`native.mlp_head`). Returns the number of modules switched."""
+    if not _native_blocks_measured():
+        return 0
     switched = 0
     for module in model.modules():
-        if isinstance(module, MixFFN) and native_mix_ffn_pays(module):
+        if (isinstance(module, MixFFN) and native_mix_ffn_pays(module)) or isinstance(module, AllMLPDecoder):
             module.native = True
             switched += 1
     return switched
@@ -506,7 +516,7 @@ def optimize_for_inference(
     prepack: bool = True,
     dilated_as_gemm: bool = True,
     winograd: bool = True,
-    native_mix_ffn: bool = True,
+    native_segformer: bool = True,
     channels_last: bool = True,
     inference_mode: bool = True,
     compile: bool = False,
@@ -519,7 +529,8 @@ def optimize_for_inference(
     ReLU inside their last convolution (CPU, `fuse_residual_additions`), convolution weights kept in oneDNN's
     layout (CPU, `prepack_conv_weights`), many-channel 3x3 convolutions by Winograd's F(4x4, 3x3)
     or F(6x6, 3x3) (CPU, float32; in bf16 the widest by F(2x2, 3x3); `use_winograd`),
-    SegFormer's Mix-FFNs in one native pass (CPU, float32; `use_native_mix_ffn`), channels_last, inference_mode and `precision`
+    SegFormer's Mix-FFNs and decoder head in native passes (CPU, float32; `use_native_segformer`),
+    channels_last, inference_mode and `precision`
     ("auto": bf16 where the hardware runs it natively, else 32; "32", "bf16", "16"),
     optionally torch.compile. The argument model is left untouched unless
     `inplace`. Each switch can be turned off to measure the others on their own."""
@@ -533,8 +544,8 @@ def optimize_for_inference(
         rewrite_dilated_convs(prepared)
     on_onednn = device.type == "cpu" and not compile  # inductor does its own fusion and packing
     dtype = _DTYPES[name]
-    if native_mix_ffn and on_onednn and dtype == torch.float32:  # before the fusion would take its conv + GELU
-        use_native_mix_ffn(prepared)
+    if native_segformer and on_onednn and dtype == torch.float32:  # before the fusion takes the conv + GELU
+        use_native_segformer(prepared)
     if fuse_relu and on_onednn:
         fuse_conv_relu(prepared, example_input)
     if fuse_residual and on_onednn:  # after the folding, which leaves the blocks' last convs bare

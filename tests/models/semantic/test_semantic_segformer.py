@@ -92,3 +92,33 @@ def test_eval_decoder_sums_the_shares_and_the_relu_in_one_native_pass(monkeypatc
         torch.testing.assert_close(decoder(features), papers_order(decoder, features), rtol=1e-5, atol=1e-5)
     # Stage 1's share (stride 4, 64 x 96 input) receives the three smaller ones, then the ReLU.
     assert calls == [((2, 16, 24, 256), [(2, 8, 12, 256), (2, 4, 6, 256), (2, 2, 3, 256)], True)]
+
+
+def test_eval_decoder_computes_the_head_in_one_native_pass_where_the_fast_path_asks(monkeypatch):
+    from seglab.ops import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    model, features = _model_and_features(batch=2)
+    decoder = model.decoder.eval()
+    norm = decoder.fuse[1]  # statistics away from the identity: the folded norm is in the head's weights
+    generator = torch.Generator().manual_seed(2)
+    for tensor in (norm.running_mean, norm.weight.data, norm.bias.data):
+        tensor.copy_(torch.rand(tensor.shape, generator=generator) - 0.5)
+    calls = []
+    head = native.mlp_head
+
+    def counted(nhwc, first_weight, first_bias, parts, classifier_weight, classifier_bias):
+        calls.append((tuple(nhwc.shape), [tuple(p.shape) for p in parts], tuple(classifier_weight.shape)))
+        return head(nhwc, first_weight, first_bias, parts, classifier_weight, classifier_bias)
+
+    monkeypatch.setattr(native, "mlp_head", counted)
+    decoder.native = True
+    with torch.no_grad():
+        result = decoder(features)
+        torch.testing.assert_close(result, papers_order(decoder, features), rtol=1e-5, atol=1e-5)
+    assert result.shape == (2, 5, 16, 24) and result.is_contiguous(memory_format=torch.channels_last)
+    assert calls == [((2, 16, 24, 32), [(2, 8, 12, 256), (2, 4, 6, 256), (2, 2, 3, 256)], (256, 5))]
+    decoder.train()  # training (BatchNorm's batch statistics, gradients) keeps the operators
+    decoder(features).sum().backward()
+    assert len(calls) == 1 and decoder.classifier.weight.grad is not None

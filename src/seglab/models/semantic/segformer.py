@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from seglab.encoders.mit import MIT_CONFIGS, MixTransformer
 from seglab.encoders.weights import load_weights_file
 from seglab.models.registry import register_model
+from seglab.ops import native
 from seglab.ops.bilinear import add_bilinear_upsampled_
+from seglab.ops.grad_mode import records_gradients
 from seglab.ops.conv import ConvNormAct
 from seglab.ops.padding import crop_to, pad_to_multiple
 from seglab.ops.upsample import upsample_scores
@@ -45,6 +47,21 @@ class AllMLPDecoder(nn.Module):
         self.fuse = ConvNormAct(len(in_channels) * dim, dim, 1)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(dim, num_classes, 1)
+        # The head from the shares to the class scores in one native pass where it fits, set by
+        # the fast path (`seglab.engine.fastpath.use_native_segformer`): CPU inference.
+        self.native = False
+
+    def _native_head_fits(self, features: list[torch.Tensor], relu_in_sum: bool) -> bool:
+        """Whether `native.mlp_head` computes the rest of the decoder: float32 CPU inference with
+        the norm folded and the ReLU in the sum, the first stage's map channels last, a classifier
+        with a bias, the fused width in whole vectors."""
+        first = features[0]
+        return (self.native and relu_in_sum and not self.dropout.training and self.classifier.bias is not None
+                and first.device.type == "cpu" and first.dtype == torch.float32
+                and self.classifier.weight.dtype == torch.float32
+                and first.permute(0, 2, 3, 1).is_contiguous() and len(features) - 1 <= native.MAX_UPSAMPLED
+                and self.classifier.in_channels % 16 == 0
+                and not records_gradients(*features, *self.parameters()) and native.available())
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[-2:]
@@ -59,21 +76,29 @@ class AllMLPDecoder(nn.Module):
             scale = torch.rsqrt(norm.running_var + norm.eps) * (norm.weight if norm.weight is not None else 1.0)
             shift = (0.0 if shift is None else shift) - norm.running_mean
             shift = shift * scale + (norm.bias if norm.bias is not None else 0.0)
-        parts = []
-        for block, project, f in zip(fuse_blocks, self.project, features):
-            # This stage's share of the fused map: projection and fuse composed, at the stage's
-            # own resolution, to be upsampled (linear maps commute with bilinear upsampling).
+        shares = []
+        for block, project in zip(fuse_blocks, self.project):
+            # A stage's share of the fused map: projection and fuse composed, to be applied at the
+            # stage's own resolution and upsampled (linear maps commute with bilinear upsampling).
             weight, bias = block @ project.weight.flatten(1), block @ project.bias
             if scale is not None:
                 weight, bias = weight * scale[:, None], bias * scale
-            if not parts and shift is not None:
+            if not shares and shift is not None:
                 bias = bias + shift
-            parts.append(F.conv2d(f, weight[:, :, None, None], bias))
-        fused, smaller = parts[0], parts[1:]
+            shares.append((weight, bias))
+        relu_in_sum = folds_norm and isinstance(act, nn.ReLU)
+        smaller = [F.conv2d(f, weight[:, :, None, None], bias) for f, (weight, bias) in zip(features[1:], shares[1:])]
+        if self._native_head_fits(features, relu_in_sum):  # the first share, the sum, ReLU, classifier: one pass
+            (first_weight, first_bias), classifier = shares[0], self.classifier
+            scores = native.mlp_head(features[0].permute(0, 2, 3, 1), first_weight.t().contiguous(), first_bias,
+                                     [p.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+                                      for p in smaller],
+                                     classifier.weight.flatten(1).t().contiguous(), classifier.bias)
+            return scores.permute(0, 3, 1, 2)
+        fused = F.conv2d(features[0], shares[0][0][:, :, None, None], shares[0][1])
         if fused.shape[-2:] != size:  # (stage 1 is at stride 4: only a custom encoder gets here)
             fused = F.interpolate(fused, size=size, mode="bilinear", align_corners=False)
         # The shares summed in one pass, the ReLU too where the norm is folded.
-        relu_in_sum = folds_norm and isinstance(act, nn.ReLU)
         fused = add_bilinear_upsampled_(fused, smaller, relu=relu_in_sum)
         if not folds_norm:
             fused = norm(fused)

@@ -43,12 +43,12 @@ from seglab.ops.native import specialise as _specialise
 
 __all__ = ["FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", "MAX_UPSAMPLED", "MIX_FFN_CHANNELS_MULTIPLE", "add_upsampled_",
            "available", "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy", "gather_tiles",
-           "mix_ffn", "resize_bilinear", "scatter_tiles", "specialise", "unavailable_reason", "winograd_fused"]
+           "mix_ffn", "mlp_head", "resize_bilinear", "scatter_tiles", "specialise", "unavailable_reason", "winograd_fused"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",
                                                                 "batch_norm.c", "bilinear.c", "winograd_fused.c",
-                                                                "mix_ffn.c"))
+                                                                "mix_ffn.c", "mlp_head.c"))
 _LIBRARY_PREFIXES = ("seglab_native-", "winograd_tiles-")  # the name, then the name of older versions
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 _NATIVE_FLAGS = ("-march=native",)  # the processor's vector width; dropped where the compiler refuses it
@@ -230,6 +230,9 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_mix_ffn.argtypes = [pointer] * 4 + [ctypes.c_float] + [pointer] * 7 + [i64, i64, i64, i64, i64,
                                                                                            i32]
     library.seglab_mix_ffn.restype = i32
+    library.seglab_mlp_head.argtypes = [pointer] * 7 + [i32, pointer, pointer, i64, i64, i64, i64, i64, i64, i64,
+                                                        i32]
+    library.seglab_mlp_head.restype = i32
     library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
     library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
     openmp = _torch_openmp()
@@ -550,6 +553,22 @@ def batch_norm_backward(grad: torch.Tensor, x: torch.Tensor, saved: torch.Tensor
     return grad_x, grad_shortcut, grad_weight, grad_bias
 
 
+def _upsampled_parts(parts: list[torch.Tensor] | tuple[torch.Tensor, ...], n: int, channels: int,
+                     dtype: torch.dtype) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array]:
+    """bilinear.c's maps to upsample, checked (at most `MAX_UPSAMPLED`, each n x h x w x
+    `channels`, contiguous, of `dtype`): their addresses, heights and widths as C arrays."""
+    if len(parts) > MAX_UPSAMPLED:
+        raise ValueError(f"at most {MAX_UPSAMPLED} maps are added in one pass, not {len(parts)}")
+    for index, part in enumerate(parts):
+        _check(part, f"map {index} to upsample", (dtype,))
+        if part.dim() != 4 or part.shape[0] != n or part.shape[3] != channels or min(part.shape[1:3]) < 1:
+            raise ValueError(f"map {index} to upsample must be {n} x h x w x {channels}, not of shape "
+                             f"{tuple(part.shape)}")
+    return ((ctypes.c_void_p * MAX_UPSAMPLED)(*(part.data_ptr() for part in parts)),
+            (ctypes.c_int64 * MAX_UPSAMPLED)(*(part.shape[1] for part in parts)),
+            (ctypes.c_int64 * MAX_UPSAMPLED)(*(part.shape[2] for part in parts)))
+
+
 def add_upsampled_(out: torch.Tensor, parts: list[torch.Tensor] | tuple[torch.Tensor, ...], *,
                    relu: bool = False) -> torch.Tensor:
     """out += the sum of `parts`, each bilinearly upsampled to out's size as
@@ -564,17 +583,8 @@ def add_upsampled_(out: torch.Tensor, parts: list[torch.Tensor] | tuple[torch.Te
     _check(out, "the map to add into", _VALUES)
     if out.dim() != 4:
         raise ValueError(f"the map to add into must be N x H x W x C, not of shape {tuple(out.shape)}")
-    if len(parts) > MAX_UPSAMPLED:
-        raise ValueError(f"at most {MAX_UPSAMPLED} maps are added in one pass, not {len(parts)}")
     n, height, width, channels = out.shape
-    for index, part in enumerate(parts):
-        _check(part, f"map {index} to upsample", (out.dtype,))
-        if part.dim() != 4 or part.shape[0] != n or part.shape[3] != channels or min(part.shape[1:3]) < 1:
-            raise ValueError(f"map {index} to upsample must be {n} x h x w x {channels}, not of shape "
-                             f"{tuple(part.shape)}")
-    sources = (ctypes.c_void_p * MAX_UPSAMPLED)(*(part.data_ptr() for part in parts))
-    heights = (ctypes.c_int64 * MAX_UPSAMPLED)(*(part.shape[1] for part in parts))
-    widths = (ctypes.c_int64 * MAX_UPSAMPLED)(*(part.shape[2] for part in parts))
+    sources, heights, widths = _upsampled_parts(parts, n, channels, out.dtype)
     if out.numel():
         library.seglab_add_upsampled(out.data_ptr(), sources, heights, widths, len(parts), n, height, width,
                                      channels, int(relu), torch.get_num_threads(), int(out.dtype == torch.bfloat16))
@@ -694,4 +704,45 @@ def mix_ffn(tokens: torch.Tensor, height: int, width: int, fc1_weight: torch.Ten
                                               fc2_bias.data_ptr(), _pointer(residual), tokens.shape[0], height,
                                               width, channels, hidden, torch.get_num_threads()):
         raise MemoryError("mix_ffn: no memory for a thread's row buffers")
+    return out
+
+
+def mlp_head(nhwc: torch.Tensor, first_weight: torch.Tensor, first_bias: torch.Tensor,
+             parts: list[torch.Tensor] | tuple[torch.Tensor, ...], classifier_weight: torch.Tensor,
+             classifier_bias: torch.Tensor) -> torch.Tensor:
+    """SegFormer's decoder head, `classifier(ReLU(first(nhwc) + sum of the parts bilinearly
+    upsampled))`, in one pass (`mlp_head.c`; the upsampling as `add_upsampled_`'s): `nhwc`
+    N x H x W x C_in float32, contiguous; `first_weight` C_in x D and `classifier_weight` D x K
+    (1x1 convolutions' weights transposed), biases D and K; `parts` at most `MAX_UPSAMPLED` maps
+    N x h x w x D, D a multiple of 16. Returns the scores, N x H x W x K, contiguous."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    for tensor, name in ((nhwc, "the map"), (first_weight, "the first weight"), (first_bias, "the first bias"),
+                         (classifier_weight, "the classifier's weight"), (classifier_bias, "the classifier's bias")):
+        _check(tensor, name)
+    if nhwc.dim() != 4 or first_weight.dim() != 2 or classifier_weight.dim() != 2:
+        raise ValueError(f"mlp_head takes an N x H x W x C map and two weight matrices, not shapes "
+                         f"{tuple(nhwc.shape)}, {tuple(first_weight.shape)} and {tuple(classifier_weight.shape)}")
+    n, height, width, in_channels = nhwc.shape
+    channels, classes = first_weight.shape[1], classifier_weight.shape[1]
+    if (first_weight.shape[0] != in_channels or first_bias.shape != (channels,)
+            or classifier_weight.shape[0] != channels or classifier_bias.shape != (classes,)):
+        raise ValueError(f"mlp_head's weights {tuple(first_weight.shape)}, {tuple(first_bias.shape)}, "
+                         f"{tuple(classifier_weight.shape)} and {tuple(classifier_bias.shape)} do not chain from "
+                         f"{in_channels} channels")
+    if channels % 16:
+        raise ValueError(f"mlp_head takes a multiple of 16 fused channels, not {channels}")
+    sources, heights, widths = _upsampled_parts(parts, n, channels, torch.float32)
+    padded = -(-classes // 16) * 16  # whole vectors of classes, zeros beyond them
+    weight = classifier_weight.new_zeros(channels, padded)
+    weight[:, :classes] = classifier_weight
+    bias = classifier_bias.new_zeros(padded)
+    bias[:classes] = classifier_bias
+    out = nhwc.new_empty(n, height, width, classes)
+    if out.numel() and library.seglab_mlp_head(out.data_ptr(), nhwc.data_ptr(), first_weight.data_ptr(),
+                                               first_bias.data_ptr(), sources, heights, widths, len(parts),
+                                               weight.data_ptr(), bias.data_ptr(), n, height, width, in_channels,
+                                               channels, classes, padded, torch.get_num_threads()):
+        raise MemoryError("mlp_head: no memory for a thread's row buffers")
     return out

@@ -41,54 +41,57 @@ static inline void source_of(int64_t out, int64_t out_size, int64_t in_size, int
     *weight = position - (float)index;
 }
 
+/* NAME##_row(job, b, y, out): row y of image b, `out` (W x C), gets the maps added (and the ReLU);
+ * NAME(job, begin, end): rows [begin, end) of dst, in place. */
 #define DEFINE_ADD_UPSAMPLED(NAME, TYPE, MEM)                                                       \
-    static void NAME(const void *job_, int64_t begin, int64_t end) {                                \
-        const UpsampleJob *job = (const UpsampleJob *)job_;                                         \
+    static void NAME##_row(const UpsampleJob *job, int64_t b, int64_t y, TYPE *out) {               \
         const int64_t C = job->channels, H = job->height, W = job->width;                           \
-        for (int64_t u = begin; u < end; u++) {                                                     \
-            const int64_t b = u / H, y = u % H;                                                     \
-            const TYPE *rows[MAX_UPSAMPLED][2];                                                     \
-            float row_weight[MAX_UPSAMPLED][2];                                                     \
+        const TYPE *rows[MAX_UPSAMPLED][2];                                                         \
+        float row_weight[MAX_UPSAMPLED][2];                                                         \
+        for (int k = 0; k < job->count; k++) {                                                      \
+            int64_t y0, y1;                                                                         \
+            float h1;                                                                               \
+            source_of(y, H, job->heights[k], &y0, &y1, &h1);                                        \
+            const TYPE *image = (const TYPE *)job->srcs[k] + b * job->heights[k] * job->widths[k] * C; \
+            rows[k][0] = image + y0 * job->widths[k] * C;                                           \
+            rows[k][1] = image + y1 * job->widths[k] * C;                                           \
+            row_weight[k][0] = 1.0f - h1;                                                           \
+            row_weight[k][1] = h1;                                                                  \
+        }                                                                                           \
+        for (int64_t x = 0; x < W; x++, out += C) {                                                 \
+            const TYPE *p[MAX_UPSAMPLED][4];                                                        \
+            float w[MAX_UPSAMPLED][2];                                                              \
             for (int k = 0; k < job->count; k++) {                                                  \
-                int64_t y0, y1;                                                                     \
-                float h1;                                                                           \
-                source_of(y, H, job->heights[k], &y0, &y1, &h1);                                    \
-                const TYPE *image = (const TYPE *)job->srcs[k] + b * job->heights[k] * job->widths[k] * C; \
-                rows[k][0] = image + y0 * job->widths[k] * C;                                       \
-                rows[k][1] = image + y1 * job->widths[k] * C;                                       \
-                row_weight[k][0] = 1.0f - h1;                                                       \
-                row_weight[k][1] = h1;                                                              \
+                int64_t x0, x1;                                                                     \
+                float w1;                                                                           \
+                source_of(x, W, job->widths[k], &x0, &x1, &w1);                                     \
+                p[k][0] = rows[k][0] + x0 * C;                                                      \
+                p[k][1] = rows[k][0] + x1 * C;                                                      \
+                p[k][2] = rows[k][1] + x0 * C;                                                      \
+                p[k][3] = rows[k][1] + x1 * C;                                                      \
+                w[k][0] = 1.0f - w1;                                                                \
+                w[k][1] = w1;                                                                       \
             }                                                                                       \
-            TYPE *out = (TYPE *)job->dst + (b * H + y) * W * C;                                     \
-            for (int64_t x = 0; x < W; x++, out += C) {                                             \
-                const TYPE *p[MAX_UPSAMPLED][4];                                                    \
-                float w[MAX_UPSAMPLED][2];                                                          \
+            for (int64_t c = 0; c < C; c += WIDE) {                                                 \
+                const int width = C - c < WIDE ? (int)(C - c) : WIDE;                               \
+                VECTOR(WIDE) sum = MEMORY(load, MEM, WIDE)(out + c, width);                         \
                 for (int k = 0; k < job->count; k++) {                                              \
-                    int64_t x0, x1;                                                                 \
-                    float w1;                                                                       \
-                    source_of(x, W, job->widths[k], &x0, &x1, &w1);                                 \
-                    p[k][0] = rows[k][0] + x0 * C;                                                  \
-                    p[k][1] = rows[k][0] + x1 * C;                                                  \
-                    p[k][2] = rows[k][1] + x0 * C;                                                  \
-                    p[k][3] = rows[k][1] + x1 * C;                                                  \
-                    w[k][0] = 1.0f - w1;                                                            \
-                    w[k][1] = w1;                                                                   \
+                    const VECTOR(WIDE) top = w[k][0] * MEMORY(load, MEM, WIDE)(p[k][0] + c, width)  \
+                                           + w[k][1] * MEMORY(load, MEM, WIDE)(p[k][1] + c, width); \
+                    const VECTOR(WIDE) bottom = w[k][0] * MEMORY(load, MEM, WIDE)(p[k][2] + c, width) \
+                                              + w[k][1] * MEMORY(load, MEM, WIDE)(p[k][3] + c, width); \
+                    sum += row_weight[k][0] * top + row_weight[k][1] * bottom;                      \
                 }                                                                                   \
-                for (int64_t c = 0; c < C; c += WIDE) {                                             \
-                    const int width = C - c < WIDE ? (int)(C - c) : WIDE;                           \
-                    VECTOR(WIDE) sum = MEMORY(load, MEM, WIDE)(out + c, width);                     \
-                    for (int k = 0; k < job->count; k++) {                                          \
-                        const VECTOR(WIDE) top = w[k][0] * MEMORY(load, MEM, WIDE)(p[k][0] + c, width) \
-                                               + w[k][1] * MEMORY(load, MEM, WIDE)(p[k][1] + c, width); \
-                        const VECTOR(WIDE) bottom = w[k][0] * MEMORY(load, MEM, WIDE)(p[k][2] + c, width) \
-                                                  + w[k][1] * MEMORY(load, MEM, WIDE)(p[k][3] + c, width); \
-                        sum += row_weight[k][0] * top + row_weight[k][1] * bottom;                  \
-                    }                                                                               \
-                    if (job->relu) RELU(WIDE, sum);                                                    \
-                    MEMORY(store, MEM, WIDE)(out + c, sum, width);                                  \
-                }                                                                                   \
+                if (job->relu) RELU(WIDE, sum);                                                     \
+                MEMORY(store, MEM, WIDE)(out + c, sum, width);                                      \
             }                                                                                       \
         }                                                                                           \
+    }                                                                                               \
+    static void NAME(const void *job_, int64_t begin, int64_t end) {                                \
+        const UpsampleJob *job = (const UpsampleJob *)job_;                                         \
+        for (int64_t u = begin; u < end; u++)                                                       \
+            NAME##_row(job, u / job->height, u % job->height,                                       \
+                       (TYPE *)job->dst + u * job->width * job->channels);                          \
     }
 
 DEFINE_ADD_UPSAMPLED(add_upsampled_f32, float, f32)
