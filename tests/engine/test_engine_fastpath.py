@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from engine_helpers import needs_bf16
 
 from seglab.data.synthetic import SyntheticShapes
-from seglab.encoders.mit import MixFFN
+from seglab.encoders.mit import EfficientSelfAttention, MixFFN
 from seglab.engine.fastpath import (
     InferenceModel,
     autocast_context,
@@ -399,20 +399,21 @@ def _native_blocks_expected() -> bool:
     return native.available() and cpu_has("avx512")
 
 
-def _natively(model: nn.Module) -> tuple[int, int]:
-    """(Mix-FFNs, decoders) the fast path runs natively."""
-    return (sum(m.native for m in model.modules() if isinstance(m, MixFFN)),
-            sum(m.native for m in model.modules() if isinstance(m, AllMLPDecoder)))
+def _natively(model: nn.Module) -> tuple[int, int, int]:
+    """(Mix-FFNs, attentions, decoders) the fast path runs natively."""
+    return tuple(sum(m.native for m in model.modules() if isinstance(m, kind))
+                 for kind in (MixFFN, EfficientSelfAttention, AllMLPDecoder))
 
 
 def test_segformer_fast_path_runs_its_blocks_natively_or_fuses_their_gelu_and_keeps_outputs():
     x = torch.randn(1, 3, 64, 96)
     model, expected = _model_and_outputs("segformer", x, variant="b0")
     fast = optimize_for_inference(model, "32")
-    # MiT-B0's first three stages' Mix-FFNs (2 blocks each, up to 160 -> 640 channels) and the
-    # decoder, where the native kernels run on AVX-512 (the kind measured)
-    mix_ffns, decoders = _natively(fast)
-    assert (mix_ffns, decoders) == ((6, 1) if _native_blocks_expected() else (0, 0))
+    # MiT-B0's first three stages' Mix-FFNs (2 blocks each, up to 160 -> 640 channels), every
+    # attention's projections and the decoder, where the native kernels run on AVX-512 (the kind
+    # measured)
+    mix_ffns, attentions, decoders = _natively(fast)
+    assert (mix_ffns, attentions, decoders) == ((6, 8, 1) if _native_blocks_expected() else (0, 0, 0))
     fused = [m for m in fast.modules() if isinstance(m, FusedConv) and isinstance(m.activation, nn.GELU)]
     assert len(fused) == 8 - mix_ffns  # the others' depthwise conv + GELU (2 blocks x 4 stages in all)
     torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-4)
@@ -423,7 +424,7 @@ def test_segformer_fast_path_keeps_its_operators_when_asked_and_in_bf16():
     x = torch.randn(1, 3, 64, 64)
     model, expected = _model_and_outputs("segformer", x, variant="b0")
     for fast in (optimize_for_inference(model, "32", native_segformer=False), optimize_for_inference(model, "bf16")):
-        assert _natively(fast) == (0, 0)
+        assert _natively(fast) == (0, 0, 0)
         assert sum(isinstance(m, FusedConv) and isinstance(m.activation, nn.GELU) for m in fast.modules()) == 8
     torch.testing.assert_close(optimize_for_inference(model, "32", native_segformer=False)(x), expected,
                                atol=1e-4, rtol=1e-4)

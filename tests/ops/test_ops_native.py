@@ -729,3 +729,30 @@ def test_mlp_head_refuses_what_it_cannot_compute_with_one_clear_error():
         native.mlp_head(x, first, bias, [torch.zeros(1, 2, 2, 32)] * 9, classifier, scores)
     with pytest.raises(ValueError, match="the map must be a contiguous float32"):
         native.mlp_head(x.double(), first, bias, [], classifier, scores)
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 32, 32), (1, 5, 160, 160), (3, 1, 7, 48), (1, 130, 64, 16)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_linear_equals_the_product_over_tokens(shape, residual):
+    """Rows not a multiple of the register blocks or of the threads' blocks, inputs not whole vectors."""
+    torch.manual_seed(0)
+    n, length, in_features, out_features = shape
+    tokens, weight_t, bias = torch.randn(n, length, in_features), torch.randn(in_features, out_features), \
+        torch.randn(out_features)
+    shortcut = torch.randn(n, length, out_features) if residual else None
+    result = native.linear(tokens, weight_t, bias, residual=shortcut)
+    expected = tokens.double() @ weight_t.double() + bias.double() + (0 if shortcut is None else shortcut.double())
+    assert result.shape == (n, length, out_features) and result.is_contiguous()
+    torch.testing.assert_close(result.double(), expected, rtol=0, atol=2e-6 * expected.abs().max().item())
+
+
+def test_linear_refuses_what_it_cannot_compute_with_one_clear_error():
+    tokens, weight_t, bias = torch.zeros(2, 5, 32), torch.zeros(32, 16), torch.zeros(16)
+    with pytest.raises(ValueError, match=r"linear takes \.\.\. x 32 tokens and a bias of 16"):
+        native.linear(torch.zeros(2, 5, 8), weight_t, bias)
+    with pytest.raises(ValueError, match="a multiple of 16 outputs, not 24"):
+        native.linear(tokens, torch.zeros(32, 24), torch.zeros(24))
+    with pytest.raises(ValueError, match=r"the residual of shape \(2, 5, 32\) does not fit"):
+        native.linear(tokens, weight_t, bias, residual=torch.zeros(2, 5, 32))
+    with pytest.raises(ValueError, match="the tokens must be a contiguous float32"):
+        native.linear(tokens.transpose(0, 1), weight_t, bias)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from seglab.ops.kept import KeptFromWeights
 from seglab.ops.mix_ffn import NativeWeights, mix_ffn_fits, native_mix_ffn
+from seglab.ops.token_linear import token_linear
 
 __all__ = ["MixTransformer", "MIT_CONFIGS"]
 
@@ -74,16 +75,23 @@ class EfficientSelfAttention(nn.Module):
         if reduction > 1:
             self.sr = nn.Conv2d(dim, dim, reduction, reduction)
             self.norm = nn.LayerNorm(dim)
+        # The query and output projections (with the residual) by native products where they fit,
+        # set by the fast path (`seglab.engine.fastpath.use_native_segformer`): CPU inference.
+        self.native = False
+        self._q_weight: KeptFromWeights[torch.Tensor] = KeptFromWeights()
+        self._proj_weight: KeptFromWeights[torch.Tensor] = KeptFromWeights()
 
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int, width: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over tokens x (N, H*W, C), plus `residual` if given."""
         n, length, dim = x.shape
-        q = self.q(x).reshape(n, length, self.heads, dim // self.heads).transpose(1, 2)
+        q = token_linear(self.q, x, self._q_weight, natively=self.native)
+        q = q.reshape(n, length, self.heads, dim // self.heads).transpose(1, 2)
         context = x
         if self.reduction > 1:
             context = self.norm(self.sr(tokens_to_map(x, height, width)).flatten(2).transpose(1, 2))
         k, v = self.kv(context).reshape(n, -1, 2, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(n, length, dim))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, dim)
+        return token_linear(self.proj, out, self._proj_weight, natively=self.native, residual=residual)
 
 
 class MixFFN(nn.Module):
@@ -138,9 +146,10 @@ class TransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
-        if self.drop_path.p == 0.0 or not self.training:  # the norm and the shortcut inside the Mix-FFN's pass
+        if self.drop_path.p == 0.0 or not self.training:  # the shortcuts (and norm2) inside the branches' passes
+            x = self.attn(self.norm1(x), height, width, residual=x)
             return self.ffn(x, height, width, residual=x, norm=self.norm2)
+        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
         return x + self.drop_path(self.ffn(self.norm2(x), height, width))
 
 

@@ -56,7 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from seglab.encoders.mit import MixFFN
+from seglab.encoders.mit import EfficientSelfAttention, MixFFN
 from seglab.engine.onednn import (
     PLAIN_IN_INFERENCE,
     FusedConv,
@@ -464,13 +464,15 @@ def _native_blocks_measured() -> bool:
 def use_native_segformer(model: nn.Module) -> int:
     """Have SegFormer's blocks run as native passes in float32 CPU inference, in place: every
     Mix-FFN that `native_mix_ffn_pays` with the LayerNorm before it and the residual addition after
-    it (`seglab.ops.mix_ffn`), and the all-MLP decoder from the first stage's share to the class
-    scores (`native.mlp_head`). Returns the number of modules switched."""
+    it (`seglab.ops.mix_ffn`), the attention's query and output projections, the latter with its
+    residual addition (`seglab.ops.token_linear`), and the all-MLP decoder from the first stage's
+    share to the class scores (`native.mlp_head`). Returns the number of modules switched."""
     if not _native_blocks_measured():
         return 0
     switched = 0
     for module in model.modules():
-        if (isinstance(module, MixFFN) and native_mix_ffn_pays(module)) or isinstance(module, AllMLPDecoder):
+        if ((isinstance(module, MixFFN) and native_mix_ffn_pays(module))
+                or isinstance(module, (EfficientSelfAttention, AllMLPDecoder))):
             module.native = True
             switched += 1
     return switched

@@ -230,6 +230,8 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_mix_ffn.argtypes = [pointer] * 4 + [ctypes.c_float] + [pointer] * 7 + [i64, i64, i64, i64, i64,
                                                                                            i32]
     library.seglab_mix_ffn.restype = i32
+    library.seglab_linear.argtypes = [pointer] * 5 + [i64, i64, i64, i32]
+    library.seglab_linear.restype = i32
     library.seglab_mlp_head.argtypes = [pointer] * 7 + [i32, pointer, pointer, i64, i64, i64, i64, i64, i64, i64,
                                                         i32]
     library.seglab_mlp_head.restype = i32
@@ -745,4 +747,31 @@ def mlp_head(nhwc: torch.Tensor, first_weight: torch.Tensor, first_bias: torch.T
                                                weight.data_ptr(), bias.data_ptr(), n, height, width, in_channels,
                                                channels, classes, padded, torch.get_num_threads()):
         raise MemoryError("mlp_head: no memory for a thread's row buffers")
+    return out
+
+
+def linear(tokens: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, *,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`tokens @ weight_t + bias (+ residual)` (`mix_ffn.c`'s register blocks): tokens ... x C
+    float32, contiguous; `weight_t` C x O (nn.Linear's weight transposed), O a multiple of
+    `MIX_FFN_CHANNELS_MULTIPLE`; `residual` of the output's shape. Returns ... x O, contiguous."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    for tensor, name in ((tokens, "the tokens"), (weight_t, "the weight"), (bias, "the bias"), (residual, "the residual")):
+        if tensor is not None:
+            _check(tensor, name)
+    in_features, out_features = weight_t.shape
+    if tokens.dim() < 1 or tokens.shape[-1] != in_features or bias.shape != (out_features,):
+        raise ValueError(f"linear takes ... x {in_features} tokens and a bias of {out_features}, not shapes "
+                         f"{tuple(tokens.shape)} and {tuple(bias.shape)}")
+    if out_features % MIX_FFN_CHANNELS_MULTIPLE:
+        raise ValueError(f"linear takes a multiple of {MIX_FFN_CHANNELS_MULTIPLE} outputs, not {out_features}")
+    out = tokens.new_empty(*tokens.shape[:-1], out_features)
+    if residual is not None and residual.shape != out.shape:
+        raise ValueError(f"the residual of shape {tuple(residual.shape)} does not fit the output's {tuple(out.shape)}")
+    if out.numel():
+        library.seglab_linear(out.data_ptr(), tokens.data_ptr(), weight_t.data_ptr(), bias.data_ptr(),
+                              _pointer(residual), out.numel() // out_features, in_features, out_features,
+                              torch.get_num_threads())
     return out

@@ -235,3 +235,33 @@ int seglab_mix_ffn(float *dst, const float *src, const float *norm_weight, const
     parallel_for(n * height, threads, mix_rows, &job);
     return failed ? -1 : 0;
 }
+
+/* A linear layer over rows of tokens: job->dst = a w + bias (+ residual), rows in blocks. */
+typedef struct {
+    const float *src, *weight, *bias, *residual;
+    float *dst;
+    int64_t rows, in_features, out_features;
+} LinearJob;
+
+#define LINEAR_BLOCK 64 /* rows per item of work */
+
+static void linear_blocks(const void *job_, int64_t begin, int64_t end) {
+    const LinearJob *job = (const LinearJob *)job_;
+    const int64_t C = job->in_features, O = job->out_features;
+    for (int64_t u = begin; u < end; u++) {
+        const int64_t r0 = u * LINEAR_BLOCK, count = job->rows - r0 < LINEAR_BLOCK ? job->rows - r0 : LINEAR_BLOCK;
+        linear_row(job->src + r0 * C, count, C, job->weight, O, job->bias, job->residual ? job->residual + r0 * O : NULL,
+                   job->dst + r0 * O);
+    }
+}
+
+/* dst (rows x out_features) = src (rows x in_features) weight (in_features x out_features, nn.Linear's
+ * weight transposed) + bias + residual (like dst; NULL: none). Returns 0, or -2 for out_features
+ * not a whole number of 16-float vectors. */
+int seglab_linear(float *dst, const float *src, const float *weight, const float *bias, const float *residual,
+                  int64_t rows, int64_t in_features, int64_t out_features, int threads) {
+    if (out_features % 16) return -2;
+    LinearJob job = {src, weight, bias, residual, dst, rows, in_features, out_features};
+    parallel_for((rows + LINEAR_BLOCK - 1) / LINEAR_BLOCK, threads, linear_blocks, &job);
+    return 0;
+}
