@@ -60,9 +60,9 @@ def interleaved(calls: list[Callable[[], object]], rounds: int) -> tuple[list[fl
     return [statistics.median(times) for times in seconds], ratios
 
 
-def interleaved_arguments(description: str, rounds: int = 9) -> argparse.Namespace:
-    """`--rounds` and `--threads` as the interleaved forward + backward tables take them, applied
-    (with seglab's commands' memory setting), and the table's first line printed."""
+def interleaved_arguments(description: str, rounds: int = 9, timed: str = "forward + backward") -> argparse.Namespace:
+    """`--rounds` and `--threads` as the interleaved tables take them, applied (with seglab's
+    commands' memory setting), and the table's first line printed (what is `timed`)."""
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--threads", type=int, default=None)
@@ -70,7 +70,7 @@ def interleaved_arguments(description: str, rounds: int = 9) -> argparse.Namespa
     keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{torch.get_num_threads()} threads, median of {args.rounds} rounds, forward + backward, ms\n")
+    print(f"{torch.get_num_threads()} threads, median of {args.rounds} rounds, {timed}, ms\n")
     return args
 
 
