@@ -44,6 +44,7 @@ def test_native_mix_ffn_is_taken_only_where_it_computes_the_same_thing():
         assert _fits(ffn, tokens)
         assert not _fits(ffn, tokens.to(torch.bfloat16))
         assert not _fits(ffn, tokens[0])  # not N x L x C
+        assert not mix_ffn_fits(tokens, ffn.fc1, ffn.dwconv, ffn.act, ffn.fc2, residual=tokens[:, :8])
     assert not _fits(ffn, tokens)  # gradients recorded for the weights
     with torch.no_grad():
         ffn.act = nn.GELU(approximate="tanh")

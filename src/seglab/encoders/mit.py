@@ -101,8 +101,8 @@ class MixFFN(nn.Module):
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
-        # The four operators (and the residual addition) in one native pass where they fit,
-        # set by the fast path (`seglab.engine.fastpath.use_native_segformer`): CPU inference.
+        # The four operators (with the LayerNorm before them and the residual addition after them,
+        # where the block hands them over) in one native pass where they fit, set by the fast path (`seglab.engine.fastpath.use_native_segformer`): CPU inference.
         self.native = False
         self._native_weights: KeptFromWeights[NativeWeights] = KeptFromWeights()
 
@@ -110,7 +110,7 @@ class MixFFN(nn.Module):
                 norm: nn.Module | None = None) -> torch.Tensor:
         """The block's output for tokens x (N, H*W, C), normalised by `norm` first and plus
         `residual` after, where given."""
-        if self.native and mix_ffn_fits(x, self.fc1, self.dwconv, self.act, self.fc2, norm):
+        if self.native and mix_ffn_fits(x, self.fc1, self.dwconv, self.act, self.fc2, norm, residual):
             return native_mix_ffn(x, height, width, self.fc1, self.dwconv, self.fc2, self._native_weights, residual,
                                   norm)
         if norm is not None:

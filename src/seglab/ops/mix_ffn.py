@@ -34,17 +34,19 @@ def _norm_fits(norm: nn.Module | None, channels: int) -> bool:
 
 
 def mix_ffn_fits(tokens: torch.Tensor, fc1: nn.Linear, dwconv: nn.Conv2d, act: nn.Module, fc2: nn.Linear,
-                 norm: nn.Module | None = None) -> bool:
-    """Whether `native_mix_ffn` computes this block (after `norm`, if given) for `tokens`:
-    float32 CPU inference (no gradient recorded), the native kernels built, the exact GELU,
-    biases everywhere, an affine LayerNorm over the channels, and channel counts in whole
-    vectors (every MiT's are)."""
+                 norm: nn.Module | None = None, residual: torch.Tensor | None = None) -> bool:
+    """Whether `native_mix_ffn` computes this block (after `norm`, plus `residual`, if given) for
+    `tokens`: float32 CPU inference (no gradient recorded), the native kernels built, the exact
+    GELU, biases everywhere, an affine LayerNorm over the channels, a residual of the tokens'
+    shape, and channel counts in whole vectors (every MiT's are)."""
     parameters = _parameters(fc1, dwconv, fc2)
     if norm is not None:
         parameters += [p for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)) if p is not None]
     return (tokens.device.type == "cpu" and tokens.dtype == torch.float32 and tokens.dim() == 3
             and all(p is not None and p.dtype == torch.float32 and p.device.type == "cpu" for p in parameters)
-            and not records_gradients(tokens, *parameters)
+            and (residual is None or (residual.shape == tokens.shape and residual.dtype == torch.float32
+                                      and residual.device.type == "cpu"))
+            and not records_gradients(tokens, residual, *parameters)
             and isinstance(act, nn.GELU) and act.approximate == "none"
             and dwconv.kernel_size == (3, 3) and dwconv.padding == (1, 1) and dwconv.stride == (1, 1)
             and dwconv.dilation == (1, 1) and dwconv.groups == dwconv.in_channels == dwconv.out_channels

@@ -24,7 +24,8 @@ def linear_fits(tokens: torch.Tensor, layer: nn.Linear, residual: torch.Tensor |
     return (tokens.device.type == "cpu" and tokens.dtype == torch.float32 and layer.bias is not None
             and layer.weight.dtype == torch.float32 and layer.weight.device.type == "cpu"
             and layer.out_features % native.MIX_FFN_CHANNELS_MULTIPLE == 0
-            and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu"))
+            and (residual is None or (residual.shape == (*tokens.shape[:-1], layer.out_features)
+                                      and residual.dtype == torch.float32 and residual.device.type == "cpu"))
             and not records_gradients(tokens, layer.weight, layer.bias, residual) and native.available())
 
 

@@ -1,11 +1,14 @@
 """seglab's few native kernels, compiled on first use with the machine's C compiler and loaded
 with ctypes: `winograd_tiles.c`, Winograd's tile transforms, one pass over memory each;
+`winograd_fused.c`, F(4x4) of few channels, transforms and products in one pass;
 `cross_entropy.c`, softmax cross-entropy and its gradient in one pass; `batch_norm.c`,
 training's BatchNorm with the shortcut addition and ReLU after it, two passes each way;
-`bilinear.c`, bilinearly upsampled maps added into a map in one pass; `common.c`, the threads
-they run on and their bf16 conversions.
+`bilinear.c`, bilinearly upsampled maps added into a map in one pass, and class scores resized;
+`mix_ffn.c`, SegFormer's Mix-FFN row by row, and linear layers over tokens; `mlp_head.c`,
+SegFormer's decoder head row by row; `common.c`, the threads they run on and their bf16
+conversions.
 
-Why compiled here, not shipped: the kernels are about 1000 lines of portable C that a compiler
+Why compiled here, not shipped: the kernels are about 1900 lines of portable C that a compiler
 vectorises for the processor it runs on (`-march=native`), it builds in a few seconds, once
 (5 s on a 2-core Zen 4; then cached), and a package without binary wheels stays one
 `pip install`. Where no compiler works the callers keep
