@@ -419,6 +419,16 @@ def test_segformer_fast_path_runs_its_blocks_natively_or_fuses_their_gelu_and_ke
     torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_segformer_b2_fast_path_runs_its_narrow_mix_ffns_natively_and_keeps_outputs():
+    """MiT-B2 (64, 128, 320, 512 channels; 3, 4, 6, 3 blocks; a 768-wide decoder): the first two
+    stages' Mix-FFNs fit the rule, the wider ones keep their operators."""
+    x = torch.randn(1, 3, 64, 64)
+    model, expected = _model_and_outputs("segformer", x, variant="b2")
+    fast = optimize_for_inference(model, "32")
+    assert _natively(fast) == ((7, 16, 1) if _native_blocks_expected() else (0, 0, 0))
+    torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.filterwarnings("ignore:--precision bf16")
 def test_segformer_fast_path_keeps_its_operators_when_asked_and_in_bf16():
     x = torch.randn(1, 3, 64, 64)
