@@ -97,6 +97,19 @@ static inline void source_of(int64_t out, int64_t out_size, int64_t in_size, int
 DEFINE_ADD_UPSAMPLED(add_upsampled_f32, float, f32)
 DEFINE_ADD_UPSAMPLED(add_upsampled_bf16, uint16_t, bf16)
 
+/* The job that adds the `count` (<= MAX_UPSAMPLED) maps srcs[i] (heights[i] x widths[i]), upsampled
+ * to height x width, into dst (NULL: rows handed to the row function instead). */
+static UpsampleJob upsample_job(void *dst, const void *const *srcs, const int64_t *heights, const int64_t *widths,
+                                int count, int64_t height, int64_t width, int64_t channels, int relu) {
+    UpsampleJob job = {dst, {0}, {0}, {0}, count, height, width, channels, relu};
+    for (int k = 0; k < count; k++) {
+        job.srcs[k] = srcs[k];
+        job.heights[k] = heights[k];
+        job.widths[k] = widths[k];
+    }
+    return job;
+}
+
 /* dst (n x height x width x channels) += the `count` maps srcs[i] (n x heights[i] x widths[i] x
  * channels, each side at least 1) bilinearly upsampled, then the ReLU with `relu`. Returns 0, or
  * -1 for more than MAX_UPSAMPLED maps. */
@@ -104,12 +117,7 @@ int seglab_add_upsampled(void *dst, const void *const *srcs, const int64_t *heig
                          int count, int64_t n, int64_t height, int64_t width, int64_t channels, int relu,
                          int threads, int bf16) {
     if (count < 0 || count > MAX_UPSAMPLED) return -1;
-    UpsampleJob job = {dst, {0}, {0}, {0}, count, height, width, channels, relu};
-    for (int k = 0; k < count; k++) {
-        job.srcs[k] = srcs[k];
-        job.heights[k] = heights[k];
-        job.widths[k] = widths[k];
-    }
+    const UpsampleJob job = upsample_job(dst, srcs, heights, widths, count, height, width, channels, relu);
     parallel_for(n * height, threads, bf16 ? add_upsampled_bf16 : add_upsampled_f32, &job);
     return 0;
 }

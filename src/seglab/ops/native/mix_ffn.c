@@ -2,12 +2,14 @@
  *
  *   dst = fc2(GELU(dwconv3x3(fc1(norm(src))))) + residual,
  *
- * src and dst N x H x W x C tokens (row-major, as the Mix Transformer keeps them), fc1 C -> D,
- * the depthwise 3x3 convolution (zero padding 1) on D channels with its bias, GELU the exact
- * (erf) form, fc2 D -> C, norm a LayerNorm over the C channels or nothing; float32. Each thread takes whole rows of tokens and keeps three rows
- * of fc1's output (D per token) in a ring: for output row y it computes fc1 of row y + 1 only
- * (rows y - 1 and y are there from before), the depthwise convolution and GELU of row y into
- * one more row buffer, and fc2 of that row, written with its bias and the residual.
+ * src and dst N x H x W x C tokens (row-major, as the Mix Transformer keeps them), norm a
+ * LayerNorm over the C channels or nothing, fc1 C -> D, the depthwise 3x3 convolution (zero
+ * padding 1) on D channels with its bias, GELU the exact (erf) form, fc2 D -> C; float32. Each
+ * thread takes whole rows of tokens and keeps three rows of fc1's output (D per token) in a
+ * ring: for output row y it computes fc1 of row y + 1 only (rows y - 1 and y are there from
+ * before), the depthwise convolution and GELU of row y into one more row buffer, and fc2 of
+ * that row, written with its bias and the residual. Also here: `seglab_linear`, a linear layer
+ * over tokens by the same register blocks (`linear_row`).
  *
  * Why: the four operators one after another write and read fc1's and the convolution's
  * outputs, D = 4C channels per token, through memory (67 MB each for MiT-B0's first stage at

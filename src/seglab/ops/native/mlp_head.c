@@ -55,14 +55,10 @@ int seglab_mlp_head(float *dst, const float *src, const float *first_weight, con
                     int threads) {
     if (channels % 16 || padded % 16 || padded < classes || count < 0 || count > MAX_UPSAMPLED) return -2;
     int failed = 0;
-    HeadJob job = {src, first_weight, first_bias, classifier_weight, classifier_bias,
-                   {NULL, {0}, {0}, {0}, count, height, width, channels, 1},
-                   dst, in_channels, channels, classes, padded, &failed};
-    for (int k = 0; k < count; k++) {
-        job.parts.srcs[k] = parts[k];
-        job.parts.heights[k] = heights[k];
-        job.parts.widths[k] = widths[k];
-    }
+    const HeadJob job = {src, first_weight, first_bias, classifier_weight, classifier_bias,
+                         upsample_job(NULL, (const void *const *)parts, heights, widths, count, height, width,
+                                      channels, 1),
+                         dst, in_channels, channels, classes, padded, &failed};
     parallel_for(n * height, threads, head_rows, &job);
     return failed ? -1 : 0;
 }

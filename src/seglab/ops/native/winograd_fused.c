@@ -68,7 +68,7 @@ static inline __attribute__((always_inline)) void register_products(
             for (int o = 0; o < vectors; o++) acc[t][o] += value * wk[o];
         }
     }
-    for (int t = 0; t < count; t++)
+    for (int t = 0; t < count && t < rows; t++) /* (count <= rows: the bound says so to the compiler) */
         for (int o = 0; o < vectors; o++) {
             if (add) {
                 fvec extra;
