@@ -19,9 +19,10 @@ Each step is independent, so the benchmark can measure each on its own:
   outputs at the same rounding level as the folding.
 - `use_native_segformer` (CPU inference, float32): SegFormer's Mix-FFN (LayerNorm, Linear,
   depthwise 3x3, GELU, Linear, the residual addition; `seglab.ops.mix_ffn`) in one native pass,
-  row by row, instead of six operators that write and read up to 4C channels per token; and
-  its decoder from the first stage's share to the class scores (`native.mlp_head`), without the
-  fused 256-channel map in memory.
+  row by row, instead of six operators that write and read up to 4C channels per token; the
+  attention's query and output projections, the latter with the residual addition, by native
+  register-blocked products (`seglab.ops.token_linear`); and its decoder from the first stage's
+  share to the class scores (`native.mlp_head`), without the fused 256-channel map in memory.
 - `to_channels_last`: oneDNN's convolutions run natively on NHWC; NCHW costs reorders.
 - bfloat16 (`optimize_for_inference(..., precision="bf16")`): weights and activations in
   bfloat16, which AVX-512 BF16 / AMX processors and recent GPUs multiply several times faster
@@ -445,7 +446,8 @@ def use_winograd(model: nn.Module) -> int:
 # The Mix-FFNs whose linear layers' weights (C x 4C each) stay in a core's L2 beside the row
 # buffers: C up to 160 (MiT-B0's first three stages, the first two of B1-B5). With 256 channels
 # (B0's last stage, 2 MB of weights) each row's 16 tokens re-read them from the shared cache and
-# the one pass lost (0.86-0.95x); 160 -> 640 ran 1.0-1.2x, 32 -> 128 1.3-1.7x (Xeon, AVX-512).
+# the one pass lost (0.82-1.00x the operators); 160 -> 640 ran 0.95-1.22x, 32 -> 128 1.25-1.91x
+# (Xeon, AVX-512, batch 1 and 8; `benchmarks/segformer_blocks.py`).
 MAX_NATIVE_MIX_FFN_WEIGHTS = 160 * 640
 
 
@@ -531,7 +533,8 @@ def optimize_for_inference(
     ReLU inside their last convolution (CPU, `fuse_residual_additions`), convolution weights kept in oneDNN's
     layout (CPU, `prepack_conv_weights`), many-channel 3x3 convolutions by Winograd's F(4x4, 3x3)
     or F(6x6, 3x3) (CPU, float32; in bf16 the widest by F(2x2, 3x3); `use_winograd`),
-    SegFormer's Mix-FFNs and decoder head in native passes (CPU, float32; `use_native_segformer`),
+    SegFormer's Mix-FFNs, attention projections and decoder head in native passes (CPU, float32;
+    `use_native_segformer`),
     channels_last, inference_mode and `precision`
     ("auto": bf16 where the hardware runs it natively, else 32; "32", "bf16", "16"),
     optionally torch.compile. The argument model is left untouched unless
