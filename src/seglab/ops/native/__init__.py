@@ -283,6 +283,14 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
+def _required() -> ctypes.CDLL:
+    """The library, for the kernels' wrappers: a RuntimeError saying why where there is none."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    return library
+
+
 def _check(tensor: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...] = (torch.float32,), *,
            contiguous: bool = True) -> None:
     if tensor.device.type != "cpu" or tensor.dtype not in dtypes or (contiguous and not tensor.is_contiguous()):
@@ -363,9 +371,7 @@ def gather_tiles(nhwc: torch.Tensor, matrix: torch.Tensor, step: int, pad: int, 
     and rounded to bf16 in one pass), its planes apart in memory (`_planes`; `torch.bmm` and
     `scatter_tiles` take them as they are). A matrix registered with `specialise` runs by its
     own kernel unless `specialised` is False."""
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    library = _required()
     _check(nhwc, "the map", _VALUES)
     _check(matrix, "the matrix")
     n, height, width, channels = nhwc.shape
@@ -393,9 +399,7 @@ def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, i
     pass); or, where windows overlap, added into `accumulate_into`. The map has the tiles' dtype
     (float32 or bf16, transformed in float32). `dilation` and `specialised` as for
     `gather_tiles` (with dilation d, the windows of each of the map's d x d phases)."""
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    library = _required()
     _check(tiles, "the tiles", _VALUES, contiguous=False)
     _check_planes(tiles)
     _check(matrix, "the matrix")
@@ -442,9 +446,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     whose target is `ignore_index` left out; 0 when none is left), computed in float32.
     Returns the loss (a float32 scalar) and, with `gradient`, its gradient with respect to the
     logits, in their dtype, from the same pass."""
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    library = _required()
     _check(logits, "the logits", _VALUES)
     _check(target, "the target", (torch.int64,))
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
@@ -508,9 +510,7 @@ def batch_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     `momentum`. Returns y (x's dtype; written to `out` when given) and the 4 x channels float32
     rows the backward takes: the batch's mean, 1 / sqrt(var + eps), and the scale and shift of
     y = a x + b (+ shortcut)."""
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    library = _required()
     _norm_maps(x, shortcut=shortcut, out=out)
     rows, channels = x.shape
     if rows < 1:
@@ -538,9 +538,7 @@ def batch_norm_backward(grad: torch.Tensor, x: torch.Tensor, saved: torch.Tensor
     mask is then read from y, else recomputed from x. Returns the gradients of x (None without
     `input_gradient`), of the shortcut (None without `y`), of the weight and of the bias; those
     of x and of the shortcut written to `out`'s tensors where given."""
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    library = _required()
     _norm_maps(x, grad=grad, y=y, out=out[0], out_shortcut=out[1])
     rows, channels = x.shape
     if saved.shape != (4, channels):
@@ -583,9 +581,7 @@ def add_upsampled_(out: torch.Tensor, parts: list[torch.Tensor] | tuple[torch.Te
     channels-last maps given as N x H x W x C tensors (contiguous), float32 or bf16 alike (bf16
     summed in float32 and rounded once), at most `MAX_UPSAMPLED` parts of out's N and C.
     Returns out."""
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    library = _required()
     _check(out, "the map to add into", _VALUES)
     if out.dim() != 4:
         raise ValueError(f"the map to add into must be N x H x W x C, not of shape {tuple(out.shape)}")
@@ -602,9 +598,7 @@ def resize_bilinear(nhwc: torch.Tensor, size: tuple[int, int] | torch.Size) -> t
     `F.interpolate(map, size, mode="bilinear", align_corners=False)` resizes it (`bilinear.c`:
     one pass writing the result, made for few channels such as class scores): N x H x W x C,
     contiguous."""
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    library = _required()
     _check(nhwc, "the map to resize", (torch.float32,))
     height, width = (int(side) for side in size)
     if nhwc.dim() != 4 or min(nhwc.shape[1:3]) < 1 or height < 0 or width < 0:
@@ -628,9 +622,7 @@ def winograd_fused(nhwc: torch.Tensor, filters: torch.Tensor, b_t: torch.Tensor,
     `FUSED_CHANNELS_MULTIPLE`), B^T `b_t` and A^T `a_t` the matrices registered with
     `specialise(fused=...)`, plus `bias` (C_out) and `residual` (N x H x W x C_out, contiguous),
     then the ReLU with `relu`. Returns N x H x W x C_out, contiguous."""
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    library = _required()
     _check(nhwc, "the map")
     _check(filters, "the filters")
     _check(b_t, "B^T")
@@ -677,9 +669,7 @@ def mix_ffn(tokens: torch.Tensor, height: int, width: int, fc1_weight: torch.Ten
     9 x D (the depthwise convolution's 3 x 3 taps row by row), biases D, D and C, C and D
     multiples of `MIX_FFN_CHANNELS_MULTIPLE`; `residual` like `tokens`. GELU is the exact (erf)
     one. Returns N x (height * width) x C, contiguous."""
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    library = _required()
     named = {"the tokens": tokens, "fc1's weight": fc1_weight, "fc1's bias": fc1_bias,
              "the depthwise weight": dw_weight, "the depthwise bias": dw_bias, "fc2's weight": fc2_weight,
              "fc2's bias": fc2_bias, "the norm's weight": norm_weight, "the norm's bias": norm_bias,
@@ -721,9 +711,7 @@ def mlp_head(nhwc: torch.Tensor, first_weight: torch.Tensor, first_bias: torch.T
     N x H x W x C_in float32, contiguous; `first_weight` C_in x D and `classifier_weight` D x K
     (1x1 convolutions' weights transposed), biases D and K; `parts` at most `MAX_UPSAMPLED` maps
     N x h x w x D, D a multiple of 16. Returns the scores, N x H x W x K, contiguous."""
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    library = _required()
     for tensor, name in ((nhwc, "the map"), (first_weight, "the first weight"), (first_bias, "the first bias"),
                          (classifier_weight, "the classifier's weight"), (classifier_bias, "the classifier's bias")):
         _check(tensor, name)
@@ -759,9 +747,7 @@ def linear(tokens: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, *,
     """`tokens @ weight_t + bias (+ residual)` (`mix_ffn.c`'s register blocks): tokens ... x C
     float32, contiguous; `weight_t` C x O (nn.Linear's weight transposed), O a multiple of
     `MIX_FFN_CHANNELS_MULTIPLE`; `residual` of the output's shape. Returns ... x O, contiguous."""
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"seglab's native kernels are not available: {_reason}")
+    library = _required()
     for tensor, name in ((tokens, "the tokens"), (weight_t, "the weight"), (bias, "the bias"), (residual, "the residual")):
         if tensor is not None:
             _check(tensor, name)
