@@ -250,3 +250,47 @@ def test_the_fpn_stride4_head_trains_on_the_upsampled_grid_where_it_pays(monkeyp
     for grad, expected in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected, atol=2e-5 * expected.abs().max().item(), rtol=1e-4)
     assert "winograd_tile" not in vars(model)
+
+
+@pytest.mark.skipif(not native.available(), reason=f"the native kernels are not available: {native.unavailable_reason()}")
+@pytest.mark.parametrize("dilation, tile", [(12, 6), (24, None)])
+def test_a_large_dilation_trains_by_winograd_on_its_phases_where_that_saves_most(monkeypatch, dilation, tile):
+    """DeepLab's ASPP branch on a 64 x 64 map: at dilation 12 each phase is one 6 x 6 tile
+    (`atrous_output_tile`); at 24 the per-tap windows keep it. Values and gradients as the
+    plain convolution's; outside the route, and under autocast, the module's own routes."""
+    import seglab.ops.atrous_gemm as atrous_gemm
+    from seglab.ops.atrous_gemm import AtrousConv2d
+
+    torch.manual_seed(0)
+    conv = AtrousConv2d(64, 64, 3, dilation=dilation).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 64, 64, 64).contiguous(memory_format=torch.channels_last)
+    sides, real = [], atrous_gemm.winograd_conv3x3
+
+    def recorded(x, filters, *args):
+        sides.append(math.isqrt(filters.shape[0]) - 2)
+        return real(x, filters, *args)
+
+    monkeypatch.setattr(atrous_gemm, "winograd_conv3x3", recorded)
+
+    def step(context):
+        conv.zero_grad()
+        inputs = x.detach().requires_grad_()
+        with context:
+            y = conv(inputs)
+        y.square().sum().backward()
+        return [y, inputs.grad] + [p.grad.clone() for p in conv.parameters()]
+
+    expected = step(contextlib.nullcontext())
+    assert sides == []
+    reference = nn.Conv2d(64, 64, 3, padding=dilation, dilation=dilation)
+    reference.load_state_dict(conv.state_dict())
+    torch.testing.assert_close(expected[0], reference(x), atol=1e-5, rtol=1e-5)
+    got = step(training_convolutions(conv, "cpu", "32", tuned_weight_gradients=False))
+    assert sides == ([] if tile is None else [tile])
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs, atol=2e-5 * theirs.abs().max().item(), rtol=1e-4)
+    assert "winograd_tile" not in vars(conv) and AtrousConv2d.winograd_tile is None
+    assert not TrainingConvolutions(conv, winograd=False).atrous_convs
+    with torch.autocast("cpu", torch.bfloat16), TrainingConvolutions(conv, tuned_weight_gradients=False):
+        conv(x.detach().requires_grad_())
+    assert sides == ([] if tile is None else [tile])

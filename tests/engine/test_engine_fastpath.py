@@ -21,6 +21,7 @@ from seglab.engine.fastpath import (
     optimizer_options,
     prepare_batch,
     to_channels_last,
+    use_winograd,
 )
 from seglab.engine.onednn import FusedConv
 from seglab.engine.precision import cpu_has, cpu_runs_bf16
@@ -725,3 +726,36 @@ def test_bf16_fast_path_runs_the_widest_convolutions_by_f2x2_near_the_direct_one
     direct_error = (direct(x) - expected).abs()
     error = (output - expected).abs()
     assert error.mean() < 3 * direct_error.mean() + 1e-6 and error.max() < 3 * direct_error.max() + 1e-6
+
+
+@pytest.mark.parametrize("dilation, tile", [(12, 6), (18, 4), (24, None)])
+def test_large_dilation_takes_winograd_on_its_phases_where_that_saves_most(winograd_transforms, dilation, tile):
+    """`use_winograd` lets a `DilatedConvAsGemm` compute a float32 convolution by F(6x6) or
+    F(4x4) over the map's phases where `atrous_output_tile` says (64 x 64: 12 and 18), and keeps
+    the windows elsewhere (24), for input that records gradients and without the native
+    transforms."""
+    from seglab.engine.fastpath import DilatedConvAsGemm
+    import seglab.engine.fastpath as fastpath
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=dilation, dilation=dilation).eval()
+    x = torch.randn(1, 64, 64, 64).contiguous(memory_format=torch.channels_last)
+    module = DilatedConvAsGemm(conv)
+    assert use_winograd(module) == 1 and module.winograd
+    sides: list[int] = []
+
+    def counted(x: torch.Tensor, filters: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        sides.append(filters.shape[0])
+        return winograd_conv3x3(x, filters, *args, **kwargs)
+
+    with mock.patch.object(fastpath, "winograd_conv3x3", counted):
+        with torch.no_grad():
+            expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=dilation,
+                                dilation=dilation)
+            out = module(x)
+            torch.testing.assert_close(out.double(), expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+            module(x)
+        taken = [] if tile is None or winograd_transforms != "native" else [(tile + 2) ** 2] * 2
+        assert sides == taken
+        module(x.requires_grad_())  # the windows (`DilatedConvAsGemm` is inference only)
+        assert sides == taken

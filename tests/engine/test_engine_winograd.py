@@ -201,3 +201,24 @@ def test_float32_inference_takes_the_one_pass_f4x4_for_few_channels_on_avx512(mo
     assert not pays(64, 64) and min_channels(training=False) == 64
     assert output_tile((1, 64, 128, 128), (64, 64, 3, 3), 1, training=False) == 6
     assert output_tile((1, 32, 256, 256), (32, 32, 3, 3), 1, training=False) is None
+
+
+def test_large_dilations_take_the_tile_that_saves_most_over_the_windows(monkeypatch):
+    from seglab.engine.winograd import MIN_ATROUS_SAVING, atrous_output_tile
+
+    monkeypatch.setattr(native, "available", lambda: True)  # the rule only, nothing is built
+
+    def tile(size, dilation, in_channels=2048, out_channels=256, batch=1):
+        return atrous_output_tile((batch, in_channels, size, size), (out_channels, in_channels, 3, 3), dilation)
+
+    # DeepLab v3's ASPP at output stride 8 (a 64 x 64 map): at 12 each phase is one 6 x 6 tile
+    # (3.1x fewer multiply-adds than the windows, 2.1x faster measured); at 24 and 36 the
+    # windows skip most of the padding and win.
+    assert tile(64, 12) == 6 and tile(64, 12, batch=8) == 6 and tile(64, 12, 128, 128) == 6
+    assert tile(64, 24) is None and tile(64, 36) is None
+    assert tile(64, 18) == 4  # 2.1x fewer with F(4x4), 1.2x with F(6x6)
+    assert tile(32, 6) == 6 and tile(32, 12) is None and tile(32, 18) is None  # output stride 16
+    assert MIN_ATROUS_SAVING > 1.17  # F(6x6) at 18 on 64 x 64 saved that much and ran 0.81x
+    assert tile(64, 12, 32, 32) is None  # too few channels for the separate passes' transforms
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert tile(64, 12) is None

@@ -8,6 +8,8 @@ In float32 two rewrites, each exact up to float32 rounding, chosen per call:
 - A U-Net decoder's convolution over its upsampled input and skip (and an FPN's stride-4
   head, over up(P3) and C2), on the upsampled grid by Winograd (`seglab.ops.winograd_nearest`)
   where `upsampling_output_tile` says it pays.
+- A large-dilation `AtrousConv2d` (DeepLab's ASPP) by Winograd over the map's phases where
+  that does fewer multiply-adds than its per-tap windows (`atrous_output_tile`).
 - Elsewhere oneDNN's forward and input gradient, with the weight gradient by the kernel timed
   fastest for the shape (`seglab.ops.weight_gradient`): oneDNN's own float32 weight gradient on
   channels-last maps is the slowest part of a training step on processors without bf16.
@@ -31,8 +33,15 @@ import torch
 import torch.nn as nn
 
 from seglab.engine.precision import resolve_precision
-from seglab.engine.winograd import call_output_tile, conv_takes_winograd, min_channels, upsampling_output_tile
+from seglab.engine.winograd import (
+    atrous_output_tile,
+    call_output_tile,
+    conv_takes_winograd,
+    min_channels,
+    upsampling_output_tile,
+)
 from seglab.ops.atrous_depthwise import trains
+from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.grad_mode import records_gradients
 from seglab.ops.nearest_conv import UpsamplingConvCaller
 from seglab.ops.weight_gradient import ConvSettings, takes_tuned_weight_gradient, tuned_convolution
@@ -64,6 +73,7 @@ class TrainingConvolutions:
         callers = [m for m in model.modules() if isinstance(m, UpsamplingConvCaller)]
         self.upsampling_convs = callers if tuned_weight_gradients else []  # their `_upsampling_conv`
         self.doubling_convs = callers if winograd else []  # their `winograd_tile`
+        self.atrous_convs = [m for m in model.modules() if isinstance(m, AtrousConv2d)] if winograd else []
         self._previous_tiles: dict[int, Any] = {}
 
     def __enter__(self) -> TrainingConvolutions:
@@ -74,6 +84,9 @@ class TrainingConvolutions:
         for conv in self.doubling_convs:
             self._previous_tiles[id(conv)] = conv.__dict__.get("winograd_tile")
             conv.winograd_tile = _doubling_tile
+        for conv in self.atrous_convs:
+            self._previous_tiles[id(conv)] = conv.__dict__.get("winograd_tile")
+            conv.winograd_tile = functools.partial(_atrous_tile, tuple(conv.dilation))
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -81,7 +94,7 @@ class TrainingConvolutions:
             del conv._conv_forward  # the class's own again
         for conv in self.upsampling_convs:
             del conv._upsampling_conv
-        for conv in self.doubling_convs:  # the rule the module had before, if any
+        for conv in self.doubling_convs + self.atrous_convs:  # the rule the module had before, if any
             del conv.winograd_tile
             if self._previous_tiles.get(id(conv)) is not None:
                 conv.winograd_tile = self._previous_tiles[id(conv)]
@@ -110,6 +123,15 @@ def _doubling_tile(x: torch.Tensor, weight: torch.Tensor) -> int | None:
     """`UpsamplingConvCaller.winograd_tile` in the training route: the training rule for calls
     that record gradients, the inference one for the others."""
     return upsampling_output_tile(x, weight, records_gradients(x, weight))
+
+
+def _atrous_tile(dilation: tuple[int, int], x: torch.Tensor, weight: torch.Tensor) -> int | None:
+    """`AtrousConv2d.winograd_tile` in the training route: float32 outside autocast, a square
+    dilation, where `atrous_output_tile` says Winograd saves over the windows."""
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+            or dilation[0] != dilation[1]):
+        return None
+    return atrous_output_tile(x.shape, weight.shape, dilation[0])
 
 
 def _autocast_winograd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int,

@@ -23,7 +23,21 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   2^22 for tiles x C_in x C_out (128 channels over 256 tiles, 1.20x, just pass it).
 - Dilated, as d x d undilated phases stacked on the batch: 256 ch at dilation 2 on 64 x 64
   2.1-2.3x, 512 ch at 4 2.4-2.5x (a ResNet's stages 3 and 4 at output stride 8); dilations from 6
-  up are `DilatedConvAsGemm`'s.
+  up are `DilatedConvAsGemm`'s, which computes them by Winograd where `atrous_output_tile` says.
+- Large dilations (DeepLab's ASPP), against `DilatedConvAsGemm`'s per-tap windows, which
+  multiply only the pixels whose products land inside the map (0.77 of the padded
+  convolution's products at dilation 12 on 64 x 64, 0.56 at 24, 0.39 at 36). The phases of a
+  64 x 64 map at dilation 12 are 5 or 6 pixels wide, so F(6x6) covers each with one tile: 64
+  products per phase where the windows take 9 x 0.77 per pixel, 3.1x fewer. Xeon with AVX-512,
+  2 threads, interleaved medians, windows / F(6x6) / F(4x4): 2048 -> 256 at dilation 12 on
+  64 x 64 2.09x / 1.26x (batch 8 2.07x / 0.89x), 512 -> 256 2.17x / 1.21x (batch 8 2.11x /
+  1.35x), 256 -> 256 2.22x, 128 -> 128 2.00x, 2048 -> 256 at 6 on 32 x 32 1.84x / 1.32x and on
+  64 x 64 2.35x / 2.33x, at 18 on 64 x 64 0.81x / 1.77x; at 24 on 64 x 64 0.51x / 0.97x (batch
+  8 0.36x / 0.64x), at 36 0.16x / 0.30x, at 12 on 32 x 32 0.49x / 0.98x. The ratio of the
+  two's multiply-adds (the windows' over the tiles' (m + 2)^2 products each) predicted every
+  one: 3.1 -> 1.84-2.22x, 3.5 -> 2.35x, 2.8 -> 2.33x, 2.1 -> 1.77x, 1.36 -> 1.18-1.37x,
+  1.17 -> 0.81x, 1.0 -> 0.89-0.98x. Hence the tile with the larger ratio, where it is at least
+  `MIN_ATROUS_SAVING`.
 - Maps that fill their 4 x 4 tiles poorly: a Mask R-CNN mask head's 14 x 14 RoIs (and 7 x 7
   ones) fill 77% of theirs, so Winograd computes 1.31x the outputs, while oneDNN's direct kernel
   runs fastest on such small maps (they stay in cache). At 128 channels Winograd then lost:
@@ -139,6 +153,7 @@ import torch.nn as nn
 
 from seglab.engine.precision import cpu_has
 from seglab.ops import native
+from seglab.ops.atrous_gemm import share_inside
 from seglab.ops.winograd import BF16_TILE, TILE, fuses
 
 LARGE_TILE = 6  # F(6x6, 3x3)
@@ -164,6 +179,8 @@ __all__ = [
     "MIN_TRAINING_TILES",
     "MIN_UPSAMPLING_CHANNELS",
     "WIDE_CHANNELS",
+    "MIN_ATROUS_SAVING",
+    "atrous_output_tile",
     "bf16_pays",
     "call_output_tile",
     "conv_takes_winograd",
@@ -197,6 +214,7 @@ MIN_FUSED_CHANNELS = 16  # in and out, with ...
 MIN_FUSED_WIDEST = 32  # ... at least this many on one side: F(4x4) in one pass (`fused_pays`)
 MIN_FILTER_BOUND_CHANNELS = 512  # in and out: float32 inference by F(2x2) ...
 MAX_FILTER_BOUND_TILES = 16  # ... over at most this many of F(4x4)'s tiles
+MIN_ATROUS_SAVING = 1.3  # the per-tap windows' multiply-adds over Winograd's: `atrous_output_tile`
 
 
 def _pair(value: Any) -> tuple:
@@ -342,6 +360,22 @@ def call_output_tile(input: torch.Tensor, weight: torch.Tensor, dilation: int, t
     if tile is not None and not training and native.available() and filter_bound(input.shape, weight.shape, dilation):
         return BF16_TILE  # F(2x2) in float32 (products and transforms)
     return tile
+
+
+def atrous_output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int) -> int | None:
+    """The Winograd output tile (F(6x6) or F(4x4)) that computes a float32 3x3 convolution, in
+    inference or training (the same savings measured in both), at
+    a dilation above `MAX_DILATION` (stride 1, "same" zero padding, no groups: those
+    `DilatedConvAsGemm` takes) in fewer multiply-adds than the per-tap windows over only the
+    pixels inside the map, by at least `MIN_ATROUS_SAVING`; None where neither does, or where
+    the native transforms are not in use or there are too few channels for them to pay."""
+    n, _, height, width = input_shape
+    if (list(weight_shape[2:]) != [3, 3] or not native.available()
+            or min(weight_shape[0], weight_shape[1]) < MIN_NATIVE_INFERENCE_CHANNELS):
+        return None
+    windows = share_inside(height, width, (3, 3), (dilation, dilation)) * 9 * n * height * width
+    saving, tile = max((windows / (tiles(input_shape, dilation, t) * (t + 2) ** 2), t) for t in (LARGE_TILE, TILE))
+    return tile if saving >= MIN_ATROUS_SAVING else None
 
 
 def upsampling_output_tile(x: torch.Tensor, weight: torch.Tensor, training: bool) -> int | None:

@@ -27,12 +27,14 @@ the in-map windows); this module trains.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
 from seglab.ops.atrous_depthwise import accumulator_dtype, shifted_route, taps_inside, trains
+from seglab.ops.winograd import winograd_conv3x3, winograd_filters
 
 __all__ = ["AtrousConv2d", "all_taps_product", "share_inside", "shifted_gemm_conv", "windowed_gemm_conv"]
 
@@ -225,7 +227,14 @@ class AtrousConv2d(nn.Conv2d):
     dict) that trains as matrix products on the CPU for channels-last input from dilation
     `MIN_DILATION` (`windowed_gemm_conv` in float32 where most taps reach outside the map,
     else `shifted_gemm_conv`); inference, other devices, NCHW input and tracing get the plain convolution (the
-    fast path rewrites it for inference, `DilatedConvAsGemm`)."""
+    fast path rewrites it for inference, `DilatedConvAsGemm`).
+
+    `winograd_tile`, where the training route sets it (`seglab.engine.convolutions`), names the
+    Winograd tile for a call, or None: a float32 3x3 convolution then trains by Winograd over
+    the map's phases (`seglab.ops.winograd`) where that does fewer multiply-adds than the
+    windows (at dilation 12 on 64 x 64, one 6 x 6 tile per phase)."""
+
+    winograd_tile: Callable[[torch.Tensor, torch.Tensor], int | None] | None = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int | None = None, dilation: int = 1, groups: int = 1, bias: bool = True) -> None:
@@ -238,6 +247,9 @@ class AtrousConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if trains(self, x) and shifted_route(x, self.dilation, MIN_DILATION):
+            tile = None if self.winograd_tile is None else self.winograd_tile(x, self.weight)
+            if tile is not None:
+                return winograd_conv3x3(x, winograd_filters(self.weight, tile), self.bias, self.dilation[0])
             if _compute_dtype(x) in (torch.float32, torch.float64) and x.dtype == self.weight.dtype and \
                     share_inside(*x.shape[-2:], self.kernel_size, self.dilation) <= WINDOWS_UP_TO_SHARE:
                 return windowed_gemm_conv(x, self.weight, self.bias, self.dilation)
