@@ -98,7 +98,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 # One optimisation at a time on top of plain float32 eager inference (all run under no_grad).
 _NOTHING = dict(precision="32", fold_bn=False, fuse_relu=False, fuse_residual=False, dilated_as_gemm=False,
-                winograd=False, native_segformer=False, channels_last=False, inference_mode=False, prepack=False)
+                winograd=False, native_segformer=False, planar_heads=False, channels_last=False, inference_mode=False,
+                prepack=False)
 INFERENCE_ABLATION: dict[str, dict[str, Any]] = {
     "+inference_mode": {**_NOTHING, "inference_mode": True},
     "+channels_last": {**_NOTHING, "channels_last": True},
@@ -115,6 +116,8 @@ INFERENCE_ABLATION: dict[str, dict[str, Any]] = {
     "+channels_last +winograd": {**_NOTHING, "channels_last": True, "winograd": True},
     # SegFormer's Mix-FFNs and decoder head in native passes (float32; other models have none).
     "+native_segformer": {**_NOTHING, "native_segformer": True},
+    # A 3x3 head to few classes with vectors along the pixels: channels-last input, like Winograd.
+    "+channels_last +planar_heads": {**_NOTHING, "channels_last": True, "planar_heads": True},
     "+bf16": {**_NOTHING, "precision": "bf16"},
     "+bf16 +channels_last": {**_NOTHING, "precision": "bf16", "channels_last": True},
     # bf16's Winograd, F(2x2) for the widest convolutions, measured against "+bf16 +channels_last".

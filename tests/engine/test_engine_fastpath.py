@@ -759,3 +759,25 @@ def test_large_dilation_takes_winograd_on_its_phases_where_that_saves_most(winog
         assert sides == taken
         module(x.requires_grad_())  # the windows (`DilatedConvAsGemm` is inference only)
         assert sides == taken
+
+
+def test_a_3x3_head_to_few_classes_runs_with_vectors_along_the_pixels(monkeypatch):
+    """U-Net's 16 -> 3 head (`use_planar_heads`): planar scores, the plain model's values; off
+    with the switch, in bf16, and on processors not measured."""
+    import seglab.engine.fastpath as fastpath
+
+    x = torch.randn(2, 3, 64, 96)
+    model, expected = _model_and_outputs("unet", x, encoder="resnet18")
+    fast = optimize_for_inference(model, "32")
+    planar = [m for m in fast.modules() if isinstance(m, FusedConv) and m.planar]
+    assert len(planar) == (1 if _native_blocks_expected() else 0)
+    assert all(m.out_channels == 3 and m.in_channels == 16 for m in planar)
+    with torch.no_grad():
+        output = fast(x)
+    torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)
+    if planar:
+        assert output.is_contiguous()  # planar, where the other convolutions give channels last
+    for off in (optimize_for_inference(model, "32", planar_heads=False), optimize_for_inference(model, "bf16")):
+        assert not any(isinstance(m, FusedConv) and m.planar for m in off.modules())
+    monkeypatch.setattr(fastpath, "_native_blocks_measured", lambda: False)
+    assert not any(isinstance(m, FusedConv) and m.planar for m in optimize_for_inference(model, "32").modules())

@@ -756,3 +756,58 @@ def test_linear_refuses_what_it_cannot_compute_with_one_clear_error():
         native.linear(tokens, weight_t, bias, residual=torch.zeros(2, 5, 32))
     with pytest.raises(ValueError, match="the tokens must be a contiguous float32"):
         native.linear(tokens.transpose(0, 1), weight_t, bias)
+
+
+def _planar_weights(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's layout, built here by hand: 3 x 3 x C x P taps, P biases (P whole blocks)."""
+    outs = weight.shape[0]
+    padded = -(-outs // native.PLANAR_OUTS) * native.PLANAR_OUTS
+    taps, biases = torch.randn(3, 3, weight.shape[1], padded), torch.randn(padded)  # the extra ones: anything
+    taps[..., :outs] = weight.permute(2, 3, 1, 0)
+    biases[:outs] = bias
+    return taps, biases
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 21, 37, 53), (1, 32, 5, 20, 70), (1, 16, 7, 1, 1), (3, 20, 14, 9, 48),
+                                   (1, 16, 21, 64, 96)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_planar_conv3x3_equals_the_convolution(shape, relu):
+    """Rows shorter than a vector, not whole register spans (48 pixels) or whole vectors; input
+    channels not whole vectors (20: transposed one by one); outputs fewer than, equal to and
+    more than a register block."""
+    torch.manual_seed(0)
+    n, channels, outs, height, width = shape
+    x = torch.randn(n, height, width, channels)
+    weight, bias = torch.randn(outs, channels, 3, 3), torch.randn(outs)
+    result = native.planar_conv3x3(x, *_planar_weights(weight, bias), outs, relu=relu)
+    expected = F.conv2d(x.permute(0, 3, 1, 2).double(), weight.double(), bias.double(), padding=1)
+    expected = expected.relu() if relu else expected
+    assert result.shape == (n, outs, height, width) and result.is_contiguous()
+    torch.testing.assert_close(result.double(), expected, rtol=0, atol=2e-6 * expected.abs().max().item())
+
+
+def test_planar_conv3x3_gives_the_same_bits_on_one_thread_and_on_two():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 13, 50, 16), torch.randn(21, 16, 3, 3), torch.randn(21)
+    taps, biases = _planar_weights(weight, bias)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, max(threads, 2)):
+            torch.set_num_threads(count)
+            results.append(native.planar_conv3x3(x, taps, biases, 21))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*results)
+
+
+def test_planar_conv3x3_refuses_what_it_cannot_compute_with_one_clear_error():
+    x, taps, biases = torch.zeros(1, 4, 4, 16), torch.zeros(3, 3, 16, 7), torch.zeros(7)
+    with pytest.raises(ValueError, match=r"takes an N x H x W x C map and 3 x 3 x C x P weights"):
+        native.planar_conv3x3(x, torch.zeros(3, 3, 8, 7), biases, 5)
+    with pytest.raises(ValueError, match="a multiple of 7 outputs, at least 8"):
+        native.planar_conv3x3(x, taps, biases, 8)
+    with pytest.raises(ValueError, match="a multiple of 7 outputs"):
+        native.planar_conv3x3(x, torch.zeros(3, 3, 16, 8), torch.zeros(8), 5)
+    with pytest.raises(ValueError, match="the map must be a contiguous float32"):
+        native.planar_conv3x3(x.transpose(1, 2), taps, biases, 5)

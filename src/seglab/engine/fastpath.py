@@ -79,6 +79,7 @@ from seglab.ops.atrous_gemm import all_taps_product, share_inside
 from seglab.ops.grad_mode import records_gradients
 from seglab.ops.kept import KeptFromWeights
 from seglab.ops.nearest_conv import NearestUpsampleConv, UpsamplingConvCaller
+from seglab.ops.planar_conv import planar_conv_takes
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters
 
 __all__ = [
@@ -101,6 +102,7 @@ __all__ = [
     "training_norms",
     "native_mix_ffn_pays",
     "use_native_segformer",
+    "use_planar_heads",
     "use_winograd",
     "winograd_pays",
 ]
@@ -467,10 +469,33 @@ def use_winograd(model: nn.Module) -> int:
             continue
         if not name or not winograd_pays(module):
             continue
-        if not isinstance(module, FusedConv):
-            module = FusedConv(module)
-            replace_submodule(model, name, module)
-        module.winograd = True
+        _fused_in_place(model, name, module).winograd = True
+        switched += 1
+    return switched
+
+
+def _fused_in_place(model: nn.Module, name: str, conv: nn.Module) -> FusedConv:
+    """`conv` itself where it is a `FusedConv`, else the `FusedConv` that now replaces it."""
+    if isinstance(conv, FusedConv):
+        return conv
+    fused = FusedConv(conv)
+    replace_submodule(model, name, fused)
+    return fused
+
+
+def use_planar_heads(model: nn.Module) -> int:
+    """Have every 3x3 convolution to few output channels that `planar_conv_takes` (a
+    segmentation head's classes) run with its vectors along the pixels in float32 CPU
+    inference (`seglab.ops.planar_conv`; its scores come out planar), in place, on the
+    processors measured (`_native_blocks_measured`): `FusedConv`s switch, plain Conv2d modules
+    become `FusedConv`s that do. Returns the number switched."""
+    if not onednn_available() or not _native_blocks_measured():
+        return 0
+    switched = 0
+    for name, module in list(model.named_modules()):
+        if not name or not (fusable_conv(module) or isinstance(module, FusedConv)) or not planar_conv_takes(module):
+            continue
+        _fused_in_place(model, name, module).planar = True
         switched += 1
     return switched
 
@@ -553,6 +578,7 @@ def optimize_for_inference(
     dilated_as_gemm: bool = True,
     winograd: bool = True,
     native_segformer: bool = True,
+    planar_heads: bool = True,
     channels_last: bool = True,
     inference_mode: bool = True,
     compile: bool = False,
@@ -566,7 +592,8 @@ def optimize_for_inference(
     layout (CPU, `prepack_conv_weights`), many-channel 3x3 convolutions by Winograd's F(4x4, 3x3)
     or F(6x6, 3x3) (CPU, float32; in bf16 the widest by F(2x2, 3x3); `use_winograd`),
     SegFormer's Mix-FFNs, attention projections and decoder head in native passes (CPU, float32;
-    `use_native_segformer`),
+    `use_native_segformer`), 3x3 heads to few classes with vectors along the pixels (CPU,
+    float32; `use_planar_heads`),
     channels_last, inference_mode and `precision`
     ("auto": bf16 where the hardware runs it natively, else 32; "32", "bf16", "16"),
     optionally torch.compile. The argument model is left untouched unless
@@ -591,6 +618,8 @@ def optimize_for_inference(
         prepack_conv_weights(prepared)
     if winograd and on_onednn and dtype in (torch.float32, torch.bfloat16):
         use_winograd(prepared)  # each call picks its tile, or the direct convolution, by its dtype
+    if planar_heads and on_onednn and dtype == torch.float32:
+        use_planar_heads(prepared)
     if channels_last:
         prepared = to_channels_last(prepared)
     prepared = prepared.to(dtype)

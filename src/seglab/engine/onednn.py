@@ -42,6 +42,7 @@ from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.conv import PointwiseConv2d
 from seglab.ops.grad_mode import records_gradients
 from seglab.ops.kept import KeptFromWeights
+from seglab.ops.planar_conv import arranged_weights, planar_conv3x3, planar_conv_fits
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters
 
 __all__ = ["PLAIN_IN_INFERENCE", "FusedConv", "WinogradConvForward", "fusable_conv", "onednn_available",
@@ -105,6 +106,9 @@ class FusedConv(nn.Conv2d):
         self._packed: KeptFromWeights[torch.Tensor] = KeptFromWeights()
         self.winograd = False  # by Winograd where the call pays, set by `seglab.engine.fastpath.use_winograd`
         self._winograd_filters: KeptFromWeights[torch.Tensor] = KeptFromWeights()
+        # vectors along the pixels (few outputs: a head's classes), set by `seglab.engine.fastpath.use_planar_heads`
+        self.planar = False
+        self._planar_weights: KeptFromWeights[tuple[torch.Tensor, torch.Tensor]] = KeptFromWeights()
 
     def _onednn_weight(self, x: torch.Tensor) -> torch.Tensor:
         # The blocked layout suits channels-last input; an NCHW input keeps NCHW with the plain weight.
@@ -120,6 +124,11 @@ class FusedConv(nn.Conv2d):
         # oneDNN's fused kernels take batched maps only; an unbatched C x H x W one goes as nn.Conv2d takes it.
         if x.device.type != "cpu" or not inference or x.dtype != self.weight.dtype or x.dim() != 4:
             return self._unfused(x, residual)
+        if (self.planar and residual is None and self.post_op[0] in ("none", "relu")
+                and planar_conv_fits(x, self.weight)):
+            taps, biases = self._planar_weights.get([self.weight] + ([] if self.bias is None else [self.bias]),
+                                                    lambda: arranged_weights(self.weight, self.bias))
+            return planar_conv3x3(x, taps, biases, self.out_channels, relu=self.post_op[0] == "relu")
         tile = call_output_tile(x, self.weight, self.dilation[0], training=False) if self.winograd else None
         if tile is not None:
             filters = self._winograd_filters.get([self.weight], lambda: winograd_filters(self.weight, tile), tile)
@@ -153,7 +162,8 @@ class FusedConv(nn.Conv2d):
 
     def extra_repr(self) -> str:
         winograd = ", winograd=True" if self.winograd else ""
-        return f"{super().extra_repr()}, post_op={self.post_op[0]}, prepack={self.prepack}{winograd}"
+        planar = ", planar=True" if self.planar else ""
+        return f"{super().extra_repr()}, post_op={self.post_op[0]}, prepack={self.prepack}{winograd}{planar}"
 
 
 class WinogradConvForward:

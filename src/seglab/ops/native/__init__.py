@@ -44,15 +44,16 @@ import torch
 
 from seglab.ops.native import specialise as _specialise
 
-__all__ = ["FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", "MAX_UPSAMPLED", "MIX_FFN_CHANNELS_MULTIPLE", "add_upsampled_",
+__all__ = ["FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", "MAX_UPSAMPLED", "MIX_FFN_CHANNELS_MULTIPLE", "PLANAR_OUTS",
+           "add_upsampled_",
            "available", "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy", "gather_tiles",
-           "linear", "mix_ffn", "mlp_head", "resize_bilinear", "scatter_tiles", "specialise", "unavailable_reason",
+           "linear", "mix_ffn", "mlp_head", "planar_conv3x3", "resize_bilinear", "scatter_tiles", "specialise", "unavailable_reason",
            "winograd_fused"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",
                                                                 "batch_norm.c", "bilinear.c", "winograd_fused.c",
-                                                                "mix_ffn.c", "mlp_head.c"))
+                                                                "mix_ffn.c", "mlp_head.c", "planar_conv.c"))
 _LIBRARY_PREFIXES = ("seglab_native-", "winograd_tiles-")  # the name, then the name of older versions
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 _NATIVE_FLAGS = ("-march=native",)  # the processor's vector width; dropped where the compiler refuses it
@@ -62,6 +63,7 @@ MAX_SIDE = 8  # of a matrix compiled in (winograd_tiles.c's LANES)
 MAX_CLASSES = 1024  # cross_entropy.c's
 MAX_UPSAMPLED = 8  # bilinear.c's
 MIX_FFN_CHANNELS_MULTIPLE = 16  # mix_ffn's channels and hidden channels: whole 16-float vectors
+PLANAR_OUTS = 7  # planar_conv3x3: its weights come in register blocks of this many outputs
 FUSED_CHANNELS_MULTIPLE = 16  # winograd_fused's output channels: whole vectors (of 16 or 8 floats)
 # Modules whose import registers matrices to compile in (`specialise`): imported before the
 # first build, so that a process whose first native call is another kernel (cross-entropy,
@@ -239,6 +241,8 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_mlp_head.argtypes = [pointer] * 7 + [i32, pointer, pointer, i64, i64, i64, i64, i64, i64, i64,
                                                         i32]
     library.seglab_mlp_head.restype = i32
+    library.seglab_planar_conv3x3.argtypes = [pointer] * 4 + [i64] * 6 + [i32, i32]
+    library.seglab_planar_conv3x3.restype = i32
     library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
     library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
     openmp = _torch_openmp()
@@ -739,6 +743,32 @@ def mlp_head(nhwc: torch.Tensor, first_weight: torch.Tensor, first_bias: torch.T
                                                weight.data_ptr(), bias.data_ptr(), n, height, width, in_channels,
                                                channels, classes, padded, torch.get_num_threads()):
         raise MemoryError("mlp_head: no memory for a thread's row buffers")
+    return out
+
+
+def planar_conv3x3(nhwc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, outs: int, *,
+                   relu: bool = False) -> torch.Tensor:
+    """The 3x3 convolution (stride 1, zero padding 1) of `nhwc` (N x H x W x C float32,
+    contiguous) to `outs` channels, its vectors along each row's pixels (`planar_conv.c`):
+    `weight` 3 x 3 x C x P (the taps' C x P matrices, P a multiple of `PLANAR_OUTS` and at least
+    `outs`; outputs past `outs` are not written), `bias` P; the ReLU after it with `relu`.
+    Returns N x outs x H x W, contiguous (planar)."""
+    library = _required()
+    for tensor, name in ((nhwc, "the map"), (weight, "the weight"), (bias, "the bias")):
+        _check(tensor, name)
+    if nhwc.dim() != 4 or weight.dim() != 4 or weight.shape[:3] != (3, 3, nhwc.shape[-1]):
+        raise ValueError(f"planar_conv3x3 takes an N x H x W x C map and 3 x 3 x C x P weights, not shapes "
+                         f"{tuple(nhwc.shape)} and {tuple(weight.shape)}")
+    padded = weight.shape[-1]
+    if padded % PLANAR_OUTS or not 0 < outs <= padded or bias.shape != (padded,):
+        raise ValueError(f"planar_conv3x3 takes weights and a bias for a multiple of {PLANAR_OUTS} outputs, at least "
+                         f"{outs}, not shapes {tuple(weight.shape)} and {tuple(bias.shape)}")
+    n, height, width, channels = nhwc.shape
+    out = nhwc.new_empty(n, outs, height, width)
+    if out.numel() and library.seglab_planar_conv3x3(out.data_ptr(), nhwc.data_ptr(), weight.data_ptr(),
+                                                     bias.data_ptr(), n, height, width, channels, outs, padded,
+                                                     int(relu), torch.get_num_threads()):
+        raise MemoryError("planar_conv3x3: no memory for a thread's row buffers")
     return out
 
 
