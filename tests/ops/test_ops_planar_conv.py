@@ -29,6 +29,9 @@ def test_calls_that_run_natively():
     assert not planar_conv_fits(x.double(), weight.double())
     assert not planar_conv_fits(x, weight.requires_grad_())  # training keeps PyTorch's convolution
     assert not planar_conv_fits(x[0], weight)
+    traced = []
+    torch.jit.trace(lambda t: traced.append(planar_conv_fits(t, weight)) or t, (x,), check_trace=False)
+    assert traced == [False]
 
 
 @pytest.mark.skipif(not native.available(), reason=f"the native kernels are not available: {native.unavailable_reason()}")

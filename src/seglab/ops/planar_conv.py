@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from seglab.ops import native
 from seglab.ops.grad_mode import records_gradients
+from seglab.ops.tracing import being_traced
 
 __all__ = ["arranged_weights", "planar_conv3x3", "planar_conv_fits", "planar_conv_takes"]
 
@@ -31,10 +32,10 @@ def planar_conv_takes(conv: nn.Conv2d) -> bool:
 
 def planar_conv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether this call runs natively: a batched float32 channels-last CPU map, no gradient
-    recorded, the native kernels built."""
+    recorded, no tracer (which cannot record the native call), the native kernels built."""
     return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.is_contiguous(memory_format=torch.channels_last) and not records_gradients(x, weight)
-            and native.available())
+            and not being_traced() and native.available())
 
 
 def arranged_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
