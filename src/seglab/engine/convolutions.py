@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from seglab.engine.precision import resolve_precision
 from seglab.engine.winograd import (
-    atrous_output_tile,
+    atrous_call_tile,
     call_output_tile,
     conv_takes_winograd,
     min_channels,
@@ -126,12 +126,9 @@ def _doubling_tile(x: torch.Tensor, weight: torch.Tensor) -> int | None:
 
 
 def _atrous_tile(dilation: tuple[int, int], x: torch.Tensor, weight: torch.Tensor) -> int | None:
-    """`AtrousConv2d.winograd_tile` in the training route: float32 outside autocast, a square
-    dilation, where `atrous_output_tile` says Winograd saves over the windows."""
-    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-            or dilation[0] != dilation[1]):
-        return None
-    return atrous_output_tile(x.shape, weight.shape, dilation[0])
+    """`AtrousConv2d.winograd_tile` in the training route: a float32 weight, and the call where
+    `atrous_call_tile` says Winograd saves over the windows."""
+    return atrous_call_tile(x, weight.shape, dilation) if weight.dtype == torch.float32 else None
 
 
 def _autocast_winograd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int,

@@ -71,7 +71,7 @@ from seglab.engine.precision import auto_precision, cpu_has, resolve_precision
 from seglab.engine.residual import fuse_residual_additions
 from seglab.engine.convolutions import TrainingConvolutions, training_convolutions
 from seglab.engine.norms import training_norms
-from seglab.engine.winograd import atrous_output_tile, conv_takes_winograd, min_channels, upsampling_output_tile
+from seglab.engine.winograd import atrous_call_tile, conv_takes_winograd, min_channels, upsampling_output_tile
 from seglab.models.semantic.segformer import AllMLPDecoder
 from seglab.ops import native
 from seglab.ops.atrous_depthwise import shifted_depthwise_conv, taps_inside
@@ -359,17 +359,11 @@ class DilatedConvAsGemm(nn.Module):
     def applies_to(conv: nn.Module, min_dilation: int) -> bool:
         return _same_padded_stride_1(conv, min_dilation) and conv.groups == 1
 
-    def _winograd_tile(self, x: torch.Tensor) -> int | None:
-        dilation = self.dilation[0]
-        if (not self.winograd or self.kernel_size != (3, 3) or self.dilation != (dilation, dilation)
-                or x.device.type != "cpu" or x.dim() != 4 or x.dtype != torch.float32
-                or torch.is_autocast_enabled("cpu") or records_gradients(x)):
-            return None
-        return atrous_output_tile(x.shape, (self.out_channels, x.shape[1], 3, 3), dilation)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        tile = self._winograd_tile(x)
+        tile = None
+        if self.winograd and not records_gradients(x):
+            tile = atrous_call_tile(x, (self.out_channels, x.shape[1], *self.kernel_size), self.dilation)
         if tile is not None:
             def build() -> torch.Tensor:
                 weight = self.weight.view(3, 3, self.out_channels, -1).permute(2, 3, 0, 1)

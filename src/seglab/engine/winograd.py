@@ -159,6 +159,7 @@ from seglab.ops.winograd import BF16_TILE, TILE, fuses
 LARGE_TILE = 6  # F(6x6, 3x3)
 
 __all__ = [
+    "MIN_ATROUS_SAVING",
     "MAX_DILATION",
     "MAX_FILTER_BOUND_TILES",
     "MIN_AVX512_TRAINING_CHANNELS",
@@ -179,7 +180,7 @@ __all__ = [
     "MIN_TRAINING_TILES",
     "MIN_UPSAMPLING_CHANNELS",
     "WIDE_CHANNELS",
-    "MIN_ATROUS_SAVING",
+    "atrous_call_tile",
     "atrous_output_tile",
     "bf16_pays",
     "call_output_tile",
@@ -363,12 +364,12 @@ def call_output_tile(input: torch.Tensor, weight: torch.Tensor, dilation: int, t
 
 
 def atrous_output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int) -> int | None:
-    """The Winograd output tile (F(6x6) or F(4x4)) that computes a float32 3x3 convolution, in
-    inference or training (the same savings measured in both), at
-    a dilation above `MAX_DILATION` (stride 1, "same" zero padding, no groups: those
-    `DilatedConvAsGemm` takes) in fewer multiply-adds than the per-tap windows over only the
-    pixels inside the map, by at least `MIN_ATROUS_SAVING`; None where neither does, or where
-    the native transforms are not in use or there are too few channels for them to pay."""
+    """The Winograd output tile (F(6x6) or F(4x4)) that computes a float32 3x3 convolution at a
+    dilation above `MAX_DILATION` (stride 1, "same" zero padding, no groups: those
+    `DilatedConvAsGemm` takes), in inference or training (the savings measured alike), in fewer
+    multiply-adds than the per-tap windows over only the pixels inside the map, by at least
+    `MIN_ATROUS_SAVING`; None where neither does, or where the native transforms are not in use
+    or there are too few channels for them to pay."""
     n, _, height, width = input_shape
     if (list(weight_shape[2:]) != [3, 3] or not native.available()
             or min(weight_shape[0], weight_shape[1]) < MIN_NATIVE_INFERENCE_CHANNELS):
@@ -376,6 +377,16 @@ def atrous_output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], 
     windows = share_inside(height, width, (3, 3), (dilation, dilation)) * 9 * n * height * width
     saving, tile = max((windows / (tiles(input_shape, dilation, t) * (t + 2) ** 2), t) for t in (LARGE_TILE, TILE))
     return tile if saving >= MIN_ATROUS_SAVING else None
+
+
+def atrous_call_tile(x: torch.Tensor, weight_shape: Sequence[int], dilation: Sequence[int]) -> int | None:
+    """The Winograd tile this call of a large-dilation convolution runs with, or None for its
+    windows: float32 CPU input outside autocast, a square dilation, where `atrous_output_tile`
+    says (the one check of `DilatedConvAsGemm` and of the training route's `AtrousConv2d`)."""
+    if (x.device.type != "cpu" or x.dim() != 4 or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+            or dilation[0] != dilation[1]):
+        return None
+    return atrous_output_tile(x.shape, weight_shape, dilation[0])
 
 
 def upsampling_output_tile(x: torch.Tensor, weight: torch.Tensor, training: bool) -> int | None:
