@@ -15,6 +15,10 @@
  * input vector feeding PLANAR_OUTS multiply-adds and each broadcast weight PLANAR_VECTORS.
  */
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #define PLANAR_OUTS 7 /* output channels per register block: 21 = 3 x 7 */
 #define PLANAR_VECTORS 3 /* 16-pixel vectors per register block */
 #define PLANAR_SPAN (16 * PLANAR_VECTORS)
