@@ -253,11 +253,12 @@ def test_the_fpn_stride4_head_trains_on_the_upsampled_grid_where_it_pays(monkeyp
 
 
 @pytest.mark.skipif(not native.available(), reason=f"the native kernels are not available: {native.unavailable_reason()}")
-@pytest.mark.parametrize("dilation, tile", [(12, 6), (24, None)])
+@pytest.mark.parametrize("dilation, tile", [(12, 6), (24, 3), (36, None)])
 def test_a_large_dilation_trains_by_winograd_on_its_phases_where_that_saves_most(monkeypatch, dilation, tile):
-    """DeepLab's ASPP branch on a 64 x 64 map: at dilation 12 each phase is one 6 x 6 tile
-    (`atrous_output_tile`); at 24 the per-tap windows keep it. Values and gradients as the
-    plain convolution's; outside the route, and under autocast, the module's own routes."""
+    """DeepLab's ASPP branches on a 64 x 64 map: at dilation 12 each phase is one 6 x 6 tile,
+    at 24 one 3 x 3 tile (`atrous_output_tile`); at 36 the per-tap windows keep it. Values and
+    gradients as the plain convolution's; outside the route, and under autocast, the module's
+    own routes."""
     import seglab.ops.atrous_gemm as atrous_gemm
     from seglab.ops.atrous_gemm import AtrousConv2d
 

@@ -728,12 +728,12 @@ def test_bf16_fast_path_runs_the_widest_convolutions_by_f2x2_near_the_direct_one
     assert error.mean() < 3 * direct_error.mean() + 1e-6 and error.max() < 3 * direct_error.max() + 1e-6
 
 
-@pytest.mark.parametrize("dilation, tile", [(12, 6), (18, 4), (24, None)])
+@pytest.mark.parametrize("dilation, tile", [(12, 6), (18, 4), (24, 3), (36, None)])
 def test_large_dilation_takes_winograd_on_its_phases_where_that_saves_most(winograd_transforms, dilation, tile):
-    """`use_winograd` lets a `DilatedConvAsGemm` compute a float32 convolution by F(6x6) or
-    F(4x4) over the map's phases where `atrous_output_tile` says (64 x 64: 12 and 18), and keeps
-    the windows elsewhere (24), for input that records gradients and without the native
-    transforms."""
+    """`use_winograd` lets a `DilatedConvAsGemm` compute a float32 convolution by F(6x6), F(4x4)
+    or F(3x3) over the map's phases where `atrous_output_tile` says (64 x 64: 12, 18 and 24),
+    and keeps the windows elsewhere (36), for input that records gradients and without the
+    native transforms."""
     from seglab.engine.fastpath import DilatedConvAsGemm
     import seglab.engine.fastpath as fastpath
 

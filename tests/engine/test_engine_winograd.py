@@ -215,9 +215,10 @@ def test_large_dilations_take_the_tile_that_saves_most_over_the_windows(monkeypa
     # (3.1x fewer multiply-adds than the windows, 2.1x faster measured); at 24 and 36 the
     # windows skip most of the padding and win.
     assert tile(64, 12) == 6 and tile(64, 12, batch=8) == 6 and tile(64, 12, 128, 128) == 6
-    assert tile(64, 24) is None and tile(64, 36) is None
-    assert tile(64, 18) == 4  # 2.1x fewer with F(4x4), 1.2x with F(6x6)
-    assert tile(32, 6) == 6 and tile(32, 12) is None and tile(32, 18) is None  # output stride 16
+    assert tile(64, 24) == 3  # phases of 2-3 pixels: one 3 x 3 tile each, 1.44x fewer
+    assert tile(64, 36) is None  # phases of 1-2 pixels: the windows skip most of the padding
+    assert tile(64, 18) == 4  # 2.1x fewer with F(4x4), 1.2x with F(6x6) or F(3x3)
+    assert tile(32, 6) == 6 and tile(32, 12) == 3 and tile(32, 18) is None  # output stride 16
     assert MIN_ATROUS_SAVING > 1.17  # F(6x6) at 18 on 64 x 64 saved that much and ran 0.81x
     assert tile(64, 12, 32, 32) is None  # too few channels for the separate passes' transforms
     monkeypatch.setattr(native, "available", lambda: False)

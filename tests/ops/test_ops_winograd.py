@@ -103,7 +103,7 @@ def test_refuses_other_kernels_and_mismatched_channels():
         winograd_filters(torch.randn(4, 4, 5, 5))
     with pytest.raises(ValueError, match="input channels"):
         winograd_conv3x3(torch.randn(1, 3, 8, 8), winograd_filters(torch.randn(4, 4, 3, 3)))
-    with pytest.raises(ValueError, match="tiles are 2, 4 or 6 wide"):
+    with pytest.raises(ValueError, match="tiles are 2, 3, 4 or 6 wide"):
         winograd_filters(torch.randn(4, 4, 3, 3), tile=5)
     with pytest.raises(ValueError, match="Winograd's domain"):
         winograd_conv3x3(torch.randn(1, 4, 8, 8), torch.randn(49, 4, 4))

@@ -36,8 +36,11 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   8 0.36x / 0.64x), at 36 0.16x / 0.30x, at 12 on 32 x 32 0.49x / 0.98x. The ratio of the
   two's multiply-adds (the windows' over the tiles' (m + 2)^2 products each) predicted every
   one: 3.1 -> 1.84-2.22x, 3.5 -> 2.35x, 2.8 -> 2.33x, 2.1 -> 1.77x, 1.36 -> 1.18-1.37x,
-  1.17 -> 0.81x, 1.0 -> 0.89-0.98x. Hence the tile with the larger ratio, where it is at least
-  `MIN_ATROUS_SAVING`.
+  1.17 -> 0.81x, 1.0 -> 0.89-0.98x. Phases of 2-3 pixels (dilation 24 on 64 x 64, 12 on
+  32 x 32) fit F(3x3, 3x3)'s 3 x 3 output tiles (25 products each; 1.44x fewer multiply-adds
+  than the windows): 2048 -> 256 at 24 on 64 x 64 1.31x (batch 8 1.33x; training, batch 4,
+  1.26x), 512 -> 256 1.39x, at 12 on 32 x 32 1.46x. Hence the tile of `ATROUS_TILES` with the
+  largest ratio, where it is at least `MIN_ATROUS_SAVING`.
 - Maps that fill their 4 x 4 tiles poorly: a Mask R-CNN mask head's 14 x 14 RoIs (and 7 x 7
   ones) fill 77% of theirs, so Winograd computes 1.31x the outputs, while oneDNN's direct kernel
   runs fastest on such small maps (they stay in cache). At 128 channels Winograd then lost:
@@ -159,6 +162,7 @@ from seglab.ops.winograd import BF16_TILE, TILE, fuses
 LARGE_TILE = 6  # F(6x6, 3x3)
 
 __all__ = [
+    "ATROUS_TILES",
     "MIN_ATROUS_SAVING",
     "MAX_DILATION",
     "MAX_FILTER_BOUND_TILES",
@@ -216,6 +220,7 @@ MIN_FUSED_WIDEST = 32  # ... at least this many on one side: F(4x4) in one pass 
 MIN_FILTER_BOUND_CHANNELS = 512  # in and out: float32 inference by F(2x2) ...
 MAX_FILTER_BOUND_TILES = 16  # ... over at most this many of F(4x4)'s tiles
 MIN_ATROUS_SAVING = 1.3  # the per-tap windows' multiply-adds over Winograd's: `atrous_output_tile`
+ATROUS_TILES = (LARGE_TILE, TILE, 3)  # F(6x6), F(4x4), F(3x3): the phases' widths pick one
 
 
 def _pair(value: Any) -> tuple:
@@ -364,7 +369,7 @@ def call_output_tile(input: torch.Tensor, weight: torch.Tensor, dilation: int, t
 
 
 def atrous_output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int) -> int | None:
-    """The Winograd output tile (F(6x6) or F(4x4)) that computes a float32 3x3 convolution at a
+    """The Winograd output tile (of `ATROUS_TILES`) that computes a float32 3x3 convolution at a
     dilation above `MAX_DILATION` (stride 1, "same" zero padding, no groups: those
     `DilatedConvAsGemm` takes), in inference or training (the savings measured alike), in fewer
     multiply-adds than the per-tap windows over only the pixels inside the map, by at least
@@ -375,7 +380,7 @@ def atrous_output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], 
             or min(weight_shape[0], weight_shape[1]) < MIN_NATIVE_INFERENCE_CHANNELS):
         return None
     windows = share_inside(height, width, (3, 3), (dilation, dilation)) * 9 * n * height * width
-    saving, tile = max((windows / (tiles(input_shape, dilation, t) * (t + 2) ** 2), t) for t in (LARGE_TILE, TILE))
+    saving, tile = max((windows / (tiles(input_shape, dilation, t) * (t + 2) ** 2), t) for t in ATROUS_TILES)
     return tile if saving >= MIN_ATROUS_SAVING else None
 
 

@@ -1,4 +1,5 @@
-"""3x3 convolutions by Winograd's minimal filtering, F(2x2, 3x3), F(4x4, 3x3) and F(6x6, 3x3)
+"""3x3 convolutions by Winograd's minimal filtering, F(2x2, 3x3), F(3x3, 3x3), F(4x4, 3x3) and
+F(6x6, 3x3)
 (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016).
 
 An m x m tile of a 3x3 convolution's output depends on an (m + 2) x (m + 2) tile `d` of its
@@ -12,6 +13,9 @@ the method pays where channels are many.
 
 - F(2x2, 3x3): 16 products per 4 outputs, 2.25x fewer multiply-adds than the direct
   convolution; its matrices hold only 0, +-1 and +-1/2.
+- F(3x3, 3x3): 25 products per 9 outputs, 3.24x fewer: for the 2-3-pixel phases of a
+  large-dilation convolution (`seglab.engine.winograd.atrous_output_tile`), which F(4x4)'s
+  tiles would overhang.
 - F(4x4, 3x3): 36 products per 16 outputs, 4x fewer.
 - F(6x6, 3x3): 64 per 36, 5.06x fewer; and an input tile of 8 x 8 per 36 outputs instead of
   6 x 6 per 16, so 21% less data through the transforms per output. Its tiles are coarser:
@@ -19,8 +23,8 @@ the method pays where channels are many.
 
 The matrices come from the Toom-Cook construction (`_toom_cook`): the transpose of
 multiplying two polynomials by evaluating them at m + 1 points and infinity. At the paper's
-points (0, +-1 for F(2x2); +-2 added for F(4x4); +-1/2 for F(6x6)) it gives the paper's
-matrices.
+points (0, +-1 for F(2x2); 2 added for F(3x3), +-2 for F(4x4); +-1/2 for F(6x6)) it gives the
+paper's matrices.
 
 The transforms run as PyTorch operators, or, on the CPU where a C compiler built them, as
 native kernels that make one pass over memory each (`seglab.ops.native`).
@@ -58,6 +62,7 @@ MAX_FUSED_CHANNEL_PRODUCT = 128 * 64
 # Output tile side -> interpolation points (infinity is the last, implied).
 _POINTS = {
     2: (0, 1, -1),
+    3: (0, 1, -1, 2),
     4: (0, 1, -1, 2, -2),
     6: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2)),
 }

@@ -296,6 +296,8 @@ DEFINE_GATHERS(gather_4_2, 4, 2, 4, GENERAL_TRANSFORM)  /* F(2x2) output transfo
 DEFINE_GATHERS(gather_6_4, 6, 4, 6, GENERAL_TRANSFORM)  /* F(4x4) output transform's gradient */
 DEFINE_GATHERS(gather_8_6, 8, 6, 8, GENERAL_TRANSFORM)  /* F(6x6) output transform's gradient */
 DEFINE_GATHERS(gather_8_5, 8, 5, 8, GENERAL_TRANSFORM)  /* F(6x6) input transform, 2x upsampled map */
+DEFINE_GATHERS(gather_5_5, 5, 5, 5, GENERAL_TRANSFORM)  /* F(3x3) input transform */
+DEFINE_GATHERS(gather_5_3, 5, 3, 5, GENERAL_TRANSFORM)  /* F(3x3) output transform's gradient */
 DEFINE_SCATTERS(scatter_2_4, 2, 4, 4, GENERAL_TRANSFORM) /* F(2x2) output transform */
 DEFINE_SCATTERS(scatter_4_6, 4, 6, 6, GENERAL_TRANSFORM) /* F(4x4) output transform */
 DEFINE_SCATTERS(scatter_6_8, 6, 8, 8, GENERAL_TRANSFORM) /* F(6x6) output transform */
@@ -303,6 +305,8 @@ DEFINE_SCATTERS(scatter_4_4, 4, 4, 4, GENERAL_TRANSFORM) /* F(2x2) input transfo
 DEFINE_SCATTERS(scatter_6_6, 6, 6, 6, GENERAL_TRANSFORM) /* F(4x4) input transform's gradient */
 DEFINE_SCATTERS(scatter_8_8, 8, 8, 8, GENERAL_TRANSFORM) /* F(6x6) input transform's gradient */
 DEFINE_SCATTERS(scatter_5_8, 5, 8, 8, GENERAL_TRANSFORM) /* the gradient of gather_8_5's */
+DEFINE_SCATTERS(scatter_3_5, 3, 5, 5, GENERAL_TRANSFORM) /* F(3x3) output transform */
+DEFINE_SCATTERS(scatter_5_5, 5, 5, 5, GENERAL_TRANSFORM) /* F(3x3) input transform's gradient */
 
 /* KERNEL(name) picks name or name_bf16 by the caller's `bf16`. */
 #define KERNEL(NAME) (bf16 ? NAME##_bf16 : NAME)
@@ -315,6 +319,8 @@ static RangeFn gather_kernel(int out_side, int in_side, int bf16) {
     if (out_side == 6 && in_side == 4) return KERNEL(gather_6_4);
     if (out_side == 8 && in_side == 6) return KERNEL(gather_8_6);
     if (out_side == 8 && in_side == 5) return KERNEL(gather_8_5);
+    if (out_side == 5 && in_side == 5) return KERNEL(gather_5_5);
+    if (out_side == 5 && in_side == 3) return KERNEL(gather_5_3);
     return NULL;
 }
 
@@ -326,6 +332,8 @@ static RangeFn scatter_kernel(int out_side, int in_side, int bf16) {
     if (out_side == 6 && in_side == 6) return KERNEL(scatter_6_6);
     if (out_side == 8 && in_side == 8) return KERNEL(scatter_8_8);
     if (out_side == 5 && in_side == 8) return KERNEL(scatter_5_8);
+    if (out_side == 3 && in_side == 5) return KERNEL(scatter_3_5);
+    if (out_side == 5 && in_side == 5) return KERNEL(scatter_5_5);
     return NULL;
 }
 
