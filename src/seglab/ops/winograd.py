@@ -23,8 +23,8 @@ the method pays where channels are many.
 
 The matrices come from the Toom-Cook construction (`_toom_cook`): the transpose of
 multiplying two polynomials by evaluating them at m + 1 points and infinity. At the paper's
-points (0, +-1 for F(2x2); 2 added for F(3x3), +-2 for F(4x4); +-1/2 for F(6x6)) it gives the
-paper's matrices.
+points (0, +-1 for F(2x2); +-2 added for F(4x4); +-1/2 for F(6x6)) it gives the paper's
+matrices; F(3x3) takes 0, +-1 and 2.
 
 The transforms run as PyTorch operators, or, on the CPU where a C compiler built them, as
 native kernels that make one pass over memory each (`seglab.ops.native`).
