@@ -48,7 +48,8 @@ def main() -> None:
     args = interleaved_arguments(__doc__.split("\n\n")[0], rounds=9, timed="inference")
     if not native.available():
         raise SystemExit(f"the native kernels are not available: {native.unavailable_reason()}")
-    print("| batch | convolution | oneDNN, ms (GFLOP/s) | planar, ms (GFLOP/s) | oneDNN / planar |\n|---|---|---|---|---|")
+    print("| batch | convolution | oneDNN, ms (GFLOP/s) | planar, ms (GFLOP/s) | oneDNN / planar |")
+    print("|---|---|---|---|---|")
     for batch in (1, 8):
         for in_channels, out_channels, side in SHAPES:
             print(row(batch, in_channels, out_channels, side, args.rounds), flush=True)

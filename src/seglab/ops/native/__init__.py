@@ -45,10 +45,9 @@ import torch
 from seglab.ops.native import specialise as _specialise
 
 __all__ = ["FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", "MAX_UPSAMPLED", "MIX_FFN_CHANNELS_MULTIPLE", "PLANAR_OUTS",
-           "add_upsampled_",
-           "available", "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy", "gather_tiles",
-           "linear", "mix_ffn", "mlp_head", "planar_conv3x3", "resize_bilinear", "scatter_tiles", "specialise", "unavailable_reason",
-           "winograd_fused"]
+           "add_upsampled_", "available", "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy",
+           "gather_tiles", "linear", "mix_ffn", "mlp_head", "planar_conv3x3", "resize_bilinear", "scatter_tiles",
+           "specialise", "unavailable_reason", "winograd_fused"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",

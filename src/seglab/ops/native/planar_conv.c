@@ -53,7 +53,8 @@ static inline void transpose16x16(__m512 rows[16]) {
         u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
     }
     for (int k = 0; k < 4; k++) {
-        const __m512 low = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x44), high = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xee);
+        const __m512 low = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x44);
+        const __m512 high = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xee);
         const __m512 low2 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x44);
         const __m512 high2 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xee);
         rows[k] = _mm512_shuffle_f32x4(low, low2, 0x88);
