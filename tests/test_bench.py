@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from seglab.bench import BenchSettings, comparison_rows, run_bench, speed_ratio, time_interleaved, to_markdown
+from seglab.bench import (
+    INT8_VARIANT,
+    BenchSettings,
+    comparison_rows,
+    run_bench,
+    speed_ratio,
+    time_interleaved,
+    to_markdown,
+)
+from seglab.engine.int8 import cpu_runs_int8
 from seglab.bench_accuracy import accuracy_check
 from seglab.cli import main
 from seglab.models.profile import describe_model
@@ -125,11 +134,32 @@ def test_bench_command_writes_json_and_markdown_with_peer_ratios(tmp_path):
 
 def test_run_bench_without_peers_or_training_measures_only_seglab():
     settings = BenchSettings(models=["segformer-b0"], size=32, batches=[2], peers=False, train=False, repeats=1,
-                             warmup=0, calibration_size=16)
+                             warmup=0, calibration_size=16, int8=False)
     results = run_bench(settings)
     assert {r["library"] for r in results["rows"]} == {"seglab"}
     assert {r["mode"] for r in results["rows"]} == {"inference"}
     assert [r["batch"] for r in results["rows"]] == [2, 2]
+
+
+@pytest.mark.skipif(not cpu_runs_int8(), reason="this CPU has no VNNI or AMX 8-bit products")
+def test_the_int8_row_is_timed_with_the_others_and_compared_with_the_peer():
+    settings = BenchSettings(models=["fpn-r34"], size=64, batches=[1], train=False, repeats=2, warmup=0,
+                             calibration_size=16, int8=True)
+    results = run_bench(settings)
+    int8 = next(r for r in results["rows"] if r["variant"] == INT8_VARIANT)
+    peer = next(r for r in results["rows"] if r["library"] == "smp")
+    assert int8["library"] == "seglab" and int8["precision"] == "int8" and len(int8["seconds"]) == 2
+    assert int8["fraction_of_peak"] is None  # no int8 calibration kernel to divide by
+    line = comparison_rows(results)[0]
+    assert line["int8 ratio"] == pytest.approx(speed_ratio(int8, peer))
+    assert "int8 ratio" in to_markdown(results)
+
+
+def test_int8_is_refused_by_the_settings_where_the_cpu_lacks_it(monkeypatch):
+    monkeypatch.setattr("seglab.bench.cpu_runs_int8", lambda: False)
+    with pytest.raises(ValueError, match="--int8"):
+        BenchSettings(models=["fpn-r34"], int8=True).validate()
+    assert not BenchSettings(models=["fpn-r34"]).int8_on(torch.device("cpu"))  # the default follows the CPU
 
 
 def test_accuracy_check_reports_consistent_figures():
@@ -138,6 +168,9 @@ def test_accuracy_check_reports_consistent_figures():
         assert 0.0 <= report[key] <= 100.0
     assert report["miou_fast_inference_delta"] == pytest.approx(report["miou_fast_inference"] - report["miou_fp32"])
     assert 0.9 <= report["argmax_agreement"] <= 1.0
+    if cpu_runs_int8():  # the calibrated int8 inference path of the same model
+        assert 0.0 <= report["miou_int8_inference"] <= 100.0 and 0.5 <= report["int8_argmax_agreement"] <= 1.0
+        assert report["miou_int8_inference_delta"] == pytest.approx(report["miou_int8_inference"] - report["miou_fp32"])
 
 
 def test_pspnet_os8_peer_runs_the_papers_dilated_encoder():

@@ -137,3 +137,52 @@ def test_direct_convolutions_reach_the_fast_path(command: str, trained: Path, tm
     assert main([command, *arguments]) == 0
     assert main([command, *arguments, "--direct-convolutions"]) == 0
     assert asked == [True, False]
+
+
+needs_int8 = pytest.mark.skipif(not __import__("seglab.engine.int8", fromlist=["cpu_runs_int8"]).cpu_runs_int8(),
+                                reason="this CPU has no VNNI or AMX 8-bit products")
+
+
+@needs_int8
+def test_eval_with_int8_calibrates_on_the_train_split(trained: Path, tmp_path: Path, monkeypatch) -> None:
+    import seglab.engine.fastpath as fastpath
+
+    calibrated = []
+    real = fastpath.use_int8_convolutions
+
+    def recording(model, batches):
+        batches = list(batches)
+        calibrated.append(len(batches))
+        return real(model, batches)
+
+    monkeypatch.setattr(fastpath, "use_int8_convolutions", recording)
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--checkpoint", str(trained), "--precision", "int8", "--calibration-images", "5",
+                 "--json", str(out)]) == 0
+    assert calibrated == [5]
+    saved = json.loads((trained / "best.json").read_text())["metrics"]
+    assert json.loads(out.read_text())["miou"] == pytest.approx(saved["miou"], abs=0.05)
+
+
+@needs_int8
+def test_predict_with_int8_and_calibration_images(trained: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(2):
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"{index}.png")
+    for extra in ([], ["--calibration", str(images / "1.png")]):
+        out = tmp_path / f"out{len(extra)}"
+        assert main(["predict", "--checkpoint", str(trained), str(images), "--out", str(out), "--precision", "int8",
+                     *extra]) == 0
+        assert len(list(out.glob("*_mask.png"))) == 2
+
+
+def test_int8_options_refused_with_one_line(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    predict = ["predict", "--checkpoint", str(trained), str(image), "--out", str(tmp_path / "out")]
+    _one_error_line(capsys, main([*predict, "--calibration", str(image)]), "--calibration: only with --precision int8")
+    monkeypatch.setattr("seglab.engine.int8.cpu_runs_int8", lambda: False)
+    monkeypatch.setattr("seglab.engine.fastpath.cpu_runs_int8", lambda: False)
+    _one_error_line(capsys, main(["eval", "--checkpoint", str(trained), "--precision", "int8"]), "VNNI or AMX")
+    _one_error_line(capsys, main([*predict, "--precision", "int8"]), "VNNI or AMX")

@@ -34,6 +34,7 @@ from seglab.engine.fastpath import (
     training_convolutions,
     training_norms,
 )
+from seglab.engine.int8 import cpu_runs_int8
 from seglab.engine.precision import cpu_runs_bf16, cpu_supports_bf16
 from seglab.losses.pixelwise import CrossEntropyLoss, pixel_cross_entropy
 from seglab.memory import keeps_freed_memory
@@ -97,6 +98,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 # One optimisation at a time on top of plain float32 eager inference (all run under no_grad).
+INT8_VARIANT = "int8 (calibrated)"
+INT8_CALIBRATION_BATCHES = 2
 _NOTHING = dict(precision="32", fold_bn=False, fuse_relu=False, fuse_residual=False, dilated_as_gemm=False,
                 winograd=False, native_segformer=False, planar_heads=False, channels_last=False, inference_mode=False,
                 prepack=False)
@@ -167,6 +170,9 @@ class BenchSettings:
     train: bool = True
     ablation: list[str] = field(default_factory=list)  # architecture keys that get ablation rows
     compile: bool = False
+    # an "int8" inference row (the float32 fast path with 8-bit products, `seglab.engine.int8`),
+    # calibrated on INT8_CALIBRATION_BATCHES random images; None: on CPUs that run int8
+    int8: bool | None = None
     accuracy: bool = False
     accuracy_epochs: int = 4
     calibration_size: int = 128
@@ -194,6 +200,12 @@ class BenchSettings:
                 raise ValueError("--precision 16 (float16) needs a CUDA device; on the CPU use bf16 or auto")
             if device == "cpu" and self.precision == "bf16" and not cpu_runs_bf16():
                 raise ValueError("--precision bf16: this CPU has no bfloat16 support; use 32 or auto")
+        if self.int8 and not cpu_runs_int8():
+            raise ValueError("--int8: this CPU has no VNNI or AMX 8-bit products")
+
+    def int8_on(self, device: torch.device) -> bool:
+        """Whether `device` gets the int8 inference row."""
+        return device.type == "cpu" and (cpu_runs_int8() if self.int8 is None else self.int8)
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -398,7 +410,8 @@ class _Recorder:
 
 
 def _count_steps(settings: BenchSettings) -> int:
-    per_model = len(settings.batches) * (2 + settings.peers) + settings.train * (2 + settings.peers)
+    int8 = any(settings.int8_on(torch.device(device)) for device in settings.devices)
+    per_model = len(settings.batches) * (2 + settings.peers + int8) + settings.train * (2 + settings.peers)
     ablation = len(settings.ablation) * (
         len(settings.batches) * (len(INFERENCE_ABLATION) + settings.compile) + settings.train * len(TRAINING_ABLATION)
     )
@@ -422,6 +435,11 @@ def _inference_candidates(arch: Architecture, settings: BenchSettings, device: t
         _Candidate("seglab", "eager fp32", flops, "32", lambda: seglab_model),
         _Candidate("seglab", f"fast ({precision})", flops, precision, lambda: optimize_for_inference(seglab_model, precision)),
     ]
+    if settings.int8_on(device):
+        calibration = [torch.randn(1, 3, settings.size, settings.size, generator=torch.Generator().manual_seed(i))
+                       for i in range(INT8_CALIBRATION_BATCHES)]
+        candidates.append(_Candidate("seglab", INT8_VARIANT, flops, "int8", lambda: optimize_for_inference(
+            seglab_model, "int8", calibration=calibration)))
     if peer_flops is not None:
         candidates.append(_Candidate(arch.peer, "eager fp32", peer_flops, "32",
                                      lambda: arch.peer_builder(settings.num_classes).to(device).eval()))
@@ -604,8 +622,10 @@ def speed_ratio(fast: dict[str, Any], peer: dict[str, Any]) -> float:
 def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One line per (device, architecture) and measurement (inference at each batch, training):
     images/s of seglab's fast path, of seglab in plain fp32 and of the peer, the ratio
-    fast / peer, and the fast path's fraction of the calibration kernel's rate."""
+    fast / peer, and the fast path's fraction of the calibration kernel's rate; where an int8
+    row was timed, its ratio to the peer too."""
     rows = results["rows"]
+    has_int8 = any(r["variant"] == INT8_VARIANT for r in rows)
     lines = []
     for device in results["calibration"]:
         for key in dict.fromkeys(r["model"] for r in rows if r["device"] == device):
@@ -616,6 +636,7 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     fast = next((r for r in rows if all(r[k] == v for k, v in where.items()) and r["library"] == "seglab"
                                  and r["variant"].startswith("fast (") and "compile" not in r["variant"]), None)
                     plain = _find(rows, library="seglab", variant="eager fp32", **where)
+                    int8 = _find(rows, library="seglab", variant=INT8_VARIANT, **where)
                     peer = _find(rows, library=arch.peer, **where) if arch.peer else None
                     if fast is None:
                         continue
@@ -631,6 +652,7 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                         # fewer, as SegFormer's re-associated decoder does).
                         "same net": None if peer is None else _same_size(fast.get("parameters"), peer.get("parameters")),
                         "fraction of peak": fast["fraction_of_peak"],
+                        **({"int8 ratio": speed_ratio(int8, peer) if int8 and peer else None} if has_int8 else {}),
                     })
     return lines
 

@@ -6,6 +6,8 @@
 2. Trained through the fast training path (channels_last, bf16 autocast, fused optimizer;
    Winograd's 3x3 convolutions where it trains in float32 on the CPU) from
    the same seed and data order, evaluated in float32: its mIoU against run 1's.
+3. Where the CPU has 8-bit products, run 1's model through the int8 inference path,
+   calibrated on training images: its mIoU and agreement with float32.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from seglab.engine.fastpath import (
     to_channels_last,
     training_convolutions,
 )
+from seglab.engine.int8 import cpu_runs_int8
 from seglab.losses import CrossEntropyLoss
 from seglab.metrics.confusion import ConfusionMatrix
 from seglab.models.registry import create_model
@@ -32,6 +35,7 @@ from seglab.models.registry import create_model
 __all__ = ["accuracy_check"]
 
 _MEAN, _STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+INT8_CALIBRATION_IMAGES = 64
 
 
 def _stacked(dataset: SyntheticShapes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +115,15 @@ def accuracy_check(model_key: str, device: str = "cpu", precision: str = "auto",
     miou_fp32 = _miou(reference, val_masks, num_classes)
     miou_fast_inference = _miou(fast_inference, val_masks, num_classes)
     miou_fast_training = _miou(fast_trained_predictions, val_masks, num_classes)
+    int8 = {}
+    if torch_device.type == "cpu" and cpu_runs_int8():
+        # calibrated on training images, as a user would (`seglab evaluate --precision int8`)
+        calibration = train_images[:INT8_CALIBRATION_IMAGES].split(batch_size)
+        int8_predictions = _predict(optimize_for_inference(plain, "int8", calibration=calibration), val_images,
+                                    torch_device)
+        miou_int8 = _miou(int8_predictions, val_masks, num_classes)
+        int8 = {"miou_int8_inference": miou_int8, "miou_int8_inference_delta": miou_int8 - miou_fp32,
+                "int8_argmax_agreement": float((int8_predictions == reference).float().mean())}
     return {
         "model": arch.title,
         "setup": f"{train_samples} synthetic {image_size}x{image_size} images, {epochs} epochs, batch {batch_size}, "
@@ -121,4 +134,5 @@ def accuracy_check(model_key: str, device: str = "cpu", precision: str = "auto",
         "argmax_agreement": float((fast_inference == reference).float().mean()),
         "miou_fast_training": miou_fast_training,
         "miou_fast_training_delta": miou_fast_training - miou_fp32,
+        **int8,
     }

@@ -208,7 +208,10 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "format", "image_size"))
         return eval_instance(model, config, args, console)
     device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device).name  # refused here, before any data is read
+    int8 = args.precision == "int8"
+    if int8:
+        _check_int8(device)
+    precision = "int8" if int8 else resolve_precision(args.precision, device).name  # refused before any data is read
     # By default, the data set (and options) the model was trained on.
     data = dict(config.get("data", {"source": "synthetic"}))
     source = data.pop("source")
@@ -218,12 +221,18 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         data["image_size"] = args.image_size
     dataset = open_dataset(source, args.split, **data)
     loader = DataLoader(dataset, batch_size=args.batch_size)
+    normalize = Normalize(config["mean"], config["std"])
+    calibration = None
+    if int8:  # the scales come from training images, not from the images scored
+        train_split = open_dataset(source, "train", **data)
+        calibration = [normalize(train_split[i]["image"][None]) for i in range(min(len(train_split), args.calibration_images))]
     # The fast inference path (conv-BN folding, fused activations, channels_last) in the chosen
     # precision; at the default 32 it changes outputs only at rounding level.
     results = evaluate(
-        optimize_for_inference(model.to(device), precision, winograd=not args.direct_convolutions), loader,
+        optimize_for_inference(model.to(device), precision, winograd=not args.direct_convolutions,
+                               calibration=calibration), loader,
         num_classes=len(config["classes"]),
-        ignore_index=config.get("ignore_index", 255), normalize=Normalize(config["mean"], config["std"]), device=device,
+        ignore_index=config.get("ignore_index", 255), normalize=normalize, device=device,
         crf=_crf_option(args),
     )
     Console().print(format_report(results, config["classes"], title=f"{args.split} split of {source} ({len(dataset)} images)"))
@@ -231,6 +240,15 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         results_to_json(results, args.json, class_names=config["classes"])
         console.print(f"metrics written to {args.json}")
     return 0
+
+
+def _check_int8(device: Any) -> None:
+    """--precision int8 is refused up front where it cannot run."""
+    from seglab.engine.int8 import cpu_runs_int8
+
+    if device.type != "cpu" or not cpu_runs_int8():
+        raise CommandError("--precision int8: needs a CPU with VNNI or AMX 8-bit products (--device cpu); "
+                           "use --precision 32")
 
 
 def _reject_semantic_options(args: argparse.Namespace, checkpoint: str, names: tuple[str, ...]) -> None:
@@ -282,6 +300,7 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
         args.checkpoint, device=args.device, tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch,
         tta_flips=list(args.tta_flips or ""), tta_scales=args.tta_scales or [1.0], precision=args.precision,
         batch_size=args.batch_size, crf=_crf_params(args), winograd=not args.direct_convolutions,
+        calibration=_calibration_images(args),
     )
     context = env_rank()
     with progress_bar(console, disable=not context.is_main) as progress:
@@ -290,6 +309,20 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
         share = f" by rank 0 of {context.world_size} (each rank its own shard)" if context.enabled else ""
         Console().print(f"{len(written) // 2} image(s) predicted{share}; masks and overlays in {args.out}/")
     return 0
+
+
+def _calibration_images(args: argparse.Namespace) -> list[Any] | None:
+    """--precision int8's calibration images: --calibration's, else the first of the images to predict."""
+    if args.precision != "int8":
+        if args.calibration:
+            raise CommandError("--calibration: only with --precision int8")
+        return None
+    from seglab.data.io import list_images, read_image
+
+    files = list_images(args.calibration or args.images)
+    if not files:
+        raise CommandError(f"--calibration: no image files in {' '.join(args.calibration or args.images)}")
+    return [read_image(file) for file in files[: args.calibration_images]]
 
 
 # ---------------------------------------------------------------------------------- export
@@ -356,6 +389,7 @@ def _data_check(args: argparse.Namespace, console: Console) -> int:
 
 
 # ---------------------------------------------------------------------------------- parser
+INT8_CALIBRATION_IMAGES = 16
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seglab", description="Image segmentation: train, evaluate, predict.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -377,7 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, default=8)
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--precision", choices=["32", "bf16", "16"], default="32", help="precision of the fast inference path (32: float32)")
+    evaluate.add_argument("--precision", choices=["32", "bf16", "16", "int8"], default="32",
+                          help="precision of the fast inference path (32: float32; int8: 8-bit products, "
+                               "calibrated on the train split, CPUs with VNNI or AMX)")
+    evaluate.add_argument("--calibration-images", type=_positive_int, default=INT8_CALIBRATION_IMAGES,
+                          help=f"--precision int8: training images its scales come from (default {INT8_CALIBRATION_IMAGES})")
     evaluate.add_argument("--direct-convolutions", action="store_true", help=DIRECT_CONVOLUTIONS_HELP)
     evaluate.add_argument("--crf", action="store_true", help="refine predictions with a dense CRF (docs/crf.md)")
     evaluate.add_argument("--crf-params", help="dense CRF parameters, e.g. theta_alpha=60,w1=5 (implies --crf)")
@@ -394,8 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tile-batch", type=_positive_int, default=4, help="tiles per forward pass (bounds memory)")
     predict.add_argument("--tta-flips", choices=["h", "v", "hv"], help="test-time flips: h, v or hv")
     predict.add_argument("--tta-scales", type=_float_list, help="test-time scales, e.g. 0.75,1,1.25")
-    predict.add_argument("--precision", choices=["auto", "32", "bf16", "16"], default="auto",
-                         help="auto (default: bf16 where the hardware runs it natively, else 32), 32, bf16, 16 (CUDA)")
+    predict.add_argument("--precision", choices=["auto", "32", "bf16", "16", "int8"], default="auto",
+                         help="auto (default: bf16 where the hardware runs it natively, else 32), 32, bf16, 16 (CUDA), "
+                              "int8 (8-bit products, CPUs with VNNI or AMX)")
+    predict.add_argument("--calibration", nargs="+", metavar="PATH",
+                         help="--precision int8: images (files or folders) its scales come from "
+                              "(default: the first of the images to predict)")
+    predict.add_argument("--calibration-images", type=_positive_int, default=INT8_CALIBRATION_IMAGES,
+                         help=f"--precision int8: how many calibration images (default {INT8_CALIBRATION_IMAGES})")
     predict.add_argument("--direct-convolutions", action="store_true", help=DIRECT_CONVOLUTIONS_HELP)
     predict.add_argument("--nproc", type=_positive_int, help="processes, each predicting a shard of the images")
     predict.add_argument("--crf", action="store_true", help="refine predictions with a dense CRF (docs/crf.md)")
@@ -432,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-train", dest="train", action="store_false", default=None, help="skip training throughput")
     bench.add_argument("--ablation", type=lambda t: t.split(","), help="architectures that get one-optimisation-at-a-time rows")
     bench.add_argument("--compile", action="store_true", default=None, help="add a torch.compile row to the ablation")
+    bench.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
+                       help="time the int8 inference path too (default: on CPUs with VNNI or AMX 8-bit products)")
     bench.add_argument("--accuracy", action="store_true", default=None,
                        help="train the first model on synthetic shapes; compare fast path and fp32 mIoU")
     bench.add_argument("--out", default="bench-results", help="folder for bench.json and bench.md (default: bench-results)")

@@ -811,3 +811,36 @@ def test_planar_conv3x3_refuses_what_it_cannot_compute_with_one_clear_error():
         native.planar_conv3x3(x, torch.zeros(3, 3, 16, 8), torch.zeros(8), 5)
     with pytest.raises(ValueError, match="the map must be a contiguous float32"):
         native.planar_conv3x3(x.transpose(1, 2), taps, biases, 5)
+
+
+def _levels(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """The quantization's definition, in PyTorch's operators (round half to even)."""
+    return (torch.round(x * (1.0 / scale)) + zero_point).clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("zero_point", [0, 100])
+def test_quantize_u8_rounds_half_to_even_and_clamps(zero_point):
+    scale = 0.5
+    x = torch.tensor([0.25, 0.75, 1.25, -0.25, -100.0, 1000.0, 0.0, 3.3, 1e30, -1e30], dtype=torch.float32)
+    x = x.repeat(5)  # the vector loop and the scalar tail alike
+    levels = native.quantize_u8(x, scale, zero_point)
+    assert torch.equal(levels, _levels(x, scale, zero_point))
+    assert levels[:3].tolist() == [zero_point + 0, zero_point + 2, zero_point + 2]  # 0.5 -> 0, 1.5 -> 2, 2.5 -> 2
+    assert levels[4] == 0 and levels[5] == 255 and levels[8] == 255 and levels[9] == 0
+    assert torch.all(native.quantize_u8(torch.full((37,), float("nan")), 1.0, 7) == 0)
+
+
+def test_quantize_u8_keeps_a_channels_last_maps_strides_across_blocks_and_threads():
+    x = torch.randn(2, 48, 33, 35).contiguous(memory_format=torch.channels_last) * 4  # more than one block
+    levels = native.quantize_u8(x, 0.03, 128)
+    assert levels.stride() == x.stride() and levels.dtype == torch.uint8
+    assert torch.equal(levels, _levels(x, 0.03, 128))
+
+
+def test_quantize_u8_refuses_what_it_cannot_read_with_one_clear_error():
+    with pytest.raises(ValueError, match="float32"):
+        native.quantize_u8(torch.zeros(4, dtype=torch.float64), 1.0, 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.quantize_u8(torch.zeros(4, 6)[:, ::2], 1.0, 0)
+    with pytest.raises(ValueError, match="zero point"):
+        native.quantize_u8(torch.zeros(4), 1.0, 256)

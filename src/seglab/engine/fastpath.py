@@ -49,8 +49,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import sys
 from collections import Counter
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterable
 
 import torch
 import torch.nn as nn
@@ -68,6 +69,7 @@ from seglab.engine.onednn import (
     replace_submodule,
 )
 from seglab.engine.precision import auto_precision, cpu_has, resolve_precision
+from seglab.engine.int8 import chain_int8_levels, cpu_runs_int8, use_int8_convolutions
 from seglab.engine.residual import fuse_residual_additions
 from seglab.engine.convolutions import TrainingConvolutions, training_convolutions
 from seglab.engine.norms import training_norms
@@ -126,6 +128,19 @@ def _check_precision(precision: str | int, device: torch.device) -> str:
     return resolve_precision(precision, device).name
 
 
+def _int8_requested(precision: str | int, device: torch.device, calibration: Iterable[torch.Tensor] | None,
+                    compile: bool) -> bool:
+    if str(precision).lower() != "int8":
+        return False
+    if device.type != "cpu" or not cpu_runs_int8():
+        raise ValueError("--precision int8: needs a CPU with VNNI or AMX 8-bit products; use --precision 32")
+    if calibration is None:
+        raise ValueError("precision int8 needs calibration images (`calibration`: batches of float32 images)")
+    if compile:
+        raise ValueError("precision int8 runs oneDNN's int8 kernels eagerly; it does not combine with compile")
+    return True
+
+
 def autocast_context(device: torch.device | str, precision: str | int) -> ContextManager:
     """Autocast for training at `precision` ("32" gives a context that changes nothing)."""
     device = torch.device(device)
@@ -154,7 +169,7 @@ def to_channels_last(value: Any) -> Any:
 
 # -------------------------------------------------------------- conv-BN folding, conv+ReLU
 class _DataflowRecorder(TorchFunctionMode):
-    """Watches one forward pass: which `consumer` module (BatchNorm2d; ReLU or GELU) takes a Conv2d's
+    """Watches one forward pass: which `consumer` module (BatchNorm2d; ReLU or GELU; a FusedConv) takes a Conv2d's
     output as its input, and how often that output is read anywhere else (any other read would
     see different values once the consumer is merged into the convolution)."""
 
@@ -171,7 +186,7 @@ class _DataflowRecorder(TorchFunctionMode):
             # Subclasses too (e.g. NearestUpsampleConv): folding only rescales weight and bias.
             if isinstance(module, nn.Conv2d):
                 self.handles.append(module.register_forward_hook(self._conv_hook(name)))
-            elif type(module) in consumer:
+            if type(module) in consumer:  # a convolution may be one too (int8's chained convolutions)
                 self.handles.append(module.register_forward_pre_hook(self._consumer_enter(name)))
                 self.handles.append(module.register_forward_hook(self._consumer_exit))
 
@@ -184,10 +199,14 @@ class _DataflowRecorder(TorchFunctionMode):
 
     def _consumer_enter(self, name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
-            self.calls[name] += 1
+            if not isinstance(module, nn.Conv2d):  # a convolution's calls are counted by its own hook
+                self.calls[name] += 1
             # Matched now, while the tensor is alive: a freed input's id may be reused later.
             if id(inputs[0]) in self.conv_outputs:
                 self.consumer_inputs.append((name, id(inputs[0])))
+            for other in inputs[1:]:  # a convolution consumer's residual: a read the merge must not change
+                if self._is_unconsumed_conv_output(other):
+                    self.reads[id(other)] += 1
             self.inside_consumer += 1
 
         return hook
@@ -579,6 +598,7 @@ def optimize_for_inference(
     compile: bool = False,
     inplace: bool = False,
     example_input: torch.Tensor | None = None,
+    calibration: Iterable[torch.Tensor] | None = None,
 ) -> InferenceModel:
     """The fast inference path of `model` (eval mode): conv-BN folding, large-dilation convs as
     one GEMM + shifts (CPU, `DilatedConvAsGemm`; depthwise ones as shifted multiply-adds,
@@ -590,17 +610,21 @@ def optimize_for_inference(
     `use_native_segformer`), 3x3 heads to few classes with vectors along the pixels (CPU,
     float32; `use_planar_heads`),
     channels_last, inference_mode and `precision`
-    ("auto": bf16 where the hardware runs it natively, else 32; "32", "bf16", "16"),
+    ("auto": bf16 where the hardware runs it natively, else 32; "32", "bf16", "16"; "int8": the
+    float32 path with its convolutions' products in 8-bit integers, scales calibrated on the
+    `calibration` batches of float32 images, CPU with VNNI or AMX, `seglab.engine.int8`),
     optionally torch.compile. The argument model is left untouched unless
     `inplace`. Each switch can be turned off to measure the others on their own."""
     device = _device_of(model)
-    name = _check_precision(precision, device)
+    int8 = _int8_requested(precision, device, calibration, compile)
+    name = "32" if int8 else _check_precision(precision, device)
     prepared = model if inplace else copy.deepcopy(model)
     _freeze(prepared)
     if fold_bn:
         fold_conv_bn(prepared, example_input)
     if dilated_as_gemm and device.type == "cpu" and not compile:  # before the fusion, which takes plain convs
-        rewrite_dilated_convs(prepared)
+        # int8 keeps the dilated convolutions of one group: its direct kernel outruns the float32 rewrite
+        rewrite_dilated_convs(prepared, min_dilation=sys.maxsize if int8 else 6)
     on_onednn = device.type == "cpu" and not compile  # inductor does its own fusion and packing
     dtype = _DTYPES[name]
     if native_segformer and on_onednn and dtype == torch.float32:  # before the fusion takes the conv + GELU
@@ -618,6 +642,12 @@ def optimize_for_inference(
     if channels_last:
         prepared = to_channels_last(prepared)
     prepared = prepared.to(dtype)
+    if int8:
+        with torch.inference_mode():
+            batches = [to_channels_last(batch.to(device, torch.float32)) if channels_last
+                       else batch.to(device, torch.float32) for batch in calibration]
+            use_int8_convolutions(prepared, batches)
+        chain_int8_levels(prepared, _conv_consumer_pairs(prepared, (FusedConv,), batches[0] if batches else None))
     if compile:
         # Freezing lets inductor treat the weights as constants: it pre-packs them for oneDNN
         # and fuses the convolutions with their activations.

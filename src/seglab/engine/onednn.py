@@ -34,6 +34,8 @@ plain PyTorch operators. The packed weight gives bitwise the same results as the
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
@@ -109,6 +111,8 @@ class FusedConv(nn.Conv2d):
         # vectors along the pixels (few outputs: a head's classes), set by `seglab.engine.fastpath.use_planar_heads`
         self.planar = False
         self._planar_weights: KeptFromWeights[tuple[torch.Tensor, torch.Tensor]] = KeptFromWeights()
+        # 8-bit products (`seglab.engine.int8.Int8Convolution`), set by `seglab.engine.int8.use_int8_convolutions`
+        self.int8: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     def _onednn_weight(self, x: torch.Tensor) -> torch.Tensor:
         # The blocked layout suits channels-last input; an NCHW input keeps NCHW with the plain weight.
@@ -121,6 +125,9 @@ class FusedConv(nn.Conv2d):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """activation(conv(x)), or activation(conv(x) + residual) with a residual."""
         inference = not records_gradients(self.weight)
+        if (self.int8 is not None and inference and x.device.type == "cpu" and x.dim() == 4
+                and x.dtype in (torch.float32, torch.uint8)):  # uint8: levels a chained int8 producer wrote
+            return self.int8(x, residual)
         # oneDNN's fused kernels take batched maps only; an unbatched C x H x W one goes as nn.Conv2d takes it.
         if x.device.type != "cpu" or not inference or x.dtype != self.weight.dtype or x.dim() != 4:
             return self._unfused(x, residual)
@@ -163,7 +170,8 @@ class FusedConv(nn.Conv2d):
     def extra_repr(self) -> str:
         winograd = ", winograd=True" if self.winograd else ""
         planar = ", planar=True" if self.planar else ""
-        return f"{super().extra_repr()}, post_op={self.post_op[0]}, prepack={self.prepack}{winograd}{planar}"
+        int8 = ", int8=True" if self.int8 is not None else ""
+        return f"{super().extra_repr()}, post_op={self.post_op[0]}, prepack={self.prepack}{winograd}{planar}{int8}"
 
 
 class WinogradConvForward:

@@ -6,6 +6,8 @@ Options a :class:`Predictor` applies to every image:
 - `tta_flips` ("h", "v") and `tta_scales`: test-time augmentation, every view's probabilities
   mapped back to the image and averaged (in probability space, not logits);
 - `precision`: "32", "bf16" ("16" on CUDA), "auto" (bf16 where the hardware runs it natively);
+  "int8" (the convolutions' products in 8 bits, scales from `calibration` images; CPUs with
+  VNNI or AMX, seglab.engine.int8);
 - `optimize`: seglab.engine.fastpath's inference path (conv-BN folding, channels_last, the
   whole model in the chosen precision), on by default for checkpoints.
 
@@ -77,21 +79,26 @@ class Predictor:
         optimize: bool = False,
         winograd: bool = True,
         crf: dict[str, float | int] | None = None,
+        calibration: Sequence[ImageLike] | None = None,
     ) -> None:
         self.device = resolve_device(str(device), env_rank().local_rank) if not isinstance(device, torch.device) else device
-        if str(precision) == "auto":  # the fast path's choice: bf16 where the hardware runs it natively
-            precision = default_precision(self.device)
-        autocast = resolve_precision(precision, self.device).autocast
-        self.model = model.to(self.device).eval()
-        if optimize:  # the fast path casts the model itself, so no autocast on top
-            self.model = optimize_for_inference(self.model, precision=precision, winograd=winograd)
-            autocast = contextlib.nullcontext
-        self.autocast = autocast
         self.config = config
         self.classes: list[str] = list(config.get("classes", []))
         self.palette: list[list[int]] = config.get("palette", [])
         self.in_channels = int(config.get("kwargs", {}).get("in_channels", 3))
         self.normalize = Normalize(config.get("mean", [0.5] * 3), config.get("std", [0.5] * 3)).to(self.device)
+        if str(precision) == "auto":  # the fast path's choice: bf16 where the hardware runs it natively
+            precision = default_precision(self.device)
+        int8 = str(precision) == "int8"
+        if int8 and not optimize:
+            raise ValueError("precision int8 is a step of the fast inference path; it needs optimize=True")
+        autocast = contextlib.nullcontext if int8 else resolve_precision(precision, self.device).autocast
+        self.model = model.to(self.device).eval()
+        if optimize:  # the fast path casts the model itself, so no autocast on top
+            batches = None if calibration is None else [self.normalize(self._as_batch(image)) for image in calibration]
+            self.model = optimize_for_inference(self.model, precision=precision, winograd=winograd, calibration=batches)
+            autocast = contextlib.nullcontext
+        self.autocast = autocast
         unknown = sorted(set(tta_flips) - set(FLIP_DIMS))
         if unknown:
             raise ValueError(f"--tta-flips takes h (horizontal) and v (vertical), not {', '.join(unknown)}")

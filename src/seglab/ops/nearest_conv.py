@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seglab.ops.grad_mode import records_gradients
 from seglab.ops.kept import KeptFromWeights
 from seglab.ops.layout import in_layout_of
 from seglab.ops.winograd import winograd_filters
@@ -128,12 +129,19 @@ class NearestUpsampleConv(nn.Conv2d, UpsamplingConvCaller):
 
         return self._kept.get([weight], build, low_channels)
 
+    # The convolution in 8-bit products, set by seglab.engine.int8 for CPU inference: called
+    # with (x, skip, size), it returns the output.
+    int8: Callable[[torch.Tensor, torch.Tensor | None, tuple[int, int]], torch.Tensor] | None = None
+
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, size: tuple[int, int] | torch.Size | None = None) -> torch.Tensor:
         height, width = x.shape[-2:]
         if skip is not None:
             size = skip.shape[-2:]
         elif size is None:
             size = (2 * height, 2 * width)
+        if (self.int8 is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not records_gradients(self.weight)):
+            return self.int8(x, skip, tuple(size))
         if tuple(size) != (2 * height, 2 * width):
             up = F.interpolate(x, size=size, mode="nearest")
             return self._conv_forward(up if skip is None else torch.cat([up, skip], 1), self.weight, self.bias)

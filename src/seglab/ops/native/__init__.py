@@ -5,8 +5,9 @@ with ctypes: `winograd_tiles.c`, Winograd's tile transforms, one pass over memor
 training's BatchNorm with the shortcut addition and ReLU after it, two passes each way;
 `bilinear.c`, bilinearly upsampled maps added into a map in one pass, and class scores resized;
 `mix_ffn.c`, SegFormer's Mix-FFN row by row, and linear layers over tokens; `mlp_head.c`,
-SegFormer's decoder head row by row; `common.c`, the threads they run on and their bf16
-conversions.
+SegFormer's decoder head row by row; `planar_conv.c`, 3x3 heads to few classes with vectors
+along the pixels; `quantize.c`, float32 to uint8 levels for the int8 convolutions; `common.c`,
+the threads they run on and their bf16 conversions.
 
 Why compiled here, not shipped: the kernels are about 1900 lines of portable C that a compiler
 vectorises for the processor it runs on (`-march=native`), it builds in a few seconds, once
@@ -46,13 +47,14 @@ from seglab.ops.native import specialise as _specialise
 
 __all__ = ["FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", "MAX_UPSAMPLED", "MIX_FFN_CHANNELS_MULTIPLE", "PLANAR_OUTS",
            "add_upsampled_", "available", "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy",
-           "gather_tiles", "linear", "mix_ffn", "mlp_head", "planar_conv3x3", "resize_bilinear", "scatter_tiles",
+           "gather_tiles", "linear", "mix_ffn", "mlp_head", "planar_conv3x3", "quantize_u8", "resize_bilinear", "scatter_tiles",
            "specialise", "unavailable_reason", "winograd_fused"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",
                                                                 "batch_norm.c", "bilinear.c", "winograd_fused.c",
-                                                                "mix_ffn.c", "mlp_head.c", "planar_conv.c"))
+                                                                "mix_ffn.c", "mlp_head.c", "planar_conv.c",
+                                                                "quantize.c"))
 _LIBRARY_PREFIXES = ("seglab_native-", "winograd_tiles-")  # the name, then the name of older versions
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 _NATIVE_FLAGS = ("-march=native",)  # the processor's vector width; dropped where the compiler refuses it
@@ -243,6 +245,7 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_planar_conv3x3.argtypes = [pointer] * 4 + [i64] * 6 + [i32, i32]
     library.seglab_planar_conv3x3.restype = i32
     library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
+    library.seglab_quantize_u8.argtypes = [pointer, pointer, i64, ctypes.c_float, i32, i32]
     library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
     openmp = _torch_openmp()
     if openmp is not None:
@@ -768,6 +771,25 @@ def planar_conv3x3(nhwc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                                      bias.data_ptr(), n, height, width, channels, outs, padded,
                                                      int(relu), torch.get_num_threads()):
         raise MemoryError("planar_conv3x3: no memory for a thread's row buffers")
+    return out
+
+
+def quantize_u8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """`x` (float32, contiguous in its memory format: NCHW or channels-last) as uint8 levels
+    clamp(round(x / scale) + zero_point, 0, 255), half to even, in one pass (`quantize.c`);
+    the result has x's shape and strides."""
+    library = _required()
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"quantize_u8 takes a float32 CPU tensor, not {x.dtype} on {x.device}")
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    if not dense:
+        raise ValueError("quantize_u8 takes a tensor contiguous in its memory format (NCHW or channels-last)")
+    if not 0 <= zero_point <= 255 or not scale > 0:
+        raise ValueError(f"quantize_u8 takes a positive scale and a zero point in 0..255, not {scale} and {zero_point}")
+    out = torch.empty_like(x, dtype=torch.uint8)  # the same strides: both are read as one flat array
+    if x.numel():
+        library.seglab_quantize_u8(out.data_ptr(), x.data_ptr(), x.numel(), 1.0 / scale, zero_point,
+                                   torch.get_num_threads())
     return out
 
 
