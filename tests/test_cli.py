@@ -186,3 +186,14 @@ def test_int8_options_refused_with_one_line(trained: Path, tmp_path: Path, capsy
     monkeypatch.setattr("seglab.engine.fastpath.cpu_runs_int8", lambda: False)
     _one_error_line(capsys, main(["eval", "--checkpoint", str(trained), "--precision", "int8"]), "VNNI or AMX")
     _one_error_line(capsys, main([*predict, "--precision", "int8"]), "VNNI or AMX")
+
+
+@needs_int8
+def test_eval_with_int8_needs_a_train_split_to_calibrate_on(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for kind in ("images", "masks"):
+        (tmp_path / kind / "val").mkdir(parents=True)
+    for index in range(2):
+        Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / "val" / f"{index}.png")
+        Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(tmp_path / "masks" / "val" / f"{index}.png")
+    code = main(["eval", "--checkpoint", str(trained), "--data", str(tmp_path), "--split", "val", "--precision", "int8"])
+    _one_error_line(capsys, code, "train split")

@@ -224,7 +224,12 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     normalize = Normalize(config["mean"], config["std"])
     calibration = None
     if int8:  # the scales come from training images, not from the images scored
-        train_split = open_dataset(source, "train", **data)
+        try:
+            train_split = open_dataset(source, "train", **data)
+        except (FileNotFoundError, ValueError) as error:
+            raise CommandError(f"--precision int8 calibrates on the train split of {source}: {error}") from None
+        if len(train_split) == 0:
+            raise CommandError(f"--precision int8 calibrates on the train split of {source}, which has no images")
         calibration = [normalize(train_split[i]["image"][None]) for i in range(min(len(train_split), args.calibration_images))]
     # The fast inference path (conv-BN folding, fused activations, channels_last) in the chosen
     # precision; at the default 32 it changes outputs only at rounding level.
