@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 
 from seglab.cli import main
+from seglab.engine.int8 import cpu_runs_int8
 
 TINY = {
     "model_kwargs": {"base_channels": 4, "depth": 2},
@@ -139,8 +140,7 @@ def test_direct_convolutions_reach_the_fast_path(command: str, trained: Path, tm
     assert asked == [True, False]
 
 
-needs_int8 = pytest.mark.skipif(not __import__("seglab.engine.int8", fromlist=["cpu_runs_int8"]).cpu_runs_int8(),
-                                reason="this CPU has no VNNI or AMX 8-bit products")
+needs_int8 = pytest.mark.skipif(not cpu_runs_int8(), reason="this CPU has no VNNI or AMX 8-bit products")
 
 
 @needs_int8
@@ -183,7 +183,6 @@ def test_int8_options_refused_with_one_line(trained: Path, tmp_path: Path, capsy
     predict = ["predict", "--checkpoint", str(trained), str(image), "--out", str(tmp_path / "out")]
     _one_error_line(capsys, main([*predict, "--calibration", str(image)]), "--calibration: only with --precision int8")
     monkeypatch.setattr("seglab.engine.int8.cpu_runs_int8", lambda: False)
-    monkeypatch.setattr("seglab.engine.fastpath.cpu_runs_int8", lambda: False)
     _one_error_line(capsys, main(["eval", "--checkpoint", str(trained), "--precision", "int8"]), "VNNI or AMX")
     _one_error_line(capsys, main([*predict, "--precision", "int8"]), "VNNI or AMX")
 

@@ -197,6 +197,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     from seglab.engine.checkpoint import load_checkpoint
     from seglab.engine.evaluator import Normalize, evaluate
     from seglab.engine.fastpath import optimize_for_inference
+    from seglab.engine.int8 import require_int8
     from seglab.engine.precision import resolve_precision
     from seglab.engine.trainer import resolve_device
     from seglab.metrics.report import format_report, results_to_json
@@ -210,7 +211,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     device = resolve_device(args.device)
     int8 = args.precision == "int8"
     if int8:
-        _check_int8(device)
+        require_int8(device)
     precision = "int8" if int8 else resolve_precision(args.precision, device).name  # refused before any data is read
     # By default, the data set (and options) the model was trained on.
     data = dict(config.get("data", {"source": "synthetic"}))
@@ -245,15 +246,6 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         results_to_json(results, args.json, class_names=config["classes"])
         console.print(f"metrics written to {args.json}")
     return 0
-
-
-def _check_int8(device: Any) -> None:
-    """--precision int8 is refused up front where it cannot run."""
-    from seglab.engine.int8 import cpu_runs_int8
-
-    if device.type != "cpu" or not cpu_runs_int8():
-        raise CommandError("--precision int8: needs a CPU with VNNI or AMX 8-bit products (--device cpu); "
-                           "use --precision 32")
 
 
 def _reject_semantic_options(args: argparse.Namespace, checkpoint: str, names: tuple[str, ...]) -> None:
@@ -395,6 +387,8 @@ def _data_check(args: argparse.Namespace, console: Console) -> int:
 
 # ---------------------------------------------------------------------------------- parser
 INT8_CALIBRATION_IMAGES = 16
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seglab", description="Image segmentation: train, evaluate, predict.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -178,8 +178,7 @@ def test_optimize_for_inference_int8_stays_close_to_float32(name):
 
 def test_int8_needs_calibration_and_refuses_compile():
     model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
-    with mock.patch.object(int8_module, "cpu_runs_int8", return_value=True), \
-            mock.patch("seglab.engine.fastpath.cpu_runs_int8", return_value=True):
+    with mock.patch.object(int8_module, "cpu_runs_int8", return_value=True):
         with pytest.raises(ValueError, match="calibration"):
             optimize_for_inference(model, "int8")
         with pytest.raises(ValueError, match="compile"):
@@ -188,7 +187,7 @@ def test_int8_needs_calibration_and_refuses_compile():
 
 def test_int8_is_refused_without_8_bit_products():
     model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
-    with mock.patch("seglab.engine.fastpath.cpu_runs_int8", return_value=False):
+    with mock.patch.object(int8_module, "cpu_runs_int8", return_value=False):
         with pytest.raises(ValueError, match="VNNI or AMX"):
             optimize_for_inference(model, "int8", calibration=[torch.zeros(1, 3, 8, 8)])
 

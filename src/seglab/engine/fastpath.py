@@ -69,7 +69,7 @@ from seglab.engine.onednn import (
     replace_submodule,
 )
 from seglab.engine.precision import auto_precision, cpu_has, resolve_precision
-from seglab.engine.int8 import chain_int8_levels, cpu_runs_int8, use_int8_convolutions
+from seglab.engine.int8 import chain_int8_levels, require_int8, use_int8_convolutions
 from seglab.engine.residual import fuse_residual_additions
 from seglab.engine.convolutions import TrainingConvolutions, training_convolutions
 from seglab.engine.norms import training_norms
@@ -132,8 +132,7 @@ def _int8_requested(precision: str | int, device: torch.device, calibration: Ite
                     compile: bool) -> bool:
     if str(precision).lower() != "int8":
         return False
-    if device.type != "cpu" or not cpu_runs_int8():
-        raise ValueError("--precision int8: needs a CPU with VNNI or AMX 8-bit products; use --precision 32")
+    require_int8(device)
     if calibration is None:
         raise ValueError("precision int8 needs calibration images (`calibration`: batches of float32 images)")
     if compile:
@@ -647,7 +646,7 @@ def optimize_for_inference(
             batches = [to_channels_last(batch.to(device, torch.float32)) if channels_last
                        else batch.to(device, torch.float32) for batch in calibration]
             use_int8_convolutions(prepared, batches)
-        chain_int8_levels(prepared, _conv_consumer_pairs(prepared, (FusedConv,), batches[0] if batches else None))
+        chain_int8_levels(prepared, _conv_consumer_pairs(prepared, (FusedConv,), batches[0]))  # at least one
     if compile:
         # Freezing lets inductor treat the weights as constants: it pre-packs them for oneDNN
         # and fuses the convolutions with their activations.

@@ -38,7 +38,7 @@ from seglab.ops.nearest_conv import NearestUpsampleConv
 
 __all__ = ["INT8_WEIGHT_LEVELS", "Int8Convolution", "Int8UpsamplingConvolution", "calibrate_int8",
            "chain_int8_levels", "cpu_runs_int8", "input_quantization",
-           "quantize_input", "quantize_weights", "use_int8_convolutions"]
+           "quantize_input", "quantize_weights", "require_int8", "use_int8_convolutions"]
 
 INT8_WEIGHT_LEVELS = 127  # symmetric: -127..127, so a weight and its negation round alike
 _INPUT_LEVELS = 255  # uint8
@@ -49,6 +49,13 @@ def cpu_runs_int8() -> bool:
     its u8 x s8 pairs add in int16 and can clip, and int8 is refused."""
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
             and (cpu_has("vnni") or cpu_has("amx_tile")))
+
+
+def require_int8(device: torch.device) -> None:
+    """Raise ValueError (one line for the command line) unless int8 runs on `device`."""
+    if device.type != "cpu" or not cpu_runs_int8():
+        raise ValueError("--precision int8: needs a CPU with VNNI or AMX 8-bit products (--device cpu); "
+                         "use --precision 32")
 
 
 def input_quantization(low: float, high: float) -> tuple[float, int]:
@@ -83,10 +90,11 @@ def quantize_input(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tens
 
 class Int8Convolution:
     """The int8 form of one `FusedConv` (weights quantized and packed for oneDNN once, input
-    scale from calibration): called with a float32 channels-last input, and the residual the
-    `FusedConv` was given, it returns what the float32 convolution returns, float32."""
+    scale from calibration): called with a float32 channels-last input (or the uint8 levels a
+    chained producer wrote), and the residual the `FusedConv` was given, it returns what the
+    float32 convolution returns, float32 (uint8 levels for the next convolution, once chained)."""
 
-    def __init__(self, conv: FusedConv, low: float, high: float) -> None:
+    def __init__(self, conv: nn.Conv2d, low: float, high: float) -> None:
         self.x_scale, self.x_zero_point = input_quantization(low, high)
         levels, self.w_scales = quantize_weights(conv.weight)
         self.w_zero_points = torch.zeros(conv.out_channels, dtype=torch.long)
@@ -120,19 +128,20 @@ class Int8Convolution:
         return self.convolve(x if x.dtype == torch.uint8 else self.quantize(x), residual)
 
     def convolve(self, levels: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The convolution of input `levels` (uint8 of this input scale), float32 out."""
+        """The convolution of input `levels` (uint8 of this input scale): float32 out, or the
+        next convolution's levels where chained and no residual comes."""
         # oneDNN's int8 kernel takes a float32 residual only as an in-place "sum" that ran at
         # half the speed of the plain kernel (512 -> 2048 on 64 x 64: 13.9 against 7.1 ms), so
         # the shortcut is added after it, with the ReLU.
         relu_in_kernel = self.relu and residual is None
         # Levels for the next convolution straight from the kernel: a quarter of the bytes, and
         # no pass to quantize them (the same rounding of the same value).
-        out_scale, out_zero_point = self.output_levels if residual is None and self.output_levels else (1.0, 0)
+        as_levels = residual is None and self.output_levels is not None
+        out_scale, out_zero_point = self.output_levels if as_levels else (1.0, 0)
         y = torch.ops.onednn.qconv2d_pointwise(
             levels, self.x_scale, self.x_zero_point, self.packed(levels), self.w_scales, self.w_zero_points,
             self.bias, self.stride, self.padding, self.dilation, self.groups, out_scale, out_zero_point,
-            None if residual is None and self.output_levels else torch.float32,
-            "relu" if relu_in_kernel else "none", [], "")
+            None if as_levels else torch.float32, "relu" if relu_in_kernel else "none", [], "")
         if residual is not None:
             y.add_(residual)
             if self.relu:
@@ -222,8 +231,7 @@ def use_int8_convolutions(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     """Calibrate on `batches` (float32 images as the model takes them) and give every
     convolution they reached that int8 takes (see the module's docstring) its
     `Int8Convolution`, in place. Returns the number of convolutions taken."""
-    if not cpu_runs_int8():
-        raise ValueError("--precision int8: this CPU has no VNNI or AMX 8-bit products; use --precision 32")
+    require_int8(next(model.parameters()).device)
     ranges = calibrate_int8(model, batches)
     for name, (low, high) in ranges.items():
         module = model.get_submodule(name)
