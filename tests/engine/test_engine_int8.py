@@ -232,3 +232,19 @@ def test_an_output_that_is_also_a_residual_is_not_chained():
 
     pairs = _conv_consumer_pairs(_ResidualChain(), (FusedConv,), torch.rand(1, 4, 8, 8))
     assert pairs == [("b", "c")]  # a's levels would reach c's float addition
+
+
+class _TwoReaders(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = _fused(4, 4, 3), _fused(4, 4, 3), _fused(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.b(y) + self.c(y)  # a's output is the input of two convolutions
+
+
+def test_an_output_two_convolutions_read_is_chained_to_neither():
+    from seglab.engine.fastpath import _conv_consumer_pairs
+
+    assert _conv_consumer_pairs(_TwoReaders(), (FusedConv,), torch.rand(1, 4, 8, 8)) == []  # one scale cannot serve both

@@ -242,9 +242,13 @@ class _DataflowRecorder(TorchFunctionMode):
 
     def mergeable_pairs(self) -> list[tuple[str, str]]:
         pairs = []
+        # an output that two consumers take (a block's output read by its next block's first
+        # convolution and its downsampling shortcut) can be merged into neither
+        takers = Counter(tensor_id for _, tensor_id in self.consumer_inputs)
         for consumer_name, tensor_id in self.consumer_inputs:
             conv_name = self.conv_outputs[tensor_id][0]
-            if not self.reads[tensor_id] and self.calls[conv_name] == 1 and self.calls[consumer_name] == 1:
+            if (not self.reads[tensor_id] and takers[tensor_id] == 1 and self.calls[conv_name] == 1
+                    and self.calls[consumer_name] == 1):
                 pairs.append((conv_name, consumer_name))
         return pairs
 
