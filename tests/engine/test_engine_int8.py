@@ -217,34 +217,29 @@ def test_quantize_input_gives_the_same_levels_natively_and_in_pytorch(native_bui
     assert int((levels.int() - expected.int()).abs().max()) <= 1 and (levels != expected).float().mean() < 1e-3
 
 
-class _ResidualChain(nn.Module):
-    def __init__(self) -> None:
+def _residual_wiring(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = net.a(x)
+    return net.c(net.b(y), y)  # a's output is b's input and c's residual
+
+
+def _two_readers_wiring(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = net.a(x)
+    return net.b(y) + net.c(y)  # a's output is the input of two convolutions
+
+
+class _ThreeConvolutions(nn.Module):
+    def __init__(self, wiring) -> None:
         super().__init__()
         self.a, self.b, self.c = _fused(4, 4, 3), _fused(4, 4, 3), _fused(4, 4, 3)
+        self.wiring = wiring
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.a(x)
-        return self.c(self.b(y), y)  # a's output is b's input and c's residual
+        return self.wiring(self, x)
 
 
-def test_an_output_that_is_also_a_residual_is_not_chained():
+# a's levels would reach c's float addition; one scale cannot serve two readers
+@pytest.mark.parametrize("wiring, pairs", [(_residual_wiring, [("b", "c")]), (_two_readers_wiring, [])])
+def test_only_an_output_one_convolution_alone_reads_is_chained(wiring, pairs):
     from seglab.engine.fastpath import _conv_consumer_pairs
 
-    pairs = _conv_consumer_pairs(_ResidualChain(), (FusedConv,), torch.rand(1, 4, 8, 8))
-    assert pairs == [("b", "c")]  # a's levels would reach c's float addition
-
-
-class _TwoReaders(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = _fused(4, 4, 3), _fused(4, 4, 3), _fused(4, 4, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.a(x)
-        return self.b(y) + self.c(y)  # a's output is the input of two convolutions
-
-
-def test_an_output_two_convolutions_read_is_chained_to_neither():
-    from seglab.engine.fastpath import _conv_consumer_pairs
-
-    assert _conv_consumer_pairs(_TwoReaders(), (FusedConv,), torch.rand(1, 4, 8, 8)) == []  # one scale cannot serve both
+    assert _conv_consumer_pairs(_ThreeConvolutions(wiring), (FusedConv,), torch.rand(1, 4, 8, 8)) == pairs
