@@ -5,6 +5,7 @@ prints two tables, by operator and by operator and input shapes.
     python benchmarks/op_times.py --model fpn-r34 --mode train       # seglab's training route
     python benchmarks/op_times.py --model fpn-r34 --mode train --peer   # the peer library's model
     python benchmarks/op_times.py --model unet-r34 --mode infer --batch 8 --top 40
+    python benchmarks/op_times.py --model deeplabv3-r50 --int8-products   # 1x1 products in int8
 
 Why not torch.profiler: on a KVM guest (the 2-core Zen 3 EPYC of docs/bench.md) its figures
 for memory-bound operators came out 2-6x the operator's own time. A UNet-R34 training step
@@ -86,7 +87,8 @@ class OperatorTimes(TorchDispatchMode):
                 setattr(native, name, function)
 
 
-def _call(model_key: str, mode: str, batch: int, size: int, peer: bool, precision: str) -> Callable[[], None]:
+def _call(model_key: str, mode: str, batch: int, size: int, peer: bool, precision: str,
+          int8_products: bool = False) -> Callable[[], None]:
     arch = ARCHITECTURES[model_key]
     if peer and arch.peer_builder is None:
         raise SystemExit(f"--peer: {model_key} has no peer model")
@@ -97,7 +99,7 @@ def _call(model_key: str, mode: str, batch: int, size: int, peer: bool, precisio
         ours = not peer
         return _training_call(model, settings, torch.device("cpu"), channels_last=ours,
                               precision=precision if ours else "32", fused=ours, winograd=ours, tuned_gradients=ours,
-                              native_loss=ours)
+                              native_loss=ours, int8_products=int8_products and ours)
     runnable = model.eval() if peer else optimize_for_inference(model.eval(), precision)
     images = torch.randn(batch, 3, size, size)
 
@@ -120,12 +122,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--precision", default="32", choices=["32", "bf16"],
                         help="seglab's precision (default 32; the peer always runs float32)")
+    parser.add_argument("--int8-products", action="store_true",
+                        help="training: the large 1x1 convolutions by int8 products (seglab.ops.int8_products)")
     options = parser.parse_args()
     if options.threads:
         torch.set_num_threads(options.threads)
     keep_freed_memory()  # as seglab's commands run
     batch = options.batch or (4 if options.mode == "train" else 1)
-    call = _call(options.model, options.mode, batch, options.size, options.peer, options.precision)
+    call = _call(options.model, options.mode, batch, options.size, options.peer, options.precision,
+                 options.int8_products)
     for _ in range(options.warmup):
         call()
     plain = []

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from seglab.bench import (
+    INT8_TRAINING_VARIANT,
     INT8_VARIANT,
     BenchSettings,
     comparison_rows,
@@ -15,6 +16,7 @@ from seglab.bench import (
     time_interleaved,
     to_markdown,
 )
+import seglab.bench as bench_module
 from seglab.engine.int8 import cpu_runs_int8
 from seglab.bench_accuracy import accuracy_check
 from seglab.cli import main
@@ -155,6 +157,23 @@ def test_the_int8_row_is_timed_with_the_others_and_compared_with_the_peer():
     assert "int8 ratio" in to_markdown(results)
 
 
+@pytest.mark.skipif(not cpu_runs_int8(), reason="this CPU has no VNNI or AMX 8-bit products")
+def test_the_int8_training_row_runs_the_fast_route_with_int8_products(monkeypatch):
+    calls = []
+    real = bench_module.training_convolutions
+    monkeypatch.setattr("seglab.bench.training_convolutions",
+                        lambda *args, **kwargs: calls.append(kwargs["int8_products"]) or real(*args, **kwargs))
+    settings = BenchSettings(models=["fpn-r34"], size=64, batches=[1], train_batch=2, repeats=1, warmup=0,
+                             settle_rounds=0, calibration_size=16, int8=True)
+    results = run_bench(settings)
+    row = next(r for r in results["rows"] if r["variant"] == INT8_TRAINING_VARIANT)
+    peer = next(r for r in results["rows"] if r["library"] == "smp" and r["mode"] == "train")
+    assert row["mode"] == "train" and row["batch"] == 2 and row["fraction_of_peak"] is None
+    assert sorted(calls) == [False, False, False, True]  # eager fp32, fast, int8 products, the peer
+    line = next(c for c in comparison_rows(results) if c["mode"] == "train")
+    assert line["int8 ratio"] == pytest.approx(speed_ratio(row, peer))
+
+
 def test_int8_is_refused_by_the_settings_where_the_cpu_lacks_it(monkeypatch):
     monkeypatch.setattr("seglab.bench.cpu_runs_int8", lambda: False)
     with pytest.raises(ValueError, match="--int8"):
@@ -171,6 +190,8 @@ def test_accuracy_check_reports_consistent_figures():
     if cpu_runs_int8():  # the calibrated int8 inference path of the same model
         assert 0.0 <= report["miou_int8_inference"] <= 100.0 and 0.5 <= report["int8_argmax_agreement"] <= 1.0
         assert report["miou_int8_inference_delta"] == pytest.approx(report["miou_int8_inference"] - report["miou_fp32"])
+        assert 0.0 <= report["miou_int8_training"] <= 100.0  # trained with int8 products, same seed and data order
+        assert report["miou_int8_training_delta"] == pytest.approx(report["miou_int8_training"] - report["miou_fp32"])
 
 
 def test_pspnet_os8_peer_runs_the_papers_dilated_encoder():

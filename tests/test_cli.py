@@ -185,6 +185,9 @@ def test_int8_options_refused_with_one_line(trained: Path, tmp_path: Path, capsy
     monkeypatch.setattr("seglab.engine.int8.cpu_runs_int8", lambda: False)
     _one_error_line(capsys, main(["eval", "--checkpoint", str(trained), "--precision", "int8"]), "VNNI or AMX")
     _one_error_line(capsys, main([*predict, "--precision", "int8"]), "VNNI or AMX")
+    train = ["train", "--out", str(tmp_path / "runs"), "--epochs", "1", "--train-samples", "4", "--val-samples", "2",
+             "--int8-products"]
+    _one_error_line(capsys, main(train), "--int8-products: needs a CPU with VNNI or AMX")
 
 
 @needs_int8

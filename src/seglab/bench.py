@@ -99,6 +99,9 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 # One optimisation at a time on top of plain float32 eager inference (all run under no_grad).
 INT8_VARIANT = "int8 (calibrated)"
+# the float32 training route with the large 1x1 convolutions' forward and input gradient as int8
+# products (`seglab.ops.int8_products`), on CPUs that run int8
+INT8_TRAINING_VARIANT = "int8 products"
 INT8_CALIBRATION_BATCHES = 2
 _NOTHING = dict(precision="32", fold_bn=False, fuse_relu=False, fuse_residual=False, dilated_as_gemm=False,
                 winograd=False, native_segformer=False, planar_heads=False, channels_last=False, inference_mode=False,
@@ -171,7 +174,8 @@ class BenchSettings:
     ablation: list[str] = field(default_factory=list)  # architecture keys that get ablation rows
     compile: bool = False
     # an "int8" inference row (the float32 fast path with 8-bit products, `seglab.engine.int8`),
-    # calibrated on INT8_CALIBRATION_BATCHES random images; None: on CPUs that run int8
+    # calibrated on INT8_CALIBRATION_BATCHES random images, and a training row with int8 products
+    # (`seglab.ops.int8_products`); None: on CPUs that run int8
     int8: bool | None = None
     accuracy: bool = False
     accuracy_epochs: int = 4
@@ -204,7 +208,7 @@ class BenchSettings:
             raise ValueError("--int8: this CPU has no VNNI or AMX 8-bit products")
 
     def int8_on(self, device: torch.device) -> bool:
-        """Whether `device` gets the int8 inference row."""
+        """Whether `device` gets the int8 rows (inference, and training where `train`)."""
         return device.type == "cpu" and (cpu_runs_int8() if self.int8 is None else self.int8)
 
 
@@ -340,13 +344,15 @@ def _inference_call(model: nn.Module, batch: int, settings: BenchSettings, devic
 
 def _training_call(model: nn.Module, settings: BenchSettings, device: torch.device, *, channels_last: bool,
                    precision: str, fused: bool, winograd: bool, tuned_gradients: bool = False,
-                   native_loss: bool = False, native_norms: bool = False) -> Callable[[], None]:
+                   native_loss: bool = False, native_norms: bool = False,
+                   int8_products: bool = False) -> Callable[[], None]:
     """One training step (forward, cross-entropy, backward, AdamW step) on a fixed random batch;
     with `winograd` and `tuned_gradients`, under `training_convolutions` (in float32 on the CPU
     Winograd's 3x3 convolutions, the other convolutions' weight gradients by the kernel timed
     fastest), and with `native_loss` the loss by seglab's `CrossEntropyLoss` on the logits as
     they come (on the CPU one native pass), and with `native_norms` the BatchNorms with what
-    follows them by one native kernel (`training_norms`), as seglab's trainer runs."""
+    follows them by one native kernel (`training_norms`), and with `int8_products` the large 1x1
+    convolutions by int8 products (float32 only), as seglab's trainer runs."""
     model = model.to(device).train()
     if channels_last:
         model = to_channels_last(model)
@@ -360,7 +366,8 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
                            generator=generator).to(device)
 
     convolutions = training_convolutions(model, device, precision, enabled=winograd or tuned_gradients,
-                                         winograd=winograd, tuned_weight_gradients=tuned_gradients)
+                                         winograd=winograd, tuned_weight_gradients=tuned_gradients,
+                                         int8_products=int8_products)
     norms = training_norms(model, device, precision, enabled=native_norms)
     seglab_loss = CrossEntropyLoss()
 
@@ -411,7 +418,7 @@ class _Recorder:
 
 def _count_steps(settings: BenchSettings) -> int:
     int8 = any(settings.int8_on(torch.device(device)) for device in settings.devices)
-    per_model = len(settings.batches) * (2 + settings.peers + int8) + settings.train * (2 + settings.peers)
+    per_model = len(settings.batches) * (2 + settings.peers + int8) + settings.train * (2 + settings.peers + int8)
     ablation = len(settings.ablation) * (
         len(settings.batches) * (len(INFERENCE_ABLATION) + settings.compile) + settings.train * len(TRAINING_ABLATION)
     )
@@ -468,6 +475,10 @@ def _training_candidates(arch: Architecture, settings: BenchSettings, device: to
                    trainer(build_seglab, channels_last=True, precision=precision, fused=True, winograd=True,
                            tuned_gradients=True, native_loss=True)),
     ]
+    if settings.int8_on(device):
+        candidates.append(_Candidate("seglab", INT8_TRAINING_VARIANT, flops, "int8", trainer(
+            build_seglab, channels_last=True, precision="32", fused=True, winograd=True, tuned_gradients=True,
+            native_loss=True, int8_products=True)))
     if peer_flops is not None:
         candidates.append(_Candidate(arch.peer, "eager fp32", peer_flops, "32",
                                      trainer(lambda: arch.peer_builder(settings.num_classes), channels_last=False,
@@ -623,9 +634,9 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One line per (device, architecture) and measurement (inference at each batch, training):
     images/s of seglab's fast path, of seglab in plain fp32 and of the peer, the ratio
     fast / peer, and the fast path's fraction of the calibration kernel's rate; where an int8
-    row was timed, its ratio to the peer too."""
+    row was timed (calibrated inference, training with int8 products), its ratio to the peer too."""
     rows = results["rows"]
-    has_int8 = any(r["variant"] == INT8_VARIANT for r in rows)
+    has_int8 = any(r["variant"] in (INT8_VARIANT, INT8_TRAINING_VARIANT) for r in rows)
     lines = []
     for device in results["calibration"]:
         for key in dict.fromkeys(r["model"] for r in rows if r["device"] == device):
@@ -636,7 +647,8 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     fast = next((r for r in rows if all(r[k] == v for k, v in where.items()) and r["library"] == "seglab"
                                  and r["variant"].startswith("fast (") and "compile" not in r["variant"]), None)
                     plain = _find(rows, library="seglab", variant="eager fp32", **where)
-                    int8 = _find(rows, library="seglab", variant=INT8_VARIANT, **where)
+                    int8 = _find(rows, library="seglab", variant=INT8_VARIANT if mode == "inference"
+                                 else INT8_TRAINING_VARIANT, **where)
                     peer = _find(rows, library=arch.peer, **where) if arch.peer else None
                     if fast is None:
                         continue

@@ -7,7 +7,9 @@
    Winograd's 3x3 convolutions where it trains in float32 on the CPU) from
    the same seed and data order, evaluated in float32: its mIoU against run 1's.
 3. Where the CPU has 8-bit products, run 1's model through the int8 inference path,
-   calibrated on training images: its mIoU and agreement with float32.
+   calibrated on training images: its mIoU and agreement with float32; and a third training
+   run, the float32 fast training path with int8 products for the large 1x1 convolutions
+   (`seglab.ops.int8_products`), from the same seed and data order: its mIoU against run 1's.
 """
 from __future__ import annotations
 
@@ -45,14 +47,15 @@ def _stacked(dataset: SyntheticShapes) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train(build: Callable[[], nn.Module], images: torch.Tensor, masks: torch.Tensor, device: torch.device,
-           *, fast: bool, precision: str, epochs: int, batch_size: int, seed: int) -> nn.Module:
+           *, fast: bool, precision: str, epochs: int, batch_size: int, seed: int,
+           int8_products: bool = False) -> nn.Module:
     torch.manual_seed(seed)
     model = build().to(device).train()
     if fast:
         model = to_channels_last(model)
     options = optimizer_options("adamw", device) if fast else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, **options)
-    convolutions = training_convolutions(model, device, precision, enabled=fast)
+    convolutions = training_convolutions(model, device, precision, enabled=fast, int8_products=int8_products)
     loss_fn = CrossEntropyLoss(ignore_index=None)
     order = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -122,8 +125,12 @@ def accuracy_check(model_key: str, device: str = "cpu", precision: str = "auto",
         int8_predictions = _predict(optimize_for_inference(plain, "int8", calibration=calibration), val_images,
                                     torch_device)
         miou_int8 = _miou(int8_predictions, val_masks, num_classes)
+        int8_trained = _train(build, train_images, train_masks, torch_device, fast=True, int8_products=True,
+                              **{**common, "precision": "32"})
+        miou_int8_training = _miou(_predict(int8_trained, val_images, torch_device), val_masks, num_classes)
         int8 = {"miou_int8_inference": miou_int8, "miou_int8_inference_delta": miou_int8 - miou_fp32,
-                "int8_argmax_agreement": float((int8_predictions == reference).float().mean())}
+                "int8_argmax_agreement": float((int8_predictions == reference).float().mean()),
+                "miou_int8_training": miou_int8_training, "miou_int8_training_delta": miou_int8_training - miou_fp32}
     return {
         "model": arch.title,
         "setup": f"{train_samples} synthetic {image_size}x{image_size} images, {epochs} epochs, batch {batch_size}, "

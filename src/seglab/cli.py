@@ -124,6 +124,10 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--warmup-epochs", dict(type=float, help="linear learning-rate warm-up (epochs, may be fractional)")),
     ("--precision", dict(choices=["auto", "32", "bf16", "16"], help="auto (default: bf16 where the hardware runs it natively, else 32), 32, bf16, 16 (CUDA)")),
     ("--direct-convolutions", dict(action="store_const", const=True, help=DIRECT_CONVOLUTIONS_HELP)),
+    ("--int8-products", dict(action="store_const", const=True,
+                             help="float32 training on a CPU with VNNI or AMX: the large 1x1 convolutions' forward "
+                                  "and input gradient as int8 products with one scale per row, weight gradients in "
+                                  "float32 (not exact; docs/engine.md)")),
     ("--native-norms", dict(action="store_const", const=True,
                             help="bf16 training on the CPU: BatchNorm with the ReLU, or a ResNet block's shortcut "
                                  "addition and ReLU, after it by one native kernel (2-4.5%% faster steps; opt-in: "
@@ -476,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ablation", type=lambda t: t.split(","), help="architectures that get one-optimisation-at-a-time rows")
     bench.add_argument("--compile", action="store_true", default=None, help="add a torch.compile row to the ablation")
     bench.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
-                       help="time the int8 inference path too (default: on CPUs with VNNI or AMX 8-bit products)")
+                       help="time int8 too: calibrated inference, and training with int8 products (default: on CPUs "
+                            "with VNNI or AMX 8-bit products)")
     bench.add_argument("--accuracy", action="store_true", default=None,
                        help="train the first model on synthetic shapes; compare fast path and fp32 mIoU")
     bench.add_argument("--out", default="bench-results", help="folder for bench.json and bench.md (default: bench-results)")

@@ -295,3 +295,35 @@ def test_a_large_dilation_trains_by_winograd_on_its_phases_where_that_saves_most
     with torch.autocast("cpu", torch.bfloat16), TrainingConvolutions(conv, tuned_weight_gradients=False):
         conv(x.detach().requires_grad_())
     assert sides == ([] if tile is None else [tile])
+
+
+def test_int8_products_take_the_large_1x1_convolutions_of_a_training_step_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(256, 512, 1), nn.ReLU(), nn.Conv2d(512, 64, 1), nn.ReLU(),
+                          nn.Conv2d(64, 8, 1)).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 256, 16, 16).contiguous(memory_format=torch.channels_last)
+    taken = []
+    real = convolutions.int8_pointwise_conv
+    int8_route = TrainingConvolutions(model, int8_products=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(convolutions, "int8_pointwise_conv",
+                      lambda x, w, b, stride: taken.append(tuple(w.shape)) or real(x, w, b, stride))
+        y, gradients, _ = _step(model, x, int8_route)
+        with torch.no_grad(), int8_route:
+            inferred = model(x)
+    assert taken == [(512, 256, 1, 1)]  # 512 x 64 is too few channel pairs; none without gradients
+    exact, exact_gradients, _ = _step(model, x, TrainingConvolutions(model))
+    assert torch.equal(inferred, model(x))
+    assert 1e-6 < float((y - exact).norm() / exact.norm()) < 0.01
+    # The rounding of the first forward reaches every gradient through the loss, most the first
+    # weight's (its input is what was rounded): direction kept, size within 10%.
+    for gradient, exact_gradient in zip(gradients, exact_gradients):
+        assert torch.cosine_similarity(gradient.flatten(), exact_gradient.flatten(), 0) > 0.99
+        assert float((gradient - exact_gradient).norm() / exact_gradient.norm()) < 0.1
+
+
+def test_int8_products_are_float32_only():
+    model = nn.Sequential(nn.Conv2d(8, 8, 1))
+    route = training_convolutions(model, "cpu", "32", int8_products=True)
+    assert isinstance(route, TrainingConvolutions) and route.int8_products
+    assert not training_convolutions(model, "cpu", "32").int8_products

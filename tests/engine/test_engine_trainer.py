@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from seglab.data.stats import median_frequency_weights
 from seglab.engine import trainer as trainer_module
 from seglab.engine.config import TrainConfig
 from seglab.engine.ema import ModelEMA
+from seglab.engine.int8 import cpu_runs_int8
 from seglab.engine.precision import cpu_runs_bf16
 from seglab.engine.trainer import Trainer, use_deterministic_kernels
 from seglab.losses import WeightedSum
@@ -147,16 +149,34 @@ def test_float32_cpu_training_runs_under_winograd_unless_direct_convolutions(tmp
     asked = []
     real = trainer_module.training_convolutions
 
-    def recording(model, device, precision, enabled=True, deterministic=False):
-        asked.append((precision, enabled, deterministic))
-        return real(model, device, precision, enabled, deterministic=deterministic)
+    def recording(model, device, precision, enabled=True, deterministic=False, int8_products=False):
+        asked.append((precision, enabled, deterministic, int8_products))
+        return real(model, device, precision, enabled, deterministic=deterministic, int8_products=int8_products)
 
     monkeypatch.setattr(trainer_module, "training_convolutions", recording)
-    for direct, deterministic in ((False, False), (True, False), (False, True)):
-        trainer = make_trainer(tmp_path / f"{direct}-{deterministic}", precision="32", direct_convolutions=direct,
-                               deterministic=deterministic, epochs=1, train_samples=4, val_samples=2)
+    runs = [(False, False, False), (True, False, False), (False, True, False)]
+    if cpu_runs_int8():
+        runs.append((False, False, True))
+    for direct, deterministic, int8_products in runs:
+        trainer = make_trainer(tmp_path / f"{direct}-{deterministic}-{int8_products}", precision="32",
+                               direct_convolutions=direct, deterministic=deterministic, int8_products=int8_products,
+                               epochs=1, train_samples=4, val_samples=2)
         trainer.fit()
-    assert asked == [("32", True, False), ("32", False, False), ("32", True, True)]
+    assert asked == [("32", not direct, deterministic, int8_products) for direct, deterministic, int8_products in runs]
+
+
+def test_int8_products_are_refused_with_one_line_where_they_would_not_run(tmp_path: Path, monkeypatch) -> None:
+    if cpu_runs_int8():
+        if cpu_runs_bf16():
+            with pytest.raises(ValueError, match="--int8-products: float32 training only"), \
+                    warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # bf16 without native support warns first
+                make_trainer(tmp_path, precision="bf16", int8_products=True)
+        with pytest.raises(ValueError, match="drop --direct-convolutions"):
+            make_trainer(tmp_path, precision="32", direct_convolutions=True, int8_products=True)
+    monkeypatch.setattr("seglab.engine.int8.cpu_runs_int8", lambda: False)
+    with pytest.raises(ValueError, match="--int8-products: needs a CPU with VNNI or AMX"):
+        make_trainer(tmp_path, precision="32", int8_products=True)
 
 
 def test_deterministic_on_a_gpu_asks_for_cudnns_and_pytorchs_deterministic_algorithms(monkeypatch) -> None:

@@ -52,6 +52,9 @@ class TrainConfig:
     # kernel, 2-4.5% faster steps; opt-in until more seeds show it trains to the same mIoU (docs/bench.md)
     native_norms: bool = False
     direct_convolutions: bool = False  # float32 on the CPU: eager convolutions, no Winograd, no tuned weight gradients
+    # float32 on a CPU with VNNI or AMX: the large 1x1 convolutions' forward and input gradient as
+    # int8 products with one scale per row (seglab.ops.int8_products); weight gradients stay float32
+    int8_products: bool = False
     deterministic: bool = False  # the same bits every run: fixed CPU weight-gradient kernels, cuDNN's deterministic ones
     accumulate: int = 1  # gradient accumulation: optimiser step every N batches
     clip_grad_norm: float | None = None  # clip the global gradient norm to this value

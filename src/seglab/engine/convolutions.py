@@ -10,6 +10,9 @@ In float32 two rewrites, each exact up to float32 rounding, chosen per call:
   where `upsampling_output_tile` says it pays.
 - A large-dilation `AtrousConv2d` (DeepLab's ASPP) by Winograd over the map's phases where
   that does fewer multiply-adds than its per-tap windows (`atrous_output_tile`).
+- With `int8_products` (opt-in; CPUs with VNNI or AMX), the large 1x1 convolutions' forward and
+  input gradient as int8 products with one scale per row (`seglab.ops.int8_products`), their
+  weight gradients in float32: not exact, about 0.5-1% of each product's size.
 - Elsewhere oneDNN's forward and input gradient, with the weight gradient by the kernel timed
   fastest for the shape (`seglab.ops.weight_gradient`): oneDNN's own float32 weight gradient on
   channels-last maps is the slowest part of a training step on processors without bf16.
@@ -43,6 +46,7 @@ from seglab.engine.winograd import (
 from seglab.ops.atrous_depthwise import trains
 from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.grad_mode import records_gradients
+from seglab.ops.int8_products import int8_pointwise_conv, takes_int8_pointwise
 from seglab.ops.nearest_conv import UpsamplingConvCaller
 from seglab.ops.weight_gradient import ConvSettings, takes_tuned_weight_gradient, tuned_convolution
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters
@@ -62,11 +66,12 @@ class TrainingConvolutions:
     """A context in which `model`'s convolutions take the training route above: `winograd` for
     the 3x3 convolutions where it pays, `tuned_weight_gradients` for the rest: their kernels
     timed at the first step, or, `deterministic`, fixed without timing (the same bits in every
-    run from the same seed)."""
+    run from the same seed); with `int8_products`, the large 1x1 convolutions by int8 products."""
 
     def __init__(self, model: nn.Module, *, winograd: bool = True, tuned_weight_gradients: bool = True,
-                 deterministic: bool = False) -> None:
+                 deterministic: bool = False, int8_products: bool = False) -> None:
         self.tuned_weight_gradients = tuned_weight_gradients
+        self.int8_products = int8_products
         self.timed = not deterministic
         self.convs = [m for m in model.modules() if _routable(m)]
         self.winograd_convs = {id(m) for m in self.convs if winograd and conv_takes_winograd(m, min_channels(training=True))}
@@ -102,6 +107,8 @@ class TrainingConvolutions:
     def _conv_forward(self, conv: nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
         training = trains(conv, input)
+        if self.int8_products and training and takes_int8_pointwise(conv, input):
+            return int8_pointwise_conv(input, weight, bias, conv.stride[0])
         tile = call_output_tile(input, weight, conv.dilation[0], training) if id(conv) in self.winograd_convs else None
         if tile is not None and torch.is_autocast_enabled("cpu"):
             return _autocast_winograd(input, weight, bias, conv.dilation[0], tile)
@@ -144,17 +151,18 @@ def _autocast_winograd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 def training_convolutions(model: nn.Module, device: torch.device | str, precision: str | int,
                           enabled: bool = True, *, winograd: bool = True,
-                          tuned_weight_gradients: bool = True, deterministic: bool = False) -> ContextManager:
+                          tuned_weight_gradients: bool = True, deterministic: bool = False,
+                          int8_products: bool = False) -> ContextManager:
     """`TrainingConvolutions(model)` for training on the CPU (when `enabled`; build it once and
     enter it at each step): in float32 the whole route; under bf16 autocast Winograd's F(2x2)
     for the widest 3x3 convolutions (`bf16_pays`), the rest autocast's (the tuned weight
-    gradients are float32's). Elsewhere a context that changes nothing (GPUs have their own
-    algorithms)."""
+    gradients are float32's); `int8_products` in float32 only. Elsewhere a context that changes
+    nothing (GPUs have their own algorithms)."""
     device = torch.device(device)
     name = resolve_precision(precision, device).name if enabled and device.type == "cpu" else None
     if name == "32":
         return TrainingConvolutions(model, winograd=winograd, tuned_weight_gradients=tuned_weight_gradients,
-                                    deterministic=deterministic)
+                                    deterministic=deterministic, int8_products=int8_products)
     if name == "bf16" and winograd:
         return TrainingConvolutions(model, tuned_weight_gradients=False)
     return contextlib.nullcontext()

@@ -51,11 +51,11 @@ def cpu_runs_int8() -> bool:
             and (cpu_has("vnni") or cpu_has("amx_tile")))
 
 
-def require_int8(device: torch.device) -> None:
-    """Raise ValueError (one line for the command line) unless int8 runs on `device`."""
+def require_int8(device: torch.device, option: str = "--precision int8", instead: str = "use --precision 32") -> None:
+    """Raise ValueError (one line for the command line, naming `option`) unless int8 runs on
+    `device`."""
     if device.type != "cpu" or not cpu_runs_int8():
-        raise ValueError("--precision int8: needs a CPU with VNNI or AMX 8-bit products (--device cpu); "
-                         "use --precision 32")
+        raise ValueError(f"{option}: needs a CPU with VNNI or AMX 8-bit products (--device cpu); {instead}")
 
 
 def input_quantization(low: float, high: float) -> tuple[float, int]:

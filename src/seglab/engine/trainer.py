@@ -43,6 +43,7 @@ from seglab.engine.distributed import agree, all_reduce_sum, init_distributed
 from seglab.engine.ema import ModelEMA
 from seglab.engine.evaluator import Normalize, evaluate, logits_of
 from seglab.engine.fastpath import optimizer_options, to_channels_last, training_convolutions, training_norms
+from seglab.engine.int8 import require_int8
 from seglab.engine.precision import resolve_precision
 from seglab.engine.syncbn import convert_sync_batchnorm
 from seglab.engine.state import load_training_state, rng_state, save_training_state, set_rng_state
@@ -239,6 +240,8 @@ class Trainer:
         if config.batch_size % self.dist.world_size:
             raise ValueError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the {self.dist.world_size} processes")
         self.precision = resolve_precision(config.precision, self.device)
+        if config.int8_products:
+            self._check_int8_products()
         self.summary_writer_class = self._tensorboard_writer_class() if config.tensorboard else None
         seed_everything(config.seed)
         if config.deterministic:
@@ -264,7 +267,8 @@ class Trainer:
         # F(2x2)), unless asked not to; entered at each step.
         self.convolutions = training_convolutions(self.model, self.device, self.precision.name,
                                                   enabled=not config.direct_convolutions,
-                                                  deterministic=config.deterministic)
+                                                  deterministic=config.deterministic,
+                                                  int8_products=config.int8_products)
         # With `native_norms`, in bf16 on the CPU, BatchNorm with the ReLU, or a ResNet block's
         # shortcut addition and ReLU, after it in one native kernel; entered at each step.
         self.norms = training_norms(self.model, self.device, self.precision.name, enabled=config.native_norms)
@@ -321,6 +325,14 @@ class Trainer:
         if self.dist.enabled:
             dist.broadcast_object_list(chosen, src=0)
         return Path(chosen[0])
+
+    def _check_int8_products(self) -> None:
+        """Refuse --int8-products, with one line, where it would not run as asked."""
+        require_int8(self.device, "--int8-products", "train without it")
+        if self.precision.name != "32":
+            raise ValueError(f"--int8-products: float32 training only (--precision 32), not {self.precision.name}")
+        if self.config.direct_convolutions:
+            raise ValueError("--int8-products runs on the training route of the convolutions; drop --direct-convolutions")
 
     def _tensorboard_writer_class(self) -> type:
         try:

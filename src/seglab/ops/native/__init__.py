@@ -47,7 +47,7 @@ from seglab.ops.native import specialise as _specialise
 
 __all__ = ["FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", "MAX_UPSAMPLED", "MIX_FFN_CHANNELS_MULTIPLE", "PLANAR_OUTS",
            "add_upsampled_", "available", "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy",
-           "gather_tiles", "linear", "mix_ffn", "mlp_head", "planar_conv3x3", "quantize_u8", "resize_bilinear", "scatter_tiles",
+           "gather_tiles", "linear", "mix_ffn", "mlp_head", "planar_conv3x3", "quantize_u8", "quantize_rows_s8", "dequantize_rows", "resize_bilinear", "scatter_tiles",
            "specialise", "unavailable_reason", "winograd_fused"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
@@ -246,6 +246,8 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_planar_conv3x3.restype = i32
     library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
     library.seglab_quantize_u8.argtypes = [pointer, pointer, i64, ctypes.c_float, i32, i32]
+    library.seglab_quantize_rows_s8.argtypes = [pointer] * 3 + [i64] * 3 + [i32]
+    library.seglab_dequantize_rows.argtypes = [pointer] * 5 + [i64, i64, i32]
     library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
     openmp = _torch_openmp()
     if openmp is not None:
@@ -790,6 +792,44 @@ def quantize_u8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     if x.numel():
         library.seglab_quantize_u8(out.data_ptr(), x.data_ptr(), x.numel(), 1.0 / scale, zero_point,
                                    torch.get_num_threads())
+    return out
+
+
+def quantize_rows_s8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rows x columns float32 matrix (rows may be strided, columns contiguous) as int8 levels
+    round(x * 127 / absmax), half to even, with absmax the largest magnitude in the row, and
+    the rows' scales absmax / 127 (0 for a row of zeros, whose levels are 0), in one pass
+    (`quantize.c`). Returns (levels: rows x columns int8, contiguous; scales: rows float32)."""
+    library = _required()
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"quantize_rows_s8 takes a 2-d float32 CPU matrix with contiguous rows, not {x.dtype} "
+                         f"{tuple(x.shape)} with strides {x.stride()} on {x.device}")
+    rows, columns = x.shape
+    levels = torch.empty(rows, columns, dtype=torch.int8)
+    scales = torch.empty(rows, dtype=torch.float32)
+    if x.numel():
+        library.seglab_quantize_rows_s8(levels.data_ptr(), scales.data_ptr(), x.data_ptr(), rows, columns,
+                                        x.stride(0), torch.get_num_threads())
+    return levels, scales
+
+
+def dequantize_rows(products: torch.Tensor, row_scales: torch.Tensor, column_scales: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 products (rows x columns, contiguous) as float32 products[r, c] * row_scales[r] *
+    column_scales[c] (+ bias[c]), in one pass (`quantize.c`)."""
+    library = _required()
+    if products.dtype != torch.int32 or products.dim() != 2 or not products.is_contiguous():
+        raise ValueError(f"dequantize_rows takes contiguous 2-d int32 products, not {products.dtype} {tuple(products.shape)}")
+    rows, columns = products.shape
+    for tensor, size, name in ((row_scales, rows, "row scales"), (column_scales, columns, "column scales"),
+                               (bias, columns, "bias")):
+        if tensor is not None and (tensor.dtype != torch.float32 or tensor.shape != (size,) or not tensor.is_contiguous()):
+            raise ValueError(f"dequantize_rows takes {size} contiguous float32 {name}, not {tensor.dtype} {tuple(tensor.shape)}")
+    out = torch.empty(rows, columns, dtype=torch.float32)
+    if products.numel():
+        library.seglab_dequantize_rows(out.data_ptr(), products.data_ptr(), row_scales.data_ptr(),
+                                       column_scales.data_ptr(), 0 if bias is None else bias.data_ptr(), rows, columns,
+                                       torch.get_num_threads())
     return out
 
 

@@ -49,3 +49,104 @@ void seglab_quantize_u8(uint8_t *out, const float *x, int64_t count, float inv_s
     QuantizeJob job = {out, x, count, inv_scale, (float)zero_point};
     parallel_for((count + QUANTIZE_BLOCK - 1) / QUANTIZE_BLOCK, threads, quantize_blocks, &job);
 }
+
+/* Row-wise symmetric int8, for training's int8 products (seglab.ops.int8_matmul): each row of a
+ * rows x columns float32 matrix gets its own scale, absmax / 127, and levels
+ * round(x * 127 / absmax) in -127..127, half to even; a row of zeros gets scale 0 and levels 0.
+ * One pass over memory: a row (at most a few thousand floats) is read for its largest magnitude
+ * and read again, from the cache, for its levels. NaN is not looked for: training's own checks
+ * (the loss) see it. */
+
+#define ROWS_BLOCK 64
+
+typedef struct {
+    int8_t *out;
+    float *scales;
+    const float *x;
+    int64_t rows, columns, row_stride;
+} RowsJob;
+
+static void quantize_row_blocks(const void *arg, int64_t begin, int64_t end) {
+    const RowsJob *job = (const RowsJob *)arg;
+    const int64_t last = end * ROWS_BLOCK < job->rows ? end * ROWS_BLOCK : job->rows;
+    const int64_t columns = job->columns;
+    for (int64_t r = begin * ROWS_BLOCK; r < last; r++) {
+        const float *x = job->x + r * job->row_stride;
+        int8_t *out = job->out + r * columns;
+        float largest = 0.0f;
+        int64_t c = 0;
+#if defined(__AVX512F__)
+        __m512 largest_v = _mm512_setzero_ps();
+        for (; c + 16 <= columns; c += 16)
+            largest_v = _mm512_max_ps(largest_v, _mm512_abs_ps(_mm512_loadu_ps(x + c)));
+        largest = _mm512_reduce_max_ps(largest_v);
+#endif
+        for (; c < columns; c++) {
+            const float magnitude = __builtin_fabsf(x[c]);
+            largest = magnitude > largest ? magnitude : largest;
+        }
+        job->scales[r] = largest / 127.0f;
+        const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+        c = 0;
+#if defined(__AVX512F__)
+        const __m512 inverse_v = _mm512_set1_ps(inverse);
+        for (; c + 16 <= columns; c += 16) {
+            /* |x| * 127 / absmax <= 127 up to a rounding: the saturating conversion keeps it in range */
+            const __m512i level = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + c), inverse_v));
+            _mm_storeu_si128((__m128i *)(out + c), _mm512_cvtsepi32_epi8(level));
+        }
+#endif
+        for (; c < columns; c++) {
+            float level = __builtin_rintf(x[c] * inverse);
+            level = level > 127.0f ? 127.0f : (level < -127.0f ? -127.0f : level);
+            out[c] = (int8_t)(int32_t)level;
+        }
+    }
+}
+
+void seglab_quantize_rows_s8(int8_t *out, float *scales, const float *x, int64_t rows, int64_t columns,
+                             int64_t row_stride, int32_t threads) {
+    RowsJob job = {out, scales, x, rows, columns, row_stride};
+    parallel_for((rows + ROWS_BLOCK - 1) / ROWS_BLOCK, threads, quantize_row_blocks, &job);
+}
+
+/* The int32 products back to float32: out[r][c] = products[r][c] * row_scales[r] *
+ * column_scales[c] (+ bias[c]), in one pass. */
+
+typedef struct {
+    float *out;
+    const int32_t *products;
+    const float *row_scales, *column_scales, *bias;
+    int64_t rows, columns;
+} DequantizeJob;
+
+static void dequantize_row_blocks(const void *arg, int64_t begin, int64_t end) {
+    const DequantizeJob *job = (const DequantizeJob *)arg;
+    const int64_t last = end * ROWS_BLOCK < job->rows ? end * ROWS_BLOCK : job->rows;
+    const int64_t columns = job->columns;
+    for (int64_t r = begin * ROWS_BLOCK; r < last; r++) {
+        const int32_t *products = job->products + r * columns;
+        float *out = job->out + r * columns;
+        const float row_scale = job->row_scales[r];
+        int64_t c = 0;
+#if defined(__AVX512F__)
+        const __m512 row_v = _mm512_set1_ps(row_scale);
+        for (; c + 16 <= columns; c += 16) {
+            const __m512 scale = _mm512_mul_ps(row_v, _mm512_loadu_ps(job->column_scales + c));
+            const __m512 value = _mm512_cvtepi32_ps(_mm512_loadu_si512(products + c));
+            _mm512_storeu_ps(out + c, job->bias ? _mm512_fmadd_ps(value, scale, _mm512_loadu_ps(job->bias + c))
+                                                : _mm512_mul_ps(value, scale));
+        }
+#endif
+        for (; c < columns; c++) {
+            const float value = (float)products[c], scale = row_scale * job->column_scales[c];
+            out[c] = job->bias ? __builtin_fmaf(value, scale, job->bias[c]) : value * scale;
+        }
+    }
+}
+
+void seglab_dequantize_rows(float *out, const int32_t *products, const float *row_scales, const float *column_scales,
+                            const float *bias, int64_t rows, int64_t columns, int32_t threads) {
+    DequantizeJob job = {out, products, row_scales, column_scales, bias, rows, columns};
+    parallel_for((rows + ROWS_BLOCK - 1) / ROWS_BLOCK, threads, dequantize_row_blocks, &job);
+}
