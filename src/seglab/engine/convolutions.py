@@ -1,6 +1,6 @@
 """The training route of a model's convolutions on the CPU.
 
-In float32 two rewrites, each exact up to float32 rounding, chosen per call:
+In float32 these rewrites, each exact up to float32 rounding, chosen per call:
 
 - Winograd's F(4x4, 3x3) or F(6x6, 3x3) (`seglab.ops.winograd`) for the 3x3 convolutions
   where it pays (`seglab.engine.winograd`): a quarter to a fifth of the multiply-adds, forward
@@ -10,12 +10,14 @@ In float32 two rewrites, each exact up to float32 rounding, chosen per call:
   where `upsampling_output_tile` says it pays.
 - A large-dilation `AtrousConv2d` (DeepLab's ASPP) by Winograd over the map's phases where
   that does fewer multiply-adds than its per-tap windows (`atrous_output_tile`).
-- With `int8_products` (opt-in; CPUs with VNNI or AMX), the large 1x1 convolutions' forward and
-  input gradient as int8 products with one scale per row (`seglab.ops.int8_products`), their
-  weight gradients in float32: not exact, about 0.5-1% of each product's size.
 - Elsewhere oneDNN's forward and input gradient, with the weight gradient by the kernel timed
   fastest for the shape (`seglab.ops.weight_gradient`): oneDNN's own float32 weight gradient on
   channels-last maps is the slowest part of a training step on processors without bf16.
+
+One more, opt-in and not exact (`int8_products`, CPUs with VNNI or AMX): the large 1x1
+convolutions' forward and input gradient as int8 products with one scale per row
+(`seglab.ops.int8_products`; about 0.5-1% of each product's size), their weight gradients in
+float32.
 
 `TrainingConvolutions(model)` is a context: inside it the model's convolution modules route
 their calls (the module's `_conv_forward`, and the `_upsampling_conv` of a U-Net decoder's or
