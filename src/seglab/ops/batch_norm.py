@@ -27,14 +27,10 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 from seglab.ops import native
+from seglab.ops.layout import pixel_rows
 from seglab.ops.tracing import being_traced
 
 __all__ = ["batch_norm_act", "takes_native_batch_norm"]
-
-
-def _rows(map_: torch.Tensor) -> torch.Tensor:
-    """An N x C x H x W channels-last map as its (N H W) x C matrix (a view)."""
-    return map_.permute(0, 2, 3, 1).reshape(-1, map_.shape[1])
 
 
 def _channels_last(map_: torch.Tensor) -> bool:
@@ -78,9 +74,9 @@ class _BatchNormAct(torch.autograd.Function):
         # A tensor of its own, not a view of the kernel's rows: the caller may change it in place.
         y = torch.empty_like(x, memory_format=torch.channels_last)
         _, saved = native.batch_norm_forward(
-            _rows(x), weight, bias, shortcut=None if shortcut is None else _rows(shortcut), relu=relu,
+            pixel_rows(x), weight, bias, shortcut=None if shortcut is None else pixel_rows(shortcut), relu=relu,
             running_mean=norm.running_mean if running else None, running_var=norm.running_var if running else None,
-            momentum=momentum, eps=norm.eps, out=_rows(y))
+            momentum=momentum, eps=norm.eps, out=pixel_rows(y))
         ctx.relu, ctx.has_shortcut = relu, shortcut is not None
         # With a shortcut the backward reads the ReLU's mask from y (the next layer keeps it anyway).
         ctx.save_for_backward(x, y if shortcut is not None and relu else None, saved)
@@ -94,9 +90,10 @@ class _BatchNormAct(torch.autograd.Function):
         grad_x = torch.empty_like(x, memory_format=torch.channels_last) if ctx.needs_input_grad[0] else None
         grad_shortcut = torch.empty_like(x, memory_format=torch.channels_last) if y is not None else None
         _, _, grad_weight, grad_bias = native.batch_norm_backward(
-            _rows(grad), _rows(x), saved, relu=ctx.relu, y=None if y is None else _rows(y),
+            pixel_rows(grad), pixel_rows(x), saved, relu=ctx.relu, y=None if y is None else pixel_rows(y),
             input_gradient=grad_x is not None,
-            out=(None if grad_x is None else _rows(grad_x), None if grad_shortcut is None else _rows(grad_shortcut)))
+            out=(None if grad_x is None else pixel_rows(grad_x),
+                 None if grad_shortcut is None else pixel_rows(grad_shortcut)))
         if ctx.has_shortcut and grad_shortcut is None:  # no ReLU: the shortcut's gradient is the output's
             grad_shortcut = grad
         return (grad_x, grad_shortcut,

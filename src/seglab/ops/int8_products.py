@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from seglab.ops import native
+from seglab.ops.layout import channel_sums, pixel_rows
 
 __all__ = ["INT8_LEVELS", "MIN_PRODUCT_CHANNELS", "dequantize_rows", "int8_pointwise_conv", "int8_product",
            "quantize_rows", "takes_int8_pointwise"]
@@ -57,7 +58,8 @@ def dequantize_rows(products: torch.Tensor, row_scales: torch.Tensor, column_sca
     if native.available() and products.device.type == "cpu":
         return native.dequantize_rows(products, row_scales, column_scales, bias)
     scales = row_scales[:, None] * column_scales[None, :]
-    return torch.addcmul(bias.expand_as(scales) if bias is not None else torch.zeros_like(scales), products.float(), scales)
+    start = bias.expand_as(scales) if bias is not None else torch.zeros_like(scales)
+    return torch.addcmul(start, products.float(), scales)
 
 
 def int8_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,14 +70,8 @@ def int8_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
     return dequantize_rows(torch._int_mm(a_levels, b_levels.t()), a_scales, b_scales, bias)
 
 
-def _pixels(maps: torch.Tensor) -> torch.Tensor:
-    """A channels-last N x C x H x W map as its (N H W) x C matrix (a view)."""
-    n, c, h, w = maps.shape
-    return maps.permute(0, 2, 3, 1).reshape(n * h * w, c)
-
-
 def _maps(pixels: torch.Tensor, like: tuple[int, ...]) -> torch.Tensor:
-    """The inverse of `_pixels`: (N H W) x C -> a channels-last N x C x H x W view."""
+    """The inverse of `pixel_rows`: (N H W) x C -> a channels-last N x C x H x W view."""
     n, _, h, w = like
     return pixels.view(n, h, w, pixels.shape[1]).permute(0, 3, 1, 2)
 
@@ -90,20 +86,20 @@ class _Int8PointwiseConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         matrix = weight.reshape(weight.shape[0], -1)
-        return _maps(int8_product(_pixels(x), matrix, bias), x.shape)
+        return _maps(int8_product(pixel_rows(x), matrix, bias), x.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        grad_pixels = _pixels(grad.contiguous(memory_format=torch.channels_last))
+        grad_pixels = pixel_rows(grad.contiguous(memory_format=torch.channels_last))
         matrix = weight.reshape(weight.shape[0], -1)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = _maps(int8_product(grad_pixels, matrix.t().contiguous()), x.shape)
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad_pixels.t() @ _pixels(x)).view_as(weight)
+            grad_weight = (grad_pixels.t() @ pixel_rows(x)).view_as(weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_pixels.sum(0)
+            grad_bias = channel_sums(grad)
         return grad_input, grad_weight, grad_bias
 
 

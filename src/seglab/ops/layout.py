@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["channel_sums", "in_layout_of", "memory_format_of"]
+__all__ = ["channel_sums", "in_layout_of", "memory_format_of", "pixel_rows"]
 
 SUMMED_ROW_FLOATS = 512  # the width `channel_sums` folds a channels-last map's pixels into
 
@@ -21,6 +21,11 @@ def in_layout_of(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous(memory_format=memory_format_of(reference))
 
 
+def pixel_rows(map_: torch.Tensor) -> torch.Tensor:
+    """An N x C x H x W channels-last map as its (N H W) x C matrix of pixels (a view)."""
+    return map_.permute(0, 2, 3, 1).reshape(-1, map_.shape[1])
+
+
 def channel_sums(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of an N x C x H x W float32 map over all but its channels (a bias's gradient).
 
@@ -33,8 +38,8 @@ def channel_sums(tensor: torch.Tensor) -> torch.Tensor:
     channels_last = tensor.is_contiguous(memory_format=torch.channels_last)
     if channels % 32 == 0 or tensor.dtype != torch.float32 or not channels_last:
         return tensor.sum((0, 2, 3))
-    pixel_rows = tensor.permute(0, 2, 3, 1).view(-1, channels)
+    rows = pixel_rows(tensor)
     fold = -(-SUMMED_ROW_FLOATS // channels)
-    whole = pixel_rows.shape[0] // fold * fold
-    sums = pixel_rows[:whole].view(-1, fold * channels).sum(0).view(fold, channels).sum(0)
-    return sums + pixel_rows[whole:].sum(0)
+    whole = rows.shape[0] // fold * fold
+    sums = rows[:whole].view(-1, fold * channels).sum(0).view(fold, channels).sum(0)
+    return sums + rows[whole:].sum(0)
