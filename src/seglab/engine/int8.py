@@ -34,13 +34,14 @@ import torch.nn.functional as F
 from seglab.engine.onednn import FusedConv
 from seglab.engine.precision import cpu_has
 from seglab.ops import native
+from seglab.ops.int8_products import INT8_LEVELS
 from seglab.ops.nearest_conv import NearestUpsampleConv
 
 __all__ = ["INT8_WEIGHT_LEVELS", "Int8Convolution", "Int8UpsamplingConvolution", "calibrate_int8",
            "chain_int8_levels", "cpu_runs_int8", "input_quantization",
            "quantize_input", "quantize_weights", "require_int8", "use_int8_convolutions"]
 
-INT8_WEIGHT_LEVELS = 127  # symmetric: -127..127, so a weight and its negation round alike
+INT8_WEIGHT_LEVELS = INT8_LEVELS  # symmetric: -127..127, so a weight and its negation round alike
 _INPUT_LEVELS = 255  # uint8
 
 

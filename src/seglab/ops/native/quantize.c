@@ -50,7 +50,7 @@ void seglab_quantize_u8(uint8_t *out, const float *x, int64_t count, float inv_s
     parallel_for((count + QUANTIZE_BLOCK - 1) / QUANTIZE_BLOCK, threads, quantize_blocks, &job);
 }
 
-/* Row-wise symmetric int8, for training's int8 products (seglab.ops.int8_matmul): each row of a
+/* Row-wise symmetric int8, for training's int8 products (seglab.ops.int8_products): each row of a
  * rows x columns float32 matrix gets its own scale, absmax / 127, and levels
  * round(x * 127 / absmax) in -127..127, half to even; a row of zeros gets scale 0 and levels 0.
  * One pass over memory: a row (at most a few thousand floats) is read for its largest magnitude
