@@ -179,6 +179,16 @@ def test_int8_products_are_refused_with_one_line_where_they_would_not_run(tmp_pa
         make_trainer(tmp_path, precision="32", int8_products=True)
 
 
+def test_int8_products_say_how_many_convolutions_take_them_or_that_none_does(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("seglab.engine.int8.cpu_runs_int8", lambda: True)  # only the message is checked
+    small = make_trainer(tmp_path / "unet", precision="32", int8_products=True)  # 16 base channels
+    assert "none of unet's convolutions" in small._int8_products_line()
+    assert "float32 throughout" in small._int8_products_line()
+    resnet50 = make_trainer(tmp_path / "deeplab", precision="32", int8_products=True, model="deeplabv3", model_kwargs={},
+                            encoder="resnet50")
+    assert resnet50._int8_products_line().startswith("int8 products: 31 1x1 convolutions")
+
+
 def test_deterministic_on_a_gpu_asks_for_cudnns_and_pytorchs_deterministic_algorithms(monkeypatch) -> None:
     asked = []
     monkeypatch.setattr(torch, "use_deterministic_algorithms",

@@ -10,6 +10,7 @@ from seglab.ops import int8_products, native
 from seglab.ops.int8_products import (
     MIN_PRODUCT_CHANNELS,
     dequantize_rows,
+    int8_pointwise_candidates,
     int8_pointwise_conv,
     int8_product,
     quantize_rows,
@@ -90,10 +91,14 @@ def test_dequantize_rows_scales_by_row_and_column(with_bias, monkeypatch):
 
 
 def test_int8_product_is_close_to_the_float32_product():
+    # Rows of 256 normal values: absmax about 2.9, a level 2.9 / 127, rounding errors of
+    # 0.0066 per factor, 0.0093 in the product; over 200 seeds 0.0096-0.0101 (the bound was
+    # 0.01 once, and failed on a few seeds).
+    torch.manual_seed(0)
     a, b = torch.randn(200, 256), torch.randn(96, 256)
     exact = a @ b.t()
-    assert _relative(int8_product(a, b), exact) < 0.01
-    assert _relative(int8_product(a, b, torch.ones(96)), exact + 1) < 0.01
+    assert 1e-3 < _relative(int8_product(a, b), exact) < 0.0125
+    assert 1e-3 < _relative(int8_product(a, b, torch.ones(96)), exact + 1) < 0.0125
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -138,3 +143,16 @@ def test_takes_int8_pointwise_only_large_float32_1x1_convolutions_on_channels_la
     assert not takes_int8_pointwise(conv(stride=(1, 2)), x)
     assert not takes_int8_pointwise(conv(), x.contiguous())  # NCHW
     assert not takes_int8_pointwise(conv(), x.to(torch.bfloat16))
+
+
+def test_int8_pointwise_candidates_counts_the_1x1_convolutions_the_products_would_take():
+    model = nn.Sequential(
+        nn.Conv2d(256, 512, 1),  # taken
+        nn.Conv2d(512, 256, 1, stride=2),  # taken: a strided 1x1 reads every other pixel
+        nn.Conv2d(512, 64, 1),  # too few channel pairs
+        nn.Conv2d(256, 512, 3, padding=1),  # not a 1x1 convolution
+        nn.Conv2d(256, 512, 1, groups=2),
+        nn.Sequential(nn.Conv2d(1024, 256, 1)),  # nested modules count too
+    )
+    assert int8_pointwise_candidates(model) == 3
+    assert int8_pointwise_candidates(nn.Sequential(nn.Conv2d(16, 32, 3), nn.ReLU())) == 0

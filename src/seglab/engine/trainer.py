@@ -51,6 +51,7 @@ from seglab.files import append_line, atomic_write, atomic_write_text
 from seglab.losses import build_loss, float32_logits_for
 from seglab.metrics.report import format_report
 from seglab.models import create_model
+from seglab.ops.int8_products import MIN_PRODUCT_CHANNELS, int8_pointwise_candidates
 from seglab.viz import plot_curves, prediction_panel
 
 __all__ = [
@@ -334,6 +335,16 @@ class Trainer:
         if self.config.direct_convolutions:
             raise ValueError("--int8-products runs on the training route of the convolutions; drop --direct-convolutions")
 
+    def _int8_products_line(self) -> str:
+        """What --int8-products changes in this model: how many 1x1 convolutions take it, or that
+        none does (the flag is then a no-op, which the user should hear about)."""
+        count = int8_pointwise_candidates(self.model)
+        if count:
+            return (f"int8 products: {count} 1x1 convolutions (forward and input gradient in int8, "
+                    f"weight gradients in float32)")
+        return (f"[yellow]warning:[/] --int8-products: none of {self.config.model}'s convolutions is a 1x1 "
+                f"convolution with C_in x C_out >= {MIN_PRODUCT_CHANNELS:,} (128 x 512); it trains in float32 throughout")
+
     def _tensorboard_writer_class(self) -> type:
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -561,6 +572,8 @@ class Trainer:
             f"Training [bold]{config.model}[/] on {config.data} ({len(self.train_set)} train / {len(self.val_set)} val images, "
             f"{self.num_classes} classes) on {self.device}{processes}, precision {self.precision.name}; run directory {self.run_dir}"
         )
+        if config.int8_products:
+            self.console.print(self._int8_products_line())
         if self.resumed:
             self.console.print(f"resuming after epoch {self.start_epoch} of {config.epochs}")
         writer = self.summary_writer_class(str(self.run_dir / "tensorboard")) if self.summary_writer_class and self.dist.is_main else None

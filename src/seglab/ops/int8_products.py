@@ -30,7 +30,7 @@ from seglab.ops import native
 from seglab.ops.layout import channel_sums, pixel_rows
 
 __all__ = ["INT8_LEVELS", "MIN_PRODUCT_CHANNELS", "dequantize_rows", "int8_pointwise_conv", "int8_product",
-           "quantize_rows", "takes_int8_pointwise"]
+           "int8_pointwise_candidates", "quantize_rows", "takes_int8_pointwise"]
 
 INT8_LEVELS = 127  # symmetric: -127..127
 # C_in x C_out from which the int8 1x1 convolution pays in training (forward + backward, batch 4,
@@ -113,12 +113,23 @@ def int8_pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return _Int8PointwiseConv.apply(x, weight, bias)
 
 
-def takes_int8_pointwise(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv`'s call on `x` takes `int8_pointwise_conv`: a float32 1x1 convolution of
-    one group, no padding, equal strides, on a channels-last CPU map, with at least
-    `MIN_PRODUCT_CHANNELS` channel pairs."""
+def _large_pointwise(conv: torch.nn.Conv2d) -> bool:
+    """A 1x1 convolution of one group, no padding, equal strides and at least
+    `MIN_PRODUCT_CHANNELS` channel pairs: what the int8 products take, whatever its input."""
     return (conv.kernel_size == (1, 1) and conv.groups == 1 and conv.padding in ((0, 0), "valid")
-            and conv.stride[0] == conv.stride[1] and x.device.type == "cpu" and x.dim() == 4
+            and conv.stride[0] == conv.stride[1] and conv.in_channels * conv.out_channels >= MIN_PRODUCT_CHANNELS)
+
+
+def takes_int8_pointwise(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv`'s call on `x` takes `int8_pointwise_conv`: a large 1x1 convolution
+    (`_large_pointwise`), float32, on a channels-last CPU map."""
+    return (_large_pointwise(conv) and x.device.type == "cpu" and x.dim() == 4
             and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and conv.in_channels * conv.out_channels >= MIN_PRODUCT_CHANNELS)
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def int8_pointwise_candidates(model: torch.nn.Module) -> int:
+    """How many of `model`'s convolutions are 1x1 convolutions the int8 products take (on a
+    float32 channels-last CPU map): a ResNet-50's bottlenecks have them, a U-Net with 16 base
+    channels none, so that `seglab train --int8-products` can say so instead of doing nothing."""
+    return sum(1 for module in model.modules() if isinstance(module, torch.nn.Conv2d) and _large_pointwise(module))
