@@ -343,7 +343,7 @@ class Trainer:
             return (f"int8 products: {count} 1x1 convolutions (forward and input gradient in int8, "
                     f"weight gradients in float32)")
         return (f"[yellow]warning:[/] --int8-products: none of {self.config.model}'s convolutions is a 1x1 "
-                f"convolution with C_in x C_out >= {MIN_PRODUCT_CHANNELS:,} (128 x 512); it trains in float32 throughout")
+                f"convolution with C_in x C_out >= {MIN_PRODUCT_CHANNELS:,}; it trains in float32 throughout")
 
     def _tensorboard_writer_class(self) -> type:
         try:
