@@ -9,10 +9,10 @@ grad_W = G^T X sums over every pixel of the batch (G pixels x C_out, X pixels x 
 product needs scales that factor out of that sum: one per channel of each factor, over a block
 of K pixels, the blocks' int32 products scaled and added in float32. DeepLabV3-R50 (output
 stride 8) takes a few SGD steps on random images and labels, then the backward's X and G of
-its large 1x1 convolutions (those the int8 products take) are kept, and grad_W is computed in
-float64 from the block-quantized levels (rounded half to even, as the native quantizer) for
-several K. For scale: the same product from bf16-rounded factors, and the forward and input
-gradient of `int8_products`, whose row scales give about 0.5% and 1%.
+its large 1x1 convolutions (those the int8 products take) are kept, and grad_W is summed in
+float64 from the blocks' int8 products (`int8_product`: the int8 products' own quantizer and
+`torch._int_mm`) for several K. For scale: the same product from bf16-rounded factors, and the
+forward and input gradient of `int8_products`, whose row scales give about 0.5% and 1%.
 """
 from __future__ import annotations
 
@@ -23,21 +23,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seglab.models.registry import create_model
-from seglab.ops.int8_products import INT8_LEVELS, takes_int8_pointwise
+from seglab.ops.int8_products import int8_product, takes_int8_pointwise
 
 BLOCKS = (64, 256, 1024, 4096)
 
 
 def block_quantized_product(g: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tensor:
-    """G^T X with each block of `block` pixels quantized per channel (float64 arithmetic)."""
+    """G^T X with each block of `block` pixels quantized per channel: per block, the int8
+    products' own `int8_product` of the channels-by-pixels factors (a row per channel, one
+    scale each), the blocks' results added in float64."""
     total = torch.zeros(g.shape[1], x.shape[1], dtype=torch.float64)
     for start in range(0, len(g), block):
-        levels = []
-        for factor in (g[start : start + block], x[start : start + block]):
-            scale = factor.abs().amax(0).clamp_min(1e-30) / INT8_LEVELS
-            levels.append((torch.round(factor / scale).clamp(-INT8_LEVELS, INT8_LEVELS), scale))
-        (g_levels, g_scale), (x_levels, x_scale) = levels
-        total += (g_levels.t() @ x_levels) * g_scale[:, None] * x_scale[None, :]
+        channels_by_pixels = [factor[start : start + block].t().float().contiguous() for factor in (g, x)]
+        total += int8_product(*channels_by_pixels).double()
     return total
 
 
