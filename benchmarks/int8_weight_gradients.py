@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from seglab.models.registry import create_model
 from seglab.ops.int8_products import int8_product, takes_int8_pointwise
+from seglab.ops.layout import pixel_rows
 
 BLOCKS = (64, 256, 1024, 4096)
 
@@ -49,16 +50,13 @@ def captured_factors(steps: int, size: int, batch: int, keep: int) -> list[tuple
     inputs: dict[int, torch.Tensor] = {}
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def pixels(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double()
-
     def keep_input(conv: nn.Module, args: tuple, _out: torch.Tensor) -> None:
         if takes_int8_pointwise(conv, args[0]):
             inputs[id(conv)] = args[0]
 
     def keep_gradient(conv: nn.Module, _grad_in: tuple, grad_out: tuple) -> None:
         if id(conv) in inputs:
-            captured.append((pixels(grad_out[0]), pixels(inputs[id(conv)])))
+            captured.append((pixel_rows(grad_out[0].detach()).double(), pixel_rows(inputs[id(conv)].detach()).double()))
 
     for conv in convs:
         conv.register_forward_hook(keep_input)
