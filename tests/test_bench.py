@@ -154,7 +154,11 @@ def test_the_int8_row_is_timed_with_the_others_and_compared_with_the_peer():
     assert int8["fraction_of_peak"] is None  # no int8 calibration kernel to divide by
     line = comparison_rows(results)[0]
     assert line["int8 ratio"] == pytest.approx(speed_ratio(int8, peer))
-    assert "int8 ratio" in to_markdown(results)
+    markdown = to_markdown(results)
+    assert "int8 ratio" in markdown
+    # where the fast path ran float32, the table says which row `seglab predict`'s default follows
+    fast_is_float32 = any(r["variant"] == "fast (32)" for r in results["rows"])
+    assert ("`seglab predict --precision auto` runs the int8 path" in markdown) == fast_is_float32
 
 
 @pytest.mark.skipif(not cpu_runs_int8(), reason="this CPU has no VNNI or AMX 8-bit products")

@@ -150,10 +150,10 @@ def test_eval_with_int8_calibrates_on_the_train_split(trained: Path, tmp_path: P
     calibrated = []
     real = fastpath.use_int8_convolutions
 
-    def recording(model, batches):
+    def recording(model, batches, ranges=None):
         batches = list(batches)
         calibrated.append(len(batches))
-        return real(model, batches)
+        return real(model, batches, ranges=ranges)
 
     monkeypatch.setattr(fastpath, "use_int8_convolutions", recording)
     out = tmp_path / "metrics.json"
@@ -175,6 +175,43 @@ def test_predict_with_int8_and_calibration_images(trained: Path, tmp_path: Path)
         assert main(["predict", "--checkpoint", str(trained), str(images), "--out", str(out), "--precision", "int8",
                      *extra]) == 0
         assert len(list(out.glob("*_mask.png"))) == 2
+
+
+@needs_int8
+def test_train_stores_int8_ranges_and_predict_says_it_uses_them(trained: Path, tmp_path: Path, capsys) -> None:
+    from seglab.engine.fastpath import default_precision
+
+    assert "int8" in json.loads((trained / "best.json").read_text())
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    capsys.readouterr()
+    for precision, words in (("int8", "int8 (the checkpoint's ranges"), ("32", "in float32;")):
+        assert main(["predict", "--checkpoint", str(trained), str(image), "--out", str(tmp_path / precision),
+                     "--precision", precision]) == 0
+        assert words in " ".join(capsys.readouterr().out.split())
+    assert main(["predict", "--checkpoint", str(trained), str(image), "--out", str(tmp_path / "auto")]) == 0
+    expected = "int8 (the checkpoint's ranges" if default_precision("cpu") == "32" else "in bf16;"
+    assert expected in " ".join(capsys.readouterr().out.split())
+
+
+@needs_int8
+def test_eval_stores_int8_ranges_for_a_checkpoint_that_has_none(trained: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    config = json.loads((run / "best.json").read_text())
+    stored_by_training = config.pop("int8")
+    (run / "best.json").write_text(json.dumps(config))
+    assert main(["eval", "--checkpoint", str(run), "--precision", "int8", "--store-int8-ranges"]) == 0
+    assert "within 0.2 points" in " ".join(capsys.readouterr().err.split())
+    record = json.loads((run / "best.json").read_text())["int8"]
+    # the same 16 train images as the training run's own calibration, so the same ranges
+    assert record["ranges"] == stored_by_training["ranges"] and record["images"] == stored_by_training["images"]
+    assert record["miou_float32"] == pytest.approx(config["metrics"]["miou"], abs=0.01)
+    assert record["miou_int8"] == pytest.approx(stored_by_training["miou_int8"], abs=1e-9)  # the val split both times
+    for extra, fragment in (([], "only with --precision int8"), (["--precision", "int8", "--crf"], "drop --crf")):
+        _one_error_line(capsys, main(["eval", "--checkpoint", str(run), "--store-int8-ranges", *extra]), fragment)
 
 
 def test_int8_options_refused_with_one_line(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:

@@ -132,6 +132,10 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
                             help="bf16 training on the CPU: BatchNorm with the ReLU, or a ResNet block's shortcut "
                                  "addition and ReLU, after it by one native kernel (2-4.5%% faster steps; opt-in: "
                                  "its effect on the final mIoU is not settled, docs/bench.md)")),
+    ("--int8-calibration", dict(action=argparse.BooleanOptionalAction,
+                                help="single-process CPU runs on a CPU with VNNI or AMX: end by storing int8 input ranges "
+                                     "in the best checkpoint, checked on the validation split, so that `seglab predict` "
+                                     "can run int8 without calibration images (default: on; docs/engine.md)")),
     ("--deterministic", dict(action="store_const", const=True,
                              help="the same bits in every run from the same seed on the same machine: on the CPU "
                                   "the float32 weight-gradient kernels are fixed instead of timed at the first step; "
@@ -210,10 +214,11 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     if config.get("task") == "instance":
         from seglab.engine.instance import eval_instance
 
-        _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "format", "image_size"))
+        _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "format", "image_size", "store_int8_ranges"))
         return eval_instance(model, config, args, console)
     device = resolve_device(args.device)
     int8 = args.precision == "int8"
+    _check_store_int8_ranges(args)
     if int8:
         require_int8(device)
     precision = "int8" if int8 else resolve_precision(args.precision, device).name  # refused before any data is read
@@ -238,18 +243,46 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         calibration = [normalize(train_split[i]["image"][None]) for i in range(min(len(train_split), args.calibration_images))]
     # The fast inference path (conv-BN folding, fused activations, channels_last) in the chosen
     # precision; at the default 32 it changes outputs only at rounding level.
-    results = evaluate(
-        optimize_for_inference(model.to(device), precision, winograd=not args.direct_convolutions,
-                               calibration=calibration), loader,
-        num_classes=len(config["classes"]),
-        ignore_index=config.get("ignore_index", 255), normalize=normalize, device=device,
-        crf=_crf_option(args),
-    )
+    prepared = optimize_for_inference(model.to(device), precision, winograd=not args.direct_convolutions,
+                                      calibration=calibration)
+    scoring = dict(num_classes=len(config["classes"]), ignore_index=config.get("ignore_index", 255),
+                   normalize=normalize, device=device)
+    results = evaluate(prepared, loader, crf=_crf_option(args), **scoring)
     Console().print(format_report(results, config["classes"], title=f"{args.split} split of {source} ({len(dataset)} images)"))
     if args.json:
         results_to_json(results, args.json, class_names=config["classes"])
         console.print(f"metrics written to {args.json}")
+    if args.store_int8_ranges:
+        _store_int8_ranges(args, model, prepared, results, loader, scoring, len(calibration), console)
     return 0
+
+
+def _check_store_int8_ranges(args: argparse.Namespace) -> None:
+    if args.store_int8_ranges and args.precision != "int8":
+        raise CommandError("--store-int8-ranges: only with --precision int8")
+    if args.store_int8_ranges and (args.crf or args.crf_params):
+        raise CommandError("--store-int8-ranges: the stored mIoU values are the network's own; drop --crf")
+
+
+def _store_int8_ranges(args: argparse.Namespace, model: Any, prepared: Any, results: dict[str, Any], loader: Any,
+                       scoring: dict[str, Any], images: int, console: Console) -> None:
+    """Add the int8 record (seglab.engine.int8_checkpoint) to the checkpoint's JSON: the ranges
+    just calibrated, this split's int8 mIoU and its float32 mIoU, scored now."""
+    from seglab.engine.checkpoint import update_checkpoint_config
+    from seglab.engine.evaluator import evaluate
+    from seglab.engine.fastpath import optimize_for_inference
+    from seglab.engine.int8 import int8_input_ranges
+    from seglab.engine.int8_checkpoint import Int8Record
+
+    ranges = int8_input_ranges(prepared.model)
+    if not ranges:
+        raise CommandError(f"--store-int8-ranges: no convolution of {args.checkpoint} takes int8; nothing stored")
+    float32 = evaluate(optimize_for_inference(model, "32", winograd=not args.direct_convolutions), loader, **scoring)
+    record = Int8Record(ranges, images, float(float32["miou"]), float(results["miou"]))
+    written = update_checkpoint_config(args.checkpoint, int8=record.to_json())
+    verdict = "within" if record.within() else "not within"
+    console.print(f"int8 ranges stored in {written}: mIoU {record.miou_int8:.4f} against {record.miou_float32:.4f} in "
+                  f"float32, {verdict} 0.2 points (`seglab predict --precision auto` runs int8 only within)")
 
 
 def _reject_semantic_options(args: argparse.Namespace, checkpoint: str, names: tuple[str, ...]) -> None:
@@ -288,7 +321,8 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     from seglab.engine.trainer import progress_bar
     from seglab.files import output_folder
 
-    is_instance = read_checkpoint_config(args.checkpoint).get("task") == "instance"
+    checkpoint_config = read_checkpoint_config(args.checkpoint)
+    is_instance = checkpoint_config.get("task") == "instance"
     if is_instance:
         _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "tile", "tta_flips", "tta_scales"))
     output_folder(args.out)  # before any progress bar, so a bad --out is the only line printed
@@ -301,22 +335,26 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
         args.checkpoint, device=args.device, tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch,
         tta_flips=list(args.tta_flips or ""), tta_scales=args.tta_scales or [1.0], precision=args.precision,
         batch_size=args.batch_size, crf=_crf_params(args), winograd=not args.direct_convolutions,
-        calibration=_calibration_images(args),
+        calibration=_calibration_images(args, stored_ranges="int8" in checkpoint_config),
     )
     context = env_rank()
     with progress_bar(console, disable=not context.is_main) as progress:
         written = predictor.predict_files(args.images, args.out, progress=progress)
     if context.is_main:
         share = f" by rank 0 of {context.world_size} (each rank its own shard)" if context.enabled else ""
-        Console().print(f"{len(written) // 2} image(s) predicted{share}; masks and overlays in {args.out}/")
+        Console().print(f"{len(written) // 2} image(s) predicted{share} in {_precision_words(predictor)}; "
+                        f"masks and overlays in {args.out}/")
     return 0
 
 
-def _calibration_images(args: argparse.Namespace) -> list[Any] | None:
-    """--precision int8's calibration images: --calibration's, else the first of the images to predict."""
+def _calibration_images(args: argparse.Namespace, stored_ranges: bool) -> list[Any] | None:
+    """--precision int8's calibration images: --calibration's; else none where the checkpoint
+    stores its int8 ranges, else the first of the images to predict."""
     if args.precision != "int8":
         if args.calibration:
             raise CommandError("--calibration: only with --precision int8")
+        return None
+    if stored_ranges and not args.calibration:
         return None
     from seglab.data.io import list_images, read_image
 
@@ -324,6 +362,17 @@ def _calibration_images(args: argparse.Namespace) -> list[Any] | None:
     if not files:
         raise CommandError(f"--calibration: no image files in {' '.join(args.calibration or args.images)}")
     return [read_image(file) for file in files[: args.calibration_images]]
+
+
+def _precision_words(predictor: Any) -> str:
+    """How the predictions were computed, e.g. "int8 (ranges stored in the checkpoint)"."""
+    names = {"32": "float32", "16": "float16"}
+    words = names.get(predictor.precision, predictor.precision)
+    if predictor.precision == "int8" and predictor.int8_ranges_used:
+        record = predictor.int8_record
+        words += (f" (the checkpoint's ranges; validation mIoU {record.miou_int8:.4f} against "
+                  f"{record.miou_float32:.4f} in float32; --precision 32 for float32)")
+    return words
 
 
 # ---------------------------------------------------------------------------------- export
@@ -419,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "calibrated on the train split, CPUs with VNNI or AMX)")
     evaluate.add_argument("--calibration-images", type=_positive_int, default=INT8_CALIBRATION_IMAGES,
                           help=f"--precision int8: training images its scales come from (default {INT8_CALIBRATION_IMAGES})")
+    evaluate.add_argument("--store-int8-ranges", action="store_true",
+                          help="--precision int8: also score float32 and store the int8 ranges with both mIoU values "
+                               "in the checkpoint's JSON (what `seglab train` stores on CPUs with VNNI or AMX; "
+                               "for checkpoints trained elsewhere, docs/engine.md)")
     evaluate.add_argument("--direct-convolutions", action="store_true", help=DIRECT_CONVOLUTIONS_HELP)
     evaluate.add_argument("--crf", action="store_true", help="refine predictions with a dense CRF (docs/crf.md)")
     evaluate.add_argument("--crf-params", help="dense CRF parameters, e.g. theta_alpha=60,w1=5 (implies --crf)")
@@ -436,11 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tta-flips", choices=["h", "v", "hv"], help="test-time flips: h, v or hv")
     predict.add_argument("--tta-scales", type=_float_list, help="test-time scales, e.g. 0.75,1,1.25")
     predict.add_argument("--precision", choices=["auto", "32", "bf16", "16", "int8"], default="auto",
-                         help="auto (default: bf16 where the hardware runs it natively, else 32), 32, bf16, 16 (CUDA), "
-                              "int8 (8-bit products, CPUs with VNNI or AMX)")
+                         help="auto (default: bf16 where the hardware runs it natively; else int8 on a CPU with VNNI "
+                              "or AMX for a checkpoint whose stored int8 ranges scored within 0.2 points of float32; "
+                              "else 32), 32, bf16, 16 (CUDA), int8 (8-bit products, CPUs with VNNI or AMX)")
     predict.add_argument("--calibration", nargs="+", metavar="PATH",
                          help="--precision int8: images (files or folders) its scales come from "
-                              "(default: the first of the images to predict)")
+                              "(default: the ranges the checkpoint stores, else the first of the images to predict)")
     predict.add_argument("--calibration-images", type=_positive_int, default=INT8_CALIBRATION_IMAGES,
                          help=f"--precision int8: how many calibration images (default {INT8_CALIBRATION_IMAGES})")
     predict.add_argument("--direct-convolutions", action="store_true", help=DIRECT_CONVOLUTIONS_HELP)

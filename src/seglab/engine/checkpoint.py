@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from seglab.files import atomic_write, atomic_write_json
 from seglab.models import create_model
 
-__all__ = ["CHECKPOINT_FORMAT", "checkpoint_stem", "save_checkpoint", "load_checkpoint", "resolve_checkpoint", "read_checkpoint_config"]
+__all__ = ["CHECKPOINT_FORMAT", "checkpoint_stem", "save_checkpoint", "load_checkpoint", "resolve_checkpoint", "read_checkpoint_config",
+           "update_checkpoint_config"]
 
 CHECKPOINT_FORMAT = "seglab-checkpoint-v1"
 
@@ -85,6 +86,14 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{config_file} is not a seglab checkpoint config")
     return config
+
+
+def update_checkpoint_config(path: str | Path, **entries: Any) -> Path:
+    """Add (or replace) top-level `entries` of a checkpoint's JSON, atomically; its weights stay."""
+    stem = resolve_checkpoint(path)
+    config = read_checkpoint_config(stem)
+    config.update(entries)
+    return atomic_write_json(_file(stem, ".json"), config)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -51,7 +51,7 @@ import copy
 import functools
 import sys
 from collections import Counter
-from typing import Any, ContextManager, Iterable
+from typing import Any, ContextManager, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -129,12 +129,15 @@ def _check_precision(precision: str | int, device: torch.device) -> str:
 
 
 def _int8_requested(precision: str | int, device: torch.device, calibration: Iterable[torch.Tensor] | None,
-                    compile: bool) -> bool:
+                    ranges: Mapping[str, tuple[float, float]] | None, compile: bool) -> bool:
     if str(precision).lower() != "int8":
+        if ranges is not None:
+            raise ValueError("int8_ranges: only with precision int8")
         return False
     require_int8(device)
-    if calibration is None:
-        raise ValueError("precision int8 needs calibration images (`calibration`: batches of float32 images)")
+    if (calibration is None) == (ranges is None):
+        raise ValueError("precision int8 needs calibration images (`calibration`: batches of float32 images) "
+                         "or stored input ranges (`int8_ranges`), one of them")
     if compile:
         raise ValueError("precision int8 runs oneDNN's int8 kernels eagerly; it does not combine with compile")
     return True
@@ -602,6 +605,7 @@ def optimize_for_inference(
     inplace: bool = False,
     example_input: torch.Tensor | None = None,
     calibration: Iterable[torch.Tensor] | None = None,
+    int8_ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> InferenceModel:
     """The fast inference path of `model` (eval mode): conv-BN folding, large-dilation convs as
     one GEMM + shifts (CPU, `DilatedConvAsGemm`; depthwise ones as shifted multiply-adds,
@@ -615,11 +619,12 @@ def optimize_for_inference(
     channels_last, inference_mode and `precision`
     ("auto": bf16 where the hardware runs it natively, else 32; "32", "bf16", "16"; "int8": the
     float32 path with its convolutions' products in 8-bit integers, scales calibrated on the
-    `calibration` batches of float32 images, CPU with VNNI or AMX, `seglab.engine.int8`),
+    `calibration` batches of float32 images, or taken from `int8_ranges` as a checkpoint stores
+    them, CPU with VNNI or AMX, `seglab.engine.int8`),
     optionally torch.compile. The argument model is left untouched unless
     `inplace`. Each switch can be turned off to measure the others on their own."""
     device = _device_of(model)
-    int8 = _int8_requested(precision, device, calibration, compile)
+    int8 = _int8_requested(precision, device, calibration, int8_ranges, compile)
     name = "32" if int8 else _check_precision(precision, device)
     prepared = model if inplace else copy.deepcopy(model)
     _freeze(prepared)
@@ -647,10 +652,14 @@ def optimize_for_inference(
     prepared = prepared.to(dtype)
     if int8:
         with torch.inference_mode():
-            batches = [to_channels_last(batch.to(device, torch.float32)) if channels_last
-                       else batch.to(device, torch.float32) for batch in calibration]
-            use_int8_convolutions(prepared, batches)
-        chain_int8_levels(prepared, _conv_consumer_pairs(prepared, (FusedConv,), batches[0]))  # at least one
+            batches = None if calibration is None else [
+                to_channels_last(batch.to(device, torch.float32)) if channels_last else batch.to(device, torch.float32)
+                for batch in calibration]
+            # The dataflow is recorded in float32, before the int8 kernels exist: their weights are
+            # packed for the shape of their first call, which should be a real one.
+            pairs = _conv_consumer_pairs(prepared, (FusedConv,), batches[0] if batches else example_input)
+            use_int8_convolutions(prepared, batches, ranges=int8_ranges)
+        chain_int8_levels(prepared, pairs)
     if compile:
         # Freezing lets inductor treat the weights as constants: it pre-packs them for oneDNN
         # and fuses the convolutions with their activations.

@@ -25,7 +25,7 @@ not reach stay float32.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -38,7 +38,7 @@ from seglab.ops.int8_products import INT8_LEVELS
 from seglab.ops.nearest_conv import NearestUpsampleConv
 
 __all__ = ["INT8_WEIGHT_LEVELS", "Int8Convolution", "Int8UpsamplingConvolution", "calibrate_int8",
-           "chain_int8_levels", "cpu_runs_int8", "input_quantization",
+           "chain_int8_levels", "cpu_runs_int8", "input_quantization", "int8_input_ranges",
            "quantize_input", "quantize_weights", "require_int8", "use_int8_convolutions"]
 
 INT8_WEIGHT_LEVELS = INT8_LEVELS  # symmetric: -127..127, so a weight and its negation round alike
@@ -96,6 +96,7 @@ class Int8Convolution:
     float32 convolution returns, float32 (uint8 levels for the next convolution, once chained)."""
 
     def __init__(self, conv: nn.Conv2d, low: float, high: float) -> None:
+        self.input_range = (float(low), float(high))  # as calibrated: what a checkpoint stores
         self.x_scale, self.x_zero_point = input_quantization(low, high)
         levels, self.w_scales = quantize_weights(conv.weight)
         self.w_zero_points = torch.zeros(conv.out_channels, dtype=torch.long)
@@ -228,14 +229,31 @@ def chain_int8_levels(model: nn.Module, pairs: Iterable[tuple[str, str]]) -> int
     return chained
 
 
-def use_int8_convolutions(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Calibrate on `batches` (float32 images as the model takes them) and give every
-    convolution they reached that int8 takes (see the module's docstring) its
-    `Int8Convolution`, in place. Returns the number of convolutions taken."""
+def use_int8_convolutions(model: nn.Module, batches: Iterable[torch.Tensor] | None = None, *,
+                          ranges: Mapping[str, tuple[float, float]] | None = None) -> int:
+    """Give every convolution that int8 takes (see the module's docstring) its `Int8Convolution`,
+    in place, with input scales calibrated on `batches` (float32 images as the model takes
+    them) or from `ranges` (a convolution's name -> the smallest and largest input value, as
+    `calibrate_int8` returns them, e.g. stored in a checkpoint). Convolutions the batches did not
+    reach, or `ranges` does not name, stay float32. Returns the number taken."""
     require_int8(next(model.parameters()).device)
-    ranges = calibrate_int8(model, batches)
+    if (batches is None) == (ranges is None):
+        raise ValueError("int8 takes its input scales from calibration batches or from stored ranges (one of them)")
+    if ranges is None:
+        ranges = calibrate_int8(model, batches)
+    modules = dict(model.named_modules())
     for name, (low, high) in ranges.items():
-        module = model.get_submodule(name)
+        module = modules.get(name)
+        if module is None or not _takes(module):
+            raise ValueError(f"int8 ranges name {name!r}, which is not a convolution int8 takes in this model")
         kind = Int8UpsamplingConvolution if isinstance(module, NearestUpsampleConv) else Int8Convolution
         module.int8 = kind(module, low, high)
     return len(ranges)
+
+
+def int8_input_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """The calibrated input range of each int8 convolution of `model` (as prepared with int8:
+    the model inside `optimize_for_inference`'s result), by module name: what
+    `use_int8_convolutions(..., ranges=)` takes back."""
+    return {name: module.int8.input_range for name, module in model.named_modules()
+            if isinstance(getattr(module, "int8", None), Int8Convolution)}

@@ -5,9 +5,11 @@ Options a :class:`Predictor` applies to every image:
   tile (seglab.engine.sliding), memory bounded by the tile batch;
 - `tta_flips` ("h", "v") and `tta_scales`: test-time augmentation, every view's probabilities
   mapped back to the image and averaged (in probability space, not logits);
-- `precision`: "32", "bf16" ("16" on CUDA), "auto" (bf16 where the hardware runs it natively);
-  "int8" (the convolutions' products in 8 bits, scales from `calibration` images; CPUs with
-  VNNI or AMX, seglab.engine.int8);
+- `precision`: "32", "bf16" ("16" on CUDA), "auto" (bf16 where the hardware runs it natively;
+  on a CPU without it but with int8 products, int8 for a checkpoint whose stored int8 ranges
+  scored within 0.2 points of float32, seglab.engine.int8_checkpoint; else float32); "int8"
+  (the convolutions' products in 8 bits, scales from `calibration` images, or else the
+  checkpoint's stored ranges; CPUs with VNNI or AMX, seglab.engine.int8);
 - `optimize`: seglab.engine.fastpath's inference path (conv-BN folding, channels_last, the
   whole model in the chosen precision), on by default for checkpoints.
 
@@ -17,6 +19,7 @@ Options a :class:`Predictor` applies to every image:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -32,7 +35,8 @@ from seglab.data.io import list_images, read_image
 from seglab.engine.checkpoint import load_checkpoint
 from seglab.engine.distributed import env_rank, shard
 from seglab.engine.evaluator import Normalize, logits_of
-from seglab.engine.fastpath import default_precision, optimize_for_inference
+from seglab.engine.fastpath import optimize_for_inference
+from seglab.engine.int8_checkpoint import auto_inference_precision, stored_int8
 from seglab.engine.precision import resolve_precision
 from seglab.engine.sliding import sliding_window
 from seglab.engine.trainer import resolve_device
@@ -87,16 +91,35 @@ class Predictor:
         self.palette: list[list[int]] = config.get("palette", [])
         self.in_channels = int(config.get("kwargs", {}).get("in_channels", 3))
         self.normalize = Normalize(config.get("mean", [0.5] * 3), config.get("std", [0.5] * 3)).to(self.device)
-        if str(precision) == "auto":  # the fast path's choice: bf16 where the hardware runs it natively
-            precision = default_precision(self.device)
+        # int8 input ranges the checkpoint carries (seglab.engine.int8_checkpoint)
+        self.int8_record = stored_int8(config, "the checkpoint config")
+        chosen = str(precision) == "auto"
+        if chosen:  # the fast path's choice (bf16 where native), or int8 where the checkpoint's record allows
+            precision = auto_inference_precision(self.device, self.int8_record if optimize else None)
         int8 = str(precision) == "int8"
         if int8 and not optimize:
             raise ValueError("precision int8 is a step of the fast inference path; it needs optimize=True")
+        if int8 and calibration is None and self.int8_record is None:
+            raise ValueError("precision int8 needs calibration images: this checkpoint stores no int8 ranges")
+        self.precision = str(precision)
+        self.int8_ranges_used = False  # int8 with the checkpoint's ranges (not calibrated here)
         autocast = contextlib.nullcontext if int8 else resolve_precision(precision, self.device).autocast
         self.model = model.to(self.device).eval()
         if optimize:  # the fast path casts the model itself, so no autocast on top
             batches = None if calibration is None else [self.normalize(self._as_batch(image)) for image in calibration]
-            self.model = optimize_for_inference(self.model, precision=precision, winograd=winograd, calibration=batches)
+            ranges = self.int8_record.ranges if int8 and batches is None else None
+            self.int8_ranges_used = ranges is not None
+            try:
+                self.model = optimize_for_inference(self.model, precision=precision, winograd=winograd,
+                                                    calibration=batches, int8_ranges=ranges)
+            except ValueError as error:
+                if not (chosen and int8):
+                    raise
+                # ranges from another version of the fast path, named differently: auto falls back
+                warnings.warn(f"--precision auto: the checkpoint's int8 ranges do not fit this model ({error}); "
+                              "running float32", RuntimeWarning, stacklevel=2)
+                self.precision, self.int8_ranges_used = "32", False
+                self.model = optimize_for_inference(self.model, precision="32", winograd=winograd)
             autocast = contextlib.nullcontext
         self.autocast = autocast
         unknown = sorted(set(tta_flips) - set(FLIP_DIMS))

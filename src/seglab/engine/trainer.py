@@ -37,13 +37,14 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from seglab.data import open_dataset
 from seglab.data.doctor import preflight
 from seglab.data.stats import median_frequency_weights
-from seglab.engine.checkpoint import save_checkpoint
+from seglab.engine.checkpoint import save_checkpoint, update_checkpoint_config
 from seglab.engine.config import TrainConfig, load_yaml
 from seglab.engine.distributed import agree, all_reduce_sum, init_distributed
 from seglab.engine.ema import ModelEMA
 from seglab.engine.evaluator import Normalize, evaluate, logits_of
 from seglab.engine.fastpath import optimizer_options, to_channels_last, training_convolutions, training_norms
-from seglab.engine.int8 import require_int8
+from seglab.engine.int8 import cpu_runs_int8, require_int8
+from seglab.engine.int8_checkpoint import AUTO_TOLERANCE, CALIBRATION_IMAGES, measure_int8
 from seglab.engine.precision import resolve_precision
 from seglab.engine.syncbn import convert_sync_batchnorm
 from seglab.engine.state import load_training_state, rng_state, save_training_state, set_rng_state
@@ -70,7 +71,8 @@ __all__ = [
 ]
 
 # What `--resume` may change in a run's saved config; the rest would make it a different run.
-RESUMABLE_OPTIONS = ("epochs", "max_minutes", "fit_to_budget", "workers", "device", "tensorboard", "patience")
+RESUMABLE_OPTIONS = ("epochs", "max_minutes", "fit_to_budget", "workers", "device", "tensorboard", "patience",
+                     "int8_calibration")
 SUMMARY_KEYS = ("pixel_accuracy", "mean_accuracy", "miou", "mdice", "fwiou")
 
 
@@ -643,6 +645,8 @@ class Trainer:
         if self.dist.is_main:
             self.model.load_state_dict(load_file(str(self.run_dir / "best.safetensors"), device=str(self.device)))
             self.save_overlays(self.run_dir / "overlays")
+            if self._stores_int8_ranges():
+                self._store_int8_ranges()
             shown = {k: v for k, v in best.items() if k != "epoch"}
             self.console.print(format_report(shown, self.train_set.classes, title=f"Validation, best epoch {best['epoch']}"))
         return {
@@ -652,6 +656,32 @@ class Trainer:
             "seconds": self.elapsed_before + time.perf_counter() - self.fit_start,
             **{k: best[k] for k in SUMMARY_KEYS},
         }
+
+    def _stores_int8_ranges(self) -> bool:
+        """Single-process semantic runs on a CPU with int8 products (a multi-process run's ranks
+        would have to evaluate together; a GPU run's checkpoint is for the GPU)."""
+        return (self.config.int8_calibration and self.device.type == "cpu" and not self.dist.enabled
+                and cpu_runs_int8())
+
+    def _store_int8_ranges(self) -> None:
+        """Calibrate the best weights for int8 inference, score them on the validation split and
+        add the record to best.json (seglab.engine.int8_checkpoint)."""
+        calibration_set = open_dataset(self.config.data, "train", **self._data_options(train=False))
+        count = min(len(calibration_set), CALIBRATION_IMAGES)
+        calibration = [self.normalize(calibration_set[i]["image"][None].to(self.device)) for i in range(count)]
+        miou_float32 = self.best["miou"]
+        if self.precision.name != "32":  # the figure to compare with is float32's
+            miou_float32 = evaluate(self.model, self.val_loader, num_classes=self.num_classes, ignore_index=self.ignore_index,
+                                    normalize=self.normalize, device=self.device)["miou"]
+        record = measure_int8(self.model, calibration, self.val_loader, num_classes=self.num_classes,
+                              ignore_index=self.ignore_index, normalize=self.normalize, miou_float32=miou_float32)
+        if record is None:
+            return
+        update_checkpoint_config(self.run_dir / "best", int8=record.to_json())
+        verdict = ("`seglab predict` runs int8 by default on CPUs like this one" if record.within()
+                   else f"more than {100 * AUTO_TOLERANCE:.1f} points off: `seglab predict` keeps float32 by default")
+        self.console.print(f"int8 inference checked: validation mIoU {record.miou_int8:.4f} against {record.miou_float32:.4f} "
+                           f"in float32 ({len(record.ranges)} convolutions, {count} calibration images); {verdict}")
 
     @torch.inference_mode()
     def save_overlays(self, folder: Path) -> None:

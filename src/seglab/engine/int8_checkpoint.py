@@ -1,0 +1,117 @@
+"""int8 input scales that travel with a checkpoint, checked against float32 where they were made.
+
+Static int8 inference (`seglab.engine.int8`) needs each convolution's input range, measured on
+calibration images. A single-process `seglab train` on a CPU that runs int8 (VNNI or AMX) ends
+by measuring them for its best weights, on the first `CALIBRATION_IMAGES` images of the train
+split as evaluation sees them (unaugmented: the images `seglab eval --precision int8`
+calibrates on), and by scoring the int8 model on the validation split. The ranges and both
+mIoU values go into the checkpoint's JSON under "int8":
+
+    {"ranges": {"<module>": [low, high], ...}, "images": 16,
+     "miou_float32": 0.8631, "miou_int8": 0.8629}
+
+What they buy:
+- `--precision int8` needs no calibration images for such a checkpoint, and gives the same
+  predictions whatever images come first;
+- where the processor has no native bfloat16, `--precision auto` (`seglab predict`'s default,
+  `Predictor`'s "auto") runs int8 when the checkpoint's int8 mIoU was within `AUTO_TOLERANCE`
+  (the 0.2 points the fast path may cost) of its float32 mIoU: on a 2-core AVX-512 VNNI Xeon
+  int8 inference ran 3.1-4.6x the peers' float32 against 1.8-2.7x for float32 (docs/bench.md).
+  A checkpoint without the record, or whose int8 strayed further, runs float32 as before.
+
+The ranges are named by the modules of the fast path's model (`optimize_for_inference`), which
+its int8 preparation builds the same way from the same architecture every time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from seglab.engine.evaluator import Normalize, evaluate
+from seglab.engine.fastpath import default_precision, optimize_for_inference
+from seglab.engine.int8 import cpu_runs_int8, int8_input_ranges
+
+__all__ = ["AUTO_TOLERANCE", "CALIBRATION_IMAGES", "Int8Record", "auto_inference_precision",
+           "measure_int8", "stored_int8"]
+
+CALIBRATION_IMAGES = 16
+AUTO_TOLERANCE = 0.002  # mIoU as a fraction: 0.2 points
+
+
+@dataclass
+class Int8Record:
+    """A checkpoint's int8 input ranges and the validation mIoU they gave against float32's."""
+
+    ranges: dict[str, tuple[float, float]]
+    images: int
+    miou_float32: float
+    miou_int8: float
+
+    def within(self, tolerance: float = AUTO_TOLERANCE) -> bool:
+        """True when int8 lost (or gained) at most `tolerance` of mIoU against float32."""
+        return abs(self.miou_int8 - self.miou_float32) <= tolerance
+
+    def to_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["ranges"] = {name: [low, high] for name, (low, high) in self.ranges.items()}
+        return record
+
+
+def stored_int8(config: dict[str, Any], source: str = "checkpoint") -> Int8Record | None:
+    """The "int8" record of a checkpoint's config, or None where it has none; ValueError (naming
+    `source`) where it is malformed."""
+    record = config.get("int8")
+    if record is None:
+        return None
+    try:
+        ranges = {str(name): (float(low), float(high)) for name, (low, high) in record["ranges"].items()}
+        parsed = Int8Record(ranges, int(record["images"]), float(record["miou_float32"]), float(record["miou_int8"]))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ValueError(f"{source}: its \"int8\" entry is not a record of ranges, images, miou_float32 and miou_int8") from None
+    values = [value for pair in parsed.ranges.values() for value in pair] + [parsed.miou_float32, parsed.miou_int8]
+    if not parsed.ranges or not all(math.isfinite(value) for value in values):
+        raise ValueError(f"{source}: its \"int8\" entry has no ranges, or values that are not finite numbers")
+    return parsed
+
+
+def auto_inference_precision(device: torch.device, record: Int8Record | None) -> str:
+    """What "auto" runs for a checkpoint: the fast path's choice (bf16 where the hardware runs it
+    natively), except on a CPU that runs float32 there but has int8 products, where a record
+    within `AUTO_TOLERANCE` makes it int8."""
+    precision = default_precision(device)
+    if (precision == "32" and device.type == "cpu" and record is not None and record.within()
+            and cpu_runs_int8()):
+        return "int8"
+    return precision
+
+
+@torch.no_grad()
+def measure_int8(
+    model: nn.Module,
+    calibration: Iterable[torch.Tensor],
+    val_loader: DataLoader,
+    *,
+    num_classes: int,
+    ignore_index: int,
+    normalize: Normalize,
+    miou_float32: float,
+    on_batch: Callable[[], None] | None = None,
+) -> Int8Record | None:
+    """Calibrate `model` (float32, on the CPU; left untouched) on the normalised `calibration`
+    batches, score the int8 model on `val_loader` and return the record; None where no
+    convolution takes int8 (nothing to store)."""
+    device = next(model.parameters()).device
+    batches = list(calibration)
+    int8_model = optimize_for_inference(model, "int8", calibration=batches)
+    ranges = int8_input_ranges(int8_model.model)  # named as in the fast path's model
+    if not ranges:
+        return None
+    results = evaluate(int8_model, val_loader, num_classes=num_classes, ignore_index=ignore_index,
+                       normalize=normalize, device=device, on_batch=on_batch)
+    images = sum(batch.shape[0] for batch in batches)
+    return Int8Record(ranges, images, float(miou_float32), float(results["miou"]))

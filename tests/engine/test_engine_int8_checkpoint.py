@@ -1,0 +1,145 @@
+"""int8 ranges stored in a checkpoint: the record, `auto`'s choice, the trainer's step, the predictor."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from engine_helpers import train_tiny
+
+import seglab.engine.int8_checkpoint as int8_checkpoint
+from seglab.data import open_dataset
+from seglab.engine.checkpoint import load_checkpoint
+from seglab.engine.evaluator import Normalize, logits_of
+from seglab.engine.fastpath import default_precision, optimize_for_inference
+from seglab.engine.int8 import cpu_runs_int8, int8_input_ranges
+from seglab.engine.int8_checkpoint import AUTO_TOLERANCE, Int8Record, auto_inference_precision, stored_int8
+from seglab.engine.predictor import Predictor
+from seglab.models import create_model
+
+needs_int8 = pytest.mark.skipif(not cpu_runs_int8(), reason="this CPU has no VNNI or AMX 8-bit products")
+CPU = torch.device("cpu")
+
+
+def _record(miou_int8: float = 0.5) -> Int8Record:
+    return Int8Record({"encoder.conv": (-1.5, 2.25), "head": (0.0, 3.0)}, 16, 0.5, miou_int8)
+
+
+def test_a_record_goes_through_json_unchanged():
+    record = _record(0.4995)
+    config = json.loads(json.dumps({"int8": record.to_json()}))
+    assert stored_int8(config) == record
+    assert stored_int8({}) is None
+
+
+@pytest.mark.parametrize("entry", [{"ranges": {"a": [0, 1]}}, {"ranges": [], "images": 1, "miou_float32": 0, "miou_int8": 0},
+                                   {"ranges": {}, "images": 1, "miou_float32": 0.5, "miou_int8": 0.5},
+                                   {"ranges": {"a": [0, "nan"]}, "images": 1, "miou_float32": 0.5, "miou_int8": 0.5}, "ranges"])
+def test_a_malformed_record_is_one_error_naming_its_source(entry):
+    with pytest.raises(ValueError, match=r"^runs/x/best.json: its \"int8\" entry"):
+        stored_int8({"int8": entry}, "runs/x/best.json")
+
+
+def test_a_record_is_within_the_tolerance_in_either_direction():
+    assert _record(0.5 - AUTO_TOLERANCE * 0.99).within() and _record(0.5 + AUTO_TOLERANCE * 0.99).within()
+    assert not _record(0.5 - AUTO_TOLERANCE * 1.01).within() and not _record(0.5 + AUTO_TOLERANCE * 1.01).within()
+
+
+@pytest.mark.parametrize("fast_default, runs_int8, record, expected", [
+    ("32", True, _record(0.5), "int8"),
+    ("32", True, _record(0.49), "32"),  # int8 lost a point on validation: float32 stays
+    ("32", True, None, "32"),  # nothing stored
+    ("32", False, _record(0.5), "32"),  # no 8-bit products on this CPU
+    ("bf16", True, _record(0.5), "bf16"),  # native bfloat16 stays the choice
+])
+def test_auto_takes_int8_only_where_float32_would_run_and_the_record_allows(monkeypatch, fast_default, runs_int8, record, expected):
+    monkeypatch.setattr(int8_checkpoint, "default_precision", lambda device: fast_default)
+    monkeypatch.setattr(int8_checkpoint, "cpu_runs_int8", lambda: runs_int8)
+    assert auto_inference_precision(CPU, record) == expected
+
+
+@needs_int8
+@pytest.mark.parametrize("name, options", [("unet", {"encoder": "resnet18"}), ("deeplabv3plus", {"encoder": "resnet18"})])
+def test_stored_ranges_rebuild_the_calibrated_int8_model_bit_for_bit(name, options):
+    model = create_model(name, num_classes=3, **options).eval()
+    calibrated = optimize_for_inference(model, "int8", calibration=[torch.randn(2, 3, 64, 64)])
+    ranges = json.loads(json.dumps(int8_input_ranges(calibrated.model)))  # as a checkpoint keeps them
+    assert len(ranges) > 10
+    rebuilt = optimize_for_inference(model, "int8", int8_ranges={k: tuple(v) for k, v in ranges.items()})
+    images = torch.randn(2, 3, 64, 64)
+    assert torch.equal(logits_of(calibrated(images)), logits_of(rebuilt(images)))
+    with pytest.raises(ValueError, match="'no.such.conv'"):
+        optimize_for_inference(model, "int8", int8_ranges={"no.such.conv": (0.0, 1.0)})
+    with pytest.raises(ValueError, match="one of them"):
+        optimize_for_inference(model, "int8", calibration=[images], int8_ranges=ranges)
+
+
+def test_int8_ranges_need_int8():
+    model = create_model("unet", num_classes=2, base_channels=4, depth=2).eval()
+    with pytest.raises(ValueError, match="only with precision int8"):
+        optimize_for_inference(model, "32", int8_ranges={"x": (0.0, 1.0)})
+
+
+@needs_int8
+def test_training_stores_the_ranges_of_the_train_splits_first_images_and_their_validation_miou(tiny_run: Path):
+    config = json.loads((tiny_run / "best.json").read_text())
+    record = stored_int8(config)
+    assert record is not None and record.images == 16
+    assert "int8" not in json.loads((tiny_run / "last.json").read_text())  # the best checkpoint only
+    assert record.miou_float32 == config["metrics"]["miou"]  # trained in float32: its own validation figure
+    # The ranges are those `seglab eval --precision int8` calibrates on: the first 16 train images as evaluation sees them.
+    model, _ = load_checkpoint(tiny_run)
+    data = dict(config["data"])
+    train_split = open_dataset(data.pop("source"), "train", **data)
+    normalize = Normalize(config["mean"], config["std"])
+    calibration = [normalize(train_split[i]["image"][None]) for i in range(16)]
+    assert int8_input_ranges(optimize_for_inference(model, "int8", calibration=calibration).model) == record.ranges
+
+
+@needs_int8
+def test_training_without_int8_calibration_stores_nothing(tmp_path: Path):
+    summary = train_tiny(tmp_path, name="no-int8", int8_calibration=False)
+    assert "int8" not in json.loads((Path(summary["run_dir"]) / "best.json").read_text())
+
+
+@needs_int8
+def test_auto_predicts_with_the_stored_ranges_where_float32_is_the_fast_default(tiny_run: Path):
+    images = torch.rand(3, 3, 32, 32)
+    auto = Predictor.from_checkpoint(tiny_run, device="cpu", precision="auto")
+    if default_precision(CPU) != "32":
+        assert auto.precision == default_precision(CPU)  # native bfloat16 stays the choice
+        return
+    assert auto.precision == "int8" and auto.int8_ranges_used
+    explicit = Predictor.from_checkpoint(tiny_run, device="cpu", precision="int8")
+    assert explicit.int8_ranges_used
+    assert torch.equal(auto.probabilities(images), explicit.probabilities(images))
+    calibrated = Predictor.from_checkpoint(tiny_run, device="cpu", precision="int8", calibration=[images[0]])
+    assert calibrated.precision == "int8" and not calibrated.int8_ranges_used
+    assert Predictor.from_checkpoint(tiny_run, device="cpu", precision="32").precision == "32"
+
+
+@needs_int8
+def test_ranges_that_do_not_fit_the_model_fall_back_to_float32_under_auto_only(tiny_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "best.json").read_text())
+    config["int8"]["ranges"] = {"renamed.conv": [0.0, 1.0]}
+    (run / "best.json").write_text(json.dumps(config))
+    if default_precision(CPU) == "32":
+        with pytest.warns(RuntimeWarning, match="do not fit this model"):
+            auto = Predictor.from_checkpoint(run, device="cpu", precision="auto")
+        assert auto.precision == "32" and not auto.int8_ranges_used
+    with pytest.raises(ValueError, match="'renamed.conv'"):
+        Predictor.from_checkpoint(run, device="cpu", precision="int8")
+
+
+def test_int8_without_calibration_or_stored_ranges_is_refused(tiny_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "best.json").read_text())
+    config.pop("int8", None)
+    (run / "best.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="stores no int8 ranges"):
+        Predictor.from_checkpoint(run, device="cpu", precision="int8")
