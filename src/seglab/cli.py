@@ -279,6 +279,8 @@ def _store_int8_ranges(args: argparse.Namespace, model: Any, prepared: Any, resu
         raise CommandError(f"--store-int8-ranges: no convolution of {args.checkpoint} takes int8; nothing stored")
     float32 = evaluate(optimize_for_inference(model, "32", winograd=not args.direct_convolutions), loader, **scoring)
     record = Int8Record(ranges, images, float(float32["miou"]), float(results["miou"]))
+    if not record.finite():
+        raise CommandError(f"--store-int8-ranges: {args.checkpoint} gave ranges or mIoU values that are not finite; nothing stored")
     written = update_checkpoint_config(args.checkpoint, int8=record.to_json())
     verdict = "within" if record.within() else "not within"
     console.print(f"int8 ranges stored in {written}: mIoU {record.miou_int8:.4f} against {record.miou_float32:.4f} in "

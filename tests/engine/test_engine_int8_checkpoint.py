@@ -143,3 +143,27 @@ def test_int8_without_calibration_or_stored_ranges_is_refused(tiny_run: Path, tm
     (run / "best.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="stores no int8 ranges"):
         Predictor.from_checkpoint(run, device="cpu", precision="int8")
+
+
+def test_a_malformed_record_stops_int8_but_auto_passes_it_over(tiny_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "best.json").read_text())
+    config["int8"] = {"ranges": "not a mapping"}
+    (run / "best.json").write_text(json.dumps(config))
+    assert Predictor.from_checkpoint(run, device="cpu", precision="32").precision == "32"  # not read at all
+    with pytest.warns(RuntimeWarning, match="passed over"):
+        auto = Predictor.from_checkpoint(run, device="cpu", precision="auto")
+    assert auto.precision == default_precision(CPU) and auto.int8_record is None
+    with pytest.raises(ValueError, match="the checkpoint config: its \"int8\" entry"):
+        Predictor.from_checkpoint(run, device="cpu", precision="int8")
+
+
+@needs_int8
+def test_no_record_is_kept_for_weights_that_overflowed():
+    model = create_model("unet", num_classes=2, base_channels=4, depth=2).eval()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("inf"))
+    record = int8_checkpoint.measure_int8(model, [torch.rand(1, 3, 32, 32)], [], num_classes=2, ignore_index=255,
+                                          normalize=Normalize([0.5] * 3, [0.5] * 3), miou_float32=0.5)
+    assert record is None

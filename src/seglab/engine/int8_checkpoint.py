@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
@@ -56,6 +56,11 @@ class Int8Record:
         """True when int8 lost (or gained) at most `tolerance` of mIoU against float32."""
         return abs(self.miou_int8 - self.miou_float32) <= tolerance
 
+    def finite(self) -> bool:
+        """True when every range and both mIoU values are finite numbers (what JSON can keep)."""
+        values = [value for pair in self.ranges.values() for value in pair] + [self.miou_float32, self.miou_int8]
+        return all(math.isfinite(value) for value in values)
+
     def to_json(self) -> dict[str, Any]:
         record = asdict(self)
         record["ranges"] = {name: [low, high] for name, (low, high) in self.ranges.items()}
@@ -73,8 +78,7 @@ def stored_int8(config: dict[str, Any], source: str = "checkpoint") -> Int8Recor
         parsed = Int8Record(ranges, int(record["images"]), float(record["miou_float32"]), float(record["miou_int8"]))
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ValueError(f"{source}: its \"int8\" entry is not a record of ranges, images, miou_float32 and miou_int8") from None
-    values = [value for pair in parsed.ranges.values() for value in pair] + [parsed.miou_float32, parsed.miou_int8]
-    if not parsed.ranges or not all(math.isfinite(value) for value in values):
+    if not parsed.ranges or not parsed.finite():
         raise ValueError(f"{source}: its \"int8\" entry has no ranges, or values that are not finite numbers")
     return parsed
 
@@ -100,18 +104,17 @@ def measure_int8(
     ignore_index: int,
     normalize: Normalize,
     miou_float32: float,
-    on_batch: Callable[[], None] | None = None,
 ) -> Int8Record | None:
     """Calibrate `model` (float32, on the CPU; left untouched) on the normalised `calibration`
     batches, score the int8 model on `val_loader` and return the record; None where no
-    convolution takes int8 (nothing to store)."""
+    convolution takes int8, or a range is not finite (nothing to store)."""
     device = next(model.parameters()).device
     batches = list(calibration)
     int8_model = optimize_for_inference(model, "int8", calibration=batches)
     ranges = int8_input_ranges(int8_model.model)  # named as in the fast path's model
-    if not ranges:
-        return None
+    if not ranges or not Int8Record(ranges, len(batches), 0.0, 0.0).finite():
+        return None  # nothing int8 takes, or weights that overflowed: no record to keep
     results = evaluate(int8_model, val_loader, num_classes=num_classes, ignore_index=ignore_index,
-                       normalize=normalize, device=device, on_batch=on_batch)
+                       normalize=normalize, device=device)
     images = sum(batch.shape[0] for batch in batches)
     return Int8Record(ranges, images, float(miou_float32), float(results["miou"]))
