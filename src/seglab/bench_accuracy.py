@@ -33,6 +33,7 @@ from seglab.engine.int8 import cpu_runs_int8
 from seglab.losses import CrossEntropyLoss
 from seglab.metrics.confusion import ConfusionMatrix
 from seglab.models.registry import create_model
+from seglab.ops.class_map import class_indices
 
 __all__ = ["accuracy_check"]
 
@@ -80,7 +81,7 @@ def _predict(model: Callable[[torch.Tensor], Any], images: torch.Tensor, device:
     with torch.no_grad():
         for start in range(0, len(images), 16):
             output = model(images[start : start + 16].to(device))
-            predictions.append((output["out"] if isinstance(output, dict) else output).argmax(1).cpu())
+            predictions.append(class_indices(output["out"] if isinstance(output, dict) else output).cpu())
     return torch.cat(predictions)
 
 

@@ -41,6 +41,7 @@ from seglab.engine.precision import resolve_precision
 from seglab.engine.sliding import sliding_window
 from seglab.engine.trainer import resolve_device
 from seglab.files import atomic_write, output_folder
+from seglab.ops.class_map import class_indices
 from seglab.viz import overlay, palette_image
 
 __all__ = ["Predictor", "output_stems"]
@@ -213,7 +214,7 @@ class Predictor:
     def predict(self, image: ImageLike) -> torch.Tensor:
         """Class index per pixel, H x W (or N x H x W), int64 on the CPU."""
         probabilities = self.predict_proba(image)
-        return probabilities.argmax(dim=-3).cpu()
+        return class_indices(probabilities, dim=-3).cpu()
 
     def _batches(self, jobs: list[tuple[Path, str]]) -> Iterator[list[tuple[Path, str, torch.Tensor]]]:
         """Consecutive images of equal size, up to `batch_size` at a time."""
@@ -252,7 +253,7 @@ class Predictor:
         written: list[Path] = []
         task = progress.add_task("predict", total=len(jobs), info="") if progress is not None else None
         for batch in self._batches(jobs):
-            masks = self.probabilities(torch.stack([image for _, _, image in batch]).to(self.device)).argmax(dim=1).cpu()
+            masks = class_indices(self.probabilities(torch.stack([image for _, _, image in batch]).to(self.device))).cpu()
             for (path, stem, image), mask in zip(batch, masks):
                 mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
                 atomic_write(mask_path, lambda tmp: palette_image(mask, self.palette).save(tmp, format="PNG"))

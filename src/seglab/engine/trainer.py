@@ -52,6 +52,7 @@ from seglab.files import append_line, atomic_write, atomic_write_text
 from seglab.losses import build_loss, float32_logits_for
 from seglab.metrics.report import format_report
 from seglab.models import create_model
+from seglab.ops.class_map import class_indices
 from seglab.ops.int8_products import MIN_PRODUCT_CHANNELS, int8_pointwise_candidates
 from seglab.viz import plot_curves, prediction_panel
 
@@ -692,6 +693,6 @@ class Trainer:
             image = sample["image"]
             with self.precision.autocast():
                 logits = logits_of(self.model(self.normalize(image[None].to(self.device))))
-            prediction = logits.float().argmax(1)[0].cpu()
+            prediction = class_indices(logits.float())[0].cpu()
             panel = prediction_panel(image, sample["mask"], prediction, self.train_set.palette)
             atomic_write(folder / f"val_{index:03d}.png", lambda tmp, p=panel: Image.fromarray(p).save(tmp, format="PNG"))

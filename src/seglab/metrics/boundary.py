@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from seglab.metrics import _boundary_cpu
 from seglab.metrics._distributed import sum_over_processes
 from seglab.metrics.confusion import ConfusionMatrix, nan_divide
+from seglab.ops.class_map import class_indices
 
 __all__ = [
     "BoundaryIoU",
@@ -260,7 +261,7 @@ class BoundaryIoU:
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """pred: class indices N x H x W or scores N x K x H x W; target: N x H x W."""
         if pred.dim() == target.dim() + 1:
-            pred = pred.argmax(dim=1)
+            pred = class_indices(pred, dim=1)
         if pred.shape != target.shape or target.dim() != 3:
             raise ValueError(f"prediction shape {tuple(pred.shape)} and target shape {tuple(target.shape)} must both be N x H x W")
         device = self.intersection.device
@@ -322,7 +323,7 @@ class TrimapIoU:
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         if pred.dim() == target.dim() + 1:
-            pred = pred.argmax(dim=1)
+            pred = class_indices(pred, dim=1)
         if pred.shape != target.shape or target.dim() != 3:
             raise ValueError(f"prediction shape {tuple(pred.shape)} and target shape {tuple(target.shape)} must both be N x H x W")
         outside_band = ~self.band(target)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from seglab.metrics._distributed import sum_over_processes
+from seglab.ops.class_map import class_indices
 
 __all__ = ["ConfusionMatrix", "nan_divide", "nanmean", "scores_from_counts"]
 
@@ -127,7 +128,7 @@ class ConfusionMatrix:
         if self.task == "binary":
             pred, target = self._binary_inputs(pred, target)
         elif pred.dim() == target.dim() + 1:
-            pred = pred.argmax(dim=1)
+            pred = class_indices(pred, dim=1)
         elif pred.is_floating_point():
             raise ValueError("multiclass predictions must be class indices N x H x W or scores N x K x H x W")
         if pred.shape != target.shape:
