@@ -214,6 +214,21 @@ def test_eval_stores_int8_ranges_for_a_checkpoint_that_has_none(trained: Path, t
         _one_error_line(capsys, main(["eval", "--checkpoint", str(run), "--store-int8-ranges", *extra]), fragment)
 
 
+@needs_int8
+def test_eval_auto_scores_what_predict_runs_by_default(trained: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import seglab.engine.int8_checkpoint as int8_checkpoint
+
+    # as on a processor without native bfloat16 (the Xeon this was written on), wherever this runs
+    monkeypatch.setattr(int8_checkpoint, "default_precision", lambda device: "32")
+    outputs = {}
+    for precision in ("auto", "int8"):
+        outputs[precision] = tmp_path / f"{precision}.json"
+        assert main(["eval", "--checkpoint", str(trained), "--precision", precision, "--json", str(outputs[precision])]) == 0
+    assert "--precision auto: int8 with the checkpoint's int8 ranges" in " ".join(capsys.readouterr().err.split())
+    # the stored ranges are those int8 calibrates on anew: the same figures
+    assert json.loads(outputs["auto"].read_text())["miou"] == json.loads(outputs["int8"].read_text())["miou"]
+
+
 def test_int8_options_refused_with_one_line(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
     image = tmp_path / "image.png"
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)

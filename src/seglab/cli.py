@@ -206,6 +206,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     from seglab.engine.evaluator import Normalize, evaluate
     from seglab.engine.fastpath import optimize_for_inference
     from seglab.engine.int8 import require_int8
+    from seglab.engine.int8_checkpoint import auto_inference_precision, stored_int8
     from seglab.engine.precision import resolve_precision
     from seglab.engine.trainer import resolve_device
     from seglab.metrics.report import format_report, results_to_json
@@ -217,11 +218,16 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "format", "image_size", "store_int8_ranges"))
         return eval_instance(model, config, args, console)
     device = resolve_device(args.device)
-    int8 = args.precision == "int8"
     _check_store_int8_ranges(args)
+    record = None
+    if args.precision in ("auto", "int8"):  # auto: what `seglab predict` runs by default
+        record = stored_int8(config, f"{args.checkpoint}'s config")
+    chosen = auto_inference_precision(device, record) if args.precision == "auto" else args.precision
+    int8 = chosen == "int8"
     if int8:
         require_int8(device)
-    precision = "int8" if int8 else resolve_precision(args.precision, device).name  # refused before any data is read
+    precision = "int8" if int8 else resolve_precision(chosen, device).name  # refused before any data is read
+    ranges = record.ranges if int8 and args.precision == "auto" else None
     # By default, the data set (and options) the model was trained on.
     data = dict(config.get("data", {"source": "synthetic"}))
     source = data.pop("source")
@@ -233,7 +239,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size)
     normalize = Normalize(config["mean"], config["std"])
     calibration = None
-    if int8:  # the scales come from training images, not from the images scored
+    if int8 and ranges is None:  # the scales come from training images, not from the images scored
         try:
             train_split = open_dataset(source, "train", **data)
         except (FileNotFoundError, ValueError) as error:
@@ -244,7 +250,9 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     # The fast inference path (conv-BN folding, fused activations, channels_last) in the chosen
     # precision; at the default 32 it changes outputs only at rounding level.
     prepared = optimize_for_inference(model.to(device), precision, winograd=not args.direct_convolutions,
-                                      calibration=calibration)
+                                      calibration=calibration, int8_ranges=ranges)
+    if args.precision == "auto":
+        console.print(f"--precision auto: {_precision_name(precision)}" + (" with the checkpoint's int8 ranges" if ranges else ""))
     scoring = dict(num_classes=len(config["classes"]), ignore_index=config.get("ignore_index", 255),
                    normalize=normalize, device=device)
     results = evaluate(prepared, loader, crf=_crf_option(args), **scoring)
@@ -366,10 +374,13 @@ def _calibration_images(args: argparse.Namespace, stored_ranges: bool) -> list[A
     return [read_image(file) for file in files[: args.calibration_images]]
 
 
+def _precision_name(precision: str) -> str:
+    return {"32": "float32", "16": "float16"}.get(precision, precision)
+
+
 def _precision_words(predictor: Any) -> str:
-    """How the predictions were computed, e.g. "int8 (ranges stored in the checkpoint)"."""
-    names = {"32": "float32", "16": "float16"}
-    words = names.get(predictor.precision, predictor.precision)
+    """How the predictions were computed, e.g. "int8 (the checkpoint's ranges; ...)"."""
+    words = _precision_name(predictor.precision)
     if predictor.precision == "int8" and predictor.int8_ranges_used:
         record = predictor.int8_record
         words += (f" (the checkpoint's ranges; validation mIoU {record.miou_int8:.4f} against "
@@ -465,9 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, default=8)
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--precision", choices=["32", "bf16", "16", "int8"], default="32",
-                          help="precision of the fast inference path (32: float32; int8: 8-bit products, "
-                               "calibrated on the train split, CPUs with VNNI or AMX)")
+    evaluate.add_argument("--precision", choices=["32", "auto", "bf16", "16", "int8"], default="32",
+                          help="precision of the fast inference path (32: float32, the default; auto: what "
+                               "`seglab predict` runs by default; int8: 8-bit products, calibrated on the train "
+                               "split, CPUs with VNNI or AMX)")
     evaluate.add_argument("--calibration-images", type=_positive_int, default=INT8_CALIBRATION_IMAGES,
                           help=f"--precision int8: training images its scales come from (default {INT8_CALIBRATION_IMAGES})")
     evaluate.add_argument("--store-int8-ranges", action="store_true",
