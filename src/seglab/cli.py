@@ -133,7 +133,7 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
                                  "addition and ReLU, after it by one native kernel (2-4.5%% faster steps; opt-in: "
                                  "its effect on the final mIoU is not settled, docs/bench.md)")),
     ("--int8-calibration", dict(action=argparse.BooleanOptionalAction,
-                                help="single-process CPU runs on a CPU with VNNI or AMX: end by storing int8 input ranges "
+                                help="CPU runs on a CPU with VNNI or AMX: end by storing int8 input ranges "
                                      "in the best checkpoint, checked on the validation split, so that `seglab predict` "
                                      "can run int8 without calibration images (default: on; docs/engine.md)")),
     ("--deterministic", dict(action="store_const", const=True,

@@ -9,6 +9,7 @@ import torch
 from engine_helpers import train_tiny, write_config
 
 from seglab.engine.distributed import env_rank, launch, shard
+from seglab.engine.int8 import cpu_runs_int8
 
 # BatchNorm over the global batch (--sync-bn) makes the two runs the same computation; what
 # remains is float32 summation order (gradients summed across processes, statistics in parts),
@@ -36,6 +37,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Pa
         for key in ("train_loss", "val_loss", "pixel_accuracy", "miou", "lr"):
             assert b[key] == pytest.approx(a[key], abs=TOLERANCE), key
     assert not (tmp_path / "two-2").exists()  # rank 1 wrote nothing of its own
+    if cpu_runs_int8():  # the int8 record: the same ranges, and int8 scored on both ranks' shards together
+        records = [json.loads((run / "best.json").read_text())["int8"] for run in (tmp_path / "two", Path(single["run_dir"]))]
+        assert records[0]["ranges"].keys() == records[1]["ranges"].keys()
+        for name, (low, high) in records[1]["ranges"].items():
+            assert records[0]["ranges"][name] == pytest.approx([low, high], abs=TOLERANCE, rel=TOLERANCE), name
+        for key in ("miou_float32", "miou_int8"):
+            assert records[0][key] == pytest.approx(records[1][key], abs=TOLERANCE), key
 
 
 def test_environment_and_shards(monkeypatch: pytest.MonkeyPatch) -> None:

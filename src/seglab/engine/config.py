@@ -55,7 +55,7 @@ class TrainConfig:
     # float32 on a CPU with VNNI or AMX: the large 1x1 convolutions' forward and input gradient as
     # int8 products with one scale per row (seglab.ops.int8_products); weight gradients stay float32
     int8_products: bool = False
-    # single-process CPU runs on a CPU with VNNI or AMX: end by storing int8 input ranges in the best
+    # CPU runs on a CPU with VNNI or AMX: end by storing int8 input ranges in the best
     # checkpoint, with the int8 mIoU they give (seglab.engine.int8_checkpoint)
     int8_calibration: bool = True
     deterministic: bool = False  # the same bits every run: fixed CPU weight-gradient kernels, cuDNN's deterministic ones

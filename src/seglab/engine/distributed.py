@@ -17,7 +17,7 @@ from typing import Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_distributed", "shutdown_distributed", "env_rank", "shard", "launch", "all_reduce_sum", "agree"]
+__all__ = ["DistContext", "init_distributed", "shutdown_distributed", "env_rank", "shard", "launch", "all_reduce_sum", "agree", "barrier"]
 
 T = TypeVar("T")
 
@@ -75,6 +75,12 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         else:
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing for one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def agree(flag: bool) -> bool:

@@ -1,11 +1,12 @@
 """int8 input scales that travel with a checkpoint, checked against float32 where they were made.
 
 Static int8 inference (`seglab.engine.int8`) needs each convolution's input range, measured on
-calibration images. A single-process `seglab train` on a CPU that runs int8 (VNNI or AMX) ends
-by measuring them for its best weights, on the first `CALIBRATION_IMAGES` images of the train
-split as evaluation sees them (unaugmented: the images `seglab eval --precision int8`
-calibrates on), and by scoring the int8 model on the validation split. The ranges and both
-mIoU values go into the checkpoint's JSON under "int8":
+calibration images. `seglab train` on a CPU that runs int8 (VNNI or AMX), in one process or
+several, ends by measuring them for its best weights, on the first `CALIBRATION_IMAGES` images
+of the train split as evaluation sees them (unaugmented: the images `seglab eval --precision
+int8` calibrates on), and by scoring the int8 model on the validation split (each process its
+shard). `seglab eval --precision int8 --store-int8-ranges` does the same for a checkpoint
+trained elsewhere. The ranges and both mIoU values go into the checkpoint's JSON under "int8":
 
     {"ranges": {"<module>": [low, high], ...}, "images": 16,
      "miou_float32": 0.8631, "miou_int8": 0.8629}

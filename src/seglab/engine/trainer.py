@@ -39,7 +39,7 @@ from seglab.data.doctor import preflight
 from seglab.data.stats import median_frequency_weights
 from seglab.engine.checkpoint import save_checkpoint, update_checkpoint_config
 from seglab.engine.config import TrainConfig, load_yaml
-from seglab.engine.distributed import agree, all_reduce_sum, init_distributed
+from seglab.engine.distributed import agree, all_reduce_sum, barrier, init_distributed
 from seglab.engine.ema import ModelEMA
 from seglab.engine.evaluator import Normalize, evaluate, logits_of
 from seglab.engine.fastpath import optimizer_options, to_channels_last, training_convolutions, training_norms
@@ -643,11 +643,15 @@ class Trainer:
         if self.best is None:
             raise ValueError(f"the run in {self.run_dir} has no finished epoch to report")
         best = self.best
-        if self.dist.is_main:
+        stores_int8 = self._stores_int8_ranges()
+        if stores_int8:  # every rank scores int8 on its shard of the validation split, with the best weights
+            barrier()  # rank 0 has written them
+        if self.dist.is_main or stores_int8:
             self.model.load_state_dict(load_file(str(self.run_dir / "best.safetensors"), device=str(self.device)))
+        if stores_int8:
+            self._store_int8_ranges()
+        if self.dist.is_main:
             self.save_overlays(self.run_dir / "overlays")
-            if self._stores_int8_ranges():
-                self._store_int8_ranges()
             shown = {k: v for k, v in best.items() if k != "epoch"}
             self.console.print(format_report(shown, self.train_set.classes, title=f"Validation, best epoch {best['epoch']}"))
         return {
@@ -659,14 +663,13 @@ class Trainer:
         }
 
     def _stores_int8_ranges(self) -> bool:
-        """Single-process semantic runs on a CPU with int8 products (a multi-process run's ranks
-        would have to evaluate together; a GPU run's checkpoint is for the GPU)."""
-        return (self.config.int8_calibration and self.device.type == "cpu" and not self.dist.enabled
-                and cpu_runs_int8())
+        """Runs on a CPU with int8 products (a GPU run's checkpoint is scored by
+        `seglab eval --store-int8-ranges` on the CPU that will run it)."""
+        return self.config.int8_calibration and self.device.type == "cpu" and cpu_runs_int8()
 
     def _store_int8_ranges(self) -> None:
-        """Calibrate the best weights for int8 inference, score them on the validation split and
-        add the record to best.json (seglab.engine.int8_checkpoint)."""
+        """Calibrate the best weights for int8 inference, score them on the validation split
+        (every rank its shard) and add the record to best.json (rank 0; seglab.engine.int8_checkpoint)."""
         calibration_set = open_dataset(self.config.data, "train", **self._data_options(train=False))
         count = min(len(calibration_set), CALIBRATION_IMAGES)
         calibration = [self.normalize(calibration_set[i]["image"][None].to(self.device)) for i in range(count)]
@@ -676,7 +679,7 @@ class Trainer:
                                     normalize=self.normalize, device=self.device)["miou"]
         record = measure_int8(self.model, calibration, self.val_loader, num_classes=self.num_classes,
                               ignore_index=self.ignore_index, normalize=self.normalize, miou_float32=miou_float32)
-        if record is None:
+        if record is None or not self.dist.is_main:
             return
         update_checkpoint_config(self.run_dir / "best", int8=record.to_json())
         verdict = ("`seglab predict` runs int8 by default on CPUs like this one" if record.within()
