@@ -68,6 +68,11 @@ def test_predict_writes_a_mask_and_an_overlay_per_image(trained: Path, tmp_path:
     masks = sorted(out.glob("*_mask.png"))
     assert [p.name for p in masks] == ["0_mask.png", "1_mask.png", "2_mask.png"]
     assert np.asarray(Image.open(masks[0])).shape == (64, 80) and len(list(out.glob("*_overlay.png"))) == 3
+    masks_only = tmp_path / "masks-only"
+    assert main(["predict", "--checkpoint", str(trained), str(images), "--out", str(masks_only), "--tile", "48",
+                 "--tta-flips", "h", "--no-overlays"]) == 0
+    assert sorted(p.name for p in masks_only.iterdir()) == [p.name for p in masks]
+    assert all(np.array_equal(np.asarray(Image.open(mask)), np.asarray(Image.open(masks_only / mask.name))) for mask in masks)
 
 
 def test_missing_image(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -349,11 +349,12 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     )
     context = env_rank()
     with progress_bar(console, disable=not context.is_main) as progress:
-        written = predictor.predict_files(args.images, args.out, progress=progress)
+        written = predictor.predict_files(args.images, args.out, progress=progress, overlays=args.overlays)
     if context.is_main:
         share = f" by rank 0 of {context.world_size} (each rank its own shard)" if context.enabled else ""
-        Console().print(f"{len(written) // 2} image(s) predicted{share} in {_precision_words(predictor)}; "
-                        f"masks and overlays in {args.out}/")
+        images = sum(path.name.endswith("_mask.png") for path in written)
+        Console().print(f"{images} image(s) predicted{share} in {_precision_words(predictor)}; "
+                        f"{'masks and overlays' if args.overlays else 'masks'} in {args.out}/")
     return 0
 
 
@@ -512,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--calibration-images", type=_positive_int, default=INT8_CALIBRATION_IMAGES,
                          help=f"--precision int8: how many calibration images (default {INT8_CALIBRATION_IMAGES})")
     predict.add_argument("--direct-convolutions", action="store_true", help=DIRECT_CONVOLUTIONS_HELP)
+    predict.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True,
+                         help="also write <stem>_overlay.png, the image with the mask blended in (default: on; "
+                              "--no-overlays writes the masks only, about 50 ms less per 512 x 512 image)")
     predict.add_argument("--nproc", type=_positive_int, help="processes, each predicting a shard of the images")
     predict.add_argument("--crf", action="store_true", help="refine predictions with a dense CRF (docs/crf.md)")
     predict.add_argument("--crf-params", help="dense CRF parameters, e.g. theta_alpha=60,w1=5 (implies --crf)")

@@ -46,6 +46,10 @@ def test_train_eval_predict_an_instance_model(tmp_path, capsys, monkeypatch):
     assert Image.open(out / "picture_instances.png").size == (56, 40)
     records = json.loads((out / "results.json").read_text())
     assert all(r["image_id"] == 1 and {"segmentation", "score", "category_id", "bbox"} <= set(r) for r in records)
+    masks_only = tmp_path / "results-only"
+    assert main(["predict", "--checkpoint", str(run), str(image_file), "--out", str(masks_only), "--no-overlays"]) == 0
+    assert sorted(p.name for p in masks_only.iterdir()) == ["images.json", "results.json"]
+    assert json.loads((masks_only / "results.json").read_text()) == records
 
     # Semantic-only options are refused for an instance model (one error line, exit 2), not ignored;
     # so is an output folder that is a file.

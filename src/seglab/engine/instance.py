@@ -447,8 +447,10 @@ def predict_instance_files(
     score_threshold: float = 0.5,
     progress: Progress | None = None,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    overlays: bool = True,
 ) -> list[Path]:
-    """Overlay PNGs (one colour per instance, class and score labels) and ``results.json``.
+    """Overlay PNGs (one colour per instance, class and score labels; unless not `overlays`)
+    and ``results.json``.
 
     ``results.json`` holds COCO results records (all detections, every score) with image ids
     1, 2, ... in the order of ``images.json``, which maps each id to its file. The model runs
@@ -466,10 +468,11 @@ def predict_instance_files(
         with autocast():
             prediction = _on_cpu(model([image.to(device)])[0])
         records += coco_results([prediction], [image_id])
-        panel = instance_overlay(image, prediction, classes, score_threshold)
-        target = out_dir / f"{path.stem}_instances.png"
-        atomic_write(target, lambda tmp, p=panel: Image.fromarray(p).save(tmp, format="PNG"))
-        written.append(target)
+        if overlays:
+            panel = instance_overlay(image, prediction, classes, score_threshold)
+            target = out_dir / f"{path.stem}_instances.png"
+            atomic_write(target, lambda tmp, p=panel: Image.fromarray(p).save(tmp, format="PNG"))
+            written.append(target)
         if progress is not None and task is not None:
             progress.update(task, advance=1)
     written.append(save_coco_results(records, out_dir / "results.json"))
@@ -538,7 +541,10 @@ def predict_instance(args: Any, console: Console) -> int:
     # conv-BN folding, fused activations, Winograd's 3x3 convolutions (float32), channels_last
     model = optimize_instance_model(model.to(device), winograd=not getattr(args, "direct_convolutions", False))
     with progress_bar(console) as progress:
-        written = predict_instance_files(model, config, args.images, args.out, device, progress=progress,
-                                         autocast=precision.autocast)
-    Console().print(f"{len(written) - 1} image(s) predicted; overlays and results.json (COCO results) in {args.out}/")
+        overlays = getattr(args, "overlays", True)
+        predict_instance_files(model, config, args.images, args.out, device, progress=progress,
+                               autocast=precision.autocast, overlays=overlays)
+    images = len(_image_files(args.images))
+    Console().print(f"{images} image(s) predicted; {'overlays and ' if overlays else ''}results.json (COCO results) "
+                    f"in {args.out}/")
     return 0
