@@ -219,9 +219,8 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         return eval_instance(model, config, args, console)
     device = resolve_device(args.device)
     _check_store_int8_ranges(args)
-    record = None
-    if args.precision in ("auto", "int8"):  # auto: what `seglab predict` runs by default
-        record = stored_int8(config, f"{args.checkpoint}'s config")
+    # auto: what `seglab predict` runs by default, int8 with the checkpoint's ranges where they allow it
+    record = stored_int8(config, f"{args.checkpoint}'s config", lenient=True) if args.precision == "auto" else None
     chosen = auto_inference_precision(device, record) if args.precision == "auto" else args.precision
     int8 = chosen == "int8"
     if int8:

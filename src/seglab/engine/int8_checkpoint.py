@@ -26,6 +26,7 @@ its int8 preparation builds the same way from the same architecture every time.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
@@ -68,9 +69,16 @@ class Int8Record:
         return record
 
 
-def stored_int8(config: dict[str, Any], source: str = "checkpoint") -> Int8Record | None:
+def stored_int8(config: dict[str, Any], source: str = "checkpoint", *, lenient: bool = False) -> Int8Record | None:
     """The "int8" record of a checkpoint's config, or None where it has none; ValueError (naming
-    `source`) where it is malformed."""
+    `source`) where it is malformed, or with `lenient` (what "auto" reads) a warning and None:
+    "auto" then runs what it would without a record."""
+    if lenient:
+        try:
+            return stored_int8(config, source)
+        except ValueError as error:
+            warnings.warn(f"--precision auto: {error}; passed over", RuntimeWarning, stacklevel=2)
+            return None
     record = config.get("int8")
     if record is None:
         return None

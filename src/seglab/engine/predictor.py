@@ -36,7 +36,7 @@ from seglab.engine.checkpoint import load_checkpoint
 from seglab.engine.distributed import env_rank, shard
 from seglab.engine.evaluator import Normalize, logits_of
 from seglab.engine.fastpath import optimize_for_inference
-from seglab.engine.int8_checkpoint import Int8Record, auto_inference_precision, stored_int8
+from seglab.engine.int8_checkpoint import auto_inference_precision, stored_int8
 from seglab.engine.precision import resolve_precision
 from seglab.engine.sliding import sliding_window
 from seglab.engine.trainer import resolve_device
@@ -94,7 +94,8 @@ class Predictor:
         self.normalize = Normalize(config.get("mean", [0.5] * 3), config.get("std", [0.5] * 3)).to(self.device)
         chosen = str(precision) == "auto"
         # int8 input ranges the checkpoint carries (seglab.engine.int8_checkpoint): read where used
-        self.int8_record = self._int8_record(config, chosen) if chosen or str(precision) == "int8" else None
+        used = chosen or str(precision) == "int8"
+        self.int8_record = stored_int8(config, "the checkpoint config", lenient=chosen) if used else None
         if chosen:  # the fast path's choice (bf16 where native), or int8 where the checkpoint's record allows
             precision = auto_inference_precision(self.device, self.int8_record if optimize else None)
         int8 = str(precision) == "int8"
@@ -134,18 +135,6 @@ class Predictor:
         self.views = [(float(scale), flip) for scale in tta_scales for flip in (None, *tta_flips)]
         self.batch_size = batch_size
         self.crf = None if crf is None else make_crf(crf)  # dense CRF on the averaged probabilities (seglab.crf)
-
-    @staticmethod
-    def _int8_record(config: dict[str, Any], chosen: bool) -> Int8Record | None:
-        """The checkpoint's int8 record; a malformed one is an error for "int8" and is passed over,
-        with a warning, by "auto" (which then runs what it would without one)."""
-        try:
-            return stored_int8(config, "the checkpoint config")
-        except ValueError as error:
-            if not chosen:
-                raise
-            warnings.warn(f"--precision auto: {error}; passed over", RuntimeWarning, stacklevel=3)
-            return None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", optimize: bool = True, **options: Any) -> "Predictor":

@@ -44,7 +44,7 @@ from seglab.engine.ema import ModelEMA
 from seglab.engine.evaluator import Normalize, evaluate, logits_of
 from seglab.engine.fastpath import optimizer_options, to_channels_last, training_convolutions, training_norms
 from seglab.engine.int8 import cpu_runs_int8, require_int8
-from seglab.engine.int8_checkpoint import AUTO_TOLERANCE, CALIBRATION_IMAGES, measure_int8
+from seglab.engine.int8_checkpoint import AUTO_TOLERANCE, CALIBRATION_IMAGES, auto_inference_precision, measure_int8
 from seglab.engine.precision import resolve_precision
 from seglab.engine.syncbn import convert_sync_batchnorm
 from seglab.engine.state import load_training_state, rng_state, save_training_state, set_rng_state
@@ -682,8 +682,13 @@ class Trainer:
         if record is None or not self.dist.is_main:
             return
         update_checkpoint_config(self.run_dir / "best", int8=record.to_json())
-        verdict = ("`seglab predict` runs int8 by default on CPUs like this one" if record.within()
-                   else f"more than {100 * AUTO_TOLERANCE:.1f} points off: `seglab predict` keeps float32 by default")
+        default = auto_inference_precision(self.device, record)
+        if default == "int8":
+            verdict = "`seglab predict` runs int8 by default on this CPU"
+        elif record.within():  # a processor with native bfloat16 keeps it by default
+            verdict = f"`seglab predict` runs {default} by default here, `--precision int8` these ranges"
+        else:
+            verdict = f"more than {100 * AUTO_TOLERANCE:.1f} points off: `seglab predict` keeps {default} by default"
         self.console.print(f"int8 inference checked: validation mIoU {record.miou_int8:.4f} against {record.miou_float32:.4f} "
                            f"in float32 ({len(record.ranges)} convolutions, {count} calibration images); {verdict}")
 
