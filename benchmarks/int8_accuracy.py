@@ -6,8 +6,9 @@
 Each of the bench's architectures is trained once on the synthetic shapes through the float32
 fast training path (`seglab.bench_accuracy`'s loop: AdamW 2e-3, batch 16, seeded), then its
 validation images are predicted three ways: the model as trained (float32), the float32 fast
-inference path, and int8 inference (`optimize_for_inference(model, "int8")`, calibrated on 64
-training images, as `seglab eval --precision int8` does). mIoU in points, and the share of
+inference path, and int8 inference (`optimize_for_inference(model, "int8")`, calibrated on the
+first `--calibration-images` training images: by default 16, as `seglab eval --precision int8`
+and the int8 record `seglab train` stores do). mIoU in points, and the share of
 pixels whose class agrees with float32's. `seglab bench --accuracy` does the same at a size
 that takes a minute per model (and trains too little to be telling); this trains longer.
 """
@@ -19,10 +20,11 @@ import time
 import torch
 
 from seglab.bench import ARCHITECTURES
-from seglab.bench_accuracy import INT8_CALIBRATION_IMAGES, _miou, _predict, _stacked, _train
+from seglab.bench_accuracy import _miou, _predict, _stacked, _train
 from seglab.data.synthetic import SyntheticShapes
 from seglab.engine.fastpath import optimize_for_inference
 from seglab.engine.int8 import require_int8
+from seglab.engine.int8_checkpoint import CALIBRATION_IMAGES
 from seglab.memory import keep_freed_memory
 from seglab.models.registry import create_model
 
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES)
     args = parser.parse_args()
     device = torch.device("cpu")
     try:
@@ -47,9 +50,9 @@ def main() -> None:
     keep_freed_memory()
     train_images, train_masks = _stacked(SyntheticShapes(args.train_samples, args.size, CLASSES, "train", args.seed))
     val_images, val_masks = _stacked(SyntheticShapes(args.val_samples, args.size, CLASSES, "val", args.seed))
-    calibration = train_images[:INT8_CALIBRATION_IMAGES].split(16)
+    calibration = train_images[:args.calibration_images].split(16)
     print(f"{args.train_samples} synthetic {args.size} x {args.size} images, {args.epochs} epochs, seed {args.seed}; "
-          f"{args.val_samples} validation images\n")
+          f"{args.val_samples} validation images; int8 calibrated on {args.calibration_images} training images\n")
     print("| network | mIoU float32 | float32 fast path | int8 | int8 - float32 | pixels agreeing: fast path / int8 "
           "| training |")
     print("|---|---|---|---|---|---|---|")

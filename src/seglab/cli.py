@@ -452,7 +452,7 @@ def _data_check(args: argparse.Namespace, console: Console) -> int:
 
 
 # ---------------------------------------------------------------------------------- parser
-INT8_CALIBRATION_IMAGES = 16
+INT8_CALIBRATION_IMAGES = 16  # seglab.engine.int8_checkpoint.CALIBRATION_IMAGES (not imported: --help stays light)
 
 
 def build_parser() -> argparse.ArgumentParser:

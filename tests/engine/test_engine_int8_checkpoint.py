@@ -42,6 +42,12 @@ def test_a_malformed_record_is_one_error_naming_its_source(entry):
         stored_int8({"int8": entry}, "runs/x/best.json")
 
 
+def test_the_command_line_calibrates_on_as_many_images_as_training_stores():
+    from seglab.cli import INT8_CALIBRATION_IMAGES
+
+    assert INT8_CALIBRATION_IMAGES == int8_checkpoint.CALIBRATION_IMAGES
+
+
 def test_a_record_is_within_the_tolerance_in_either_direction():
     assert _record(0.5 - AUTO_TOLERANCE * 0.99).within() and _record(0.5 + AUTO_TOLERANCE * 0.99).within()
     assert not _record(0.5 - AUTO_TOLERANCE * 1.01).within() and not _record(0.5 + AUTO_TOLERANCE * 1.01).within()
@@ -164,6 +170,7 @@ def test_no_record_is_kept_for_weights_that_overflowed():
     model = create_model("unet", num_classes=2, base_channels=4, depth=2).eval()
     with torch.no_grad():
         next(model.parameters()).fill_(float("inf"))
-    record = int8_checkpoint.measure_int8(model, [torch.rand(1, 3, 32, 32)], [], num_classes=2, ignore_index=255,
+    validation = [{"image": torch.rand(1, 3, 32, 32), "mask": torch.zeros(1, 32, 32, dtype=torch.long)}]
+    record = int8_checkpoint.measure_int8(model, [torch.rand(1, 3, 32, 32)], validation, num_classes=2, ignore_index=255,
                                           normalize=Normalize([0.5] * 3, [0.5] * 3), miou_float32=0.5)
     assert record is None

@@ -121,9 +121,10 @@ def measure_int8(
     batches = list(calibration)
     int8_model = optimize_for_inference(model, "int8", calibration=batches)
     ranges = int8_input_ranges(int8_model.model)  # named as in the fast path's model
-    if not ranges or not Int8Record(ranges, len(batches), 0.0, 0.0).finite():
-        return None  # nothing int8 takes, or weights that overflowed: no record to keep
+    if not ranges:
+        return None  # nothing int8 takes
     results = evaluate(int8_model, val_loader, num_classes=num_classes, ignore_index=ignore_index,
                        normalize=normalize, device=device)
     images = sum(batch.shape[0] for batch in batches)
-    return Int8Record(ranges, images, float(miou_float32), float(results["miou"]))
+    record = Int8Record(ranges, images, float(miou_float32), float(results["miou"]))
+    return record if record.finite() else None  # weights that overflowed: nothing to keep
