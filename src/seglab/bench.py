@@ -718,7 +718,7 @@ def to_markdown(results: dict[str, Any]) -> str:
         out += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         out += ["| " + " | ".join(_fmt(line.get(c)) for c in columns) + " |" for line in lines]
     if any(r["variant"] == INT8_VARIANT for r in results["rows"]) and any(
-            r["variant"] == "fast (32)" and r["device"] == "cpu" for r in results["rows"]):
+            r["variant"].startswith("fast (") and r["precision"] == "32" and r["device"] == "cpu" for r in results["rows"]):
         out += ["", "On this CPU `seglab predict --precision auto` runs the int8 path for a checkpoint that stores "
                 "int8 ranges checked within 0.2 points of float32 (`seglab train` stores them on CPUs with VNNI or "
                 "AMX: docs/engine.md), the float32 fast path otherwise."]

@@ -23,6 +23,16 @@ needs_int8 = pytest.mark.skipif(not cpu_runs_int8(), reason="this CPU has no VNN
 CPU = torch.device("cpu")
 
 
+def _copy_with_int8_entry(tiny_run: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the tiny run whose best.json's "int8" entry `edit(config)` has changed."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "best.json").read_text())
+    edit(config)
+    (run / "best.json").write_text(json.dumps(config))
+    return run
+
+
 def _record(miou_int8: float = 0.5) -> Int8Record:
     return Int8Record({"encoder.conv": (-1.5, 2.25), "head": (0.0, 3.0)}, 16, 0.5, miou_int8)
 
@@ -128,11 +138,7 @@ def test_auto_predicts_with_the_stored_ranges_where_float32_is_the_fast_default(
 
 @needs_int8
 def test_ranges_that_do_not_fit_the_model_fall_back_to_float32_under_auto_only(tiny_run: Path, tmp_path: Path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    config = json.loads((run / "best.json").read_text())
-    config["int8"]["ranges"] = {"renamed.conv": [0.0, 1.0]}
-    (run / "best.json").write_text(json.dumps(config))
+    run = _copy_with_int8_entry(tiny_run, tmp_path, lambda config: config["int8"].update(ranges={"renamed.conv": [0.0, 1.0]}))
     if default_precision(CPU) == "32":
         with pytest.warns(RuntimeWarning, match="do not fit this model"):
             auto = Predictor.from_checkpoint(run, device="cpu", precision="auto")
@@ -142,21 +148,13 @@ def test_ranges_that_do_not_fit_the_model_fall_back_to_float32_under_auto_only(t
 
 
 def test_int8_without_calibration_or_stored_ranges_is_refused(tiny_run: Path, tmp_path: Path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    config = json.loads((run / "best.json").read_text())
-    config.pop("int8", None)
-    (run / "best.json").write_text(json.dumps(config))
+    run = _copy_with_int8_entry(tiny_run, tmp_path, lambda config: config.pop("int8", None))
     with pytest.raises(ValueError, match="stores no int8 ranges"):
         Predictor.from_checkpoint(run, device="cpu", precision="int8")
 
 
 def test_a_malformed_record_stops_int8_but_auto_passes_it_over(tiny_run: Path, tmp_path: Path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    config = json.loads((run / "best.json").read_text())
-    config["int8"] = {"ranges": "not a mapping"}
-    (run / "best.json").write_text(json.dumps(config))
+    run = _copy_with_int8_entry(tiny_run, tmp_path, lambda config: config.update(int8={"ranges": "not a mapping"}))
     assert Predictor.from_checkpoint(run, device="cpu", precision="32").precision == "32"  # not read at all
     with pytest.warns(RuntimeWarning, match="passed over"):
         auto = Predictor.from_checkpoint(run, device="cpu", precision="auto")

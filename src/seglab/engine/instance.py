@@ -540,11 +540,10 @@ def predict_instance(args: Any, console: Console) -> int:
     precision = resolve_precision(getattr(args, "precision", "auto"), device)  # auto: bf16 where native, else 32
     # conv-BN folding, fused activations, Winograd's 3x3 convolutions (float32), channels_last
     model = optimize_instance_model(model.to(device), winograd=not getattr(args, "direct_convolutions", False))
+    files, overlays = _image_files(args.images), getattr(args, "overlays", True)
     with progress_bar(console) as progress:
-        overlays = getattr(args, "overlays", True)
-        predict_instance_files(model, config, args.images, args.out, device, progress=progress,
+        predict_instance_files(model, config, files, args.out, device, progress=progress,
                                autocast=precision.autocast, overlays=overlays)
-    images = len(_image_files(args.images))
-    Console().print(f"{images} image(s) predicted; {'overlays and ' if overlays else ''}results.json (COCO results) "
+    Console().print(f"{len(files)} image(s) predicted; {'overlays and ' if overlays else ''}results.json (COCO results) "
                     f"in {args.out}/")
     return 0
