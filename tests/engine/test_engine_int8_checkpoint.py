@@ -159,7 +159,7 @@ def test_a_malformed_record_stops_int8_but_auto_passes_it_over(tiny_run: Path, t
     with pytest.warns(RuntimeWarning, match="passed over"):
         auto = Predictor.from_checkpoint(run, device="cpu", precision="auto")
     assert auto.precision == default_precision(CPU) and auto.int8_record is None
-    with pytest.raises(ValueError, match="the checkpoint config: its \"int8\" entry"):
+    with pytest.raises(ValueError, match="run/best.json: its \"int8\" entry"):
         Predictor.from_checkpoint(run, device="cpu", precision="int8")
 
 

@@ -10,6 +10,7 @@ Options a :class:`Predictor` applies to every image:
   scored within 0.2 points of float32, seglab.engine.int8_checkpoint; else float32); "int8"
   (the convolutions' products in 8 bits, scales from `calibration` images, or else the
   checkpoint's stored ranges; CPUs with VNNI or AMX, seglab.engine.int8);
+- `config_source`: how errors about `config` name it (`from_checkpoint`: the checkpoint's JSON);
 - `optimize`: seglab.engine.fastpath's inference path (conv-BN folding, channels_last, the
   whole model in the chosen precision), on by default for checkpoints.
 
@@ -32,7 +33,7 @@ from PIL import Image
 
 from seglab.crf import make_crf
 from seglab.data.io import list_images, read_image
-from seglab.engine.checkpoint import load_checkpoint
+from seglab.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from seglab.engine.distributed import env_rank, shard
 from seglab.engine.evaluator import Normalize, logits_of
 from seglab.engine.fastpath import optimize_for_inference
@@ -85,6 +86,7 @@ class Predictor:
         winograd: bool = True,
         crf: dict[str, float | int] | None = None,
         calibration: Sequence[ImageLike] | None = None,
+        config_source: str = "the checkpoint config",
     ) -> None:
         self.device = resolve_device(str(device), env_rank().local_rank) if not isinstance(device, torch.device) else device
         self.config = config
@@ -95,7 +97,7 @@ class Predictor:
         chosen = str(precision) == "auto"
         # int8 input ranges the checkpoint carries (seglab.engine.int8_checkpoint): read where used
         used = chosen or str(precision) == "int8"
-        self.int8_record = stored_int8(config, "the checkpoint config", lenient=chosen) if used else None
+        self.int8_record = stored_int8(config, config_source, lenient=chosen) if used else None
         if chosen:  # the fast path's choice (bf16 where native), or int8 where the checkpoint's record allows
             precision = auto_inference_precision(self.device, self.int8_record if optimize else None)
         int8 = str(precision) == "int8"
@@ -142,7 +144,7 @@ class Predictor:
         model, config = load_checkpoint(path)
         if config.get("task", "semantic") != "semantic":
             raise ValueError(f"checkpoint {path} is for task {config.get('task')!r}; this predictor is for semantic models")
-        return cls(model, config, device, optimize=optimize, **options)
+        return cls(model, config, device, optimize=optimize, config_source=f"{resolve_checkpoint(path)}.json", **options)
 
     def _as_batch(self, image: ImageLike) -> torch.Tensor:
         """PIL image, H x W x C uint8/float array or C x H x W / N x C x H x W tensor in [0, 1]."""
