@@ -206,7 +206,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     from seglab.engine.evaluator import Normalize, evaluate
     from seglab.engine.fastpath import optimize_for_inference
     from seglab.engine.int8 import require_int8
-    from seglab.engine.int8_checkpoint import auto_inference_precision, stored_int8
+    from seglab.engine.int8_checkpoint import auto_inference_precision, calibration_images, stored_int8
     from seglab.engine.precision import resolve_precision
     from seglab.engine.trainer import resolve_device
     from seglab.metrics.report import format_report, results_to_json
@@ -245,7 +245,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
             raise CommandError(f"--precision int8 calibrates on the train split of {source}: {error}") from None
         if len(train_split) == 0:
             raise CommandError(f"--precision int8 calibrates on the train split of {source}, which has no images")
-        calibration = [normalize(train_split[i]["image"][None]) for i in range(min(len(train_split), args.calibration_images))]
+        calibration = calibration_images(train_split, normalize, args.calibration_images)
     # The fast inference path (conv-BN folding, fused activations, channels_last) in the chosen
     # precision; at the default 32 it changes outputs only at rounding level.
     prepared = optimize_for_inference(model.to(device), precision, winograd=not args.direct_convolutions,

@@ -39,7 +39,7 @@ from seglab.engine.fastpath import default_precision, optimize_for_inference
 from seglab.engine.int8 import cpu_runs_int8, int8_input_ranges
 
 __all__ = ["AUTO_TOLERANCE", "CALIBRATION_IMAGES", "Int8Record", "auto_inference_precision",
-           "measure_int8", "stored_int8"]
+           "calibration_images", "measure_int8", "stored_int8"]
 
 CALIBRATION_IMAGES = 16
 AUTO_TOLERANCE = 0.002  # mIoU as a fraction: 0.2 points
@@ -101,6 +101,13 @@ def auto_inference_precision(device: torch.device, record: Int8Record | None) ->
             and cpu_runs_int8()):
         return "int8"
     return precision
+
+
+def calibration_images(dataset: Any, normalize: Normalize, count: int = CALIBRATION_IMAGES,
+                       device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """The first `count` images of `dataset` (samples with an "image"), normalised, one batch of
+    one each: what `seglab eval --precision int8` and the training run's record calibrate on."""
+    return [normalize(dataset[i]["image"][None].to(device)) for i in range(min(len(dataset), count))]
 
 
 @torch.no_grad()

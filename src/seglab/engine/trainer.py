@@ -44,7 +44,7 @@ from seglab.engine.ema import ModelEMA
 from seglab.engine.evaluator import Normalize, evaluate, logits_of
 from seglab.engine.fastpath import optimizer_options, to_channels_last, training_convolutions, training_norms
 from seglab.engine.int8 import cpu_runs_int8, require_int8
-from seglab.engine.int8_checkpoint import AUTO_TOLERANCE, CALIBRATION_IMAGES, auto_inference_precision, measure_int8
+from seglab.engine.int8_checkpoint import AUTO_TOLERANCE, auto_inference_precision, calibration_images, measure_int8
 from seglab.engine.precision import resolve_precision
 from seglab.engine.syncbn import convert_sync_batchnorm
 from seglab.engine.state import load_training_state, rng_state, save_training_state, set_rng_state
@@ -670,9 +670,9 @@ class Trainer:
     def _store_int8_ranges(self) -> None:
         """Calibrate the best weights for int8 inference, score them on the validation split
         (every rank its shard) and add the record to best.json (rank 0; seglab.engine.int8_checkpoint)."""
+        # the train split as evaluation opens it (unaugmented): the images `seglab eval --precision int8` takes
         calibration_set = open_dataset(self.config.data, "train", **self._data_options(train=False))
-        count = min(len(calibration_set), CALIBRATION_IMAGES)
-        calibration = [self.normalize(calibration_set[i]["image"][None].to(self.device)) for i in range(count)]
+        calibration = calibration_images(calibration_set, self.normalize, device=self.device)
         miou_float32 = self.best["miou"]
         if self.precision.name != "32":  # the figure to compare with is float32's
             miou_float32 = evaluate(self.model, self.val_loader, num_classes=self.num_classes, ignore_index=self.ignore_index,
@@ -690,7 +690,7 @@ class Trainer:
         else:
             verdict = f"more than {100 * AUTO_TOLERANCE:.1f} points off: `seglab predict` keeps {default} by default"
         self.console.print(f"int8 inference checked: validation mIoU {record.miou_int8:.4f} against {record.miou_float32:.4f} "
-                           f"in float32 ({len(record.ranges)} convolutions, {count} calibration images); {verdict}")
+                           f"in float32 ({len(record.ranges)} convolutions, {record.images} calibration images); {verdict}")
 
     @torch.inference_mode()
     def save_overlays(self, folder: Path) -> None:
