@@ -176,6 +176,9 @@ def test_the_int8_training_row_runs_the_fast_route_with_int8_products(monkeypatc
     assert sorted(calls) == [False, False, False, True]  # eager fp32, fast, int8 products, the peer
     line = next(c for c in comparison_rows(results) if c["mode"] == "train")
     assert line["int8 ratio"] == pytest.approx(speed_ratio(row, peer))
+    # where the fast path ran float32, the table says that `seglab train`'s default is the int8 row
+    fast_is_float32 = any(r["variant"] == "fast (32)" for r in results["rows"])
+    assert ("`seglab train --precision auto` (the default) trains as the int8" in to_markdown(results)) == fast_is_float32
 
 
 def test_int8_is_refused_by_the_settings_where_the_cpu_lacks_it(monkeypatch):

@@ -256,3 +256,12 @@ def test_eval_with_int8_needs_a_train_split_to_calibrate_on(trained: Path, tmp_p
         Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(tmp_path / "masks" / "val" / f"{index}.png")
     code = main(["eval", "--checkpoint", str(trained), "--data", str(tmp_path), "--split", "val", "--precision", "int8"])
     _one_error_line(capsys, code, "train split")
+
+
+def test_train_takes_int8_products_on_off_or_unset() -> None:
+    from seglab.cli import build_parser
+
+    def parsed(*flags: str) -> bool | None:
+        return build_parser().parse_args(["train", *flags]).int8_products
+
+    assert (parsed(), parsed("--int8-products"), parsed("--no-int8-products")) == (None, True, False)

@@ -717,11 +717,16 @@ def to_markdown(results: dict[str, Any]) -> str:
         columns = list(lines[0])
         out += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         out += ["| " + " | ".join(_fmt(line.get(c)) for c in columns) + " |" for line in lines]
-    if any(r["variant"] == INT8_VARIANT for r in results["rows"]) and any(
-            r["variant"].startswith("fast (") and r["precision"] == "32" and r["device"] == "cpu" for r in results["rows"]):
+    float32_default = any(r["variant"].startswith("fast (") and r.get("precision") == "32" and r["device"] == "cpu"
+                          for r in results["rows"])
+    if float32_default and any(r["variant"] == INT8_VARIANT for r in results["rows"]):
         out += ["", "On this CPU `seglab predict --precision auto` runs the int8 path for a checkpoint that stores "
                 "int8 ranges checked within 0.2 points of float32 (`seglab train` stores them on CPUs with VNNI or "
                 "AMX: docs/engine.md), the float32 fast path otherwise."]
+    if float32_default and any(r["variant"] == INT8_TRAINING_VARIANT for r in results["rows"]):
+        out += ["", "On this CPU `seglab train --precision auto` (the default) trains as the int8 ratio's row "
+                "(int8 products for the large 1x1 convolutions); `--precision 32` as the ratio's row (float32 "
+                "throughout)."]
     faulting = [r for r in results["rows"] if (system_share(r) or 0.0) > NOTED_SYSTEM_SHARE]
     if faulting:
         out += ["", f"Timed calls that spent over {NOTED_SYSTEM_SHARE:.0%} of their wall time in the kernel (mostly page "

@@ -122,12 +122,13 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--loss", dict(help="loss, e.g. ce, dice, ce+dice, 0.5*ce+lovasz")),
     ("--class-weights", dict(type=_class_weights, help="per-class loss weights: w0,w1,... or median_frequency")),
     ("--warmup-epochs", dict(type=float, help="linear learning-rate warm-up (epochs, may be fractional)")),
-    ("--precision", dict(choices=["auto", "32", "bf16", "16"], help="auto (default: bf16 where the hardware runs it natively, else 32), 32, bf16, 16 (CUDA)")),
+    ("--precision", dict(choices=["auto", "32", "bf16", "16"], help="auto (default: bf16 where the hardware runs it natively, else 32, with --int8-products on CPUs with VNNI or AMX), 32 (float32 throughout), bf16, 16 (CUDA)")),
     ("--direct-convolutions", dict(action="store_const", const=True, help=DIRECT_CONVOLUTIONS_HELP)),
-    ("--int8-products", dict(action="store_const", const=True,
+    ("--int8-products", dict(action=argparse.BooleanOptionalAction,
                              help="float32 training on a CPU with VNNI or AMX: the large 1x1 convolutions' forward "
                                   "and input gradient as int8 products with one scale per row, weight gradients in "
-                                  "float32 (not exact; docs/engine.md)")),
+                                  "float32 (not exact; docs/engine.md). Default: on where --precision auto trains "
+                                  "in float32 on such a CPU (no native bf16); --precision 32 keeps float32 throughout")),
     ("--native-norms", dict(action="store_const", const=True,
                             help="bf16 training on the CPU: BatchNorm with the ReLU, or a ResNet block's shortcut "
                                  "addition and ReLU, after it by one native kernel (2-4.5%% faster steps; opt-in: "

@@ -162,6 +162,9 @@ def test_float32_cpu_training_runs_under_winograd_unless_direct_convolutions(tmp
                                direct_convolutions=direct, deterministic=deterministic, int8_products=int8_products,
                                epochs=1, train_samples=4, val_samples=2)
         trainer.fit()
+        # the checkpoint says which arithmetic trained it
+        training = json.loads((trainer.run_dir / "best.json").read_text())["training"]
+        assert training == {"precision": "32", "int8_products": int8_products}
     assert asked == [("32", not direct, deterministic, int8_products) for direct, deterministic, int8_products in runs]
 
 
@@ -187,6 +190,31 @@ def test_int8_products_say_how_many_convolutions_take_them_or_that_none_does(tmp
     resnet50 = make_trainer(tmp_path / "deeplab", precision="32", int8_products=True, model="deeplabv3", model_kwargs={},
                             encoder="resnet50")
     assert resnet50._int8_products_line().startswith("int8 products: 31 1x1 convolutions")
+
+
+def test_precision_auto_trains_with_int8_products_where_float32_runs_on_an_int8_cpu(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    # A CPU with VNNI (or AMX) but no native bf16, where `auto` resolves to float32.
+    monkeypatch.setattr(trainer_module, "cpu_runs_int8", lambda: True)
+    monkeypatch.setattr("seglab.engine.precision.cpu_supports_bf16", lambda: False)
+    resnet50 = dict(model="deeplabv3", model_kwargs={}, encoder="resnet50")
+    auto = make_trainer(tmp_path / "auto", precision="auto", **resnet50)
+    assert auto.int8_products and auto.convolutions.int8_products
+    assert "--precision auto on a CPU with int8 but not bf16 products" in auto._int8_products_line()
+    assert not make_trainer(tmp_path / "32", precision="32", **resnet50).int8_products  # exact float32
+    assert not make_trainer(tmp_path / "off", precision="auto", int8_products=False, **resnet50).int8_products
+    assert not make_trainer(tmp_path / "direct", precision="auto", direct_convolutions=True, **resnet50).int8_products
+    asked = make_trainer(tmp_path / "asked", precision="32", int8_products=True, **resnet50)
+    assert asked.int8_products and "--precision auto" not in asked._int8_products_line()
+    # No 1x1 convolution of 128 x 512 channel pairs or more: auto leaves it off, and says nothing.
+    assert not make_trainer(tmp_path / "unet", precision="auto").int8_products
+    monkeypatch.setattr(trainer_module, "cpu_runs_int8", lambda: False)
+    assert not make_trainer(tmp_path / "no-vnni", precision="auto", **resnet50).int8_products
+
+
+def test_int8_products_must_be_a_boolean_or_unset(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="int8_products must be true, false or null"):
+        TrainConfig.from_dict(tiny_options(out=str(tmp_path), int8_products="yes"))
 
 
 def test_deterministic_on_a_gpu_asks_for_cudnns_and_pytorchs_deterministic_algorithms(monkeypatch) -> None:

@@ -53,8 +53,9 @@ class TrainConfig:
     native_norms: bool = False
     direct_convolutions: bool = False  # float32 on the CPU: eager convolutions, no Winograd, no tuned weight gradients
     # float32 on a CPU with VNNI or AMX: the large 1x1 convolutions' forward and input gradient as
-    # int8 products with one scale per row (seglab.ops.int8_products); weight gradients stay float32
-    int8_products: bool = False
+    # int8 products with one scale per row (seglab.ops.int8_products); weight gradients stay float32.
+    # None: --precision auto's choice (on where auto trains in float32 on such a CPU: no native bf16)
+    int8_products: bool | None = None
     # CPU runs on a CPU with VNNI or AMX: end by storing int8 input ranges in the best
     # checkpoint, with the int8 mIoU they give (seglab.engine.int8_checkpoint)
     int8_calibration: bool = True
@@ -91,6 +92,8 @@ class TrainConfig:
         if self.scheduler not in ("cosine", "poly", "constant"):
             raise ValueError(f"--scheduler must be cosine, poly or constant, not {self.scheduler!r}")
         self.precision = str(self.precision).lower()
+        if self.int8_products is not None and not isinstance(self.int8_products, bool):
+            raise ValueError(f"int8_products must be true, false or null (auto), not {self.int8_products!r}")
         if self.precision not in ("auto", "32", "bf16", "16"):
             raise ValueError(f"--precision must be auto, 32, bf16 or 16, not {self.precision!r}")
         if self.accumulate < 1:

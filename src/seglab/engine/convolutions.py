@@ -14,10 +14,12 @@ In float32 these rewrites, each exact up to float32 rounding, chosen per call:
   fastest for the shape (`seglab.ops.weight_gradient`): oneDNN's own float32 weight gradient on
   channels-last maps is the slowest part of a training step on processors without bf16.
 
-One more, opt-in and not exact (`int8_products`, CPUs with VNNI or AMX): the large 1x1
-convolutions' forward and input gradient as int8 products with one scale per row
-(`seglab.ops.int8_products`; about 0.5-1% of each product's size), their weight gradients in
-float32.
+One more, not exact (`int8_products`, CPUs with VNNI or AMX): the large 1x1 convolutions'
+forward and input gradient as int8 products with one scale per row (`seglab.ops.int8_products`;
+about 0.5-1% of each product's size), their weight gradients in float32. The trainer takes it
+by default where `--precision auto` trains in float32 on such a CPU, as it takes bf16 where
+that is native: a trained DeepLabV3-R50's step gradient moved 1.0-1.2% from float64's, bf16
+autocast's 4.1-4.9% (docs/bench.md).
 
 `TrainingConvolutions(model)` is a context: inside it the model's convolution modules route
 their calls (the module's `_conv_forward`, and the `_upsampling_conv` of a U-Net decoder's or

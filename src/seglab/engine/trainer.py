@@ -269,10 +269,11 @@ class Trainer:
         self.train_model: nn.Module = DistributedDataParallel(self.model) if self.dist.enabled else self.model
         # Winograd's 3x3 convolutions on the CPU (float32; under bf16 autocast the widest, by
         # F(2x2)), unless asked not to; entered at each step.
+        self.int8_products = self._int8_products()
         self.convolutions = training_convolutions(self.model, self.device, self.precision.name,
                                                   enabled=not config.direct_convolutions,
                                                   deterministic=config.deterministic,
-                                                  int8_products=config.int8_products)
+                                                  int8_products=self.int8_products)
         # With `native_norms`, in bf16 on the CPU, BatchNorm with the ReLU, or a ResNet block's
         # shortcut addition and ReLU, after it in one native kernel; entered at each step.
         self.norms = training_norms(self.model, self.device, self.precision.name, enabled=config.native_norms)
@@ -338,13 +339,26 @@ class Trainer:
         if self.config.direct_convolutions:
             raise ValueError("--int8-products runs on the training route of the convolutions; drop --direct-convolutions")
 
+    def _int8_products(self) -> bool:
+        """--int8-products / --no-int8-products as given; unset, `--precision auto`'s choice: on
+        where auto trains in float32 (no native bf16) on a CPU with VNNI or AMX, on the training
+        route, for a model with 1x1 convolutions large enough to take them. Like bf16 on a bf16
+        processor, not exact: --precision 32 keeps float32 throughout."""
+        config = self.config
+        if config.int8_products is not None:
+            return config.int8_products
+        return (config.precision == "auto" and self.precision.name == "32" and self.device.type == "cpu"
+                and not config.direct_convolutions and cpu_runs_int8() and int8_pointwise_candidates(self.model) > 0)
+
     def _int8_products_line(self) -> str:
         """What --int8-products changes in this model: how many 1x1 convolutions take it, or that
         none does (the flag is then a no-op, which the user should hear about)."""
         count = int8_pointwise_candidates(self.model)
         if count:
+            why = "" if self.config.int8_products else (
+                "; --precision auto on a CPU with int8 but not bf16 products, --precision 32 for float32 throughout")
             return (f"int8 products: {count} 1x1 convolutions (forward and input gradient in int8, "
-                    f"weight gradients in float32)")
+                    f"weight gradients in float32{why})")
         return (f"[yellow]warning:[/] --int8-products: none of {self.config.model}'s convolutions is a 1x1 "
                 f"convolution with C_in x C_out >= {MIN_PRODUCT_CHANNELS:,}; it trains in float32 throughout")
 
@@ -426,6 +440,8 @@ class Trainer:
             "data": {"source": self.config.data, **self._data_options(train=False)},
             "epoch": epoch,
             "metrics": {k: _json_safe(v) for k, v in metrics.items() if k != "confusion_matrix"},
+            # the arithmetic the weights were trained in, as resolved on this machine (`auto` is not a record)
+            "training": {"precision": self.precision.name, "int8_products": self.int8_products},
         }
 
     # ------------------------------------------------------------------ state for --resume
@@ -575,7 +591,7 @@ class Trainer:
             f"Training [bold]{config.model}[/] on {config.data} ({len(self.train_set)} train / {len(self.val_set)} val images, "
             f"{self.num_classes} classes) on {self.device}{processes}, precision {self.precision.name}; run directory {self.run_dir}"
         )
-        if config.int8_products:
+        if self.int8_products or config.int8_products:
             self.console.print(self._int8_products_line())
         if self.resumed:
             self.console.print(f"resuming after epoch {self.start_epoch} of {config.epochs}")
