@@ -92,10 +92,10 @@ class TrainConfig:
         if self.scheduler not in ("cosine", "poly", "constant"):
             raise ValueError(f"--scheduler must be cosine, poly or constant, not {self.scheduler!r}")
         self.precision = str(self.precision).lower()
-        if self.int8_products is not None and not isinstance(self.int8_products, bool):
-            raise ValueError(f"int8_products must be true, false or null (auto), not {self.int8_products!r}")
         if self.precision not in ("auto", "32", "bf16", "16"):
             raise ValueError(f"--precision must be auto, 32, bf16 or 16, not {self.precision!r}")
+        if self.int8_products is not None and not isinstance(self.int8_products, bool):
+            raise ValueError(f"int8_products must be true, false or null (auto), not {self.int8_products!r}")
         if self.accumulate < 1:
             raise ValueError(f"--accumulate must be a positive number, not {self.accumulate}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:

@@ -267,9 +267,9 @@ class Trainer:
         self.model = to_channels_last(model.to(self.device))  # oneDNN's / cuDNN's native layout
         # DDP averages gradients over processes; evaluation and checkpoints use the bare model.
         self.train_model: nn.Module = DistributedDataParallel(self.model) if self.dist.enabled else self.model
+        self.int8_products = self._int8_products()
         # Winograd's 3x3 convolutions on the CPU (float32; under bf16 autocast the widest, by
         # F(2x2)), unless asked not to; entered at each step.
-        self.int8_products = self._int8_products()
         self.convolutions = training_convolutions(self.model, self.device, self.precision.name,
                                                   enabled=not config.direct_convolutions,
                                                   deterministic=config.deterministic,
@@ -591,7 +591,7 @@ class Trainer:
             f"Training [bold]{config.model}[/] on {config.data} ({len(self.train_set)} train / {len(self.val_set)} val images, "
             f"{self.num_classes} classes) on {self.device}{processes}, precision {self.precision.name}; run directory {self.run_dir}"
         )
-        if self.int8_products or config.int8_products:
+        if self.int8_products:  # asked for, or auto's choice
             self.console.print(self._int8_products_line())
         if self.resumed:
             self.console.print(f"resuming after epoch {self.start_epoch} of {config.epochs}")
