@@ -156,9 +156,14 @@ def test_the_int8_row_is_timed_with_the_others_and_compared_with_the_peer():
     assert line["int8 ratio"] == pytest.approx(speed_ratio(int8, peer))
     markdown = to_markdown(results)
     assert "int8 ratio" in markdown
-    # where the fast path ran float32, the table says which row `seglab predict`'s default follows
+    # where the fast path ran float32, or bf16 without AMX, the table says which row `seglab predict`'s default follows
     fast_is_float32 = any(r["variant"] == "fast (32)" for r in results["rows"])
-    assert ("`seglab predict --precision auto` runs the int8 path" in markdown) == fast_is_float32
+    fast_is_bf16 = any(r["variant"].startswith("fast (") and r.get("precision") == "bf16" for r in results["rows"])
+    bf16_note = "(bf16 by AVX-512 BF16, without AMX)" in markdown
+    assert bf16_note == (fast_is_bf16 and results["machine"]["cpu_amx"] is False)
+    assert ("`seglab predict --precision auto` runs the int8 path" in markdown) == (fast_is_float32 or bf16_note)
+    results["machine"]["cpu_amx"] = True  # AMX keeps bf16
+    assert "without AMX" not in to_markdown(results)
 
 
 @pytest.mark.skipif(not cpu_runs_int8(), reason="this CPU has no VNNI or AMX 8-bit products")

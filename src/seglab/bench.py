@@ -35,7 +35,8 @@ from seglab.engine.fastpath import (
     training_norms,
 )
 from seglab.engine.int8 import cpu_runs_int8
-from seglab.engine.precision import cpu_runs_bf16, cpu_supports_bf16
+from seglab.engine.int8_checkpoint import INT8_OVER_BF16_SHARE
+from seglab.engine.precision import cpu_has, cpu_runs_bf16, cpu_supports_bf16
 from seglab.losses.pixelwise import CrossEntropyLoss, pixel_cross_entropy
 from seglab.memory import keeps_freed_memory
 from seglab.models.registry import create_model
@@ -556,6 +557,7 @@ def machine_description() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpu_bf16": cpu_supports_bf16(),
         "cpu_bf16_emulated": cpu_runs_bf16() and not cpu_supports_bf16(),
+        "cpu_amx": cpu_has("amx_tile"),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
@@ -723,6 +725,14 @@ def to_markdown(results: dict[str, Any]) -> str:
         out += ["", "On this CPU `seglab predict --precision auto` runs the int8 path for a checkpoint that stores "
                 "int8 ranges checked within 0.2 points of float32 (`seglab train` stores them on CPUs with VNNI or "
                 "AMX: docs/engine.md), the float32 fast path otherwise."]
+    bf16_default = any(r["variant"].startswith("fast (") and r.get("precision") == "bf16" and r["device"] == "cpu"
+                       for r in results["rows"])
+    if (bf16_default and results["machine"].get("cpu_amx") is False
+            and any(r["variant"] == INT8_VARIANT for r in results["rows"])):
+        out += ["", "On this CPU (bf16 by AVX-512 BF16, without AMX) `seglab predict --precision auto` runs the int8 "
+                "path for a checkpoint that stores int8 ranges checked within 0.2 points of float32 where int8 takes "
+                f"at least {INT8_OVER_BF16_SHARE:.0%} of the network's FLOPs (convolution networks; not SegFormer), "
+                "the bf16 fast path otherwise (docs/engine.md)."]
     if float32_default and any(r["variant"] == INT8_TRAINING_VARIANT for r in results["rows"]):
         out += ["", "On this CPU `seglab train --precision auto` (the default) trains as the int8 ratio's row "
                 "(int8 products for the large 1x1 convolutions); `--precision 32` as the ratio's row (float32 "

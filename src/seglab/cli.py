@@ -222,7 +222,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     _check_store_int8_ranges(args)
     # auto: what `seglab predict` runs by default, int8 with the checkpoint's ranges where they allow it
     record = stored_int8(config, f"{args.checkpoint}'s config", lenient=True) if args.precision == "auto" else None
-    chosen = auto_inference_precision(device, record) if args.precision == "auto" else args.precision
+    chosen = auto_inference_precision(device, record, model) if args.precision == "auto" else args.precision
     int8 = chosen == "int8"
     if int8:
         require_int8(device)
@@ -383,9 +383,12 @@ def _precision_words(predictor: Any) -> str:
     """How the predictions were computed, e.g. "int8 (the checkpoint's ranges; ...)"."""
     words = _precision_name(predictor.precision)
     if predictor.precision == "int8" and predictor.int8_ranges_used:
+        from seglab.engine.fastpath import default_precision
+
         record = predictor.int8_record
+        others = "bf16 for bf16, 32 for float32" if default_precision(predictor.device) == "bf16" else "32 for float32"
         words += (f" (the checkpoint's ranges; validation mIoU {record.miou_int8:.4f} against "
-                  f"{record.miou_float32:.4f} in float32; --precision 32 for float32)")
+                  f"{record.miou_float32:.4f} in float32; --precision {others})")
     return words
 
 
@@ -504,9 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tta-flips", choices=["h", "v", "hv"], help="test-time flips: h, v or hv")
     predict.add_argument("--tta-scales", type=_float_list, help="test-time scales, e.g. 0.75,1,1.25")
     predict.add_argument("--precision", choices=["auto", "32", "bf16", "16", "int8"], default="auto",
-                         help="auto (default: bf16 where the hardware runs it natively; else int8 on a CPU with VNNI "
-                              "or AMX for a checkpoint whose stored int8 ranges scored within 0.2 points of float32; "
-                              "else 32), 32, bf16, 16 (CUDA), int8 (8-bit products, CPUs with VNNI or AMX)")
+                         help="auto (default: int8 on a CPU with VNNI or AMX for a checkpoint whose stored int8 "
+                              "ranges scored within 0.2 points of float32, unless the CPU has AMX or the network is "
+                              "mostly not convolutions and bf16 is native; else bf16 where the hardware runs it "
+                              "natively; else 32), 32, bf16, 16 (CUDA), int8 (8-bit products, CPUs with VNNI or AMX)")
     predict.add_argument("--calibration", nargs="+", metavar="PATH",
                          help="--precision int8: images (files or folders) its scales come from "
                               "(default: the ranges the checkpoint stores, else the first of the images to predict)")

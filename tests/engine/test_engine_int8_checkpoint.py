@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 from engine_helpers import train_tiny
 
 import seglab.engine.int8_checkpoint as int8_checkpoint
@@ -15,7 +16,7 @@ from seglab.engine.checkpoint import load_checkpoint
 from seglab.engine.evaluator import Normalize, logits_of
 from seglab.engine.fastpath import default_precision, optimize_for_inference
 from seglab.engine.int8 import cpu_runs_int8, int8_input_ranges
-from seglab.engine.int8_checkpoint import AUTO_TOLERANCE, Int8Record, auto_inference_precision, stored_int8
+from seglab.engine.int8_checkpoint import AUTO_TOLERANCE, Int8Record, auto_inference_precision, int8_share, stored_int8
 from seglab.engine.predictor import Predictor
 from seglab.models import create_model
 
@@ -76,6 +77,64 @@ def test_auto_takes_int8_only_where_float32_would_run_and_the_record_allows(monk
     assert auto_inference_precision(CPU, record) == expected
 
 
+class _ConvolutionsThenMlp(nn.Module):
+    """Two 3x3 convolutions (3 -> 8 -> 8 channels), then at every pixel a transformer-like MLP of
+    8 -> `hidden` -> 8 linears (which int8 leaves in float32)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.convolutions = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.mlp = nn.Sequential(nn.Linear(8, hidden), nn.GELU(), nn.Linear(hidden, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.convolutions(x)
+        return self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+CONVOLUTION_FLOPS = 2 * 8 * (3 * 9 + 8 * 9)  # per pixel, both convolutions of _ConvolutionsThenMlp
+
+
+@pytest.mark.parametrize("amx, hidden, expected", [
+    (False, 8, "int8"),  # mostly convolutions: byte products beat bf16's pairs (AVX-512 BF16 without AMX)
+    (False, 256, "bf16"),  # mostly linears, which int8 leaves in float32
+    (True, 8, "bf16"),  # AMX: unmeasured, bf16 stays
+])
+def test_auto_takes_int8_over_bf16_for_convolution_networks_without_amx(monkeypatch, amx, hidden, expected):
+    monkeypatch.setattr(int8_checkpoint, "default_precision", lambda device: "bf16")
+    monkeypatch.setattr(int8_checkpoint, "cpu_runs_int8", lambda: True)
+    monkeypatch.setattr(int8_checkpoint, "cpu_has", lambda feature: amx and feature == "amx_tile")
+    model = _ConvolutionsThenMlp(hidden)
+    assert auto_inference_precision(CPU, _record(0.5), model) == expected
+    assert auto_inference_precision(CPU, _record(0.49), model) == "bf16"  # the record decides first
+    assert auto_inference_precision(CPU, None, model) == "bf16"
+
+
+def test_the_int8_share_counts_one_group_convolutions_against_everything_else():
+    mlp_flops = 2 * 2 * 8 * 64  # per pixel
+    for size in (8, 32):
+        assert int8_share(_ConvolutionsThenMlp(64), size=size) == pytest.approx(CONVOLUTION_FLOPS / (CONVOLUTION_FLOPS + mlp_flops))
+    assert int8_share(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)), size=8) == 1.0
+
+
+def test_grouped_and_transposed_convolutions_are_not_int8s():
+    one_group = 2 * 16 * 16 * 4 * 3
+    depthwise = 2 * 16 * 16 * 4 * 9
+    transposed = 2 * 8 * 8 * 4 * 4 * 4  # as torch.utils.flop_counter counts a 2x2 stride-2 transposed convolution
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.MaxPool2d(2),
+                          nn.ConvTranspose2d(4, 4, 2, stride=2))
+    assert int8_share(model, size=16) == pytest.approx(one_group / (one_group + depthwise + transposed))
+
+
+def test_the_int8_share_probe_leaves_the_model_as_it_was_and_gives_up_quietly():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).train()
+    running_mean = model[1].running_mean.clone()
+    assert int8_share(model) == 1.0
+    assert model.training and torch.equal(model[1].running_mean, running_mean)
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
+    assert int8_share(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 2))) is None
+    assert int8_share(nn.Sequential(nn.Flatten(), nn.Linear(3, 2))) is None
+
+
 @needs_int8
 @pytest.mark.parametrize("name, options", [("unet", {"encoder": "resnet18"}), ("deeplabv3plus", {"encoder": "resnet18"})])
 def test_stored_ranges_rebuild_the_calibrated_int8_model_bit_for_bit(name, options):
@@ -121,12 +180,13 @@ def test_training_without_int8_calibration_stores_nothing(tmp_path: Path):
 
 
 @needs_int8
-def test_auto_predicts_with_the_stored_ranges_where_float32_is_the_fast_default(tiny_run: Path):
+def test_auto_predicts_with_the_stored_ranges_where_int8_is_the_choice(tiny_run: Path):
     images = torch.rand(3, 3, 32, 32)
     auto = Predictor.from_checkpoint(tiny_run, device="cpu", precision="auto")
-    if default_precision(CPU) != "32":
-        assert auto.precision == default_precision(CPU)  # native bfloat16 stays the choice
+    if default_precision(CPU) == "bf16" and int8_checkpoint.cpu_has("amx_tile"):
+        assert auto.precision == "bf16"  # AMX's bfloat16 stays the choice
         return
+    # float32 is the fast default, or bf16 without AMX for this U-Net of convolutions
     assert auto.precision == "int8" and auto.int8_ranges_used
     explicit = Predictor.from_checkpoint(tiny_run, device="cpu", precision="int8")
     assert explicit.int8_ranges_used

@@ -18,7 +18,14 @@ What they buy:
   `Predictor`'s "auto") runs int8 when the checkpoint's int8 mIoU was within `AUTO_TOLERANCE`
   (the 0.2 points the fast path may cost) of its float32 mIoU: on a 2-core AVX-512 VNNI Xeon
   int8 inference ran 3.1-4.6x the peers' float32 against 1.8-2.7x for float32 (docs/bench.md).
-  A checkpoint without the record, or whose int8 strayed further, runs float32 as before.
+  A checkpoint without the record, or whose int8 strayed further, runs float32 as before;
+- where bfloat16 is native by AVX-512 BF16 without AMX (AMD Zen 4), the same record makes
+  "auto" int8 rather than bf16 for a network whose multiply-adds are mostly in convolutions
+  int8 takes (`INT8_OVER_BF16_SHARE`): VNNI's byte products do twice as many per instruction
+  as bf16's pairs, and there every convolution network measured, from the quick-start U-Net
+  to DeepLabV3-R50, ran int8 at 1.00-1.90x bf16's speed, while SegFormer-B0, whose linears
+  stay float32 under int8 (a share of 0.18), ran 0.89-1.11x (`benchmarks/int8_over_bf16.py`,
+  docs/bench.md). On AMX processors, unmeasured, bf16 stays.
 
 The ranges are named by the modules of the fast path's model (`optimize_for_inference`), which
 its int8 preparation builds the same way from the same architecture every time.
@@ -33,16 +40,20 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 
 from seglab.engine.evaluator import Normalize, evaluate
 from seglab.engine.fastpath import default_precision, optimize_for_inference
 from seglab.engine.int8 import cpu_runs_int8, int8_input_ranges
+from seglab.engine.precision import cpu_has
 
-__all__ = ["AUTO_TOLERANCE", "CALIBRATION_IMAGES", "Int8Record", "auto_inference_precision",
-           "calibration_images", "measure_int8", "stored_int8"]
+__all__ = ["AUTO_TOLERANCE", "CALIBRATION_IMAGES", "INT8_OVER_BF16_SHARE", "Int8Record", "auto_inference_precision",
+           "calibration_images", "int8_share", "measure_int8", "stored_int8"]
 
 CALIBRATION_IMAGES = 16
 AUTO_TOLERANCE = 0.002  # mIoU as a fraction: 0.2 points
+INT8_OVER_BF16_SHARE = 0.5  # of the forward's FLOPs, in convolutions int8 takes
+_PROBE_SIZE = 64  # pixels a side: what `int8_flops_per_pixel` runs the network on
 
 
 @dataclass
@@ -92,15 +103,65 @@ def stored_int8(config: dict[str, Any], source: str = "checkpoint", *, lenient: 
     return parsed
 
 
-def auto_inference_precision(device: torch.device, record: Int8Record | None) -> str:
+def auto_inference_precision(device: torch.device, record: Int8Record | None, model: nn.Module | None = None) -> str:
     """What "auto" runs for a checkpoint: the fast path's choice (bf16 where the hardware runs it
-    natively), except on a CPU that runs float32 there but has int8 products, where a record
-    within `AUTO_TOLERANCE` makes it int8."""
+    natively), except on a CPU with int8 products where a record within `AUTO_TOLERANCE` makes
+    it int8: always where that choice is float32; where it is bf16 without AMX, for a `model`
+    with at least `INT8_OVER_BF16_SHARE` of its FLOPs in convolutions int8 takes."""
     precision = default_precision(device)
-    if (precision == "32" and device.type == "cpu" and record is not None and record.within()
-            and cpu_runs_int8()):
+    if device.type != "cpu" or record is None or not record.within() or not cpu_runs_int8():
+        return precision
+    if precision == "32":
         return "int8"
+    if precision == "bf16" and not cpu_has("amx_tile") and model is not None:
+        share = int8_share(model)
+        if share is not None and share >= INT8_OVER_BF16_SHARE:
+            return "int8"
     return precision
+
+
+@torch.no_grad()
+def int8_share(model: nn.Module, size: int = _PROBE_SIZE) -> float | None:
+    """The share of `model`'s FLOPs that int8 inference runs as byte products: its one-group
+    convolutions' (a U-Net decoder step's counted on its upsampled grid, as int8 runs it)
+    against those plus everything else torch.utils.flop_counter counts (linears, attention,
+    grouped convolutions), from one forward of a `size` x `size` zero image in eval mode;
+    None where the network has no convolution or does not run at that size."""
+    convolutions = [module for module in model.modules() if isinstance(module, nn.Conv2d)]
+    if not convolutions:
+        return None
+    counter = FlopCounterMode(display=False)
+    # what the counter saw inside the Conv2d modules (a U-Net step's transposed products too),
+    # and what int8 runs: the one-group convolutions on their output grids
+    inside = {"counted": 0, "started": 0, "one group": 0, "grouped": 0}
+
+    def start(module: nn.Module, args: tuple) -> None:
+        inside["started"] = counter.get_total_flops()
+
+    def count(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        inside["counted"] += counter.get_total_flops() - inside["started"]
+        if isinstance(output, torch.Tensor):
+            inside["one group" if module.groups == 1 else "grouped"] += 2 * output.numel() * module.weight[0].numel()
+
+    parameter = next(model.parameters())
+    image = torch.zeros(1, convolutions[0].in_channels * convolutions[0].groups, size, size,
+                        device=parameter.device, dtype=parameter.dtype)
+    handles = [hook for module in convolutions
+               for hook in (module.register_forward_pre_hook(start), module.register_forward_hook(count))]
+    training = model.training
+    try:
+        model.eval()
+        with counter:
+            model(image)
+    except (RuntimeError, ValueError):  # e.g. a pooling pyramid wider than the probe's map
+        return None
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    others = counter.get_total_flops() - inside["counted"] + inside["grouped"]
+    total = inside["one group"] + others
+    return inside["one group"] / total if total > 0 else None
 
 
 def calibration_images(dataset: Any, normalize: Normalize, count: int = CALIBRATION_IMAGES,

@@ -7,7 +7,9 @@ Options a :class:`Predictor` applies to every image:
   mapped back to the image and averaged (in probability space, not logits);
 - `precision`: "32", "bf16" ("16" on CUDA), "auto" (bf16 where the hardware runs it natively;
   on a CPU without it but with int8 products, int8 for a checkpoint whose stored int8 ranges
-  scored within 0.2 points of float32, seglab.engine.int8_checkpoint; else float32); "int8"
+  scored within 0.2 points of float32, seglab.engine.int8_checkpoint, else float32; with
+  AVX-512 BF16 but no AMX, that record makes it int8 for networks whose FLOPs are mostly in
+  convolutions, `auto_inference_precision`); "int8"
   (the convolutions' products in 8 bits, scales from `calibration` images, or else the
   checkpoint's stored ranges; CPUs with VNNI or AMX, seglab.engine.int8);
 - `config_source`: how errors about `config` name it (`from_checkpoint`: the checkpoint's JSON);
@@ -99,7 +101,7 @@ class Predictor:
         used = chosen or str(precision) == "int8"
         self.int8_record = stored_int8(config, config_source, lenient=chosen) if used else None
         if chosen:  # the fast path's choice (bf16 where native), or int8 where the checkpoint's record allows
-            precision = auto_inference_precision(self.device, self.int8_record if optimize else None)
+            precision = auto_inference_precision(self.device, self.int8_record if optimize else None, model)
         int8 = str(precision) == "int8"
         if int8 and not optimize:
             raise ValueError("precision int8 is a step of the fast inference path; it needs optimize=True")

@@ -698,7 +698,7 @@ class Trainer:
         if record is None or not self.dist.is_main:
             return
         update_checkpoint_config(self.run_dir / "best", int8=record.to_json())
-        default = auto_inference_precision(self.device, record)
+        default = auto_inference_precision(self.device, record, self.model)
         if default == "int8":
             verdict = "`seglab predict` runs int8 by default on this CPU"
         elif record.within():  # a processor with native bfloat16 keeps it by default

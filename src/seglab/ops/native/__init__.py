@@ -314,8 +314,8 @@ _VALUES = (torch.float32, torch.bfloat16)
 
 def _planes(count: int, windows: int, channels: int, like: torch.Tensor) -> torch.Tensor:
     """An empty count x windows x channels tensor like `like`, each plane's rows contiguous (as
-    `torch.bmm` takes them) and the planes a whole number of cache lines apart, that number 2
-    modulo 4.
+    `torch.bmm` takes them) and, in float32, the planes a whole number of cache lines apart,
+    that number 2 modulo 4; bf16 planes are contiguous.
 
     Why not contiguous: `gather_tiles` writes all its planes at once, a few channels of one
     window in each. Contiguous planes of a power-of-two size (64 windows of 256 channels, 16
@@ -328,7 +328,16 @@ def _planes(count: int, windows: int, channels: int, like: torch.Tensor) -> torc
     (16 planes) 4 x 32 x 32 x 256 1.32x, 4 x 64 x 64 x 256 1.46x, 32 x 32 x 512 1.65x. An odd
     number of lines (all 64 sets) gained as much on the powers of two but lost up to 0.8x on
     F(6x6)'s 64 planes of 64 x 64 x 128. Whole float32 models moved within noise (UNet-R34
-    1.01-1.02x, DeepLabV3+-R34 0.99x)."""
+    1.01-1.02x, DeepLabV3+-R34 0.99x).
+
+    Why not in bf16: oneDNN's bf16 batched products read planes at any other distance apart
+    slowly. On an AVX-512 BF16 Zen 4 the filters' gradient of 16 planes of 4,096 windows x 256
+    channels (`torch.bmm` of the transposed tiles) took 55-62 ms spaced against 24-26 ms
+    contiguous, and bf16 training steps at 512 x 512 ran PSPNet-R34 at output stride 8 1.13x
+    faster with contiguous planes (DeepLabV3+-R34 1.03x, UNet-R34 1.02x, FCN-R50 and
+    DeepLabV3-R50 1.00x), inference 1.00-1.06x (docs/bench.md)."""
+    if like.dtype == torch.bfloat16:
+        return like.new_empty(count, windows, channels)
     line = 64 // like.element_size()
     lines = -(-(windows * channels) // line)
     stride = (lines + (2 - lines) % 4) * line
