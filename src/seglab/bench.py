@@ -693,6 +693,12 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _cpu_fast_path_ran(results: dict[str, Any], precision: str) -> bool:
+    """Whether the CPU's fast-path rows of `results` ran in `precision` (what `auto` picked there)."""
+    return any(r["variant"].startswith("fast (") and r.get("precision") == precision and r["device"] == "cpu"
+               for r in results["rows"])
+
+
 def to_markdown(results: dict[str, Any]) -> str:
     """The results as Markdown: machine, calibration, comparison, ablation, accuracy."""
     machine = results["machine"]
@@ -719,15 +725,12 @@ def to_markdown(results: dict[str, Any]) -> str:
         columns = list(lines[0])
         out += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         out += ["| " + " | ".join(_fmt(line.get(c)) for c in columns) + " |" for line in lines]
-    float32_default = any(r["variant"].startswith("fast (") and r.get("precision") == "32" and r["device"] == "cpu"
-                          for r in results["rows"])
+    float32_default = _cpu_fast_path_ran(results, "32")
     if float32_default and any(r["variant"] == INT8_VARIANT for r in results["rows"]):
         out += ["", "On this CPU `seglab predict --precision auto` runs the int8 path for a checkpoint that stores "
                 "int8 ranges checked within 0.2 points of float32 (`seglab train` stores them on CPUs with VNNI or "
                 "AMX: docs/engine.md), the float32 fast path otherwise."]
-    bf16_default = any(r["variant"].startswith("fast (") and r.get("precision") == "bf16" and r["device"] == "cpu"
-                       for r in results["rows"])
-    if (bf16_default and results["machine"].get("cpu_amx") is False
+    if (_cpu_fast_path_ran(results, "bf16") and results["machine"].get("cpu_amx") is False
             and any(r["variant"] == INT8_VARIANT for r in results["rows"])):
         out += ["", "On this CPU (bf16 by AVX-512 BF16, without AMX) `seglab predict --precision auto` runs the int8 "
                 "path for a checkpoint that stores int8 ranges checked within 0.2 points of float32 where int8 takes "

@@ -24,7 +24,7 @@ What they buy:
   int8 takes (`INT8_OVER_BF16_SHARE`): VNNI's byte products do twice as many per instruction
   as bf16's pairs, and there every convolution network measured, from the quick-start U-Net
   to DeepLabV3-R50, ran int8 at 1.00-1.90x bf16's speed, while SegFormer-B0, whose linears
-  stay float32 under int8 (a share of 0.18), ran 0.89-1.11x (`benchmarks/int8_over_bf16.py`,
+  stay float32 under int8 (a share of 0.12-0.21), ran 0.89-1.11x (`benchmarks/int8_over_bf16.py`,
   docs/bench.md). On AMX processors, unmeasured, bf16 stays.
 
 The ranges are named by the modules of the fast path's model (`optimize_for_inference`), which
@@ -53,7 +53,7 @@ __all__ = ["AUTO_TOLERANCE", "CALIBRATION_IMAGES", "INT8_OVER_BF16_SHARE", "Int8
 CALIBRATION_IMAGES = 16
 AUTO_TOLERANCE = 0.002  # mIoU as a fraction: 0.2 points
 INT8_OVER_BF16_SHARE = 0.5  # of the forward's FLOPs, in convolutions int8 takes
-_PROBE_SIZE = 64  # pixels a side: what `int8_flops_per_pixel` runs the network on
+_PROBE_SIZE = 64  # pixels a side: the zero image `int8_share` runs the network on
 
 
 @dataclass
