@@ -19,7 +19,7 @@ import torch
 
 from seglab.bench import ARCHITECTURES
 from seglab.engine.fastpath import optimize_for_inference
-from seglab.engine.int8 import require_int8
+from seglab.engine.int8 import cpu_runs_int8
 from seglab.engine.int8_checkpoint import Int8Record, auto_inference_precision, int8_share
 from seglab.engine.precision import cpu_has, cpu_supports_bf16
 from seglab.memory import keep_freed_memory
@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
-    require_int8(torch.device("cpu"))
+    if not cpu_runs_int8():
+        raise SystemExit("this CPU has no VNNI or AMX 8-bit products: int8 is refused here")
     if not cpu_supports_bf16():
         raise SystemExit("this CPU has no native bfloat16: auto picks between int8 and float32 here")
     keep_freed_memory()
