@@ -4,13 +4,14 @@
     python benchmarks/int8_accuracy.py --models unet-r34,deeplabv3-r50 --train-samples 1536 --epochs 6
 
 Each of the bench's architectures is trained once on the synthetic shapes through the float32
-fast training path (`seglab.bench_accuracy`'s loop: AdamW 2e-3, batch 16, seeded), then its
+fast training path (`seglab.bench_accuracy`'s loop: AdamW 2e-3 decaying by a cosine, batch 16,
+seeded), then its
 validation images are predicted three ways: the model as trained (float32), the float32 fast
 inference path, and int8 inference (`optimize_for_inference(model, "int8")`, calibrated on the
 first `--calibration-images` training images: by default 16, as `seglab eval --precision int8`
 and the int8 record `seglab train` stores do). mIoU in points, and the share of
-pixels whose class agrees with float32's. `seglab bench --accuracy` does the same at a size
-that takes a minute per model (and trains too little to be telling); this trains longer.
+pixels whose class agrees with float32's. `seglab bench --accuracy` does the same on two classes (one
+shape kind against the background) for one model; this trains on all six.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import time
 import torch
 
 from seglab.bench import ARCHITECTURES
-from seglab.bench_accuracy import _miou, _predict, _stacked, _train
+from seglab.bench_accuracy import miou_points, predict_classes, shapes_tensors, train_on_tensors
 from seglab.data.synthetic import SyntheticShapes
 from seglab.engine.fastpath import optimize_for_inference
 from seglab.engine.int8 import require_int8
@@ -48,8 +49,8 @@ def main() -> None:
     except ValueError as error:
         raise SystemExit(str(error)) from None
     keep_freed_memory()
-    train_images, train_masks = _stacked(SyntheticShapes(args.train_samples, args.size, CLASSES, "train", args.seed))
-    val_images, val_masks = _stacked(SyntheticShapes(args.val_samples, args.size, CLASSES, "val", args.seed))
+    train_images, train_masks = shapes_tensors(SyntheticShapes(args.train_samples, args.size, CLASSES, "train", args.seed))
+    val_images, val_masks = shapes_tensors(SyntheticShapes(args.val_samples, args.size, CLASSES, "val", args.seed))
     calibration = train_images[:args.calibration_images].split(16)
     print(f"{args.train_samples} synthetic {args.size} x {args.size} images, {args.epochs} epochs, seed {args.seed}; "
           f"{args.val_samples} validation images; int8 calibrated on {args.calibration_images} training images\n")
@@ -63,13 +64,13 @@ def main() -> None:
             return create_model(arch.seglab_model, num_classes=CLASSES, **arch.seglab_kwargs)
 
         start = time.perf_counter()
-        model = _train(build, train_images, train_masks, device, fast=True, precision="32", epochs=args.epochs,
+        model = train_on_tensors(build, train_images, train_masks, device, fast=True, precision="32", epochs=args.epochs,
                        batch_size=16, seed=args.seed)
         seconds = time.perf_counter() - start
-        reference = _predict(model, val_images, device)
-        fast = _predict(optimize_for_inference(model, "32"), val_images, device)
-        int8 = _predict(optimize_for_inference(model, "int8", calibration=calibration), val_images, device)
-        miou = [_miou(predictions, val_masks, CLASSES) for predictions in (reference, fast, int8)]
+        reference = predict_classes(model, val_images, device)
+        fast = predict_classes(optimize_for_inference(model, "32"), val_images, device)
+        int8 = predict_classes(optimize_for_inference(model, "int8", calibration=calibration), val_images, device)
+        miou = [miou_points(predictions, val_masks, CLASSES) for predictions in (reference, fast, int8)]
         agreement = [float((predictions == reference).float().mean()) for predictions in (fast, int8)]
         print(f"| {arch.title} | {miou[0]:.2f} | {miou[1]:.2f} | {miou[2]:.2f} | {miou[2] - miou[0]:+.3f} points "
               f"| {agreement[0]:.2%} / {agreement[1]:.2%} | {seconds:.0f} s |", flush=True)

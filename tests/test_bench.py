@@ -18,7 +18,7 @@ from seglab.bench import (
 )
 import seglab.bench as bench_module
 from seglab.engine.int8 import cpu_runs_int8
-from seglab.bench_accuracy import accuracy_check
+from seglab.bench_accuracy import accuracy_check, background_only_miou
 from seglab.cli import main
 from seglab.models.profile import describe_model
 
@@ -195,7 +195,8 @@ def test_int8_is_refused_by_the_settings_where_the_cpu_lacks_it(monkeypatch):
 
 def test_accuracy_check_reports_consistent_figures():
     report = accuracy_check("segformer-b0", epochs=1, image_size=32, train_samples=16, val_samples=8, batch_size=8)
-    for key in ("miou_fp32", "miou_fast_inference", "miou_fast_training"):
+    assert "of 2 classes" in report["setup"]  # one shape kind against the background, by default
+    for key in ("miou_background_only", "miou_fp32", "miou_fast_inference", "miou_fast_training"):
         assert 0.0 <= report[key] <= 100.0
     assert report["miou_fast_inference_delta"] == pytest.approx(report["miou_fast_inference"] - report["miou_fp32"])
     assert 0.9 <= report["argmax_agreement"] <= 1.0
@@ -204,6 +205,40 @@ def test_accuracy_check_reports_consistent_figures():
         assert report["miou_int8_inference_delta"] == pytest.approx(report["miou_int8_inference"] - report["miou_fp32"])
         assert 0.0 <= report["miou_int8_training"] <= 100.0  # trained with int8 products, same seed and data order
         assert report["miou_int8_training_delta"] == pytest.approx(report["miou_int8_training"] - report["miou_fp32"])
+
+
+def test_accuracy_check_takes_the_number_of_classes():
+    report = accuracy_check("segformer-b0", epochs=1, num_classes=4, image_size=32, train_samples=16, val_samples=8,
+                            batch_size=8)
+    assert "of 4 classes" in report["setup"]
+    # the floor: background's IoU is its share of the pixels, the other classes' IoUs are 0
+    assert report["miou_background_only"] < 100.0 / 4
+
+
+def test_background_only_miou_is_the_background_share_over_the_classes():
+    masks = torch.zeros(2, 4, 4, dtype=torch.long)
+    masks[0, :2] = 1  # a quarter of the pixels are class 1
+    assert background_only_miou(masks, 2) == pytest.approx(100.0 * (0.75 + 0.0) / 2)
+
+
+def test_accuracy_line_says_when_the_model_learned_too_little():
+    from seglab.bench import accuracy_line
+
+    report = {"model": "UNet-R34", "miou_background_only": 35.5, "miou_fp32": 79.5, "miou_fast_inference": 79.49,
+              "miou_fast_training": 78.2, "argmax_agreement": 0.9996}
+    assert accuracy_line(report) == ("accuracy (UNet-R34): mIoU fp32 79.50 (background only 35.50), fast inference "
+                                     "79.49, fast training 78.20, argmax agreement 0.9996")
+    untrained = accuracy_line({**report, "miou_fp32": 40.0, "miou_fast_inference": 40.0, "argmax_agreement": 1.0})
+    assert untrained.splitlines()[1].startswith("the float32 model is within 10 points of painting everything "
+                                                "background") and "--accuracy-epochs" in untrained
+
+
+def test_accuracy_epochs_must_be_positive(capsys):
+    with pytest.raises(ValueError, match="--accuracy-epochs must be at least 1"):
+        BenchSettings(models=["fpn-r34"], accuracy_epochs=0).validate()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--models", "fpn-r34", "--accuracy", "--accuracy-epochs", "0"])
+    assert exit_info.value.code == 2 and "--accuracy-epochs" in capsys.readouterr().err
 
 
 def test_pspnet_os8_peer_runs_the_papers_dilated_encoder():

@@ -560,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "with VNNI or AMX 8-bit products)")
     bench.add_argument("--accuracy", action="store_true", default=None,
                        help="train the first model on synthetic shapes; compare fast path and fp32 mIoU")
+    bench.add_argument("--accuracy-epochs", type=_positive_int,
+                       help="epochs of each --accuracy training run, 24 steps each (default 6)")
     bench.add_argument("--out", default="bench-results", help="folder for bench.json and bench.md (default: bench-results)")
     bench.set_defaults(run=_bench)
 

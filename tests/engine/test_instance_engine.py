@@ -11,6 +11,7 @@ from PIL import Image
 from seglab.cli import main
 from seglab.engine.checkpoint import load_checkpoint
 from seglab.engine.instance import instance_overlay
+from seglab.engine.precision import resolve_precision
 
 
 def test_train_eval_predict_an_instance_model(tmp_path, capsys, monkeypatch):
@@ -31,6 +32,8 @@ def test_train_eval_predict_an_instance_model(tmp_path, capsys, monkeypatch):
     model, config = load_checkpoint(run)
     assert isinstance(model, torch.nn.Module) and not model.training
     assert config["task"] == "instance" and config["model"] == "yolact" and config["kwargs"]["encoder"] == "resnet10t"
+    # the arithmetic it was trained in, resolved (auto is not a record)
+    assert config["training"] == {"precision": resolve_precision("auto", torch.device("cpu")).name, "int8_products": False}
 
     metrics_file = tmp_path / "metrics.json"
     assert main(["eval", "--checkpoint", str(run), "--json", str(metrics_file)]) == 0

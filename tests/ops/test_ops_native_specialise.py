@@ -48,6 +48,11 @@ def test_a_row_of_zeros_writes_zeros():
     assert "y[1 * ys] = (vec16){0};" in linear_map("f", [[1, 0], [0, 0]], "vec16")
 
 
+def test_a_column_of_zeros_is_not_loaded():  # (a scatter map's unread tile row: an unused variable)
+    code = linear_map("f", [[1, 0, 2], [3, 0, -1]])
+    assert "x1 = x[1 * xs]" not in code and "x0 = x[0 * xs]" in code and "x2 = x[2 * xs]" in code
+
+
 def test_each_matrix_is_found_by_its_bits():
     code = kernels([[[1.0, 0.5], [0.25, -1.0]]], [])
     assert "static const float matrix_gather_known_0[4] = {0x1.0000000000000p+0f, 0x1.0000000000000p-1f," in code

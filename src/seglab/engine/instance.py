@@ -215,6 +215,9 @@ class InstanceTrainer:
             "data": {"source": self.config.data, **self._data_options(train=False)},
             "epoch": epoch,
             "metrics": {k: _json_safe(metrics[k]) for k in _METRIC_KEYS if k in metrics},
+            # the arithmetic the weights were trained in, as resolved on this machine, as semantic runs
+            # record it (instance training has no int8 products)
+            "training": {"precision": self.precision.name, "int8_products": False},
         }
 
     def train_one_epoch(self, progress: Progress, epoch: int) -> tuple[float, float, dict[str, float]]:

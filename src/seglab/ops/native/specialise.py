@@ -77,7 +77,8 @@ def linear_map(name: str, matrix: Matrix, vector: str = "vec8") -> str:
     rows = [[float(v) for v in row] for row in matrix]
     out_size, in_size = len(rows), len(rows[0])
     lines = [f"static inline __attribute__((always_inline)) void {name}(const {vector} *x, int xs, {vector} *y, int ys) {{"]
-    lines += [f"    const {vector} x{c} = x[{c} * xs];" for c in range(in_size)]
+    # only the inputs some row reads (a transform's column of zeros would be an unused load)
+    lines += [f"    const {vector} x{c} = x[{c} * xs];" for c in range(in_size) if any(row[c] for row in rows)]
     row_pairs = _pairs(rows)
     if row_pairs:
         # y_i = E + O, y_j = E - O: E over the columns where the two rows agree, O where not.
