@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from seglab.bench_accuracy import ACCURACY_EPOCHS, accuracy_check
 from seglab.engine.fastpath import (
     autocast_context,
     default_precision,
@@ -179,7 +180,7 @@ class BenchSettings:
     # (`seglab.ops.int8_products`); None: on CPUs that run int8
     int8: bool | None = None
     accuracy: bool = False
-    accuracy_epochs: int = 6  # seglab.bench_accuracy.ACCURACY_EPOCHS
+    accuracy_epochs: int = ACCURACY_EPOCHS
     calibration_size: int = 128
     seed: int = 0
 
@@ -611,8 +612,6 @@ def run_bench(settings: BenchSettings, progress: Any | None = None) -> dict[str,
     results["rows"] = record.rows
     results["machine"]["load_average_after"] = _load_average()
     if settings.accuracy:
-        from seglab.bench_accuracy import accuracy_check
-
         record.announce("accuracy check: training on the synthetic shapes")
         results["accuracy"] = accuracy_check(settings.models[0], settings.devices[0], settings.precision,
                                              epochs=settings.accuracy_epochs, seed=settings.seed)
