@@ -73,8 +73,8 @@ def main() -> None:
             return create_model(arch.seglab_model, num_classes=args.classes, **arch.seglab_kwargs)
 
         start = time.perf_counter()
-        model = train_on_tensors(build, train_images, train_masks, device, fast=True, precision="32", epochs=args.epochs,
-                       batch_size=16, seed=args.seed)
+        model = train_on_tensors(build, train_images, train_masks, device, fast=True, precision="32",
+                                 epochs=args.epochs, batch_size=16, seed=args.seed)
         seconds = time.perf_counter() - start
         reference = predict_classes(model, val_images, device)
         fast = predict_classes(optimize_for_inference(model, "32"), val_images, device)
