@@ -19,8 +19,9 @@ background, which UNet-R34 learns to 0.74-0.80 mIoU in the check's 144 steps (se
 floor 0.35); the report carries that floor, the mIoU of predicting background everywhere.
 Inference through the fast and int8 paths is compared on the same weights, so it resolves
 hundredths of a point; the training runs are compared one seed each, and at this length they
-spread by points either way (fast training -2.2 to +4.2 over those seeds): they show a broken
-route, not a half-point difference (`benchmarks/f2x2_training_accuracy.py` runs the recipe).
+spread by points either way (fast training -2.2 to +4.2 over those seeds; SegFormer-B0, still
+climbing steeply, -8.7 to +9.1): they show a broken route, not a half-point difference
+(`benchmarks/f2x2_training_accuracy.py` runs the recipe over seeds).
 """
 from __future__ import annotations
 
