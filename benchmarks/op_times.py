@@ -5,7 +5,7 @@ prints two tables, by operator and by operator and input shapes.
     python benchmarks/op_times.py --model fpn-r34 --mode train       # seglab's training route
     python benchmarks/op_times.py --model fpn-r34 --mode train --peer   # the peer library's model
     python benchmarks/op_times.py --model unet-r34 --mode infer --batch 8 --top 40
-    python benchmarks/op_times.py --model deeplabv3-r50 --int8-products   # 1x1 products in int8
+    python benchmarks/op_times.py --model deeplabv3-r50 --int8-products   # 1x1 and ASPP products in int8
 
 Why not torch.profiler: on a KVM guest (the 2-core Zen 3 EPYC of docs/bench.md) its figures
 for memory-bound operators came out 2-6x the operator's own time. A UNet-R34 training step
@@ -123,7 +123,8 @@ def main() -> None:
     parser.add_argument("--precision", default="32", choices=["32", "bf16"],
                         help="seglab's precision (default 32; the peer always runs float32)")
     parser.add_argument("--int8-products", action="store_true",
-                        help="training: the large 1x1 convolutions by int8 products (seglab.ops.int8_products)")
+                        help="training: the large 1x1 convolutions and the ASPP's windows by int8 products "
+                             "(seglab.ops.int8_products)")
     options = parser.parse_args()
     if options.threads:
         torch.set_num_threads(options.threads)

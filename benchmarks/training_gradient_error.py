@@ -9,8 +9,9 @@ and backward of DeepLabV3-R50 at output stride 8 in training mode (BatchNorm on 
 statistics; dropout off, so that every route sees the same function), and the gradient of
 every parameter compared with float64's: in float32 eager (oneDNN), through the float32
 training route (`training_convolutions`, its fixed kernels), the same route with int8
-products for the large 1x1 convolutions (`seglab.ops.int8_products`, the default of `seglab
-train --precision auto` on CPUs with VNNI or AMX but no native bf16), and under bf16 autocast
+products for the large 1x1 convolutions and the ASPP's windows (`seglab.ops.int8_products`,
+the default of `seglab train --precision auto` on CPUs with VNNI or AMX but no native bf16;
+the ASPP's dilated taps reach inside its map only with `--size` 128 and up), and under bf16 autocast
 (the default where bf16 is native). A noisy mIoU over a few seeds cannot size a rounding's
 effect smaller than its seed-to-seed spread; the gradient it hands the optimiser can be.
 
@@ -48,9 +49,9 @@ ROUTES: dict[str, dict[str, Any]] = {
 }
 
 
-def recipe_batch(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def recipe_batch(batch: int, seed: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The synthetic recipe's training images (normalised as `seglab train` does) and masks."""
-    shapes = SyntheticShapes(batch, 64, 6, "train", seed)
+    shapes = SyntheticShapes(batch, size, 6, "train", seed)
     samples = [shapes[i] for i in range(batch)]
     images = prepare_batch([s["image"] for s in samples], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
                            channels_last=False)
@@ -95,9 +96,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="also a trained DeepLabV3-R50 (a seglab run directory or weights file)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=3, help="which synthetic images")
+    parser.add_argument("--size", type=int, default=64,
+                        help="the images' side (the recipe's 64 leaves the ASPP an 8 x 8 map, where its dilated "
+                             "taps reach outside but for the centre; 512 gives the 64 x 64 of the benchmarks)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # bf16 by conversion warns that it is slow
-    images, masks = recipe_batch(args.batch, args.seed)
+    images, masks = recipe_batch(args.batch, args.seed, args.size)
     torch.manual_seed(0)
     models = {"random initialisation": create_model("deeplabv3", encoder="resnet50", output_stride=8, num_classes=6)}
     if args.checkpoint:

@@ -101,8 +101,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 # One optimisation at a time on top of plain float32 eager inference (all run under no_grad).
 INT8_VARIANT = "int8 (calibrated)"
-# the float32 training route with the large 1x1 convolutions' forward and input gradient as int8
-# products (`seglab.ops.int8_products`), on CPUs that run int8
+# the float32 training route with the large 1x1 convolutions' (and the ASPP's atrous windows')
+# forward and input gradient as int8 products (`seglab.ops.int8_products`), on CPUs that run int8
 INT8_TRAINING_VARIANT = "int8 products"
 INT8_CALIBRATION_BATCHES = 2
 _NOTHING = dict(precision="32", fold_bn=False, fuse_relu=False, fuse_residual=False, dilated_as_gemm=False,
@@ -356,7 +356,7 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
     fastest), and with `native_loss` the loss by seglab's `CrossEntropyLoss` on the logits as
     they come (on the CPU one native pass), and with `native_norms` the BatchNorms with what
     follows them by one native kernel (`training_norms`), and with `int8_products` the large 1x1
-    convolutions by int8 products (float32 only), as seglab's trainer runs."""
+    convolutions and atrous windows by int8 products (float32 only), as seglab's trainer runs."""
     model = model.to(device).train()
     if channels_last:
         model = to_channels_last(model)
@@ -739,7 +739,7 @@ def to_markdown(results: dict[str, Any]) -> str:
                 "the bf16 fast path otherwise (docs/engine.md)."]
     if float32_default and any(r["variant"] == INT8_TRAINING_VARIANT for r in results["rows"]):
         out += ["", "On this CPU `seglab train --precision auto` (the default) trains as the int8 ratio's row "
-                "(int8 products for the large 1x1 convolutions); `--precision 32` as the ratio's row (float32 "
+                "(int8 products for the large 1x1 convolutions and atrous windows); `--precision 32` as the ratio's row (float32 "
                 "throughout)."]
     faulting = [r for r in results["rows"] if (system_share(r) or 0.0) > NOTED_SYSTEM_SHARE]
     if faulting:

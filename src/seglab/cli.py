@@ -125,8 +125,9 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--precision", dict(choices=["auto", "32", "bf16", "16"], help="auto (default: bf16 where the hardware runs it natively, else 32, with --int8-products on CPUs with VNNI or AMX), 32 (float32 throughout), bf16, 16 (CUDA)")),
     ("--direct-convolutions", dict(action="store_const", const=True, help=DIRECT_CONVOLUTIONS_HELP)),
     ("--int8-products", dict(action=argparse.BooleanOptionalAction,
-                             help="float32 training on a CPU with VNNI or AMX: the large 1x1 convolutions' forward "
-                                  "and input gradient as int8 products with one scale per row, weight gradients in "
+                             help="float32 training on a CPU with VNNI or AMX: the large 1x1 convolutions' (and the ASPP's "
+                                  "atrous windows') forward and input gradient as int8 products with one scale per "
+                                  "row, weight gradients in "
                                   "float32 (not exact; docs/engine.md). Default: on where --precision auto trains "
                                   "in float32 on such a CPU (no native bf16); --precision 32 keeps float32 throughout")),
     ("--native-norms", dict(action="store_const", const=True,

@@ -189,7 +189,8 @@ def test_int8_products_say_how_many_convolutions_take_them_or_that_none_does(tmp
     assert "float32 throughout" in small._int8_products_line()
     resnet50 = make_trainer(tmp_path / "deeplab", precision="32", int8_products=True, model="deeplabv3", model_kwargs={},
                             encoder="resnet50")
-    assert resnet50._int8_products_line().startswith("int8 products: 31 1x1 convolutions")
+    assert resnet50._int8_products_line().startswith(
+        "int8 products: 31 1x1 convolutions and 3 atrous convolutions' windows (forward and input gradient in int8")
 
 
 def test_precision_auto_trains_with_int8_products_where_float32_runs_on_an_int8_cpu(tmp_path: Path,

@@ -62,6 +62,33 @@ def test_windows_take_a_gradient_in_any_layout():
         torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dilation", [(6, 6), (2, 5), (30, 30)])
+@pytest.mark.parametrize("wanted", [("input", "weight", "bias"), ("input",), ("weight",)])
+def test_int8_windows_round_the_forward_and_input_gradient_only(dilation, wanted):
+    """int8 products with one scale per row: the output and the input's gradient within about 1%
+    of the convolution's, the weight's and the bias's gradients the float32 windows' own."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 48, 9, 13).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(40, 48, 3, 3) / 48 ** 0.5
+    bias = torch.randn(40)
+    leaves = {"input": x, "weight": weight, "bias": bias}
+    for name in wanted:
+        leaves[name].requires_grad_()
+    upstream = torch.randn(2, 40, 9, 13)
+    ours = windowed_gemm_conv(x, weight, bias, dilation, int8=True)
+    expected = F.conv2d(x, weight, bias, padding=dilation, dilation=dilation)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    assert 1e-4 < float((ours - expected).detach().norm() / expected.detach().norm()) < 0.01
+    got = dict(zip(wanted, torch.autograd.grad(ours, [leaves[name] for name in wanted], upstream)))
+    float_windows = windowed_gemm_conv(x, weight, bias, dilation)
+    exact = dict(zip(wanted, torch.autograd.grad(float_windows, [leaves[name] for name in wanted], upstream)))
+    if "input" in got:
+        assert 1e-4 < float((got["input"] - exact["input"]).norm() / exact["input"].norm()) < 0.015
+    for name in ("weight", "bias"):
+        if name in got:
+            torch.testing.assert_close(got[name], exact[name], rtol=0, atol=0)
+
+
 def test_bf16_under_autocast_matches_the_autocast_convolution():
     torch.manual_seed(0)
     conv = AtrousConv2d(32, 8, 3, dilation=12)

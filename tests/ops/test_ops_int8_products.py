@@ -74,6 +74,8 @@ def test_native_quantizers_refuse_what_they_cannot_read_with_one_clear_error():
         native.dequantize_rows(torch.zeros(4, 8), torch.ones(4), torch.ones(8))
     with pytest.raises(ValueError, match="column scales"):
         native.dequantize_rows(torch.zeros(4, 8, dtype=torch.int32), torch.ones(4), torch.ones(7))
+    with pytest.raises(ValueError, match="adds to a contiguous float32"):
+        native.dequantize_rows(torch.zeros(4, 8, dtype=torch.int32), torch.ones(4), torch.ones(8), out=torch.zeros(8, 4).t())
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -86,8 +88,13 @@ def test_dequantize_rows_scales_by_row_and_column(with_bias, monkeypatch):
         expected += bias.double()
     computed = dequantize_rows(products, rows, columns, bias)
     torch.testing.assert_close(computed.double(), expected, rtol=1e-6, atol=1e-3)
+    start = torch.randn(50, 40)  # added to in the same pass: a sum over a kernel's taps
+    added = dequantize_rows(products, rows, columns, bias, out=start.clone())
+    torch.testing.assert_close(added.double(), expected + start.double(), rtol=1e-6, atol=1e-3)
     _operators(monkeypatch)
     torch.testing.assert_close(dequantize_rows(products, rows, columns, bias), computed, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(dequantize_rows(products, rows, columns, bias, out=start.clone()), added,
+                               rtol=1e-6, atol=1e-3)
 
 
 def test_int8_product_is_close_to_the_float32_product():

@@ -16,7 +16,10 @@ In float32 these rewrites, each exact up to float32 rounding, chosen per call:
 
 One more, not exact (`int8_products`, CPUs with VNNI or AMX): the large 1x1 convolutions'
 forward and input gradient as int8 products with one scale per row (`seglab.ops.int8_products`;
-about 0.5-1% of each product's size), their weight gradients in float32. The trainer takes it
+about 0.5-1% of each product's size), their weight gradients in float32, and likewise the
+per-tap windows of a large-dilation `AtrousConv2d` wherever Winograd would not save at least
+`MIN_ATROUS_SAVING_OVER_INT8` over them (the ASPP's dilations 24 and 36 at output stride 8).
+The trainer takes it
 by default where `--precision auto` trains in float32 on such a CPU, as it takes bf16 where
 that is native: a trained DeepLabV3-R50's step gradient moved 1.0-1.2% from float64's, bf16
 autocast's 4.1-4.9% (docs/bench.md).
@@ -41,6 +44,8 @@ import torch.nn as nn
 
 from seglab.engine.precision import resolve_precision
 from seglab.engine.winograd import (
+    MIN_ATROUS_SAVING,
+    MIN_ATROUS_SAVING_OVER_INT8,
     atrous_call_tile,
     call_output_tile,
     conv_takes_winograd,
@@ -48,7 +53,7 @@ from seglab.engine.winograd import (
     upsampling_output_tile,
 )
 from seglab.ops.atrous_depthwise import trains
-from seglab.ops.atrous_gemm import AtrousConv2d
+from seglab.ops.atrous_gemm import AtrousConv2d, takes_int8_windows
 from seglab.ops.grad_mode import records_gradients
 from seglab.ops.int8_products import int8_pointwise_conv, takes_int8_pointwise
 from seglab.ops.nearest_conv import UpsamplingConvCaller
@@ -70,7 +75,8 @@ class TrainingConvolutions:
     """A context in which `model`'s convolutions take the training route above: `winograd` for
     the 3x3 convolutions where it pays, `tuned_weight_gradients` for the rest: their kernels
     timed at the first step, or, `deterministic`, fixed without timing (the same bits in every
-    run from the same seed); with `int8_products`, the large 1x1 convolutions by int8 products."""
+    run from the same seed); with `int8_products`, the large 1x1 convolutions and atrous windows
+    by int8 products."""
 
     def __init__(self, model: nn.Module, *, winograd: bool = True, tuned_weight_gradients: bool = True,
                  deterministic: bool = False, int8_products: bool = False) -> None:
@@ -82,7 +88,8 @@ class TrainingConvolutions:
         callers = [m for m in model.modules() if isinstance(m, UpsamplingConvCaller)]
         self.upsampling_convs = callers if tuned_weight_gradients else []  # their `_upsampling_conv`
         self.doubling_convs = callers if winograd else []  # their `winograd_tile`
-        self.atrous_convs = [m for m in model.modules() if isinstance(m, AtrousConv2d)] if winograd else []
+        self.winograd = winograd
+        self.atrous_convs = [m for m in model.modules() if isinstance(m, AtrousConv2d)] if winograd or int8_products else []
         self._previous_tiles: dict[int, Any] = {}
 
     def __enter__(self) -> TrainingConvolutions:
@@ -94,8 +101,11 @@ class TrainingConvolutions:
             self._previous_tiles[id(conv)] = conv.__dict__.get("winograd_tile")
             conv.winograd_tile = _doubling_tile
         for conv in self.atrous_convs:
-            self._previous_tiles[id(conv)] = conv.__dict__.get("winograd_tile")
-            conv.winograd_tile = functools.partial(_atrous_tile, tuple(conv.dilation))
+            if self.winograd:
+                self._previous_tiles[id(conv)] = conv.__dict__.get("winograd_tile")
+                conv.winograd_tile = functools.partial(_atrous_tile, tuple(conv.dilation), int8=self.int8_products)
+            if self.int8_products:
+                conv.int8_windows = True
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -103,10 +113,12 @@ class TrainingConvolutions:
             del conv._conv_forward  # the class's own again
         for conv in self.upsampling_convs:
             del conv._upsampling_conv
-        for conv in self.doubling_convs + self.atrous_convs:  # the rule the module had before, if any
+        for conv in self.doubling_convs + (self.atrous_convs if self.winograd else []):  # the rule before, if any
             del conv.winograd_tile
             if self._previous_tiles.get(id(conv)) is not None:
                 conv.winograd_tile = self._previous_tiles[id(conv)]
+        for conv in self.atrous_convs if self.int8_products else []:
+            del conv.int8_windows  # the class's False again
 
     def _conv_forward(self, conv: nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
@@ -136,10 +148,14 @@ def _doubling_tile(x: torch.Tensor, weight: torch.Tensor) -> int | None:
     return upsampling_output_tile(x, weight, records_gradients(x, weight))
 
 
-def _atrous_tile(dilation: tuple[int, int], x: torch.Tensor, weight: torch.Tensor) -> int | None:
+def _atrous_tile(dilation: tuple[int, int], x: torch.Tensor, weight: torch.Tensor, int8: bool = False) -> int | None:
     """`AtrousConv2d.winograd_tile` in the training route: a float32 weight, and the call where
-    `atrous_call_tile` says Winograd saves over the windows."""
-    return atrous_call_tile(x, weight.shape, dilation) if weight.dtype == torch.float32 else None
+    `atrous_call_tile` says Winograd saves over the windows, by more where the windows would
+    take int8 products (`int8`, and the call `takes_int8_windows`)."""
+    if weight.dtype != torch.float32:
+        return None
+    min_saving = MIN_ATROUS_SAVING_OVER_INT8 if int8 and takes_int8_windows(x, weight) else MIN_ATROUS_SAVING
+    return atrous_call_tile(x, weight.shape, dilation, min_saving)
 
 
 def _autocast_winograd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int,

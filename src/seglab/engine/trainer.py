@@ -52,6 +52,7 @@ from seglab.files import append_line, atomic_write, atomic_write_text
 from seglab.losses import build_loss, float32_logits_for
 from seglab.metrics.report import format_report
 from seglab.models import create_model
+from seglab.ops.atrous_gemm import int8_window_candidates
 from seglab.ops.class_map import class_indices
 from seglab.ops.int8_products import MIN_PRODUCT_CHANNELS, int8_pointwise_candidates
 from seglab.viz import plot_curves, prediction_panel
@@ -348,18 +349,24 @@ class Trainer:
         if config.int8_products is not None:
             return config.int8_products
         return (config.precision == "auto" and self.precision.name == "32" and self.device.type == "cpu"
-                and not config.direct_convolutions and cpu_runs_int8() and int8_pointwise_candidates(self.model) > 0)
+                and not config.direct_convolutions and cpu_runs_int8() and self._int8_candidates() != (0, 0))
+
+    def _int8_candidates(self) -> tuple[int, int]:
+        """(1x1 convolutions, atrous convolutions) whose products int8 may take."""
+        return int8_pointwise_candidates(self.model), int8_window_candidates(self.model)
 
     def _int8_products_line(self) -> str:
-        """What --int8-products changes in this model: how many 1x1 convolutions take it, or that
+        """What --int8-products changes in this model: how many convolutions take it, or that
         none does (the flag is then a no-op, which the user should hear about)."""
-        count = int8_pointwise_candidates(self.model)
-        if count:
+        pointwise, atrous = self._int8_candidates()
+        if pointwise or atrous:
             why = "" if self.config.int8_products else (
                 "; --precision auto on a CPU with int8 but not bf16 products, --precision 32 for float32 throughout")
-            return (f"int8 products: {count} 1x1 convolutions (forward and input gradient in int8, "
+            taken = " and ".join(([f"{pointwise} 1x1 convolutions"] if pointwise else [])
+                                 + ([f"{atrous} atrous convolutions' windows"] if atrous else []))
+            return (f"int8 products: {taken} (forward and input gradient in int8, "
                     f"weight gradients in float32{why})")
-        return (f"[yellow]warning:[/] --int8-products: none of {self.config.model}'s convolutions is a 1x1 "
+        return (f"[yellow]warning:[/] --int8-products: none of {self.config.model}'s convolutions is a 1x1 or atrous "
                 f"convolution with C_in x C_out >= {MIN_PRODUCT_CHANNELS:,}; it trains in float32 throughout")
 
     def _tensorboard_writer_class(self) -> type:

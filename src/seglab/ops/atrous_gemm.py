@@ -22,6 +22,15 @@ the weight's. Two layouts of those products, each equal to F.conv2d up to summat
   (`_ShiftedGemmConv`): windows would need a float32 sum after each tap's half-precision
   product, and the single product is the layout measured to pay there (AMX Xeon).
 
+Not exact, the windows with `int8` (float32 training that takes int8 products,
+`seglab.ops.int8_products`): their forward and input-gradient products in int8, one scale per
+pixel of the map they read and one per row of each tap's matrix, each tap's int32 products
+scaled back and added in float32 (the pixels' scales differ from tap to tap, so the sum over
+taps cannot stay in int32); the weight's gradient stays the float32 windows', as the 1x1
+products keep theirs. On DeepLabV3-R50's ASPP (batch 4, Zen 4) they train dilation 24 in 1.18 s
+against Winograd's 1.77 s and 36 in 0.96 s against the float32 windows' 1.63 s
+(`benchmarks/int8_atrous.py`).
+
 `seglab.engine.fastpath.DilatedConvAsGemm` does the forward for inference (per tap, over only
 the in-map windows); this module trains.
 """
@@ -34,9 +43,11 @@ import torch
 import torch.nn as nn
 
 from seglab.ops.atrous_depthwise import accumulator_dtype, shifted_route, taps_inside, trains
+from seglab.ops.int8_products import MIN_PRODUCT_CHANNELS, dequantize_rows, quantize_rows
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters
 
-__all__ = ["AtrousConv2d", "all_taps_product", "share_inside", "shifted_gemm_conv", "windowed_gemm_conv"]
+__all__ = ["AtrousConv2d", "all_taps_product", "int8_window_candidates", "share_inside", "shifted_gemm_conv",
+           "takes_int8_windows", "windowed_gemm_conv"]
 
 # From this dilation on the matrix products replace oneDNN's kernel (docs/bench.md: faster from 6).
 MIN_DILATION = 6
@@ -117,22 +128,62 @@ def _row_blocks(maps: torch.Tensor, rows: slice) -> Iterator[torch.Tensor]:
             yield image[rows].view(-1, maps.shape[-1])
 
 
+def _int8_shifted_sums(maps: torch.Tensor, tap_rows: torch.Tensor,
+                       groups: list[tuple[slice, slice, list[tuple[int, slice, slice]]]]) -> torch.Tensor:
+    """sum over taps of out[to] += maps[from] @ tap_rows[tap]^T for an N x H x W x C float32 map
+    and taps x C_out x C matrices, each product in int8 (rows quantized: the map's pixels and
+    the taps' rows) and added in float32; `groups` as `_column_groups` gives them, (columns read,
+    columns written, [(tap, rows read, rows written)]). Returns N x H x W x C_out, contiguous."""
+    n, height, width, channels = maps.shape
+    levels, scales = quantize_rows(maps.reshape(-1, channels))
+    levels, scales = levels.view(maps.shape), scales.view(n, height, width, 1)
+    tap_levels, tap_scales = quantize_rows(tap_rows.reshape(-1, channels).contiguous())  # any weight layout
+    tap_levels, tap_scales = tap_levels.view(tap_rows.shape), tap_scales.view(tap_rows.shape[:2])
+    out = maps.new_zeros((n, height, width, tap_rows.shape[1]))
+    for cols, out_cols, column_taps in groups:
+        source, source_scales = _columns(levels, cols), _columns(scales, cols)
+        target = out if source is levels else out.new_zeros((n, height, source.shape[2], out.shape[-1]))
+        for tap, rows, out_rows in column_taps:
+            blocks = zip(_row_blocks(source, rows), _row_blocks(source_scales, rows), _row_blocks(target, out_rows))
+            for block, block_scales, out_block in blocks:
+                products = torch._int_mm(block, tap_levels[tap].t())
+                dequantize_rows(products, block_scales.view(-1), tap_scales[tap], out=out_block)
+        if target is not out:
+            out[:, :, out_cols] += target
+    return out
+
+
+def _reversed(groups: list[tuple[slice, slice, list[tuple[int, slice, slice]]]]
+              ) -> list[tuple[slice, slice, list[tuple[int, slice, slice]]]]:
+    """`_column_groups` read the other way, from the output's windows to the input's: the
+    input gradient's products."""
+    return [(out_cols, cols, [(tap, out_rows, rows) for tap, rows, out_rows in taps])
+            for cols, out_cols, taps in groups]
+
+
 class _WindowedGemmConv(torch.autograd.Function):
     """Per tap, over only the pixels whose products land inside the map: forward
     out[target] += in[window] @ W_tap^T; backward grad_in[window] += grad_out[target] @ W_tap and
-    grad_W_tap = in[window]^T @ grad_out[target]. Products and sums in the input's dtype."""
+    grad_W_tap = in[window]^T @ grad_out[target]. Products and sums in the input's dtype, or
+    with `int8` the forward and the input's gradient as int8 products (`_int8_shifted_sums`)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                dilation: tuple[int, int]) -> torch.Tensor:
+                dilation: tuple[int, int], int8: bool = False) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.dilation, ctx.has_bias = dilation, bias is not None
+        ctx.dilation, ctx.has_bias, ctx.int8 = dilation, bias is not None, int8
         out_channels, _, kh, kw = weight.shape
-        taps = _tap_matrices(weight)
         pixels = x.permute(0, 2, 3, 1)  # N H W C_in: a view of a channels-last input
         n, height, width, _ = pixels.shape
+        groups = _column_groups(height, width, (kh, kw), dilation)
+        if int8:
+            out = _int8_shifted_sums(pixels, _stacked_taps(weight, weight.dtype).view(kh * kw, out_channels, -1), groups)
+            if bias is not None:
+                out += bias
+            return out.permute(0, 3, 1, 2)
+        taps = _tap_matrices(weight)
         out = torch.zeros((n, height, width, out_channels), dtype=x.dtype, device=x.device)
-        for cols, out_cols, column_taps in _column_groups(height, width, (kh, kw), dilation):
+        for cols, out_cols, column_taps in groups:
             source = _columns(pixels, cols)
             target = out if source is pixels else out.new_zeros((n, height, source.shape[2], out_channels))
             for tap, rows, out_rows in column_taps:
@@ -153,9 +204,15 @@ class _WindowedGemmConv(torch.autograd.Function):
         pixels = x.permute(0, 2, 3, 1)
         n, height, width, _ = pixels.shape
         grad_out = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        groups = _column_groups(height, width, (kh, kw), ctx.dilation)
+        int8_grad_input = None
+        if wants_input and ctx.int8:  # each tap's rows W_tap^T, C_in x C_out
+            transposed_taps = weight.permute(2, 3, 1, 0).reshape(kh * kw, in_channels, out_channels)
+            int8_grad_input = _int8_shifted_sums(grad_out, transposed_taps, _reversed(groups)).permute(0, 3, 1, 2)
+            wants_input = False  # the loop below: the weight's gradient only
         grad_pixels = torch.zeros_like(pixels) if wants_input else None
         grad_taps = taps.new_zeros(taps.shape) if wants_weight else None
-        for cols, out_cols, column_taps in _column_groups(height, width, (kh, kw), ctx.dilation):
+        for cols, out_cols, column_taps in groups:
             source, grad_target = _columns(pixels, cols), _columns(grad_out, out_cols)
             grad_source = None
             if wants_input:
@@ -169,10 +226,10 @@ class _WindowedGemmConv(torch.autograd.Function):
                         grad_in_block.addmm_(grad_block, taps[tap].t())
             if wants_input and grad_source is not grad_pixels:
                 grad_pixels[:, :, cols] += grad_source
-        grad_input = grad_pixels.permute(0, 3, 1, 2) if wants_input else None
+        grad_input = grad_pixels.permute(0, 3, 1, 2) if wants_input else int8_grad_input
         grad_weight = grad_taps.view(kh, kw, in_channels, out_channels).permute(3, 2, 0, 1) if wants_weight else None
         grad_bias = grad_out.sum((0, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_input, grad_weight, grad_bias, None
+        return grad_input, grad_weight, grad_bias, None, None
 
 
 def _tap_matrices(weight: torch.Tensor) -> torch.Tensor:
@@ -215,11 +272,29 @@ def shifted_gemm_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def windowed_gemm_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       dilation: tuple[int, int]) -> torch.Tensor:
+                       dilation: tuple[int, int], int8: bool = False) -> torch.Tensor:
     """The same convolution as `shifted_gemm_conv`, as one matrix product per tap over only the
     pixels it reads inside the map; differentiable. Takes and returns channels-last tensors;
-    float32 or float64 (no autocast), x and weight of one dtype."""
-    return _WindowedGemmConv.apply(x, weight, bias, tuple(dilation))
+    float32 or float64 (no autocast), x and weight of one dtype. `int8` (float32 on the CPU):
+    the forward and the input's gradient as int8 products with one scale per row, about 1% off
+    float32's like the 1x1 products (2048 channels of a rectified map); the weight's gradient
+    float32's."""
+    return _WindowedGemmConv.apply(x, weight, bias, tuple(dilation), int8)
+
+
+def takes_int8_windows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a training call's windows may take int8 products: float32 input and weight
+    outside autocast, and at least `MIN_PRODUCT_CHANNELS` channel pairs, as for the 1x1
+    convolutions (fewer do not repay quantizing the map)."""
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+            and weight.shape[0] * weight.shape[1] >= MIN_PRODUCT_CHANNELS)
+
+
+def int8_window_candidates(model: nn.Module) -> int:
+    """How many of `model`'s `AtrousConv2d` have the channels whose windows may take int8 products
+    in training (`takes_int8_windows`; the call's map decides whether Winograd keeps them)."""
+    return sum(1 for module in model.modules() if isinstance(module, AtrousConv2d)
+               and module.in_channels * module.out_channels >= MIN_PRODUCT_CHANNELS)
 
 
 class AtrousConv2d(nn.Conv2d):
@@ -232,9 +307,12 @@ class AtrousConv2d(nn.Conv2d):
     `winograd_tile`, where the training route sets it (`seglab.engine.convolutions`), names the
     Winograd tile for a call, or None: a float32 3x3 convolution then trains by Winograd over
     the map's phases (`seglab.ops.winograd`) where that does fewer multiply-adds than the
-    windows (at dilation 12 on 64 x 64, one 6 x 6 tile per phase)."""
+    windows (at dilation 12 on 64 x 64, one 6 x 6 tile per phase). `int8_windows`, which the
+    route sets where it takes int8 products, gives the other float32 calls that
+    `takes_int8_windows` the windows with int8 products."""
 
     winograd_tile: Callable[[torch.Tensor, torch.Tensor], int | None] | None = None
+    int8_windows: bool = False
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int | None = None, dilation: int = 1, groups: int = 1, bias: bool = True) -> None:
@@ -250,6 +328,8 @@ class AtrousConv2d(nn.Conv2d):
             tile = None if self.winograd_tile is None else self.winograd_tile(x, self.weight)
             if tile is not None:
                 return winograd_conv3x3(x, winograd_filters(self.weight, tile), self.bias, self.dilation[0])
+            if self.int8_windows and takes_int8_windows(x, self.weight):
+                return windowed_gemm_conv(x, self.weight, self.bias, self.dilation, int8=True)
             if _compute_dtype(x) in (torch.float32, torch.float64) and x.dtype == self.weight.dtype and \
                     share_inside(*x.shape[-2:], self.kernel_size, self.dilation) <= WINDOWS_UP_TO_SHARE:
                 return windowed_gemm_conv(x, self.weight, self.bias, self.dilation)

@@ -247,7 +247,7 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_gather.restype = library.seglab_scatter.restype = library.seglab_compiled_in.restype = i32
     library.seglab_quantize_u8.argtypes = [pointer, pointer, i64, ctypes.c_float, i32, i32]
     library.seglab_quantize_rows_s8.argtypes = [pointer] * 3 + [i64] * 3 + [i32]
-    library.seglab_dequantize_rows.argtypes = [pointer] * 5 + [i64, i64, i32]
+    library.seglab_dequantize_rows.argtypes = [pointer] * 5 + [i64, i64, i32, i32]
     library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
     openmp = _torch_openmp()
     if openmp is not None:
@@ -823,9 +823,10 @@ def quantize_rows_s8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_rows(products: torch.Tensor, row_scales: torch.Tensor, column_scales: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """int32 products (rows x columns, contiguous) as float32 products[r, c] * row_scales[r] *
-    column_scales[c] (+ bias[c]), in one pass (`quantize.c`)."""
+    column_scales[c] (+ bias[c]), in one pass (`quantize.c`); with `out` (float32, the products'
+    shape, contiguous) added to it in the same pass, and returned."""
     library = _required()
     if products.dtype != torch.int32 or products.dim() != 2 or not products.is_contiguous():
         raise ValueError(f"dequantize_rows takes contiguous 2-d int32 products, not {products.dtype} {tuple(products.shape)}")
@@ -834,11 +835,15 @@ def dequantize_rows(products: torch.Tensor, row_scales: torch.Tensor, column_sca
                                (bias, columns, "bias")):
         if tensor is not None and (tensor.dtype != torch.float32 or tensor.shape != (size,) or not tensor.is_contiguous()):
             raise ValueError(f"dequantize_rows takes {size} contiguous float32 {name}, not {tensor.dtype} {tuple(tensor.shape)}")
-    out = torch.empty(rows, columns, dtype=torch.float32)
+    if out is not None and (out.dtype != torch.float32 or out.shape != products.shape or not out.is_contiguous()):
+        raise ValueError(f"dequantize_rows adds to a contiguous float32 {tuple(products.shape)} out, "
+                         f"not {out.dtype} {tuple(out.shape)}")
+    accumulate = out is not None
+    out = torch.empty(rows, columns, dtype=torch.float32) if out is None else out
     if products.numel():
         library.seglab_dequantize_rows(out.data_ptr(), products.data_ptr(), row_scales.data_ptr(),
                                        column_scales.data_ptr(), 0 if bias is None else bias.data_ptr(), rows, columns,
-                                       torch.get_num_threads())
+                                       int(accumulate), torch.get_num_threads())
     return out
 
 

@@ -114,13 +114,15 @@ void seglab_quantize_rows_s8(int8_t *out, float *scales, const float *x, int64_t
 }
 
 /* The int32 products back to float32: out[r][c] = products[r][c] * row_scales[r] *
- * column_scales[c] (+ bias[c]), in one pass. */
+ * column_scales[c] (+ bias[c]), in one pass; with `accumulate`, added to what out holds (a
+ * sum over a kernel's taps, each tap's products with scales of their own). */
 
 typedef struct {
     float *out;
     const int32_t *products;
     const float *row_scales, *column_scales, *bias;
     int64_t rows, columns;
+    int32_t accumulate;
 } DequantizeJob;
 
 static void dequantize_row_blocks(const void *arg, int64_t begin, int64_t end) {
@@ -137,19 +139,22 @@ static void dequantize_row_blocks(const void *arg, int64_t begin, int64_t end) {
         for (; c + 16 <= columns; c += 16) {
             const __m512 scale = _mm512_mul_ps(row_v, _mm512_loadu_ps(job->column_scales + c));
             const __m512 value = _mm512_cvtepi32_ps(_mm512_loadu_si512(products + c));
-            _mm512_storeu_ps(out + c, job->bias ? _mm512_fmadd_ps(value, scale, _mm512_loadu_ps(job->bias + c))
-                                                : _mm512_mul_ps(value, scale));
+            __m512 start = job->accumulate ? _mm512_loadu_ps(out + c) : _mm512_setzero_ps();
+            if (job->bias)
+                start = _mm512_add_ps(start, _mm512_loadu_ps(job->bias + c));
+            _mm512_storeu_ps(out + c, _mm512_fmadd_ps(value, scale, start));
         }
 #endif
         for (; c < columns; c++) {
             const float value = (float)products[c], scale = row_scale * job->column_scales[c];
-            out[c] = job->bias ? __builtin_fmaf(value, scale, job->bias[c]) : value * scale;
+            const float start = (job->accumulate ? out[c] : 0.0f) + (job->bias ? job->bias[c] : 0.0f);
+            out[c] = __builtin_fmaf(value, scale, start);
         }
     }
 }
 
 void seglab_dequantize_rows(float *out, const int32_t *products, const float *row_scales, const float *column_scales,
-                            const float *bias, int64_t rows, int64_t columns, int32_t threads) {
-    DequantizeJob job = {out, products, row_scales, column_scales, bias, rows, columns};
+                            const float *bias, int64_t rows, int64_t columns, int32_t accumulate, int32_t threads) {
+    DequantizeJob job = {out, products, row_scales, column_scales, bias, rows, columns, accumulate};
     parallel_for((rows + ROWS_BLOCK - 1) / ROWS_BLOCK, threads, dequantize_row_blocks, &job);
 }
