@@ -1,16 +1,18 @@
 """DeepLab's ASPP convolutions in float32 training: Winograd over the map's phases, the per-tap
 windows in float32, and the windows with int8 forward and input-gradient products
-(`seglab.ops.atrous_gemm.windowed_gemm_conv(..., int8=True)`). Not a test: it prints a Markdown
-table of forward + backward seconds per dilation, the routes interleaved in every round, and
-each route's error against float64.
+(`seglab.ops.atrous_gemm.windowed_gemm_conv(..., int8=True)`), their weight gradient by the
+float32 windows or by Winograd (`weight_tile`). Not a test: it prints a Markdown table of
+forward + backward seconds per dilation, the routes interleaved in every round, and each
+route's error against float64.
 
     python benchmarks/int8_atrous.py
     python benchmarks/int8_atrous.py --dilations 6,12,18 --size 32 --in-channels 512
 
 The defaults are DeepLabV3-R50's ASPP at output stride 8 on a 512 x 512 image: 2048 -> 256
-channels on 64 x 64 maps, dilations 12, 24 and 36, batch 4. `atrous_output_tile`'s saving is
-Winograd's multiply-adds against the float32 windows'; the training route picks by it
-(`seglab.engine.winograd.atrous_output_tile`, `MIN_ATROUS_SAVING_OVER_INT8`).
+channels on 64 x 64 maps, dilations 12, 24 and 36, batch 4. The saving is Winograd's
+multiply-adds against the windows', with the tile that does fewest: the training route takes
+that tile where it saves at least `MIN_ATROUS_SAVING` (`seglab.engine.winograd.atrous_output_tile`),
+with int8 products for the weight's gradient only.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from seglab.engine.winograd import ATROUS_TILES, tiles
+from seglab.memory import keep_freed_memory
 from seglab.ops.atrous_gemm import share_inside, windowed_gemm_conv
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters
 
@@ -41,6 +44,8 @@ def routes(tile: int) -> dict[str, Conv]:
         f"Winograd F({tile}x{tile})": lambda x, w, b, d: winograd_conv3x3(x, winograd_filters(w, tile), b, d),
         "windows, float32": lambda x, w, b, d: windowed_gemm_conv(x, w, b, (d, d)),
         "windows, int8 products": lambda x, w, b, d: windowed_gemm_conv(x, w, b, (d, d), int8=True),
+        f"windows, int8 products, weight gradient by F({tile}x{tile})":
+            lambda x, w, b, d: windowed_gemm_conv(x, w, b, (d, d), int8=True, weight_tile=tile),
     }
 
 
@@ -71,6 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as seglab's commands run: no page faults on every fresh large tensor
     torch.manual_seed(0)
     shape = (args.batch, args.in_channels, args.size, args.size)
     x = torch.randn(shape).relu().contiguous(memory_format=torch.channels_last)  # post-ReLU, as in the net

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from gradient_checks import assert_values_and_gradients_equal, gradients
 
+from seglab.ops import native
 from seglab.ops.atrous_gemm import AtrousConv2d, shifted_gemm_conv, windowed_gemm_conv
 
 
@@ -87,6 +88,19 @@ def test_int8_windows_round_the_forward_and_input_gradient_only(dilation, wanted
     for name in ("weight", "bias"):
         if name in got:
             torch.testing.assert_close(got[name], exact[name], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not native.available(), reason=f"the native kernels are not available: {native.unavailable_reason()}")
+def test_int8_windows_take_the_weight_gradient_from_winograd_on_request():
+    torch.manual_seed(0)
+    x = torch.randn(2, 48, 40, 40).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = (torch.randn(32, 48, 3, 3) / 48 ** 0.5).requires_grad_()
+    upstream = torch.randn(2, 32, 40, 40)
+    plain = torch.autograd.grad(windowed_gemm_conv(x, weight, None, (12, 12), int8=True), [x, weight], upstream)
+    tiled = torch.autograd.grad(windowed_gemm_conv(x, weight, None, (12, 12), int8=True, weight_tile=6),
+                                [x, weight], upstream)
+    assert torch.equal(tiled[0], plain[0])  # the input gradient: the same int8 products
+    torch.testing.assert_close(tiled[1], plain[1], rtol=1e-4, atol=1e-4 * plain[1].abs().max().item())
 
 
 def test_bf16_under_autocast_matches_the_autocast_convolution():

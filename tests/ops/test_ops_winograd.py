@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from gradient_checks import assert_values_and_gradients_equal
 
 from seglab.ops import native
-from seglab.ops.winograd import BF16_TILE, OUTPUT_TILES, winograd_conv3x3, winograd_filters
+from seglab.ops.winograd import BF16_TILE, OUTPUT_TILES, winograd_conv3x3, winograd_filters, winograd_weight_gradient
 
 
 @pytest.mark.parametrize("tile", OUTPUT_TILES)
@@ -242,3 +242,20 @@ def test_few_channel_f4x4_runs_in_one_native_pass_where_no_gradient_is_needed(fu
         winograd_conv3x3(_channels_last(1, 128, 8, 8), winograd_filters(wide, 4))
     assert fused_calls == [] and filters.grad is not None
     assert fuses(128, 64, 1) and not fuses(128, 128, 1) and 128 * 64 == MAX_FUSED_CHANNEL_PRODUCT
+
+
+@pytest.mark.skipif(not native.available(), reason=f"the native kernels are not available: {native.unavailable_reason()}")
+@pytest.mark.parametrize("tile", OUTPUT_TILES)
+@pytest.mark.parametrize("dilation", [1, 5])
+def test_weight_gradient_alone_is_the_convolutions(tile, dilation):
+    """The filters' gradient without the forward (for a convolution whose forward ran
+    otherwise), against float64 autograd; maps that fill no whole number of tiles."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 19, 23, dtype=torch.float64)
+    weight = torch.randn(16, 24, 3, 3, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 16, 19, 23, dtype=torch.float64)
+    expected, = torch.autograd.grad(F.conv2d(x, weight, padding=dilation, dilation=dilation), weight, upstream)
+    nhwc = [t.float().permute(0, 2, 3, 1).contiguous() for t in (x, upstream)]
+    got = winograd_weight_gradient(*nhwc, tile, dilation)
+    assert got.shape == weight.shape and got.dtype == torch.float32
+    assert float((got.double() - expected).norm() / expected.norm()) < 1e-5

@@ -16,10 +16,10 @@ In float32 these rewrites, each exact up to float32 rounding, chosen per call:
 
 One more, not exact (`int8_products`, CPUs with VNNI or AMX): the large 1x1 convolutions'
 forward and input gradient as int8 products with one scale per row (`seglab.ops.int8_products`;
-about 0.5-1% of each product's size), their weight gradients in float32, and likewise the
-per-tap windows of a large-dilation `AtrousConv2d` wherever Winograd would not save at least
-`MIN_ATROUS_SAVING_OVER_INT8` over them (the ASPP's dilations 24 and 36 at output stride 8).
-The trainer takes it
+about 0.5-1% of each product's size), their weight gradients in float32, and likewise a
+large-dilation `AtrousConv2d` (DeepLab's ASPP) by its per-tap windows with int8 products, its
+weight gradient by Winograd over the map's phases where `atrous_output_tile` gives a tile,
+else by the float32 windows. The trainer takes it
 by default where `--precision auto` trains in float32 on such a CPU, as it takes bf16 where
 that is native: a trained DeepLabV3-R50's step gradient moved 1.0-1.2% from float64's, bf16
 autocast's 4.1-4.9% (docs/bench.md).
@@ -44,8 +44,6 @@ import torch.nn as nn
 
 from seglab.engine.precision import resolve_precision
 from seglab.engine.winograd import (
-    MIN_ATROUS_SAVING,
-    MIN_ATROUS_SAVING_OVER_INT8,
     atrous_call_tile,
     call_output_tile,
     conv_takes_winograd,
@@ -53,7 +51,7 @@ from seglab.engine.winograd import (
     upsampling_output_tile,
 )
 from seglab.ops.atrous_depthwise import trains
-from seglab.ops.atrous_gemm import AtrousConv2d, takes_int8_windows
+from seglab.ops.atrous_gemm import AtrousConv2d
 from seglab.ops.grad_mode import records_gradients
 from seglab.ops.int8_products import int8_pointwise_conv, takes_int8_pointwise
 from seglab.ops.nearest_conv import UpsamplingConvCaller
@@ -103,7 +101,7 @@ class TrainingConvolutions:
         for conv in self.atrous_convs:
             if self.winograd:
                 self._previous_tiles[id(conv)] = conv.__dict__.get("winograd_tile")
-                conv.winograd_tile = functools.partial(_atrous_tile, tuple(conv.dilation), int8=self.int8_products)
+                conv.winograd_tile = functools.partial(_atrous_tile, tuple(conv.dilation))
             if self.int8_products:
                 conv.int8_windows = True
         return self
@@ -148,14 +146,10 @@ def _doubling_tile(x: torch.Tensor, weight: torch.Tensor) -> int | None:
     return upsampling_output_tile(x, weight, records_gradients(x, weight))
 
 
-def _atrous_tile(dilation: tuple[int, int], x: torch.Tensor, weight: torch.Tensor, int8: bool = False) -> int | None:
+def _atrous_tile(dilation: tuple[int, int], x: torch.Tensor, weight: torch.Tensor) -> int | None:
     """`AtrousConv2d.winograd_tile` in the training route: a float32 weight, and the call where
-    `atrous_call_tile` says Winograd saves over the windows, by more where the windows would
-    take int8 products (`int8`, and the call `takes_int8_windows`)."""
-    if weight.dtype != torch.float32:
-        return None
-    min_saving = MIN_ATROUS_SAVING_OVER_INT8 if int8 and takes_int8_windows(x, weight) else MIN_ATROUS_SAVING
-    return atrous_call_tile(x, weight.shape, dilation, min_saving)
+    `atrous_call_tile` says Winograd saves over the windows."""
+    return atrous_call_tile(x, weight.shape, dilation) if weight.dtype == torch.float32 else None
 
 
 def _autocast_winograd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int,

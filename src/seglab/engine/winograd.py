@@ -164,7 +164,6 @@ LARGE_TILE = 6  # F(6x6, 3x3)
 __all__ = [
     "ATROUS_TILES",
     "MIN_ATROUS_SAVING",
-    "MIN_ATROUS_SAVING_OVER_INT8",
     "MAX_DILATION",
     "MAX_FILTER_BOUND_TILES",
     "MIN_AVX512_TRAINING_CHANNELS",
@@ -221,10 +220,6 @@ MIN_FUSED_WIDEST = 32  # ... at least this many on one side: F(4x4) in one pass 
 MIN_FILTER_BOUND_CHANNELS = 512  # in and out: float32 inference by F(2x2) ...
 MAX_FILTER_BOUND_TILES = 16  # ... over at most this many of F(4x4)'s tiles
 MIN_ATROUS_SAVING = 1.3  # the per-tap windows' multiply-adds over Winograd's: `atrous_output_tile`
-# With int8 products the windows' forward and input gradient run at int8's rate and only their
-# weight gradient at float32's, so Winograd (all three at float32's) must save more:
-# `benchmarks/int8_atrous.py` (docs/bench.md).
-MIN_ATROUS_SAVING_OVER_INT8 = 2.0
 ATROUS_TILES = (LARGE_TILE, TILE, 3)  # F(6x6), F(4x4), F(3x3): the phases' widths pick one
 
 
@@ -373,13 +368,12 @@ def call_output_tile(input: torch.Tensor, weight: torch.Tensor, dilation: int, t
     return tile
 
 
-def atrous_output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int,
-                       min_saving: float = MIN_ATROUS_SAVING) -> int | None:
+def atrous_output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int) -> int | None:
     """The Winograd output tile (of `ATROUS_TILES`) that computes a float32 3x3 convolution at a
     dilation above `MAX_DILATION` (stride 1, "same" zero padding, no groups: those
     `DilatedConvAsGemm` takes), in inference or training (the savings measured alike), in fewer
     multiply-adds than the per-tap windows over only the pixels inside the map, by at least
-    `min_saving`; None where neither does, or where the native transforms are not in use
+    `MIN_ATROUS_SAVING`; None where neither does, or where the native transforms are not in use
     or there are too few channels for them to pay."""
     n, _, height, width = input_shape
     if (list(weight_shape[2:]) != [3, 3] or not native.available()
@@ -387,18 +381,17 @@ def atrous_output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], 
         return None
     windows = share_inside(height, width, (3, 3), (dilation, dilation)) * 9 * n * height * width
     saving, tile = max((windows / (tiles(input_shape, dilation, t) * (t + 2) ** 2), t) for t in ATROUS_TILES)
-    return tile if saving >= min_saving else None
+    return tile if saving >= MIN_ATROUS_SAVING else None
 
 
-def atrous_call_tile(x: torch.Tensor, weight_shape: Sequence[int], dilation: Sequence[int],
-                     min_saving: float = MIN_ATROUS_SAVING) -> int | None:
+def atrous_call_tile(x: torch.Tensor, weight_shape: Sequence[int], dilation: Sequence[int]) -> int | None:
     """The Winograd tile this call of a large-dilation convolution runs with, or None for its
     windows: float32 CPU input outside autocast, a square dilation, where `atrous_output_tile`
     says (the one check of `DilatedConvAsGemm` and of the training route's `AtrousConv2d`)."""
     if (x.device.type != "cpu" or x.dim() != 4 or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
             or dilation[0] != dilation[1]):
         return None
-    return atrous_output_tile(x.shape, weight_shape, dilation[0], min_saving)
+    return atrous_output_tile(x.shape, weight_shape, dilation[0])
 
 
 def upsampling_output_tile(x: torch.Tensor, weight: torch.Tensor, training: bool) -> int | None:

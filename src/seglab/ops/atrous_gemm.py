@@ -26,10 +26,12 @@ Not exact, the windows with `int8` (float32 training that takes int8 products,
 `seglab.ops.int8_products`): their forward and input-gradient products in int8, one scale per
 pixel of the map they read and one per row of each tap's matrix, each tap's int32 products
 scaled back and added in float32 (the pixels' scales differ from tap to tap, so the sum over
-taps cannot stay in int32); the weight's gradient stays the float32 windows', as the 1x1
-products keep theirs. On DeepLabV3-R50's ASPP (batch 4, Zen 4) they train dilation 24 in 1.18 s
-against Winograd's 1.77 s and 36 in 0.96 s against the float32 windows' 1.63 s
-(`benchmarks/int8_atrous.py`).
+taps cannot stay in int32); the weight's gradient stays float32, as the 1x1 products keep
+theirs: the float32 windows', or Winograd's over the map's phases where it sums fewer
+products (`weight_tile`, `seglab.ops.winograd.winograd_weight_gradient`). On DeepLabV3-R50's
+ASPP (forward + backward at batch 4, Zen 4, `benchmarks/int8_atrous.py`): dilation 12 0.81 s
+against Winograd's 1.04 s, 24 0.85 s against Winograd's 1.40 s, 36 0.69 s against the
+float32 windows' 1.40 s.
 
 `seglab.engine.fastpath.DilatedConvAsGemm` does the forward for inference (per tap, over only
 the in-map windows); this module trains.
@@ -44,7 +46,7 @@ import torch.nn as nn
 
 from seglab.ops.atrous_depthwise import accumulator_dtype, shifted_route, taps_inside, trains
 from seglab.ops.int8_products import MIN_PRODUCT_CHANNELS, dequantize_rows, quantize_rows
-from seglab.ops.winograd import winograd_conv3x3, winograd_filters
+from seglab.ops.winograd import winograd_conv3x3, winograd_filters, winograd_weight_gradient
 
 __all__ = ["AtrousConv2d", "all_taps_product", "int8_window_candidates", "share_inside", "shifted_gemm_conv",
            "takes_int8_windows", "windowed_gemm_conv"]
@@ -169,9 +171,9 @@ class _WindowedGemmConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                dilation: tuple[int, int], int8: bool = False) -> torch.Tensor:
+                dilation: tuple[int, int], int8: bool = False, weight_tile: int | None = None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.dilation, ctx.has_bias, ctx.int8 = dilation, bias is not None, int8
+        ctx.dilation, ctx.has_bias, ctx.int8, ctx.weight_tile = dilation, bias is not None, int8, weight_tile
         out_channels, _, kh, kw = weight.shape
         pixels = x.permute(0, 2, 3, 1)  # N H W C_in: a view of a channels-last input
         n, height, width, _ = pixels.shape
@@ -210,6 +212,11 @@ class _WindowedGemmConv(torch.autograd.Function):
             transposed_taps = weight.permute(2, 3, 1, 0).reshape(kh * kw, in_channels, out_channels)
             int8_grad_input = _int8_shifted_sums(grad_out, transposed_taps, _reversed(groups)).permute(0, 3, 1, 2)
             wants_input = False  # the loop below: the weight's gradient only
+        tile_grad_weight = None
+        if wants_weight and ctx.weight_tile is not None:
+            tile_grad_weight = winograd_weight_gradient(pixels.contiguous(), grad_out.contiguous(), ctx.weight_tile,
+                                                        ctx.dilation[0])
+            wants_weight = False
         grad_pixels = torch.zeros_like(pixels) if wants_input else None
         grad_taps = taps.new_zeros(taps.shape) if wants_weight else None
         for cols, out_cols, column_taps in groups:
@@ -227,9 +234,10 @@ class _WindowedGemmConv(torch.autograd.Function):
             if wants_input and grad_source is not grad_pixels:
                 grad_pixels[:, :, cols] += grad_source
         grad_input = grad_pixels.permute(0, 3, 1, 2) if wants_input else int8_grad_input
-        grad_weight = grad_taps.view(kh, kw, in_channels, out_channels).permute(3, 2, 0, 1) if wants_weight else None
+        grad_weight = grad_taps.view(kh, kw, in_channels, out_channels).permute(3, 2, 0, 1) if wants_weight \
+            else tile_grad_weight
         grad_bias = grad_out.sum((0, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None
 
 
 def _tap_matrices(weight: torch.Tensor) -> torch.Tensor:
@@ -272,14 +280,16 @@ def shifted_gemm_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def windowed_gemm_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       dilation: tuple[int, int], int8: bool = False) -> torch.Tensor:
+                       dilation: tuple[int, int], int8: bool = False, weight_tile: int | None = None) -> torch.Tensor:
     """The same convolution as `shifted_gemm_conv`, as one matrix product per tap over only the
     pixels it reads inside the map; differentiable. Takes and returns channels-last tensors;
     float32 or float64 (no autocast), x and weight of one dtype. `int8` (float32 on the CPU):
     the forward and the input's gradient as int8 products with one scale per row, about 1% off
     float32's like the 1x1 products (2048 channels of a rectified map); the weight's gradient
-    float32's."""
-    return _WindowedGemmConv.apply(x, weight, bias, tuple(dilation), int8)
+    float32's. `weight_tile` (a 3x3 kernel, square dilation, float32 CPU maps): the weight's
+    gradient in Winograd's F(tile x tile) domain instead (`winograd_weight_gradient`), where
+    that sums fewer products than the windows."""
+    return _WindowedGemmConv.apply(x, weight, bias, tuple(dilation), int8, weight_tile)
 
 
 def takes_int8_windows(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -308,8 +318,8 @@ class AtrousConv2d(nn.Conv2d):
     Winograd tile for a call, or None: a float32 3x3 convolution then trains by Winograd over
     the map's phases (`seglab.ops.winograd`) where that does fewer multiply-adds than the
     windows (at dilation 12 on 64 x 64, one 6 x 6 tile per phase). `int8_windows`, which the
-    route sets where it takes int8 products, gives the other float32 calls that
-    `takes_int8_windows` the windows with int8 products."""
+    route sets where it takes int8 products, gives the float32 calls that `takes_int8_windows`
+    the windows with int8 products, their weight gradient by that tile where there is one."""
 
     winograd_tile: Callable[[torch.Tensor, torch.Tensor], int | None] | None = None
     int8_windows: bool = False
@@ -326,10 +336,10 @@ class AtrousConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if trains(self, x) and shifted_route(x, self.dilation, MIN_DILATION):
             tile = None if self.winograd_tile is None else self.winograd_tile(x, self.weight)
+            if self.int8_windows and takes_int8_windows(x, self.weight):
+                return windowed_gemm_conv(x, self.weight, self.bias, self.dilation, int8=True, weight_tile=tile)
             if tile is not None:
                 return winograd_conv3x3(x, winograd_filters(self.weight, tile), self.bias, self.dilation[0])
-            if self.int8_windows and takes_int8_windows(x, self.weight):
-                return windowed_gemm_conv(x, self.weight, self.bias, self.dilation, int8=True)
             if _compute_dtype(x) in (torch.float32, torch.float64) and x.dtype == self.weight.dtype and \
                     share_inside(*x.shape[-2:], self.kernel_size, self.dilation) <= WINDOWS_UP_TO_SHARE:
                 return windowed_gemm_conv(x, self.weight, self.bias, self.dilation)

@@ -380,6 +380,24 @@ class _NativeOutputTransform(torch.autograd.Function):
         return products.to(ctx.dtype), bias, None, None, None
 
 
+def winograd_weight_gradient(nhwc: torch.Tensor, grad_nhwc: torch.Tensor, tile: int, dilation: int = 1) -> torch.Tensor:
+    """The weight's gradient (C_out x C_in x 3 x 3, float32) of the stride-1, "same"-padded 3x3
+    convolution at `dilation` of `nhwc` (N x H x W x C_in) whose output has the gradient
+    `grad_nhwc` (N x H x W x C_out), both float32, channels-last, contiguous: what
+    `winograd_conv3x3`'s backward gives its filters, without its forward. The input tiles
+    (`B^T d B`) and the output transform's gradient (`A g A^T`) by the native kernels, their
+    (m + 2)^2 products summed over the tiles (C_in x tiles by tiles x C_out), then `G^T . G`
+    back to 3 x 3 taps. For a convolution whose forward ran otherwise (the int8 windows of
+    `seglab.ops.atrous_gemm`) where Winograd's domain has fewer products to sum."""
+    b_t, _, _, a = _native_matrices(tile)
+    tiles = native.gather_tiles(nhwc, b_t, step=tile, pad=1, dilation=dilation)  # (m + 2)^2 x tiles x C_in
+    grad_products = native.gather_tiles(grad_nhwc, a, step=tile, pad=0, dilation=dilation)  # ... x C_out
+    grad_filters = torch.bmm(tiles.transpose(1, 2), grad_products)  # (m + 2)^2 x C_in x C_out
+    g_kron_g = _matrices(tile).g_kron_g.to(grad_filters.device, grad_filters.dtype)
+    taps = g_kron_g.t() @ grad_filters.view(g_kron_g.shape[0], -1)  # the adjoint of `winograd_filters`
+    return taps.view(3, 3, nhwc.shape[-1], grad_nhwc.shape[-1]).permute(3, 2, 0, 1)
+
+
 def output_map(products: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, int, int],
                tile: int, dilation: int = 1) -> torch.Tensor:
     """The N x H x W x C_out map (`shape` = (N, H, W)) of F(tile x tile)'s products ((tile +
