@@ -6,8 +6,10 @@ default synthetic recipe (`seglab train`: the main job's U-Net, 3,000 shapes at 
   and tile count (the shipped rule, `seglab.engine.winograd.bf16_pays`, routes none of this
   narrow U-Net's: at least 256 channels over 512 tiles) - a harsher exposure than any real
   route, and the only one a converged run on this CPU can afford;
-- `bf16`: the bf16 fast path as shipped (autocast's direct convolutions here);
-- `bf16-native-norms`: the same with `--native-norms` (`seglab.engine.norms`);
+- `bf16`: the bf16 fast path with PyTorch's norms (`--no-native-norms`; autocast's direct
+  convolutions here);
+- `bf16-native-norms`: the same with the native norms (`seglab.engine.norms`), as shipped
+  since the twenty-ninth session;
 - `32`: float32.
 
 Not a test: it prints a Markdown table of best validation mIoU per seed and the paired
@@ -29,8 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-ROUTES = {"forced": ["--precision", "bf16"], "bf16": ["--precision", "bf16"], "32": ["--precision", "32"],
-          "bf16-native-norms": ["--precision", "bf16", "--native-norms"]}
+ROUTES = {"forced": ["--precision", "bf16", "--no-native-norms"], "bf16": ["--precision", "bf16", "--no-native-norms"],
+          "32": ["--precision", "32"], "bf16-native-norms": ["--precision", "bf16", "--native-norms"]}
 
 
 def _one_run(route: str, train_args: list[str]) -> int:

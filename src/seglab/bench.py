@@ -146,7 +146,7 @@ TRAINING_ABLATION: dict[str, dict[str, Any]] = {
     "+bf16 autocast +channels_last +winograd +native cross-entropy": dict(channels_last=True, precision="bf16",
                                                                          fused=False, winograd=True, native_loss=True),
     # BatchNorm with the ReLU (or a ResNet block's shortcut addition and ReLU) after it in one
-    # native kernel (the trainer's opt-in `--native-norms`), against the row above.
+    # native kernel (the trainer's default in bf16 on the CPU, `--native-norms`), against the row above.
     "+bf16 autocast +channels_last +winograd +native cross-entropy +native norms": dict(
         channels_last=True, precision="bf16", fused=False, winograd=True, native_loss=True, native_norms=True),
     "+fused optimizer": dict(channels_last=False, precision="32", fused=True, winograd=False),
@@ -477,7 +477,7 @@ def _training_candidates(arch: Architecture, settings: BenchSettings, device: to
         _Candidate("seglab", "eager fp32", flops, "32", trainer(build_seglab, channels_last=False, precision="32", fused=False, winograd=False)),
         _Candidate("seglab", f"fast ({precision})", flops, precision,
                    trainer(build_seglab, channels_last=True, precision=precision, fused=True, winograd=True,
-                           tuned_gradients=True, native_loss=True)),
+                           tuned_gradients=True, native_loss=True, native_norms=True)),
     ]
     if settings.int8_on(device):
         candidates.append(_Candidate("seglab", INT8_TRAINING_VARIANT, flops, "int8", trainer(

@@ -4,7 +4,8 @@
    (bfloat16 where available): mIoU of both and the share of pixels whose predicted class
    agrees.
 2. Trained through the fast training path (channels_last, bf16 autocast, fused optimizer;
-   Winograd's 3x3 convolutions where it trains in float32 on the CPU) from
+   Winograd's 3x3 convolutions where it trains in float32 on the CPU, the native norms where
+   it trains in bf16 there) from
    the same seed and data order, evaluated in float32: its mIoU against run 1's.
 3. Where the CPU has 8-bit products, run 1's model through the int8 inference path,
    calibrated on training images: its mIoU and agreement with float32; and a third training
@@ -40,6 +41,7 @@ from seglab.engine.fastpath import (
     prepare_batch,
     to_channels_last,
     training_convolutions,
+    training_norms,
 )
 from seglab.engine.int8 import cpu_runs_int8
 from seglab.losses import CrossEntropyLoss
@@ -83,6 +85,7 @@ def train_on_tensors(build: Callable[[], nn.Module], images: torch.Tensor, masks
     steps = epochs * (len(images) // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     convolutions = training_convolutions(model, device, precision, enabled=fast, int8_products=int8_products)
+    norms = training_norms(model, device, precision, enabled=fast)
     loss_fn = CrossEntropyLoss(ignore_index=None)
     order = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -93,7 +96,7 @@ def train_on_tensors(build: Callable[[], nn.Module], images: torch.Tensor, masks
             if fast:
                 x = to_channels_last(x)
             optimizer.zero_grad(set_to_none=True)
-            with autocast_context(device, precision if fast else "32"), convolutions:
+            with autocast_context(device, precision if fast else "32"), convolutions, norms:
                 output = model(x)
             logits = output["out"] if isinstance(output, dict) else output
             # seglab's loss (on the CPU one native pass over the logits as they come) as its trainer runs it

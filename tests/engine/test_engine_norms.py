@@ -168,10 +168,14 @@ def test_training_norms_only_for_bf16_on_the_cpu_when_enabled():
 
 
 @needs_bf16
-def test_the_trainer_takes_the_route_only_when_asked(tmp_path):
+def test_the_trainer_takes_the_route_by_default_in_bf16_unless_told_not_to(tmp_path):
     def trainer(**overrides) -> Trainer:
-        config = TrainConfig.from_dict(tiny_options(out=str(tmp_path), precision="bf16", device="cpu", **overrides))
+        config = TrainConfig.from_dict(tiny_options(out=str(tmp_path), device="cpu", **overrides))
         return Trainer(config, console=quiet_console())
 
-    assert not isinstance(trainer().norms, TrainingNorms)  # opt-in: docs/bench.md, fifteenth session
-    assert isinstance(trainer(native_norms=True).norms, TrainingNorms)
+    assert isinstance(trainer(precision="bf16").norms, TrainingNorms)  # the default: docs/bench.md, 29th session
+    assert isinstance(trainer(precision="bf16", native_norms=True).norms, TrainingNorms)
+    assert not isinstance(trainer(precision="bf16", native_norms=False).norms, TrainingNorms)
+    assert not isinstance(trainer(precision="32").norms, TrainingNorms)  # float32 maps: PyTorch's norms
+    with pytest.raises(ValueError, match="native_norms must be true, false or null"):
+        trainer(precision="bf16", native_norms="yes")

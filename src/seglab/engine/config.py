@@ -49,8 +49,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto (bf16 where native), 32, bf16 (CPU with native support, or CUDA) or 16 (CUDA, with loss scaling)
     # bf16 on the CPU: BatchNorm with the ReLU (or a ResNet block's shortcut and ReLU) by one native
-    # kernel, 2-4.5% faster steps; opt-in until more seeds show it trains to the same mIoU (docs/bench.md)
-    native_norms: bool = False
+    # kernel, 2-4.5% faster steps (docs/bench.md: ten seeds of the synthetic recipe, twenty-ninth
+    # session). None: on where the run trains in bf16 on the CPU; false: PyTorch's norms
+    native_norms: bool | None = None
     direct_convolutions: bool = False  # float32 on the CPU: eager convolutions, no Winograd, no tuned weight gradients
     # float32 on a CPU with VNNI or AMX: the large 1x1 convolutions' forward and input gradient as
     # int8 products with one scale per row (seglab.ops.int8_products); weight gradients stay float32.
@@ -96,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"--precision must be auto, 32, bf16 or 16, not {self.precision!r}")
         if self.int8_products is not None and not isinstance(self.int8_products, bool):
             raise ValueError(f"int8_products must be true, false or null (auto), not {self.int8_products!r}")
+        if self.native_norms is not None and not isinstance(self.native_norms, bool):
+            raise ValueError(f"native_norms must be true, false or null (auto), not {self.native_norms!r}")
         if self.accumulate < 1:
             raise ValueError(f"--accumulate must be a positive number, not {self.accumulate}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:

@@ -275,9 +275,10 @@ class Trainer:
                                                   enabled=not config.direct_convolutions,
                                                   deterministic=config.deterministic,
                                                   int8_products=self.int8_products)
-        # With `native_norms`, in bf16 on the CPU, BatchNorm with the ReLU, or a ResNet block's
-        # shortcut addition and ReLU, after it in one native kernel; entered at each step.
-        self.norms = training_norms(self.model, self.device, self.precision.name, enabled=config.native_norms)
+        # In bf16 on the CPU (unless `native_norms` is false), BatchNorm with the ReLU, or a ResNet
+        # block's shortcut addition and ReLU, after it in one native kernel; entered at each step.
+        self.norms = training_norms(self.model, self.device, self.precision.name,
+                                    enabled=config.native_norms is not False)
         self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
         self.normalize = Normalize(config.mean, config.std).to(self.device)
         self.class_weights = self._class_weights()
