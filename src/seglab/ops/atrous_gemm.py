@@ -29,9 +29,9 @@ scaled back and added in float32 (the pixels' scales differ from tap to tap, so 
 taps cannot stay in int32); the weight's gradient stays float32, as the 1x1 products keep
 theirs: the float32 windows', or Winograd's over the map's phases where it sums fewer
 products (`weight_tile`, `seglab.ops.winograd.winograd_weight_gradient`). On DeepLabV3-R50's
-ASPP (forward + backward at batch 4, Zen 4, `benchmarks/int8_atrous.py`): dilation 12 0.81 s
-against Winograd's 1.04 s, 24 0.85 s against Winograd's 1.40 s, 36 0.69 s against the
-float32 windows' 1.40 s.
+ASPP (forward + backward at batch 4, Zen 4, `benchmarks/int8_atrous.py`): dilation 12 0.67 s
+against Winograd's 0.83 s, 24 0.70 s against Winograd's 1.14 s, 36 0.56 s against the
+float32 windows' 1.02 s.
 
 `seglab.engine.fastpath.DilatedConvAsGemm` does the forward for inference (per tap, over only
 the in-map windows); this module trains.
@@ -219,7 +219,7 @@ class _WindowedGemmConv(torch.autograd.Function):
             wants_weight = False
         grad_pixels = torch.zeros_like(pixels) if wants_input else None
         grad_taps = taps.new_zeros(taps.shape) if wants_weight else None
-        for cols, out_cols, column_taps in groups:
+        for cols, out_cols, column_taps in groups if wants_input or wants_weight else []:  # else no column copies
             source, grad_target = _columns(pixels, cols), _columns(grad_out, out_cols)
             grad_source = None
             if wants_input:
@@ -302,7 +302,7 @@ def takes_int8_windows(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def int8_window_candidates(model: nn.Module) -> int:
     """How many of `model`'s `AtrousConv2d` have the channels whose windows may take int8 products
-    in training (`takes_int8_windows`; the call's map decides whether Winograd keeps them)."""
+    in training (`takes_int8_windows`: every float32 training call on a channels-last CPU map)."""
     return sum(1 for module in model.modules() if isinstance(module, AtrousConv2d)
                and module.in_channels * module.out_channels >= MIN_PRODUCT_CHANNELS)
 
