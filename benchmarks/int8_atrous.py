@@ -11,8 +11,8 @@ route's error against float64.
 The defaults are DeepLabV3-R50's ASPP at output stride 8 on a 512 x 512 image: 2048 -> 256
 channels on 64 x 64 maps, dilations 12, 24 and 36, batch 4. The saving is Winograd's
 multiply-adds against the windows', with the tile that does fewest: the training route takes
-that tile where it saves at least `MIN_ATROUS_SAVING` (`seglab.engine.winograd.atrous_output_tile`),
-with int8 products for the weight's gradient only.
+that tile where it saves at least `MIN_ATROUS_SAVING` (`seglab.engine.winograd.atrous_output_tile`);
+with int8 products, for the weight's gradient only.
 """
 from __future__ import annotations
 
@@ -24,19 +24,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from seglab.engine.winograd import ATROUS_TILES, tiles
+from seglab.engine.winograd import atrous_saving
 from seglab.memory import keep_freed_memory
 from seglab.ops.atrous_gemm import share_inside, windowed_gemm_conv
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters
 
 Conv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
-
-
-def best_winograd(shape: tuple[int, int, int, int], dilation: int) -> tuple[float, int]:
-    """(saving over the windows, tile) of the Winograd tile with the fewest multiply-adds."""
-    n, _, height, width = shape
-    windows = share_inside(height, width, (3, 3), (dilation, dilation)) * 9 * n * height * width
-    return max((windows / (tiles(shape, dilation, t) * (t + 2) ** 2), t) for t in ATROUS_TILES)
 
 
 def routes(tile: int) -> dict[str, Conv]:
@@ -88,7 +81,7 @@ def main() -> None:
     print("| dilation | share inside | Winograd saving | route | seconds | error |")
     print("|---|---|---|---|---|---|")
     for dilation in (int(d) for d in args.dilations.split(",")):
-        saving, tile = best_winograd(shape, dilation)
+        saving, tile = atrous_saving(shape, dilation)
         grad = torch.randn(args.batch, args.out_channels, args.size, args.size).contiguous(memory_format=torch.channels_last)
         x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
         out64 = F.conv2d(x64, w64, bias.double(), padding=dilation, dilation=dilation)
@@ -101,7 +94,8 @@ def main() -> None:
                 seconds, results = step(conv, x, weight, bias, grad, dilation)
                 if round_:
                     times[name].append(seconds)
-                errors[name] = relative_errors(results, reference)
+                if round_ == args.rounds:  # the last round's results, against float64 once
+                    errors[name] = relative_errors(results, reference)
         share = share_inside(args.size, args.size, (3, 3), (dilation, dilation))
         for name in convs:
             error = " / ".join(f"{e:.1e}" for e in errors[name])

@@ -186,6 +186,7 @@ __all__ = [
     "WIDE_CHANNELS",
     "atrous_call_tile",
     "atrous_output_tile",
+    "atrous_saving",
     "bf16_pays",
     "call_output_tile",
     "conv_takes_winograd",
@@ -375,13 +376,20 @@ def atrous_output_tile(input_shape: Sequence[int], weight_shape: Sequence[int], 
     multiply-adds than the per-tap windows over only the pixels inside the map, by at least
     `MIN_ATROUS_SAVING`; None where neither does, or where the native transforms are not in use
     or there are too few channels for them to pay."""
-    n, _, height, width = input_shape
     if (list(weight_shape[2:]) != [3, 3] or not native.available()
             or min(weight_shape[0], weight_shape[1]) < MIN_NATIVE_INFERENCE_CHANNELS):
         return None
-    windows = share_inside(height, width, (3, 3), (dilation, dilation)) * 9 * n * height * width
-    saving, tile = max((windows / (tiles(input_shape, dilation, t) * (t + 2) ** 2), t) for t in ATROUS_TILES)
+    saving, tile = atrous_saving(input_shape, dilation)
     return tile if saving >= MIN_ATROUS_SAVING else None
+
+
+def atrous_saving(input_shape: Sequence[int], dilation: int) -> tuple[float, int]:
+    """(saving, tile): of `ATROUS_TILES`, the tile whose Winograd products over the map's phases
+    are fewest, and how many times fewer they are than the per-tap windows' multiply-adds over
+    only the pixels inside the map (a 3x3 kernel; per channel pair)."""
+    n, _, height, width = input_shape
+    windows = share_inside(height, width, (3, 3), (dilation, dilation)) * 9 * n * height * width
+    return max((windows / (tiles(input_shape, dilation, t) * (t + 2) ** 2), t) for t in ATROUS_TILES)
 
 
 def atrous_call_tile(x: torch.Tensor, weight_shape: Sequence[int], dilation: Sequence[int]) -> int | None:
