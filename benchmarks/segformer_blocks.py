@@ -11,6 +11,10 @@ test: it prints Markdown tables.
 - Attention's output projection plus the residual, against `native.linear`.
 - The decoder head at stride 4 (the first stage's share, the upsampled shares summed with the
   ReLU, the classifier), against `native.mlp_head`.
+- The attention heads over the shrunk keys (`F.scaled_dot_product_attention` of the heads and
+  their transpose back to tokens), against `native.attention`, in bf16 (the fast path's use,
+  by pair products where the processor has AVX-512 BF16) and in float32 (for the record: there
+  the fast path keeps PyTorch's).
 
 Each row times both in interleaved rounds and reports the median over rounds of the operators'
 time / the native time.
@@ -101,14 +105,41 @@ def head_row(batch: int, rounds: int, dim: int = 256, classes: int = 21) -> str:
                 rounds)
 
 
+def attention_rows(batch: int, rounds: int) -> list[str]:
+    rows = []
+    config = MIT_CONFIGS["mit_b0"]
+    for dtype in (torch.bfloat16, torch.float32):
+        for side, width, heads, reduction in zip(SIDES, config.widths, config.heads, config.reductions):
+            torch.manual_seed(0)
+            keys = (side // reduction) ** 2
+            queries = torch.randn(batch, side * side, width).to(dtype)
+            keys_values = torch.randn(batch, keys, 2 * width).to(dtype)
+            head = width // heads
+
+            def operators() -> None:
+                with torch.inference_mode():
+                    q = queries.reshape(batch, -1, heads, head).transpose(1, 2)
+                    k, v = keys_values.reshape(batch, keys, 2, heads, head).permute(2, 0, 3, 1, 4)
+                    F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, -1, width)
+
+            def natively() -> None:
+                native.attention(queries, keys_values, heads)
+
+            name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16")
+            rows.append(_row(f"attention, {name}: {side * side} queries over {keys} keys, {heads} x {head} channels",
+                             operators, natively, rounds))
+    return rows
+
+
 def main() -> None:
     args = interleaved_arguments(__doc__.split("\n\n")[0], rounds=9, timed="inference")
     if not native.available():
         raise SystemExit(f"the native kernels are not available: {native.unavailable_reason()}")
+    print(f"bf16 attention by {'pair products (AVX-512 BF16)' if native.attention_pairs() else 'float32 products'}")
     for batch in (1, 8):
         print(f"\nbatch {batch}\n\n| block | operators, ms | native, ms | operators / native |\n|---|---|---|---|")
         for line in (*mix_ffn_rows(batch, args.rounds), *projection_rows(batch, args.rounds),
-                     head_row(batch, args.rounds)):
+                     head_row(batch, args.rounds), *attention_rows(batch, args.rounds)):
             print(line, flush=True)
 
 

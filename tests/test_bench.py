@@ -113,6 +113,7 @@ def test_bench_command_writes_json_and_markdown_with_peer_ratios(tmp_path):
     assert ("seglab", "eager fp32", "inference") in kinds and ("seglab", "+fold_conv_bn", "inference") in kinds
     assert ("seglab", "+fused optimizer", "train") in kinds
     assert ("seglab", "+native_segformer", "inference") in kinds
+    assert ("seglab", "+bf16 +native_segformer", "inference") in kinds
     assert ("seglab", "+channels_last +planar_heads", "inference") in kinds
     assert all(r["images_per_s"] > 0 and len(r["seconds"]) == len(r["system_seconds"]) == 1 for r in rows)
     # FLOPs agree with the model profile's count on the meta device (where attention runs as

@@ -122,7 +122,8 @@ INFERENCE_ABLATION: dict[str, dict[str, Any]] = {
     "+dilated_as_gemm": {**_NOTHING, "dilated_as_gemm": True},
     # Winograd's tiles are read channels last, so it is measured against "+channels_last".
     "+channels_last +winograd": {**_NOTHING, "channels_last": True, "winograd": True},
-    # SegFormer's Mix-FFNs and decoder head in native passes (float32; other models have none).
+    # SegFormer's Mix-FFNs, attention projections and decoder head in native passes (float32;
+    # other models have none).
     "+native_segformer": {**_NOTHING, "native_segformer": True},
     # A 3x3 head to few classes with vectors along the pixels: channels-last input, like Winograd.
     "+channels_last +planar_heads": {**_NOTHING, "channels_last": True, "planar_heads": True},
@@ -130,6 +131,8 @@ INFERENCE_ABLATION: dict[str, dict[str, Any]] = {
     "+bf16 +channels_last": {**_NOTHING, "precision": "bf16", "channels_last": True},
     # bf16's Winograd, F(2x2) for the widest convolutions, measured against "+bf16 +channels_last".
     "+bf16 +channels_last +winograd": {**_NOTHING, "precision": "bf16", "channels_last": True, "winograd": True},
+    # SegFormer's attention heads by bf16 pair products (AVX-512 BF16), measured against "+bf16".
+    "+bf16 +native_segformer": {**_NOTHING, "precision": "bf16", "native_segformer": True},
     "fast, fp32 (--precision 32)": dict(precision="32"),
 }
 TRAINING_ABLATION: dict[str, dict[str, Any]] = {

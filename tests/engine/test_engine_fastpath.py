@@ -28,6 +28,7 @@ from seglab.engine.precision import cpu_has, cpu_runs_bf16
 from seglab.models import create_model
 from seglab.models.semantic.segformer import AllMLPDecoder
 from seglab.ops import native
+from seglab.ops.token_attention import native_attention_available
 from seglab.ops.winograd import winograd_conv3x3
 from seglab.ops.winograd_nearest import winograd_conv3x3_of_nearest2x
 
@@ -439,6 +440,34 @@ def test_segformer_fast_path_keeps_its_operators_when_asked_and_in_bf16():
         assert sum(isinstance(m, FusedConv) and isinstance(m.activation, nn.GELU) for m in fast.modules()) == 8
     torch.testing.assert_close(optimize_for_inference(model, "32", native_segformer=False)(x), expected,
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:--precision bf16")
+def test_segformer_bf16_fast_path_takes_the_native_attention_where_bf16_multiplies_by_pairs():
+    """bf16 CPU inference: every attention module's heads by the native kernel where it has
+    AVX-512 BF16's pair products (PyTorch's elsewhere, and in float32), the same scores as
+    PyTorch's attention to bf16's rounding."""
+    x = torch.randn(2, 3, 64, 96)
+    model, _ = _model_and_outputs("segformer", x, variant="b0")
+    expected = optimize_for_inference(model, "32")(x)
+    fast = optimize_for_inference(model, "bf16")
+    attentions = [m for m in fast.modules() if isinstance(m, EfficientSelfAttention)]
+    assert len(attentions) == 8
+    assert [m.native_attention for m in attentions] == [native_attention_available()] * 8
+    assert not any(m.native_attention for m in optimize_for_inference(model, "32").modules()
+                   if isinstance(m, EfficientSelfAttention))
+    assert not any(m.native_attention for m in optimize_for_inference(model, "bf16", native_segformer=False).modules()
+                   if isinstance(m, EfficientSelfAttention))
+    with mock.patch("seglab.encoders.mit.native.attention", wraps=native.attention) as kernel:
+        natively = fast(x).float()
+    assert kernel.call_count == (8 if native_attention_available() else 0)
+    for module in attentions:
+        module.native_attention = False
+    pytorchs = fast(x).float()
+    def error(result: torch.Tensor) -> float:
+        return ((result - expected).norm() / expected.norm()).item()
+
+    assert error(natively) < 1.5 * error(pytorchs) + 1e-3
 
 
 def test_native_mix_ffn_pays_up_to_mit_b0s_third_stage():

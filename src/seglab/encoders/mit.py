@@ -15,8 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seglab.ops import native
 from seglab.ops.kept import KeptFromWeights
 from seglab.ops.mix_ffn import NativeWeights, mix_ffn_fits, native_mix_ffn
+from seglab.ops.token_attention import attention_fits
 from seglab.ops.token_linear import token_linear
 
 __all__ = ["MixTransformer", "MIT_CONFIGS"]
@@ -78,19 +80,26 @@ class EfficientSelfAttention(nn.Module):
         # The query and output projections (with the residual) by native products where they fit,
         # set by the fast path (`seglab.engine.fastpath.use_native_segformer`): CPU inference.
         self.native = False
+        # The heads' attention by the native kernel where it fits, set by the fast path
+        # (`seglab.engine.fastpath.use_native_attention`): bf16 CPU inference.
+        self.native_attention = False
         self._q_weight: KeptFromWeights[torch.Tensor] = KeptFromWeights()
         self._proj_weight: KeptFromWeights[torch.Tensor] = KeptFromWeights()
 
     def forward(self, x: torch.Tensor, height: int, width: int, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Attention over tokens x (N, H*W, C), plus `residual` if given."""
         n, length, dim = x.shape
-        q = token_linear(self.q, x, self._q_weight, natively=self.native)
-        q = q.reshape(n, length, self.heads, dim // self.heads).transpose(1, 2)
+        queries = token_linear(self.q, x, self._q_weight, natively=self.native)
         context = x
         if self.reduction > 1:
             context = self.norm(self.sr(tokens_to_map(x, height, width)).flatten(2).transpose(1, 2))
-        k, v = self.kv(context).reshape(n, -1, 2, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, dim)
+        keys_values = self.kv(context)
+        if self.native_attention and attention_fits(queries, keys_values, self.heads):
+            out = native.attention(queries.contiguous(), keys_values.contiguous(), self.heads)
+        else:
+            q = queries.reshape(n, length, self.heads, dim // self.heads).transpose(1, 2)
+            k, v = keys_values.reshape(n, -1, 2, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, dim)
         return token_linear(self.proj, out, self._proj_weight, natively=self.native, residual=residual)
 
 

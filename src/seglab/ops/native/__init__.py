@@ -6,10 +6,11 @@ training's BatchNorm with the shortcut addition and ReLU after it, two passes ea
 `bilinear.c`, bilinearly upsampled maps added into a map in one pass, and class scores resized;
 `mix_ffn.c`, SegFormer's Mix-FFN row by row, and linear layers over tokens; `mlp_head.c`,
 SegFormer's decoder head row by row; `planar_conv.c`, 3x3 heads to few classes with vectors
-along the pixels; `quantize.c`, float32 to uint8 levels for the int8 convolutions; `common.c`,
-the threads they run on and their bf16 conversions.
+along the pixels; `quantize.c`, float32 to uint8 levels for the int8 convolutions;
+`attention.c`, attention of many queries over few keys (bf16 by AVX-512 BF16's pair products
+where the processor has them); `common.c`, the threads they run on and their bf16 conversions.
 
-Why compiled here, not shipped: the kernels are about 1900 lines of portable C that a compiler
+Why compiled here, not shipped: the kernels are about 2500 lines of portable C that a compiler
 vectorises for the processor it runs on (`-march=native`), it builds in a few seconds, once
 (5 s on a 2-core Zen 4; then cached), and a package without binary wheels stays one
 `pip install`. Where no compiler works the callers keep
@@ -45,16 +46,17 @@ import torch
 
 from seglab.ops.native import specialise as _specialise
 
-__all__ = ["FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", "MAX_UPSAMPLED", "MIX_FFN_CHANNELS_MULTIPLE", "PLANAR_OUTS",
-           "add_upsampled_", "available", "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy",
-           "gather_tiles", "linear", "mix_ffn", "mlp_head", "planar_conv3x3", "quantize_u8", "quantize_rows_s8", "dequantize_rows", "resize_bilinear", "scatter_tiles",
-           "specialise", "unavailable_reason", "winograd_fused"]
+__all__ = ["ATTENTION_HEAD_MULTIPLE", "FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", "MAX_UPSAMPLED",
+           "MIX_FFN_CHANNELS_MULTIPLE", "PLANAR_OUTS", "add_upsampled_", "attention", "attention_pairs", "available",
+           "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy", "dequantize_rows",
+           "gather_tiles", "linear", "mix_ffn", "mlp_head", "planar_conv3x3", "quantize_rows_s8", "quantize_u8",
+           "resize_bilinear", "scatter_tiles", "specialise", "unavailable_reason", "winograd_fused"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",
                                                                 "batch_norm.c", "bilinear.c", "winograd_fused.c",
                                                                 "mix_ffn.c", "mlp_head.c", "planar_conv.c",
-                                                                "quantize.c"))
+                                                                "quantize.c", "attention.c"))
 _LIBRARY_PREFIXES = ("seglab_native-", "winograd_tiles-")  # the name, then the name of older versions
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 _NATIVE_FLAGS = ("-march=native",)  # the processor's vector width; dropped where the compiler refuses it
@@ -239,6 +241,9 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_mix_ffn.restype = i32
     library.seglab_linear.argtypes = [pointer] * 5 + [i64, i64, i64, i32]
     library.seglab_linear.restype = i32
+    library.seglab_attention.argtypes = [pointer] * 3 + [i64] * 5 + [ctypes.c_float, i32, i32]
+    library.seglab_attention.restype = library.seglab_attention_pairs.restype = i32
+    library.seglab_attention_pairs.argtypes = []
     library.seglab_mlp_head.argtypes = [pointer] * 7 + [i32, pointer, pointer, i64, i64, i64, i64, i64, i64, i64,
                                                         i32]
     library.seglab_mlp_head.restype = i32
@@ -844,6 +849,49 @@ def dequantize_rows(products: torch.Tensor, row_scales: torch.Tensor, column_sca
         library.seglab_dequantize_rows(out.data_ptr(), products.data_ptr(), row_scales.data_ptr(),
                                        column_scales.data_ptr(), 0 if bias is None else bias.data_ptr(), rows, columns,
                                        int(accumulate), torch.get_num_threads())
+    return out
+
+
+ATTENTION_HEAD_MULTIPLE = 16  # attention's head width: whole 16-float vectors
+
+
+def attention_pairs() -> bool:
+    """Whether `attention` multiplies bf16 by pairs (AVX-512 BF16's VDPBF16PS, where the build's
+    processor has it) rather than in float32."""
+    library = _load()
+    return library is not None and bool(library.seglab_attention_pairs())
+
+
+def attention(queries: torch.Tensor, keys_values: torch.Tensor, heads: int, scale: float | None = None) -> torch.Tensor:
+    """Multi-head attention of `queries` (N x L x C tokens, the heads' C / heads channels side
+    by side) over `keys_values` (N x S x 2C: keys, then values, as one linear layer writes them)
+    by `attention.c`: softmax(scale q k^T) v per head, with `scale` 1 / sqrt(C / heads) unless
+    given, in float32 arithmetic on float32 or bf16 tensors (both of one dtype, contiguous),
+    C / heads a multiple of `ATTENTION_HEAD_MULTIPLE`, S at least 1. Returns N x L x C in the
+    queries' dtype, contiguous: `F.scaled_dot_product_attention` of the heads, transposed back
+    to tokens."""
+    library = _required()
+    _check(queries, "the queries", _VALUES)
+    _check(keys_values, "the keys and values", (queries.dtype,))
+    if queries.dim() != 3 or keys_values.dim() != 3 or keys_values.shape[0] != queries.shape[0] \
+            or keys_values.shape[2] != 2 * queries.shape[2]:
+        raise ValueError(f"attention takes N x L x C queries and N x S x 2C keys and values, not shapes "
+                         f"{tuple(queries.shape)} and {tuple(keys_values.shape)}")
+    n, length, channels = queries.shape
+    if heads < 1 or channels % heads or (channels // heads) % ATTENTION_HEAD_MULTIPLE or keys_values.shape[1] < 1:
+        raise ValueError(f"attention takes heads of a multiple of {ATTENTION_HEAD_MULTIPLE} channels and at least "
+                         f"one key, not {channels} channels in {heads} heads over {keys_values.shape[1]} keys")
+    head_dim = channels // heads
+    if scale is not None and not scale > 0:
+        raise ValueError(f"attention takes a positive scale, not {scale}")
+    out = torch.empty_like(queries)
+    if out.numel():
+        status = library.seglab_attention(out.data_ptr(), queries.data_ptr(), keys_values.data_ptr(), n, length,
+                                          keys_values.shape[1], heads, head_dim,
+                                          head_dim ** -0.5 if scale is None else float(scale),
+                                          int(queries.dtype == torch.bfloat16), torch.get_num_threads())
+        if status == -1:
+            raise MemoryError("attention: out of memory for a thread's buffers")
     return out
 
 

@@ -1,0 +1,254 @@
+/* Attention of many queries over few keys (SegFormer's efficient self-attention, whose keys and
+ * values come from the map shrunk R x R; seglab.ops.native):
+ *
+ *   dst[b, i, h D + d] = sum_j softmax_j(scale q[b, i, h D + .] . k[b, j, h D + .]) v[b, j, h D + d],
+ *
+ * q and dst N x L x C tokens (C = heads x D, heads side by side, as the query projection writes
+ * them), kv N x S x 2C (the key/value projection's output: keys in the first C channels, values
+ * in the last C); float32 or bf16 (read into float32, the products and the softmax in float32,
+ * the result rounded once). Each item of work is a block of ATTENTION_QUERIES queries of one
+ * (image, head): the head's keys (transposed, scale folded in) and values in float32 are built
+ * once per (image, head) a thread meets, the block's scores (queries x S, in a core's cache)
+ * by the register blocks of mix_ffn.c's `linear_row`, the softmax row by row in vectors
+ * (cross_entropy.c's `exp_nonpositive`), the values' weighted sum by `linear_row` again, and each
+ * row divided by its sum of exps as it is stored.
+ *
+ * Why: PyTorch's CPU flash attention runs MiT-B0's first stage at batch 8 (16,384 queries over
+ * 256 keys, D = 32) in bf16 slower than in float32 (44.6 against 33.0 ms, Zen 4), a quarter of
+ * the bf16 kernel's rate; the scores of a block of queries fit in L2 whole, so no running
+ * maximum or rescaling (flash attention's) is needed.
+ */
+
+#define ATTENTION_QUERIES 64 /* queries per item of work: their scores (64 x S floats) stay in L2 */
+
+typedef struct {
+    const void *q, *kv;
+    void *dst;
+    int64_t queries, keys, heads, head_dim, blocks; /* blocks of ATTENTION_QUERIES per (image, head) */
+    int64_t padded_keys;                            /* keys rounded up to whole vectors of 16 */
+    float scale;
+    int bf16;
+    int *failed; /* set where a thread's buffers could not be allocated */
+} AttentionJob;
+
+static inline float attention_value(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* The head's keys transposed (D x Sp) and values (Sp x D) in float32, zero beyond S. */
+static void attention_head(const AttentionJob *job, int64_t b, int64_t h, float *keys_t, float *values) {
+    const int64_t S = job->keys, Sp = job->padded_keys, D = job->head_dim, C = job->heads * D;
+    const int64_t start = b * S * 2 * C + h * D;
+    memset(keys_t, 0, sizeof(float) * D * Sp);
+    memset(values + S * D, 0, sizeof(float) * (Sp - S) * D);
+    for (int64_t j = 0; j < S; j++)
+        for (int64_t d = 0; d < D; d++) {
+            keys_t[d * Sp + j] = attention_value(job->kv, start + j * 2 * C + d, job->bf16);
+            values[j * D + d] = attention_value(job->kv, start + j * 2 * C + C + d, job->bf16);
+        }
+}
+
+/* Each row of `scores` (count x Sp) becomes exp(scale (score - the row's maximum)) over the S
+ * keys (scale > 0), zero over the padding: in place, or where `exps` is given written there as
+ * bf16 (count x Sp) for the second product, rounded by one instruction (VCVTNEPS2BF16, to
+ * nearest, ties to even); `sums` gets each row's total. */
+static void attention_softmax(float *scores, int count, int64_t S, int64_t Sp, float scale, uint16_t *exps,
+                              float *sums) {
+    const int64_t vectors = Sp / 16, last = S - (vectors - 1) * 16; /* keys in the last vector */
+    for (int t = 0; t < count; t++) {
+        float *row = scores + t * Sp;
+        for (int64_t j = S; j < Sp; j++) row[j] = -INFINITY; /* (no maximum; their exps are zeroed below) */
+        f32x16 top, value;
+        memcpy(&top, row, sizeof top);
+        for (int64_t v = 1; v < vectors; v++) {
+            memcpy(&value, row + v * 16, sizeof value);
+            top = select_greater(value, top);
+        }
+        const float maximum = lanes_max(top);
+        f32x16 total = {0};
+        for (int64_t v = 0; v < vectors; v++) {
+            memcpy(&value, row + v * 16, sizeof value);
+            value = exp_nonpositive((value - maximum) * scale);
+            if (v == vectors - 1)
+                for (int l = (int)last; l < 16; l++) value[l] = 0.0f;
+            total += value;
+#if defined(__AVX512BF16__)
+            if (exps) {
+                _mm256_storeu_si256((__m256i *)(exps + t * Sp + v * 16), (__m256i)_mm512_cvtneps_pbh((__m512)value));
+                continue;
+            }
+#endif
+            memcpy(row + v * 16, &value, sizeof value);
+        }
+        sums[t] = lanes_sum(total);
+    }
+}
+
+static void attention_blocks(const void *job_, int64_t begin, int64_t end) {
+    const AttentionJob *job = (const AttentionJob *)job_;
+    const int64_t L = job->queries, S = job->keys, Sp = job->padded_keys, D = job->head_dim;
+    const int64_t H = job->heads, C = H * D, Q = ATTENTION_QUERIES;
+    /* keys transposed, values, the block's queries, scores, weighted sums, a zero bias, row sums */
+    float *buffer = malloc(sizeof(float) * (2 * D * Sp + Q * D + Q * Sp + Q * D + (Sp > D ? Sp : D) + Q));
+    if (!buffer) {
+        *job->failed = 1;
+        return;
+    }
+    float *keys_t = buffer, *values = keys_t + D * Sp, *queries = values + Sp * D, *scores = queries + Q * D;
+    float *sums_v = scores + Q * Sp, *zeros = sums_v + Q * D, *sums = zeros + (Sp > D ? Sp : D);
+    memset(zeros, 0, sizeof(float) * (Sp > D ? Sp : D));
+    int64_t ready = -1; /* the (image, head) whose keys and values are in the buffer */
+    for (int64_t u = begin; u < end; u++) {
+        const int64_t pair = u / job->blocks, b = pair / H, h = pair % H, i0 = (u % job->blocks) * Q;
+        const int count = (int)(L - i0 < Q ? L - i0 : Q);
+        if (pair != ready) attention_head(job, b, h, keys_t, values), ready = pair;
+        const int64_t first = (b * L + i0) * C + h * D; /* the block's first query, and its output */
+        for (int t = 0; t < count; t++)
+            for (int64_t d = 0; d < D; d++) queries[t * D + d] = attention_value(job->q, first + t * C + d, job->bf16);
+        linear_row(queries, count, D, keys_t, Sp, zeros, NULL, scores);
+        attention_softmax(scores, count, S, Sp, job->scale, NULL, sums);
+        linear_row(scores, count, Sp, values, D, zeros, NULL, sums_v);
+        for (int t = 0; t < count; t++) {
+            const float inverse = 1.0f / sums[t];
+            for (int64_t d = 0; d < D; d += WIDE) {
+                fvec value;
+                memcpy(&value, sums_v + t * D + d, sizeof value);
+                value *= inverse;
+                if (job->bf16) MEMORY(store, bf16, WIDE)((uint16_t *)job->dst + first + t * C + d, value, WIDE);
+                else MEMORY(store, f32, WIDE)((float *)job->dst + first + t * C + d, value, WIDE);
+            }
+        }
+    }
+    free(buffer);
+}
+
+#if defined(__AVX512BF16__)
+/* bf16 on a processor with AVX-512 BF16: the products by VDPBF16PS, which multiplies pairs of
+ * bf16 and adds both products to a float32 lane (twice float32's multiply-adds per
+ * instruction), the softmax in float32 between them and its exps rounded to bf16 once for the
+ * second product (as PyTorch's bf16 attention rounds them). */
+#define ATTENTION_PAIRS 1
+
+/* out[t][o] (float32, `vectors` vectors of 16) = sum_p a_t's pair p . w's pair p of output o:
+ * `a` rows of bf16 values (pairs adjacent), `w` per pair `w_step` bf16, each output's pair
+ * adjacent; as register_products, rows past `count` repeat the last one unstored. */
+static inline __attribute__((always_inline)) void pair_products(const uint16_t *a, int64_t a_step, const uint16_t *w,
+                                                                int64_t w_step, float *out, int64_t out_step,
+                                                                int64_t pairs, int count, const int rows,
+                                                                const int vectors) {
+    const uint16_t *row[REGISTER_ROWS];
+    for (int t = 0; t < rows; t++) row[t] = a + (t < count ? t : count - 1) * a_step;
+    __m512 acc[REGISTER_ROWS][REGISTER_VECTORS];
+    for (int t = 0; t < rows; t++)
+        for (int o = 0; o < vectors; o++) acc[t][o] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; p++) {
+        __m512i wp[REGISTER_VECTORS];
+        for (int o = 0; o < vectors; o++) wp[o] = _mm512_loadu_si512(w + p * w_step + o * 32);
+        for (int t = 0; t < rows; t++) {
+            uint32_t pair;
+            memcpy(&pair, row[t] + 2 * p, sizeof pair);
+            const __m512bh x = (__m512bh)_mm512_set1_epi32((int)pair);
+            for (int o = 0; o < vectors; o++) acc[t][o] = _mm512_dpbf16_ps(acc[t][o], x, (__m512bh)wp[o]);
+        }
+    }
+    for (int t = 0; t < count && t < rows; t++)
+        for (int o = 0; o < vectors; o++) _mm512_storeu_ps(out + t * out_step + o * 16, acc[t][o]);
+}
+
+/* out (count x outputs, float32) = a (count x 2 pairs, bf16) w (pairs x outputs x 2, bf16):
+ * register blocks as linear_row's. */
+static void pair_row(const uint16_t *a, int count, int64_t pairs, const uint16_t *w, int64_t outputs, float *out) {
+    for (int64_t o0 = 0; o0 < outputs; o0 += REGISTER_VECTORS * 16) {
+        const int vectors = (outputs - o0) / 16 < REGISTER_VECTORS ? (int)((outputs - o0) / 16) : REGISTER_VECTORS;
+        const int step = vectors <= 2 ? REGISTER_ROWS : MIX_TOKENS;
+        for (int t0 = 0; t0 < count; t0 += step) {
+            const int rows = count - t0 < step ? count - t0 : step;
+            const uint16_t *x = a + t0 * 2 * pairs, *wo = w + 2 * o0;
+            float *o = out + t0 * outputs + o0;
+            switch (vectors) {
+                case 1: pair_products(x, 2 * pairs, wo, 2 * outputs, o, outputs, pairs, rows, REGISTER_ROWS, 1); break;
+                case 2: pair_products(x, 2 * pairs, wo, 2 * outputs, o, outputs, pairs, rows, REGISTER_ROWS, 2); break;
+                case 3: pair_products(x, 2 * pairs, wo, 2 * outputs, o, outputs, pairs, rows, MIX_TOKENS, 3); break;
+                default:
+                    pair_products(x, 2 * pairs, wo, 2 * outputs, o, outputs, pairs, rows, MIX_TOKENS, REGISTER_VECTORS);
+            }
+        }
+    }
+}
+
+/* The head's keys as pairs along D (D / 2 x Sp x 2) and values as pairs along the keys
+ * (Sp / 2 x D x 2), bf16 as they are, zero beyond S. */
+static void attention_head_pairs(const AttentionJob *job, int64_t b, int64_t h, uint16_t *keys_p, uint16_t *values_p) {
+    const int64_t S = job->keys, Sp = job->padded_keys, D = job->head_dim, C = job->heads * D;
+    const uint16_t *kv = (const uint16_t *)job->kv + b * S * 2 * C + h * D;
+    memset(keys_p, 0, sizeof(uint16_t) * D * Sp);
+    memset(values_p, 0, sizeof(uint16_t) * D * Sp);
+    for (int64_t j = 0; j < S; j++)
+        for (int64_t d = 0; d < D; d++) {
+            keys_p[((d / 2) * Sp + j) * 2 + d % 2] = kv[j * 2 * C + d];
+            values_p[((j / 2) * D + d) * 2 + j % 2] = kv[j * 2 * C + C + d];
+        }
+}
+
+static void attention_blocks_pairs(const void *job_, int64_t begin, int64_t end) {
+    const AttentionJob *job = (const AttentionJob *)job_;
+    const int64_t L = job->queries, S = job->keys, Sp = job->padded_keys, D = job->head_dim;
+    const int64_t H = job->heads, C = H * D, Q = ATTENTION_QUERIES;
+    /* keys and values as pairs, the block's queries, their exps in bf16 (uint16_t); scores,
+     * weighted sums, row sums (float) */
+    uint16_t *halves = malloc(sizeof(uint16_t) * (2 * D * Sp + Q * D + Q * Sp));
+    float *floats = malloc(sizeof(float) * (Q * Sp + Q * D + Q));
+    if (!halves || !floats) {
+        free(halves), free(floats);
+        *job->failed = 1;
+        return;
+    }
+    uint16_t *keys_p = halves, *values_p = keys_p + D * Sp, *queries = values_p + D * Sp, *exps = queries + Q * D;
+    float *scores = floats, *sums_v = scores + Q * Sp, *sums = sums_v + Q * D;
+    int64_t ready = -1;
+    for (int64_t u = begin; u < end; u++) {
+        const int64_t pair = u / job->blocks, b = pair / H, h = pair % H, i0 = (u % job->blocks) * Q;
+        const int count = (int)(L - i0 < Q ? L - i0 : Q);
+        if (pair != ready) attention_head_pairs(job, b, h, keys_p, values_p), ready = pair;
+        const int64_t first = (b * L + i0) * C + h * D;
+        const uint16_t *q = (const uint16_t *)job->q + first;
+        for (int t = 0; t < count; t++) memcpy(queries + t * D, q + t * C, sizeof(uint16_t) * D);
+        pair_row(queries, count, D / 2, keys_p, Sp, scores);
+        attention_softmax(scores, count, S, Sp, job->scale, exps, sums);
+        pair_row(exps, count, Sp / 2, values_p, D, sums_v);
+        for (int t = 0; t < count; t++) {
+            const float inverse = 1.0f / sums[t];
+            for (int64_t d = 0; d < D; d += 16) {
+                fvec value;
+                memcpy(&value, sums_v + t * D + d, sizeof value);
+                MEMORY(store, bf16, 16)((uint16_t *)job->dst + first + t * C + d, value * inverse, 16);
+            }
+        }
+    }
+    free(halves), free(floats);
+}
+#else
+#define ATTENTION_PAIRS 0
+#endif
+
+/* Whether bf16 attention takes VDPBF16PS's products here (1) or float32's (0). */
+int seglab_attention_pairs(void) { return ATTENTION_PAIRS; }
+
+/* dst (n x queries x heads * head_dim) = the attention above of q (like dst) over kv (n x keys x
+ * 2 heads * head_dim), all float32 or all bf16 (bf16 nonzero), contiguous; scale multiplies the
+ * scores. Returns 0; -1 where memory ran out; -2 for head_dim not a whole number of 16-float
+ * vectors or no keys. */
+int seglab_attention(void *dst, const void *q, const void *kv, int64_t n, int64_t queries, int64_t keys,
+                     int64_t heads, int64_t head_dim, float scale, int bf16, int threads) {
+    if (head_dim % 16 || keys < 1) return -2;
+    int failed = 0;
+    const int64_t blocks = (queries + ATTENTION_QUERIES - 1) / ATTENTION_QUERIES;
+    AttentionJob job = {q, kv, dst, queries, keys, heads, head_dim, blocks, (keys + 15) / 16 * 16, scale, bf16,
+                        &failed};
+    RangeFn blocks_of = attention_blocks;
+#if ATTENTION_PAIRS
+    if (bf16) blocks_of = attention_blocks_pairs;
+#endif
+    parallel_for(n * heads * blocks, threads, blocks_of, &job);
+    return failed ? -1 : 0;
+}
