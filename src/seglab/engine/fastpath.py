@@ -548,7 +548,7 @@ def _native_blocks_measured() -> bool:
 def use_native_attention(model: nn.Module) -> int:
     """Have SegFormer's attention heads run by the native kernel (`seglab.ops.token_attention`)
     in bf16 CPU inference, in place, where it multiplies bf16 by pairs (AVX-512 BF16): there it
-    ran 1.2-1.6x PyTorch's bf16 attention; in float32 it did not pay. Returns the number of
+    ran 1.45-1.65x PyTorch's bf16 attention; in float32 it did not pay. Returns the number of
     attention modules switched."""
     if not native_attention_available():
         return 0

@@ -6,9 +6,10 @@ in MiT-B0's first stage (a 512 x 512 input). PyTorch's CPU flash attention ran t
 slower than in float32 (Zen 4, batch 8: 44.6 against 33.0 ms), a quarter of the processor's
 bf16 rate, and the four stages' attention took 38% of the bf16 network's time. The native
 kernel multiplies bf16 pairs by AVX-512 BF16's VDPBF16PS, keeps a block of queries' scores in
-a core's cache for the float32 softmax, and writes the heads straight back as tokens: 1.2-1.6x
-PyTorch's bf16 attention on MiT-B0's four stages (`benchmarks/segformer_blocks.py`). In
-float32 it ran 0.84-1.22x PyTorch's, so float32 keeps PyTorch's.
+a core's cache for the float32 softmax, and writes the heads straight back as tokens: 1.45-1.65x
+PyTorch's bf16 attention on MiT-B0's four stages at batch 1 and 8, SegFormer-B0 1.17-1.19x
+faster whole (`benchmarks/segformer_blocks.py`, docs/bench.md). In float32 it ran 0.84-1.06x
+PyTorch's, so float32 keeps PyTorch's.
 """
 from __future__ import annotations
 

@@ -5,13 +5,14 @@
  *
  * q and dst N x L x C tokens (C = heads x D, heads side by side, as the query projection writes
  * them), kv N x S x 2C (the key/value projection's output: keys in the first C channels, values
- * in the last C); float32 or bf16 (read into float32, the products and the softmax in float32,
- * the result rounded once). Each item of work is a block of ATTENTION_QUERIES queries of one
- * (image, head): the head's keys (transposed, scale folded in) and values in float32 are built
- * once per (image, head) a thread meets, the block's scores (queries x S, in a core's cache)
- * by the register blocks of mix_ffn.c's `linear_row`, the softmax row by row in vectors
- * (cross_entropy.c's `exp_nonpositive`), the values' weighted sum by `linear_row` again, and each
- * row divided by its sum of exps as it is stored.
+ * in the last C); float32 or bf16. Each item of work is a block of ATTENTION_QUERIES queries of
+ * one (image, head): the head's keys and values are laid out once per (image, head) a thread
+ * meets, the block's scores (queries x S) stay in a core's cache, the softmax runs row by row
+ * in float32 vectors (cross_entropy.c's `exp_nonpositive`), and each row of the values'
+ * weighted sum is divided by its sum of exps as it is stored. The two products: float32
+ * register blocks (mix_ffn.c's `linear_row`) on float32 values, or on bf16 read into float32;
+ * on a processor with AVX-512 BF16, bf16 by pairs (`pair_row`, below), the exps rounded to bf16
+ * once for the second product.
  *
  * Why: PyTorch's CPU flash attention runs MiT-B0's first stage at batch 8 (16,384 queries over
  * 256 keys, D = 32) in bf16 slower than in float32 (44.6 against 33.0 ms, Zen 4), a quarter of
