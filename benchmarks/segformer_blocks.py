@@ -7,7 +7,8 @@ test: it prints Markdown tables.
     python benchmarks/segformer_blocks.py --rounds 15 --threads 2
 
 - Mix-FFN: LayerNorm, fc1, depthwise 3x3 + GELU (one oneDNN kernel, as `fuse_conv_relu` makes
-  it), fc2 and the residual addition, against `native.mix_ffn`.
+  it), fc2 and the residual addition, against `native.mix_ffn`; in float32, and in bf16 where
+  the processor has AVX-512 BF16's pair products.
 - Attention's output projection plus the residual, against `native.linear`.
 - The decoder head at stride 4 (the first stage's share, the upsampled shares summed with the
   ReLU, the classifier), against `native.mlp_head`.
@@ -39,7 +40,7 @@ def _row(name: str, operators, natively, rounds: int) -> str:
     return f"| {name} | {seconds[0] * 1e3:.2f} | {seconds[1] * 1e3:.2f} | {ratios[1]:.2f}x |"
 
 
-def mix_ffn_rows(batch: int, rounds: int) -> list[str]:
+def mix_ffn_rows(batch: int, rounds: int, dtype: torch.dtype = torch.float32) -> list[str]:
     rows = []
     for side, width in zip(SIDES, MIT_CONFIGS["mit_b0"].widths):
         torch.manual_seed(0)
@@ -47,8 +48,9 @@ def mix_ffn_rows(batch: int, rounds: int) -> list[str]:
         fused = MixFFN(width, 4 * width).eval()  # the fast path's operators: conv + GELU in one kernel
         fused.load_state_dict(ffn.state_dict())
         fused.dwconv, fused.act = FusedConv(fused.dwconv, fused.act, prepack=True), nn.Identity()
+        ffn, norm, fused = ffn.to(dtype), norm.to(dtype), fused.to(dtype)
         ffn.native = True
-        tokens = torch.randn(batch, side * side, width)
+        tokens = torch.randn(batch, side * side, width).to(dtype)
 
         def operators() -> None:
             with torch.inference_mode():
@@ -58,7 +60,8 @@ def mix_ffn_rows(batch: int, rounds: int) -> list[str]:
             with torch.inference_mode():
                 ffn(tokens, side, side, residual=tokens, norm=norm)
 
-        rows.append(_row(f"Mix-FFN {width} -> {4 * width} on {side} x {side}", operators, natively, rounds))
+        name = "" if dtype == torch.float32 else ", bf16"
+        rows.append(_row(f"Mix-FFN{name} {width} -> {4 * width} on {side} x {side}", operators, natively, rounds))
     return rows
 
 
@@ -135,11 +138,12 @@ def main() -> None:
     args = interleaved_arguments(__doc__.split("\n\n")[0], rounds=9, timed="inference")
     if not native.available():
         raise SystemExit(f"the native kernels are not available: {native.unavailable_reason()}")
-    print(f"bf16 attention by {'pair products (AVX-512 BF16)' if native.attention_pairs() else 'float32 products'}")
+    print(f"bf16 attention by {'pair products (AVX-512 BF16)' if native.bf16_pairs() else 'float32 products'}")
     for batch in (1, 8):
         print(f"\nbatch {batch}\n\n| block | operators, ms | native, ms | operators / native |\n|---|---|---|---|")
         for line in (*mix_ffn_rows(batch, args.rounds), *projection_rows(batch, args.rounds),
-                     head_row(batch, args.rounds), *attention_rows(batch, args.rounds)):
+                     head_row(batch, args.rounds), *attention_rows(batch, args.rounds),
+                     *(mix_ffn_rows(batch, args.rounds, torch.bfloat16) if native.bf16_pairs() else ())):
             print(line, flush=True)
 
 

@@ -432,21 +432,24 @@ def test_segformer_b2_fast_path_runs_its_narrow_mix_ffns_natively_and_keeps_outp
 
 
 @pytest.mark.filterwarnings("ignore:--precision bf16")
-def test_segformer_fast_path_keeps_its_operators_when_asked_and_in_bf16():
+def test_segformer_fast_path_keeps_its_operators_when_asked():
     x = torch.randn(1, 3, 64, 64)
     model, expected = _model_and_outputs("segformer", x, variant="b0")
-    for fast in (optimize_for_inference(model, "32", native_segformer=False), optimize_for_inference(model, "bf16")):
+    for fast in (optimize_for_inference(model, "32", native_segformer=False),
+                 optimize_for_inference(model, "bf16", native_segformer=False)):
         assert _natively(fast) == (0, 0, 0)
+        assert not any(getattr(m, "native_attention", False) for m in fast.modules())
         assert sum(isinstance(m, FusedConv) and isinstance(m.activation, nn.GELU) for m in fast.modules()) == 8
     torch.testing.assert_close(optimize_for_inference(model, "32", native_segformer=False)(x), expected,
                                atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:--precision bf16")
-def test_segformer_bf16_fast_path_takes_the_native_attention_where_bf16_multiplies_by_pairs():
-    """bf16 CPU inference: every attention module's heads by the native kernel where it has
-    AVX-512 BF16's pair products (PyTorch's elsewhere, and in float32), the same scores as
-    PyTorch's attention to bf16's rounding."""
+def test_segformer_bf16_fast_path_takes_the_native_kernels_where_bf16_multiplies_by_pairs():
+    """bf16 CPU inference: every attention module's heads and the first three stages' Mix-FFNs
+    by the native kernels where the processor has AVX-512 BF16's pair products (PyTorch's
+    elsewhere; in float32 the attention keeps PyTorch's), the same scores as PyTorch's operators
+    to bf16's rounding."""
     x = torch.randn(2, 3, 64, 96)
     model, _ = _model_and_outputs("segformer", x, variant="b0")
     expected = optimize_for_inference(model, "32")(x)
@@ -454,16 +457,18 @@ def test_segformer_bf16_fast_path_takes_the_native_attention_where_bf16_multipli
     attentions = [m for m in fast.modules() if isinstance(m, EfficientSelfAttention)]
     assert len(attentions) == 8
     assert [m.native_attention for m in attentions] == [native_attention_available()] * 8
+    assert _natively(fast) == ((6, 0, 0) if native_attention_available() else (0, 0, 0))
+    fused = [m for m in fast.modules() if isinstance(m, FusedConv) and isinstance(m.activation, nn.GELU)]
+    assert len(fused) == 8 - _natively(fast)[0]  # the fourth stage's depthwise conv + GELU
     assert not any(m.native_attention for m in optimize_for_inference(model, "32").modules()
                    if isinstance(m, EfficientSelfAttention))
     assert not any(m.native_attention for m in optimize_for_inference(model, "bf16", native_segformer=False).modules()
                    if isinstance(m, EfficientSelfAttention))
-    with mock.patch("seglab.encoders.mit.native.attention", wraps=native.attention) as kernel:
+    with mock.patch("seglab.encoders.mit.native.attention", wraps=native.attention) as kernel, \
+            mock.patch("seglab.ops.mix_ffn.native.mix_ffn", wraps=native.mix_ffn) as mix_ffn:
         natively = fast(x).float()
-    assert kernel.call_count == (8 if native_attention_available() else 0)
-    for module in attentions:
-        module.native_attention = False
-    pytorchs = fast(x).float()
+    assert (kernel.call_count, mix_ffn.call_count) == ((8, 6) if native_attention_available() else (0, 0))
+    pytorchs = optimize_for_inference(model, "bf16", native_segformer=False)(x).float()
     def error(result: torch.Tensor) -> float:
         return ((result - expected).norm() / expected.norm()).item()
 

@@ -668,7 +668,10 @@ def test_mix_ffn_refuses_what_it_cannot_compute_with_one_clear_error():
         native.mix_ffn(tokens, 3, 4, **{**weights, "fc2_weight": torch.zeros(128, 16)})
     with pytest.raises(ValueError, match="multiples of 16 channels, not 24 and 128 hidden"):
         native.mix_ffn(torch.zeros(1, 12, 24), 3, 4, **{**_mix_ffn_weights(24, 128)})
-    with pytest.raises(ValueError, match="the tokens must be a contiguous float32 CPU tensor"):
+    with pytest.raises(ValueError, match="the tokens must be a contiguous float32 or bfloat16 CPU tensor"):
+        native.mix_ffn(tokens.double(), 3, 4, **weights)
+    bf16_refusal = "fc1's weight must be a contiguous bfloat16" if native.bf16_pairs() else "AVX-512 BF16"
+    with pytest.raises(ValueError, match=bf16_refusal):  # bf16 tokens take their weights as bf16 pairs
         native.mix_ffn(tokens.to(torch.bfloat16), 3, 4, **weights)
     with pytest.raises(ValueError, match=r"the residual of shape \(1, 12, 16\) does not fit"):
         native.mix_ffn(tokens, 3, 4, **weights, residual=torch.zeros(1, 12, 16))

@@ -81,7 +81,7 @@ class EfficientSelfAttention(nn.Module):
         # set by the fast path (`seglab.engine.fastpath.use_native_segformer`): CPU inference.
         self.native = False
         # The heads' attention by the native kernel where it fits, set by the fast path
-        # (`seglab.engine.fastpath.use_native_attention`): bf16 CPU inference.
+        # (`seglab.engine.fastpath.use_native_segformer_bf16`): bf16 CPU inference.
         self.native_attention = False
         self._q_weight: KeptFromWeights[torch.Tensor] = KeptFromWeights()
         self._proj_weight: KeptFromWeights[torch.Tensor] = KeptFromWeights()
@@ -111,7 +111,9 @@ class MixFFN(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         # The four operators (with the LayerNorm before them and the residual addition after them,
-        # where the block hands them over) in one native pass where they fit, set by the fast path (`seglab.engine.fastpath.use_native_segformer`): CPU inference.
+        # where the block hands them over) in one native pass where they fit, set by the fast path
+        # (`seglab.engine.fastpath.use_native_segformer`, and `use_native_segformer_bf16` in bf16):
+        # CPU inference.
         self.native = False
         self._native_weights: KeptFromWeights[NativeWeights] = KeptFromWeights()
 

@@ -23,9 +23,9 @@ Each step is independent, so the benchmark can measure each on its own:
   attention's query and output projections, the latter with the residual addition, by native
   register-blocked products (`seglab.ops.token_linear`); and its decoder from the first stage's
   share to the class scores (`native.mlp_head`), without the fused 256-channel map in memory.
-- `use_native_attention` (CPU inference, bf16, AVX-512 BF16): SegFormer's attention heads by
-  a native kernel that multiplies bf16 pairs (`seglab.ops.token_attention`), where PyTorch's
-  bf16 attention ran slower than its float32 one.
+- `use_native_segformer_bf16` (CPU inference, bf16, AVX-512 BF16): SegFormer's attention heads
+  (`seglab.ops.token_attention`) and its narrower Mix-FFNs by native kernels that multiply bf16
+  pairs; PyTorch's bf16 attention ran slower than its float32 one.
 - `to_channels_last`: oneDNN's convolutions run natively on NHWC; NCHW costs reorders.
 - bfloat16 (`optimize_for_inference(..., precision="bf16")`): weights and activations in
   bfloat16, which AVX-512 BF16 / AMX processors and recent GPUs multiply several times faster
@@ -107,8 +107,8 @@ __all__ = [
     "training_convolutions",
     "training_norms",
     "native_mix_ffn_pays",
-    "use_native_attention",
     "use_native_segformer",
+    "use_native_segformer_bf16",
     "use_planar_heads",
     "use_winograd",
     "winograd_pays",
@@ -545,17 +545,22 @@ def _native_blocks_measured() -> bool:
     return native.available() and cpu_has("avx512")
 
 
-def use_native_attention(model: nn.Module) -> int:
-    """Have SegFormer's attention heads run by the native kernel (`seglab.ops.token_attention`)
-    in bf16 CPU inference, in place, where it multiplies bf16 by pairs (AVX-512 BF16): there it
-    ran 1.45-1.65x PyTorch's bf16 attention; in float32 it did not pay. Returns the number of
-    attention modules switched."""
+def use_native_segformer_bf16(model: nn.Module) -> int:
+    """Have SegFormer's attention heads (`seglab.ops.token_attention`) and every Mix-FFN that
+    `native_mix_ffn_pays` (`seglab.ops.mix_ffn`) run by native kernels of bf16 pair products in
+    bf16 CPU inference, in place, where the processor has them (AVX-512 BF16). The attention ran
+    1.45-1.65x PyTorch's bf16 attention, the Mix-FFNs 1.13-1.55x the bf16 operators (MiT-B0's
+    first three stages); in float32 the attention kernel did not pay. Returns the number of
+    modules switched."""
     if not native_attention_available():
         return 0
     switched = 0
     for module in model.modules():
         if isinstance(module, EfficientSelfAttention):
             module.native_attention = True
+            switched += 1
+        elif isinstance(module, MixFFN) and native_mix_ffn_pays(module):
+            module.native = True
             switched += 1
     return switched
 
@@ -634,8 +639,8 @@ def optimize_for_inference(
     layout (CPU, `prepack_conv_weights`), many-channel 3x3 convolutions by Winograd's F(4x4, 3x3)
     or F(6x6, 3x3) (CPU, float32; in bf16 the widest by F(2x2, 3x3); `use_winograd`),
     SegFormer's Mix-FFNs, attention projections and decoder head in native passes (CPU, float32;
-    `use_native_segformer`) and its attention heads by bf16 pair products (CPU, bf16, AVX-512
-    BF16; `use_native_attention`), 3x3 heads to few classes with vectors along the pixels (CPU,
+    `use_native_segformer`), its attention heads and Mix-FFNs by bf16 pair products (CPU, bf16,
+    AVX-512 BF16; `use_native_segformer_bf16`), 3x3 heads to few classes with vectors along the pixels (CPU,
     float32; `use_planar_heads`),
     channels_last, inference_mode and `precision`
     ("auto": bf16 where the hardware runs it natively, else 32; "32", "bf16", "16"; "int8": the
@@ -658,8 +663,8 @@ def optimize_for_inference(
     dtype = _DTYPES[name]
     if native_segformer and on_onednn and dtype == torch.float32:  # before the fusion takes the conv + GELU
         use_native_segformer(prepared)
-    if native_segformer and on_onednn and dtype == torch.bfloat16:
-        use_native_attention(prepared)
+    if native_segformer and on_onednn and dtype == torch.bfloat16:  # (likewise before the fusion)
+        use_native_segformer_bf16(prepared)
     if fuse_relu and on_onednn:
         fuse_conv_relu(prepared, example_input)
     if fuse_residual and on_onednn:  # after the folding, which leaves the blocks' last convs bare

@@ -47,9 +47,9 @@ import torch
 from seglab.ops.native import specialise as _specialise
 
 __all__ = ["ATTENTION_HEAD_MULTIPLE", "FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", "MAX_UPSAMPLED",
-           "MIX_FFN_CHANNELS_MULTIPLE", "PLANAR_OUTS", "add_upsampled_", "attention", "attention_pairs", "available",
+           "MIX_FFN_CHANNELS_MULTIPLE", "PLANAR_OUTS", "add_upsampled_", "attention", "available", "bf16_pairs",
            "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy", "dequantize_rows",
-           "gather_tiles", "linear", "mix_ffn", "mlp_head", "planar_conv3x3", "quantize_rows_s8", "quantize_u8",
+           "gather_tiles", "linear", "mix_ffn", "mlp_head", "pair_rows", "planar_conv3x3", "quantize_rows_s8", "quantize_u8",
            "resize_bilinear", "scatter_tiles", "specialise", "unavailable_reason", "winograd_fused"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
@@ -236,14 +236,13 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_resize_bilinear.restype = i32
     library.seglab_winograd_fused.argtypes = [pointer] * 7 + [i32, i64, i64, i64, i64, i64, i32]
     library.seglab_winograd_fused.restype = i32
-    library.seglab_mix_ffn.argtypes = [pointer] * 4 + [ctypes.c_float] + [pointer] * 7 + [i64, i64, i64, i64, i64,
-                                                                                           i32]
+    library.seglab_mix_ffn.argtypes = [pointer] * 4 + [ctypes.c_float] + [pointer] * 7 + [i64] * 5 + [i32, i32]
     library.seglab_mix_ffn.restype = i32
     library.seglab_linear.argtypes = [pointer] * 5 + [i64, i64, i64, i32]
     library.seglab_linear.restype = i32
     library.seglab_attention.argtypes = [pointer] * 3 + [i64] * 5 + [ctypes.c_float, i32, i32]
-    library.seglab_attention.restype = library.seglab_attention_pairs.restype = i32
-    library.seglab_attention_pairs.argtypes = []
+    library.seglab_attention.restype = library.seglab_bf16_pairs.restype = i32
+    library.seglab_bf16_pairs.argtypes = []
     library.seglab_mlp_head.argtypes = [pointer] * 7 + [i32, pointer, pointer, i64, i64, i64, i64, i64, i64, i64,
                                                         i32]
     library.seglab_mlp_head.restype = i32
@@ -680,6 +679,14 @@ def winograd_fused(nhwc: torch.Tensor, filters: torch.Tensor, b_t: torch.Tensor,
     return out
 
 
+def pair_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """A K x O matrix (K even) as the pair products read it: K / 2 x O x 2, each output's pair of
+    consecutive rows adjacent, contiguous."""
+    if matrix.dim() != 2 or matrix.shape[0] % 2:
+        raise ValueError(f"pair_rows takes a matrix of an even number of rows, not shape {tuple(matrix.shape)}")
+    return matrix.reshape(matrix.shape[0] // 2, 2, matrix.shape[1]).transpose(1, 2).contiguous()
+
+
 def mix_ffn(tokens: torch.Tensor, height: int, width: int, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
             dw_weight: torch.Tensor, dw_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, *,
             norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None, eps: float = 1e-5,
@@ -690,23 +697,34 @@ def mix_ffn(tokens: torch.Tensor, height: int, width: int, fc1_weight: torch.Ten
     `fc1_weight` C x D and `fc2_weight` D x C (nn.Linear's weights transposed), `dw_weight`
     9 x D (the depthwise convolution's 3 x 3 taps row by row), biases D, D and C, C and D
     multiples of `MIX_FFN_CHANNELS_MULTIPLE`; `residual` like `tokens`. GELU is the exact (erf)
-    one. Returns N x (height * width) x C, contiguous."""
+    one. Returns N x (height * width) x C, contiguous.
+
+    bf16 `tokens` (and `residual`), where `bf16_pairs()`: the two weights bf16 as `pair_rows`
+    lays them out (C / 2 x D x 2 and D / 2 x C x 2), the other parameters float32; the norm, the
+    depthwise convolution and GELU in float32, the linear layers' inputs rounded to bf16 for
+    their pair products, the output rounded once."""
     library = _required()
+    bf16 = tokens.dtype == torch.bfloat16
+    if bf16 and not bf16_pairs():
+        raise ValueError("mix_ffn on bf16 tokens needs a processor with AVX-512 BF16's pair products")
+    weights = (torch.bfloat16,) if bf16 else (torch.float32,)
     named = {"the tokens": tokens, "fc1's weight": fc1_weight, "fc1's bias": fc1_bias,
              "the depthwise weight": dw_weight, "the depthwise bias": dw_bias, "fc2's weight": fc2_weight,
              "fc2's bias": fc2_bias, "the norm's weight": norm_weight, "the norm's bias": norm_bias,
              "the residual": residual}
+    kinds = {"the tokens": _VALUES, "the residual": (tokens.dtype,), "fc1's weight": weights, "fc2's weight": weights}
     for name, tensor in named.items():
         if tensor is not None:
-            _check(tensor, name)
+            _check(tensor, name, kinds.get(name, (torch.float32,)))
     if tokens.dim() != 3 or tokens.shape[1] != height * width:
         raise ValueError(f"mix_ffn takes N x (height * width) x C tokens, not shape {tuple(tokens.shape)} "
                          f"for a {height} x {width} map")
     if (norm_weight is None) != (norm_bias is None):
         raise ValueError("mix_ffn takes the norm's weight and bias together")
-    channels, hidden = tokens.shape[-1], fc1_weight.shape[-1]
-    expected = {"fc1's weight": (channels, hidden), "fc1's bias": (hidden,), "the depthwise weight": (9, hidden),
-                "the depthwise bias": (hidden,), "fc2's weight": (hidden, channels), "fc2's bias": (channels,),
+    channels, hidden = tokens.shape[-1], fc1_bias.shape[-1]
+    expected = {"fc1's weight": (channels // 2, hidden, 2) if bf16 else (channels, hidden), "fc1's bias": (hidden,),
+                "the depthwise weight": (9, hidden), "the depthwise bias": (hidden,),
+                "fc2's weight": (hidden // 2, channels, 2) if bf16 else (hidden, channels), "fc2's bias": (channels,),
                 "the norm's weight": (channels,), "the norm's bias": (channels,), "the residual": tuple(tokens.shape)}
     for name, shape in expected.items():
         if named[name] is not None and tuple(named[name].shape) != shape:
@@ -720,7 +738,7 @@ def mix_ffn(tokens: torch.Tensor, height: int, width: int, fc1_weight: torch.Ten
                                               _pointer(norm_bias), eps, fc1_weight.data_ptr(), fc1_bias.data_ptr(),
                                               dw_weight.data_ptr(), dw_bias.data_ptr(), fc2_weight.data_ptr(),
                                               fc2_bias.data_ptr(), _pointer(residual), tokens.shape[0], height,
-                                              width, channels, hidden, torch.get_num_threads()):
+                                              width, channels, hidden, int(bf16), torch.get_num_threads()):
         raise MemoryError("mix_ffn: no memory for a thread's row buffers")
     return out
 
@@ -855,11 +873,12 @@ def dequantize_rows(products: torch.Tensor, row_scales: torch.Tensor, column_sca
 ATTENTION_HEAD_MULTIPLE = 16  # attention's head width: whole 16-float vectors
 
 
-def attention_pairs() -> bool:
-    """Whether `attention` multiplies bf16 by pairs (AVX-512 BF16's VDPBF16PS, where the build's
-    processor has it) rather than in float32."""
+def bf16_pairs() -> bool:
+    """Whether the kernels multiply bf16 by pairs (AVX-512 BF16's VDPBF16PS, where the build's
+    processor has it): `attention` on bf16 (else in float32 arithmetic), `mix_ffn` on bf16 (else
+    refused)."""
     library = _load()
-    return library is not None and bool(library.seglab_attention_pairs())
+    return library is not None and bool(library.seglab_bf16_pairs())
 
 
 def attention(queries: torch.Tensor, keys_values: torch.Tensor, heads: int, scale: float | None = None) -> torch.Tensor:

@@ -123,60 +123,7 @@ static void attention_blocks(const void *job_, int64_t begin, int64_t end) {
     free(buffer);
 }
 
-#if defined(__AVX512BF16__)
-/* bf16 on a processor with AVX-512 BF16: the products by VDPBF16PS, which multiplies pairs of
- * bf16 and adds both products to a float32 lane (twice float32's multiply-adds per
- * instruction), the softmax in float32 between them and its exps rounded to bf16 once for the
- * second product (as PyTorch's bf16 attention rounds them). */
-#define ATTENTION_PAIRS 1
-
-/* out[t][o] (float32, `vectors` vectors of 16) = sum_p a_t's pair p . w's pair p of output o:
- * `a` rows of bf16 values (pairs adjacent), `w` per pair `w_step` bf16, each output's pair
- * adjacent; as register_products, rows past `count` repeat the last one unstored. */
-static inline __attribute__((always_inline)) void pair_products(const uint16_t *a, int64_t a_step, const uint16_t *w,
-                                                                int64_t w_step, float *out, int64_t out_step,
-                                                                int64_t pairs, int count, const int rows,
-                                                                const int vectors) {
-    const uint16_t *row[REGISTER_ROWS];
-    for (int t = 0; t < rows; t++) row[t] = a + (t < count ? t : count - 1) * a_step;
-    __m512 acc[REGISTER_ROWS][REGISTER_VECTORS];
-    for (int t = 0; t < rows; t++)
-        for (int o = 0; o < vectors; o++) acc[t][o] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < pairs; p++) {
-        __m512i wp[REGISTER_VECTORS];
-        for (int o = 0; o < vectors; o++) wp[o] = _mm512_loadu_si512(w + p * w_step + o * 32);
-        for (int t = 0; t < rows; t++) {
-            uint32_t pair;
-            memcpy(&pair, row[t] + 2 * p, sizeof pair);
-            const __m512bh x = (__m512bh)_mm512_set1_epi32((int)pair);
-            for (int o = 0; o < vectors; o++) acc[t][o] = _mm512_dpbf16_ps(acc[t][o], x, (__m512bh)wp[o]);
-        }
-    }
-    for (int t = 0; t < count && t < rows; t++)
-        for (int o = 0; o < vectors; o++) _mm512_storeu_ps(out + t * out_step + o * 16, acc[t][o]);
-}
-
-/* out (count x outputs, float32) = a (count x 2 pairs, bf16) w (pairs x outputs x 2, bf16):
- * register blocks as linear_row's. */
-static void pair_row(const uint16_t *a, int count, int64_t pairs, const uint16_t *w, int64_t outputs, float *out) {
-    for (int64_t o0 = 0; o0 < outputs; o0 += REGISTER_VECTORS * 16) {
-        const int vectors = (outputs - o0) / 16 < REGISTER_VECTORS ? (int)((outputs - o0) / 16) : REGISTER_VECTORS;
-        const int step = vectors <= 2 ? REGISTER_ROWS : MIX_TOKENS;
-        for (int t0 = 0; t0 < count; t0 += step) {
-            const int rows = count - t0 < step ? count - t0 : step;
-            const uint16_t *x = a + t0 * 2 * pairs, *wo = w + 2 * o0;
-            float *o = out + t0 * outputs + o0;
-            switch (vectors) {
-                case 1: pair_products(x, 2 * pairs, wo, 2 * outputs, o, outputs, pairs, rows, REGISTER_ROWS, 1); break;
-                case 2: pair_products(x, 2 * pairs, wo, 2 * outputs, o, outputs, pairs, rows, REGISTER_ROWS, 2); break;
-                case 3: pair_products(x, 2 * pairs, wo, 2 * outputs, o, outputs, pairs, rows, MIX_TOKENS, 3); break;
-                default:
-                    pair_products(x, 2 * pairs, wo, 2 * outputs, o, outputs, pairs, rows, MIX_TOKENS, REGISTER_VECTORS);
-            }
-        }
-    }
-}
-
+#if BF16_PAIRS
 /* The head's keys as pairs along D (D / 2 x Sp x 2) and values as pairs along the keys
  * (Sp / 2 x D x 2), bf16 as they are, zero beyond S. */
 static void attention_head_pairs(const AttentionJob *job, int64_t b, int64_t h, uint16_t *keys_p, uint16_t *values_p) {
@@ -214,9 +161,9 @@ static void attention_blocks_pairs(const void *job_, int64_t begin, int64_t end)
         const int64_t first = (b * L + i0) * C + h * D;
         const uint16_t *q = (const uint16_t *)job->q + first;
         for (int t = 0; t < count; t++) memcpy(queries + t * D, q + t * C, sizeof(uint16_t) * D);
-        pair_row(queries, count, D / 2, keys_p, Sp, scores);
+        pair_row(queries, count, D / 2, keys_p, Sp, NULL, scores);
         attention_softmax(scores, count, S, Sp, job->scale, exps, sums);
-        pair_row(exps, count, Sp / 2, values_p, D, sums_v);
+        pair_row(exps, count, Sp / 2, values_p, D, NULL, sums_v);
         for (int t = 0; t < count; t++) {
             const float inverse = 1.0f / sums[t];
             for (int64_t d = 0; d < D; d += 16) {
@@ -228,12 +175,7 @@ static void attention_blocks_pairs(const void *job_, int64_t begin, int64_t end)
     }
     free(halves), free(floats);
 }
-#else
-#define ATTENTION_PAIRS 0
 #endif
-
-/* Whether bf16 attention takes VDPBF16PS's products here (1) or float32's (0). */
-int seglab_attention_pairs(void) { return ATTENTION_PAIRS; }
 
 /* dst (n x queries x heads * head_dim) = the attention above of q (like dst) over kv (n x keys x
  * 2 heads * head_dim), all float32 or all bf16 (bf16 nonzero), contiguous; scale multiplies the
@@ -247,7 +189,7 @@ int seglab_attention(void *dst, const void *q, const void *kv, int64_t n, int64_
     AttentionJob job = {q, kv, dst, queries, keys, heads, head_dim, blocks, (keys + 15) / 16 * 16, scale, bf16,
                         &failed};
     RangeFn blocks_of = attention_blocks;
-#if ATTENTION_PAIRS
+#if BF16_PAIRS
     if (bf16) blocks_of = attention_blocks_pairs;
 #endif
     parallel_for(n * heads * blocks, threads, blocks_of, &job);
