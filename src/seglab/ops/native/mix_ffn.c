@@ -277,7 +277,8 @@ static void mix_fc1_row(const MixJob *job, const void *image, int64_t r, float *
     }
 #if BF16_PAIRS
     const uint16_t *tokens = (const uint16_t *)image + r * W * C;
-    for (int64_t i = 0; i < W * C; i += 16) MEMORY(store, f32, 16)(normed + i, MEMORY(load, bf16, 16)(tokens + i, 16), 16);
+    for (int64_t i = 0; i < W * C; i += 16)
+        MEMORY(store, f32, 16)(normed + i, MEMORY(load, bf16, 16)(tokens + i, 16), 16);
     if (job->norm_weight) mix_norm_row(job, normed, W, normed);
     mix_to_bf16(normed, W * C, halves);
     pair_row(halves, (int)W, C / 2, job->fc1_weight, D, job->fc1_bias, out);
@@ -328,7 +329,8 @@ static void mix_rows(const void *job_, int64_t begin, int64_t end) {
         const int64_t b = u / H, y = u % H;
         const void *image = (const char *)job->src + b * H * W * C * element;
         const int64_t first = b == ready_image && y == ready_row + 1 ? y + 1 : y - 1;
-        for (int64_t r = first < 0 ? 0 : first; r <= y + 1 && r < H; r++) mix_fc1_row(job, image, r, normed, halves, ring[r % 3]);
+        for (int64_t r = first < 0 ? 0 : first; r <= y + 1 && r < H; r++) /* fc1(norm(row r)) */
+            mix_fc1_row(job, image, r, normed, halves, ring[r % 3]);
         ready_image = b, ready_row = y;
         const float *const rows[3] = {y > 0 ? ring[(y - 1) % 3] : zeros, ring[y % 3],
                                       y + 1 < H ? ring[(y + 1) % 3] : zeros};
