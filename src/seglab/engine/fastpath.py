@@ -85,7 +85,6 @@ from seglab.ops.grad_mode import records_gradients
 from seglab.ops.kept import KeptFromWeights
 from seglab.ops.nearest_conv import NearestUpsampleConv, UpsamplingConvCaller
 from seglab.ops.planar_conv import planar_conv_takes
-from seglab.ops.token_attention import native_attention_available
 from seglab.ops.winograd import winograd_conv3x3, winograd_filters
 
 __all__ = [
@@ -552,7 +551,7 @@ def use_native_segformer_bf16(model: nn.Module) -> int:
     1.45-1.65x PyTorch's bf16 attention, the Mix-FFNs 1.13-1.55x the bf16 operators (MiT-B0's
     first three stages); in float32 the attention kernel did not pay. Returns the number of
     modules switched."""
-    if not native_attention_available():
+    if not native.bf16_pairs():
         return 0
     switched = 0
     for module in model.modules():

@@ -40,7 +40,7 @@ def _norm_fits(norm: nn.Module | None, channels: int) -> bool:
 
 def _native_dtype(dtype: torch.dtype) -> bool:
     """float32, or bf16 where the processor multiplies bf16 by pairs (AVX-512 BF16)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and native.available() and native.bf16_pairs())
+    return native.available() if dtype == torch.float32 else dtype == torch.bfloat16 and native.bf16_pairs()
 
 
 def mix_ffn_fits(tokens: torch.Tensor, fc1: nn.Linear, dwconv: nn.Conv2d, act: nn.Module, fc2: nn.Linear,

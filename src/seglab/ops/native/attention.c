@@ -89,15 +89,14 @@ static void attention_blocks(const void *job_, int64_t begin, int64_t end) {
     const AttentionJob *job = (const AttentionJob *)job_;
     const int64_t L = job->queries, S = job->keys, Sp = job->padded_keys, D = job->head_dim;
     const int64_t H = job->heads, C = H * D, Q = ATTENTION_QUERIES;
-    /* keys transposed, values, the block's queries, scores, weighted sums, a zero bias, row sums */
-    float *buffer = malloc(sizeof(float) * (2 * D * Sp + Q * D + Q * Sp + Q * D + (Sp > D ? Sp : D) + Q));
+    /* keys transposed, values, the block's queries, scores, weighted sums, row sums */
+    float *buffer = malloc(sizeof(float) * (2 * D * Sp + Q * D + Q * Sp + Q * D + Q));
     if (!buffer) {
         *job->failed = 1;
         return;
     }
     float *keys_t = buffer, *values = keys_t + D * Sp, *queries = values + Sp * D, *scores = queries + Q * D;
-    float *sums_v = scores + Q * Sp, *zeros = sums_v + Q * D, *sums = zeros + (Sp > D ? Sp : D);
-    memset(zeros, 0, sizeof(float) * (Sp > D ? Sp : D));
+    float *sums_v = scores + Q * Sp, *sums = sums_v + Q * D;
     int64_t ready = -1; /* the (image, head) whose keys and values are in the buffer */
     for (int64_t u = begin; u < end; u++) {
         const int64_t pair = u / job->blocks, b = pair / H, h = pair % H, i0 = (u % job->blocks) * Q;
@@ -106,9 +105,9 @@ static void attention_blocks(const void *job_, int64_t begin, int64_t end) {
         const int64_t first = (b * L + i0) * C + h * D; /* the block's first query, and its output */
         for (int t = 0; t < count; t++)
             for (int64_t d = 0; d < D; d++) queries[t * D + d] = attention_value(job->q, first + t * C + d, job->bf16);
-        linear_row(queries, count, D, keys_t, Sp, zeros, NULL, scores);
+        linear_row(queries, count, D, keys_t, Sp, NULL, NULL, scores);
         attention_softmax(scores, count, S, Sp, job->scale, NULL, sums);
-        linear_row(scores, count, Sp, values, D, zeros, NULL, sums_v);
+        linear_row(scores, count, Sp, values, D, NULL, NULL, sums_v);
         for (int t = 0; t < count; t++) {
             const float inverse = 1.0f / sums[t];
             for (int64_t d = 0; d < D; d += WIDE) {

@@ -103,8 +103,8 @@ static void mix_norm_row(const MixJob *job, const float *tokens, int64_t count, 
     }
 }
 
-/* out (count x outputs) = a (count x depth) w (depth x outputs) + bias + add (like out; NULL:
- * none): a linear layer over a row of tokens (outputs a multiple of WIDE), by register blocks of
+/* out (count x outputs) = a (count x depth) w (depth x outputs) + bias + add (each NULL: none;
+ * add like out): a linear layer over a row of tokens (outputs a multiple of WIDE), by register blocks of
  * MIX_TOKENS tokens x REGISTER_VECTORS vectors of outputs, or twice the tokens where fewer
  * vectors are left (32 outputs: 8 tokens x 2 vectors), so that each weight load serves several
  * tokens and each token's value several vectors. */
@@ -115,7 +115,7 @@ static void linear_row(const float *a, int64_t count, int64_t depth, const float
         const int step = vectors <= 2 ? REGISTER_ROWS : MIX_TOKENS;
         for (int64_t t0 = 0; t0 < count; t0 += step) {
             const int rows = count - t0 < step ? (int)(count - t0) : step;
-            const float *x = a + t0 * depth, *wo = w + o0, *b = bias + o0;
+            const float *x = a + t0 * depth, *wo = w + o0, *b = bias ? bias + o0 : NULL;
             const float *plus = add ? add + t0 * outputs + o0 : NULL;
             float *o = out + t0 * outputs + o0;
             switch (vectors) { /* a constant number of tokens and vectors in each */
