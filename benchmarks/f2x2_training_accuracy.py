@@ -10,6 +10,8 @@ default synthetic recipe (`seglab train`: the main job's U-Net, 3,000 shapes at 
   convolutions here);
 - `bf16-native-norms`: the same with the native norms (`seglab.engine.norms`), as shipped
   since the twenty-ninth session;
+- `bf16-native-attention`: that with SegFormer's attention heads by the native kernel and
+  batched products too (`seglab.engine.attention`; for `-- --model segformer`);
 - `32`: float32.
 
 Not a test: it prints a Markdown table of best validation mIoU per seed and the paired
@@ -17,6 +19,8 @@ differences (mean and standard error). Two runs at a time, one thread each.
 
     python benchmarks/f2x2_training_accuracy.py --seeds 0,1,2,3,4 --out runs/f2x2
     python benchmarks/f2x2_training_accuracy.py --seeds 0 --routes forced,bf16 -- --epochs 2
+    python benchmarks/f2x2_training_accuracy.py --seeds 40,41 --routes bf16-native-attention,bf16-native-norms \
+        -- --model segformer --epochs 8
 
 Arguments after `--` go to every `seglab train` call.
 """
@@ -32,7 +36,8 @@ import time
 from pathlib import Path
 
 ROUTES = {"forced": ["--precision", "bf16", "--no-native-norms"], "bf16": ["--precision", "bf16", "--no-native-norms"],
-          "32": ["--precision", "32"], "bf16-native-norms": ["--precision", "bf16", "--native-norms"]}
+          "32": ["--precision", "32"], "bf16-native-norms": ["--precision", "bf16", "--native-norms"],
+          "bf16-native-attention": ["--precision", "bf16", "--native-norms", "--native-attention"]}
 
 
 def _one_run(route: str, train_args: list[str]) -> int:

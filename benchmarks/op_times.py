@@ -67,7 +67,9 @@ class OperatorTimes(TorchDispatchMode):
         """Times seglab's native kernels (`seglab.ops.native`, called through ctypes, which the
         dispatcher does not see) as operators named `native.<function>`; their output's
         allocation (`new_empty`) is counted both there and as its own operator."""
-        names = ("gather_tiles", "scatter_tiles", "add_upsampled_", "resize_bilinear", "winograd_fused", "mix_ffn", "mlp_head")
+        names = ("gather_tiles", "scatter_tiles", "add_upsampled_", "resize_bilinear", "winograd_fused", "mix_ffn",
+                 "mlp_head", "attention", "linear", "batch_norm_forward", "batch_norm_backward", "cross_entropy",
+                 "planar_conv3x3", "quantize_u8", "quantize_rows_s8", "dequantize_rows")
         originals = {name: getattr(native, name) for name in names}
 
         def timed(name: str, function: Callable) -> Callable:
@@ -88,7 +90,7 @@ class OperatorTimes(TorchDispatchMode):
 
 
 def _call(model_key: str, mode: str, batch: int, size: int, peer: bool, precision: str,
-          int8_products: bool = False) -> Callable[[], None]:
+          int8_products: bool = False, native_attention: bool = False) -> Callable[[], None]:
     arch = ARCHITECTURES[model_key]
     if peer and arch.peer_builder is None:
         raise SystemExit(f"--peer: {model_key} has no peer model")
@@ -99,7 +101,8 @@ def _call(model_key: str, mode: str, batch: int, size: int, peer: bool, precisio
         ours = not peer
         return _training_call(model, settings, torch.device("cpu"), channels_last=ours,
                               precision=precision if ours else "32", fused=ours, winograd=ours, tuned_gradients=ours,
-                              native_loss=ours, int8_products=int8_products and ours)
+                              native_loss=ours, native_norms=ours, native_attention=native_attention and ours,
+                              int8_products=int8_products and ours)
     runnable = model.eval() if peer else optimize_for_inference(model.eval(), precision)
     images = torch.randn(batch, 3, size, size)
 
@@ -125,13 +128,16 @@ def main() -> None:
     parser.add_argument("--int8-products", action="store_true",
                         help="training: the large 1x1 convolutions and the ASPP's windows by int8 products "
                              "(seglab.ops.int8_products)")
+    parser.add_argument("--native-attention", action="store_true",
+                        help="training in bf16: SegFormer's attention heads by the native kernel and batched "
+                             "products (seglab.engine.attention)")
     options = parser.parse_args()
     if options.threads:
         torch.set_num_threads(options.threads)
     keep_freed_memory()  # as seglab's commands run
     batch = options.batch or (4 if options.mode == "train" else 1)
     call = _call(options.model, options.mode, batch, options.size, options.peer, options.precision,
-                 options.int8_products)
+                 options.int8_products, options.native_attention)
     for _ in range(options.warmup):
         call()
     plain = []

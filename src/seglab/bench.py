@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from seglab.bench_accuracy import ACCURACY_EPOCHS, accuracy_check
+from seglab.engine.attention import training_attention
 from seglab.engine.fastpath import (
     autocast_context,
     default_precision,
@@ -152,6 +153,11 @@ TRAINING_ABLATION: dict[str, dict[str, Any]] = {
     # native kernel (the trainer's default in bf16 on the CPU, `--native-norms`), against the row above.
     "+bf16 autocast +channels_last +winograd +native cross-entropy +native norms": dict(
         channels_last=True, precision="bf16", fused=False, winograd=True, native_loss=True, native_norms=True),
+    # SegFormer's attention heads by the native kernel forward and batched products backward
+    # (AVX-512 BF16; `seglab train --native-attention`; other models have none), against the row above.
+    "+bf16 autocast +channels_last +winograd +native cross-entropy +native norms +native attention": dict(
+        channels_last=True, precision="bf16", fused=False, winograd=True, native_loss=True, native_norms=True,
+        native_attention=True),
     "+fused optimizer": dict(channels_last=False, precision="32", fused=True, winograd=False),
 }
 
@@ -351,15 +357,17 @@ def _inference_call(model: nn.Module, batch: int, settings: BenchSettings, devic
 
 def _training_call(model: nn.Module, settings: BenchSettings, device: torch.device, *, channels_last: bool,
                    precision: str, fused: bool, winograd: bool, tuned_gradients: bool = False,
-                   native_loss: bool = False, native_norms: bool = False,
+                   native_loss: bool = False, native_norms: bool = False, native_attention: bool = False,
                    int8_products: bool = False) -> Callable[[], None]:
     """One training step (forward, cross-entropy, backward, AdamW step) on a fixed random batch;
     with `winograd` and `tuned_gradients`, under `training_convolutions` (in float32 on the CPU
     Winograd's 3x3 convolutions, the other convolutions' weight gradients by the kernel timed
     fastest), and with `native_loss` the loss by seglab's `CrossEntropyLoss` on the logits as
     they come (on the CPU one native pass), and with `native_norms` the BatchNorms with what
-    follows them by one native kernel (`training_norms`), and with `int8_products` the large 1x1
-    convolutions and atrous windows by int8 products (float32 only), as seglab's trainer runs."""
+    follows them by one native kernel (`training_norms`), with `native_attention` SegFormer's
+    attention heads by the native kernel and batched products (`training_attention`), and with
+    `int8_products` the large 1x1 convolutions and atrous windows by int8 products (float32
+    only), as seglab's trainer runs."""
     model = model.to(device).train()
     if channels_last:
         model = to_channels_last(model)
@@ -376,11 +384,12 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
                                          winograd=winograd, tuned_weight_gradients=tuned_gradients,
                                          int8_products=int8_products)
     norms = training_norms(model, device, precision, enabled=native_norms)
+    attention = training_attention(model, device, precision, enabled=native_attention)
     seglab_loss = CrossEntropyLoss()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device, precision), convolutions, norms:
+        with autocast_context(device, precision), convolutions, norms, attention:
             logits = _logits(model(images))
         if native_loss:
             loss = seglab_loss(logits, target)

@@ -446,10 +446,10 @@ def test_segformer_fast_path_keeps_its_operators_when_asked():
 
 @pytest.mark.filterwarnings("ignore:--precision bf16")
 def test_segformer_bf16_fast_path_takes_the_native_kernels_where_bf16_multiplies_by_pairs():
-    """bf16 CPU inference: every attention module's heads and the first three stages' Mix-FFNs
-    by the native kernels where the processor has AVX-512 BF16's pair products (PyTorch's
-    elsewhere; in float32 the attention keeps PyTorch's), the same scores as PyTorch's operators
-    to bf16's rounding."""
+    """bf16 CPU inference: every attention module's heads, the first three stages' Mix-FFNs and
+    the decoder's head by the native kernels where the processor has AVX-512 BF16's pair products
+    (PyTorch's elsewhere; in float32 the attention keeps PyTorch's), the same scores as PyTorch's
+    operators to bf16's rounding."""
     x = torch.randn(2, 3, 64, 96)
     model, _ = _model_and_outputs("segformer", x, variant="b0")
     expected = optimize_for_inference(model, "32")(x)
@@ -457,7 +457,7 @@ def test_segformer_bf16_fast_path_takes_the_native_kernels_where_bf16_multiplies
     attentions = [m for m in fast.modules() if isinstance(m, EfficientSelfAttention)]
     assert len(attentions) == 8
     assert [m.native_attention for m in attentions] == [native_attention_available()] * 8
-    assert _natively(fast) == ((6, 0, 0) if native_attention_available() else (0, 0, 0))
+    assert _natively(fast) == ((6, 0, 1) if native_attention_available() else (0, 0, 0))
     fused = [m for m in fast.modules() if isinstance(m, FusedConv) and isinstance(m.activation, nn.GELU)]
     assert len(fused) == 8 - _natively(fast)[0]  # the fourth stage's depthwise conv + GELU
     assert not any(m.native_attention for m in optimize_for_inference(model, "32").modules()
@@ -465,9 +465,11 @@ def test_segformer_bf16_fast_path_takes_the_native_kernels_where_bf16_multiplies
     assert not any(m.native_attention for m in optimize_for_inference(model, "bf16", native_segformer=False).modules()
                    if isinstance(m, EfficientSelfAttention))
     with mock.patch("seglab.encoders.mit.native.attention", wraps=native.attention) as kernel, \
-            mock.patch("seglab.ops.mix_ffn.native.mix_ffn", wraps=native.mix_ffn) as mix_ffn:
+            mock.patch("seglab.ops.mix_ffn.native.mix_ffn", wraps=native.mix_ffn) as mix_ffn, \
+            mock.patch("seglab.models.semantic.segformer.native.mlp_head", wraps=native.mlp_head) as head:
         natively = fast(x).float()
-    assert (kernel.call_count, mix_ffn.call_count) == ((8, 6) if native_attention_available() else (0, 0))
+    calls = (kernel.call_count, mix_ffn.call_count, head.call_count)
+    assert calls == ((8, 6, 1) if native_attention_available() else (0, 0, 0))
     pytorchs = optimize_for_inference(model, "bf16", native_segformer=False)(x).float()
     def error(result: torch.Tensor) -> float:
         return ((result - expected).norm() / expected.norm()).item()

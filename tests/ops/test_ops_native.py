@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -708,10 +709,15 @@ def test_mlp_head_equals_its_operators(shape):
     torch.testing.assert_close(result.double(), expected, rtol=0, atol=2e-6 * expected.abs().max().item())
 
 
-def test_mlp_head_gives_the_same_bits_on_one_thread_and_on_two():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_head_gives_the_same_bits_on_one_thread_and_on_two(dtype):
+    if dtype == torch.bfloat16 and not native.bf16_pairs():
+        pytest.skip("bf16 pair products need AVX-512 BF16")
     torch.manual_seed(0)
-    x, parts = torch.randn(3, 11, 7, 32), [torch.randn(3, 6, 4, 32), torch.randn(3, 3, 2, 32)]
-    weights = (torch.randn(32, 32), torch.randn(32), parts, torch.randn(32, 21), torch.randn(21))
+    x, parts = torch.randn(3, 11, 7, 32, dtype=dtype), [torch.randn(3, 6, 4, 32, dtype=dtype),
+                                                        torch.randn(3, 3, 2, 32, dtype=dtype)]
+    weights = (torch.randn(32, 32, dtype=dtype), torch.randn(32), parts, torch.randn(32, 21, dtype=dtype),
+               torch.randn(21))
     results = []
     threads = torch.get_num_threads()
     try:
@@ -736,6 +742,56 @@ def test_mlp_head_refuses_what_it_cannot_compute_with_one_clear_error():
         native.mlp_head(x, first, bias, [torch.zeros(1, 2, 2, 32)] * 9, classifier, scores)
     with pytest.raises(ValueError, match="the map must be a contiguous float32"):
         native.mlp_head(x.double(), first, bias, [], classifier, scores)
+
+
+def _bf16_head_operators(nhwc, first_weight, first_bias, parts, classifier_weight, classifier_bias) -> torch.Tensor:
+    """The head by PyTorch's bf16 operators, as the decoder's operator path rounds: the first share,
+    the sum and the scores each to bf16."""
+    fused = (nhwc @ first_weight + first_bias).permute(0, 3, 1, 2)
+    for part in parts:
+        fused = fused + F.interpolate(part.permute(0, 3, 1, 2), size=nhwc.shape[1:3], mode="bilinear",
+                                      align_corners=False)
+    return fused.relu().permute(0, 2, 3, 1) @ classifier_weight + classifier_bias
+
+
+@pytest.mark.skipif(not native.bf16_pairs(), reason="bf16 pair products need AVX-512 BF16")
+@pytest.mark.parametrize("shape", [(1, 16, 16, 32, 256, 21, [(8, 8), (4, 4), (2, 2)]), (2, 9, 13, 24, 32, 5, [(5, 7)]),
+                                   (1, 10, 6, 64, 48, 33, [(3, 2), (1, 1)]), (1, 1, 1, 2, 16, 16, [])])
+def test_bf16_mlp_head_errs_no_more_than_pytorchs_bf16_operators(shape):
+    """bf16 maps and weights: the scores as close to float64's as PyTorch's bf16 operators come
+    (the native pass rounds less: its fused row stays float32 until the classifier)."""
+    torch.manual_seed(0)
+    n, height, width, in_channels, channels, classes, sizes = shape
+    halves = [torch.randn(n, height, width, in_channels), torch.randn(in_channels, channels) / in_channels ** 0.5,
+              torch.randn(channels), [torch.randn(n, h, w, channels) for h, w in sizes],
+              torch.randn(channels, classes) / channels ** 0.5, torch.randn(classes)]
+    halves = [[p.bfloat16() for p in t] if isinstance(t, list) else t.bfloat16() for t in halves]
+    expected = _mlp_head_reference(*halves)
+    result = native.mlp_head(*halves)
+    assert result.dtype == torch.bfloat16 and result.shape == (n, height, width, classes) and result.is_contiguous()
+    pytorchs = _bf16_head_operators(*halves)
+    def error(scores: torch.Tensor) -> float:
+        return (scores.double() - expected).abs().max().item()
+
+    assert error(result) <= error(pytorchs) + 1e-6
+    assert error(result) <= 2 ** -7 * expected.abs().max().item()  # one bf16 rounding of the largest score
+    halves[2] = halves[2].float()  # float32 biases: the same pass
+    assert torch.equal(native.mlp_head(*halves), result)
+
+
+def test_bf16_mlp_head_refuses_what_it_cannot_compute_with_one_clear_error():
+    x, first, bias, classifier, scores = torch.zeros(1, 4, 4, 8).bfloat16(), torch.zeros(8, 32).bfloat16(), \
+        torch.zeros(32), torch.zeros(32, 3).bfloat16(), torch.zeros(3)
+    with mock.patch.object(native, "bf16_pairs", return_value=False), pytest.raises(ValueError, match="AVX-512 BF16"):
+        native.mlp_head(x, first, bias, [], classifier, scores)
+    if not native.bf16_pairs():
+        return
+    with pytest.raises(ValueError, match="the first weight must be a contiguous bfloat16"):
+        native.mlp_head(x, first.float(), bias, [], classifier, scores)
+    with pytest.raises(ValueError, match="map 0 to upsample must be a contiguous bfloat16"):
+        native.mlp_head(x, first, bias, [torch.zeros(1, 2, 2, 32)], classifier, scores)
+    with pytest.raises(ValueError, match="an even number of input channels, not 7"):
+        native.mlp_head(torch.zeros(1, 4, 4, 7).bfloat16(), first[:7], bias, [], classifier, scores)
 
 
 @pytest.mark.parametrize("shape", [(2, 37, 32, 32), (1, 5, 160, 160), (3, 1, 7, 48), (1, 130, 64, 16)])

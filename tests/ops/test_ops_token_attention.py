@@ -1,14 +1,18 @@
 """Multi-head attention over few keys by the native kernel (seglab.ops.token_attention,
 `native.attention`): PyTorch's attention of the same heads in float32 and in bf16, keys that
-fill no whole vector, extreme scores, and one-line refusals of what it does not take."""
+fill no whole vector, extreme scores, and one-line refusals of what it does not take; the
+softmax it writes out, and the training route's gradients against PyTorch's."""
 from __future__ import annotations
+
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from seglab.ops import native
-from seglab.ops.token_attention import attention_fits, native_attention_available
+from seglab.ops.token_attention import (attention_fits, native_attention_available, native_training_attention,
+                                        training_attention_fits)
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"the native kernels are not available: {native.unavailable_reason()}")
@@ -24,7 +28,10 @@ def _attention(queries: torch.Tensor, keys_values: torch.Tensor, heads: int, sca
 
 
 def _relative(result: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((result.double() - expected).norm() / expected.norm()).item()
+    """The error's norm over the expected one's; for an expected zero (a query's gradient over one
+    key), the error's norm."""
+    error = (result.double() - expected).norm()
+    return (error / expected.norm() if expected.norm() > 0 else error).item()
 
 
 # (images, queries, keys, heads): MiT's shapes in small, keys short of a vector (4 and 17), one key,
@@ -91,3 +98,158 @@ def test_attention_fits_bf16_inference_only():
         assert not attention_fits(queries, keys_values, 8)  # heads of 8 channels: not a whole vector
         assert not attention_fits(queries, keys_values[..., :64], 2)
     assert not attention_fits(queries.requires_grad_(), keys_values, 2)  # gradients recorded
+
+
+def _softmax(queries: torch.Tensor, keys_values: torch.Tensor, heads: int) -> torch.Tensor:
+    """The heads' softmax, N x heads x L x S, in float64."""
+    n, length, channels = queries.shape
+    q = queries.double().reshape(n, length, heads, -1).transpose(1, 2)
+    k = keys_values.double().reshape(n, -1, 2, heads, channels // heads)[:, :, 0].transpose(1, 2)
+    return (q @ k.transpose(-1, -2) * (channels // heads) ** -0.5).softmax(-1)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_attention_writes_its_softmax_where_asked(shape, dtype):
+    n, length, keys, heads = shape
+    queries, keys_values = torch.randn(n, length, 32 * heads, dtype=dtype), torch.randn(n, keys, 64 * heads, dtype=dtype)
+    probabilities = torch.full((n, heads, length, keys), float("nan"), dtype=dtype)
+    result = native.attention(queries, keys_values, heads, probabilities=probabilities)
+    assert torch.equal(result, native.attention(queries, keys_values, heads))  # the same output
+    expected = _softmax(queries, keys_values, heads)
+    # float32 to its rounding; bf16 rounded once (to nearest: 2^-8 of the value at most)
+    tolerance = 1e-6 if dtype == torch.float32 else 1.01 * 2 ** -8
+    assert ((probabilities.double() - expected).abs() <= tolerance * expected + 1e-7).all()
+
+
+def test_native_attention_refuses_a_softmax_it_cannot_write_in_one_line():
+    queries, keys_values = torch.randn(1, 8, 32), torch.randn(1, 4, 64)
+    for probabilities, message in [(torch.empty(1, 1, 8, 5), r"must be \(1, 1, 8, 4\)"),
+                                   (torch.empty(1, 1, 8, 4).bfloat16(), "probabilities must be a contiguous float32")]:
+        with pytest.raises(ValueError, match=message) as error:
+            native.attention(queries, keys_values, 1, probabilities=probabilities)
+        assert "\n" not in str(error.value)
+
+
+needs_pairs = pytest.mark.skipif(not native_attention_available(), reason="bf16 pair products need AVX-512 BF16")
+
+
+def _score_grads(grad: torch.Tensor, queries: torch.Tensor, keys_values: torch.Tensor, heads: int) -> torch.Tensor:
+    """p (dp - rowsum(p dp)), dp = grad v^T, per head, in float64 from the same values."""
+    n, length, channels = queries.shape
+    q = queries.double().reshape(n, length, heads, -1).transpose(1, 2)
+    k, v = keys_values.double().reshape(n, -1, 2, heads, channels // heads).permute(2, 0, 3, 1, 4)
+    d = grad.double().reshape(n, length, heads, -1).transpose(1, 2)
+    p = (q @ k.transpose(-1, -2) * (channels // heads) ** -0.5).softmax(-1)
+    dp = d @ v.transpose(-1, -2)
+    return p * (dp - (p * dp).sum(-1, keepdim=True))
+
+
+@needs_pairs
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("alike", [False, True])
+def test_score_grads_round_once_even_where_values_are_alike(shape, alike):
+    """Values alike (one vector plus 2% noise, as keys pooled from neighbouring pixels): dp -
+    rowsum(p dp) cancels, and PyTorch's bf16 operators lose most of its bits there; the kernel's
+    float32 products and its mean over the stored weights' own sum leave bf16's roundings of p
+    and of the result."""
+    n, length, keys, heads = shape
+    torch.manual_seed(0)
+    queries, keys_values = torch.randn(n, length, 32 * heads), torch.randn(n, keys, 64 * heads)
+    if alike:
+        keys_values[:, :, 32 * heads:] = keys_values[:, :1, 32 * heads:] + 0.02 * torch.randn(n, keys, 32 * heads)
+    queries, keys_values, grad = queries.bfloat16(), keys_values.bfloat16(), torch.randn(n, length, 32 * heads).bfloat16()
+    probabilities = torch.empty(n, heads, length, keys, dtype=torch.bfloat16)
+    native.attention(queries, keys_values, heads, probabilities=probabilities)
+    result = native.attention_score_grads(grad, keys_values, probabilities, heads)
+    assert result.dtype == torch.bfloat16 and result.shape == (n, heads, length, keys) and result.is_contiguous()
+    assert _relative(result, _score_grads(grad, queries, keys_values, heads)) < 4e-3
+
+
+def test_score_grads_refuse_what_they_do_not_take_in_one_line():
+    grad, keys_values = torch.randn(1, 8, 32).bfloat16(), torch.randn(1, 4, 64).bfloat16()
+    probabilities = torch.full((1, 1, 8, 4), 0.25).bfloat16()
+    with mock.patch.object(native, "bf16_pairs", return_value=False), pytest.raises(ValueError, match="AVX-512 BF16"):
+        native.attention_score_grads(grad, keys_values, probabilities, 1)
+    if not native_attention_available():
+        return
+    for bad, message in [
+        (lambda: native.attention_score_grads(grad, keys_values[..., :32].contiguous(), probabilities, 1), "N x S x 2C"),
+        (lambda: native.attention_score_grads(grad, keys_values, probabilities[..., :3].contiguous(), 1),
+         "N x heads x L x S"),
+        (lambda: native.attention_score_grads(grad, keys_values, torch.full((1, 4, 8, 4), 0.25).bfloat16(), 4),
+         "multiple of 16"),
+        (lambda: native.attention_score_grads(grad.float(), keys_values, probabilities, 1), "gradient must be"),
+    ]:
+        with pytest.raises(ValueError, match=message) as error:
+            bad()
+        assert "\n" not in str(error.value)
+
+
+@needs_pairs
+@pytest.mark.parametrize("shape", SHAPES)
+def test_training_attention_gradients_err_like_pytorchs_bf16_attention(shape):
+    """Output and both gradients against float64, next to PyTorch's bf16 attention (flash) on the
+    same bf16 values: the backward's three matrix products round their outputs to bf16 where
+    flash keeps float32 inside, so the bound allows up to twice its error."""
+    n, length, keys, heads = shape
+    torch.manual_seed(0)
+    queries = torch.randn(n, length, 32 * heads).bfloat16().requires_grad_()
+    keys_values = torch.randn(n, keys, 64 * heads).bfloat16().requires_grad_()
+    grad = torch.randn(n, length, 32 * heads).bfloat16()
+    assert training_attention_fits(queries, keys_values, heads)
+    results = {}
+    for name, function in (("native", native_training_attention),
+                           ("pytorch", lambda q, kv, h: _attention(q, kv, h, dtype=torch.bfloat16))):
+        out = function(queries, keys_values, heads)
+        out.backward(grad)
+        results[name] = (out.detach(), queries.grad, keys_values.grad)
+        queries.grad = keys_values.grad = None
+    exact = [t.detach().double().requires_grad_() for t in (queries, keys_values)]
+    out = _attention(*exact, heads)
+    out.backward(grad.double())
+    expected = (out.detach(), exact[0].grad, exact[1].grad)
+    for what, native_value, pytorch_value, exact_value in zip(("output", "queries", "keys and values"),
+                                                              results["native"], results["pytorch"], expected):
+        assert native_value.dtype == torch.bfloat16 and native_value.shape == exact_value.shape
+        assert _relative(native_value, exact_value) < max(2 * _relative(pytorch_value, exact_value), 8e-3), what
+
+
+@needs_pairs
+def test_training_attention_keeps_the_queries_gradient_where_values_are_alike():
+    """Values alike (as above): the queries' gradient to bf16's rounding (PyTorch's bf16 flash
+    attention, whose row term is dO . o with o in bf16, was 12% off on these shapes)."""
+    torch.manual_seed(0)
+    queries, keys_values = torch.randn(2, 1024, 64), torch.randn(2, 64, 128)
+    keys_values[:, :, 64:] = keys_values[:, :1, 64:] + 0.02 * torch.randn(2, 64, 64)
+    queries, keys_values = queries.bfloat16().requires_grad_(), keys_values.bfloat16().requires_grad_()
+    grad = torch.randn(2, 1024, 64).bfloat16()
+    native_training_attention(queries, keys_values, 2).backward(grad)
+    exact = [t.detach().double().requires_grad_() for t in (queries, keys_values)]
+    _attention(*exact, 2).backward(grad.double())
+    assert _relative(queries.grad, exact[0].grad) < 5e-3
+    assert _relative(keys_values.grad, exact[1].grad) < 5e-3
+
+
+@needs_pairs
+def test_training_attention_computes_only_the_gradients_asked_for():
+    queries, keys_values = torch.randn(1, 70, 32).bfloat16(), torch.randn(1, 17, 64).bfloat16().requires_grad_()
+    with mock.patch.object(torch, "stack", wraps=torch.stack) as stack:
+        native_training_attention(queries, keys_values, 1).sum().backward()
+    assert keys_values.grad is not None and stack.call_count == 1
+    queries.requires_grad_()
+    keys_values = keys_values.detach()
+    with mock.patch.object(torch, "stack", wraps=torch.stack) as stack:
+        native_training_attention(queries, keys_values, 1).sum().backward()
+    assert queries.grad is not None and stack.call_count == 0  # no keys' and values' gradient assembled
+
+
+def test_training_attention_fits_bf16_with_gradients_and_a_softmax_of_bounded_size():
+    queries = torch.randn(2, 16, 64).bfloat16().requires_grad_()
+    keys_values = torch.randn(2, 4, 128).bfloat16()
+    assert training_attention_fits(queries, keys_values, 2) == native_attention_available()
+    assert not training_attention_fits(queries.detach(), keys_values, 2)  # inference: `attention_fits`
+    assert not training_attention_fits(queries.float(), keys_values.float(), 2)
+    assert not training_attention_fits(queries, keys_values, 8)  # heads of 8 channels
+    with mock.patch("seglab.ops.token_attention.MAX_KEPT_PROBABILITIES", 2 * 2 * 16 * 4 - 1):
+        assert not training_attention_fits(queries, keys_values, 2)  # the softmax kept would be too large

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from seglab.ops import native
 from seglab.ops.kept import KeptFromWeights
 from seglab.ops.mix_ffn import NativeWeights, mix_ffn_fits, native_mix_ffn
-from seglab.ops.token_attention import attention_fits
+from seglab.ops.token_attention import attention_fits, native_training_attention, training_attention_fits
 from seglab.ops.token_linear import token_linear
 
 __all__ = ["MixTransformer", "MIT_CONFIGS"]
@@ -80,8 +80,9 @@ class EfficientSelfAttention(nn.Module):
         # The query and output projections (with the residual) by native products where they fit,
         # set by the fast path (`seglab.engine.fastpath.use_native_segformer`): CPU inference.
         self.native = False
-        # The heads' attention by the native kernel where it fits, set by the fast path
-        # (`seglab.engine.fastpath.use_native_segformer_bf16`): bf16 CPU inference.
+        # The heads' attention by the native kernel where it fits, bf16 on the CPU: in inference
+        # set by the fast path (`seglab.engine.fastpath.use_native_segformer_bf16`), in training
+        # by the trainer's context (`seglab.engine.attention`), which adds a backward pass.
         self.native_attention = False
         self._q_weight: KeptFromWeights[torch.Tensor] = KeptFromWeights()
         self._proj_weight: KeptFromWeights[torch.Tensor] = KeptFromWeights()
@@ -96,6 +97,8 @@ class EfficientSelfAttention(nn.Module):
         keys_values = self.kv(context)
         if self.native_attention and attention_fits(queries, keys_values, self.heads):
             out = native.attention(queries.contiguous(), keys_values.contiguous(), self.heads)
+        elif self.native_attention and training_attention_fits(queries, keys_values, self.heads):
+            out = native_training_attention(queries, keys_values, self.heads)
         else:
             q = queries.reshape(n, length, self.heads, dim // self.heads).transpose(1, 2)
             k, v = keys_values.reshape(n, -1, 2, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)

@@ -52,6 +52,10 @@ class TrainConfig:
     # kernel, 2-4.5% faster steps (docs/bench.md: ten seeds of the synthetic recipe, twenty-ninth
     # session). None: on where the run trains in bf16 on the CPU; false: PyTorch's norms
     native_norms: bool | None = None
+    # bf16 on the CPU (AVX-512 BF16): SegFormer's attention heads by the native kernel forward,
+    # which keeps its softmax, and its own backward (seglab.engine.attention). Opt-in: None and
+    # false keep PyTorch's attention (ten seeds of the SegFormer recipe: -4.81 points, docs/bench.md)
+    native_attention: bool | None = None
     direct_convolutions: bool = False  # float32 on the CPU: eager convolutions, no Winograd, no tuned weight gradients
     # float32 on a CPU with VNNI or AMX: the large 1x1 convolutions' forward and input gradient as
     # int8 products with one scale per row (seglab.ops.int8_products); weight gradients stay float32.
@@ -97,8 +101,9 @@ class TrainConfig:
             raise ValueError(f"--precision must be auto, 32, bf16 or 16, not {self.precision!r}")
         if self.int8_products is not None and not isinstance(self.int8_products, bool):
             raise ValueError(f"int8_products must be true, false or null (auto), not {self.int8_products!r}")
-        if self.native_norms is not None and not isinstance(self.native_norms, bool):
-            raise ValueError(f"native_norms must be true, false or null (auto), not {self.native_norms!r}")
+        for name in ("native_norms", "native_attention"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true, false or null (auto), not {getattr(self, name)!r}")
         if self.accumulate < 1:
             raise ValueError(f"--accumulate must be a positive number, not {self.accumulate}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:

@@ -545,12 +545,12 @@ def _native_blocks_measured() -> bool:
 
 
 def use_native_segformer_bf16(model: nn.Module) -> int:
-    """Have SegFormer's attention heads (`seglab.ops.token_attention`) and every Mix-FFN that
-    `native_mix_ffn_pays` (`seglab.ops.mix_ffn`) run by native kernels of bf16 pair products in
-    bf16 CPU inference, in place, where the processor has them (AVX-512 BF16). The attention ran
-    1.45-1.65x PyTorch's bf16 attention, the Mix-FFNs 1.13-1.55x the bf16 operators (MiT-B0's
-    first three stages); in float32 the attention kernel did not pay. Returns the number of
-    modules switched."""
+    """Have SegFormer's attention heads (`seglab.ops.token_attention`), every Mix-FFN that
+    `native_mix_ffn_pays` (`seglab.ops.mix_ffn`) and the all-MLP decoder's head (`native.mlp_head`)
+    run by native kernels of bf16 pair products in bf16 CPU inference, in place, where the
+    processor has them (AVX-512 BF16). The attention ran 1.45-1.65x PyTorch's bf16 attention, the
+    Mix-FFNs 1.13-1.55x the bf16 operators (MiT-B0's first three stages); in float32 the attention
+    kernel did not pay. Returns the number of modules switched."""
     if not native.bf16_pairs():
         return 0
     switched = 0
@@ -558,7 +558,7 @@ def use_native_segformer_bf16(model: nn.Module) -> int:
         if isinstance(module, EfficientSelfAttention):
             module.native_attention = True
             switched += 1
-        elif isinstance(module, MixFFN) and native_mix_ffn_pays(module):
+        elif (isinstance(module, MixFFN) and native_mix_ffn_pays(module)) or isinstance(module, AllMLPDecoder):
             module.native = True
             switched += 1
     return switched

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from seglab.data import open_dataset
 from seglab.data.doctor import preflight
 from seglab.data.stats import median_frequency_weights
+from seglab.engine.attention import training_attention
 from seglab.engine.checkpoint import save_checkpoint, update_checkpoint_config
 from seglab.engine.config import TrainConfig, load_yaml
 from seglab.engine.distributed import agree, all_reduce_sum, barrier, init_distributed
@@ -279,6 +280,10 @@ class Trainer:
         # block's shortcut addition and ReLU, after it in one native kernel; entered at each step.
         self.norms = training_norms(self.model, self.device, self.precision.name,
                                     enabled=config.native_norms is not False)
+        # In bf16 on the CPU with `native_attention`, SegFormer's attention heads by the native
+        # kernel forward and batched products backward; entered at each step.
+        self.attention = training_attention(self.model, self.device, self.precision.name,
+                                            enabled=config.native_attention is True)
         self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
         self.normalize = Normalize(config.mean, config.std).to(self.device)
         self.class_weights = self._class_weights()
@@ -560,7 +565,7 @@ class Trainer:
             # Between optimiser steps, DDP need not average gradients: skip the all-reduce.
             no_sync = self.train_model.no_sync() if self.dist.enabled and not steps_now else contextlib.nullcontext()
             with no_sync:
-                with self.precision.autocast(), self.convolutions, self.norms:
+                with self.precision.autocast(), self.convolutions, self.norms, self.attention:
                     output = self.train_model(images)
                 loss = self._loss(output, target)
                 self._stop_on_bad_loss(loss, epoch, index)

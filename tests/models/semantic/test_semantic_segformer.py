@@ -122,3 +122,37 @@ def test_eval_decoder_computes_the_head_in_one_native_pass_where_the_fast_path_a
     decoder.train()  # training (BatchNorm's batch statistics, gradients) keeps the operators
     decoder(features).sum().backward()
     assert len(calls) == 1 and decoder.classifier.weight.grad is not None
+
+
+def test_bf16_decoder_computes_the_head_in_one_native_pass_where_bf16_multiplies_by_pairs(monkeypatch):
+    """bf16 eval with the fast path's switch: the head by `native.mlp_head`'s pair products where
+    the processor has them, as close to the float32 head as PyTorch's bf16 operators come."""
+    from seglab.ops import native
+
+    if not native.bf16_pairs():
+        pytest.skip("bf16 pair products need AVX-512 BF16 and the native kernels")
+    model, features = _model_and_features(batch=2)
+    decoder = model.decoder.eval()
+    with torch.no_grad():
+        expected = decoder(features)
+    decoder.bfloat16()
+    halves = [f.bfloat16() for f in features]
+    calls = []
+    head = native.mlp_head
+
+    def counted(nhwc, *weights):
+        calls.append(nhwc.dtype)
+        return head(nhwc, *weights)
+
+    monkeypatch.setattr(native, "mlp_head", counted)
+    with torch.no_grad():
+        operators = decoder(halves)
+        decoder.native = True
+        result = decoder(halves)
+    assert calls == [torch.bfloat16]
+    assert result.dtype == torch.bfloat16 and result.shape == (2, 5, 16, 24)
+    assert result.is_contiguous(memory_format=torch.channels_last)
+    def error(scores: torch.Tensor) -> float:
+        return ((scores.float() - expected).norm() / expected.norm()).item()
+
+    assert error(result) < 1.5 * error(operators) + 1e-3

@@ -48,17 +48,20 @@ class AllMLPDecoder(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(dim, num_classes, 1)
         # The head from the shares to the class scores in one native pass where it fits, set by
-        # the fast path (`seglab.engine.fastpath.use_native_segformer`): CPU inference.
+        # the fast path (`seglab.engine.fastpath.use_native_segformer` and its bf16 twin): CPU
+        # inference.
         self.native = False
 
     def _native_head_fits(self, features: list[torch.Tensor], relu_in_sum: bool) -> bool:
-        """Whether `native.mlp_head` computes the rest of the decoder: float32 CPU inference with
-        the norm folded and the ReLU in the sum, the first stage's map channels last, a classifier
-        with a bias, the fused width in whole vectors."""
+        """Whether `native.mlp_head` computes the rest of the decoder: CPU inference with the norm
+        folded and the ReLU in the sum, the first stage's map channels last, a classifier with a
+        bias, the fused width in whole vectors; float32, or bf16 where the processor has pair
+        products (and the first stage's channels pair up)."""
         first = features[0]
+        dtype_fits = first.dtype == torch.float32 or (first.dtype == torch.bfloat16 and first.shape[1] % 2 == 0
+                                                      and native.bf16_pairs())
         return (self.native and relu_in_sum and not self.dropout.training and self.classifier.bias is not None
-                and first.device.type == "cpu" and first.dtype == torch.float32
-                and self.classifier.weight.dtype == torch.float32
+                and first.device.type == "cpu" and dtype_fits and self.classifier.weight.dtype == first.dtype
                 and first.permute(0, 2, 3, 1).is_contiguous() and len(features) - 1 <= native.MAX_UPSAMPLED
                 and self.classifier.in_channels % 16 == 0
                 and not records_gradients(*features, *self.parameters()) and native.available())

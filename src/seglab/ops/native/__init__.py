@@ -240,11 +240,13 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_mix_ffn.restype = i32
     library.seglab_linear.argtypes = [pointer] * 5 + [i64, i64, i64, i32]
     library.seglab_linear.restype = i32
-    library.seglab_attention.argtypes = [pointer] * 3 + [i64] * 5 + [ctypes.c_float, i32, i32]
+    library.seglab_attention.argtypes = [pointer] * 4 + [i64] * 5 + [ctypes.c_float, i32, i32]
+    library.seglab_attention_score_grads.argtypes = [pointer] * 4 + [i64] * 5 + [i32]
+    library.seglab_attention_score_grads.restype = i32
     library.seglab_attention.restype = library.seglab_bf16_pairs.restype = i32
     library.seglab_bf16_pairs.argtypes = []
     library.seglab_mlp_head.argtypes = [pointer] * 7 + [i32, pointer, pointer, i64, i64, i64, i64, i64, i64, i64,
-                                                        i32]
+                                                        i32, i32]
     library.seglab_mlp_head.restype = i32
     library.seglab_planar_conv3x3.argtypes = [pointer] * 4 + [i64] * 6 + [i32, i32]
     library.seglab_planar_conv3x3.restype = i32
@@ -748,13 +750,20 @@ def mlp_head(nhwc: torch.Tensor, first_weight: torch.Tensor, first_bias: torch.T
              classifier_bias: torch.Tensor) -> torch.Tensor:
     """SegFormer's decoder head, `classifier(ReLU(first(nhwc) + sum of the parts bilinearly
     upsampled))`, in one pass (`mlp_head.c`; the upsampling as `add_upsampled_`'s): `nhwc`
-    N x H x W x C_in float32, contiguous; `first_weight` C_in x D and `classifier_weight` D x K
+    N x H x W x C_in, contiguous; `first_weight` C_in x D and `classifier_weight` D x K
     (1x1 convolutions' weights transposed), biases D and K; `parts` at most `MAX_UPSAMPLED` maps
-    N x h x w x D, D a multiple of 16. Returns the scores, N x H x W x K, contiguous."""
+    N x h x w x D, D a multiple of 16. Returns the scores, N x H x W x K, contiguous.
+
+    float32 throughout, or bf16 (where `bf16_pairs()`, C_in even): the map, the parts, the
+    weights and the scores bf16 (the biases either); the linear layers by pair products, the
+    fused row summed in float32 and rounded once for the classifier's."""
     library = _required()
+    bf16 = nhwc.dtype == torch.bfloat16
+    if bf16 and not bf16_pairs():
+        raise ValueError("mlp_head on a bf16 map needs a processor with AVX-512 BF16's pair products")
     for tensor, name in ((nhwc, "the map"), (first_weight, "the first weight"), (first_bias, "the first bias"),
                          (classifier_weight, "the classifier's weight"), (classifier_bias, "the classifier's bias")):
-        _check(tensor, name)
+        _check(tensor, name, (nhwc.dtype,) if name.endswith("weight") else _VALUES)  # biases either
     if nhwc.dim() != 4 or first_weight.dim() != 2 or classifier_weight.dim() != 2:
         raise ValueError(f"mlp_head takes an N x H x W x C map and two weight matrices, not shapes "
                          f"{tuple(nhwc.shape)}, {tuple(first_weight.shape)} and {tuple(classifier_weight.shape)}")
@@ -767,17 +776,22 @@ def mlp_head(nhwc: torch.Tensor, first_weight: torch.Tensor, first_bias: torch.T
                          f"{in_channels} channels")
     if channels % 16:
         raise ValueError(f"mlp_head takes a multiple of 16 fused channels, not {channels}")
-    sources, heights, widths = _upsampled_parts(parts, n, channels, torch.float32)
+    if bf16 and in_channels % 2:
+        raise ValueError(f"mlp_head in bf16 takes an even number of input channels, not {in_channels}")
+    sources, heights, widths = _upsampled_parts(parts, n, channels, nhwc.dtype)
     padded = -(-classes // 16) * 16  # whole vectors of classes, zeros beyond them
     weight = classifier_weight.new_zeros(channels, padded)
     weight[:, :classes] = classifier_weight
-    bias = classifier_bias.new_zeros(padded)
+    bias = classifier_bias.new_zeros(padded, dtype=torch.float32)
     bias[:classes] = classifier_bias
+    first_bias = first_bias.float()
+    if bf16:  # the pair products' layout
+        first_weight, weight = pair_rows(first_weight), pair_rows(weight)
     out = nhwc.new_empty(n, height, width, classes)
     if out.numel() and library.seglab_mlp_head(out.data_ptr(), nhwc.data_ptr(), first_weight.data_ptr(),
                                                first_bias.data_ptr(), sources, heights, widths, len(parts),
                                                weight.data_ptr(), bias.data_ptr(), n, height, width, in_channels,
-                                               channels, classes, padded, torch.get_num_threads()):
+                                               channels, classes, padded, int(bf16), torch.get_num_threads()):
         raise MemoryError("mlp_head: no memory for a thread's row buffers")
     return out
 
@@ -881,14 +895,16 @@ def bf16_pairs() -> bool:
     return library is not None and bool(library.seglab_bf16_pairs())
 
 
-def attention(queries: torch.Tensor, keys_values: torch.Tensor, heads: int, scale: float | None = None) -> torch.Tensor:
+def attention(queries: torch.Tensor, keys_values: torch.Tensor, heads: int, scale: float | None = None, *,
+              probabilities: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention of `queries` (N x L x C tokens, the heads' C / heads channels side
     by side) over `keys_values` (N x S x 2C: keys, then values, as one linear layer writes them)
     by `attention.c`: softmax(scale q k^T) v per head, with `scale` 1 / sqrt(C / heads) unless
     given, in float32 arithmetic on float32 or bf16 tensors (both of one dtype, contiguous),
     C / heads a multiple of `ATTENTION_HEAD_MULTIPLE`, S at least 1. Returns N x L x C in the
     queries' dtype, contiguous: `F.scaled_dot_product_attention` of the heads, transposed back
-    to tokens."""
+    to tokens. With `probabilities` (N x heads x L x S of the queries' dtype, contiguous) the
+    softmax is written there too, each value rounded once (a backward pass multiplies by it)."""
     library = _required()
     _check(queries, "the queries", _VALUES)
     _check(keys_values, "the keys and values", (queries.dtype,))
@@ -903,15 +919,56 @@ def attention(queries: torch.Tensor, keys_values: torch.Tensor, heads: int, scal
     head_dim = channels // heads
     if scale is not None and not scale > 0:
         raise ValueError(f"attention takes a positive scale, not {scale}")
+    if probabilities is not None:
+        _check(probabilities, "the probabilities", (queries.dtype,))
+        if tuple(probabilities.shape) != (n, heads, length, keys_values.shape[1]):
+            raise ValueError(f"attention's probabilities must be {(n, heads, length, keys_values.shape[1])}, not "
+                             f"{tuple(probabilities.shape)}")
     out = torch.empty_like(queries)
     if out.numel():
-        status = library.seglab_attention(out.data_ptr(), queries.data_ptr(), keys_values.data_ptr(), n, length,
+        status = library.seglab_attention(out.data_ptr(), _pointer(probabilities), queries.data_ptr(),
+                                          keys_values.data_ptr(), n, length,
                                           keys_values.shape[1], heads, head_dim,
                                           head_dim ** -0.5 if scale is None else float(scale),
                                           int(queries.dtype == torch.bfloat16), torch.get_num_threads())
         if status == -1:
             raise MemoryError("attention: out of memory for a thread's buffers")
     return out
+
+
+def attention_score_grads(grad: torch.Tensor, keys_values: torch.Tensor, probabilities: torch.Tensor,
+                          heads: int) -> torch.Tensor:
+    """The gradient of `attention`'s scores (after the scale, before the softmax) from the
+    gradient of its output, by `attention.c`: p (dp - the p-weighted mean of dp) per head and
+    query, dp = grad v^T, p the softmax `attention` wrote to its `probabilities`. `grad` N x L x C
+    tokens, `keys_values` N x S x 2C, `probabilities` N x heads x L x S; all bf16 and contiguous,
+    on a processor with pair products (`bf16_pairs()`). dp by pairs into float32, the mean in
+    float32 over the stored weights' own sum, each value rounded once. Returns N x heads x L x S
+    bf16."""
+    library = _required()
+    if not bf16_pairs():
+        raise ValueError("attention_score_grads needs a processor with AVX-512 BF16's pair products")
+    for tensor, name in ((grad, "the output's gradient"), (keys_values, "the keys and values"),
+                         (probabilities, "the probabilities")):
+        _check(tensor, name, (torch.bfloat16,))
+    if grad.dim() != 3 or keys_values.dim() != 3 or keys_values.shape[0] != grad.shape[0] \
+            or keys_values.shape[2] != 2 * grad.shape[2] \
+            or tuple(probabilities.shape) != (grad.shape[0], heads, grad.shape[1], keys_values.shape[1]):
+        raise ValueError(f"attention_score_grads takes N x L x C gradients, N x S x 2C keys and values and "
+                         f"N x heads x L x S probabilities, not shapes {tuple(grad.shape)}, "
+                         f"{tuple(keys_values.shape)} and {tuple(probabilities.shape)} for {heads} heads")
+    n, length, channels = grad.shape
+    if heads < 1 or channels % heads or (channels // heads) % ATTENTION_HEAD_MULTIPLE or keys_values.shape[1] < 1:
+        raise ValueError(f"attention_score_grads takes heads of a multiple of {ATTENTION_HEAD_MULTIPLE} channels and "
+                         f"at least one key, not {channels} channels in {heads} heads over {keys_values.shape[1]} keys")
+    grads = torch.empty_like(probabilities)
+    if grads.numel():
+        status = library.seglab_attention_score_grads(grads.data_ptr(), grad.data_ptr(), keys_values.data_ptr(),
+                                                      probabilities.data_ptr(), n, length, keys_values.shape[1],
+                                                      heads, channels // heads, torch.get_num_threads())
+        if status == -1:
+            raise MemoryError("attention_score_grads: out of memory for a thread's buffers")
+    return grads
 
 
 def linear(tokens: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, *,

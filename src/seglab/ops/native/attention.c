@@ -25,6 +25,7 @@
 typedef struct {
     const void *q, *kv;
     void *dst;
+    void *probabilities; /* NULL, or the softmax written out (N x heads x L x S, dst's dtype) */
     int64_t queries, keys, heads, head_dim, blocks; /* blocks of ATTENTION_QUERIES per (image, head) */
     int64_t padded_keys;                            /* keys rounded up to whole vectors of 16 */
     float scale;
@@ -52,9 +53,9 @@ static void attention_head(const AttentionJob *job, int64_t b, int64_t h, float 
 /* Each row of `scores` (count x Sp) becomes exp(scale (score - the row's maximum)) over the S
  * keys (scale > 0), zero over the padding: in place, or where `exps` is given written there as
  * bf16 (count x Sp) for the second product, rounded by one instruction (VCVTNEPS2BF16, to
- * nearest, ties to even); `sums` gets each row's total. */
+ * nearest, ties to even), and in place too with `keep`; `sums` gets each row's total. */
 static void attention_softmax(float *scores, int count, int64_t S, int64_t Sp, float scale, uint16_t *exps,
-                              float *sums) {
+                              int keep, float *sums) {
     const int64_t vectors = Sp / 16, last = S - (vectors - 1) * 16; /* keys in the last vector */
     for (int t = 0; t < count; t++) {
         float *row = scores + t * Sp;
@@ -76,12 +77,32 @@ static void attention_softmax(float *scores, int count, int64_t S, int64_t Sp, f
 #if defined(__AVX512BF16__)
             if (exps) {
                 _mm256_storeu_si256((__m256i *)(exps + t * Sp + v * 16), (__m256i)_mm512_cvtneps_pbh((__m512)value));
-                continue;
+                if (!keep) continue;
             }
+#else
+            (void)exps, (void)keep;
 #endif
             memcpy(row + v * 16, &value, sizeof value);
         }
         sums[t] = lanes_sum(total);
+    }
+}
+
+/* The block's softmax rows (exps in `exps`, count x Sp, over their `sums`) written out at query
+ * i0 of (image, head) `pair`, rounded once where bf16. */
+static void attention_probabilities(const AttentionJob *job, int64_t pair, int64_t i0, int count, const float *exps,
+                                    const float *sums) {
+    const int64_t S = job->keys, Sp = job->padded_keys;
+    for (int t = 0; t < count; t++) {
+        const float inverse = 1.0f / sums[t];
+        const int64_t at = (pair * job->queries + i0 + t) * S;
+        for (int64_t j = 0; j < S; j += 16) {
+            f32x16 value;
+            memcpy(&value, exps + t * Sp + j, sizeof value);
+            const int width = S - j < 16 ? (int)(S - j) : 16;
+            if (job->bf16) MEMORY(store, bf16, 16)((uint16_t *)job->probabilities + at + j, value * inverse, width);
+            else MEMORY(store, f32, 16)((float *)job->probabilities + at + j, value * inverse, width);
+        }
     }
 }
 
@@ -106,7 +127,8 @@ static void attention_blocks(const void *job_, int64_t begin, int64_t end) {
         for (int t = 0; t < count; t++)
             for (int64_t d = 0; d < D; d++) queries[t * D + d] = attention_value(job->q, first + t * C + d, job->bf16);
         linear_row(queries, count, D, keys_t, Sp, NULL, NULL, scores);
-        attention_softmax(scores, count, S, Sp, job->scale, NULL, sums);
+        attention_softmax(scores, count, S, Sp, job->scale, NULL, 0, sums);
+        if (job->probabilities) attention_probabilities(job, pair, i0, count, scores, sums);
         linear_row(scores, count, Sp, values, D, NULL, NULL, sums_v);
         for (int t = 0; t < count; t++) {
             const float inverse = 1.0f / sums[t];
@@ -161,7 +183,8 @@ static void attention_blocks_pairs(const void *job_, int64_t begin, int64_t end)
         const uint16_t *q = (const uint16_t *)job->q + first;
         for (int t = 0; t < count; t++) memcpy(queries + t * D, q + t * C, sizeof(uint16_t) * D);
         pair_row(queries, count, D / 2, keys_p, Sp, NULL, scores);
-        attention_softmax(scores, count, S, Sp, job->scale, exps, sums);
+        attention_softmax(scores, count, S, Sp, job->scale, exps, job->probabilities != NULL, sums);
+        if (job->probabilities) attention_probabilities(job, pair, i0, count, scores, sums);
         pair_row(exps, count, Sp / 2, values_p, D, NULL, sums_v);
         for (int t = 0; t < count; t++) {
             const float inverse = 1.0f / sums[t];
@@ -178,19 +201,118 @@ static void attention_blocks_pairs(const void *job_, int64_t begin, int64_t end)
 
 /* dst (n x queries x heads * head_dim) = the attention above of q (like dst) over kv (n x keys x
  * 2 heads * head_dim), all float32 or all bf16 (bf16 nonzero), contiguous; scale multiplies the
- * scores. Returns 0; -1 where memory ran out; -2 for head_dim not a whole number of 16-float
- * vectors or no keys. */
-int seglab_attention(void *dst, const void *q, const void *kv, int64_t n, int64_t queries, int64_t keys,
-                     int64_t heads, int64_t head_dim, float scale, int bf16, int threads) {
+ * scores. Where `probabilities` is not NULL, the softmax too (n x heads x queries x keys, like
+ * dst; a gradient's backward pass multiplies by it). Returns 0; -1 where memory ran out; -2 for
+ * head_dim not a whole number of 16-float vectors or no keys. */
+int seglab_attention(void *dst, void *probabilities, const void *q, const void *kv, int64_t n, int64_t queries,
+                     int64_t keys, int64_t heads, int64_t head_dim, float scale, int bf16, int threads) {
     if (head_dim % 16 || keys < 1) return -2;
     int failed = 0;
     const int64_t blocks = (queries + ATTENTION_QUERIES - 1) / ATTENTION_QUERIES;
-    AttentionJob job = {q, kv, dst, queries, keys, heads, head_dim, blocks, (keys + 15) / 16 * 16, scale, bf16,
-                        &failed};
+    AttentionJob job = {q, kv, dst, probabilities, queries, keys, heads, head_dim, blocks,
+                        (keys + 15) / 16 * 16, scale, bf16, &failed};
     RangeFn blocks_of = attention_blocks;
 #if BF16_PAIRS
     if (bf16) blocks_of = attention_blocks_pairs;
 #endif
     parallel_for(n * heads * blocks, threads, blocks_of, &job);
+    return failed ? -1 : 0;
+}
+
+/* The softmax's gradient for attention's backward pass (seglab.ops.token_attention), per head:
+ *
+ *   ds[b, h, i, j] = p_ij (dp_ij - sum_k p_ik dp_ik / sum_k p_ik),  dp_ij = dO_i . v_j,
+ *
+ * dO the output's gradient (N x L x C tokens, heads side by side), v_j the values (kv's last C
+ * channels, kv N x S x 2C), p the softmax the forward pass wrote (N x heads x L x S); bf16, on a
+ * processor with pair products. dp by pairs into float32, the row's weighted mean in float32,
+ * each value of ds rounded to bf16 once.
+ * Why: dp - (the p-weighted mean of dp) cancels where a row's values are alike (SegFormer's few
+ * keys pooled from neighbouring pixels), leaving only the spread of dp. PyTorch's bf16 operators
+ * round dp before the difference, and flash attention takes the mean as dO . o from the bf16
+ * output: either puts an error of 2^-8 of dp itself into the difference, which can exceed the
+ * spread. Dividing by the stored weights' own sum makes the mean exact for a constant dp, so the
+ * error left is 2^-8 of the spread. */
+typedef struct {
+    const uint16_t *grad, *kv, *probabilities;
+    uint16_t *dst;
+    int64_t queries, keys, heads, head_dim, blocks, padded_keys;
+    int *failed;
+} ScoreGradJob;
+
+#if BF16_PAIRS
+static void score_grad_blocks(const void *job_, int64_t begin, int64_t end) {
+    const ScoreGradJob *job = (const ScoreGradJob *)job_;
+    const int64_t L = job->queries, S = job->keys, Sp = job->padded_keys, D = job->head_dim;
+    const int64_t H = job->heads, C = H * D, Q = ATTENTION_QUERIES;
+    /* the head's values as pairs along D (D / 2 x Sp x 2, as the forward lays out its keys), the
+     * block's rows of dO; the products dO v^T */
+    uint16_t *halves = malloc(sizeof(uint16_t) * (D * Sp + Q * D));
+    float *products = malloc(sizeof(float) * Q * Sp);
+    if (!halves || !products) {
+        free(halves), free(products);
+        *job->failed = 1;
+        return;
+    }
+    uint16_t *values_p = halves, *rows = values_p + D * Sp;
+    int64_t ready = -1;
+    for (int64_t u = begin; u < end; u++) {
+        const int64_t pair = u / job->blocks, b = pair / H, h = pair % H, i0 = (u % job->blocks) * Q;
+        const int count = (int)(L - i0 < Q ? L - i0 : Q);
+        if (pair != ready) {
+            const uint16_t *values = job->kv + b * S * 2 * C + C + h * D;
+            memset(values_p, 0, sizeof(uint16_t) * D * Sp);
+            for (int64_t j = 0; j < S; j++)
+                for (int64_t d = 0; d < D; d++) values_p[((d / 2) * Sp + j) * 2 + d % 2] = values[j * 2 * C + d];
+            ready = pair;
+        }
+        const int64_t first = (b * L + i0) * C + h * D;
+        for (int t = 0; t < count; t++) memcpy(rows + t * D, job->grad + first + t * C, sizeof(uint16_t) * D);
+        pair_row(rows, count, D / 2, values_p, Sp, NULL, products);
+        for (int t = 0; t < count; t++) {
+            const uint16_t *p = job->probabilities + (pair * L + i0 + t) * S;
+            f32x16 weighted = {0}, weights = {0};
+            for (int64_t j = 0; j < S; j += 16) {
+                const int width = S - j < 16 ? (int)(S - j) : 16;
+                f32x16 dp;
+                memcpy(&dp, products + t * Sp + j, sizeof dp);
+                const f32x16 w = MEMORY(load, bf16, 16)(p + j, width); /* (zero past the keys) */
+                weighted += w * dp;
+                weights += w;
+            }
+            const float mean = lanes_sum(weighted) / lanes_sum(weights);
+            uint16_t *ds = job->dst + (pair * L + i0 + t) * S;
+            for (int64_t j = 0; j < S; j += 16) {
+                const int width = S - j < 16 ? (int)(S - j) : 16;
+                f32x16 dp;
+                memcpy(&dp, products + t * Sp + j, sizeof dp);
+                const f32x16 value = MEMORY(load, bf16, 16)(p + j, width) * (dp - mean);
+                if (width == 16) /* rounded by one instruction, as the forward's exps */
+                    _mm256_storeu_si256((__m256i *)(ds + j), (__m256i)_mm512_cvtneps_pbh((__m512)value));
+                else
+                    MEMORY(store, bf16, 16)(ds + j, value, width);
+            }
+        }
+    }
+    free(halves), free(products);
+}
+#endif
+
+/* dst (n x heads x queries x keys) = ds above of grad (n x queries x heads * head_dim), kv
+ * (n x keys x 2 heads * head_dim) and probabilities (like dst), all bf16, contiguous. Returns 0;
+ * -1 where memory ran out; -2 for head_dim not a whole number of 16-float vectors, no keys, or a
+ * processor without pair products. */
+int seglab_attention_score_grads(void *dst, const void *grad, const void *kv, const void *probabilities, int64_t n,
+                                 int64_t queries, int64_t keys, int64_t heads, int64_t head_dim, int threads) {
+    if (head_dim % 16 || keys < 1 || !BF16_PAIRS) return -2;
+    int failed = 0;
+    const int64_t blocks = (queries + ATTENTION_QUERIES - 1) / ATTENTION_QUERIES;
+    const ScoreGradJob job = {grad, kv, probabilities, dst, queries, keys, heads, head_dim, blocks,
+                              (keys + 15) / 16 * 16, &failed};
+#if BF16_PAIRS
+    parallel_for(n * heads * blocks, threads, score_grad_blocks, &job);
+#else
+    (void)job, (void)n, (void)threads;
+#endif
     return failed ? -1 : 0;
 }

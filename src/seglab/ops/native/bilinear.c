@@ -41,25 +41,25 @@ static inline void source_of(int64_t out, int64_t out_size, int64_t in_size, int
     *weight = position - (float)index;
 }
 
-/* NAME##_row(job, b, y, out): row y of image b, `out` (W x C), gets the maps added (and the ReLU);
- * NAME(job, begin, end): rows [begin, end) of dst, in place. */
-#define DEFINE_ADD_UPSAMPLED(NAME, TYPE, MEM)                                                       \
-    static void NAME##_row(const UpsampleJob *job, int64_t b, int64_t y, TYPE *out) {               \
+/* NAME##_row(job, b, y, out): row y of image b, `out` (W x C of OUT), gets the maps (of SRC)
+ * added (and the ReLU). */
+#define DEFINE_ADD_UPSAMPLED_ROW(NAME, OUT, OUT_MEM, SRC, SRC_MEM)                                  \
+    static void NAME##_row(const UpsampleJob *job, int64_t b, int64_t y, OUT *out) {                \
         const int64_t C = job->channels, H = job->height, W = job->width;                           \
-        const TYPE *rows[MAX_UPSAMPLED][2];                                                         \
+        const SRC *rows[MAX_UPSAMPLED][2];                                                          \
         float row_weight[MAX_UPSAMPLED][2];                                                         \
         for (int k = 0; k < job->count; k++) {                                                      \
             int64_t y0, y1;                                                                         \
             float h1;                                                                               \
             source_of(y, H, job->heights[k], &y0, &y1, &h1);                                        \
-            const TYPE *image = (const TYPE *)job->srcs[k] + b * job->heights[k] * job->widths[k] * C; \
+            const SRC *image = (const SRC *)job->srcs[k] + b * job->heights[k] * job->widths[k] * C; \
             rows[k][0] = image + y0 * job->widths[k] * C;                                           \
             rows[k][1] = image + y1 * job->widths[k] * C;                                           \
             row_weight[k][0] = 1.0f - h1;                                                           \
             row_weight[k][1] = h1;                                                                  \
         }                                                                                           \
         for (int64_t x = 0; x < W; x++, out += C) {                                                 \
-            const TYPE *p[MAX_UPSAMPLED][4];                                                        \
+            const SRC *p[MAX_UPSAMPLED][4];                                                         \
             float w[MAX_UPSAMPLED][2];                                                              \
             for (int k = 0; k < job->count; k++) {                                                  \
                 int64_t x0, x1;                                                                     \
@@ -74,19 +74,24 @@ static inline void source_of(int64_t out, int64_t out_size, int64_t in_size, int
             }                                                                                       \
             for (int64_t c = 0; c < C; c += WIDE) {                                                 \
                 const int width = C - c < WIDE ? (int)(C - c) : WIDE;                               \
-                VECTOR(WIDE) sum = MEMORY(load, MEM, WIDE)(out + c, width);                         \
+                VECTOR(WIDE) sum = MEMORY(load, OUT_MEM, WIDE)(out + c, width);                     \
                 for (int k = 0; k < job->count; k++) {                                              \
-                    const VECTOR(WIDE) top = w[k][0] * MEMORY(load, MEM, WIDE)(p[k][0] + c, width)  \
-                                           + w[k][1] * MEMORY(load, MEM, WIDE)(p[k][1] + c, width); \
-                    const VECTOR(WIDE) bottom = w[k][0] * MEMORY(load, MEM, WIDE)(p[k][2] + c, width) \
-                                              + w[k][1] * MEMORY(load, MEM, WIDE)(p[k][3] + c, width); \
+                    const VECTOR(WIDE) top = w[k][0] * MEMORY(load, SRC_MEM, WIDE)(p[k][0] + c, width) \
+                                           + w[k][1] * MEMORY(load, SRC_MEM, WIDE)(p[k][1] + c, width); \
+                    const VECTOR(WIDE) bottom = w[k][0] * MEMORY(load, SRC_MEM, WIDE)(p[k][2] + c, width) \
+                                              + w[k][1] * MEMORY(load, SRC_MEM, WIDE)(p[k][3] + c, width); \
                     sum += row_weight[k][0] * top + row_weight[k][1] * bottom;                      \
                 }                                                                                   \
                 if (job->relu) RELU(WIDE, sum);                                                     \
-                MEMORY(store, MEM, WIDE)(out + c, sum, width);                                      \
+                MEMORY(store, OUT_MEM, WIDE)(out + c, sum, width);                                  \
             }                                                                                       \
         }                                                                                           \
-    }                                                                                               \
+    }
+
+/* NAME##_row as above for maps of TYPE added into TYPE; NAME(job, begin, end): rows [begin, end)
+ * of dst, in place. */
+#define DEFINE_ADD_UPSAMPLED(NAME, TYPE, MEM)                                                       \
+    DEFINE_ADD_UPSAMPLED_ROW(NAME, TYPE, MEM, TYPE, MEM)                                            \
     static void NAME(const void *job_, int64_t begin, int64_t end) {                                \
         const UpsampleJob *job = (const UpsampleJob *)job_;                                         \
         for (int64_t u = begin; u < end; u++)                                                       \
