@@ -145,18 +145,24 @@ static void attention_blocks(const void *job_, int64_t begin, int64_t end) {
 }
 
 #if BF16_PAIRS
+/* One head's D channels of the S keys (or values) in `rows` (2C apart) as pairs along D
+ * (D / 2 x Sp x 2), zero beyond S: the matrix a row of D values (a query, or a row of dO)
+ * multiplies by pairs into Sp products. */
+static void pairs_along_channels(const uint16_t *rows, int64_t S, int64_t Sp, int64_t C, int64_t D, uint16_t *out) {
+    memset(out, 0, sizeof(uint16_t) * D * Sp);
+    for (int64_t j = 0; j < S; j++)
+        for (int64_t d = 0; d < D; d++) out[((d / 2) * Sp + j) * 2 + d % 2] = rows[j * 2 * C + d];
+}
+
 /* The head's keys as pairs along D (D / 2 x Sp x 2) and values as pairs along the keys
  * (Sp / 2 x D x 2), bf16 as they are, zero beyond S. */
 static void attention_head_pairs(const AttentionJob *job, int64_t b, int64_t h, uint16_t *keys_p, uint16_t *values_p) {
     const int64_t S = job->keys, Sp = job->padded_keys, D = job->head_dim, C = job->heads * D;
     const uint16_t *kv = (const uint16_t *)job->kv + b * S * 2 * C + h * D;
-    memset(keys_p, 0, sizeof(uint16_t) * D * Sp);
+    pairs_along_channels(kv, S, Sp, C, D, keys_p);
     memset(values_p, 0, sizeof(uint16_t) * D * Sp);
     for (int64_t j = 0; j < S; j++)
-        for (int64_t d = 0; d < D; d++) {
-            keys_p[((d / 2) * Sp + j) * 2 + d % 2] = kv[j * 2 * C + d];
-            values_p[((j / 2) * D + d) * 2 + j % 2] = kv[j * 2 * C + C + d];
-        }
+        for (int64_t d = 0; d < D; d++) values_p[((j / 2) * D + d) * 2 + j % 2] = kv[j * 2 * C + C + d];
 }
 
 static void attention_blocks_pairs(const void *job_, int64_t begin, int64_t end) {
@@ -245,8 +251,8 @@ static void score_grad_blocks(const void *job_, int64_t begin, int64_t end) {
     const ScoreGradJob *job = (const ScoreGradJob *)job_;
     const int64_t L = job->queries, S = job->keys, Sp = job->padded_keys, D = job->head_dim;
     const int64_t H = job->heads, C = H * D, Q = ATTENTION_QUERIES;
-    /* the head's values as pairs along D (D / 2 x Sp x 2, as the forward lays out its keys), the
-     * block's rows of dO; the products dO v^T */
+    /* the head's values as pairs along D (D / 2 x Sp x 2), the block's rows of dO; the products
+     * dO v^T */
     uint16_t *halves = malloc(sizeof(uint16_t) * (D * Sp + Q * D));
     float *products = malloc(sizeof(float) * Q * Sp);
     if (!halves || !products) {
@@ -259,11 +265,8 @@ static void score_grad_blocks(const void *job_, int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; u++) {
         const int64_t pair = u / job->blocks, b = pair / H, h = pair % H, i0 = (u % job->blocks) * Q;
         const int count = (int)(L - i0 < Q ? L - i0 : Q);
-        if (pair != ready) {
-            const uint16_t *values = job->kv + b * S * 2 * C + C + h * D;
-            memset(values_p, 0, sizeof(uint16_t) * D * Sp);
-            for (int64_t j = 0; j < S; j++)
-                for (int64_t d = 0; d < D; d++) values_p[((d / 2) * Sp + j) * 2 + d % 2] = values[j * 2 * C + d];
+        if (pair != ready) { /* the values, as the forward lays out its keys */
+            pairs_along_channels(job->kv + b * S * 2 * C + C + h * D, S, Sp, C, D, values_p);
             ready = pair;
         }
         const int64_t first = (b * L + i0) * C + h * D;
