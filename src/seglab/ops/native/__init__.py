@@ -241,9 +241,9 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_linear.argtypes = [pointer] * 5 + [i64, i64, i64, i32]
     library.seglab_linear.restype = i32
     library.seglab_attention.argtypes = [pointer] * 4 + [i64] * 5 + [ctypes.c_float, i32, i32]
+    library.seglab_attention.restype = library.seglab_bf16_pairs.restype = i32
     library.seglab_attention_score_grads.argtypes = [pointer] * 4 + [i64] * 5 + [i32]
     library.seglab_attention_score_grads.restype = i32
-    library.seglab_attention.restype = library.seglab_bf16_pairs.restype = i32
     library.seglab_bf16_pairs.argtypes = []
     library.seglab_mlp_head.argtypes = [pointer] * 7 + [i32, pointer, pointer, i64, i64, i64, i64, i64, i64, i64,
                                                         i32, i32]
@@ -895,6 +895,15 @@ def bf16_pairs() -> bool:
     return library is not None and bool(library.seglab_bf16_pairs())
 
 
+def _head_width(function: str, channels: int, heads: int, keys: int) -> int:
+    """The width of each of `heads` heads side by side in `channels`, checked as attention.c takes
+    them: whole `ATTENTION_HEAD_MULTIPLE`-channel vectors, at least one key."""
+    if heads < 1 or channels % heads or (channels // heads) % ATTENTION_HEAD_MULTIPLE or keys < 1:
+        raise ValueError(f"{function} takes heads of a multiple of {ATTENTION_HEAD_MULTIPLE} channels and at least "
+                         f"one key, not {channels} channels in {heads} heads over {keys} keys")
+    return channels // heads
+
+
 def attention(queries: torch.Tensor, keys_values: torch.Tensor, heads: int, scale: float | None = None, *,
               probabilities: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention of `queries` (N x L x C tokens, the heads' C / heads channels side
@@ -913,10 +922,7 @@ def attention(queries: torch.Tensor, keys_values: torch.Tensor, heads: int, scal
         raise ValueError(f"attention takes N x L x C queries and N x S x 2C keys and values, not shapes "
                          f"{tuple(queries.shape)} and {tuple(keys_values.shape)}")
     n, length, channels = queries.shape
-    if heads < 1 or channels % heads or (channels // heads) % ATTENTION_HEAD_MULTIPLE or keys_values.shape[1] < 1:
-        raise ValueError(f"attention takes heads of a multiple of {ATTENTION_HEAD_MULTIPLE} channels and at least "
-                         f"one key, not {channels} channels in {heads} heads over {keys_values.shape[1]} keys")
-    head_dim = channels // heads
+    head_dim = _head_width("attention", channels, heads, keys_values.shape[1])
     if scale is not None and not scale > 0:
         raise ValueError(f"attention takes a positive scale, not {scale}")
     if probabilities is not None:
@@ -958,14 +964,12 @@ def attention_score_grads(grad: torch.Tensor, keys_values: torch.Tensor, probabi
                          f"N x heads x L x S probabilities, not shapes {tuple(grad.shape)}, "
                          f"{tuple(keys_values.shape)} and {tuple(probabilities.shape)} for {heads} heads")
     n, length, channels = grad.shape
-    if heads < 1 or channels % heads or (channels // heads) % ATTENTION_HEAD_MULTIPLE or keys_values.shape[1] < 1:
-        raise ValueError(f"attention_score_grads takes heads of a multiple of {ATTENTION_HEAD_MULTIPLE} channels and "
-                         f"at least one key, not {channels} channels in {heads} heads over {keys_values.shape[1]} keys")
+    head_dim = _head_width("attention_score_grads", channels, heads, keys_values.shape[1])
     grads = torch.empty_like(probabilities)
     if grads.numel():
         status = library.seglab_attention_score_grads(grads.data_ptr(), grad.data_ptr(), keys_values.data_ptr(),
                                                       probabilities.data_ptr(), n, length, keys_values.shape[1],
-                                                      heads, channels // heads, torch.get_num_threads())
+                                                      heads, head_dim, torch.get_num_threads())
         if status == -1:
             raise MemoryError("attention_score_grads: out of memory for a thread's buffers")
     return grads
