@@ -153,8 +153,8 @@ TRAINING_ABLATION: dict[str, dict[str, Any]] = {
     # native kernel (the trainer's default in bf16 on the CPU, `--native-norms`), against the row above.
     "+bf16 autocast +channels_last +winograd +native cross-entropy +native norms": dict(
         channels_last=True, precision="bf16", fused=False, winograd=True, native_loss=True, native_norms=True),
-    # SegFormer's attention heads by the native kernel forward and batched products backward
-    # (AVX-512 BF16; `seglab train --native-attention`; other models have none), against the row above.
+    # SegFormer's attention heads by the native kernel forward and its own backward (AVX-512 BF16;
+    # the trainer's default there, `--native-attention`; other models have none), against the row above.
     "+bf16 autocast +channels_last +winograd +native cross-entropy +native norms +native attention": dict(
         channels_last=True, precision="bf16", fused=False, winograd=True, native_loss=True, native_norms=True,
         native_attention=True),
@@ -489,7 +489,7 @@ def _training_candidates(arch: Architecture, settings: BenchSettings, device: to
         _Candidate("seglab", "eager fp32", flops, "32", trainer(build_seglab, channels_last=False, precision="32", fused=False, winograd=False)),
         _Candidate("seglab", f"fast ({precision})", flops, precision,
                    trainer(build_seglab, channels_last=True, precision=precision, fused=True, winograd=True,
-                           tuned_gradients=True, native_loss=True, native_norms=True)),
+                           tuned_gradients=True, native_loss=True, native_norms=True, native_attention=True)),
     ]
     if settings.int8_on(device):
         candidates.append(_Candidate("seglab", INT8_TRAINING_VARIANT, flops, "int8", trainer(

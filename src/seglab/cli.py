@@ -121,7 +121,7 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--scheduler", dict(choices=["cosine", "poly", "constant"], help="learning-rate schedule")),
     ("--loss", dict(help="loss, e.g. ce, dice, ce+dice, 0.5*ce+lovasz")),
     ("--class-weights", dict(type=_class_weights, help="per-class loss weights: w0,w1,... or median_frequency")),
-    ("--warmup-epochs", dict(type=float, help="linear learning-rate warm-up (epochs, may be fractional)")),
+    ("--warmup-epochs", dict(type=float, help="linear learning-rate warm-up (epochs, may be fractional; default: the model's recipe, 1 for SegFormer, else 0)")),
     ("--precision", dict(choices=["auto", "32", "bf16", "16"], help="auto (default: bf16 where the hardware runs it natively, else 32, with --int8-products on CPUs with VNNI or AMX), 32 (float32 throughout), bf16, 16 (CUDA)")),
     ("--direct-convolutions", dict(action="store_const", const=True, help=DIRECT_CONVOLUTIONS_HELP)),
     ("--int8-products", dict(action=argparse.BooleanOptionalAction,
@@ -138,8 +138,8 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--native-attention", dict(action=argparse.BooleanOptionalAction,
                                 help="bf16 training on the CPU with AVX-512 BF16: SegFormer's attention heads by the "
                                      "native kernel forward, which keeps its softmax, and its own backward (1.06-1.11x "
-                                     "faster steps; docs/engine.md). Off by default: over ten seeds of the synthetic "
-                                     "SegFormer recipe it reached 4.8 points lower mIoU than PyTorch's attention")),
+                                     "faster steps; mIoU within 0.5 points over ten seeds, docs/engine.md). Default: "
+                                     "on wherever training runs so; --no-native-attention keeps PyTorch's attention")),
     ("--int8-calibration", dict(action=argparse.BooleanOptionalAction,
                                 help="CPU runs on a CPU with VNNI or AMX: end by storing int8 input ranges "
                                      "in the best checkpoint, checked on the validation split, so that `seglab predict` "

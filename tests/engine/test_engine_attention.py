@@ -73,14 +73,15 @@ def test_a_bf16_training_step_through_the_route_matches_pytorchs_attention():
 
 
 @needs_pairs
-def test_the_trainer_takes_the_route_when_asked(tmp_path):
+def test_the_trainer_takes_the_route_by_default_in_bf16_unless_told_not_to(tmp_path):
     def trainer(**overrides) -> Trainer:
         options = tiny_options(out=str(tmp_path), device="cpu", model="segformer", **overrides)
         options["model_kwargs"] = {"variant": "b0"}
         return Trainer(TrainConfig.from_dict(options), console=quiet_console())
 
     assert isinstance(trainer(precision="bf16", native_attention=True).attention, TrainingAttention)
-    assert not isinstance(trainer(precision="bf16").attention, TrainingAttention)  # opt-in
+    assert isinstance(trainer(precision="bf16").attention, TrainingAttention)  # the default since the 32nd session
+    assert not isinstance(trainer(precision="bf16", native_attention=False).attention, TrainingAttention)
     assert not isinstance(trainer(precision="32", native_attention=True).attention, TrainingAttention)
     with pytest.raises(ValueError, match="native_attention must be true, false or null"):
         trainer(precision="bf16", native_attention="yes")

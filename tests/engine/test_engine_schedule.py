@@ -24,6 +24,23 @@ def test_learning_rate_shape_warms_up_then_follows_its_curve() -> None:
     assert LearningRateShape("constant", warmup_steps=0, total_steps=10)(7) == 1.0
 
 
+def test_warm_up_defaults_to_the_models_recipe_and_the_user_wins() -> None:
+    assert TrainConfig().warmup_epochs == 0.0  # the main job's U-Net
+    assert TrainConfig(model="segformer").warmup_epochs == 1.0  # SegFormer's recipe (models/registry)
+    assert TrainConfig(model="segformer", warmup_epochs=0).warmup_epochs == 0
+    assert TrainConfig(model="not-a-model").warmup_epochs == 0.0  # the trainer names the model
+    assert TrainConfig.from_dict(TrainConfig(model="segformer").to_dict()).warmup_epochs == 1.0
+    with pytest.raises(ValueError, match="--warmup-epochs"):
+        TrainConfig(warmup_epochs=-0.5)
+
+
+def test_segformers_warm_up_spans_its_first_epoch() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = trainer_module.build_scheduler(optimizer, TrainConfig(model="segformer", epochs=3), steps_per_epoch=10)
+    factors = [scheduler.lr_lambdas[0](step) for step in range(12)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)]) and factors[10] == 1.0 > factors[11]
+
+
 def test_epochs_within_budget_counts_whole_epochs_at_the_last_pace() -> None:
     assert epochs_within_budget(1, 200.0, 200.0, 600.0, planned=10) == 3  # 400 s left: two more
     assert epochs_within_budget(2, 200.0, 450.0, 600.0, planned=10) == 2  # 150 s left: none

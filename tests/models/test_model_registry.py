@@ -14,6 +14,20 @@ def test_every_listed_model_has_an_entry_with_a_task_and_paper():
         assert entry.paper
 
 
+def test_recipes_name_training_options_and_are_read_only():
+    import dataclasses
+
+    from seglab.engine.config import TrainConfig
+
+    options = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name in seglab.list_models():
+        recipe = get_model_entry(name).recipe
+        assert set(recipe) <= options, f"{name}'s recipe names an option TrainConfig lacks"
+    assert get_model_entry("segformer").recipe == {"warmup_epochs": 1.0}
+    with pytest.raises(TypeError):
+        get_model_entry("segformer").recipe["warmup_epochs"] = 0.0  # type: ignore[index]
+
+
 def test_task_filter():
     semantic = seglab.list_models("semantic")
     assert "unet" in semantic and "mask_rcnn" not in semantic

@@ -38,7 +38,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     scheduler: str = "cosine"
-    warmup_epochs: float = 0.0
+    warmup_epochs: float | None = None  # linear warm-up; None: the model's recipe (SegFormer 1 epoch), else 0
     loss: str = "ce+dice"
     class_weights: list[float] | str | None = None
     aux_weight: float = 0.4
@@ -53,8 +53,9 @@ class TrainConfig:
     # session). None: on where the run trains in bf16 on the CPU; false: PyTorch's norms
     native_norms: bool | None = None
     # bf16 on the CPU (AVX-512 BF16): SegFormer's attention heads by the native kernel forward,
-    # which keeps its softmax, and its own backward (seglab.engine.attention). Opt-in: None and
-    # false keep PyTorch's attention (ten seeds of the SegFormer recipe: -4.81 points, docs/bench.md)
+    # which keeps its softmax, and its own backward (seglab.engine.attention), 1.06-1.11x faster
+    # steps. None: on where training runs so (ten seeds of the warmed-up SegFormer recipe: +0.81
+    # points against PyTorch's attention, docs/bench.md); false: PyTorch's flash attention
     native_attention: bool | None = None
     direct_convolutions: bool = False  # float32 on the CPU: eager convolutions, no Winograd, no tuned weight gradients
     # float32 on a CPU with VNNI or AMX: the large 1x1 convolutions' forward and input gradient as
@@ -81,6 +82,8 @@ class TrainConfig:
             # encoder U-Net `depth` would silently cut the encoder short (R34 without its 512-channel stage).
             plain_unet = str(self.model).lower() == "unet" and not self.encoder
             self.model_kwargs = dict(MAIN_JOB_UNET) if plain_unet else {}
+        if self.warmup_epochs is None:
+            self.warmup_epochs = float(_recipe_option(self.model, "warmup_epochs", 0.0))
         self.validate()
 
     def validate(self) -> None:
@@ -90,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"--batch-size must be a positive number, not {self.batch_size}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, not {self.lr}")
+        if not self.warmup_epochs >= 0:
+            raise ValueError(f"--warmup-epochs must be 0 or more, not {self.warmup_epochs}")
         if self.workers < 0:
             raise ValueError(f"--workers must be 0 or more, not {self.workers}")
         if self.optimizer not in ("adamw", "sgd"):
@@ -137,6 +142,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _recipe_option(model: str, option: str, fallback: Any) -> Any:
+    """The model's own default for a training option (its registry entry's `recipe`)."""
+    # Imported here: the registry imports every model, which a config with its options given never needs.
+    from seglab.models.registry import UnknownModelError, get_model_entry
+
+    try:
+        return get_model_entry(str(model)).recipe.get(option, fallback)
+    except UnknownModelError:  # the trainer names the unknown model in its own error
+        return fallback
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

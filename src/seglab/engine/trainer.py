@@ -280,10 +280,10 @@ class Trainer:
         # block's shortcut addition and ReLU, after it in one native kernel; entered at each step.
         self.norms = training_norms(self.model, self.device, self.precision.name,
                                     enabled=config.native_norms is not False)
-        # In bf16 on the CPU with `native_attention`, SegFormer's attention heads by the native
-        # kernel forward and batched products backward; entered at each step.
+        # In bf16 on the CPU (unless `native_attention` is false), SegFormer's attention heads by
+        # the native kernel forward and its own backward; entered at each step.
         self.attention = training_attention(self.model, self.device, self.precision.name,
-                                            enabled=config.native_attention is True)
+                                            enabled=config.native_attention is not False)
         self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
         self.normalize = Normalize(config.mean, config.std).to(self.device)
         self.class_weights = self._class_weights()

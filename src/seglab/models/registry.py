@@ -1,4 +1,5 @@
-"""Model registry: a name maps to a builder function, nothing more.
+"""Model registry: a name maps to a builder function (and the few training options the model's
+recipe needs where the user gives none, e.g. SegFormer's warm-up).
 
 Builders are plain functions with keyword arguments. A checkpoint stores the name and the
 keyword arguments it was built with, so `create_model(name, **kwargs)` rebuilds it exactly.
@@ -8,8 +9,8 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
@@ -30,6 +31,9 @@ class ModelEntry:
     task: str  # "semantic", "instance" or "image2image"
     paper: str
     zero_allowed: tuple[str, ...] = ()  # integer options for which 0 means something (else >= 1)
+    # training options (TrainConfig fields) this model's recipe sets where the user gives none,
+    # e.g. SegFormer's learning-rate warm-up; see TrainConfig.__post_init__
+    recipe: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
 
     @property
     def summary(self) -> str:
@@ -40,16 +44,18 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, *, task: str = "semantic", paper: str = "", zero_allowed: tuple[str, ...] = ()) -> Callable:
+def register_model(name: str, *, task: str = "semantic", paper: str = "", zero_allowed: tuple[str, ...] = (),
+                   recipe: Mapping[str, Any] | None = None) -> Callable:
     """Decorator registering `builder` under `name` (lower case, unique). Integer options are
     sizes and counts, checked to be >= 1 by `create_model`, except those in `zero_allowed`
-    (>= 0, e.g. Mask R-CNN's min_size=0: no resizing)."""
+    (>= 0, e.g. Mask R-CNN's min_size=0: no resizing). `recipe` holds the training options the
+    model needs where the user gives none (`TrainConfig` fields, e.g. ``{"warmup_epochs": 1.0}``)."""
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         key = name.lower()
         if key in _REGISTRY:
             raise ValueError(f"model name {name!r} is registered twice")
-        _REGISTRY[key] = ModelEntry(key, builder, task, paper, tuple(zero_allowed))
+        _REGISTRY[key] = ModelEntry(key, builder, task, paper, tuple(zero_allowed), types.MappingProxyType(dict(recipe or {})))
         return builder
 
     return decorator
