@@ -9,9 +9,10 @@ default synthetic recipe (`seglab train`: the main job's U-Net, 3,000 shapes at 
 - `bf16`: the bf16 fast path with PyTorch's norms (`--no-native-norms`; autocast's direct
   convolutions here);
 - `bf16-native-norms`: the same with the native norms (`seglab.engine.norms`), as shipped
-  since the twenty-ninth session;
+  since the twenty-ninth session, and PyTorch's attention (`--no-native-attention`);
 - `bf16-native-attention`: that with SegFormer's attention heads by the native kernel and
-  batched products too (`seglab.engine.attention`; for `-- --model segformer`);
+  its own backward too (`seglab.engine.attention`; for `-- --model segformer`), as shipped
+  since the thirty-second session;
 - `32`: float32.
 
 Not a test: it prints a Markdown table of best validation mIoU per seed and the paired
@@ -35,8 +36,10 @@ import sys
 import time
 from pathlib import Path
 
-ROUTES = {"forced": ["--precision", "bf16", "--no-native-norms"], "bf16": ["--precision", "bf16", "--no-native-norms"],
-          "32": ["--precision", "32"], "bf16-native-norms": ["--precision", "bf16", "--native-norms"],
+ROUTES = {"forced": ["--precision", "bf16", "--no-native-norms"],
+          "bf16": ["--precision", "bf16", "--no-native-norms"],
+          "32": ["--precision", "32"],
+          "bf16-native-norms": ["--precision", "bf16", "--native-norms", "--no-native-attention"],
           "bf16-native-attention": ["--precision", "bf16", "--native-norms", "--native-attention"]}
 
 

@@ -91,7 +91,7 @@ class OperatorTimes(TorchDispatchMode):
 
 
 def _call(model_key: str, mode: str, batch: int, size: int, peer: bool, precision: str,
-          int8_products: bool = False, native_attention: bool = False) -> Callable[[], None]:
+          int8_products: bool = False, native_attention: bool = True) -> Callable[[], None]:
     arch = ARCHITECTURES[model_key]
     if peer and arch.peer_builder is None:
         raise SystemExit(f"--peer: {model_key} has no peer model")
@@ -129,9 +129,10 @@ def main() -> None:
     parser.add_argument("--int8-products", action="store_true",
                         help="training: the large 1x1 convolutions and the ASPP's windows by int8 products "
                              "(seglab.ops.int8_products)")
-    parser.add_argument("--native-attention", action="store_true",
-                        help="training in bf16: SegFormer's attention heads by the native kernel and batched "
-                             "products (seglab.engine.attention)")
+    parser.add_argument("--native-attention", action=argparse.BooleanOptionalAction, default=True,
+                        help="training in bf16: SegFormer's attention heads by the native kernel and its own "
+                             "backward (seglab.engine.attention), as the trainer and the bench's fast row run "
+                             "them (default); --no-native-attention: PyTorch's flash attention")
     options = parser.parse_args()
     if options.threads:
         torch.set_num_threads(options.threads)

@@ -166,6 +166,31 @@ def test_score_grads_round_once_even_where_values_are_alike(shape, alike):
     assert _relative(result, _score_grads(grad, queries, keys_values, heads)) < 4e-3
 
 
+@needs_pairs
+@pytest.mark.parametrize("shape", SHAPES)
+def test_score_grads_give_the_queries_gradient_from_their_rounded_rows(shape):
+    """dq = scale ds k from the very rows returned (bf16) by pairs into float32: a float64
+    product of those rows with the keys, rounded to bf16, within bf16's own rounding."""
+    n, length, keys, heads = shape
+    torch.manual_seed(1)
+    queries, keys_values = torch.randn(n, length, 32 * heads).bfloat16(), torch.randn(n, keys, 64 * heads).bfloat16()
+    grad = torch.randn(n, length, 32 * heads).bfloat16()
+    probabilities = torch.empty(n, heads, length, keys, dtype=torch.bfloat16)
+    native.attention(queries, keys_values, heads, probabilities=probabilities)
+    alone = native.attention_score_grads(grad, keys_values, probabilities, heads)
+    query_grads = torch.full_like(grad, float("nan"))
+    result = native.attention_score_grads(grad, keys_values, probabilities, heads, query_grads=query_grads, scale=0.3)
+    assert torch.equal(result, alone)  # asking for dq changes nothing of ds
+    k = keys_values.double().reshape(n, keys, 2, heads, 32)[:, :, 0].transpose(1, 2)
+    expected = (0.3 * result.double() @ k).transpose(1, 2).reshape(n, length, 32 * heads)
+    assert torch.isfinite(query_grads).all()
+    assert ((query_grads.double() - expected).abs() <= 2 ** -8 * expected.abs() + 1e-6).all()
+    with pytest.raises(ValueError, match="query_grads must be"):
+        native.attention_score_grads(grad, keys_values, probabilities, heads, query_grads=torch.empty(n, length + 1, 32 * heads, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="positive scale"):
+        native.attention_score_grads(grad, keys_values, probabilities, heads, scale=0.0)
+
+
 def test_score_grads_refuse_what_they_do_not_take_in_one_line():
     grad, keys_values = torch.randn(1, 8, 32).bfloat16(), torch.randn(1, 4, 64).bfloat16()
     probabilities = torch.full((1, 1, 8, 4), 0.25).bfloat16()

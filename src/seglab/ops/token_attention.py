@@ -14,7 +14,8 @@ PyTorch's, so float32 keeps PyTorch's.
 Training (`native_training_attention`) runs the same kernel forward, which also writes the
 softmax P out (bf16, rounded once), and backward
     dS = P (dP - the P-weighted mean of dP), dP = dO V^T   (`native.attention_score_grads`),
-    dQ = s dS K,  dK = s dS^T Q,  dV = P^T dO   (three batched bf16 matrix products).
+    dQ = s dS K   (in the same pass, from dS's rows as rounded, into float32, rounded once),
+    dK = s dS^T Q,  dV = P^T dO   (two batched bf16 matrix products).
 The kernel takes dP by pair products into float32 and the mean over the stored weights' own
 sum, so dS is rounded once and its error is bf16's share of dP's spread. PyTorch's bf16
 operators round dP first, and its flash attention takes the mean as dO . O from the bf16
@@ -96,14 +97,15 @@ class _TrainingAttention(torch.autograd.Function):
                  grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         queries, keys_values, probabilities = ctx.saved_tensors
         n, length, channels = queries.shape
-        q, k, _ = _split_heads(queries, keys_values, ctx.heads)
+        q, _, _ = _split_heads(queries, keys_values, ctx.heads)
         scale = (channels // ctx.heads) ** -0.5
         grad_out = grad_out.contiguous()
         grad_heads = grad_out.view(n, length, ctx.heads, channels // ctx.heads).transpose(1, 2)
-        grad_scores = native.attention_score_grads(grad_out, keys_values, probabilities, ctx.heads)
-        grad_queries = grad_keys_values = None
-        if ctx.needs_input_grad[0]:
-            grad_queries = (grad_scores @ k).mul_(scale).transpose(1, 2).reshape(n, length, channels)
+        # dQ by the same native pass, from dS's rows while they are in cache, written as tokens
+        grad_queries = torch.empty_like(queries) if ctx.needs_input_grad[0] else None
+        grad_scores = native.attention_score_grads(grad_out, keys_values, probabilities, ctx.heads,
+                                                   query_grads=grad_queries, scale=scale)
+        grad_keys_values = None
         if ctx.needs_input_grad[1]:
             grad_keys = (grad_scores.transpose(-1, -2) @ q).mul_(scale)
             grad_values = probabilities.transpose(-1, -2) @ grad_heads

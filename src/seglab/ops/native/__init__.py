@@ -242,7 +242,7 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_linear.restype = i32
     library.seglab_attention.argtypes = [pointer] * 4 + [i64] * 5 + [ctypes.c_float, i32, i32]
     library.seglab_attention.restype = library.seglab_bf16_pairs.restype = i32
-    library.seglab_attention_score_grads.argtypes = [pointer] * 4 + [i64] * 5 + [i32]
+    library.seglab_attention_score_grads.argtypes = [pointer] * 5 + [i64] * 5 + [ctypes.c_float, i32]
     library.seglab_attention_score_grads.restype = i32
     library.seglab_bf16_pairs.argtypes = []
     library.seglab_mlp_head.argtypes = [pointer] * 7 + [i32, pointer, pointer, i64, i64, i64, i64, i64, i64, i64,
@@ -943,14 +943,17 @@ def attention(queries: torch.Tensor, keys_values: torch.Tensor, heads: int, scal
 
 
 def attention_score_grads(grad: torch.Tensor, keys_values: torch.Tensor, probabilities: torch.Tensor,
-                          heads: int) -> torch.Tensor:
+                          heads: int, *, query_grads: torch.Tensor | None = None,
+                          scale: float | None = None) -> torch.Tensor:
     """The gradient of `attention`'s scores (after the scale, before the softmax) from the
     gradient of its output, by `attention.c`: p (dp - the p-weighted mean of dp) per head and
     query, dp = grad v^T, p the softmax `attention` wrote to its `probabilities`. `grad` N x L x C
     tokens, `keys_values` N x S x 2C, `probabilities` N x heads x L x S; all bf16 and contiguous,
     on a processor with pair products (`bf16_pairs()`). dp by pairs into float32, the mean in
     float32 over the stored weights' own sum, each value rounded once. Returns N x heads x L x S
-    bf16."""
+    bf16. With `query_grads` (like `grad`) the queries' gradient is written there too:
+    `scale` (1 / sqrt(C / heads) unless given) times these rows times the keys, from the rows as
+    rounded, by pairs into float32, rounded once."""
     library = _required()
     if not bf16_pairs():
         raise ValueError("attention_score_grads needs a processor with AVX-512 BF16's pair products")
@@ -965,11 +968,20 @@ def attention_score_grads(grad: torch.Tensor, keys_values: torch.Tensor, probabi
                          f"{tuple(keys_values.shape)} and {tuple(probabilities.shape)} for {heads} heads")
     n, length, channels = grad.shape
     head_dim = _head_width("attention_score_grads", channels, heads, keys_values.shape[1])
+    if query_grads is not None:
+        _check(query_grads, "the queries' gradient", (torch.bfloat16,))
+        if query_grads.shape != grad.shape:
+            raise ValueError(f"attention_score_grads' query_grads must be {tuple(grad.shape)}, not "
+                             f"{tuple(query_grads.shape)}")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"attention_score_grads takes a positive scale, not {scale}")
     grads = torch.empty_like(probabilities)
     if grads.numel():
-        status = library.seglab_attention_score_grads(grads.data_ptr(), grad.data_ptr(), keys_values.data_ptr(),
-                                                      probabilities.data_ptr(), n, length, keys_values.shape[1],
-                                                      heads, head_dim, torch.get_num_threads())
+        status = library.seglab_attention_score_grads(grads.data_ptr(), _pointer(query_grads), grad.data_ptr(),
+                                                      keys_values.data_ptr(), probabilities.data_ptr(), n, length,
+                                                      keys_values.shape[1], heads, head_dim,
+                                                      head_dim ** -0.5 if scale is None else float(scale),
+                                                      torch.get_num_threads())
         if status == -1:
             raise MemoryError("attention_score_grads: out of memory for a thread's buffers")
     return grads

@@ -154,15 +154,22 @@ static void pairs_along_channels(const uint16_t *rows, int64_t S, int64_t Sp, in
         for (int64_t d = 0; d < D; d++) out[((d / 2) * Sp + j) * 2 + d % 2] = rows[j * 2 * C + d];
 }
 
+/* One head's D channels of the S keys (or values) in `rows` (2C apart) as pairs along the keys
+ * (Sp / 2 x D x 2), zero beyond S: the matrix a row of Sp weights (a row of exps, or of dS)
+ * multiplies by pairs into D products. */
+static void pairs_along_keys(const uint16_t *rows, int64_t S, int64_t Sp, int64_t C, int64_t D, uint16_t *out) {
+    memset(out, 0, sizeof(uint16_t) * D * Sp);
+    for (int64_t j = 0; j < S; j++)
+        for (int64_t d = 0; d < D; d++) out[((j / 2) * D + d) * 2 + j % 2] = rows[j * 2 * C + d];
+}
+
 /* The head's keys as pairs along D (D / 2 x Sp x 2) and values as pairs along the keys
  * (Sp / 2 x D x 2), bf16 as they are, zero beyond S. */
 static void attention_head_pairs(const AttentionJob *job, int64_t b, int64_t h, uint16_t *keys_p, uint16_t *values_p) {
     const int64_t S = job->keys, Sp = job->padded_keys, D = job->head_dim, C = job->heads * D;
     const uint16_t *kv = (const uint16_t *)job->kv + b * S * 2 * C + h * D;
     pairs_along_channels(kv, S, Sp, C, D, keys_p);
-    memset(values_p, 0, sizeof(uint16_t) * D * Sp);
-    for (int64_t j = 0; j < S; j++)
-        for (int64_t d = 0; d < D; d++) values_p[((j / 2) * D + d) * 2 + j % 2] = kv[j * 2 * C + C + d];
+    pairs_along_keys(kv + C, S, Sp, C, D, values_p);
 }
 
 static void attention_blocks_pairs(const void *job_, int64_t begin, int64_t end) {
@@ -238,11 +245,17 @@ int seglab_attention(void *dst, void *probabilities, const void *q, const void *
  * round dp before the difference, and flash attention takes the mean as dO . o from the bf16
  * output: either puts an error of 2^-8 of dp itself into the difference, which can exceed the
  * spread. Dividing by the stored weights' own sum makes the mean exact for a constant dp, so the
- * error left is 2^-8 of the spread. */
+ * error left is 2^-8 of the spread.
+ *
+ * Where asked, the queries' gradient too, dq_i = scale sum_j ds_ij k_j, from the block's rows of
+ * ds as they were rounded (by pairs into float32, rounded once, written as tokens like q): the
+ * rows are still in cache, where a batched product would read ds back from memory and its
+ * result would need scaling and a transpose to tokens, two more passes. */
 typedef struct {
     const uint16_t *grad, *kv, *probabilities;
-    uint16_t *dst;
+    uint16_t *dst, *query_grads; /* query_grads: NULL, or N x L x C like grad */
     int64_t queries, keys, heads, head_dim, blocks, padded_keys;
+    float scale;
     int *failed;
 } ScoreGradJob;
 
@@ -251,22 +264,25 @@ static void score_grad_blocks(const void *job_, int64_t begin, int64_t end) {
     const ScoreGradJob *job = (const ScoreGradJob *)job_;
     const int64_t L = job->queries, S = job->keys, Sp = job->padded_keys, D = job->head_dim;
     const int64_t H = job->heads, C = H * D, Q = ATTENTION_QUERIES;
-    /* the head's values as pairs along D (D / 2 x Sp x 2), the block's rows of dO; the products
-     * dO v^T */
-    uint16_t *halves = malloc(sizeof(uint16_t) * (D * Sp + Q * D));
-    float *products = malloc(sizeof(float) * Q * Sp);
+    /* the head's values as pairs along D (D / 2 x Sp x 2) and keys as pairs along the keys
+     * (Sp / 2 x D x 2), the block's rows of dO and of ds; the products dO v^T and ds k */
+    uint16_t *halves = malloc(sizeof(uint16_t) * (2 * D * Sp + Q * D + Q * Sp));
+    float *products = malloc(sizeof(float) * (Q * Sp + Q * D));
     if (!halves || !products) {
         free(halves), free(products);
         *job->failed = 1;
         return;
     }
-    uint16_t *values_p = halves, *rows = values_p + D * Sp;
+    uint16_t *values_p = halves, *keys_p = values_p + D * Sp, *rows = keys_p + D * Sp, *ds_rows = rows + Q * D;
+    float *query_products = products + Q * Sp;
     int64_t ready = -1;
     for (int64_t u = begin; u < end; u++) {
         const int64_t pair = u / job->blocks, b = pair / H, h = pair % H, i0 = (u % job->blocks) * Q;
         const int count = (int)(L - i0 < Q ? L - i0 : Q);
-        if (pair != ready) { /* the values, as the forward lays out its keys */
-            pairs_along_channels(job->kv + b * S * 2 * C + C + h * D, S, Sp, C, D, values_p);
+        if (pair != ready) { /* the values, as the forward lays out its keys, and the keys as its values */
+            const uint16_t *kv = job->kv + b * S * 2 * C + h * D;
+            pairs_along_channels(kv + C, S, Sp, C, D, values_p);
+            if (job->query_grads) pairs_along_keys(kv, S, Sp, C, D, keys_p);
             ready = pair;
         }
         const int64_t first = (b * L + i0) * C + h * D;
@@ -285,16 +301,26 @@ static void score_grad_blocks(const void *job_, int64_t begin, int64_t end) {
             }
             const float mean = lanes_sum(weighted) / lanes_sum(weights);
             uint16_t *ds = job->dst + (pair * L + i0 + t) * S;
-            for (int64_t j = 0; j < S; j += 16) {
+            for (int64_t j = 0; j < Sp; j += 16) {
                 const int width = S - j < 16 ? (int)(S - j) : 16;
                 f32x16 dp;
                 memcpy(&dp, products + t * Sp + j, sizeof dp);
+                /* zero past the keys: p is loaded as zero there and dp is zero (the values' pairs are) */
                 const f32x16 value = MEMORY(load, bf16, 16)(p + j, width) * (dp - mean);
-                if (width == 16) /* rounded by one instruction, as the forward's exps */
-                    _mm256_storeu_si256((__m256i *)(ds + j), (__m256i)_mm512_cvtneps_pbh((__m512)value));
-                else
-                    MEMORY(store, bf16, 16)(ds + j, value, width);
+                /* rounded by one instruction, as the forward's exps */
+                const __m256i rounded = (__m256i)_mm512_cvtneps_pbh((__m512)value);
+                _mm256_mask_storeu_epi16(ds + j, (__mmask16)((1u << width) - 1), rounded);
+                _mm256_storeu_si256((__m256i *)(ds_rows + t * Sp + j), rounded);
             }
+        }
+        if (job->query_grads) {
+            pair_row(ds_rows, count, Sp / 2, keys_p, D, NULL, query_products);
+            for (int t = 0; t < count; t++)
+                for (int64_t d = 0; d < D; d += 16) {
+                    fvec value;
+                    memcpy(&value, query_products + t * D + d, sizeof value);
+                    MEMORY(store, bf16, 16)(job->query_grads + first + t * C + d, value * job->scale, 16);
+                }
         }
     }
     free(halves), free(products);
@@ -302,16 +328,18 @@ static void score_grad_blocks(const void *job_, int64_t begin, int64_t end) {
 #endif
 
 /* dst (n x heads x queries x keys) = ds above of grad (n x queries x heads * head_dim), kv
- * (n x keys x 2 heads * head_dim) and probabilities (like dst), all bf16, contiguous. Returns 0;
- * -1 where memory ran out; -2 for head_dim not a whole number of 16-float vectors, no keys, or a
+ * (n x keys x 2 heads * head_dim) and probabilities (like dst), all bf16, contiguous; where
+ * query_grads is not NULL, dq above there (like grad), scale its factor. Returns 0; -1 where
+ * memory ran out; -2 for head_dim not a whole number of 16-float vectors, no keys, or a
  * processor without pair products. */
-int seglab_attention_score_grads(void *dst, const void *grad, const void *kv, const void *probabilities, int64_t n,
-                                 int64_t queries, int64_t keys, int64_t heads, int64_t head_dim, int threads) {
+int seglab_attention_score_grads(void *dst, void *query_grads, const void *grad, const void *kv,
+                                 const void *probabilities, int64_t n, int64_t queries, int64_t keys, int64_t heads,
+                                 int64_t head_dim, float scale, int threads) {
     if (head_dim % 16 || keys < 1 || !BF16_PAIRS) return -2;
     int failed = 0;
     const int64_t blocks = (queries + ATTENTION_QUERIES - 1) / ATTENTION_QUERIES;
-    const ScoreGradJob job = {grad, kv, probabilities, dst, queries, keys, heads, head_dim, blocks,
-                              (keys + 15) / 16 * 16, &failed};
+    const ScoreGradJob job = {grad, kv, probabilities, dst, query_grads, queries, keys, heads, head_dim, blocks,
+                              (keys + 15) / 16 * 16, scale, &failed};
 #if BF16_PAIRS
     parallel_for(n * heads * blocks, threads, score_grad_blocks, &job);
 #else
