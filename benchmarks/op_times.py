@@ -68,7 +68,7 @@ class OperatorTimes(TorchDispatchMode):
         dispatcher does not see) as operators named `native.<function>`; their output's
         allocation (`new_empty`) is counted both there and as its own operator."""
         names = ("gather_tiles", "scatter_tiles", "add_upsampled_", "resize_bilinear", "winograd_fused", "mix_ffn",
-                 "mlp_head", "attention", "attention_score_grads", "linear", "batch_norm_forward",
+                 "mlp_head", "attention", "attention_score_grads", "attention_grads", "linear", "batch_norm_forward",
                  "batch_norm_backward", "cross_entropy", "planar_conv3x3", "quantize_u8", "quantize_rows_s8",
                  "dequantize_rows")
         originals = {name: getattr(native, name) for name in names}

@@ -168,27 +168,35 @@ def test_score_grads_round_once_even_where_values_are_alike(shape, alike):
 
 @needs_pairs
 @pytest.mark.parametrize("shape", SHAPES)
-def test_score_grads_give_the_queries_gradient_from_their_rounded_rows(shape):
-    """dq = scale ds k from the very rows returned (bf16) by pairs into float32: a float64
-    product of those rows with the keys, rounded to bf16, within bf16's own rounding."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_attention_grads_are_the_products_of_the_rounded_score_grads(shape, threads, monkeypatch):
+    """dq = scale ds k, dk = scale ds^T q and dv = p^T dO from the very rows of ds that
+    `attention_score_grads` returns (bf16), summed in float32: float64 products of those rows,
+    within bf16's one rounding of the result, however many ranges of blocks the threads split
+    the queries into."""
     n, length, keys, heads = shape
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     torch.manual_seed(1)
     queries, keys_values = torch.randn(n, length, 32 * heads).bfloat16(), torch.randn(n, keys, 64 * heads).bfloat16()
     grad = torch.randn(n, length, 32 * heads).bfloat16()
     probabilities = torch.empty(n, heads, length, keys, dtype=torch.bfloat16)
     native.attention(queries, keys_values, heads, probabilities=probabilities)
-    alone = native.attention_score_grads(grad, keys_values, probabilities, heads)
-    query_grads = torch.full_like(grad, float("nan"))
-    result = native.attention_score_grads(grad, keys_values, probabilities, heads, query_grads=query_grads, scale=0.3)
-    assert torch.equal(result, alone)  # asking for dq changes nothing of ds
-    k = keys_values.double().reshape(n, keys, 2, heads, 32)[:, :, 0].transpose(1, 2)
-    expected = (0.3 * result.double() @ k).transpose(1, 2).reshape(n, length, 32 * heads)
-    assert torch.isfinite(query_grads).all()
-    assert ((query_grads.double() - expected).abs() <= 2 ** -8 * expected.abs() + 1e-6).all()
-    with pytest.raises(ValueError, match="query_grads must be"):
-        native.attention_score_grads(grad, keys_values, probabilities, heads, query_grads=torch.empty(n, length + 1, 32 * heads, dtype=torch.bfloat16))
+    score_grads = native.attention_score_grads(grad, keys_values, probabilities, heads).double()
+    query_grads, key_value_grads = native.attention_grads(grad, queries, keys_values, probabilities, heads, scale=0.3)
+    q = queries.double().reshape(n, length, heads, 32).transpose(1, 2)
+    k, _ = keys_values.double().reshape(n, keys, 2, heads, 32).permute(2, 0, 3, 1, 4)
+    d = grad.double().reshape(n, length, heads, 32).transpose(1, 2)
+    expected_q = (0.3 * score_grads @ k).transpose(1, 2).reshape(n, length, 32 * heads)
+    expected_kv = torch.stack((0.3 * score_grads.transpose(-1, -2) @ q, probabilities.double().transpose(-1, -2) @ d))
+    expected_kv = expected_kv.permute(1, 3, 0, 2, 4).reshape(n, keys, 64 * heads)
+    for result, expected in ((query_grads, expected_q), (key_value_grads, expected_kv)):
+        assert result.dtype == torch.bfloat16 and result.shape == expected.shape and result.is_contiguous()
+        assert ((result.double() - expected).abs() <= 2 ** -8 * expected.abs() + 1e-6).all()
+    with pytest.raises(ValueError, match="queries shaped as the gradient"):
+        native.attention_grads(grad, torch.empty(n, length + 1, 32 * heads, dtype=torch.bfloat16), keys_values,
+                               probabilities, heads)
     with pytest.raises(ValueError, match="positive scale"):
-        native.attention_score_grads(grad, keys_values, probabilities, heads, scale=0.0)
+        native.attention_grads(grad, queries, keys_values, probabilities, heads, scale=0.0)
 
 
 def test_score_grads_refuse_what_they_do_not_take_in_one_line():
@@ -259,14 +267,14 @@ def test_training_attention_keeps_the_queries_gradient_where_values_are_alike():
 @needs_pairs
 def test_training_attention_computes_only_the_gradients_asked_for():
     queries, keys_values = torch.randn(1, 70, 32).bfloat16(), torch.randn(1, 17, 64).bfloat16().requires_grad_()
-    with mock.patch.object(torch, "stack", wraps=torch.stack) as stack:
+    with mock.patch.object(native, "attention_grads", wraps=native.attention_grads) as grads:
         native_training_attention(queries, keys_values, 1).sum().backward()
-    assert keys_values.grad is not None and stack.call_count == 1
+    assert keys_values.grad is not None and grads.call_args.kwargs["keys_values_grad"]
     queries.requires_grad_()
     keys_values = keys_values.detach()
-    with mock.patch.object(torch, "stack", wraps=torch.stack) as stack:
+    with mock.patch.object(native, "attention_grads", wraps=native.attention_grads) as grads:
         native_training_attention(queries, keys_values, 1).sum().backward()
-    assert queries.grad is not None and stack.call_count == 0  # no keys' and values' gradient assembled
+    assert queries.grad is not None and not grads.call_args.kwargs["keys_values_grad"]  # no keys' sums taken
 
 
 def test_training_attention_fits_bf16_with_gradients_and_a_softmax_of_bounded_size():

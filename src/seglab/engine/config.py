@@ -53,7 +53,7 @@ class TrainConfig:
     # session). None: on where the run trains in bf16 on the CPU; false: PyTorch's norms
     native_norms: bool | None = None
     # bf16 on the CPU (AVX-512 BF16): SegFormer's attention heads by the native kernel forward,
-    # which keeps its softmax, and its own backward (seglab.engine.attention), 1.06-1.11x faster
+    # which keeps its softmax, and its own backward (seglab.engine.attention), 1.16-1.17x faster
     # steps. None: on where training runs so (ten seeds of the warmed-up SegFormer recipe: +0.81
     # points against PyTorch's attention, docs/bench.md); false: PyTorch's flash attention
     native_attention: bool | None = None

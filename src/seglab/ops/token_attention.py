@@ -12,12 +12,14 @@ faster whole (`benchmarks/segformer_blocks.py`, docs/bench.md). In float32 it ra
 PyTorch's, so float32 keeps PyTorch's.
 
 Training (`native_training_attention`) runs the same kernel forward, which also writes the
-softmax P out (bf16, rounded once), and backward
-    dS = P (dP - the P-weighted mean of dP), dP = dO V^T   (`native.attention_score_grads`),
-    dQ = s dS K   (in the same pass, from dS's rows as rounded, into float32, rounded once),
-    dK = s dS^T Q,  dV = P^T dO   (two batched bf16 matrix products).
-The kernel takes dP by pair products into float32 and the mean over the stored weights' own
-sum, so dS is rounded once and its error is bf16's share of dP's spread. PyTorch's bf16
+softmax P out (bf16, rounded once), and backward, in one native pass over each block of 64
+queries (`native.attention_grads`):
+    dS = P (dP - the P-weighted mean of dP), dP = dO V^T,
+    dQ = s dS K,  dK = s dS^T Q,  dV = P^T dO,
+dS never written out: each block's rows of dS (rounded once) and of P multiply the block's Q,
+dO and K while in cache, by pairs into float32; dK and dV as float32 sums per range of blocks,
+added and rounded once at the end. The kernel takes dP by pair products into float32 and the
+mean over the stored weights' own sum, so dS's error is bf16's share of dP's spread. PyTorch's bf16
 operators round dP first, and its flash attention takes the mean as dO . O from the bf16
 output: both put 2^-8 of dP itself into the difference, which cancels to rounding where a row's
 values are alike, as SegFormer's few pooled keys' can be (queries' gradient 8-12% off on such
@@ -72,15 +74,6 @@ def training_attention_fits(queries: torch.Tensor, keys_values: torch.Tensor, he
             and n * heads * length * keys_values.shape[1] <= MAX_KEPT_PROBABILITIES)
 
 
-def _split_heads(queries: torch.Tensor, keys_values: torch.Tensor,
-                 heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Views of the tokens as heads: q N x heads x L x D, k and v N x heads x S x D."""
-    n, length, channels = queries.shape
-    q = queries.view(n, length, heads, channels // heads).transpose(1, 2)
-    k, v = keys_values.view(n, -1, 2, heads, channels // heads).permute(2, 0, 3, 1, 4)
-    return q, k, v
-
-
 class _TrainingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, queries: torch.Tensor, keys_values: torch.Tensor,
@@ -96,27 +89,14 @@ class _TrainingAttention(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx,
                  grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         queries, keys_values, probabilities = ctx.saved_tensors
-        n, length, channels = queries.shape
-        q, _, _ = _split_heads(queries, keys_values, ctx.heads)
-        scale = (channels // ctx.heads) ** -0.5
-        grad_out = grad_out.contiguous()
-        grad_heads = grad_out.view(n, length, ctx.heads, channels // ctx.heads).transpose(1, 2)
-        # dQ by the same native pass, from dS's rows while they are in cache, written as tokens
-        grad_queries = torch.empty_like(queries) if ctx.needs_input_grad[0] else None
-        grad_scores = native.attention_score_grads(grad_out, keys_values, probabilities, ctx.heads,
-                                                   query_grads=grad_queries, scale=scale)
-        grad_keys_values = None
-        if ctx.needs_input_grad[1]:
-            grad_keys = (grad_scores.transpose(-1, -2) @ q).mul_(scale)
-            grad_values = probabilities.transpose(-1, -2) @ grad_heads
-            # back to the projection's layout: N x S x (keys' C, then values' C)
-            grad_keys_values = torch.stack((grad_keys, grad_values)).permute(1, 3, 0, 2, 4).reshape(
-                n, -1, 2 * channels)
-        return grad_queries, grad_keys_values, None
+        grad_queries, grad_keys_values = native.attention_grads(grad_out.contiguous(), queries, keys_values,
+                                                                probabilities, ctx.heads,
+                                                                keys_values_grad=ctx.needs_input_grad[1])
+        return grad_queries if ctx.needs_input_grad[0] else None, grad_keys_values, None
 
 
 def native_training_attention(queries: torch.Tensor, keys_values: torch.Tensor, heads: int) -> torch.Tensor:
     """Multi-head attention with gradients, where `training_attention_fits`: forward by
-    `native.attention` (keeping its softmax), backward by batched products (module docstring).
+    `native.attention` (keeping its softmax), backward by `native.attention_grads` (module docstring).
     Returns N x L x C tokens like `native.attention`'s."""
     return _TrainingAttention.apply(queries.contiguous(), keys_values.contiguous(), heads)

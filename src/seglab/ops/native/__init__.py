@@ -7,7 +7,7 @@ training's BatchNorm with the shortcut addition and ReLU after it, two passes ea
 `mix_ffn.c`, SegFormer's Mix-FFN row by row, and linear layers over tokens; `mlp_head.c`,
 SegFormer's decoder head row by row; `planar_conv.c`, 3x3 heads to few classes with vectors
 along the pixels; `quantize.c`, float32 to uint8 levels for the int8 convolutions;
-`attention.c`, attention of many queries over few keys (bf16 by AVX-512 BF16's pair products
+`attention.c`, attention of many queries over few keys and its backward (bf16 by AVX-512 BF16's pair products
 where the processor has them); `common.c`, the threads they run on and their bf16 conversions.
 
 Why compiled here, not shipped: the kernels are about 2500 lines of portable C that a compiler
@@ -242,7 +242,7 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_linear.restype = i32
     library.seglab_attention.argtypes = [pointer] * 4 + [i64] * 5 + [ctypes.c_float, i32, i32]
     library.seglab_attention.restype = library.seglab_bf16_pairs.restype = i32
-    library.seglab_attention_score_grads.argtypes = [pointer] * 5 + [i64] * 5 + [ctypes.c_float, i32]
+    library.seglab_attention_score_grads.argtypes = [pointer] * 7 + [i64] * 5 + [ctypes.c_float, i64, i32]
     library.seglab_attention_score_grads.restype = i32
     library.seglab_bf16_pairs.argtypes = []
     library.seglab_mlp_head.argtypes = [pointer] * 7 + [i32, pointer, pointer, i64, i64, i64, i64, i64, i64, i64,
@@ -885,6 +885,7 @@ def dequantize_rows(products: torch.Tensor, row_scales: torch.Tensor, column_sca
 
 
 ATTENTION_HEAD_MULTIPLE = 16  # attention's head width: whole 16-float vectors
+ATTENTION_QUERIES = 64  # attention.c's block of queries, one item of work
 
 
 def bf16_pairs() -> bool:
@@ -942,49 +943,87 @@ def attention(queries: torch.Tensor, keys_values: torch.Tensor, heads: int, scal
     return out
 
 
-def attention_score_grads(grad: torch.Tensor, keys_values: torch.Tensor, probabilities: torch.Tensor,
-                          heads: int, *, query_grads: torch.Tensor | None = None,
-                          scale: float | None = None) -> torch.Tensor:
-    """The gradient of `attention`'s scores (after the scale, before the softmax) from the
-    gradient of its output, by `attention.c`: p (dp - the p-weighted mean of dp) per head and
-    query, dp = grad v^T, p the softmax `attention` wrote to its `probabilities`. `grad` N x L x C
-    tokens, `keys_values` N x S x 2C, `probabilities` N x heads x L x S; all bf16 and contiguous,
-    on a processor with pair products (`bf16_pairs()`). dp by pairs into float32, the mean in
-    float32 over the stored weights' own sum, each value rounded once. Returns N x heads x L x S
-    bf16. With `query_grads` (like `grad`) the queries' gradient is written there too:
-    `scale` (1 / sqrt(C / heads) unless given) times these rows times the keys, from the rows as
-    rounded, by pairs into float32, rounded once."""
-    library = _required()
+def _attention_grad_inputs(function: str, grad: torch.Tensor, keys_values: torch.Tensor,
+                           probabilities: torch.Tensor, heads: int, scale: float | None) -> tuple[int, int, int, float]:
+    """Checks what the backward kernel takes (one line each); returns n, length, head_dim, scale."""
+    _required()
     if not bf16_pairs():
-        raise ValueError("attention_score_grads needs a processor with AVX-512 BF16's pair products")
+        raise ValueError(f"{function} needs a processor with AVX-512 BF16's pair products")
     for tensor, name in ((grad, "the output's gradient"), (keys_values, "the keys and values"),
                          (probabilities, "the probabilities")):
         _check(tensor, name, (torch.bfloat16,))
     if grad.dim() != 3 or keys_values.dim() != 3 or keys_values.shape[0] != grad.shape[0] \
             or keys_values.shape[2] != 2 * grad.shape[2] \
             or tuple(probabilities.shape) != (grad.shape[0], heads, grad.shape[1], keys_values.shape[1]):
-        raise ValueError(f"attention_score_grads takes N x L x C gradients, N x S x 2C keys and values and "
+        raise ValueError(f"{function} takes N x L x C gradients, N x S x 2C keys and values and "
                          f"N x heads x L x S probabilities, not shapes {tuple(grad.shape)}, "
                          f"{tuple(keys_values.shape)} and {tuple(probabilities.shape)} for {heads} heads")
     n, length, channels = grad.shape
-    head_dim = _head_width("attention_score_grads", channels, heads, keys_values.shape[1])
-    if query_grads is not None:
-        _check(query_grads, "the queries' gradient", (torch.bfloat16,))
-        if query_grads.shape != grad.shape:
-            raise ValueError(f"attention_score_grads' query_grads must be {tuple(grad.shape)}, not "
-                             f"{tuple(query_grads.shape)}")
+    head_dim = _head_width(function, channels, heads, keys_values.shape[1])
     if scale is not None and not scale > 0:
-        raise ValueError(f"attention_score_grads takes a positive scale, not {scale}")
+        raise ValueError(f"{function} takes a positive scale, not {scale}")
+    return n, length, head_dim, head_dim ** -0.5 if scale is None else float(scale)
+
+
+def attention_score_grads(grad: torch.Tensor, keys_values: torch.Tensor, probabilities: torch.Tensor,
+                          heads: int) -> torch.Tensor:
+    """The gradient of `attention`'s scores (after the scale, before the softmax) from the
+    gradient of its output, by `attention.c`: p (dp - the p-weighted mean of dp) per head and
+    query, dp = grad v^T, p the softmax `attention` wrote to its `probabilities`. `grad` N x L x C
+    tokens, `keys_values` N x S x 2C, `probabilities` N x heads x L x S; all bf16 and contiguous,
+    on a processor with pair products (`bf16_pairs()`). dp by pairs into float32, the mean in
+    float32 over the stored weights' own sum, each value rounded once. Returns N x heads x L x S
+    bf16 (`attention_grads` takes the inputs' gradients from it without writing it out)."""
+    n, length, head_dim, scale = _attention_grad_inputs("attention_score_grads", grad, keys_values, probabilities,
+                                                        heads, None)
     grads = torch.empty_like(probabilities)
     if grads.numel():
-        status = library.seglab_attention_score_grads(grads.data_ptr(), _pointer(query_grads), grad.data_ptr(),
-                                                      keys_values.data_ptr(), probabilities.data_ptr(), n, length,
-                                                      keys_values.shape[1], heads, head_dim,
-                                                      head_dim ** -0.5 if scale is None else float(scale),
-                                                      torch.get_num_threads())
+        status = _required().seglab_attention_score_grads(grads.data_ptr(), None, None, None,
+                                                          grad.data_ptr(), keys_values.data_ptr(),
+                                                          probabilities.data_ptr(), n, length, keys_values.shape[1],
+                                                          heads, head_dim, scale, 0, torch.get_num_threads())
         if status == -1:
             raise MemoryError("attention_score_grads: out of memory for a thread's buffers")
     return grads
+
+
+def attention_grads(grad: torch.Tensor, queries: torch.Tensor, keys_values: torch.Tensor,
+                    probabilities: torch.Tensor, heads: int, scale: float | None = None, *,
+                    keys_values_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gradients of `attention`'s queries and of its keys and values (N x L x C and N x S x 2C,
+    bf16, as the inputs) from the gradient of its output, all in `attention.c`'s one pass over
+    each block of queries, with the same inputs as `attention_score_grads` plus the `queries`:
+    ds as there, never written out; dq = scale ds k as there; dk = scale ds^T q and dv = p^T grad
+    from each block's rows of ds (as rounded) and p while in cache, by pairs into float32 sums per
+    range of blocks, added here in float32 and rounded once. `keys_values_grad=False`: only the
+    queries' gradient (None for the other)."""
+    function = "attention_grads"
+    n, length, head_dim, scale = _attention_grad_inputs(function, grad, keys_values, probabilities, heads, scale)
+    _check(queries, "the queries", (torch.bfloat16,))
+    if queries.shape != grad.shape:
+        raise ValueError(f"{function} takes queries shaped as the gradient, {tuple(grad.shape)}, not "
+                         f"{tuple(queries.shape)}")
+    keys, padded = keys_values.shape[1], (keys_values.shape[1] + 15) // 16 * 16
+    blocks = -(-length // ATTENTION_QUERIES)
+    # ranges of blocks per (image, head): enough items for the threads, one partial sum each
+    splits = max(1, min(blocks, -(-4 * torch.get_num_threads() // max(1, n * heads))))
+    query_grads = torch.empty_like(queries)
+    sums = torch.zeros(n, heads, splits, 2, head_dim, padded) if keys_values_grad else None
+    if query_grads.numel():
+        status = _required().seglab_attention_score_grads(None, query_grads.data_ptr(), _pointer(sums),
+                                                          queries.data_ptr(), grad.data_ptr(),
+                                                          keys_values.data_ptr(), probabilities.data_ptr(), n, length,
+                                                          keys, heads, head_dim, scale, splits,
+                                                          torch.get_num_threads())
+        if status == -1:
+            raise MemoryError(f"{function}: out of memory for a thread's buffers")
+    if sums is None:
+        return query_grads, None
+    sums = sums.sum(2)[..., :keys]  # N x heads x 2 x D x S
+    sums[:, :, 0] *= scale
+    # back to the projection's layout: N x S x (keys' C, then values' C)
+    key_value_grads = sums.permute(0, 4, 2, 1, 3).to(torch.bfloat16, memory_format=torch.contiguous_format)
+    return query_grads, key_value_grads.view(n, keys, 2 * heads * head_dim)
 
 
 def linear(tokens: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, *,

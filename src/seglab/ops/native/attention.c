@@ -250,77 +250,141 @@ int seglab_attention(void *dst, void *probabilities, const void *q, const void *
  * Where asked, the queries' gradient too, dq_i = scale sum_j ds_ij k_j, from the block's rows of
  * ds as they were rounded (by pairs into float32, rounded once, written as tokens like q): the
  * rows are still in cache, where a batched product would read ds back from memory and its
- * result would need scaling and a transpose to tokens, two more passes. */
+ * result would need scaling and a transpose to tokens, two more passes. And where asked, the
+ * keys' and values' sums over the queries, sum_i ds_ij q_i and sum_i p_ij dO_i, as float32
+ * partial sums per range of blocks (the caller adds a head's ranges): the block's rows of ds
+ * and p, interleaved as pairs along the queries, multiply the block's q and dO read across.
+ * Then ds itself need not be written out at all. */
 typedef struct {
-    const uint16_t *grad, *kv, *probabilities;
-    uint16_t *dst, *query_grads; /* query_grads: NULL, or N x L x C like grad */
+    const uint16_t *grad, *kv, *probabilities, *q; /* q: the queries, where key_value_sums is asked */
+    uint16_t *dst, *query_grads; /* dst: NULL (not written), or ds; query_grads: NULL, or N x L x C */
+    float *key_value_sums; /* NULL, or per (image, head) x split: the keys' then the values' D x Sp sums */
     int64_t queries, keys, heads, head_dim, blocks, padded_keys;
+    int64_t splits; /* ranges of blocks per (image, head), one item of work each */
     float scale;
     int *failed;
 } ScoreGradJob;
 
 #if BF16_PAIRS
+/* Rows [0, count) of `rows` (bf16, `stride` apart, S values each) as pairs along the rows:
+ * out (Q / 2 x Sp x 2), row 2r's value j beside row 2r + 1's; zero past S and past count. */
+static void interleave_rows(const uint16_t *rows, int64_t stride, int count, int64_t S, int64_t Sp, uint16_t *out) {
+    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int t = 0; t < ATTENTION_QUERIES; t += 2)
+        for (int64_t j = 0; j < Sp; j += 16) {
+            const __mmask16 mask = (__mmask16)(S - j < 16 ? (1u << (S - j)) - 1 : 0xFFFFu);
+            const __m256i even = t < count ? _mm256_maskz_loadu_epi16(mask, rows + t * stride + j)
+                                           : _mm256_setzero_si256();
+            const __m256i odd = t + 1 < count ? _mm256_maskz_loadu_epi16(mask, rows + (t + 1) * stride + j)
+                                              : _mm256_setzero_si256();
+            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1);
+            _mm512_storeu_si512(out + (t / 2) * Sp * 2 + j * 2, _mm512_permutexvar_epi16(order, both));
+        }
+}
+
+/* Rows [0, count) of `rows` (bf16, `stride` apart, D values each) across: out (D x Q), zero
+ * past count. */
+static void transpose_rows(const uint16_t *rows, int64_t stride, int count, int64_t D, uint16_t *out) {
+    memset(out, 0, sizeof(uint16_t) * D * ATTENTION_QUERIES);
+    for (int t = 0; t < count; t++)
+        for (int64_t d = 0; d < D; d++) out[d * ATTENTION_QUERIES + t] = rows[t * stride + d];
+}
+
+/* sums (D x Sp) += across (D x Q) times pairs (Q / 2 x Sp x 2), by pairs into float32. */
+static void add_pair_products(const uint16_t *across, const uint16_t *pairs, int64_t D, int64_t Sp, float *scratch,
+                              float *sums) {
+    pair_row(across, (int)D, ATTENTION_QUERIES / 2, pairs, Sp, NULL, scratch);
+    for (int64_t i = 0; i < D * Sp; i += 16) {
+        fvec sum, more;
+        memcpy(&sum, sums + i, sizeof sum);
+        memcpy(&more, scratch + i, sizeof more);
+        sum += more;
+        memcpy(sums + i, &sum, sizeof sum);
+    }
+}
+
 static void score_grad_blocks(const void *job_, int64_t begin, int64_t end) {
     const ScoreGradJob *job = (const ScoreGradJob *)job_;
     const int64_t L = job->queries, S = job->keys, Sp = job->padded_keys, D = job->head_dim;
     const int64_t H = job->heads, C = H * D, Q = ATTENTION_QUERIES;
     /* the head's values as pairs along D (D / 2 x Sp x 2) and keys as pairs along the keys
-     * (Sp / 2 x D x 2), the block's rows of dO and of ds; the products dO v^T and ds k */
-    uint16_t *halves = malloc(sizeof(uint16_t) * (2 * D * Sp + Q * D + Q * Sp));
-    float *products = malloc(sizeof(float) * (Q * Sp + Q * D));
+     * (Sp / 2 x D x 2), the block's rows of dO and of ds; the products dO v^T and ds k. For the
+     * keys' and values' sums: the block's p and ds as pairs along the queries, its dO and q
+     * across, and one block's products (D x Sp) */
+    const int sums = job->key_value_sums != NULL;
+    uint16_t *halves = malloc(sizeof(uint16_t) * (2 * D * Sp + Q * D + Q * Sp + sums * 2 * (Q * Sp + D * Q)));
+    float *products = malloc(sizeof(float) * (Q * Sp + Q * D + sums * D * Sp));
     if (!halves || !products) {
         free(halves), free(products);
         *job->failed = 1;
         return;
     }
     uint16_t *values_p = halves, *keys_p = values_p + D * Sp, *rows = keys_p + D * Sp, *ds_rows = rows + Q * D;
-    float *query_products = products + Q * Sp;
+    uint16_t *p_pairs = ds_rows + Q * Sp, *ds_pairs = p_pairs + Q * Sp, *grad_across = ds_pairs + Q * Sp;
+    uint16_t *q_across = grad_across + D * Q;
+    float *query_products = products + Q * Sp, *scratch = query_products + Q * D;
     int64_t ready = -1;
-    for (int64_t u = begin; u < end; u++) {
-        const int64_t pair = u / job->blocks, b = pair / H, h = pair % H, i0 = (u % job->blocks) * Q;
-        const int count = (int)(L - i0 < Q ? L - i0 : Q);
-        if (pair != ready) { /* the values, as the forward lays out its keys, and the keys as its values */
-            const uint16_t *kv = job->kv + b * S * 2 * C + h * D;
-            pairs_along_channels(kv + C, S, Sp, C, D, values_p);
-            if (job->query_grads) pairs_along_keys(kv, S, Sp, C, D, keys_p);
-            ready = pair;
-        }
-        const int64_t first = (b * L + i0) * C + h * D;
-        for (int t = 0; t < count; t++) memcpy(rows + t * D, job->grad + first + t * C, sizeof(uint16_t) * D);
-        pair_row(rows, count, D / 2, values_p, Sp, NULL, products);
-        for (int t = 0; t < count; t++) {
-            const uint16_t *p = job->probabilities + (pair * L + i0 + t) * S;
-            f32x16 weighted = {0}, weights = {0};
-            for (int64_t j = 0; j < S; j += 16) {
-                const int width = S - j < 16 ? (int)(S - j) : 16;
-                f32x16 dp;
-                memcpy(&dp, products + t * Sp + j, sizeof dp);
-                const f32x16 w = MEMORY(load, bf16, 16)(p + j, width); /* (zero past the keys) */
-                weighted += w * dp;
-                weights += w;
+    for (int64_t unit = begin; unit < end; unit++) {
+        const int64_t pair = unit / job->splits, split = unit % job->splits, b = pair / H, h = pair % H;
+        /* this range's own sums (zero on entry) */
+        float *key_sums = sums ? job->key_value_sums + unit * 2 * D * Sp : NULL;
+        float *value_sums = sums ? key_sums + D * Sp : NULL;
+        const int64_t first_block = split * job->blocks / job->splits;
+        for (int64_t block = first_block; block < (split + 1) * job->blocks / job->splits; block++) {
+            const int64_t i0 = block * Q;
+            const int count = (int)(L - i0 < Q ? L - i0 : Q);
+            if (pair != ready) { /* the values, as the forward lays out its keys, and the keys as its values */
+                const uint16_t *kv = job->kv + b * S * 2 * C + h * D;
+                pairs_along_channels(kv + C, S, Sp, C, D, values_p);
+                if (job->query_grads) pairs_along_keys(kv, S, Sp, C, D, keys_p);
+                ready = pair;
             }
-            const float mean = lanes_sum(weighted) / lanes_sum(weights);
-            uint16_t *ds = job->dst + (pair * L + i0 + t) * S;
-            for (int64_t j = 0; j < Sp; j += 16) {
-                const int width = S - j < 16 ? (int)(S - j) : 16;
-                f32x16 dp;
-                memcpy(&dp, products + t * Sp + j, sizeof dp);
-                /* zero past the keys: p is loaded as zero there and dp is zero (the values' pairs are) */
-                const f32x16 value = MEMORY(load, bf16, 16)(p + j, width) * (dp - mean);
-                /* rounded by one instruction, as the forward's exps */
-                const __m256i rounded = (__m256i)_mm512_cvtneps_pbh((__m512)value);
-                _mm256_mask_storeu_epi16(ds + j, (__mmask16)((1u << width) - 1), rounded);
-                _mm256_storeu_si256((__m256i *)(ds_rows + t * Sp + j), rounded);
-            }
-        }
-        if (job->query_grads) {
-            pair_row(ds_rows, count, Sp / 2, keys_p, D, NULL, query_products);
-            for (int t = 0; t < count; t++)
-                for (int64_t d = 0; d < D; d += 16) {
-                    fvec value;
-                    memcpy(&value, query_products + t * D + d, sizeof value);
-                    MEMORY(store, bf16, 16)(job->query_grads + first + t * C + d, value * job->scale, 16);
+            const int64_t first = (b * L + i0) * C + h * D;
+            for (int t = 0; t < count; t++) memcpy(rows + t * D, job->grad + first + t * C, sizeof(uint16_t) * D);
+            pair_row(rows, count, D / 2, values_p, Sp, NULL, products);
+            for (int t = 0; t < count; t++) {
+                const uint16_t *p = job->probabilities + (pair * L + i0 + t) * S;
+                f32x16 weighted = {0}, weights = {0};
+                for (int64_t j = 0; j < S; j += 16) {
+                    const int width = S - j < 16 ? (int)(S - j) : 16;
+                    f32x16 dp;
+                    memcpy(&dp, products + t * Sp + j, sizeof dp);
+                    const f32x16 w = MEMORY(load, bf16, 16)(p + j, width); /* (zero past the keys) */
+                    weighted += w * dp;
+                    weights += w;
                 }
+                const float mean = lanes_sum(weighted) / lanes_sum(weights);
+                uint16_t *ds = job->dst ? job->dst + (pair * L + i0 + t) * S : NULL;
+                for (int64_t j = 0; j < Sp; j += 16) {
+                    const int width = S - j < 16 ? (int)(S - j) : 16;
+                    f32x16 dp;
+                    memcpy(&dp, products + t * Sp + j, sizeof dp);
+                    /* zero past the keys: p is loaded as zero there and dp is zero (the values' pairs are) */
+                    const f32x16 value = MEMORY(load, bf16, 16)(p + j, width) * (dp - mean);
+                    /* rounded by one instruction, as the forward's exps */
+                    const __m256i rounded = (__m256i)_mm512_cvtneps_pbh((__m512)value);
+                    if (job->dst) _mm256_mask_storeu_epi16(ds + j, (__mmask16)((1u << width) - 1), rounded);
+                    _mm256_storeu_si256((__m256i *)(ds_rows + t * Sp + j), rounded);
+                }
+            }
+            if (job->query_grads) {
+                pair_row(ds_rows, count, Sp / 2, keys_p, D, NULL, query_products);
+                for (int t = 0; t < count; t++)
+                    for (int64_t d = 0; d < D; d += 16) {
+                        fvec value;
+                        memcpy(&value, query_products + t * D + d, sizeof value);
+                        MEMORY(store, bf16, 16)(job->query_grads + first + t * C + d, value * job->scale, 16);
+                    }
+            }
+            if (sums) {
+                interleave_rows(job->probabilities + (pair * L + i0) * S, S, count, S, Sp, p_pairs);
+                interleave_rows(ds_rows, Sp, count, S, Sp, ds_pairs);
+                transpose_rows(rows, D, count, D, grad_across);
+                transpose_rows(job->q + first, C, count, D, q_across);
+                add_pair_products(q_across, ds_pairs, D, Sp, scratch, key_sums);
+                add_pair_products(grad_across, p_pairs, D, Sp, scratch, value_sums);
+            }
         }
     }
     free(halves), free(products);
@@ -328,20 +392,25 @@ static void score_grad_blocks(const void *job_, int64_t begin, int64_t end) {
 #endif
 
 /* dst (n x heads x queries x keys) = ds above of grad (n x queries x heads * head_dim), kv
- * (n x keys x 2 heads * head_dim) and probabilities (like dst), all bf16, contiguous; where
- * query_grads is not NULL, dq above there (like grad), scale its factor. Returns 0; -1 where
- * memory ran out; -2 for head_dim not a whole number of 16-float vectors, no keys, or a
- * processor without pair products. */
-int seglab_attention_score_grads(void *dst, void *query_grads, const void *grad, const void *kv,
-                                 const void *probabilities, int64_t n, int64_t queries, int64_t keys, int64_t heads,
-                                 int64_t head_dim, float scale, int threads) {
-    if (head_dim % 16 || keys < 1 || !BF16_PAIRS) return -2;
-    int failed = 0;
+ * (n x keys x 2 heads * head_dim) and probabilities (like dst), all bf16, contiguous; dst NULL:
+ * not written. Where query_grads is not NULL, dq above there (like grad), scale its factor.
+ * Where key_value_sums is not NULL (float32, zeros, n x heads x splits x 2 x head_dim x padded
+ * keys, padded keys = keys rounded up to 16), the keys' sums sum_i ds_ij q_i (q like grad, unscaled)
+ * and the values' sum_i p_ij dO_i, across, for each of `splits` ranges of the query blocks
+ * (1 <= splits <= the blocks of 64 queries). Returns 0; -1 where memory ran out; -2 for
+ * head_dim not a whole number of 16-float vectors, no keys, splits out of range, or a processor
+ * without pair products. */
+int seglab_attention_score_grads(void *dst, void *query_grads, void *key_value_sums, const void *q, const void *grad,
+                                 const void *kv, const void *probabilities, int64_t n, int64_t queries, int64_t keys,
+                                 int64_t heads, int64_t head_dim, float scale, int64_t splits, int threads) {
     const int64_t blocks = (queries + ATTENTION_QUERIES - 1) / ATTENTION_QUERIES;
-    const ScoreGradJob job = {grad, kv, probabilities, dst, query_grads, queries, keys, heads, head_dim, blocks,
-                              (keys + 15) / 16 * 16, scale, &failed};
+    if (!key_value_sums) splits = blocks;
+    if (head_dim % 16 || keys < 1 || !BF16_PAIRS || splits < 1 || splits > blocks) return -2;
+    int failed = 0;
+    const ScoreGradJob job = {grad, kv, probabilities, q, dst, query_grads, key_value_sums, queries, keys, heads,
+                              head_dim, blocks, (keys + 15) / 16 * 16, splits, scale, &failed};
 #if BF16_PAIRS
-    parallel_for(n * heads * blocks, threads, score_grad_blocks, &job);
+    parallel_for(n * heads * splits, threads, score_grad_blocks, &job);
 #else
     (void)job, (void)n, (void)threads;
 #endif
