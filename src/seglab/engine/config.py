@@ -55,7 +55,8 @@ class TrainConfig:
     # bf16 on the CPU (AVX-512 BF16): SegFormer's attention heads by the native kernel forward,
     # which keeps its softmax, and its own backward (seglab.engine.attention), 1.16-1.17x faster
     # steps. None: on where training runs so (ten seeds of the warmed-up SegFormer recipe: +0.81
-    # points against PyTorch's attention, docs/bench.md); false: PyTorch's flash attention
+    # points against PyTorch's attention, -0.11 with the fused backward, docs/bench.md); false:
+    # PyTorch's flash attention
     native_attention: bool | None = None
     direct_convolutions: bool = False  # float32 on the CPU: eager convolutions, no Winograd, no tuned weight gradients
     # float32 on a CPU with VNNI or AMX: the large 1x1 convolutions' forward and input gradient as

@@ -55,7 +55,8 @@ def register_model(name: str, *, task: str = "semantic", paper: str = "", zero_a
         key = name.lower()
         if key in _REGISTRY:
             raise ValueError(f"model name {name!r} is registered twice")
-        _REGISTRY[key] = ModelEntry(key, builder, task, paper, tuple(zero_allowed), types.MappingProxyType(dict(recipe or {})))
+        _REGISTRY[key] = ModelEntry(key, builder, task, paper, tuple(zero_allowed),
+                                    types.MappingProxyType(dict(recipe or {})))
         return builder
 
     return decorator
