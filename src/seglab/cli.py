@@ -122,7 +122,8 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--loss", dict(help="loss, e.g. ce, dice, ce+dice, 0.5*ce+lovasz")),
     ("--class-weights", dict(type=_class_weights, help="per-class loss weights: w0,w1,... or median_frequency")),
     ("--warmup-epochs", dict(type=float, help="linear learning-rate warm-up (epochs, may be fractional; "
-                                              "default: the model's recipe, 1 for SegFormer, else 0)")),
+                                              "default: the model's or encoder's recipe, 1 for SegFormer and mit_b* "
+                                              "encoders, else 0)")),
     ("--precision", dict(choices=["auto", "32", "bf16", "16"], help="auto (default: bf16 where the hardware runs it natively, else 32, with --int8-products on CPUs with VNNI or AMX), 32 (float32 throughout), bf16, 16 (CUDA)")),
     ("--direct-convolutions", dict(action="store_const", const=True, help=DIRECT_CONVOLUTIONS_HELP)),
     ("--int8-products", dict(action=argparse.BooleanOptionalAction,

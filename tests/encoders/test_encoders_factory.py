@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from seglab.encoders import create_encoder
+from seglab.encoders import create_encoder, encoder_recipe
 from seglab.encoders.mit import DropPath
 from seglab.encoders.vgg import VGG16Encoder
 
@@ -128,3 +128,8 @@ def test_bad_names_and_strides_are_clear_errors():
         create_encoder("resnet18", output_stride=4)
     with pytest.raises(ValueError, match="mit_b0"):
         create_encoder("mit_b0", output_stride=16)
+
+
+def test_the_mix_transformers_recipe_warms_up_and_the_others_set_nothing():
+    assert all(encoder_recipe(f"mit_b{i}") == {"warmup_epochs": 1.0} for i in range(6))
+    assert encoder_recipe("resnet34") == {} and encoder_recipe("vgg16") == {} and encoder_recipe(None) == {}

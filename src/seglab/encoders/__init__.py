@@ -6,6 +6,8 @@ else is a timm model name.
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch.nn as nn
 
 from seglab.encoders.mit import MIT_CONFIGS, MixTransformer
@@ -13,7 +15,18 @@ from seglab.encoders.timm import TimmEncoder
 from seglab.encoders.vgg import VGG16Encoder
 from seglab.encoders.weights import load_weights_file, looks_like_path, read_state_dict
 
-__all__ = ["create_encoder", "MixTransformer", "TimmEncoder", "VGG16Encoder", "read_state_dict"]
+__all__ = ["create_encoder", "encoder_recipe", "MixTransformer", "TimmEncoder", "VGG16Encoder", "read_state_dict"]
+
+# What training with a Mix Transformer encoder needs where neither the user nor the model says:
+# a linear learning-rate warm-up, as SegFormer's own recipe (docs/bench.md, thirty-second session:
+# FPN on mit_b0 stalled without it on the synthetic recipe)
+_TRANSFORMER_RECIPE: Mapping[str, Any] = {"warmup_epochs": 1.0}
+
+
+def encoder_recipe(name: str | None) -> Mapping[str, Any]:
+    """Training options (TrainConfig fields) the encoder `name` needs where the user and the
+    model's own recipe give none: a warm-up for the Mix Transformers, nothing for the others."""
+    return _TRANSFORMER_RECIPE if name in MIT_CONFIGS else {}
 
 
 def create_encoder(

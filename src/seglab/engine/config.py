@@ -38,7 +38,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     scheduler: str = "cosine"
-    warmup_epochs: float | None = None  # linear warm-up; None: the model's recipe (SegFormer 1 epoch), else 0
+    # linear learning-rate warm-up; None: the model's or its encoder's recipe (SegFormer, the Mix
+    # Transformer encoders: 1 epoch), else 0
+    warmup_epochs: float | None = None
     loss: str = "ce+dice"
     class_weights: list[float] | str | None = None
     aux_weight: float = 0.4
@@ -84,7 +86,7 @@ class TrainConfig:
             plain_unet = str(self.model).lower() == "unet" and not self.encoder
             self.model_kwargs = dict(MAIN_JOB_UNET) if plain_unet else {}
         if self.warmup_epochs is None:
-            self.warmup_epochs = float(_recipe_option(self.model, "warmup_epochs", 0.0))
+            self.warmup_epochs = float(_recipe_option(self.model, self.encoder, "warmup_epochs", 0.0))
         self.validate()
 
     def validate(self) -> None:
@@ -145,15 +147,18 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _recipe_option(model: str, option: str, fallback: Any) -> Any:
-    """The model's own default for a training option (its registry entry's `recipe`)."""
+def _recipe_option(model: str, encoder: str | None, option: str, fallback: Any) -> Any:
+    """The default for a training option that the model's recipe (its registry entry's `recipe`)
+    gives, else its encoder's (`seglab.encoders.encoder_recipe`), else `fallback`."""
     # Imported here: the registry imports every model, which a config with its options given never needs.
+    from seglab.encoders import encoder_recipe
     from seglab.models.registry import UnknownModelError, get_model_entry
 
     try:
-        return get_model_entry(str(model)).recipe.get(option, fallback)
+        recipe = get_model_entry(str(model)).recipe
     except UnknownModelError:  # the trainer names the unknown model in its own error
-        return fallback
+        recipe = {}
+    return recipe.get(option, encoder_recipe(encoder).get(option, fallback))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
