@@ -6,6 +6,7 @@ else is a timm model name.
 """
 from __future__ import annotations
 
+import types
 from typing import Any, Mapping
 
 import torch.nn as nn
@@ -20,7 +21,7 @@ __all__ = ["create_encoder", "encoder_recipe", "MixTransformer", "TimmEncoder", 
 # What training with a Mix Transformer encoder needs where neither the user nor the model says:
 # a linear learning-rate warm-up, as SegFormer's own recipe (docs/bench.md, thirty-second session:
 # FPN on mit_b0 stalled without it on the synthetic recipe)
-_TRANSFORMER_RECIPE: Mapping[str, Any] = {"warmup_epochs": 1.0}
+_TRANSFORMER_RECIPE: Mapping[str, Any] = types.MappingProxyType({"warmup_epochs": 1.0})
 
 
 def encoder_recipe(name: str | None) -> Mapping[str, Any]:

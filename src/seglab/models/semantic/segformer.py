@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seglab.encoders import encoder_recipe
 from seglab.encoders.mit import MIT_CONFIGS, MixTransformer
 from seglab.encoders.weights import load_weights_file
 from seglab.models.registry import register_model
@@ -127,8 +128,9 @@ class SegFormer(nn.Module):
 
 # A transformer trained at full AdamW learning rate from its first step can stall for epochs
 # (the paper warms up over 1,500 iterations). On the synthetic recipe without warm-up, 3 of 10
-# seeds ended below 0.35 mIoU (docs/bench.md, thirty-second session).
-@register_model("segformer", paper="Xie et al., NeurIPS 2021", recipe={"warmup_epochs": 1.0})
+# seeds ended below 0.35 mIoU (docs/bench.md, thirty-second session). Its recipe is its Mix
+# Transformer's, one epoch of warm-up, which other models on that encoder get too.
+@register_model("segformer", paper="Xie et al., NeurIPS 2021", recipe=encoder_recipe("mit_b0"))
 def segformer(*, num_classes: int, in_channels: int = 3, variant: str = "b0", encoder: str | None = None,
               encoder_weights: str | None = None, decoder_dim: int | None = None,
               drop_path_rate: float = 0.1) -> nn.Module:
