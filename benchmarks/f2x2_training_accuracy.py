@@ -12,7 +12,9 @@ default synthetic recipe (`seglab train`: the main job's U-Net, 3,000 shapes at 
   since the twenty-ninth session, and PyTorch's attention (`--no-native-attention`);
 - `bf16-native-attention`: that with SegFormer's attention heads by the native kernel and
   its own backward too (`seglab.engine.attention`; for `-- --model segformer`), as shipped
-  since the thirty-second session;
+  in the thirty-second session, with PyTorch's Mix-FFN operators (`--no-native-mix-ffn`);
+- `bf16-native-mix-ffn`: that with the Mix-FFN's depthwise convolution and GELU by one
+  native kernel each way too (`seglab.engine.mix_ffn`), as shipped since the thirty-third;
 - `32`: float32.
 
 Not a test: it prints a Markdown table of best validation mIoU per seed and the paired
@@ -40,7 +42,8 @@ ROUTES = {"forced": ["--precision", "bf16", "--no-native-norms"],
           "bf16": ["--precision", "bf16", "--no-native-norms"],
           "32": ["--precision", "32"],
           "bf16-native-norms": ["--precision", "bf16", "--native-norms", "--no-native-attention"],
-          "bf16-native-attention": ["--precision", "bf16", "--native-norms", "--native-attention"]}
+          "bf16-native-attention": ["--precision", "bf16", "--native-norms", "--native-attention", "--no-native-mix-ffn"],
+          "bf16-native-mix-ffn": ["--precision", "bf16", "--native-norms", "--native-attention", "--native-mix-ffn"]}
 
 
 def _one_run(route: str, train_args: list[str]) -> int:

@@ -70,7 +70,7 @@ class OperatorTimes(TorchDispatchMode):
         names = ("gather_tiles", "scatter_tiles", "add_upsampled_", "resize_bilinear", "winograd_fused", "mix_ffn",
                  "mlp_head", "attention", "attention_score_grads", "attention_grads", "linear", "batch_norm_forward",
                  "batch_norm_backward", "cross_entropy", "planar_conv3x3", "quantize_u8", "quantize_rows_s8",
-                 "dequantize_rows")
+                 "dequantize_rows", "depthwise_gelu", "depthwise_gelu_backward")
         originals = {name: getattr(native, name) for name in names}
 
         def timed(name: str, function: Callable) -> Callable:
@@ -91,7 +91,7 @@ class OperatorTimes(TorchDispatchMode):
 
 
 def _call(model_key: str, mode: str, batch: int, size: int, peer: bool, precision: str,
-          int8_products: bool = False, native_attention: bool = True) -> Callable[[], None]:
+          int8_products: bool = False, native_attention: bool = True, native_mix_ffn: bool = True) -> Callable[[], None]:
     arch = ARCHITECTURES[model_key]
     if peer and arch.peer_builder is None:
         raise SystemExit(f"--peer: {model_key} has no peer model")
@@ -103,6 +103,7 @@ def _call(model_key: str, mode: str, batch: int, size: int, peer: bool, precisio
         return _training_call(model, settings, torch.device("cpu"), channels_last=ours,
                               precision=precision if ours else "32", fused=ours, winograd=ours, tuned_gradients=ours,
                               native_loss=ours, native_norms=ours, native_attention=native_attention and ours,
+                              native_mix_ffn=native_mix_ffn and ours,
                               int8_products=int8_products and ours)
     runnable = model.eval() if peer else optimize_for_inference(model.eval(), precision)
     images = torch.randn(batch, 3, size, size)
@@ -133,13 +134,17 @@ def main() -> None:
                         help="training in bf16: SegFormer's attention heads by the native kernel and its own "
                              "backward (seglab.engine.attention), as the trainer and the bench's fast row run "
                              "them (default); --no-native-attention: PyTorch's flash attention")
+    parser.add_argument("--native-mix-ffn", action=argparse.BooleanOptionalAction, default=True,
+                        help="training in bf16: the Mix-FFN's depthwise convolution and GELU by one native kernel "
+                             "each way (seglab.engine.mix_ffn), as the trainer and the bench's fast row run them "
+                             "(default); --no-native-mix-ffn: PyTorch's operators")
     options = parser.parse_args()
     if options.threads:
         torch.set_num_threads(options.threads)
     keep_freed_memory()  # as seglab's commands run
     batch = options.batch or (4 if options.mode == "train" else 1)
     call = _call(options.model, options.mode, batch, options.size, options.peer, options.precision,
-                 options.int8_products, options.native_attention)
+                 options.int8_products, options.native_attention, options.native_mix_ffn)
     for _ in range(options.warmup):
         call()
     plain = []

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from seglab.bench_accuracy import ACCURACY_EPOCHS, accuracy_check
 from seglab.engine.attention import training_attention
+from seglab.engine.mix_ffn import training_mix_ffn
 from seglab.engine.fastpath import (
     autocast_context,
     default_precision,
@@ -158,6 +159,11 @@ TRAINING_ABLATION: dict[str, dict[str, Any]] = {
     "+bf16 autocast +channels_last +winograd +native cross-entropy +native norms +native attention": dict(
         channels_last=True, precision="bf16", fused=False, winograd=True, native_loss=True, native_norms=True,
         native_attention=True),
+    # SegFormer's Mix-FFN depthwise convolution and GELU by one native kernel each way (the trainer's
+    # default in bf16 on the CPU, `--native-mix-ffn`), against the row above.
+    "+bf16 autocast +channels_last +winograd +native cross-entropy +native norms +native attention +native Mix-FFN":
+        dict(channels_last=True, precision="bf16", fused=False, winograd=True, native_loss=True, native_norms=True,
+             native_attention=True, native_mix_ffn=True),
     "+fused optimizer": dict(channels_last=False, precision="32", fused=True, winograd=False),
 }
 
@@ -358,15 +364,16 @@ def _inference_call(model: nn.Module, batch: int, settings: BenchSettings, devic
 def _training_call(model: nn.Module, settings: BenchSettings, device: torch.device, *, channels_last: bool,
                    precision: str, fused: bool, winograd: bool, tuned_gradients: bool = False,
                    native_loss: bool = False, native_norms: bool = False, native_attention: bool = False,
-                   int8_products: bool = False) -> Callable[[], None]:
+                   native_mix_ffn: bool = False, int8_products: bool = False) -> Callable[[], None]:
     """One training step (forward, cross-entropy, backward, AdamW step) on a fixed random batch;
     with `winograd` and `tuned_gradients`, under `training_convolutions` (in float32 on the CPU
     Winograd's 3x3 convolutions, the other convolutions' weight gradients by the kernel timed
     fastest), and with `native_loss` the loss by seglab's `CrossEntropyLoss` on the logits as
     they come (on the CPU one native pass), and with `native_norms` the BatchNorms with what
     follows them by one native kernel (`training_norms`), with `native_attention` SegFormer's
-    attention heads by the native kernel and batched products (`training_attention`), and with
-    `int8_products` the large 1x1 convolutions and atrous windows by int8 products (float32
+    attention heads by the native kernel and its own backward (`training_attention`), with
+    `native_mix_ffn` the Mix-FFN's depthwise convolution and GELU by one native kernel each way
+    (`training_mix_ffn`), and with `int8_products` the large 1x1 convolutions and atrous windows by int8 products (float32
     only), as seglab's trainer runs."""
     model = model.to(device).train()
     if channels_last:
@@ -385,11 +392,12 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
                                          int8_products=int8_products)
     norms = training_norms(model, device, precision, enabled=native_norms)
     attention = training_attention(model, device, precision, enabled=native_attention)
+    mix_ffn = training_mix_ffn(model, device, precision, enabled=native_mix_ffn)
     seglab_loss = CrossEntropyLoss()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device, precision), convolutions, norms, attention:
+        with autocast_context(device, precision), convolutions, norms, attention, mix_ffn:
             logits = _logits(model(images))
         if native_loss:
             loss = seglab_loss(logits, target)
@@ -489,7 +497,8 @@ def _training_candidates(arch: Architecture, settings: BenchSettings, device: to
         _Candidate("seglab", "eager fp32", flops, "32", trainer(build_seglab, channels_last=False, precision="32", fused=False, winograd=False)),
         _Candidate("seglab", f"fast ({precision})", flops, precision,
                    trainer(build_seglab, channels_last=True, precision=precision, fused=True, winograd=True,
-                           tuned_gradients=True, native_loss=True, native_norms=True, native_attention=True)),
+                           tuned_gradients=True, native_loss=True, native_norms=True, native_attention=True,
+                           native_mix_ffn=True)),
     ]
     if settings.int8_on(device):
         candidates.append(_Candidate("seglab", INT8_TRAINING_VARIANT, flops, "int8", trainer(

@@ -142,6 +142,10 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
                                      "native kernel forward, which keeps its softmax, and its own backward (1.16-1.17x "
                                      "faster steps; mIoU within 0.5 points over ten seeds, docs/engine.md). Default: "
                                      "on wherever training runs so; --no-native-attention keeps PyTorch's attention")),
+    ("--native-mix-ffn", dict(action=argparse.BooleanOptionalAction,
+                              help="bf16 training on the CPU: SegFormer's Mix-FFN depthwise convolution and GELU by "
+                                   "one native kernel forward and one backward (docs/engine.md). Default: on wherever "
+                                   "training runs in bf16 on the CPU; --no-native-mix-ffn keeps PyTorch's operators")),
     ("--int8-calibration", dict(action=argparse.BooleanOptionalAction,
                                 help="CPU runs on a CPU with VNNI or AMX: end by storing int8 input ranges "
                                      "in the best checkpoint, checked on the validation split, so that `seglab predict` "

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from seglab.ops import native
 from seglab.ops.kept import KeptFromWeights
+from seglab.ops.depthwise_gelu import depthwise_gelu_fits, native_depthwise_gelu
 from seglab.ops.mix_ffn import NativeWeights, mix_ffn_fits, native_mix_ffn
 from seglab.ops.token_attention import attention_fits, native_training_attention, training_attention_fits
 from seglab.ops.token_linear import token_linear
@@ -119,6 +120,9 @@ class MixFFN(nn.Module):
         # CPU inference.
         self.native = False
         self._native_weights: KeptFromWeights[NativeWeights] = KeptFromWeights()
+        # The depthwise convolution and GELU by one native kernel forward and one backward, set in
+        # CPU training by `seglab.engine.mix_ffn.TrainingMixFFN`.
+        self.native_training = False
 
     def forward(self, x: torch.Tensor, height: int, width: int, residual: torch.Tensor | None = None,
                 norm: nn.Module | None = None) -> torch.Tensor:
@@ -129,10 +133,14 @@ class MixFFN(nn.Module):
                                   norm)
         if norm is not None:
             x = norm(x)
-        # GELU on the map, straight after the depthwise conv: the fast path runs the two as one
-        # oneDNN kernel (the same function: GELU is element-wise).
-        x = self.act(self.dwconv(tokens_to_map(self.fc1(x), height, width)))
-        x = self.fc2(x.flatten(2).transpose(1, 2))
+        x = self.fc1(x)
+        if self.native_training and depthwise_gelu_fits(x, self.dwconv, self.act):
+            x = native_depthwise_gelu(x, height, width, self.dwconv)
+        else:
+            # GELU on the map, straight after the depthwise conv: the fast path runs the two as one
+            # oneDNN kernel (the same function: GELU is element-wise).
+            x = self.act(self.dwconv(tokens_to_map(x, height, width))).flatten(2).transpose(1, 2)
+        x = self.fc2(x)
         return x if residual is None else residual + x
 
 

@@ -11,35 +11,23 @@ attention. Evaluation in the trainer runs outside it.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, ContextManager
+from typing import ContextManager
 
 import torch
 import torch.nn as nn
 
 from seglab.encoders.mit import EfficientSelfAttention
-from seglab.engine.precision import resolve_precision
+from seglab.engine.switch import ModuleSwitch, in_cpu_bf16_training
 from seglab.ops.token_attention import native_attention_available
 
 __all__ = ["TrainingAttention", "training_attention"]
 
 
-class TrainingAttention:
+class TrainingAttention(ModuleSwitch):
     """A context in which `model`'s SegFormer attention modules take the native route above."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.modules = [m for m in model.modules() if isinstance(m, EfficientSelfAttention)]
-        self.before: list[bool] = []
-
-    def __enter__(self) -> TrainingAttention:
-        self.before = [m.native_attention for m in self.modules]
-        for module in self.modules:
-            module.native_attention = True
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        for module, before in zip(self.modules, self.before):
-            module.native_attention = before
+        super().__init__([m for m in model.modules() if isinstance(m, EfficientSelfAttention)], "native_attention")
 
 
 def training_attention(model: nn.Module, device: torch.device | str, precision: str | int,
@@ -47,8 +35,5 @@ def training_attention(model: nn.Module, device: torch.device | str, precision: 
     """`TrainingAttention(model)` for bf16 autocast training on the CPU where the native kernels
     multiply bf16 by pairs and the model has SegFormer attention (build it once, enter it at
     each step); elsewhere a context that changes nothing."""
-    device = torch.device(device)
-    if (enabled and device.type == "cpu" and resolve_precision(precision, device).name == "bf16"
-            and native_attention_available() and any(isinstance(m, EfficientSelfAttention) for m in model.modules())):
-        return TrainingAttention(model)
-    return contextlib.nullcontext()
+    return in_cpu_bf16_training(TrainingAttention, model, EfficientSelfAttention, device, precision,
+                                enabled and native_attention_available())

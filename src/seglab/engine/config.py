@@ -60,6 +60,10 @@ class TrainConfig:
     # points against PyTorch's attention, -0.11 with the fused backward, docs/bench.md); false:
     # PyTorch's flash attention
     native_attention: bool | None = None
+    # bf16 on the CPU: SegFormer's Mix-FFN depthwise convolution and GELU by one native kernel
+    # forward and one backward (seglab.engine.mix_ffn). None: on where training runs so (docs/bench.md,
+    # thirty-third session); false: PyTorch's operators
+    native_mix_ffn: bool | None = None
     direct_convolutions: bool = False  # float32 on the CPU: eager convolutions, no Winograd, no tuned weight gradients
     # float32 on a CPU with VNNI or AMX: the large 1x1 convolutions' forward and input gradient as
     # int8 products with one scale per row (seglab.ops.int8_products); weight gradients stay float32.
@@ -109,7 +113,7 @@ class TrainConfig:
             raise ValueError(f"--precision must be auto, 32, bf16 or 16, not {self.precision!r}")
         if self.int8_products is not None and not isinstance(self.int8_products, bool):
             raise ValueError(f"int8_products must be true, false or null (auto), not {self.int8_products!r}")
-        for name in ("native_norms", "native_attention"):
+        for name in ("native_norms", "native_attention", "native_mix_ffn"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true, false or null (auto), not {getattr(self, name)!r}")
         if self.accumulate < 1:

@@ -38,6 +38,7 @@ from seglab.data import open_dataset
 from seglab.data.doctor import preflight
 from seglab.data.stats import median_frequency_weights
 from seglab.engine.attention import training_attention
+from seglab.engine.mix_ffn import training_mix_ffn
 from seglab.engine.checkpoint import save_checkpoint, update_checkpoint_config
 from seglab.engine.config import TrainConfig, load_yaml
 from seglab.engine.distributed import agree, all_reduce_sum, barrier, init_distributed
@@ -284,6 +285,10 @@ class Trainer:
         # the native kernel forward and its own backward; entered at each step.
         self.attention = training_attention(self.model, self.device, self.precision.name,
                                             enabled=config.native_attention is not False)
+        # In bf16 on the CPU (unless `native_mix_ffn` is false), the Mix-FFN's depthwise convolution
+        # and GELU by one native kernel each way; entered at each step.
+        self.mix_ffn = training_mix_ffn(self.model, self.device, self.precision.name,
+                                        enabled=config.native_mix_ffn is not False)
         self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
         self.normalize = Normalize(config.mean, config.std).to(self.device)
         self.class_weights = self._class_weights()
@@ -565,7 +570,7 @@ class Trainer:
             # Between optimiser steps, DDP need not average gradients: skip the all-reduce.
             no_sync = self.train_model.no_sync() if self.dist.enabled and not steps_now else contextlib.nullcontext()
             with no_sync:
-                with self.precision.autocast(), self.convolutions, self.norms, self.attention:
+                with self.precision.autocast(), self.convolutions, self.norms, self.attention, self.mix_ffn:
                     output = self.train_model(images)
                 loss = self._loss(output, target)
                 self._stop_on_bad_loss(loss, epoch, index)

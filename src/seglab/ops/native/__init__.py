@@ -47,16 +47,17 @@ import torch
 from seglab.ops.native import specialise as _specialise
 
 __all__ = ["ATTENTION_HEAD_MULTIPLE", "FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", "MAX_UPSAMPLED",
-           "MIX_FFN_CHANNELS_MULTIPLE", "PLANAR_OUTS", "add_upsampled_", "attention", "available", "bf16_pairs",
-           "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy", "dequantize_rows",
-           "gather_tiles", "linear", "mix_ffn", "mlp_head", "pair_rows", "planar_conv3x3", "quantize_rows_s8", "quantize_u8",
+           "MIX_FFN_CHANNELS_MULTIPLE", "PLANAR_OUTS", "add_upsampled_", "attention", "available",
+           "bf16_pairs", "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy",
+           "depthwise_gelu", "depthwise_gelu_backward", "dequantize_rows", "gather_tiles", "linear",
+           "mix_ffn", "mlp_head", "pair_rows", "planar_conv3x3", "quantize_rows_s8", "quantize_u8",
            "resize_bilinear", "scatter_tiles", "specialise", "unavailable_reason", "winograd_fused"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",
                                                                 "batch_norm.c", "bilinear.c", "winograd_fused.c",
                                                                 "mix_ffn.c", "mlp_head.c", "planar_conv.c",
-                                                                "quantize.c", "attention.c"))
+                                                                "quantize.c", "attention.c", "depthwise_gelu.c"))
 _LIBRARY_PREFIXES = ("seglab_native-", "winograd_tiles-")  # the name, then the name of older versions
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 _NATIVE_FLAGS = ("-march=native",)  # the processor's vector width; dropped where the compiler refuses it
@@ -245,6 +246,9 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_attention_score_grads.argtypes = [pointer] * 7 + [i64] * 5 + [ctypes.c_float, i64, i32]
     library.seglab_attention_score_grads.restype = i32
     library.seglab_bf16_pairs.argtypes = []
+    library.seglab_depthwise_gelu.argtypes = [pointer] * 5 + [i64] * 4 + [i32, i32]
+    library.seglab_depthwise_gelu_backward.argtypes = [pointer] * 6 + [i64] * 5 + [i32, i32]
+    library.seglab_depthwise_gelu.restype = library.seglab_depthwise_gelu_backward.restype = i32
     library.seglab_mlp_head.argtypes = [pointer] * 7 + [i32, pointer, pointer, i64, i64, i64, i64, i64, i64, i64,
                                                         i32, i32]
     library.seglab_mlp_head.restype = i32
@@ -743,6 +747,66 @@ def mix_ffn(tokens: torch.Tensor, height: int, width: int, fc1_weight: torch.Ten
                                               width, channels, hidden, int(bf16), torch.get_num_threads()):
         raise MemoryError("mix_ffn: no memory for a thread's row buffers")
     return out
+
+
+def _depthwise_gelu_inputs(tokens: torch.Tensor, height: int, width: int, weight: torch.Tensor,
+                           **others: torch.Tensor) -> None:
+    _check(tokens, "the tokens", _VALUES)
+    _check(weight, "the depthwise weight")
+    if tokens.dim() != 3 or tokens.shape[1] != height * width:
+        raise ValueError(f"depthwise_gelu takes N x (height * width) x D tokens, not shape {tuple(tokens.shape)} "
+                         f"for a {height} x {width} map")
+    channels = tokens.shape[-1]
+    if channels % MIX_FFN_CHANNELS_MULTIPLE:
+        raise ValueError(f"depthwise_gelu takes multiples of {MIX_FFN_CHANNELS_MULTIPLE} channels, not {channels}")
+    if tuple(weight.shape) != (9, channels):
+        raise ValueError(f"the depthwise weight must be 9 x {channels} (the 3 x 3 taps row by row), not "
+                         f"{tuple(weight.shape)}")
+    for name, tensor in others.items():
+        _check(tensor, name, (tokens.dtype,))
+        if tensor.shape != tokens.shape:
+            raise ValueError(f"{name} must be shaped like the tokens, {tuple(tokens.shape)}, not {tuple(tensor.shape)}")
+
+
+def depthwise_gelu(tokens: torch.Tensor, height: int, width: int, weight: torch.Tensor,
+                   bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GELU(dwconv3x3(tokens) + bias) (`depthwise_gelu.c`, zero padding 1, the exact GELU):
+    `tokens` N x (height * width) x D, float32 or bf16, contiguous, D a multiple of
+    `MIX_FFN_CHANNELS_MULTIPLE`; `weight` 9 x D float32 (the 3 x 3 taps row by row), `bias` D.
+    Returns (pre, out), both like `tokens`: the convolution with its bias, rounded to the
+    tokens' dtype, and GELU of that (the backward's input)."""
+    library = _required()
+    _depthwise_gelu_inputs(tokens, height, width, weight)
+    _check(bias, "the depthwise bias")
+    if tuple(bias.shape) != (tokens.shape[-1],):
+        raise ValueError(f"the depthwise bias must have {tokens.shape[-1]} values, not shape {tuple(bias.shape)}")
+    pre, out = torch.empty_like(tokens), torch.empty_like(tokens)
+    if tokens.numel():
+        library.seglab_depthwise_gelu(tokens.data_ptr(), weight.data_ptr(), bias.data_ptr(), pre.data_ptr(),
+                                      out.data_ptr(), tokens.shape[0], height, width, tokens.shape[-1],
+                                      int(tokens.dtype == torch.bfloat16), torch.get_num_threads())
+    return pre, out
+
+
+def depthwise_gelu_backward(grad_out: torch.Tensor, pre: torch.Tensor, tokens: torch.Tensor, height: int, width: int,
+                            weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `depthwise_gelu` given d out (`grad_out`) and its `pre`, all like
+    `tokens`: (d tokens, like `tokens`; d weight, 9 x D float32; d bias, D float32). The
+    gradient through GELU stays float32 inside; each thread's share of the rows sums its own
+    weight gradients, added here in order."""
+    library = _required()
+    _depthwise_gelu_inputs(tokens, height, width, weight, **{"the gradient": grad_out, "pre": pre})
+    channels = tokens.shape[-1]
+    grad_tokens = torch.empty_like(tokens)
+    parts = max(1, min(torch.get_num_threads(), tokens.shape[0] * height))
+    sums = torch.zeros(parts, 10, channels)
+    if tokens.numel() and library.seglab_depthwise_gelu_backward(
+            grad_out.data_ptr(), pre.data_ptr(), tokens.data_ptr(), weight.data_ptr(), grad_tokens.data_ptr(),
+            sums.data_ptr(), parts, tokens.shape[0], height, width, channels, int(tokens.dtype == torch.bfloat16),
+            torch.get_num_threads()):
+        raise MemoryError("depthwise_gelu_backward: no memory for a thread's rows")
+    total = sums.sum(0)
+    return grad_tokens, total[:9].contiguous(), total[9].contiguous()
 
 
 def mlp_head(nhwc: torch.Tensor, first_weight: torch.Tensor, first_bias: torch.Tensor,

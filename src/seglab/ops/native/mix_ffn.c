@@ -50,8 +50,9 @@ static inline f32x16 reciprocal16(f32x16 d) {
  * z clamped at 6, where erfc is 2e-17, so that the power stays finite). Its 20-odd vector
  * operations took 6.2 ns per 16 values against 8.9 for 7.1.26's form (the one PyTorch's
  * vectorised erf takes), whose exp costs more than the power; GELU took a third of the
- * Mix-FFN's time at MiT-B0's first stage. Within 7e-7 of GELU for |x| <= 5. */
-static inline f32x16 gelu16(f32x16 x) {
+ * Mix-FFN's time at MiT-B0's first stage. Within 7e-7 of GELU for |x| <= 5. Phi alone is
+ * GELU's slope's first term (depthwise_gelu.c). */
+static inline f32x16 normal_cdf16(f32x16 x) {
     f32x16 z = select_greater(x, -x) * 0.70710678118654752f;
     const i32x16 beyond = z > 6.0f;
     z = (f32x16)(((i32x16)z & ~beyond) | ((i32x16)block_of(6.0f) & beyond));
@@ -64,8 +65,10 @@ static inline f32x16 gelu16(f32x16 x) {
     p *= p, p *= p, p *= p, p *= p; /* p^16 */
     const f32x16 half_erfc = 0.5f * reciprocal16(p);
     const i32x16 positive = x >= 0;
-    return x * (f32x16)(((i32x16)(1.0f - half_erfc) & positive) | ((i32x16)half_erfc & ~positive));
+    return (f32x16)(((i32x16)(1.0f - half_erfc) & positive) | ((i32x16)half_erfc & ~positive));
 }
+
+static inline f32x16 gelu16(f32x16 x) { return x * normal_cdf16(x); }
 
 /* normed (count x C) = the LayerNorm of `count` tokens: (x - mean) / sqrt(var + eps) w + b,
  * mean and (biased) variance over the C channels, as nn.LayerNorm computes them. */
