@@ -42,7 +42,8 @@ ROUTES = {"forced": ["--precision", "bf16", "--no-native-norms"],
           "bf16": ["--precision", "bf16", "--no-native-norms"],
           "32": ["--precision", "32"],
           "bf16-native-norms": ["--precision", "bf16", "--native-norms", "--no-native-attention"],
-          "bf16-native-attention": ["--precision", "bf16", "--native-norms", "--native-attention", "--no-native-mix-ffn"],
+          "bf16-native-attention": ["--precision", "bf16", "--native-norms", "--native-attention",
+                                    "--no-native-mix-ffn"],
           "bf16-native-mix-ffn": ["--precision", "bf16", "--native-norms", "--native-attention", "--native-mix-ffn"]}
 
 

@@ -90,8 +90,8 @@ class OperatorTimes(TorchDispatchMode):
                 setattr(native, name, function)
 
 
-def _call(model_key: str, mode: str, batch: int, size: int, peer: bool, precision: str,
-          int8_products: bool = False, native_attention: bool = True, native_mix_ffn: bool = True) -> Callable[[], None]:
+def _call(model_key: str, mode: str, batch: int, size: int, peer: bool, precision: str, int8_products: bool = False,
+          native_attention: bool = True, native_mix_ffn: bool = True) -> Callable[[], None]:
     arch = ARCHITECTURES[model_key]
     if peer and arch.peer_builder is None:
         raise SystemExit(f"--peer: {model_key} has no peer model")

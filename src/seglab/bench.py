@@ -27,7 +27,6 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from seglab.bench_accuracy import ACCURACY_EPOCHS, accuracy_check
 from seglab.engine.attention import training_attention
-from seglab.engine.mix_ffn import training_mix_ffn
 from seglab.engine.fastpath import (
     autocast_context,
     default_precision,
@@ -39,6 +38,7 @@ from seglab.engine.fastpath import (
 )
 from seglab.engine.int8 import cpu_runs_int8
 from seglab.engine.int8_checkpoint import INT8_OVER_BF16_SHARE
+from seglab.engine.mix_ffn import training_mix_ffn
 from seglab.engine.precision import cpu_has, cpu_runs_bf16, cpu_supports_bf16
 from seglab.losses.pixelwise import CrossEntropyLoss, pixel_cross_entropy
 from seglab.memory import keeps_freed_memory
@@ -373,8 +373,8 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
     follows them by one native kernel (`training_norms`), with `native_attention` SegFormer's
     attention heads by the native kernel and its own backward (`training_attention`), with
     `native_mix_ffn` the Mix-FFN's depthwise convolution and GELU by one native kernel each way
-    (`training_mix_ffn`), and with `int8_products` the large 1x1 convolutions and atrous windows by int8 products (float32
-    only), as seglab's trainer runs."""
+    (`training_mix_ffn`), and with `int8_products` the large 1x1 convolutions and atrous windows
+    by int8 products (float32 only), as seglab's trainer runs."""
     model = model.to(device).train()
     if channels_last:
         model = to_channels_last(model)

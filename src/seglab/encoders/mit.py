@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seglab.ops import native
-from seglab.ops.kept import KeptFromWeights
 from seglab.ops.depthwise_gelu import depthwise_gelu_fits, native_depthwise_gelu
+from seglab.ops.kept import KeptFromWeights
 from seglab.ops.mix_ffn import NativeWeights, mix_ffn_fits, native_mix_ffn
 from seglab.ops.token_attention import attention_fits, native_training_attention, training_attention_fits
 from seglab.ops.token_linear import token_linear

@@ -35,5 +35,5 @@ def training_attention(model: nn.Module, device: torch.device | str, precision: 
     """`TrainingAttention(model)` for bf16 autocast training on the CPU where the native kernels
     multiply bf16 by pairs and the model has SegFormer attention (build it once, enter it at
     each step); elsewhere a context that changes nothing."""
-    return in_cpu_bf16_training(TrainingAttention, model, EfficientSelfAttention, device, precision,
-                                enabled and native_attention_available())
+    return in_cpu_bf16_training(TrainingAttention, model, EfficientSelfAttention, device, precision, enabled,
+                                native_attention_available)

@@ -33,4 +33,4 @@ def training_mix_ffn(model: nn.Module, device: torch.device | str, precision: st
     """`TrainingMixFFN(model)` for bf16 autocast training on the CPU where the native kernels are
     built and the model has Mix-FFN blocks (build it once, enter it at each step); elsewhere a
     context that changes nothing."""
-    return in_cpu_bf16_training(TrainingMixFFN, model, MixFFN, device, precision, enabled and native.available())
+    return in_cpu_bf16_training(TrainingMixFFN, model, MixFFN, device, precision, enabled, native.available)

@@ -35,11 +35,13 @@ class ModuleSwitch:
 
 
 def in_cpu_bf16_training(switch: Callable[[nn.Module], ModuleSwitch], model: nn.Module, kind: type[nn.Module],
-                         device: torch.device | str, precision: str | int, enabled: bool) -> ContextManager:
-    """`switch(model)` where `enabled` and the model trains under bf16 autocast on the CPU and has
-    modules of `kind`; elsewhere a context that changes nothing."""
+                         device: torch.device | str, precision: str | int, enabled: bool,
+                         available: Callable[[], bool]) -> ContextManager:
+    """`switch(model)` where `enabled`, the model trains under bf16 autocast on the CPU, has
+    modules of `kind` and the route is `available()` (asked last: it may build the native
+    kernels); elsewhere a context that changes nothing."""
     device = torch.device(device)
     if (enabled and device.type == "cpu" and resolve_precision(precision, device).name == "bf16"
-            and any(isinstance(m, kind) for m in model.modules())):
+            and any(isinstance(m, kind) for m in model.modules()) and available()):
         return switch(model)
     return contextlib.nullcontext()
