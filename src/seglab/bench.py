@@ -44,6 +44,7 @@ from seglab.losses.pixelwise import CrossEntropyLoss, pixel_cross_entropy
 from seglab.memory import keeps_freed_memory
 from seglab.models.registry import create_model
 from seglab.ops import native
+from seglab.ops.upsample import native_score_upsampling
 
 __all__ = ["ARCHITECTURES", "Architecture", "BenchSettings", "run_bench", "to_markdown", "machine_description"]
 
@@ -164,6 +165,12 @@ TRAINING_ABLATION: dict[str, dict[str, Any]] = {
     "+bf16 autocast +channels_last +winograd +native cross-entropy +native norms +native attention +native Mix-FFN":
         dict(channels_last=True, precision="bf16", fused=False, winograd=True, native_loss=True, native_norms=True,
              native_attention=True, native_mix_ffn=True),
+    # The class scores' bilinear upsampling by the native kernel forward and backward (the
+    # trainer's default in CPU training, `seglab.ops.upsample.native_score_upsampling`), against the row above.
+    "+bf16 autocast +channels_last +winograd +native cross-entropy +native norms +native attention +native Mix-FFN "
+    "+native score upsampling": dict(channels_last=True, precision="bf16", fused=False, winograd=True, native_loss=True,
+                                     native_norms=True, native_attention=True, native_mix_ffn=True,
+                                     native_upsampling=True),
     "+fused optimizer": dict(channels_last=False, precision="32", fused=True, winograd=False),
 }
 
@@ -364,7 +371,8 @@ def _inference_call(model: nn.Module, batch: int, settings: BenchSettings, devic
 def _training_call(model: nn.Module, settings: BenchSettings, device: torch.device, *, channels_last: bool,
                    precision: str, fused: bool, winograd: bool, tuned_gradients: bool = False,
                    native_loss: bool = False, native_norms: bool = False, native_attention: bool = False,
-                   native_mix_ffn: bool = False, int8_products: bool = False) -> Callable[[], None]:
+                   native_mix_ffn: bool = False, native_upsampling: bool = False,
+                   int8_products: bool = False) -> Callable[[], None]:
     """One training step (forward, cross-entropy, backward, AdamW step) on a fixed random batch;
     with `winograd` and `tuned_gradients`, under `training_convolutions` (in float32 on the CPU
     Winograd's 3x3 convolutions, the other convolutions' weight gradients by the kernel timed
@@ -373,7 +381,8 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
     follows them by one native kernel (`training_norms`), with `native_attention` SegFormer's
     attention heads by the native kernel and its own backward (`training_attention`), with
     `native_mix_ffn` the Mix-FFN's depthwise convolution and GELU by one native kernel each way
-    (`training_mix_ffn`), and with `int8_products` the large 1x1 convolutions and atrous windows
+    (`training_mix_ffn`), with `native_upsampling` the class scores' upsampling by the native
+    kernel forward and backward (`native_score_upsampling`), and with `int8_products` the large 1x1 convolutions and atrous windows
     by int8 products (float32 only), as seglab's trainer runs."""
     model = model.to(device).train()
     if channels_last:
@@ -397,7 +406,8 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device, precision), convolutions, norms, attention, mix_ffn:
+        with (autocast_context(device, precision), convolutions, norms, attention, mix_ffn,
+              native_score_upsampling(native_upsampling)):
             logits = _logits(model(images))
         if native_loss:
             loss = seglab_loss(logits, target)
@@ -498,12 +508,12 @@ def _training_candidates(arch: Architecture, settings: BenchSettings, device: to
         _Candidate("seglab", f"fast ({precision})", flops, precision,
                    trainer(build_seglab, channels_last=True, precision=precision, fused=True, winograd=True,
                            tuned_gradients=True, native_loss=True, native_norms=True, native_attention=True,
-                           native_mix_ffn=True)),
+                           native_mix_ffn=True, native_upsampling=True)),
     ]
     if settings.int8_on(device):
         candidates.append(_Candidate("seglab", INT8_TRAINING_VARIANT, flops, "int8", trainer(
             build_seglab, channels_last=True, precision="32", fused=True, winograd=True, tuned_gradients=True,
-            native_loss=True, int8_products=True)))
+            native_loss=True, native_upsampling=True, int8_products=True)))
     if peer_flops is not None:
         candidates.append(_Candidate(arch.peer, "eager fp32", peer_flops, "32",
                                      trainer(lambda: arch.peer_builder(settings.num_classes), channels_last=False,

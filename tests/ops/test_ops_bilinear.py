@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from seglab.ops.bilinear import add_bilinear_upsampled_, bilinear_upsample_by, whole_scale
-from seglab.ops.upsample import upsample_scores
+from seglab.ops.upsample import native_score_upsampling, upsample_scores
 
 
 def _channels_last(*shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -48,7 +48,7 @@ def test_whole_scale():
 
 
 @pytest.mark.parametrize("kernel", ["native", "two-pass"])
-def test_upsample_scores_takes_the_fast_route_only_in_inference_mode(kernel, monkeypatch):
+def test_upsample_scores_takes_the_fast_route_in_inference_mode(kernel, monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 
     from seglab.ops import native
@@ -66,7 +66,7 @@ def test_upsample_scores_takes_the_fast_route_only_in_inference_mode(kernel, mon
     assert (counter.get_total_flops() > 0) == (kernel == "two-pass")
     assert fast.dtype == torch.float32 and fast.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast, expected, rtol=1e-6, atol=1e-6)
-    # no_grad (FLOP counting, plain evaluation) and training see F.interpolate, which is not counted
+    # no_grad (FLOP counting, plain evaluation) sees F.interpolate, which is not counted
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         torch.testing.assert_close(upsample_scores(scores, (64, 64)), expected, rtol=1e-6, atol=1e-6)
     assert counter.get_total_flops() == 0
@@ -78,6 +78,52 @@ def test_upsample_scores_takes_the_fast_route_only_in_inference_mode(kernel, mon
         with torch.inference_mode():
             torch.testing.assert_close(upsample_scores(scores, size), F.interpolate(
                 scores.float(), size=size, mode="bilinear", align_corners=False), rtol=1e-6, atol=1e-6)
+
+
+def _training_route_of(scores: torch.Tensor, size: tuple[int, int], grad: torch.Tensor) -> tuple[str, torch.Tensor,
+                                                                                                  torch.Tensor]:
+    leaf = scores.detach().requires_grad_()
+    out = upsample_scores(leaf, size)
+    out.backward(grad)
+    return type(out.grad_fn).__name__, out, leaf.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [(64, 64), (50, 70), (9, 5)])
+def test_upsample_scores_in_cpu_training_takes_the_native_kernel_both_ways(dtype, size):
+    """Forward and gradient as F.interpolate's (float32 sums in another order), for bf16 scores
+    too (cast to float32 first, as before); the gradient may come in any layout."""
+    from seglab.ops import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    torch.manual_seed(0)
+    scores = _channels_last(2, 21, 16, 16, dtype=dtype)
+    for grad in (torch.randn(2, *size, 21).permute(0, 3, 1, 2),  # channels-last, as the native cross-entropy's
+                 torch.randn(2, 21, *size)):  # NCHW
+        name, out, grad_in = _training_route_of(scores, size, grad)
+        with native_score_upsampling(False):
+            plain_name, plain_out, plain_grad = _training_route_of(scores, size, grad)
+        assert name == "_NativeScoreUpsamplingBackward" and plain_name == "UpsampleBilinear2DBackward0"
+        assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, plain_out, rtol=1e-6, atol=1e-6)
+        assert grad_in.dtype == dtype and grad_in.shape == scores.shape
+        # bf16: the same float32 sums rounded to bf16, where they may land a bf16 step apart
+        tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7
+        torch.testing.assert_close(grad_in.float(), plain_grad.float(), rtol=tolerance, atol=1e-5)
+
+
+def test_upsample_scores_in_training_leaves_nchw_scores_and_the_switched_off_route_to_f_interpolate():
+    from seglab.ops import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    nchw = torch.randn(1, 21, 8, 8, requires_grad=True)
+    assert type(upsample_scores(nchw, (32, 32)).grad_fn).__name__ == "UpsampleBilinear2DBackward0"
+    scores = _channels_last(1, 21, 8, 8, dtype=torch.float32).requires_grad_()
+    with native_score_upsampling(False):
+        assert type(upsample_scores(scores, (32, 32)).grad_fn).__name__ == "UpsampleBilinear2DBackward0"
+    assert type(upsample_scores(scores, (32, 32)).grad_fn).__name__ == "_NativeScoreUpsamplingBackward"
 
 
 def _summed_by_operators(out: torch.Tensor, parts: list[torch.Tensor], relu: bool) -> torch.Tensor:

@@ -478,30 +478,61 @@ def test_resize_bilinear_equals_f_interpolate(sizes, channels):
     torch.testing.assert_close(result.permute(0, 3, 1, 2), expected, rtol=0, atol=1e-6)
 
 
-def test_resize_bilinear_gives_the_same_bits_on_one_thread_and_on_two():
+@pytest.mark.parametrize("sizes", [((16, 16), (64, 64)), ((64, 64), (512, 512)), ((7, 45), (21, 90)),
+                                   ((5, 9), (17, 13)), ((40, 30), (17, 13)), ((1, 1), (4, 6)), ((3, 4), (3, 4))])
+@pytest.mark.parametrize("channels", [21, 1, 40])
+def test_resize_bilinear_backward_equals_the_gradient_of_f_interpolate(sizes, channels):
+    """Whole factors, other ratios, shrinking (a source pixel read by no output pixel gets 0),
+    one pixel, the same size; against float64 autograd."""
     torch.manual_seed(0)
-    x = torch.randn(3, 11, 9, 21)
+    (h, w), size = sizes
+    x = torch.randn(2, channels, h, w, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, channels, *size, dtype=torch.float64)
+    expected, = torch.autograd.grad(F.interpolate(x, size=size, mode="bilinear", align_corners=False), x, grad)
+    result = native.resize_bilinear_backward(grad.float().permute(0, 2, 3, 1).contiguous(), (h, w))
+    assert result.shape == (2, h, w, channels) and result.is_contiguous() and result.dtype == torch.float32
+    # float32 positions and weights (F.interpolate's own for float32 maps) against float64's
+    torch.testing.assert_close(result.permute(0, 3, 1, 2).double(), expected, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("function, shape, size", [(native.resize_bilinear, (3, 11, 9, 21), (47, 37)),
+                                                   (native.resize_bilinear_backward, (3, 47, 37, 21), (11, 9))])
+def test_resize_bilinear_both_ways_gives_the_same_bits_on_one_thread_and_on_three(function, shape, size):
+    """The backward's threads own whole source rows; output rows read across a boundary are
+    narrowed by both threads."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
     results = []
     threads = torch.get_num_threads()
     try:
-        for count in (1, max(threads, 2)):
+        for count in (1, 3):
             torch.set_num_threads(count)
-            results.append(native.resize_bilinear(x, (47, 37)))
+            results.append(function(x, size))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(*results)
 
 
-def test_resize_bilinear_refuses_maps_it_cannot_resize_with_one_clear_error():
-    with pytest.raises(ValueError, match="the map to resize must be a contiguous float32 CPU tensor"):
-        native.resize_bilinear(torch.zeros(1, 4, 4, 3, dtype=torch.bfloat16), (8, 8))
-    with pytest.raises(ValueError, match="the map to resize must be a contiguous float32"):
-        native.resize_bilinear(torch.zeros(1, 4, 4, 3).transpose(1, 2), (8, 8))
-    with pytest.raises(ValueError, match=r"resize_bilinear takes an N x h x w x C map"):
-        native.resize_bilinear(torch.zeros(4, 4, 3), (8, 8))
-    with pytest.raises(ValueError, match=r"resize_bilinear takes an N x h x w x C map"):
-        native.resize_bilinear(torch.zeros(1, 0, 4, 3), (8, 8))
+@pytest.mark.parametrize("function, named, shapes", [
+    (native.resize_bilinear, "the map to resize", "an N x h x w x C map"),
+    (native.resize_bilinear_backward, "the gradient to resize back", "an N x H x W x C gradient")])
+def test_resize_bilinear_both_ways_refuses_what_it_cannot_take_with_one_clear_error(function, named, shapes):
+    with pytest.raises(ValueError, match=f"{named} must be a contiguous float32 CPU tensor"):
+        function(torch.zeros(1, 4, 4, 3, dtype=torch.bfloat16), (8, 8))
+    with pytest.raises(ValueError, match=f"{named} must be a contiguous float32"):
+        function(torch.zeros(1, 4, 4, 3).transpose(1, 2), (8, 8))
+    with pytest.raises(ValueError, match=f"{function.__name__} takes {shapes}"):
+        function(torch.zeros(4, 4, 3), (8, 8))
+    bad_side = (torch.zeros(1, 0, 4, 3), (8, 8)) if function is native.resize_bilinear else (torch.zeros(1, 8, 8, 3),
+                                                                                             (0, 4))
+    with pytest.raises(ValueError, match=f"{function.__name__} takes {shapes}"):
+        function(*bad_side)
+
+
+def test_resize_bilinear_both_ways_to_and_from_an_empty_map():
     assert native.resize_bilinear(torch.zeros(1, 4, 4, 3), (0, 8)).shape == (1, 0, 8, 3)
+    # Nothing upsampled to an empty map: the source's gradient is zero.
+    assert torch.equal(native.resize_bilinear_backward(torch.zeros(1, 0, 8, 3), (4, 4)), torch.zeros(1, 4, 4, 3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -51,7 +51,7 @@ __all__ = ["ATTENTION_HEAD_MULTIPLE", "FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", 
            "bf16_pairs", "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy",
            "depthwise_gelu", "depthwise_gelu_backward", "dequantize_rows", "gather_tiles", "linear",
            "mix_ffn", "mlp_head", "pair_rows", "planar_conv3x3", "quantize_rows_s8", "quantize_u8",
-           "resize_bilinear", "scatter_tiles", "specialise", "unavailable_reason", "winograd_fused"]
+           "resize_bilinear", "resize_bilinear_backward", "scatter_tiles", "specialise", "unavailable_reason", "winograd_fused"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",
@@ -234,7 +234,8 @@ def _load_once() -> ctypes.CDLL | None:
                                              i32]
     library.seglab_add_upsampled.restype = i32
     library.seglab_resize_bilinear.argtypes = [pointer, pointer, i64, i64, i64, i64, i64, i64, i32]
-    library.seglab_resize_bilinear.restype = i32
+    library.seglab_resize_bilinear_backward.argtypes = library.seglab_resize_bilinear.argtypes
+    library.seglab_resize_bilinear.restype = library.seglab_resize_bilinear_backward.restype = i32
     library.seglab_winograd_fused.argtypes = [pointer] * 7 + [i32, i64, i64, i64, i64, i64, i32]
     library.seglab_winograd_fused.restype = i32
     library.seglab_mix_ffn.argtypes = [pointer] * 4 + [ctypes.c_float] + [pointer] * 7 + [i64] * 5 + [i32, i32]
@@ -636,6 +637,26 @@ def resize_bilinear(nhwc: torch.Tensor, size: tuple[int, int] | torch.Size) -> t
     if out.numel() and library.seglab_resize_bilinear(out.data_ptr(), nhwc.data_ptr(), n, in_height, in_width,
                                                       height, width, channels, torch.get_num_threads()):
         raise MemoryError("resize_bilinear: no memory for a thread's row buffers")
+    return out
+
+
+def resize_bilinear_backward(grad: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """The gradient of `resize_bilinear` from a map of `size` (h, w): for `grad` (N x H x W x C,
+    float32, contiguous) the N x h x w x C map that `F.interpolate`'s backward gives (the same
+    sums, added in another order; `bilinear.c`), reading `grad` once."""
+    library = _required()
+    _check(grad, "the gradient to resize back", (torch.float32,))
+    in_height, in_width = (int(side) for side in size)
+    if grad.dim() != 4 or in_height < 1 or in_width < 1:
+        raise ValueError(f"resize_bilinear_backward takes an N x H x W x C gradient and a source size of two sides "
+                         f">= 1, not {tuple(grad.shape)} and {tuple(size)}")
+    n, height, width, channels = grad.shape
+    out = grad.new_zeros(n, in_height, in_width, channels) if not grad.numel() else \
+        grad.new_empty(n, in_height, in_width, channels)
+    if grad.numel() and library.seglab_resize_bilinear_backward(out.data_ptr(), grad.data_ptr(), n, in_height,
+                                                                in_width, height, width, channels,
+                                                                torch.get_num_threads()):
+        raise MemoryError("resize_bilinear_backward: no memory for a thread's row buffers")
     return out
 
 

@@ -199,3 +199,74 @@ int seglab_resize_bilinear(float *dst, const float *src, int64_t n, int64_t in_h
     parallel_for(n * height, threads, resize_rows, &job);
     return failed ? -1 : 0;
 }
+
+/* The gradient of `seglab_resize_bilinear` (what upsample_bilinear2d's backward computes):
+ *
+ *   grad_src[b, r, i] = sum over output pixels (y, x) of weight(y -> r) weight(x -> i) grad[b, y, x]
+ *
+ * float32, channels-last. Each output row is first narrowed along the width (its W pixels
+ * added into the w source columns they read, with their weights) into a thread's buffer, and
+ * the narrow row then added into the one or two source rows it read, weighted h0 and h1. A
+ * thread owns a range of source rows and narrows every output row that reads one of them, so
+ * no two threads write the same row; output rows that read two sources split between threads
+ * are narrowed by both (one row per thread boundary). The gradient's map is read once, in order,
+ * and only the small source-sized result is written, where PyTorch's CPU backward took 11-12 ms
+ * for 4 x 21 class scores, 128 x 128 -> 512 x 512 (2 threads, Zen 4). */
+static void narrow_row(const ResizeJob *job, const float *grad_row, const int64_t *first, const int64_t *second,
+                       const float *weight, float *narrow) {
+    const int64_t C = job->channels;
+    memset(narrow, 0, (size_t)(job->in_width * C) * sizeof(float));
+    for (int64_t x = 0; x < job->width; x++, grad_row += C) {
+        float *a = narrow + first[x] * C, *b = narrow + second[x] * C;
+        const float w1 = weight[x], w0 = 1.0f - w1;
+        for (int64_t c = 0; c < C; c++) a[c] += w0 * grad_row[c];
+        for (int64_t c = 0; c < C; c++) b[c] += w1 * grad_row[c];
+    }
+}
+
+static void resize_backward_rows(const void *job_, int64_t begin, int64_t end) {
+    const ResizeJob *job = (const ResizeJob *)job_;  /* src: the output's gradient; dst: the source's */
+    const int64_t C = job->channels, H = job->height, W = job->width, h = job->in_height, w = job->in_width;
+    const int64_t narrow_size = w * C;
+    int64_t *columns = malloc(2 * W * sizeof(int64_t));
+    float *weights = malloc(W * sizeof(float)), *narrow = malloc(narrow_size * sizeof(float));
+    if (!columns || !weights || !narrow) {
+        *job->failed = 1;
+        free(columns), free(weights), free(narrow);
+        return;
+    }
+    for (int64_t x = 0; x < W; x++) source_of(x, W, w, &columns[x], &columns[W + x], &weights[x]);
+    memset(job->dst + begin * narrow_size, 0, (size_t)((end - begin) * narrow_size) * sizeof(float));
+    for (int64_t b = begin / h; b * h < end; b++) {
+        /* this thread's source rows of image b: [low, high) */
+        const int64_t low = begin > b * h ? begin - b * h : 0, high = end < (b + 1) * h ? end - b * h : h;
+        float *image = job->dst + b * h * narrow_size;
+        for (int64_t y = 0; y < H; y++) {
+            int64_t y0, y1;
+            float h1;
+            source_of(y, H, h, &y0, &y1, &h1);
+            if (y1 < low) continue;
+            if (y0 >= high) break;  /* source rows grow with y */
+            narrow_row(job, job->src + (b * H + y) * W * C, columns, columns + W, weights, narrow);
+            if (y0 >= low) {
+                float *row = image + y0 * narrow_size, h0 = 1.0f - h1;
+                for (int64_t i = 0; i < narrow_size; i++) row[i] += h0 * narrow[i];
+            }
+            if (y1 < high) {
+                float *row = image + y1 * narrow_size;
+                for (int64_t i = 0; i < narrow_size; i++) row[i] += h1 * narrow[i];
+            }
+        }
+    }
+    free(columns), free(weights), free(narrow);
+}
+
+/* grad_src (n x in_height x in_width x channels) = the gradient of `seglab_resize_bilinear` for
+ * grad (n x height x width x channels); float32. Returns 0, or -1 where memory ran out. */
+int seglab_resize_bilinear_backward(float *grad_src, const float *grad, int64_t n, int64_t in_height,
+                                    int64_t in_width, int64_t height, int64_t width, int64_t channels, int threads) {
+    int failed = 0;
+    ResizeJob job = {grad, grad_src, in_height, in_width, height, width, channels, &failed};
+    parallel_for(n * in_height, threads, resize_backward_rows, &job);
+    return failed ? -1 : 0;
+}
