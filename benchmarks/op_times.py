@@ -67,7 +67,8 @@ class OperatorTimes(TorchDispatchMode):
         """Times seglab's native kernels (`seglab.ops.native`, called through ctypes, which the
         dispatcher does not see) as operators named `native.<function>`; their output's
         allocation (`new_empty`) is counted both there and as its own operator."""
-        names = ("gather_tiles", "scatter_tiles", "add_upsampled_", "resize_bilinear", "winograd_fused", "mix_ffn",
+        names = ("gather_tiles", "scatter_tiles", "add_upsampled_", "resize_bilinear", "resize_bilinear_backward",
+                 "winograd_fused", "mix_ffn",
                  "mlp_head", "attention", "attention_score_grads", "attention_grads", "linear", "batch_norm_forward",
                  "batch_norm_backward", "cross_entropy", "planar_conv3x3", "quantize_u8", "quantize_rows_s8",
                  "dequantize_rows", "depthwise_gelu", "depthwise_gelu_backward")
@@ -103,7 +104,7 @@ def _call(model_key: str, mode: str, batch: int, size: int, peer: bool, precisio
         return _training_call(model, settings, torch.device("cpu"), channels_last=ours,
                               precision=precision if ours else "32", fused=ours, winograd=ours, tuned_gradients=ours,
                               native_loss=ours, native_norms=ours, native_attention=native_attention and ours,
-                              native_mix_ffn=native_mix_ffn and ours,
+                              native_mix_ffn=native_mix_ffn and ours, native_upsampling=ours,
                               int8_products=int8_products and ours)
     runnable = model.eval() if peer else optimize_for_inference(model.eval(), precision)
     images = torch.randn(batch, 3, size, size)

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seglab.losses import CrossEntropyLoss, DiceLoss, WeightedSum, float32_logits_for, upcasts_itself
+from seglab.losses import (CrossEntropyLoss, DiceLoss, LovaszSoftmaxLoss, WeightedSum, float32_logits_for,
+                           upcasts_itself)
 from seglab.ops import native
 from seglab.ops.cross_entropy import native_cross_entropy, takes_native_cross_entropy
 
@@ -195,9 +196,12 @@ def test_the_other_calls_compute_the_same_in_float32(layout):
 
 
 def test_which_losses_upcast_the_logits_themselves():
-    ce, dice = CrossEntropyLoss(), DiceLoss()
-    assert upcasts_itself(ce) and not upcasts_itself(dice)
-    assert upcasts_itself(WeightedSum([(1.0, ce), (0.5, CrossEntropyLoss())]))
+    ce, dice, lovasz = CrossEntropyLoss(), DiceLoss(), LovaszSoftmaxLoss()
+    assert upcasts_itself(ce) and upcasts_itself(dice) and not upcasts_itself(lovasz)
+    assert upcasts_itself(WeightedSum([(0.5, ce)]))
+    # Several terms each rounding their gradient to bf16 before the sum: the caller copies to float32.
+    assert not upcasts_itself(WeightedSum([(1.0, ce), (0.5, CrossEntropyLoss())]))
     assert not upcasts_itself(WeightedSum([(1.0, ce), (1.0, dice)]))
+    assert not upcasts_itself(WeightedSum([(1.0, ce), (1.0, lovasz)]))
     logits = torch.zeros(1, 2, 2, 2, dtype=torch.bfloat16)
-    assert float32_logits_for(ce, logits) is logits and float32_logits_for(dice, logits).dtype == torch.float32
+    assert float32_logits_for(ce, logits) is logits and float32_logits_for(lovasz, logits).dtype == torch.float32

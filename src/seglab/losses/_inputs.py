@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from seglab.ops.overlap_sums import native_overlap_sums, takes_native_overlap_sums
+
 MODES = ("multiclass", "binary", "multilabel")
 
 
@@ -68,6 +70,9 @@ def multiclass_overlap_sums(
     (`pixel_major_softmax`), a view of channels-last logits."""
     if logits.dim() != target.dim() + 1:
         raise ValueError(f"multiclass loss needs logits N x K x ... and target N x ..., got {tuple(logits.shape)} and {tuple(target.shape)}")
+    if takes_native_overlap_sums(logits, target):  # one native pass each way on the CPU (seglab.ops.overlap_sums)
+        sums = native_overlap_sums(logits, target, ignore_index, norm == "l2")
+        return sums if per_image else tuple(term.sum(0) for term in sums)
     n, num_classes = logits.shape[:2]
     if pixel_major_softmax(num_classes):
         probs = logits.movedim(1, -1).reshape(n, -1, num_classes).softmax(-1)  # N x S x K

@@ -43,7 +43,11 @@ class WeightedSum(nn.Module):
 
     @property
     def upcasts_itself(self) -> bool:
-        return all(upcasts_itself(loss) for loss in self.losses)
+        # One term only: handed bf16 logits, each term would round its own gradient to bf16
+        # before the sum. `ce+dice`'s gradient on bf16 logits (16 x 6 x 64 x 64) came within
+        # 1.52e-3 of float64's so, against 1.09e-3 (bf16's rounding of the exact gradient) after
+        # a float32 copy, which costs 9 ms on a 4 x 21 x 512 x 512 batch (2-core Zen 4).
+        return len(self.losses) == 1 and upcasts_itself(self.losses[0])
 
     def extra_repr(self) -> str:
         return "weights=" + ", ".join(f"{w:g}" for w in self.weights)

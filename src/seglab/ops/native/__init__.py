@@ -47,15 +47,16 @@ import torch
 from seglab.ops.native import specialise as _specialise
 
 __all__ = ["ATTENTION_HEAD_MULTIPLE", "FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", "MAX_UPSAMPLED",
-           "MIX_FFN_CHANNELS_MULTIPLE", "PLANAR_OUTS", "add_upsampled_", "attention", "available",
-           "bf16_pairs", "batch_norm_backward", "batch_norm_forward", "compiled_in", "cross_entropy",
-           "depthwise_gelu", "depthwise_gelu_backward", "dequantize_rows", "gather_tiles", "linear",
-           "mix_ffn", "mlp_head", "pair_rows", "planar_conv3x3", "quantize_rows_s8", "quantize_u8",
-           "resize_bilinear", "resize_bilinear_backward", "scatter_tiles", "specialise", "unavailable_reason", "winograd_fused"]
+           "MIX_FFN_CHANNELS_MULTIPLE", "OVERLAP_MAX_CLASSES", "PLANAR_OUTS", "add_upsampled_", "attention",
+           "available", "batch_norm_backward", "batch_norm_forward", "bf16_pairs", "compiled_in", "cross_entropy",
+           "depthwise_gelu", "depthwise_gelu_backward", "dequantize_rows", "gather_tiles", "linear", "mix_ffn",
+           "mlp_head", "overlap_sums", "overlap_sums_backward", "pair_rows", "planar_conv3x3", "quantize_rows_s8",
+           "quantize_u8", "resize_bilinear", "resize_bilinear_backward", "scatter_tiles", "specialise",
+           "unavailable_reason", "winograd_fused"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",
-                                                                "batch_norm.c", "bilinear.c", "winograd_fused.c",
+                                                                "overlap.c", "batch_norm.c", "bilinear.c", "winograd_fused.c",
                                                                 "mix_ffn.c", "mlp_head.c", "planar_conv.c",
                                                                 "quantize.c", "attention.c", "depthwise_gelu.c"))
 _LIBRARY_PREFIXES = ("seglab_native-", "winograd_tiles-")  # the name, then the name of older versions
@@ -65,6 +66,7 @@ _COMPILE_SECONDS = 120
 PRUNE_UNUSED_DAYS = 30
 MAX_SIDE = 8  # of a matrix compiled in (winograd_tiles.c's LANES)
 MAX_CLASSES = 1024  # cross_entropy.c's
+OVERLAP_MAX_CLASSES = 79  # overlap.c's: below cross_entropy.c's ROW_CLASSES
 MAX_UPSAMPLED = 8  # bilinear.c's
 MIX_FFN_CHANNELS_MULTIPLE = 16  # mix_ffn's channels and hidden channels: whole 16-float vectors
 PLANAR_OUTS = 7  # planar_conv3x3: its weights come in register blocks of this many outputs
@@ -224,6 +226,9 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_compiled_in.argtypes = [i32, i32, i32, pointer]
     library.seglab_cross_entropy.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i32, i32, pointer]
     library.seglab_cross_entropy.restype = i32
+    library.seglab_overlap_sums.argtypes = [pointer, pointer, i64, i64, i64, i64, i32, i32, i32, pointer]
+    library.seglab_overlap_sums_backward.argtypes = [pointer] * 5 + [i64] * 4 + [i32, i32, i32]
+    library.seglab_overlap_sums.restype = library.seglab_overlap_sums_backward.restype = i32
     library.seglab_batch_norm_forward.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, pointer,
                                                   ctypes.c_double, ctypes.c_double, i64, i64, i32, i32, i32, pointer,
                                                   pointer, pointer, pointer]
@@ -499,6 +504,69 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
         raise MemoryError("the native cross-entropy could not allocate its chunk sums")
     return torch.tensor(result[0], dtype=torch.float32), grad
 
+
+
+def _overlap_inputs(function: str, logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int, int]:
+    """(images, pixels per image, classes) of `overlap.c`'s N x S x K logits and N x S target, checked."""
+    _check(logits, "the logits", _VALUES)
+    _check(target, "the target", (torch.int64,))
+    if logits.dim() != 3 or tuple(target.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"{function} takes N x S x K logits and an N x S target, not {tuple(logits.shape)} and "
+                         f"{tuple(target.shape)}")
+    images, pixels, classes = logits.shape
+    if not 1 <= classes <= OVERLAP_MAX_CLASSES:
+        raise ValueError(f"{function} takes 1 to {OVERLAP_MAX_CLASSES} classes, not {classes}")
+    return images, pixels, classes
+
+
+def overlap_sums(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None = None, *,
+                 squared: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The soft overlap losses' sums per image and class from `logits` (N x S x K: each image's
+    pixels, each pixel's K classes contiguous; float32 or bf16) and `target` (N x S, int64),
+    by `overlap.c` in one pass: <Y, P> (each counted pixel's softmax probability of its target
+    class, added to that class), |P| (the probabilities summed, squared first with `squared`)
+    and |Y| (counted pixels per class), each N x K float32, summed in float64. Pixels whose
+    target is `ignore_index` are not counted; any other target outside 0..K-1 is refused."""
+    function = "overlap_sums"
+    images, pixels, classes = _overlap_inputs(function, logits, target)
+    sums = torch.zeros(images, 3, classes, dtype=torch.float64)
+    if logits.numel():
+        status = _required().seglab_overlap_sums(logits.data_ptr(), target.data_ptr(), images, pixels, classes,
+                                                 _ignored_target(ignore_index), int(logits.dtype == torch.bfloat16),
+                                                 int(squared), torch.get_num_threads(), sums.data_ptr())
+        if status == -2:
+            suffix = "" if ignore_index is None else f" (and not ignore_index={ignore_index})"
+            raise ValueError(f"target class outside 0..{classes - 1}{suffix}")
+        if status != 0:
+            raise MemoryError(f"{function} could not allocate its chunk sums")
+    sums = sums.float()
+    return sums[:, 0], sums[:, 1], sums[:, 2]
+
+
+def overlap_sums_backward(logits: torch.Tensor, target: torch.Tensor, grad_intersection: torch.Tensor,
+                          grad_predicted: torch.Tensor, ignore_index: int | None = None, *,
+                          squared: bool = False) -> torch.Tensor:
+    """The gradient of `overlap_sums`' <Y, P> and |P| with respect to the logits, from theirs
+    (`grad_intersection`, `grad_predicted`: N x K), the softmax recomputed from the logits (one
+    pass, `overlap.c`): N x S x K in the logits' dtype, computed in float32."""
+    function = "overlap_sums_backward"
+    images, pixels, classes = _overlap_inputs(function, logits, target)
+    gradients = [g.detach().to(torch.float32).contiguous() for g in (grad_intersection, grad_predicted)]
+    for g in gradients:
+        if tuple(g.shape) != (images, classes):
+            raise ValueError(f"{function} takes {images} x {classes} gradients of the sums, not {tuple(g.shape)}")
+    grad = torch.empty_like(logits)
+    if logits.numel():
+        _required().seglab_overlap_sums_backward(logits.data_ptr(), target.data_ptr(), gradients[0].data_ptr(),
+                                                 gradients[1].data_ptr(), grad.data_ptr(), images, pixels, classes,
+                                                 _ignored_target(ignore_index), int(logits.dtype == torch.bfloat16),
+                                                 int(squared), torch.get_num_threads())
+    return grad
+
+
+def _ignored_target(ignore_index: int | None) -> int:
+    """overlap.c's `ignore`: a target value no pixel has where nothing is ignored (below -2^62)."""
+    return -(2 ** 63) if ignore_index is None else int(ignore_index)
 
 
 # BatchNorm in training on channels-last maps, as rows (N H W) x channels (batch_norm.c).

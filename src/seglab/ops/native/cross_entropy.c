@@ -136,6 +136,19 @@ static inline void store_block(void *grad, const block_f *x, int64_t offset, int
     }
 }
 
+/* x[c] <- exp(x[c] - the lane's maximum) for the K rows of a block; the maximum into `top`.
+ * Returns the sums of exps (each at least 1). */
+static inline block_f block_exps(block_f *x, int64_t K, block_f *top) {
+    *top = x[0];
+    for (int64_t c = 1; c < K; c++) *top = select_greater(x[c], *top);
+    block_f total = block_of(0.0f);
+    for (int64_t c = 0; c < K; c++) {
+        x[c] = exp_nonpositive(x[c] - *top);
+        total += x[c];
+    }
+    return total;
+}
+
 /* One past the last pixel of `chunk`. */
 static inline int64_t chunk_end(const LossJob *job, int64_t chunk) {
     return (chunk + 1) * CHUNK < job->pixels ? (chunk + 1) * CHUNK : job->pixels;
@@ -180,13 +193,8 @@ static void loss_chunks(const void *job_, int64_t begin, int64_t end) {
             load_block(x, job->logits, p0 * K, K, lanes, job->bf16);
             for (int l = 0; l < BLOCK; l++) true_logit[l] = t[l] >= 0 ? x[t[l]][l] : 0.0f;
 
-            block_f top = x[0];
-            for (int64_t c = 1; c < K; c++) top = select_greater(x[c], top);
-            block_f total = block_of(0.0f);
-            for (int64_t c = 0; c < K; c++) {
-                x[c] = exp_nonpositive(x[c] - top);
-                total += x[c];
-            }
+            block_f top;
+            const block_f total = block_exps(x, K, &top);
             const block_f log_of_sum = log_at_least_one(total);
             for (int l = 0; l < lanes; l++)
                 if (w[l] != 0.0f) loss += w[l] * (top[l] + log_of_sum[l] - true_logit[l]);

@@ -1,0 +1,175 @@
+/* The sums behind the soft overlap losses (Dice, Jaccard, Tversky; seglab.losses.overlap) and
+ * their gradient, from each pixel's softmax in one pass over the logits each way
+ * (seglab.ops.native.overlap_sums / overlap_sums_backward):
+ *
+ *   I[n, c] = sum over image n's counted pixels with target c of p_c     (<Y, P>)
+ *   P[n, c] = sum over image n's counted pixels of p_c, or p_c^2 (l2)   (|P|)
+ *   Y[n, c] = the number of image n's counted pixels with target c      (|Y|)
+ *
+ * p = softmax(logits) per pixel in float32; a pixel counts unless its target is `ignore`.
+ * Backward, from the gradients gI and gP of the loss with respect to I and P (the loss's own
+ * formula on these N x K sums is PyTorch's, on small tensors):
+ *
+ *   dL/dp_c = gP[n, c] (1, or 2 p_c) + [c = t] gI[n, t],   dL/dlogit_c = p_c (dL/dp_c - sum_k p_k dL/dp_k)
+ *
+ * the softmax recomputed from the logits rather than kept (one map of the logits' size less).
+ * Pixels go 16 at a time with their classes as rows of a block (cross_entropy.c's layout and
+ * helpers, this file compiled after it), in chunks of CHUNK pixels within one image; each
+ * chunk's sums are float64 and the chunks are added in order, so the sums do not depend on the
+ * threads. Fewer than ROW_CLASSES classes (the block layout's range).
+ *
+ * Why: PyTorch's operators for the same sums (softmax, the masking, a gather, two scatter-adds,
+ * a sum; then the backward of each) took about 127 ms on one thread for a 4 x 21 x 512 x 512
+ * batch against cross-entropy's 55, and `--loss ce+dice` is `seglab train`'s default. */
+
+typedef struct {
+    const void *logits;    /* pixels x classes (all images' pixels in order), float32 or bf16 */
+    const int64_t *target; /* pixels */
+    const float *grad_i, *grad_p; /* backward: images x classes */
+    void *grad;                   /* backward: pixels x classes, the logits' dtype */
+    double *partial;              /* forward: per chunk 3 x classes (I, P, Y) */
+    int64_t *invalid;             /* forward: per chunk, targets neither a class nor `ignore` */
+    int64_t image_pixels, chunks_per_image, classes, ignore;
+    int bf16, l2;
+} OverlapJob;
+
+/* `value` (l2), else ones: the factor of p in |P|'s term (p^2 or p) and its slope (2p or 1). */
+static inline block_f squared_or_one(block_f value, int l2) {
+    if (l2) return value;
+    return block_of(1.0f);
+}
+
+/* The softmax of the block at `p0` (x in, p out, K x BLOCK); `t` each lane's target class, -1
+ * where it does not count (ignored, or past the image's end). Returns the lanes read. */
+static inline int overlap_block(const OverlapJob *job, int64_t p0, int64_t end, block_f *x, block_i *t) {
+    const int64_t K = job->classes;
+    const int lanes = end - p0 < BLOCK ? (int)(end - p0) : BLOCK;
+    for (int l = 0; l < BLOCK; l++) {
+        const int64_t target = l < lanes ? job->target[p0 + l] : -1;
+        (*t)[l] = target == job->ignore || target < 0 || target >= K ? -1 : (int32_t)target;
+    }
+    load_block(x, job->logits, p0 * K, K, lanes, job->bf16);
+    block_f top;
+    const block_f inverse = block_of(1.0f) / block_exps(x, K, &top);
+    for (int64_t c = 0; c < K; c++) x[c] *= inverse;
+    return lanes;
+}
+
+/* The first and one past the last pixel of chunk `chunk` (all images' pixels numbered in order). */
+static inline void overlap_chunk(const OverlapJob *job, int64_t chunk, int64_t *first, int64_t *end) {
+    const int64_t image = chunk / job->chunks_per_image, within = chunk % job->chunks_per_image;
+    const int64_t start = within * CHUNK, stop = start + CHUNK < job->image_pixels ? start + CHUNK : job->image_pixels;
+    *first = image * job->image_pixels + start;
+    *end = image * job->image_pixels + stop;
+}
+
+static void overlap_sum_chunks(const void *job_, int64_t begin, int64_t end_chunk) {
+    const OverlapJob *job = (const OverlapJob *)job_;
+    const int64_t K = job->classes;
+    block_f x[K], masses[K], shares[K], counts[K]; /* per class: |P|, <Y, P> and |Y| by lanes */
+    for (int64_t chunk = begin; chunk < end_chunk; chunk++) {
+        double *intersection = job->partial + chunk * 3 * K, *predicted = intersection + K, *actual = predicted + K;
+        memset(intersection, 0, 3 * K * sizeof(double));
+        int64_t first, end, invalid = 0;
+        overlap_chunk(job, chunk, &first, &end);
+        for (int64_t p = first; p < end; p++) {
+            const int64_t t = job->target[p];
+            if (t != job->ignore && (t < 0 || t >= K)) invalid++;
+        }
+        job->invalid[chunk] = invalid;
+        if (invalid) continue;
+        for (int64_t c = 0; c < K; c++) masses[c] = shares[c] = counts[c] = block_of(0.0f);
+        for (int64_t p0 = first; p0 < end; p0 += BLOCK) {
+            block_i t;
+            overlap_block(job, p0, end, x, &t);
+            const block_f counted = (block_f)((block_i)block_of(1.0f) & (t >= 0));
+            for (int64_t c = 0; c < K; c++) {
+                const block_i is_target = t == (int)c; /* all ones or zero per lane */
+                masses[c] += squared_or_one(x[c], job->l2) * x[c] * counted;
+                shares[c] += (block_f)((block_i)x[c] & is_target);
+                counts[c] += (block_f)((block_i)block_of(1.0f) & is_target);
+            }
+        }
+        for (int64_t c = 0; c < K; c++)
+            for (int l = 0; l < BLOCK; l++) {
+                predicted[c] += masses[c][l];
+                intersection[c] += shares[c][l];
+                actual[c] += counts[c][l];
+            }
+    }
+}
+
+static void overlap_grad_chunks(const void *job_, int64_t begin, int64_t end_chunk) {
+    const OverlapJob *job = (const OverlapJob *)job_;
+    const int64_t K = job->classes;
+    block_f x[K], dp[K];
+    for (int64_t chunk = begin; chunk < end_chunk; chunk++) {
+        const int64_t image = chunk / job->chunks_per_image;
+        const float *grad_i = job->grad_i + image * K, *grad_p = job->grad_p + image * K;
+        int64_t first, end;
+        overlap_chunk(job, chunk, &first, &end);
+        for (int64_t p0 = first; p0 < end; p0 += BLOCK) {
+            block_i t;
+            const int lanes = overlap_block(job, p0, end, x, &t);
+            const block_f counted = (block_f)((block_i)block_of(1.0f) & (t >= 0));
+            block_f weighted = block_of(0.0f); /* sum_k p_k dL/dp_k */
+            for (int64_t c = 0; c < K; c++) {
+                dp[c] = block_of(grad_p[c]) * squared_or_one(2.0f * x[c], job->l2) * counted
+                        + (block_f)((block_i)block_of(grad_i[c]) & (t == (int)c));
+                weighted += x[c] * dp[c];
+            }
+            for (int64_t c = 0; c < K; c++) x[c] *= dp[c] - weighted;
+            store_block(job->grad, x, p0 * K, K, lanes, job->bf16);
+        }
+    }
+}
+
+static OverlapJob overlap_job(const void *logits, const int64_t *target, int64_t images, int64_t image_pixels,
+                              int64_t classes, int64_t ignore, int bf16, int l2) {
+    (void)images;
+    OverlapJob job = {logits, target, NULL, NULL, NULL, NULL, NULL, image_pixels,
+                      (image_pixels + CHUNK - 1) / CHUNK, classes, ignore, bf16, l2};
+    return job;
+}
+
+/* sums (images x 3 x classes, float64: I, P, Y above) of logits (images x image_pixels x
+ * classes) against target (images x image_pixels). Returns 0; -1 for classes outside
+ * [1, ROW_CLASSES); -2 when a target is neither a class nor `ignore` (sums not written); -3
+ * when out of memory. */
+int seglab_overlap_sums(const void *logits, const int64_t *target, int64_t images, int64_t image_pixels,
+                        int64_t classes, int64_t ignore, int bf16, int l2, int threads, double *sums) {
+    if (classes < 1 || classes >= ROW_CLASSES) return -1;
+    OverlapJob job = overlap_job(logits, target, images, image_pixels, classes, ignore, bf16, l2);
+    const int64_t chunks = images * job.chunks_per_image;
+    job.partial = malloc((chunks > 0 ? chunks : 1) * 3 * classes * sizeof(double));
+    job.invalid = malloc((chunks > 0 ? chunks : 1) * sizeof(int64_t));
+    if (!job.partial || !job.invalid) {
+        free(job.partial), free(job.invalid);
+        return -3;
+    }
+    parallel_for(chunks, threads, overlap_sum_chunks, &job);
+    int64_t bad = 0;
+    for (int64_t chunk = 0; chunk < chunks; chunk++) bad += job.invalid[chunk];
+    if (!bad) {
+        memset(sums, 0, images * 3 * classes * sizeof(double));
+        for (int64_t chunk = 0; chunk < chunks; chunk++) {
+            double *out = sums + (chunk / job.chunks_per_image) * 3 * classes;
+            for (int64_t i = 0; i < 3 * classes; i++) out[i] += job.partial[chunk * 3 * classes + i];
+        }
+    }
+    free(job.partial), free(job.invalid);
+    return bad ? -2 : 0;
+}
+
+/* grad (like logits) = the gradient above from grad_i and grad_p (images x classes, float32),
+ * for targets that `seglab_overlap_sums` accepted. Returns 0; -1 for classes outside
+ * [1, ROW_CLASSES). */
+int seglab_overlap_sums_backward(const void *logits, const int64_t *target, const float *grad_i, const float *grad_p,
+                                 void *grad, int64_t images, int64_t image_pixels, int64_t classes, int64_t ignore,
+                                 int bf16, int l2, int threads) {
+    if (classes < 1 || classes >= ROW_CLASSES) return -1;
+    OverlapJob job = overlap_job(logits, target, images, image_pixels, classes, ignore, bf16, l2);
+    job.grad_i = grad_i, job.grad_p = grad_p, job.grad = grad;
+    parallel_for(images * job.chunks_per_image, threads, overlap_grad_chunks, &job);
+    return 0;
+}

@@ -1,0 +1,157 @@
+"""The overlap losses' sums and their gradient in one native pass each way
+(seglab.ops.overlap_sums), against PyTorch's operators in float64: sums, gradients, ignored
+pixels, per image, threads, bad targets, and which calls take the native route."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seglab.losses import DiceLoss, JaccardLoss, TverskyLoss, build_loss, upcasts_itself
+from seglab.losses._inputs import multiclass_overlap_sums
+from seglab.ops import native
+from seglab.ops.overlap_sums import native_overlap_sums, takes_native_overlap_sums
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"the native kernels are not available: {native.unavailable_reason()}")
+
+IGNORE = 255
+
+
+def _problem(n: int, classes: int, height: int, width: int, dtype: torch.dtype,
+             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channels-last logits (the native route's layout) and a target with every seventh pixel ignored."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = (4 * torch.randn(n, classes, height, width, generator=generator)).to(dtype)
+    target = torch.randint(0, classes, (n, height, width), generator=generator)
+    target.view(-1)[::7] = IGNORE
+    return logits.contiguous(memory_format=torch.channels_last), target
+
+
+def _float64_sums(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None, squared: bool):
+    """PyTorch's operators (float64 logits never take the native route) on the same values."""
+    x = logits.double().requires_grad_()
+    assert not takes_native_overlap_sums(x, target)
+    return x, multiclass_overlap_sums(x, target, ignore_index, "l2" if squared else "l1", True)
+
+
+# Images under one block of 16 pixels, with a remainder, and over one chunk of 4096 (70 x 70).
+@pytest.mark.parametrize("shape", [(2, 3, 5), (3, 9, 7), (2, 70, 70)])
+@pytest.mark.parametrize("classes", [1, 6, 21, 79])
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sums_and_gradient_equal_pytorchs_operators_in_float64(shape, classes, squared, dtype):
+    n, height, width = shape
+    logits, target = _problem(n, classes, height, width, dtype)
+    x, expected = _float64_sums(logits, target, IGNORE, squared)
+    sums = native_overlap_sums(logits.requires_grad_(), target, IGNORE, squared)
+    for got, want in zip(sums, expected):
+        assert got.dtype == torch.float32 and got.shape == (n, classes)
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-4)
+    generator = torch.Generator().manual_seed(1)
+    grad_i, grad_p = torch.randn(n, classes, generator=generator), torch.randn(n, classes, generator=generator)
+    ((sums[0] * grad_i).sum() + (sums[1] * grad_p).sum()).backward()
+    want_grad, = torch.autograd.grad((expected[0] * grad_i).sum() + (expected[1] * grad_p).sum(), x)
+    assert logits.grad.dtype == dtype and logits.grad.is_contiguous(memory_format=torch.channels_last)
+    # float32 arithmetic (p (dp - sum p dp) cancels: an absolute bound), in bf16 each value rounded once
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=1e-5)
+    torch.testing.assert_close(logits.grad.double(), want_grad, **tolerance)
+
+
+def test_ignored_pixels_count_nowhere_and_get_no_gradient_and_none_ignored_without_an_index():
+    logits, target = _problem(2, 5, 9, 9, torch.float32)
+    logits.requires_grad_()
+    intersection, predicted, actual = native_overlap_sums(logits, target, IGNORE, False)
+    counted = target != IGNORE
+    assert torch.equal(actual.sum(1), counted.sum((1, 2)).float())
+    (intersection.sum() + predicted.sum()).backward()
+    assert torch.all(logits.grad.movedim(1, -1)[~counted] == 0)
+    assert torch.any(logits.grad.movedim(1, -1)[counted] != 0)
+    # Without an ignore_index every pixel counts, and 255 is then a bad target.
+    everything = target.clamp(max=4)
+    assert native_overlap_sums(logits.detach(), everything, None, False)[2].sum() == everything.numel()
+    with pytest.raises(ValueError, match=r"target class outside 0\.\.4$"):
+        native_overlap_sums(logits.detach(), target, None, False)
+
+
+def test_bad_targets_are_refused_as_pytorchs_route_refuses_them():
+    logits, target = _problem(1, 4, 6, 6, torch.float32)
+    target[0, 2, 3] = 7
+    message = r"target class outside 0\.\.3 \(and not ignore_index=255\)"
+    with pytest.raises(ValueError, match=message):
+        native_overlap_sums(logits, target, IGNORE, False)
+    with pytest.raises(ValueError, match=message):
+        multiclass_overlap_sums(logits.double(), target, IGNORE, "l1", False)
+
+
+def test_the_same_bits_on_one_thread_and_on_three():
+    logits, target = _problem(2, 21, 70, 70, torch.float32)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            x = logits.clone().requires_grad_()
+            sums = native_overlap_sums(x, target, IGNORE, False)
+            (sums[0].sum() - sums[1].square().sum()).backward()
+            results.append((*sums, x.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for one, three in zip(*results):
+        assert torch.equal(one, three)
+
+
+def test_the_native_functions_refuse_what_they_cannot_take_in_one_line():
+    logits = torch.zeros(2, 9, 4)
+    target = torch.zeros(2, 9, dtype=torch.int64)
+    with pytest.raises(ValueError, match="overlap_sums takes N x S x K logits and an N x S target"):
+        native.overlap_sums(logits, target[:1])
+    with pytest.raises(ValueError, match=f"overlap_sums takes 1 to {native.OVERLAP_MAX_CLASSES} classes, not 80"):
+        native.overlap_sums(torch.zeros(2, 9, 80), target)
+    with pytest.raises(ValueError, match="the target must be a contiguous int64"):
+        native.overlap_sums(logits, target.int())
+    with pytest.raises(ValueError, match="overlap_sums_backward takes 2 x 4 gradients of the sums, not"):
+        native.overlap_sums_backward(logits, target, torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_which_calls_take_the_native_route():
+    logits, target = _problem(2, 6, 8, 8, torch.float32)
+    assert takes_native_overlap_sums(logits, target)
+    assert takes_native_overlap_sums(logits.bfloat16(), target.to(torch.uint8))
+    assert not takes_native_overlap_sums(logits.contiguous(), target)  # NCHW: classes not contiguous per pixel
+    assert not takes_native_overlap_sums(logits.double(), target)
+    assert not takes_native_overlap_sums(logits, target.float())
+    assert not takes_native_overlap_sums(logits, target[:, :4])
+    many, many_target = _problem(1, native.OVERLAP_MAX_CLASSES + 1, 4, 4, torch.float32)
+    assert not takes_native_overlap_sums(many, many_target)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("loss", [DiceLoss(), DiceLoss(norm="l2"), JaccardLoss(), TverskyLoss(gamma=0.75)],
+                         ids=["dice", "dice-l2", "jaccard", "focal-tversky"])
+def test_the_losses_on_the_native_route_equal_pytorchs_operators(loss, per_image, monkeypatch):
+    loss.per_image = per_image
+    logits, target = _problem(2, 21, 20, 24, torch.bfloat16)
+    calls = []
+    sums = native.overlap_sums
+    monkeypatch.setattr(native, "overlap_sums", lambda *a, **k: calls.append(1) or sums(*a, **k))
+    x = logits.clone().requires_grad_()
+    value = loss(x, target)
+    value.backward()
+    assert calls and value.dtype == torch.float32
+    reference = logits.double().requires_grad_()  # (float64: PyTorch's operators)
+    expected = loss(reference, target)
+    expected.backward()
+    assert len(calls) == 1
+    torch.testing.assert_close(value.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), reference.grad, rtol=2 ** -8, atol=1e-7)
+
+
+def test_the_overlap_losses_upcast_bf16_logits_themselves_on_either_route():
+    """A lone Dice loss gets bf16 logits as they are; `ce+dice` a float32 copy (`WeightedSum`)."""
+    assert upcasts_itself(build_loss("dice", num_classes=6)) and upcasts_itself(DiceLoss(mode="binary"))
+    assert not upcasts_itself(build_loss("ce+dice", num_classes=6))
+    logits, target = _problem(2, 6, 8, 8, torch.bfloat16)
+    nchw = logits.contiguous()  # PyTorch's operators, on the logits cast to float32 first
+    on_native, on_operators = DiceLoss()(logits, target), DiceLoss()(nchw, target)
+    assert on_native.dtype == on_operators.dtype == torch.float32
+    torch.testing.assert_close(on_native, on_operators)
