@@ -12,11 +12,10 @@ memory rather than cache, as in a training step, and prints the medians.
 from __future__ import annotations
 
 import itertools
-from typing import Callable
 
 import torch
 import torch.nn as nn
-from winograd import interleaved, interleaved_arguments  # benchmarks/winograd.py: one warm-up call, then rounds of one call each
+from winograd import interleaved_arguments, interleaved_ms  # benchmarks/winograd.py: one warm-up call, then rounds of one call each
 
 from seglab.ops.batch_norm import batch_norm_act, takes_native_batch_norm
 
@@ -51,9 +50,7 @@ def measure(batch: int, channels: int, size: int, dtype: torch.dtype, shortcut: 
         k = next(turns)
         return torch.autograd.grad(batch_norm_act(maps[k], norm, relu=True, shortcut=shortcuts[k]), maps[k], grad)
 
-    calls: list[Callable[[], object]] = [pytorch, native]
-    seconds, _ = interleaved(calls, rounds)
-    return 1e3 * seconds[0], 1e3 * seconds[1]
+    return interleaved_ms(pytorch, native, rounds)
 
 
 def main() -> None:

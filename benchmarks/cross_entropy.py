@@ -12,10 +12,9 @@ and prints the medians.
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
-from winograd import interleaved, interleaved_arguments  # benchmarks/winograd.py: one warm-up call, then rounds of one call each
+from winograd import interleaved_arguments, interleaved_ms  # benchmarks/winograd.py: one warm-up call, then rounds of one call each
 
 from seglab.losses.pixelwise import pixel_cross_entropy
 from seglab.ops.cross_entropy import native_cross_entropy, takes_native_cross_entropy
@@ -38,9 +37,7 @@ def measure(batch: int, classes: int, size: int, dtype: torch.dtype, rounds: int
     def native() -> object:
         return torch.autograd.grad(native_cross_entropy(scores, target), scores)
 
-    calls: list[Callable[[], object]] = [pytorch, native]
-    seconds, _ = interleaved(calls, rounds)
-    return 1e3 * seconds[0], 1e3 * seconds[1]
+    return interleaved_ms(pytorch, native, rounds)
 
 
 def main() -> None:

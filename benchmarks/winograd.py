@@ -60,6 +60,12 @@ def interleaved(calls: list[Callable[[], object]], rounds: int) -> tuple[list[fl
     return [statistics.median(times) for times in seconds], ratios
 
 
+def interleaved_ms(first: Callable[[], object], second: Callable[[], object], rounds: int) -> tuple[float, float]:
+    """Median milliseconds of two calls timed in interleaved rounds (`interleaved`)."""
+    seconds, _ = interleaved([first, second], rounds)
+    return 1e3 * seconds[0], 1e3 * seconds[1]
+
+
 def interleaved_arguments(description: str, rounds: int = 9, timed: str = "forward + backward") -> argparse.Namespace:
     """`--rounds` and `--threads` as the interleaved tables take them, applied (with seglab's
     commands' memory setting), and the table's first line printed (what is `timed`)."""

@@ -35,7 +35,8 @@ from seglab.ops.nearest_conv import NearestUpsampleConv
 from seglab.ops.polyphase import PolyphaseConvTranspose2d
 from seglab.ops.tracing import being_traced
 
-__all__ = ["UPSAMPLE_KINDS", "Upsample", "make_upsample", "bilinear_kernel", "native_score_upsampling", "upsample_scores"]
+__all__ = ["UPSAMPLE_KINDS", "Upsample", "make_upsample", "bilinear_kernel", "native_score_upsampling",
+           "upsample_scores"]
 
 UPSAMPLE_KINDS = (
     "bed_of_nails",
