@@ -382,8 +382,9 @@ def _training_call(model: nn.Module, settings: BenchSettings, device: torch.devi
     attention heads by the native kernel and its own backward (`training_attention`), with
     `native_mix_ffn` the Mix-FFN's depthwise convolution and GELU by one native kernel each way
     (`training_mix_ffn`), with `native_upsampling` the class scores' upsampling by the native
-    kernel forward and backward (`native_score_upsampling`), and with `int8_products` the large 1x1 convolutions and atrous windows
-    by int8 products (float32 only), as seglab's trainer runs."""
+    kernel forward and backward (`native_score_upsampling`; off, PyTorch's), and with
+    `int8_products` the large 1x1 convolutions and atrous windows by int8 products (float32
+    only), as seglab's trainer runs."""
     model = model.to(device).train()
     if channels_last:
         model = to_channels_last(model)

@@ -67,12 +67,16 @@ def multiclass_overlap_sums(
     of its true class to that class, |Y| counts the pixels per class. (Built, it and its
     products were ~10 passes over N x K x S: ce+dice on a 4 x 21 x 512 x 512 batch took ~1 s.)
     With 16 or more classes the softmax runs with each pixel's classes contiguous
-    (`pixel_major_softmax`), a view of channels-last logits."""
+    (`pixel_major_softmax`), a view of channels-last logits. On the CPU, channels-last logits
+    of up to 79 classes take one native pass each way instead (`seglab.ops.overlap_sums`);
+    half-precision logits are computed in float32 on either route."""
     if logits.dim() != target.dim() + 1:
         raise ValueError(f"multiclass loss needs logits N x K x ... and target N x ..., got {tuple(logits.shape)} and {tuple(target.shape)}")
     if takes_native_overlap_sums(logits, target):  # one native pass each way on the CPU (seglab.ops.overlap_sums)
         sums = native_overlap_sums(logits, target, ignore_index, norm == "l2")
         return sums if per_image else tuple(term.sum(0) for term in sums)
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()  # in float32, as the native sums compute
     n, num_classes = logits.shape[:2]
     if pixel_major_softmax(num_classes):
         probs = logits.movedim(1, -1).reshape(n, -1, num_classes).softmax(-1)  # N x S x K

@@ -25,14 +25,14 @@ from torch import nn
 
 from seglab.losses._inputs import check_mode, multiclass_overlap_sums, sigmoid_probabilities_and_targets
 from seglab.metrics.soft import NORMS, overlap_terms
-from seglab.ops.overlap_sums import takes_native_overlap_sums
 
 __all__ = ["DiceLoss", "JaccardLoss", "TverskyLoss"]
 
 
 class _OverlapLoss(nn.Module):
     # Computes in float32 from logits of any dtype: the native sums (CPU, multiclass) read bf16
-    # logits as they are; otherwise half-precision logits are cast here.
+    # logits as they are; otherwise half-precision logits are cast first (`_sums`,
+    # `multiclass_overlap_sums`).
     upcasts_itself = True
 
     def __init__(self, mode: str, smooth: float, per_image: bool, ignore_index: int | None, eps: float = 1e-7) -> None:
@@ -47,11 +47,10 @@ class _OverlapLoss(nn.Module):
 
     def _sums(self, logits: torch.Tensor, target: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """<Y,P>, |P|, |Y| per class (and image, with per_image)."""
-        if logits.dtype in (torch.bfloat16, torch.float16) and not (
-                self.mode == "multiclass" and takes_native_overlap_sums(logits, target)):
-            logits = logits.float()
         if self.mode == "multiclass":
             return multiclass_overlap_sums(logits, target, self.ignore_index, norm, self.per_image)
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()
         probs, targets, valid = sigmoid_probabilities_and_targets(logits, target, self.mode, self.ignore_index)
         return overlap_terms(probs * valid, targets * valid, norm, (2,) if self.per_image else (0, 2))
 

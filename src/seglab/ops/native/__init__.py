@@ -56,9 +56,10 @@ __all__ = ["ATTENTION_HEAD_MULTIPLE", "FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", 
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",
-                                                                "overlap.c", "batch_norm.c", "bilinear.c", "winograd_fused.c",
-                                                                "mix_ffn.c", "mlp_head.c", "planar_conv.c",
-                                                                "quantize.c", "attention.c", "depthwise_gelu.c"))
+                                                                "overlap.c", "batch_norm.c", "bilinear.c",
+                                                                "winograd_fused.c", "mix_ffn.c", "mlp_head.c",
+                                                                "planar_conv.c", "quantize.c", "attention.c",
+                                                                "depthwise_gelu.c"))
 _LIBRARY_PREFIXES = ("seglab_native-", "winograd_tiles-")  # the name, then the name of older versions
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 _NATIVE_FLAGS = ("-march=native",)  # the processor's vector width; dropped where the compiler refuses it
@@ -539,8 +540,8 @@ def overlap_sums(logits: torch.Tensor, target: torch.Tensor, ignore_index: int |
             raise ValueError(f"target class outside 0..{classes - 1}{suffix}")
         if status != 0:
             raise MemoryError(f"{function} could not allocate its chunk sums")
-    sums = sums.float()
-    return sums[:, 0], sums[:, 1], sums[:, 2]
+    intersection, predicted, actual = (term.contiguous() for term in sums.float().unbind(1))
+    return intersection, predicted, actual
 
 
 def overlap_sums_backward(logits: torch.Tensor, target: torch.Tensor, grad_intersection: torch.Tensor,
@@ -719,11 +720,11 @@ def resize_bilinear_backward(grad: torch.Tensor, size: tuple[int, int] | torch.S
         raise ValueError(f"resize_bilinear_backward takes an N x H x W x C gradient and a source size of two sides "
                          f">= 1, not {tuple(grad.shape)} and {tuple(size)}")
     n, height, width, channels = grad.shape
-    out = grad.new_zeros(n, in_height, in_width, channels) if not grad.numel() else \
-        grad.new_empty(n, in_height, in_width, channels)
-    if grad.numel() and library.seglab_resize_bilinear_backward(out.data_ptr(), grad.data_ptr(), n, in_height,
-                                                                in_width, height, width, channels,
-                                                                torch.get_num_threads()):
+    if not grad.numel():  # nothing upsampled: no gradient reaches the source
+        return grad.new_zeros(n, in_height, in_width, channels)
+    out = grad.new_empty(n, in_height, in_width, channels)
+    if library.seglab_resize_bilinear_backward(out.data_ptr(), grad.data_ptr(), n, in_height, in_width, height, width,
+                                               channels, torch.get_num_threads()):
         raise MemoryError("resize_bilinear_backward: no memory for a thread's row buffers")
     return out
 

@@ -124,9 +124,8 @@ static void overlap_grad_chunks(const void *job_, int64_t begin, int64_t end_chu
     }
 }
 
-static OverlapJob overlap_job(const void *logits, const int64_t *target, int64_t images, int64_t image_pixels,
-                              int64_t classes, int64_t ignore, int bf16, int l2) {
-    (void)images;
+static OverlapJob overlap_job(const void *logits, const int64_t *target, int64_t image_pixels, int64_t classes,
+                              int64_t ignore, int bf16, int l2) {
     OverlapJob job = {logits, target, NULL, NULL, NULL, NULL, NULL, image_pixels,
                       (image_pixels + CHUNK - 1) / CHUNK, classes, ignore, bf16, l2};
     return job;
@@ -139,7 +138,7 @@ static OverlapJob overlap_job(const void *logits, const int64_t *target, int64_t
 int seglab_overlap_sums(const void *logits, const int64_t *target, int64_t images, int64_t image_pixels,
                         int64_t classes, int64_t ignore, int bf16, int l2, int threads, double *sums) {
     if (classes < 1 || classes >= ROW_CLASSES) return -1;
-    OverlapJob job = overlap_job(logits, target, images, image_pixels, classes, ignore, bf16, l2);
+    OverlapJob job = overlap_job(logits, target, image_pixels, classes, ignore, bf16, l2);
     const int64_t chunks = images * job.chunks_per_image;
     job.partial = malloc((chunks > 0 ? chunks : 1) * 3 * classes * sizeof(double));
     job.invalid = malloc((chunks > 0 ? chunks : 1) * sizeof(int64_t));
@@ -168,7 +167,7 @@ int seglab_overlap_sums_backward(const void *logits, const int64_t *target, cons
                                  void *grad, int64_t images, int64_t image_pixels, int64_t classes, int64_t ignore,
                                  int bf16, int l2, int threads) {
     if (classes < 1 || classes >= ROW_CLASSES) return -1;
-    OverlapJob job = overlap_job(logits, target, images, image_pixels, classes, ignore, bf16, l2);
+    OverlapJob job = overlap_job(logits, target, image_pixels, classes, ignore, bf16, l2);
     job.grad_i = grad_i, job.grad_p = grad_p, job.grad = grad;
     parallel_for(images * job.chunks_per_image, threads, overlap_grad_chunks, &job);
     return 0;
