@@ -1,14 +1,16 @@
 """The soft overlap losses on a map of class scores, loss and gradient: PyTorch's operators for
 their sums (softmax, masking, gather, scatter-adds, sum, and their backward) against
-`seglab.ops.overlap_sums`' one native pass each way. Not a test: it prints a Markdown table.
+`seglab.ops.overlap_sums`' one native pass each way, and for `ce+dice` against both losses in
+one shared pass (`WeightedSum`, `native_cross_entropy_overlap_sums`). Not a test: it prints a
+Markdown table.
 
     python benchmarks/overlap_losses.py              # `dice` and `ce+dice`, 21 classes at 512 x 512
     python benchmarks/overlap_losses.py --rounds 15
 
-Each row times forward + backward of both routes on the same channels-last scores, in
+Each row times forward + backward of the routes on the same channels-last scores, in
 interleaved rounds (`benchmarks/winograd.py`'s `interleaved`), with the scores as seglab's
-trainer hands them to the loss: bf16 ones copied to float32 first where the loss does not
-upcast them itself (`float32_logits_for`; `ce+dice` is a sum of two terms).
+trainer hands them to the loss (`float32_logits_for`). Where `ce+dice`'s terms go apart, the
+sum computes from one float32 copy of bf16 scores.
 """
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ import contextlib
 from typing import Iterator
 
 import torch
-from winograd import interleaved_arguments, interleaved_ms  # benchmarks/winograd.py: one warm-up call, then rounds of one call each
+from winograd import interleaved, interleaved_arguments  # benchmarks/winograd.py: one warm-up call, then rounds of one call each
 
 import seglab.losses._inputs as inputs
-import seglab.losses.overlap as overlap
+import seglab.losses.factory as factory
 from seglab.losses import build_loss, float32_logits_for
 from seglab.ops.overlap_sums import takes_native_overlap_sums
 
@@ -29,17 +31,22 @@ CASES = [(4, 21, 512), (4, 19, 512), (16, 6, 64)]
 
 
 @contextlib.contextmanager
-def pytorchs_operators() -> Iterator[None]:
-    """The losses' sums by PyTorch's operators within the block."""
-    saved = overlap.takes_native_overlap_sums, inputs.takes_native_overlap_sums
-    overlap.takes_native_overlap_sums = inputs.takes_native_overlap_sums = lambda *args: False
+def apart(pytorchs_sums: bool) -> Iterator[None]:
+    """Within the block, the terms of a sum of losses each on its own, and with `pytorchs_sums`
+    the overlap losses' sums by PyTorch's operators."""
+    saved = inputs.takes_native_overlap_sums, factory.WeightedSum._shared_pass_pair
+    factory.WeightedSum._shared_pass_pair = lambda *args: None  # type: ignore[method-assign]
+    if pytorchs_sums:
+        inputs.takes_native_overlap_sums = lambda *args: False
     try:
         yield
     finally:
-        overlap.takes_native_overlap_sums, inputs.takes_native_overlap_sums = saved
+        inputs.takes_native_overlap_sums, factory.WeightedSum._shared_pass_pair = saved
 
 
-def measure(spec: str, batch: int, classes: int, size: int, dtype: torch.dtype, rounds: int) -> tuple[float, float]:
+def measure(spec: str, batch: int, classes: int, size: int, dtype: torch.dtype, rounds: int) -> list[float]:
+    """Milliseconds by PyTorch's sums, by the native sums (each term apart), and, for a sum of
+    cross-entropy and an overlap loss, by the shared pass."""
     generator = torch.Generator().manual_seed(0)
     scores = (3 * torch.randn(batch, classes, size, size, generator=generator)).to(dtype).contiguous(
         memory_format=torch.channels_last).requires_grad_()
@@ -47,27 +54,34 @@ def measure(spec: str, batch: int, classes: int, size: int, dtype: torch.dtype, 
     assert takes_native_overlap_sums(scores, target)
     loss = build_loss(spec, num_classes=classes)
 
-    def native() -> object:
+    def as_trained() -> object:
         return torch.autograd.grad(loss(float32_logits_for(loss, scores), target), scores)
 
-    def pytorch() -> object:
-        with pytorchs_operators():
-            return native()
+    def routed(pytorchs_sums: bool):
+        def call() -> object:
+            with apart(pytorchs_sums):
+                return as_trained()
+        return call
 
-    return interleaved_ms(pytorch, native, rounds)
+    calls = [routed(True), routed(False)]
+    if "+" in spec:
+        calls.append(as_trained)
+    seconds, _ = interleaved(calls, rounds)
+    return [1e3 * s for s in seconds]
 
 
 def main() -> None:
     args = interleaved_arguments(__doc__.split("\n\n")[0])
-    print("| loss | scores | batch | classes | map | PyTorch's sums | native | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| loss | scores | batch | classes | map | PyTorch's sums | native sums | shared pass | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for spec in ("dice", "ce+dice"):
         for dtype in (torch.float32, torch.bfloat16):
             for batch, classes, size in CASES:
-                pytorch, native = measure(spec, batch, classes, size, dtype, args.rounds)
+                times = measure(spec, batch, classes, size, dtype, args.rounds)
+                shared = f"{times[2]:.1f}" if len(times) > 2 else "-"
                 name = "bf16" if dtype == torch.bfloat16 else "float32"
-                print(f"| {spec} | {name} | {batch} | {classes} | {size} x {size} | {pytorch:.1f} | {native:.1f} | "
-                      f"{pytorch / native:.2f}x |", flush=True)
+                print(f"| {spec} | {name} | {batch} | {classes} | {size} x {size} | {times[0]:.1f} | {times[1]:.1f} | "
+                      f"{shared} | {times[0] / times[-1]:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

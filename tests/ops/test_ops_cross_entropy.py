@@ -199,9 +199,10 @@ def test_which_losses_upcast_the_logits_themselves():
     ce, dice, lovasz = CrossEntropyLoss(), DiceLoss(), LovaszSoftmaxLoss()
     assert upcasts_itself(ce) and upcasts_itself(dice) and not upcasts_itself(lovasz)
     assert upcasts_itself(WeightedSum([(0.5, ce)]))
-    # Several terms each rounding their gradient to bf16 before the sum: the caller copies to float32.
-    assert not upcasts_itself(WeightedSum([(1.0, ce), (0.5, CrossEntropyLoss())]))
-    assert not upcasts_itself(WeightedSum([(1.0, ce), (1.0, dice)]))
+    # Several upcasting terms: the sum makes one float32 copy for them all where they do not
+    # share a pass (tests/ops/test_ops_overlap_sums.py); with a term that does not, the caller does.
+    assert upcasts_itself(WeightedSum([(1.0, ce), (0.5, CrossEntropyLoss())]))
+    assert upcasts_itself(WeightedSum([(1.0, ce), (1.0, dice)]))
     assert not upcasts_itself(WeightedSum([(1.0, ce), (1.0, lovasz)]))
     logits = torch.zeros(1, 2, 2, 2, dtype=torch.bfloat16)
     assert float32_logits_for(ce, logits) is logits and float32_logits_for(lovasz, logits).dtype == torch.float32

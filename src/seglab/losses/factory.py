@@ -22,14 +22,21 @@ from torch import nn
 
 from seglab.losses._inputs import check_mode
 from seglab.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss
-from seglab.losses.overlap import DiceLoss, JaccardLoss, TverskyLoss
+from seglab.losses.overlap import DiceLoss, JaccardLoss, TverskyLoss, _OverlapLoss
 from seglab.losses.pixelwise import BCELoss, CrossEntropyLoss, FocalLoss
+from seglab.ops.overlap_sums import native_cross_entropy_overlap_sums, takes_native_overlap_sums
 
 __all__ = ["LOSS_NAMES", "WeightedSum", "build_loss", "float32_logits_for", "upcasts_itself"]
 
 
 class WeightedSum(nn.Module):
-    """sum_i w_i L_i(logits, target), e.g. CE + Dice."""
+    """sum_i w_i L_i(logits, target), e.g. CE + Dice.
+
+    Cross-entropy and one multiclass overlap loss (`ce+dice`, `ce+jaccard`, `ce+tversky`, the
+    trainer's default `ce+dice`) share their passes over CPU logits where both would take
+    native kernels (`seglab.ops.overlap_sums.native_cross_entropy_overlap_sums`): one pass
+    forward, one back, one gradient written. Each loss's value and gradient are the same as
+    apart, up to float32 rounding."""
 
     def __init__(self, terms: Sequence[tuple[float, nn.Module]]) -> None:
         super().__init__()
@@ -39,15 +46,45 @@ class WeightedSum(nn.Module):
         self.losses = nn.ModuleList([loss for _, loss in terms])
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        pair = self._shared_pass_pair(logits, target)
+        if pair is not None:
+            return self._shared_pass(logits, target, *pair)
+        if len(self.losses) > 1 and logits.dtype in (torch.bfloat16, torch.float16) and self.upcasts_itself:
+            logits = logits.float()  # one float32 copy for every term (see `upcasts_itself`)
         return sum(w * loss(logits, target) for w, loss in zip(self.weights, self.losses))
+
+    def _shared_pass_pair(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int] | None:
+        """(index of the cross-entropy, index of the overlap loss) where the two terms share one
+        native pass over these logits, else None."""
+        if len(self.losses) != 2:
+            return None
+        kinds = [isinstance(loss, CrossEntropyLoss) for loss in self.losses]
+        if kinds.count(True) != 1:
+            return None
+        ce_index = kinds.index(True)
+        ce, overlap = self.losses[ce_index], self.losses[1 - ce_index]
+        shares = (isinstance(overlap, _OverlapLoss) and overlap.mode == "multiclass"
+                  and ce.label_smoothing == 0.0 and ce.ignore_index == overlap.ignore_index
+                  and logits.dim() == target.dim() + 1 and takes_native_overlap_sums(logits, target))
+        return (ce_index, 1 - ce_index) if shares else None
+
+    def _shared_pass(self, logits: torch.Tensor, target: torch.Tensor, ce_index: int, overlap_index: int) -> torch.Tensor:
+        ce, overlap = self.losses[ce_index], self.losses[overlap_index]
+        cross_entropy, *sums = native_cross_entropy_overlap_sums(logits, target, ce.class_weights, ce.ignore_index,
+                                                                 overlap.sums_norm == "l2")
+        if not overlap.per_image:
+            sums = [term.sum(0) for term in sums]
+        return self.weights[ce_index] * cross_entropy + self.weights[overlap_index] * overlap.loss_from_sums(*sums)
 
     @property
     def upcasts_itself(self) -> bool:
-        # One term only: handed bf16 logits, each term would round its own gradient to bf16
-        # before the sum. `ce+dice`'s gradient on bf16 logits (16 x 6 x 64 x 64) came within
-        # 1.52e-3 of float64's so, against 1.09e-3 (bf16's rounding of the exact gradient) after
-        # a float32 copy, which costs 9 ms on a 4 x 21 x 512 x 512 batch (2-core Zen 4).
-        return len(self.losses) == 1 and upcasts_itself(self.losses[0])
+        # Every term computes in float32 from half-precision logits; with several terms, the sum
+        # makes one float32 copy for them all where they do not share a native pass: handed bf16
+        # logits, each term would round its own gradient to bf16 before the sum. `ce+dice`'s
+        # gradient on bf16 logits (16 x 6 x 64 x 64) came within 1.52e-3 of float64's so, against
+        # 1.09e-3 (bf16's rounding of the exact gradient) from a float32 copy. The shared pass
+        # sums the two gradients in float32 and rounds once.
+        return all(upcasts_itself(loss) for loss in self.losses)
 
     def extra_repr(self) -> str:
         return "weights=" + ", ".join(f"{w:g}" for w in self.weights)

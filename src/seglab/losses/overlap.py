@@ -45,14 +45,24 @@ class _OverlapLoss(nn.Module):
         self.ignore_index = ignore_index
         self.eps = eps  # only guards 0/0 when smooth = 0
 
-    def _sums(self, logits: torch.Tensor, target: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The norm of |P| and |Y| in the loss's sums.
+    sums_norm = "l1"
+
+    def _sums(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """<Y,P>, |P|, |Y| per class (and image, with per_image)."""
         if self.mode == "multiclass":
-            return multiclass_overlap_sums(logits, target, self.ignore_index, norm, self.per_image)
+            return multiclass_overlap_sums(logits, target, self.ignore_index, self.sums_norm, self.per_image)
         if logits.dtype in (torch.bfloat16, torch.float16):
             logits = logits.float()
         probs, targets, valid = sigmoid_probabilities_and_targets(logits, target, self.mode, self.ignore_index)
-        return overlap_terms(probs * valid, targets * valid, norm, (2,) if self.per_image else (0, 2))
+        return overlap_terms(probs * valid, targets * valid, self.sums_norm, (2,) if self.per_image else (0, 2))
+
+    def loss_from_sums(self, intersection: torch.Tensor, predicted: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
+        """The loss from <Y,P>, |P| and |Y| (as `_sums` returns them)."""
+        raise NotImplementedError
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss_from_sums(*self._sums(logits, target))
 
 
 class _NormedOverlapLoss(_OverlapLoss):
@@ -73,11 +83,15 @@ class _NormedOverlapLoss(_OverlapLoss):
             raise ValueError(f"{self.name} norm must be 'l1' or 'l2', got {norm!r}")
         self.norm = norm
 
+    @property
+    def sums_norm(self) -> str:  # type: ignore[override]
+        return self.norm
+
     def _score(self, intersection: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return 1 - self._score(*self._sums(logits, target, self.norm)).mean()
+    def loss_from_sums(self, intersection: torch.Tensor, predicted: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
+        return 1 - self._score(intersection, predicted, actual).mean()
 
 
 class DiceLoss(_NormedOverlapLoss):
@@ -118,8 +132,7 @@ class TverskyLoss(_OverlapLoss):
             raise ValueError(f"tversky needs alpha, beta >= 0 and gamma > 0, got alpha={alpha}, beta={beta}, gamma={gamma}")
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        true_positive, predicted, actual = self._sums(logits, target, "l1")
+    def loss_from_sums(self, true_positive: torch.Tensor, predicted: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
         false_positive = predicted - true_positive
         false_negative = actual - true_positive
         denominator = true_positive + self.alpha * false_positive + self.beta * false_negative + self.smooth

@@ -15,6 +15,13 @@ size is kept but the logits themselves.
 classes are contiguous per pixel (channels-last maps), 1 to `native.OVERLAP_MAX_CLASSES`
 classes, an integer target of the spatial shape, no tracer, the native kernels built.
 `seglab.losses._inputs.multiclass_overlap_sums` takes this route itself.
+
+`native_cross_entropy_overlap_sums` adds softmax cross-entropy to the same two passes, for a
+sum such as `ce+dice` (`seglab.losses.WeightedSum`): the forward sums its loss beside the
+overlap's sums, the backward adds its gradient to theirs, in float32, and writes one gradient,
+rounded once to the logits' dtype. Apart, cross-entropy's own pass writes a gradient of the
+logits' size and autograd adds the two; on bf16 logits each would be rounded to bf16 before
+that sum, so the trainer hands such a sum a float32 copy, which this route does not need.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from seglab.ops import native
 from seglab.ops.grad_mode import records_gradients
 from seglab.ops.tracing import being_traced
 
-__all__ = ["native_overlap_sums", "takes_native_overlap_sums"]
+__all__ = ["native_cross_entropy_overlap_sums", "native_overlap_sums", "takes_native_overlap_sums"]
 
 
 def takes_native_overlap_sums(logits: torch.Tensor, target: torch.Tensor) -> bool:
@@ -77,3 +84,46 @@ def native_overlap_sums(logits: torch.Tensor, target: torch.Tensor, ignore_index
     if records_gradients(logits):
         return _NativeOverlapSums.apply(logits, target, ignore_index, squared)
     return native.overlap_sums(_pixels(logits), target, ignore_index, squared=squared)
+
+
+class _NativeCrossEntropyOverlapSums(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+                ignore_index: int | None, squared: bool) -> tuple[torch.Tensor, ...]:
+        loss, counted, *sums = native.cross_entropy_overlap_sums(_pixels(logits), target, weight, ignore_index,
+                                                                 squared=squared)
+        ctx.save_for_backward(logits, target)
+        ctx.weight, ctx.counted, ctx.ignore_index, ctx.squared = weight, float(counted), ignore_index, squared
+        ctx.mark_non_differentiable(sums[2])
+        return (loss.float(), *sums)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor | None, grad_intersection: torch.Tensor | None,
+                 grad_predicted: torch.Tensor | None, _grad_actual: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        logits, target = ctx.saved_tensors
+        shape = (logits.shape[0], logits.shape[1])
+        grad_intersection = torch.zeros(shape) if grad_intersection is None else grad_intersection
+        grad_predicted = torch.zeros(shape) if grad_predicted is None else grad_predicted
+        # d(mean loss)/d(logit) = w_t (p - onehot(t)) / W: the kernel's scale is the loss's gradient over W.
+        scale = 0.0 if grad_loss is None or ctx.counted == 0 else float(grad_loss) / ctx.counted
+        grad = native.overlap_sums_backward(_pixels(logits), target, grad_intersection, grad_predicted,
+                                            ctx.ignore_index, squared=ctx.squared, cross_entropy_scale=scale,
+                                            weight=ctx.weight)
+        return grad.view(logits.shape[0], *logits.shape[2:], logits.shape[1]).movedim(-1, 1), None, None, None, None
+
+
+def native_cross_entropy_overlap_sums(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+                                      ignore_index: int | None, squared: bool
+                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cross-entropy, <Y, P>, |P|, |Y|): `F.cross_entropy(logits, target, weight,
+    ignore_index=...)` (the mean reduction, 0 where every pixel is ignored; a float32 scalar)
+    and `native_overlap_sums`' three N x K sums, from one pass over the logits (and one back),
+    differentiable with respect to the logits. The caller checks `takes_native_overlap_sums`."""
+    target = target.reshape(target.shape[0], -1).long().contiguous()
+    if weight is not None:
+        weight = weight.float().contiguous()
+    if records_gradients(logits):
+        return _NativeCrossEntropyOverlapSums.apply(logits, target, weight, ignore_index, squared)
+    loss, _, *sums = native.cross_entropy_overlap_sums(_pixels(logits), target, weight, ignore_index, squared=squared)
+    return (loss.float(), *sums)

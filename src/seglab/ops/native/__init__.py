@@ -49,8 +49,8 @@ from seglab.ops.native import specialise as _specialise
 __all__ = ["ATTENTION_HEAD_MULTIPLE", "FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", "MAX_UPSAMPLED",
            "MIX_FFN_CHANNELS_MULTIPLE", "OVERLAP_MAX_CLASSES", "PLANAR_OUTS", "add_upsampled_", "attention",
            "available", "batch_norm_backward", "batch_norm_forward", "bf16_pairs", "compiled_in", "cross_entropy",
-           "depthwise_gelu", "depthwise_gelu_backward", "dequantize_rows", "gather_tiles", "linear", "mix_ffn",
-           "mlp_head", "overlap_sums", "overlap_sums_backward", "pair_rows", "planar_conv3x3", "quantize_rows_s8",
+           "cross_entropy_overlap_sums", "depthwise_gelu", "depthwise_gelu_backward", "dequantize_rows", "gather_tiles",
+           "linear", "mix_ffn", "mlp_head", "overlap_sums", "overlap_sums_backward", "pair_rows", "planar_conv3x3", "quantize_rows_s8",
            "quantize_u8", "resize_bilinear", "resize_bilinear_backward", "scatter_tiles", "specialise",
            "unavailable_reason", "winograd_fused"]
 
@@ -227,8 +227,9 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_compiled_in.argtypes = [i32, i32, i32, pointer]
     library.seglab_cross_entropy.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i32, i32, pointer]
     library.seglab_cross_entropy.restype = i32
-    library.seglab_overlap_sums.argtypes = [pointer, pointer, i64, i64, i64, i64, i32, i32, i32, pointer]
-    library.seglab_overlap_sums_backward.argtypes = [pointer] * 5 + [i64] * 4 + [i32, i32, i32]
+    library.seglab_overlap_sums.argtypes = [pointer, pointer, pointer, i64, i64, i64, i64, i32, i32, i32, pointer,
+                                            pointer]
+    library.seglab_overlap_sums_backward.argtypes = [pointer] * 5 + [ctypes.c_float, pointer] + [i64] * 4 + [i32] * 3
     library.seglab_overlap_sums.restype = library.seglab_overlap_sums_backward.restype = i32
     library.seglab_batch_norm_forward.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, pointer,
                                                   ctypes.c_double, ctypes.c_double, i64, i64, i32, i32, i32, pointer,
@@ -507,10 +508,17 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
 
 
 
-def _overlap_inputs(function: str, logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int, int]:
-    """(images, pixels per image, classes) of `overlap.c`'s N x S x K logits and N x S target, checked."""
+def _overlap_inputs(function: str, logits: torch.Tensor, target: torch.Tensor,
+                    weight: torch.Tensor | None = None) -> tuple[int, int, int]:
+    """(images, pixels per image, classes) of `overlap.c`'s N x S x K logits, N x S target and
+    class weights (K float32, or None), checked."""
     _check(logits, "the logits", _VALUES)
     _check(target, "the target", (torch.int64,))
+    if weight is not None:
+        _check(weight, "the class weights")
+        if tuple(weight.shape) != (logits.shape[-1],):
+            raise ValueError(f"{function} takes one class weight per class ({logits.shape[-1]}), not shape "
+                             f"{tuple(weight.shape)}")
     if logits.dim() != 3 or tuple(target.shape) != tuple(logits.shape[:2]):
         raise ValueError(f"{function} takes N x S x K logits and an N x S target, not {tuple(logits.shape)} and "
                          f"{tuple(target.shape)}")
@@ -528,30 +536,56 @@ def overlap_sums(logits: torch.Tensor, target: torch.Tensor, ignore_index: int |
     class, added to that class), |P| (the probabilities summed, squared first with `squared`)
     and |Y| (counted pixels per class), each N x K float32, summed in float64. Pixels whose
     target is `ignore_index` are not counted; any other target outside 0..K-1 is refused."""
-    function = "overlap_sums"
-    images, pixels, classes = _overlap_inputs(function, logits, target)
+    return _overlap_pass("overlap_sums", logits, target, ignore_index, squared)[:3]
+
+
+def cross_entropy_overlap_sums(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                               ignore_index: int | None = None, *, squared: bool = False
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`overlap_sums` and, in the same pass, softmax cross-entropy's mean loss and W (the
+    summed weights of the counted pixels; `weight` float32, one per class, or None for 1s), as
+    `cross_entropy` computes them: (loss, W, <Y, P>, |P|, |Y|), the first two float64 scalars,
+    the loss 0 where W is 0."""
+    return _overlap_pass("cross_entropy_overlap_sums", logits, target, ignore_index, squared, weight, True)
+
+
+def _overlap_pass(function: str, logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None,
+                  squared: bool, weight: torch.Tensor | None = None, cross_entropy: bool = False
+                  ) -> tuple[torch.Tensor, ...]:
+    images, pixels, classes = _overlap_inputs(function, logits, target, weight)
     sums = torch.zeros(images, 3, classes, dtype=torch.float64)
+    loss_and_counted = torch.zeros(2, dtype=torch.float64)
     if logits.numel():
-        status = _required().seglab_overlap_sums(logits.data_ptr(), target.data_ptr(), images, pixels, classes,
-                                                 _ignored_target(ignore_index), int(logits.dtype == torch.bfloat16),
-                                                 int(squared), torch.get_num_threads(), sums.data_ptr())
+        status = _required().seglab_overlap_sums(logits.data_ptr(), target.data_ptr(), _pointer(weight), images,
+                                                 pixels, classes, _ignored_target(ignore_index),
+                                                 int(logits.dtype == torch.bfloat16), int(squared),
+                                                 torch.get_num_threads(), sums.data_ptr(),
+                                                 loss_and_counted.data_ptr() if cross_entropy else None)
         if status == -2:
             suffix = "" if ignore_index is None else f" (and not ignore_index={ignore_index})"
             raise ValueError(f"target class outside 0..{classes - 1}{suffix}")
         if status != 0:
             raise MemoryError(f"{function} could not allocate its chunk sums")
     intersection, predicted, actual = (term.contiguous() for term in sums.float().unbind(1))
-    return intersection, predicted, actual
+    if not cross_entropy:
+        return intersection, predicted, actual
+    total, counted = loss_and_counted.unbind()
+    loss = total / counted if counted > 0 else total.new_zeros(())
+    return loss, counted, intersection, predicted, actual
 
 
 def overlap_sums_backward(logits: torch.Tensor, target: torch.Tensor, grad_intersection: torch.Tensor,
                           grad_predicted: torch.Tensor, ignore_index: int | None = None, *,
-                          squared: bool = False) -> torch.Tensor:
+                          squared: bool = False, cross_entropy_scale: float = 0.0,
+                          weight: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient of `overlap_sums`' <Y, P> and |P| with respect to the logits, from theirs
     (`grad_intersection`, `grad_predicted`: N x K), the softmax recomputed from the logits (one
-    pass, `overlap.c`): N x S x K in the logits' dtype, computed in float32."""
+    pass, `overlap.c`): N x S x K in the logits' dtype, computed in float32. With
+    `cross_entropy_scale` s (not 0), plus the gradient of s W times cross-entropy's mean loss
+    (`cross_entropy_overlap_sums`; class weights `weight`): s w_t (p - onehot(t)) per pixel,
+    rounded once with the rest."""
     function = "overlap_sums_backward"
-    images, pixels, classes = _overlap_inputs(function, logits, target)
+    images, pixels, classes = _overlap_inputs(function, logits, target, weight)
     gradients = [g.detach().to(torch.float32).contiguous() for g in (grad_intersection, grad_predicted)]
     for g in gradients:
         if tuple(g.shape) != (images, classes):
@@ -559,7 +593,8 @@ def overlap_sums_backward(logits: torch.Tensor, target: torch.Tensor, grad_inter
     grad = torch.empty_like(logits)
     if logits.numel():
         _required().seglab_overlap_sums_backward(logits.data_ptr(), target.data_ptr(), gradients[0].data_ptr(),
-                                                 gradients[1].data_ptr(), grad.data_ptr(), images, pixels, classes,
+                                                 gradients[1].data_ptr(), _pointer(weight), float(cross_entropy_scale),
+                                                 grad.data_ptr(), images, pixels, classes,
                                                  _ignored_target(ignore_index), int(logits.dtype == torch.bfloat16),
                                                  int(squared), torch.get_num_threads())
     return grad

@@ -18,6 +18,13 @@
  * chunk's sums are float64 and the chunks are added in order, so the sums do not depend on the
  * threads. Fewer than ROW_CLASSES classes (the block layout's range).
  *
+ * With cross-entropy (`seglab_ce_overlap_sums`, `ce+dice` and the like), the same pass also sums
+ * cross_entropy.c's loss, w_t (log sum_c exp x_c - x_t) with w_t = weight[t] (1 without class
+ * weights), and W = sum w_t; the backward adds its gradient, s w_t (p_c - [c = t]) with s the
+ * loss's gradient over W, to the overlap's: one pass each way for both losses, the gradient
+ * rounded once to bf16 logits' dtype. Apart, the two losses read the logits three times and
+ * write two gradients of their size, which autograd then adds.
+ *
  * Why: PyTorch's operators for the same sums (softmax, the masking, a gather, two scatter-adds,
  * a sum; then the backward of each) took about 127 ms on one thread for a 4 x 21 x 512 x 512
  * batch against cross-entropy's 55, and `--loss ce+dice` is `seglab train`'s default. */
@@ -29,6 +36,9 @@ typedef struct {
     void *grad;                   /* backward: pixels x classes, the logits' dtype */
     double *partial;              /* forward: per chunk 3 x classes (I, P, Y) */
     int64_t *invalid;             /* forward: per chunk, targets neither a class nor `ignore` */
+    const float *weight;          /* with cross-entropy: NULL, or one per class */
+    double *ce_partial;           /* forward with cross-entropy: per chunk its loss's sum and W's */
+    float ce_scale;               /* backward: cross-entropy's gradient over W; 0: none */
     int64_t image_pixels, chunks_per_image, classes, ignore;
     int bf16, l2;
 } OverlapJob;
@@ -40,8 +50,9 @@ static inline block_f squared_or_one(block_f value, int l2) {
 }
 
 /* The softmax of the block at `p0` (x in, p out, K x BLOCK); `t` each lane's target class, -1
- * where it does not count (ignored, or past the image's end). Returns the lanes read. */
-static inline int overlap_block(const OverlapJob *job, int64_t p0, int64_t end, block_f *x, block_i *t) {
+ * where it does not count (ignored, or past the image's end). With `nll` (not NULL), each
+ * lane's -log p_t too (0 where it does not count). Returns the lanes read. */
+static inline int overlap_block(const OverlapJob *job, int64_t p0, int64_t end, block_f *x, block_i *t, block_f *nll) {
     const int64_t K = job->classes;
     const int lanes = end - p0 < BLOCK ? (int)(end - p0) : BLOCK;
     for (int l = 0; l < BLOCK; l++) {
@@ -49,10 +60,20 @@ static inline int overlap_block(const OverlapJob *job, int64_t p0, int64_t end, 
         (*t)[l] = target == job->ignore || target < 0 || target >= K ? -1 : (int32_t)target;
     }
     load_block(x, job->logits, p0 * K, K, lanes, job->bf16);
-    block_f top;
-    const block_f inverse = block_of(1.0f) / block_exps(x, K, &top);
+    block_f true_logit = block_of(0.0f), top;
+    if (nll)
+        for (int l = 0; l < BLOCK; l++) true_logit[l] = (*t)[l] >= 0 ? x[(*t)[l]][l] : 0.0f;
+    const block_f total = block_exps(x, K, &top), inverse = block_of(1.0f) / total;
+    if (nll) *nll = (block_f)((block_i)(top + log_at_least_one(total) - true_logit) & (*t >= 0));
     for (int64_t c = 0; c < K; c++) x[c] *= inverse;
     return lanes;
+}
+
+/* Each lane's cross-entropy weight: weight[t] (1 without class weights), 0 where it does not count. */
+static inline block_f ce_weights(const OverlapJob *job, block_i t) {
+    block_f w;
+    for (int l = 0; l < BLOCK; l++) w[l] = t[l] < 0 ? 0.0f : job->weight ? job->weight[t[l]] : 1.0f;
+    return w;
 }
 
 /* The first and one past the last pixel of chunk `chunk` (all images' pixels numbered in order). */
@@ -79,9 +100,18 @@ static void overlap_sum_chunks(const void *job_, int64_t begin, int64_t end_chun
         job->invalid[chunk] = invalid;
         if (invalid) continue;
         for (int64_t c = 0; c < K; c++) masses[c] = shares[c] = counts[c] = block_of(0.0f);
+        double ce_loss = 0.0, ce_counted = 0.0;
         for (int64_t p0 = first; p0 < end; p0 += BLOCK) {
             block_i t;
-            overlap_block(job, p0, end, x, &t);
+            block_f nll;
+            overlap_block(job, p0, end, x, &t, job->ce_partial ? &nll : NULL);
+            if (job->ce_partial) {
+                const block_f w = ce_weights(job, t);
+                for (int l = 0; l < BLOCK; l++) {
+                    ce_loss += w[l] * nll[l];
+                    ce_counted += w[l];
+                }
+            }
             const block_f counted = (block_f)((block_i)block_of(1.0f) & (t >= 0));
             for (int64_t c = 0; c < K; c++) {
                 const block_i is_target = t == (int)c; /* all ones or zero per lane */
@@ -96,6 +126,10 @@ static void overlap_sum_chunks(const void *job_, int64_t begin, int64_t end_chun
                 intersection[c] += shares[c][l];
                 actual[c] += counts[c][l];
             }
+        if (job->ce_partial) {
+            job->ce_partial[2 * chunk] = ce_loss;
+            job->ce_partial[2 * chunk + 1] = ce_counted;
+        }
     }
 }
 
@@ -110,7 +144,7 @@ static void overlap_grad_chunks(const void *job_, int64_t begin, int64_t end_chu
         overlap_chunk(job, chunk, &first, &end);
         for (int64_t p0 = first; p0 < end; p0 += BLOCK) {
             block_i t;
-            const int lanes = overlap_block(job, p0, end, x, &t);
+            const int lanes = overlap_block(job, p0, end, x, &t, NULL);
             const block_f counted = (block_f)((block_i)block_of(1.0f) & (t >= 0));
             block_f weighted = block_of(0.0f); /* sum_k p_k dL/dp_k */
             for (int64_t c = 0; c < K; c++) {
@@ -118,7 +152,14 @@ static void overlap_grad_chunks(const void *job_, int64_t begin, int64_t end_chu
                         + (block_f)((block_i)block_of(grad_i[c]) & (t == (int)c));
                 weighted += x[c] * dp[c];
             }
-            for (int64_t c = 0; c < K; c++) x[c] *= dp[c] - weighted;
+            if (job->ce_scale != 0.0f) { /* + s w_t (p_c - [c = t]) */
+                const block_f share = block_of(job->ce_scale) * ce_weights(job, t);
+                for (int64_t c = 0; c < K; c++) x[c] *= dp[c] - weighted + share;
+                for (int l = 0; l < BLOCK; l++)
+                    if (t[l] >= 0) x[t[l]][l] -= share[l];
+            } else {
+                for (int64_t c = 0; c < K; c++) x[c] *= dp[c] - weighted;
+            }
             store_block(job->grad, x, p0 * K, K, lanes, job->bf16);
         }
     }
@@ -126,24 +167,28 @@ static void overlap_grad_chunks(const void *job_, int64_t begin, int64_t end_chu
 
 static OverlapJob overlap_job(const void *logits, const int64_t *target, int64_t image_pixels, int64_t classes,
                               int64_t ignore, int bf16, int l2) {
-    OverlapJob job = {logits, target, NULL, NULL, NULL, NULL, NULL, image_pixels,
+    OverlapJob job = {logits, target, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0.0f, image_pixels,
                       (image_pixels + CHUNK - 1) / CHUNK, classes, ignore, bf16, l2};
     return job;
 }
 
 /* sums (images x 3 x classes, float64: I, P, Y above) of logits (images x image_pixels x
- * classes) against target (images x image_pixels). Returns 0; -1 for classes outside
- * [1, ROW_CLASSES); -2 when a target is neither a class nor `ignore` (sums not written); -3
- * when out of memory. */
-int seglab_overlap_sums(const void *logits, const int64_t *target, int64_t images, int64_t image_pixels,
-                        int64_t classes, int64_t ignore, int bf16, int l2, int threads, double *sums) {
+ * classes) against target (images x image_pixels); with `ce` (not NULL), cross-entropy's summed
+ * loss and W into ce[0] and ce[1], `weight` its class weights (NULL: none). Returns 0; -1 for
+ * classes outside [1, ROW_CLASSES); -2 when a target is neither a class nor `ignore` (nothing
+ * written); -3 when out of memory. */
+int seglab_overlap_sums(const void *logits, const int64_t *target, const float *weight, int64_t images,
+                        int64_t image_pixels, int64_t classes, int64_t ignore, int bf16, int l2, int threads,
+                        double *sums, double *ce) {
     if (classes < 1 || classes >= ROW_CLASSES) return -1;
     OverlapJob job = overlap_job(logits, target, image_pixels, classes, ignore, bf16, l2);
-    const int64_t chunks = images * job.chunks_per_image;
-    job.partial = malloc((chunks > 0 ? chunks : 1) * 3 * classes * sizeof(double));
-    job.invalid = malloc((chunks > 0 ? chunks : 1) * sizeof(int64_t));
-    if (!job.partial || !job.invalid) {
-        free(job.partial), free(job.invalid);
+    const int64_t chunks = images * job.chunks_per_image, allocated = chunks > 0 ? chunks : 1;
+    job.weight = weight;
+    job.partial = malloc(allocated * 3 * classes * sizeof(double));
+    job.invalid = malloc(allocated * sizeof(int64_t));
+    job.ce_partial = ce ? malloc(allocated * 2 * sizeof(double)) : NULL;
+    if (!job.partial || !job.invalid || (ce && !job.ce_partial)) {
+        free(job.partial), free(job.invalid), free(job.ce_partial);
         return -3;
     }
     parallel_for(chunks, threads, overlap_sum_chunks, &job);
@@ -155,20 +200,28 @@ int seglab_overlap_sums(const void *logits, const int64_t *target, int64_t image
             double *out = sums + (chunk / job.chunks_per_image) * 3 * classes;
             for (int64_t i = 0; i < 3 * classes; i++) out[i] += job.partial[chunk * 3 * classes + i];
         }
+        if (ce) {
+            ce[0] = ce[1] = 0.0;
+            for (int64_t chunk = 0; chunk < chunks; chunk++) {
+                ce[0] += job.ce_partial[2 * chunk];
+                ce[1] += job.ce_partial[2 * chunk + 1];
+            }
+        }
     }
-    free(job.partial), free(job.invalid);
+    free(job.partial), free(job.invalid), free(job.ce_partial);
     return bad ? -2 : 0;
 }
 
 /* grad (like logits) = the gradient above from grad_i and grad_p (images x classes, float32),
- * for targets that `seglab_overlap_sums` accepted. Returns 0; -1 for classes outside
- * [1, ROW_CLASSES). */
+ * plus cross-entropy's scaled by `ce_scale` (its loss's gradient over W; 0: none) with class
+ * weights `weight` (NULL: none), for targets that `seglab_overlap_sums` accepted. Returns 0;
+ * -1 for classes outside [1, ROW_CLASSES). */
 int seglab_overlap_sums_backward(const void *logits, const int64_t *target, const float *grad_i, const float *grad_p,
-                                 void *grad, int64_t images, int64_t image_pixels, int64_t classes, int64_t ignore,
-                                 int bf16, int l2, int threads) {
+                                 const float *weight, float ce_scale, void *grad, int64_t images, int64_t image_pixels,
+                                 int64_t classes, int64_t ignore, int bf16, int l2, int threads) {
     if (classes < 1 || classes >= ROW_CLASSES) return -1;
     OverlapJob job = overlap_job(logits, target, image_pixels, classes, ignore, bf16, l2);
-    job.grad_i = grad_i, job.grad_p = grad_p, job.grad = grad;
+    job.grad_i = grad_i, job.grad_p = grad_p, job.grad = grad, job.weight = weight, job.ce_scale = ce_scale;
     parallel_for(images * job.chunks_per_image, threads, overlap_grad_chunks, &job);
     return 0;
 }
