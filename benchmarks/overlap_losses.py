@@ -25,9 +25,9 @@ import seglab.losses.factory as factory
 from seglab.losses import build_loss, float32_logits_for
 from seglab.ops.overlap_sums import takes_native_overlap_sums
 
-# (batch, classes, size): the bench's training batch with VOC's 21 classes, Cityscapes' 19, and
-# the quick start's batch of 6 classes at 64 x 64.
-CASES = [(4, 21, 512), (4, 19, 512), (16, 6, 64)]
+# (batch, classes, size): the bench's training batch with VOC's 21 classes, Cityscapes' 19,
+# ADE20K's 150 (a pixel's classes in vectors), and the quick start's batch of 6 classes at 64 x 64.
+CASES = [(4, 21, 512), (4, 19, 512), (2, 150, 512), (16, 6, 64)]
 
 
 @contextlib.contextmanager

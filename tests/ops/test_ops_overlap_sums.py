@@ -36,9 +36,10 @@ def _float64_sums(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     return x, multiclass_overlap_sums(x, target, ignore_index, "l2" if squared else "l1", True)
 
 
-# Images under one block of 16 pixels, with a remainder, and over one chunk of 4096 (70 x 70).
+# Images under one block of 16 pixels, with a remainder, and over one chunk of 4096 (70 x 70);
+# classes in blocks of pixels up to 79, a pixel's classes in vectors from 80 on (ADE20K's 150).
 @pytest.mark.parametrize("shape", [(2, 3, 5), (3, 9, 7), (2, 70, 70)])
-@pytest.mark.parametrize("classes", [1, 6, 21, 79])
+@pytest.mark.parametrize("classes", [1, 6, 21, 79, 80, 150])
 @pytest.mark.parametrize("squared", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sums_and_gradient_equal_pytorchs_operators_in_float64(shape, classes, squared, dtype):
@@ -116,8 +117,9 @@ def test_the_native_functions_refuse_what_they_cannot_take_in_one_line():
     target = torch.zeros(2, 9, dtype=torch.int64)
     with pytest.raises(ValueError, match="overlap_sums takes N x S x K logits and an N x S target"):
         native.overlap_sums(logits, target[:1])
-    with pytest.raises(ValueError, match=f"overlap_sums takes 1 to {native.OVERLAP_MAX_CLASSES} classes, not 80"):
-        native.overlap_sums(torch.zeros(2, 9, 80), target)
+    too_many = native.OVERLAP_MAX_CLASSES + 1
+    with pytest.raises(ValueError, match=f"overlap_sums takes 1 to {native.OVERLAP_MAX_CLASSES} classes, not {too_many}"):
+        native.overlap_sums(torch.zeros(2, 9, too_many), target)
     with pytest.raises(ValueError, match="the target must be a contiguous int64"):
         native.overlap_sums(logits, target.int())
     with pytest.raises(ValueError, match="overlap_sums_backward takes 2 x 4 gradients of the sums, not"):
@@ -132,6 +134,7 @@ def test_which_calls_take_the_native_route():
     assert not takes_native_overlap_sums(logits.double(), target)
     assert not takes_native_overlap_sums(logits, target.float())
     assert not takes_native_overlap_sums(logits, target[:, :4])
+    assert takes_native_overlap_sums(*_problem(1, 150, 4, 4, torch.float32))  # ADE20K's classes
     many, many_target = _problem(1, native.OVERLAP_MAX_CLASSES + 1, 4, 4, torch.float32)
     assert not takes_native_overlap_sums(many, many_target)
 
@@ -190,7 +193,7 @@ def _float64_cross_entropy(x: torch.Tensor, target: torch.Tensor, weight: torch.
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5), (2, 70, 70)])
-@pytest.mark.parametrize("classes", [1, 6, 21])
+@pytest.mark.parametrize("classes", [1, 6, 21, 150])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cross_entropy_with_the_sums_equals_pytorchs_operators_in_float64(shape, classes, weighted, dtype):
@@ -258,9 +261,10 @@ def _apart(loss: WeightedSum, logits: torch.Tensor, target: torch.Tensor, monkey
 @pytest.mark.parametrize("spec", ["ce+dice", "dice+0.5*ce", "2*ce+jaccard(per_image=true)", "ce+dice(norm=l2)",
                                   "ce+focal_tversky"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_sum_of_cross_entropy_and_an_overlap_loss_shares_the_pass(spec, dtype, monkeypatch):
-    logits, target = _problem(2, 6, 20, 24, dtype, seed=4)
-    loss = build_loss(spec, num_classes=6, class_weights=[1.0, 2.0, 0.5, 1.0, 1.5, 1.0])
+@pytest.mark.parametrize("classes", [6, 150])
+def test_a_sum_of_cross_entropy_and_an_overlap_loss_shares_the_pass(spec, dtype, classes, monkeypatch):
+    logits, target = _problem(2, classes, 20, 24, dtype, seed=4)
+    loss = build_loss(spec, num_classes=classes, class_weights=[0.5 + 0.25 * (c % 5) for c in range(classes)])
     calls, value, grad = _loss_and_gradient(loss, logits, target, "cross_entropy_overlap_sums", monkeypatch)
     assert len(calls) == 1 and value.dtype == torch.float32 and grad.dtype == dtype
     reference = logits.double().requires_grad_()  # each term apart, on PyTorch's operators in float64

@@ -68,7 +68,7 @@ def multiclass_overlap_sums(
     products were ~10 passes over N x K x S: ce+dice on a 4 x 21 x 512 x 512 batch took ~1 s.)
     With 16 or more classes the softmax runs with each pixel's classes contiguous
     (`pixel_major_softmax`), a view of channels-last logits. On the CPU, channels-last logits
-    of up to 79 classes take one native pass each way instead (`seglab.ops.overlap_sums`);
+    of up to 1,024 classes take one native pass each way instead (`seglab.ops.overlap_sums`);
     half-precision logits are computed in float32 on either route."""
     if logits.dim() != target.dim() + 1:
         raise ValueError(f"multiclass loss needs logits N x K x ... and target N x ..., got {tuple(logits.shape)} and {tuple(target.shape)}")

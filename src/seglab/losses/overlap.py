@@ -14,7 +14,7 @@ images); every class counts, and with s > 0 a class absent from the target is re
 low predicted mass instead of being 0/0. In the binary mode only the foreground is scored.
 Ignored pixels are removed from P and Y before summing.
 
-In the multiclass mode on the CPU, channels-last scores (1 to 79 classes) get their three sums
+In the multiclass mode on the CPU, channels-last scores (1 to 1,024 classes) get their three sums
 and the sums' gradient from one native pass each way (`seglab.ops.overlap_sums`); the formulas
 above then run on the N x K sums. Half-precision scores are computed in float32 either way.
 """

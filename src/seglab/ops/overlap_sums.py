@@ -49,6 +49,19 @@ def _pixels(logits: torch.Tensor) -> torch.Tensor:
     return logits.movedim(1, -1).reshape(logits.shape[0], -1, logits.shape[1])
 
 
+def _logits_gradient(ctx, grad_intersection: torch.Tensor | None, grad_predicted: torch.Tensor | None,
+                     cross_entropy_scale: float = 0.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The backward pass of the sums (and cross-entropy's, scaled by `cross_entropy_scale`) saved
+    in `ctx`, in the logits' own layout (a view of the N x S x K gradient)."""
+    logits, target = ctx.saved_tensors
+    shape = (logits.shape[0], logits.shape[1])
+    grad_intersection = torch.zeros(shape) if grad_intersection is None else grad_intersection
+    grad_predicted = torch.zeros(shape) if grad_predicted is None else grad_predicted
+    grad = native.overlap_sums_backward(_pixels(logits), target, grad_intersection, grad_predicted, ctx.ignore_index,
+                                        squared=ctx.squared, cross_entropy_scale=cross_entropy_scale, weight=weight)
+    return grad.view(logits.shape[0], *logits.shape[2:], logits.shape[1]).movedim(-1, 1)
+
+
 class _NativeOverlapSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None,
@@ -63,14 +76,7 @@ class _NativeOverlapSums(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_intersection: torch.Tensor | None, grad_predicted: torch.Tensor | None,
                  _grad_actual: torch.Tensor | None) -> tuple[torch.Tensor, None, None, None]:
-        logits, target = ctx.saved_tensors
-        shape = (logits.shape[0], logits.shape[1])
-        grad_intersection = torch.zeros(shape) if grad_intersection is None else grad_intersection
-        grad_predicted = torch.zeros(shape) if grad_predicted is None else grad_predicted
-        grad = native.overlap_sums_backward(_pixels(logits), target, grad_intersection, grad_predicted,
-                                            ctx.ignore_index, squared=ctx.squared)
-        # In the logits' own layout (a view of the N x S x K gradient).
-        return grad.view(logits.shape[0], *logits.shape[2:], logits.shape[1]).movedim(-1, 1), None, None, None
+        return _logits_gradient(ctx, grad_intersection, grad_predicted), None, None, None
 
 
 def native_overlap_sums(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None,
@@ -101,16 +107,9 @@ class _NativeCrossEntropyOverlapSums(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss: torch.Tensor | None, grad_intersection: torch.Tensor | None,
                  grad_predicted: torch.Tensor | None, _grad_actual: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        logits, target = ctx.saved_tensors
-        shape = (logits.shape[0], logits.shape[1])
-        grad_intersection = torch.zeros(shape) if grad_intersection is None else grad_intersection
-        grad_predicted = torch.zeros(shape) if grad_predicted is None else grad_predicted
         # d(mean loss)/d(logit) = w_t (p - onehot(t)) / W: the kernel's scale is the loss's gradient over W.
         scale = 0.0 if grad_loss is None or ctx.counted == 0 else float(grad_loss) / ctx.counted
-        grad = native.overlap_sums_backward(_pixels(logits), target, grad_intersection, grad_predicted,
-                                            ctx.ignore_index, squared=ctx.squared, cross_entropy_scale=scale,
-                                            weight=ctx.weight)
-        return grad.view(logits.shape[0], *logits.shape[2:], logits.shape[1]).movedim(-1, 1), None, None, None, None
+        return _logits_gradient(ctx, grad_intersection, grad_predicted, scale, ctx.weight), None, None, None, None
 
 
 def native_cross_entropy_overlap_sums(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,

@@ -232,6 +232,32 @@ static inline float lanes_sum(block_f v) {
     return total;
 }
 
+/* Pixel p's K scores (row-major pixels x K, float32 or bf16) into x as vectors of BLOCK, then
+ * their exp after subtracting the maximum (0 past the K classes). Returns the sum of exps; the
+ * maximum into *top and the score of class t (0 for t < 0) into *true_score. */
+static inline float row_exps(block_f *x, const void *logits, int64_t p, int64_t K, int bf16, int64_t t, float *top,
+                             float *true_score) {
+    const int64_t vectors = (K + BLOCK - 1) / BLOCK;
+    float *scores = (float *)x;
+    if (bf16) {
+        const uint16_t *row = (const uint16_t *)logits + p * K;
+        for (int64_t c = 0; c < K; c++) scores[c] = bf16_to_float(row[c]);
+    } else {
+        memcpy(scores, (const float *)logits + p * K, K * sizeof(float));
+    }
+    for (int64_t c = K; c < vectors * BLOCK; c++) scores[c] = scores[0]; /* not above the maximum */
+    block_f tops = x[0];
+    for (int64_t v = 1; v < vectors; v++) tops = select_greater(x[v], tops);
+    *top = lanes_max(tops);
+    *true_score = t >= 0 ? scores[t] : 0.0f;
+    const block_f shift = block_of(*top);
+    for (int64_t v = 0; v < vectors; v++) x[v] = exp_nonpositive(x[v] - shift);
+    for (int64_t c = K; c < vectors * BLOCK; c++) scores[c] = 0.0f;
+    block_f totals = block_of(0.0f);
+    for (int64_t v = 0; v < vectors; v++) totals += x[v];
+    return lanes_sum(totals);
+}
+
 static void loss_rows_chunks(const void *job_, int64_t begin, int64_t end) {
     const LossJob *job = (const LossJob *)job_;
     const int64_t K = job->classes, vectors = (K + BLOCK - 1) / BLOCK;
@@ -247,22 +273,8 @@ static void loss_rows_chunks(const void *job_, int64_t begin, int64_t end) {
                 continue;
             }
             const float w = job->weight ? job->weight[t] : 1.0f;
-            if (job->bf16) {
-                const uint16_t *row = (const uint16_t *)job->logits + p * K;
-                for (int64_t c = 0; c < K; c++) scores[c] = bf16_to_float(row[c]);
-            } else {
-                memcpy(scores, (const float *)job->logits + p * K, K * sizeof(float));
-            }
-            for (int64_t c = K; c < vectors * BLOCK; c++) scores[c] = scores[0]; /* not above the maximum */
-            block_f tops = x[0];
-            for (int64_t v = 1; v < vectors; v++) tops = select_greater(x[v], tops);
-            const float top = lanes_max(tops), true_score = scores[t];
-            const block_f shift = block_of(top);
-            for (int64_t v = 0; v < vectors; v++) x[v] = exp_nonpositive(x[v] - shift);
-            for (int64_t c = K; c < vectors * BLOCK; c++) scores[c] = 0.0f;
-            block_f totals = block_of(0.0f);
-            for (int64_t v = 0; v < vectors; v++) totals += x[v];
-            const float total = lanes_sum(totals);
+            float top, true_score;
+            const float total = row_exps(x, job->logits, p, K, job->bf16, t, &top, &true_score);
             loss += w * (top + logf(total) - true_score);
             if (!job->grad) continue;
 

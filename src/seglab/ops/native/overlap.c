@@ -16,7 +16,9 @@
  * Pixels go 16 at a time with their classes as rows of a block (cross_entropy.c's layout and
  * helpers, this file compiled after it), in chunks of CHUNK pixels within one image; each
  * chunk's sums are float64 and the chunks are added in order, so the sums do not depend on the
- * threads. Fewer than ROW_CLASSES classes (the block layout's range).
+ * threads. From ROW_CLASSES classes on (ADE20K's 150), a pixel at a time, its classes in
+ * vectors, as cross_entropy.c's rows: the sums of |P| in float32 vectors per chunk, the others
+ * in float64 as they come.
  *
  * With cross-entropy (`seglab_ce_overlap_sums`, `ce+dice` and the like), the same pass also sums
  * cross_entropy.c's loss, w_t (log sum_c exp x_c - x_t) with w_t = weight[t] (1 without class
@@ -84,21 +86,29 @@ static inline void overlap_chunk(const OverlapJob *job, int64_t chunk, int64_t *
     *end = image * job->image_pixels + stop;
 }
 
+/* Chunk `chunk`'s pixels [*first, *end) and its sums zeroed; its targets that are neither a
+ * class nor `ignore` counted into job->invalid. Returns whether there are none. */
+static inline int start_chunk(const OverlapJob *job, int64_t chunk, int64_t *first, int64_t *end) {
+    const int64_t K = job->classes;
+    memset(job->partial + chunk * 3 * K, 0, 3 * K * sizeof(double));
+    overlap_chunk(job, chunk, first, end);
+    int64_t invalid = 0;
+    for (int64_t p = *first; p < *end; p++) {
+        const int64_t t = job->target[p];
+        if (t != job->ignore && (t < 0 || t >= K)) invalid++;
+    }
+    job->invalid[chunk] = invalid;
+    return invalid == 0;
+}
+
 static void overlap_sum_chunks(const void *job_, int64_t begin, int64_t end_chunk) {
     const OverlapJob *job = (const OverlapJob *)job_;
     const int64_t K = job->classes;
     block_f x[K], masses[K], shares[K], counts[K]; /* per class: |P|, <Y, P> and |Y| by lanes */
     for (int64_t chunk = begin; chunk < end_chunk; chunk++) {
         double *intersection = job->partial + chunk * 3 * K, *predicted = intersection + K, *actual = predicted + K;
-        memset(intersection, 0, 3 * K * sizeof(double));
-        int64_t first, end, invalid = 0;
-        overlap_chunk(job, chunk, &first, &end);
-        for (int64_t p = first; p < end; p++) {
-            const int64_t t = job->target[p];
-            if (t != job->ignore && (t < 0 || t >= K)) invalid++;
-        }
-        job->invalid[chunk] = invalid;
-        if (invalid) continue;
+        int64_t first, end;
+        if (!start_chunk(job, chunk, &first, &end)) continue;
         for (int64_t c = 0; c < K; c++) masses[c] = shares[c] = counts[c] = block_of(0.0f);
         double ce_loss = 0.0, ce_counted = 0.0;
         for (int64_t p0 = first; p0 < end; p0 += BLOCK) {
@@ -165,6 +175,93 @@ static void overlap_grad_chunks(const void *job_, int64_t begin, int64_t end_chu
     }
 }
 
+/* Many classes: pixel p's softmax into x (vectors of BLOCK, 0 past the K classes), and with
+ * `nll` its -log p_t (target t >= 0). */
+static inline void overlap_row(const OverlapJob *job, int64_t p, int64_t t, block_f *x, float *nll) {
+    const int64_t vectors = (job->classes + BLOCK - 1) / BLOCK;
+    float top, true_score;
+    const float total = row_exps(x, job->logits, p, job->classes, job->bf16, t, &top, &true_score);
+    if (nll) *nll = t >= 0 ? top + logf(total) - true_score : 0.0f;
+    const block_f inverse = block_of(1.0f / total);
+    for (int64_t v = 0; v < vectors; v++) x[v] *= inverse;
+}
+
+static inline int64_t counted_target(const OverlapJob *job, int64_t p) { /* -1: not counted */
+    const int64_t t = job->target[p];
+    return t == job->ignore || t < 0 || t >= job->classes ? -1 : t;
+}
+
+static void overlap_sum_rows(const void *job_, int64_t begin, int64_t end_chunk) {
+    const OverlapJob *job = (const OverlapJob *)job_;
+    const int64_t K = job->classes, vectors = (K + BLOCK - 1) / BLOCK;
+    block_f x[vectors], masses[vectors];
+    const float *mass = (const float *)masses;
+    for (int64_t chunk = begin; chunk < end_chunk; chunk++) {
+        double *intersection = job->partial + chunk * 3 * K, *predicted = intersection + K, *actual = predicted + K;
+        int64_t first, end;
+        if (!start_chunk(job, chunk, &first, &end)) continue;
+        for (int64_t v = 0; v < vectors; v++) masses[v] = block_of(0.0f);
+        double ce_loss = 0.0, ce_counted = 0.0;
+        for (int64_t p = first; p < end; p++) {
+            const int64_t t = counted_target(job, p);
+            if (t < 0) continue;
+            float nll;
+            overlap_row(job, p, t, x, job->ce_partial ? &nll : NULL);
+            for (int64_t v = 0; v < vectors; v++) masses[v] += squared_or_one(x[v], job->l2) * x[v];
+            intersection[t] += ((const float *)x)[t];
+            actual[t] += 1.0;
+            if (job->ce_partial) {
+                const float w = job->weight ? job->weight[t] : 1.0f;
+                ce_loss += w * nll;
+                ce_counted += w;
+            }
+        }
+        for (int64_t c = 0; c < K; c++) predicted[c] = mass[c];
+        if (job->ce_partial) {
+            job->ce_partial[2 * chunk] = ce_loss;
+            job->ce_partial[2 * chunk + 1] = ce_counted;
+        }
+    }
+}
+
+static void overlap_grad_rows(const void *job_, int64_t begin, int64_t end_chunk) {
+    const OverlapJob *job = (const OverlapJob *)job_;
+    const int64_t K = job->classes, vectors = (K + BLOCK - 1) / BLOCK;
+    const size_t value_size = job->bf16 ? 2 : 4;
+    block_f x[vectors], dp[vectors], grad_p[vectors];
+    float *probabilities = (float *)x, *slope = (float *)dp;
+    for (int64_t chunk = begin; chunk < end_chunk; chunk++) {
+        const int64_t image = chunk / job->chunks_per_image;
+        const float *grad_i = job->grad_i + image * K;
+        memset(grad_p, 0, sizeof grad_p);
+        memcpy(grad_p, job->grad_p + image * K, K * sizeof(float));
+        int64_t first, end;
+        overlap_chunk(job, chunk, &first, &end);
+        for (int64_t p = first; p < end; p++) {
+            const int64_t t = counted_target(job, p);
+            if (t < 0) { /* counts nowhere: no gradient */
+                memset((char *)job->grad + p * K * value_size, 0, K * value_size);
+                continue;
+            }
+            overlap_row(job, p, t, x, NULL);
+            block_f weighted = block_of(0.0f); /* sum_k p_k dL/dp_k */
+            for (int64_t v = 0; v < vectors; v++) dp[v] = squared_or_one(2.0f * x[v], job->l2) * grad_p[v];
+            slope[t] += grad_i[t];
+            for (int64_t v = 0; v < vectors; v++) weighted += x[v] * dp[v];
+            const float share = job->ce_scale * (job->weight ? job->weight[t] : 1.0f); /* + s w_t (p_c - [c = t]) */
+            const block_f offset = block_of(share - lanes_sum(weighted));
+            for (int64_t v = 0; v < vectors; v++) x[v] *= dp[v] + offset;
+            probabilities[t] -= share;
+            if (job->bf16) {
+                uint16_t *row = (uint16_t *)job->grad + p * K;
+                for (int64_t c = 0; c < K; c++) row[c] = float_to_bf16(probabilities[c]);
+            } else {
+                memcpy((float *)job->grad + p * K, probabilities, K * sizeof(float));
+            }
+        }
+    }
+}
+
 static OverlapJob overlap_job(const void *logits, const int64_t *target, int64_t image_pixels, int64_t classes,
                               int64_t ignore, int bf16, int l2) {
     OverlapJob job = {logits, target, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0.0f, image_pixels,
@@ -175,12 +272,12 @@ static OverlapJob overlap_job(const void *logits, const int64_t *target, int64_t
 /* sums (images x 3 x classes, float64: I, P, Y above) of logits (images x image_pixels x
  * classes) against target (images x image_pixels); with `ce` (not NULL), cross-entropy's summed
  * loss and W into ce[0] and ce[1], `weight` its class weights (NULL: none). Returns 0; -1 for
- * classes outside [1, ROW_CLASSES); -2 when a target is neither a class nor `ignore` (nothing
+ * classes outside [1, MAX_CLASSES]; -2 when a target is neither a class nor `ignore` (nothing
  * written); -3 when out of memory. */
 int seglab_overlap_sums(const void *logits, const int64_t *target, const float *weight, int64_t images,
                         int64_t image_pixels, int64_t classes, int64_t ignore, int bf16, int l2, int threads,
                         double *sums, double *ce) {
-    if (classes < 1 || classes >= ROW_CLASSES) return -1;
+    if (classes < 1 || classes > MAX_CLASSES) return -1;
     OverlapJob job = overlap_job(logits, target, image_pixels, classes, ignore, bf16, l2);
     const int64_t chunks = images * job.chunks_per_image, allocated = chunks > 0 ? chunks : 1;
     job.weight = weight;
@@ -191,7 +288,7 @@ int seglab_overlap_sums(const void *logits, const int64_t *target, const float *
         free(job.partial), free(job.invalid), free(job.ce_partial);
         return -3;
     }
-    parallel_for(chunks, threads, overlap_sum_chunks, &job);
+    parallel_for(chunks, threads, classes < ROW_CLASSES ? overlap_sum_chunks : overlap_sum_rows, &job);
     int64_t bad = 0;
     for (int64_t chunk = 0; chunk < chunks; chunk++) bad += job.invalid[chunk];
     if (!bad) {
@@ -215,13 +312,14 @@ int seglab_overlap_sums(const void *logits, const int64_t *target, const float *
 /* grad (like logits) = the gradient above from grad_i and grad_p (images x classes, float32),
  * plus cross-entropy's scaled by `ce_scale` (its loss's gradient over W; 0: none) with class
  * weights `weight` (NULL: none), for targets that `seglab_overlap_sums` accepted. Returns 0;
- * -1 for classes outside [1, ROW_CLASSES). */
+ * -1 for classes outside [1, MAX_CLASSES]. */
 int seglab_overlap_sums_backward(const void *logits, const int64_t *target, const float *grad_i, const float *grad_p,
                                  const float *weight, float ce_scale, void *grad, int64_t images, int64_t image_pixels,
                                  int64_t classes, int64_t ignore, int bf16, int l2, int threads) {
-    if (classes < 1 || classes >= ROW_CLASSES) return -1;
+    if (classes < 1 || classes > MAX_CLASSES) return -1;
     OverlapJob job = overlap_job(logits, target, image_pixels, classes, ignore, bf16, l2);
     job.grad_i = grad_i, job.grad_p = grad_p, job.grad = grad, job.weight = weight, job.ce_scale = ce_scale;
-    parallel_for(images * job.chunks_per_image, threads, overlap_grad_chunks, &job);
+    parallel_for(images * job.chunks_per_image, threads, classes < ROW_CLASSES ? overlap_grad_chunks : overlap_grad_rows,
+                 &job);
     return 0;
 }
