@@ -1,7 +1,9 @@
 """seglab's few native kernels, compiled on first use with the machine's C compiler and loaded
 with ctypes: `winograd_tiles.c`, Winograd's tile transforms, one pass over memory each;
 `winograd_fused.c`, F(4x4) of few channels, transforms and products in one pass;
-`cross_entropy.c`, softmax cross-entropy and its gradient in one pass; `batch_norm.c`,
+`cross_entropy.c`, softmax cross-entropy and its gradient in one pass; `overlap.c`, the
+overlap losses' sums from each pixel's softmax and their gradient, with cross-entropy's in the
+same passes where a sum of losses shares them; `batch_norm.c`,
 training's BatchNorm with the shortcut addition and ReLU after it, two passes each way;
 `bilinear.c`, bilinearly upsampled maps added into a map in one pass, and class scores resized;
 `mix_ffn.c`, SegFormer's Mix-FFN row by row, and linear layers over tokens; `mlp_head.c`,

@@ -20,7 +20,7 @@
  * vectors, as cross_entropy.c's rows: the sums of |P| in float32 vectors per chunk, the others
  * in float64 as they come.
  *
- * With cross-entropy (`seglab_ce_overlap_sums`, `ce+dice` and the like), the same pass also sums
+ * With cross-entropy (`seglab_overlap_sums` given `ce`: `ce+dice` and the like), the same pass sums
  * cross_entropy.c's loss, w_t (log sum_c exp x_c - x_t) with w_t = weight[t] (1 without class
  * weights), and W = sum w_t; the backward adds its gradient, s w_t (p_c - [c = t]) with s the
  * loss's gradient over W, to the overlap's: one pass each way for both losses, the gradient
