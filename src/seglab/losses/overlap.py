@@ -34,6 +34,8 @@ class _OverlapLoss(nn.Module):
     # logits as they are; otherwise half-precision logits are cast first (`_sums`,
     # `multiclass_overlap_sums`).
     upcasts_itself = True
+    # The norm of |P| and |Y| in the loss's sums (`_NormedOverlapLoss`: its `norm`).
+    sums_norm = "l1"
 
     def __init__(self, mode: str, smooth: float, per_image: bool, ignore_index: int | None, eps: float = 1e-7) -> None:
         super().__init__()
@@ -44,9 +46,6 @@ class _OverlapLoss(nn.Module):
         self.per_image = per_image
         self.ignore_index = ignore_index
         self.eps = eps  # only guards 0/0 when smooth = 0
-
-    # The norm of |P| and |Y| in the loss's sums.
-    sums_norm = "l1"
 
     def _sums(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """<Y,P>, |P|, |Y| per class (and image, with per_image)."""

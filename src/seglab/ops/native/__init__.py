@@ -52,8 +52,8 @@ __all__ = ["ATTENTION_HEAD_MULTIPLE", "FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", 
            "MIX_FFN_CHANNELS_MULTIPLE", "OVERLAP_MAX_CLASSES", "PLANAR_OUTS", "add_upsampled_", "attention",
            "available", "batch_norm_backward", "batch_norm_forward", "bf16_pairs", "compiled_in", "cross_entropy",
            "cross_entropy_overlap_sums", "depthwise_gelu", "depthwise_gelu_backward", "dequantize_rows", "gather_tiles",
-           "linear", "mix_ffn", "mlp_head", "overlap_sums", "overlap_sums_backward", "pair_rows", "planar_conv3x3", "quantize_rows_s8",
-           "quantize_u8", "resize_bilinear", "resize_bilinear_backward", "scatter_tiles", "specialise",
+           "linear", "mix_ffn", "mlp_head", "overlap_sums", "overlap_sums_backward", "pair_rows", "planar_conv3x3",
+           "quantize_rows_s8", "quantize_u8", "resize_bilinear", "resize_bilinear_backward", "scatter_tiles", "specialise",
            "unavailable_reason", "winograd_fused"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
