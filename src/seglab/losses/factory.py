@@ -65,7 +65,7 @@ class WeightedSum(nn.Module):
         ce, overlap = self.losses[ce_index], self.losses[1 - ce_index]
         shares = (isinstance(overlap, _OverlapLoss) and overlap.mode == "multiclass"
                   and ce.label_smoothing == 0.0 and ce.ignore_index == overlap.ignore_index
-                  and logits.dim() == target.dim() + 1 and takes_native_overlap_sums(logits, target))
+                  and takes_native_overlap_sums(logits, target))  # (which checks the target's shape too)
         return (ce_index, 1 - ce_index) if shares else None
 
     def _shared_pass(self, logits: torch.Tensor, target: torch.Tensor, ce_index: int, overlap_index: int) -> torch.Tensor:
