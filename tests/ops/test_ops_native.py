@@ -938,3 +938,49 @@ def test_quantize_u8_refuses_what_it_cannot_read_with_one_clear_error():
         native.quantize_u8(torch.zeros(4, 6)[:, ::2], 1.0, 0)
     with pytest.raises(ValueError, match="zero point"):
         native.quantize_u8(torch.zeros(4), 1.0, 256)
+
+
+def test_winograd_filters_both_ways_refuse_what_they_cannot_take_with_one_clear_error():
+    matrix = torch.randn(16, 9)
+    with pytest.raises(ValueError, match="C_out x C_in x 3 x 3 weight"):
+        native.winograd_filters(torch.randn(4, 4, 5, 5), matrix)
+    with pytest.raises(ValueError, match="R x 9 filter matrix"):
+        native.winograd_filters(torch.randn(4, 4, 3, 3), torch.randn(16, 8))
+    with pytest.raises(ValueError, match="the weight must be a float32"):
+        native.winograd_filters(torch.randn(4, 4, 3, 3).bfloat16(), matrix)
+    with pytest.raises(ValueError, match="16 x 4 x 8"):
+        native.winograd_filters_backward(torch.randn(16, 8, 4), matrix, torch.empty(8, 4, 3, 3))
+    with pytest.raises(ValueError, match="the weight's gradient must be a float32"):
+        native.winograd_filters_backward(torch.randn(16, 4, 8), matrix, torch.empty(8, 4, 3, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_winograd_filters_both_ways_give_the_same_bits_on_one_thread_and_on_two(bf16):
+    torch.manual_seed(0)
+    weight = torch.randn(96, 48, 3, 3).contiguous(memory_format=torch.channels_last)
+    matrix = torch.randn(16, 9)
+    grad = torch.randn(16, 48, 96).to(torch.bfloat16 if bf16 else torch.float32)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, max(threads, 2)):
+            torch.set_num_threads(count)
+            results.append((native.winograd_filters(weight, matrix, bf16=bf16),
+                            native.winograd_filters_backward(grad, matrix, torch.empty_like(weight))))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_interleave_phases_both_ways_refuse_what_they_cannot_take_with_one_clear_error():
+    phases = torch.randn(1, 64 * 3, 5, 6).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="even stride"):
+        native.interleave_phases(phases, 3)
+    with pytest.raises(ValueError, match="N x 64\\*C"):
+        native.interleave_phases(torch.randn(1, 60, 5, 6).contiguous(memory_format=torch.channels_last), 8)
+    with pytest.raises(ValueError, match="channels-last"):
+        native.interleave_phases(torch.randn(1, 64 * 3, 5, 6), 8)
+    with pytest.raises(ValueError, match="N x C x 8H x 8W"):
+        native.interleave_phases_backward(torch.randn(1, 3, 12, 16).contiguous(memory_format=torch.channels_last), 8)
+    with pytest.raises(ValueError, match="channels-last"):
+        native.interleave_phases_backward(torch.randn(1, 3, 16, 16), 8)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from gradient_checks import assert_values_and_gradients_equal
 
+from seglab.ops import native
 from seglab.ops.polyphase import (PolyphaseConvTranspose2d, polyphase_conv_transpose2d, polyphase_weight,
                                   takes_polyphase)
 from seglab.ops.upsample import make_upsample
@@ -96,3 +97,27 @@ def test_a_traced_module_records_the_plain_transposed_convolution():
     graph = str(traced.graph)
     assert "aten::_convolution" in graph and "constant_pad_nd" not in graph
     torch.testing.assert_close(traced(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not native.available(), reason=f"the native kernels are not available: {native.unavailable_reason()}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("stride, size", [(2, (3, 4)), (8, (5, 7)), (16, (2, 3)), (8, (1, 1))])
+def test_the_native_interleave_gives_the_copies_values_both_ways(dtype, stride, size, monkeypatch):
+    """The phase map's interleave by the native runs against PyTorch's strided copies: the same
+    output and the same gradient, zeros included where the crop drops phases."""
+    from seglab.ops.polyphase import _Interleave
+    torch.manual_seed(0)
+    height, width = size
+    phases = torch.randn(2, stride * stride * 3, height + 1, width + 1).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    upstream = torch.randn(2, 3, height * stride, width * stride).to(dtype)
+    results = []
+    for built in (True, False):
+        monkeypatch.setattr(native, "available", lambda built=built: built)
+        leaf = phases.clone().requires_grad_()
+        output = _Interleave.apply(leaf, stride)
+        output.backward(upstream)
+        results.append((output, leaf.grad))
+    (output, grad), (expected_output, expected_grad) = results
+    assert output.is_contiguous(memory_format=torch.channels_last) and torch.equal(output, expected_output)
+    assert torch.equal(grad, expected_grad) and (grad == 0).any()

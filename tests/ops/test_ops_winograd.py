@@ -259,3 +259,48 @@ def test_weight_gradient_alone_is_the_convolutions(tile, dilation):
     got = winograd_weight_gradient(*nhwc, tile, dilation)
     assert got.shape == weight.shape and got.dtype == torch.float32
     assert float((got.double() - expected).norm() / expected.norm()) < 1e-5
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(torch.int16 if tensor.dtype == torch.bfloat16 else torch.int32)
+
+
+@pytest.mark.skipif(not native.available(), reason=f"the native kernels are not available: {native.unavailable_reason()}")
+@pytest.mark.parametrize("tile, dtype", [(2, torch.float32), (2, torch.bfloat16), (3, torch.float32), (4, torch.float32),
+                                         (6, torch.float32)])
+@pytest.mark.parametrize("shape", [(64, 48, 3, 3), (40, 20, 3, 3), (32, 16, 3, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_native_filter_transform_gives_the_operators_bits_both_ways(tile, dtype, shape, channels_last):
+    """The native transform of a float32 weight (bf16 filters: of the weight cast to bf16, as
+    autocast casts it) against the operators' transform, forward and backward, bit for bit and
+    in the weight's layout: whole and partial blocks of output channels, input channels in and
+    out of 16-channel vectors; magnitudes spread wide, so that sums that round would show."""
+    from seglab.ops.winograd import _filters_by_products
+    torch.manual_seed(0)
+    weight = torch.randn(shape) * torch.rand(shape) ** 8
+    if channels_last:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    ours, theirs = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    got, expected = winograd_filters(ours, tile, dtype), _filters_by_products(theirs.to(dtype), tile)
+    assert got.dtype == expected.dtype == dtype and torch.equal(_bits(got), _bits(expected))
+    upstream = torch.randn(expected.shape).to(dtype)
+    got.backward(upstream)
+    expected.backward(upstream)
+    assert ours.grad.stride() == theirs.grad.stride() and torch.equal(_bits(ours.grad), _bits(theirs.grad))
+
+
+@pytest.mark.skipif(not native.available(), reason=f"the native kernels are not available: {native.unavailable_reason()}")
+def test_the_native_filter_transform_keeps_to_what_it_takes(monkeypatch):
+    """Weights other than float32 on the CPU, larger tiles in bf16 and traced calls take the
+    operators; a filter of another size is refused in one line either way."""
+    import seglab.ops.winograd as winograd
+    calls = []
+    monkeypatch.setattr(native, "winograd_filters", lambda *args, **kwargs: calls.append(args) or None)
+    weight = torch.randn(16, 8, 3, 3)
+    for call in (lambda: winograd_filters(weight.double(), 4), lambda: winograd_filters(weight.bfloat16(), 2),
+                 lambda: winograd_filters(weight, 4, torch.bfloat16)):
+        assert call() is not None
+    monkeypatch.setattr(winograd, "being_traced", lambda: True)
+    assert winograd_filters(weight, 2) is not None and calls == []
+    with pytest.raises(ValueError, match="3x3"):
+        winograd_filters(torch.randn(16, 8, 5, 5), 2)

@@ -156,10 +156,11 @@ def _autocast_winograd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                        tile: int) -> torch.Tensor:
     """Winograd's convolution as autocast would run the direct one: input, weight and bias cast
     to autocast's dtype, the filters transformed from the cast weight (in float32, outside
-    autocast, which would round the transform's sums to bf16 as well)."""
+    autocast, which would round the transform's sums to bf16 as well; from a float32 weight
+    by the native transform, which casts its taps itself)."""
     dtype = torch.get_autocast_dtype("cpu")
     with torch.autocast("cpu", enabled=False):
-        filters = winograd_filters(weight.to(dtype), tile)
+        filters = winograd_filters(weight, tile, dtype)
         return winograd_conv3x3(input.to(dtype), filters, None if bias is None else bias.to(dtype), dilation)
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seglab.ops import native
 from seglab.ops.grad_mode import records_gradients
 from seglab.ops.tracing import being_traced
 
@@ -79,24 +80,35 @@ def _quadrants(phases: torch.Tensor, output: torch.Tensor, stride: int) -> list[
             for t, q, ty in row_parts for u, r, tx in col_parts]
 
 
+def _native_interleave(tensor: torch.Tensor) -> bool:
+    """Whether the interleave of (or into) this map runs natively: a CPU map, the kernels built."""
+    return tensor.device.type == "cpu" and native.available()
+
+
 class _Interleave(torch.autograd.Function):
     """The phase map -> the cropped output map (strided copies); backward the reverse, with
-    zeros for the phases the crop drops."""
+    zeros for the phases the crop drops. On the CPU, where the native kernels are built, one
+    pass of contiguous runs each way (`native.interleave_phases`; the same values): FCN-8s' x8
+    to 4 x 21 x 512 x 512 in bf16 5.95 -> 3.18 ms forward, 9.16 -> 3.23 ms backward (Zen 4)."""
 
     @staticmethod
     def forward(ctx, phases: torch.Tensor, stride: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.stride = stride
+        if _native_interleave(phases) and phases.is_contiguous(memory_format=torch.channels_last):
+            return native.interleave_phases(phases, stride)
         n, channels = phases.shape[0], phases.shape[1] // (stride * stride)
         height, width = (phases.shape[2] - 1) * stride, (phases.shape[3] - 1) * stride
         output = torch.empty(n, channels, height, width, dtype=phases.dtype, device=phases.device,
                              memory_format=torch.channels_last)
         for source, target in _quadrants(phases, output, stride):
             target.copy_(source)
-        ctx.stride = stride
         return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         stride = ctx.stride
+        if _native_interleave(grad_output):
+            return native.interleave_phases_backward(grad_output.contiguous(memory_format=torch.channels_last), stride), None
         n, channels, height, width = grad_output.shape
         grad_phases = torch.empty(n, stride * stride * channels, height // stride + 1, width // stride + 1,
                                   dtype=grad_output.dtype, device=grad_output.device,

@@ -1,6 +1,8 @@
 """seglab's few native kernels, compiled on first use with the machine's C compiler and loaded
 with ctypes: `winograd_tiles.c`, Winograd's tile transforms, one pass over memory each;
 `winograd_fused.c`, F(4x4) of few channels, transforms and products in one pass;
+`winograd_filters.c`, the filters' transform in training, one pass each way; `polyphase.c`,
+the interleave of a polyphase transposed convolution's phases;
 `cross_entropy.c`, softmax cross-entropy and its gradient in one pass; `overlap.c`, the
 overlap losses' sums from each pixel's softmax and their gradient, with cross-entropy's in the
 same passes where a sum of losses shares them; `batch_norm.c`,
@@ -52,16 +54,18 @@ __all__ = ["ATTENTION_HEAD_MULTIPLE", "FUSED_CHANNELS_MULTIPLE", "MAX_CLASSES", 
            "MIX_FFN_CHANNELS_MULTIPLE", "OVERLAP_MAX_CLASSES", "PLANAR_OUTS", "add_upsampled_", "attention",
            "available", "batch_norm_backward", "batch_norm_forward", "bf16_pairs", "compiled_in", "cross_entropy",
            "cross_entropy_overlap_sums", "depthwise_gelu", "depthwise_gelu_backward", "dequantize_rows", "gather_tiles",
-           "linear", "mix_ffn", "mlp_head", "overlap_sums", "overlap_sums_backward", "pair_rows", "planar_conv3x3",
-           "quantize_rows_s8", "quantize_u8", "resize_bilinear", "resize_bilinear_backward", "scatter_tiles", "specialise",
-           "unavailable_reason", "winograd_fused"]
+           "interleave_phases", "interleave_phases_backward", "linear", "mix_ffn", "mlp_head", "overlap_sums",
+           "overlap_sums_backward", "pair_rows", "planar_conv3x3", "quantize_rows_s8", "quantize_u8", "resize_bilinear",
+           "resize_bilinear_backward", "scatter_tiles", "specialise", "unavailable_reason", "winograd_filters",
+           "winograd_filters_backward", "winograd_fused"]
 
 # Compiled as one translation unit, in this order (the kernels share common.c's threads).
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("common.c", "winograd_tiles.c", "cross_entropy.c",
                                                                 "overlap.c", "batch_norm.c", "bilinear.c",
                                                                 "winograd_fused.c", "mix_ffn.c", "mlp_head.c",
                                                                 "planar_conv.c", "quantize.c", "attention.c",
-                                                                "depthwise_gelu.c"))
+                                                                "depthwise_gelu.c", "winograd_filters.c",
+                                                                "polyphase.c"))
 _LIBRARY_PREFIXES = ("seglab_native-", "winograd_tiles-")  # the name, then the name of older versions
 _FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 _NATIVE_FLAGS = ("-march=native",)  # the processor's vector width; dropped where the compiler refuses it
@@ -268,6 +272,9 @@ def _load_once() -> ctypes.CDLL | None:
     library.seglab_quantize_u8.argtypes = [pointer, pointer, i64, ctypes.c_float, i32, i32]
     library.seglab_quantize_rows_s8.argtypes = [pointer] * 3 + [i64] * 3 + [i32]
     library.seglab_dequantize_rows.argtypes = [pointer] * 5 + [i64, i64, i32, i32]
+    library.seglab_interleave_phases.argtypes = [pointer] * 2 + [i64] * 6 + [i32, i32]
+    library.seglab_winograd_filters.argtypes = [pointer] * 3 + [i64] * 7 + [i32, i32]
+    library.seglab_winograd_filters_backward.argtypes = [pointer] * 3 + [i64] * 7 + [i32, i32]
     library.seglab_use_openmp.argtypes = [pointer, pointer, pointer]
     openmp = _torch_openmp()
     if openmp is not None:
@@ -473,6 +480,94 @@ def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, i
                               int(accumulate_into is not None),
                               torch.get_num_threads(), int(specialised), int(tiles.dtype == torch.bfloat16)) != 0:
         raise ValueError(f"no native kernel for {out_side} x {in_side} transforms")
+    return out
+
+
+def _phase_map_shape(phases: torch.Tensor, stride: int) -> tuple[int, int, int, int]:
+    """N, C, H, W of a polyphase convolution's phase map (N x s*s*C x (H + 1) x (W + 1)), checked
+    as `interleave_phases` reads it: channels-last, an even stride of at least 2."""
+    if stride < 2 or stride % 2:
+        raise ValueError(f"the phases interleave at an even stride, not {stride}")
+    if (phases.dim() != 4 or phases.shape[1] % (stride * stride) or min(phases.shape[2:]) < 2
+            or phases.shape[1] == 0 or phases.device.type != "cpu"):
+        raise ValueError(f"a phase map of stride {stride} is N x {stride * stride}*C x (H + 1) x (W + 1) on the CPU, "
+                         f"not of shape {tuple(phases.shape)} on {phases.device}")
+    if not phases.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"the phase map must be channels-last, not of strides {phases.stride()}")
+    return phases.shape[0], phases.shape[1] // (stride * stride), phases.shape[2] - 1, phases.shape[3] - 1
+
+
+def interleave_phases(phases: torch.Tensor, stride: int) -> torch.Tensor:
+    """The N x C x sH x sW output (channels-last, phases' dtype) of a polyphase transposed
+    convolution from its phase map (`seglab.ops.polyphase`), cropped by s/2 phases on each
+    border, in one pass of contiguous runs (`polyphase.c`)."""
+    library = _required()
+    n, channels, height, width = _phase_map_shape(phases, stride)
+    out = torch.empty(n, channels, height * stride, width * stride, dtype=phases.dtype,
+                      memory_format=torch.channels_last)
+    library.seglab_interleave_phases(phases.data_ptr(), out.data_ptr(), n, height, width, stride, channels,
+                                     phases.element_size(), 0, torch.get_num_threads())
+    return out
+
+
+def interleave_phases_backward(grad: torch.Tensor, stride: int) -> torch.Tensor:
+    """The phase map's gradient from the output's (`interleave_phases`, reversed): each phase's
+    values where the output has them, zeros where the crop dropped them; channels-last."""
+    library = _required()
+    if grad.dim() != 4 or grad.shape[2] % stride or grad.shape[3] % stride or grad.device.type != "cpu":
+        raise ValueError(f"an output of stride {stride} is N x C x {stride}H x {stride}W on the CPU, "
+                         f"not of shape {tuple(grad.shape)} on {grad.device}")
+    if not grad.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"the output's gradient must be channels-last, not of strides {grad.stride()}")
+    n, channels, height, width = grad.shape[0], grad.shape[1], grad.shape[2] // stride, grad.shape[3] // stride
+    phases = torch.empty(n, stride * stride * channels, height + 1, width + 1, dtype=grad.dtype,
+                         memory_format=torch.channels_last)
+    _phase_map_shape(phases, stride)
+    library.seglab_interleave_phases(phases.data_ptr(), grad.data_ptr(), n, height, width, stride, channels,
+                                     grad.element_size(), 1, torch.get_num_threads())
+    return phases
+
+
+def _filter_inputs(function: str, weight_shape: torch.Size | tuple[int, ...], matrix: torch.Tensor) -> tuple[int, int]:
+    """The output and input channels of a C_out x C_in x 3 x 3 weight, checked with Winograd's
+    R x 9 filter matrix (float32, contiguous)."""
+    _check(matrix, "the filter matrix")
+    if len(weight_shape) != 4 or tuple(weight_shape[2:]) != (3, 3) or min(weight_shape) < 1:
+        raise ValueError(f"{function} takes a C_out x C_in x 3 x 3 weight, not of shape {tuple(weight_shape)}")
+    if matrix.dim() != 2 or matrix.shape[1] != 9:
+        raise ValueError(f"{function} takes an R x 9 filter matrix, not of shape {tuple(matrix.shape)}")
+    return weight_shape[0], weight_shape[1]
+
+
+def winograd_filters(weight: torch.Tensor, matrix: torch.Tensor, *, bf16: bool = False) -> torch.Tensor:
+    """Winograd's filters `matrix @ taps` of every 3x3 filter of the float32 `weight` (C_out x
+    C_in x 3 x 3, any strides; `matrix` R x 9), as R x C_in x C_out, in one pass
+    (`winograd_filters.c`): float32, or with `bf16` from taps rounded to bf16, written as bf16
+    (what the product of autocast's bf16 weight gives)."""
+    library = _required()
+    out_channels, in_channels = _filter_inputs("winograd_filters", weight.shape, matrix)
+    _check(weight, "the weight", contiguous=False)
+    out = weight.new_empty(matrix.shape[0], in_channels, out_channels, dtype=torch.bfloat16 if bf16 else torch.float32)
+    library.seglab_winograd_filters(out.data_ptr(), weight.data_ptr(), matrix.data_ptr(), matrix.shape[0],
+                                    out_channels, in_channels, *weight.stride(), int(bf16), torch.get_num_threads())
+    return out
+
+
+def winograd_filters_backward(grad: torch.Tensor, matrix: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The gradient of `winograd_filters`'s weight from `grad` (R x C_in x C_out, contiguous;
+    bf16 when the filters were), written to `out` (float32, the weight's shape, any strides)
+    and returned, in one pass: each tap's `matrix^T @ grad`, rounded to bf16 for bf16 filters
+    (the gradient of the bf16 weight they came from)."""
+    library = _required()
+    out_channels, in_channels = _filter_inputs("winograd_filters_backward", out.shape, matrix)
+    _check(out, "the weight's gradient", contiguous=False)
+    _check(grad, "the filters' gradient", _VALUES)
+    if tuple(grad.shape) != (matrix.shape[0], in_channels, out_channels):
+        raise ValueError(f"the filters' gradient must be {matrix.shape[0]} x {in_channels} x {out_channels}, "
+                         f"not of shape {tuple(grad.shape)}")
+    library.seglab_winograd_filters_backward(out.data_ptr(), grad.data_ptr(), matrix.data_ptr(), matrix.shape[0],
+                                             out_channels, in_channels, *out.stride(),
+                                             int(grad.dtype == torch.bfloat16), torch.get_num_threads())
     return out
 
 
