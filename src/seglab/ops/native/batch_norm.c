@@ -51,6 +51,14 @@ static inline float to_float_float(float value) { return value; }
 static inline float to_float_uint16_t(uint16_t bits) { return bf16_to_float(bits); }
 #define VALUE(TYPE, p, i) to_float_##TYPE((p)[i])
 
+/* The statistics' pass asks for each row's first line AHEAD_ROWS rows ahead where rows are at
+ * least AHEAD_MIN_BYTES long: on the Zen 4 KVM guest the hardware prefetcher alone left that pass
+ * at 10-14 GB/s where a plain read ran at 31 (4 x 256 x 128 x 128 bf16: 2.96 -> 2.36 ms; 512 and
+ * 1,024 channels 10-18% less time; 64 channels, whose 128-byte rows it slowed, go without). */
+#define AHEAD_ROWS 4
+#define AHEAD_MIN_BYTES 512
+#define AHEAD(p, bytes) __builtin_prefetch((const char *)(p) + (bytes))
+
 /* Per chunk: s = sum (x - center), q = sum (x - center)^2, four rows at a time. */
 #define STATISTICS(TYPE)                                                                        \
     {                                                                                           \
@@ -58,6 +66,9 @@ static inline float to_float_uint16_t(uint16_t bits) { return bf16_to_float(bits
         for (; r + 4 <= last; r += 4) {                                                         \
             const TYPE *restrict x0 = (const TYPE *)job->x + r * C, *restrict x1 = x0 + C;      \
             const TYPE *restrict x2 = x1 + C, *restrict x3 = x2 + C;                            \
+            if (ahead) {                                                                        \
+                AHEAD(x0, ahead); AHEAD(x1, ahead); AHEAD(x2, ahead); AHEAD(x3, ahead);         \
+            }                                                                                   \
             for (int64_t c = 0; c < C; c++) {                                                   \
                 const float d0 = VALUE(TYPE, x0, c) - center[c], d1 = VALUE(TYPE, x1, c) - center[c]; \
                 const float d2 = VALUE(TYPE, x2, c) - center[c], d3 = VALUE(TYPE, x3, c) - center[c]; \
@@ -104,6 +115,7 @@ static inline float to_float_uint16_t(uint16_t bits) { return bf16_to_float(bits
 static void sums_chunks(const void *job_, int64_t begin, int64_t end, int gradient) {
     const NormJob *job = (const NormJob *)job_;
     const int64_t C = job->channels;
+    const int64_t row_bytes = C * (job->bf16 ? 2 : 4), ahead = row_bytes >= AHEAD_MIN_BYTES ? AHEAD_ROWS * row_bytes : 0;
     const float *restrict center = job->center, *restrict a = job->a, *restrict b = job->b;
     const float floor_ = job->relu ? 0.0f : -INFINITY; /* g = 0 where y is not above it */
     for (int64_t chunk = begin; chunk < end; chunk++) {
