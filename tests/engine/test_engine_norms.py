@@ -37,15 +37,21 @@ def _train_step(model: nn.Module, x: torch.Tensor, context, bf16: bool = False) 
 
 
 def _routed_calls(monkeypatch) -> list[bool]:
-    """Counts the native calls (True: with a shortcut) made after this."""
+    """Counts the native calls (True: with a shortcut) made after this, the block ends whose
+    output goes on twice (`batch_norm_act_twice`) among them."""
     calls: list[bool] = []
-    original = norms_module.batch_norm_act
+    original, twice = norms_module.batch_norm_act, norms_module.batch_norm_act_twice
 
     def counted(x, norm, *, relu=False, shortcut=None):
         calls.append(shortcut is not None)
         return original(x, norm, relu=relu, shortcut=shortcut)
 
+    def counted_twice(x, norm, *, shortcut):
+        calls.append(True)
+        return twice(x, norm, shortcut=shortcut)
+
     monkeypatch.setattr(norms_module, "batch_norm_act", counted)
+    monkeypatch.setattr(norms_module, "batch_norm_act_twice", counted_twice)
     return calls
 
 
@@ -179,3 +185,35 @@ def test_the_trainer_takes_the_route_by_default_in_bf16_unless_told_not_to(tmp_p
     assert not isinstance(trainer(precision="32").norms, TrainingNorms)  # float32 maps: PyTorch's norms
     with pytest.raises(ValueError, match="native_norms must be true, false or null"):
         trainer(precision="bf16", native_norms="yes")
+
+
+@needs_bf16
+@pytest.mark.parametrize("name, kwargs", [("unet", {"encoder": "resnet34"}), ("fcn8s", {"encoder": "resnet50"})])
+def test_a_blocks_output_handed_on_twice_gives_the_same_bits_as_autograds_sum(name, kwargs, monkeypatch):
+    """Within a stage each block's output reaches the next block's first convolution and its
+    shortcut as two tensors, whose gradients the norm's backward adds itself (bf16 autocast,
+    the route as the trainer takes it): the same output and gradients, bit for bit, as with
+    the stages' own forward (autograd adding the two gradients); every identity block's input
+    after a stage's first comes that way."""
+    torch.manual_seed(0)
+    model = to_channels_last(create_model(name, num_classes=3, **kwargs).train())
+    x = to_channels_last(torch.randn(2, 3, 64, 64))
+    routed = TrainingNorms(model)
+    seconds = []
+    original = native.batch_norm_backward
+
+    def counted(*args, **options):
+        seconds.append(options.get("grad2") is not None)
+        return original(*args, **options)
+
+    monkeypatch.setattr(native, "batch_norm_backward", counted)
+    out, grads = _train_step(model, x, routed, bf16=True)
+    plain = TrainingNorms(model)
+    plain.stages = []
+    want_out, want_grads = _train_step(model, x, plain, bf16=True)
+    # every identity block but a stage's first (ResNet-34's first takes the max pooling's output)
+    fed_twice = sum(block.downsample is None for stage in routed.stages for block in list(stage)[1:])
+    assert len(routed.stages) == 4 and sum(seconds) == fed_twice == 12  # ResNet-34 and ResNet-50 alike
+    assert torch.equal(out, want_out) and grads.keys() == want_grads.keys()
+    assert all(torch.equal(grads[key], want_grads[key]) for key in grads)
+    assert all("forward" not in stage.__dict__ for stage in routed.stages)  # restored on exit

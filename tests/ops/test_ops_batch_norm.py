@@ -202,3 +202,42 @@ def test_the_output_may_be_changed_in_place():
     want = x.detach().clone().requires_grad_()
     torch.relu_(_norm(8)(want)).sum().backward()
     assert torch.allclose(x.grad, want.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_second_output_gradient_is_added_as_autograd_would_add_it(dtype):
+    """The kernel's second gradient of the output against the two added first (in the maps'
+    dtype, as autograd adds them), bit for bit; refused without the forward's output."""
+    x, shortcut = _map((2, 24, 9, 7), dtype, 1, offset=3.0), _map((2, 24, 9, 7), dtype, 2)
+    first, second = _map((2, 24, 9, 7), dtype, 3), _map((2, 24, 9, 7), dtype, 4)
+    rows = [t.permute(0, 2, 3, 1).reshape(-1, 24) for t in (x, shortcut, first, second)]
+    norm = _norm(24)
+    y, saved = native.batch_norm_forward(rows[0], norm.weight.detach(), norm.bias.detach(), shortcut=rows[1], relu=True)
+    added = native.batch_norm_backward(rows[2] + rows[3], rows[0], saved, relu=True, y=y)
+    apart = native.batch_norm_backward(rows[2], rows[0], saved, relu=True, y=y, grad2=rows[3])
+    assert all(torch.equal(a, b) for a, b in zip(added, apart))
+    with pytest.raises(ValueError, match="goes with the forward's output"):
+        native.batch_norm_backward(rows[2], rows[0], saved, relu=True, grad2=rows[3])
+
+
+@pytest.mark.parametrize("use", ["both", "output", "view"])
+def test_the_output_given_twice_takes_each_uses_gradient(use):
+    """`batch_norm_act_twice`'s two tensors: the gradients of x, the shortcut and the
+    parameters as when one output is read twice and autograd adds, bit for bit, whichever of
+    the two the caller reads."""
+    from seglab.ops.batch_norm import batch_norm_act_twice
+    x, shortcut = _map((2, 32, 6, 5), torch.bfloat16, 5, offset=1.0), _map((2, 32, 6, 5), torch.bfloat16, 6)
+    upstream = [_map((2, 32, 6, 5), torch.bfloat16, seed) for seed in (7, 8)]
+    results = []
+    for twice in (True, False):
+        norm = _norm(24 + 8)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, shortcut)]
+        if twice:
+            first, second = batch_norm_act_twice(leaves[0], norm, shortcut=leaves[1])
+            assert second.data_ptr() == first.data_ptr()
+        else:
+            first = second = batch_norm_act(leaves[0], norm, relu=True, shortcut=leaves[1])
+        terms = {"both": [(first, 0), (second, 1)], "output": [(first, 0)], "view": [(second, 1)]}[use]
+        sum((out.float() * upstream[i].float()).sum() for out, i in terms).backward()
+        results.append([leaves[0].grad, leaves[1].grad, norm.weight.grad, norm.bias.grad])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

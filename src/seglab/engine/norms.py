@@ -9,7 +9,12 @@ a ResNet block's shortcut addition and ReLU) in one native kernel, `seglab.ops.b
   timm's ResNet blocks (bn1 -> act1; a Bottleneck's bn2 -> act2);
 - timm's ResNet blocks (BasicBlock, Bottleneck) without squeeze-excitation or drop path end in
   one call: the last norm, the shortcut addition and the ReLU;
-- any other plain BatchNorm2d runs by the kernel alone.
+- any other plain BatchNorm2d runs by the kernel alone;
+- in a stage made of such blocks (an `nn.Sequential` that keeps Sequential's forward), each
+  block's output goes to the next block twice, to its first convolution and to its shortcut
+  (`batch_norm_act_twice`), so that the norm's backward adds the two gradients in its own first
+  pass instead of autograd adding them in a pass of its own: the same bits, 17 additions fewer
+  in FCN-R50's bf16 step (add.Tensor 20-32 -> 6 ms; the step 1.017x, 24 interleaved rounds).
 Only modules registered once in the model are rerouted (one registered twice might also run
 elsewhere, after something else). The modules' `forward` is replaced per instance and restored
 on exit; parameters, buffers and names stay as they were. Calls that do not qualify
@@ -36,7 +41,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 
 from seglab.engine.precision import resolve_precision
 from seglab.ops import native
-from seglab.ops.batch_norm import batch_norm_act, takes_native_batch_norm
+from seglab.ops.batch_norm import batch_norm_act, batch_norm_act_twice, takes_native_batch_norm
 
 __all__ = ["TrainingNorms", "norm_relu_pairs", "training_norms"]
 
@@ -93,25 +98,61 @@ def _fusable_block(block: nn.Module) -> bool:
             and getattr(block, "se", None) is None and getattr(block, "drop_path", None) is None)
 
 
-def _norm_add_relu(x: torch.Tensor, norm: nn.BatchNorm2d, shortcut: torch.Tensor, act: nn.Module) -> torch.Tensor:
+# A block's output, and (for the next block's shortcut) a second tensor of the same values
+# whose gradient reaches the norm's backward apart, or None.
+BlockOutput = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _norm_add_relu(x: torch.Tensor, norm: nn.BatchNorm2d, shortcut: torch.Tensor, act: nn.Module,
+                   twice: bool) -> BlockOutput:
     if takes_native_batch_norm(x, norm, shortcut):
-        return batch_norm_act(x, norm, relu=True, shortcut=shortcut)
-    return act(norm(x) + shortcut)
+        if twice:
+            return batch_norm_act_twice(x, norm, shortcut=shortcut)
+        return batch_norm_act(x, norm, relu=True, shortcut=shortcut), None
+    return act(norm(x) + shortcut), None
 
 
-def _basic_block_forward(block: BasicBlock, x: torch.Tensor) -> torch.Tensor:
+def _shortcut(block: nn.Module, x: torch.Tensor, x_again: torch.Tensor | None) -> torch.Tensor:
+    """The block's shortcut: the downsampling of x, or x itself, read through `x_again` (the
+    previous block's second output) where there is one."""
+    if block.downsample is not None:
+        return block.downsample(x)
+    return x if x_again is None else x_again
+
+
+def _basic_block_forward(block: BasicBlock, x: torch.Tensor, x_again: torch.Tensor | None = None,
+                         twice: bool = False) -> BlockOutput:
     """timm's BasicBlock.forward (without se and drop_path), ending in one call."""
-    shortcut = x if block.downsample is None else block.downsample(x)
+    shortcut = _shortcut(block, x, x_again)
     x = block.aa(block.act1(block.drop_block(block.bn1(block.conv1(x)))))
-    return _norm_add_relu(block.conv2(x), block.bn2, shortcut, block.act2)
+    return _norm_add_relu(block.conv2(x), block.bn2, shortcut, block.act2, twice)
 
 
-def _bottleneck_forward(block: Bottleneck, x: torch.Tensor) -> torch.Tensor:
+def _bottleneck_forward(block: Bottleneck, x: torch.Tensor, x_again: torch.Tensor | None = None,
+                        twice: bool = False) -> BlockOutput:
     """timm's Bottleneck.forward (without se and drop_path), ending in one call."""
-    shortcut = x if block.downsample is None else block.downsample(x)
+    shortcut = _shortcut(block, x, x_again)
     x = block.act1(block.bn1(block.conv1(x)))
     x = block.aa(block.act2(block.drop_block(block.bn2(block.conv2(x)))))
-    return _norm_add_relu(block.conv3(x), block.bn3, shortcut, block.act3)
+    return _norm_add_relu(block.conv3(x), block.bn3, shortcut, block.act3, twice)
+
+
+def _block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A fusable block called on its own: its output alone."""
+    return _BLOCK_FORWARDS[type(block)](block, x)[0]
+
+
+def _stage_forward(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """A stage of fusable blocks: each block's output handed on twice, to the next block's first
+    convolution and to its shortcut, so that the norm's backward adds their two gradients in its
+    own pass (`batch_norm_act_twice`); the stage's last output once."""
+    x_again = None
+    blocks = list(stage)
+    for index, block in enumerate(blocks):
+        following = blocks[index + 1] if index + 1 < len(blocks) else None
+        twice = following is not None and following.downsample is None
+        x, x_again = _BLOCK_FORWARDS[type(block)](block, x, x_again, twice)
+    return x
 
 
 _BLOCK_FORWARDS = {BasicBlock: _basic_block_forward, Bottleneck: _bottleneck_forward}
@@ -124,6 +165,10 @@ class TrainingNorms:
     def __init__(self, model: nn.Module) -> None:
         once = _registered_once(model)
         self.blocks = [m for m in model.modules() if _fusable_block(m) and id(m) in once]
+        fusable = {id(block) for block in self.blocks}
+        # Stages (nn.Sequential, Sequential's forward) made of such blocks alone.
+        self.stages = [m for m in model.modules() if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+                       and id(m) in once and len(m) > 1 and all(id(child) in fusable for child in m)]
         pairs = norm_relu_pairs(model, once)
         self.relus = [relu for _, relu in pairs]
         followed = {id(norm): relu for norm, relu in pairs}
@@ -135,11 +180,13 @@ class TrainingNorms:
         for relu in self.relus:
             relu.forward = _unchanged
         for block in self.blocks:
-            block.forward = functools.partial(_BLOCK_FORWARDS[type(block)], block)
+            block.forward = functools.partial(_block_forward, block)
+        for stage in self.stages:
+            stage.forward = functools.partial(_stage_forward, stage)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        for module in [norm for norm, _ in self.norms] + self.relus + self.blocks:
+        for module in [norm for norm, _ in self.norms] + self.relus + self.blocks + self.stages:
             del module.forward  # the class's own again
 
     @staticmethod

@@ -30,7 +30,7 @@ from seglab.ops import native
 from seglab.ops.layout import pixel_rows
 from seglab.ops.tracing import being_traced
 
-__all__ = ["batch_norm_act", "takes_native_batch_norm"]
+__all__ = ["batch_norm_act", "batch_norm_act_twice", "takes_native_batch_norm"]
 
 
 def _channels_last(map_: torch.Tensor) -> bool:
@@ -62,9 +62,16 @@ def takes_native_batch_norm(x: torch.Tensor, norm: nn.Module, shortcut: torch.Te
 
 
 class _BatchNormAct(torch.autograd.Function):
+    """With `twice`, the output comes as two tensors, y and a view of it, each with its own
+    gradient: a block's output read by the next block's first convolution and by its shortcut
+    addition. The backward then adds the two gradients as its first pass reads them (rounded to
+    the maps' dtype, as autograd's sum would be) instead of autograd adding them in a pass of
+    its own (FCN-R50's bf16 training step: 17 such sums, 20-32 ms)."""
+
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, shortcut: torch.Tensor | None, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, norm: nn.BatchNorm2d, relu: bool) -> torch.Tensor:
+                bias: torch.Tensor | None, norm: nn.BatchNorm2d, relu: bool,
+                twice: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         running = norm.training and norm.track_running_stats and norm.running_mean is not None
         momentum = 0.0 if norm.momentum is None else norm.momentum
         if running and norm.num_batches_tracked is not None:
@@ -80,25 +87,34 @@ class _BatchNormAct(torch.autograd.Function):
         ctx.relu, ctx.has_shortcut = relu, shortcut is not None
         # With a shortcut the backward reads the ReLU's mask from y (the next layer keeps it anyway).
         ctx.save_for_backward(x, y if shortcut is not None and relu else None, saved)
-        return y
+        if not twice:
+            return y
+        ctx.set_materialize_grads(False)  # an unread output's gradient stays None, not a map of zeros
+        return y, y.view_as(y)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         x, y, saved = ctx.saved_tensors
-        grad = grad_y.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        present = [grad.to(x.dtype).contiguous(memory_format=torch.channels_last) for grad in grads if grad is not None]
+        if not present:
+            return (None,) * 7
+        if len(present) == 2 and y is None:  # no mask to read from y: autograd's sum
+            present = [present[0] + present[1]]
+        grad, grad2 = present[0], present[1] if len(present) == 2 else None
         grad_x = torch.empty_like(x, memory_format=torch.channels_last) if ctx.needs_input_grad[0] else None
         grad_shortcut = torch.empty_like(x, memory_format=torch.channels_last) if y is not None else None
         _, _, grad_weight, grad_bias = native.batch_norm_backward(
             pixel_rows(grad), pixel_rows(x), saved, relu=ctx.relu, y=None if y is None else pixel_rows(y),
             input_gradient=grad_x is not None,
             out=(None if grad_x is None else pixel_rows(grad_x),
-                 None if grad_shortcut is None else pixel_rows(grad_shortcut)))
+                 None if grad_shortcut is None else pixel_rows(grad_shortcut)),
+            grad2=None if grad2 is None else pixel_rows(grad2))
         if ctx.has_shortcut and grad_shortcut is None:  # no ReLU: the shortcut's gradient is the output's
             grad_shortcut = grad
         return (grad_x, grad_shortcut,
                 grad_weight if ctx.needs_input_grad[2] else None, grad_bias if ctx.needs_input_grad[3] else None,
-                None, None)
+                None, None, None)
 
 
 def batch_norm_act(x: torch.Tensor, norm: nn.BatchNorm2d, *, relu: bool = False,
@@ -107,3 +123,11 @@ def batch_norm_act(x: torch.Tensor, norm: nn.BatchNorm2d, *, relu: bool = False,
     statistics, natively, in x's dtype and layout; the running statistics updated as `norm`
     would. The caller checks `takes_native_batch_norm` first."""
     return _BatchNormAct.apply(x, shortcut, norm.weight, norm.bias, norm, relu)
+
+
+def batch_norm_act_twice(x: torch.Tensor, norm: nn.BatchNorm2d, *, shortcut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_norm_act(x, norm, relu=True, shortcut=shortcut)` as two tensors, the output and a
+    view of it, for two readers (a ResNet block's output: the next block's first convolution
+    and its shortcut): the backward adds their gradients in its own first pass, with the same
+    bits as autograd's sum. The caller checks `takes_native_batch_norm` first."""
+    return _BatchNormAct.apply(x, shortcut, norm.weight, norm.bias, norm, True, True)

@@ -241,7 +241,7 @@ def _load_once() -> ctypes.CDLL | None:
                                                   ctypes.c_double, ctypes.c_double, i64, i64, i32, i32, i32, pointer,
                                                   pointer, pointer, pointer]
     library.seglab_batch_norm_backward.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, pointer,
-                                                   pointer, pointer, i64, i64, i32, i32, i32, pointer, pointer]
+                                                   pointer, pointer, pointer, i64, i64, i32, i32, i32, pointer, pointer]
     library.seglab_batch_norm_forward.restype = library.seglab_batch_norm_backward.restype = i32
     library.seglab_add_upsampled.argtypes = [pointer, pointer, pointer, pointer, i32, i64, i64, i64, i64, i32, i32,
                                              i32]
@@ -760,15 +760,20 @@ def batch_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
 
 def batch_norm_backward(grad: torch.Tensor, x: torch.Tensor, saved: torch.Tensor, *, relu: bool = False,
                         y: torch.Tensor | None = None, input_gradient: bool = True,
-                        out: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+                        out: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+                        grad2: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The gradients of `batch_norm_forward` from `grad` (the output's), `x` and `saved` (its
     4 x channels rows). `y`, the forward's output, is given when it had a shortcut: the ReLU's
-    mask is then read from y, else recomputed from x. Returns the gradients of x (None without
+    mask is then read from y, else recomputed from x; with y, `grad2` is a second gradient of
+    the output (its second use's), added to `grad` as the kernel reads them and rounded to the
+    maps' dtype, as autograd's sum would be. Returns the gradients of x (None without
     `input_gradient`), of the shortcut (None without `y`), of the weight and of the bias; those
     of x and of the shortcut written to `out`'s tensors where given."""
     library = _required()
-    _norm_maps(x, grad=grad, y=y, out=out[0], out_shortcut=out[1])
+    _norm_maps(x, grad=grad, y=y, out=out[0], out_shortcut=out[1], grad2=grad2)
+    if grad2 is not None and y is None:
+        raise ValueError("a second output gradient goes with the forward's output y (a shortcut)")
     rows, channels = x.shape
     if saved.shape != (4, channels):
         raise ValueError(f"the forward's saved rows must be 4 x {channels}, not {tuple(saved.shape)}")
@@ -778,8 +783,8 @@ def batch_norm_backward(grad: torch.Tensor, x: torch.Tensor, saved: torch.Tensor
     grad_weight, grad_bias = torch.empty(2, channels)
     mean, inverse_std, scale, shift = (row.data_ptr() for row in saved)
     status = library.seglab_batch_norm_backward(
-        grad.data_ptr(), x.data_ptr(), _pointer(y), _pointer(grad_x), _pointer(grad_shortcut), scale, shift, mean,
-        inverse_std, rows, channels, int(relu), int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+        grad.data_ptr(), _pointer(grad2), x.data_ptr(), _pointer(y), _pointer(grad_x), _pointer(grad_shortcut), scale,
+        shift, mean, inverse_std, rows, channels, int(relu), int(x.dtype == torch.bfloat16), torch.get_num_threads(),
         grad_weight.data_ptr(), grad_bias.data_ptr())
     if status != 0:
         raise MemoryError("the native batch norm could not allocate its chunk sums")

@@ -35,6 +35,7 @@ typedef struct {
     float *sums;               /* per chunk: 2 C sums */
     int64_t rows, channels, chunk_rows;
     int relu, bf16;
+    const void *dy2;           /* backward with a shortcut: a second output gradient, dy = dy + dy2 */
 } NormJob;
 
 static inline float same_float(float value) { return value; }
@@ -92,7 +93,19 @@ static inline float to_float_uint16_t(uint16_t bits) { return bf16_to_float(bits
     for (int64_t r = first; r < last; r++) {                                                    \
         const TYPE *restrict xs = (const TYPE *)job->x + r * C;                                 \
         const TYPE *restrict dys = (const TYPE *)job->dy + r * C;                               \
-        if (job->y) {                                                                           \
+        if (job->y && job->dy2) {                                                               \
+            /* autograd's sum of the two gradients, rounded to the maps' dtype as it was */      \
+            const TYPE *restrict ys = (const TYPE *)job->y + r * C;                             \
+            const TYPE *restrict d2s = (const TYPE *)job->dy2 + r * C;                          \
+            TYPE *restrict gs = (TYPE *)job->g + r * C;                                         \
+            for (int64_t c = 0; c < C; c++) {                                                   \
+                const float dy = to_float_##TYPE(STORE(VALUE(TYPE, dys, c) + VALUE(TYPE, d2s, c))); \
+                const float g = VALUE(TYPE, ys, c) > floor_ ? dy : 0.0f;                        \
+                gs[c] = STORE(g);                                                               \
+                s[c] += g;                                                                      \
+                q[c] += g * (VALUE(TYPE, xs, c) - center[c]);                                   \
+            }                                                                                   \
+        } else if (job->y) {                                                                    \
             const TYPE *restrict ys = (const TYPE *)job->y + r * C;                             \
             TYPE *restrict gs = (TYPE *)job->g + r * C;                                         \
             for (int64_t c = 0; c < C; c++) {                                                   \
@@ -295,10 +308,12 @@ int seglab_batch_norm_forward(const void *x, const void *shortcut, void *y, cons
 
 /* Backward, from the forward's a, b, mean and inverse_std. With y (the forward's output, when it
  * had a shortcut) the ReLU's mask is read from y and g written to `g`; without, recomputed.
- * dx (NULL: not wanted), dgamma and dbeta (each NULL: not wanted). Returns 0, or -3 when out of
- * memory. */
-int seglab_batch_norm_backward(const void *dy, const void *x, const void *y, void *dx, void *g, const float *a,
-                               const float *b, const float *mean, const float *inverse_std, int64_t rows,
+ * With y, dy2 (NULL: none) is a second gradient of the output, added to dy (rounded to the maps'
+ * dtype) as the sums read them: the output's two uses' gradients, which autograd would have
+ * added in a pass of its own. dx (NULL: not wanted), dgamma and dbeta (each NULL: not wanted).
+ * Returns 0, or -3 when out of memory. */
+int seglab_batch_norm_backward(const void *dy, const void *dy2, const void *x, const void *y, void *dx, void *g,
+                               const float *a, const float *b, const float *mean, const float *inverse_std, int64_t rows,
                                int64_t channels, int relu, int bf16, int threads, float *dgamma, float *dbeta) {
     const int64_t C = channels, G = row_group(rows, C), W = G * C;
     float *wide = malloc(5 * W * sizeof(float)); /* per grouped channel: a, b, the mean, k1, k0 */
@@ -312,7 +327,8 @@ int seglab_batch_norm_backward(const void *dy, const void *x, const void *y, voi
     repeat(wide_a, a, C, G);
     repeat(wide_b, b, C, G);
     repeat(wide_mean, mean, C, G);
-    NormJob job = {x, NULL, dy, y, NULL, g, wide_a, wide_b, NULL, NULL, wide_mean, NULL, rows / G, W, 0, relu, bf16};
+    NormJob job = {x, NULL, dy, y, NULL, g, wide_a, wide_b, NULL, NULL, wide_mean, NULL, rows / G, W, 0, relu, bf16,
+                   y ? dy2 : NULL};
     int status = run_sums(&job, gradient_sums_chunks, threads, totals + 2 * C);
     if (status == 0) {
         fold(totals, totals + 2 * C, C, G);
