@@ -984,3 +984,5 @@ def test_interleave_phases_both_ways_refuse_what_they_cannot_take_with_one_clear
         native.interleave_phases_backward(torch.randn(1, 3, 12, 16).contiguous(memory_format=torch.channels_last), 8)
     with pytest.raises(ValueError, match="channels-last"):
         native.interleave_phases_backward(torch.randn(1, 3, 16, 16), 8)
+    with pytest.raises(ValueError, match="even stride"):
+        native.interleave_phases_backward(torch.randn(1, 3, 18, 18).contiguous(memory_format=torch.channels_last), 3)

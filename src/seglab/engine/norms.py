@@ -13,8 +13,9 @@ a ResNet block's shortcut addition and ReLU) in one native kernel, `seglab.ops.b
 - in a stage made of such blocks (an `nn.Sequential` that keeps Sequential's forward), each
   block's output goes to the next block twice, to its first convolution and to its shortcut
   (`batch_norm_act_twice`), so that the norm's backward adds the two gradients in its own first
-  pass instead of autograd adding them in a pass of its own: the same bits, 17 additions fewer
-  in FCN-R50's bf16 step (add.Tensor 20-32 -> 6 ms; the step 1.017x, 24 interleaved rounds).
+  pass instead of autograd adding them in a pass of its own: the same bits, 12 of the 17
+  additions of FCN-R50's bf16 step gone (add.Tensor 20-32 -> 6 ms; the step 1.017x, 24
+  interleaved rounds).
 Only modules registered once in the model are rerouted (one registered twice might also run
 elsewhere, after something else). The modules' `forward` is replaced per instance and restored
 on exit; parameters, buffers and names stay as they were. Calls that do not qualify

@@ -483,11 +483,15 @@ def scatter_tiles(tiles: torch.Tensor, matrix: torch.Tensor, shape: tuple[int, i
     return out
 
 
+def _even_stride(stride: int) -> None:
+    if stride < 2 or stride % 2:
+        raise ValueError(f"the phases interleave at an even stride, not {stride}")
+
+
 def _phase_map_shape(phases: torch.Tensor, stride: int) -> tuple[int, int, int, int]:
     """N, C, H, W of a polyphase convolution's phase map (N x s*s*C x (H + 1) x (W + 1)), checked
     as `interleave_phases` reads it: channels-last, an even stride of at least 2."""
-    if stride < 2 or stride % 2:
-        raise ValueError(f"the phases interleave at an even stride, not {stride}")
+    _even_stride(stride)
     if (phases.dim() != 4 or phases.shape[1] % (stride * stride) or min(phases.shape[2:]) < 2
             or phases.shape[1] == 0 or phases.device.type != "cpu"):
         raise ValueError(f"a phase map of stride {stride} is N x {stride * stride}*C x (H + 1) x (W + 1) on the CPU, "
@@ -514,6 +518,7 @@ def interleave_phases_backward(grad: torch.Tensor, stride: int) -> torch.Tensor:
     """The phase map's gradient from the output's (`interleave_phases`, reversed): each phase's
     values where the output has them, zeros where the crop dropped them; channels-last."""
     library = _required()
+    _even_stride(stride)
     if grad.dim() != 4 or grad.shape[2] % stride or grad.shape[3] % stride or grad.device.type != "cpu":
         raise ValueError(f"an output of stride {stride} is N x C x {stride}H x {stride}W on the CPU, "
                          f"not of shape {tuple(grad.shape)} on {grad.device}")
@@ -522,7 +527,6 @@ def interleave_phases_backward(grad: torch.Tensor, stride: int) -> torch.Tensor:
     n, channels, height, width = grad.shape[0], grad.shape[1], grad.shape[2] // stride, grad.shape[3] // stride
     phases = torch.empty(n, stride * stride * channels, height + 1, width + 1, dtype=grad.dtype,
                          memory_format=torch.channels_last)
-    _phase_map_shape(phases, stride)
     library.seglab_interleave_phases(phases.data_ptr(), grad.data_ptr(), n, height, width, stride, channels,
                                      grad.element_size(), 1, torch.get_num_threads())
     return phases
