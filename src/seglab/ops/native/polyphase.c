@@ -22,7 +22,7 @@ static void phase_rows(const void *job_, int64_t begin, int64_t end) {
     const PhaseJob *job = (const PhaseJob *)job_;
     const int64_t s = job->stride, half = s / 2, run = job->run, H = job->height, W = job->width;
     const int64_t pixel = 2 * s * run; /* bytes of one phase pixel: s row phases x s column phases x C */
-    const int64_t out_row = 2 * W * run; /* bytes of an output row: s W pixels of C values */
+    const int64_t out_pixel = 2 * run / s, out_row = s * W * out_pixel; /* C values; s W pixels */
     for (int64_t item = begin; item < end; item++) {
         const int64_t n = item / ((H + 1) * s), qp = item / s % (H + 1), ty = item % s;
         const int64_t y = ty >= half ? s * qp + ty - half : s * (qp - 1) + ty + half;
@@ -33,8 +33,8 @@ static void phase_rows(const void *job_, int64_t begin, int64_t end) {
             char *left = phase_row + rp * pixel, *right = left + run; /* tx < s/2, tx >= s/2 */
             /* tx < s/2 makes output pixels s (r' - 1) + s/2 ...; tx >= s/2 makes s r' ... */
             const int left_in = covered && rp >= 1, right_in = covered && rp < W;
-            char *left_out = left_in ? out + (s * (rp - 1) + half) * (2 * run / s) : NULL;
-            char *right_out = right_in ? out + s * rp * (2 * run / s) : NULL;
+            char *left_out = left_in ? out + (s * (rp - 1) + half) * out_pixel : NULL;
+            char *right_out = right_in ? out + s * rp * out_pixel : NULL;
             if (job->to_phases) {
                 if (left_in) memcpy(left, left_out, run);
                 else memset(left, 0, run);
