@@ -47,7 +47,8 @@ def _matrix(kind: str, out_side: int, in_side: int, step: int, pad: int, which: 
 
 
 @pytest.mark.parametrize("out_side, in_side, step, pad", GATHERS)
-@pytest.mark.parametrize("shape", [(2, 9, 14, 11), (1, 8, 8, 16), (1, 1, 1, 3)])
+# partial vectors of channels alone (11, 3), whole ones (16), whole ones and then a partial one (27)
+@pytest.mark.parametrize("shape", [(2, 9, 14, 11), (1, 8, 8, 16), (1, 1, 1, 3), (1, 5, 6, 27)])
 @pytest.mark.parametrize("which", ["random", "winograd"])
 def test_gather_transforms_every_window_of_the_map(out_side, in_side, step, pad, shape, which):
     torch.manual_seed(0)
@@ -60,7 +61,7 @@ def test_gather_transforms_every_window_of_the_map(out_side, in_side, step, pad,
 
 
 @pytest.mark.parametrize("out_side, in_side, step, pad", SCATTERS)
-@pytest.mark.parametrize("shape", [(2, 9, 14, 11), (1, 12, 12, 8)])
+@pytest.mark.parametrize("shape", [(2, 9, 14, 11), (1, 12, 12, 8), (1, 5, 6, 27)])
 @pytest.mark.parametrize("which", ["random", "winograd"])
 def test_scatter_is_the_adjoint_of_gather(out_side, in_side, step, pad, shape, which):
     torch.manual_seed(0)
@@ -118,7 +119,7 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("out_side, in_side, step, pad", [F2X2_GATHER, *GATHERS])
 @pytest.mark.parametrize("which", ["random", "winograd"])
-@pytest.mark.parametrize("channels", [16, 11])  # whole vectors, a partial one
+@pytest.mark.parametrize("channels", [16, 11, 27])  # whole vectors, a partial one, both
 def test_a_bf16_gather_is_the_float32_one_rounded_to_bf16_bit_for_bit(out_side, in_side, step, pad, which,
                                                                       channels):
     torch.manual_seed(0)
@@ -130,9 +131,10 @@ def test_a_bf16_gather_is_the_float32_one_rounded_to_bf16_bit_for_bit(out_side, 
 
 @pytest.mark.parametrize("out_side, in_side, step, pad", [F2X2_SCATTER, *SCATTERS])
 @pytest.mark.parametrize("which", ["random", "winograd"])
-def test_a_bf16_scatter_is_the_float32_one_rounded_to_bf16(out_side, in_side, step, pad, which):
+@pytest.mark.parametrize("channels", [11, 27])
+def test_a_bf16_scatter_is_the_float32_one_rounded_to_bf16(out_side, in_side, step, pad, which, channels):
     torch.manual_seed(0)
-    shape, channels = (2, 13, 10), 11
+    shape = (2, 13, 10)
     grid = (-(-shape[1] // step), -(-shape[2] // step))
     matrix = _matrix("scatter", out_side, in_side, step, pad, which)
     tiles = torch.randn(in_side * in_side, shape[0] * grid[0] * grid[1], channels).bfloat16()

@@ -175,13 +175,47 @@ static inline Geometry geometry(const Job *job, int64_t b) {
     ((y) >= 0 && (y) < (g).rows && (x) >= 0 && (x) < (g).columns                                 \
          ? (base) + (g).offset + (y) * (g).row_stride + (x) * (g).column_stride : NULL)
 
-/* For 4 x 4 windows (F(2x2): ADDRESSES_PER_TILE), the addresses of the window's pixels (NULL
- * outside the map: zeros) are computed once per tile; the loop over the channels then only adds the channel
- * offset. Computing them for every vector of channels (multiplications and bounds checks for
- * each pixel) took up to 1.1x as long in a bf16 F(2x2) gather. For F(6x6)'s 8 x 8 windows the
+/* For 4 x 4 windows (F(2x2): ADDRESSES_PER_TILE), the addresses of the window's pixels are
+ * computed once per tile; the loop over the channels then only adds the channel offset.
+ * Computing them for every vector of channels (multiplications and bounds checks for each
+ * pixel) took up to 1.1x as long in a bf16 F(2x2) gather. For F(6x6)'s 8 x 8 windows the
  * array of 64 pointers cost more than it saved (its float32 gather 9-13% slower), and the
- * outputs' addresses the same way: those are computed where they are used. */
+ * outputs' addresses the same way: those are computed where they are used (NULL outside the
+ * map: zeros read, nothing written). */
 #define ADDRESSES_PER_TILE(IN) ((IN) <= 4) /* (a constant: the compiler keeps one branch) */
+
+/* What the gathers with addresses per tile read for a pixel outside the map: a vector of
+ * zeros, its channel offset multiplied by 0 (`advance`), so their loop over the channels has
+ * no branch per pixel. */
+static const float outside_map[16] __attribute__((aligned(64))) = {0};
+
+/* The channels' loops run whole vectors first, with the width a constant L, then the last,
+ * partial one (C not a multiple of L). With the width a variable in every load and store (the
+ * loop as one), GCC kept each access's branch between the whole and the partial copy and
+ * passed the vectors through the stack: on an AVX-512 BF16 Zen 4 (2 threads, interleaved
+ * medians), bf16 F(2x2) gathers of 64 x 64 maps (256 channels at dilation 2, 512 at 4, 1,024,
+ * batch 4 of 256) took 1.5-1.8x as long, 4 x 32 x 32 x 512 2.1x, and its scatters 1.05-1.3x. */
+
+/* One vector of `width` channels (at c0) of tile t: its window's pixels (at WINDOW_AT(i, j),
+ * i and j in scope) transformed and stored into the planes. */
+#define GATHER_VECTOR(OUT, IN, TRANSFORM, L, MEM, width, WINDOW_AT)                            \
+    do {                                                                                       \
+        for (int i = 0; i < IN; i++)                                                           \
+            for (int j = 0; j < IN; j++) window[i][j] = (WINDOW_AT);                           \
+        TRANSFORM(OUT, IN, window, result);                                                    \
+        for (int i = 0; i < OUT; i++)                                                          \
+            for (int j = 0; j < OUT; j++)                                                      \
+                MEMORY(store, MEM, L)(dst + (int64_t)(i * OUT + j) * job->plane + t * C + c0,  \
+                                      result[i][j], width);                                    \
+    } while (0)
+
+/* A pixel of the window for `width` channels at c0, located on the spot: zeros outside. */
+#define LOCATED_PIXEL(L, TYPE, MEM, width)                                                     \
+    ({                                                                                         \
+        const TYPE *p_ = place(g, src, y0 + i, x0 + j);                                        \
+        p_ ? MEMORY(load, MEM, L)(p_ + c0, width) : (VECTOR(L)){0};                            \
+    })
+
 #define DEFINE_GATHER(NAME, OUT, IN, TRANSFORM, L, TYPE, MEM)                                  \
     static void NAME(const void *job_, int64_t begin, int64_t end) {                           \
         const Job *job = (const Job *)job_;                                                    \
@@ -189,34 +223,61 @@ static inline Geometry geometry(const Job *job, int64_t b) {
         const TYPE *src = (const TYPE *)job->src;                                              \
         TYPE *dst = (TYPE *)job->dst;                                                          \
         const TYPE *pixel[IN][IN];                                                             \
+        int64_t advance[IN][IN]; /* 1, or 0 for `outside_map` */                               \
         VECTOR(L) window[IN][IN], result[OUT][OUT];                                            \
         for (int64_t t = begin; t < end; t++) {                                                \
             const int64_t q = t % job->cols, r = (t / job->cols) % job->rows;                  \
             const int64_t b = t / (job->cols * job->rows);                                     \
             const int64_t y0 = r * job->step - job->pad, x0 = q * job->step - job->pad;        \
             const Geometry g = geometry(job, b);                                               \
-            if (ADDRESSES_PER_TILE(IN))                                                        \
-                for (int i = 0; i < IN; i++)                                                   \
-                    for (int j = 0; j < IN; j++) pixel[i][j] = place(g, src, y0 + i, x0 + j);  \
-            for (int64_t c0 = 0; c0 < C; c0 += L) {                                            \
-                const int width = C - c0 < L ? (int)(C - c0) : L;                              \
+            int64_t c0 = 0;                                                                    \
+            if (ADDRESSES_PER_TILE(IN)) {                                                      \
                 for (int i = 0; i < IN; i++)                                                   \
                     for (int j = 0; j < IN; j++) {                                             \
-                        const TYPE *p = ADDRESSES_PER_TILE(IN) ? pixel[i][j] : place(g, src, y0 + i, x0 + j); \
-                        window[i][j] = p ? MEMORY(load, MEM, L)(p + c0, width) : (VECTOR(L)){0}; \
+                        const TYPE *p = place(g, src, y0 + i, x0 + j);                         \
+                        pixel[i][j] = p ? p : (const TYPE *)outside_map;                       \
+                        advance[i][j] = p != NULL;                                             \
                     }                                                                          \
-                TRANSFORM(OUT, IN, window, result);                                            \
-                for (int i = 0; i < OUT; i++)                                                  \
-                    for (int j = 0; j < OUT; j++)                                              \
-                        MEMORY(store, MEM, L)(dst + (int64_t)(i * OUT + j) * job->plane + t * C + c0, \
-                                              result[i][j], width);                            \
+                for (; c0 + L <= C; c0 += L)                                                   \
+                    GATHER_VECTOR(OUT, IN, TRANSFORM, L, MEM, L,                               \
+                                  MEMORY(load, MEM, L)(pixel[i][j] + c0 * advance[i][j], L));  \
+            }                                                                                  \
+            for (; c0 < C; c0 += L) { /* all of them for larger windows: see ADDRESSES_PER_TILE */ \
+                const int width = C - c0 < L ? (int)(C - c0) : L;                              \
+                GATHER_VECTOR(OUT, IN, TRANSFORM, L, MEM, width, LOCATED_PIXEL(L, TYPE, MEM, width)); \
             }                                                                                  \
         }                                                                                      \
     }
 
+/* One vector of `width` channels (at c0) of tile t: its entries (at ENTRY_AT(i, j))
+ * transformed and written (or added) onto the map's pixels (at PIXEL_AT(i, j); NULL: cropped
+ * off). */
+#define SCATTER_VECTOR(OUT, IN, TRANSFORM, L, TYPE, MEM, width, ENTRY_AT, PIXEL_AT)            \
+    do {                                                                                       \
+        for (int i = 0; i < IN; i++)                                                           \
+            for (int j = 0; j < IN; j++) tile[i][j] = MEMORY(load, MEM, L)((ENTRY_AT) + c0, width); \
+        TRANSFORM(OUT, IN, tile, result);                                                      \
+        VECTOR(L) bias = {0};                                                                  \
+        if (job->bias) bias = MEMORY(load, f32, L)(job->bias + c0, width);                     \
+        for (int i = 0; i < OUT; i++)                                                          \
+            for (int j = 0; j < OUT; j++) {                                                    \
+                TYPE *p = (PIXEL_AT);                                                          \
+                if (!p) continue;                                                              \
+                if (job->accumulate) {                                                         \
+                    MEMORY(store, MEM, L)(p + c0, MEMORY(load, MEM, L)(p + c0, width) + result[i][j], width); \
+                    continue;                                                                  \
+                }                                                                              \
+                VECTOR(L) value = result[i][j] + bias;                                         \
+                if (job->residual)                                                             \
+                    value += MEMORY(load, MEM, L)((const TYPE *)job->residual + (p - dst) + c0, width); \
+                if (job->relu) RELU(L, value);                                                 \
+                MEMORY(store, MEM, L)(p + c0, value, width);                                   \
+            }                                                                                  \
+    } while (0)
+
 /* Scatter works on whole tile rows, `begin`/`end` counting the (image, tile row) pairs of one
  * parity when windows overlap (job->parity >= 0), all of them otherwise; addresses as in
- * gather (NULL for outputs cropped off the map). */
+ * gather. */
 #define DEFINE_SCATTER(NAME, OUT, IN, TRANSFORM, L, TYPE, MEM)                                 \
     static void NAME(const void *job_, int64_t begin, int64_t end) {                           \
         const Job *job = (const Job *)job_;                                                    \
@@ -241,38 +302,20 @@ static inline Geometry geometry(const Job *job, int64_t b) {
             for (int64_t q = 0; q < job->cols; q++) {                                          \
                 const int64_t t = (b * job->rows + r) * job->cols + q;                         \
                 const int64_t x0 = q * job->step - job->pad;                                   \
+                int64_t c0 = 0;                                                                \
                 if (ADDRESSES_PER_TILE(IN)) {                                                  \
                     for (int i = 0; i < IN; i++)                                               \
                         for (int j = 0; j < IN; j++) entry[i][j] = src + (int64_t)(i * IN + j) * job->plane + t * C; \
                     for (int i = 0; i < OUT; i++)                                              \
                         for (int j = 0; j < OUT; j++) pixel[i][j] = place(g, dst, y0 + i, x0 + j); \
+                    for (; c0 + L <= C; c0 += L)                                               \
+                        SCATTER_VECTOR(OUT, IN, TRANSFORM, L, TYPE, MEM, L, entry[i][j], pixel[i][j]); \
                 }                                                                              \
-                for (int64_t c0 = 0; c0 < C; c0 += L) {                                        \
+                for (; c0 < C; c0 += L) { /* all of them for larger windows: see ADDRESSES_PER_TILE */ \
                     const int width = C - c0 < L ? (int)(C - c0) : L;                          \
-                    for (int i = 0; i < IN; i++)                                               \
-                        for (int j = 0; j < IN; j++) {                                         \
-                            const TYPE *e = ADDRESSES_PER_TILE(IN) ? entry[i][j]               \
-                                                : src + (int64_t)(i * IN + j) * job->plane + t * C; \
-                            tile[i][j] = MEMORY(load, MEM, L)(e + c0, width);                  \
-                        }                                                                      \
-                    TRANSFORM(OUT, IN, tile, result);                                          \
-                    VECTOR(L) bias = {0};                                                      \
-                    if (job->bias) bias = MEMORY(load, f32, L)(job->bias + c0, width);         \
-                    for (int i = 0; i < OUT; i++)                                              \
-                        for (int j = 0; j < OUT; j++) {                                        \
-                            TYPE *p = ADDRESSES_PER_TILE(IN) ? pixel[i][j] : place(g, dst, y0 + i, x0 + j); \
-                            if (!p) continue;                                                  \
-                            if (job->accumulate) {                                             \
-                                MEMORY(store, MEM, L)(p + c0, MEMORY(load, MEM, L)(p + c0, width) \
-                                                                  + result[i][j], width);      \
-                                continue;                                                      \
-                            }                                                                  \
-                            VECTOR(L) value = result[i][j] + bias;                             \
-                            if (job->residual)                                                 \
-                                value += MEMORY(load, MEM, L)((const TYPE *)job->residual + (p - dst) + c0, width); \
-                            if (job->relu) RELU(L, value);                                     \
-                            MEMORY(store, MEM, L)(p + c0, value, width);                       \
-                        }                                                                      \
+                    SCATTER_VECTOR(OUT, IN, TRANSFORM, L, TYPE, MEM, width,                    \
+                                   src + (int64_t)(i * IN + j) * job->plane + t * C,           \
+                                   place(g, dst, y0 + i, x0 + j));                             \
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
