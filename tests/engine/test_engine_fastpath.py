@@ -744,7 +744,7 @@ def test_float32_fast_path_runs_dilated_stages_as_winograd_phases(winograd_trans
     torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_fast_path_runs_the_widest_convolutions_by_f2x2_near_the_direct_ones(winograd_transforms,
+def test_bf16_fast_path_runs_the_wider_convolutions_by_f2x2_near_the_direct_ones(winograd_transforms,
                                                                                  monkeypatch):
     import seglab.engine.winograd as rule
 
@@ -754,10 +754,12 @@ def test_bf16_fast_path_runs_the_widest_convolutions_by_f2x2_near_the_direct_one
     model, expected = _model_and_outputs("pspnet", x, encoder="resnet18", aux=False)  # output stride 8
     direct, fast = optimize_for_inference(model, "bf16", winograd=False), optimize_for_inference(model, "bf16")
     output, calls = _winograd_calls(fast, x)
-    # Stage 3 but its first conv (128 -> 256: `bf16_pays`), three 256 -> 256 at dilation 2; stage 4
-    # (256 -> 512 at dilation 2, then 512 -> 512 three times at 4) and the pyramid's fusion
-    # (1024 -> 512); none without the native transforms.
-    assert sorted(calls) == ([256] * 4 + [512] * 3 + [1024] if winograd_transforms == "native" else [])
+    # `bf16_pays`: stage 2's three 128 -> 128 convolutions after its strided one (16 x 16: 64
+    # tiles), stage 3 (128 -> 256, three 256 -> 256 at dilation 2), stage 4 (256 -> 512 at
+    # dilation 2, then 512 -> 512 three times at 4) and the pyramid's fusion (1024 -> 512); not
+    # stage 1's 64 channels; none without the native transforms.
+    expected_calls = [128] * 4 + [256] * 4 + [512] * 3 + [1024]
+    assert sorted(calls) == (expected_calls if winograd_transforms == "native" else [])
     assert output.dtype == torch.float32
     direct_error = (direct(x) - expected).abs()
     error = (output - expected).abs()

@@ -28,7 +28,7 @@ autocast's 4.1-4.9% (docs/bench.md).
 their calls (the module's `_conv_forward`, and the `_upsampling_conv` of a U-Net decoder's or
 an FPN's nearest-upsampling convolutions, are replaced per instance and restored on exit), so
 the rest of the model runs as it is, with no per-operator dispatch. Under bf16 autocast the
-widest 3x3 convolutions take F(2x2, 3x3) with bf16 products (`seglab.engine.winograd`'s
+wider 3x3 convolutions take F(2x2, 3x3) with bf16 products (`seglab.engine.winograd`'s
 `bf16_pays`), the others autocast's direct ones. Other dtypes, other devices and calls
 without gradients keep the plain convolution; so does `--direct-convolutions` (no context at
 all).
@@ -170,7 +170,7 @@ def training_convolutions(model: nn.Module, device: torch.device | str, precisio
                           int8_products: bool = False) -> ContextManager:
     """`TrainingConvolutions(model)` for training on the CPU (when `enabled`; build it once and
     enter it at each step): in float32 the whole route; under bf16 autocast Winograd's F(2x2)
-    for the widest 3x3 convolutions (`bf16_pays`), the rest autocast's (the tuned weight
+    for the wider 3x3 convolutions (`bf16_pays`), the rest autocast's (the tuned weight
     gradients are float32's); `int8_products` in float32 only. Elsewhere a context that changes
     nothing (GPUs have their own algorithms)."""
     device = torch.device(device)

@@ -26,7 +26,7 @@ once, ahead of time; here they are done without compiling:
   enough to pay (`seglab.engine.winograd`, which also picks the tile): 4-5x fewer
   multiply-adds than oneDNN's direct kernel, which on a
   processor without bf16 already runs at the machine's float32 rate (docs/bench.md). In bf16,
-  the widest ones (`bf16_pays`: 256 channels and more) by F(2x2, 3x3), 2.25x fewer, with
+  the wider ones (`bf16_pays`: 128 channels and more, over enough tiles) by F(2x2, 3x3), 2.25x fewer, with
   float32 transforms around bf16 products.
 
 Outside CPU inference (a GPU, gradients enabled) the modules compute the same thing with

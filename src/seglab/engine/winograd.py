@@ -109,8 +109,19 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   2 1.45x, 1024 -> 512 on 64 x 64 1.88x. 128 channels win on large maps too (64 x 64 1.16x,
   batch 8 1.27x, 128 x 128 1.17x, 32 x 32 1.08x; 16 x 16 0.95x, 8 x 8 0.73x), but taking them
   from 1024 tiles changed whole models by 0.98-1.06x (UNet-R34, FPN-R34, DeepLabV3+-R34,
-  DeepLabV3-R50, PSPNet-R34: within noise), so they stay direct; 64 ch 0.82x. Hence
-  `MIN_BF16_CHANNELS` in and out. Not on processors with AMX, where oneDNN's bf16 direct kernel
+  DeepLabV3-R50, PSPNet-R34: within noise), so they stayed direct; 64 ch 0.82x. With the
+  transforms' loops over whole vectors of channels compiled with a constant width
+  (`winograd_tiles.c`; bf16 gathers 1.5-2.1x faster), 128 channels won more: inference (bias
+  and ReLU in the output transform) 64 x 64 1.33x, batch 8 1.24x, 32 x 32 1.39x, 128 x 128
+  1.31x, 128 -> 256 and 256 -> 128 on 64 x 64 1.55x and 1.40x, 16 x 16 1.08-1.20x, but 8 x 8
+  0.86x and 4 x 4 0.83x; training (forward and both gradients, batch 4) 64 x 64 1.31x, 32 x 32
+  1.27x, 128 x 128 1.38x. 64 channels stay direct (128 x 128 0.99x, batch 8 1.04x, 64 x 64
+  1.09x, 16 x 16 0.79x; training 1.07x). Whole models, bf16, 512 x 512, interleaved, inference
+  at batch 1 / 8: UNet-R34 1.071-1.077x / 1.067x, FPN-R34 1.011x / 1.023x, DeepLabV3+-R34
+  0.998x / 1.040x, PSPNet-R34 (OS 8) 1.015x at batch 1, DeepLabV3-R50 1.006x; training (batch
+  4): UNet-R34 1.031x, FPN-R34 1.068x, DeepLabV3+-R34 1.027x, FCN-R50 1.011-1.014x,
+  DeepLabV3-R50 0.997x. Hence `MIN_BF16_CHANNELS` in and out, and below `WIDE_CHANNELS` at least
+  `MIN_BF16_TILES` in inference. Not on processors with AMX, where oneDNN's bf16 direct kernel
   runs at several times the AVX-512 rate (docs/bench.md) and F(2x2) was not measured: there
   the direct convolution stays.
 - float32 F(2x2, 3x3) where F(4x4)'s products wait on their filters: each of F(4x4)'s 36
@@ -168,6 +179,7 @@ __all__ = [
     "MAX_FILTER_BOUND_TILES",
     "MIN_AVX512_TRAINING_CHANNELS",
     "MIN_BF16_CHANNELS",
+    "MIN_BF16_TILES",
     "MIN_BF16_TRAINING_TILES",
     "MIN_FILTER_BOUND_CHANNELS",
     "MIN_FUSED_CHANNELS",
@@ -201,7 +213,8 @@ __all__ = [
 ]
 
 MAX_DILATION = 4
-MIN_BF16_CHANNELS = 256  # in and out: bf16 by F(2x2, 3x3)
+MIN_BF16_CHANNELS = 128  # in and out: bf16 by F(2x2, 3x3), ...
+MIN_BF16_TILES = 64  # ... over at least this many 2 x 2 output tiles in inference below WIDE_CHANNELS
 MIN_BF16_TRAINING_TILES = 512  # F(2x2)'s 2 x 2 output tiles, in training
 MIN_INFERENCE_CHANNELS = 128  # in and out, with the transforms of PyTorch's operators
 MIN_INFERENCE_PRODUCTS = 1 << 20  # tiles x C_in x C_out
@@ -337,15 +350,19 @@ def filter_bound(input_shape: Sequence[int], weight_shape: Sequence[int], dilati
             and tiles(input_shape, dilation) <= MAX_FILTER_BOUND_TILES)
 
 
-def bf16_pays(weight_shape: Sequence[int], input_shape: Sequence[int] | None = None, dilation: int = 1) -> bool:
+def bf16_pays(weight_shape: Sequence[int], input_shape: Sequence[int], dilation: int = 1,
+              training: bool = False) -> bool:
     """Whether F(2x2, 3x3) with bf16 products beats oneDNN's bf16 direct convolution for this
-    weight (whose settings `winograd_dilation` takes): enough channels, the native transforms
-    in use, and a processor without AMX (the one kind measured); in training (`input_shape`
-    given) also enough tiles."""
-    out_channels, in_channels = weight_shape[0], weight_shape[1]
-    if input_shape is not None and tiles(input_shape, dilation, BF16_TILE) < MIN_BF16_TRAINING_TILES:
+    weight and input (whose settings `winograd_dilation` takes): enough channels, the native
+    transforms in use, a processor without AMX (the one kind measured), and enough tiles: in
+    training `MIN_BF16_TRAINING_TILES`, in inference `MIN_BF16_TILES` below `WIDE_CHANNELS`."""
+    channels = min(weight_shape[0], weight_shape[1])
+    if channels < MIN_BF16_CHANNELS or not native.available() or _has_amx():
         return False
-    return min(out_channels, in_channels) >= MIN_BF16_CHANNELS and native.available() and not _has_amx()
+    count = tiles(input_shape, dilation, BF16_TILE)
+    if training:
+        return count >= MIN_BF16_TRAINING_TILES
+    return channels >= WIDE_CHANNELS or count >= MIN_BF16_TILES
 
 
 def call_output_tile(input: torch.Tensor, weight: torch.Tensor, dilation: int, training: bool) -> int | None:
@@ -358,9 +375,9 @@ def call_output_tile(input: torch.Tensor, weight: torch.Tensor, dilation: int, t
         return None
     if torch.is_autocast_enabled("cpu"):  # the convolution runs in autocast's dtype, whatever the input's
         bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16
-        return BF16_TILE if training and bf16 and bf16_pays(weight.shape, input.shape, dilation) else None
+        return BF16_TILE if training and bf16 and bf16_pays(weight.shape, input.shape, dilation, training) else None
     if input.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16:
-        return BF16_TILE if not training and bf16_pays(weight.shape) else None
+        return BF16_TILE if not training and bf16_pays(weight.shape, input.shape, dilation) else None
     if input.dtype != torch.float32 or weight.dtype != torch.float32:
         return None
     tile = output_tile(input.shape, weight.shape, dilation, training)
