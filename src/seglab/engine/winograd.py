@@ -154,7 +154,11 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   on 32 x 32 1.55x, 1024 -> 512 on 64 x 64 1.89x, batch 16 256 ch on 64 x 64 1.55x. Few tiles
   lose it: 512 ch on 16 x 16 at batch 16 (1024 tiles) 1.47x, batch 8 1.32x, batch 4 (256 tiles)
   1.03x; 256 ch on 32 x 32 at batch 2 (512 tiles) 1.11x, batch 1 0.89x; on 16 x 16 at batch 8
-  1.08x, 16 1.23x. Hence `MIN_BF16_TRAINING_TILES`. 128 ch win less (8 x 64 x 64 1.11x, 4 x
+  1.08x, 16 1.23x. Hence `MIN_BF16_TRAINING_TILES`. With the faster transforms (above) 256
+  tiles won too: 512 ch on 16 x 16 at batch 4 1.30x (batch 2, 128 tiles, 1.08x; 8 x 8 at batch
+  4, 64 tiles, 0.84x), 256 ch 1.22x, 256 ch on 32 x 32 at batch 1 1.17x; 128 ch 1.06x (4 x 16 x
+  16). Hence `MIN_BF16_WIDE_TRAINING_TILES` for 256 channels and more: training steps (bf16,
+  batch 4, interleaved) UNet-R34 1.027x, FPN-R34 1.022x, FCN-R50 1.013-1.016x. 128 ch win less (8 x 64 x 64 1.11x, 4 x
   128 x 128 1.24x, 4 x 64 x 64 1.06x) and stay direct, as in inference.
 """
 from __future__ import annotations
@@ -181,6 +185,7 @@ __all__ = [
     "MIN_BF16_CHANNELS",
     "MIN_BF16_TILES",
     "MIN_BF16_TRAINING_TILES",
+    "MIN_BF16_WIDE_TRAINING_TILES",
     "MIN_FILTER_BOUND_CHANNELS",
     "MIN_FUSED_CHANNELS",
     "MIN_FUSED_WIDEST",
@@ -215,7 +220,8 @@ __all__ = [
 MAX_DILATION = 4
 MIN_BF16_CHANNELS = 128  # in and out: bf16 by F(2x2, 3x3), ...
 MIN_BF16_TILES = 64  # ... over at least this many 2 x 2 output tiles in inference below WIDE_CHANNELS
-MIN_BF16_TRAINING_TILES = 512  # F(2x2)'s 2 x 2 output tiles, in training
+MIN_BF16_TRAINING_TILES = 512  # F(2x2)'s 2 x 2 output tiles, in training, ...
+MIN_BF16_WIDE_TRAINING_TILES = 256  # ... and from WIDE_CHANNELS in and out
 MIN_INFERENCE_CHANNELS = 128  # in and out, with the transforms of PyTorch's operators
 MIN_INFERENCE_PRODUCTS = 1 << 20  # tiles x C_in x C_out
 MIN_NATIVE_INFERENCE_CHANNELS = 64  # with the native transforms
@@ -355,14 +361,16 @@ def bf16_pays(weight_shape: Sequence[int], input_shape: Sequence[int], dilation:
     """Whether F(2x2, 3x3) with bf16 products beats oneDNN's bf16 direct convolution for this
     weight and input (whose settings `winograd_dilation` takes): enough channels, the native
     transforms in use, a processor without AMX (the one kind measured), and enough tiles: in
-    training `MIN_BF16_TRAINING_TILES`, in inference `MIN_BF16_TILES` below `WIDE_CHANNELS`."""
+    training `MIN_BF16_WIDE_TRAINING_TILES` from `WIDE_CHANNELS`, `MIN_BF16_TRAINING_TILES`
+    below; in inference any number from `WIDE_CHANNELS`, `MIN_BF16_TILES` below."""
     channels = min(weight_shape[0], weight_shape[1])
     if channels < MIN_BF16_CHANNELS or not native.available() or _has_amx():
         return False
     count = tiles(input_shape, dilation, BF16_TILE)
+    wide = channels >= WIDE_CHANNELS
     if training:
-        return count >= MIN_BF16_TRAINING_TILES
-    return channels >= WIDE_CHANNELS or count >= MIN_BF16_TILES
+        return count >= (MIN_BF16_WIDE_TRAINING_TILES if wide else MIN_BF16_TRAINING_TILES)
+    return wide or count >= MIN_BF16_TILES
 
 
 def call_output_tile(input: torch.Tensor, weight: torch.Tensor, dilation: int, training: bool) -> int | None:
