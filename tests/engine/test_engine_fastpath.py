@@ -799,6 +799,38 @@ def test_large_dilation_takes_winograd_on_its_phases_where_that_saves_most(winog
         assert sides == taken
 
 
+def test_a_bf16_large_dilation_takes_f2x2_on_its_phases_where_that_saves(winograd_transforms, monkeypatch):
+    """In bf16 a `DilatedConvAsGemm` with `winograd` on computes F(2x2) over the map's phases
+    where `atrous_bf16_pays` (dilation 12 on 64 x 64), near the float64 convolution as its own
+    products are, and keeps its products at 24."""
+    from seglab.engine.fastpath import DilatedConvAsGemm
+    import seglab.engine.fastpath as fastpath
+    import seglab.engine.winograd as rule
+
+    monkeypatch.setattr(rule, "_has_amx", lambda: False)  # the rule's processors; the path runs anywhere
+    torch.manual_seed(0)
+    for dilation, takes in [(12, winograd_transforms == "native"), (24, False)]:
+        conv = nn.Conv2d(128, 128, 3, padding=dilation, dilation=dilation)
+        x = torch.randn(1, 128, 64, 64).bfloat16().contiguous(memory_format=torch.channels_last)
+        module = DilatedConvAsGemm(conv).to(torch.bfloat16).eval()
+        with torch.no_grad():
+            windows = module(x)
+        module.winograd = True
+        sides: list[int] = []
+
+        def counted(x: torch.Tensor, filters: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            sides.append(filters.shape[0])
+            return winograd_conv3x3(x, filters, *args, **kwargs)
+
+        with mock.patch.object(fastpath, "winograd_conv3x3", counted), torch.no_grad():
+            out = module(x)
+        assert sides == ([16] if takes else []) and out.dtype == torch.bfloat16
+        expected = F.conv2d(x.double(), conv.weight.bfloat16().double(), conv.bias.bfloat16().double(),
+                            padding=dilation, dilation=dilation)
+        window_error = (windows.double() - expected).abs().mean()
+        assert (out.double() - expected).abs().mean() < 3 * window_error + 1e-6
+
+
 def test_a_3x3_head_to_few_classes_runs_with_vectors_along_the_pixels(monkeypatch):
     """U-Net's 16 -> 3 head (`use_planar_heads`): planar scores, the plain model's values; off
     with the switch, in bf16, and on processors not measured."""

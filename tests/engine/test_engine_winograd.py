@@ -229,3 +229,30 @@ def test_large_dilations_take_the_tile_that_saves_most_over_the_windows(monkeypa
     assert tile(64, 12, 32, 32) is None  # too few channels for the separate passes' transforms
     monkeypatch.setattr(native, "available", lambda: False)
     assert tile(64, 12) is None
+
+
+def test_bf16_large_dilations_take_f2x2_where_its_products_are_fewest(monkeypatch):
+    import torch
+
+    from seglab.engine.winograd import atrous_bf16_pays, atrous_call_tile
+
+    monkeypatch.setattr(native, "available", lambda: True)  # the rule only, nothing is built
+    monkeypatch.setattr(rule, "_has_amx", lambda: False)
+
+    def pays(size, dilation, in_channels=2048, out_channels=256, batch=1):
+        return atrous_bf16_pays((batch, in_channels, size, size), (out_channels, in_channels, 3, 3), dilation)
+
+    # DeepLab v3's ASPP: at 12 on 64 x 64 each phase is 3 x 3 tiles of F(2x2), 1.37x fewer products
+    # than the windows (1.58-1.67x faster measured than the all-taps product); at 24 and 36 the
+    # windows skip most of the padding (0.61x measured at 24).
+    assert pays(64, 12) and pays(64, 12, batch=8) and pays(64, 12, 512) and pays(32, 6)
+    assert not pays(64, 24) and not pays(64, 36) and not pays(32, 12)
+    assert not pays(64, 12, 64, 64)  # too few channels for bf16's F(2x2)
+    x = torch.zeros(1, 2048, 64, 64, dtype=torch.bfloat16)
+    assert atrous_call_tile(x, (256, 2048, 3, 3), (12, 12)) == BF16_TILE
+    assert atrous_call_tile(x, (256, 2048, 3, 3), (24, 24)) is None
+    assert atrous_call_tile(x.half(), (256, 2048, 3, 3), (12, 12)) is None
+    with torch.autocast("cpu", torch.bfloat16):
+        assert atrous_call_tile(x, (256, 2048, 3, 3), (12, 12)) is None  # inference's bf16 only
+    monkeypatch.setattr(rule, "_has_amx", lambda: True)  # oneDNN's AMX kernel: not measured
+    assert not pays(64, 12)

@@ -148,8 +148,9 @@ def _doubling_tile(x: torch.Tensor, weight: torch.Tensor) -> int | None:
 
 def _atrous_tile(dilation: tuple[int, int], x: torch.Tensor, weight: torch.Tensor) -> int | None:
     """`AtrousConv2d.winograd_tile` in the training route: a float32 weight, and the call where
-    `atrous_call_tile` says Winograd saves over the windows."""
-    return atrous_call_tile(x, weight.shape, dilation) if weight.dtype == torch.float32 else None
+    `atrous_call_tile` says Winograd saves over the windows (float32 input: the bf16 rule is
+    inference's)."""
+    return atrous_call_tile(x, weight.shape, dilation) if x.dtype == weight.dtype == torch.float32 else None
 
 
 def _autocast_winograd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int,

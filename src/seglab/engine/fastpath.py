@@ -372,7 +372,11 @@ class DilatedConvAsGemm(nn.Module):
     F(6x6), F(4x4) or F(3x3) over the map's dilation x dilation phases instead, where that does
     fewer multiply-adds than the windows (`seglab.engine.winograd.atrous_output_tile`): at
     dilation 12 on a 64 x 64 map each phase is one 6 x 6 tile, 2.1x faster than the windows; at
-    24 one 3 x 3 tile, 1.3x.
+    24 one 3 x 3 tile, 1.3x. bf16 input takes F(2x2, 3x3) the same way where
+    `seglab.engine.winograd.atrous_bf16_pays`: 2048 -> 256 channels at dilation 12 on 64 x 64
+    (3 x 3 tiles per phase, 20,736 products per channel pair against the all-taps product's
+    36,864), batch 1 59.6 against 97.0 ms (1.58x; batch 8 1.67x), 512 -> 256 1.77x, at 6 on
+    32 x 32 1.49x; at 24 it would lose (0.61x: the windows skip 44% of the products there).
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
@@ -467,14 +471,14 @@ def winograd_pays(conv: nn.Module) -> bool:
 def use_winograd(model: nn.Module) -> int:
     """Have every convolution `winograd_pays` for compute CPU inference by Winograd (float32:
     F(4x4) or F(6x6), F(2x2) where few tiles leave F(4x4)'s products waiting on their filters;
-    bf16, the widest: F(2x2); each call decides, `call_output_tile`), in
+    bf16, the wider ones: F(2x2); each call decides, `call_output_tile`), in
     place: `FusedConv`s switch, plain Conv2d modules become `FusedConv`s that do (inference
     only; other dtypes, autocast and gradients keep the direct convolution), and
     a U-Net decoder's `NearestUpsampleConv` (and an FPN's stride-4 head) computes its whole
     convolution on the upsampled grid where `upsampling_output_tile` says it pays, and otherwise
     the decoder step its skip's share by Winograd (`WinogradConvForward`), and a large-dilation
-    `DilatedConvAsGemm` computes float32 input over the map's phases where
-    `atrous_output_tile` says that saves over its windows. Returns the number
+    `DilatedConvAsGemm` computes float32 (bf16) input over the map's phases where
+    `atrous_output_tile` (`atrous_bf16_pays`) says that saves over its windows. Returns the number
     switched: none without oneDNN, which `FusedConv`'s other route needs."""
     if not onednn_available():
         return 0

@@ -201,6 +201,7 @@ __all__ = [
     "MIN_TRAINING_TILES",
     "MIN_UPSAMPLING_CHANNELS",
     "WIDE_CHANNELS",
+    "atrous_bf16_pays",
     "atrous_call_tile",
     "atrous_output_tile",
     "atrous_saving",
@@ -417,14 +418,30 @@ def atrous_saving(input_shape: Sequence[int], dilation: int) -> tuple[float, int
     return max((windows / (tiles(input_shape, dilation, t) * (t + 2) ** 2), t) for t in ATROUS_TILES)
 
 
+def atrous_bf16_pays(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int) -> bool:
+    """Whether bf16 inference computes a 3x3 convolution at a dilation above `MAX_DILATION` (as
+    `atrous_output_tile` takes them) faster by F(2x2, 3x3) over the map's phases than by
+    `DilatedConvAsGemm`'s products: where `bf16_pays` and F(2x2)'s products are fewer than the
+    per-tap windows' multiply-adds over only the pixels inside the map by `MIN_ATROUS_SAVING`
+    (its all-taps product, taken where most of them lie inside, does all nine taps' everywhere,
+    more still)."""
+    if list(weight_shape[2:]) != [3, 3] or not bf16_pays(weight_shape, input_shape, dilation):
+        return False
+    n, _, height, width = input_shape
+    windows = share_inside(height, width, (3, 3), (dilation, dilation)) * 9 * n * height * width
+    return windows / (tiles(input_shape, dilation, BF16_TILE) * (BF16_TILE + 2) ** 2) >= MIN_ATROUS_SAVING
+
+
 def atrous_call_tile(x: torch.Tensor, weight_shape: Sequence[int], dilation: Sequence[int]) -> int | None:
     """The Winograd tile this call of a large-dilation convolution runs with, or None for its
-    windows: float32 CPU input outside autocast, a square dilation, where `atrous_output_tile`
-    says (the one check of `DilatedConvAsGemm` and of the training route's `AtrousConv2d`)."""
-    if (x.device.type != "cpu" or x.dim() != 4 or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-            or dilation[0] != dilation[1]):
+    windows: CPU input outside autocast, a square dilation, and float32 input where
+    `atrous_output_tile` says, bf16 input (F(2x2)) where `atrous_bf16_pays` (the one check of
+    `DilatedConvAsGemm` and of the training route's `AtrousConv2d`)."""
+    if x.device.type != "cpu" or x.dim() != 4 or torch.is_autocast_enabled("cpu") or dilation[0] != dilation[1]:
         return None
-    return atrous_output_tile(x.shape, weight_shape, dilation[0])
+    if x.dtype == torch.bfloat16:
+        return BF16_TILE if atrous_bf16_pays(x.shape, weight_shape, dilation[0]) else None
+    return atrous_output_tile(x.shape, weight_shape, dilation[0]) if x.dtype == torch.float32 else None
 
 
 def upsampling_output_tile(x: torch.Tensor, weight: torch.Tensor, training: bool) -> int | None:
