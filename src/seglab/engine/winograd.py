@@ -158,8 +158,10 @@ AVX2 EPYC (docs/bench.md), interleaved medians:
   tiles won too: 512 ch on 16 x 16 at batch 4 1.30x (batch 2, 128 tiles, 1.08x; 8 x 8 at batch
   4, 64 tiles, 0.84x), 256 ch 1.22x, 256 ch on 32 x 32 at batch 1 1.17x; 128 ch 1.06x (4 x 16 x
   16). Hence `MIN_BF16_WIDE_TRAINING_TILES` for 256 channels and more: training steps (bf16,
-  batch 4, interleaved) UNet-R34 1.027x, FPN-R34 1.022x, FCN-R50 1.013-1.016x. 128 ch win less (8 x 64 x 64 1.11x, 4 x
-  128 x 128 1.24x, 4 x 64 x 64 1.06x) and stay direct, as in inference.
+  batch 4, interleaved) UNet-R34 1.027x, FPN-R34 1.022x, FCN-R50 1.013-1.016x. 128 ch won less
+  with the earlier transforms (8 x 64 x 64 1.11x, 4 x 128 x 128 1.24x, 4 x 64 x 64 1.06x) and
+  stayed direct; with the faster ones they win 1.27-1.38x and take F(2x2) from
+  `MIN_BF16_TRAINING_TILES`, as `MIN_BF16_CHANNELS` says (above).
 """
 from __future__ import annotations
 
