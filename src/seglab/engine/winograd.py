@@ -415,9 +415,15 @@ def atrous_saving(input_shape: Sequence[int], dilation: int) -> tuple[float, int
     """(saving, tile): of `ATROUS_TILES`, the tile whose Winograd products over the map's phases
     are fewest, and how many times fewer they are than the per-tap windows' multiply-adds over
     only the pixels inside the map (a 3x3 kernel; per channel pair)."""
+    return max((_saving_over_windows(input_shape, dilation, t), t) for t in ATROUS_TILES)
+
+
+def _saving_over_windows(input_shape: Sequence[int], dilation: int, tile: int) -> float:
+    """How many times fewer F(tile x tile)'s products over the map's phases are than the per-tap
+    windows' multiply-adds over only the pixels inside the map (a 3x3 kernel; per channel pair)."""
     n, _, height, width = input_shape
     windows = share_inside(height, width, (3, 3), (dilation, dilation)) * 9 * n * height * width
-    return max((windows / (tiles(input_shape, dilation, t) * (t + 2) ** 2), t) for t in ATROUS_TILES)
+    return windows / (tiles(input_shape, dilation, tile) * (tile + 2) ** 2)
 
 
 def atrous_bf16_pays(input_shape: Sequence[int], weight_shape: Sequence[int], dilation: int) -> bool:
@@ -429,9 +435,7 @@ def atrous_bf16_pays(input_shape: Sequence[int], weight_shape: Sequence[int], di
     more still)."""
     if list(weight_shape[2:]) != [3, 3] or not bf16_pays(weight_shape, input_shape, dilation):
         return False
-    n, _, height, width = input_shape
-    windows = share_inside(height, width, (3, 3), (dilation, dilation)) * 9 * n * height * width
-    return windows / (tiles(input_shape, dilation, BF16_TILE) * (BF16_TILE + 2) ** 2) >= MIN_ATROUS_SAVING
+    return _saving_over_windows(input_shape, dilation, BF16_TILE) >= MIN_ATROUS_SAVING
 
 
 def atrous_call_tile(x: torch.Tensor, weight_shape: Sequence[int], dilation: Sequence[int]) -> int | None:
