@@ -130,6 +130,31 @@ def test_bad_names_and_strides_are_clear_errors():
         create_encoder("mit_b0", output_stride=16)
 
 
-def test_the_mix_transformers_recipe_warms_up_and_the_others_set_nothing():
+def test_transformers_recipes_warm_up_and_the_others_set_nothing():
     assert all(encoder_recipe(f"mit_b{i}") == {"warmup_epochs": 1.0} for i in range(6))
-    assert encoder_recipe("resnet34") == {} and encoder_recipe("vgg16") == {} and encoder_recipe(None) == {}
+    # timm's transformers, found by their attention layers (built on the meta device)
+    for name in ("pvt_v2_b0", "swin_tiny_patch4_window7_224", "vit_tiny_patch16_224"):
+        assert encoder_recipe(name) == {"warmup_epochs": 1.0}, name
+    # convolution networks, ResNeSt's split-attention gate included
+    for name in ("resnet34", "convnext_atto", "resnest14d", "vgg16", None, "no_such_net"):
+        assert encoder_recipe(name) == {}, name
+
+
+def test_swin_maps_come_channels_first_like_every_encoders():
+    # timm hands Swin's maps over as N x H x W x C; the encoder gives N x C x H x W views
+    encoder = create_encoder("swin_tiny_patch4_window7_224")
+    assert encoder.strides == [4, 8, 16, 32] and encoder.channels == [96, 192, 384, 768]
+    features = _check_contract(encoder, torch.rand(1, 3, 64, 64))
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features)
+
+
+def test_vision_transformers_read_other_sizes_than_their_own():
+    # built for 224 x 224; as an encoder it reads a 64 x 48 crop (position embeddings interpolated)
+    encoder = create_encoder("vit_tiny_patch16_224", depth=3)
+    assert encoder.strides == [16, 16, 16]
+    _check_contract(encoder, torch.rand(2, 3, 64, 48))
+
+
+def test_an_encoder_without_a_dilated_form_says_how_to_do_without():
+    with pytest.raises(ValueError, match="pvt_v2_b0.*output_stride=16.*output_stride=32"):
+        create_encoder("pvt_v2_b0", output_stride=16)

@@ -31,6 +31,8 @@ def test_warm_up_defaults_to_the_models_recipe_and_the_user_wins() -> None:
     assert TrainConfig(model="not-a-model").warmup_epochs == 0.0  # the trainer names the model
     assert TrainConfig(model="fpn", encoder="mit_b0").warmup_epochs == 1.0  # the Mix Transformer's recipe
     assert TrainConfig(model="fpn", encoder="resnet34").warmup_epochs == 0.0
+    assert TrainConfig(model="fpn", encoder="pvt_v2_b0").warmup_epochs == 1.0  # timm's, by its attention
+    assert TrainConfig(model="fpn", encoder="pvt_v2_b0", warmup_epochs=0).warmup_epochs == 0
     assert TrainConfig.from_dict(TrainConfig(model="segformer").to_dict()).warmup_epochs == 1.0
     with pytest.raises(ValueError, match="--warmup-epochs"):
         TrainConfig(warmup_epochs=-0.5)

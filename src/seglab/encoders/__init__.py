@@ -12,22 +12,26 @@ from typing import Any, Mapping
 import torch.nn as nn
 
 from seglab.encoders.mit import MIT_CONFIGS, MixTransformer
-from seglab.encoders.timm import TimmEncoder
+from seglab.encoders.timm import TimmEncoder, has_self_attention
 from seglab.encoders.vgg import VGG16Encoder
 from seglab.encoders.weights import load_weights_file, looks_like_path, read_state_dict
 
 __all__ = ["create_encoder", "encoder_recipe", "MixTransformer", "TimmEncoder", "VGG16Encoder", "read_state_dict"]
 
-# What training with a Mix Transformer encoder needs where neither the user nor the model says:
-# a linear learning-rate warm-up, as SegFormer's own recipe (docs/bench.md, thirty-second session:
-# FPN on mit_b0 stalled without it on the synthetic recipe)
+# What training with a transformer encoder needs where neither the user nor the model says:
+# a linear learning-rate warm-up, as SegFormer's, Swin's and ViT's own recipes (docs/bench.md,
+# thirty-second session: FPN on mit_b0 stalled without it on the synthetic recipe; thirty-eighth:
+# FPN on timm's pvt_v2_b0 likewise)
 _TRANSFORMER_RECIPE: Mapping[str, Any] = types.MappingProxyType({"warmup_epochs": 1.0})
 
 
 def encoder_recipe(name: str | None) -> Mapping[str, Any]:
     """Training options (TrainConfig fields) the encoder `name` needs where the user and the
-    model's own recipe give none: a warm-up for the Mix Transformers, nothing for the others."""
-    return _TRANSFORMER_RECIPE if name in MIT_CONFIGS else {}
+    model's own recipe give none: a warm-up for the Mix Transformers and for timm's models with
+    self-attention (`seglab.encoders.timm.has_self_attention`), nothing for the others."""
+    if name is None or name in ("vgg16", "vgg16_bn"):
+        return {}
+    return _TRANSFORMER_RECIPE if name in MIT_CONFIGS or has_self_attention(name) else {}
 
 
 def create_encoder(

@@ -156,3 +156,31 @@ def test_bf16_decoder_computes_the_head_in_one_native_pass_where_bf16_multiplies
         return ((scores.float() - expected).norm() / expected.norm()).item()
 
     assert error(result) < 1.5 * error(operators) + 1e-3
+
+
+@pytest.mark.parametrize("encoder, first_map, dim", [("resnet18", 1, 256), ("pvt_v2_b0", 0, 256)])
+def test_the_all_mlp_decoder_on_other_encoders(encoder, first_map, dim):
+    # Fig. 2's decoder from the stride-4 map on: a ResNet's stride-2 map is left out
+    torch.manual_seed(0)
+    model = seglab.create_model("segformer", num_classes=4, encoder=encoder)
+    assert model.first_map == first_map and model.decoder.project[0].out_channels == dim
+    assert [p.in_channels for p in model.decoder.project] == model.encoder.channels[first_map:]
+    x = torch.rand(2, 3, 64, 96)
+    logits = model(x)
+    assert logits.shape == (2, 4, 64, 96)
+    logits.mean().backward()
+    assert all(p.grad is not None for p in model.decoder.parameters())
+    model.eval()
+    with torch.no_grad():
+        features = model.encoder(x)[first_map:]
+        by_paper = F.interpolate(papers_order(model.decoder, features), size=x.shape[-2:], mode="bilinear",
+                                 align_corners=False)
+        torch.testing.assert_close(model(x), by_paper, rtol=1e-4, atol=1e-5)
+        assert model(torch.rand(1, 3, 70, 90)).shape == (1, 4, 70, 90)  # padded to the encoder's stride, cropped
+
+
+def test_segformer_names_a_bad_variant_or_encoder():
+    with pytest.raises(ValueError, match="b9"):
+        seglab.create_model("segformer", num_classes=2, variant="b9")
+    with pytest.raises(ValueError, match="no_such_net"):
+        seglab.create_model("segformer", num_classes=2, encoder="no_such_net")

@@ -66,6 +66,18 @@ def test_unknown_encoder_is_a_clear_error():
         seglab.create_model("fpn", num_classes=2, encoder="not_a_backbone")
 
 
+@pytest.mark.parametrize("model", ["fpn", "unet"])
+def test_decoders_on_a_swin_encoder(model):
+    # timm gives Swin's maps channels-last (N x H x W x C); the decoders read them as any other
+    net = seglab.create_model(model, num_classes=3, encoder="swin_tiny_patch4_window7_224")
+    logits = net(torch.rand(1, 3, 64, 96))
+    assert logits.shape == (1, 3, 64, 96)
+    logits.mean().backward()
+    # the first block's (Swin's stochastic depth may drop a later block's branch in training)
+    first = next(p for name, p in net.encoder.named_parameters() if name.endswith("attn.qkv.weight"))
+    assert first.grad is not None and first.grad.abs().sum() > 0
+
+
 def test_unet_image2image_regression_head():
     model = build_tiny("unet_resnet", num_classes=5, task="image2image")
     assert model.task == "image2image"

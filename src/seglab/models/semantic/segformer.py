@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seglab.encoders import encoder_recipe
+from seglab.encoders import create_encoder, encoder_recipe
 from seglab.encoders.mit import MIT_CONFIGS, MixTransformer
 from seglab.encoders.weights import load_weights_file
 from seglab.models.registry import register_model
@@ -110,19 +110,28 @@ class AllMLPDecoder(nn.Module):
 
 
 class SegFormer(nn.Module):
+    """A Mix Transformer `variant` (mit_b0..mit_b5) and the all-MLP decoder; or, given `encoder`
+    (any module of the `seglab.encoders` contract: a timm CNN, Swin, PVT...), the decoder on that
+    encoder's maps from stride 4 on (a ResNet's stride-2 map is left out, as Fig. 2 starts at
+    stride 4), with `decoder_dim` 256 unless given."""
+
     def __init__(self, variant: str, num_classes: int, in_channels: int = 3, decoder_dim: int | None = None,
-                 drop_path_rate: float = 0.1) -> None:
+                 drop_path_rate: float = 0.1, encoder: nn.Module | None = None) -> None:
         super().__init__()
-        self.encoder = MixTransformer(variant, in_channels, drop_path_rate=drop_path_rate)
-        decoder_dim = decoder_dim or (256 if variant in ("mit_b0", "mit_b1") else 768)
-        self.decoder = AllMLPDecoder(self.encoder.channels, decoder_dim, num_classes)
+        self.encoder = encoder if encoder is not None else MixTransformer(variant, in_channels,
+                                                                          drop_path_rate=drop_path_rate)
+        decoder_dim = decoder_dim or (768 if encoder is None and variant not in ("mit_b0", "mit_b1") else 256)
+        strides = list(self.encoder.strides)
+        self.first_map = next((i for i, stride in enumerate(strides) if stride >= 4), len(strides) - 1)
+        # Stage 1's key/value reduction is an 8x8 stride-8 conv on the stride-4 map: the input
+        # must be a multiple of 32 for every stage to tile exactly (and of any encoder's largest stride).
+        self.multiple = max(32, *strides)
+        self.decoder = AllMLPDecoder(list(self.encoder.channels)[self.first_map:], decoder_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        # Stage 1's key/value reduction is an 8x8 stride-8 conv on the stride-4 map: the input
-        # must be a multiple of 32 for every stage to tile exactly.
-        x = pad_to_multiple(x, 32)
-        logits = self.decoder(self.encoder(x))
+        x = pad_to_multiple(x, self.multiple)
+        logits = self.decoder(self.encoder(x)[self.first_map:])
         return crop_to(upsample_scores(logits, x.shape[-2:]), size)
 
 
@@ -134,10 +143,16 @@ class SegFormer(nn.Module):
 def segformer(*, num_classes: int, in_channels: int = 3, variant: str = "b0", encoder: str | None = None,
               encoder_weights: str | None = None, decoder_dim: int | None = None,
               drop_path_rate: float = 0.1) -> nn.Module:
-    """SegFormer-B0..B5: Mix Transformer encoder, all-MLP decoder (`variant` b0..b5 or `encoder` mit_b0..)."""
+    """SegFormer-B0..B5: Mix Transformer encoder, all-MLP decoder (`variant` b0..b5 or `encoder`
+    mit_b0..mit_b5); with any other `encoder` name (`seglab.encoders.create_encoder`: resnet50,
+    swin_tiny_patch4_window7_224, pvt_v2_b0...) the all-MLP decoder on that encoder, its
+    `encoder_weights` read as create_encoder reads them (`drop_path_rate` is MiT's only)."""
     name = encoder or f"mit_{variant.lower()}"
     if name not in MIT_CONFIGS:
-        raise ValueError(f"SegFormer takes variant b0..b5 (or encoder mit_b0..mit_b5), not {encoder or variant!r}")
+        if encoder is None:
+            raise ValueError(f"SegFormer takes variant b0..b5 (or an encoder name), not {variant!r}")
+        backbone = create_encoder(encoder, in_channels=in_channels, weights=encoder_weights)
+        return SegFormer(name, num_classes, in_channels, decoder_dim, encoder=backbone)
     model = SegFormer(name, num_classes, in_channels, decoder_dim, drop_path_rate)
     if encoder_weights is not None:
         load_weights_file(model.encoder, encoder_weights, first_conv="stages.0.embed.proj.weight")

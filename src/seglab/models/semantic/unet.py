@@ -211,8 +211,9 @@ class EncoderUNet(nn.Module):
         needed = len(skips) + extra
         if len(decoder_channels) != needed:
             raise ValueError(
-                f"decoder_channels needs {needed} entries for this encoder (strides {encoder.strides}), "
-                f"got {list(decoder_channels)}"
+                f"decoder_channels needs {needed} entries for this encoder (strides {encoder.strides}: one block "
+                f"per skip map, {len(skips)}, and one per doubling from stride {encoder.strides[0]} to the image, "
+                f"{extra}), got {list(decoder_channels)}"
             )
         self.multiple = max(encoder.strides)
         previous = encoder.channels[-1]
