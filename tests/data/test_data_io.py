@@ -25,6 +25,27 @@ def test_read_image_channels_and_range(tmp_path):
         read_image(tmp_path / "a.png", channels=2)
 
 
+def test_sixteen_bit_images_are_scaled_to_eight_bits(tmp_path):
+    # torchvision decodes 16-bit PNGs as uint16 and PIL's convert clips 16-bit grey at 255:
+    # either way the network saw values far outside [0, 1] before
+    cv2 = pytest.importorskip("cv2")
+    grey = (np.arange(60 * 70).reshape(60, 70) * 15).astype(np.uint16)
+    expected = torch.from_numpy(np.round(grey.astype(np.float64) * 255 / 65535).astype(np.uint8))
+    Image.fromarray(grey).save(tmp_path / "grey16.png")  # torchvision's decoder
+    Image.fromarray(grey).save(tmp_path / "grey16.tif")  # PIL's, mode I;16
+    colour = np.stack([grey, grey // 2, 65535 - grey], axis=-1)
+    cv2.imwrite(str(tmp_path / "rgb16.png"), colour[..., ::-1])  # 48-bit PNG (OpenCV writes BGR)
+    for name in ("grey16.png", "grey16.tif"):
+        pixels = decode_rgb(tmp_path / name)
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 60, 70), name
+        assert all(torch.equal(plane, expected) for plane in pixels), name
+        assert torch.equal(read_image(tmp_path / name, channels=1)[0], expected.float() / 255), name
+    pixels = decode_rgb(tmp_path / "rgb16.png")
+    assert pixels.dtype == torch.uint8
+    assert torch.equal(pixels[0], expected) and torch.equal(pixels[2], 255 - expected)
+    assert float(read_image(tmp_path / "rgb16.png").max()) <= 1.0
+
+
 def test_bad_and_missing_files_name_the_file(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="broken.jpg is not a readable image"):

@@ -14,20 +14,32 @@ __all__ = ["IMAGE_SUFFIXES", "decode_rgb", "images_in", "list_images", "read_ima
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _TORCHVISION_SUFFIXES = (".png", ".jpg", ".jpeg")
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+# PIL's modes of 16-bit grey (TIFFs, some PNGs); "I" (32-bit integers) is how older Pillow
+# versions open 16-bit PNGs, read here in the same 0..65535 range
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
 def decode_rgb(path: str | Path) -> torch.Tensor:
-    """An image file as uint8 3 x H x W (grey, palette and RGBA become RGB).
+    """An image file as uint8 3 x H x W (grey, palette and RGBA become RGB; 16-bit images are
+    scaled to 8 bits, 65535 -> 255).
 
     torchvision's libpng/libjpeg decoders are used where they apply (measured ~15% faster
     than PIL on CamVid's PNGs); PIL takes every other format and any file they refuse.
     """
     if Path(path).suffix.lower() in _TORCHVISION_SUFFIXES:
         try:
-            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+            return _eight_bits(decode_image(read_file(str(path)), mode=ImageReadMode.RGB))
         except RuntimeError:
-            pass  # e.g. a 16-bit PNG or a CMYK JPEG: PIL knows more variants (or says what is wrong)
+            pass  # e.g. a CMYK JPEG: PIL knows more variants (or says what is wrong)
     return _decode_with_pil(Path(path), "RGB")
+
+
+def _eight_bits(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as they are; 16-bit ones (torchvision decodes 16-bit PNGs as uint16) rounded
+    to 8 bits, 0..65535 onto 0..255."""
+    if pixels.dtype == torch.uint8:
+        return pixels
+    return torch.div(pixels.to(torch.int32) * 255 + 32767, 65535, rounding_mode="floor").to(torch.uint8)
 
 
 def read_image(path: str | Path, channels: int = 3) -> torch.Tensor:
@@ -44,6 +56,10 @@ def read_image(path: str | Path, channels: int = 3) -> torch.Tensor:
 def _decode_with_pil(path: Path, mode: str) -> torch.Tensor:
     try:
         with Image.open(path) as picture:
+            if picture.mode in _SIXTEEN_BIT_MODES:
+                # PIL's convert would clip 16-bit grey at 255 (an almost white image): scale instead
+                grey = _eight_bits(torch.from_numpy(np.asarray(picture, dtype=np.int32).clip(0, 65535)))
+                picture = Image.fromarray(grey.numpy(), mode="L")
             array = np.asarray(picture.convert(mode), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"{path} is not a readable image ({error.__class__.__name__})") from None
