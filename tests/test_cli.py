@@ -102,6 +102,22 @@ def test_unknown_model_and_negative_epochs(tmp_path: Path, capsys: pytest.Captur
     assert not any(tmp_path.iterdir())  # nothing written for a refused run
 
 
+def test_folder_data_of_mixed_sizes_or_with_num_classes_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rng = np.random.default_rng(0)
+    for name, (height, width) in {"a": (16, 16), "b": (16, 16), "c": (24, 16), "d": (24, 16)}.items():
+        for folder, pixels in (("images", rng.integers(0, 256, (height, width, 3))), ("masks", rng.integers(0, 2, (height, width)))):
+            (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "data" / folder / f"{name}.png")
+    data, out = str(tmp_path / "data"), str(tmp_path / "runs")
+    # images batched as they are need one size: said before training, not a stack error mid-epoch
+    assert main(["train", "--data", data, "--batch-size", "2", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "image sizes: 2 different" in err and "--image-size" in err and "Traceback" not in err
+    # --num-classes is the synthetic set's; a data set's classes are its own
+    _one_error_line(capsys, main(["train", "--data", data, "--num-classes", "3", "--out", out]), "--num-classes")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bad_resume_and_precision(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _one_error_line(capsys, main(["train", "--resume", str(tmp_path / "gone")]), "not a seglab run directory")
     _one_error_line(capsys, main(["train", "--precision", "16", "--out", str(tmp_path)]), "needs a CUDA device")

@@ -69,6 +69,16 @@ def test_every_problem_is_found_with_its_file(clean, helpers, rng):
     assert "seven.png" in text and "size mismatch" in text
 
 
+def test_preflight_for_batches_of_images_as_they_are_wants_one_size(clean, helpers, rng):
+    assert preflight(clean, one_size=True) == []  # all 16 x 12
+    image, labels = helpers.pair(rng, height=20, width=10, values=(0, 1))
+    helpers.rgb(clean / "images" / "wide.png", image)
+    helpers.index(clean / "masks" / "wide.png", labels)
+    assert preflight(clean) == []  # fit to train at a given --image-size
+    lines = preflight(clean, one_size=True)
+    assert lines[0].startswith("image sizes: 2 different (most common 16x12, 10x20)") and "--image-size" in lines[0]
+
+
 def test_unknown_colours_in_rgb_masks(tmp_path, helpers, rng):
     (tmp_path / "classes.yaml").write_text("classes: {sky: [0, 0, 255], road: [128, 64, 128]}\n")
     colours = np.array([(0, 0, 255), (128, 64, 128), (255, 0, 0)])

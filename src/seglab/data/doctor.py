@@ -184,10 +184,16 @@ def _check_coco(root: Path, **options: Any) -> DataReport:
     return report
 
 
-def preflight(path: str | Path, format: str | None = None, **options: Any) -> list[str]:
-    """The doctor's findings as one line per kind of problem; empty when the data is fit to train."""
+def preflight(path: str | Path, format: str | None = None, *, one_size: bool = False, **options: Any) -> list[str]:
+    """The doctor's findings as one line per kind of problem; empty when the data is fit to train.
+    `one_size`: the images will be batched as they are (no --image-size), so sizes that differ
+    are a problem too (a batch is one tensor)."""
     report = check_dataset(path, format, **options)
     lines = report.summary_lines()
+    if one_size and len(report.image_sizes) > 1:
+        common = ", ".join(f"{w}x{h}" for (w, h), _ in report.image_sizes.most_common(3))
+        lines.append(f"image sizes: {len(report.image_sizes)} different (most common {common}), and a batch needs "
+                     "one size: give --image-size N or WxH to train and validate at one size, or --batch-size 1")
     if lines:
         lines.append(f"run `seglab data check {path}` for every file concerned")
     return lines

@@ -102,6 +102,9 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, not {self.lr}")
         if not self.warmup_epochs >= 0:
             raise ValueError(f"--warmup-epochs must be 0 or more, not {self.warmup_epochs}")
+        if self.num_classes is not None and self.data != "synthetic":
+            raise ValueError(f"--num-classes sets the synthetic set's classes; {self.data}'s come from the data set "
+                             "(its classes.yaml or its masks' values)")
         if self.workers < 0:
             raise ValueError(f"--workers must be 0 or more, not {self.workers}")
         if self.optimizer not in ("adamw", "sgd"):

@@ -254,7 +254,8 @@ class Trainer:
         if config.deterministic:
             use_deterministic_kernels(self.device)
         if config.data != "synthetic":  # refuse bad data now, not with a traceback mid-epoch
-            problems = preflight(config.data, config.format)
+            problems = preflight(config.data, config.format,
+                                 one_size=config.image_size is None and config.batch_size > 1)
             if problems:
                 raise ValueError(f"the data set {config.data} is not fit to train on:\n  " + "\n  ".join(problems))
         self.train_set = open_dataset(config.data, "train", **self._data_options(train=True))
