@@ -118,6 +118,27 @@ def test_folder_data_of_mixed_sizes_or_with_num_classes_is_refused_before_traini
     assert not (tmp_path / "runs").exists()
 
 
+def test_eval_scores_images_of_several_sizes_as_they_are(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rng = np.random.default_rng(1)
+    for k in range(6):
+        height, width = (16, 16) if k % 2 else (24, 16)
+        for folder, pixels in (("images", rng.integers(0, 256, (height, width, 3))), ("masks", rng.integers(0, 2, (height, width)))):
+            (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "data" / folder / f"{k}.png")
+    run = tmp_path / "runs" / "mixed"
+    assert main(["train", "--data", str(tmp_path / "data"), "--batch-size", "1", "--epochs", "1", "--precision", "32",
+                 "--model-option", "base_channels=4", "--model-option", "depth=2",
+                 "--out", str(tmp_path / "runs"), "--name", "mixed"]) == 0
+    scores = []
+    for batch in ("4", "1", "4"):  # batches of one size each; the train split without random augmentation
+        out = tmp_path / f"metrics{len(scores)}.json"
+        assert main(["eval", "--checkpoint", str(run), "--split", "train", "--batch-size", batch, "--precision", "32",
+                     "--json", str(out)]) == 0
+        scores.append(json.loads(out.read_text())["miou"])
+    capsys.readouterr()
+    assert scores[0] == scores[1] == scores[2]
+
+
 def test_bad_resume_and_precision(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _one_error_line(capsys, main(["train", "--resume", str(tmp_path / "gone")]), "not a seglab run directory")
     _one_error_line(capsys, main(["train", "--precision", "16", "--out", str(tmp_path)]), "needs a CUDA device")

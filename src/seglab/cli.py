@@ -216,6 +216,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     from torch.utils.data import DataLoader
 
     from seglab.data import open_dataset
+    from seglab.data.files import equal_size_batches
     from seglab.engine.checkpoint import load_checkpoint
     from seglab.engine.evaluator import Normalize, evaluate
     from seglab.engine.fastpath import optimize_for_inference
@@ -248,8 +249,12 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         source, data = args.data, ({} if args.data == "synthetic" else {"format": args.format})
     if args.image_size is not None:
         data["image_size"] = args.image_size
+    if source != "synthetic":
+        data["augment"] = False  # scored as they are: `--split train` would otherwise draw random flips and crops
     dataset = open_dataset(source, args.split, **data)
-    loader = DataLoader(dataset, batch_size=args.batch_size)
+    # Images scored at their own sizes, where those differ, go in batches of one size each.
+    batches = equal_size_batches(dataset, args.batch_size) if data.get("image_size") is None else None
+    loader = DataLoader(dataset, batch_size=args.batch_size) if batches is None else DataLoader(dataset, batch_sampler=batches)
     normalize = Normalize(config["mean"], config["std"])
     calibration = None
     if int8 and ranges is None:  # the scales come from training images, not from the images scored

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from seglab.data import FolderDataset, detect_format, open_dataset
-from seglab.data.files import UNDEFINED, LabelDecoder, index_lookup
+from seglab.data.files import UNDEFINED, LabelDecoder, equal_size_batches, index_lookup
 from seglab.data.io import decode_rgb
 
 
@@ -125,3 +125,25 @@ def test_size_mismatch_is_a_clear_error_not_a_crash(tmp_path, helpers, rng):
     helpers.index(tmp_path / "masks" / "a.png", labels[:5])
     with pytest.raises(ValueError, match="seglab data check"):
         FolderDataset(tmp_path)[0]
+
+
+def test_images_at_their_own_sizes_batch_by_size_and_score_without_augmentation(tmp_path, helpers, rng):
+    sizes = [(12, 16), (20, 10), (12, 16), (12, 16), (20, 10)]  # H x W per image
+    for k, (height, width) in enumerate(sizes):
+        image, labels = helpers.pair(rng, height=height, width=width, values=(0, 1))
+        helpers.rgb(tmp_path / "images" / f"img{k}.png", image)
+        helpers.index(tmp_path / "masks" / f"img{k}.png", labels)
+    dataset = open_dataset(tmp_path, "train", augment=False)  # the hold-out split's training part
+    batches = equal_size_batches(dataset, 2)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(dataset)))
+    shapes = [[tuple(dataset[i]["image"].shape) for i in batch] for batch in batches]
+    assert len({s[0] for s in shapes}) == 2 and all(len(set(s)) == 1 and len(s) <= 2 for s in shapes)
+    assert all(batch == sorted(batch) for batch in batches)  # in order within each size
+    # the train split scored as it is: the same tensors every time (augment=None draws random ones)
+    assert torch.equal(dataset[0]["image"], dataset[0]["image"])
+    one_size = tmp_path / "one"
+    for k in range(3):
+        image, labels = helpers.pair(rng, values=(0, 1))
+        helpers.rgb(one_size / "images" / f"img{k}.png", image)
+        helpers.index(one_size / "masks" / f"img{k}.png", labels)
+    assert equal_size_batches(open_dataset(one_size, "train"), 2) is None  # plain batches do

@@ -28,6 +28,7 @@ __all__ = [
     "read_raw_mask",
     "index_lookup",
     "colour_codes",
+    "equal_size_batches",
 ]
 
 UNDEFINED = -1
@@ -152,6 +153,24 @@ class FileDataset(SegmentationDataset):
             if self.transform is not None:
                 return self.transform({"image": image, "mask": mask})
             return {"image": image.float().div_(255), "mask": mask}
+
+
+def equal_size_batches(dataset: SegmentationDataset, batch_size: int) -> list[list[int]] | None:
+    """The indices of a data set whose images come at their own sizes (opened without an
+    `image_size`), cut into batches of up to `batch_size` images of one size (a batch is one
+    tensor), in order within each size; the sizes come from the files' headers, nothing is
+    decoded. None where every image has one size or the sizes are not known up front (a data
+    set not of files): plain batches do then."""
+    if not isinstance(dataset, FileDataset):
+        return None
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index, (image, _) in enumerate(dataset.pairs):
+        with Image.open(image) as picture:
+            by_size.setdefault(picture.size, []).append(index)
+    if len(by_size) < 2:
+        return None
+    return [members[start:start + batch_size] for members in by_size.values()
+            for start in range(0, len(members), batch_size)]
 
 
 @contextmanager
