@@ -256,3 +256,27 @@ def test_bf16_large_dilations_take_f2x2_where_its_products_are_fewest(monkeypatc
         assert atrous_call_tile(x, (256, 2048, 3, 3), (12, 12)) is None  # inference's bf16 only
     monkeypatch.setattr(rule, "_has_amx", lambda: True)  # oneDNN's AMX kernel: not measured
     assert not pays(64, 12)
+
+
+def test_an_empty_batch_takes_the_direct_convolution():
+    # Mask R-CNN's mask head on an image without detections: 0 RoIs, no tile to divide by
+    import torch
+
+    weight = torch.zeros(256, 256, 3, 3)
+    for dtype in (torch.float32, torch.bfloat16):
+        for training in (False, True):
+            assert call_output_tile(torch.zeros(0, 256, 14, 14, dtype=dtype), weight.to(dtype), 1, training) is None
+
+
+def test_the_fast_path_runs_an_empty_batch():
+    import torch
+
+    from seglab.engine.fastpath import optimize_for_inference
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(256, 256, 3, padding=1), torch.nn.BatchNorm2d(256), torch.nn.ReLU(),
+                              torch.nn.Conv2d(256, 4, 1)).eval()
+    for precision in ("32", "bf16"):
+        fast = optimize_for_inference(net, precision)
+        with torch.no_grad():
+            assert fast(torch.zeros(0, 256, 14, 14)).shape == (0, 4, 14, 14)

@@ -382,8 +382,8 @@ def call_output_tile(input: torch.Tensor, weight: torch.Tensor, dilation: int, t
     enough to pay (F(4x4) or F(6x6); F(2x2) in inference where `filter_bound`); bf16 input
     with bf16 weights in inference, and autocast's bf16 in training, where `bf16_pays`
     (F(2x2)). The one check of the inference route (`FusedConv`) and the training one."""
-    if input.device.type != "cpu" or input.dim() != 4:
-        return None
+    if input.device.type != "cpu" or input.dim() != 4 or input.numel() == 0:
+        return None  # (an empty batch, e.g. Mask R-CNN's mask head without detections: the direct call)
     if torch.is_autocast_enabled("cpu"):  # the convolution runs in autocast's dtype, whatever the input's
         bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16
         return BF16_TILE if training and bf16 and bf16_pays(weight.shape, input.shape, dilation, training) else None
