@@ -46,6 +46,29 @@ def test_numpy_pil_and_tensor_inputs_agree() -> None:
         predictor.predict(torch.rand(1, 20, 30))
 
 
+def test_every_pixel_type_is_read_on_its_own_scale_or_refused() -> None:
+    predictor = Predictor(TinyConvNet(), CONFIG, device="cpu")
+    array = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    probabilities = predictor.predict_proba(array)
+    same = {
+        "uint16": array.astype(np.uint16) * 257,  # 0..65535
+        "uint8 tensor": torch.from_numpy(array).permute(2, 0, 1),
+        "RGBA": np.concatenate([array, np.full((20, 30, 1), 255, np.uint8)], axis=2),
+        "PIL RGBA": Image.fromarray(array).convert("RGBA"),
+    }
+    for name, image in same.items():
+        torch.testing.assert_close(predictor.predict_proba(image), probabilities, msg=name)
+    grey = array[..., 0]  # repeated for a colour model, as a grey file is read
+    torch.testing.assert_close(predictor.predict_proba(grey), predictor.predict_proba(np.repeat(grey[..., None], 3, axis=2)))
+    # 16-bit grey through PIL: scaled, not clipped at 255 as PIL's own convert would
+    torch.testing.assert_close(predictor.predict_proba(Image.fromarray(grey.astype(np.uint16) * 257)),
+                               predictor.predict_proba(grey))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\] \(got 0\.\.255\)"):
+        predictor.predict(array.astype(np.float32))  # 0..255 floats: garbage before, refused now
+    with pytest.raises(ValueError, match="not torch.int64"):
+        predictor.predict(array.astype(np.int64))
+
+
 def test_tiles_cover_the_image_and_the_window_ramps() -> None:
     assert tile_starts(100, 40, 30) == [0, 30, 60]
     assert tile_starts(30, 40, 30) == [0]

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-__all__ = ["IMAGE_SUFFIXES", "decode_rgb", "images_in", "list_images", "read_image"]
+__all__ = ["IMAGE_SUFFIXES", "decode_rgb", "images_in", "list_images", "pil_pixels", "read_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _TORCHVISION_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -53,14 +53,19 @@ def read_image(path: str | Path, channels: int = 3) -> torch.Tensor:
     return pixels.float().div_(255)
 
 
+def pil_pixels(picture: Image.Image, mode: str) -> np.ndarray:
+    """A PIL image's pixels in `mode` ("L", "RGB", "RGBA") as uint8 H x W (x C); 16-bit grey is
+    scaled to 8 bits (PIL's own convert would clip it at 255: an almost white image)."""
+    if picture.mode in _SIXTEEN_BIT_MODES:
+        grey = _eight_bits(torch.from_numpy(np.asarray(picture, dtype=np.int32).clip(0, 65535)))
+        picture = Image.fromarray(grey.numpy(), mode="L")
+    return np.asarray(picture.convert(mode), dtype=np.uint8)
+
+
 def _decode_with_pil(path: Path, mode: str) -> torch.Tensor:
     try:
         with Image.open(path) as picture:
-            if picture.mode in _SIXTEEN_BIT_MODES:
-                # PIL's convert would clip 16-bit grey at 255 (an almost white image): scale instead
-                grey = _eight_bits(torch.from_numpy(np.asarray(picture, dtype=np.int32).clip(0, 65535)))
-                picture = Image.fromarray(grey.numpy(), mode="L")
-            array = np.asarray(picture.convert(mode), dtype=np.uint8)
+            array = pil_pixels(picture, mode)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"{path} is not a readable image ({error.__class__.__name__})") from None
     if array.ndim == 2:

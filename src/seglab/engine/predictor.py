@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from seglab.crf import make_crf
-from seglab.data.io import list_images, read_image
+from seglab.data.io import list_images, pil_pixels, read_image
 from seglab.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from seglab.engine.distributed import env_rank, shard
 from seglab.engine.evaluator import Normalize, logits_of
@@ -66,6 +66,23 @@ def output_stems(files: Sequence[Path]) -> list[str]:
         taken.add(candidate)
         stems.append(candidate)
     return stems
+
+
+def _unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels as float in [0, 1]: uint8 / 255, uint16 / 65535, floats checked to lie in [0, 1]."""
+    if pixels.dtype == torch.uint8:
+        return pixels.float() / 255
+    if pixels.dtype == torch.uint16:
+        return pixels.to(torch.int32).float() / 65535
+    if not pixels.is_floating_point():
+        raise ValueError(f"image values must be uint8 (0..255), uint16 (0..65535) or float (0..1), not {pixels.dtype}")
+    pixels = pixels.float()
+    if pixels.numel() and not bool(torch.isfinite(pixels).all()):
+        raise ValueError("image contains NaN or infinite values")
+    if pixels.numel() and (float(pixels.min()) < -1e-3 or float(pixels.max()) > 1 + 1e-3):
+        raise ValueError(f"float image values must lie in [0, 1] (got {float(pixels.min()):.3g}..{float(pixels.max()):.3g}); "
+                         "pass uint8 for 0..255, and the image before mean/std normalisation")
+    return pixels
 
 
 class Predictor:
@@ -149,20 +166,24 @@ class Predictor:
         return cls(model, config, device, optimize=optimize, config_source=f"{resolve_checkpoint(path)}.json", **options)
 
     def _as_batch(self, image: ImageLike) -> torch.Tensor:
-        """PIL image, H x W x C uint8/float array or C x H x W / N x C x H x W tensor in [0, 1]."""
+        """PIL image (16-bit grey scaled to 8 bits, alpha dropped), H x W or H x W x C array
+        (grey repeated for a colour model, alpha dropped) or C x H x W / N x C x H x W tensor;
+        uint8 values are 0..255, uint16 0..65535, floats 0..1 (anything else is refused, not
+        scored as garbage)."""
         if isinstance(image, Image.Image):
-            image = np.asarray(image.convert("L" if self.in_channels == 1 else "RGB"))
+            image = pil_pixels(image, "L" if self.in_channels == 1 else "RGB")
         if isinstance(image, np.ndarray):
             array = image[..., None] if image.ndim == 2 else image
+            if array.ndim == 3 and self.in_channels == 3 and array.shape[2] in (1, 4):
+                array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[..., :3]
             array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()  # PIL's arrays are read-only
-            tensor = torch.from_numpy(array).permute(2, 0, 1)
-            image = tensor.float() / 255 if array.dtype == np.uint8 else tensor.float()
+            image = torch.from_numpy(array).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array)
         if not isinstance(image, torch.Tensor):
             raise ValueError(f"cannot predict on a {type(image).__name__}; give a PIL image, a numpy array or a tensor")
         batch = image[None] if image.dim() == 3 else image
         if batch.dim() != 4 or batch.shape[1] != self.in_channels:
             raise ValueError(f"expected an image with {self.in_channels} channels, got a tensor of shape {tuple(image.shape)}")
-        return batch.to(self.device, torch.float32)
+        return _unit_range(batch).to(self.device, torch.float32)
 
     def _model_probabilities(self, normalized: torch.Tensor) -> torch.Tensor:
         with self.autocast():
