@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from seglab.crf.kernels import KernelSum, PairwiseKernels
+from seglab.data.io import unit_range
 from seglab.ops.grad_mode import records_gradients
 
 __all__ = ["DenseCRF", "log_probabilities", "prepare_image", "prepare_scores"]
@@ -199,18 +200,7 @@ def prepare_image(image: torch.Tensor | np.ndarray, scores: torch.Tensor) -> tor
         raise ValueError(f"image must be H x W x 3, 3 x H x W or N x 3 x H x W, got shape {tuple(image.shape)}")
     if image.dtype == torch.uint8:
         return image.float()
-    if not image.is_floating_point():
-        raise ValueError(f"image must be uint8 (0..255) or float (0..1), got dtype {image.dtype}")
-    image = image.float()
-    if not bool(torch.isfinite(image).all()):
-        raise ValueError("image contains NaN or infinite values")
-    low, high = float(image.min()), float(image.max())
-    if low < -1e-3 or high > 1 + 1e-3:
-        raise ValueError(
-            f"float image values must lie in [0, 1] (got {low:.3g}..{high:.3g}); "
-            "pass uint8 for 0..255, and pass the image before mean/std normalisation"
-        )
-    return image * 255.0
+    return unit_range(image) * 255.0  # float (0..1) or uint16, checked
 
 
 def prepare_scores(scores: torch.Tensor, image: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-__all__ = ["IMAGE_SUFFIXES", "decode_rgb", "images_in", "list_images", "pil_pixels", "read_image"]
+__all__ = ["IMAGE_SUFFIXES", "decode_rgb", "images_in", "list_images", "pil_pixels", "read_image", "unit_range"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _TORCHVISION_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -40,6 +40,28 @@ def _eight_bits(pixels: torch.Tensor) -> torch.Tensor:
     if pixels.dtype == torch.uint8:
         return pixels
     return torch.div(pixels.to(torch.int32) * 255 + 32767, 65535, rounding_mode="floor").to(torch.uint8)
+
+
+def unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels as float32 in [0, 1]: uint8 / 255, uint16 / 65535, floats checked to lie in [0, 1]
+    (an image still in 0..255, or already normalised, is refused with one line rather than
+    read as garbage); other types are refused."""
+    if pixels.dtype == torch.uint8:
+        return pixels.float() / 255
+    if pixels.dtype == torch.uint16:
+        return pixels.to(torch.int32).float() / 65535
+    if not pixels.is_floating_point():
+        raise ValueError(f"image values must be uint8 (0..255), uint16 (0..65535) or float (0..1), not {pixels.dtype}")
+    pixels = pixels.float()
+    if pixels.numel() == 0:
+        return pixels
+    if not bool(torch.isfinite(pixels).all()):
+        raise ValueError("image contains NaN or infinite values")
+    low, high = float(pixels.min()), float(pixels.max())
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise ValueError(f"float image values must lie in [0, 1] (got {low:.3g}..{high:.3g}); "
+                         "pass uint8 for 0..255, and pass the image before mean/std normalisation")
+    return pixels
 
 
 def read_image(path: str | Path, channels: int = 3) -> torch.Tensor:

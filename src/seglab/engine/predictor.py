@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from seglab.crf import make_crf
-from seglab.data.io import list_images, pil_pixels, read_image
+from seglab.data.io import list_images, pil_pixels, read_image, unit_range
 from seglab.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from seglab.engine.distributed import env_rank, shard
 from seglab.engine.evaluator import Normalize, logits_of
@@ -66,23 +66,6 @@ def output_stems(files: Sequence[Path]) -> list[str]:
         taken.add(candidate)
         stems.append(candidate)
     return stems
-
-
-def _unit_range(pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels as float in [0, 1]: uint8 / 255, uint16 / 65535, floats checked to lie in [0, 1]."""
-    if pixels.dtype == torch.uint8:
-        return pixels.float() / 255
-    if pixels.dtype == torch.uint16:
-        return pixels.to(torch.int32).float() / 65535
-    if not pixels.is_floating_point():
-        raise ValueError(f"image values must be uint8 (0..255), uint16 (0..65535) or float (0..1), not {pixels.dtype}")
-    pixels = pixels.float()
-    if pixels.numel() and not bool(torch.isfinite(pixels).all()):
-        raise ValueError("image contains NaN or infinite values")
-    if pixels.numel() and (float(pixels.min()) < -1e-3 or float(pixels.max()) > 1 + 1e-3):
-        raise ValueError(f"float image values must lie in [0, 1] (got {float(pixels.min()):.3g}..{float(pixels.max()):.3g}); "
-                         "pass uint8 for 0..255, and the image before mean/std normalisation")
-    return pixels
 
 
 class Predictor:
@@ -183,7 +166,7 @@ class Predictor:
         batch = image[None] if image.dim() == 3 else image
         if batch.dim() != 4 or batch.shape[1] != self.in_channels:
             raise ValueError(f"expected an image with {self.in_channels} channels, got a tensor of shape {tuple(image.shape)}")
-        return _unit_range(batch).to(self.device, torch.float32)
+        return unit_range(batch).to(self.device, torch.float32)
 
     def _model_probabilities(self, normalized: torch.Tensor) -> torch.Tensor:
         with self.autocast():
