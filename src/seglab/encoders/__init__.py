@@ -29,7 +29,7 @@ def encoder_recipe(name: str | None) -> Mapping[str, Any]:
     """Training options (TrainConfig fields) the encoder `name` needs where the user and the
     model's own recipe give none: a warm-up for the Mix Transformers and for timm's models with
     self-attention (`seglab.encoders.timm.has_self_attention`), nothing for the others."""
-    if name is None or name in ("vgg16", "vgg16_bn"):
+    if name is None:
         return {}
     return _TRANSFORMER_RECIPE if name in MIT_CONFIGS or has_self_attention(name) else {}
 

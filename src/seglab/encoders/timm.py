@@ -37,16 +37,12 @@ class TimmEncoder(nn.Module):
             options["pretrained_cfg_overlay"] = {"tag": tag}
         try:
             self.model = _create_any_size(name, depth, options)
-        except TypeError as error:
-            if output_stride != 32 and "output_stride" in str(error):
+        except (TypeError, AssertionError, IndexError, ValueError, RuntimeError) as error:
+            if isinstance(error, TypeError) and output_stride != 32 and "output_stride" in str(error):
                 raise ValueError(
                     f"encoder {name!r} cannot trade its last strides for dilation (output_stride={output_stride}); "
                     "give the model output_stride=32 (--model-option output_stride=32) or take a convolutional encoder"
                 ) from error
-            raise ValueError(
-                f"timm cannot build encoder {name!r} with depth={depth}, output_stride={output_stride}: {error}"
-            ) from error
-        except (AssertionError, IndexError, ValueError, RuntimeError) as error:
             raise ValueError(
                 f"timm cannot build encoder {name!r} with depth={depth}, output_stride={output_stride}: {error}"
             ) from error
