@@ -372,7 +372,7 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
         share = f" by rank 0 of {context.world_size} (each rank its own shard)" if context.enabled else ""
         images = sum(path.name.endswith("_mask.png") for path in written)
         Console().print(f"{images} image(s) predicted{share} in {_precision_words(predictor)}; "
-                        f"{'masks and overlays' if args.overlays else 'masks'} in {args.out}/")
+                        f"{'masks and overlays' if args.overlays else 'masks'} in {os.path.normpath(args.out)}/")
     return 0
 
 
