@@ -17,6 +17,7 @@ from seglab.data import (
     open_dataset,
 )
 from seglab.data.cityscapes import LABEL_TO_TRAIN_ID
+from seglab.data.files import equal_size_batches
 
 
 def test_voc_reads_palette_masks_and_split_lists(tmp_path, helpers, rng):
@@ -108,6 +109,22 @@ def test_coco_json_becomes_semantic_masks(tmp_path, helpers, rng):
     assert set(sample["mask"].unique().tolist()) == {0, 1} and 16 <= int(sample["mask"].sum()) <= 25
     resized = open_dataset(tmp_path, "train", image_size=20, augment=False, val_every=2)[0]
     assert resized["image"].shape == (3, 20, 20) and resized["mask"].shape == (20, 20)
+
+
+def test_coco_sets_tell_their_image_sizes_for_batches_of_one_size(tmp_path, helpers, rng):
+    images, annotations = [], []
+    for k, (height, width) in enumerate([(10, 12), (8, 8), (10, 12)]):
+        helpers.rgb(tmp_path / "images" / f"{k}.png", rng.integers(0, 256, size=(height, width, 3)))
+        images.append({"id": k + 1, "file_name": f"{k}.png", "height": height, "width": width})
+        annotations.append({"id": k + 1, "image_id": k + 1, "category_id": 5, "iscrowd": 0, "area": 4,
+                            "bbox": [1, 1, 2, 2], "segmentation": [[1, 1, 3, 1, 3, 3, 1, 3]]})
+    content = {"images": images, "categories": [{"id": 5, "name": "nucleus"}], "annotations": annotations}
+    (tmp_path / "instances.json").write_text(json.dumps(content))
+    dataset = open_dataset(tmp_path / "instances.json", None, augment=False)
+    assert dataset.image_sizes() == [(12, 10), (8, 8), (12, 10)]  # (width, height), from the JSON
+    batches = equal_size_batches(dataset, 4)
+    assert batches == [[0, 2], [1]]
+    assert all(len({tuple(dataset[i]["image"].shape) for i in batch}) == 1 for batch in batches)
 
 
 def test_open_dataset_errors_name_the_culprit(tmp_path, helpers, rng):

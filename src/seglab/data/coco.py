@@ -135,6 +135,12 @@ class CocoSemantic(SegmentationDataset):
     def __len__(self) -> int:
         return len(self.file.image_ids)
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """Each image's (width, height) as the annotation file records it (the data doctor
+        checks that the files agree)."""
+        images = self.file.coco.imgs
+        return [(int(images[i]["width"]), int(images[i]["height"])) for i in self.file.image_ids]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image_id = self.file.image_ids[index]
         image = self.file.load_image(image_id)

@@ -140,6 +140,14 @@ class FileDataset(SegmentationDataset):
         """The class-id mask at native size, int64 H x W, without augmentation."""
         return torch.from_numpy(self.decoder.mask(read_raw_mask(self.pairs[index][1])))
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """Each image's (width, height) as stored, from its file's header (nothing decoded)."""
+        sizes = []
+        for image, _ in self.pairs:
+            with Image.open(image) as picture:
+                sizes.append(picture.size)
+        return sizes
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self.pairs):
             raise IndexError(index)
@@ -158,15 +166,18 @@ class FileDataset(SegmentationDataset):
 def equal_size_batches(dataset: SegmentationDataset, batch_size: int) -> list[list[int]] | None:
     """The indices of a data set whose images come at their own sizes (opened without an
     `image_size`), cut into batches of up to `batch_size` images of one size (a batch is one
-    tensor), in order within each size; the sizes come from the files' headers, nothing is
-    decoded. None where every image has one size or the sizes are not known up front (a data
-    set not of files): plain batches do then."""
-    if not isinstance(dataset, FileDataset):
+    tensor), in order within each size; the sizes come from the data set's `image_sizes()`
+    (the files' headers, a COCO file's records), nothing is decoded. None where every image has
+    one size or the data set cannot tell its sizes up front: plain batches do then."""
+    sizes = getattr(dataset, "image_sizes", None)
+    if sizes is None:
+        return None
+    known = sizes()
+    if known is None:
         return None
     by_size: dict[tuple[int, int], list[int]] = {}
-    for index, (image, _) in enumerate(dataset.pairs):
-        with Image.open(image) as picture:
-            by_size.setdefault(picture.size, []).append(index)
+    for index, size in enumerate(known):
+        by_size.setdefault(size, []).append(index)
     if len(by_size) < 2:
         return None
     return [members[start:start + batch_size] for members in by_size.values()
@@ -215,6 +226,11 @@ class TransformedDataset(SegmentationDataset):
     def load_mask(self, index: int) -> torch.Tensor:
         """The mask without augmentation (what class statistics count)."""
         return self.dataset[index]["mask"]
+
+    def image_sizes(self) -> list[tuple[int, int]] | None:
+        """The wrapped data set's (width, height) per image, where it can tell them up front."""
+        sizes = getattr(self.dataset, "image_sizes", None)
+        return None if sizes is None else sizes()
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         with one_thread():
