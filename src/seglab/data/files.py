@@ -169,14 +169,11 @@ def equal_size_batches(dataset: SegmentationDataset, batch_size: int) -> list[li
     tensor), in order within each size; the sizes come from the data set's `image_sizes()`
     (the files' headers, a COCO file's records), nothing is decoded. None where every image has
     one size or the data set cannot tell its sizes up front: plain batches do then."""
-    sizes = getattr(dataset, "image_sizes", None)
+    sizes = getattr(dataset, "image_sizes", lambda: None)()
     if sizes is None:
         return None
-    known = sizes()
-    if known is None:
-        return None
     by_size: dict[tuple[int, int], list[int]] = {}
-    for index, size in enumerate(known):
+    for index, size in enumerate(sizes):
         by_size.setdefault(size, []).append(index)
     if len(by_size) < 2:
         return None
@@ -229,8 +226,7 @@ class TransformedDataset(SegmentationDataset):
 
     def image_sizes(self) -> list[tuple[int, int]] | None:
         """The wrapped data set's (width, height) per image, where it can tell them up front."""
-        sizes = getattr(self.dataset, "image_sizes", None)
-        return None if sizes is None else sizes()
+        return getattr(self.dataset, "image_sizes", lambda: None)()
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         with one_thread():

@@ -71,8 +71,7 @@ def read_image(path: str | Path, channels: int = 3) -> torch.Tensor:
         raise ValueError(f"images are read with 1, 3 or 4 channels, not {channels}")
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
-    pixels = decode_rgb(path) if channels == 3 else _decode_with_pil(path, _MODES[channels])
-    return pixels.float().div_(255)
+    return unit_range(decode_rgb(path) if channels == 3 else _decode_with_pil(path, _MODES[channels]))
 
 
 def pil_pixels(picture: Image.Image, mode: str) -> np.ndarray:
