@@ -6,9 +6,11 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from engine_helpers import quiet_console, tiny_options, train_tiny
+from PIL import Image
 
 from seglab.data.stats import median_frequency_weights
 from seglab.engine import trainer as trainer_module
@@ -231,3 +233,32 @@ def test_deterministic_on_a_gpu_asks_for_cudnns_and_pytorchs_deterministic_algor
     assert asked == [(True, True)]  # warn_only: an operator without a deterministic kernel warns, the run goes on
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_int8_calibration_images_are_the_train_split_without_random_augmentation(tmp_path: Path, monkeypatch) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for k in range(4):
+            for folder, pixels in (("images", rng.integers(0, 256, (40, 48, 3))), ("masks", rng.integers(0, 2, (40, 48)))):
+                (tmp_path / "data" / folder / split).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "data" / folder / split / f"{k}.png")
+    trainer = make_trainer(tmp_path / "runs", data=str(tmp_path / "data"), format="folder", image_size=32)
+    seen = []
+
+    def capture(dataset, normalize, device="cpu"):
+        seen.append(dataset)
+        return []
+
+    monkeypatch.setattr(trainer_module, "calibration_images", capture)
+    monkeypatch.setattr(trainer_module, "measure_int8", lambda *args, **kwargs: None)
+    trainer.best = {"miou": 0.5}
+    trainer._store_int8_ranges()
+    (calibration_set,) = seen
+    draws = []
+    for seed in range(3):  # the default training augmentation (scale jitter, crop, flips) would differ per draw
+        torch.manual_seed(seed)
+        draws.append(calibration_set[0]["image"])
+    assert all(torch.equal(draws[0], draw) for draw in draws[1:])
+    whole = torch.from_numpy(np.array(Image.open(tmp_path / "data" / "images" / "train" / "0.png"))).permute(2, 0, 1)
+    resized = torch.nn.functional.interpolate(whole[None].float() / 255, size=(32, 32), mode="bilinear", antialias=True)[0]
+    torch.testing.assert_close(draws[0], resized, atol=0.02, rtol=0)  # the whole image resized, not a crop of it

@@ -705,8 +705,11 @@ class Trainer:
     def _store_int8_ranges(self) -> None:
         """Calibrate the best weights for int8 inference, score them on the validation split
         (every rank its shard) and add the record to best.json (rank 0; seglab.engine.int8_checkpoint)."""
-        # the train split as evaluation opens it (unaugmented): the images `seglab eval --precision int8` takes
-        calibration_set = open_dataset(self.config.data, "train", **self._data_options(train=False))
+        # the train split without random augmentation: the images `seglab eval --precision int8` takes
+        options = self._data_options(train=False)
+        if self.config.data != "synthetic":
+            options["augment"] = False  # None would mean the training default on the train split
+        calibration_set = open_dataset(self.config.data, "train", **options)
         calibration = calibration_images(calibration_set, self.normalize, device=self.device)
         miou_float32 = self.best["miou"]
         if self.precision.name != "32":  # the figure to compare with is float32's
