@@ -47,6 +47,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, not {text}")
+    return value
+
+
 def _float_list(text: str) -> list[float]:
     """`0.75,1,1.25` -> [0.75, 1.0, 1.25]."""
     try:
@@ -352,10 +359,14 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     checkpoint_config = read_checkpoint_config(args.checkpoint)
     is_instance = checkpoint_config.get("task") == "instance"
     if is_instance:
-        _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "tile", "tta_flips", "tta_scales"))
+        _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "tile", "tta_flips", "tta_scales", "calibration"))
+        if args.precision == "int8":
+            raise CommandError(f"--precision int8: for semantic models only; {args.checkpoint} is an instance model")
+    elif args.score_threshold is not None:
+        raise CommandError(f"--score-threshold: for instance models only; {args.checkpoint} is a semantic model")
     output_folder(args.out)  # before any progress bar, so a bad --out is the only line printed
     if is_instance:
-        from seglab.engine.instance import predict_instance
+        from seglab.engine.instance_predictor import predict_instance
 
         return predict_instance(args, console)
 
@@ -536,8 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"--precision int8: how many calibration images (default {INT8_CALIBRATION_IMAGES})")
     predict.add_argument("--direct-convolutions", action="store_true", help=DIRECT_CONVOLUTIONS_HELP)
     predict.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True,
-                         help="also write <stem>_overlay.png, the image with the mask blended in (default: on; "
-                              "--no-overlays writes the masks only, about 50 ms less per 512 x 512 image)")
+                         help="also write <stem>_overlay.png, the image with the mask (or each instance) blended in "
+                              "(default: on; --no-overlays writes the masks only, about 50 ms less per 512 x 512 image)")
+    predict.add_argument("--score-threshold", type=_unit_interval,
+                         help="instance models: detections at or above this score go into the instance maps and "
+                              "overlays (default 0.5; results.json keeps every score)")
     predict.add_argument("--nproc", type=_positive_int, help="processes, each predicting a shard of the images")
     predict.add_argument("--crf", action="store_true", help="refine predictions with a dense CRF (docs/crf.md)")
     predict.add_argument("--crf-params", help="dense CRF parameters, e.g. theta_alpha=60,w1=5 (implies --crf)")

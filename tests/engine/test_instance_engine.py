@@ -10,7 +10,6 @@ from PIL import Image
 
 from seglab.cli import main
 from seglab.engine.checkpoint import load_checkpoint
-from seglab.engine.instance import instance_overlay
 from seglab.engine.precision import resolve_precision
 
 
@@ -46,12 +45,14 @@ def test_train_eval_predict_an_instance_model(tmp_path, capsys, monkeypatch):
     Image.fromarray((np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)).save(image_file)
     out = tmp_path / "predicted"
     assert main(["predict", "--checkpoint", str(run), str(image_file), "--out", str(out)]) == 0
-    assert Image.open(out / "picture_instances.png").size == (56, 40)
+    for name, mode in (("picture_overlay.png", "RGB"), ("picture_instances.png", "I;16"), ("picture_classes.png", "L")):
+        with Image.open(out / name) as written:
+            assert (written.size, written.mode) == ((56, 40), mode), name
     records = json.loads((out / "results.json").read_text())
     assert all(r["image_id"] == 1 and {"segmentation", "score", "category_id", "bbox"} <= set(r) for r in records)
-    masks_only = tmp_path / "results-only"
+    masks_only = tmp_path / "masks-only"
     assert main(["predict", "--checkpoint", str(run), str(image_file), "--out", str(masks_only), "--no-overlays"]) == 0
-    assert sorted(p.name for p in masks_only.iterdir()) == ["images.json", "results.json"]
+    assert sorted(p.name for p in masks_only.iterdir()) == ["images.json", "picture_classes.png", "picture_instances.png", "results.json"]
     assert json.loads((masks_only / "results.json").read_text()) == records
 
     # Semantic-only options are refused for an instance model (one error line, exit 2), not ignored;
@@ -60,6 +61,8 @@ def test_train_eval_predict_an_instance_model(tmp_path, capsys, monkeypatch):
     assert main(["predict", "--checkpoint", str(run), str(image_file), "--out", str(out), "--crf", "--tile", "32"]) == 2
     assert main(["eval", "--checkpoint", str(run), "--crf-params", "w1=3"]) == 2
     assert main(["predict", "--checkpoint", str(run), str(image_file), "--out", str(image_file)]) == 2
+    assert main(["predict", "--checkpoint", str(run), str(image_file), "--out", str(out), "--precision", "int8"]) == 2
+    assert main(["predict", "--checkpoint", str(run), str(image_file), "--out", str(out), "--calibration", str(image_file)]) == 2
     # --precision is honoured, so a precision the device cannot run is refused, not ignored.
     assert main(["eval", "--checkpoint", str(run), "--precision", "16"]) == 2
     assert main(["predict", "--checkpoint", str(run), str(image_file), "--out", str(out), "--precision", "16"]) == 2
@@ -69,12 +72,15 @@ def test_train_eval_predict_an_instance_model(tmp_path, capsys, monkeypatch):
         f"seglab: error: --crf, --tile: for semantic models only; {run} is an instance model",
         f"seglab: error: --crf-params: for semantic models only; {run} is an instance model",
         f"seglab: error: cannot use {image_file} as the output folder: it exists and is not a folder",
+        f"seglab: error: --precision int8: for semantic models only; {run} is an instance model",
+        f"seglab: error: --calibration: for semantic models only; {run} is an instance model",
         fp16_on_cpu,
         fp16_on_cpu,
     ]
 
     # --direct-convolutions reaches the fast path of both commands.
     import seglab.engine.instance as instance
+    import seglab.engine.instance_predictor as instance_predictor
 
     asked = []
     real = instance.optimize_instance_model
@@ -84,6 +90,7 @@ def test_train_eval_predict_an_instance_model(tmp_path, capsys, monkeypatch):
         return real(model, *args, winograd=winograd, **kwargs)
 
     monkeypatch.setattr(instance, "optimize_instance_model", recording)
+    monkeypatch.setattr(instance_predictor, "optimize_instance_model", recording)
     for command in (["eval", "--checkpoint", str(run)], ["predict", "--checkpoint", str(run), str(image_file), "--out", str(out)]):
         assert main(command) == 0 and main([*command, "--direct-convolutions"]) == 0
     assert asked == [True, False, True, False]
@@ -105,7 +112,8 @@ def test_instance_evaluation_and_prediction_run_under_the_given_autocast(tmp_pat
     from torch.utils.data import DataLoader
 
     from seglab.data.instance import SyntheticInstances, collate_instances
-    from seglab.engine.instance import evaluate_instances, predict_instance_files
+    from seglab.engine.instance import evaluate_instances
+    from seglab.engine.instance_predictor import predict_instance_files
     from seglab.models import create_model
 
     torch.manual_seed(0)
@@ -126,25 +134,6 @@ def test_instance_evaluation_and_prediction_run_under_the_given_autocast(tmp_pat
     assert recorder.dtypes == [torch.bfloat16] * 2 and (tmp_path / "out" / "picture_instances.png").is_file()
     predict_instance_files(recorder, {"classes": data.classes}, [image_file], tmp_path / "out")
     assert recorder.dtypes[-1] is None  # no autocast unless asked
-
-
-def test_overlay_colours_each_instance_and_skips_low_scores():
-    image = torch.zeros(3, 20, 20)
-    masks = torch.zeros(3, 1, 20, 20)
-    masks[0, 0, 2:8, 2:8] = 1
-    masks[1, 0, 10:18, 10:18] = 1
-    masks[2, 0, 2:8, 12:18] = 1
-    prediction = {
-        "masks": masks,
-        "boxes": torch.tensor([[2.0, 2, 8, 8], [10, 10, 18, 18], [12, 2, 18, 8]]),
-        "labels": torch.tensor([1, 1, 2]),
-        "scores": torch.tensor([0.9, 0.8, 0.1]),
-    }
-    picture = instance_overlay(image, prediction, ["background", "a", "b"], score_threshold=0.5)
-    assert picture.shape == (20, 20, 3)
-    first, second = picture[5, 5], picture[14, 14]
-    assert first.any() and second.any() and not np.array_equal(first, second)  # one colour per instance
-    assert not picture[5, 15].any()  # the 0.1-score instance is not drawn
 
 
 def test_yolact_anchors_follow_the_training_boxes_unless_given():

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-__all__ = ["IMAGE_SUFFIXES", "decode_rgb", "images_in", "list_images", "pil_pixels", "read_image", "unit_range"]
+__all__ = ["IMAGE_SUFFIXES", "decode_rgb", "image_batch", "images_in", "list_images", "pil_pixels", "read_image", "unit_range"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _TORCHVISION_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -97,6 +97,27 @@ def _decode_with_pil(path: Path, mode: str) -> torch.Tensor:
 def images_in(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, sorted by name."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def image_batch(image: torch.Tensor | np.ndarray | Image.Image, channels: int = 3) -> torch.Tensor:
+    """An image given in memory as a float32 N x C x H x W batch in [0, 1]: a PIL image (16-bit
+    grey scaled to 8 bits, alpha dropped), an H x W or H x W x C array (grey repeated for a
+    3-channel model, alpha dropped) or a C x H x W / N x C x H x W tensor; uint8 values are
+    0..255, uint16 0..65535, floats 0..1 (anything else is refused, not scored as garbage)."""
+    if isinstance(image, Image.Image):
+        image = pil_pixels(image, "L" if channels == 1 else "RGB")
+    if isinstance(image, np.ndarray):
+        array = image[..., None] if image.ndim == 2 else image
+        if array.ndim == 3 and channels == 3 and array.shape[2] in (1, 4):
+            array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[..., :3]
+        array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()  # PIL's arrays are read-only
+        image = torch.from_numpy(array).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array)
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"cannot predict on a {type(image).__name__}; give a PIL image, a numpy array or a tensor")
+    batch = image[None] if image.dim() == 3 else image
+    if batch.dim() != 4 or batch.shape[1] != channels:
+        raise ValueError(f"expected an image with {channels} channels, got a tensor of shape {tuple(image.shape)}")
+    return unit_range(batch).float()
 
 
 def list_images(paths: list[str | Path]) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Training, evaluation and prediction for instance segmentation models (Mask R-CNN, YOLACT).
+"""Training and evaluation for instance segmentation models (Mask R-CNN, YOLACT); prediction
+is seglab.engine.instance_predictor's.
 
 The same run directory as semantic training (config.yaml, best/last checkpoints as safetensors
 + JSON, metrics.jsonl, curves.png, overlays/), the same options (:class:`TrainConfig`), progress
@@ -23,7 +24,7 @@ from typing import Any, ContextManager
 import numpy as np
 import torch
 import yaml
-from PIL import Image, ImageDraw
+from PIL import Image
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -33,10 +34,10 @@ from torch.utils.data import DataLoader
 from seglab.data.box_stats import ANCHOR_PERCENTILE, anchor_size_for, object_sides
 from seglab.data.copy_paste import CopyPaste
 from seglab.data.instance import collate_instances, instance_augment_options, instance_transforms, open_instance_dataset
-from seglab.data.io import list_images, read_image
 from seglab.engine.checkpoint import save_checkpoint
 from seglab.engine.config import TrainConfig
 from seglab.engine.fastpath import optimize_instance_model, to_channels_last, training_convolutions
+from seglab.engine.instance_predictor import instance_overlay, sorted_detections
 from seglab.engine.precision import resolve_precision
 from seglab.engine.trainer import (
     _json_safe,
@@ -48,11 +49,11 @@ from seglab.engine.trainer import (
     unique_run_dir,
     use_deterministic_kernels,
 )
-from seglab.files import append_line, atomic_write, atomic_write_text, output_folder
+from seglab.files import append_line, atomic_write, atomic_write_text
 from seglab.metrics import COCOMaskEvaluator, save_coco_results
 from seglab.metrics.coco import coco_results
 from seglab.models import create_model
-from seglab.viz import plot_curves, to_uint8_image
+from seglab.viz import plot_curves
 
 __all__ = [
     "INSTANCE_DEFAULTS",
@@ -60,10 +61,7 @@ __all__ = [
     "eval_instance",
     "evaluate_instances",
     "instance_metrics_table",
-    "instance_overlay",
     "model_kwargs_for",
-    "predict_instance",
-    "predict_instance_files",
     "train_instance",
 ]
 
@@ -324,7 +322,7 @@ class InstanceTrainer:
         self.model.eval()
         for index in range(min(self.config.num_overlays, len(self.val_set))):
             image, target = self.val_set[index]
-            prediction = _on_cpu(self.model([image.to(self.device)])[0])
+            prediction = sorted_detections(self.model([image.to(self.device)])[0])
             truth = {"masks": target["masks"], "labels": target["labels"], "boxes": target["boxes"], "scores": torch.ones(len(target["labels"]))}
             panel = np.concatenate(
                 [instance_overlay(image, truth, self.train_set.classes), np.full((image.shape[-2], 2, 3), 255, np.uint8),
@@ -371,7 +369,7 @@ def evaluate_instances(
     for images, targets in loader:
         tic = time.perf_counter()
         with autocast():
-            predictions = [_on_cpu(p) for p in model([image.to(device) for image in images])]
+            predictions = [sorted_detections(p) for p in model([image.to(device) for image in images])]
         inference_seconds += time.perf_counter() - tic
         images_seen += len(images)
         evaluator.update(predictions, targets)
@@ -391,12 +389,6 @@ def evaluate_instances(
     return results
 
 
-def _on_cpu(prediction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One image's detections on the CPU, floating-point fields in float32 (under bf16 autocast
-    masks and scores may come out in bfloat16, which NumPy and pycocotools cannot read)."""
-    return {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in prediction.items()}
-
-
 def instance_metrics_table(results: dict[str, Any], title: str = "Validation") -> Table:
     """COCO mask AP figures and boundary AP, one row, plus per-class mask AP."""
     table = Table(title=title)
@@ -412,82 +404,6 @@ def instance_metrics_table(results: dict[str, Any], title: str = "Validation") -
 
 def _fmt(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.4f}"
-
-
-def instance_overlay(image: torch.Tensor, prediction: dict[str, torch.Tensor], classes: Sequence[str], score_threshold: float = 0.5, alpha: float = 0.5) -> np.ndarray:
-    """Each instance in its own colour, outlined by its box and labelled "class score"."""
-    picture = to_uint8_image(image).astype(np.float32)
-    keep = prediction["scores"] >= score_threshold
-    masks = prediction["masks"][keep]
-    masks = (masks[:, 0] if masks.dim() == 4 else masks).float() > 0.5
-    colours = [_distinct_colour(i) for i in range(len(masks))]
-    for mask, colour in zip(masks.numpy(), colours):
-        picture[mask] = (1 - alpha) * picture[mask] + alpha * np.asarray(colour, np.float32)
-    canvas = Image.fromarray(picture.round().astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
-    for box, label, score, colour in zip(prediction["boxes"][keep].tolist(), prediction["labels"][keep].tolist(), prediction["scores"][keep].tolist(), colours):
-        draw.rectangle(box, outline=tuple(colour))
-        name = classes[label] if 0 <= label < len(classes) else str(label)
-        draw.text((box[0] + 1, box[1] + 1), f"{name} {score:.2f}", fill=tuple(colour))
-    return np.asarray(canvas)
-
-
-def _distinct_colour(index: int) -> tuple[int, int, int]:
-    """Well-separated hues by the golden-angle walk, bright and saturated."""
-    import colorsys
-
-    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.85, 1.0)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-@torch.inference_mode()
-def predict_instance_files(
-    model: nn.Module,
-    config: dict[str, Any],
-    paths: Sequence[str | Path],
-    out_dir: str | Path,
-    device: torch.device | str = "cpu",
-    score_threshold: float = 0.5,
-    progress: Progress | None = None,
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-    overlays: bool = True,
-) -> list[Path]:
-    """Overlay PNGs (one colour per instance, class and score labels; unless not `overlays`)
-    and ``results.json``.
-
-    ``results.json`` holds COCO results records (all detections, every score) with image ids
-    1, 2, ... in the order of ``images.json``, which maps each id to its file. The model runs
-    inside `autocast`, as in :func:`evaluate_instances`.
-    """
-    files = _image_files(paths)
-    out_dir = output_folder(out_dir)
-    model = model.to(device).eval()
-    classes = config["classes"]
-    records: list[dict[str, Any]] = []
-    written: list[Path] = []
-    task = progress.add_task("predicting", total=len(files), info="") if progress is not None else None
-    for image_id, path in enumerate(files, start=1):
-        image = read_image(path)
-        with autocast():
-            prediction = _on_cpu(model([image.to(device)])[0])
-        records += coco_results([prediction], [image_id])
-        if overlays:
-            panel = instance_overlay(image, prediction, classes, score_threshold)
-            target = out_dir / f"{path.stem}_instances.png"
-            atomic_write(target, lambda tmp, p=panel: Image.fromarray(p).save(tmp, format="PNG"))
-            written.append(target)
-        if progress is not None and task is not None:
-            progress.update(task, advance=1)
-    written.append(save_coco_results(records, out_dir / "results.json"))
-    atomic_write(out_dir / "images.json", lambda tmp: tmp.write_text(json.dumps([{"id": i, "file_name": str(p)} for i, p in enumerate(files, start=1)], indent=1)))
-    return written
-
-
-def _image_files(paths: Sequence[str | Path]) -> list[Path]:
-    files = list_images(list(paths))
-    if not files:
-        raise FileNotFoundError(f"no images found in {', '.join(map(str, paths))}")
-    return files
 
 
 # --- the command line's entry points (seglab train/eval/predict hand instance work here) ------
@@ -531,22 +447,4 @@ def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: 
     if getattr(args, "json", None):
         atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps({k: _json_safe(v) if not isinstance(v, dict) else v for k, v in results.items()}, indent=2)))
         console.print(f"metrics written to {args.json}, COCO results to {results_json}")
-    return 0
-
-
-def predict_instance(args: Any, console: Console) -> int:
-    """`seglab predict` with an instance checkpoint: overlays and a COCO results JSON in --out."""
-    from seglab.engine.checkpoint import load_checkpoint
-
-    model, config = load_checkpoint(args.checkpoint)
-    device = resolve_device(args.device)
-    precision = resolve_precision(getattr(args, "precision", "auto"), device)  # auto: bf16 where native, else 32
-    # conv-BN folding, fused activations, Winograd's 3x3 convolutions (float32), channels_last
-    model = optimize_instance_model(model.to(device), winograd=not getattr(args, "direct_convolutions", False))
-    files, overlays = _image_files(args.images), getattr(args, "overlays", True)
-    with progress_bar(console) as progress:
-        predict_instance_files(model, config, files, args.out, device, progress=progress,
-                               autocast=precision.autocast, overlays=overlays)
-    Console().print(f"{len(files)} image(s) predicted; {'overlays and ' if overlays else ''}results.json (COCO results) "
-                    f"in {args.out}/")
     return 0

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from seglab.crf import make_crf
-from seglab.data.io import list_images, pil_pixels, read_image, unit_range
+from seglab.data.io import image_batch, list_images, read_image
 from seglab.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from seglab.engine.distributed import env_rank, shard
 from seglab.engine.evaluator import Normalize, logits_of
@@ -47,7 +47,7 @@ from seglab.files import atomic_write, output_folder
 from seglab.ops.class_map import class_indices
 from seglab.viz import overlay, palette_image
 
-__all__ = ["Predictor", "output_stems"]
+__all__ = ["Predictor", "equal_size_runs", "output_stems"]
 
 ImageLike = torch.Tensor | np.ndarray | Image.Image
 FLIP_DIMS = {"h": (-1,), "v": (-2,)}
@@ -66,6 +66,21 @@ def output_stems(files: Sequence[Path]) -> list[str]:
         taken.add(candidate)
         stems.append(candidate)
     return stems
+
+
+def equal_size_runs(jobs: Sequence[tuple[Any, ...]], channels: int, batch_size: int) -> Iterator[list[tuple[Any, ...]]]:
+    """The images of `jobs` (tuples whose first item is an image file) read in order, as runs of
+    consecutive equal-size images, up to `batch_size` a run; each job comes back as
+    `(*job, image)`."""
+    pending: list[tuple[Any, ...]] = []
+    for job in jobs:
+        image = read_image(job[0], channels=channels)
+        if pending and (len(pending) == batch_size or pending[0][-1].shape != image.shape):
+            yield pending
+            pending = []
+        pending.append((*job, image))
+    if pending:
+        yield pending
 
 
 class Predictor:
@@ -149,24 +164,8 @@ class Predictor:
         return cls(model, config, device, optimize=optimize, config_source=f"{resolve_checkpoint(path)}.json", **options)
 
     def _as_batch(self, image: ImageLike) -> torch.Tensor:
-        """PIL image (16-bit grey scaled to 8 bits, alpha dropped), H x W or H x W x C array
-        (grey repeated for a colour model, alpha dropped) or C x H x W / N x C x H x W tensor;
-        uint8 values are 0..255, uint16 0..65535, floats 0..1 (anything else is refused, not
-        scored as garbage)."""
-        if isinstance(image, Image.Image):
-            image = pil_pixels(image, "L" if self.in_channels == 1 else "RGB")
-        if isinstance(image, np.ndarray):
-            array = image[..., None] if image.ndim == 2 else image
-            if array.ndim == 3 and self.in_channels == 3 and array.shape[2] in (1, 4):
-                array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[..., :3]
-            array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()  # PIL's arrays are read-only
-            image = torch.from_numpy(array).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array)
-        if not isinstance(image, torch.Tensor):
-            raise ValueError(f"cannot predict on a {type(image).__name__}; give a PIL image, a numpy array or a tensor")
-        batch = image[None] if image.dim() == 3 else image
-        if batch.dim() != 4 or batch.shape[1] != self.in_channels:
-            raise ValueError(f"expected an image with {self.in_channels} channels, got a tensor of shape {tuple(image.shape)}")
-        return unit_range(batch).to(self.device, torch.float32)
+        """`image` as a float32 batch in [0, 1] on the device (seglab.data.io.image_batch)."""
+        return image_batch(image, self.in_channels).to(self.device)
 
     def _model_probabilities(self, normalized: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -213,18 +212,6 @@ class Predictor:
         probabilities = self.predict_proba(image)
         return class_indices(probabilities, dim=-3).cpu()
 
-    def _batches(self, jobs: list[tuple[Path, str]]) -> Iterator[list[tuple[Path, str, torch.Tensor]]]:
-        """Consecutive images of equal size, up to `batch_size` at a time."""
-        pending: list[tuple[Path, str, torch.Tensor]] = []
-        for path, stem in jobs:
-            image = read_image(path, channels=self.in_channels)
-            if pending and (len(pending) == self.batch_size or pending[0][2].shape != image.shape):
-                yield pending
-                pending = []
-            pending.append((path, stem, image))
-        if pending:
-            yield pending
-
     def predict_files(
         self,
         paths: Sequence[str | Path],
@@ -252,7 +239,7 @@ class Predictor:
         out_dir = output_folder(out_dir)
         written: list[Path] = []
         task = progress.add_task("predict", total=len(jobs), info="") if progress is not None else None
-        for batch in self._batches(jobs):
+        for batch in equal_size_runs(jobs, self.in_channels, self.batch_size):
             masks = class_indices(self.probabilities(torch.stack([image for _, _, image in batch]).to(self.device))).cpu()
             for (path, stem, image), mask in zip(batch, masks):
                 mask_path = out_dir / f"{stem}_mask.png"

@@ -1,0 +1,265 @@
+"""Inference with a trained instance checkpoint (Mask R-CNN, YOLACT): detections for images,
+files or folders.
+
+:class:`InstancePredictor` runs the model on the fast inference path (conv-BN folding, fused
+activations, Winograd's 3x3 convolutions, channels_last) in the chosen precision ("auto": bf16
+where the hardware runs it natively, else float32). :meth:`~InstancePredictor.predict` gives one
+image's detections at or above `score_threshold`, highest score first.
+
+:meth:`~InstancePredictor.predict_files` writes, per image, the two PNGs that an instance folder
+data set reads (:class:`seglab.data.instance.InstanceFolder`), so predictions can be inspected,
+corrected and trained on:
+
+- ``<stem>_instances.png``: 16-bit, 0 background, k the k-th detection (highest score first);
+  where two masks overlap, the higher score keeps the pixel;
+- ``<stem>_classes.png``: each pixel's class index, 0 background;
+- with `overlays`, ``<stem>_overlay.png``: one colour per instance, boxes labelled "class score";
+
+and for the whole job ``results.json`` (COCO results records: every detection, every score, as
+COCO mask AP needs them) with ``images.json`` (image id -> file). In a multi-process job
+(torchrun or `seglab predict --nproc N`) each rank predicts its shard of the files and rank 0
+writes the two JSON files with every rank's records.
+"""
+from __future__ import annotations
+
+import colorsys
+import contextlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ContextManager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from rich.console import Console
+from rich.progress import Progress
+from torch import nn
+
+from seglab.data.io import image_batch, list_images
+from seglab.engine.checkpoint import load_checkpoint
+from seglab.engine.distributed import env_rank, init_distributed, shard, shutdown_distributed
+from seglab.engine.fastpath import optimize_instance_model
+from seglab.engine.precision import resolve_precision
+from seglab.engine.predictor import ImageLike, equal_size_runs, output_stems
+from seglab.engine.trainer import progress_bar, resolve_device
+from seglab.files import atomic_write, output_folder
+from seglab.metrics import save_coco_results
+from seglab.metrics.coco import coco_results
+from seglab.viz import to_uint8_image
+
+__all__ = ["InstancePredictor", "instance_maps", "instance_overlay", "predict_instance", "predict_instance_files"]
+
+SCORE_THRESHOLD = 0.5  # the detections drawn and mapped by default (results.json keeps every score)
+MASK_THRESHOLD = 0.5  # a pixel whose mask probability is above it is the object's (as coco_results reads masks)
+
+
+def sorted_detections(prediction: dict[str, torch.Tensor], score_threshold: float = 0.0) -> dict[str, torch.Tensor]:
+    """One image's detections on the CPU at or above `score_threshold`, highest score first;
+    masks as N x H x W booleans, floating-point fields in float32 (under bf16 autocast they may
+    come out in bfloat16, which NumPy and pycocotools cannot read)."""
+    fields = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in prediction.items()}
+    order = torch.argsort(fields["scores"], descending=True, stable=True)
+    order = order[fields["scores"][order] >= score_threshold]
+    kept = {k: v[order] if v.dim() > 0 and len(v) == len(fields["scores"]) else v for k, v in fields.items()}
+    if "masks" in kept:
+        masks = kept["masks"]
+        masks = masks[:, 0] if masks.dim() == 4 else masks
+        kept["masks"] = masks > MASK_THRESHOLD if masks.is_floating_point() else masks.bool()
+    return kept
+
+
+def instance_maps(detections: dict[str, torch.Tensor], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The instance-index map (uint16: 0 background, k the k-th of `detections`) and the class
+    map (uint8 labels, 0 background) of detections sorted highest score first; where masks
+    overlap, the earlier (higher-scoring) detection keeps the pixel."""
+    masks = detections["masks"]
+    if len(masks) > np.iinfo(np.uint16).max:
+        raise ValueError(f"{len(masks)} detections do not fit a 16-bit instance map")
+    labels = detections["labels"]
+    if len(labels) and int(labels.max()) > np.iinfo(np.uint8).max:
+        raise ValueError(f"class {int(labels.max())} does not fit an 8-bit class map")
+    instances = np.zeros(size, np.uint16)
+    classes = np.zeros(size, np.uint8)
+    # painted lowest score first, so that each higher-scoring mask paints over it
+    for number in range(len(masks), 0, -1):
+        pixels = masks[number - 1].numpy()
+        instances[pixels] = number
+        classes[pixels] = int(labels[number - 1])
+    return instances, classes
+
+
+def instance_overlay(image: torch.Tensor, prediction: dict[str, torch.Tensor], classes: Sequence[str],
+                     score_threshold: float = 0.5, alpha: float = 0.5) -> np.ndarray:
+    """Each instance in its own colour, outlined by its box and labelled "class score"."""
+    detections = sorted_detections(prediction, score_threshold)
+    picture = to_uint8_image(image).astype(np.float32)
+    colours = [_distinct_colour(i) for i in range(len(detections["scores"]))]
+    for mask, colour in zip(detections["masks"].numpy(), colours):
+        picture[mask] = (1 - alpha) * picture[mask] + alpha * np.asarray(colour, np.float32)
+    canvas = Image.fromarray(picture.round().astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for box, label, score, colour in zip(detections["boxes"].tolist(), detections["labels"].tolist(),
+                                         detections["scores"].tolist(), colours):
+        draw.rectangle(box, outline=tuple(colour))
+        name = classes[label] if 0 <= label < len(classes) else str(label)
+        draw.text((box[0] + 1, box[1] + 1), f"{name} {score:.2f}", fill=tuple(colour))
+    return np.asarray(canvas)
+
+
+def _distinct_colour(index: int) -> tuple[int, int, int]:
+    """Well-separated hues by the golden-angle walk, bright and saturated."""
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.85, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+class InstancePredictor:
+    """Wraps an instance segmentation model (a list of C x H x W images in [0, 1] in, one
+    detections dict per image out) with its classes, precision and score threshold."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: dict[str, Any],
+        device: str | torch.device = "auto",
+        *,
+        precision: str = "auto",
+        score_threshold: float = SCORE_THRESHOLD,
+        batch_size: int = 1,
+        optimize: bool = True,
+        winograd: bool = True,
+    ) -> None:
+        if str(precision) == "int8":
+            raise ValueError("precision int8 is for semantic models; an instance model runs auto, 32, bf16 or 16")
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ValueError(f"--score-threshold must lie in [0, 1], not {score_threshold}")
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be a positive number, not {batch_size}")
+        self.device = resolve_device(str(device), env_rank().local_rank) if not isinstance(device, torch.device) else device
+        self.config = config
+        self.classes: list[str] = list(config.get("classes", []))
+        self.in_channels = int(config.get("kwargs", {}).get("in_channels", 3))
+        self.score_threshold = float(score_threshold)
+        self.batch_size = batch_size
+        resolved = resolve_precision(str(precision), self.device)
+        self.precision = resolved.name
+        self.autocast: Callable[[], ContextManager] = resolved.autocast
+        self.model = model.to(self.device).eval()
+        if optimize:  # float32 steps of the fast path; the precision comes from autocast
+            self.model = optimize_instance_model(self.model, winograd=winograd)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", **options: Any) -> "InstancePredictor":
+        """Load a checkpoint (run directory, .safetensors or .json); `options` as in the constructor."""
+        model, config = load_checkpoint(path)
+        if config.get("task") != "instance":
+            raise ValueError(f"checkpoint {path} is for task {config.get('task', 'semantic')!r}; "
+                             "this predictor is for instance models (seglab.engine.predictor.Predictor takes semantic ones)")
+        return cls(model, config, device, **options)
+
+    @torch.inference_mode()
+    def detect(self, images: Sequence[torch.Tensor], score_threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
+        """Detections of C x H x W float images in [0, 1], one forward pass, on the CPU, sorted
+        highest score first, at or above `score_threshold` (default: the predictor's)."""
+        threshold = self.score_threshold if score_threshold is None else score_threshold
+        with self.autocast():
+            predictions = self.model([image.to(self.device) for image in images])
+        return [sorted_detections(prediction, threshold) for prediction in predictions]
+
+    def predict(self, image: ImageLike) -> dict[str, torch.Tensor]:
+        """One image's detections at or above the score threshold, highest score first: boxes
+        (XYXY pixels), labels (1..K), scores and masks (N x H x W booleans), on the CPU."""
+        batch = image_batch(image, self.in_channels)
+        if len(batch) != 1:
+            raise ValueError(f"predict takes one image, not a batch of {len(batch)}")
+        return self.detect([batch[0]])[0]
+
+    def predict_files(
+        self,
+        paths: Sequence[str | Path],
+        out_dir: str | Path,
+        progress: Progress | None = None,
+        overlays: bool = True,
+    ) -> list[Path]:
+        """The module docstring's files for the images in `paths` (files and folders), in
+        `out_dir`; this rank's shard of them in a multi-process job. Returns the files written."""
+        files = list_images(list(paths))
+        if not files:
+            raise ValueError("no images to predict: the given folders hold no image files")
+        context = env_rank()
+        jobs = shard(list(zip(files, output_stems(files), range(1, len(files) + 1))), context.rank, context.world_size)
+        out_dir = output_folder(out_dir)
+        written: list[Path] = []
+        records: list[dict[str, Any]] = []
+        task = progress.add_task("predicting", total=len(jobs), info="") if progress is not None else None
+        for batch in equal_size_runs(jobs, self.in_channels, self.batch_size):
+            detections = self.detect([image for *_, image in batch], score_threshold=0.0)
+            for (path, stem, image_id, image), found in zip(batch, detections):
+                records += coco_results([found], [image_id])
+                shown = sorted_detections(found, self.score_threshold)
+                instances, classes = instance_maps(shown, tuple(image.shape[-2:]))
+                for suffix, pixels in (("instances", instances), ("classes", classes)):
+                    target = out_dir / f"{stem}_{suffix}.png"
+                    atomic_write(target, lambda tmp, p=pixels: Image.fromarray(p).save(tmp, format="PNG"))
+                    written.append(target)
+                if overlays:
+                    target = out_dir / f"{stem}_overlay.png"
+                    panel = instance_overlay(image, found, self.classes, self.score_threshold)
+                    atomic_write(target, lambda tmp, p=panel: Image.fromarray(p).save(tmp, format="PNG"))
+                    written.append(target)
+                if progress is not None and task is not None:
+                    progress.update(task, advance=1, info=path.name)
+        if context.enabled and dist.is_initialized():
+            gathered: list[list[dict[str, Any]] | None] = [None] * context.world_size
+            dist.all_gather_object(gathered, records)
+            records = sorted((r for part in gathered for r in part or []), key=lambda r: (r["image_id"], -r["score"]))
+        if context.is_main:
+            written.append(save_coco_results(records, out_dir / "results.json"))
+            index = [{"id": i, "file_name": str(p)} for i, p in enumerate(files, start=1)]
+            atomic_write(out_dir / "images.json", lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
+            written.append(out_dir / "images.json")
+        return written
+
+
+def predict_instance_files(
+    model: nn.Module,
+    config: dict[str, Any],
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    device: torch.device | str = "cpu",
+    score_threshold: float = SCORE_THRESHOLD,
+    progress: Progress | None = None,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    overlays: bool = True,
+) -> list[Path]:
+    """:meth:`InstancePredictor.predict_files` for a model as it is (no fast-path steps), run
+    inside `autocast` (as in :func:`seglab.engine.instance.evaluate_instances`)."""
+    predictor = InstancePredictor(model, config, device, precision="32", score_threshold=score_threshold, optimize=False)
+    predictor.autocast = autocast
+    return predictor.predict_files(paths, out_dir, progress=progress, overlays=overlays)
+
+
+def predict_instance(args: Any, console: Console) -> int:
+    """`seglab predict` with an instance checkpoint: the module docstring's files in --out."""
+    import os
+
+    context = init_distributed(resolve_device(args.device).type)  # a multi-process job gathers its records
+    try:
+        predictor = InstancePredictor.from_checkpoint(
+            args.checkpoint, device=args.device, precision=args.precision,
+            score_threshold=SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold,
+            batch_size=args.batch_size, winograd=not args.direct_convolutions)
+        with progress_bar(console, disable=not context.is_main) as progress:
+            written = predictor.predict_files(args.images, args.out, progress=progress, overlays=args.overlays)
+    finally:
+        shutdown_distributed()
+    if context.is_main:
+        images = sum(path.name.endswith("_instances.png") for path in written)
+        share = f" by rank 0 of {context.world_size} (each rank its own shard)" if context.enabled else ""
+        what = "instance and class maps" + (", overlays" if args.overlays else "")
+        arithmetic = "float32" if predictor.precision == "32" else predictor.precision
+        Console().print(f"{images} image(s) predicted{share} in {arithmetic}, score threshold "
+                        f"{predictor.score_threshold:g}; {what} and results.json (COCO results, every score) "
+                        f"in {os.path.normpath(args.out)}/")
+    return 0
