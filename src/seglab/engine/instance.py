@@ -123,6 +123,9 @@ class InstanceTrainer:
         augment = instance_augment_options(config.augment)
         transforms = None if augment is None else instance_transforms(True, crop, scale=augment["scale"])
         self.train_set = open_instance_dataset(config.data, "train", transforms=transforms, **self._data_options(train=True))
+        # a COCO file's category ids of labels 1..K, so that predictions can be written in the file's ids
+        category_of_label = getattr(self.train_set, "category_of_label", None)
+        self.category_ids = [category_of_label[label] for label in sorted(category_of_label)] if category_of_label else None
         if augment and augment.get("copy_paste"):
             self.train_set = CopyPaste(self.train_set, augment["copy_paste"])
         self.val_set = open_instance_dataset(config.data, "val", **self._data_options(train=False))
@@ -207,6 +210,7 @@ class InstanceTrainer:
             "kwargs": self.model_kwargs,
             "classes": list(self.train_set.classes),
             "palette": [list(c) for c in self.train_set.palette],
+            **({"category_ids": self.category_ids} if self.category_ids else {}),
             "mean": list(self.config.mean),
             "std": list(self.config.std),
             "image_size": self.config.image_size,

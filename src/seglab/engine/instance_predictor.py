@@ -16,7 +16,8 @@ corrected and trained on:
 - with `overlays`, ``<stem>_overlay.png``: one colour per instance, boxes labelled "class score";
 
 and for the whole job ``results.json`` (COCO results records: every detection, every score, as
-COCO mask AP needs them) with ``images.json`` (image id -> file). In a multi-process job
+COCO mask AP needs them; category ids those of the COCO file the checkpoint was trained on, else
+the labels 1..K) with ``images.json`` (image id -> file). In a multi-process job
 (torchrun or `seglab predict --nproc N`) each rank predicts its shard of the files and rank 0
 writes the two JSON files with every rank's records.
 """
@@ -175,6 +176,14 @@ class InstancePredictor:
             raise ValueError(f"predict takes one image, not a batch of {len(batch)}")
         return self.detect([batch[0]])[0]
 
+    def _in_file_categories(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Records whose category ids are the training COCO file's (which a checkpoint trained on
+        one keeps as "category_ids", the id of each label 1..K); labels as they are otherwise."""
+        category_ids = self.config.get("category_ids")
+        if not category_ids:
+            return records
+        return [{**record, "category_id": category_ids[record["category_id"] - 1]} for record in records]
+
     def predict_files(
         self,
         paths: Sequence[str | Path],
@@ -196,7 +205,7 @@ class InstancePredictor:
         for batch in equal_size_runs(jobs, self.in_channels, self.batch_size):
             detections = self.detect([image for *_, image in batch], score_threshold=0.0)
             for (path, stem, image_id, image), found in zip(batch, detections):
-                records += coco_results([found], [image_id])
+                records += self._in_file_categories(coco_results([found], [image_id]))
                 shown = sorted_detections(found, self.score_threshold)
                 instances, classes = instance_maps(shown, tuple(image.shape[-2:]))
                 for suffix, pixels in (("instances", instances), ("classes", classes)):
