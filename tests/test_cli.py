@@ -115,6 +115,11 @@ def test_folder_data_of_mixed_sizes_or_with_num_classes_is_refused_before_traini
     assert "image sizes: 2 different" in err and "--image-size" in err and "Traceback" not in err
     # --num-classes is the synthetic set's; a data set's classes are its own
     _one_error_line(capsys, main(["train", "--data", data, "--num-classes", "3", "--out", out]), "--num-classes")
+    # so are the synthetic set's sizes: a data set is trained on all its images
+    _one_error_line(capsys, main(["train", "--data", data, "--train-samples", "3", "--val-samples", "2", "--out", out]),
+                    "--train-samples, --val-samples: for the synthetic set only")
+    _one_error_line(capsys, main(["train", "--task", "instance", "--data", data, "--train-samples", "3", "--out", out]),
+                    "--train-samples: for the synthetic set only")
     assert not (tmp_path / "runs").exists()
 
 

@@ -119,7 +119,8 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--num-classes", dict(type=_positive_int, help="classes of the synthetic set (2-6)")),
     ("--image-size", dict(type=_image_size, help="training size: N or WIDTHxHEIGHT")),
     ("--train-samples", dict(type=_positive_int, help="synthetic training images")),
-    ("--val-samples", dict(type=_positive_int, help="synthetic validation images")),
+    ("--val-samples", dict(type=_positive_int, help="synthetic validation images (instance training on a data set: "
+                                                    "the first N validation images scored each epoch, default 100)")),
     ("--epochs", dict(type=int, help="number of epochs")),
     ("--batch-size", dict(type=int, help="images per batch")),
     ("--lr", dict(type=float, help="peak learning rate")),
@@ -198,6 +199,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         values = {**(load_yaml(args.config) if args.config else {}), **given}
         if model_options:
             values["model_kwargs"] = {**(values.get("model_kwargs") or {}), **model_options}
+        _reject_synthetic_sizes(given, values)
         if values.get("task") == "instance":
             from seglab.engine.instance import train_instance
 
@@ -318,6 +320,18 @@ def _store_int8_ranges(args: argparse.Namespace, model: Any, prepared: Any, resu
     verdict = "within" if record.within() else "not within"
     console.print(f"int8 ranges stored in {written}: mIoU {record.miou_int8:.4f} against {record.miou_float32:.4f} in "
                   f"float32, {verdict} 0.2 points (`seglab predict --precision auto` runs int8 only within)")
+
+
+def _reject_synthetic_sizes(given: dict[str, Any], values: dict[str, Any]) -> None:
+    """--train-samples and --val-samples size the synthetic set; on a data set they are an error,
+    not silently ignored (except --val-samples of instance training: the images each epoch scores)."""
+    data = values.get("data", "synthetic")
+    if data == "synthetic":
+        return
+    sized = ["train_samples"] + ([] if values.get("task") == "instance" else ["val_samples"])
+    flags = ["--" + name.replace("_", "-") for name in sized if name in given]
+    if flags:
+        raise CommandError(f"{', '.join(flags)}: for the synthetic set only; {data} is a data set, trained on all its images")
 
 
 def _reject_semantic_options(args: argparse.Namespace, checkpoint: str, names: tuple[str, ...]) -> None:

@@ -242,3 +242,36 @@ def test_float32_instance_training_runs_its_wide_3x3_convs_by_winograd_unless_di
     assert sum(changed) > 0.9 * len(changed)
     # Outside the steps the modules are as they were.
     assert not any("_conv_forward" in vars(m) for m in trainer.model.modules())
+
+
+def _coco_folder(root: Path, count: int) -> Path:
+    """`count` 32 x 32 images with a square of category 3 and one of category 7 each (sparse
+    ids, listed out of order), as root/images/ and root/instances.json."""
+    images, annotations = [], []
+    (root / "images").mkdir(parents=True)
+    for index in range(count):
+        name = f"i{index}.png"
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "images" / name)
+        images.append({"id": index + 1, "file_name": name, "height": 32, "width": 32})
+        for number, category in enumerate((3, 7)):
+            x = 4 + 14 * number
+            annotations.append({"id": 2 * index + number + 1, "image_id": index + 1, "category_id": category, "iscrowd": 0,
+                                "segmentation": [[x, 4, x + 10, 4, x + 10, 14, x, 14]], "area": 100, "bbox": [x, 4, 10, 10]})
+    document = {"images": images, "annotations": annotations, "categories": [{"id": 7, "name": "box"}, {"id": 3, "name": "blob"}]}
+    (root / "instances.json").write_text(json.dumps(document))
+    return root
+
+
+def test_instance_training_on_a_coco_file_keeps_its_category_ids_and_says_which_val_images_it_scores(tmp_path):
+    from seglab.engine.config import TrainConfig
+    from seglab.engine.instance import INSTANCE_DEFAULTS, InstanceTrainer
+
+    data = _coco_folder(tmp_path / "coco", 10)  # every 5th image is val: 2 of them
+    for val_samples, words in ((1, "the first 1 of 2 val (--val-samples)"), (100, "2 val")):
+        config = TrainConfig.from_dict({**INSTANCE_DEFAULTS, "model": "yolact", "encoder": "resnet10t", "image_size": 32,
+                                        "data": str(data), "val_samples": val_samples, "out": str(tmp_path / "runs")},
+                                       source="options")
+        trainer = InstanceTrainer(config)
+        assert len(trainer.train_set) == 8 and trainer._val_words() == words  # as the first line of training says
+    saved = trainer.checkpoint_config(1, {})
+    assert saved["classes"] == ["background", "blob", "box"] and saved["category_ids"] == [3, 7]

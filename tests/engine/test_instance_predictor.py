@@ -156,26 +156,3 @@ def test_results_carry_the_training_files_category_ids(checkpoint: Path, tmp_pat
     assert len(records) > 0 and {r["category_id"] for r in records} <= {3, 7}
     shown = [r for r in records if r["score"] >= predictor.score_threshold]
     assert [r["category_id"] for r in shown] == [{1: 3, 2: 7}[int(label)] for label in found["labels"]]
-
-
-def test_instance_training_on_a_coco_file_keeps_its_category_ids(tmp_path: Path) -> None:
-    from seglab.engine.config import TrainConfig
-    from seglab.engine.instance import INSTANCE_DEFAULTS, InstanceTrainer
-
-    images, annotations = [], []
-    (tmp_path / "coco" / "images").mkdir(parents=True)
-    for index in range(5):
-        name = f"i{index}.png"
-        Image.fromarray(np.random.default_rng(index).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "coco" / "images" / name)
-        images.append({"id": index + 1, "file_name": name, "height": 32, "width": 32})
-        for number, category in enumerate((3, 7)):
-            x = 4 + 14 * number
-            annotations.append({"id": 2 * index + number + 1, "image_id": index + 1, "category_id": category, "iscrowd": 0,
-                                "segmentation": [[x, 4, x + 10, 4, x + 10, 14, x, 14]], "area": 100, "bbox": [x, 4, 10, 10]})
-    document = {"images": images, "annotations": annotations, "categories": [{"id": 7, "name": "box"}, {"id": 3, "name": "blob"}]}
-    (tmp_path / "coco" / "instances.json").write_text(json.dumps(document))
-    config = TrainConfig.from_dict({**INSTANCE_DEFAULTS, "model": "yolact", "encoder": "resnet10t", "image_size": 32,
-                                    "data": str(tmp_path / "coco"), "out": str(tmp_path / "runs")}, source="options")
-    trainer = InstanceTrainer(config)
-    saved = trainer.checkpoint_config(1, {})
-    assert saved["classes"] == ["background", "blob", "box"] and saved["category_ids"] == [3, 7]

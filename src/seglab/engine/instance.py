@@ -256,13 +256,19 @@ class InstanceTrainer:
         seen = max(1, images_seen)
         return loss_sum / seen, images_seen / (time.perf_counter() - start), {name: total / seen for name, total in term_sums.items()}
 
+    def _val_words(self) -> str:
+        """"132 val", or "the first 100 of 132 val" where per-epoch validation takes a head of the split."""
+        if isinstance(self.val_set, _Head):
+            return f"the first {len(self.val_set)} of {len(self.val_set.dataset)} val (--val-samples)"
+        return f"{len(self.val_set)} val"
+
     def fit(self) -> dict[str, Any]:
         """Train, evaluate COCO mask AP every epoch, keep the best checkpoint by mask AP."""
         config = self.config
         self._prepare_run_dir()
         self.console.print(
             f"Training [bold]{config.model}[/] ({self.model_kwargs.get('encoder', 'default encoder')}) on {config.data} "
-            f"({len(self.train_set)} train / {len(self.val_set)} val images, {self.num_classes - 1} object classes) "
+            f"({len(self.train_set)} train / {self._val_words()} images, {self.num_classes - 1} object classes) "
             f"on {self.device}, precision {self.precision.name}{self.anchor_note}; run directory {self.run_dir}"
         )
         history: list[dict[str, Any]] = []
