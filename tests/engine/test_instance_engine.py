@@ -113,7 +113,7 @@ def test_instance_evaluation_and_prediction_run_under_the_given_autocast(tmp_pat
 
     from seglab.data.instance import SyntheticInstances, collate_instances
     from seglab.engine.instance import evaluate_instances
-    from seglab.engine.instance_predictor import predict_instance_files
+    from seglab.engine.instance_predictor import InstancePredictor
     from seglab.models import create_model
 
     torch.manual_seed(0)
@@ -130,10 +130,12 @@ def test_instance_evaluation_and_prediction_run_under_the_given_autocast(tmp_pat
     assert all(isinstance(r["score"], float) for r in json.loads((tmp_path / "results.json").read_text()))
     image_file = tmp_path / "picture.png"
     Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(image_file)
-    predict_instance_files(recorder, {"classes": data.classes}, [image_file], tmp_path / "out", autocast=bf16)
-    assert recorder.dtypes == [torch.bfloat16] * 2 and (tmp_path / "out" / "picture_instances.png").is_file()
-    predict_instance_files(recorder, {"classes": data.classes}, [image_file], tmp_path / "out")
-    assert recorder.dtypes[-1] is None  # no autocast unless asked
+    predictor = InstancePredictor(recorder, {"classes": data.classes}, "cpu", precision="32", optimize=False)
+    predictor.predict_files([image_file], tmp_path / "out")
+    assert recorder.dtypes[-1] is None  # float32: no autocast
+    predictor.autocast = bf16
+    predictor.predict_files([image_file], tmp_path / "out")
+    assert recorder.dtypes == [torch.bfloat16, None, torch.bfloat16] and (tmp_path / "out" / "picture_instances.png").is_file()
 
 
 def test_yolact_anchors_follow_the_training_boxes_unless_given():

@@ -24,8 +24,8 @@ writes the two JSON files with every rank's records.
 from __future__ import annotations
 
 import colorsys
-import contextlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ContextManager
@@ -50,7 +50,7 @@ from seglab.metrics import save_coco_results
 from seglab.metrics.coco import coco_results
 from seglab.viz import to_uint8_image
 
-__all__ = ["InstancePredictor", "instance_maps", "instance_overlay", "predict_instance", "predict_instance_files"]
+__all__ = ["InstancePredictor", "instance_maps", "instance_overlay", "predict_instance", "sorted_detections"]
 
 SCORE_THRESHOLD = 0.5  # the detections drawn and mapped by default (results.json keeps every score)
 MASK_THRESHOLD = 0.5  # a pixel whose mask probability is above it is the object's (as coco_results reads masks)
@@ -231,28 +231,8 @@ class InstancePredictor:
         return written
 
 
-def predict_instance_files(
-    model: nn.Module,
-    config: dict[str, Any],
-    paths: Sequence[str | Path],
-    out_dir: str | Path,
-    device: torch.device | str = "cpu",
-    score_threshold: float = SCORE_THRESHOLD,
-    progress: Progress | None = None,
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-    overlays: bool = True,
-) -> list[Path]:
-    """:meth:`InstancePredictor.predict_files` for a model as it is (no fast-path steps), run
-    inside `autocast` (as in :func:`seglab.engine.instance.evaluate_instances`)."""
-    predictor = InstancePredictor(model, config, device, precision="32", score_threshold=score_threshold, optimize=False)
-    predictor.autocast = autocast
-    return predictor.predict_files(paths, out_dir, progress=progress, overlays=overlays)
-
-
 def predict_instance(args: Any, console: Console) -> int:
     """`seglab predict` with an instance checkpoint: the module docstring's files in --out."""
-    import os
-
     context = init_distributed(resolve_device(args.device).type)  # a multi-process job gathers its records
     try:
         predictor = InstancePredictor.from_checkpoint(
