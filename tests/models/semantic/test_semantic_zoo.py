@@ -34,8 +34,11 @@ def test_logits_at_input_size_and_gradients_reach_every_parameter(key):
         assert extra.shape == (2, 3, 37, 29)
     loss = logits.square().mean() + sum(a.square().mean() for a in aux)
     loss.backward()
-    unreached = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    unreached = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not unreached, f"no gradient reaches {unreached[:5]}"
+    # the one fixed filter: FCN's final upsampling, bilinear interpolation (Long et al., Sec. 4.3)
+    fixed = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert fixed == (["final_up.conv.weight"] if key.startswith("fcn") else []), fixed
 
     model.eval()
     with torch.no_grad():
@@ -186,3 +189,23 @@ def test_fcn_on_vgg_holds_each_parameter_once_so_its_checkpoint_saves(tmp_path):
     assert isinstance(model.score_fr, PointwiseConv2d)
     save_file({key: value.contiguous() for key, value in state.items()}, str(tmp_path / "fcn.safetensors"))
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_fcn_keeps_its_final_upsampling_bilinear_and_learns_the_intermediate_ones():
+    """Long et al., Sec. 4.3: "Final layer deconvolutional filters are fixed to bilinear
+    interpolation, while intermediate upsampling layers are initialized to bilinear upsampling,
+    and then learned"; `learn_final_upsampling=True` learns the final one as well."""
+    from seglab.ops.upsample import bilinear_kernel
+
+    torch.manual_seed(0)
+    for learn in (False, True):
+        model = seglab.create_model("fcn8s", num_classes=3, encoder="resnet18", learn_final_upsampling=learn)
+        with torch.no_grad():
+            for score in model.skip_scores.values():  # zero at the start: wake the skip paths
+                score.weight.fill_(0.1)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model(torch.rand(2, 3, 64, 64)).square().mean().backward()
+        optimizer.step()
+        final, intermediate = model.final_up.conv.weight, model.skip_ups["pool16"].conv.weight
+        assert torch.equal(final, bilinear_kernel(3, 3, 16)) != learn
+        assert not torch.equal(intermediate, bilinear_kernel(3, 3, 4))

@@ -4,10 +4,11 @@ Networks for Semantic Segmentation"), Fig. 3.
 VGG16 with fc6/fc7 turned into convolutions; a 1x1 "score" layer predicts class scores at
 stride 32. FCN-32s upsamples them x32 in one step. FCN-16s upsamples x2, adds the scores of
 pool4 (stride 16) and upsamples x16; FCN-8s also adds pool3's scores (stride 8) before the
-final x8. Every upsampling is a transposed convolution initialised to bilinear interpolation
-and learnt; the skip score layers start at zero so training begins from the coarser net
-(Sec. 4.2). `encoder` may be any other encoder too; it then has no fc6/fc7 and scores its
-deepest map directly.
+final x8. Every upsampling is a transposed convolution initialised to bilinear interpolation;
+the intermediate x2 ones are learnt and the final one stays fixed to bilinear interpolation
+(Sec. 4.3, "Dense Prediction"; `learn_final_upsampling=True` learns it too). The skip score
+layers start at zero so training begins from the coarser net (Sec. 4.2). `encoder` may be any
+other encoder too; it then has no fc6/fc7 and scores its deepest map directly.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ __all__ = ["FCN", "fcn32s", "fcn16s", "fcn8s"]
 
 
 class FCN(nn.Module):
-    def __init__(self, encoder: nn.Module, num_classes: int, output_stride: int, upsample: str = "transposed") -> None:
+    def __init__(self, encoder: nn.Module, num_classes: int, output_stride: int, upsample: str = "transposed",
+                 learn_final_upsampling: bool = False) -> None:
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise ValueError(f"FCN's output stride must be 8, 16 or 32, not {output_stride}")
@@ -49,6 +51,8 @@ class FCN(nn.Module):
                 self.skip_scores[f"pool{stride}"] = score
                 self.skip_ups[f"pool{stride}"] = make_upsample(upsample, num_classes, num_classes, 2)
         self.final_up = make_upsample(upsample, num_classes, num_classes, output_stride)
+        if upsample == "transposed" and not learn_final_upsampling:
+            self.final_up.requires_grad_(False)  # bilinear interpolation, as a fixed filter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
@@ -66,7 +70,7 @@ class FCN(nn.Module):
 
 
 def _build(output_stride: int, num_classes: int, in_channels: int, encoder: str, encoder_weights: str | None,
-           width: float, upsample: str) -> FCN:
+           width: float, upsample: str, learn_final_upsampling: bool) -> FCN:
     if encoder in ("vgg16", "vgg16_bn"):
         backbone: nn.Module = VGG16Encoder(in_channels, batch_norm=encoder == "vgg16_bn", with_fc=True, width=width)
         if encoder_weights is not None:
@@ -75,25 +79,25 @@ def _build(output_stride: int, num_classes: int, in_channels: int, encoder: str,
         if width != 1.0:
             raise ValueError("width applies to the vgg16 encoders only")
         backbone = create_encoder(encoder, in_channels=in_channels, weights=encoder_weights)
-    return FCN(backbone, num_classes, output_stride, upsample)
+    return FCN(backbone, num_classes, output_stride, upsample, learn_final_upsampling)
 
 
 @register_model("fcn32s", paper="Long et al., CVPR 2015")
 def fcn32s(*, num_classes: int, in_channels: int = 3, encoder: str = "vgg16", encoder_weights: str | None = None,
-           width: float = 1.0, upsample: str = "transposed") -> nn.Module:
+           width: float = 1.0, upsample: str = "transposed", learn_final_upsampling: bool = False) -> nn.Module:
     """FCN-32s: VGG16 fc-as-conv, scores at stride 32 upsampled x32."""
-    return _build(32, num_classes, in_channels, encoder, encoder_weights, width, upsample)
+    return _build(32, num_classes, in_channels, encoder, encoder_weights, width, upsample, learn_final_upsampling)
 
 
 @register_model("fcn16s", paper="Long et al., CVPR 2015")
 def fcn16s(*, num_classes: int, in_channels: int = 3, encoder: str = "vgg16", encoder_weights: str | None = None,
-           width: float = 1.0, upsample: str = "transposed") -> nn.Module:
+           width: float = 1.0, upsample: str = "transposed", learn_final_upsampling: bool = False) -> nn.Module:
     """FCN-16s: stride-32 scores x2 plus pool4 scores, upsampled x16."""
-    return _build(16, num_classes, in_channels, encoder, encoder_weights, width, upsample)
+    return _build(16, num_classes, in_channels, encoder, encoder_weights, width, upsample, learn_final_upsampling)
 
 
 @register_model("fcn8s", paper="Long et al., CVPR 2015")
 def fcn8s(*, num_classes: int, in_channels: int = 3, encoder: str = "vgg16", encoder_weights: str | None = None,
-          width: float = 1.0, upsample: str = "transposed") -> nn.Module:
+          width: float = 1.0, upsample: str = "transposed", learn_final_upsampling: bool = False) -> nn.Module:
     """FCN-8s: FCN-16s plus pool3 scores, upsampled x8 (the paper's best)."""
-    return _build(8, num_classes, in_channels, encoder, encoder_weights, width, upsample)
+    return _build(8, num_classes, in_channels, encoder, encoder_weights, width, upsample, learn_final_upsampling)
