@@ -41,6 +41,37 @@ def test_transposed_conv_starts_as_bilinear_interpolation(scale):
     assert up.conv.weight.requires_grad
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_a_fixed_bilinear_transposed_conv_is_computed_as_interpolation_with_the_same_interior(layout):
+    """Frozen and still the bilinear kernel (FCN's final layer): interpolation, whose values
+    and input gradient agree with the convolution's away from the s/2-pixel borders."""
+    scale, margin = 8, 4
+    up = make_upsample("transposed", 3, 3, scale)
+    x = torch.rand(2, 3, 7, 9).contiguous(memory_format=layout)
+    grad = torch.rand(2, 3, 7 * scale, 9 * scale)
+    grad[..., :margin + scale, :] = 0  # only interior pixels' gradients: each reads inputs the two ways agree on
+    grad[..., -(margin + scale):, :] = 0
+    grad[..., :, :margin + scale] = 0
+    grad[..., :, -(margin + scale):] = 0
+    results = {}
+    for frozen in (False, True):
+        up.requires_grad_(not frozen)
+        assert up.is_fixed_bilinear() == frozen
+        leaf = x.detach().clone().requires_grad_()
+        out = up(leaf)
+        out.backward(grad)
+        results[frozen] = (out.detach(), leaf.grad)
+    (conv, conv_grad), (interpolated, interpolated_grad) = results[False], results[True]
+    inner = (..., slice(margin, -margin), slice(margin, -margin))
+    torch.testing.assert_close(interpolated[inner], conv[inner], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(interpolated, conv)  # the borders: edge values against a fade to zero
+    torch.testing.assert_close(interpolated_grad, conv_grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a filter that is no longer bilinear (e.g. a learnt one, loaded) runs as the convolution
+        up.conv.weight[0, 0, 3, 3] += 0.5
+    assert not up.is_fixed_bilinear()
+    torch.testing.assert_close(up(x), F.conv_transpose2d(x, up.conv.weight, stride=scale, padding=margin))
+
+
 def test_bilinear_kernel_is_separable_and_peaks_at_one():
     kernel = bilinear_kernel(2, 2, 4)
     assert kernel[0, 1].abs().sum() == 0  # channels do not mix

@@ -2,7 +2,9 @@
 the input's resolution.
 
 FCN upsamples its class scores by transposed convolutions of stride s, kernel 2s and padding
-s/2 (`seglab.ops.upsample.TransposedConv`: bilinear-initialised, learnt). Input pixel q reaches
+s/2 (`seglab.ops.upsample.TransposedConv`: bilinear-initialised; the final one, held fixed as
+the paper trains it, runs as bilinear interpolation instead, so this module computes the x8 to
+x32 ones of `learn_final_upsampling=True`). Input pixel q reaches
 output rows s*q - s/2 ... s*q + 3s/2 - 1, so every output pixel reads exactly two input rows
 and two input columns. Without the padding, output row s*q + t (phase t = 0..s-1) is
 
