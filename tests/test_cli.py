@@ -99,7 +99,23 @@ def test_missing_and_foreign_checkpoints(tmp_path: Path, capsys: pytest.CaptureF
 def test_unknown_model_and_negative_epochs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _one_error_line(capsys, main(["train", "--model", "no-such-net", "--out", str(tmp_path)]), "no-such-net")
     _one_error_line(capsys, main(["train", "--epochs", "-1", "--out", str(tmp_path)]), "--epochs must be a positive number")
+    # a model of another task than --task's, or one seglab train cannot train: one line, not a traceback mid-run
+    _one_error_line(capsys, main(["train", "--task", "semantic", "--model", "yolact", "--out", str(tmp_path)]),
+                    "--model yolact is an instance model, not a semantic one")
+    _one_error_line(capsys, main(["train", "--task", "instance", "--model", "unet", "--out", str(tmp_path)]),
+                    "--model unet is a semantic model, not an instance one")
+    _one_error_line(capsys, main(["train", "--model", "keypoint_rcnn", "--out", str(tmp_path)]),
+                    "--model keypoint_rcnn is a keypoint model; seglab train trains semantic and instance models")
     assert not any(tmp_path.iterdir())  # nothing written for a refused run
+
+
+def test_the_task_follows_the_model_where_none_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import seglab.engine.instance as instance
+
+    handed = []
+    monkeypatch.setattr(instance, "train_instance", lambda values, console: handed.append(values) or 0)
+    assert main(["train", "--model", "mask_rcnn", "--out", str(tmp_path)]) == 0
+    assert handed[0]["task"] == "instance" and handed[0]["model"] == "mask_rcnn"
 
 
 def test_folder_data_of_mixed_sizes_or_with_num_classes_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

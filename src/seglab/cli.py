@@ -199,6 +199,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         values = {**(load_yaml(args.config) if args.config else {}), **given}
         if model_options:
             values["model_kwargs"] = {**(values.get("model_kwargs") or {}), **model_options}
+        _match_task_to_model(values)
         _reject_synthetic_sizes(given, values)
         if values.get("task") == "instance":
             from seglab.engine.instance import train_instance
@@ -320,6 +321,29 @@ def _store_int8_ranges(args: argparse.Namespace, model: Any, prepared: Any, resu
     verdict = "within" if record.within() else "not within"
     console.print(f"int8 ranges stored in {written}: mIoU {record.miou_int8:.4f} against {record.miou_float32:.4f} in "
                   f"float32, {verdict} 0.2 points (`seglab predict --precision auto` runs int8 only within)")
+
+
+def _match_task_to_model(values: dict[str, Any]) -> None:
+    """The task follows the model where none is given (`--model mask_rcnn` trains an instance
+    model); a task the model does not do, or a model `seglab train` cannot train, is one line."""
+    if not values.get("model"):
+        return
+    from seglab.models.registry import get_model_entry
+
+    model_task = get_model_entry(str(values["model"])).task
+    if model_task not in ("semantic", "instance"):
+        raise CommandError(f"--model {values['model']} is {_a(model_task)} model; seglab train trains semantic and "
+                           f"instance models (build it with seglab.create_model and train it on your own targets)")
+    task = values.get("task")
+    if task is None:
+        values["task"] = model_task
+    elif task != model_task:
+        raise CommandError(f"--model {values['model']} is {_a(model_task)} model, not {_a(task)} one; "
+                           f"drop --task or give {_a(task)} model (see `seglab models --task {task}`)")
+
+
+def _a(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
 
 
 def _reject_synthetic_sizes(given: dict[str, Any], values: dict[str, Any]) -> None:
