@@ -62,3 +62,15 @@ def test_listing_folders_and_files(tmp_path):
     (tmp_path / "sub.png").mkdir()  # a folder named like an image is not an image
     assert [p.name for p in images_in(tmp_path)] == ["a.JPG", "b.png"]
     assert [p.name for p in list_images([tmp_path / "notes.txt", tmp_path])] == ["notes.txt", "a.JPG", "b.png"]
+
+
+def test_a_folder_without_images_of_its_own_is_an_error_that_names_the_subfolders_with_some(tmp_path):
+    for city in ("berlin", "bonn"):
+        (tmp_path / "val" / city).mkdir(parents=True)
+        (tmp_path / "val" / city / f"{city}_0.png").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"folder .*val holds no image files .*its subfolders berlin, bonn do: give them"):
+        list_images([tmp_path / "val"])
+    with pytest.raises(FileNotFoundError, match=r"folder .*empty holds no image files \(\.png"):
+        list_images([tmp_path / "val" / "berlin", tmp_path / "empty"])
+    assert [p.name for p in list_images(sorted((tmp_path / "val").iterdir()))] == ["berlin_0.png", "bonn_0.png"]

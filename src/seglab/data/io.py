@@ -121,11 +121,19 @@ def image_batch(image: torch.Tensor | np.ndarray | Image.Image, channels: int = 
 
 
 def list_images(paths: list[str | Path]) -> list[Path]:
-    """Files as given, and the image files inside any folder given (sorted)."""
+    """Files as given, and the image files inside any folder given (sorted). A folder without
+    image files of its own is an error that says so, and names the subfolders that hold some
+    (folders are not searched recursively: Cityscapes' val/ holds one folder per city)."""
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found.extend(images_in(path))
+            inside = images_in(path)
+            if not inside:
+                nested = sorted(sub.name for sub in path.iterdir() if sub.is_dir() and images_in(sub))
+                hint = (f"; its subfolders {', '.join(nested[:3])}{' ...' if len(nested) > 3 else ''} do: give them "
+                        f"(e.g. {path}/*)") if nested else ""
+                raise FileNotFoundError(f"folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)}){hint}")
+            found.extend(inside)
         elif path.exists():
             found.append(path)
         else:
