@@ -75,6 +75,11 @@ def test_predict_writes_a_mask_and_an_overlay_per_image(trained: Path, tmp_path:
     assert all(np.array_equal(np.asarray(Image.open(mask)), np.asarray(Image.open(masks_only / mask.name))) for mask in masks)
 
 
+def test_instance_options_are_refused_for_a_semantic_checkpoint(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["predict", "--checkpoint", str(trained), str(tmp_path), "--out", str(tmp_path / "o"), "--score-threshold", "0.3"])
+    _one_error_line(capsys, code, "--score-threshold: for instance models only")
+
+
 def test_missing_image(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["predict", "--checkpoint", str(trained), str(tmp_path / "nope.png"), "--out", str(tmp_path)])
     _one_error_line(capsys, code, "nope.png does not exist")
