@@ -69,7 +69,7 @@ def test_instance_folder_reads_index_masks(tmp_path):
     instances[10:18, 20:28] = 300  # 16-bit ids are fine
     Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(tmp_path / "images" / "a.png")
     Image.fromarray(instances).save(tmp_path / "masks" / "a.png")
-    data = open_instance_dataset(str(tmp_path), "train")
+    data = open_instance_dataset(str(tmp_path), "val")  # one folder: its first file is held out for val
     assert isinstance(data, InstanceFolder) and len(data) == 1
     image, target = data[0]
     assert image.shape == (3, 20, 30)
@@ -197,3 +197,26 @@ def test_instance_augment_options_parse_and_refuse():
     ]:
         with pytest.raises(ValueError, match=message):
             instance_augment_options(bad)
+
+
+def test_one_instance_folder_is_split_as_the_semantic_folder_format_splits_and_names_its_classes(tmp_path):
+    from seglab.data.folder import HOLDOUT_EVERY
+
+    for sub in ("images", "masks", "classes"):
+        (tmp_path / sub).mkdir()
+    for index in range(12):
+        instances = np.zeros((8, 8), np.uint8)
+        instances[1:4, 1:4], instances[5:7, 5:7] = 1, 2
+        Image.fromarray(np.full((8, 8, 3), index, np.uint8)).save(tmp_path / "images" / f"{index:02d}.png")
+        Image.fromarray(instances).save(tmp_path / "masks" / f"{index:02d}.png")
+        Image.fromarray(np.where(instances == 2, 2, np.where(instances == 1, 1, 0)).astype(np.uint8)).save(tmp_path / "classes" / f"{index:02d}.png")
+    with pytest.raises(FileNotFoundError, match="no classes.yaml names the classes"):
+        open_instance_dataset(str(tmp_path), "train")
+    (tmp_path / "classes.yaml").write_text("classes: [background, cat, dog]\n")
+    train, val = (open_instance_dataset(str(tmp_path), split) for split in ("train", "val"))
+    held_out = [f"{i:02d}.png" for i in range(0, 12, HOLDOUT_EVERY)]
+    assert [p.name for p, _ in val.pairs] == held_out  # not the training images again
+    assert sorted(p.name for p, _ in train.pairs) == sorted(f"{i:02d}.png" for i in range(12) if f"{i:02d}.png" not in held_out)
+    assert train.classes == ("background", "cat", "dog")
+    _, target = train[0]
+    assert target["labels"].tolist() == [1, 2]  # read from classes/

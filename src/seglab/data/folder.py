@@ -34,7 +34,7 @@ from seglab.data.base import default_palette
 from seglab.data.files import FileDataset, LabelDecoder, index_lookup, read_split_list
 from seglab.data.io import images_in
 
-__all__ = ["FolderDataset", "read_class_table", "HOLDOUT_EVERY"]
+__all__ = ["FolderDataset", "find_class_table", "read_class_table", "HOLDOUT_EVERY"]
 
 HOLDOUT_EVERY = 10
 _TABLE_NAMES = ("classes.yaml", "classes.yml")
@@ -64,7 +64,7 @@ class FolderDataset(FileDataset):
             if not (root / sub).is_dir():
                 raise FileNotFoundError(f"{root} has no {sub}/ folder; the folder format needs images/ and masks/")
         pairs, unpaired = _find_pairs(root, split)
-        table_path = Path(classes) if classes is not None else _find_table(root)
+        table_path = Path(classes) if classes is not None else find_class_table(root)
         if table_path is not None:
             names, palette, decoder = _decoder_from_table(table_path, ignore_index)
         else:
@@ -114,7 +114,8 @@ def _colour(value: Any, path: Path, name: Any) -> tuple[int, int, int]:
     return (value[0], value[1], value[2])
 
 
-def _find_table(root: Path) -> Path | None:
+def find_class_table(root: Path) -> Path | None:
+    """root/classes.yaml (or .yml), or None."""
     for name in _TABLE_NAMES:
         if (root / name).is_file():
             return root / name

@@ -117,11 +117,19 @@ class InstanceFolder(torch.utils.data.Dataset):
     """``root/images/*`` with ``root/masks/*`` instance-index PNGs matched by file stem.
 
     In a mask, 0 is background and value k marks instance k (16-bit PNGs allow many
-    instances). All instances share one class unless ``classes`` names more and a
-    ``root/classes/`` folder holds per-pixel class-index PNGs (same stems) to read labels from.
+    instances). All instances share one class unless ``classes`` names more (given, or read
+    from ``classes.yaml`` in ``root`` or the folder above it, as the semantic folder format
+    writes it: ``classes: [background, cat, dog]``) and a ``root/classes/`` folder holds
+    per-pixel class-index PNGs (same stems) to read labels from. ``split`` ("train", "val",
+    "test") takes the semantic folder format's fixed hold-out of the files, every
+    ``HOLDOUT_EVERY``-th in name order from the first for val and test, the rest for train;
+    None keeps every file (a folder that is one split already).
     """
 
-    def __init__(self, root: str | Path, classes: Sequence[str] = ("background", "object"), transforms: Any = None) -> None:
+    def __init__(self, root: str | Path, classes: Sequence[str] | None = None, transforms: Any = None,
+                 split: str | None = None) -> None:
+        from seglab.data.folder import HOLDOUT_EVERY, find_class_table, read_class_table
+
         self.root = Path(root)
         image_dir, mask_dir = self.root / "images", self.root / "masks"
         for folder in (image_dir, mask_dir):
@@ -134,7 +142,19 @@ class InstanceFolder(torch.utils.data.Dataset):
             raise FileNotFoundError(f"no instance mask in {mask_dir} for image {missing[0]} ({len(missing)} missing)")
         if not images:
             raise FileNotFoundError(f"no images found in {image_dir}")
+        if split is not None:
+            held_out = images[::HOLDOUT_EVERY]
+            images = [p for p in images if p not in held_out] if split == "train" else held_out
+            if not images:
+                raise FileNotFoundError(f"{image_dir} leaves no image to split {split!r} (every {HOLDOUT_EVERY}th, from the "
+                                        "first, is held out for val; the rest is train): add images, or train/ and val/ folders")
         self.pairs = [(p, masks[p.stem]) for p in images]
+        if classes is None:
+            table = find_class_table(self.root) or find_class_table(self.root.parent)
+            classes = read_class_table(table)[0] if table is not None else ("background", "object")
+            if table is None and (self.root / "classes").is_dir():
+                raise FileNotFoundError(f"{self.root / 'classes'} holds class maps but no classes.yaml names the classes "
+                                        f"(put one in {self.root} or {self.root.parent}: classes: [background, ...])")
         self.class_dir = self.root / "classes" if len(classes) > 2 else None
         self.classes = tuple(classes)
         self.palette = default_palette(len(self.classes))
@@ -233,8 +253,9 @@ def open_instance_dataset(source: str = "synthetic", split: str = "train", *, tr
     - a COCO JSON file, or a folder holding exactly one ``*.json`` (e.g. DSB2018's
       ``instances.json``): :class:`~seglab.data.coco.CocoInstances` with the fixed hold-out
       split of :func:`~seglab.data.coco.coco_split_ids` (option: val_every);
-    - a folder with ``images/`` and ``masks/`` (or ``<split>/images`` and ``<split>/masks``):
-      :class:`InstanceFolder` (option: classes).
+    - a folder with ``<split>/images`` and ``<split>/masks``, or with ``images/`` and ``masks/``
+      split by the semantic folder format's fixed hold-out: :class:`InstanceFolder` (option:
+      classes; else its classes.yaml).
     """
     if source == "synthetic":
         return SyntheticInstances(split=split, transforms=transforms, **options)
@@ -247,8 +268,8 @@ def open_instance_dataset(source: str = "synthetic", split: str = "train", *, tr
         raise FileNotFoundError(f"instance data set {source!r} is neither 'synthetic', a COCO JSON file nor a folder")
     if (path / split / "images").is_dir():
         return InstanceFolder(path / split, transforms=transforms, **options)
-    if (path / "images").is_dir() and (path / "masks").is_dir():
-        return InstanceFolder(path, transforms=transforms, **options)
+    if (path / "images").is_dir() and (path / "masks").is_dir():  # one folder: the fixed hold-out split
+        return InstanceFolder(path, transforms=transforms, split=split, **options)
     annotation_files = sorted(path.glob("*.json"))
     if len(annotation_files) == 1:
         return CocoInstances(annotation_files[0], split=split, transforms=transforms, **options)
