@@ -639,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     check = data_commands.add_parser("check", help="read every file of a data set and report each problem (exit 1 if any)")
     check.add_argument("path", help="data set folder (or a COCO JSON file)")
-    check.add_argument("--format", help="folder, voc, camvid, cityscapes, ade20k or coco (default: detected)")
+    check.add_argument("--format", help="folder, voc, camvid, cityscapes, ade20k, coco or instance (an instance "
+                                        "folder: images/, masks/ of instance numbers, classes/; default: detected)")
     check.add_argument("--json", help="also write the report to this JSON file")
     check.set_defaults(run=_data_check)
     return parser

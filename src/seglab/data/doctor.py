@@ -36,6 +36,8 @@ PROBLEM_KINDS = {
     "unknown colour": "RGB masks with colours missing from the class table",
     "empty mask": "masks without a single labelled pixel",
     "empty split": "splits with no usable image/mask pair",
+    "mixed instance": "instances whose pixels are not all of one object class in the class map",
+    "no class names": "class maps (classes/) without a classes.yaml that names the classes",
 }
 
 
@@ -63,6 +65,9 @@ class DataReport:
     class_pixels: list[int] = field(default_factory=list)
     ignored_pixels: int = 0
     problems: list[Problem] = field(default_factory=list)
+    # instance folders (seglab.data.instance_doctor): objects by their class, and images by how many they hold
+    instances_per_class: list[int] = field(default_factory=list)
+    instances_per_image: Counter = field(default_factory=Counter)
 
     @property
     def ok(self) -> bool:
@@ -99,6 +104,9 @@ class DataReport:
             "class_frequencies": dict(zip(self.classes, self.class_frequencies)),
             "ignored_pixels": self.ignored_pixels,
             "problems": [{"kind": p.kind, "file": str(p.file), "detail": p.detail} for p in self.problems],
+            **({"instances_per_class": dict(zip(self.classes, self.instances_per_class)),
+                "instances_per_image": {str(k): n for k, n in sorted(self.instances_per_image.items())}}
+               if self.format == "instance" else {}),
         }
 
 
@@ -113,11 +121,17 @@ def check_dataset(path: str | Path, format: str | None = None, splits: Sequence[
         raise FileNotFoundError(f"data set folder {root} does not exist")
     if format is None and root.suffix == ".json":
         format = "coco"
+    from seglab.data.instance_doctor import check_instance_folder, looks_like_instance_folder
+
+    if format is None and root.is_dir() and looks_like_instance_folder(root):
+        format = "instance"
     fmt = detect_format(root) if format is None else format.lower()
     if fmt == "coco":
         return _check_coco(root, **options)
+    if fmt == "instance":
+        return check_instance_folder(root)
     if fmt not in FORMATS:
-        raise ValueError(f"the data doctor knows the formats {', '.join(FORMATS)}, coco, not {format!r}")
+        raise ValueError(f"the data doctor knows the formats {', '.join(FORMATS)}, coco, instance, not {format!r}")
     chosen = list(splits) if splits is not None else _available_splits(fmt, root)
     report: DataReport | None = None
     seen: set[Problem] = set()
@@ -166,7 +180,7 @@ def _check_coco(root: Path, **options: Any) -> DataReport:
             if not path.is_file():
                 report.problems.append(Problem("missing partner", path, f"is listed in {annotation_file.name} (image id {image_id}) but does not exist"))
                 continue
-            size, problem = _image_size(path)
+            size, problem = decoded_size(path)
             if problem:
                 report.problems.append(problem)
                 continue
@@ -212,7 +226,7 @@ def _available_splits(fmt: str, root: Path) -> list[str]:
     return splits
 
 
-def _image_size(path: Path) -> tuple[tuple[int, int] | None, Problem | None]:
+def decoded_size(path: Path) -> tuple[tuple[int, int] | None, Problem | None]:
     """(width, height) after a full decode, or the problem that stopped it."""
     try:
         with Image.open(path) as image:
@@ -225,7 +239,7 @@ def _image_size(path: Path) -> tuple[tuple[int, int] | None, Problem | None]:
 def _check_pair(dataset: FileDataset, pair: tuple[Path, Path], report: DataReport) -> list[Problem]:
     image_path, mask_path = pair
     problems: list[Problem] = []
-    image_size, problem = _image_size(image_path)
+    image_size, problem = decoded_size(image_path)
     if problem:
         problems.append(problem)
     try:
@@ -285,7 +299,8 @@ def render_report(report: DataReport, console: Any = None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    console.print(f"[bold]{report.path}[/bold]  format: {report.format}  classes: {len(report.classes)}  ignore: {report.ignore_index}")
+    ignore = "" if report.format == "instance" else f"  ignore: {report.ignore_index}"
+    console.print(f"[bold]{report.path}[/bold]  format: {report.format}  classes: {len(report.classes)}{ignore}")
     splits = Table(title="pairs per split")
     splits.add_column("split")
     splits.add_column("pairs", justify="right")
@@ -300,6 +315,40 @@ def render_report(report: DataReport, console: Any = None) -> None:
     if len(report.image_sizes) > 10:
         sizes.add_row("...", f"{len(report.image_sizes) - 10} more sizes")
     console.print(sizes)
+    if report.format == "instance":
+        _render_instances(report, console)
+    else:
+        _render_labels(report, console)
+    if report.ok:
+        console.print("[green]no problems found[/green]")
+        return
+    for kind, found in report.problems_by_kind().items():
+        console.print(f"[red bold]{kind}[/red bold]: {len(found)} {PROBLEM_KINDS.get(kind, kind)}")
+        for problem in found:
+            console.print(f"  {problem.file}: {problem.detail}", markup=False, highlight=False)
+
+
+def _render_instances(report: DataReport, console: Any) -> None:
+    from rich.table import Table
+
+    classes = Table(title="instances per class (an instance's class: the most frequent under it)")
+    for name, justify in (("id", "right"), ("class", "left"), ("instances", "right"), ("pixels", "right")):
+        classes.add_column(name, justify=justify)
+    for index, (name, count, pixels) in enumerate(zip(report.classes, report.instances_per_class, report.class_pixels)):
+        if index:
+            classes.add_row(str(index), name, str(count), str(pixels))
+    console.print(classes)
+    per_image = Table(title="instances per image")
+    per_image.add_column("instances", justify="right")
+    per_image.add_column("images", justify="right")
+    for count, images in sorted(report.instances_per_image.items()):
+        per_image.add_row(str(count), str(images))
+    console.print(per_image)
+
+
+def _render_labels(report: DataReport, console: Any) -> None:
+    from rich.table import Table
+
     histogram = Table(title="stored label values")
     histogram.add_column("value")
     histogram.add_column("pixels", justify="right")
@@ -317,10 +366,3 @@ def render_report(report: DataReport, console: Any = None) -> None:
         classes.add_row(str(index), name, str(pixels), f"{100 * share:.2f}%")
     classes.add_row("", "ignored", str(report.ignored_pixels), "")
     console.print(classes)
-    if report.ok:
-        console.print("[green]no problems found[/green]")
-        return
-    for kind, found in report.problems_by_kind().items():
-        console.print(f"[red bold]{kind}[/red bold]: {len(found)} {PROBLEM_KINDS.get(kind, kind)}")
-        for problem in found:
-            console.print(f"  {problem.file}: {problem.detail}", markup=False, highlight=False)
