@@ -1,6 +1,8 @@
 """The data doctor finds every kind of problem, names the file, and passes clean data."""
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 from rich.console import Console
@@ -159,3 +161,27 @@ def test_train_runs_on_a_clean_folder_data_set(clean, capsys):
     code = main(["train", "--data", str(clean), "--epochs", "1", "--image-size", "16", "--batch-size", "2", "--out", str(clean / "runs")])
     assert code == 0, capsys.readouterr().err
     assert list((clean / "runs").glob("*/metrics.jsonl"))
+
+
+def test_coco_sets_count_their_objects_by_class_and_by_image_crowds_left_out(tmp_path, helpers, rng):
+    import json
+
+    from seglab.data.doctor import _instance_bins
+
+    for name in ("a.png", "b.png"):
+        helpers.rgb(tmp_path / "images" / name, rng.integers(0, 256, size=(10, 10, 3)))
+    square = [[2, 2, 6, 2, 6, 6, 2, 6]]
+    objects = [(1, 1, 0), (1, 1, 1), (2, 1, 0), (2, 5, 0)]  # (image, category, crowd)
+    content = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 10, "width": 10}, {"id": 2, "file_name": "b.png", "height": 10, "width": 10}],
+        "categories": [{"id": 1, "name": "cell"}, {"id": 5, "name": "debris"}],
+        "annotations": [{"id": k, "image_id": image, "category_id": category, "iscrowd": crowd, "area": 16, "bbox": [2, 2, 4, 4],
+                         "segmentation": square} for k, (image, category, crowd) in enumerate(objects, start=1)],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(content))
+    report = check_dataset(tmp_path)
+    assert report.ok and report.instances_per_class == [0, 2, 1] and report.instances_per_image == {1: 1, 2: 1}
+    assert report.to_dict()["instances_per_class"] == {"background": 0, "cell": 2, "debris": 1}
+    # many different counts are shown in doubling bins
+    many = Counter({count: 1 for count in range(0, 40, 3)})
+    assert _instance_bins(many) == [("0", 1), ("2-3", 1), ("4-7", 1), ("8-15", 3), ("16-31", 5), ("32-63", 3)]

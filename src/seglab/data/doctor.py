@@ -106,7 +106,7 @@ class DataReport:
             "problems": [{"kind": p.kind, "file": str(p.file), "detail": p.detail} for p in self.problems],
             **({"instances_per_class": dict(zip(self.classes, self.instances_per_class)),
                 "instances_per_image": {str(k): n for k, n in sorted(self.instances_per_image.items())}}
-               if self.format == "instance" else {}),
+               if self.format in ("instance", "coco") else {}),
         }
 
 
@@ -168,7 +168,8 @@ def _check_coco(root: Path, **options: Any) -> DataReport:
         dataset = CocoSemantic(annotation_file, split=None, **{k: v for k, v in options.items() if k == "image_dir"})
         coco = dataset.file.coco
         if report is None:
-            report = DataReport(root, "coco", list(dataset.classes), dataset.ignore_index, class_pixels=[0] * dataset.num_classes)
+            report = DataReport(root, "coco", list(dataset.classes), dataset.ignore_index, class_pixels=[0] * dataset.num_classes,
+                                instances_per_class=[0] * dataset.num_classes)
         report.counts[annotation_file.name] = len(dataset)
         declared = set(coco.cats)
         for annotation in coco.dataset.get("annotations", []):
@@ -188,8 +189,13 @@ def _check_coco(root: Path, **options: Any) -> DataReport:
             if (info.get("width"), info.get("height")) != size:
                 report.problems.append(Problem("size mismatch", path, f"is {size[0]}x{size[1]} but {annotation_file.name} says {info.get('width')}x{info.get('height')}"))
                 continue
-            if any(a.get("category_id") not in declared for a in dataset.file.objects(image_id)):
+            objects = dataset.file.objects(image_id)
+            if any(a.get("category_id") not in declared for a in objects):
                 continue  # reported above, and the semantic view cannot rasterise it
+            instances = [dataset.file.label_of_category[a["category_id"]] for a in objects if not a.get("iscrowd", 0)]
+            report.instances_per_image[len(instances)] += 1
+            for label in instances:
+                report.instances_per_class[label] += 1
             mask = dataset[index]["mask"].numpy()
             _count(mask, mask, report)
             if not ((mask >= 0) & (mask < len(report.classes))).any():
@@ -315,10 +321,10 @@ def render_report(report: DataReport, console: Any = None) -> None:
     if len(report.image_sizes) > 10:
         sizes.add_row("...", f"{len(report.image_sizes) - 10} more sizes")
     console.print(sizes)
-    if report.format == "instance":
-        _render_instances(report, console)
-    else:
+    if report.format != "instance":
         _render_labels(report, console)
+    if report.format in ("instance", "coco"):  # a COCO file's objects, crowds left out
+        _render_instances(report, console)
     if report.ok:
         console.print("[green]no problems found[/green]")
         return
@@ -331,7 +337,7 @@ def render_report(report: DataReport, console: Any = None) -> None:
 def _render_instances(report: DataReport, console: Any) -> None:
     from rich.table import Table
 
-    classes = Table(title="instances per class (an instance's class: the most frequent under it)")
+    classes = Table(title="instances per class")
     for name, justify in (("id", "right"), ("class", "left"), ("instances", "right"), ("pixels", "right")):
         classes.add_column(name, justify=justify)
     for index, (name, count, pixels) in enumerate(zip(report.classes, report.instances_per_class, report.class_pixels)):
@@ -341,9 +347,21 @@ def _render_instances(report: DataReport, console: Any) -> None:
     per_image = Table(title="instances per image")
     per_image.add_column("instances", justify="right")
     per_image.add_column("images", justify="right")
-    for count, images in sorted(report.instances_per_image.items()):
-        per_image.add_row(str(count), str(images))
+    for label, images in _instance_bins(report.instances_per_image):
+        per_image.add_row(label, str(images))
     console.print(per_image)
+
+
+def _instance_bins(per_image: Counter) -> list[tuple[str, int]]:
+    """Images by how many instances they hold: each count where there are few counts, else in
+    bins that double (0, 1, 2-3, 4-7, ...), so that DSB2018's 664 images take ten rows."""
+    if len(per_image) <= 12:
+        return [(str(count), images) for count, images in sorted(per_image.items())]
+    bins: Counter = Counter()
+    for count, images in per_image.items():
+        low = 0 if count == 0 else 1 << (count.bit_length() - 1)
+        bins[low] += images
+    return [(str(low) if low < 2 else f"{low}-{2 * low - 1}", images) for low, images in sorted(bins.items())]
 
 
 def _render_labels(report: DataReport, console: Any) -> None:
