@@ -144,7 +144,7 @@ class InstanceFolder(torch.utils.data.Dataset):
             raise FileNotFoundError(f"no images found in {image_dir}")
         if split is not None:
             held_out = images[::HOLDOUT_EVERY]
-            images = [p for p in images if p not in held_out] if split == "train" else held_out
+            images = [p for index, p in enumerate(images) if index % HOLDOUT_EVERY] if split == "train" else held_out
             if not images:
                 raise FileNotFoundError(f"{image_dir} leaves no image to split {split!r} (every {HOLDOUT_EVERY}th, from the "
                                         "first, is held out for val; the rest is train): add images, or train/ and val/ folders")
