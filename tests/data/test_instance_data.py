@@ -212,6 +212,11 @@ def test_one_instance_folder_is_split_as_the_semantic_folder_format_splits_and_n
         Image.fromarray(np.where(instances == 2, 2, np.where(instances == 1, 1, 0)).astype(np.uint8)).save(tmp_path / "classes" / f"{index:02d}.png")
     with pytest.raises(FileNotFoundError, match="no classes.yaml names the classes"):
         open_instance_dataset(str(tmp_path), "train")
+    (tmp_path / "classes").rename(tmp_path / "elsewhere")
+    (tmp_path / "classes.yaml").write_text("classes: [background, cat, dog]\n")
+    with pytest.raises(FileNotFoundError, match="2 object classes but no .*classes folder of class maps"):
+        open_instance_dataset(str(tmp_path), "train")  # rather than a missing file in the first epoch
+    (tmp_path / "elsewhere").rename(tmp_path / "classes")
     (tmp_path / "classes.yaml").write_text("classes: [background, cat, dog]\n")
     train, val = (open_instance_dataset(str(tmp_path), split) for split in ("train", "val"))
     held_out = [f"{i:02d}.png" for i in range(0, 12, HOLDOUT_EVERY)]

@@ -156,6 +156,9 @@ class InstanceFolder(torch.utils.data.Dataset):
                 raise FileNotFoundError(f"{self.root / 'classes'} holds class maps but no classes.yaml names the classes "
                                         f"(put one in {self.root} or {self.root.parent}: classes: [background, ...])")
         self.class_dir = self.root / "classes" if len(classes) > 2 else None
+        if self.class_dir is not None and not self.class_dir.is_dir():
+            raise FileNotFoundError(f"{len(classes) - 1} object classes but no {self.class_dir} folder of class maps "
+                                    "to tell them apart (one index PNG per mask, same name)")
         self.classes = tuple(classes)
         self.palette = default_palette(len(self.classes))
         self.transforms = transforms

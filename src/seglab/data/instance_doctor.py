@@ -39,7 +39,7 @@ def check_instance_folder(root: Path) -> DataReport:
             if report is None:
                 report = DataReport(root, "instance", [], 0)
             message = str(error)
-            kind = ("missing partner" if "no instance mask" in message else
+            kind = ("missing partner" if "no instance mask" in message or "folder of class maps" in message else
                     "no class names" if "classes.yaml" in message else "empty split")
             report.problems.append(Problem(kind, root / split if per_split else root, message))
             report.counts[split] = 0
