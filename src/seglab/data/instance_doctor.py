@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from seglab.data.doctor import DataReport, Problem, decoded_size
+from seglab.data.files import read_raw_mask
 from seglab.data.instance import InstanceFolder
 
 __all__ = ["check_instance_folder", "looks_like_instance_folder"]
@@ -60,9 +60,9 @@ def check_instance_folder(root: Path) -> DataReport:
 
 
 def _read(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """The map as stored (seglab.data.files.read_raw_mask), or why it cannot be decoded."""
     try:
-        with Image.open(path) as picture:
-            return np.asarray(picture), None
+        return read_raw_mask(path), None
     except (OSError, SyntaxError, ValueError) as error:
         return None, f"cannot be decoded ({error})"
 
@@ -106,10 +106,15 @@ def _check_triple(image_path: Path, mask_path: Path, class_path: Path | None, re
     if len(unknown):
         problems.append(Problem("unknown label", class_path or mask_path,
                                 f"has class values {', '.join(map(str, unknown[:8].tolist()))} outside 0..{num_classes - 1}"))
+    # Every (instance, class) pair and its pixels in one pass over the map, sorted by instance
+    # then class (a mask per instance would read the whole map once per instance).
+    inside = instances > 0
+    span = int(labels.max()) + 1 if labels.size else 1
+    pairs, pixels = np.unique(instances[inside].astype(np.int64) * span + labels[inside], return_counts=True)
     mixed = []
     for instance in ids.tolist():
-        under = labels[instances == instance]
-        values, counts = np.unique(under, return_counts=True)
+        mine = (pairs // span) == instance
+        values, counts = pairs[mine] % span, pixels[mine]
         label = int(values[np.argmax(counts)])  # the label training reads: the most frequent class under it
         if 0 < label < num_classes:
             report.instances_per_class[label] += 1
