@@ -75,6 +75,21 @@ def test_predict_writes_a_mask_and_an_overlay_per_image(trained: Path, tmp_path:
     assert all(np.array_equal(np.asarray(Image.open(mask)), np.asarray(Image.open(masks_only / mask.name))) for mask in masks)
 
 
+def test_predict_skips_an_unreadable_image_names_it_and_exits_non_zero(trained: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in (0, 2):
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"{index}.png")
+    (images / "1.png").write_bytes(b"not a png")  # sorted between the good ones: the later one is still predicted
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(trained), str(images), "--out", str(out), "--no-overlays"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["0_mask.png", "2_mask.png"]
+    captured = capsys.readouterr()
+    assert "2 image(s) predicted" in captured.out
+    assert captured.err.strip().splitlines() == [f"seglab: error: skipped {images / '1.png'} is not a readable image (UnidentifiedImageError)"]
+
+
 def test_instance_options_are_refused_for_a_semantic_checkpoint(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["predict", "--checkpoint", str(trained), str(tmp_path), "--out", str(tmp_path / "o"), "--score-threshold", "0.3"])
     _one_error_line(capsys, code, "--score-threshold: for instance models only")

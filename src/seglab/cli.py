@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
@@ -406,7 +407,9 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     if is_instance:
         from seglab.engine.instance_predictor import predict_instance
 
-        return predict_instance(args, console)
+        unreadable: list[tuple[Path, str]] = []
+        predict_instance(args, console, unreadable)
+        return _report_unreadable(unreadable)
 
     predictor = Predictor.from_checkpoint(
         args.checkpoint, device=args.device, tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch,
@@ -415,14 +418,29 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
         calibration=_calibration_images(args, stored_ranges="int8" in checkpoint_config),
     )
     context = env_rank()
+    unreadable: list[tuple[Path, str]] = []
     with progress_bar(console, disable=not context.is_main) as progress:
-        written = predictor.predict_files(args.images, args.out, progress=progress, overlays=args.overlays)
+        written = predictor.predict_files(args.images, args.out, progress=progress, overlays=args.overlays,
+                                          unreadable=unreadable)
     if context.is_main:
         share = f" by rank 0 of {context.world_size} (each rank its own shard)" if context.enabled else ""
         images = sum(path.name.endswith("_mask.png") for path in written)
         Console().print(f"{images} image(s) predicted{share} in {_precision_words(predictor)}; "
                         f"{'masks and overlays' if args.overlays else 'masks'} in {os.path.normpath(args.out)}/")
-    return 0
+    return _report_unreadable(unreadable)  # each rank names the files of its own shard
+
+
+UNREADABLE_LISTED = 20
+
+
+def _report_unreadable(unreadable: list[tuple[Path, str]]) -> int:
+    """One error line per image `seglab predict` skipped (the first UNREADABLE_LISTED) and the
+    exit status: non-zero when any was skipped, so scripts see it after the rest was written."""
+    for _, reason in unreadable[:UNREADABLE_LISTED]:
+        print(f"seglab: error: skipped {reason}", file=sys.stderr)
+    if len(unreadable) > UNREADABLE_LISTED:
+        print(f"seglab: error: ... and {len(unreadable) - UNREADABLE_LISTED} more unreadable image(s)", file=sys.stderr)
+    return EXIT_BAD_INPUT if unreadable else 0
 
 
 def _calibration_images(args: argparse.Namespace, stored_ranges: bool) -> list[Any] | None:

@@ -114,6 +114,22 @@ def test_batches_of_equal_size_give_the_detections_of_single_images(checkpoint: 
     assert [r["score"] for r in outputs[1]] == pytest.approx([r["score"] for r in outputs[2]], abs=1e-4)
 
 
+def test_an_unreadable_image_raises_or_is_skipped_and_left_out_of_the_index(checkpoint: Path, tmp_path: Path) -> None:
+    files = _pictures(tmp_path / "images", [(40, 56), (40, 56)])
+    broken = tmp_path / "images" / "p0b.png"
+    broken.write_bytes(b"\x89PNG truncated")
+    predictor = InstancePredictor.from_checkpoint(checkpoint, device="cpu", precision="32")
+    with pytest.raises(ValueError, match="p0b.png is not a readable image"):
+        predictor.predict_files([tmp_path / "images"], tmp_path / "raised", overlays=False)
+    unreadable: list = []
+    written = predictor.predict_files([tmp_path / "images"], tmp_path / "out", overlays=False, unreadable=unreadable)
+    assert [path for path, _ in unreadable] == [broken]
+    assert sum(p.name.endswith("_instances.png") for p in written) == 2
+    index = json.loads((tmp_path / "out" / "images.json").read_text())
+    assert [(entry["id"], entry["file_name"]) for entry in index] == [(1, str(files[0])), (3, str(files[1]))]
+    assert {r["image_id"] for r in json.loads((tmp_path / "out" / "results.json").read_text())} <= {1, 3}
+
+
 def test_wrong_checkpoints_and_options_are_refused_with_one_line(checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="int8 is for semantic models"):
         InstancePredictor.from_checkpoint(checkpoint, device="cpu", precision="int8")

@@ -190,9 +190,13 @@ class InstancePredictor:
         out_dir: str | Path,
         progress: Progress | None = None,
         overlays: bool = True,
+        unreadable: list[tuple[Path, str]] | None = None,
     ) -> list[Path]:
         """The module docstring's files for the images in `paths` (files and folders), in
-        `out_dir`; this rank's shard of them in a multi-process job. Returns the files written."""
+        `out_dir`; this rank's shard of them in a multi-process job. Returns the files written.
+
+        A file that cannot be read raises; with `unreadable` (a list) it is skipped,
+        `(file, reason)` appended (every rank's, on rank 0), and images.json leaves it out."""
         files = list_images(list(paths))
         if not files:
             raise ValueError("no images to predict: the given folders hold no image files")
@@ -202,7 +206,8 @@ class InstancePredictor:
         written: list[Path] = []
         records: list[dict[str, Any]] = []
         task = progress.add_task("predicting", total=len(jobs), info="") if progress is not None else None
-        for batch in equal_size_runs(jobs, self.in_channels, self.batch_size):
+        skipped: list[tuple[Path, str]] = []
+        for batch in equal_size_runs(jobs, self.in_channels, self.batch_size, None if unreadable is None else skipped):
             detections = self.detect([image for *_, image in batch], score_threshold=0.0)
             for (path, stem, image_id, image), found in zip(batch, detections):
                 records += self._in_file_categories(coco_results([found], [image_id]))
@@ -220,19 +225,25 @@ class InstancePredictor:
                 if progress is not None and task is not None:
                     progress.update(task, advance=1, info=path.name)
         if context.enabled and dist.is_initialized():
-            gathered: list[list[dict[str, Any]] | None] = [None] * context.world_size
-            dist.all_gather_object(gathered, records)
-            records = sorted((r for part in gathered for r in part or []), key=lambda r: (r["image_id"], -r["score"]))
+            gathered: list[tuple[list[dict[str, Any]], list[tuple[Path, str]]] | None] = [None] * context.world_size
+            dist.all_gather_object(gathered, (records, skipped))
+            parts = [part for part in gathered if part is not None]
+            records = sorted((r for part, _ in parts for r in part), key=lambda r: (r["image_id"], -r["score"]))
+            skipped = [entry for _, part in parts for entry in part]
         if context.is_main:
+            if unreadable is not None:
+                unreadable += skipped
             written.append(save_coco_results(records, out_dir / "results.json"))
-            index = [{"id": i, "file_name": str(p)} for i, p in enumerate(files, start=1)]
+            left_out = {path for path, _ in skipped}
+            index = [{"id": i, "file_name": str(p)} for i, p in enumerate(files, start=1) if p not in left_out]
             atomic_write(out_dir / "images.json", lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
             written.append(out_dir / "images.json")
         return written
 
 
-def predict_instance(args: Any, console: Console) -> int:
-    """`seglab predict` with an instance checkpoint: the module docstring's files in --out."""
+def predict_instance(args: Any, console: Console, unreadable: list[tuple[Path, str]] | None = None) -> None:
+    """`seglab predict` with an instance checkpoint: the module docstring's files in --out;
+    given `unreadable` (a list), images that cannot be read are skipped and listed there."""
     context = init_distributed(resolve_device(args.device).type)  # a multi-process job gathers its records
     try:
         predictor = InstancePredictor.from_checkpoint(
@@ -240,7 +251,8 @@ def predict_instance(args: Any, console: Console) -> int:
             score_threshold=SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold,
             batch_size=args.batch_size, winograd=not args.direct_convolutions)
         with progress_bar(console, disable=not context.is_main) as progress:
-            written = predictor.predict_files(args.images, args.out, progress=progress, overlays=args.overlays)
+            written = predictor.predict_files(args.images, args.out, progress=progress, overlays=args.overlays,
+                                              unreadable=unreadable)
     finally:
         shutdown_distributed()
     if context.is_main:
@@ -251,4 +263,3 @@ def predict_instance(args: Any, console: Console) -> int:
         Console().print(f"{images} image(s) predicted{share} in {arithmetic}, score threshold "
                         f"{predictor.score_threshold:g}; {what} and results.json (COCO results, every score) "
                         f"in {os.path.normpath(args.out)}/")
-    return 0

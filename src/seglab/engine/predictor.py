@@ -68,13 +68,22 @@ def output_stems(files: Sequence[Path]) -> list[str]:
     return stems
 
 
-def equal_size_runs(jobs: Sequence[tuple[Any, ...]], channels: int, batch_size: int) -> Iterator[list[tuple[Any, ...]]]:
+def equal_size_runs(
+    jobs: Sequence[tuple[Any, ...]], channels: int, batch_size: int, unreadable: list[tuple[Path, str]] | None = None,
+) -> Iterator[list[tuple[Any, ...]]]:
     """The images of `jobs` (tuples whose first item is an image file) read in order, as runs of
     consecutive equal-size images, up to `batch_size` a run; each job comes back as
-    `(*job, image)`."""
+    `(*job, image)`. A file that cannot be read raises, or with `unreadable` (a list) is left
+    out and `(file, one-line reason)` appended, so one bad file among thousands loses no work."""
     pending: list[tuple[Any, ...]] = []
     for job in jobs:
-        image = read_image(job[0], channels=channels)
+        try:
+            image = read_image(job[0], channels=channels)
+        except (ValueError, FileNotFoundError) as error:
+            if unreadable is None:
+                raise
+            unreadable.append((Path(job[0]), str(error)))
+            continue
         if pending and (len(pending) == batch_size or pending[0][-1].shape != image.shape):
             yield pending
             pending = []
@@ -220,10 +229,14 @@ class Predictor:
         rank: int | None = None,
         world_size: int | None = None,
         overlays: bool = True,
+        unreadable: list[tuple[Path, str]] | None = None,
     ) -> list[Path]:
         """For each image: `<stem>_mask.png` (palette PNG of class indices) and, with `overlays`,
         `<stem>_overlay.png` (the image with the mask blended in: about 50 ms more per 512 x 512
         image, mostly the PNG compression).
+
+        A file that cannot be read raises; with `unreadable` (a list) it is skipped and
+        `(file, reason)` appended, and the other images are still predicted.
 
         `rank` of `world_size` processes (default: from torchrun's environment) predicts only
         its shard of the files; output names are chosen from the full list, so shards never
@@ -239,7 +252,7 @@ class Predictor:
         out_dir = output_folder(out_dir)
         written: list[Path] = []
         task = progress.add_task("predict", total=len(jobs), info="") if progress is not None else None
-        for batch in equal_size_runs(jobs, self.in_channels, self.batch_size):
+        for batch in equal_size_runs(jobs, self.in_channels, self.batch_size, unreadable):
             masks = class_indices(self.probabilities(torch.stack([image for _, _, image in batch]).to(self.device))).cpu()
             for (path, stem, image), mask in zip(batch, masks):
                 mask_path = out_dir / f"{stem}_mask.png"
