@@ -91,6 +91,27 @@ def test_split_subfolders_and_missing_partners(tmp_path, helpers, rng):
         FolderDataset(tmp_path, "test")
 
 
+def test_one_folder_per_split_is_the_folder_format_with_classes_from_every_split(tmp_path, helpers, rng):
+    """root/train/images + root/train/masks, root/val/...: each split whole (no hold-out), and a
+    class count inferred from all splits' masks, so train and val agree."""
+    for split, count, values in (("train", 12, (0, 1)), ("val", 2, (0, 3))):
+        for k in range(count):
+            image, labels = helpers.pair(rng, values=values)
+            helpers.rgb(tmp_path / split / "images" / f"{split}{k}.png", image)
+            helpers.index(tmp_path / split / "masks" / f"{split}{k}.png", labels)
+    assert detect_format(tmp_path) == "folder"
+    train, val = FolderDataset(tmp_path, "train"), FolderDataset(tmp_path, "val")
+    assert len(train) == 12 and len(val) == 2
+    assert {p.parent.parent.name for p, _ in train.pairs} == {"train"} and {p.parent.parent.name for p, _ in val.pairs} == {"val"}
+    assert train.num_classes == val.num_classes == 4
+    (tmp_path / "val" / "classes.yaml").write_text("classes: [ground, a, b, c, d]\n")
+    assert list(FolderDataset(tmp_path, "train").classes) == ["ground", "a", "b", "c", "d"]  # one table for all splits
+    with pytest.raises(FileNotFoundError, match=r"one folder per split \(train/, val/\), none for split 'test'"):
+        FolderDataset(tmp_path, "test")
+    sample = open_dataset(tmp_path, split="val", image_size=8)[0]
+    assert sample["image"].shape == (3, 8, 8) and set(sample["mask"].unique().tolist()) <= {0, 3}
+
+
 def test_detects_folder_and_bad_class_tables(tmp_path, helpers, rng):
     _folder(tmp_path, helpers, rng, count=1)
     assert detect_format(tmp_path) == "folder"

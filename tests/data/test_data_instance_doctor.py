@@ -46,6 +46,23 @@ def test_a_clean_instance_folder_is_told_from_a_semantic_one_and_counted(tmp_pat
     render_report(report, console)
     shown = console.export_text()
     assert "format: instance" in shown and "instances per image" in shown and "no problems found" in shown
+    assert not report.note  # class maps: an instance folder beyond doubt
+
+
+def test_one_folder_per_split_without_class_maps_says_how_to_read_it_as_a_semantic_folder(tmp_path):
+    from seglab.data.doctor import preflight
+
+    for split in ("train", "val"):
+        for sub, pixels in (("images", np.full((8, 8, 3), 90)), ("masks", np.tile(np.arange(8) % 3, (8, 1)))):
+            (tmp_path / split / sub).mkdir(parents=True)
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / split / sub / "a.png")
+    report = check_dataset(tmp_path)
+    assert report.format == "instance" and "--format folder" in report.note and json.loads(json.dumps(report.to_dict()))["note"]
+    semantic = check_dataset(tmp_path, format="folder")
+    assert semantic.ok and semantic.counts == {"train": 1, "val": 1} and len(semantic.classes) == 3 and not semantic.note
+    assert preflight(tmp_path) == []  # semantic training reads the layout as the folder format
+    (tmp_path / "val" / "masks" / "a.png").unlink()
+    assert any("--format folder" in line for line in preflight(tmp_path))
 
 
 def test_each_problem_of_an_instance_folder_names_its_file(tmp_path):

@@ -11,7 +11,7 @@ from seglab.data.camvid import CamVid
 from seglab.data.cityscapes import Cityscapes
 from seglab.data.coco import CocoSemantic
 from seglab.data.files import FileDataset, TransformedDataset
-from seglab.data.folder import FolderDataset
+from seglab.data.folder import FolderDataset, split_folders
 from seglab.data.synthetic import SyntheticShapes
 from seglab.data.transforms import build_transform
 from seglab.data.voc import VOCSegmentation, find_voc_root
@@ -63,8 +63,11 @@ def detect_format(path: str | Path) -> str:
         return "coco"
     if any((root / f"{split}annot").is_dir() for split in ("train", "val", "test")):
         return "camvid"
+    if split_folders(root):
+        return "folder"
     raise ValueError(
-        f"cannot tell the format of {root}: expected images/ + masks/ (folder), JPEGImages/ + SegmentationClass/ "
+        f"cannot tell the format of {root}: expected images/ + masks/ or train/images/ + train/masks/ (folder), "
+        "JPEGImages/ + SegmentationClass/ "
         "(voc), train/ + trainannot/ (camvid), leftImg8bit/ + gtFine/ (cityscapes) or ADEChallengeData2016 "
         "(ade20k); pass format= to choose"
     )

@@ -22,7 +22,7 @@ from seglab.data.camvid import camvid_splits
 from seglab.data.cityscapes import cityscapes_splits
 from seglab.data.coco import CocoSemantic
 from seglab.data.files import UNDEFINED, FileDataset, read_raw_mask
-from seglab.data.folder import folder_splits
+from seglab.data.folder import folder_splits, split_folders
 from seglab.data.voc import voc_splits
 
 __all__ = ["Problem", "DataReport", "check_dataset", "preflight", "render_report", "PROBLEM_KINDS"]
@@ -68,6 +68,7 @@ class DataReport:
     # instance folders (seglab.data.instance_doctor): objects by their class, and images by how many they hold
     instances_per_class: list[int] = field(default_factory=list)
     instances_per_image: Counter = field(default_factory=Counter)
+    note: str = ""  # how the format was told, where the layout admits another reading
 
     @property
     def ok(self) -> bool:
@@ -104,6 +105,7 @@ class DataReport:
             "class_frequencies": dict(zip(self.classes, self.class_frequencies)),
             "ignored_pixels": self.ignored_pixels,
             "problems": [{"kind": p.kind, "file": str(p.file), "detail": p.detail} for p in self.problems],
+            **({"note": self.note} if self.note else {}),
             **({"instances_per_class": dict(zip(self.classes, self.instances_per_class)),
                 "instances_per_image": {str(k): n for k, n in sorted(self.instances_per_image.items())}}
                if self.format in ("instance", "coco") else {}),
@@ -123,13 +125,20 @@ def check_dataset(path: str | Path, format: str | None = None, splits: Sequence[
         format = "coco"
     from seglab.data.instance_doctor import check_instance_folder, looks_like_instance_folder
 
-    if format is None and root.is_dir() and looks_like_instance_folder(root):
+    told_by_layout = format is None and root.is_dir() and looks_like_instance_folder(root)
+    if told_by_layout:
         format = "instance"
     fmt = detect_format(root) if format is None else format.lower()
     if fmt == "coco":
         return _check_coco(root, **options)
     if fmt == "instance":
-        return check_instance_folder(root)
+        report = check_instance_folder(root)
+        per_split = split_folders(root)
+        if told_by_layout and per_split and not any((root / name / "classes").is_dir() for name in per_split):
+            report.note = ("read as an instance folder (masks hold instance ids) by its layout, one folder per split; "
+                           f"`seglab data check {root} --format folder` reads the masks as class indices, as semantic "
+                           "training does")
+        return report
     if fmt not in FORMATS:
         raise ValueError(f"the data doctor knows the formats {', '.join(FORMATS)}, coco, instance, not {format!r}")
     chosen = list(splits) if splits is not None else _available_splits(fmt, root)
@@ -208,6 +217,8 @@ def preflight(path: str | Path, format: str | None = None, *, one_size: bool = F
     """The doctor's findings as one line per kind of problem; empty when the data is fit to train.
     `one_size`: the images will be batched as they are (no --image-size), so sizes that differ
     are a problem too (a batch is one tensor)."""
+    if format is None and Path(path).is_dir():
+        format = detect_format(path)  # semantic training: one folder per split is the folder format, not instances
     report = check_dataset(path, format, **options)
     lines = report.summary_lines()
     if one_size and len(report.image_sizes) > 1:
@@ -215,7 +226,8 @@ def preflight(path: str | Path, format: str | None = None, *, one_size: bool = F
         lines.append(f"image sizes: {len(report.image_sizes)} different (most common {common}), and a batch needs "
                      "one size: give --image-size N or WxH to train and validate at one size, or --batch-size 1")
     if lines:
-        lines.append(f"run `seglab data check {path}` for every file concerned")
+        named = f" --format {format}" if format == "folder" and split_folders(Path(path)) else ""
+        lines.append(f"run `seglab data check {path}{named}` for every file concerned")
     return lines
 
 
@@ -307,6 +319,8 @@ def render_report(report: DataReport, console: Any = None) -> None:
     console = console or Console()
     ignore = "" if report.format == "instance" else f"  ignore: {report.ignore_index}"
     console.print(f"[bold]{report.path}[/bold]  format: {report.format}  classes: {len(report.classes)}{ignore}")
+    if report.note:
+        console.print(report.note)
     splits = Table(title="pairs per split")
     splits.add_column("split")
     splits.add_column("pairs", justify="right")

@@ -8,6 +8,9 @@ Layout::
       classes.yaml       optional: class names, or a colour per class for RGB masks
       splits/train.txt   optional split lists, one stem per line (also root/train.txt)
 
+or one folder per split, each with its own ``images/`` and ``masks/`` (``root/train/images``,
+``root/val/masks`` ...; ``classes.yaml`` in root, or in a split's folder for all of them).
+
 Masks may be index PNGs (mode L or I: the value is the class), palette PNGs (mode P: the
 palette index is the class, as in Pascal VOC) or RGB colour-coded PNGs, which need a colour
 table. ``classes.yaml`` takes any of these forms::
@@ -34,7 +37,7 @@ from seglab.data.base import default_palette
 from seglab.data.files import FileDataset, LabelDecoder, index_lookup, read_split_list
 from seglab.data.io import images_in
 
-__all__ = ["FolderDataset", "find_class_table", "read_class_table", "HOLDOUT_EVERY"]
+__all__ = ["FolderDataset", "find_class_table", "read_class_table", "split_folders", "HOLDOUT_EVERY"]
 
 HOLDOUT_EVERY = 10
 _TABLE_NAMES = ("classes.yaml", "classes.yml")
@@ -60,15 +63,24 @@ class FolderDataset(FileDataset):
         ignore_index: int = 255,
     ) -> None:
         root = Path(root)
-        for sub in ("images", "masks"):
-            if not (root / sub).is_dir():
-                raise FileNotFoundError(f"{root} has no {sub}/ folder; the folder format needs images/ and masks/")
-        pairs, unpaired = _find_pairs(root, split)
-        table_path = Path(classes) if classes is not None else find_class_table(root)
+        per_split = split_folders(root)
+        if per_split:
+            if split not in per_split:
+                raise FileNotFoundError(f"{root} holds one folder per split ({', '.join(f'{s}/' for s in per_split)}), "
+                                        f"none for split {split!r}")
+            pairs, unpaired = _find_pairs(root / split, split, whole=True)
+        else:
+            for sub in ("images", "masks"):
+                if not (root / sub).is_dir():
+                    raise FileNotFoundError(f"{root} has no {sub}/ folder; the folder format needs images/ and masks/ "
+                                            "(or train/images/ and train/masks/ ...)")
+            pairs, unpaired = _find_pairs(root, split)
+        table_path = Path(classes) if classes is not None else _class_table(root, per_split)
         if table_path is not None:
             names, palette, decoder = _decoder_from_table(table_path, ignore_index)
-        else:
-            names, palette, decoder = _decoder_from_masks(root / "masks", ignore_index)
+        else:  # every split's masks, so that all splits agree on the classes
+            mask_dirs = [root / name / "masks" for name in per_split] if per_split else [root / "masks"]
+            names, palette, decoder = _decoder_from_masks(mask_dirs, root, ignore_index)
         super().__init__(pairs, names, palette, decoder, transform, unpaired, ignore_index)
         self.root = root
         self.split = split
@@ -122,6 +134,12 @@ def find_class_table(root: Path) -> Path | None:
     return None
 
 
+def _class_table(root: Path, per_split: Sequence[str]) -> Path | None:
+    """root's classes.yaml, else the first split folder's that has one (the same for every split)."""
+    tables = (find_class_table(folder) for folder in [root, *(root / name for name in per_split)])
+    return next((table for table in tables if table is not None), None)
+
+
 def _decoder_from_table(path: Path, ignore_index: int) -> tuple[list[str], list[tuple[int, int, int]], LabelDecoder]:
     names, colours, ignore_colours = read_class_table(path)
     decoder = LabelDecoder(index_lookup(len(names), ignore_index, size=max(256, len(names) + 1)), ignore_index=ignore_index)
@@ -131,15 +149,15 @@ def _decoder_from_table(path: Path, ignore_index: int) -> tuple[list[str], list[
     return names, colours or default_palette(len(names)), decoder
 
 
-def _decoder_from_masks(masks: Path, ignore_index: int) -> tuple[list[str], list[tuple[int, int, int]], LabelDecoder]:
+def _decoder_from_masks(mask_dirs: Sequence[Path], root: Path, ignore_index: int) -> tuple[list[str], list[tuple[int, int, int]], LabelDecoder]:
     """No class table: the class count is the largest label found in any mask, plus one."""
     largest = 0
-    for path in sorted(p for p in masks.rglob("*") if p.is_file()):
+    for path in sorted(p for masks in mask_dirs for p in masks.rglob("*") if p.is_file()):
         try:
             with Image.open(path) as mask:
                 if mask.mode in ("RGB", "RGBA"):
                     raise ValueError(
-                        f"mask {path} is RGB colour-coded; put a classes.yaml with a colour per class in {masks.parent}"
+                        f"mask {path} is RGB colour-coded; put a classes.yaml with a colour per class in {root}"
                     )
                 values = np.unique(np.asarray(mask))
         except OSError:
@@ -152,16 +170,29 @@ def _decoder_from_masks(masks: Path, ignore_index: int) -> tuple[list[str], list
     return names, default_palette(num_classes), LabelDecoder(index_lookup(num_classes, ignore_index, size=max(256, num_classes + 1)), ignore_index=ignore_index)
 
 
-def _find_pairs(root: Path, split: str) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
+def split_folders(root: Path) -> list[str]:
+    """The subfolders of `root` that hold images/ and masks/ (one folder per split), when root
+    has no images/ of its own; else none."""
+    if (root / "images").is_dir() or not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "images").is_dir() and (p / "masks").is_dir())
+
+
+def _find_pairs(root: Path, split: str, whole: bool = False) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
+    """Image and mask pairs of `split` under root/images and root/masks, and the files without a
+    partner; `whole`: root is the split's own folder (all its pairs, no split lists or hold-out)."""
     image_dir, mask_dir = root / "images", root / "masks"
-    if (image_dir / split).is_dir():
+    if whole:
+        if not mask_dir.is_dir():
+            raise FileNotFoundError(f"{image_dir} exists but {mask_dir} does not")
+    elif (image_dir / split).is_dir():
         image_dir, mask_dir = image_dir / split, mask_dir / split
         if not mask_dir.is_dir():
             raise FileNotFoundError(f"{image_dir} exists but {mask_dir} does not")
     images = {p.stem: p for p in images_in(image_dir)}
     masks = {p.stem: p for p in images_in(mask_dir)}
     unpaired: list[tuple[Path, str]] = []
-    split_list = _split_list(root, split) if image_dir == root / "images" else None
+    split_list = _split_list(root, split) if image_dir == root / "images" and not whole else None
     if split_list is not None:
         stems = read_split_list(split_list)
         for stem in stems:
@@ -171,14 +202,14 @@ def _find_pairs(root: Path, split: str) -> tuple[list[tuple[Path, Path]], list[t
                 unpaired.append((images[stem], f"has no mask with the same stem in {mask_dir}"))
         chosen = [s for s in stems if s in images and s in masks]
         return [(images[s], masks[s]) for s in chosen], unpaired
-    if image_dir == root / "images" and _has_any_split_list(root):
+    if image_dir == root / "images" and not whole and _has_any_split_list(root):
         raise FileNotFoundError(f"{root} has split lists but none for split {split!r} (looked for splits/{split}.txt and {split}.txt)")
     for stem in sorted(set(images) - set(masks)):
         unpaired.append((images[stem], f"has no mask with the same stem in {mask_dir}"))
     for stem in sorted(set(masks) - set(images)):
         unpaired.append((masks[stem], f"has no image with the same stem in {image_dir}"))
     stems = sorted(set(images) & set(masks))
-    if image_dir == root / "images" and len(stems) > 1:
+    if image_dir == root / "images" and not whole and len(stems) > 1:
         held_out = stems[::HOLDOUT_EVERY]
         stems = sorted(set(stems) - set(held_out)) if split == "train" else held_out
     return [(images[s], masks[s]) for s in stems], unpaired
@@ -203,6 +234,8 @@ def _listed_splits(root: Path) -> set[str]:
 
 def folder_splits(root: Path) -> Sequence[str]:
     """The splits a folder data set offers, for the data doctor."""
+    if split_folders(root):
+        return split_folders(root)
     subfolders = sorted(p.name for p in (root / "images").iterdir() if p.is_dir()) if (root / "images").is_dir() else []
     if subfolders:
         return subfolders
