@@ -91,3 +91,15 @@ def test_class_maps_without_names_are_one_problem(tmp_path):
     _write(tmp_path / "train", "a", *_scene(2))
     report = check_dataset(tmp_path)
     assert [p.kind for p in report.problems] == ["no class names"]
+
+
+def test_a_split_that_cannot_be_opened_is_named_by_the_folders_own_error_kind(tmp_path):
+    (tmp_path / "classes.yaml").write_text("classes: [background, cat, dog]\n")
+    _write(tmp_path / "train", "a", *_scene(2))
+    _write(tmp_path / "val", "b", *_scene(1))
+    (tmp_path / "val" / "masks" / "b.png").unlink()  # val's image without its instance map
+    for sub in ("images", "masks"):
+        (tmp_path / "test" / sub).mkdir(parents=True)  # a split with no image
+    report = check_dataset(tmp_path, format="instance")
+    assert sorted((p.kind, p.file.name) for p in report.problems) == [("empty split", "test"), ("missing partner", "val")]
+    assert report.counts == {"train": 1, "val": 0, "test": 0}

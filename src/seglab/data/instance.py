@@ -32,6 +32,7 @@ DEFAULT_SCALE = (0.75, 1.25)  # the affine zoom around the native scale (small o
 
 __all__ = [
     "InstanceFolder",
+    "InstanceFolderError",
     "SyntheticInstances",
     "INSTANCE_AUGMENT_KEYS",
     "collate_instances",
@@ -113,6 +114,15 @@ class SyntheticInstances(torch.utils.data.Dataset):
         return self.transforms(*pair) if self.transforms is not None else pair
 
 
+class InstanceFolderError(FileNotFoundError):
+    """An instance folder that cannot be opened; ``kind`` is the data doctor's name for the
+    problem ("missing partner", "no class names", "empty split")."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class InstanceFolder(torch.utils.data.Dataset):
     """``root/images/*`` with ``root/masks/*`` instance-index PNGs matched by file stem.
 
@@ -134,31 +144,35 @@ class InstanceFolder(torch.utils.data.Dataset):
         image_dir, mask_dir = self.root / "images", self.root / "masks"
         for folder in (image_dir, mask_dir):
             if not folder.is_dir():
-                raise FileNotFoundError(f"instance folder data set needs {folder}")
+                raise InstanceFolderError("missing partner" if folder == mask_dir else "empty split",
+                                          f"instance folder data set needs {folder}")
         masks = {p.stem: p for p in images_in(mask_dir)}
         images = images_in(image_dir)
         missing = [p.name for p in images if p.stem not in masks]
         if missing:
-            raise FileNotFoundError(f"no instance mask in {mask_dir} for image {missing[0]} ({len(missing)} missing)")
+            raise InstanceFolderError("missing partner", f"no instance mask in {mask_dir} for image {missing[0]} "
+                                      f"({len(missing)} missing)")
         if not images:
-            raise FileNotFoundError(f"no images found in {image_dir}")
+            raise InstanceFolderError("empty split", f"no images found in {image_dir}")
         if split is not None:
             held_out = images[::HOLDOUT_EVERY]
             images = [p for index, p in enumerate(images) if index % HOLDOUT_EVERY] if split == "train" else held_out
             if not images:
-                raise FileNotFoundError(f"{image_dir} leaves no image to split {split!r} (every {HOLDOUT_EVERY}th, from the "
-                                        "first, is held out for val; the rest is train): add images, or train/ and val/ folders")
+                raise InstanceFolderError("empty split", f"{image_dir} leaves no image to split {split!r} (every "
+                                          f"{HOLDOUT_EVERY}th, from the first, is held out for val; the rest is train): "
+                                          "add images, or train/ and val/ folders")
         self.pairs = [(p, masks[p.stem]) for p in images]
         if classes is None:
             table = find_class_table(self.root) or find_class_table(self.root.parent)
             classes = read_class_table(table)[0] if table is not None else ("background", "object")
             if table is None and (self.root / "classes").is_dir():
-                raise FileNotFoundError(f"{self.root / 'classes'} holds class maps but no classes.yaml names the classes "
-                                        f"(put one in {self.root} or {self.root.parent}: classes: [background, ...])")
+                raise InstanceFolderError("no class names", f"{self.root / 'classes'} holds class maps but no classes.yaml "
+                                          f"names the classes (put one in {self.root} or {self.root.parent}: "
+                                          "classes: [background, ...])")
         self.class_dir = self.root / "classes" if len(classes) > 2 else None
         if self.class_dir is not None and not self.class_dir.is_dir():
-            raise FileNotFoundError(f"{len(classes) - 1} object classes but no {self.class_dir} folder of class maps "
-                                    "to tell them apart (one index PNG per mask, same name)")
+            raise InstanceFolderError("missing partner", f"{len(classes) - 1} object classes but no {self.class_dir} "
+                                      "folder of class maps to tell them apart (one index PNG per mask, same name)")
         self.classes = tuple(classes)
         self.palette = default_palette(len(self.classes))
         self.transforms = transforms

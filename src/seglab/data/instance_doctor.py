@@ -14,7 +14,7 @@ import numpy as np
 
 from seglab.data.doctor import DataReport, Problem, decoded_size
 from seglab.data.files import read_raw_mask
-from seglab.data.instance import InstanceFolder
+from seglab.data.instance import InstanceFolder, InstanceFolderError
 
 __all__ = ["check_instance_folder", "looks_like_instance_folder"]
 
@@ -35,13 +35,10 @@ def check_instance_folder(root: Path) -> DataReport:
     for split in per_split or ["train", "val"]:
         try:
             dataset = InstanceFolder(root / split) if per_split else InstanceFolder(root, split=split)
-        except FileNotFoundError as error:
+        except InstanceFolderError as error:
             if report is None:
                 report = DataReport(root, "instance", [], 0)
-            message = str(error)
-            kind = ("missing partner" if "no instance mask" in message or "folder of class maps" in message else
-                    "no class names" if "classes.yaml" in message else "empty split")
-            report.problems.append(Problem(kind, root / split if per_split else root, message))
+            report.problems.append(Problem(error.kind, root / split if per_split else root, str(error)))
             report.counts[split] = 0
             continue
         if report is None:
