@@ -489,7 +489,10 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.out or checkpoint_stem(Path(args.checkpoint)).name + (".onnx" if args.format == "onnx" else ".pt"))
     export_checkpoint(model, config, out, format=args.format, image_size=args.image_size, dynamic=not args.static,
                       legacy_onnx=args.legacy_onnx)
-    Console().print(f"exported {config['model']} ({args.format}, input: float image in [0, 1], output: logits) to {out}")
+    instance = config.get("task") == "instance"
+    what = ("input: one float image 1 x C x H x W in [0, 1], outputs: boxes, labels, scores, masks" if instance else
+            "input: float image in [0, 1], output: logits")
+    Console().print(f"exported {config['model']} ({args.format}, {what}) to {out}")
     return 0
 
 
@@ -613,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--crf-params", help="dense CRF parameters, e.g. theta_alpha=60,w1=5 (implies --crf)")
     predict.set_defaults(run=_predict)
 
-    export = commands.add_parser("export", help="export a checkpoint to ONNX or TorchScript")
+    export = commands.add_parser("export", help="export a checkpoint to ONNX or TorchScript (instance models: ONNX)")
     export.add_argument("--checkpoint", required=True, help="run directory or .safetensors checkpoint")
     export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     export.add_argument("--out", help="output file (default: <checkpoint name>.onnx or .pt)")

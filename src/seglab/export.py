@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -38,6 +39,9 @@ def _output_path(path: str | Path) -> Path:
     return path
 
 
+LOGITS = {"logits": {0: "batch", 2: "height", 3: "width"}}
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -47,27 +51,30 @@ def export_onnx(
     dynamic: bool = True,
     opset: int = 18,
     dynamo: bool = True,
+    outputs: Mapping[str, dict[int, str]] = LOGITS,
+    one_image: bool = False,
 ) -> Path:
-    """Write `model` as ONNX to `path` with input ``image`` and output ``logits``; with
-    `dynamic`, batch, height and width are free axes. Returns the path."""
+    """Write `model` as ONNX to `path` with input ``image`` and the outputs named by `outputs`
+    (name -> its free axes; default ``logits``, N x K x H x W); with `dynamic`, height and
+    width are free axes, and so is the batch unless `one_image`. Returns the path."""
     path = _output_path(path)
     model = model.eval()
     example = _dummy_input(model, image_size, in_channels)
+    image_axes = {2: "height", 3: "width"} if one_image else {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings():
         # Both exporters warn about things that do not concern a user (deprecation, tracer notes).
         warnings.simplefilter("ignore")
         if dynamo:
-            free = torch.export.Dim.AUTO
-            shapes = ({0: free, 2: free, 3: free},) if dynamic else None
+            shapes = ({axis: torch.export.Dim.AUTO for axis in image_axes},) if dynamic else None
             program = torch.onnx.export(
-                model, (example,), input_names=["image"], output_names=["logits"], opset_version=opset,
+                model, (example,), input_names=["image"], output_names=list(outputs), opset_version=opset,
                 dynamo=True, dynamic_shapes=shapes, verbose=False,
             )
             program.save(str(path), external_data=False)
         else:
-            axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}}
+            axes = {"image": image_axes, **outputs}
             torch.onnx.export(
-                model, (example,), str(path), input_names=["image"], output_names=["logits"], opset_version=opset,
+                model, (example,), str(path), input_names=["image"], output_names=list(outputs), opset_version=opset,
                 dynamo=False, dynamic_axes=axes if dynamic else None,
             )
     return path

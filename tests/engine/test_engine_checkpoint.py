@@ -55,6 +55,11 @@ def test_foreign_files_are_rejected_with_one_sentence(tmp_path: Path) -> None:
     (tmp_path / "broken.safetensors").write_bytes(b"not safetensors at all")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_checkpoint(tmp_path / "broken")
+    # weights of another size than the config builds (an edited JSON): one sentence, not torch's list
+    save_checkpoint(tmp_path / "edited", _model(), {"model": "unet", "kwargs": {"num_classes": 5, "base_channels": 4, "depth": 2}})
+    with pytest.raises(ValueError, match=r"edited.safetensors does not match model 'unet' as edited.json builds it: "
+                                         r"2 tensors of other shapes \(e.g. head.bias: \(3,\) in the file, \(5,\) in the model\)"):
+        load_checkpoint(tmp_path / "edited")
     (tmp_path / "photo.png").write_bytes(b"an image, not a checkpoint")  # exists: not "does not exist"
     with pytest.raises(ValueError, match="photo.png is not a seglab checkpoint: give a run directory"):
         load_checkpoint(tmp_path / "photo.png")

@@ -109,6 +109,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = load_file(str(weights), device=str(map_location))
     except Exception as error:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"{weights} is not a readable safetensors file ({error})") from None
+    built = model.state_dict()
+    reshaped = [name for name, tensor in state.items() if name in built and built[name].shape != tensor.shape]
+    if reshaped:  # load_state_dict would raise a RuntimeError listing every one
+        first = reshaped[0]
+        raise ValueError(f"{weights} does not match model {config['model']!r} as {_file(stem, '.json').name} builds it: "
+                         f"{len(reshaped)} tensors of other shapes (e.g. {first}: {tuple(state[first].shape)} in the file, "
+                         f"{tuple(built[first].shape)} in the model)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights} does not match model {config['model']!r}: {len(missing)} missing, {len(unexpected)} unexpected tensors")

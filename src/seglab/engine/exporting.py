@@ -3,6 +3,14 @@
 The exported graph takes what a user has, a float image batch N x C x H x W in [0, 1], and
 returns logits N x K x H x W: the checkpoint's mean/std normalisation is folded in, so no
 deployment code has to know it. Tracing and writing are seglab.export's.
+
+An instance model (ONNX only) takes one image, 1 x C x H x W in [0, 1] (the models normalise
+internally), and returns its detections, as many as it found: ``boxes`` (N x 4, XYXY pixels),
+``labels`` (N, 1..K), ``scores`` (N, above the model's own threshold, highest first for YOLACT)
+and ``masks`` (N x 1 x H x W probabilities). YOLACT goes through ``torch.export``, which keeps
+the detection count symbolic (its Fast NMS has no branch on it); torchvision's Mask R-CNN
+through the TorchScript-based exporter, for which torchvision writes its branches (torch.export
+stops at them).
 """
 from __future__ import annotations
 
@@ -11,11 +19,29 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 from seglab.engine.evaluator import Normalize, logits_of
 from seglab.export import export_onnx, export_torchscript
 
-__all__ = ["NormalizedModel", "export_checkpoint"]
+__all__ = ["DETECTIONS", "InstanceDetections", "NormalizedModel", "export_checkpoint"]
+
+
+MIN_INSTANCE_EXAMPLE = 256  # pixels a side of the image an instance model is exported with
+DETECTIONS = {"boxes": {0: "detections"}, "labels": {0: "detections"}, "scores": {0: "detections"},
+              "masks": {0: "detections", 2: "height", 3: "width"}}
+
+
+class InstanceDetections(nn.Module):
+    """An instance model's detections of one image (1 x C x H x W) as the tuple DETECTIONS names."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        found = self.model([image[0]])[0]
+        return tuple(found[name] for name in DETECTIONS)
 
 
 class NormalizedModel(nn.Module):
@@ -43,11 +69,33 @@ def export_checkpoint(
     """Write the checkpoint's model (with its normalisation) as ONNX or TorchScript to `path`."""
     if format not in ("onnx", "torchscript"):
         raise ValueError(f"--format must be onnx or torchscript, not {format!r}")
-    if config.get("task", "semantic") != "semantic":
-        raise ValueError(f"export handles semantic models; this checkpoint's task is {config.get('task')!r}")
+    task = config.get("task", "semantic")
+    if task == "instance":
+        return _export_instance(model, config, path, format=format, image_size=image_size, dynamic=dynamic,
+                                legacy_onnx=legacy_onnx)
+    if task != "semantic":
+        raise ValueError(f"export handles semantic and instance models; this checkpoint's task is {task!r}")
     wrapped = NormalizedModel(model.cpu().eval(), config["mean"], config["std"]).eval()
     size = image_size or config.get("image_size") or 256
     in_channels = int(config.get("kwargs", {}).get("in_channels", 3))
     if format == "onnx":
         return export_onnx(wrapped, path, image_size=size, in_channels=in_channels, dynamic=dynamic, dynamo=not legacy_onnx)
     return export_torchscript(wrapped, path, image_size=size, in_channels=in_channels)
+
+
+def _export_instance(model: nn.Module, config: dict[str, Any], path: str | Path, *, format: str,
+                     image_size: int | list[int] | None, dynamic: bool, legacy_onnx: bool) -> Path:
+    """The module docstring's instance graph, by the exporter that takes the model."""
+    if format != "onnx":
+        raise ValueError(f"--format {format}: instance models export to onnx only (their detection count varies per image)")
+    by_tracing = isinstance(model, GeneralizedRCNN)
+    if legacy_onnx and not by_tracing:
+        raise ValueError(f"--legacy-onnx: {config['model']} exports by torch.export only (a trace would fix its "
+                         "detection count to the example image's)")
+    size = image_size or config.get("image_size") or MIN_INSTANCE_EXAMPLE
+    # torch.export takes a dimension of size 1 for a constant: the example image must leave every
+    # pyramid level (down to 1/128) at least 2 pixels, or the graph holds only for that size
+    size = [max(side, MIN_INSTANCE_EXAMPLE) for side in ([size, size] if isinstance(size, int) else size)]
+    in_channels = int(config.get("kwargs", {}).get("in_channels", 3))
+    return export_onnx(InstanceDetections(model.cpu().eval()).eval(), path, image_size=size, in_channels=in_channels,
+                       dynamic=dynamic, dynamo=not by_tracing, outputs=DETECTIONS, one_image=True)

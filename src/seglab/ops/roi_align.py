@@ -104,6 +104,10 @@ class SampledMultiScaleRoIAlign(MultiScaleRoIAlign):
     with :func:`roi_align_sampled` doing the pooling; a drop-in replacement in detection models."""
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # Export: torchvision's kernel, the same numbers, which the exporters know (a sparse
+            # product and the branches on box counts below are not in ONNX's vocabulary)
+            return super().forward(x, boxes, image_shapes)
         levels = [x[name] for name in self.featmap_names]
         if self.scales is None or self.map_levels is None:
             super().forward(x, [b[:0] for b in boxes], image_shapes)  # sets up the scales and the level mapper

@@ -134,14 +134,13 @@ def fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
         at most ``iou_threshold``. Unlike greedy NMS, a suppressed box still suppresses others,
         which the paper shows costs little accuracy and makes NMS one matrix operation.
     """
-    if boxes.shape[0] == 0 or boxes.shape[1] == 0:
-        empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
-        return empty, empty
+    # No branch on the candidate count: every step below holds for none as well, so that
+    # torch.export can take the function whole (a count is data-dependent).
     scores, order = scores.sort(dim=1, descending=True)
     order = order[:, :top_k]
     ranked = torch.gather(boxes, 1, order.unsqueeze(-1).expand(-1, -1, 4))
     iou = torch.stack([box_iou(b, b) for b in ranked])  # C x n x n
-    keep = iou.triu(diagonal=1).max(dim=1).values <= iou_threshold
+    keep = ~(iou.triu(diagonal=1) > iou_threshold).any(dim=1)  # the column's max <= threshold
     classes = torch.arange(len(order), device=boxes.device).unsqueeze(1).expand_as(order)
     return classes[keep], order[keep]
 
@@ -381,10 +380,12 @@ class Yolact(nn.Module):
 
     def assemble_masks(self, prototypes, coefficients, boxes, padded_size, image_size) -> torch.Tensor:
         """sigmoid(P . c) at prototype resolution, upsampled to the image, cropped to the box: N x 1 x H x W."""
-        if len(coefficients) == 0:
-            return prototypes.new_zeros((0, 1, *image_size))
+        # One spare row of coefficients, dropped after the upsampling, which refuses an empty
+        # batch: no branch on the detection count (data-dependent under torch.export).
+        count = coefficients.shape[0]
+        coefficients = torch.cat([coefficients, coefficients.new_zeros((1, coefficients.shape[1]))])
         masks = torch.einsum("khw,nk->nhw", prototypes, coefficients).sigmoid()
-        masks = F.interpolate(masks[None], size=padded_size, mode="bilinear", align_corners=False)[0]
+        masks = F.interpolate(masks[None], size=padded_size, mode="bilinear", align_corners=False)[0, :count]
         masks = masks[:, : image_size[0], : image_size[1]]
         return crop_masks(masks, boxes).unsqueeze(1)
 
