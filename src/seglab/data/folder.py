@@ -192,7 +192,8 @@ def _find_pairs(root: Path, split: str, whole: bool = False) -> tuple[list[tuple
     images = {p.stem: p for p in images_in(image_dir)}
     masks = {p.stem: p for p in images_in(mask_dir)}
     unpaired: list[tuple[Path, str]] = []
-    split_list = _split_list(root, split) if image_dir == root / "images" and not whole else None
+    shared = not whole and image_dir == root / "images"  # one folder for every split: lists or the hold-out pick
+    split_list = _split_list(root, split) if shared else None
     if split_list is not None:
         stems = read_split_list(split_list)
         for stem in stems:
@@ -202,14 +203,14 @@ def _find_pairs(root: Path, split: str, whole: bool = False) -> tuple[list[tuple
                 unpaired.append((images[stem], f"has no mask with the same stem in {mask_dir}"))
         chosen = [s for s in stems if s in images and s in masks]
         return [(images[s], masks[s]) for s in chosen], unpaired
-    if image_dir == root / "images" and not whole and _has_any_split_list(root):
+    if shared and _has_any_split_list(root):
         raise FileNotFoundError(f"{root} has split lists but none for split {split!r} (looked for splits/{split}.txt and {split}.txt)")
     for stem in sorted(set(images) - set(masks)):
         unpaired.append((images[stem], f"has no mask with the same stem in {mask_dir}"))
     for stem in sorted(set(masks) - set(images)):
         unpaired.append((masks[stem], f"has no image with the same stem in {image_dir}"))
     stems = sorted(set(images) & set(masks))
-    if image_dir == root / "images" and not whole and len(stems) > 1:
+    if shared and len(stems) > 1:
         held_out = stems[::HOLDOUT_EVERY]
         stems = sorted(set(stems) - set(held_out)) if split == "train" else held_out
     return [(images[s], masks[s]) for s in stems], unpaired
@@ -234,8 +235,9 @@ def _listed_splits(root: Path) -> set[str]:
 
 def folder_splits(root: Path) -> Sequence[str]:
     """The splits a folder data set offers, for the data doctor."""
-    if split_folders(root):
-        return split_folders(root)
+    per_split = split_folders(root)
+    if per_split:
+        return per_split
     subfolders = sorted(p.name for p in (root / "images").iterdir() if p.is_dir()) if (root / "images").is_dir() else []
     if subfolders:
         return subfolders
