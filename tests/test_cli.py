@@ -58,6 +58,23 @@ def test_eval_prints_the_table_and_writes_json(trained: Path, tmp_path: Path, ca
     assert set(metrics["iou"]) == set(json.loads((trained / "best.json").read_text())["classes"])
 
 
+def test_eval_refuses_data_of_another_class_count_and_warns_of_other_names(trained: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    classes = json.loads((trained / "best.json").read_text())["classes"]
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        for folder, pixels in (("images", rng.integers(0, 256, (16, 16, 3))), ("masks", np.full((16, 16), index))):
+            (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "data" / folder / f"{index}.png")
+    (tmp_path / "data" / "classes.yaml").write_text(yaml.safe_dump({"classes": ["sky", "road"]}))
+    command = ["eval", "--checkpoint", str(trained), "--data", str(tmp_path / "data"), "--split", "val", "--precision", "32"]
+    _one_error_line(capsys, main(command), f"has 2 classes (sky, road) but the checkpoint predicts {len(classes)}")
+    renamed = [f"name{k}" for k in range(len(classes))]
+    (tmp_path / "data" / "classes.yaml").write_text(yaml.safe_dump({"classes": renamed}))
+    with pytest.warns(UserWarning, match=f"names its classes {', '.join(renamed[:6])}.*scored by index"):
+        assert main(command) == 0
+
+
 def test_predict_writes_a_mask_and_an_overlay_per_image(trained: Path, tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
@@ -338,6 +355,8 @@ def test_eval_with_int8_needs_a_train_split_to_calibrate_on(trained: Path, tmp_p
     for index in range(2):
         Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / "val" / f"{index}.png")
         Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(tmp_path / "masks" / "val" / f"{index}.png")
+    classes = json.loads((trained / "best.json").read_text())["classes"]
+    (tmp_path / "classes.yaml").write_text(yaml.safe_dump({"classes": classes}))  # the checkpoint's, so only int8 is at issue
     code = main(["eval", "--checkpoint", str(trained), "--data", str(tmp_path), "--split", "val", "--precision", "int8"])
     _one_error_line(capsys, code, "train split")
 

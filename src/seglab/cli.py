@@ -228,7 +228,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
 
     from seglab.data import open_dataset
     from seglab.data.files import equal_size_batches
-    from seglab.engine.checkpoint import load_checkpoint
+    from seglab.engine.checkpoint import check_data_classes, load_checkpoint
     from seglab.engine.evaluator import Normalize, evaluate
     from seglab.engine.fastpath import optimize_for_inference
     from seglab.engine.int8 import require_int8
@@ -263,6 +263,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     if source != "synthetic":
         data["augment"] = False  # scored as they are: `--split train` would otherwise draw random flips and crops
     dataset = open_dataset(source, args.split, **data)
+    check_data_classes(config["classes"], dataset.classes, f"the {args.split} split of {source}")
     # Images scored at their own sizes, where those differ, go in batches of one size each.
     batches = equal_size_batches(dataset, args.batch_size) if data.get("image_size") is None else None
     loader = DataLoader(dataset, batch_size=args.batch_size) if batches is None else DataLoader(dataset, batch_sampler=batches)

@@ -172,3 +172,13 @@ def test_results_carry_the_training_files_category_ids(checkpoint: Path, tmp_pat
     assert len(records) > 0 and {r["category_id"] for r in records} <= {3, 7}
     shown = [r for r in records if r["score"] >= predictor.score_threshold]
     assert [r["category_id"] for r in shown] == [{1: 3, 2: 7}[int(label)] for label in found["labels"]]
+
+
+def test_eval_refuses_data_of_another_class_count(checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+    from seglab.cli import main
+
+    # the checkpoint has 2 object classes; the built-in synthetic shapes 5
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", "synthetic", "--precision", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("seglab: error: the val split of synthetic has 6 classes (background, circle, square, triangle, ellipse, "
+                   "star) but the checkpoint predicts 3 (background, a, b): score it on data with its classes")

@@ -6,6 +6,7 @@ never unpickles anything: weights come from safetensors, the rest is JSON.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from seglab.files import atomic_write, atomic_write_json
 from seglab.models import create_model
 
 __all__ = ["CHECKPOINT_FORMAT", "checkpoint_stem", "save_checkpoint", "load_checkpoint", "resolve_checkpoint", "read_checkpoint_config",
-           "update_checkpoint_config"]
+           "update_checkpoint_config", "check_data_classes"]
 
 CHECKPOINT_FORMAT = "seglab-checkpoint-v1"
 
@@ -120,3 +121,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing or unexpected:
         raise ValueError(f"{weights} does not match model {config['model']!r}: {len(missing)} missing, {len(unexpected)} unexpected tensors")
     return model.to(map_location).eval(), config
+
+
+def check_data_classes(checkpoint_classes: list[str], data_classes: list[str] | tuple[str, ...], data: str) -> None:
+    """Refuse to score a checkpoint on data of another class count (class k of the one would be
+    scored as class k of the other, or not at all: figures without meaning); warn where only
+    the names differ (e.g. a classes.yaml added after training)."""
+    ours, theirs = list(checkpoint_classes), list(data_classes)
+    if len(ours) != len(theirs):
+        raise ValueError(f"{data} has {len(theirs)} classes ({_names(theirs)}) but the checkpoint predicts "
+                         f"{len(ours)} ({_names(ours)}): score it on data with its classes")
+    if ours != theirs:
+        warnings.warn(f"{data} names its classes {_names(theirs)}, the checkpoint {_names(ours)}: scored by index")
+
+
+def _names(classes: list[str], shown: int = 6) -> str:
+    return ", ".join(classes[:shown]) + (f", ... {len(classes) - shown} more" if len(classes) > shown else "")

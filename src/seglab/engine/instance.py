@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from seglab.data.box_stats import ANCHOR_PERCENTILE, anchor_size_for, object_sides
 from seglab.data.copy_paste import CopyPaste
 from seglab.data.instance import collate_instances, instance_augment_options, instance_transforms, open_instance_dataset
-from seglab.engine.checkpoint import save_checkpoint
+from seglab.engine.checkpoint import check_data_classes, save_checkpoint
 from seglab.engine.config import TrainConfig
 from seglab.engine.fastpath import optimize_instance_model, to_channels_last, training_convolutions
 from seglab.engine.instance_predictor import instance_overlay, sorted_detections
@@ -446,6 +446,7 @@ def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: 
     if getattr(args, "data", None) and args.data != source:
         source, data = args.data, {}
     dataset = open_instance_dataset(source, args.split, **data)
+    check_data_classes(config["classes"], dataset.classes, f"the {args.split} split of {source}")
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_instances)
     results_json = Path(args.json).with_suffix(".results.json") if getattr(args, "json", None) else None
     # conv-BN folding, fused activations, Winograd's 3x3 convolutions (float32), channels_last
