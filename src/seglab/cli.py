@@ -487,7 +487,8 @@ def _export(args: argparse.Namespace, console: Console) -> int:
 
     model, config = load_checkpoint(args.checkpoint)
     # Default: the run's or checkpoint's name in the current folder ("model.v2" keeps its dot).
-    out = Path(args.out or checkpoint_stem(Path(args.checkpoint)).name + (".onnx" if args.format == "onnx" else ".pt"))
+    name = checkpoint_stem(Path(args.checkpoint)).name + (".onnx" if args.format == "onnx" else ".pt")
+    out = Path(args.out) / name if args.out and Path(args.out).is_dir() else Path(args.out or name)  # a folder: the file in it
     export_checkpoint(model, config, out, format=args.format, image_size=args.image_size, dynamic=not args.static,
                       legacy_onnx=args.legacy_onnx)
     instance = config.get("task") == "instance"
@@ -620,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a checkpoint to ONNX or TorchScript (instance models: ONNX)")
     export.add_argument("--checkpoint", required=True, help="run directory or .safetensors checkpoint")
     export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    export.add_argument("--out", help="output file (default: <checkpoint name>.onnx or .pt)")
+    export.add_argument("--out", help="output file, or a folder for <checkpoint name>.onnx or .pt in it (default: that name here)")
     export.add_argument("--image-size", type=_image_size, help="example input size (default: the training size)")
     export.add_argument("--static", action="store_true", help="fix batch, height and width to the example input")
     export.add_argument("--legacy-onnx", action="store_true", help="use the TorchScript-based ONNX exporter (faster)")

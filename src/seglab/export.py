@@ -20,6 +20,8 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from seglab.files import atomic_write
+
 __all__ = ["export_onnx", "export_torchscript"]
 
 
@@ -70,13 +72,13 @@ def export_onnx(
                 model, (example,), input_names=["image"], output_names=list(outputs), opset_version=opset,
                 dynamo=True, dynamic_shapes=shapes, verbose=False,
             )
-            program.save(str(path), external_data=False)
+            atomic_write(path, lambda tmp: program.save(str(tmp), external_data=False))
         else:
             axes = {"image": image_axes, **outputs}
-            torch.onnx.export(
-                model, (example,), str(path), input_names=["image"], output_names=list(outputs), opset_version=opset,
+            atomic_write(path, lambda tmp: torch.onnx.export(
+                model, (example,), str(tmp), input_names=["image"], output_names=list(outputs), opset_version=opset,
                 dynamo=False, dynamic_axes=axes if dynamic else None,
-            )
+            ))
     return path
 
 
@@ -90,5 +92,5 @@ def export_torchscript(
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example, check_trace=False)
-    traced.save(str(path))
+    atomic_write(path, lambda tmp: traced.save(str(tmp)))
     return path

@@ -22,6 +22,13 @@ def output_folder(path: str | Path) -> Path:
     return path
 
 
+def _process_umask() -> int:
+    """The process's umask (read by setting it, so it is set back at once)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(temporary_path)`, then rename the temporary file onto `path`.
 
@@ -34,6 +41,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(handle)
     try:
         write(Path(temporary))
+        # mkstemp's file is the owner's alone (0600); the result gets what open() would give it
+        os.chmod(temporary, 0o666 & ~_process_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -55,3 +55,19 @@ def test_default_export_name_keeps_the_checkpoints_dots(tiny_run: Path, tmp_path
     assert main(["export", "--checkpoint", "model.v2", "--format", "torchscript"]) == 0
     assert (tmp_path / "model.v2.pt").is_file() and not (tmp_path / "model.pt").exists()
     assert main(["export", "--checkpoint", "model.v2.safetensors", "--format", "torchscript"]) == 0
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_export_into_a_folder_writes_the_checkpoints_name_there_with_the_usual_permissions(tiny_run: Path, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert main(["export", "--checkpoint", str(tiny_run), "--format", "torchscript", "--out", str(folder)]) == 0
+    written = folder / f"{tiny_run.name}.pt"
+    assert sorted(p.name for p in folder.iterdir()) == [written.name]  # no temporary left beside it
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask
+    torch.jit.load(str(written))
