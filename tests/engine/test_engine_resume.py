@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from engine_helpers import quiet_console, tiny_options, write_config
@@ -77,3 +78,23 @@ def test_resume_refuses_a_folder_without_state_and_changed_options(tmp_path: Pat
         Trainer.resume(tmp_path)
     with pytest.raises(ValueError, match="only --epochs.* may change, not --model"):
         Trainer.resume(tmp_path, {"model": "fcn"})
+
+
+def test_a_run_on_a_relative_data_path_resumes_from_another_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for index in range(2):
+            for sub, pixels in (("images", rng.integers(0, 256, (16, 16, 3))), ("masks", rng.integers(0, 2, (16, 16)))):
+                (tmp_path / "project" / "data" / split / sub).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "project" / "data" / split / sub / f"{index}.png")
+    monkeypatch.chdir(tmp_path / "project")
+    options = tiny_options(data="data", out=str(tmp_path / "runs"), batch_size=2, num_overlays=0)
+    options.pop("train_samples"), options.pop("val_samples"), options.pop("image_size")
+    config = TrainConfig.from_dict(options)
+    assert config.data == str(tmp_path / "project" / "data") and config.run_name == "unet-data"
+    Trainer(config, console=quiet_console()).fit()
+    monkeypatch.chdir(tmp_path)  # elsewhere: "data" names nothing here
+    Trainer.resume(tmp_path / "runs" / "unet-data", {"epochs": 2}, console=quiet_console()).fit()
+    assert [row["epoch"] for row in _rows(tmp_path / "runs" / "unet-data")] == [1, 2]

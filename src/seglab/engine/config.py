@@ -91,6 +91,10 @@ class TrainConfig:
             self.model_kwargs = dict(MAIN_JOB_UNET) if plain_unet else {}
         if self.warmup_epochs is None:
             self.warmup_epochs = float(_recipe_option(self.model, self.encoder, "warmup_epochs", 0.0))
+        if self.data != "synthetic" and Path(self.data).exists():
+            # The run records its data by absolute path: --resume and `seglab eval --checkpoint`
+            # find it from any folder, not only from the one training started in.
+            self.data = str(Path(self.data).resolve())
         self.validate()
 
     def validate(self) -> None:
