@@ -74,3 +74,28 @@ def test_a_folder_without_images_of_its_own_is_an_error_that_names_the_subfolder
     with pytest.raises(FileNotFoundError, match=r"folder .*empty holds no image files \(\.png"):
         list_images([tmp_path / "val" / "berlin", tmp_path / "empty"])
     assert [p.name for p in list_images(sorted((tmp_path / "val").iterdir()))] == ["berlin_0.png", "bonn_0.png"]
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp"])  # torchvision's decoders, and PIL's
+def test_images_are_read_as_shown_with_their_exif_orientation_applied(tmp_path, suffix):
+    from seglab.data.files import FileDataset
+    from seglab.data.io import shown_size
+
+    # stored 24 wide, 12 high, left half black, right half white; orientation 6: shown turned a
+    # quarter clockwise, 12 wide and 24 high, the white half at the bottom
+    stored = np.zeros((12, 24, 3), np.uint8)
+    stored[:, 12:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"photo{suffix}"
+    Image.fromarray(stored).save(path, exif=exif, **({"quality": 100} if suffix != ".png" else {}))
+    image = read_image(path)
+    assert image.shape == (3, 24, 12)
+    assert image[:, :10].mean() < 0.05 and image[:, 14:].mean() > 0.95
+    assert read_image(path, channels=1).shape == (1, 24, 12)
+    with Image.open(path) as picture:
+        assert shown_size(picture) == (12, 24)
+    assert FileDataset([(path, path)], ["a", "b"], [(0, 0, 0), (1, 1, 1)], None).image_sizes() == [(12, 24)]
+    plain = tmp_path / f"plain{suffix}"
+    Image.fromarray(stored).save(plain)
+    assert read_image(plain).shape == (3, 12, 24)

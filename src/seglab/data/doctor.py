@@ -23,6 +23,7 @@ from seglab.data.cityscapes import cityscapes_splits
 from seglab.data.coco import CocoSemantic
 from seglab.data.files import UNDEFINED, FileDataset, read_raw_mask
 from seglab.data.folder import folder_splits, split_folders
+from seglab.data.io import shown_size
 from seglab.data.voc import voc_splits
 
 __all__ = ["Problem", "DataReport", "check_dataset", "preflight", "render_report", "PROBLEM_KINDS"]
@@ -245,11 +246,12 @@ def _available_splits(fmt: str, root: Path) -> list[str]:
 
 
 def decoded_size(path: Path) -> tuple[tuple[int, int] | None, Problem | None]:
-    """(width, height) after a full decode, or the problem that stopped it."""
+    """An image's (width, height) as read (EXIF orientation applied) after a full decode, or
+    the problem that stopped it."""
     try:
         with Image.open(path) as image:
             image.load()
-            return image.size, None
+            return shown_size(image), None
     except (OSError, SyntaxError, ValueError) as error:
         return None, Problem("unreadable", path, f"cannot be decoded ({error})")
 

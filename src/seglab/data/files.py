@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from seglab.data.base import SegmentationDataset
-from seglab.data.io import decode_rgb
+from seglab.data.io import decode_rgb, shown_size
 
 __all__ = [
     "UNDEFINED",
@@ -141,11 +141,11 @@ class FileDataset(SegmentationDataset):
         return torch.from_numpy(self.decoder.mask(read_raw_mask(self.pairs[index][1])))
 
     def image_sizes(self) -> list[tuple[int, int]]:
-        """Each image's (width, height) as stored, from its file's header (nothing decoded)."""
+        """Each image's (width, height) as read, from its file's header (nothing decoded)."""
         sizes = []
         for image, _ in self.pairs:
             with Image.open(image) as picture:
-                sizes.append(picture.size)
+                sizes.append(shown_size(picture))
         return sizes
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

@@ -1,15 +1,21 @@
 """Reading images from disk: one decoder for the data sets and the predictor, one clear error
-per bad file."""
+per bad file.
+
+Images are read as they are shown: a camera's EXIF orientation tag (a photo stored sideways,
+with a note to turn it) is applied, as detectron2's and mmcv's readers do, so masks and
+predictions line up with the picture a viewer or an annotation tool displays. Masks are read
+as stored (`seglab.data.files.read_raw_mask`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-__all__ = ["IMAGE_SUFFIXES", "decode_rgb", "image_batch", "images_in", "list_images", "pil_pixels", "read_image", "unit_range"]
+__all__ = ["IMAGE_SUFFIXES", "decode_rgb", "image_batch", "images_in", "list_images", "pil_pixels", "read_image", "shown_size",
+           "unit_range"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _TORCHVISION_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -19,16 +25,25 @@ _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
+_EXIF_ORIENTATION = 0x0112  # 1 as stored; 2-8 mirrored and / or turned; 5-8 a quarter turn (width and height swap)
+
+
+def shown_size(picture: Image.Image) -> tuple[int, int]:
+    """An opened image's (width, height) as shown, its EXIF orientation applied (nothing decoded)."""
+    width, height = picture.size
+    return (height, width) if picture.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+
+
 def decode_rgb(path: str | Path) -> torch.Tensor:
-    """An image file as uint8 3 x H x W (grey, palette and RGBA become RGB; 16-bit images are
-    scaled to 8 bits, 65535 -> 255).
+    """An image file as uint8 3 x H x W, as shown (EXIF orientation applied; grey, palette and
+    RGBA become RGB; 16-bit images are scaled to 8 bits, 65535 -> 255).
 
     torchvision's libpng/libjpeg decoders are used where they apply (measured ~15% faster
     than PIL on CamVid's PNGs); PIL takes every other format and any file they refuse.
     """
     if Path(path).suffix.lower() in _TORCHVISION_SUFFIXES:
         try:
-            return _eight_bits(decode_image(read_file(str(path)), mode=ImageReadMode.RGB))
+            return _eight_bits(decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True))
         except RuntimeError:
             pass  # e.g. a CMYK JPEG: PIL knows more variants (or says what is wrong)
     return _decode_with_pil(Path(path), "RGB")
@@ -86,7 +101,8 @@ def pil_pixels(picture: Image.Image, mode: str) -> np.ndarray:
 def _decode_with_pil(path: Path, mode: str) -> torch.Tensor:
     try:
         with Image.open(path) as picture:
-            array = pil_pixels(picture, mode)
+            turned = picture.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1)
+            array = pil_pixels(ImageOps.exif_transpose(picture) if turned else picture, mode)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"{path} is not a readable image ({error.__class__.__name__})") from None
     if array.ndim == 2:
