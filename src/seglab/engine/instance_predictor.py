@@ -224,6 +224,8 @@ class InstancePredictor:
                     written.append(target)
                 if progress is not None and task is not None:
                     progress.update(task, advance=1, info=path.name)
+        if progress is not None and task is not None and skipped:
+            progress.update(task, completed=len(jobs))  # skipped files count as done
         if context.enabled and dist.is_initialized():
             gathered: list[tuple[list[dict[str, Any]], list[tuple[Path, str]]] | None] = [None] * context.world_size
             dist.all_gather_object(gathered, (records, skipped))

@@ -265,4 +265,6 @@ class Predictor:
                     written.append(overlay_path)
                 if task is not None:
                     progress.update(task, advance=1, info=path.name)
+        if task is not None and unreadable:
+            progress.update(task, completed=len(jobs))  # skipped files count as done
         return written
