@@ -182,3 +182,15 @@ def test_eval_refuses_data_of_another_class_count(checkpoint: Path, capsys: pyte
     err = capsys.readouterr().err.strip()
     assert err == ("seglab: error: the val split of synthetic has 6 classes (background, circle, square, triangle, ellipse, "
                    "star) but the checkpoint predicts 3 (background, a, b): score it on data with its classes")
+
+
+def test_auto_runs_float32_on_a_cpu_without_amx(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import seglab.engine.instance_predictor as module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(module, "cpu_has", lambda feature: False)
+    assert module.auto_instance_precision(cpu) == "32"
+    assert InstancePredictor.from_checkpoint(checkpoint, device="cpu").precision == "32"
+    monkeypatch.setattr(module, "cpu_has", lambda feature: feature == "amx_tile")
+    monkeypatch.setattr(module, "auto_precision", lambda device: "bf16")  # an AMX CPU's native choice
+    assert module.auto_instance_precision(cpu) == "bf16"
