@@ -405,10 +405,10 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     elif args.score_threshold is not None:
         raise CommandError(f"--score-threshold: for instance models only; {args.checkpoint} is a semantic model")
     output_folder(args.out)  # before any progress bar, so a bad --out is the only line printed
+    unreadable: list[tuple[Path, str]] = []  # images skipped, named after the others are written
     if is_instance:
         from seglab.engine.instance_predictor import predict_instance
 
-        unreadable: list[tuple[Path, str]] = []
         predict_instance(args, console, unreadable)
         return _report_unreadable(unreadable)
 
@@ -419,7 +419,6 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
         calibration=_calibration_images(args, stored_ranges="int8" in checkpoint_config),
     )
     context = env_rank()
-    unreadable: list[tuple[Path, str]] = []
     with progress_bar(console, disable=not context.is_main) as progress:
         written = predictor.predict_files(args.images, args.out, progress=progress, overlays=args.overlays,
                                           unreadable=unreadable)

@@ -28,10 +28,14 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 _EXIF_ORIENTATION = 0x0112  # 1 as stored; 2-8 mirrored and / or turned; 5-8 a quarter turn (width and height swap)
 
 
+def _orientation(picture: Image.Image) -> int:
+    return picture.getexif().get(_EXIF_ORIENTATION, 1)
+
+
 def shown_size(picture: Image.Image) -> tuple[int, int]:
     """An opened image's (width, height) as shown, its EXIF orientation applied (nothing decoded)."""
     width, height = picture.size
-    return (height, width) if picture.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+    return (height, width) if _orientation(picture) in (5, 6, 7, 8) else (width, height)
 
 
 def decode_rgb(path: str | Path) -> torch.Tensor:
@@ -101,7 +105,7 @@ def pil_pixels(picture: Image.Image, mode: str) -> np.ndarray:
 def _decode_with_pil(path: Path, mode: str) -> torch.Tensor:
     try:
         with Image.open(path) as picture:
-            turned = picture.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1)
+            turned = _orientation(picture) not in (0, 1)  # exif_transpose copies even an upright image
             array = pil_pixels(ImageOps.exif_transpose(picture) if turned else picture, mode)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"{path} is not a readable image ({error.__class__.__name__})") from None
