@@ -71,6 +71,21 @@ def test_every_problem_is_found_with_its_file(clean, helpers, rng):
     assert "seven.png" in text and "size mismatch" in text
 
 
+def test_masks_stored_as_jpeg_are_a_problem_that_stops_training(clean, helpers, rng):
+    """A 0/1/2 mask saved as JPEG reads back with other values along its edges, each of which
+    the folder format would take for a class of its own."""
+    from PIL import Image
+
+    labels = np.zeros((32, 32), np.uint8)
+    labels[4:20, 4:20], labels[16:30, 14:30] = 1, 2
+    helpers.rgb(clean / "images" / "photo.png", rng.integers(0, 256, size=(32, 32, 3)))
+    Image.fromarray(labels).save(clean / "masks" / "photo.jpg")
+    assert set(np.unique(np.asarray(Image.open(clean / "masks" / "photo.jpg")))) - {0, 1, 2}  # smeared
+    report = check_dataset(clean)
+    assert ("lossy mask", "photo.jpg") in {(p.kind, p.file.name) for p in report.problems}
+    assert any(line.startswith("lossy mask: 1 (masks stored as JPEG") for line in preflight(clean))
+
+
 def test_preflight_for_batches_of_images_as_they_are_wants_one_size(clean, helpers, rng):
     assert preflight(clean, one_size=True) == []  # all 16 x 12
     image, labels = helpers.pair(rng, height=20, width=10, values=(0, 1))

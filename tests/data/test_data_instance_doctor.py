@@ -103,3 +103,13 @@ def test_a_split_that_cannot_be_opened_is_named_by_the_folders_own_error_kind(tm
     report = check_dataset(tmp_path, format="instance")
     assert sorted((p.kind, p.file.name) for p in report.problems) == [("empty split", "test"), ("missing partner", "val")]
     assert report.counts == {"train": 1, "val": 0, "test": 0}
+
+
+def test_an_instance_map_stored_as_jpeg_is_a_lossy_mask(tmp_path):
+    _write(tmp_path / "train", "a", *_scene(2))
+    (tmp_path / "classes.yaml").write_text("classes: [background, cat, dog]\n")
+    instances, _ = _scene(1)
+    Image.fromarray(instances.astype(np.uint8)).save(tmp_path / "train" / "masks" / "a.jpg")
+    (tmp_path / "train" / "masks" / "a.png").unlink()
+    report = check_dataset(tmp_path, format="instance")
+    assert ("lossy mask", "a.jpg") in {(p.kind, p.file.name) for p in report.problems}

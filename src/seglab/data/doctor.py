@@ -26,7 +26,7 @@ from seglab.data.folder import folder_splits, split_folders
 from seglab.data.io import shown_size
 from seglab.data.voc import voc_splits
 
-__all__ = ["Problem", "DataReport", "check_dataset", "preflight", "render_report", "PROBLEM_KINDS"]
+__all__ = ["Problem", "DataReport", "check_dataset", "lossy_mask", "preflight", "render_report", "PROBLEM_KINDS"]
 
 # kind -> how one line of the summary describes it
 PROBLEM_KINDS = {
@@ -39,7 +39,9 @@ PROBLEM_KINDS = {
     "empty split": "splits with no usable image/mask pair",
     "mixed instance": "instances whose pixels are not all of one object class in the class map",
     "no class names": "class maps (classes/) without a classes.yaml that names the classes",
+    "lossy mask": "masks stored as JPEG, whose compression changes label values along every edge: save them as PNG",
 }
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -256,12 +258,22 @@ def decoded_size(path: Path) -> tuple[tuple[int, int] | None, Problem | None]:
         return None, Problem("unreadable", path, f"cannot be decoded ({error})")
 
 
+def lossy_mask(path: Path) -> Problem | None:
+    """A mask stored in a lossy format: its label values are smeared along every edge (a 0/1/2
+    mask saved as JPEG reads back with values up to 5, each taken for a class of its own)."""
+    if path.suffix.lower() in LOSSY_SUFFIXES:
+        return Problem("lossy mask", path, "is stored as JPEG")
+    return None
+
+
 def _check_pair(dataset: FileDataset, pair: tuple[Path, Path], report: DataReport) -> list[Problem]:
     image_path, mask_path = pair
     problems: list[Problem] = []
     image_size, problem = decoded_size(image_path)
     if problem:
         problems.append(problem)
+    if lossy := lossy_mask(mask_path):
+        problems.append(lossy)
     try:
         raw = read_raw_mask(mask_path)
     except (OSError, SyntaxError, ValueError) as error:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seglab.data.doctor import DataReport, Problem, decoded_size
+from seglab.data.doctor import DataReport, Problem, decoded_size, lossy_mask
 from seglab.data.files import read_raw_mask
 from seglab.data.instance import InstanceFolder, InstanceFolderError
 
@@ -70,6 +70,7 @@ def _check_triple(image_path: Path, mask_path: Path, class_path: Path | None, re
     image_size, problem = decoded_size(image_path)
     if problem:
         problems.append(problem)
+    problems += [found for found in (lossy_mask(mask_path), class_path and lossy_mask(class_path)) if found]
     instances, error = _read(mask_path)
     if instances is None:
         return problems + [Problem("unreadable", mask_path, error)]
