@@ -86,6 +86,24 @@ def test_masks_stored_as_jpeg_are_a_problem_that_stops_training(clean, helpers, 
     assert any(line.startswith("lossy mask: 1 (masks stored as JPEG") for line in preflight(clean))
 
 
+def test_binary_masks_with_their_foreground_at_255_are_one_class_and_stop_training(tmp_path, helpers, rng):
+    """255 is the ignore value: 0/255 masks leave one class to learn, which trains a model that
+    answers background everywhere."""
+    for k in range(3):
+        labels = np.zeros((12, 16), np.uint8)
+        labels[2:8, 3:9] = 255
+        helpers.rgb(tmp_path / "images" / f"{k}.png", rng.integers(0, 256, size=(12, 16, 3)))
+        helpers.index(tmp_path / "masks" / f"{k}.png", labels)
+    report = check_dataset(tmp_path)
+    (problem,) = report.problems
+    assert problem.kind == "one class" and "every labelled pixel is class_0" in problem.detail
+    assert "hold 255, the ignore value" in problem.detail and "store it as 1" in problem.detail
+    assert preflight(tmp_path)[0].startswith("one class: 1")
+    for k in range(3):  # stored as 0/1, the same masks are fit to train
+        helpers.index(tmp_path / "masks" / f"{k}.png", np.where(helpers.pair(rng)[1] > 0, 1, 0))
+    assert preflight(tmp_path) == []
+
+
 def test_preflight_for_batches_of_images_as_they_are_wants_one_size(clean, helpers, rng):
     assert preflight(clean, one_size=True) == []  # all 16 x 12
     image, labels = helpers.pair(rng, height=20, width=10, values=(0, 1))

@@ -39,6 +39,7 @@ PROBLEM_KINDS = {
     "empty split": "splits with no usable image/mask pair",
     "mixed instance": "instances whose pixels are not all of one object class in the class map",
     "no class names": "class maps (classes/) without a classes.yaml that names the classes",
+    "one class": "data sets whose labelled pixels are all of one class",
     "lossy mask": "masks stored as JPEG, whose compression changes label values along every edge: save them as PNG",
 }
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
@@ -166,7 +167,22 @@ def check_dataset(path: str | Path, format: str | None = None, splits: Sequence[
                 report.problems.append(problem)
     if report is None:
         raise ValueError(f"{root} has no split to check")
+    if (one := _one_class(report)) is not None:
+        report.problems.append(one)
     return report
+
+
+def _one_class(report: DataReport) -> Problem | None:
+    """Every labelled pixel of the whole set in one class of several: nothing to tell apart. Most
+    often binary masks that store their foreground as 255, the ignore value."""
+    present = [k for k, pixels in enumerate(report.class_pixels) if pixels]
+    if len(present) != 1 or len(report.classes) < 2:
+        return None
+    detail = f"every labelled pixel is {report.classes[present[0]]}"
+    if report.ignored_pixels:
+        detail += (f", and {report.ignored_pixels} pixels hold {report.ignore_index}, the ignore value: binary masks "
+                   f"storing their foreground as {report.ignore_index}? store it as 1")
+    return Problem("one class", report.path, detail)
 
 
 def _check_coco(root: Path, **options: Any) -> DataReport:
