@@ -112,6 +112,22 @@ def test_one_folder_per_split_is_the_folder_format_with_classes_from_every_split
     assert sample["image"].shape == (3, 8, 8) and set(sample["mask"].unique().tolist()) <= {0, 3}
 
 
+def test_masks_named_with_a_suffix_pair_with_their_images(tmp_path, helpers, rng):
+    """ISIC-style names: a.jpg with a_segmentation.png. Every mask carries the one suffix; a mask
+    without it stays unpaired, and masks with their image's exact stem need no suffix."""
+    for name in ("a", "b_1", "c"):
+        image, labels = helpers.pair(rng)
+        helpers.rgb(tmp_path / "images" / f"{name}.png", image)
+        helpers.index(tmp_path / "masks" / f"{name}_segmentation.png", labels)
+    dataset = FolderDataset(tmp_path, "val")
+    everything = FolderDataset(tmp_path, "train").pairs + dataset.pairs
+    assert sorted((i.name, m.name) for i, m in everything) == [
+        ("a.png", "a_segmentation.png"), ("b_1.png", "b_1_segmentation.png"), ("c.png", "c_segmentation.png")]
+    assert dataset[0]["mask"].shape == (12, 16)
+    helpers.index(tmp_path / "masks" / "stray.png", helpers.pair(rng)[1])  # no suffix: the rule no longer holds
+    assert FolderDataset(tmp_path, "train").pairs == [] and len(FolderDataset(tmp_path, "train").unpaired) == 7
+
+
 def test_detects_folder_and_bad_class_tables(tmp_path, helpers, rng):
     _folder(tmp_path, helpers, rng, count=1)
     assert detect_format(tmp_path) == "folder"

@@ -11,9 +11,10 @@ Layout::
 or one folder per split, each with its own ``images/`` and ``masks/`` (``root/train/images``,
 ``root/val/masks`` ...; ``classes.yaml`` in root, or in a split's folder for all of them).
 
-Masks may be index PNGs (mode L or I: the value is the class), palette PNGs (mode P: the
-palette index is the class, as in Pascal VOC) or RGB colour-coded PNGs, which need a colour
-table. ``classes.yaml`` takes any of these forms::
+A mask has its image's file stem, or the stem plus one suffix shared by every mask
+(``a.jpg`` with ``a_mask.png``). Masks may be index PNGs (mode L or I: the value is the
+class), palette PNGs (mode P: the palette index is the class, as in Pascal VOC) or RGB
+colour-coded PNGs, which need a colour table. ``classes.yaml`` takes any of these forms::
 
     classes: [background, cat, dog]              # names; masks hold indices
     classes: {background: [0, 0, 0], cat: [128, 0, 0]}   # name -> RGB colour
@@ -190,7 +191,7 @@ def _find_pairs(root: Path, split: str, whole: bool = False) -> tuple[list[tuple
         if not mask_dir.is_dir():
             raise FileNotFoundError(f"{image_dir} exists but {mask_dir} does not")
     images = {p.stem: p for p in images_in(image_dir)}
-    masks = {p.stem: p for p in images_in(mask_dir)}
+    masks = _masks_by_image_stem(set(images), {p.stem: p for p in images_in(mask_dir)})
     unpaired: list[tuple[Path, str]] = []
     shared = not whole and image_dir == root / "images"  # one folder for every split: lists or the hold-out pick
     split_list = _split_list(root, split) if shared else None
@@ -214,6 +215,22 @@ def _find_pairs(root: Path, split: str, whole: bool = False) -> tuple[list[tuple
         held_out = stems[::HOLDOUT_EVERY]
         stems = sorted(set(stems) - set(held_out)) if split == "train" else held_out
     return [(images[s], masks[s]) for s in stems], unpaired
+
+
+def _masks_by_image_stem(image_stems: set[str], masks: dict[str, Path]) -> dict[str, Path]:
+    """Masks keyed by the stem of their image: their own stem or, where no mask has an image's
+    stem but every mask's is an image's plus one same suffix (``a.jpg`` with ``a_mask.png``,
+    ISIC's ``_segmentation``), that stem without the suffix."""
+    if not masks or image_stems & masks.keys():
+        return masks
+    first = min(masks)
+    cut = next((cut for cut in range(len(first) - 1, 0, -1) if first[:cut] in image_stems), None)
+    if cut is None:
+        return masks
+    suffix = first[cut:]
+    if not all(stem.endswith(suffix) and stem[:-len(suffix)] in image_stems for stem in masks):
+        return masks
+    return {stem[:-len(suffix)]: path for stem, path in masks.items()}
 
 
 def _split_list(root: Path, split: str) -> Path | None:
