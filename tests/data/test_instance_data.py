@@ -75,6 +75,8 @@ def test_instance_folder_reads_index_masks(tmp_path):
     assert image.shape == (3, 20, 30)
     assert target["boxes"].tolist() == [[3.0, 2.0, 9.0, 6.0], [20.0, 10.0, 28.0, 18.0]]
     assert target["labels"].tolist() == [1, 1]
+    (tmp_path / "masks" / "a.png").rename(tmp_path / "masks" / "a_mask.png")  # named with a suffix, as the folder format reads
+    assert InstanceFolder(tmp_path).pairs == [(tmp_path / "images" / "a.png", tmp_path / "masks" / "a_mask.png")]
 
 
 def test_instance_folder_names_the_image_without_a_mask(tmp_path):

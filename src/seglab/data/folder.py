@@ -38,7 +38,7 @@ from seglab.data.base import default_palette
 from seglab.data.files import FileDataset, LabelDecoder, index_lookup, read_split_list
 from seglab.data.io import images_in
 
-__all__ = ["FolderDataset", "find_class_table", "read_class_table", "split_folders", "HOLDOUT_EVERY"]
+__all__ = ["FolderDataset", "find_class_table", "masks_by_image_stem", "read_class_table", "split_folders", "HOLDOUT_EVERY"]
 
 HOLDOUT_EVERY = 10
 _TABLE_NAMES = ("classes.yaml", "classes.yml")
@@ -191,7 +191,7 @@ def _find_pairs(root: Path, split: str, whole: bool = False) -> tuple[list[tuple
         if not mask_dir.is_dir():
             raise FileNotFoundError(f"{image_dir} exists but {mask_dir} does not")
     images = {p.stem: p for p in images_in(image_dir)}
-    masks = _masks_by_image_stem(set(images), {p.stem: p for p in images_in(mask_dir)})
+    masks = masks_by_image_stem(set(images), {p.stem: p for p in images_in(mask_dir)})
     unpaired: list[tuple[Path, str]] = []
     shared = not whole and image_dir == root / "images"  # one folder for every split: lists or the hold-out pick
     split_list = _split_list(root, split) if shared else None
@@ -217,7 +217,7 @@ def _find_pairs(root: Path, split: str, whole: bool = False) -> tuple[list[tuple
     return [(images[s], masks[s]) for s in stems], unpaired
 
 
-def _masks_by_image_stem(image_stems: set[str], masks: dict[str, Path]) -> dict[str, Path]:
+def masks_by_image_stem(image_stems: set[str], masks: dict[str, Path]) -> dict[str, Path]:
     """Masks keyed by the stem of their image: their own stem or, where no mask has an image's
     stem but every mask's is an image's plus one same suffix (``a.jpg`` with ``a_mask.png``,
     ISIC's ``_segmentation``), that stem without the suffix."""

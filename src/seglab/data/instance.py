@@ -124,7 +124,8 @@ class InstanceFolderError(FileNotFoundError):
 
 
 class InstanceFolder(torch.utils.data.Dataset):
-    """``root/images/*`` with ``root/masks/*`` instance-index PNGs matched by file stem.
+    """``root/images/*`` with ``root/masks/*`` instance-index PNGs matched by file stem (or stem
+    plus one suffix every mask carries, as in the folder format).
 
     In a mask, 0 is background and value k marks instance k (16-bit PNGs allow many
     instances). All instances share one class unless ``classes`` names more (given, or read
@@ -138,7 +139,7 @@ class InstanceFolder(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, classes: Sequence[str] | None = None, transforms: Any = None,
                  split: str | None = None) -> None:
-        from seglab.data.folder import HOLDOUT_EVERY, find_class_table, read_class_table
+        from seglab.data.folder import HOLDOUT_EVERY, find_class_table, masks_by_image_stem, read_class_table
 
         self.root = Path(root)
         image_dir, mask_dir = self.root / "images", self.root / "masks"
@@ -146,8 +147,8 @@ class InstanceFolder(torch.utils.data.Dataset):
             if not folder.is_dir():
                 raise InstanceFolderError("missing partner" if folder == mask_dir else "empty split",
                                           f"instance folder data set needs {folder}")
-        masks = {p.stem: p for p in images_in(mask_dir)}
         images = images_in(image_dir)
+        masks = masks_by_image_stem({p.stem for p in images}, {p.stem: p for p in images_in(mask_dir)})
         missing = [p.name for p in images if p.stem not in masks]
         if missing:
             raise InstanceFolderError("missing partner", f"no instance mask in {mask_dir} for image {missing[0]} "
