@@ -130,8 +130,13 @@ def test_coco_sets_tell_their_image_sizes_for_batches_of_one_size(tmp_path, help
 def test_open_dataset_errors_name_the_culprit(tmp_path, helpers, rng):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         open_dataset(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="cannot tell the format"):
+    with pytest.raises(ValueError, match=r"cannot tell the format.*choose with --format"):
         open_dataset(tmp_path)
+    for sub in ("images", "masks"):  # the images/ folder given for the data set's own
+        (tmp_path / "folder" / sub).mkdir(parents=True)
+    with pytest.raises(ValueError, match=f"images is the data set's images/ folder; give the folder that holds images/ "
+                                         f"and masks/, {tmp_path / 'folder'}"):
+        open_dataset(tmp_path / "folder" / "images")
     _camvid(tmp_path, helpers, rng)
     with pytest.raises(ValueError, match="'pascal'"):
         open_dataset(tmp_path, format="pascal")

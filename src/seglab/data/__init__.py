@@ -65,11 +65,14 @@ def detect_format(path: str | Path) -> str:
         return "camvid"
     if split_folders(root):
         return "folder"
+    if root.name in ("images", "masks") and (root.parent / "images").is_dir() and (root.parent / "masks").is_dir():
+        raise ValueError(f"{root} is the data set's {root.name}/ folder; give the folder that holds images/ and masks/, "
+                         f"{root.parent}")
     raise ValueError(
         f"cannot tell the format of {root}: expected images/ + masks/ or train/images/ + train/masks/ (folder), "
         "JPEGImages/ + SegmentationClass/ "
         "(voc), train/ + trainannot/ (camvid), leftImg8bit/ + gtFine/ (cityscapes) or ADEChallengeData2016 "
-        "(ade20k); pass format= to choose"
+        "(ade20k); choose with --format (format= in Python)"
     )
 
 
