@@ -31,12 +31,17 @@ class TinyConvNet(nn.Module):
         return self.body(x)
 
 
-def test_numpy_pil_and_tensor_inputs_agree() -> None:
+def test_file_numpy_pil_and_tensor_inputs_agree(tmp_path: Path) -> None:
     predictor = Predictor(TinyConvNet(), CONFIG, device="cpu")
     array = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     from_numpy = predictor.predict(array)
     assert from_numpy.shape == (20, 30) and from_numpy.dtype == torch.int64
     assert torch.equal(predictor.predict(Image.fromarray(array)), from_numpy)
+    Image.fromarray(array).save(tmp_path / "photo.png")
+    assert torch.equal(predictor.predict(tmp_path / "photo.png"), from_numpy)
+    assert torch.equal(predictor.predict(str(tmp_path / "photo.png")), from_numpy)
+    with pytest.raises(ValueError, match="cannot predict on a int; give an image file, a PIL image"):
+        predictor.predict(3)
     tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 255
     assert torch.equal(predictor.predict(tensor), from_numpy)
     assert torch.equal(predictor.predict(tensor[None].repeat(2, 1, 1, 1))[1], from_numpy)

@@ -119,11 +119,14 @@ def images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def image_batch(image: torch.Tensor | np.ndarray | Image.Image, channels: int = 3) -> torch.Tensor:
-    """An image given in memory as a float32 N x C x H x W batch in [0, 1]: a PIL image (16-bit
+def image_batch(image: torch.Tensor | np.ndarray | Image.Image | str | Path, channels: int = 3) -> torch.Tensor:
+    """An image as a float32 N x C x H x W batch in [0, 1]: a file (read as `read_image` reads
+    it: EXIF orientation applied), a PIL image (16-bit
     grey scaled to 8 bits, alpha dropped), an H x W or H x W x C array (grey repeated for a
     3-channel model, alpha dropped) or a C x H x W / N x C x H x W tensor; uint8 values are
     0..255, uint16 0..65535, floats 0..1 (anything else is refused, not scored as garbage)."""
+    if isinstance(image, (str, Path)):
+        return read_image(image, channels=channels)[None]
     if isinstance(image, Image.Image):
         image = pil_pixels(image, "L" if channels == 1 else "RGB")
     if isinstance(image, np.ndarray):
@@ -133,7 +136,7 @@ def image_batch(image: torch.Tensor | np.ndarray | Image.Image, channels: int = 
         array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()  # PIL's arrays are read-only
         image = torch.from_numpy(array).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array)
     if not isinstance(image, torch.Tensor):
-        raise ValueError(f"cannot predict on a {type(image).__name__}; give a PIL image, a numpy array or a tensor")
+        raise ValueError(f"cannot predict on a {type(image).__name__}; give an image file, a PIL image, a numpy array or a tensor")
     batch = image[None] if image.dim() == 3 else image
     if batch.dim() != 4 or batch.shape[1] != channels:
         raise ValueError(f"expected an image with {channels} channels, got a tensor of shape {tuple(image.shape)}")

@@ -49,7 +49,7 @@ from seglab.viz import overlay, palette_image
 
 __all__ = ["Predictor", "equal_size_runs", "output_stems"]
 
-ImageLike = torch.Tensor | np.ndarray | Image.Image
+ImageLike = torch.Tensor | np.ndarray | Image.Image | str | Path  # a path: the file, read as the folders are
 FLIP_DIMS = {"h": (-1,), "v": (-2,)}
 
 
