@@ -99,6 +99,7 @@ def test_binary_masks_with_their_foreground_at_255_are_one_class_and_stop_traini
     assert problem.kind == "one class" and "every labelled pixel is class_0" in problem.detail
     assert "hold 255, the ignore value" in problem.detail and "store it as 1" in problem.detail
     assert preflight(tmp_path)[0].startswith("one class: 1")
+    assert not check_dataset(tmp_path, splits=["val"]).problems  # a split alone may hold one class
     for k in range(3):  # stored as 0/1, the same masks are fit to train
         helpers.index(tmp_path / "masks" / f"{k}.png", np.where(helpers.pair(rng)[1] > 0, 1, 0))
     assert preflight(tmp_path) == []

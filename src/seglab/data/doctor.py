@@ -167,7 +167,7 @@ def check_dataset(path: str | Path, format: str | None = None, splits: Sequence[
                 report.problems.append(problem)
     if report is None:
         raise ValueError(f"{root} has no split to check")
-    if (one := _one_class(report)) is not None:
+    if splits is None and (one := _one_class(report)) is not None:  # a split alone may hold one class
         report.problems.append(one)
     return report
 
