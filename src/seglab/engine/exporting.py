@@ -69,22 +69,22 @@ def export_checkpoint(
     """Write the checkpoint's model (with its normalisation) as ONNX or TorchScript to `path`."""
     if format not in ("onnx", "torchscript"):
         raise ValueError(f"--format must be onnx or torchscript, not {format!r}")
+    size = image_size or config.get("image_size") or 256
+    in_channels = int(config.get("kwargs", {}).get("in_channels", 3))
     task = config.get("task", "semantic")
     if task == "instance":
-        return _export_instance(model, config, path, format=format, image_size=image_size, dynamic=dynamic,
+        return _export_instance(model, config, path, format=format, size=size, in_channels=in_channels, dynamic=dynamic,
                                 legacy_onnx=legacy_onnx)
     if task != "semantic":
         raise ValueError(f"export handles semantic and instance models; this checkpoint's task is {task!r}")
     wrapped = NormalizedModel(model.cpu().eval(), config["mean"], config["std"]).eval()
-    size = image_size or config.get("image_size") or 256
-    in_channels = int(config.get("kwargs", {}).get("in_channels", 3))
     if format == "onnx":
         return export_onnx(wrapped, path, image_size=size, in_channels=in_channels, dynamic=dynamic, dynamo=not legacy_onnx)
     return export_torchscript(wrapped, path, image_size=size, in_channels=in_channels)
 
 
 def _export_instance(model: nn.Module, config: dict[str, Any], path: str | Path, *, format: str,
-                     image_size: int | list[int] | None, dynamic: bool, legacy_onnx: bool) -> Path:
+                     size: int | list[int], in_channels: int, dynamic: bool, legacy_onnx: bool) -> Path:
     """The module docstring's instance graph, by the exporter that takes the model."""
     if format != "onnx":
         raise ValueError(f"--format {format}: instance models export to onnx only (their detection count varies per image)")
@@ -92,10 +92,8 @@ def _export_instance(model: nn.Module, config: dict[str, Any], path: str | Path,
     if legacy_onnx and not by_tracing:
         raise ValueError(f"--legacy-onnx: {config['model']} exports by torch.export only (a trace would fix its "
                          "detection count to the example image's)")
-    size = image_size or config.get("image_size") or MIN_INSTANCE_EXAMPLE
     # torch.export takes a dimension of size 1 for a constant: the example image must leave every
     # pyramid level (down to 1/128) at least 2 pixels, or the graph holds only for that size
     size = [max(side, MIN_INSTANCE_EXAMPLE) for side in ([size, size] if isinstance(size, int) else size)]
-    in_channels = int(config.get("kwargs", {}).get("in_channels", 3))
     return export_onnx(InstanceDetections(model.cpu().eval()).eval(), path, image_size=size, in_channels=in_channels,
                        dynamic=dynamic, dynamo=not by_tracing, outputs=DETECTIONS, one_image=True)
