@@ -35,6 +35,17 @@ def test_detections_are_sorted_by_score_and_cut_at_the_threshold() -> None:
     assert found["masks"].dtype == torch.bool and found["masks"].shape == (3, 20, 20) and found["masks"][0, 6, 6]
 
 
+def test_already_sorted_detections_are_kept_as_a_leading_slice() -> None:
+    # The models' own order: the kept detections are read in place, not gathered anew.
+    prediction = _detections([0.9, 0.6, 0.3, 0.05], [(0, 0, 4, 4), (5, 5, 9, 9), (10, 10, 14, 14), (0, 10, 3, 13)], [2, 1, 1, 2])
+    found = sorted_detections(prediction, score_threshold=0.3)
+    assert found["scores"].tolist() == pytest.approx([0.9, 0.6, 0.3]) and found["labels"].tolist() == [2, 1, 1]
+    assert found["boxes"].data_ptr() == prediction["boxes"].data_ptr()
+    assert torch.equal(found["masks"], prediction["masks"][:3, 0] > 0.5) and found["masks"].dtype == torch.bool
+    bf16 = sorted_detections({**prediction, "masks": prediction["masks"].bfloat16(), "scores": prediction["scores"].bfloat16()})
+    assert bf16["scores"].dtype == torch.float32 and torch.equal(bf16["masks"], prediction["masks"][:, 0] > 0.5)
+
+
 def test_instance_maps_number_detections_by_score_and_the_higher_score_keeps_an_overlap() -> None:
     found = sorted_detections(_detections([0.5, 0.9], [(0, 0, 10, 10), (5, 5, 15, 15)], [1, 2]))
     instances, classes = instance_maps(found, (20, 20))

@@ -30,6 +30,9 @@ def test_crop_keeps_exactly_the_pixels_whose_centres_lie_in_the_box():
     expected_second[2, :] = 1  # only row 2's centre (2.5) lies within [2, 2.9]
     assert torch.equal(cropped[0], expected_first)
     assert torch.equal(cropped[1], expected_second)
+    in_place = torch.rand(2, 4, 5)
+    expected = crop_masks(in_place, boxes)
+    assert crop_masks(in_place, boxes, in_place=True) is in_place and torch.equal(in_place, expected)
 
 
 def test_fast_nms_lets_suppressed_boxes_suppress_unlike_greedy_nms():
