@@ -675,9 +675,11 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *_: objec
 
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # run as the `seglab` program: the process is seglab's own
+        from seglab.interrupts import handle_interrupts
         from seglab.memory import keep_freed_memory
 
         keep_freed_memory()
+        handle_interrupts()
         warnings.formatwarning = _one_line_warning
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from seglab.engine.distributed import all_reduce_sum
+from seglab.interrupts import raise_if_interrupted
 from seglab.metrics.confusion import ConfusionMatrix
 
 __all__ = ["Normalize", "evaluate", "logits_of"]
@@ -59,6 +60,7 @@ def evaluate(
     matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
     loss_sum, images_seen = 0.0, 0
     for batch in loader:
+        raise_if_interrupted()
         images = normalize(batch["image"].to(device, non_blocking=True))
         target = batch["mask"].to(device, non_blocking=True)
         with autocast():

@@ -50,6 +50,7 @@ from seglab.engine.trainer import (
     use_deterministic_kernels,
 )
 from seglab.files import append_line, atomic_write, atomic_write_text
+from seglab.interrupts import raise_if_interrupted
 from seglab.metrics import COCOMaskEvaluator, save_coco_results
 from seglab.metrics.coco import coco_results
 from seglab.models import create_model
@@ -230,6 +231,7 @@ class InstanceTrainer:
         loss_sum, images_seen, start = 0.0, 0, time.perf_counter()
         term_sums: dict[str, float] = {}
         for images, targets in self.train_loader:
+            raise_if_interrupted()
             images = [image.to(self.device) for image in images]
             targets = [{k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
             with self.precision.autocast(), self.convolutions:
@@ -377,6 +379,7 @@ def evaluate_instances(
     task = progress.add_task("evaluating", total=len(loader), info="") if progress is not None else None
     inference_seconds, images_seen = 0.0, 0
     for images, targets in loader:
+        raise_if_interrupted()
         tic = time.perf_counter()
         with autocast():
             predictions = [sorted_detections(p) for p in model([image.to(device) for image in images])]

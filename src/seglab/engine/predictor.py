@@ -44,6 +44,7 @@ from seglab.engine.precision import resolve_precision
 from seglab.engine.sliding import sliding_window
 from seglab.engine.trainer import resolve_device
 from seglab.files import atomic_write, output_folder
+from seglab.interrupts import raise_if_interrupted
 from seglab.ops.class_map import class_indices
 from seglab.viz import overlay, palette_image
 
@@ -77,6 +78,7 @@ def equal_size_runs(
     out and `(file, one-line reason)` appended, so one bad file among thousands loses no work."""
     pending: list[tuple[Any, ...]] = []
     for job in jobs:
+        raise_if_interrupted()
         try:
             image = read_image(job[0], channels=channels)
         except (ValueError, FileNotFoundError) as error:

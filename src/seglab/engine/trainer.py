@@ -51,6 +51,7 @@ from seglab.engine.precision import resolve_precision
 from seglab.engine.syncbn import convert_sync_batchnorm
 from seglab.engine.state import load_training_state, rng_state, save_training_state, set_rng_state
 from seglab.files import append_line, atomic_write, atomic_write_text
+from seglab.interrupts import raise_if_interrupted
 from seglab.losses import build_loss, float32_logits_for
 from seglab.metrics.report import format_report
 from seglab.models import create_model
@@ -563,6 +564,7 @@ class Trainer:
         loss_sum, images_seen, start = 0.0, 0, time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         for index, batch in enumerate(self.train_loader):
+            raise_if_interrupted()
             images = self.normalize(batch["image"].to(self.device, non_blocking=True))
             target = batch["mask"].to(self.device, non_blocking=True)
             group_start = index - index % accumulate
