@@ -43,3 +43,33 @@ def test_the_default_options_build_any_model_named_on_the_command_line(model: st
     model_built = create_model(model, num_classes=3, **kwargs)
     if encoder == "resnet34":
         assert model_built.encoder.channels[-1] == 512
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"lr": "fast"}, "options: option lr must be a number, not 'fast'"),
+        ({"epochs": 2.5}, "option epochs must be an integer, not 2.5"),
+        ({"epochs": True}, "option epochs must be an integer"),
+        ({"augment": [1]}, "option augment must be a mapping or true or false or null"),
+        ({"image_size": [64, "x"]}, "option image_size must be an integer or a list of integers or null"),
+        ({"model_kwargs": "big"}, "option model_kwargs must be a mapping or null"),
+        ({"std": [0.2, 0.0, 0.2]}, "std must be positive"),
+        ({"mean": [0.5], "std": [0.2, 0.2]}, "one value per channel"),
+        ({"augment": {"hflip": 2}}, "'hflip' must be a probability"),
+        ({"task": "instance", "augment": {"copy_paste": 2}}, "'copy_paste' must be a probability"),
+    ],
+)
+def test_a_config_file_of_wrong_kinds_is_refused_in_one_line(values: dict, message: str) -> None:
+    # A YAML file's values arrive untyped; before, `lr: fast` ended in a TypeError traceback and
+    # `augment: {hflip: 2}` trained.
+    with pytest.raises(ValueError, match=message.replace("[", "\\[")):
+        TrainConfig.from_dict(values, source="options")
+
+
+def test_numbers_yaml_reads_as_strings_or_strings_as_numbers_are_taken() -> None:
+    values = yaml.safe_load("lr: 1e-3\nweight_decay: 5e-5\nprecision: 32\nname: 7\nmean: [0.5, 0.5, 0.5]\naugment: false\n")
+    assert values["lr"] == "1e-3"  # YAML 1.1: no decimal point, so a string
+    config = TrainConfig.from_dict(values)
+    assert config.lr == 0.001 and config.weight_decay == 5e-5 and config.precision == "32" and config.name == "7"
+    assert config.mean == [0.5, 0.5, 0.5] and config.augment is False

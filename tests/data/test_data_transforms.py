@@ -77,6 +77,13 @@ def test_colour_jitter_changes_only_the_image():
         ({"scale": [0.5, 2.0]}, None, "needs image_size"),
         ({"color_jitter": "strong"}, 32, "color_jitter"),
         ("heavy", 32, "mapping"),
+        # torchvision takes these without a word: a flip "probability" of 2, a negative angle
+        ({"hflip": 2}, 32, "'hflip' must be a probability between 0 and 1, not 2"),
+        ({"vflip": True}, 32, "'vflip' must be a probability"),
+        ({"rotation": -5}, 32, "'rotation' must be a number from 0 to 180"),
+        ({"color_jitter": {"hue": 0.9}}, 32, "'color_jitter.hue' must be a number from 0 to 0.5"),
+        ({"color_jitter": {"brightness": "x"}}, 32, "'color_jitter.brightness' must be a number of at least 0"),
+        ({"scale": [0.5, "x"]}, 32, "'scale' must be \\[low, high\\]"),
     ],
 )
 def test_bad_configs_are_refused(augment, size, message):

@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 from seglab.data.base import default_palette
 from seglab.data.io import images_in, read_image
 from seglab.data.synthetic import SyntheticShapes
-from seglab.data.transforms import range_option
+from seglab.data.transforms import number_option, range_option
 
 DEFAULT_SCALE = (0.75, 1.25)  # the affine zoom around the native scale (small objects keep their size on average)
 
@@ -245,10 +245,7 @@ def instance_augment_options(augment: Any) -> dict[str, Any] | None:
     if "scale" in augment:
         options["scale"] = range_option(augment["scale"], "scale")
     if "copy_paste" in augment:
-        chance = augment["copy_paste"]
-        if isinstance(chance, bool) or not isinstance(chance, (int, float)) or not 0 <= chance <= 1:
-            raise ValueError(f"augment option 'copy_paste' must be a probability between 0 and 1, not {chance!r}")
-        options["copy_paste"] = float(chance)
+        options["copy_paste"] = number_option(augment["copy_paste"], "copy_paste", 0, 1)
     return options
 
 

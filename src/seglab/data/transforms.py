@@ -27,7 +27,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-__all__ = ["DEFAULT_TRAIN_AUGMENT", "build_transform", "image_size_pair", "range_option"]
+__all__ = ["DEFAULT_TRAIN_AUGMENT", "build_transform", "image_size_pair", "number_option", "range_option"]
 
 DEFAULT_TRAIN_AUGMENT: dict[str, Any] = {"scale": [0.5, 2.0], "hflip": 0.5, "rotation": 0, "color_jitter": 0.2}
 _KEYS = {"scale", "hflip", "vflip", "rotation", "color_jitter"}
@@ -77,11 +77,11 @@ def build_transform(
     elif size is not None:
         steps.append(v2.Resize(size))
     if config.get("hflip"):
-        steps.append(v2.RandomHorizontalFlip(float(config["hflip"])))
+        steps.append(v2.RandomHorizontalFlip(number_option(config["hflip"], "hflip", 0, 1)))
     if config.get("vflip"):
-        steps.append(v2.RandomVerticalFlip(float(config["vflip"])))
+        steps.append(v2.RandomVerticalFlip(number_option(config["vflip"], "vflip", 0, 1)))
     if config.get("rotation"):
-        steps.append(v2.RandomRotation(float(config["rotation"]), fill=fill))
+        steps.append(v2.RandomRotation(number_option(config["rotation"], "rotation", 0, 180), fill=fill))
     if config.get("color_jitter"):
         steps.append(v2.ColorJitter(**_jitter(config["color_jitter"])))
     steps += [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True), _Unwrap()]
@@ -108,16 +108,32 @@ def _resolve(augment: Mapping[str, Any] | bool | None, train: bool, size: tuple[
 
 def range_option(value: Any, name: str) -> tuple[float, float]:
     """An augment option [low, high] (0 < low <= high) as two floats; one error line otherwise."""
-    if not isinstance(value, Sequence) or len(value) != 2 or not 0 < float(value[0]) <= float(value[1]):
+    numbers = isinstance(value, Sequence) and len(value) == 2 and all(_is_number(v) for v in value)
+    if not numbers or not 0 < float(value[0]) <= float(value[1]):
         raise ValueError(f"augment option {name!r} must be [low, high] with 0 < low <= high, not {value!r}")
     return float(value[0]), float(value[1])
 
 
+def number_option(value: Any, name: str, low: float, high: float | None = None) -> float:
+    """An augment option that is one number in [low, high] (a probability, an angle; no upper
+    bound without `high`), as a float; one error line otherwise (torchvision would take a flip
+    probability of 2)."""
+    if not _is_number(value) or not low <= value <= (high if high is not None else float("inf")):
+        kind = ("a probability between 0 and 1" if (low, high) == (0, 1) else
+                f"a number from {low:g} to {high:g}" if high is not None else f"a number of at least {low:g}")
+        raise ValueError(f"augment option {name!r} must be {kind}, not {value!r}")
+    return float(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _jitter(value: Any) -> dict[str, float]:
-    if isinstance(value, (int, float)):
+    if _is_number(value) and value >= 0:
         return {"brightness": float(value), "contrast": float(value), "saturation": float(value)}
     if isinstance(value, Mapping) and set(value) <= _JITTER_KEYS:
-        return {key: float(v) for key, v in value.items()}
+        return {key: number_option(v, f"color_jitter.{key}", 0, 0.5 if key == "hue" else None) for key, v in value.items()}
     raise ValueError(f"augment option 'color_jitter' must be a number or a mapping of {sorted(_JITTER_KEYS)}, not {value!r}")
 
 

@@ -6,6 +6,8 @@ The defaults are the main job: a U-Net on the built-in synthetic shapes.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ class TrainConfig:
     image_size: int | list[int] | None = None  # synthetic: 64; real data: native size unless given
     train_samples: int = 3000  # synthetic only
     val_samples: int = 200  # synthetic only
-    augment: dict[str, Any] | None = None
+    augment: dict[str, Any] | bool | None = None  # None: the task's default; false: none
     epochs: int = 12
     batch_size: int = 16
     lr: float = 2e-3
@@ -135,11 +137,31 @@ class TrainConfig:
             raise ValueError(f"--max-minutes must be positive, not {self.max_minutes}")
         if self.fit_to_budget and self.max_minutes is None:
             raise ValueError("--fit-to-budget needs a time budget: give --max-minutes too")
+        if not self.mean or len(self.mean) != len(self.std):
+            raise ValueError(f"mean and std must give one value per channel each, not {self.mean} and {self.std}")
+        if any(not deviation > 0 for deviation in self.std):
+            raise ValueError(f"std must be positive (images are divided by it), not {self.std}")
         size = self.image_size
         if size is not None:
             sizes = [size] if isinstance(size, int) else list(size)
             if len(sizes) not in (1, 2) or any(not isinstance(s, int) or s < 8 for s in sizes):
                 raise ValueError(f"--image-size must be one or two integers of at least 8, not {size}")
+        self._check_augment()
+
+    def _check_augment(self) -> None:
+        """Refuse a bad augment option now, in one line, rather than when the data set opens
+        (or never: the synthetic set is not augmented)."""
+        if self.augment is None or isinstance(self.augment, bool):
+            return
+        # Imported here: the data package is not needed by a config without augment options.
+        if self.task == "instance":
+            from seglab.data.instance import instance_augment_options
+
+            instance_augment_options(self.augment)
+        else:
+            from seglab.data.transforms import build_transform
+
+            build_transform(self.augment, self.image_size or 64, train=True)
 
     @property
     def run_name(self) -> str:
@@ -152,10 +174,70 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
-        return cls(**values)
+        hints = typing.get_type_hints(cls)
+        return cls(**{name: _typed(value, hints[name], f"{source}: option {name}") for name, value in values.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _typed(value: Any, annotation: Any, where: str) -> Any:
+    """`value` as the field's type wants it, or one error line naming the option.
+
+    The command line's values arrive typed; a YAML file's may not: `lr: 1e-3` is a string to
+    YAML 1.1 (no decimal point), `precision: 32` a number. So numbers written as strings are
+    read as numbers, and numbers given for a string option as strings; anything else of the
+    wrong kind (`lr: fast`, `epochs: 2.5`, `augment: true`) is refused here, where it would
+    otherwise end in a traceback or run with a nonsense setting.
+    """
+    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for kind in kinds:
+        converted = _as_kind(value, kind)
+        if converted is not _NOT_THIS_KIND:
+            return converted
+    wanted = " or ".join(_kind_name(kind) for kind in kinds)
+    raise ValueError(f"{where} must be {wanted}, not {value!r}")
+
+
+_NOT_THIS_KIND = object()
+
+
+def _as_kind(value: Any, kind: Any) -> Any:
+    if kind is Any:
+        return value
+    if kind is type(None):
+        return None if value is None else _NOT_THIS_KIND
+    if isinstance(value, bool):  # a bool is an int to Python, never a number of epochs here
+        return value if kind is bool else _NOT_THIS_KIND
+    if kind is int:
+        return value if isinstance(value, int) else _NOT_THIS_KIND
+    if kind is float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return float(value) if isinstance(value, str) else _NOT_THIS_KIND
+        except ValueError:
+            return _NOT_THIS_KIND
+    if kind is str:
+        return str(value) if isinstance(value, (str, int, float)) else _NOT_THIS_KIND
+    origin, arguments = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list and isinstance(value, (list, tuple)):
+        items = [_as_kind(item, arguments[0]) for item in value]
+        return _NOT_THIS_KIND if any(item is _NOT_THIS_KIND for item in items) else items
+    if origin is dict and isinstance(value, dict):
+        return value
+    return _NOT_THIS_KIND
+
+
+def _kind_name(kind: Any) -> str:
+    if kind is type(None):
+        return "null"
+    origin, arguments = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list:
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(arguments[0], str(arguments[0]))
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(kind, str(kind))
 
 
 def _recipe_option(model: str, encoder: str | None, option: str, fallback: Any) -> Any:

@@ -69,6 +69,7 @@ __all__ = [
 # What `seglab train --task instance` uses where the command line and config say nothing:
 # a small, CPU-friendly recipe on the synthetic shapes at 128x128.
 INSTANCE_DEFAULTS: dict[str, Any] = {
+    "task": "instance",
     "model": "mask_rcnn",
     "encoder": "resnet18",
     "model_kwargs": {},

@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,9 @@ class Trainer:
             if problems:
                 raise ValueError(f"the data set {config.data} is not fit to train on:\n  " + "\n  ".join(problems))
         self.train_set = open_dataset(config.data, "train", **self._data_options(train=True))
+        if config.data == "synthetic" and config.augment:
+            warnings.warn("augment does not apply to the synthetic set (its samples are drawn, not augmented); "
+                          "it applies to data set folders")
         self.val_set = open_dataset(config.data, "val", **self._data_options(train=False))
         self.num_classes = self.train_set.num_classes
         self.ignore_index = self.train_set.ignore_index
