@@ -483,11 +483,14 @@ def _export(args: argparse.Namespace, console: Console) -> int:
 
     from seglab.engine.checkpoint import checkpoint_stem, load_checkpoint
     from seglab.engine.exporting import export_checkpoint
+    from seglab.files import output_folder
 
     model, config = load_checkpoint(args.checkpoint)
     # Default: the run's or checkpoint's name in the current folder ("model.v2" keeps its dot).
     name = checkpoint_stem(Path(args.checkpoint)).name + (".onnx" if args.format == "onnx" else ".pt")
-    out = Path(args.out) / name if args.out and Path(args.out).is_dir() else Path(args.out or name)  # a folder: the file in it
+    # A folder (one that exists, or any --out ending in a slash, made here): the file goes in it.
+    folder = bool(args.out) and (Path(args.out).is_dir() or args.out.endswith(("/", os.sep)))
+    out = output_folder(args.out) / name if folder else Path(args.out or name)
     export_checkpoint(model, config, out, format=args.format, image_size=args.image_size, dynamic=not args.static,
                       legacy_onnx=args.legacy_onnx)
     instance = config.get("task") == "instance"

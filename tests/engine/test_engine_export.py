@@ -71,3 +71,11 @@ def test_export_into_a_folder_writes_the_checkpoints_name_there_with_the_usual_p
     os.umask(umask)
     assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask
     torch.jit.load(str(written))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_an_out_ending_in_a_slash_is_a_folder_made_for_the_export(tiny_run: Path, tmp_path: Path) -> None:
+    # Before, `--out exports/` wrote a file named "exports".
+    folder = tmp_path / "new" / "exports"
+    assert main(["export", "--checkpoint", str(tiny_run), "--format", "torchscript", "--out", f"{folder}/"]) == 0
+    assert folder.is_dir() and (folder / f"{tiny_run.name}.pt").is_file()

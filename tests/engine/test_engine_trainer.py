@@ -216,7 +216,7 @@ def test_precision_auto_trains_with_int8_products_where_float32_runs_on_an_int8_
 
 
 def test_int8_products_must_be_a_boolean_or_unset(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="int8_products must be true or false or null"):
+    with pytest.raises(ValueError, match="int8_products must be true, false or null"):
         TrainConfig.from_dict(tiny_options(out=str(tmp_path), int8_products="yes"))
 
 

@@ -195,7 +195,8 @@ def _typed(value: Any, annotation: Any, where: str) -> Any:
         converted = _as_kind(value, kind)
         if converted is not _NOT_THIS_KIND:
             return converted
-    wanted = " or ".join(_kind_name(kind) for kind in kinds)
+    names = [name for kind in kinds for name in (("true", "false") if kind is bool else (_kind_name(kind),))]
+    wanted = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
     raise ValueError(f"{where} must be {wanted}, not {value!r}")
 
 
@@ -237,7 +238,7 @@ def _kind_name(kind: Any) -> str:
         return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(arguments[0], str(arguments[0]))
     if origin is dict:
         return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(kind, str(kind))
+    return {int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
 
 
 def _recipe_option(model: str, encoder: str | None, option: str, fallback: Any) -> Any:
