@@ -113,7 +113,7 @@ def test_rgb_weights_adapt_to_a_grayscale_first_convolution(tmp_path):
 def test_weights_errors_name_the_culprit(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         create_encoder("resnet18", weights=str(tmp_path / "missing.safetensors"))
-    with pytest.raises(ValueError, match="imagenet"):
+    with pytest.raises(ValueError, match="'imagenet' are neither .* give 'timm'"):  # smp's name: the hint says ours
         create_encoder("resnet18", weights="imagenet")
     wrong = tmp_path / "wrong.safetensors"
     save_file({"conv1.weight": torch.zeros(1)}, str(wrong))

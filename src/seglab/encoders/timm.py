@@ -118,7 +118,11 @@ def _timm_pretrained(weights: str | None) -> tuple[bool, str | None]:
     if weights.startswith("timm:"):
         return True, weights.split(":", 1)[1]
     if not looks_like_path(weights):
+        # smp's users write "imagenet"; here timm's own default tag is the model's pretrained set
+        # (ImageNet for the ResNets), named by "timm" rather than guessed from a data set name.
+        hint = ("; for timm's pretrained weights (ImageNet for the ResNets; downloaded, so online) give 'timm'"
+                if weights.lower() in ("imagenet", "pretrained", "true") else "")
         raise ValueError(
-            f"encoder weights {weights!r} are neither a file path nor 'timm' / 'timm:<tag>' (timm's pretrained weights)"
+            f"encoder weights {weights!r} are neither a file path nor 'timm' / 'timm:<tag>' (timm's pretrained weights){hint}"
         )
     return False, None
