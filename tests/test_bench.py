@@ -82,6 +82,8 @@ def test_markdown_names_rows_that_spent_their_time_in_the_kernel():
 def test_settings_reject_bad_values():
     with pytest.raises(ValueError, match="unknown architecture 'unet-r99'"):
         BenchSettings(models=["unet-r99"]).validate()
+    with pytest.raises(ValueError, match="^--ablation: unknown architecture 'fcn'"):
+        BenchSettings(ablation=["fcn"]).validate()
     with pytest.raises(ValueError, match="--size"):
         BenchSettings(size=100).validate()
     with pytest.raises(ValueError, match="--train-batch"):
@@ -97,6 +99,14 @@ def test_settings_reject_bad_values():
 def test_cli_rejects_an_unknown_model_with_exit_code_2(capsys):
     assert main(["bench", "--models", "nope", "--out", "unused"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_an_unusable_out_is_refused_before_the_run(tmp_path, capsys):
+    # Before, a bench ran to its end and then failed to write its results.
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    assert main(["bench", "--models", "unet-r34", "--out", str(taken)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
 
 
 def test_bench_command_writes_json_and_markdown_with_peer_ratios(tmp_path):

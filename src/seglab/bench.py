@@ -207,9 +207,10 @@ class BenchSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        unknown = [m for m in [*self.models, *self.ablation] if m not in ARCHITECTURES]
-        if unknown:
-            raise ValueError(f"--models: unknown architecture {unknown[0]!r}; known: {', '.join(ARCHITECTURES)}")
+        for flag, keys in (("--models", self.models), ("--ablation", self.ablation)):
+            unknown = [m for m in keys if m not in ARCHITECTURES]
+            if unknown:
+                raise ValueError(f"{flag}: unknown architecture {unknown[0]!r}; known: {', '.join(ARCHITECTURES)}")
         if self.size < 32 or self.size % 32:
             raise ValueError(f"--size must be a multiple of 32 of at least 32, not {self.size}")
         if not self.batches or min(self.batches) < 1:
@@ -831,7 +832,7 @@ def bench_command(options: dict[str, Any], console: Any) -> int:
     from rich.console import Console
 
     from seglab.engine.trainer import progress_bar
-    from seglab.files import atomic_write_json, atomic_write_text
+    from seglab.files import atomic_write_json, atomic_write_text, output_folder
 
     out = Path(options.pop("out"))
     threads = options.pop("threads")
@@ -842,6 +843,7 @@ def bench_command(options: dict[str, Any], console: Any) -> int:
     known = {f.name for f in fields(BenchSettings)}
     settings = BenchSettings(devices=devices, **{k: v for k, v in options.items() if k in known and v is not None})
     settings.validate()
+    output_folder(out)  # an unusable --out is one line now, not after the whole run
     try:
         if threads is not None:
             torch.set_num_threads(threads)
