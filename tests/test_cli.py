@@ -58,6 +58,14 @@ def test_eval_prints_the_table_and_writes_json(trained: Path, tmp_path: Path, ca
     assert set(metrics["iou"]) == set(json.loads((trained / "best.json").read_text())["classes"])
 
 
+def test_eval_refuses_an_unusable_json_path_before_evaluating(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["eval", "--checkpoint", str(trained), "--json", str(blocker / "metrics.json")]) == 2
+    captured = capsys.readouterr()
+    assert "is not a folder" in captured.err and "mean" not in captured.out  # no evaluation ran first
+
+
 def test_eval_refuses_data_of_another_class_count_and_warns_of_other_names(trained: Path, tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture) -> None:
     classes = json.loads((trained / "best.json").read_text())["classes"]

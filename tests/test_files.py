@@ -32,3 +32,12 @@ def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path: Path) -
     with pytest.raises(RuntimeError):
         atomic_write(target, fail)
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["result.txt"]
+
+
+def test_a_file_that_cannot_be_written_is_one_error_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"^cannot write .*a-file/out\.json: .*a-file is not a folder$"):
+        atomic_write_text(blocker / "out.json", "{}")
+    with pytest.raises(ValueError, match=r"^cannot write .*a-file/deeper/out\.json: Not a directory$"):
+        atomic_write_text(blocker / "deeper" / "out.json", "{}")

@@ -235,9 +235,12 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     from seglab.engine.int8_checkpoint import auto_inference_precision, calibration_images, stored_int8
     from seglab.engine.precision import resolve_precision
     from seglab.engine.trainer import resolve_device
+    from seglab.files import output_folder
     from seglab.metrics.report import format_report, results_to_json
 
     model, config = load_checkpoint(args.checkpoint)
+    if args.json:  # an unusable --json is one line now, not after the evaluation
+        output_folder(Path(args.json).parent)
     if config.get("task") == "instance":
         from seglab.engine.instance import eval_instance
 

@@ -36,8 +36,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     complete new one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:  # one line naming the file, not "[Errno 2] ... '/proc/x'"
+        reason = f"{path.parent} is not a folder" if path.parent.exists() and not path.parent.is_dir() else error.strerror or error
+        raise ValueError(f"cannot write {path}: {reason}") from None
     os.close(handle)
     try:
         write(Path(temporary))
