@@ -376,3 +376,10 @@ def test_train_takes_int8_products_on_off_or_unset() -> None:
         return build_parser().parse_args(["train", *flags]).int8_products
 
     assert (parsed(), parsed("--int8-products"), parsed("--no-int8-products")) == (None, True, False)
+
+
+def test_data_check_refuses_an_unusable_json_path_before_reading_the_set(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["data", "check", str(tmp_path / "no-such-set"), "--json", str(blocker / "report.json")]) == 2
+    assert "a-file as the output folder: it exists and is not a folder" in capsys.readouterr().err  # not the missing set

@@ -540,8 +540,10 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
 # ------------------------------------------------------------------------------ data check
 def _data_check(args: argparse.Namespace, console: Console) -> int:
     from seglab.data.doctor import check_dataset, render_report
-    from seglab.files import atomic_write_json
+    from seglab.files import atomic_write_json, output_folder
 
+    if args.json:  # an unusable --json is one line now, not after reading every file
+        output_folder(Path(args.json).parent)
     report = check_dataset(args.path, args.format)
     render_report(report, Console())
     if args.json:
