@@ -187,8 +187,8 @@ def _typed(value: Any, annotation: Any, where: str) -> Any:
     The command line's values arrive typed; a YAML file's may not: `lr: 1e-3` is a string to
     YAML 1.1 (no decimal point), `precision: 32` a number. So numbers written as strings are
     read as numbers, and numbers given for a string option as strings; anything else of the
-    wrong kind (`lr: fast`, `epochs: 2.5`, `augment: true`) is refused here, where it would
-    otherwise end in a traceback or run with a nonsense setting.
+    wrong kind (`lr: fast`, `epochs: 2.5`, `model_kwargs: [1]`) is refused here, where it
+    would otherwise end in a traceback or run with a nonsense setting.
     """
     kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     for kind in kinds:
