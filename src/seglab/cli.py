@@ -195,6 +195,10 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     if args.resume:
         if args.config or model_options:
             raise CommandError("--resume takes its options from the run directory; drop --config and --model-option")
+        if _run_task(args.resume) == "instance":
+            from seglab.engine.instance import train_instance
+
+            return train_instance(given, console, resume=args.resume)
         trainer = Trainer.resume(args.resume, given, console=console)
     else:
         values = {**(load_yaml(args.config) if args.config else {}), **given}
@@ -326,6 +330,15 @@ def _store_int8_ranges(args: argparse.Namespace, model: Any, prepared: Any, resu
     verdict = "within" if record.within() else "not within"
     console.print(f"int8 ranges stored in {written}: mIoU {record.miou_int8:.4f} against {record.miou_float32:.4f} in "
                   f"float32, {verdict} 0.2 points (`seglab predict --precision auto` runs int8 only within)")
+
+
+def _run_task(run_dir: str) -> str:
+    """The task a run directory's config.yaml names (semantic when it names none or is absent:
+    `Trainer.resume` then says what is missing)."""
+    from seglab.engine.config import load_yaml
+
+    config_file = Path(run_dir) / "config.yaml"
+    return str(load_yaml(config_file).get("task", "semantic")) if config_file.is_file() else "semantic"
 
 
 def _match_task_to_model(values: dict[str, Any]) -> None:

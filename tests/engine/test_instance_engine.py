@@ -178,6 +178,30 @@ def test_instance_run_ends_its_schedule_within_the_budget(tmp_path):
     assert rows[-1]["lr"] == 0.0 and rows[0]["lr"] > 0
 
 
+def test_an_instance_run_stopped_after_an_epoch_resumes_to_the_same_figures(tmp_path, capsys):
+    # Before, instance runs wrote no resume.pt and `--resume` said they had finished no epoch.
+    from seglab.engine.config import TrainConfig
+    from seglab.engine.instance import INSTANCE_DEFAULTS, InstanceTrainer
+
+    values = {**INSTANCE_DEFAULTS, "model": "yolact", "encoder": "resnet10t", "image_size": 64, "train_samples": 16,
+              "val_samples": 4, "batch_size": 8, "epochs": 2, "out": str(tmp_path), "model_kwargs": {"anchor_size": 12}}
+    InstanceTrainer(TrainConfig.from_dict({**values, "name": "whole"})).fit()
+    # The budget ends the run after epoch 1 (it is checked after each epoch); its schedule still spans 2.
+    InstanceTrainer(TrainConfig.from_dict({**values, "name": "cut", "max_minutes": 1e-6})).fit()
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert main(["train", "--resume", str(tmp_path / "cut")]) == 0
+    assert "resuming after epoch 1 of 2" in capsys.readouterr().err
+
+    def rows(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    whole, cut = rows("whole"), rows("cut")
+    assert [r["epoch"] for r in cut] == [1, 2]
+    for key in ("train_loss", "train_loss_mask", "ap", "lr"):
+        assert [r[key] for r in cut] == [r[key] for r in whole], key
+    assert (tmp_path / "cut" / "best.safetensors").is_file() and (tmp_path / "cut" / "overlays").is_dir()
+
+
 def test_instance_training_reads_the_augment_options():
     from seglab.data.copy_paste import CopyPaste
     from seglab.data.instance import SyntheticInstances

@@ -28,6 +28,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -39,13 +40,16 @@ from seglab.engine.config import TrainConfig
 from seglab.engine.fastpath import optimize_instance_model, to_channels_last, training_convolutions
 from seglab.engine.instance_predictor import instance_overlay, sorted_detections
 from seglab.engine.precision import resolve_precision
+from seglab.engine.state import load_training_state, rng_state, save_training_state, set_rng_state
 from seglab.engine.trainer import (
     _json_safe,
     build_scheduler,
     end_schedule_within_budget,
     progress_bar,
     resolve_device,
+    resumed_config,
     seed_everything,
+    set_schedule_end,
     unique_run_dir,
     use_deterministic_kernels,
 )
@@ -113,7 +117,8 @@ class InstanceTrainer:
     poly or constant learning rate, gradient norm clipped at 10 (detection losses spike early).
     """
 
-    def __init__(self, config: TrainConfig, console: Console | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, config: TrainConfig, console: Console | None = None, clock: Callable[[], float] = time.perf_counter,
+                 resume_dir: str | Path | None = None) -> None:
         self.config = config
         self.console = console or Console(stderr=True)
         self.clock = clock  # what --max-minutes measures: wall time, or e.g. time.process_time
@@ -155,7 +160,7 @@ class InstanceTrainer:
         self.convolutions = training_convolutions(self.model, self.device, self.precision.name,
                                                   enabled=not config.direct_convolutions,
                                                   deterministic=config.deterministic)
-        generator = torch.Generator().manual_seed(config.seed)
+        self.generator = generator = torch.Generator().manual_seed(config.seed)
         self.train_loader = DataLoader(
             self.train_set, batch_size=config.batch_size, shuffle=True, drop_last=len(self.train_set) > config.batch_size,
             num_workers=config.workers, generator=generator, collate_fn=collate_instances, persistent_workers=config.workers > 0,
@@ -163,7 +168,47 @@ class InstanceTrainer:
         self.val_loader = DataLoader(self.val_set, batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate_instances)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
-        self.run_dir = unique_run_dir(config.out, config.run_name)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.start_epoch, self.elapsed_before = 0, 0.0
+        self.resumed = resume_dir is not None
+        self.run_dir = Path(resume_dir) if resume_dir is not None else unique_run_dir(config.out, config.run_name)
+        if resume_dir is not None:
+            self._load_state(load_training_state(resume_dir))
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: dict[str, Any] | None = None, console: Console | None = None) -> "InstanceTrainer":
+        """Continue the run in `run_dir` after its last finished epoch (as `Trainer.resume`)."""
+        return cls(resumed_config(run_dir, overrides), console=console, resume_dir=run_dir)
+
+    def _training_state(self, epoch: int, elapsed: float) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.precision.scaler.state_dict(),
+            "rng": rng_state(),
+            "shuffle": self.generator.get_state(),  # the training order of the epochs to come
+            "history": self.history,
+            "best": self.best,
+            "elapsed": elapsed,
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if not self.config.fit_to_budget:  # the curve ends with --epochs, which a resume may change
+            set_schedule_end(self.scheduler, self.config.epochs, len(self.train_loader))
+        if state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["shuffle"])
+        self.start_epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.best = state["best"]
+        self.elapsed_before = float(state["elapsed"])
+        set_rng_state(state["rng"])  # last: building the trainer above drew random numbers
 
     def _fit_anchors_to_data(self) -> None:
         """YOLACT's anchor scale from the training boxes (see :mod:`seglab.data.box_stats`); the
@@ -187,7 +232,7 @@ class InstanceTrainer:
 
     def _prepare_run_dir(self) -> None:
         try:
-            self.run_dir.mkdir(parents=True)
+            self.run_dir.mkdir(parents=True, exist_ok=self.resumed)
         except OSError as error:
             raise ValueError(f"cannot write the run directory {self.run_dir}: {error.strerror or error}") from None
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
@@ -274,55 +319,60 @@ class InstanceTrainer:
             f"({len(self.train_set)} train / {self._val_words()} images, {self.num_classes - 1} object classes) "
             f"on {self.device}, precision {self.precision.name}{self.anchor_note}; run directory {self.run_dir}"
         )
-        history: list[dict[str, Any]] = []
-        best: dict[str, Any] | None = None
-        best_state: dict[str, torch.Tensor] | None = None
+        if self.resumed:
+            self.console.print(f"resuming after epoch {self.start_epoch} of {config.epochs}")
         start, budget_start = time.perf_counter(), self.clock()
         with progress_bar(self.console) as progress:
-            for epoch in range(1, config.epochs + 1):
+            for epoch in range(self.start_epoch + 1, config.epochs + 1):
                 epoch_start, epoch_budget_start = time.perf_counter(), self.clock()
                 train_loss, speed, loss_terms = self.train_one_epoch(progress, epoch)
                 # Validated as trained; `seglab eval` chooses its own precision.
                 results = evaluate_instances(self.model, self.val_loader, self.train_set.classes, self.device,
                                              progress=progress, autocast=self.precision.autocast)
+                budget_used = self.elapsed_before + self.clock() - budget_start
                 row = {
                     "epoch": epoch,
                     "train_loss": train_loss,
                     **{f"train_{name}": value for name, value in loss_terms.items()},
-                    **{k: results[k] for k in _METRIC_KEYS},
+                    **{k: float(results[k]) for k in _METRIC_KEYS},
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "train_images_per_second": speed,
                     "epoch_seconds": time.perf_counter() - epoch_start,
                     "elapsed_seconds": time.perf_counter() - start,
-                    "budget_seconds": self.clock() - budget_start,
+                    "budget_seconds": budget_used,
                 }
-                history.append(row)
+                self.history.append(row)
                 append_line(self.run_dir / "metrics.jsonl", json.dumps({k: _json_safe(v) for k, v in row.items()}))
                 save_checkpoint(self.run_dir / "last", self.model, self.checkpoint_config(epoch, results))
-                if best is None or _score(results) > _score(best):
-                    best = {**results, "epoch": epoch}
-                    best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                if self.best is None or _score(results) > _score(self.best):
+                    self.best = _best_record(results, epoch)
                     save_checkpoint(self.run_dir / "best", self.model, self.checkpoint_config(epoch, results))
-                plot_curves([{**r, "miou": r["ap"]} for r in history], self.run_dir / "curves.png")
+                plot_curves([{**r, "miou": r["ap"]} for r in self.history], self.run_dir / "curves.png")
                 self.console.print(
                     f"epoch {epoch}: train loss {train_loss:.4f}  mask AP {results['ap']:.4f}  AP50 {results['ap50']:.4f}  "
                     f"boundary AP {results['boundary_ap']:.4f}  ({row['epoch_seconds']:.0f} s)"
                 )
-                if config.max_minutes is not None and self.clock() - budget_start > 60 * config.max_minutes:
+                # Fitted before the save, so resume.pt holds the curve the next epoch follows.
+                stop = config.max_minutes is not None and budget_used > 60 * config.max_minutes
+                last_within_budget = not stop and config.fit_to_budget and end_schedule_within_budget(
+                    self.scheduler, config, len(self.train_loader), epoch, self.clock() - epoch_budget_start,
+                    budget_used, self.console,
+                )
+                save_training_state(self.run_dir, self._training_state(epoch, budget_used))
+                if stop:
                     self.console.print(f"time budget of {config.max_minutes} min reached after epoch {epoch}")
                     break
-                if config.fit_to_budget and end_schedule_within_budget(
-                    self.scheduler, config, len(self.train_loader), epoch, self.clock() - epoch_budget_start,
-                    self.clock() - budget_start, self.console,
-                ):
+                if last_within_budget:
                     break
-        assert best is not None and best_state is not None
-        self.model.load_state_dict(best_state)
+        assert self.best is not None  # an epoch ran, or the resumed state held one
+        best = self.best
+        # The best epoch's weights, from its checkpoint (a resumed run may not have trained it).
+        self.model.load_state_dict(load_file(str(self.run_dir / "best.safetensors")))
         self.save_overlays(self.run_dir / "overlays")
         summary = {
             "run_dir": str(self.run_dir),
             "best_epoch": best["epoch"],
-            "epochs_run": len(history),
+            "epochs_run": len(self.history),
             "seconds": time.perf_counter() - start,
             **{k: best[k] for k in _METRIC_KEYS},
         }
@@ -350,6 +400,12 @@ class _Head(torch.utils.data.Subset):
     def __init__(self, dataset: Any, count: int) -> None:
         super().__init__(dataset, range(count))
         self.classes, self.palette = dataset.classes, dataset.palette
+
+
+def _best_record(results: dict[str, Any], epoch: int) -> dict[str, Any]:
+    """The best epoch's figures as plain floats (what resume.pt can hold and the table prints)."""
+    per_class = {str(name): float(value) for name, value in (results.get("ap_per_class") or {}).items()}
+    return {"epoch": epoch, **{k: float(results[k]) for k in _METRIC_KEYS}, "ap_per_class": per_class}
 
 
 def _score(results: dict[str, Any]) -> float:
@@ -423,10 +479,14 @@ def _fmt(value: float) -> str:
 # --- the command line's entry points (seglab train/eval/predict hand instance work here) ------
 
 
-def train_instance(values: dict[str, Any], console: Console) -> int:
-    """`seglab train --task instance`: the instance defaults, overridden by config file and flags."""
-    config = TrainConfig.from_dict({**INSTANCE_DEFAULTS, **values}, source="options")
-    summary = InstanceTrainer(config, console=console).fit()
+def train_instance(values: dict[str, Any], console: Console, resume: str | Path | None = None) -> int:
+    """`seglab train --task instance`: the instance defaults, overridden by config file and flags;
+    with `resume`, the run there continued (`values` are then the flags that may change)."""
+    if resume is not None:
+        trainer = InstanceTrainer.resume(resume, values, console=console)
+    else:
+        trainer = InstanceTrainer(TrainConfig.from_dict({**INSTANCE_DEFAULTS, **values}, source="options"), console=console)
+    summary = trainer.fit()
     out = Console()
     out.print(
         f"Best validation mask AP {summary['ap']:.4f}, AP50 {summary['ap50']:.4f}, boundary AP {summary['boundary_ap']:.4f} "

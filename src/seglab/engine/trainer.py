@@ -137,6 +137,22 @@ def progress_bar(console: Console, disable: bool = False) -> Progress:
     )
 
 
+def resumed_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The config a run in `run_dir` was started with, `overrides` applied where
+    RESUMABLE_OPTIONS allow (a semantic or an instance run)."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--resume: {run_dir} is not a seglab run directory (no config.yaml)")
+    values = load_yaml(config_file)
+    for key, value in (overrides or {}).items():
+        if key not in RESUMABLE_OPTIONS and values.get(key) != value:
+            allowed = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_OPTIONS)
+            raise ValueError(f"--resume continues a run with its saved options; only {allowed} may change, not --{key.replace('_', '-')}")
+        values[key] = value
+    return TrainConfig.from_dict(values, source=str(config_file))
+
+
 def unique_run_dir(out: str | Path, name: str) -> Path:
     """`out/name`, or `out/name-2`, `out/name-3`... so that no earlier run is overwritten."""
     base = Path(out) / name
@@ -330,17 +346,7 @@ class Trainer:
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: dict[str, Any] | None = None, console: Console | None = None) -> "Trainer":
         """Continue the run in `run_dir` with its saved config; `overrides` may change RESUMABLE_OPTIONS."""
-        run_dir = Path(run_dir)
-        config_file = run_dir / "config.yaml"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"--resume: {run_dir} is not a seglab run directory (no config.yaml)")
-        values = load_yaml(config_file)
-        for key, value in (overrides or {}).items():
-            if key not in RESUMABLE_OPTIONS and values.get(key) != value:
-                allowed = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_OPTIONS)
-                raise ValueError(f"--resume continues a run with its saved options; only {allowed} may change, not --{key.replace('_', '-')}")
-            values[key] = value
-        return cls(TrainConfig.from_dict(values, source=str(config_file)), console=console, resume_dir=run_dir)
+        return cls(resumed_config(run_dir, overrides), console=console, resume_dir=run_dir)
 
     def _new_run_dir(self) -> Path:
         """Rank 0 picks the run directory and tells the others (they must agree on one)."""
