@@ -235,6 +235,8 @@ class InstanceTrainer:
             self.run_dir.mkdir(parents=True, exist_ok=self.resumed)
         except OSError as error:
             raise ValueError(f"cannot write the run directory {self.run_dir}: {error.strerror or error}") from None
+        for stale in self.run_dir.glob(".*.tmp"):  # half-written files of a killed run
+            stale.unlink()
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
 
     def _data_options(self, train: bool) -> dict[str, Any]:
