@@ -180,6 +180,9 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
 def _train(args: argparse.Namespace, console: Console) -> int:
     from seglab.engine.config import TrainConfig, load_yaml
 
+    if getattr(args, "nproc", None) not in (None, 1) and _requested_task(args) == "instance":
+        # Checked before the processes start: each would otherwise train the whole model alone.
+        raise CommandError("--nproc: instance training runs in one process; data-parallel training is for semantic models")
     workers_code = _launch_workers(args)
     if workers_code is not None:
         return workers_code
@@ -330,6 +333,19 @@ def _store_int8_ranges(args: argparse.Namespace, model: Any, prepared: Any, resu
     verdict = "within" if record.within() else "not within"
     console.print(f"int8 ranges stored in {written}: mIoU {record.miou_int8:.4f} against {record.miou_float32:.4f} in "
                   f"float32, {verdict} 0.2 points (`seglab predict --precision auto` runs int8 only within)")
+
+
+def _requested_task(args: argparse.Namespace) -> str:
+    """The task `seglab train` would run with these arguments: the resumed run's, or --task,
+    or the model's (from --model or the config file)."""
+    from seglab.engine.config import load_yaml
+
+    if args.resume:
+        return _run_task(args.resume)
+    values = {**(load_yaml(args.config) if args.config else {}),
+              **{k: v for k in ("task", "model") if (v := getattr(args, k, None)) is not None}}
+    _match_task_to_model(values)
+    return str(values.get("task") or "semantic")
 
 
 def _run_task(run_dir: str) -> str:

@@ -5,9 +5,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+import seglab.engine.instance as instance_module
 from seglab.cli import main
 from seglab.engine.checkpoint import load_checkpoint
 from seglab.engine.precision import resolve_precision
@@ -200,6 +202,39 @@ def test_an_instance_run_stopped_after_an_epoch_resumes_to_the_same_figures(tmp_
     for key in ("train_loss", "train_loss_mask", "ap", "lr"):
         assert [r[key] for r in cut] == [r[key] for r in whole], key
     assert (tmp_path / "cut" / "best.safetensors").is_file() and (tmp_path / "cut" / "overlays").is_dir()
+
+
+@pytest.mark.parametrize("option", [["--loss", "dice"], ["--ema-decay", "0.99"], ["--accumulate", "2"], ["--tensorboard"],
+                                    ["--sync-bn"], ["--class-weights", "1,2"], ["--nproc", "2"]])
+def test_options_instance_training_does_not_take_are_refused_in_one_line(tmp_path, capsys, option):
+    # Before, each was ignored without a word (and --nproc 2 trained the whole model twice).
+    code = main(["train", "--task", "instance", "--model", "yolact", "--out", str(tmp_path), *option])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"seglab: error: {option[0]}") and len(error.splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_instance_training_stops_early_after_patience_epochs_without_a_better_mask_ap(tmp_path, capsys):
+    from seglab.engine.config import TrainConfig
+    from seglab.engine.instance import INSTANCE_DEFAULTS, InstanceTrainer
+
+    values = {**INSTANCE_DEFAULTS, "model": "yolact", "encoder": "resnet10t", "image_size": 64, "train_samples": 8,
+              "val_samples": 2, "batch_size": 8, "epochs": 6, "patience": 2, "out": str(tmp_path),
+              "model_kwargs": {"anchor_size": 12}}
+    trainer = InstanceTrainer(TrainConfig.from_dict(values))
+    scores = iter([0.2, 0.1, 0.3, 0.3, 0.25, 0.5])  # best at epoch 3, then two epochs no better: stop after 5
+    real = instance_module.evaluate_instances
+
+    def scripted(*args, **kwargs):
+        results = real(*args, **kwargs)
+        return {**results, "ap": next(scores)}
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(instance_module, "evaluate_instances", scripted)
+        summary = trainer.fit()
+    assert summary["epochs_run"] == 5 and summary["best_epoch"] == 3 and summary["ap"] == 0.3
+    assert "early stop: no better mask AP for 2 epoch(s) (best 0.3000 at epoch 3)" in capsys.readouterr().err
 
 
 def test_instance_training_reads_the_augment_options():

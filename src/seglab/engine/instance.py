@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -119,7 +120,12 @@ class InstanceTrainer:
 
     def __init__(self, config: TrainConfig, console: Console | None = None, clock: Callable[[], float] = time.perf_counter,
                  resume_dir: str | Path | None = None) -> None:
+        _refuse_semantic_only_options(config)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("instance training runs in one process; data-parallel training (--nproc, torchrun) is for semantic models")
         self.config = config
+        # Detection losses spike early on: clipped at 10 unless --clip-grad-norm says otherwise.
+        self.clip_grad_norm = config.clip_grad_norm if config.clip_grad_norm is not None else 10.0
         self.console = console or Console(stderr=True)
         self.clock = clock  # what --max-minutes measures: wall time, or e.g. time.process_time
         seed_everything(config.seed)
@@ -170,7 +176,7 @@ class InstanceTrainer:
         self.scheduler = self._build_scheduler()
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
-        self.start_epoch, self.elapsed_before = 0, 0.0
+        self.start_epoch, self.elapsed_before, self.epochs_without_improvement = 0, 0.0, 0
         self.resumed = resume_dir is not None
         self.run_dir = Path(resume_dir) if resume_dir is not None else unique_run_dir(config.out, config.run_name)
         if resume_dir is not None:
@@ -192,6 +198,7 @@ class InstanceTrainer:
             "shuffle": self.generator.get_state(),  # the training order of the epochs to come
             "history": self.history,
             "best": self.best,
+            "epochs_without_improvement": self.epochs_without_improvement,
             "elapsed": elapsed,
         }
 
@@ -207,6 +214,7 @@ class InstanceTrainer:
         self.start_epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.best = state["best"]
+        self.epochs_without_improvement = int(state.get("epochs_without_improvement", 0))
         self.elapsed_before = float(state["elapsed"])
         set_rng_state(state["rng"])  # last: building the trainer above drew random numbers
 
@@ -292,7 +300,7 @@ class InstanceTrainer:
             scaler = self.precision.scaler  # a no-op except for float16 on CUDA
             scaler.scale(loss).backward()
             scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)  # detection losses spike early on
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
             scaler.step(self.optimizer)
             scaler.update()
             self.scheduler.step()
@@ -348,7 +356,10 @@ class InstanceTrainer:
                 save_checkpoint(self.run_dir / "last", self.model, self.checkpoint_config(epoch, results))
                 if self.best is None or _score(results) > _score(self.best):
                     self.best = _best_record(results, epoch)
+                    self.epochs_without_improvement = 0
                     save_checkpoint(self.run_dir / "best", self.model, self.checkpoint_config(epoch, results))
+                else:
+                    self.epochs_without_improvement += 1
                 plot_curves([{**r, "miou": r["ap"]} for r in self.history], self.run_dir / "curves.png")
                 self.console.print(
                     f"epoch {epoch}: train loss {train_loss:.4f}  mask AP {results['ap']:.4f}  AP50 {results['ap50']:.4f}  "
@@ -361,6 +372,10 @@ class InstanceTrainer:
                     budget_used, self.console,
                 )
                 save_training_state(self.run_dir, self._training_state(epoch, budget_used))
+                if config.patience is not None and self.epochs_without_improvement >= config.patience:
+                    self.console.print(f"early stop: no better mask AP for {config.patience} epoch(s) "
+                                       f"(best {self.best['ap']:.4f} at epoch {self.best['epoch']})")
+                    break
                 if stop:
                     self.console.print(f"time budget of {config.max_minutes} min reached after epoch {epoch}")
                     break
@@ -402,6 +417,20 @@ class _Head(torch.utils.data.Subset):
     def __init__(self, dataset: Any, count: int) -> None:
         super().__init__(dataset, range(count))
         self.classes, self.palette = dataset.classes, dataset.palette
+
+
+# Options of semantic training that instance training does not take: given, they are refused
+# rather than silently ignored (instance models train with their own losses, in one process).
+_SEMANTIC_ONLY = ("loss", "class_weights", "aux_weight", "ema_decay", "accumulate", "sync_bn", "tensorboard",
+                  "int8_products", "native_norms", "native_attention", "native_mix_ffn")
+
+
+def _refuse_semantic_only_options(config: TrainConfig) -> None:
+    defaults = TrainConfig(task="instance")
+    for name in _SEMANTIC_ONLY:
+        if getattr(config, name) != getattr(defaults, name):
+            raise ValueError(f"--{name.replace('_', '-')} is an option of semantic training; instance training does not take it "
+                             "(instance models train with their own losses, in one process)")
 
 
 def _best_record(results: dict[str, Any], epoch: int) -> dict[str, Any]:
