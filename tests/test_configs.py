@@ -58,6 +58,8 @@ def test_the_default_options_build_any_model_named_on_the_command_line(model: st
         ({"mean": [0.5], "std": [0.2, 0.2]}, "one value per channel"),
         ({"augment": {"hflip": 2}}, "'hflip' must be a probability"),
         ({"task": "instance", "augment": {"copy_paste": 2}}, "'copy_paste' must be a probability"),
+        ({"seed": -1}, "--seed must lie in 0 .. 2\\*\\*32 - 1, not -1"),  # NumPy's words before, naming no option
+        ({"format": "camvid"}, "--format camvid describes a --data folder"),  # ignored before
     ],
 )
 def test_a_config_file_of_wrong_kinds_is_refused_in_one_line(values: dict, message: str) -> None:
@@ -73,3 +75,8 @@ def test_numbers_yaml_reads_as_strings_or_strings_as_numbers_are_taken() -> None
     config = TrainConfig.from_dict(values)
     assert config.lr == 0.001 and config.weight_decay == 5e-5 and config.precision == "32" and config.name == "7"
     assert config.mean == [0.5, 0.5, 0.5] and config.augment is False
+
+
+def test_a_warm_up_longer_than_the_run_is_warned_about() -> None:
+    with pytest.warns(UserWarning, match=r"--warmup-epochs 5 is longer than the run \(2 epochs\)"):
+        TrainConfig(epochs=2, warmup_epochs=5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import warnings
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,13 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, not {self.lr}")
         if not self.warmup_epochs >= 0:
             raise ValueError(f"--warmup-epochs must be 0 or more, not {self.warmup_epochs}")
+        if self.warmup_epochs > self.epochs:
+            warnings.warn(f"--warmup-epochs {self.warmup_epochs:g} is longer than the run ({self.epochs} epoch"
+                          f"{'s' if self.epochs != 1 else ''}): the learning rate never reaches --lr")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must lie in 0 .. 2**32 - 1, not {self.seed}")
+        if self.format is not None and self.data == "synthetic":
+            raise ValueError(f"--format {self.format} describes a --data folder; the built-in synthetic set has no layout to name")
         if self.num_classes is not None and self.data != "synthetic":
             raise ValueError(f"--num-classes sets the synthetic set's classes; {self.data}'s come from the data set "
                              "(its classes.yaml or its masks' values)")
