@@ -100,6 +100,20 @@ def test_predict_writes_a_mask_and_an_overlay_per_image(trained: Path, tmp_path:
     assert all(np.array_equal(np.asarray(Image.open(mask)), np.asarray(Image.open(masks_only / mask.name))) for mask in masks)
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    (["--overlap", "0.5"], "--overlap: only with --tile"),
+    (["--tile-batch", "2"], "--tile-batch: only with --tile"),
+    (["--calibration-images", "4"], "--calibration-images: only with --precision int8"),
+])
+def test_predict_refuses_options_that_would_do_nothing(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                       options: list[str], message: str) -> None:
+    # Before, each was taken and ignored.
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    assert main(["predict", "--checkpoint", str(trained), str(image), "--out", str(tmp_path / "out"), *options]) == 2
+    assert capsys.readouterr().err.strip() == f"seglab: error: {message}" + (" (sliding-window prediction)" if "tile" in message else "")
+
+
 def test_predict_skips_an_unreadable_image_names_it_and_exits_non_zero(trained: Path, tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture) -> None:
     images = tmp_path / "images"

@@ -430,8 +430,13 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
 
     checkpoint_config = read_checkpoint_config(args.checkpoint)
     is_instance = checkpoint_config.get("task") == "instance"
+    if args.tile is None:
+        for flag, value in (("--overlap", args.overlap), ("--tile-batch", args.tile_batch)):
+            if value is not None:
+                raise CommandError(f"{flag}: only with --tile (sliding-window prediction)")
     if is_instance:
-        _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "tile", "tta_flips", "tta_scales", "calibration"))
+        _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "tile", "tta_flips", "tta_scales", "calibration",
+                                                         "calibration_images"))
         if args.precision == "int8":
             raise CommandError(f"--precision int8: for semantic models only; {args.checkpoint} is an instance model")
     elif args.score_threshold is not None:
@@ -445,7 +450,8 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
         return _report_unreadable(unreadable)
 
     predictor = Predictor.from_checkpoint(
-        args.checkpoint, device=args.device, tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch,
+        args.checkpoint, device=args.device, tile=args.tile,
+        overlap=TILE_OVERLAP if args.overlap is None else args.overlap, tile_batch=args.tile_batch or TILE_BATCH,
         tta_flips=list(args.tta_flips or ""), tta_scales=args.tta_scales or [1.0], precision=args.precision,
         batch_size=args.batch_size, crf=_crf_params(args), winograd=not args.direct_convolutions,
         calibration=_calibration_images(args, stored_ranges="int8" in checkpoint_config),
@@ -479,8 +485,9 @@ def _calibration_images(args: argparse.Namespace, stored_ranges: bool) -> list[A
     """--precision int8's calibration images: --calibration's; else none where the checkpoint
     stores its int8 ranges, else the first of the images to predict."""
     if args.precision != "int8":
-        if args.calibration:
-            raise CommandError("--calibration: only with --precision int8")
+        for flag, value in (("--calibration", args.calibration), ("--calibration-images", args.calibration_images)):
+            if value:
+                raise CommandError(f"{flag}: only with --precision int8")
         return None
     if stored_ranges and not args.calibration:
         return None
@@ -489,7 +496,7 @@ def _calibration_images(args: argparse.Namespace, stored_ranges: bool) -> list[A
     files = list_images(args.calibration or args.images)
     if not files:
         raise CommandError(f"--calibration: no image files in {' '.join(args.calibration or args.images)}")
-    return [read_image(file) for file in files[: args.calibration_images]]
+    return [read_image(file) for file in files[: args.calibration_images or INT8_CALIBRATION_IMAGES]]
 
 
 def _precision_name(precision: str) -> str:
@@ -583,6 +590,7 @@ def _data_check(args: argparse.Namespace, console: Console) -> int:
 
 # ---------------------------------------------------------------------------------- parser
 INT8_CALIBRATION_IMAGES = 16  # seglab.engine.int8_checkpoint.CALIBRATION_IMAGES (not imported: --help stays light)
+TILE_OVERLAP, TILE_BATCH = 0.25, 4  # `seglab predict --tile`'s defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -628,8 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto")
     predict.add_argument("--batch-size", type=_positive_int, default=4, help="images of equal size per forward pass")
     predict.add_argument("--tile", type=_positive_int, help="sliding-window inference with tiles of this side")
-    predict.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
-    predict.add_argument("--tile-batch", type=_positive_int, default=4, help="tiles per forward pass (bounds memory)")
+    predict.add_argument("--overlap", type=float, help=f"with --tile: tile overlap fraction (default {TILE_OVERLAP})")
+    predict.add_argument("--tile-batch", type=_positive_int,
+                         help=f"with --tile: tiles per forward pass (bounds memory; default {TILE_BATCH})")
     predict.add_argument("--tta-flips", choices=["h", "v", "hv"], help="test-time flips: h, v or hv")
     predict.add_argument("--tta-scales", type=_float_list, help="test-time scales, e.g. 0.75,1,1.25")
     predict.add_argument("--precision", choices=["auto", "32", "bf16", "16", "int8"], default="auto",
@@ -640,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--calibration", nargs="+", metavar="PATH",
                          help="--precision int8: images (files or folders) its scales come from "
                               "(default: the ranges the checkpoint stores, else the first of the images to predict)")
-    predict.add_argument("--calibration-images", type=_positive_int, default=INT8_CALIBRATION_IMAGES,
+    predict.add_argument("--calibration-images", type=_positive_int,
                          help=f"--precision int8: how many calibration images (default {INT8_CALIBRATION_IMAGES})")
     predict.add_argument("--direct-convolutions", action="store_true", help=DIRECT_CONVOLUTIONS_HELP)
     predict.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True,
