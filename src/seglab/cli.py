@@ -251,7 +251,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     if config.get("task") == "instance":
         from seglab.engine.instance import eval_instance
 
-        _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "format", "image_size", "store_int8_ranges"))
+        _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "image_size", "store_int8_ranges"))
         return eval_instance(model, config, args, console)
     device = resolve_device(args.device)
     _check_store_int8_ranges(args)

@@ -237,6 +237,25 @@ def test_instance_training_stops_early_after_patience_epochs_without_a_better_ma
     assert "early stop: no better mask AP for 2 epoch(s) (best 0.3000 at epoch 3)" in capsys.readouterr().err
 
 
+def test_instance_formats_are_checked_against_the_layout_found(tmp_path):
+    # Before, instance training took any --format and read the set as whatever it found.
+    from seglab.data.instance import open_instance_dataset
+
+    folder = tmp_path / "set"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    coco = tmp_path / "set.json"
+    coco.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    with pytest.raises(ValueError, match=r"--format coco: .*set is an instance folder .*give --format instance"):
+        open_instance_dataset(str(folder), "train", format="coco")
+    with pytest.raises(ValueError, match=r"--format instance: .*set.json is a COCO set; give --format coco"):
+        open_instance_dataset(str(coco), "train", format="instance")
+    with pytest.raises(ValueError, match="--format folder: instance data is coco or instance"):
+        open_instance_dataset(str(folder), "train", format="folder")
+    with pytest.raises(ValueError, match="synthetic set has no layout"):
+        open_instance_dataset("synthetic", "train", format="coco")
+
+
 def test_instance_training_reads_the_augment_options():
     from seglab.data.copy_paste import CopyPaste
     from seglab.data.instance import SyntheticInstances

@@ -260,7 +260,11 @@ def collate_instances(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torc
     return list(images), list(targets)
 
 
-def open_instance_dataset(source: str = "synthetic", split: str = "train", *, transforms: Any = None, **options: Any) -> torch.utils.data.Dataset:
+INSTANCE_FORMATS = ("coco", "instance")  # what `--format` may name for instance data
+
+
+def open_instance_dataset(source: str = "synthetic", split: str = "train", *, transforms: Any = None,
+                          format: str | None = None, **options: Any) -> torch.utils.data.Dataset:
     """An instance data set by name or path.
 
     - ``"synthetic"``: :class:`SyntheticInstances` (options: num_samples, image_size,
@@ -271,21 +275,33 @@ def open_instance_dataset(source: str = "synthetic", split: str = "train", *, tr
     - a folder with ``<split>/images`` and ``<split>/masks``, or with ``images/`` and ``masks/``
       split by the semantic folder format's fixed hold-out: :class:`InstanceFolder` (option:
       classes; else its classes.yaml).
+
+    ``format`` ("coco" or "instance", as `--format` names them), when given, must be the
+    layout found: one error line otherwise, rather than reading the set as the other.
     """
+    if format is not None and format not in INSTANCE_FORMATS:
+        raise ValueError(f"--format {format}: instance data is {' or '.join(INSTANCE_FORMATS)} (a COCO file, or an instance folder)")
     if source == "synthetic":
+        if format is not None:
+            raise ValueError(f"--format {format} describes a --data folder; the built-in synthetic set has no layout to name")
         return SyntheticInstances(split=split, transforms=transforms, **options)
     from seglab.data.coco import CocoInstances
 
     path = Path(source)
     if path.is_file() and path.suffix == ".json":
-        return CocoInstances(path, split=split, transforms=transforms, **options)
-    if not path.is_dir():
+        found: tuple[str, Any] = ("coco", lambda: CocoInstances(path, split=split, transforms=transforms, **options))
+    elif not path.is_dir():
         raise FileNotFoundError(f"instance data set {source!r} is neither 'synthetic', a COCO JSON file nor a folder")
-    if (path / split / "images").is_dir():
-        return InstanceFolder(path / split, transforms=transforms, **options)
-    if (path / "images").is_dir() and (path / "masks").is_dir():  # one folder: the fixed hold-out split
-        return InstanceFolder(path, transforms=transforms, split=split, **options)
-    annotation_files = sorted(path.glob("*.json"))
-    if len(annotation_files) == 1:
-        return CocoInstances(annotation_files[0], split=split, transforms=transforms, **options)
-    raise ValueError(f"cannot tell the layout of {path}: expected one COCO *.json, or images/ and masks/ folders")
+    elif (path / split / "images").is_dir():
+        found = ("instance", lambda: InstanceFolder(path / split, transforms=transforms, **options))
+    elif (path / "images").is_dir() and (path / "masks").is_dir():  # one folder: the fixed hold-out split
+        found = ("instance", lambda: InstanceFolder(path, transforms=transforms, split=split, **options))
+    elif len(annotation_files := sorted(path.glob("*.json"))) == 1:
+        found = ("coco", lambda: CocoInstances(annotation_files[0], split=split, transforms=transforms, **options))
+    else:
+        raise ValueError(f"cannot tell the layout of {path}: expected one COCO *.json, or images/ and masks/ folders")
+    layout, open_it = found
+    if format is not None and format != layout:
+        what = "a COCO set" if layout == "coco" else "an instance folder (images/ and masks/)"
+        raise ValueError(f"--format {format}: {source} is {what}; give --format {layout} or leave --format out")
+    return open_it()

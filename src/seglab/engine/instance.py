@@ -250,7 +250,7 @@ class InstanceTrainer:
     def _data_options(self, train: bool) -> dict[str, Any]:
         config = self.config
         if config.data != "synthetic":
-            return {}
+            return {"format": config.format} if config.format else {}
         options: dict[str, Any] = {
             "num_samples": config.train_samples if train else config.val_samples,
             "image_size": config.image_size or 128,
@@ -540,6 +540,8 @@ def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: 
     source = data.pop("source")
     if getattr(args, "data", None) and args.data != source:
         source, data = args.data, {}
+    if getattr(args, "format", None):
+        data["format"] = args.format
     dataset = open_instance_dataset(source, args.split, **data)
     check_data_classes(config["classes"], dataset.classes, f"the {args.split} split of {source}")
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_instances)
