@@ -116,7 +116,8 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
                             help="an option of the model's builder, e.g. output_stride=8 or mask_head_width=128 (repeatable; "
                                  "merged over the config's model_kwargs; see `seglab models`)")),
     ("--data", dict(help="'synthetic' (default, built in) or a data set folder")),
-    ("--format", dict(help="data set layout of --data (default: detected)")),
+    ("--format", dict(help="data set layout of --data: folder, voc, camvid, cityscapes, ade20k or coco; instance data "
+                           "coco or instance (default: detected)")),
     ("--num-classes", dict(type=_positive_int, help="classes of the synthetic set (2-6)")),
     ("--image-size", dict(type=_image_size, help="training size: N or WIDTHxHEIGHT")),
     ("--train-samples", dict(type=_positive_int, help="synthetic training images")),
