@@ -41,16 +41,17 @@ from seglab.engine.config import TrainConfig
 from seglab.engine.fastpath import optimize_instance_model, to_channels_last, training_convolutions
 from seglab.engine.instance_predictor import instance_overlay, sorted_detections
 from seglab.engine.precision import resolve_precision
-from seglab.engine.state import load_training_state, rng_state, save_training_state, set_rng_state
+from seglab.engine.state import load_training_state, save_training_state
 from seglab.engine.trainer import (
     _json_safe,
     build_scheduler,
     end_schedule_within_budget,
     progress_bar,
     resolve_device,
+    restore_run_state,
     resumed_config,
+    run_state,
     seed_everything,
-    set_schedule_end,
     unique_run_dir,
     use_deterministic_kernels,
 )
@@ -188,35 +189,12 @@ class InstanceTrainer:
         return cls(resumed_config(run_dir, overrides), console=console, resume_dir=run_dir)
 
     def _training_state(self, epoch: int, elapsed: float) -> dict[str, Any]:
-        return {
-            "epoch": epoch,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.precision.scaler.state_dict(),
-            "rng": rng_state(),
-            "shuffle": self.generator.get_state(),  # the training order of the epochs to come
-            "history": self.history,
-            "best": self.best,
-            "epochs_without_improvement": self.epochs_without_improvement,
-            "elapsed": elapsed,
-        }
+        # and the generator of the training order, for the epochs to come
+        return {**run_state(self, epoch, elapsed), "shuffle": self.generator.get_state()}
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if not self.config.fit_to_budget:  # the curve ends with --epochs, which a resume may change
-            set_schedule_end(self.scheduler, self.config.epochs, len(self.train_loader))
-        if state.get("scaler"):
-            self.precision.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["shuffle"])
-        self.start_epoch = int(state["epoch"])
-        self.history = list(state["history"])
-        self.best = state["best"]
-        self.epochs_without_improvement = int(state.get("epochs_without_improvement", 0))
-        self.elapsed_before = float(state["elapsed"])
-        set_rng_state(state["rng"])  # last: building the trainer above drew random numbers
+        restore_run_state(self, state, len(self.train_loader))
 
     def _fit_anchors_to_data(self) -> None:
         """YOLACT's anchor scale from the training boxes (see :mod:`seglab.data.box_stats`); the

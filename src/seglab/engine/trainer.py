@@ -137,6 +137,42 @@ def progress_bar(console: Console, disable: bool = False) -> Progress:
     )
 
 
+def run_state(run: Any, epoch: int, elapsed: float) -> dict[str, Any]:
+    """What `resume.pt` holds for either trainer (`Trainer`, `InstanceTrainer`) after `epoch`:
+    model, optimiser, scheduler and scaler states, the generators, history, best epoch, the
+    patience count and the time spent."""
+    return {
+        "epoch": epoch,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.precision.scaler.state_dict(),
+        "rng": rng_state(),
+        "history": run.history,
+        "best": run.best,
+        "epochs_without_improvement": run.epochs_without_improvement,
+        "elapsed": elapsed,
+    }
+
+
+def restore_run_state(run: Any, state: dict[str, Any], steps_per_epoch: int) -> None:
+    """:func:`run_state`'s state back into `run`; the random generators last, since building
+    the trainer drew from them."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if not run.config.fit_to_budget:  # the curve ends with --epochs, which a resume may change
+        set_schedule_end(run.scheduler, run.config.epochs, steps_per_epoch)
+    if state.get("scaler"):
+        run.precision.scaler.load_state_dict(state["scaler"])
+    run.start_epoch = int(state["epoch"])
+    run.history = list(state["history"])
+    run.best = state["best"]
+    run.epochs_without_improvement = int(state.get("epochs_without_improvement", 0))
+    run.elapsed_before = float(state["elapsed"])
+    set_rng_state(state["rng"])
+
+
 def resumed_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The config a run in `run_dir` was started with, `overrides` applied where
     RESUMABLE_OPTIONS allow (a semantic or an instance run)."""
@@ -476,36 +512,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ state for --resume
     def _training_state(self, epoch: int) -> dict[str, Any]:
-        return {
-            "epoch": epoch,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.precision.scaler.state_dict(),
-            "rng": rng_state(),
-            "history": self.history,
-            "best": self.best,
-            "epochs_without_improvement": self.epochs_without_improvement,
-            "elapsed": self.elapsed_before + time.perf_counter() - self.fit_start,
-        }
+        elapsed = self.elapsed_before + time.perf_counter() - self.fit_start
+        return {**run_state(self, epoch, elapsed), "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if not self.config.fit_to_budget:  # the curve ends with --epochs, which a resume may change
-            set_schedule_end(self.scheduler, self.config.epochs, self.steps_per_epoch)
-        if state.get("scaler"):
-            self.precision.scaler.load_state_dict(state["scaler"])
-        self.start_epoch = int(state["epoch"])
-        self.history = list(state["history"])
-        self.best = state["best"]
-        self.epochs_without_improvement = int(state["epochs_without_improvement"])
-        self.elapsed_before = float(state["elapsed"])
-        set_rng_state(state["rng"])  # last: building the trainer above drew random numbers
+        restore_run_state(self, state, self.steps_per_epoch)
 
     # ------------------------------------------------------------------------ the run dir
     def _check_run_dir(self) -> str | None:
