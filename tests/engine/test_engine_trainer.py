@@ -262,3 +262,9 @@ def test_int8_calibration_images_are_the_train_split_without_random_augmentation
     whole = torch.from_numpy(np.array(Image.open(tmp_path / "data" / "images" / "train" / "0.png"))).permute(2, 0, 1)
     resized = torch.nn.functional.interpolate(whole[None].float() / 255, size=(32, 32), mode="bilinear", antialias=True)[0]
     torch.testing.assert_close(draws[0], resized, atol=0.02, rtol=0)  # the whole image resized, not a crop of it
+
+
+def test_augment_given_for_the_synthetic_set_is_warned_about(tmp_path: Path) -> None:
+    # The synthetic set draws its samples and is never augmented: say so rather than ignore it.
+    with pytest.warns(UserWarning, match="augment does not apply to the synthetic set"):
+        make_trainer(tmp_path, augment={"hflip": 0.5})
