@@ -450,9 +450,9 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
         predict_instance(args, console, unreadable)
         return _report_unreadable(unreadable)
 
+    tiling = {name: value for name, value in (("overlap", args.overlap), ("tile_batch", args.tile_batch)) if value is not None}
     predictor = Predictor.from_checkpoint(
-        args.checkpoint, device=args.device, tile=args.tile,
-        overlap=TILE_OVERLAP if args.overlap is None else args.overlap, tile_batch=args.tile_batch or TILE_BATCH,
+        args.checkpoint, device=args.device, tile=args.tile, **tiling,
         tta_flips=list(args.tta_flips or ""), tta_scales=args.tta_scales or [1.0], precision=args.precision,
         batch_size=args.batch_size, crf=_crf_params(args), winograd=not args.direct_convolutions,
         calibration=_calibration_images(args, stored_ranges="int8" in checkpoint_config),
@@ -591,7 +591,7 @@ def _data_check(args: argparse.Namespace, console: Console) -> int:
 
 # ---------------------------------------------------------------------------------- parser
 INT8_CALIBRATION_IMAGES = 16  # seglab.engine.int8_checkpoint.CALIBRATION_IMAGES (not imported: --help stays light)
-TILE_OVERLAP, TILE_BATCH = 0.25, 4  # `seglab predict --tile`'s defaults
+TILE_OVERLAP, TILE_BATCH = 0.25, 4  # Predictor's defaults, for --help (not imported: --help stays light)
 
 
 def build_parser() -> argparse.ArgumentParser:
