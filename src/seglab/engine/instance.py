@@ -14,6 +14,7 @@ in [0, 1] and the checkpoint's mean/std are informative only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -404,9 +405,9 @@ _SEMANTIC_ONLY = ("loss", "class_weights", "aux_weight", "ema_decay", "accumulat
 
 
 def _refuse_semantic_only_options(config: TrainConfig) -> None:
-    defaults = TrainConfig(task="instance")
+    defaults = {option.name: option.default for option in dataclasses.fields(TrainConfig)}
     for name in _SEMANTIC_ONLY:
-        if getattr(config, name) != getattr(defaults, name):
+        if getattr(config, name) != defaults[name]:
             raise ValueError(f"--{name.replace('_', '-')} is an option of semantic training; instance training does not take it "
                              "(instance models train with their own losses, in one process)")
 
