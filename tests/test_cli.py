@@ -155,6 +155,17 @@ def test_missing_and_foreign_checkpoints(tmp_path: Path, capsys: pytest.CaptureF
     _one_error_line(capsys, main(["eval", "--checkpoint", str(tmp_path / "model.safetensors")]), "is not a seglab checkpoint")
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "export"])
+def test_image_sizes_under_eight_pixels_are_refused_by_every_command(command: str, capsys: pytest.CaptureFixture) -> None:
+    # `seglab eval --image-size 7` scored 7 x 7 images that training would have refused
+    with pytest.raises(SystemExit) as stop:
+        main([command, *([] if command == "train" else ["--checkpoint", "run"]), "--image-size", "7"])
+    assert stop.value.code == 2
+    assert "--image-size: must be at least 8 pixels a side, not '7'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([command, *([] if command == "train" else ["--checkpoint", "run"]), "--image-size", "64x4"])
+
+
 def test_unknown_model_and_negative_epochs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _one_error_line(capsys, main(["train", "--model", "no-such-net", "--out", str(tmp_path)]), "no-such-net")
     _one_error_line(capsys, main(["train", "--epochs", "-1", "--out", str(tmp_path)]), "--epochs must be a positive number")

@@ -30,15 +30,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MIN_IMAGE_SIZE = 8  # pixels a side: what training takes (TrainConfig), and so what evaluation scores
+
+
 def _image_size(text: str) -> int | list[int]:
     """`64` or `240x180` (width x height, as people write image sizes) -> int or [h, w]."""
     try:
         if "x" in text.lower():
             width, height = (int(part) for part in text.lower().split("x"))
-            return [height, width]
-        return int(text)
+            sides: int | list[int] = [height, width]
+        else:
+            sides = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be N or WIDTHxHEIGHT, not {text!r}") from None
+    if min(sides if isinstance(sides, list) else [sides]) < MIN_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_IMAGE_SIZE} pixels a side, not {text!r}")
+    return sides
 
 
 def _positive_float(text: str) -> float:

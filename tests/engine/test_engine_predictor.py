@@ -1,6 +1,7 @@
 """Predictor: input kinds, folders, sliding-window inference and test-time augmentation."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,21 @@ def test_predict_files_batches_a_folder_and_names_duplicates_apart(tmp_path: Pat
     expected = predictor.predict(Image.open(tmp_path / "two" / "img2.png"))
     assert np.array_equal(mask, expected.numpy())
     assert output_stems([Path("a/x.png"), Path("b/x.png"), Path("a/y.png")]) == ["a_x", "b_x", "y"]
+
+
+def test_a_large_image_predicted_whole_gets_one_warning_naming_tile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import seglab.engine.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "WHOLE_IMAGE_PIXELS", 20 * 30 - 1)  # the 20 x 30 images are "large"
+    for index, size in enumerate([(20, 30), (20, 30), (10, 10)]):
+        Image.fromarray(np.zeros((*size, 3), np.uint8)).save(tmp_path / f"img{index}.png")
+    with pytest.warns(UserWarning, match=r"img0.png is 30 x 20 pixels, predicted whole: .*--tile 1024") as caught:
+        Predictor(TinyConvNet(), CONFIG, device="cpu").predict_files([tmp_path], tmp_path / "out", overlays=False)
+    assert sum("predicted whole" in str(w.message) for w in caught) == 1  # once per job, not per image
+    with warnings.catch_warnings(record=True) as tiled:  # tiled: no warning of the size
+        warnings.simplefilter("always")
+        Predictor(TinyConvNet(), CONFIG, device="cpu", tile=16).predict_files([tmp_path], tmp_path / "tiled", overlays=False)
+    assert not any("predicted whole" in str(w.message) for w in tiled)
 
 
 def test_ranks_predict_disjoint_shards_that_cover_the_folder(tmp_path: Path) -> None:

@@ -94,6 +94,11 @@ def equal_size_runs(
         yield pending
 
 
+# Above this many pixels an image predicted whole (no --tile) gets a warning: the activations of
+# the whole image are held at once (CamVid's U-Net-R18 in int8: 5.9 GB for 12 megapixels).
+WHOLE_IMAGE_PIXELS = 4_000_000
+
+
 class Predictor:
     """Wraps a semantic segmentation model with its normalisation, classes and palette."""
 
@@ -254,7 +259,13 @@ class Predictor:
         out_dir = output_folder(out_dir)
         written: list[Path] = []
         task = progress.add_task("predict", total=len(jobs), info="") if progress is not None else None
+        warned_of_size = False
         for batch in equal_size_runs(jobs, self.in_channels, self.batch_size, unreadable):
+            height, width = batch[0][2].shape[-2:]
+            if self.tile is None and height * width > WHOLE_IMAGE_PIXELS and not warned_of_size:
+                warned_of_size = True
+                warnings.warn(f"{batch[0][0].name} is {width} x {height} pixels, predicted whole: memory grows with the "
+                              f"pixels (a 12-megapixel image took about 6 GB); --tile 1024 predicts in windows")
             masks = class_indices(self.probabilities(torch.stack([image for _, _, image in batch]).to(self.device))).cpu()
             for (path, stem, image), mask in zip(batch, masks):
                 mask_path = out_dir / f"{stem}_mask.png"
