@@ -131,7 +131,7 @@ def test_predict_skips_an_unreadable_image_names_it_and_exits_non_zero(trained: 
 
 def test_instance_options_are_refused_for_a_semantic_checkpoint(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["predict", "--checkpoint", str(trained), str(tmp_path), "--out", str(tmp_path / "o"), "--score-threshold", "0.3"])
-    _one_error_line(capsys, code, "--score-threshold: for instance models only")
+    _one_error_line(capsys, code, "--score-threshold: for instance and keypoint models only")
 
 
 def test_missing_image(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -174,8 +174,8 @@ def test_unknown_model_and_negative_epochs(tmp_path: Path, capsys: pytest.Captur
                     "--model yolact is an instance model, not a semantic one")
     _one_error_line(capsys, main(["train", "--task", "instance", "--model", "unet", "--out", str(tmp_path)]),
                     "--model unet is a semantic model, not an instance one")
-    _one_error_line(capsys, main(["train", "--model", "keypoint_rcnn", "--out", str(tmp_path)]),
-                    "--model keypoint_rcnn is a keypoint model; seglab train trains semantic and instance models")
+    _one_error_line(capsys, main(["train", "--task", "instance", "--model", "keypoint_rcnn", "--out", str(tmp_path)]),
+                    "--model keypoint_rcnn is a keypoint model, not an instance one")
     assert not any(tmp_path.iterdir())  # nothing written for a refused run
 
 
@@ -186,6 +186,12 @@ def test_the_task_follows_the_model_where_none_is_given(tmp_path: Path, monkeypa
     monkeypatch.setattr(instance, "train_instance", lambda values, console: handed.append(values) or 0)
     assert main(["train", "--model", "mask_rcnn", "--out", str(tmp_path)]) == 0
     assert handed[0]["task"] == "instance" and handed[0]["model"] == "mask_rcnn"
+
+    import seglab.engine.keypoints as keypoints
+
+    monkeypatch.setattr(keypoints, "train_keypoints", lambda values, console: handed.append(values) or 0)
+    assert main(["train", "--model", "keypoint_rcnn", "--out", str(tmp_path)]) == 0
+    assert handed[1]["task"] == "keypoint"
 
 
 def test_folder_data_of_mixed_sizes_or_with_num_classes_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -8,6 +8,7 @@ import yaml
 
 from seglab.engine.config import TrainConfig
 from seglab.engine.instance import INSTANCE_DEFAULTS, model_kwargs_for
+from seglab.engine.keypoints import KEYPOINT_DEFAULTS
 from seglab.models import create_model
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -20,11 +21,10 @@ def test_there_are_recipes() -> None:
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_reads_and_builds_its_model(path: Path) -> None:
     values = yaml.safe_load(path.read_text())
-    if values.get("task") == "instance":
-        values = {**INSTANCE_DEFAULTS, **values}
-    config = TrainConfig.from_dict(values, source=str(path))
+    defaults = {"instance": INSTANCE_DEFAULTS, "keypoint": KEYPOINT_DEFAULTS}.get(values.get("task"), {})
+    config = TrainConfig.from_dict({**defaults, **values}, source=str(path))
     kwargs = dict(config.model_kwargs)
-    if config.task == "instance":
+    if config.task in ("instance", "keypoint"):
         kwargs = model_kwargs_for(config.model, config.image_size, kwargs)
     if config.encoder:
         kwargs["encoder"] = config.encoder

@@ -116,7 +116,8 @@ DIRECT_CONVOLUTIONS_HELP = ("on the CPU: keep eager PyTorch's convolutions, with
 TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--name", dict(help="run name (default: <model>-<data>); the run goes to <out>/<name>")),
     ("--out", dict(help="folder that holds the runs (default: runs)")),
-    ("--task", dict(choices=["semantic", "instance"], help="semantic (default) or instance segmentation")),
+    ("--task", dict(choices=["semantic", "instance", "keypoint"],
+                    help="semantic (default) or instance segmentation, or keypoints (Keypoint R-CNN, pose)")),
     ("--model", dict(help="registered model name (see `seglab models`; default: unet)")),
     ("--encoder", dict(help="encoder/backbone name for models that take one (e.g. resnet34)")),
     ("--model-option", dict(dest="model_option", metavar="KEY=VALUE", action="append", type=parse_model_option,
@@ -188,9 +189,9 @@ TRAIN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
 def _train(args: argparse.Namespace, console: Console) -> int:
     from seglab.engine.config import TrainConfig, load_yaml
 
-    if getattr(args, "nproc", None) not in (None, 1) and _requested_task(args) == "instance":
+    if getattr(args, "nproc", None) not in (None, 1) and (task := _requested_task(args)) != "semantic":
         # Checked before the processes start: each would otherwise train the whole model alone.
-        raise CommandError("--nproc: instance training runs in one process; data-parallel training is for semantic models")
+        raise CommandError(f"--nproc: {task} training runs in one process; data-parallel training is for semantic models")
     workers_code = _launch_workers(args)
     if workers_code is not None:
         return workers_code
@@ -206,10 +207,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     if args.resume:
         if args.config or model_options:
             raise CommandError("--resume takes its options from the run directory; drop --config and --model-option")
-        if _run_task(args.resume) == "instance":
-            from seglab.engine.instance import train_instance
-
-            return train_instance(given, console, resume=args.resume)
+        if (task := _run_task(args.resume)) != "semantic":
+            return _detection_training(task)(given, console, resume=args.resume)
         trainer = Trainer.resume(args.resume, given, console=console)
     else:
         values = {**(load_yaml(args.config) if args.config else {}), **given}
@@ -217,10 +216,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             values["model_kwargs"] = {**(values.get("model_kwargs") or {}), **model_options}
         _match_task_to_model(values)
         _reject_synthetic_sizes(given, values)
-        if values.get("task") == "instance":
-            from seglab.engine.instance import train_instance
-
-            return train_instance(values, console)
+        if values.get("task") in ("instance", "keypoint"):
+            return _detection_training(values["task"])(values, console)
         config = TrainConfig.from_dict(values, source=str(args.config or "options"))
         if config.task != "semantic":
             raise CommandError(f"--task {config.task} is not available in this version")
@@ -235,6 +232,17 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     out.print(f"Best validation mIoU {summary['miou']:.4f} (epoch {summary['best_epoch']}), pixel accuracy {summary['pixel_accuracy']:.4f}, {summary['seconds']:.0f} s")
     out.print(f"Results in {summary['run_dir']}/  (best.safetensors, metrics.jsonl, curves.png, overlays/)")
     return 0
+
+
+def _detection_training(task: str) -> Any:
+    """The entry point that trains `task` ("instance" or "keypoint") from the command line's values."""
+    if task == "keypoint":
+        from seglab.engine.keypoints import train_keypoints
+
+        return train_keypoints
+    from seglab.engine.instance import train_instance
+
+    return train_instance
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -256,11 +264,13 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     model, config = load_checkpoint(args.checkpoint)
     if args.json:  # an unusable --json is one line now, not after the evaluation
         output_folder(Path(args.json).parent)
-    if config.get("task") == "instance":
+    if config.get("task") in ("instance", "keypoint"):
         from seglab.engine.instance import eval_instance
+        from seglab.engine.keypoints import eval_keypoints
 
-        _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "image_size", "store_int8_ranges"))
-        return eval_instance(model, config, args, console)
+        _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "image_size", "store_int8_ranges"),
+                                 config["task"])
+        return (eval_keypoints if config["task"] == "keypoint" else eval_instance)(model, config, args, console)
     device = resolve_device(args.device)
     _check_store_int8_ranges(args)
     # auto: what `seglab predict` runs by default, int8 with the checkpoint's ranges where they allow it
@@ -373,9 +383,9 @@ def _match_task_to_model(values: dict[str, Any]) -> None:
     from seglab.models.registry import get_model_entry
 
     model_task = get_model_entry(str(values["model"])).task
-    if model_task not in ("semantic", "instance"):
-        raise CommandError(f"--model {values['model']} is {_a(model_task)} model; seglab train trains semantic and "
-                           f"instance models (build it with seglab.create_model and train it on your own targets)")
+    if model_task not in ("semantic", "instance", "keypoint"):
+        raise CommandError(f"--model {values['model']} is {_a(model_task)} model; seglab train trains semantic, "
+                           f"instance and keypoint models (build it with seglab.create_model and train it on your own targets)")
     task = values.get("task")
     if task is None:
         values["task"] = model_task
@@ -394,17 +404,18 @@ def _reject_synthetic_sizes(given: dict[str, Any], values: dict[str, Any]) -> No
     data = values.get("data", "synthetic")
     if data == "synthetic":
         return
-    sized = ["train_samples"] + ([] if values.get("task") == "instance" else ["val_samples"])
+    sized = ["train_samples"] + ([] if values.get("task") in ("instance", "keypoint") else ["val_samples"])
     flags = ["--" + name.replace("_", "-") for name in sized if name in given]
     if flags:
         raise CommandError(f"{', '.join(flags)}: for the synthetic set only; {data} is a data set, trained on all its images")
 
 
-def _reject_semantic_options(args: argparse.Namespace, checkpoint: str, names: tuple[str, ...]) -> None:
-    """Options that only semantic models use are an error, not silently ignored, for an instance checkpoint."""
+def _reject_semantic_options(args: argparse.Namespace, checkpoint: str, names: tuple[str, ...], task: str) -> None:
+    """Options that only semantic models use are an error, not silently ignored, for an instance
+    (or keypoint) checkpoint."""
     given = ["--" + name.replace("_", "-") for name in names if getattr(args, name, None)]
     if given:
-        raise CommandError(f"{', '.join(given)}: for semantic models only; {checkpoint} is an instance model")
+        raise CommandError(f"{', '.join(given)}: for semantic models only; {checkpoint} is {_a(task)} model")
 
 
 def _crf_params(args: argparse.Namespace) -> dict[str, float | int] | None:
@@ -437,24 +448,26 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     from seglab.files import output_folder
 
     checkpoint_config = read_checkpoint_config(args.checkpoint)
-    is_instance = checkpoint_config.get("task") == "instance"
+    task = checkpoint_config.get("task", "semantic")
+    is_instance = task in ("instance", "keypoint")
     if args.tile is None:
         for flag, value in (("--overlap", args.overlap), ("--tile-batch", args.tile_batch)):
             if value is not None:
                 raise CommandError(f"{flag}: only with --tile (sliding-window prediction)")
     if is_instance:
         _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "tile", "tta_flips", "tta_scales", "calibration",
-                                                         "calibration_images"))
+                                                         "calibration_images"), task)
         if args.precision == "int8":
-            raise CommandError(f"--precision int8: for semantic models only; {args.checkpoint} is an instance model")
+            raise CommandError(f"--precision int8: for semantic models only; {args.checkpoint} is {_a(task)} model")
     elif args.score_threshold is not None:
-        raise CommandError(f"--score-threshold: for instance models only; {args.checkpoint} is a semantic model")
+        raise CommandError(f"--score-threshold: for instance and keypoint models only; {args.checkpoint} is a semantic model")
     output_folder(args.out)  # before any progress bar, so a bad --out is the only line printed
     unreadable: list[tuple[Path, str]] = []  # images skipped, named after the others are written
     if is_instance:
         from seglab.engine.instance_predictor import predict_instance
+        from seglab.engine.keypoints import predict_keypoints
 
-        predict_instance(args, console, unreadable)
+        (predict_keypoints if task == "keypoint" else predict_instance)(args, console, unreadable)
         return _report_unreadable(unreadable)
 
     tiling = {name: value for name, value in (("overlap", args.overlap), ("tile_batch", args.tile_batch)) if value is not None}
@@ -540,8 +553,9 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     out = output_folder(args.out) / name if folder else Path(args.out or name)
     export_checkpoint(model, config, out, format=args.format, image_size=args.image_size, dynamic=not args.static,
                       legacy_onnx=args.legacy_onnx)
-    instance = config.get("task") == "instance"
-    what = ("input: one float image 1 x C x H x W in [0, 1], outputs: boxes, labels, scores, masks" if instance else
+    outputs = {"instance": "boxes, labels, scores, masks", "keypoint": "boxes, labels, scores, keypoints, keypoints_scores"}
+    task = config.get("task", "semantic")
+    what = (f"input: one float image 1 x C x H x W in [0, 1], outputs: {outputs[task]}" if task in outputs else
             "input: float image in [0, 1], output: logits")
     Console().print(f"exported {config['model']} ({args.format}, {what}) to {out}")
     return 0
@@ -664,14 +678,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also write <stem>_overlay.png, the image with the mask (or each instance) blended in "
                               "(default: on; --no-overlays writes the masks only, about 50 ms less per 512 x 512 image)")
     predict.add_argument("--score-threshold", type=_unit_interval,
-                         help="instance models: detections at or above this score go into the instance maps and "
-                              "overlays (default 0.5; results.json keeps every score)")
+                         help="instance and keypoint models: detections at or above this score go into the instance "
+                              "maps (or <stem>_keypoints.json) and overlays (default 0.5; results.json keeps every score)")
     predict.add_argument("--nproc", type=_positive_int, help="processes, each predicting a shard of the images")
     predict.add_argument("--crf", action="store_true", help="refine predictions with a dense CRF (docs/crf.md)")
     predict.add_argument("--crf-params", help="dense CRF parameters, e.g. theta_alpha=60,w1=5 (implies --crf)")
     predict.set_defaults(run=_predict)
 
-    export = commands.add_parser("export", help="export a checkpoint to ONNX or TorchScript (instance models: ONNX)")
+    export = commands.add_parser("export", help="export a checkpoint to ONNX or TorchScript (instance and keypoint models: ONNX)")
     export.add_argument("--checkpoint", required=True, help="run directory or .safetensors checkpoint")
     export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     export.add_argument("--out", help="output file, or a folder for <checkpoint name>.onnx or .pt in it (default: that name here)")

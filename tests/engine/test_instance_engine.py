@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-import seglab.engine.instance as instance_module
 from seglab.cli import main
 from seglab.engine.checkpoint import load_checkpoint
 from seglab.engine.precision import resolve_precision
@@ -224,14 +223,14 @@ def test_instance_training_stops_early_after_patience_epochs_without_a_better_ma
               "model_kwargs": {"anchor_size": 12}}
     trainer = InstanceTrainer(TrainConfig.from_dict(values))
     scores = iter([0.2, 0.1, 0.3, 0.3, 0.25, 0.5])  # best at epoch 3, then two epochs no better: stop after 5
-    real = instance_module.evaluate_instances
+    real = trainer.evaluate
 
     def scripted(*args, **kwargs):
         results = real(*args, **kwargs)
         return {**results, "ap": next(scores)}
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(instance_module, "evaluate_instances", scripted)
+        patch.setattr(trainer, "evaluate", scripted)
         summary = trainer.fit()
     assert summary["epochs_run"] == 5 and summary["best_epoch"] == 3 and summary["ap"] == 0.3
     assert "early stop: no better mask AP for 2 epoch(s) (best 0.3000 at epoch 3)" in capsys.readouterr().err

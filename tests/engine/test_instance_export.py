@@ -75,3 +75,26 @@ def test_instance_export_options_that_cannot_hold_are_refused_in_one_line(tmp_pa
         assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "x"), *options]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_keypoint_rcnn_exports_its_keypoints(tmp_path: Path) -> None:
+    from seglab.engine.exporting import KEYPOINT_DETECTIONS
+
+    torch.manual_seed(0)
+    kwargs = dict(encoder="resnet10t", num_keypoints=5, min_size=0, anchor_size=8, fpn_channels=32, head_channels=32,
+                  box_head_width=64, detections_per_image=10)
+    model = create_model("keypoint_rcnn", **kwargs).eval()
+    model.roi_heads.score_thresh = 0.0  # random weights: keep every detection, so there are keypoints to compare
+    save_checkpoint(tmp_path / "kp", model, {"model": "keypoint_rcnn", "task": "keypoint", "kwargs": kwargs,
+                                             "classes": ["bg", "figure"], "image_size": 64})
+    out = tmp_path / "kp.onnx"
+    assert main(["export", "--checkpoint", str(tmp_path / "kp"), "--out", str(out)]) == 0
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == list(KEYPOINT_DETECTIONS)
+    for image in _random_images([(64, 64), (96, 80)]):
+        with torch.no_grad():
+            expected = model([image])[0]
+        got = dict(zip(KEYPOINT_DETECTIONS, session.run(None, {"image": image[None].numpy()})))
+        assert got["keypoints"].shape == (len(expected["scores"]), 5, 3) and len(expected["scores"]) > 0
+        for name in KEYPOINT_DETECTIONS:
+            torch.testing.assert_close(torch.from_numpy(got[name]), expected[name], atol=1e-3, rtol=1e-3)

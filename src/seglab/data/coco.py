@@ -99,11 +99,12 @@ class _CocoFile:
 
 
 def _guess_image_dir(annotation_file: Path) -> Path:
-    """``images/`` next to the file (single-file sets), else the COCO layout's ``../<split>2017``."""
+    """``images/`` next to the file (single-file sets), else the COCO layout's ``../<split>2017``
+    (for ``annotations/instances_<split>2017.json`` and ``annotations/person_keypoints_<split>2017.json``)."""
     beside = annotation_file.parent / "images"
     if beside.is_dir():
         return beside
-    stem = annotation_file.stem.replace("instances_", "")
+    stem = annotation_file.stem.replace("instances_", "").replace("person_keypoints_", "")
     return annotation_file.parent.parent / stem
 
 

@@ -162,7 +162,7 @@ class TrainConfig:
         if self.augment is None or isinstance(self.augment, bool):
             return
         # Imported here: the data package is not needed by a config without augment options.
-        if self.task == "instance":
+        if self.task in ("instance", "keypoint"):
             from seglab.data.instance import instance_augment_options
 
             instance_augment_options(self.augment)

@@ -10,7 +10,8 @@ internally), and returns its detections, as many as it found: ``boxes`` (N x 4, 
 and ``masks`` (N x 1 x H x W probabilities). YOLACT goes through ``torch.export``, which keeps
 the detection count symbolic (its Fast NMS has no branch on it); torchvision's Mask R-CNN
 through the TorchScript-based exporter, for which torchvision writes its branches (torch.export
-stops at them).
+stops at them). Keypoint R-CNN goes the same way and returns ``keypoints`` (N x K x 3: x, y, 1)
+and ``keypoints_scores`` (N x K) in place of masks.
 """
 from __future__ import annotations
 
@@ -24,24 +25,29 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from seglab.engine.evaluator import Normalize, logits_of
 from seglab.export import export_onnx, export_torchscript
 
-__all__ = ["DETECTIONS", "InstanceDetections", "NormalizedModel", "export_checkpoint"]
+__all__ = ["DETECTIONS", "KEYPOINT_DETECTIONS", "InstanceDetections", "NormalizedModel", "export_checkpoint"]
 
 
 MIN_INSTANCE_EXAMPLE = 256  # pixels a side of the image an instance model is exported with
 DETECTIONS = {"boxes": {0: "detections"}, "labels": {0: "detections"}, "scores": {0: "detections"},
               "masks": {0: "detections", 2: "height", 3: "width"}}
+# Keypoint R-CNN's: masks give way to keypoints (detections x K x 3: x, y, 1) and their heat-map scores
+KEYPOINT_DETECTIONS = {**{name: DETECTIONS[name] for name in ("boxes", "labels", "scores")},
+                       "keypoints": {0: "detections"}, "keypoints_scores": {0: "detections"}}
 
 
 class InstanceDetections(nn.Module):
-    """An instance model's detections of one image (1 x C x H x W) as the tuple DETECTIONS names."""
+    """An instance model's detections of one image (1 x C x H x W) as the tuple `outputs` names
+    (DETECTIONS, or KEYPOINT_DETECTIONS for Keypoint R-CNN)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, outputs: dict[str, dict[int, str]] = DETECTIONS) -> None:
         super().__init__()
         self.model = model
+        self.outputs = tuple(outputs)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         found = self.model([image[0]])[0]
-        return tuple(found[name] for name in DETECTIONS)
+        return tuple(found[name] for name in self.outputs)
 
 
 class NormalizedModel(nn.Module):
@@ -72,11 +78,11 @@ def export_checkpoint(
     size = image_size or config.get("image_size") or 256
     in_channels = int(config.get("kwargs", {}).get("in_channels", 3))
     task = config.get("task", "semantic")
-    if task == "instance":
+    if task in ("instance", "keypoint"):
         return _export_instance(model, config, path, format=format, size=size, in_channels=in_channels, dynamic=dynamic,
                                 legacy_onnx=legacy_onnx)
     if task != "semantic":
-        raise ValueError(f"export handles semantic and instance models; this checkpoint's task is {task!r}")
+        raise ValueError(f"export handles semantic, instance and keypoint models; this checkpoint's task is {task!r}")
     wrapped = NormalizedModel(model.cpu().eval(), config["mean"], config["std"]).eval()
     if format == "onnx":
         return export_onnx(wrapped, path, image_size=size, in_channels=in_channels, dynamic=dynamic, dynamo=not legacy_onnx)
@@ -95,5 +101,6 @@ def _export_instance(model: nn.Module, config: dict[str, Any], path: str | Path,
     # torch.export takes a dimension of size 1 for a constant: the example image must leave every
     # pyramid level (down to 1/128) at least 2 pixels, or the graph holds only for that size
     size = [max(side, MIN_INSTANCE_EXAMPLE) for side in ([size, size] if isinstance(size, int) else size)]
-    return export_onnx(InstanceDetections(model.cpu().eval()).eval(), path, image_size=size, in_channels=in_channels,
-                       dynamic=dynamic, dynamo=not by_tracing, outputs=DETECTIONS, one_image=True)
+    outputs = KEYPOINT_DETECTIONS if config.get("task") == "keypoint" else DETECTIONS
+    return export_onnx(InstanceDetections(model.cpu().eval(), outputs).eval(), path, image_size=size, in_channels=in_channels,
+                       dynamic=dynamic, dynamo=not by_tracing, outputs=outputs, one_image=True)

@@ -93,6 +93,8 @@ INSTANCE_DEFAULTS: dict[str, Any] = {
 }
 
 _METRIC_KEYS = ("ap", "ap50", "ap75", "aps", "apm", "apl", "ar", "boundary_ap", "boundary_ap50", "boundary_ap75")
+_TABLE_COLUMNS = {"ap": "mask AP", "ap50": "AP50", "ap75": "AP75", "aps": "APs", "apm": "APm", "apl": "APl", "ar": "AR",
+                  "boundary_ap": "boundary AP"}
 
 
 def model_kwargs_for(model: str, image_size: int | Sequence[int] | None, user_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +108,7 @@ def model_kwargs_for(model: str, image_size: int | Sequence[int] | None, user_kw
     """
     side = min(image_size) if isinstance(image_size, (list, tuple)) else (image_size or 512)
     defaults: dict[str, Any] = {}
-    if model == "mask_rcnn":
+    if model in ("mask_rcnn", "keypoint_rcnn"):
         defaults = {"min_size": 0, "anchor_size": max(8, side // 8), "proposals": 300, "rois_per_image": 128}
     elif model == "yolact":
         defaults = {"anchor_size": max(8, side // 6)}
@@ -118,7 +120,17 @@ class InstanceTrainer:
 
     Single process; AdamW or SGD (momentum 0.9), per-iteration linear warm-up then cosine,
     poly or constant learning rate, gradient norm clipped at 10 (detection losses spike early).
+
+    What is the task's own (the data, its augmentation, the validation metric and its words,
+    the overlays) sits in the methods below ``fit``'s loop, so that
+    :class:`seglab.engine.keypoints.KeypointTrainer` trains Keypoint R-CNN through the same loop.
     """
+
+    task = "instance"
+    metric_keys: tuple[str, ...] = _METRIC_KEYS
+    score_name = "mask AP"  # the figure the best checkpoint and --patience follow (results["ap"])
+    table_columns = _TABLE_COLUMNS  # key -> heading of the validation table
+    headline_keys = ("ap", "ap50", "boundary_ap")  # the figures of each epoch's line
 
     def __init__(self, config: TrainConfig, console: Console | None = None, clock: Callable[[], float] = time.perf_counter,
                  resume_dir: str | Path | None = None) -> None:
@@ -136,14 +148,13 @@ class InstanceTrainer:
             use_deterministic_kernels(self.device)
         crop = config.image_size if config.data != "synthetic" and isinstance(config.image_size, int) else None
         augment = instance_augment_options(config.augment)
-        transforms = None if augment is None else instance_transforms(True, crop, scale=augment["scale"])
-        self.train_set = open_instance_dataset(config.data, "train", transforms=transforms, **self._data_options(train=True))
+        self.train_set = self._open_training_data(augment, crop)
         # a COCO file's category ids of labels 1..K, so that predictions can be written in the file's ids
         category_of_label = getattr(self.train_set, "category_of_label", None)
         self.category_ids = [category_of_label[label] for label in sorted(category_of_label)] if category_of_label else None
         if augment and augment.get("copy_paste"):
             self.train_set = CopyPaste(self.train_set, augment["copy_paste"])
-        self.val_set = open_instance_dataset(config.data, "val", **self._data_options(train=False))
+        self.val_set = self._open_data("val", None)
         if config.data != "synthetic" and config.val_samples < len(self.val_set):
             # Per-epoch validation on the first `val_samples` images keeps epochs affordable on
             # large real images; `seglab eval` measures the whole split afterwards.
@@ -153,6 +164,7 @@ class InstanceTrainer:
             **model_kwargs_for(config.model, config.image_size, config.model_kwargs),
             "num_classes": self.num_classes,
             "in_channels": 3,
+            **self._model_kwargs_from_data(),
         }
         self.anchor_note = ""
         if config.model == "yolact" and "anchor_size" not in config.model_kwargs:
@@ -196,6 +208,67 @@ class InstanceTrainer:
     def _load_state(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["shuffle"])
         restore_run_state(self, state, len(self.train_loader))
+
+    # --- the task's own parts: instance segmentation's here, keypoints' in KeypointTrainer ---
+
+    @staticmethod
+    def open_dataset(source: str, split: str, *, transforms: Any = None, **options: Any) -> torch.utils.data.Dataset:
+        """The task's data set by name or path (`seglab eval` opens checkpoints' data through it)."""
+        return open_instance_dataset(source, split, transforms=transforms, **options)
+
+    @staticmethod
+    def evaluator(described: dict[str, Any]) -> Any:
+        """The task's streaming COCO evaluator; `described` is what a checkpoint's config says of
+        the data (classes, and for keypoints their names and OKS constants)."""
+        return COCOMaskEvaluator(list(described["classes"]))
+
+    @staticmethod
+    def records_of(predictions: list[dict[str, torch.Tensor]], image_ids: list[int]) -> list[dict[str, Any]]:
+        """The task's COCO results records of `predictions`."""
+        return coco_results(predictions, image_ids)
+
+    @classmethod
+    def score(cls, model: nn.Module, loader: DataLoader, described: dict[str, Any], device: torch.device | str,
+              progress: Progress | None = None, results_json: str | Path | None = None,
+              autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, Any]:
+        """The task's validation figures of `model` on `loader` (:func:`evaluate_detections`)."""
+        return evaluate_detections(model, loader, cls.evaluator(described), cls.records_of, device, progress, results_json,
+                                   autocast)
+
+    @classmethod
+    def results_table(cls, results: dict[str, Any], title: str) -> Table:
+        return metrics_table(results, cls.table_columns, title)
+
+    @classmethod
+    def figures_words(cls, results: dict[str, Any]) -> str:
+        """The figures an epoch's line and the run's last line print."""
+        return "  ".join(f"{cls.table_columns[key]} {results[key]:.4f}" for key in cls.headline_keys)
+
+    def _open_data(self, split: str, transforms: Any) -> torch.utils.data.Dataset:
+        return self.open_dataset(self.config.data, split, transforms=transforms, **self._data_options(train=split == "train"))
+
+    def _open_training_data(self, augment: dict[str, Any] | None, crop: int | None) -> torch.utils.data.Dataset:
+        """The train split, augmented by `augment` (:func:`instance_augment_options`'s, or None)."""
+        transforms = None if augment is None else instance_transforms(True, crop, scale=augment["scale"])
+        return self._open_data("train", transforms)
+
+    def _model_kwargs_from_data(self) -> dict[str, Any]:
+        """Builder arguments that the data set decides (beyond the number of classes)."""
+        return {}
+
+    def _data_description(self) -> dict[str, Any]:
+        """What the checkpoint's config keeps about the data beyond classes and palette."""
+        return {}
+
+    def evaluate(self, progress: Progress | None = None) -> dict[str, Any]:
+        """The validation figures of the model as it is (``ap`` the one the best checkpoint follows)."""
+        # Validated as trained; `seglab eval` chooses its own precision.
+        described = {"classes": list(self.train_set.classes), **self._data_description()}
+        return self.score(self.model, self.val_loader, described, self.device, progress=progress,
+                          autocast=self.precision.autocast)
+
+    def _overlay(self, image: torch.Tensor, detections: dict[str, torch.Tensor]) -> np.ndarray:
+        return instance_overlay(image, detections, self.train_set.classes)
 
     def _fit_anchors_to_data(self) -> None:
         """YOLACT's anchor scale from the training boxes (see :mod:`seglab.data.box_stats`); the
@@ -241,18 +314,19 @@ class InstanceTrainer:
 
     def checkpoint_config(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         return {
-            "task": "instance",
+            "task": self.task,
             "model": self.config.model,
             "kwargs": self.model_kwargs,
             "classes": list(self.train_set.classes),
             "palette": [list(c) for c in self.train_set.palette],
             **({"category_ids": self.category_ids} if self.category_ids else {}),
+            **self._data_description(),
             "mean": list(self.config.mean),
             "std": list(self.config.std),
             "image_size": self.config.image_size,
             "data": {"source": self.config.data, **self._data_options(train=False)},
             "epoch": epoch,
-            "metrics": {k: _json_safe(metrics[k]) for k in _METRIC_KEYS if k in metrics},
+            "metrics": {k: _json_safe(metrics[k]) for k in self.metric_keys if k in metrics},
             # the arithmetic the weights were trained in, as resolved on this machine, as semantic runs
             # record it (instance training has no int8 products)
             "training": {"precision": self.precision.name, "int8_products": False},
@@ -300,7 +374,8 @@ class InstanceTrainer:
         return f"{len(self.val_set)} val"
 
     def fit(self) -> dict[str, Any]:
-        """Train, evaluate COCO mask AP every epoch, keep the best checkpoint by mask AP."""
+        """Train, evaluate every epoch (COCO mask AP; OKS AP for keypoints), keep the best
+        checkpoint by that AP."""
         config = self.config
         self._prepare_run_dir()
         self.console.print(
@@ -315,15 +390,13 @@ class InstanceTrainer:
             for epoch in range(self.start_epoch + 1, config.epochs + 1):
                 epoch_start, epoch_budget_start = time.perf_counter(), self.clock()
                 train_loss, speed, loss_terms = self.train_one_epoch(progress, epoch)
-                # Validated as trained; `seglab eval` chooses its own precision.
-                results = evaluate_instances(self.model, self.val_loader, self.train_set.classes, self.device,
-                                             progress=progress, autocast=self.precision.autocast)
+                results = self.evaluate(progress)
                 budget_used = self.elapsed_before + self.clock() - budget_start
                 row = {
                     "epoch": epoch,
                     "train_loss": train_loss,
                     **{f"train_{name}": value for name, value in loss_terms.items()},
-                    **{k: float(results[k]) for k in _METRIC_KEYS},
+                    **{k: float(results[k]) for k in self.metric_keys},
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "train_images_per_second": speed,
                     "epoch_seconds": time.perf_counter() - epoch_start,
@@ -334,16 +407,14 @@ class InstanceTrainer:
                 append_line(self.run_dir / "metrics.jsonl", json.dumps({k: _json_safe(v) for k, v in row.items()}))
                 save_checkpoint(self.run_dir / "last", self.model, self.checkpoint_config(epoch, results))
                 if self.best is None or _score(results) > _score(self.best):
-                    self.best = _best_record(results, epoch)
+                    self.best = _best_record(results, epoch, self.metric_keys)
                     self.epochs_without_improvement = 0
                     save_checkpoint(self.run_dir / "best", self.model, self.checkpoint_config(epoch, results))
                 else:
                     self.epochs_without_improvement += 1
                 plot_curves([{**r, "miou": r["ap"]} for r in self.history], self.run_dir / "curves.png")
-                self.console.print(
-                    f"epoch {epoch}: train loss {train_loss:.4f}  mask AP {results['ap']:.4f}  AP50 {results['ap50']:.4f}  "
-                    f"boundary AP {results['boundary_ap']:.4f}  ({row['epoch_seconds']:.0f} s)"
-                )
+                self.console.print(f"epoch {epoch}: train loss {train_loss:.4f}  {self.figures_words(results)}  "
+                                   f"({row['epoch_seconds']:.0f} s)")
                 # Fitted before the save, so resume.pt holds the curve the next epoch follows.
                 stop = config.max_minutes is not None and budget_used > 60 * config.max_minutes
                 last_within_budget = not stop and config.fit_to_budget and end_schedule_within_budget(
@@ -352,7 +423,7 @@ class InstanceTrainer:
                 )
                 save_training_state(self.run_dir, self._training_state(epoch, budget_used))
                 if config.patience is not None and self.epochs_without_improvement >= config.patience:
-                    self.console.print(f"early stop: no better mask AP for {config.patience} epoch(s) "
+                    self.console.print(f"early stop: no better {self.score_name} for {config.patience} epoch(s) "
                                        f"(best {self.best['ap']:.4f} at epoch {self.best['epoch']})")
                     break
                 if stop:
@@ -370,9 +441,9 @@ class InstanceTrainer:
             "best_epoch": best["epoch"],
             "epochs_run": len(self.history),
             "seconds": time.perf_counter() - start,
-            **{k: best[k] for k in _METRIC_KEYS},
+            **{k: best[k] for k in self.metric_keys},
         }
-        self.console.print(instance_metrics_table(best, title=f"Validation, best epoch {best['epoch']}"))
+        self.console.print(self.results_table(best, title=f"Validation, best epoch {best['epoch']}"))
         return summary
 
     @torch.inference_mode()
@@ -382,10 +453,10 @@ class InstanceTrainer:
         for index in range(min(self.config.num_overlays, len(self.val_set))):
             image, target = self.val_set[index]
             prediction = sorted_detections(self.model([image.to(self.device)])[0])
-            truth = {"masks": target["masks"], "labels": target["labels"], "boxes": target["boxes"], "scores": torch.ones(len(target["labels"]))}
+            truth = {**{k: v for k, v in target.items() if isinstance(v, torch.Tensor)}, "scores": torch.ones(len(target["labels"]))}
             panel = np.concatenate(
-                [instance_overlay(image, truth, self.train_set.classes), np.full((image.shape[-2], 2, 3), 255, np.uint8),
-                 instance_overlay(image, prediction, self.train_set.classes)], axis=1,
+                [self._overlay(image, truth), np.full((image.shape[-2], 2, 3), 255, np.uint8), self._overlay(image, prediction)],
+                axis=1,
             )
             atomic_write(folder / f"val_{index:03d}.png", lambda tmp, p=panel: Image.fromarray(p).save(tmp, format="PNG"))
 
@@ -412,10 +483,10 @@ def _refuse_semantic_only_options(config: TrainConfig) -> None:
                              "(instance models train with their own losses, in one process)")
 
 
-def _best_record(results: dict[str, Any], epoch: int) -> dict[str, Any]:
+def _best_record(results: dict[str, Any], epoch: int, keys: Sequence[str]) -> dict[str, Any]:
     """The best epoch's figures as plain floats (what resume.pt can hold and the table prints)."""
     per_class = {str(name): float(value) for name, value in (results.get("ap_per_class") or {}).items()}
-    return {"epoch": epoch, **{k: float(results[k]) for k in _METRIC_KEYS}, "ap_per_class": per_class}
+    return {"epoch": epoch, **{k: float(results[k]) for k in keys}, "ap_per_class": per_class}
 
 
 def _score(results: dict[str, Any]) -> float:
@@ -440,8 +511,25 @@ def evaluate_instances(
     category ids are the annotation file's, for COCO data). The model runs inside `autocast`
     (e.g. ``resolve_precision("bf16", device).autocast``); its outputs come back in float32.
     """
+    return evaluate_detections(model, loader, COCOMaskEvaluator(list(classes)), coco_results, device, progress,
+                               results_json, autocast)
+
+
+@torch.inference_mode()
+def evaluate_detections(
+    model: nn.Module,
+    loader: DataLoader,
+    evaluator: Any,
+    records_of: Callable[[list[dict[str, torch.Tensor]], list[int]], list[dict[str, Any]]],
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+    results_json: str | Path | None = None,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> dict[str, Any]:
+    """The loop of :func:`evaluate_instances` for any detection task: `evaluator` (a streaming
+    COCO evaluator: update, compute) scores the detections, `records_of` (predictions, image
+    ids) writes them as COCO results records for `results_json`."""
     model.eval()
-    evaluator = COCOMaskEvaluator(list(classes))
     records: list[dict[str, Any]] = []
     task = progress.add_task("evaluating", total=len(loader), info="") if progress is not None else None
     inference_seconds, images_seen = 0.0, 0
@@ -454,7 +542,7 @@ def evaluate_instances(
         images_seen += len(images)
         evaluator.update(predictions, targets)
         if results_json is not None:
-            records += coco_results(predictions, [t["image_id"] for t in targets])
+            records += records_of(predictions, [t["image_id"] for t in targets])
         if progress is not None and task is not None:
             progress.update(task, advance=1)
     if progress is not None and task is not None:
@@ -471,14 +559,19 @@ def evaluate_instances(
 
 def instance_metrics_table(results: dict[str, Any], title: str = "Validation") -> Table:
     """COCO mask AP figures and boundary AP, one row, plus per-class mask AP."""
+    return metrics_table(results, _TABLE_COLUMNS, title)
+
+
+def metrics_table(results: dict[str, Any], columns: dict[str, str], title: str) -> Table:
+    """One row of `results` under `columns` (key -> heading, the first the AP of the caption's
+    per-class figures), NaN as "-"."""
     table = Table(title=title)
-    names = {"ap": "mask AP", "ap50": "AP50", "ap75": "AP75", "aps": "APs", "apm": "APm", "apl": "APl", "ar": "AR", "boundary_ap": "boundary AP"}
-    for name in names.values():
-        table.add_column(name, justify="right")
-    table.add_row(*(_fmt(results.get(k, float("nan"))) for k in names))
+    for heading in columns.values():
+        table.add_column(heading, justify="right")
+    table.add_row(*(_fmt(results.get(k, float("nan"))) for k in columns))
     per_class = results.get("ap_per_class") or {}
     if per_class:
-        table.caption = "per class mask AP: " + ", ".join(f"{name} {_fmt(value)}" for name, value in per_class.items())
+        table.caption = f"per class {next(iter(columns.values()))}: " + ", ".join(f"{name} {_fmt(value)}" for name, value in per_class.items())
     return table
 
 
@@ -489,25 +582,29 @@ def _fmt(value: float) -> str:
 # --- the command line's entry points (seglab train/eval/predict hand instance work here) ------
 
 
-def train_instance(values: dict[str, Any], console: Console, resume: str | Path | None = None) -> int:
+def train_instance(values: dict[str, Any], console: Console, resume: str | Path | None = None,
+                   trainer_class: type[InstanceTrainer] = InstanceTrainer, defaults: dict[str, Any] = INSTANCE_DEFAULTS) -> int:
     """`seglab train --task instance`: the instance defaults, overridden by config file and flags;
-    with `resume`, the run there continued (`values` are then the flags that may change)."""
+    with `resume`, the run there continued (`values` are then the flags that may change).
+    Keypoint training passes its own trainer class and defaults."""
     if resume is not None:
-        trainer = InstanceTrainer.resume(resume, values, console=console)
+        trainer = trainer_class.resume(resume, values, console=console)
     else:
-        trainer = InstanceTrainer(TrainConfig.from_dict({**INSTANCE_DEFAULTS, **values}, source="options"), console=console)
+        # the defaults' model options (keypoint heads' widths) stay under the user's
+        model_kwargs = {**defaults.get("model_kwargs", {}), **(values.get("model_kwargs") or {})}
+        trainer = trainer_class(TrainConfig.from_dict({**defaults, **values, "model_kwargs": model_kwargs}, source="options"),
+                                console=console)
     summary = trainer.fit()
     out = Console()
-    out.print(
-        f"Best validation mask AP {summary['ap']:.4f}, AP50 {summary['ap50']:.4f}, boundary AP {summary['boundary_ap']:.4f} "
-        f"(epoch {summary['best_epoch']}), {summary['seconds']:.0f} s"
-    )
+    out.print(f"Best validation {trainer.figures_words(summary)} (epoch {summary['best_epoch']}), {summary['seconds']:.0f} s")
     out.print(f"Results in {summary['run_dir']}/  (best.safetensors, metrics.jsonl, curves.png, overlays/)")
     return 0
 
 
-def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: Console) -> int:
-    """`seglab eval` of an instance checkpoint: COCO mask AP table, optionally JSON files.
+def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: Console,
+                  trainer_class: type[InstanceTrainer] = InstanceTrainer) -> int:
+    """`seglab eval` of an instance checkpoint: COCO mask AP table, optionally JSON files
+    (OKS AP of a keypoint checkpoint, with `trainer_class` the keypoint trainer).
 
     ``args`` carries data, split, batch_size, device, json, precision and direct_convolutions
     (as `seglab eval` parses them);
@@ -521,16 +618,16 @@ def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: 
         source, data = args.data, {}
     if getattr(args, "format", None):
         data["format"] = args.format
-    dataset = open_instance_dataset(source, args.split, **data)
+    dataset = trainer_class.open_dataset(source, args.split, **data)
     check_data_classes(config["classes"], dataset.classes, f"the {args.split} split of {source}")
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_instances)
     results_json = Path(args.json).with_suffix(".results.json") if getattr(args, "json", None) else None
     # conv-BN folding, fused activations, Winograd's 3x3 convolutions (float32), channels_last
     model = optimize_instance_model(model.to(device), winograd=not getattr(args, "direct_convolutions", False))
     with progress_bar(console) as progress:
-        results = evaluate_instances(model, loader, config["classes"], device, progress=progress, results_json=results_json,
-                                     autocast=precision.autocast)
-    Console().print(instance_metrics_table(results, title=f"{args.split} split of {source} ({len(dataset)} images)"))
+        results = trainer_class.score(model, loader, config, device, progress=progress, results_json=results_json,
+                                      autocast=precision.autocast)
+    Console().print(trainer_class.results_table(results, title=f"{args.split} split of {source} ({len(dataset)} images)"))
     if getattr(args, "json", None):
         atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps({k: _json_safe(v) if not isinstance(v, dict) else v for k, v in results.items()}, indent=2)))
         console.print(f"metrics written to {args.json}, COCO results to {results_json}")

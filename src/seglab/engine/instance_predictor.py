@@ -134,7 +134,15 @@ def auto_instance_precision(device: torch.device) -> str:
 
 class InstancePredictor:
     """Wraps an instance segmentation model (a list of C x H x W images in [0, 1] in, one
-    detections dict per image out) with its classes, precision and score threshold."""
+    detections dict per image out) with its classes, precision and score threshold.
+
+    The files written per image and the COCO records are the task's (``_image_files``,
+    ``_records``): :class:`seglab.engine.keypoints.KeypointPredictor` writes keypoints instead.
+    """
+
+    task = "instance"
+    files_words = "instance and class maps"  # what predict_files writes per image, for the closing line
+    counted_suffix = "_instances.png"  # the one file per image predicted
 
     def __init__(
         self,
@@ -173,9 +181,10 @@ class InstancePredictor:
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", **options: Any) -> "InstancePredictor":
         """Load a checkpoint (run directory, .safetensors or .json); `options` as in the constructor."""
         model, config = load_checkpoint(path)
-        if config.get("task") != "instance":
-            raise ValueError(f"checkpoint {path} is for task {config.get('task', 'semantic')!r}; "
-                             "this predictor is for instance models (seglab.engine.predictor.Predictor takes semantic ones)")
+        if config.get("task") != cls.task:
+            raise ValueError(f"checkpoint {path} is for task {config.get('task', 'semantic')!r}; this predictor is for "
+                             f"{cls.task} models (seglab.engine.predictor.Predictor takes semantic ones, InstancePredictor "
+                             "instance ones, seglab.engine.keypoints.KeypointPredictor keypoint ones)")
         return cls(model, config, device, **options)
 
     @torch.inference_mode()
@@ -203,6 +212,25 @@ class InstancePredictor:
             return records
         return [{**record, "category_id": category_ids[record["category_id"] - 1]} for record in records]
 
+    @staticmethod
+    def _records(detections: list[dict[str, torch.Tensor]], image_ids: list[int]) -> list[dict[str, Any]]:
+        """COCO results records of `detections` (every score)."""
+        return coco_results(detections, image_ids)
+
+    def _image_files(self, out_dir: Path, stem: str, image: torch.Tensor, found: dict[str, torch.Tensor]) -> list[Path]:
+        """The instance and class maps of the detections at or above the score threshold."""
+        shown = sorted_detections(found, self.score_threshold)
+        instances, classes = instance_maps(shown, tuple(image.shape[-2:]))
+        written = []
+        for suffix, pixels in (("instances", instances), ("classes", classes)):
+            target = out_dir / f"{stem}_{suffix}.png"
+            atomic_write(target, lambda tmp, p=pixels: Image.fromarray(p).save(tmp, format="PNG"))
+            written.append(target)
+        return written
+
+    def _overlay(self, image: torch.Tensor, found: dict[str, torch.Tensor]) -> np.ndarray:
+        return instance_overlay(image, found, self.classes, self.score_threshold)
+
     def predict_files(
         self,
         paths: Sequence[str | Path],
@@ -229,16 +257,11 @@ class InstancePredictor:
         for batch in equal_size_runs(jobs, self.in_channels, self.batch_size, None if unreadable is None else skipped):
             detections = self.detect([image for *_, image in batch], score_threshold=0.0)
             for (path, stem, image_id, image), found in zip(batch, detections):
-                records += self._in_file_categories(coco_results([found], [image_id]))
-                shown = sorted_detections(found, self.score_threshold)
-                instances, classes = instance_maps(shown, tuple(image.shape[-2:]))
-                for suffix, pixels in (("instances", instances), ("classes", classes)):
-                    target = out_dir / f"{stem}_{suffix}.png"
-                    atomic_write(target, lambda tmp, p=pixels: Image.fromarray(p).save(tmp, format="PNG"))
-                    written.append(target)
+                records += self._in_file_categories(self._records([found], [image_id]))
+                written += self._image_files(out_dir, stem, image, found)
                 if overlays:
                     target = out_dir / f"{stem}_overlay.png"
-                    panel = instance_overlay(image, found, self.classes, self.score_threshold)
+                    panel = self._overlay(image, found)
                     atomic_write(target, lambda tmp, p=panel: Image.fromarray(p).save(tmp, format="PNG"))
                     written.append(target)
                 if progress is not None and task is not None:
@@ -262,12 +285,14 @@ class InstancePredictor:
         return written
 
 
-def predict_instance(args: Any, console: Console, unreadable: list[tuple[Path, str]] | None = None) -> None:
+def predict_instance(args: Any, console: Console, unreadable: list[tuple[Path, str]] | None = None,
+                     predictor_class: type[InstancePredictor] = InstancePredictor) -> None:
     """`seglab predict` with an instance checkpoint: the module docstring's files in --out;
-    given `unreadable` (a list), images that cannot be read are skipped and listed there."""
+    given `unreadable` (a list), images that cannot be read are skipped and listed there.
+    A keypoint checkpoint passes its predictor class."""
     context = init_distributed(resolve_device(args.device).type)  # a multi-process job gathers its records
     try:
-        predictor = InstancePredictor.from_checkpoint(
+        predictor = predictor_class.from_checkpoint(
             args.checkpoint, device=args.device, precision=args.precision,
             score_threshold=SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold,
             batch_size=args.batch_size, winograd=not args.direct_convolutions)
@@ -277,9 +302,9 @@ def predict_instance(args: Any, console: Console, unreadable: list[tuple[Path, s
     finally:
         shutdown_distributed()
     if context.is_main:
-        images = sum(path.name.endswith("_instances.png") for path in written)
+        images = sum(path.name.endswith(predictor.counted_suffix) for path in written)
         share = f" by rank 0 of {context.world_size} (each rank its own shard)" if context.enabled else ""
-        what = "instance and class maps" + (", overlays" if args.overlays else "")
+        what = predictor.files_words + (", overlays" if args.overlays else "")
         arithmetic = "float32" if predictor.precision == "32" else predictor.precision
         Console().print(f"{images} image(s) predicted{share} in {arithmetic}, score threshold "
                         f"{predictor.score_threshold:g}; {what} and results.json (COCO results, every score) "

@@ -17,12 +17,14 @@ from seglab.metrics.boundary import (
 )
 from seglab.metrics.coco import COCOMaskEvaluator, coco_results, save_coco_results
 from seglab.metrics.confusion import ConfusionMatrix
+from seglab.metrics.keypoints import COCOKeypointEvaluator, keypoint_results
 from seglab.metrics.report import format_report, results_to_json
 from seglab.metrics.soft import SoftOverlap, soft_dice, soft_iou
 
 __all__ = [
     "AveragePrecision",
     "BoundaryIoU",
+    "COCOKeypointEvaluator",
     "COCOMaskEvaluator",
     "ConfusionMatrix",
     "SoftOverlap",
@@ -31,6 +33,7 @@ __all__ = [
     "boundary_iou",
     "coco_results",
     "format_report",
+    "keypoint_results",
     "mask_to_boundary",
     "precision_recall_curve",
     "results_to_json",

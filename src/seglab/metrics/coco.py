@@ -128,18 +128,68 @@ def _coco(images: list[dict], categories: list[dict], annotations: list[dict]) -
     return coco
 
 
-def _run(evaluator_class: type[COCOeval], gt: COCO, dt: COCO, max_detections: int) -> COCOeval:
-    evaluation = evaluator_class(gt, dt, iouType="segm")
-    evaluation.params.maxDets = [1, 10, max_detections]
+def _run(
+    evaluator_class: type[COCOeval],
+    gt: COCO,
+    dt: COCO,
+    max_detections: int,
+    *,
+    iou_type: str = "segm",
+    oks_sigmas: np.ndarray | None = None,
+) -> COCOeval:
+    evaluation = evaluator_class(gt, dt, iouType=iou_type)
+    # COCO's own maxDets layouts: 1 / 10 / N for masks and boxes, a single N for keypoints.
+    max_dets = [max_detections] if iou_type == "keypoints" else [1, 10, max_detections]
+    evaluation.params.maxDets = max_dets
+    if oks_sigmas is not None:
+        evaluation.params.kpt_oks_sigmas = oks_sigmas
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         evaluation.evaluate()
         evaluation.accumulate()
+        if iou_type == "keypoints":
+            # summarize() reads the keypoint figures at maxDets == 20, written into pycocotools;
+            # accumulate() kept a single maxDets column, so naming it 20 lets summarize read it.
+            evaluation.params.maxDets = [20]
         evaluation.summarize()
+    evaluation.params.maxDets = max_dets
     return evaluation
 
 
 def _nan_if_missing(value: float) -> float:
     return float("nan") if value < 0 else float(value)  # COCOeval writes -1 for "no ground truth"
+
+
+def _figures(evaluation: COCOeval, stat_names: Sequence[str], names: Mapping[int, str]) -> dict[str, Any]:
+    """COCOeval's summary as named floats (NaN for its -1) and ap_per_class (name -> AP)."""
+    results: dict[str, Any] = {name: _nan_if_missing(v) for name, v in zip(stat_names, evaluation.stats)}
+    # precision[T, R, K, area=all, maxDets=last]; -1 marks categories without ground truth.
+    precision = evaluation.eval["precision"][:, :, :, 0, -1]
+    results["ap_per_class"] = {}
+    for index, category_id in enumerate(evaluation.params.catIds):
+        values = precision[:, :, index]
+        if (values > -1).any():
+            results["ap_per_class"][names[category_id]] = float(values[values > -1].mean())
+    return results
+
+
+def _category_names(categories: int | Sequence[str] | Mapping[int, str] | None) -> dict[int, str] | None:
+    """Label -> name from an int K (labels 0..K-1), a sequence of names or a mapping; None stays None."""
+    if categories is None:
+        return None
+    if isinstance(categories, int):
+        categories = {i: str(i) for i in range(categories)}
+    elif not isinstance(categories, Mapping):
+        categories = dict(enumerate(categories))
+    return {int(k): str(v) for k, v in categories.items()}
+
+
+def _categories(known: Mapping[int, str] | None, annotations: Sequence[Mapping[str, Any]]) -> tuple[list[dict], dict[int, str]]:
+    """COCO category entries and label -> name for the known names plus every label seen."""
+    names = dict(known) if known is not None else {}
+    for annotation in annotations:
+        names.setdefault(annotation["category_id"], str(annotation["category_id"]))
+    names = dict(sorted(names.items()))
+    return [{"id": i, "name": n} for i, n in names.items()], names
 
 
 class COCOMaskEvaluator:
@@ -164,11 +214,7 @@ class COCOMaskEvaluator:
         max_detections: int = 100,
         boundary: bool = True,
     ) -> None:
-        if isinstance(categories, int):
-            categories = {i: str(i) for i in range(categories)}
-        elif categories is not None and not isinstance(categories, Mapping):
-            categories = dict(enumerate(categories))
-        self.categories: dict[int, str] | None = None if categories is None else {int(k): str(v) for k, v in categories.items()}
+        self.categories = _category_names(categories)
         self.mask_threshold = mask_threshold
         self.dilation_ratio = dilation_ratio
         self.max_detections = max_detections
@@ -220,15 +266,8 @@ class COCOMaskEvaluator:
                 record = self._annotation(len(dt_annotations) + 1, image_id, rle, band, label, iscrowd=0)
                 record["score"] = float(score)
                 dt_annotations.append(record)
-        names = dict(self.categories) if self.categories is not None else {}
-        for annotation in gt_annotations + dt_annotations:
-            names.setdefault(annotation["category_id"], str(annotation["category_id"]))
-        categories = [{"id": i, "name": n} for i, n in sorted(names.items())]
-        return (
-            _coco(image_entries, categories, gt_annotations),
-            _coco(image_entries, categories, dt_annotations),
-            dict(sorted(names.items())),
-        )
+        categories, names = _categories(self.categories, gt_annotations + dt_annotations)
+        return _coco(image_entries, categories, gt_annotations), _coco(image_entries, categories, dt_annotations), names
 
     @staticmethod
     def _annotation(annotation_id: int, image_id: int, rle: dict, band: dict, label: int, *, iscrowd: int) -> dict:
@@ -250,14 +289,7 @@ class COCOMaskEvaluator:
         results.update(boundary_ap=float("nan"), boundary_ap50=float("nan"), boundary_ap75=float("nan"), ap_per_class={})
         if not gt.dataset["annotations"]:
             return results  # nothing to detect: every figure is undefined
-        mask_eval = _run(COCOeval, gt, dt, self.max_detections)
-        results.update({name: _nan_if_missing(v) for name, v in zip(_STAT_NAMES, mask_eval.stats)})
-        # precision[T, R, K, area=all, maxDets=last]; -1 marks categories without ground truth.
-        precision = mask_eval.eval["precision"][:, :, :, 0, -1]
-        for index, category_id in enumerate(mask_eval.params.catIds):
-            values = precision[:, :, index]
-            if (values > -1).any():
-                results["ap_per_class"][names[category_id]] = float(values[values > -1].mean())
+        results.update(_figures(_run(COCOeval, gt, dt, self.max_detections), _STAT_NAMES, names))
         if self.boundary:
             boundary_eval = _run(BoundaryCOCOeval, gt, dt, self.max_detections)
             results["boundary_ap"], results["boundary_ap50"], results["boundary_ap75"] = (

@@ -47,7 +47,7 @@ from seglab.models.registry import register_model
 from seglab.ops.roi_align import SampledMultiScaleRoIAlign
 
 __all__ = [
-    "Float32BoxPredictor", "Float32RPNHead", "NativeSizeTransform", "keypoint_rcnn", "load_torchvision_weights", "mask_rcnn",
+    "ContiguousKeypointPredictor", "Float32BoxPredictor", "Float32RPNHead", "NativeSizeTransform", "keypoint_rcnn", "load_torchvision_weights", "mask_rcnn",
     "normalisation", "pyramid_anchors",
 ]
 
@@ -75,6 +75,15 @@ class Float32BoxPredictor(FastRCNNPredictor):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores, deltas = super().forward(x)
         return scores.float(), deltas.float()
+
+
+class ContiguousKeypointPredictor(KeypointRCNNPredictor):
+    """torchvision's keypoint predictor (transposed conv, 2x bilinear upsampling to 56x56) with
+    heat maps in the standard layout: torchvision's keypoint loss reshapes them with ``view``,
+    which a channels_last model's maps (seglab's fast path) cannot take."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).contiguous()
 
 
 # The tensors whose shape follows the number of classes (or keypoints): kept from the seglab
@@ -240,23 +249,27 @@ def keypoint_rcnn(
     proposals: int = 1000,
     rois_per_image: int = 512,
     detections_per_image: int = 100,
+    box_head_width: int = 1024,
     torchvision_weights: str | None = None,
 ) -> nn.Module:
     """Keypoint R-CNN: Mask R-CNN with a keypoint head, one 56x56 heat map per keypoint.
 
     Targets carry ``keypoints`` (N x K x 3: x, y, visibility); the head is eight 3x3 convs of
     ``head_channels`` on 14x14 RoI features and a 2x transposed conv, upsampled to 56x56, as the
-    paper describes. Other arguments as :func:`mask_rcnn`; ``torchvision_weights`` is a file of
+    paper describes; the head runs on every detection, so its width is most of the cost per
+    object. Other arguments as :func:`mask_rcnn`; ``torchvision_weights`` is a file of
     torchvision ``keypointrcnn_resnet50_fpn`` weights (its COCO person-keypoint checkpoint).
     """
     backbone = encoder_fpn(encoder, in_channels=in_channels, encoder_weights=encoder_weights, out_channels=fpn_channels, min_stride=4, extra="maxpool")
-    options = _two_stage_options(backbone, anchor_size, min_size, max_size, proposals, rois_per_image, detections_per_image, in_channels)
+    options = _two_stage_options(
+        backbone, anchor_size, min_size, max_size, proposals, rois_per_image, detections_per_image, in_channels, box_head_width
+    )
     model = KeypointRCNN(
         backbone,
-        box_predictor=Float32BoxPredictor(1024, num_classes),
+        box_predictor=Float32BoxPredictor(box_head_width, num_classes),
         keypoint_roi_pool=SampledMultiScaleRoIAlign(list(_PYRAMID_LEVELS), output_size=14, sampling_ratio=2),
         keypoint_head=KeypointRCNNHeads(fpn_channels, [head_channels] * 8),
-        keypoint_predictor=KeypointRCNNPredictor(head_channels, num_keypoints),
+        keypoint_predictor=ContiguousKeypointPredictor(head_channels, num_keypoints),
         **options,
     )
     return _finish(model, min_size, in_channels, torchvision_weights)
