@@ -219,3 +219,50 @@ def test_coco_sets_count_their_objects_by_class_and_by_image_crowds_left_out(tmp
     # many different counts are shown in doubling bins
     many = Counter({count: 1 for count in range(0, 40, 3)})
     assert _instance_bins(many) == [("0", 1), ("2-3", 1), ("4-7", 1), ("8-15", 3), ("16-31", 5), ("32-63", 3)]
+
+
+def test_coco_keypoint_files_are_checked_for_their_keypoints(tmp_path, helpers, rng, capsys):
+    # Before, a keypoint file without masks ended the doctor with "seglab: error: segmentation".
+    import json
+
+    from seglab.cli import main
+
+    for name in ("a.png", "b.png"):
+        helpers.rgb(tmp_path / "images" / name, rng.integers(0, 256, size=(10, 10, 3)))
+    fine = [2, 3, 2, 5, 5, 1, 0, 0, 0]  # three keypoints: visible, hidden, not labelled
+    annotations = [
+        (1, fine, 2),
+        (1, fine[:6], 2),                        # six values for three keypoints
+        (2, [2, 3, 2, 5, 5, 3, 0, 0, 0], 2),     # visibility 3
+        (2, [2, 3, 2, 12, 5, 1, 0, 0, 0], 2),    # a labelled keypoint right of the 10-pixel image
+        (2, fine, 3),                            # num_keypoints counts three, two are labelled
+    ]
+    content = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 10, "width": 10}, {"id": 2, "file_name": "b.png", "height": 10, "width": 10}],
+        "categories": [{"id": 1, "name": "person", "keypoints": ["nose", "left_eye", "right_eye"], "skeleton": [[1, 2]]}],
+        "annotations": [{"id": k, "image_id": image, "category_id": 1, "iscrowd": 0, "area": 16, "bbox": [1, 1, 6, 6],
+                         "keypoints": points, "num_keypoints": count}
+                        for k, (image, points, count) in enumerate(annotations, start=1)],
+    }
+    (tmp_path / "person_keypoints.json").write_text(json.dumps(content))
+    report = check_dataset(tmp_path)
+    assert "COCO keypoint file (3 keypoints per object)" in report.note and report.instances_per_class == [0, 5]
+    assert sorted(p.detail.split(" has ")[-1].split(" says ")[-1] for p in report.problems if p.kind == "bad keypoints") == [
+        "6 keypoint values; its category's 3 keypoints need 9",
+        "labelled keypoints outside its 10x10 image",
+        "num_keypoints 3 but labels 2",
+        "visibility values [3.0], not 0, 1 or 2",
+    ]
+    assert {p.kind for p in report.problems} == {"bad keypoints"}  # no masks to train is no problem for keypoints
+    assert main(["data", "check", str(tmp_path)]) == 1 and "bad keypoints: 4" in capsys.readouterr().out
+
+    # a mask-less object of an instance file is a problem, and the instance reader names it
+    from seglab.data.coco import CocoInstances
+
+    content["categories"] = [{"id": 1, "name": "cell"}]
+    for annotation in content["annotations"]:
+        del annotation["keypoints"], annotation["num_keypoints"]
+    (tmp_path / "person_keypoints.json").write_text(json.dumps(content))
+    assert {p.kind for p in check_dataset(tmp_path).problems} == {"no segmentation"}
+    with pytest.raises(ValueError, match="annotation 1 in person_keypoints.json has no segmentation to train masks on"):
+        CocoInstances(tmp_path / "person_keypoints.json")[0]

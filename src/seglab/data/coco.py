@@ -97,6 +97,16 @@ class _CocoFile:
     def objects(self, image_id: int) -> list[dict]:
         return self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
 
+    def mask_of(self, annotation: dict, height: int, width: int) -> np.ndarray:
+        """An object's bool H x W mask; an object without one is an error naming it (keypoint and
+        box-only files have none)."""
+        if "segmentation" not in annotation:
+            category = self.coco.cats.get(annotation.get("category_id"), {})
+            hint = " (a keypoint file: seglab train --task keypoint)" if category.get("keypoints") else ""
+            raise ValueError(f"annotation {annotation.get('id')} in {self.annotation_file.name} has no segmentation to "
+                             f"train masks on{hint}")
+        return decode_segmentation(annotation["segmentation"], height, width)
+
 
 def _guess_image_dir(annotation_file: Path) -> Path:
     """``images/`` next to the file (single-file sets), else the COCO layout's ``../<split>2017``
@@ -148,7 +158,7 @@ class CocoSemantic(SegmentationDataset):
         height, width = image.shape[-2:]
         mask = np.zeros((height, width), np.int64)
         for obj in self.file.objects(image_id):
-            region = decode_segmentation(obj["segmentation"], height, width)
+            region = self.file.mask_of(obj, height, width)
             mask[region] = self.ignore_index if obj.get("iscrowd", 0) else self.file.label_of_category[obj["category_id"]]
         return {"image": image, "mask": torch.from_numpy(mask)}
 
@@ -193,7 +203,7 @@ class CocoInstances(torch.utils.data.Dataset):
         image = self.file.load_image(image_id)
         height, width = image.shape[-2:]
         objects = [o for o in self.file.objects(image_id) if not o.get("iscrowd", 0)]
-        masks = [decode_segmentation(o["segmentation"], height, width) for o in objects]
+        masks = [self.file.mask_of(o, height, width) for o in objects]
         labels = [self.file.label_of_category[o["category_id"]] for o in objects]
         masks_tensor = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, height, width), dtype=torch.bool)
         sample = (tv_tensors.Image(image), make_target(masks_tensor, torch.tensor(labels, dtype=torch.int64), image_id))

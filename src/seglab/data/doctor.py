@@ -26,7 +26,7 @@ from seglab.data.folder import folder_splits, split_folders
 from seglab.data.io import shown_size
 from seglab.data.voc import voc_splits
 
-__all__ = ["Problem", "DataReport", "check_dataset", "lossy_mask", "preflight", "render_report", "PROBLEM_KINDS"]
+__all__ = ["Problem", "DataReport", "check_dataset", "keypoint_problems", "lossy_mask", "preflight", "render_report", "PROBLEM_KINDS"]
 
 # kind -> how one line of the summary describes it
 PROBLEM_KINDS = {
@@ -41,6 +41,9 @@ PROBLEM_KINDS = {
     "no class names": "class maps (classes/) without a classes.yaml that names the classes",
     "one class": "data sets whose labelled pixels are all of one class",
     "lossy mask": "masks stored as JPEG, whose compression changes label values along every edge: save them as PNG",
+    "no segmentation": "COCO objects without a mask to train on",
+    "bad keypoints": "COCO keypoint annotations of the wrong length, with visibility other than 0, 1 or 2, labelled "
+                     "keypoints outside the image, or a num_keypoints that does not count the labelled ones",
 }
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
 
@@ -200,9 +203,16 @@ def _check_coco(root: Path, **options: Any) -> DataReport:
                                 instances_per_class=[0] * dataset.num_classes)
         report.counts[annotation_file.name] = len(dataset)
         declared = set(coco.cats)
+        # a COCO keypoint file (person_keypoints_*.json): categories that name their keypoints
+        joints = {c["id"]: len(c["keypoints"]) for c in coco.cats.values() if c.get("keypoints")}
+        if joints:
+            report.note = (f"{annotation_file.name} is a COCO keypoint file ({max(joints.values())} keypoints per object): "
+                           "seglab train --task keypoint trains on it")
         for annotation in coco.dataset.get("annotations", []):
             if annotation.get("category_id") not in declared:
                 report.problems.append(Problem("unknown label", annotation_file, f"annotation {annotation.get('id')} has category {annotation.get('category_id')}, which the file does not declare"))
+            elif annotation["category_id"] in joints:
+                report.problems += keypoint_problems(annotation, joints[annotation["category_id"]], coco.imgs.get(annotation.get("image_id"), {}), annotation_file)
         for index, image_id in enumerate(dataset.file.image_ids):
             info = coco.imgs[image_id]
             path = dataset.file.image_dir / info["file_name"]
@@ -224,12 +234,38 @@ def _check_coco(root: Path, **options: Any) -> DataReport:
             report.instances_per_image[len(instances)] += 1
             for label in instances:
                 report.instances_per_class[label] += 1
+            without = [a for a in objects if "segmentation" not in a]
+            if without:  # keypoint files may leave masks out: the objects count, their pixels cannot
+                if not all(a["category_id"] in joints for a in without):
+                    report.problems.append(Problem("no segmentation", annotation_file, f"annotation {without[0].get('id')} "
+                                                   f"(image id {image_id}) has no segmentation"))
+                continue
             mask = dataset[index]["mask"].numpy()
             _count(mask, mask, report)
             if not ((mask >= 0) & (mask < len(report.classes))).any():
                 report.problems.append(Problem("empty mask", path, "has no labelled pixel (crowd regions only)"))
     assert report is not None
     return report
+
+
+def keypoint_problems(annotation: dict[str, Any], joints: int, image: dict[str, Any], annotation_file: Path) -> list[Problem]:
+    """What is wrong with one COCO keypoint annotation (``joints`` keypoints in its category) on
+    its image (the file's image entry): the "bad keypoints" of PROBLEM_KINDS, at most one line."""
+    name = f"annotation {annotation.get('id')} (image id {annotation.get('image_id')})"
+    flat = annotation.get("keypoints")
+    if not isinstance(flat, list) or len(flat) != 3 * joints:
+        size = len(flat) if isinstance(flat, list) else "no"
+        return [Problem("bad keypoints", annotation_file, f"{name} has {size} keypoint values; its category's {joints} keypoints need {3 * joints}")]
+    points = np.asarray(flat, dtype=np.float64).reshape(joints, 3)
+    if not np.isin(points[:, 2], (0, 1, 2)).all():
+        return [Problem("bad keypoints", annotation_file, f"{name} has visibility values {sorted(set(points[:, 2].tolist()) - {0, 1, 2})}, not 0, 1 or 2")]
+    labelled = points[points[:, 2] > 0]
+    width, height = image.get("width"), image.get("height")
+    if width and height and ((labelled[:, 0] < 0) | (labelled[:, 0] > width) | (labelled[:, 1] < 0) | (labelled[:, 1] > height)).any():
+        return [Problem("bad keypoints", annotation_file, f"{name} has labelled keypoints outside its {width}x{height} image")]
+    if "num_keypoints" in annotation and annotation["num_keypoints"] != len(labelled):
+        return [Problem("bad keypoints", annotation_file, f"{name} says num_keypoints {annotation['num_keypoints']} but labels {len(labelled)}")]
+    return []
 
 
 def preflight(path: str | Path, format: str | None = None, *, one_size: bool = False, **options: Any) -> list[str]:
