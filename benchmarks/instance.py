@@ -3,6 +3,7 @@
     python benchmarks/instance.py synthetic --model yolact --minutes 15
     python benchmarks/instance.py dsb2018 --model mask_rcnn --minutes 20
     python benchmarks/instance.py speed --size 512 --encoder resnet50
+    python benchmarks/instance.py keypoint-speed --size 512
 
 `synthetic` and `dsb2018` train with seglab's instance trainer (its defaults: precision auto,
 torch's threads) for a fixed number of epochs with a cosine schedule sized to fit the budget,
@@ -14,7 +15,8 @@ CPU time of interleaved repeats, one thread, after warm-up) of YOLACT, our Mask 
 maskrcnn_resnet50_fpn in one process at the same input size, all randomly initialised (no
 download; our Mask R-CNN takes torchvision's random weights), in float32 or (`--precision bf16`) all three under bf16 autocast in channels_last; `--fast`
 adds seglab's two models as its commands run them (`optimize_instance_model`), with Winograd's
-3x3 convolutions and without.
+3x3 convolutions and without. `keypoint-speed` does the same for our Keypoint R-CNN against
+torchvision's keypointrcnn_resnet50_fpn (same weights), eager and on the fast path.
 Results are printed and appended as JSON lines to benchmarks/results/instance.jsonl.
 """
 from __future__ import annotations
@@ -210,7 +212,8 @@ def speed(args: argparse.Namespace) -> None:
     if args.fast:  # seglab's own models as `seglab eval` / `predict` run them, with and without Winograd
         for name in ("yolact", "mask_rcnn"):
             for label, winograd in (("fast", True), ("fast_direct", False)):
-                models[f"{name}_{label}"] = optimize_instance_model(copy.deepcopy(models[name]), winograd=winograd)
+                models[f"{name}_{label}"] = optimize_instance_model(copy.deepcopy(models[name]), winograd=winograd,
+                                                                    precision=args.precision)
     seconds = _median_seconds(models, image, args.repeats, args.precision)
     row = {"benchmark": f"speed-{size}", "encoder": args.encoder, "detections": args.detections, "repeats": args.repeats,
            "precision": args.precision, "threads": torch.get_num_threads()}
@@ -224,6 +227,39 @@ def speed(args: argparse.Namespace) -> None:
             row[f"{name}_winograd_speedup"] = round(seconds[f"{name}_fast_direct"] / seconds[f"{name}_fast"], 3)
     if "torchvision_maskrcnn_resnet50_fpn" in seconds:
         row["mask_rcnn_speedup_vs_torchvision"] = round(seconds["torchvision_maskrcnn_resnet50_fpn"] / seconds["mask_rcnn"], 3)
+    _record(row)
+
+
+def keypoint_speed(args: argparse.Namespace) -> None:
+    """Our Keypoint R-CNN against torchvision's keypointrcnn_resnet50_fpn with the same (random)
+    weights, eager and on seglab's fast path, as `speed` times the Mask R-CNNs."""
+    from torchvision.models.detection import keypointrcnn_resnet50_fpn
+
+    import seglab
+    from seglab.models.instance.mask_rcnn import load_torchvision_weights
+
+    torch.manual_seed(0)
+    size = args.size
+    image = torch.rand(3, size, size)
+    torchvision_model = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, num_keypoints=17,
+                                                  min_size=size, max_size=size).eval()
+    ours = seglab.create_model("keypoint_rcnn", num_classes=2, num_keypoints=17, encoder="resnet50", min_size=size,
+                               max_size=size).eval()
+    load_torchvision_weights(ours, torchvision_model.state_dict())
+    models = {"torchvision_keypointrcnn_resnet50_fpn": torchvision_model, "keypoint_rcnn": ours}
+    for model in models.values():
+        _force_detections(model, args.detections)
+    if args.precision != "32":
+        models = {name: to_channels_last(model) for name, model in models.items()}
+    models["keypoint_rcnn_fast"] = optimize_instance_model(copy.deepcopy(ours), precision=args.precision)
+    seconds = _median_seconds(models, image, args.repeats, args.precision)
+    row = {"benchmark": f"keypoint-speed-{size}", "encoder": "resnet50", "detections": args.detections,
+           "repeats": args.repeats, "precision": args.precision, "threads": torch.get_num_threads()}
+    row.update({f"{name}_ms": round(1000 * s, 1) for name, s in seconds.items()})
+    row["keypoint_rcnn_gflops"] = round(_forward_flops(ours, image) / 1e9, 1)
+    reference = seconds["torchvision_keypointrcnn_resnet50_fpn"]
+    row.update({f"{name}_speedup_vs_torchvision": round(reference / seconds[name], 3)
+                for name in ("keypoint_rcnn", "keypoint_rcnn_fast")})
     _record(row)
 
 
@@ -289,6 +325,12 @@ def main() -> None:
     command.add_argument("--fast", action="store_true",
                          help="also time seglab's models after optimize_instance_model, with and without Winograd")
     command.set_defaults(run=speed)
+    command = commands.add_parser("keypoint-speed")
+    command.add_argument("--size", type=int, default=512)
+    command.add_argument("--detections", type=int, default=20)
+    command.add_argument("--repeats", type=int, default=5)
+    command.add_argument("--precision", choices=["32", "bf16"], default="32")
+    command.set_defaults(run=keypoint_speed)
     args = parser.parse_args()
     args.run(args)
 

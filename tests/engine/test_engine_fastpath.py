@@ -531,6 +531,27 @@ def test_instance_models_keep_their_detections_on_the_fast_path(name):
     _assert_same_detections(got, expected)
 
 
+def test_the_bf16_instance_fast_path_folds_but_keeps_the_convolutions_eager():
+    # Under bf16 autocast float32's fused, prepacked and Winograd convolutions cost 1.4-1.7x
+    # the time of eager ones; the bf16 path keeps only the folding and channels_last.
+    import copy
+
+    from seglab.engine.fastpath import optimize_instance_model
+
+    model = _instance_model("mask_rcnn", fpn_channels=256, mask_head_width=256)
+    images = [torch.rand(3, 96, 96)]
+    with torch.no_grad():
+        expected = model(images)[0]
+    fast = optimize_instance_model(copy.deepcopy(model), precision="bf16")
+    assert _batchnorms(fast) < _batchnorms(model) and _winograd_convs(fast) == 0
+    assert not any(isinstance(m, FusedConv) for m in fast.modules())
+    assert all(type(m) is nn.Conv2d for m in fast.modules() if isinstance(m, nn.Conv2d))  # no prepacked kinds
+    with torch.inference_mode():
+        got = fast(images)[0]  # in float32 it computes what the model does
+    _assert_same_detections(got, expected)
+    assert _winograd_convs(optimize_instance_model(copy.deepcopy(model), precision="32")) > 0
+
+
 def test_instance_fast_path_runs_winograd_in_the_fpn_and_mask_head(winograd_transforms, separate_passes):
     import copy
 

@@ -622,8 +622,9 @@ def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: 
     check_data_classes(config["classes"], dataset.classes, f"the {args.split} split of {source}")
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_instances)
     results_json = Path(args.json).with_suffix(".results.json") if getattr(args, "json", None) else None
-    # conv-BN folding, fused activations, Winograd's 3x3 convolutions (float32), channels_last
-    model = optimize_instance_model(model.to(device), winograd=not getattr(args, "direct_convolutions", False))
+    # conv-BN folding and channels_last; in float32 also fused activations and Winograd's 3x3 convolutions
+    model = optimize_instance_model(model.to(device), winograd=not getattr(args, "direct_convolutions", False),
+                                    precision=precision.name)
     with progress_bar(console) as progress:
         results = trainer_class.score(model, loader, config, device, progress=progress, results_json=results_json,
                                       autocast=precision.autocast)

@@ -42,7 +42,7 @@ from seglab.data.io import image_batch, list_images
 from seglab.engine.checkpoint import load_checkpoint
 from seglab.engine.distributed import env_rank, init_distributed, shard, shutdown_distributed
 from seglab.engine.fastpath import optimize_instance_model
-from seglab.engine.precision import auto_precision, cpu_has, resolve_precision
+from seglab.engine.precision import auto_precision, resolve_precision
 from seglab.engine.predictor import ImageLike, equal_size_runs, output_stems
 from seglab.engine.trainer import progress_bar, resolve_device
 from seglab.files import atomic_write, output_folder
@@ -120,15 +120,14 @@ def _distinct_colour(index: int) -> tuple[int, int, int]:
 
 
 def auto_instance_precision(device: torch.device) -> str:
-    """What "auto" runs an instance model in: float32 on a CPU without AMX, else the device's
-    native precision (`seglab.engine.precision.auto_precision`). On the CPU only float32 has
-    Winograd's F(4x4, 3x3) and the fused passes of the fast path; under bf16 autocast the
-    convolutions run oneDNN's direct kernels. On a 2-core Zen 4 (AVX-512 BF16, no AMX; trained
-    synthetic-recipe checkpoints, interleaved rounds) bf16 took 1.44-1.55x float32's time for
-    YOLACT at 128 and 512 pixels, batch 1 and 4, and 1.39-1.44x for Mask R-CNN at 512
-    (0.87-0.96x at 128); AMX's bf16 tiles are another matter, not measured here since."""
-    if device.type == "cpu" and not cpu_has("amx_tile"):
-        return "32"
+    """What "auto" runs an instance model in: the device's native precision
+    (`seglab.engine.precision.auto_precision`: bf16 on AVX-512 BF16 / AMX CPUs), as semantic
+    models. Under bf16 the fast path keeps to conv-BN folding and channels_last
+    (:func:`~seglab.engine.fastpath.optimize_instance_model`); on a 2-core Zen 4 that took
+    0.72x (YOLACT), 0.67x (Mask R-CNN) and 0.85x (Keypoint R-CNN) of float32's full fast path's
+    CPU time at 512 pixels, 0.82x and 0.74x (YOLACT, Mask R-CNN) at 128 (ResNet-50, 20
+    detections). Until 2026-12-07 the bf16 path also kept float32's fused, prepacked and Winograd
+    convolutions, which made bf16 1.4-1.55x slower than float32, and "auto" chose float32."""
     return auto_precision(device)
 
 
@@ -175,7 +174,7 @@ class InstancePredictor:
         self.autocast: Callable[[], ContextManager] = resolved.autocast
         self.model = model.to(self.device).eval()
         if optimize:  # float32 steps of the fast path; the precision comes from autocast
-            self.model = optimize_instance_model(self.model, winograd=winograd)
+            self.model = optimize_instance_model(self.model, winograd=winograd, precision=self.precision)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", **options: Any) -> "InstancePredictor":
