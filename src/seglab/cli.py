@@ -23,6 +23,9 @@ class CommandError(Exception):
     """A user mistake reported as one line and exit code 2."""
 
 
+DETECTION_TASKS = ("instance", "keypoint")  # trained, scored and served by the instance engine's loops
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -216,7 +219,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             values["model_kwargs"] = {**(values.get("model_kwargs") or {}), **model_options}
         _match_task_to_model(values)
         _reject_synthetic_sizes(given, values)
-        if values.get("task") in ("instance", "keypoint"):
+        if values.get("task") in DETECTION_TASKS:
             return _detection_training(values["task"])(values, console)
         config = TrainConfig.from_dict(values, source=str(args.config or "options"))
         if config.task != "semantic":
@@ -264,7 +267,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     model, config = load_checkpoint(args.checkpoint)
     if args.json:  # an unusable --json is one line now, not after the evaluation
         output_folder(Path(args.json).parent)
-    if config.get("task") in ("instance", "keypoint"):
+    if config.get("task") in DETECTION_TASKS:
         from seglab.engine.instance import eval_instance
         from seglab.engine.keypoints import eval_keypoints
 
@@ -383,7 +386,7 @@ def _match_task_to_model(values: dict[str, Any]) -> None:
     from seglab.models.registry import get_model_entry
 
     model_task = get_model_entry(str(values["model"])).task
-    if model_task not in ("semantic", "instance", "keypoint"):
+    if model_task not in ("semantic", *DETECTION_TASKS):
         raise CommandError(f"--model {values['model']} is {_a(model_task)} model; seglab train trains semantic, "
                            f"instance and keypoint models (build it with seglab.create_model and train it on your own targets)")
     task = values.get("task")
@@ -404,7 +407,7 @@ def _reject_synthetic_sizes(given: dict[str, Any], values: dict[str, Any]) -> No
     data = values.get("data", "synthetic")
     if data == "synthetic":
         return
-    sized = ["train_samples"] + ([] if values.get("task") in ("instance", "keypoint") else ["val_samples"])
+    sized = ["train_samples"] + ([] if values.get("task") in DETECTION_TASKS else ["val_samples"])
     flags = ["--" + name.replace("_", "-") for name in sized if name in given]
     if flags:
         raise CommandError(f"{', '.join(flags)}: for the synthetic set only; {data} is a data set, trained on all its images")
@@ -449,7 +452,7 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
 
     checkpoint_config = read_checkpoint_config(args.checkpoint)
     task = checkpoint_config.get("task", "semantic")
-    is_instance = task in ("instance", "keypoint")
+    is_instance = task in DETECTION_TASKS
     if args.tile is None:
         for flag, value in (("--overlap", args.overlap), ("--tile-batch", args.tile_batch)):
             if value is not None:

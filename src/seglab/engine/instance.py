@@ -222,10 +222,7 @@ class InstanceTrainer:
         the data (classes, and for keypoints their names and OKS constants)."""
         return COCOMaskEvaluator(list(described["classes"]))
 
-    @staticmethod
-    def records_of(predictions: list[dict[str, torch.Tensor]], image_ids: list[int]) -> list[dict[str, Any]]:
-        """The task's COCO results records of `predictions`."""
-        return coco_results(predictions, image_ids)
+    records_of = staticmethod(coco_results)  # the task's COCO results records of predictions and image ids
 
     @classmethod
     def score(cls, model: nn.Module, loader: DataLoader, described: dict[str, Any], device: torch.device | str,

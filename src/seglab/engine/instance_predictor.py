@@ -50,8 +50,8 @@ from seglab.metrics import save_coco_results
 from seglab.metrics.coco import coco_results
 from seglab.viz import to_uint8_image
 
-__all__ = ["InstancePredictor", "auto_instance_precision", "instance_maps", "instance_overlay", "predict_instance",
-           "sorted_detections"]
+__all__ = ["InstancePredictor", "auto_instance_precision", "class_name", "instance_maps", "instance_overlay", "label_box",
+           "predict_instance", "sorted_detections"]
 
 SCORE_THRESHOLD = 0.5  # the detections drawn and mapped by default (results.json keeps every score)
 MASK_THRESHOLD = 0.5  # a pixel whose mask probability is above it is the object's (as coco_results reads masks)
@@ -107,10 +107,19 @@ def instance_overlay(image: torch.Tensor, prediction: dict[str, torch.Tensor], c
     draw = ImageDraw.Draw(canvas)
     for box, label, score, colour in zip(detections["boxes"].tolist(), detections["labels"].tolist(),
                                          detections["scores"].tolist(), colours):
-        draw.rectangle(box, outline=tuple(colour))
-        name = classes[label] if 0 <= label < len(classes) else str(label)
-        draw.text((box[0] + 1, box[1] + 1), f"{name} {score:.2f}", fill=tuple(colour))
+        label_box(draw, box, f"{class_name(classes, label)} {score:.2f}", colour)
     return np.asarray(canvas)
+
+
+def class_name(classes: Sequence[str], label: int) -> str:
+    """A detection's class name, or its label as text where the checkpoint names no such class."""
+    return classes[label] if 0 <= label < len(classes) else str(label)
+
+
+def label_box(draw: ImageDraw.ImageDraw, box: Sequence[float], text: str, colour: tuple[int, int, int]) -> None:
+    """A detection's box outlined in its colour, `text` inside its top-left corner."""
+    draw.rectangle(list(box), outline=colour)
+    draw.text((box[0] + 1, box[1] + 1), text, fill=colour)
 
 
 def _distinct_colour(index: int) -> tuple[int, int, int]:
@@ -142,6 +151,7 @@ class InstancePredictor:
     task = "instance"
     files_words = "instance and class maps"  # what predict_files writes per image, for the closing line
     counted_suffix = "_instances.png"  # the one file per image predicted
+    records_of = staticmethod(coco_results)  # the COCO results records of detections and image ids
 
     def __init__(
         self,
@@ -211,11 +221,6 @@ class InstancePredictor:
             return records
         return [{**record, "category_id": category_ids[record["category_id"] - 1]} for record in records]
 
-    @staticmethod
-    def _records(detections: list[dict[str, torch.Tensor]], image_ids: list[int]) -> list[dict[str, Any]]:
-        """COCO results records of `detections` (every score)."""
-        return coco_results(detections, image_ids)
-
     def _image_files(self, out_dir: Path, stem: str, image: torch.Tensor, found: dict[str, torch.Tensor]) -> list[Path]:
         """The instance and class maps of the detections at or above the score threshold."""
         shown = sorted_detections(found, self.score_threshold)
@@ -256,7 +261,7 @@ class InstancePredictor:
         for batch in equal_size_runs(jobs, self.in_channels, self.batch_size, None if unreadable is None else skipped):
             detections = self.detect([image for *_, image in batch], score_threshold=0.0)
             for (path, stem, image_id, image), found in zip(batch, detections):
-                records += self._in_file_categories(self._records([found], [image_id]))
+                records += self._in_file_categories(self.records_of([found], [image_id]))
                 written += self._image_files(out_dir, stem, image, found)
                 if overlays:
                     target = out_dir / f"{stem}_overlay.png"

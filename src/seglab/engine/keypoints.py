@@ -33,7 +33,14 @@ from torch.utils.data import DataLoader
 
 from seglab.data.keypoints import keypoint_transforms, open_keypoint_dataset
 from seglab.engine.instance import INSTANCE_DEFAULTS, InstanceTrainer, eval_instance, evaluate_detections, metrics_table, train_instance
-from seglab.engine.instance_predictor import InstancePredictor, _distinct_colour, predict_instance, sorted_detections
+from seglab.engine.instance_predictor import (
+    InstancePredictor,
+    _distinct_colour,
+    class_name,
+    label_box,
+    predict_instance,
+    sorted_detections,
+)
 from seglab.files import atomic_write
 from seglab.metrics import COCOKeypointEvaluator, keypoint_results
 from seglab.viz import to_uint8_image
@@ -89,9 +96,7 @@ class KeypointTrainer(InstanceTrainer):
     def evaluator(described: dict[str, Any]) -> Any:
         return COCOKeypointEvaluator(list(described["sigmas"]), list(described["classes"]))
 
-    @staticmethod
-    def records_of(predictions: list[dict[str, torch.Tensor]], image_ids: list[int]) -> list[dict[str, Any]]:
-        return keypoint_results(predictions, image_ids)
+    records_of = staticmethod(keypoint_results)
 
     def _data_options(self, train: bool) -> dict[str, Any]:
         options = super()._data_options(train)
@@ -157,9 +162,7 @@ def keypoint_overlay(image: torch.Tensor, prediction: dict[str, torch.Tensor], c
     for index, (box, label, score, points) in enumerate(zip(detections["boxes"].tolist(), detections["labels"].tolist(),
                                                             detections["scores"].tolist(), detections["keypoints"].tolist())):
         colour = _distinct_colour(index)
-        draw.rectangle(box, outline=colour)
-        name = classes[label] if 0 <= label < len(classes) else str(label)
-        draw.text((box[0] + 1, box[1] + 1), f"{name} {score:.2f}", fill=colour)
+        label_box(draw, box, f"{class_name(classes, label)} {score:.2f}", colour)
         for start, end in skeleton:
             if points[start][2] > 0 and points[end][2] > 0:
                 draw.line([tuple(points[start][:2]), tuple(points[end][:2])], fill=colour, width=max(1, round(radius)))
@@ -181,9 +184,7 @@ class KeypointPredictor(InstancePredictor):
     files_words = "keypoints (<stem>_keypoints.json)"
     counted_suffix = "_keypoints.json"
 
-    @staticmethod
-    def _records(detections: list[dict[str, torch.Tensor]], image_ids: list[int]) -> list[dict[str, Any]]:
-        return keypoint_results(detections, image_ids)
+    records_of = staticmethod(keypoint_results)
 
     def _image_files(self, out_dir: Path, stem: str, image: torch.Tensor, found: dict[str, torch.Tensor]) -> list[Path]:
         shown = sorted_detections(found, self.score_threshold)
@@ -191,7 +192,7 @@ class KeypointPredictor(InstancePredictor):
         detections = [
             {
                 "label": int(label),
-                "class": self.classes[label] if 0 <= label < len(self.classes) else str(label),
+                "class": class_name(self.classes, label),
                 "score": round(float(score), 4),
                 "box": [round(v, 2) for v in box],
                 "keypoints": [[round(x, 2), round(y, 2), round(s, 3)] for (x, y, _), s in zip(points, point_scores)],
