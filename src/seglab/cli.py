@@ -271,8 +271,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         from seglab.engine.instance import eval_instance
         from seglab.engine.keypoints import eval_keypoints
 
-        _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "image_size", "store_int8_ranges"),
-                                 config["task"])
+        _reject_semantic_options(args, args.checkpoint, ("crf", "crf_params", "store_int8_ranges"), config["task"])
         return (eval_keypoints if config["task"] == "keypoint" else eval_instance)(model, config, args, console)
     device = resolve_device(args.device)
     _check_store_int8_ranges(args)

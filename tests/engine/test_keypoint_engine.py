@@ -65,6 +65,16 @@ def test_train_eval_predict_a_keypoint_model(tmp_path, capsys):
     assert errors == [f"seglab: error: --tile: for semantic models only; {run} is a keypoint model",
                       f"seglab: error: --crf: for semantic models only; {run} is a keypoint model"]
 
+    # --image-size sizes the synthetic set it is scored on (refused before 2026-12-07's later session)
+    import seglab.engine.keypoints as keypoints
+
+    opened = []
+    real_open = keypoints.open_keypoint_dataset
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(keypoints, "open_keypoint_dataset", lambda *a, **o: opened.append(real_open(*a, **o)) or opened[-1])
+        assert main(["eval", "--checkpoint", str(run), "--image-size", "96x80"]) == 0
+    assert opened[0][0][0].shape == (3, 80, 96) and "val split of synthetic (2 images)" in capsys.readouterr().out
+
     # resumed with more epochs, it goes on from epoch 2
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
@@ -174,3 +184,5 @@ def test_training_and_evaluation_on_a_coco_keypoint_file(tmp_path, capsys):
     # a --format that is not the file's layout is one line
     assert main(["eval", "--checkpoint", str(run), "--format", "instance"]) == 2
     assert "keypoint data is a COCO file" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run), "--image-size", "32"]) == 2  # a data set keeps its images' sizes
+    assert "--image-size sizes the synthetic set; " in capsys.readouterr().err

@@ -603,8 +603,8 @@ def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: 
     """`seglab eval` of an instance checkpoint: COCO mask AP table, optionally JSON files
     (OKS AP of a keypoint checkpoint, with `trainer_class` the keypoint trainer).
 
-    ``args`` carries data, split, batch_size, device, json, precision and direct_convolutions
-    (as `seglab eval` parses them);
+    ``args`` carries data, split, batch_size, device, json, precision, direct_convolutions and
+    image_size (the synthetic set's, as `seglab eval` parses them);
     with --json, the COCO results records are written beside it as ``<name>.results.json``.
     """
     device = resolve_device(args.device)
@@ -615,6 +615,10 @@ def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: 
         source, data = args.data, {}
     if getattr(args, "format", None):
         data["format"] = args.format
+    if getattr(args, "image_size", None) is not None:  # a synthetic size other than the training one
+        if source != "synthetic":
+            raise ValueError(f"--image-size sizes the synthetic set; {source} is scored at its images' own sizes")
+        data["image_size"] = args.image_size
     dataset = trainer_class.open_dataset(source, args.split, **data)
     check_data_classes(config["classes"], dataset.classes, f"the {args.split} split of {source}")
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_instances)
