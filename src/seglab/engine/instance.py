@@ -508,8 +508,7 @@ def evaluate_instances(
     category ids are the annotation file's, for COCO data). The model runs inside `autocast`
     (e.g. ``resolve_precision("bf16", device).autocast``); its outputs come back in float32.
     """
-    return evaluate_detections(model, loader, COCOMaskEvaluator(list(classes)), coco_results, device, progress,
-                               results_json, autocast)
+    return InstanceTrainer.score(model, loader, {"classes": list(classes)}, device, progress, results_json, autocast)
 
 
 @torch.inference_mode()

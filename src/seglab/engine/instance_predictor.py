@@ -145,7 +145,8 @@ class InstancePredictor:
     detections dict per image out) with its classes, precision and score threshold.
 
     The files written per image and the COCO records are the task's (``_image_files``,
-    ``_records``): :class:`seglab.engine.keypoints.KeypointPredictor` writes keypoints instead.
+    ``_overlay``, ``records_of``): :class:`seglab.engine.keypoints.KeypointPredictor` writes
+    keypoints instead.
     """
 
     task = "instance"

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from seglab.data.keypoints import keypoint_transforms, open_keypoint_dataset
-from seglab.engine.instance import INSTANCE_DEFAULTS, InstanceTrainer, eval_instance, evaluate_detections, metrics_table, train_instance
+from seglab.engine.instance import INSTANCE_DEFAULTS, InstanceTrainer, eval_instance, metrics_table, train_instance
 from seglab.engine.instance_predictor import (
     InstancePredictor,
     _distinct_colour,
@@ -142,8 +142,8 @@ def evaluate_keypoints(
     """COCO keypoint AP / AP50 / AP75 / APm / APl and AR of `model` on `loader` (OKS with the
     per-keypoint constants `sigmas`); ``images_per_second`` and `results_json` as
     :func:`~seglab.engine.instance.evaluate_instances`."""
-    return evaluate_detections(model, loader, COCOKeypointEvaluator(list(sigmas), list(classes)), keypoint_results, device,
-                               progress, results_json, autocast)
+    return KeypointTrainer.score(model, loader, {"classes": list(classes), "sigmas": list(sigmas)}, device, progress,
+                                 results_json, autocast)
 
 
 def keypoint_metrics_table(results: dict[str, Any], title: str = "Validation") -> Table:
