@@ -22,11 +22,13 @@ Results are printed and appended as JSON lines to benchmarks/results/instance.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -169,17 +171,21 @@ def evaluate(args: argparse.Namespace) -> None:
     )
 
 
-def _median_seconds(models: dict[str, torch.nn.Module], image: torch.Tensor, repeats: int, precision: str = "32") -> dict[str, float]:
+def _median_seconds(models: dict[str, torch.nn.Module], image: torch.Tensor, repeats: int, precision: str = "32",
+                    float32: Sequence[str] = ()) -> dict[str, float]:
     """Median CPU time of one call per model (process time: other jobs on a shared machine do not
-    count), the models taking turns in each round so that a slow phase of the machine hits all alike."""
+    count), the models taking turns in each round so that a slow phase of the machine hits all alike.
+    The models named in `float32` run without the precision's autocast (a peer as its README runs it)."""
     timings: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode(), resolve_precision(precision, torch.device("cpu")).autocast():
+    autocast = resolve_precision(precision, torch.device("cpu")).autocast
+    with torch.inference_mode():
         for step in range(repeats + 2):
             for name, model in models.items():
-                start = time.process_time()
-                model([image])
-                if step >= 2:  # two warm-up rounds
-                    timings[name].append(time.process_time() - start)
+                with contextlib.nullcontext() if name in float32 else autocast():
+                    start = time.process_time()
+                    model([image])
+                    if step >= 2:  # two warm-up rounds
+                        timings[name].append(time.process_time() - start)
     return {name: statistics.median(values) for name, values in timings.items()}
 
 
@@ -207,19 +213,25 @@ def speed(args: argparse.Namespace) -> None:
     # survive, so every model is made to return exactly `detections` boxes per image.
     for model in models.values():
         _force_detections(model, args.detections)
+    peers_fp32 = {}
     if args.precision != "32":  # the same treatment for all three: channels_last, bf16 autocast
+        if "torchvision_maskrcnn_resnet50_fpn" in models:  # and the peer as its README runs it: float32, eager
+            peers_fp32["torchvision_maskrcnn_resnet50_fpn_fp32"] = copy.deepcopy(models["torchvision_maskrcnn_resnet50_fpn"])
         models = {name: to_channels_last(model) for name, model in models.items()}
     if args.fast:  # seglab's own models as `seglab eval` / `predict` run them, with and without Winograd
         for name in ("yolact", "mask_rcnn"):
             for label, winograd in (("fast", True), ("fast_direct", False)):
                 models[f"{name}_{label}"] = optimize_instance_model(copy.deepcopy(models[name]), winograd=winograd,
                                                                     precision=args.precision)
-    seconds = _median_seconds(models, image, args.repeats, args.precision)
+    seconds = _median_seconds({**models, **peers_fp32}, image, args.repeats, args.precision, float32=tuple(peers_fp32))
     row = {"benchmark": f"speed-{size}", "encoder": args.encoder, "detections": args.detections, "repeats": args.repeats,
            "precision": args.precision, "threads": torch.get_num_threads()}
     row.update({f"{name}_ms": round(1000 * s, 1) for name, s in seconds.items()})
     row.update({f"{name}_gflops": round(_forward_flops(model, image) / 1e9, 1) for name, model in models.items()
                 if "_fast" not in name})  # the fast rows compute the same network
+    if peers_fp32 and args.fast:
+        row["mask_rcnn_fast_speedup_vs_torchvision_fp32"] = round(
+            seconds["torchvision_maskrcnn_resnet50_fpn_fp32"] / seconds["mask_rcnn_fast"], 3)
     row["yolact_speedup_vs_mask_rcnn"] = round(seconds["mask_rcnn"] / seconds["yolact"], 2)
     if args.fast:
         for name in ("yolact", "mask_rcnn"):
@@ -249,10 +261,12 @@ def keypoint_speed(args: argparse.Namespace) -> None:
     models = {"torchvision_keypointrcnn_resnet50_fpn": torchvision_model, "keypoint_rcnn": ours}
     for model in models.values():
         _force_detections(model, args.detections)
-    if args.precision != "32":
+    peers_fp32 = {}
+    if args.precision != "32":  # the peer also as its README runs it: float32, eager
+        peers_fp32["torchvision_keypointrcnn_resnet50_fpn_fp32"] = copy.deepcopy(torchvision_model)
         models = {name: to_channels_last(model) for name, model in models.items()}
     models["keypoint_rcnn_fast"] = optimize_instance_model(copy.deepcopy(ours), precision=args.precision)
-    seconds = _median_seconds(models, image, args.repeats, args.precision)
+    seconds = _median_seconds({**models, **peers_fp32}, image, args.repeats, args.precision, float32=tuple(peers_fp32))
     row = {"benchmark": f"keypoint-speed-{size}", "encoder": "resnet50", "detections": args.detections,
            "repeats": args.repeats, "precision": args.precision, "threads": torch.get_num_threads()}
     row.update({f"{name}_ms": round(1000 * s, 1) for name, s in seconds.items()})
@@ -260,6 +274,9 @@ def keypoint_speed(args: argparse.Namespace) -> None:
     reference = seconds["torchvision_keypointrcnn_resnet50_fpn"]
     row.update({f"{name}_speedup_vs_torchvision": round(reference / seconds[name], 3)
                 for name in ("keypoint_rcnn", "keypoint_rcnn_fast")})
+    if peers_fp32:
+        row["keypoint_rcnn_fast_speedup_vs_torchvision_fp32"] = round(
+            seconds["torchvision_keypointrcnn_resnet50_fpn_fp32"] / seconds["keypoint_rcnn_fast"], 3)
     _record(row)
 
 
