@@ -1,7 +1,9 @@
 """YOLACT: mask crop and Fast NMS on hand-worked cases, box coding, shapes, losses, learning."""
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 import seglab
 from seglab.data.instance import SyntheticInstances, collate_instances
@@ -10,6 +12,7 @@ from seglab.models.instance.yolact import (
     decode_boxes,
     encode_boxes,
     fast_nms,
+    upsample_in_boxes,
 )
 
 TINY = {"encoder": "resnet10t", "fpn_channels": 32, "num_prototypes": 8, "anchor_size": 12, "num_classes": 4}
@@ -33,6 +36,54 @@ def test_crop_keeps_exactly_the_pixels_whose_centres_lie_in_the_box():
     in_place = torch.rand(2, 4, 5)
     expected = crop_masks(in_place, boxes)
     assert crop_masks(in_place, boxes, in_place=True) is in_place and torch.equal(in_place, expected)
+
+
+def _upsampled_then_cropped(masks: torch.Tensor, boxes: torch.Tensor, padded: tuple[int, int],
+                            image: tuple[int, int]) -> torch.Tensor:
+    whole = F.interpolate(masks[:, None], size=padded, mode="bilinear", align_corners=False)[:, 0]
+    return crop_masks(whole[:, : image[0], : image[1]], boxes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("small", "padded", "image"), [((16, 16), (64, 64), (64, 64)), ((24, 20), (96, 80), (90, 77)),
+                                                         ((13, 17), (40, 50), (40, 50))])
+def test_upsampling_in_boxes_equals_whole_image_upsampling_then_crop(dtype, small, padded, image):
+    generator = torch.Generator().manual_seed(4)
+    masks = torch.rand(7, *small, generator=generator).to(dtype)
+    height, width = image
+    boxes = torch.tensor([[0.0, 0, width, height],        # the whole image
+                          [3.2, 5.7, 30.1, 22.4],         # fractional edges
+                          [10, 10, 10, 30],               # no width: empty
+                          [-5, -3, 8, 9],                 # partly outside
+                          [width - 4.0, height - 6.0, width + 10.0, height + 10.0],
+                          [20, 2, 20.6, 3.4],             # holds one pixel centre at most
+                          [7, 7, 7.2, 7.2]])              # holds none
+    expected = _upsampled_then_cropped(masks, boxes, padded, image)
+    got = upsample_in_boxes(masks, boxes, padded, image)
+    assert got.shape == expected.shape == (7, height, width) and got.dtype == dtype
+    assert torch.equal(got == 0, expected == 0)  # the same pixels kept
+    torch.testing.assert_close(got.float(), expected.float(), atol=1e-6 if dtype == torch.float32 else 0, rtol=0)
+    empty = upsample_in_boxes(masks[:0], boxes[:0], padded, image)
+    assert empty.shape == (0, height, width)
+
+
+def test_traced_mask_assembly_is_the_eager_one():
+    # Export records the whole-image upsampling and crop; eager inference on an image this
+    # large upsamples within the boxes.
+    model = seglab.create_model("yolact", **TINY).eval()
+    generator = torch.Generator().manual_seed(1)
+    prototypes = torch.rand(8, 72, 72, generator=generator)
+    coefficients = torch.randn(5, 8, generator=generator)
+    boxes = torch.tensor([[0.0, 0, 240, 240], [25, 19, 130, 231], [2, 2, 2, 9], [130, 1, 287, 264], [1, 1, 46, 46]])
+    padded, image = (288, 288), (270, 287)
+
+    def assemble(p, c, b):
+        return model.assemble_masks(p, c, b, padded, image)
+
+    eager = assemble(prototypes, coefficients, boxes)
+    traced = torch.jit.trace(assemble, (prototypes, coefficients, boxes), check_trace=False)(prototypes, coefficients, boxes)
+    assert eager.shape == traced.shape == (5, 1, *image)
+    torch.testing.assert_close(eager, traced, atol=1e-6, rtol=0)
 
 
 def test_fast_nms_lets_suppressed_boxes_suppress_unlike_greedy_nms():
