@@ -6,9 +6,11 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from seglab.files import atomic_write, atomic_write_text
+from seglab.files import atomic_write, atomic_write_png, atomic_write_text
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
@@ -41,3 +43,17 @@ def test_a_file_that_cannot_be_written_is_one_error_naming_it(tmp_path: Path) ->
         atomic_write_text(blocker / "out.json", "{}")
     with pytest.raises(ValueError, match=r"^cannot write .*a-file/deeper/out\.json: Not a directory$"):
         atomic_write_text(blocker / "deeper" / "out.json", "{}")
+
+
+def test_png_writes_take_arrays_and_images_and_read_back_the_same_pixels(tmp_path: Path) -> None:
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    labels = np.array([[0, 1], [300, 65535]], dtype=np.uint16)  # instance maps go past 255
+    palette = Image.fromarray(np.array([[0, 1], [2, 1]], dtype=np.uint8), mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0])
+    for name, picture in (("rgb.png", rgb), ("labels.png", labels), ("palette.png", palette)):
+        atomic_write_png(tmp_path / name, picture)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "rgb.png")), rgb)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "labels.png")), labels)
+    with Image.open(tmp_path / "palette.png") as read:
+        assert read.mode == "P" and np.array_equal(np.asarray(read), np.asarray(palette))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.png", "palette.png", "rgb.png"]

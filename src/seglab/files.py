@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "append_line", "output_folder"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_write_png", "append_line", "output_folder"]
 
 
 def output_folder(path: str | Path) -> Path:
@@ -60,6 +60,14 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_png(path: str | Path, image: Any) -> Path:
+    """Write `image` (a PIL image, or an H x W / H x W x 3 uint8 / uint16 array) as a PNG, atomically."""
+    from PIL import Image
+
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def append_line(path: str | Path, line: str) -> None:

@@ -26,7 +26,6 @@ from typing import Any, ContextManager
 import numpy as np
 import torch
 import yaml
-from PIL import Image
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -56,7 +55,7 @@ from seglab.engine.trainer import (
     unique_run_dir,
     use_deterministic_kernels,
 )
-from seglab.files import append_line, atomic_write, atomic_write_text
+from seglab.files import append_line, atomic_write_png, atomic_write_text
 from seglab.interrupts import raise_if_interrupted
 from seglab.metrics import COCOMaskEvaluator, save_coco_results
 from seglab.metrics.coco import coco_results
@@ -455,7 +454,7 @@ class InstanceTrainer:
                 [self._overlay(image, truth), np.full((image.shape[-2], 2, 3), 255, np.uint8), self._overlay(image, prediction)],
                 axis=1,
             )
-            atomic_write(folder / f"val_{index:03d}.png", lambda tmp, p=panel: Image.fromarray(p).save(tmp, format="PNG"))
+            atomic_write_png(folder / f"val_{index:03d}.png", panel)
 
 
 class _Head(torch.utils.data.Subset):
@@ -630,6 +629,6 @@ def eval_instance(model: nn.Module, config: dict[str, Any], args: Any, console: 
                                       autocast=precision.autocast)
     Console().print(trainer_class.results_table(results, title=f"{args.split} split of {source} ({len(dataset)} images)"))
     if getattr(args, "json", None):
-        atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps({k: _json_safe(v) if not isinstance(v, dict) else v for k, v in results.items()}, indent=2)))
+        atomic_write_text(Path(args.json), json.dumps({k: _json_safe(v) if not isinstance(v, dict) else v for k, v in results.items()}, indent=2))
         console.print(f"metrics written to {args.json}, COCO results to {results_json}")
     return 0

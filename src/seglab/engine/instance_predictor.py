@@ -45,7 +45,7 @@ from seglab.engine.fastpath import optimize_instance_model
 from seglab.engine.precision import auto_precision, resolve_precision
 from seglab.engine.predictor import ImageLike, equal_size_runs, output_stems
 from seglab.engine.trainer import progress_bar, resolve_device
-from seglab.files import atomic_write, output_folder
+from seglab.files import atomic_write_png, atomic_write_text, output_folder
 from seglab.metrics import save_coco_results
 from seglab.metrics.coco import coco_results
 from seglab.viz import to_uint8_image
@@ -229,7 +229,7 @@ class InstancePredictor:
         written = []
         for suffix, pixels in (("instances", instances), ("classes", classes)):
             target = out_dir / f"{stem}_{suffix}.png"
-            atomic_write(target, lambda tmp, p=pixels: Image.fromarray(p).save(tmp, format="PNG"))
+            atomic_write_png(target, pixels)
             written.append(target)
         return written
 
@@ -267,7 +267,7 @@ class InstancePredictor:
                 if overlays:
                     target = out_dir / f"{stem}_overlay.png"
                     panel = self._overlay(image, found)
-                    atomic_write(target, lambda tmp, p=panel: Image.fromarray(p).save(tmp, format="PNG"))
+                    atomic_write_png(target, panel)
                     written.append(target)
                 if progress is not None and task is not None:
                     progress.update(task, advance=1, info=path.name)
@@ -285,7 +285,7 @@ class InstancePredictor:
             written.append(save_coco_results(records, out_dir / "results.json"))
             left_out = {path for path, _ in skipped}
             index = [{"id": i, "file_name": str(p)} for i, p in enumerate(files, start=1) if p not in left_out]
-            atomic_write(out_dir / "images.json", lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
+            atomic_write_text(out_dir / "images.json", json.dumps(index, indent=1))
             written.append(out_dir / "images.json")
         return written
 

@@ -41,7 +41,7 @@ from seglab.engine.instance_predictor import (
     predict_instance,
     sorted_detections,
 )
-from seglab.files import atomic_write
+from seglab.files import atomic_write_text
 from seglab.metrics import COCOKeypointEvaluator, keypoint_results
 from seglab.viz import to_uint8_image
 
@@ -204,7 +204,7 @@ class KeypointPredictor(InstancePredictor):
         record = {"keypoint_names": self.config.get("keypoint_names", []), "skeleton": self.config.get("skeleton", []),
                   "detections": detections}
         target = out_dir / f"{stem}_keypoints.json"
-        atomic_write(target, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+        atomic_write_text(target, json.dumps(record, indent=1))
         return [target]
 
     def _overlay(self, image: torch.Tensor, found: dict[str, torch.Tensor]) -> np.ndarray:

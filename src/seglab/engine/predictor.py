@@ -43,7 +43,7 @@ from seglab.engine.int8_checkpoint import auto_inference_precision, stored_int8
 from seglab.engine.precision import resolve_precision
 from seglab.engine.sliding import sliding_window
 from seglab.engine.trainer import resolve_device
-from seglab.files import atomic_write, output_folder
+from seglab.files import atomic_write_png, output_folder
 from seglab.interrupts import raise_if_interrupted
 from seglab.ops.class_map import class_indices
 from seglab.viz import overlay, palette_image
@@ -269,12 +269,12 @@ class Predictor:
             masks = class_indices(self.probabilities(torch.stack([image for _, _, image in batch]).to(self.device))).cpu()
             for (path, stem, image), mask in zip(batch, masks):
                 mask_path = out_dir / f"{stem}_mask.png"
-                atomic_write(mask_path, lambda tmp: palette_image(mask, self.palette).save(tmp, format="PNG"))
+                atomic_write_png(mask_path, palette_image(mask, self.palette))
                 written.append(mask_path)
                 if overlays:
                     overlay_path = out_dir / f"{stem}_overlay.png"
                     blended = overlay(image, mask, self.palette)
-                    atomic_write(overlay_path, lambda tmp: Image.fromarray(blended).save(tmp, format="PNG"))
+                    atomic_write_png(overlay_path, blended)
                     written.append(overlay_path)
                 if task is not None:
                     progress.update(task, advance=1, info=path.name)
