@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seglab.files import atomic_write, atomic_write_png, atomic_write_text
+from seglab.files import PICTURE_COMPRESS_LEVEL, atomic_write, atomic_write_png, atomic_write_text
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
@@ -57,3 +57,11 @@ def test_png_writes_take_arrays_and_images_and_read_back_the_same_pixels(tmp_pat
     with Image.open(tmp_path / "palette.png") as read:
         assert read.mode == "P" and np.array_equal(np.asarray(read), np.asarray(palette))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.png", "palette.png", "rgb.png"]
+
+
+def test_pictures_are_written_losslessly_at_the_faster_level(tmp_path: Path) -> None:
+    noisy = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)  # photographs barely compress
+    default = atomic_write_png(tmp_path / "default.png", noisy)
+    fast = atomic_write_png(tmp_path / "fast.png", noisy, compress_level=PICTURE_COMPRESS_LEVEL)
+    assert PICTURE_COMPRESS_LEVEL < 6
+    assert np.array_equal(np.asarray(Image.open(fast)), noisy) and np.array_equal(np.asarray(Image.open(default)), noisy)

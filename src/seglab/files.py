@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_write_png", "append_line", "output_folder"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_write_png", "append_line", "PICTURE_COMPRESS_LEVEL", "output_folder"]
 
 
 def output_folder(path: str | Path) -> Path:
@@ -62,12 +62,19 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def atomic_write_png(path: str | Path, image: Any) -> Path:
-    """Write `image` (a PIL image, or an H x W / H x W x 3 uint8 / uint16 array) as a PNG, atomically."""
+# zlib level for pictures (overlays, validation panels): photographs barely compress, and
+# PIL's default level 6 made their encoding most of `seglab predict`'s time. A 480 x 360 CamVid
+# overlay: 55 ms and 231 KB at 6, 12 ms and 252 KB at 1. Label maps keep level 6 (2 ms, 3 KB).
+PICTURE_COMPRESS_LEVEL = 1
+
+
+def atomic_write_png(path: str | Path, image: Any, *, compress_level: int = 6) -> Path:
+    """Write `image` (a PIL image, or an H x W / H x W x 3 uint8 / uint16 array) as a PNG,
+    atomically; `compress_level` is zlib's (PIL's default 6; `PICTURE_COMPRESS_LEVEL` for pictures)."""
     from PIL import Image
 
     picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG", compress_level=compress_level))
 
 
 def append_line(path: str | Path, line: str) -> None:

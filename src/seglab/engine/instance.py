@@ -55,7 +55,7 @@ from seglab.engine.trainer import (
     unique_run_dir,
     use_deterministic_kernels,
 )
-from seglab.files import append_line, atomic_write_png, atomic_write_text
+from seglab.files import PICTURE_COMPRESS_LEVEL, append_line, atomic_write_png, atomic_write_text
 from seglab.interrupts import raise_if_interrupted
 from seglab.metrics import COCOMaskEvaluator, save_coco_results
 from seglab.metrics.coco import coco_results
@@ -454,7 +454,7 @@ class InstanceTrainer:
                 [self._overlay(image, truth), np.full((image.shape[-2], 2, 3), 255, np.uint8), self._overlay(image, prediction)],
                 axis=1,
             )
-            atomic_write_png(folder / f"val_{index:03d}.png", panel)
+            atomic_write_png(folder / f"val_{index:03d}.png", panel, compress_level=PICTURE_COMPRESS_LEVEL)
 
 
 class _Head(torch.utils.data.Subset):

@@ -45,7 +45,7 @@ from seglab.engine.fastpath import optimize_instance_model
 from seglab.engine.precision import auto_precision, resolve_precision
 from seglab.engine.predictor import ImageLike, equal_size_runs, output_stems
 from seglab.engine.trainer import progress_bar, resolve_device
-from seglab.files import atomic_write_png, atomic_write_text, output_folder
+from seglab.files import PICTURE_COMPRESS_LEVEL, atomic_write_png, atomic_write_text, output_folder
 from seglab.metrics import save_coco_results
 from seglab.metrics.coco import coco_results
 from seglab.viz import to_uint8_image
@@ -267,7 +267,7 @@ class InstancePredictor:
                 if overlays:
                     target = out_dir / f"{stem}_overlay.png"
                     panel = self._overlay(image, found)
-                    atomic_write_png(target, panel)
+                    atomic_write_png(target, panel, compress_level=PICTURE_COMPRESS_LEVEL)
                     written.append(target)
                 if progress is not None and task is not None:
                     progress.update(task, advance=1, info=path.name)

@@ -43,7 +43,7 @@ from seglab.engine.int8_checkpoint import auto_inference_precision, stored_int8
 from seglab.engine.precision import resolve_precision
 from seglab.engine.sliding import sliding_window
 from seglab.engine.trainer import resolve_device
-from seglab.files import atomic_write_png, output_folder
+from seglab.files import PICTURE_COMPRESS_LEVEL, atomic_write_png, output_folder
 from seglab.interrupts import raise_if_interrupted
 from seglab.ops.class_map import class_indices
 from seglab.viz import overlay, palette_image
@@ -274,7 +274,7 @@ class Predictor:
                 if overlays:
                     overlay_path = out_dir / f"{stem}_overlay.png"
                     blended = overlay(image, mask, self.palette)
-                    atomic_write_png(overlay_path, blended)
+                    atomic_write_png(overlay_path, blended, compress_level=PICTURE_COMPRESS_LEVEL)
                     written.append(overlay_path)
                 if task is not None:
                     progress.update(task, advance=1, info=path.name)

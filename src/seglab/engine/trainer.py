@@ -50,7 +50,7 @@ from seglab.engine.int8_checkpoint import AUTO_TOLERANCE, auto_inference_precisi
 from seglab.engine.precision import resolve_precision
 from seglab.engine.syncbn import convert_sync_batchnorm
 from seglab.engine.state import load_training_state, rng_state, save_training_state, set_rng_state
-from seglab.files import append_line, atomic_write_png, atomic_write_text
+from seglab.files import PICTURE_COMPRESS_LEVEL, append_line, atomic_write_png, atomic_write_text
 from seglab.interrupts import raise_if_interrupted
 from seglab.losses import build_loss, float32_logits_for
 from seglab.metrics.report import format_report
@@ -765,4 +765,4 @@ class Trainer:
                 logits = logits_of(self.model(self.normalize(image[None].to(self.device))))
             prediction = class_indices(logits.float())[0].cpu()
             panel = prediction_panel(image, sample["mask"], prediction, self.train_set.palette)
-            atomic_write_png(folder / f"val_{index:03d}.png", panel)
+            atomic_write_png(folder / f"val_{index:03d}.png", panel, compress_level=PICTURE_COMPRESS_LEVEL)
