@@ -142,10 +142,16 @@ class TransposedConv(Upsample):
     def is_fixed_bilinear(self) -> bool:
         """Whether this layer is bilinear interpolation held fixed: its weight frozen and still the
         bilinear kernel, as FCN's final layer (Long et al., Sec. 4.3). A learnt filter, or a
-        loaded one that differs, is not. The comparison runs once per version of the weight."""
+        loaded one that differs, is not. The comparison runs once per version of the weight.
+
+        Under torch.export (the ONNX exporter) the weight holds no values to compare: the last
+        eager answer stands, so an exporter runs the model eagerly first (`seglab.export`);
+        without one, the transposed convolution the weight defines."""
         weight = self.conv.weight
         if weight.requires_grad or self.conv.kernel_size[0] != 2 * self.scale or self.scale % 2:
             return False
+        if torch.compiler.is_exporting():
+            return self._bilinear_key is not None and self._bilinear
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if key != self._bilinear_key:
             expected = bilinear_kernel(self.in_channels, self.out_channels, self.conv.kernel_size[0])

@@ -28,6 +28,7 @@ from seglab.models.registry import register_model
 from seglab.ops.conv import ConvNormAct
 from seglab.ops.nearest_conv import NearestUpsampleConv
 from seglab.ops.padding import crop_to, pad_to_multiple
+from seglab.ops.tracing import being_traced
 from seglab.ops.upsample import make_upsample
 
 
@@ -126,15 +127,20 @@ class UNet(nn.Module):
         for size in x.shape[-2:]:
             if self.valid:
                 needed, margin = valid_input_size(size, self.depth)
-            else:
-                multiple = 2 ** (self.depth - 1)
-                needed, margin = -(-size // multiple) * multiple, 0
-            before = margin + (needed - 2 * margin - size) // 2 if self.valid else (needed - size) // 2
-            pads.append((before, needed - size - before))
-            offsets.append(before - margin)
+                before = margin + (needed - 2 * margin - size) // 2
+                pads.append((before, needed - size - before))
+                offsets.append(before - margin)
+            else:  # the same sums as modular arithmetic, which tracers keep symbolic
+                extra = (-size) % 2 ** (self.depth - 1)
+                pads.append((extra // 2, extra - extra // 2))
+                offsets.append(extra // 2)
         (top, bottom), (left, right) = pads
-        mode = "reflect" if max(top, bottom) < x.shape[-2] and max(left, right) < x.shape[-1] else "replicate"
-        return F.pad(x, (left, right, top, bottom), mode=mode), (offsets[0], offsets[1])
+        # Reflection needs a pad narrower than the image. A tracer reflects without asking in the
+        # same variant, whose pads are under 2^(depth-2) pixels: a branch on the size would be
+        # frozen into its graph.
+        traced_same = being_traced() and not self.valid
+        reflects = traced_same or (max(top, bottom) < x.shape[-2] and max(left, right) < x.shape[-1])
+        return F.pad(x, (left, right, top, bottom), mode="reflect" if reflects else "replicate"), (offsets[0], offsets[1])
 
 
 def valid_input_size(output_size: int, depth: int) -> tuple[int, int]:
