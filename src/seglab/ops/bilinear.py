@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from seglab.ops import native
 from seglab.ops.grad_mode import records_gradients
+from seglab.ops.tracing import being_traced
 
 __all__ = ["add_bilinear_upsampled_", "bilinear_upsample_by", "whole_scale"]
 
@@ -99,8 +100,10 @@ def bilinear_upsample_by(x: torch.Tensor, scale: int, block: int = 32) -> torch.
 
 def _adds_natively(out: torch.Tensor, parts: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> bool:
     """Whether the native kernel takes the sum: no gradient, a channels-last float32 or bf16 CPU
-    map, and parts of its batch, channels and dtype."""
-    if records_gradients(out, *parts):
+    map, and parts of its batch, channels and dtype, outside tracers (a TorchScript trace under
+    no_grad, as `seglab export --format torchscript` takes it, recorded the map without the
+    kernel's sum: SegFormer's decoder lost its stages 2-4)."""
+    if records_gradients(out, *parts) or being_traced():
         return False
     fits = all(p.device == out.device and p.dtype == out.dtype and p.dim() == 4 and p.shape[:2] == out.shape[:2]
                and min(p.shape[2:]) > 0 for p in parts)
