@@ -1,10 +1,14 @@
 """The upsampling family: one interface, exact output sizes, and each kind's defining property."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import seglab
+from seglab.engine.fastpath import optimize_for_inference
 from seglab.ops.upsample import UPSAMPLE_KINDS, bilinear_kernel, make_upsample
 
 
@@ -47,6 +51,7 @@ def test_a_fixed_bilinear_transposed_conv_is_computed_as_interpolation_with_the_
     and input gradient agree with the convolution's away from the s/2-pixel borders."""
     scale, margin = 8, 4
     up = make_upsample("transposed", 3, 3, scale)
+    up.fixed = True  # as FCN marks its final layer
     x = torch.rand(2, 3, 7, 9).contiguous(memory_format=layout)
     grad = torch.rand(2, 3, 7 * scale, 9 * scale)
     grad[..., :margin + scale, :] = 0  # only interior pixels' gradients: each reads inputs the two ways agree on
@@ -70,6 +75,33 @@ def test_a_fixed_bilinear_transposed_conv_is_computed_as_interpolation_with_the_
         up.conv.weight[0, 0, 3, 3] += 0.5
     assert not up.is_fixed_bilinear()
     torch.testing.assert_close(up(x), F.conv_transpose2d(x, up.conv.weight, stride=scale, padding=margin))
+
+
+def test_only_a_layer_marked_fixed_is_interpolation_once_frozen_and_in_the_weights_dtype():
+    # The fast path and EMA freeze every weight: a learnt layer still at its bilinear
+    # initialisation stays a transposed convolution. bf16 weights (the bf16 fast path casts
+    # them) are compared with the kernel rounded to bf16, which is not the float32 kernel.
+    up = make_upsample("transposed", 3, 3, 16).requires_grad_(False)  # FCN-16s' final layer
+    assert not up.is_fixed_bilinear()
+    up.fixed = True
+    assert up.is_fixed_bilinear()
+    up.to(torch.bfloat16)
+    assert not torch.equal(up.conv.weight.float(), bilinear_kernel(3, 3, 32))  # taps k/32: products need 10 bits
+    assert up.is_fixed_bilinear()
+
+
+def test_fcns_fast_path_keeps_the_eager_networks_values_in_float32_and_bf16():
+    # Untrained FCN-16s: its learnt 2x layer still holds the bilinear kernel; the bf16 fast path
+    # casts the fixed final layer's weight. Both had left the eager network (off by 0.44 and
+    # 0.73 of the largest logit), at the borders of these small maps.
+    model = seglab.create_model("fcn16s", num_classes=3, width=0.125).eval()
+    image = torch.rand(2, 3, 64, 64)
+    for precision in ("32", "bf16"):
+        fast = optimize_for_inference(copy.deepcopy(model), precision=precision)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            expected, got = model(image).float(), fast(image).float()
+        assert fast.model.final_up.is_fixed_bilinear() and not fast.model.skip_ups["pool16"].is_fixed_bilinear()
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 if precision == "32" else 2e-3)
 
 
 def test_bilinear_kernel_is_separable_and_peaks_at_one():

@@ -136,26 +136,31 @@ class TransposedConv(Upsample):
         )
         with torch.no_grad():
             self.conv.weight.copy_(bilinear_kernel(in_channels, out_channels, kernel_size))
+        # Set by a model that holds this layer at the bilinear kernel (FCN's final upsampling) and
+        # freezes it. The fast path and EMA copies freeze every weight, a learnt layer's too,
+        # which must stay a transposed convolution even while its weight is still the kernel.
+        self.fixed = False
         self._bilinear_key: tuple | None = None  # the weight version whose check `_bilinear` holds
         self._bilinear = False
 
     def is_fixed_bilinear(self) -> bool:
-        """Whether this layer is bilinear interpolation held fixed: its weight frozen and still the
-        bilinear kernel, as FCN's final layer (Long et al., Sec. 4.3). A learnt filter, or a
-        loaded one that differs, is not. The comparison runs once per version of the weight.
+        """Whether this layer is bilinear interpolation held fixed: `fixed`, its weight frozen and
+        still the bilinear kernel (in the weight's dtype: the bf16 fast path casts it), as FCN's
+        final layer (Long et al., Sec. 4.3). A learnt filter, or a loaded one that differs, is
+        not. The comparison runs once per version of the weight.
 
         Under torch.export (the ONNX exporter) the weight holds no values to compare: the last
         eager answer stands, so an exporter runs the model eagerly first (`seglab.export`);
         without one, the transposed convolution the weight defines."""
         weight = self.conv.weight
-        if weight.requires_grad or self.conv.kernel_size[0] != 2 * self.scale or self.scale % 2:
+        if not self.fixed or weight.requires_grad or self.conv.kernel_size[0] != 2 * self.scale or self.scale % 2:
             return False
         if torch.compiler.is_exporting():
             return self._bilinear_key is not None and self._bilinear
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if key != self._bilinear_key:
             expected = bilinear_kernel(self.in_channels, self.out_channels, self.conv.kernel_size[0])
-            self._bilinear = torch.equal(weight.detach().float().cpu(), expected)
+            self._bilinear = torch.equal(weight.detach().cpu(), expected.to(weight.dtype))
             self._bilinear_key = key
         return self._bilinear
 

@@ -53,6 +53,7 @@ class FCN(nn.Module):
         self.final_up = make_upsample(upsample, num_classes, num_classes, output_stride)
         if upsample == "transposed" and not learn_final_upsampling:
             self.final_up.requires_grad_(False)  # bilinear interpolation, as a fixed filter
+            self.final_up.fixed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
