@@ -88,8 +88,8 @@ def export_onnx(
                               dynamic_axes={"image": image_axes, **outputs} if dynamic else None)
         problem = _other_size_problem(model, temporary, example) if checked else None
         if problem:
-            raise ValueError(f"cannot export {path} with a free image size: at {problem}; the model computes "
-                             f"with its input's size in Python. Export with a fixed size (--static)")
+            raise ValueError(f"cannot export {path} with a free image size: at {problem}, so the graph holds at "
+                             f"the traced size only. Export with a fixed size (--static)")
 
     with warnings.catch_warnings():
         # Both exporters warn about things that do not concern a user (deprecation, tracer notes).

@@ -136,7 +136,7 @@ class UNet(nn.Module):
                 offsets.append(extra // 2)
         (top, bottom), (left, right) = pads
         # Reflection needs a pad narrower than the image. A tracer reflects without asking in the
-        # same variant, whose pads are under 2^(depth-2) pixels: a branch on the size would be
+        # same variant, whose pads are at most 2^(depth-2) pixels: a branch on the size would be
         # frozen into its graph.
         traced_same = being_traced() and not self.valid
         reflects = traced_same or (max(top, bottom) < x.shape[-2] and max(left, right) < x.shape[-1])
