@@ -678,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--direct-convolutions", action="store_true", help=DIRECT_CONVOLUTIONS_HELP)
     predict.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True,
                          help="also write <stem>_overlay.png, the image with the mask (or each instance) blended in "
-                              "(default: on; --no-overlays writes the masks only, about 50 ms less per 512 x 512 image)")
+                              "(default: on; --no-overlays writes the masks only, about 30 ms less per 512 x 512 image)")
     predict.add_argument("--score-threshold", type=_unit_interval,
                          help="instance and keypoint models: detections at or above this score go into the instance "
                               "maps (or <stem>_keypoints.json) and overlays (default 0.5; results.json keeps every score)")
