@@ -117,22 +117,28 @@ def crop_masks(masks: torch.Tensor, boxes: torch.Tensor, *, in_place: bool = Fal
     no N x H x W comparison is built. ``in_place`` multiplies ``masks`` itself (inference,
     where 100 detections on a 512-pixel image are 105 MB that a copy would fault in anew).
     """
-    height, width = masks.shape[-2:]
-    cols = torch.arange(width, device=masks.device, dtype=boxes.dtype).view(1, 1, -1) + 0.5
-    rows = torch.arange(height, device=masks.device, dtype=boxes.dtype).view(1, -1, 1) + 0.5
-    x1, y1, x2, y2 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
-    in_rows = ((rows >= y1) & (rows <= y2)).to(masks.dtype)
-    in_cols = ((cols >= x1) & (cols <= x2)).to(masks.dtype)
+    inside_rows, inside_cols = _centres_in_boxes(boxes, *masks.shape[-2:])
+    in_rows = inside_rows[:, :, None].to(masks.dtype)
+    in_cols = inside_cols[:, None, :].to(masks.dtype)
     if in_place:
         return masks.mul_(in_rows).mul_(in_cols)
     return masks * in_rows * in_cols
 
 
-def _bilinear_taps(out_size: int, in_size: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _centres_in_boxes(boxes: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per box (N x 4, XYXY), which rows (N x H) and columns (N x W) of an H x W map have their
+    pixel centres (i + 0.5) within it: the rule `crop_masks` and `upsample_in_boxes` share."""
+    rows = torch.arange(height, device=boxes.device, dtype=boxes.dtype) + 0.5
+    cols = torch.arange(width, device=boxes.device, dtype=boxes.dtype) + 0.5
+    return (rows >= boxes[:, 1:2]) & (rows <= boxes[:, 3:4]), (cols >= boxes[:, 0:1]) & (cols <= boxes[:, 2:3])
+
+
+def _bilinear_taps(out_size: int, in_size: int, count: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For output pixels 0..count-1 of a bilinear resize from `in_size` to `out_size` (half-pixel
     centres, `align_corners=False`, as F.interpolate computes it): the two source pixels each
     reads and the second one's weight."""
-    source = ((torch.arange(count, dtype=torch.float32) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
+    source = ((torch.arange(count, dtype=torch.float32, device=device) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
     first = source.floor().long().clamp(max=in_size - 1)
     return first, (first + 1).clamp(max=in_size - 1), (source - first).clamp(0, 1)
 
@@ -165,14 +171,11 @@ def upsample_in_boxes(masks: torch.Tensor, boxes: torch.Tensor, padded_size: tup
     slowly (2-core Zen 4)."""
     height, width = image_size
     out = masks.new_zeros(masks.shape[0], height, width)
-    row_first, row_second, row_weight = _bilinear_taps(padded_size[0], masks.shape[1], height)
-    col_first, col_second, col_weight = _bilinear_taps(padded_size[1], masks.shape[2], width)
-    rows = torch.arange(height, dtype=boxes.dtype, device=boxes.device) + 0.5
-    cols = torch.arange(width, dtype=boxes.dtype, device=boxes.device) + 0.5
-    top, bottom = _box_spans((rows >= boxes[:, 1:2]) & (rows <= boxes[:, 3:4]))
-    left, right = _box_spans((cols >= boxes[:, 0:1]) & (cols <= boxes[:, 2:3]))
-    taps = [t.to(masks.device) for t in (row_first, row_second, row_weight[:, None], col_first, col_second, col_weight)]
-    row_first, row_second, row_weight, col_first, col_second, col_weight = taps
+    row_first, row_second, row_weight = _bilinear_taps(padded_size[0], masks.shape[1], height, masks.device)
+    col_first, col_second, col_weight = _bilinear_taps(padded_size[1], masks.shape[2], width, masks.device)
+    row_weight = row_weight[:, None]
+    inside_rows, inside_cols = _centres_in_boxes(boxes, height, width)
+    (top, bottom), (left, right) = _box_spans(inside_rows), _box_spans(inside_cols)
     for k, (y0, y1, x0, x1) in enumerate(zip(top, bottom, left, right)):
         if y1 <= y0 or x1 <= x0:
             continue
